@@ -1,0 +1,3 @@
+from fdkeeper.cli import main
+
+main()

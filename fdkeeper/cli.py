@@ -1,0 +1,156 @@
+"""The `fdkeeper` command: a thin click layer over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+
+import click
+
+from fdkeeper import __version__
+from fdkeeper.client import KeeperClient
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import MODE_NAMES
+from fdkeeper.report import format_status
+from fdkeeper.runner import RunOptions, run_sipp
+from fdkeeper.statedir import resolve_directory
+
+DIR_HELP = "State directory of the keeper (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper, else /tmp/fdkeeper-UID)."
+
+
+def dir_option(command):
+    return click.option("--dir", "directory", metavar="DIR", envvar="FDKEEPER_DIR", help=DIR_HELP)(command)
+
+
+def reports_errors(command):
+    """Turn an FdkeeperError into its one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except FdkeeperError as error:
+            click.echo(str(error), err=True)
+            sys.exit(error.exit_status)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fdkeeper")
+def main() -> None:
+    """Keep sipp's TCP connections to the System under Test open across sipp runs.
+
+    \b
+    Register in one run, answer calls in the next, over the same connection:
+      fdkeeper sipp -sf scenarios/uac-register.xml -inf users.csv -t t1 -i 127.0.0.1 -m 1 SUT:5060
+      fdkeeper sipp -sf scenarios/uas-answer.xml -t t1 -i 127.0.0.1 -p 5070 -m 5
+      fdkeeper status
+      fdkeeper stop
+
+    A keeper process starts on first use and holds the connections; each sipp run is
+    handed them. Try 'fdkeeper demo' for a complete run against a local Kamailio.
+    """
+
+
+@main.command(
+    "sipp",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]},
+)
+@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
+@dir_option
+@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into sipp.")
+@click.option("--wait", type=click.FloatRange(0, 86400), default=0, metavar="SECONDS", help="Wait this long for a connection another run holds, instead of failing.")
+@click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one (registrations must then be redone).")
+@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper: send RFC 5626 CRLF pings on idle connections this often.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper: how long a connect to the SuT may take (default 5).")
+@click.option("--debug", is_flag=True, help="The shim says on stderr what it hands over.")
+@click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
+@reports_errors
+def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, sipp_args) -> None:
+    """Run sipp with SIPP_ARGS unchanged, over a kept connection.
+
+    fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
+    scenario (one that starts with <send>) uses the kept connection to the remote host,
+    opening it on first use; a server scenario (starting with <recv>) is handed the kept
+    connections (those to the remote host, if one is given) as if it had accepted them.
+    The exit status is sipp's. UDP runs pass straight through.
+    """
+    options = RunOptions(
+        sipp=sipp_path,
+        directory=directory,
+        mode=mode,
+        wait=wait,
+        reconnect=reconnect,
+        keepalive=keepalive,
+        connect_timeout=connect_timeout,
+        debug=debug,
+    )
+    sys.exit(run_sipp(list(sipp_args), options))
+
+
+@main.command("keeper")
+@dir_option
+@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="Send RFC 5626 CRLF pings on idle connections this often (off by default).")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS", help="How long a connect to the SuT may take.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@reports_errors
+def keeper_command(directory, keepalive, connect_timeout, log_level) -> None:
+    """Run the keeper in the foreground (for service managers and CI).
+
+    'fdkeeper sipp' starts one by itself when none answers; run it yourself to choose its
+    options or to see its log. It stops on SIGTERM, Ctrl-C or 'fdkeeper stop', closing
+    every kept connection.
+    """
+    from fdkeeper.keeper import Keeper
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s fdkeeper[%(process)d] %(message)s")
+    keeper = Keeper(resolve_directory(directory), keepalive=keepalive, connect_timeout=connect_timeout)
+    keeper.install_signal_handlers()
+    keeper.serve_forever()
+
+
+@main.command("status")
+@dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the keeper's status as JSON, for scripts.")
+@reports_errors
+def status_command(directory, as_json) -> None:
+    """List the kept connections: id, transport, addresses, state, holder, age."""
+    status = KeeperClient(resolve_directory(directory)).status()
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        click.echo(format_status(status))
+
+
+@main.command("stop")
+@dir_option
+@reports_errors
+def stop_command(directory) -> None:
+    """Close every kept connection, end the keeper and remove its socket."""
+    path = resolve_directory(directory)
+    if KeeperClient(path).stop():
+        click.echo(f"fdkeeper: keeper for {path} stopped")
+    else:
+        click.echo(f"fdkeeper: no keeper was running for {path}")
+
+
+@main.command("demo")
+@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
+@click.option("--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is.")
+@reports_errors
+def demo_command(sipp_path, keep_files) -> None:
+    """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
+
+    Starts Kamailio on a free loopback port with its own configuration (the embedded
+    default SuT), its own keeper, and prints every step and the result.
+    """
+    from fdkeeper.demo import run_demo
+
+    started = time.monotonic()
+    ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo)
+    click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
+    sys.exit(0 if ok else 1)

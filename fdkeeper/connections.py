@@ -1,0 +1,164 @@
+"""Kept connections: opening them towards the SuT and the state the keeper tracks for each.
+
+The keeper never reads SIP bytes from a kept connection: requests the SuT sends while no
+run holds it stay in the kernel's receive queue and are read, whole, by the next run. The
+keeper only peeks (to find an RFC 5626 pong at the head of the queue) and watches for the
+SuT's FIN or RST.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import termios
+import time
+from dataclasses import dataclass, field
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.protocol import Address, format_address
+
+IDLE, LEASED, CLOSED = "idle", "leased", "closed"
+PING = b"\r\n\r\n"
+PONG = b"\r\n"
+
+
+@dataclass
+class KeptConnection:
+    id: int
+    sock: socket.socket | None
+    transport: str
+    remote: Address
+    local: Address
+    opened_at: float = field(default_factory=time.time)
+    holder_pid: int | None = None
+    closed_at: float | None = None
+    closed_reason: str = ""
+    leases: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    ping_sent_at: float | None = None
+    pongs: int = 0
+    replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
+
+    @property
+    def state(self) -> str:
+        if self.sock is None:
+            return CLOSED
+        return LEASED if self.holder_pid is not None else IDLE
+
+    def label(self) -> str:
+        return f"{format_address(self.local)}->{format_address(self.remote)}/{self.transport}"
+
+    def fileno(self) -> int:
+        assert self.sock is not None
+        return self.sock.fileno()
+
+    def queued_bytes(self) -> int:
+        """Bytes the SuT sent that no run has read yet (they wait for the next run)."""
+        buffer = bytearray(4)
+        fcntl.ioctl(self.fileno(), termios.FIONREAD, buffer)
+        return int.from_bytes(buffer, "little", signed=True)
+
+    def mark_closed(self, reason: str) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        self.holder_pid = None
+        self.ping_sent_at = None
+        self.closed_at = time.time()
+        self.closed_reason = reason
+
+    def send_ping(self) -> bool:
+        """Send an RFC 5626 ping if nothing is queued; False if it could not go now."""
+        if self.queued_bytes():
+            return False
+        try:
+            sent = self.sock.send(PING, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except OSError:
+            return False
+        if sent != len(PING):
+            # A partial ping would corrupt the stream for the SuT: finish it or fail.
+            return False
+        self.ping_sent_at = time.monotonic()
+        return True
+
+    def take_pong(self) -> bool:
+        """Consume a CRLF pong at the head of the receive queue, never anything else."""
+        try:
+            head = self.sock.recv(len(PING), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if head.startswith(PONG) and not head.startswith(PING):
+            self.sock.recv(len(PONG), socket.MSG_DONTWAIT)
+            self.ping_sent_at = None
+            self.pongs += 1
+            return True
+        return False
+
+    def peer_gone_reason(self) -> str:
+        """Why the SuT's side ended, read without consuming queued SIP bytes."""
+        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            return f"the SuT reset it: {errno.errorcode.get(error, error)}"
+        return "the SuT closed it: FIN"
+
+    def as_dict(self) -> dict:
+        now = time.time()
+        return {
+            "id": self.id,
+            "transport": self.transport,
+            "local": format_address(self.local),
+            "remote": format_address(self.remote),
+            "state": self.state,
+            "holder_pid": self.holder_pid,
+            "age": round(now - self.opened_at, 3),
+            "leases": self.leases,
+            "queued_bytes": self.queued_bytes() if self.sock is not None else 0,
+            "closed_reason": self.closed_reason,
+            "pongs": self.pongs,
+        }
+
+
+def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.socket:
+    """Connect to the SuT, bound to ``local`` when given; raise FdkeeperError on failure.
+
+    The socket is left in blocking mode, like a freshly accepted one: sipp sets the file
+    status flags it wants, and the keeper itself only ever uses MSG_DONTWAIT calls.
+    """
+    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if local is not None:
+            sock.bind(local)
+        sock.settimeout(timeout)
+        sock.connect(remote)
+        sock.settimeout(None)
+        return sock
+    except OSError as error:
+        sock.close()
+        raise _connect_error(remote, local, timeout, error) from None
+
+
+def _connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
+    target = f"{format_address(remote)}/tcp"
+    if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
+        return FdkeeperError(
+            f"fdkeeper: the SuT at {target} did not answer within {timeout:g} s; "
+            "check the address and that it listens on TCP (or raise --connect-timeout)",
+            "timeout",
+        )
+    if error.errno == errno.ECONNREFUSED:
+        return FdkeeperError(
+            f"fdkeeper: the SuT at {target} refused the connection; is it running and listening on TCP there?",
+            "refused",
+        )
+    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) and local is not None:
+        return FdkeeperError(
+            f"fdkeeper: cannot bind the connection to {target} to local address {format_address(local)}: "
+            f"{error.strerror}; check -i / -p",
+            "refused",
+        )
+    return FdkeeperError(f"fdkeeper: cannot connect to the SuT at {target}: {error.strerror or error}", "refused")

@@ -1,0 +1,95 @@
+"""`fdkeeper demo`: the whole story against the embedded default SuT, step by step.
+
+1. start a local Kamailio that delivers calls only over the connection a user registered on;
+2. register alice over TCP in one sipp run, which then exits;
+3. start a second sipp run that answers calls;
+4. a third party calls alice through Kamailio: the INVITE arrives over the kept connection
+   and the second run answers it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from fdkeeper import sut
+from fdkeeper.report import format_status
+from fdkeeper.client import KeeperClient
+from fdkeeper.runner import find_sipp
+
+USER = "alice"
+
+
+def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> list[str]:
+    """Turn a sipp command line (sipp binary first) into the same run through `fdkeeper sipp`."""
+    return [sys.executable, "-m", "fdkeeper", "sipp", "--dir", os.fspath(directory), "--sipp", sipp_cmd[0], *options, *sipp_cmd[1:]]
+
+
+def start_through_fdkeeper(
+    sipp: str, scenario: str, remote: str, *, directory: Path, log_dir: Path, name: str, options: tuple[str, ...] = (), **sipp_options
+) -> sut.SippProcess:
+    """Start a terminal-less sipp run (see sut.sipp_command) through `fdkeeper sipp`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = sut.sipp_command(sipp, scenario, remote, log_dir=log_dir, name=name, **sipp_options)
+    return sut.SippProcess(fdkeeper_command(cmd, directory, *options), log_dir, name)
+
+
+def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print) -> bool:
+    sipp_path = os.fspath(find_sipp(sipp))
+    workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-demo-"))
+    keeper_dir = workdir / "keeper"
+    logs = workdir / "logs"
+    kamailio = sut.Kamailio(workdir / "kamailio")
+    try:
+        return _demo_steps(sipp_path, kamailio, keeper_dir, logs, workdir, say)
+    finally:
+        KeeperClient(keeper_dir).stop()
+        kamailio.stop()
+        if keep_files:
+            say(f"files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path, workdir: Path, say) -> bool:
+    say("step 1: start the SuT")
+    kamailio.start()
+    say(f"  Kamailio listens on {kamailio.address} (UDP and TCP); it reaches a user only over")
+    say("  the connection that user registered on, and never opens one towards a user")
+
+    say(f"step 2: register {USER} over TCP in one sipp run (which then exits)")
+    users = sut.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
+    register = start_through_fdkeeper(
+        sipp, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="register",
+        transport="t1", calls=1, timeout=20, extra=["-inf", str(users)],
+    ).wait(30)
+    if not register.ok:
+        say(f"  FAILED: the register run did not succeed\n{register.summary()}")
+        return False
+    say(f"  registered; sipp exited with status {register.returncode}; the keeper still holds the connection:")
+    for line in format_status(KeeperClient(keeper_dir).status()).splitlines():
+        say(f"    {line}")
+
+    answer_port = sut.free_port()
+    say(f"step 3: start a second sipp run that answers calls (server mode, -p {answer_port})")
+    answer = start_through_fdkeeper(
+        sipp, "uas-answer.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="answer",
+        transport="t1", local_port=answer_port, calls=1, timeout=30,
+    )
+
+    say(f"step 4: a third party calls sip:{USER}@{kamailio.domain} through Kamailio (sipp over UDP)")
+    call = sut.place_calls(kamailio, USER, 1, sipp=sipp, timeout=20, log_dir=logs)
+    answered = answer.wait(20)
+    connections = kamailio.tcp_connections()
+    say(f"  caller: {call.successful} call(s) completed, {call.failed} failed")
+    say(f"  answering run: {answered.successful} call(s) answered, exit status {answered.returncode}")
+    say(f"  TCP connections at the SuT: {len(connections)} (the one opened by the register run)")
+    ok = call.ok and answered.ok and len(connections) == 1
+    if not ok:
+        say(call.summary())
+        say(answered.summary())
+    return ok

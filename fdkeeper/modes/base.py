@@ -1,0 +1,47 @@
+"""The interface every handoff mode implements.
+
+A mode is one way of getting a kept connection into a sipp process: the LD_PRELOAD shim
+today; ptrace injection and a UDP converter later. Each mode can say why it cannot run here
+(``unsupported_reason``), so ``--mode auto`` can pick one and explain what it tried.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fdkeeper.sippargs import SippInvocation
+
+
+@dataclass
+class Handoff:
+    """What the runner needs to start sipp under a mode: the command line and environment."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class HandoffRequest:
+    """The facts a mode needs about one run."""
+
+    sipp: Path
+    invocation: SippInvocation
+    control_socket: Path
+    remote: tuple[str, int] | None
+    reconnect: bool = False
+    debug: bool = False
+
+
+class Mode(ABC):
+    name: str = ""
+    summary: str = ""
+
+    @abstractmethod
+    def unsupported_reason(self, sipp: Path) -> str | None:
+        """None if this mode can hand connections to ``sipp`` here, else one line saying why not."""
+
+    @abstractmethod
+    def prepare(self, request: HandoffRequest) -> Handoff:
+        """The command and environment that start sipp with the handoff in place."""

@@ -1,0 +1,84 @@
+"""Handoff by LD_PRELOAD: the shim built from helpers/ runs inside sipp.
+
+The shim asks the keeper for the connection in sipp's connect() (client mode) or offers the
+kept connections as accepted ones on sipp's listening socket (server mode); see helpers/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import struct
+from pathlib import Path
+
+from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
+from fdkeeper.protocol import format_address
+
+PT_INTERP = 3
+
+
+def shim_path() -> Path | None:
+    """Where `pip install .` put the compiled shim (the extension module fdkeeper._shim)."""
+    spec = importlib.util.find_spec("fdkeeper._shim")
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def is_dynamic_elf(path: Path) -> bool:
+    """True if the ELF file has a program interpreter, i.e. the dynamic loader runs it.
+
+    A static binary has none, and LD_PRELOAD never reaches it.
+    """
+    with open(path, "rb") as f:
+        header = f.read(64)
+        if header[:4] != b"\x7fELF":
+            return False
+        is_64 = header[4] == 2
+        order = "<" if header[5] == 1 else ">"
+        if is_64:
+            phoff, = struct.unpack_from(order + "Q", header, 0x20)
+            phentsize, phnum = struct.unpack_from(order + "HH", header, 0x36)
+        else:
+            phoff, = struct.unpack_from(order + "I", header, 0x1C)
+            phentsize, phnum = struct.unpack_from(order + "HH", header, 0x2A)
+        for index in range(phnum):
+            f.seek(phoff + index * phentsize)
+            p_type, = struct.unpack(order + "I", f.read(4))
+            if p_type == PT_INTERP:
+                return True
+    return False
+
+
+class PreloadMode(Mode):
+    name = "preload"
+    summary = "LD_PRELOAD shim inside sipp (dynamically linked sipp)"
+
+    def unsupported_reason(self, sipp: Path) -> str | None:
+        shim = shim_path()
+        if shim is None or not shim.exists():
+            return "the preload shim is not built; reinstall fdkeeper with 'pip install .' (it needs gcc)"
+        try:
+            dynamic = is_dynamic_elf(sipp)
+        except OSError as error:
+            return f"cannot read {sipp}: {error.strerror}"
+        if not dynamic:
+            return f"{sipp} is statically linked (or not an ELF program), so LD_PRELOAD cannot reach it"
+        mode = sipp.stat().st_mode
+        if mode & 0o6000 and os.getuid() != 0:
+            return f"{sipp} is setuid/setgid; the loader ignores LD_PRELOAD for it"
+        return None
+
+    def prepare(self, request: HandoffRequest) -> Handoff:
+        preload = os.fspath(shim_path())
+        inherited = os.environ.get("LD_PRELOAD")
+        env = {
+            "LD_PRELOAD": f"{preload} {inherited}" if inherited else preload,
+            "FDKEEPER_SOCKET": os.fspath(request.control_socket),
+            "FDKEEPER_ROLE": request.invocation.role,
+            "FDKEEPER_REMOTE": format_address(request.remote) if request.remote else "",
+            "FDKEEPER_TRANSPORT": "tcp",
+        }
+        if request.reconnect:
+            env["FDKEEPER_RECONNECT"] = "1"
+        if request.debug:
+            env["FDKEEPER_DEBUG"] = "1"
+        return Handoff(argv=[os.fspath(request.sipp), *request.invocation.args], env=env)

@@ -1,0 +1,40 @@
+"""Human-readable views of the keeper's status (the CLI and the demo print these)."""
+
+from __future__ import annotations
+
+
+def format_status(status: dict) -> str:
+    keeper = status["keeper"]
+    lines = [f"keeper pid {keeper['pid']}, up {_duration(keeper['uptime'])}, directory {keeper['directory']}"]
+    connections = status["connections"]
+    if not connections:
+        lines.append("no kept connections (a client scenario run through 'fdkeeper sipp' opens one)")
+        return "\n".join(lines)
+    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "STATE", "HOLDER", "AGE", "LEASES", "QUEUED")
+    rows = [
+        (
+            str(c["id"]),
+            c["transport"],
+            c["local"],
+            c["remote"],
+            c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
+            str(c["holder_pid"] or "-"),
+            _duration(c["age"]),
+            str(c["leases"]),
+            str(c["queued_bytes"]),
+        )
+        for c in connections
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,150 @@
+"""`fdkeeper sipp`: run sipp with its own arguments, handing it the kept connection.
+
+Everything that can be checked before sipp starts is checked here, so that a bad address,
+a refused connection or a busy lease gives one clear line and exit status 2 instead of
+sipp's own fatal error halfway through its start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fdkeeper.client import ensure_keeper
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import HandoffRequest, choose_mode
+from fdkeeper.protocol import format_address
+from fdkeeper.sippargs import SippInvocation, parse_sipp_args
+from fdkeeper.statedir import resolve_directory, socket_path
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class RunOptions:
+    sipp: str | None = None
+    directory: str | os.PathLike | None = None
+    mode: str = "auto"
+    wait: float = 0.0
+    reconnect: bool = False
+    keepalive: float | None = None
+    connect_timeout: float | None = None
+    debug: bool = False
+
+
+def find_sipp(option: str | None) -> Path:
+    """--sipp, else $FDKEEPER_SIPP, else sipp on PATH."""
+    wanted = option or os.environ.get("FDKEEPER_SIPP") or "sipp"
+    found = shutil.which(wanted)
+    if found is None:
+        where = f"'{wanted}' on PATH" if os.sep not in wanted else wanted
+        raise FdkeeperError(
+            f"fdkeeper: sipp not found ({where}); install Debian's sip-tester package "
+            "or pass --sipp PATH (or set FDKEEPER_SIPP)"
+        )
+    return Path(found)
+
+
+def notice(text: str) -> None:
+    print(f"fdkeeper: {text}", file=sys.stderr, flush=True)
+
+
+def run_sipp(args: list[str], options: RunOptions) -> int:
+    """Run one sipp; return its exit status (128+N if a signal N ended it)."""
+    sipp = find_sipp(options.sipp)
+    invocation = parse_sipp_args(args)
+    if invocation.info_only:
+        return spawn([os.fspath(sipp), *args], {})
+    if invocation.transport == "udp":
+        notice("UDP transport: there is no connection to keep; running sipp as it is")
+        return spawn([os.fspath(sipp), *args], {})
+    _refuse_unsupported_transport(invocation)
+    remote = invocation.remote_address()
+    if invocation.role == "client" and remote is None:
+        raise FdkeeperError(
+            f"fdkeeper: the client scenario {_scenario_label(invocation)} sends first, so it needs the SuT's "
+            "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
+        )
+    mode = choose_mode(options.mode, sipp)
+    directory = resolve_directory(options.directory)
+    keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
+    reply = keeper.prepare(
+        role=invocation.role,
+        transport="tcp",
+        remote=remote,
+        local=(invocation.local_bind() or "-") if invocation.role == "client" else None,
+        reconnect=options.reconnect,
+        wait=options.wait or None,
+    )
+    _report_prepared(reply.fields, remote)
+    handoff = mode.prepare(
+        HandoffRequest(
+            sipp=sipp,
+            invocation=invocation,
+            control_socket=socket_path(directory),
+            remote=remote,
+            reconnect=options.reconnect,
+            debug=options.debug,
+        )
+    )
+    return spawn(handoff.argv, handoff.env)
+
+
+def _refuse_unsupported_transport(invocation: SippInvocation) -> None:
+    option = invocation.transport_option
+    if invocation.transport == "tls":
+        raise FdkeeperError(
+            f"fdkeeper: -t {option} (TLS through the keeper) is not available in this version; use -t t1"
+        )
+    if invocation.transport != "tcp":
+        raise FdkeeperError(f"fdkeeper: transport -t {option} is not kept by fdkeeper; use -t t1 (or -t u1 for UDP)")
+    if invocation.per_call_sockets:
+        raise FdkeeperError(
+            f"fdkeeper: -t {option} (one connection per call) is not available in this version; use -t t1"
+        )
+
+
+def _scenario_label(invocation: SippInvocation) -> str:
+    return str(invocation.scenario_file) if invocation.scenario_file else f"-sn {invocation.scenario_name}"
+
+
+def _report_prepared(fields: dict[str, str], remote: tuple[str, int] | None) -> None:
+    if fields.get("replaced"):
+        notice(
+            f"the kept connection to {format_address(remote)}/tcp was closed; opened a fresh one "
+            "(--reconnect): registrations made over the old one must be redone"
+        )
+    if fields.get("closed") and fields.get("ids"):
+        count = len(fields["closed"].split(","))
+        notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
+
+
+def spawn(argv: list[str], extra_env: dict[str, str]) -> int:
+    """Run the program in the foreground, passing SIGINT/SIGTERM/SIGHUP on; return its status."""
+    process = subprocess.Popen(argv, env={**os.environ, **extra_env})
+    forward: Callable[[int, object], None] = lambda signum, _frame: _send_signal(process, signum)
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                status = process.wait()
+                break
+            except InterruptedError:
+                continue
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return status if status >= 0 else 128 - status
+
+
+def _send_signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass

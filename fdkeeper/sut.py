@@ -1,0 +1,1023 @@
+"""The embedded default SuT (System under Test): a Kamailio registrar on loopback.
+
+Used by the project's tests and by `fdkeeper demo`. `Kamailio` writes its own
+kamailio.cfg into a work directory and runs Debian's kamailio (package
+`kamailio`) in the foreground, so several instances can run side by side:
+everything an instance writes (config, log, pid file, runtime dir, ctl socket)
+lives in its own work directory, and it listens on one free loopback port
+shared by UDP and TCP.
+
+The config is built for what fdkeeper has to prove: a user registered over a
+TCP connection is reached over THAT connection and no other. The registrar
+sends calls to the connection's source ip:port (`fix_nated_register`), and it
+never opens a connection towards a user (`set_forward_no_connect`), so a lost
+connection makes a call fail loudly instead of being silently re-created.
+
+This module also holds the helpers tests use to run sipp without a terminal
+(`run_sipp`, `start_sipp`) and `place_calls`, a third-party caller over UDP.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+def _scenarios_dir() -> Path:
+    """scenarios/ of a source checkout, or fdkeeper/scenarios when installed
+    (pyproject maps the repo's scenarios/ onto the fdkeeper.scenarios package)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "scenarios", here.parent / "scenarios"):
+        if (candidate / "uac-call.xml").is_file():
+            return candidate
+    return here.parent / "scenarios"
+
+
+# The sipp scenarios shipped with the project.
+SCENARIOS_DIR = _scenarios_dir()
+
+DEFAULT_DOMAIN = "fdkeeper.test"
+
+# Debian installs kamailio and kamcmd in /usr/sbin, which is not on a normal
+# user's PATH: look there too before telling the user to install the package.
+_SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+
+# sun_path is 108 bytes; pytest's tmp_path can be longer than that.
+_MAX_UNIX_PATH = 100
+
+# Every line our config logs on purpose starts with this, so tests can grep.
+LOG_TAG = "fdkeeper-sut:"
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a port that is free for both TCP and UDP on `host`.
+
+    Kamailio listens on the same port number for both, so checking one
+    protocol only is not enough. There is a race between this check and the
+    real bind; callers retry by starting again with a new port if it matters.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                    udp.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no port free for both TCP and UDP on {host}")
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.05,
+               what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; return that value.
+
+    Raises TimeoutError naming `what`; tests poll the SuT (location,
+    connections) instead of sleeping a fixed time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def find_sipp(sipp: str | None = None) -> str:
+    """Path of the sipp binary ($SIPP, else PATH); explain if missing."""
+    name = sipp or os.environ.get("SIPP") or "sipp"
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"sipp not found ({name!r}); install the Debian package 'sip-tester' "
+            "(apt-get install sip-tester) or set SIPP=/path/to/sipp")
+    return path
+
+
+def _find_program(name: str, package: str) -> str:
+    """Path of `name`, searching PATH then the sbin dirs; explain if missing."""
+    path = shutil.which(name)
+    if path is None:
+        path = shutil.which(name, path=os.pathsep.join(_SBIN_DIRS))
+    if path is None:
+        raise RuntimeError(
+            f"{name} not found (looked in PATH and {', '.join(_SBIN_DIRS)}); "
+            f"install the Debian package '{package}' (apt-get install {package})")
+    return path
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _format_addr(host: str, port: int) -> str:
+    """IP:PORT, with brackets for IPv6 (as sipp and the control protocol want)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --------------------------------------------------------------------------
+# kamailio.cfg
+# --------------------------------------------------------------------------
+
+# Filled in with str.format: {name} fields are ours, so the braces of the
+# Kamailio language are doubled ({{ }}); $avp/$rU etc. are Kamailio's.
+_KAMAILIO_CFG = """\
+#!KAMAILIO
+# Written by fdkeeper.sut.Kamailio - a throw-away test SuT on loopback.
+# Regenerated on every start; edit fdkeeper/sut.py, not this file.
+
+####### global parameters #######
+debug=2
+log_stderror=yes
+# In the foreground with -DD -E; a few workers are plenty for tests.
+fork=yes
+children={children}
+tcp_children={children}
+listen=udp:{host}:{port}
+listen=tcp:{host}:{port}
+# Requests to sip:user@DOMAIN are ours ("uri==myself").
+alias="{domain}"
+# No DNS at all: a test box may have none, and a lookup stall looks like a bug.
+auto_aliases=no
+dns=no
+rev_dns=no
+dns_try_ipv6=no
+use_dns_cache=off
+server_header="Server: fdkeeper-sut"
+user_agent_header="User-Agent: fdkeeper-sut"
+# Kept connections must outlive any test run (default is 120 s, far too short
+# for "register in one sipp run, receive calls in a later one").
+tcp_connection_lifetime={tcp_lifetime}
+tcp_max_connections={tcp_max_connections}
+open_files_limit={open_files_limit}
+# Never dial out on TCP for long: if anything does try, fail fast.
+tcp_connect_timeout=2
+tcp_send_timeout=5
+# Keep the TCP keepalive of the OS off our back during tests; SIP-level
+# CRLFCRLF pings are answered with CRLF regardless (core default).
+tcp_keepalive=no
+
+mpath="{mpath}"
+
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "ctl.so"
+loadmodule "tm.so"
+loadmodule "tmx.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "nathelper.so"
+loadmodule "tcpops.so"
+
+# kamcmd talks to this socket; it lives in the work dir so instances never
+# share one (the default /run/kamailio/kamailio_ctl would collide).
+modparam("ctl", "binrpc", "unix:{ctl_path}")
+
+# In-memory location table. handle_lost_tcp: lookup() skips a contact whose
+# TCP connection is gone (-> 404 at once), and the usrloc timer deletes it
+# from ul.dump. Off, lookup() returns the dead contact and the relay fails
+# on set_forward_no_connect() instead (-> 480).
+modparam("usrloc", "db_mode", 0)
+modparam("usrloc", "handle_lost_tcp", {handle_lost_tcp})
+modparam("usrloc", "timer_interval", {ul_timer})
+
+# fix_nated_register() stores the source ip:port of the REGISTER in this
+# AVP; the registrar saves it as "received" and lookup() then sends to it
+# (the connection), not to the Contact's port (nobody listens there).
+modparam("nathelper", "received_avp", "$avp(RECEIVED)")
+modparam("registrar", "received_avp", "$avp(RECEIVED)")
+modparam("registrar", "max_expires", 7200)
+
+# Record-Route with two entries when the transport changes (UDP caller,
+# TCP callee), so ACK/BYE are routed back correctly.
+modparam("rr", "enable_double_rr", 1)
+modparam("rr", "append_fromtag", 1)
+
+# tm: fail a branch that gets no reply soon, so a dead user gives the caller
+# a 408 within the test's time budget.
+modparam("tm", "fr_timer", 5000)
+modparam("tm", "fr_inv_timer", 10000)
+
+####### routing #######
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    force_rport();
+
+    # OPTIONS to the server itself: readiness probe and benchmarks.
+    if (is_method("OPTIONS") && uri==myself && $rU==$null) {{
+        sl_send_reply("200", "OK");
+        exit;
+    }}
+
+    if (has_totag()) {{
+        route(WITHINDLG);
+        exit;
+    }}
+
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            route(RELAY);
+        }}
+        exit;
+    }}
+    # Retransmissions are absorbed by tm; a stray ACK without a transaction
+    # is dropped.
+    if (!is_method("ACK")) {{
+        t_check_trans();
+    }}
+    if (is_method("ACK")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+
+    remove_hf("Route");
+    if (is_method("INVITE|SUBSCRIBE")) {{
+        record_route();
+    }}
+
+    if (is_method("REGISTER")) {{
+        route(REGISTRAR);
+        exit;
+    }}
+
+    if ($rU==$null) {{
+        sl_send_reply("484", "Address Incomplete");
+        exit;
+    }}
+    route(LOCATION);
+}}
+
+route[REGISTRAR] {{
+    # Map the peer's Via port onto this connection too, so a reply or
+    # request to Via/Contact ip:port would find the connection.
+    if (proto==TCP || proto==TLS) {{
+        force_tcp_alias();
+    }}
+    # received = source ip:port (+transport) of this REGISTER.
+    fix_nated_register();
+    if (!save("location")) {{
+        sl_reply_error();
+    }}
+    xlog("L_INFO", "{tag} registered $tU from $proto:$si:$sp contact $ct\\n");
+    exit;
+}}
+
+route[LOCATION] {{
+    if (!lookup("location")) {{
+        xlog("L_NOTICE", "{tag} no contact for $rU (not registered, or its connection was lost) - 404\\n");
+        sl_send_reply("404", "Not Found");
+        exit;
+    }}
+    xlog("L_INFO", "{tag} $rm for $rU -> $ru via $du\\n");
+    route(RELAY);
+}}
+
+route[WITHINDLG] {{
+    if (loose_route()) {{
+        # R-URI carries ;alias=ip~port~proto (added by set_contact_alias on
+        # the callee's reply): turn it into $du = that connection.
+        handle_ruri_alias();
+        route(RELAY);
+        exit;
+    }}
+    if (is_method("ACK")) {{
+        if (t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    sl_send_reply("404", "Not here");
+    exit;
+}}
+
+route[RELAY] {{
+    # Never open a connection towards a user: only an existing one may be
+    # used. A lost connection then fails the call (480 below, or 408 if the
+    # connection dies mid-transaction) instead of Kamailio dialling the
+    # Contact (or received) address, where nobody may be listening - or
+    # worse, where a later sipp run listens and would hide the problem.
+    set_forward_no_connect();
+    if (is_method("INVITE|BYE|UPDATE|CANCEL|ACK")) {{
+        t_on_reply("MANAGE_REPLY");
+        t_on_failure("MANAGE_FAILURE");
+    }}
+    if (!t_relay()) {{
+        # send_reply: a t_reply when tm already holds the transaction.
+        xlog("L_NOTICE", "{tag} relay of $rm to $ru via $du failed: no open connection to the user - 480\\n");
+        send_reply("480", "No Connection To User");
+    }}
+    exit;
+}}
+
+onreply_route[MANAGE_REPLY] {{
+    # Replies from a TCP user: mark its Contact with the connection's alias,
+    # so the caller's in-dialog requests come back over this connection.
+    if ((proto==TCP || proto==TLS) && is_present_hf("Contact")) {{
+        set_contact_alias();
+    }}
+}}
+
+failure_route[MANAGE_FAILURE] {{
+    if (t_is_canceled()) {{
+        exit;
+    }}
+    xlog("L_NOTICE", "{tag} $rm to $ru via $du failed with $T_reply_code\\n");
+}}
+"""
+
+
+# --------------------------------------------------------------------------
+# kamcmd output
+# --------------------------------------------------------------------------
+
+def parse_kamcmd(text: str) -> list:
+    """Parse kamcmd's default text output into Python lists/dicts.
+
+    kamcmd prints structs as `{` ... `}` with `key: value` lines, a named
+    struct member as `key: {`, and arrays as a sequence of values at top
+    level. A key repeated inside one struct (e.g. several `Contact:` members
+    of an AoR) becomes a list, so repeated members are never lost.
+    Good enough for ul.dump and core.tcp_list; a bare array value that
+    itself contains ": " would be read as a key.
+    """
+    root: list = []
+    stack: list = [root]
+
+    def add(container, key: str | None, value) -> None:
+        if isinstance(container, list):
+            container.append(value if key is None else {key: value})
+        elif key in container:
+            old = container[key]
+            if isinstance(old, list) and getattr(old, "_multi", False):
+                old.append(value)
+            else:
+                multi = _MultiList([old, value])
+                container[key] = multi
+        else:
+            container[key] = value
+
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line == "}":
+            if len(stack) > 1:
+                stack.pop()
+            continue
+        if line == "{":
+            new: dict = {}
+            add(stack[-1], None, new)
+            stack.append(new)
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            add(stack[-1], None, line)
+            continue
+        value = value.strip()
+        if value == "{":
+            new = {}
+            add(stack[-1], key.strip(), new)
+            stack.append(new)
+        else:
+            add(stack[-1], key.strip(), value)
+    return root
+
+
+class _MultiList(list):
+    """A list made from repeated struct keys (not a value kamcmd printed)."""
+    _multi = True
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+_SIP_HOSTPORT = re.compile(
+    r"^(?:sips?:)?(?:[^@;>]*@)?(?P<host>\[[^\]]+\]|[^:;>]+)(?::(?P<port>\d+))?"
+    r"(?P<params>[^>]*)")
+
+
+def parse_sip_target(uri: str) -> dict:
+    """Split `sip:127.0.0.1:40312;transport=TCP` into host, port, transport.
+
+    Used on the registrar's `received` (the connection's source address):
+    that is where calls to the user go.
+    """
+    result: dict = {"host": None, "port": None, "transport": None}
+    if not uri or uri == "[not set]":
+        return result
+    match = _SIP_HOSTPORT.match(uri.strip().strip("<>"))
+    if not match:
+        return result
+    result["host"] = match.group("host").strip("[]")
+    if match.group("port"):
+        result["port"] = int(match.group("port"))
+    transport = re.search(r";transport=([A-Za-z]+)", match.group("params") or "")
+    result["transport"] = transport.group(1).lower() if transport else "udp"
+    return result
+
+
+# --------------------------------------------------------------------------
+# the SuT
+# --------------------------------------------------------------------------
+
+class Kamailio:
+    """A Kamailio registrar/proxy on loopback, owned by this Python process.
+
+    >>> with Kamailio(tmp_path) as sut:
+    ...     sut.port, sut.location(), sut.tcp_connections()
+
+    Options beyond the basic ones: `children` (UDP and TCP workers each),
+    `tcp_lifetime` (s, idle TCP connections are kept this long),
+    `tcp_max_connections`, `ul_timer` (s between usrloc timer runs, which
+    drop contacts of lost connections), `handle_lost_tcp` (False: lookup()
+    keeps returning a dead contact and the relay fails with 480 instead of
+    the lookup failing with 404).
+    Files in `workdir`: kamailio.cfg, kamailio.log (appended across
+    restarts), kamailio.pid, run/ (runtime dir and ctl socket).
+    """
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1",
+                 port: int | None = None, domain: str = DEFAULT_DOMAIN, *,
+                 children: int = 2, tcp_lifetime: int = 3600,
+                 tcp_max_connections: int = 4096, ul_timer: int = 5,
+                 handle_lost_tcp: bool = True) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self._port_is_ours = port is None
+        self._started_once = False
+        self.domain = domain
+        self.children = children
+        self.tcp_lifetime = tcp_lifetime
+        self.tcp_max_connections = tcp_max_connections
+        self.ul_timer = ul_timer
+        self.handle_lost_tcp = handle_lost_tcp
+        self.cfg_path = self.workdir / "kamailio.cfg"
+        self.log_path = self.workdir / "kamailio.log"
+        self.pid_path = self.workdir / "kamailio.pid"
+        self.runtime_dir = self.workdir / "run"
+        self._short_dir: Path | None = None  # see ctl_path
+        self._proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    # -- lifecycle -----------------------------------------------------
+
+    def __enter__(self) -> "Kamailio":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Kamailio {self.host}:{self.port} {self.domain} {state} in {self.workdir}>"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def address(self) -> str:
+        """IP:PORT, the remote-host argument for sipp."""
+        return _format_addr(self.host, self.port)
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.domain}"
+
+    def config_text(self) -> str:
+        return _KAMAILIO_CFG.format(
+            host=self.host if ":" not in self.host else f"[{self.host}]",
+            port=self.port, domain=self.domain, children=self.children,
+            tcp_lifetime=self.tcp_lifetime,
+            tcp_max_connections=self.tcp_max_connections,
+            open_files_limit=self._open_files_limit(),
+            mpath=self._module_path(), ctl_path=self.ctl_path,
+            ul_timer=self.ul_timer, handle_lost_tcp=int(self.handle_lost_tcp),
+            tag=LOG_TAG)
+
+    def command(self) -> list[str]:
+        return [
+            _find_program("kamailio", "kamailio"),
+            "-f", str(self.cfg_path),
+            "-DD",                      # stay in the foreground: we own the process
+            "-E",                       # log to stderr, which goes to log_path
+            "-P", str(self.pid_path),
+            "-w", str(self.workdir),    # core files etc. land here
+            "-Y", str(self.runtime_dir),  # not the shared /run/kamailio
+            "-m", "64", "-M", "8",      # shm/pkg MB: small, parallel-safe
+            "-a", "no",
+        ]
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the config, start Kamailio, return once it answers OPTIONS.
+
+        A port we picked ourselves can be taken by someone else between
+        free_port() and Kamailio's bind: then try again on a new port (only
+        before the first successful start; restart() keeps the port).
+        """
+        attempts = 3 if self._port_is_ours and not self._started_once else 1
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                self._started_once = True
+                return
+            except RuntimeError as exc:
+                if attempt + 1 == attempts or "exited" not in str(exc):
+                    raise
+                self.port = free_port(self.host)
+
+    def _start_once(self, timeout: float) -> None:
+        if self.running:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir.mkdir(exist_ok=True)
+        self.cfg_path.write_text(self.config_text())
+        for stale in (self.pid_path, Path(self.ctl_path)):
+            stale.unlink(missing_ok=True)
+        cmd = self.command()
+        self._log_file = open(self.log_path, "ab")
+        self._log_file.write(
+            f"===== fdkeeper.sut: {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        try:
+            # Own session: a Ctrl-C aimed at pytest does not hit Kamailio
+            # halfway, and stop() can kill the whole process group.
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+        except OSError as exc:
+            self._close_log()
+            raise RuntimeError(f"cannot run kamailio: {exc}") from exc
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"kamailio exited with status {self._proc.returncode} during start "
+                    f"(port {self.port} busy? bad config {self.cfg_path}?); "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}")
+            if self.options_ping(wait=0.2) and os.path.exists(self.ctl_path):
+                return
+            time.sleep(0.05)  # an ICMP "refused" returns at once: do not spin
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"kamailio did not answer OPTIONS on udp:{self.address} within "
+                    f"{timeout:.0f} s; log {self.log_path}:\n{_tail(self.log_path)}")
+
+    def options_ping(self, wait: float = 1.0) -> bool:
+        """Send one OPTIONS over UDP to the server itself; True on a 200."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((self.host, 0))
+            sock.settimeout(wait)
+            lport = sock.getsockname()[1]
+            branch = "z9hG4bK" + uuid.uuid4().hex[:16]
+            msg = (
+                f"OPTIONS sip:{self.address} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {_format_addr(self.host, lport)};branch={branch};rport\r\n"
+                f"Max-Forwards: 70\r\n"
+                f"From: <sip:probe@{self.domain}>;tag={uuid.uuid4().hex[:8]}\r\n"
+                f"To: <sip:{self.address}>\r\n"
+                f"Call-ID: {uuid.uuid4().hex}@fdkeeper-probe\r\n"
+                f"CSeq: 1 OPTIONS\r\n"
+                f"Content-Length: 0\r\n\r\n")
+            try:
+                sock.sendto(msg.encode(), (self.host, self.port))
+                data, _ = sock.recvfrom(65535)
+            except OSError:  # timeout, or ICMP refused while not yet bound
+                return False
+        return data.startswith(b"SIP/2.0 200")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; safe to call twice."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # Kamailio's main process stops its children
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self._killpg(proc.pid)
+                    proc.wait(5)
+            # Children that outlived their parent (e.g. after a crash) are in
+            # the same process group: never leave them holding the port.
+            self._killpg(proc.pid)
+        self._close_log()
+        if self._short_dir is not None:
+            shutil.rmtree(self._short_dir, ignore_errors=True)
+            self._short_dir = None
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again on the same host/port (registrations are lost:
+        usrloc is in memory, and every TCP connection is closed)."""
+        self.stop()
+        self.start(timeout)
+
+    def _open_files_limit(self) -> int:
+        """Room for every connection plus Kamailio's own fds, capped at the
+        hard limit: an unprivileged Kamailio asked for more refuses to start."""
+        wanted = self.tcp_max_connections + 1024
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+    @staticmethod
+    def _killpg(pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    @property
+    def ctl_path(self) -> str:
+        """The ctl (kamcmd) socket: in the work dir, or in a short private
+        /tmp dir when the work dir path is too long for a unix socket address
+        (removed again by stop())."""
+        path = self.runtime_dir / "kamailio_ctl"
+        if len(str(path)) <= _MAX_UNIX_PATH:
+            return str(path)
+        if self._short_dir is None:
+            self._short_dir = Path(tempfile.mkdtemp(prefix="fdk-kam-"))
+        return str(self._short_dir / "ctl")
+
+    @staticmethod
+    def _module_path() -> str:
+        for candidate in ("/usr/lib/x86_64-linux-gnu/kamailio/modules",
+                          "/usr/lib/aarch64-linux-gnu/kamailio/modules",
+                          "/usr/lib64/kamailio/modules", "/usr/lib/kamailio/modules",
+                          "/usr/local/lib64/kamailio/modules"):
+            if os.path.isdir(candidate):
+                return candidate + "/"
+        found = sorted(Path("/usr/lib").glob("*/kamailio/modules"))
+        if found:
+            return str(found[0]) + "/"
+        raise RuntimeError("kamailio modules not found; install the Debian package 'kamailio'")
+
+    # -- logs ----------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+    # -- RPC -----------------------------------------------------------
+
+    def rpc(self, *args: str, timeout: float = 5.0) -> str:
+        """Run one kamcmd command over this instance's ctl socket."""
+        if not self.running:
+            raise RuntimeError(f"kamailio is not running ({self})")
+        cmd = [_find_program("kamcmd", "kamailio"), "-s", f"unix:{self.ctl_path}", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"kamcmd {' '.join(args)} failed ({proc.returncode}): "
+                f"{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def location(self) -> list[dict]:
+        """The registrar's contacts, one dict per contact.
+
+        Keys: aor, contact, received, socket, expires, callid, cseq,
+        user_agent, and source = {host, port, transport} taken from
+        `received` (the connection the user registered from), or from the
+        Contact when nothing was received.
+        """
+        tree = parse_kamcmd(self.rpc("ul.dump"))
+        result = []
+        for top in tree:
+            if not isinstance(top, dict):
+                continue
+            for domain in _as_list(_dig(top, "Domains", "Domain")):
+                for info in _as_list(_dig(domain, "AoRs", "Info")):
+                    aor = info.get("AoR")
+                    for contact in _as_list(_dig(info, "Contacts", "Contact")):
+                        result.append(_contact_dict(aor, contact))
+        return result
+
+    def tcp_connections(self) -> list[dict]:
+        """Kamailio's TCP/TLS connections (kamcmd core.tcp_list).
+
+        Keys: id, type, state, local/remote as "ip:port" plus local_port and
+        remote_port as ints, timeout, ref_count.
+        """
+        tree = parse_kamcmd(self.rpc("core.tcp_list"))
+        result = []
+        for item in tree:
+            if not isinstance(item, dict) or "id" not in item:
+                continue
+            conn = dict(item)
+            for side in ("src", "dst"):
+                ip, port = conn.get(f"{side}_ip"), conn.get(f"{side}_port")
+                if ip is not None and port is not None:
+                    conn[f"{side}_port"] = int(port)
+            # Kamailio's src is the peer (remote), dst is its own listen side.
+            conn["remote"] = _format_addr(conn.get("src_ip", "?"), conn.get("src_port", 0))
+            conn["local"] = _format_addr(conn.get("dst_ip", "?"), conn.get("dst_port", 0))
+            conn["remote_port"] = conn.get("src_port")
+            conn["local_port"] = conn.get("dst_port")
+            result.append(conn)
+        return result
+
+
+def _dig(node, *keys):
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _contact_dict(aor: str | None, contact: dict) -> dict:
+    received = contact.get("Received")
+    received = None if received in (None, "[not set]") else received
+    source = parse_sip_target(received or contact.get("Address", ""))
+    return {
+        "aor": aor,
+        "contact": contact.get("Address"),
+        "received": received,
+        "socket": contact.get("Socket"),
+        "expires": contact.get("Expires"),
+        "callid": contact.get("Call-ID"),
+        "cseq": contact.get("CSeq"),
+        "user_agent": contact.get("User-Agent"),
+        "source": source,
+        "raw": dict(contact),
+    }
+
+
+# --------------------------------------------------------------------------
+# running sipp without a terminal
+# --------------------------------------------------------------------------
+
+@dataclass
+class SippResult:
+    """What a finished sipp run left behind (counts from its -trace_stat file)."""
+    returncode: int | None          # sipp's exit status (negative: killed by signal)
+    successful: int                 # SuccessfulCall(C)
+    failed: int                     # FailedCall(C)
+    log_dir: Path
+    name: str
+    command: list[str] = field(default_factory=list)
+    stats: dict[str, str] = field(default_factory=dict)  # last -trace_stat row
+
+    def count(self, column: str) -> int:
+        """A cumulative counter, e.g. count("IncomingCall(C)")."""
+        try:
+            return int(self.stats.get(column, "0") or 0)
+        except ValueError:
+            return 0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.failed == 0 and self.successful > 0
+
+    def file(self, kind: str) -> Path:
+        """kind: stat, errors, screen, messages, stdout, stderr."""
+        suffix = {"stat": "stat.csv"}.get(kind, f"{kind}.log")
+        return self.log_dir / f"{self.name}.{suffix}"
+
+    def text(self, kind: str) -> str:
+        try:
+            return self.file(kind).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def summary(self, lines: int = 30) -> str:
+        """A block for assertion messages: status, counts, and log tails."""
+        parts = [f"sipp {self.name}: exit {self.returncode}, successful {self.successful}, "
+                 f"failed {self.failed}; logs in {self.log_dir}",
+                 "command: " + " ".join(self.command)]
+        for kind in ("stderr", "errors", "screen"):
+            text = self.text(kind).strip()
+            if text:
+                tail = "\n".join(text.splitlines()[-lines:])
+                parts.append(f"--- {kind} ---\n{tail}")
+        return "\n".join(parts)
+
+
+# place_calls() returns the same record; the API calls it CallResult.
+CallResult = SippResult
+
+
+# sipp exit codes (include/defines.h): 0 all calls OK, 1 some failed,
+# 97 internal command / timeout without success, 99 no call processed,
+# 255 (-1) fatal error, 254 (-2) cannot bind.
+SIPP_EXIT_OK = 0
+SIPP_EXIT_FAILED = 1
+
+
+def sipp_command(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path, name: str,
+                 transport: str = "u1", local_ip: str = "127.0.0.1",
+                 local_port: int | None = None, calls: int | None = 1,
+                 rate: float | None = None, timeout: float | None = None,
+                 trace_messages: bool = True, extra: Sequence[str] = ()) -> list[str]:
+    """Build a sipp command line that runs without a terminal.
+
+    Terminal-less: sipp 3.6.1 draws no curses screen when stdout is not a
+    tty (ScreenPrinter's headless mode), so we only need `-nostdin` (it would
+    otherwise poll stdin for keyboard commands) and files for everything:
+    -trace_stat/-stf (counts, dumped every -fd second and at exit),
+    -trace_screen/-screen_file (final report), -trace_err/-error_file and
+    -trace_msg/-message_file. No -bg: it forks and the parent exits, which
+    would lose the exit status.
+    `-i local_ip` also skips sipp's UDP-connect probe for its own address.
+    trace_messages=False drops -trace_msg (large runs: it logs every message).
+    """
+    scenario = Path(scenario)
+    if not scenario.is_absolute() and not scenario.exists():
+        scenario = SCENARIOS_DIR / scenario
+    cmd = [sipp, "-sf", str(scenario), "-t", transport, "-i", local_ip,
+           "-nostdin",
+           "-trace_stat", "-stf", str(log_dir / f"{name}.stat.csv"), "-fd", "1",
+           "-trace_screen", "-screen_file", str(log_dir / f"{name}.screen.log"),
+           "-trace_err", "-error_file", str(log_dir / f"{name}.errors.log")]
+    if trace_messages:
+        cmd += ["-trace_msg", "-message_file", str(log_dir / f"{name}.messages.log")]
+    if local_port is not None:
+        cmd += ["-p", str(local_port)]
+    if calls is not None:
+        cmd += ["-m", str(calls)]
+    if rate is not None:
+        cmd += ["-r", f"{rate:g}"]
+    if timeout is not None:
+        # -timeout_error: a run cut short by the global timeout is a failure.
+        cmd += ["-timeout", f"{max(1, int(timeout))}s", "-timeout_error"]
+    cmd += list(extra)
+    cmd.append(remote)
+    return cmd
+
+
+class SippProcess:
+    """A sipp run in the background (e.g. a UAS waiting for calls)."""
+
+    def __init__(self, cmd: list[str], log_dir: Path, name: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.cmd = cmd
+        self.log_dir = log_dir
+        self.name = name
+        self._stdout = open(log_dir / f"{name}.stdout.log", "wb")
+        self._stderr = open(log_dir / f"{name}.stderr.log", "wb")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
+            cwd=log_dir, env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> SippResult:
+        """Wait for exit; on timeout, SIGTERM it (sipp then still writes its
+        final stats) and return with what it reported."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.terminate()
+        return self._result()
+
+    def terminate(self, grace: float = 5.0) -> SippResult:
+        """SIGTERM (sipp exits through its normal path, dumping stats), then
+        SIGKILL if it does not go."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self._result()
+
+    def _result(self) -> SippResult:
+        for handle in (self._stdout, self._stderr):
+            handle.close()
+        stats = read_sipp_stats(self.log_dir / f"{self.name}.stat.csv")
+        result = SippResult(self.proc.returncode, 0, 0, self.log_dir, self.name,
+                            self.cmd, stats)
+        result.successful = result.count("SuccessfulCall(C)")
+        result.failed = result.count("FailedCall(C)")
+        return result
+
+
+def start_sipp(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
+               name: str | None = None, env: dict[str, str] | None = None,
+               **options) -> SippProcess:
+    """Start sipp in the background with terminal-less flags (see sipp_command)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name = name or f"{Path(scenario).stem}-{uuid.uuid4().hex[:6]}"
+    cmd = sipp_command(find_sipp(sipp), scenario, remote, log_dir=log_dir, name=name, **options)
+    return SippProcess(cmd, log_dir, name, env)
+
+
+def run_sipp(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
+             name: str | None = None, wait: float = 30.0,
+             env: dict[str, str] | None = None, **options) -> SippResult:
+    """Run sipp to completion (at most `wait` seconds) and return its result."""
+    return start_sipp(sipp, scenario, remote, log_dir=log_dir, name=name, env=env,
+                      **options).wait(wait)
+
+
+def read_sipp_stats(stat_file: Path) -> dict[str, str]:
+    """The last row of a -trace_stat file as {column: value}; {} if sipp never
+    wrote one (e.g. it died on a fatal error before its first dump).
+
+    sipp writes the header and a row at start, one every -fd second and a
+    final one on exit (also on SIGTERM), so the last row holds the totals.
+    """
+    try:
+        with open(stat_file, newline="") as handle:
+            rows = [row for row in csv.reader(handle, delimiter=";") if row]
+    except FileNotFoundError:
+        return {}
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows[0], rows[-1]))
+
+
+def write_users_csv(path: Path, users: Iterable[str], domain: str = DEFAULT_DOMAIN) -> Path:
+    """A SEQUENTIAL -inf file: user;domain per line ([field0];[field1])."""
+    lines = ["SEQUENTIAL"] + [f"{user};{domain}" for user in users]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def place_calls(sut: Kamailio, user: str, count: int = 1, *, sipp: str = "sipp",
+                rate: float | None = None, timeout: float = 30,
+                log_dir: Path | None = None, call_id: str | None = None) -> CallResult:
+    """Call sip:USER@domain `count` times through the SuT, as a third party.
+
+    Runs a plain sipp over UDP (no fdkeeper on this side) with
+    scenarios/uac-call.xml and waits for it. The result's `ok` is True when
+    every call was answered and hung up cleanly.
+    `call_id` is passed as sipp's -cid_str (see uac-register-then-answer.xml:
+    a client-mode callee only accepts a Call-ID it already knows).
+    """
+    log_dir = Path(log_dir) if log_dir else sut.workdir / "calls"
+    extra = ["-s", user, "-key", "domain", sut.domain]
+    if call_id is not None:
+        extra += ["-cid_str", call_id]
+    return run_sipp(sipp, "uac-call.xml", sut.address, log_dir=log_dir,
+                    name=f"call-{user}-{uuid.uuid4().hex[:6]}", wait=timeout + 10,
+                    transport="u1", local_ip=sut.host, calls=count, rate=rate,
+                    timeout=timeout, trace_messages=count <= 50, extra=extra)

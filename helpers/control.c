@@ -1,0 +1,246 @@
+/* Control-socket client: one SOCK_SEQPACKET connection per request. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "control.h"
+#include "real.h"
+
+#define MAX_PACKET 4096
+#define MAX_FDS_PER_PACKET 250
+
+static void proto_error(struct ctl_result *res, const char *fmt, const char *arg)
+{
+    res->status = CTL_PROTO;
+    snprintf(res->text, sizeof res->text, fmt, arg);
+}
+
+/* Receive one packet; its SCM_RIGHTS descriptors are appended to *fds.
+ * Returns the length, 0 on EOF, -1 on error (errno). */
+static ssize_t recv_packet(int s, char *buf, int **fds, int *nfds, int *truncated)
+{
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(int) * (MAX_FDS_PER_PACKET + 3))];
+    } cbuf;
+    struct iovec iov = { buf, MAX_PACKET + 1 };
+    struct msghdr msg;
+    ssize_t n;
+
+    *truncated = 0;
+    for (;;) {
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.buf;
+        msg.msg_controllen = sizeof cbuf.buf;
+        n = recvmsg(s, &msg, MSG_CMSG_CLOEXEC);
+        if (n >= 0 || errno != EINTR)
+            break;
+    }
+    if (n < 0)
+        return -1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *grown = realloc(*fds, (size_t)(*nfds + k) * sizeof(int));
+        if (!grown) { /* close what we cannot keep */
+            for (int i = 0; i < k; i++)
+                REAL(close)(((int *)CMSG_DATA(c))[i]);
+            *truncated = 1;
+            continue;
+        }
+        *fds = grown;
+        memcpy(*fds + *nfds, CMSG_DATA(c), (size_t)k * sizeof(int));
+        *nfds += k;
+    }
+    if (msg.msg_flags & (MSG_CTRUNC | MSG_TRUNC))
+        *truncated = 1;
+    buf[n > MAX_PACKET ? MAX_PACKET : n] = 0;
+    return n;
+}
+
+/* "ERR code text" -> res; returns 1 if buf was an ERR packet. */
+static int parse_err(const char *buf, struct ctl_result *res)
+{
+    const char *p, *sp;
+    size_t cl;
+
+    if (strncmp(buf, "ERR ", 4) != 0 && strcmp(buf, "ERR") != 0)
+        return 0;
+    res->status = CTL_ERR;
+    p = buf[3] ? buf + 4 : buf + 3;
+    sp = strchr(p, ' ');
+    cl = sp ? (size_t)(sp - p) : strlen(p);
+    if (cl >= sizeof res->code)
+        cl = sizeof res->code - 1;
+    memcpy(res->code, p, cl);
+    res->code[cl] = 0;
+    snprintf(res->text, sizeof res->text, "%s", sp ? sp + 1 : "");
+    /* One line: cut at the first newline, if the keeper sent any. */
+    res->text[strcspn(res->text, "\r\n")] = 0;
+    if (!res->text[0])
+        snprintf(res->text, sizeof res->text, "fdkeeper: the keeper refused (%s)", res->code);
+    return 1;
+}
+
+/* Value of token key= in a "VERB k=v k=v" packet, copied to out. */
+static int token(const char *buf, const char *key, char *out, size_t outlen)
+{
+    size_t kl = strlen(key);
+    const char *p = strchr(buf, ' ');
+
+    while (p) {
+        p++;
+        if (strncmp(p, key, kl) == 0 && p[kl] == '=') {
+            size_t vl = strcspn(p + kl + 1, " ");
+            if (vl >= outlen)
+                return -1;
+            memcpy(out, p + kl + 1, vl);
+            out[vl] = 0;
+            return 0;
+        }
+        p = strchr(p, ' ');
+    }
+    return -1;
+}
+
+static int parse_count(const char *s, long max)
+{
+    char *end;
+    long v;
+
+    if (*s < '0' || *s > '9')
+        return -1;
+    v = strtol(s, &end, 10);
+    if (*end || v > max)
+        return -1;
+    return (int)v;
+}
+
+void ctl_lease(const char *path, const char *request, struct ctl_result *res)
+{
+    struct sockaddr_un sun;
+    struct timeval tv = { CTL_TIMEOUT_SECONDS, 0 };
+    char buf[MAX_PACKET + 2];
+    int s, want, truncated;
+    ssize_t n;
+
+    memset(res, 0, sizeof *res);
+    memset(&sun, 0, sizeof sun);
+    sun.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sun.sun_path) {
+        res->status = CTL_UNREACHABLE;
+        res->sys_errno = ENAMETOOLONG;
+        return;
+    }
+    strcpy(sun.sun_path, path);
+
+    s = REAL(socket)(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (s < 0) {
+        res->status = CTL_UNREACHABLE;
+        res->sys_errno = errno;
+        return;
+    }
+    REAL(setsockopt)(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    REAL(setsockopt)(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (REAL(connect)(s, (struct sockaddr *)&sun, sizeof sun) != 0) {
+        res->status = CTL_UNREACHABLE;
+        res->sys_errno = errno;
+        goto out;
+    }
+    do
+        n = send(s, request, strlen(request), MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        res->status = errno == EAGAIN ? CTL_TIMEOUT : CTL_UNREACHABLE;
+        res->sys_errno = errno;
+        goto out;
+    }
+
+    /* First packet: OK count=N or ERR. */
+    n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
+    if (n < 0) {
+        res->status = (errno == EAGAIN || errno == EWOULDBLOCK) ? CTL_TIMEOUT : CTL_UNREACHABLE;
+        res->sys_errno = errno;
+        goto out;
+    }
+    if (n == 0) {
+        proto_error(res, "%s", "the keeper closed the control connection without an answer");
+        goto out;
+    }
+    if (res->nfds) { /* descriptors on the OK packet: not in the protocol */
+        proto_error(res, "%s", "the keeper sent descriptors with its first reply");
+        goto out;
+    }
+    if (parse_err(buf, res))
+        goto out;
+    {
+        char v[16];
+        if (strncmp(buf, "OK ", 3) != 0 || token(buf, "count", v, sizeof v) != 0 ||
+            (want = parse_count(v, 1 << 20)) < 0) {
+            proto_error(res, "unexpected reply '%.200s'", buf);
+            goto out;
+        }
+    }
+
+    /* Then FDS ids=... packets until N descriptors arrived. */
+    while (res->nfds < want) {
+        int before = res->nfds, ids = 1;
+        char *v;
+
+        n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
+        if (n < 0) {
+            res->status = (errno == EAGAIN || errno == EWOULDBLOCK) ? CTL_TIMEOUT : CTL_UNREACHABLE;
+            res->sys_errno = errno;
+            goto out;
+        }
+        if (n == 0) {
+            proto_error(res, "%s", "the keeper closed the control connection in the middle of a reply");
+            goto out;
+        }
+        if (truncated) {
+            proto_error(res, "%s", "descriptors were lost in transit (too many in one packet, "
+                                   "or the file descriptor limit was reached)");
+            goto out;
+        }
+        if (parse_err(buf, res))
+            goto out;
+        if (strncmp(buf, "FDS ", 4) != 0 || !(v = strstr(buf, " ids=")) || !v[5]) {
+            proto_error(res, "unexpected packet '%.200s'", buf);
+            goto out;
+        }
+        for (const char *p = v + 5; *p && *p != ' '; p++)
+            ids += *p == ',';
+        if (res->nfds - before != ids || res->nfds > want) {
+            proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);
+            goto out;
+        }
+    }
+    res->status = CTL_OK;
+out:
+    if (res->status != CTL_OK)
+        ctl_result_free(res, 1);
+    {
+        int saved = errno;
+        REAL(close)(s);
+        errno = saved;
+    }
+}
+
+void ctl_result_free(struct ctl_result *res, int close_them)
+{
+    if (close_them)
+        for (int i = 0; i < res->nfds; i++)
+            REAL(close)(res->fds[i]);
+    free(res->fds);
+    res->fds = NULL;
+    res->nfds = 0;
+}

@@ -1,0 +1,282 @@
+/* Per-fd state table. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fdtable.h"
+#include "real.h"
+
+static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static struct fde **table;
+static int table_size;
+/* Listeners that have pending descriptors (normally one). */
+static int *listeners;
+static int nlisteners, listeners_cap;
+static int pending_total; /* read without the lock through __atomic */
+
+static void atfork_prepare(void) { pthread_mutex_lock(&table_mutex); }
+static void atfork_parent(void) { pthread_mutex_unlock(&table_mutex); }
+/* The forking thread holds the lock (taken in prepare) and is the only
+ * thread of the child: it may unlock it. The child keeps the table. */
+static void atfork_child(void) { pthread_mutex_unlock(&table_mutex); }
+
+static void register_atfork(void)
+{
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
+
+void fdt_lock(void)
+{
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&table_mutex);
+}
+
+void fdt_unlock(void)
+{
+    pthread_mutex_unlock(&table_mutex);
+}
+
+struct fde *fdt_get(int fd)
+{
+    if (fd < 0 || fd >= table_size)
+        return NULL;
+    return table[fd];
+}
+
+static int grow(int fd)
+{
+    int n = table_size ? table_size : 64;
+    struct fde **t;
+
+    while (n <= fd) {
+        if (n > (1 << 29))
+            return -1;
+        n *= 2;
+    }
+    t = realloc(table, (size_t)n * sizeof *t);
+    if (!t)
+        return -1;
+    memset(t + table_size, 0, (size_t)(n - table_size) * sizeof *t);
+    table = t;
+    table_size = n;
+    return 0;
+}
+
+static void list_append(int **list, int *n, int fd)
+{
+    int *l = realloc(*list, (size_t)(*n + 1) * sizeof **list);
+    if (!l) /* should not happen; at worst we leak the descriptor */
+        return;
+    l[(*n)++] = fd;
+    *list = l;
+}
+
+static void drop_listener(int fd)
+{
+    for (int i = 0; i < nlisteners; i++) {
+        if (listeners[i] == fd) {
+            listeners[i] = listeners[--nlisteners];
+            return;
+        }
+    }
+}
+
+static void free_entry(int fd, struct fde *e, int **close_fds, int *nclose)
+{
+    if (e->pending) {
+        struct fde_pending *p = e->pending;
+        for (int i = p->head; i < p->count; i++)
+            list_append(close_fds, nclose, p->fds[i]);
+        __atomic_sub_fetch(&pending_total, p->count - p->head, __ATOMIC_RELAXED);
+        drop_listener(fd);
+        free(p->fds);
+        free(p);
+    }
+    free(e);
+}
+
+void fdt_remove(int fd, int **close_fds, int *nclose)
+{
+    struct fde *e = fdt_get(fd);
+    if (!e)
+        return;
+    table[fd] = NULL;
+    free_entry(fd, e, close_fds, nclose);
+}
+
+struct fde *fdt_create(int fd)
+{
+    struct fde *e;
+    int *cl = NULL, ncl = 0;
+
+    if (fd < 0)
+        return NULL;
+    if (fd >= table_size && grow(fd) != 0)
+        return NULL;
+    fdt_remove(fd, &cl, &ncl);
+    fdt_close_list(cl, ncl); /* a stale listener entry: close what it still held */
+    e = calloc(1, sizeof *e);
+    if (!e)
+        return NULL;
+    table[fd] = e;
+    return e;
+}
+
+void fdt_copy(int from, int to, int **close_fds, int *nclose)
+{
+    struct fde *src, *dst;
+
+    if (from == to)
+        return;
+    fdt_remove(to, close_fds, nclose);
+    src = fdt_get(from);
+    if (!src)
+        return;
+    dst = fdt_create(to);
+    if (!dst)
+        return;
+    memcpy(dst, src, sizeof *dst);
+    dst->nregs = 0;
+    dst->pending = NULL;
+}
+
+void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len)
+{
+    struct fde_opt *o = NULL;
+
+    if (len > FDE_OPT_LEN || (len && !val))
+        return;
+    for (int i = 0; i < e->nopts; i++)
+        if (e->opts[i].level == level && e->opts[i].name == name)
+            o = &e->opts[i];
+    if (!o) {
+        if (e->nopts == FDE_MAX_OPTS)
+            return;
+        o = &e->opts[e->nopts++];
+    }
+    o->level = level;
+    o->name = name;
+    o->len = len;
+    if (len)
+        memcpy(o->val, val, len);
+}
+
+void fde_epoll_update(struct fde *e, int epfd, int op, const struct epoll_event *ev)
+{
+    int i;
+
+    for (i = 0; i < e->nregs; i++)
+        if (e->regs[i].epfd == epfd)
+            break;
+    if (op == EPOLL_CTL_DEL) {
+        if (i < e->nregs)
+            e->regs[i] = e->regs[--e->nregs];
+        return;
+    }
+    if (!ev)
+        return;
+    if (i == e->nregs) {
+        if (e->nregs == FDE_MAX_REGS)
+            return;
+        e->nregs++;
+    }
+    e->regs[i].epfd = epfd;
+    e->regs[i].events = ev->events;
+    e->regs[i].data = ev->data;
+}
+
+int fdt_pending_add(int fd, const int *fds, int n)
+{
+    struct fde *e = fdt_get(fd);
+    struct fde_pending *p;
+
+    if (!e)
+        return -1;
+    if (!e->pending && !(e->pending = calloc(1, sizeof *e->pending)))
+        return -1;
+    p = e->pending;
+    if (p->count + n > p->cap) {
+        int cap = p->cap ? p->cap : 16;
+        int *f;
+        while (cap < p->count + n)
+            cap *= 2;
+        f = realloc(p->fds, (size_t)cap * sizeof *f);
+        if (!f)
+            return -1;
+        p->fds = f;
+        p->cap = cap;
+    }
+    memcpy(p->fds + p->count, fds, (size_t)n * sizeof *fds);
+    p->count += n;
+    if (n > 0) {
+        int found = 0;
+        for (int i = 0; i < nlisteners; i++)
+            found |= listeners[i] == fd;
+        if (!found) {
+            if (nlisteners == listeners_cap) {
+                int cap = listeners_cap ? listeners_cap * 2 : 4;
+                int *l = realloc(listeners, (size_t)cap * sizeof *l);
+                if (!l)
+                    return -1;
+                listeners = l;
+                listeners_cap = cap;
+            }
+            listeners[nlisteners++] = fd;
+        }
+        __atomic_add_fetch(&pending_total, n, __ATOMIC_RELAXED);
+    }
+    return 0;
+}
+
+int fdt_pending_pop(int fd)
+{
+    struct fde *e = fdt_get(fd);
+    struct fde_pending *p;
+    int r;
+
+    if (!e || !(p = e->pending) || p->head == p->count)
+        return -1;
+    r = p->fds[p->head++];
+    __atomic_sub_fetch(&pending_total, 1, __ATOMIC_RELAXED);
+    if (p->head == p->count) {
+        drop_listener(fd);
+        p->head = p->count = 0;
+    }
+    return r;
+}
+
+int fdt_pending_total(void)
+{
+    return __atomic_load_n(&pending_total, __ATOMIC_RELAXED);
+}
+
+int fdt_pending_events(int epfd, struct epoll_event *out, int max)
+{
+    int n = 0;
+
+    for (int i = 0; i < nlisteners && n < max; i++) {
+        struct fde *e = fdt_get(listeners[i]);
+        if (!e || !e->pending || e->pending->head == e->pending->count)
+            continue;
+        for (int j = 0; j < e->nregs && n < max; j++) {
+            if (e->regs[j].epfd != epfd || !(e->regs[j].events & EPOLLIN))
+                continue;
+            out[n].events = EPOLLIN;
+            out[n].data = e->regs[j].data;
+            n++;
+        }
+    }
+    return n;
+}
+
+void fdt_close_list(int *fds, int n)
+{
+    int saved = errno;
+    for (int i = 0; i < n; i++)
+        REAL(close)(fds[i]);
+    free(fds);
+    errno = saved;
+}

@@ -1,0 +1,81 @@
+/* Per-fd state of the shim: an array of entry pointers indexed by fd,
+ * grown on demand, protected by one mutex (kept sane across fork). */
+#ifndef FDKEEPER_FDTABLE_H
+#define FDKEEPER_FDTABLE_H
+
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include "shim.h"
+
+#define FDE_CANDIDATE 0x1u /* AF_INET/AF_INET6 SOCK_STREAM socket */
+#define FDE_KEPT 0x2u      /* refers to a connection the keeper holds */
+
+#define FDE_MAX_OPTS 8
+#define FDE_OPT_LEN 32
+#define FDE_MAX_REGS 4
+
+struct fde_opt {
+    int level, name;
+    socklen_t len;
+    unsigned char val[FDE_OPT_LEN];
+};
+
+struct fde_reg {
+    int epfd;
+    uint32_t events;
+    epoll_data_t data;
+};
+
+/* Descriptors received from the keeper for a listener, not yet accepted. */
+struct fde_pending {
+    int *fds;
+    int head, count, cap;
+};
+
+struct fde {
+    unsigned flags;
+    int family;
+    dev_t dev;                /* identity of the socket the entry describes */
+    ino_t ino;
+    int has_bind;
+    struct sockaddr_storage bind_addr;
+    int nopts;
+    struct fde_opt opts[FDE_MAX_OPTS];
+    int nregs;
+    struct fde_reg regs[FDE_MAX_REGS];
+    struct fde_pending *pending;
+};
+
+SHIM_HIDDEN void fdt_lock(void);
+SHIM_HIDDEN void fdt_unlock(void);
+
+/* All of these need the lock held. */
+SHIM_HIDDEN struct fde *fdt_get(int fd);
+/* A fresh zeroed entry for fd (an old one is dropped first); NULL without memory. */
+SHIM_HIDDEN struct fde *fdt_create(int fd);
+/* Drop fd's entry. Descriptors still pending on it are appended to
+ * close_fds/nclose (malloc'ed; the caller closes them after unlocking). */
+SHIM_HIDDEN void fdt_remove(int fd, int **close_fds, int *nclose);
+/* to gets a copy of from's state (not its epoll registrations, which belong
+ * to the fd number, nor its pending queue); to's old state is dropped. */
+SHIM_HIDDEN void fdt_copy(int from, int to, int **close_fds, int *nclose);
+
+/* Entry state helpers (lock held). */
+SHIM_HIDDEN void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len);
+SHIM_HIDDEN void fde_epoll_update(struct fde *e, int epfd, int op, const struct epoll_event *ev);
+/* Append descriptors to a listener's queue; returns 0 or -1 (ENOMEM). */
+SHIM_HIDDEN int fdt_pending_add(int fd, const int *fds, int n);
+/* Pop the next pending descriptor of listener fd, or -1. */
+SHIM_HIDDEN int fdt_pending_pop(int fd);
+/* Number of descriptors pending on all listeners (no lock needed). */
+SHIM_HIDDEN int fdt_pending_total(void);
+/* Fill up to max events {EPOLLIN, data} for listeners with pending
+ * descriptors registered in epfd; returns how many. */
+SHIM_HIDDEN int fdt_pending_events(int epfd, struct epoll_event *out, int max);
+
+/* Close a list returned by fdt_remove/fdt_copy and free it. */
+SHIM_HIDDEN void fdt_close_list(int *fds, int n);
+
+#endif

@@ -1,0 +1,609 @@
+/* The interposed libc calls. Only these symbols are exported.
+ *
+ * Hot calls (recvfrom, send, ...) are not interposed at all; every call here
+ * that is not about one of our fds costs at most one table lookup. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "control.h"
+#include "fdtable.h"
+#include "real.h"
+#include "shim.h"
+
+#define MAX_INJECT 8
+
+/* ---- helpers ---------------------------------------------------------- */
+
+static void set_identity(int fd, struct fde *e)
+{
+    struct stat st;
+    int saved = errno;
+    if (fstat(fd, &st) == 0) {
+        e->dev = st.st_dev;
+        e->ino = st.st_ino;
+    }
+    errno = saved;
+}
+
+/* Is fd still the socket the entry was made for? (fds can be closed behind
+ * our back, e.g. by fclose() on an fdopen()ed socket.) */
+static int same_socket(int fd, dev_t dev, ino_t ino)
+{
+    struct stat st;
+    int saved = errno;
+    int ok = fstat(fd, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
+    errno = saved;
+    return ok;
+}
+
+static void forget(int fd)
+{
+    int *cl = NULL, ncl = 0;
+    fdt_lock();
+    fdt_remove(fd, &cl, &ncl);
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
+}
+
+static int err_for_code(const char *code)
+{
+    if (strcmp(code, "busy") == 0)
+        return EBUSY;
+    if (strcmp(code, "timeout") == 0)
+        return ETIMEDOUT;
+    return ECONNREFUSED; /* refused, closed, none and anything else */
+}
+
+/* Tell the user why the handoff failed (one line), set errno, return -1. */
+static int lease_failed(struct ctl_result *res, const char *what)
+{
+    const struct shim_config *cfg = shim_config();
+    char ebuf[128];
+    int err = ECONNREFUSED;
+
+    switch (res->status) {
+    case CTL_UNREACHABLE:
+        shim_say("fdkeeper: cannot reach the keeper at %s: %s; start it with 'fdkeeper keeper' "
+                 "or run through 'fdkeeper sipp'",
+                 cfg->socket_path, strerror_r(res->sys_errno, ebuf, sizeof ebuf));
+        break;
+    case CTL_TIMEOUT:
+        shim_say("fdkeeper: the keeper at %s did not answer within %d s; check it with "
+                 "'fdkeeper status'", cfg->socket_path, CTL_TIMEOUT_SECONDS);
+        err = ETIMEDOUT;
+        break;
+    case CTL_ERR:
+        shim_say("%s", res->text);
+        err = err_for_code(res->code);
+        break;
+    case CTL_PROTO:
+    case CTL_OK:
+        shim_say("fdkeeper: unexpected reply from the keeper at %s: %s", cfg->socket_path,
+                 res->text);
+        break;
+    }
+    shim_debug("%s: no handoff (%s)", what,
+               res->status == CTL_ERR ? res->code : "keeper not usable");
+    ctl_result_free(res, 1);
+    errno = err;
+    return -1;
+}
+
+static int is_lingerlike(int level, int name)
+{
+    return level == SOL_SOCKET && (name == SO_LINGER || name == SO_REUSEADDR
+#ifdef SO_REUSEPORT
+                                   || name == SO_REUSEPORT
+#endif
+                                  );
+}
+
+/* ---- socket creation and setup ---------------------------------------- */
+
+SHIM_EXPORT int socket(int domain, int type, int protocol)
+{
+    int fd = REAL(socket)(domain, type, protocol);
+    int base = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int *cl = NULL, ncl = 0;
+    int saved;
+
+    if (fd < 0 || !SHIM_ACTIVE())
+        return fd;
+    saved = errno;
+    fdt_lock();
+    if ((domain == AF_INET || domain == AF_INET6) && base == SOCK_STREAM &&
+        (protocol == 0 || protocol == IPPROTO_TCP)) {
+        struct fde *e = fdt_create(fd);
+        if (e) {
+            e->flags = FDE_CANDIDATE;
+            e->family = domain;
+            set_identity(fd, e);
+        }
+    } else {
+        fdt_remove(fd, &cl, &ncl); /* stale state of a number closed behind our back */
+    }
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
+    errno = saved;
+    return fd;
+}
+
+SHIM_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    int r = REAL(bind)(fd, addr, len);
+    if (r != 0 || !SHIM_ACTIVE() || !addr)
+        return r;
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_CANDIDATE) && len <= sizeof e->bind_addr &&
+        (addr->sa_family == AF_INET || addr->sa_family == AF_INET6)) {
+        memset(&e->bind_addr, 0, sizeof e->bind_addr);
+        memcpy(&e->bind_addr, addr, len);
+        e->has_bind = 1;
+    }
+    fdt_unlock();
+    return r;
+}
+
+SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    unsigned flags;
+    dev_t dev;
+    ino_t ino;
+    int r;
+
+    if (!SHIM_ACTIVE())
+        return REAL(setsockopt)(fd, level, name, val, len);
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (!e) {
+        fdt_unlock();
+        return REAL(setsockopt)(fd, level, name, val, len);
+    }
+    flags = e->flags;
+    dev = e->dev;
+    ino = e->ino;
+    fdt_unlock();
+
+    if ((flags & FDE_KEPT) && level == SOL_SOCKET && name == SO_LINGER) {
+        if (same_socket(fd, dev, ino)) {
+            shim_debug("setsockopt(fd %d, SO_LINGER) on a kept connection: ignored", fd);
+            return 0;
+        }
+        forget(fd);
+        return REAL(setsockopt)(fd, level, name, val, len);
+    }
+    r = REAL(setsockopt)(fd, level, name, val, len);
+    if (r == 0 && !(flags & FDE_KEPT)) {
+        fdt_lock();
+        if ((e = fdt_get(fd)))
+            fde_set_opt(e, level, name, val, len);
+        fdt_unlock();
+    }
+    return r;
+}
+
+SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    int r = REAL(epoll_ctl)(epfd, op, fd, ev);
+    if (r != 0 || !SHIM_ACTIVE())
+        return r;
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e)
+        fde_epoll_update(e, epfd, op, ev);
+    fdt_unlock();
+    return r;
+}
+
+/* ---- client role: connect() ------------------------------------------- */
+
+static int handoff_client(int fd, const struct fde *snap, int saved_errno)
+{
+    const struct shim_config *cfg = shim_config();
+    char local[64], req[256], what[96], got[64];
+    struct ctl_result res;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    int kept, pfl, kfl;
+
+    if (snap->has_bind)
+        shim_format_addr((const struct sockaddr *)&snap->bind_addr, local, sizeof local);
+    else
+        strcpy(local, "-");
+    snprintf(req, sizeof req, "LEASE role=client transport=tcp remote=%s local=%s%s",
+             cfg->remote_str, local, cfg->reconnect ? " reconnect=1" : "");
+    snprintf(what, sizeof what, "connect(fd %d) to %s", fd, cfg->remote_str);
+
+    ctl_lease(cfg->socket_path, req, &res);
+    if (res.status != CTL_OK)
+        return lease_failed(&res, what);
+    if (res.nfds != 1) {
+        res.status = CTL_PROTO;
+        snprintf(res.text, sizeof res.text, "a client lease carried %d descriptors, not 1",
+                 res.nfds);
+        return lease_failed(&res, what);
+    }
+    kept = res.fds[0];
+    ctl_result_free(&res, 0);
+
+    /* The kept socket takes the program's O_NONBLOCK setting (file status
+     * flags live on the shared open file description). */
+    pfl = REAL(fcntl)(fd, F_GETFL);
+    kfl = REAL(fcntl)(kept, F_GETFL);
+    if (pfl >= 0 && kfl >= 0 && ((pfl ^ kfl) & O_NONBLOCK))
+        REAL(fcntl)(kept, F_SETFL, (kfl & ~O_NONBLOCK) | (pfl & O_NONBLOCK));
+
+    if (REAL(dup3)(kept, fd, O_CLOEXEC) < 0) {
+        int err = errno;
+        char ebuf[128];
+        REAL(close)(kept);
+        shim_say("fdkeeper: cannot put the kept connection on fd %d: %s", fd,
+                 strerror_r(err, ebuf, sizeof ebuf));
+        errno = err;
+        return -1;
+    }
+    REAL(close)(kept);
+
+    /* The dup3 dropped the program's epoll registrations (they belong to the
+     * replaced open file description): add them again. */
+    for (int i = 0; i < snap->nregs; i++) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = snap->regs[i].events;
+        ev.data = snap->regs[i].data;
+        if (REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
+            (errno != EEXIST || REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_MOD, fd, &ev) != 0))
+            shim_debug("fd %d: could not restore its epoll registration in epoll fd %d: %s", fd,
+                       snap->regs[i].epfd, strerror(errno));
+    }
+    /* Socket options the program set, except those about its own address
+     * and closing. */
+    for (int i = 0; i < snap->nopts; i++) {
+        const struct fde_opt *o = &snap->opts[i];
+        if (!is_lingerlike(o->level, o->name))
+            REAL(setsockopt)(fd, o->level, o->name, o->val, o->len);
+    }
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (!e && (e = fdt_create(fd)))
+        e->family = snap->family;
+    if (e) {
+        e->flags |= FDE_CANDIDATE | FDE_KEPT;
+        e->nregs = snap->nregs;
+        memcpy(e->regs, snap->regs, sizeof e->regs);
+        set_identity(fd, e);
+    }
+    fdt_unlock();
+
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+        shim_format_addr((struct sockaddr *)&ss, got, sizeof got);
+    else
+        strcpy(got, "?");
+    shim_debug("%s: handed over the kept connection %s->%s", what, got, cfg->remote_str);
+    errno = saved_errno;
+    return 0;
+}
+
+SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    const struct shim_config *cfg = shim_config();
+    struct fde snap;
+    int candidate = 0, saved = errno;
+
+    if (!cfg->active || cfg->role != SHIM_ROLE_CLIENT)
+        return REAL(connect)(fd, addr, len);
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_CANDIDATE) && !(e->flags & FDE_KEPT)) {
+        snap = *e;
+        candidate = 1;
+    }
+    fdt_unlock();
+    if (!candidate)
+        return REAL(connect)(fd, addr, len);
+    if (!shim_addr_equal(addr, len, &cfg->remote)) {
+        if (cfg->debug) {
+            char a[64];
+            shim_format_addr(addr, a, sizeof a);
+            shim_debug("connect(fd %d) to %s: not the SuT %s, real connect", fd, a,
+                       cfg->remote_str);
+        }
+        return REAL(connect)(fd, addr, len);
+    }
+    if (!same_socket(fd, snap.dev, snap.ino)) {
+        forget(fd);
+        return REAL(connect)(fd, addr, len);
+    }
+    return handoff_client(fd, &snap, saved);
+}
+
+/* ---- server role: listen(), epoll_wait(), accept() -------------------- */
+
+static int server_leased; /* the first listening candidate got its lease */
+
+SHIM_EXPORT int listen(int fd, int backlog)
+{
+    const struct shim_config *cfg = shim_config();
+    struct ctl_result res;
+    char req[256], what[64];
+    int go = 0, n, saved;
+    int r = REAL(listen)(fd, backlog);
+
+    if (r != 0 || !cfg->active || cfg->role != SHIM_ROLE_SERVER)
+        return r;
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_CANDIDATE) && !(e->flags & FDE_KEPT) && !server_leased) {
+        server_leased = 1;
+        go = 1;
+    }
+    fdt_unlock();
+    if (!go)
+        return r;
+    saved = errno;
+
+    snprintf(req, sizeof req, "LEASE role=server transport=tcp%s%s",
+             cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "");
+    snprintf(what, sizeof what, "listen(fd %d)", fd);
+    ctl_lease(cfg->socket_path, req, &res);
+    if (res.status != CTL_OK)
+        return lease_failed(&res, what);
+
+    n = res.nfds;
+    fdt_lock();
+    r = fdt_get(fd) ? fdt_pending_add(fd, res.fds, n) : -1;
+    fdt_unlock();
+    if (r != 0) {
+        ctl_result_free(&res, 1);
+        shim_say("fdkeeper: cannot queue the kept connections on listening fd %d: out of memory",
+                 fd);
+        errno = ENOMEM;
+        return -1;
+    }
+    ctl_result_free(&res, 0);
+    shim_debug("%s: %d kept connection(s) queued as pending accepts", what, n);
+    errno = saved;
+    return 0;
+}
+
+/* Report listeners with pending kept connections as readable. */
+static int inject_wait(int epfd, struct epoll_event *events, int maxevents, int timeout,
+                       const sigset_t *sigmask, int pwait)
+{
+    struct epoll_event inj[MAX_INJECT];
+    int k, n = 0;
+
+    if (!SHIM_ACTIVE() || fdt_pending_total() == 0 || maxevents <= 0)
+        goto real;
+    fdt_lock();
+    k = fdt_pending_events(epfd, inj, MAX_INJECT);
+    fdt_unlock();
+    if (k == 0)
+        goto real;
+    if (k > maxevents)
+        k = maxevents;
+    if (maxevents - k > 0) {
+        /* Never block, never overflow the caller's array. */
+        n = pwait ? REAL(epoll_pwait)(epfd, events, maxevents - k, 0, sigmask)
+                  : REAL(epoll_wait)(epfd, events, maxevents - k, 0);
+        if (n < 0) {
+            if (errno != EINTR)
+                return n;
+            n = 0;
+        }
+    }
+    for (int i = 0; i < k; i++) {
+        int dup = 0;
+        for (int j = 0; j < n && !dup; j++)
+            dup = events[j].data.u64 == inj[i].data.u64;
+        if (!dup)
+            events[n++] = inj[i];
+    }
+    return n;
+real:
+    return pwait ? REAL(epoll_pwait)(epfd, events, maxevents, timeout, sigmask)
+                 : REAL(epoll_wait)(epfd, events, maxevents, timeout);
+}
+
+SHIM_EXPORT int epoll_wait(int epfd, struct epoll_event *events, int maxevents, int timeout)
+{
+    return inject_wait(epfd, events, maxevents, timeout, NULL, 0);
+}
+
+SHIM_EXPORT int epoll_pwait(int epfd, struct epoll_event *events, int maxevents, int timeout,
+                            const sigset_t *sigmask)
+{
+    return inject_wait(epfd, events, maxevents, timeout, sigmask, 1);
+}
+
+static int accept_common(int fd, struct sockaddr *addr, socklen_t *alen, int flags, int four)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    int nfd, fl, saved = errno;
+
+    if (!SHIM_ACTIVE() || fdt_pending_total() == 0)
+        goto real;
+    fdt_lock();
+    nfd = fdt_pending_pop(fd);
+    fdt_unlock();
+    if (nfd < 0)
+        goto real;
+
+    /* What a real accept4() gives: O_NONBLOCK only on request; close-on-exec
+     * always (a kept connection must not leak into exec()ed children). */
+    fl = REAL(fcntl)(nfd, F_GETFL);
+    if (fl >= 0) {
+        int want = (flags & SOCK_NONBLOCK) ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+        if (want != fl)
+            REAL(fcntl)(nfd, F_SETFL, want);
+    }
+    REAL(fcntl)(nfd, F_SETFD, FD_CLOEXEC);
+
+    memset(&ss, 0, sizeof ss);
+    if (getpeername(nfd, (struct sockaddr *)&ss, &sl) != 0)
+        sl = 0; /* the SuT already went away; the read will tell the program */
+    if (addr && alen) {
+        memcpy(addr, &ss, *alen < sl ? *alen : sl);
+        *alen = sl;
+    }
+
+    fdt_lock();
+    struct fde *e = fdt_create(nfd);
+    if (e) {
+        e->flags = FDE_CANDIDATE | FDE_KEPT;
+        e->family = ss.ss_family;
+        set_identity(nfd, e);
+    }
+    fdt_unlock();
+    if (shim_config()->debug) {
+        char a[64];
+        shim_format_addr((struct sockaddr *)&ss, a, sizeof a);
+        shim_debug("accept(fd %d): handed over the kept connection from %s as fd %d", fd, a, nfd);
+    }
+    errno = saved;
+    return nfd;
+real:
+    return four ? REAL(accept4)(fd, addr, alen, flags) : REAL(accept)(fd, addr, alen);
+}
+
+SHIM_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *alen)
+{
+    return accept_common(fd, addr, alen, 0, 0);
+}
+
+SHIM_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *alen, int flags)
+{
+    return accept_common(fd, addr, alen, flags, 1);
+}
+
+/* ---- kept fds: shutdown, close ---------------------------------------- */
+
+SHIM_EXPORT int shutdown(int fd, int how)
+{
+    dev_t dev = 0;
+    ino_t ino = 0;
+    int kept = 0;
+
+    if (!SHIM_ACTIVE())
+        return REAL(shutdown)(fd, how);
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_KEPT)) {
+        kept = 1;
+        dev = e->dev;
+        ino = e->ino;
+    }
+    fdt_unlock();
+    if (!kept)
+        return REAL(shutdown)(fd, how);
+    if (!same_socket(fd, dev, ino)) {
+        forget(fd);
+        return REAL(shutdown)(fd, how);
+    }
+    shim_debug("shutdown(fd %d) on a kept connection: ignored (the keeper keeps it open)", fd);
+    return 0;
+}
+
+SHIM_EXPORT int close(int fd)
+{
+    int *cl = NULL, ncl = 0, kept = 0;
+
+    if (!SHIM_ACTIVE())
+        return REAL(close)(fd);
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e) {
+        kept = (e->flags & FDE_KEPT) != 0;
+        fdt_remove(fd, &cl, &ncl);
+    }
+    fdt_unlock();
+    if (e) {
+        fdt_close_list(cl, ncl);
+        if (kept)
+            shim_debug("close(fd %d): kept connection released to the keeper", fd);
+    }
+    return REAL(close)(fd);
+}
+
+/* ---- dup family: the copy inherits the state ---------------------------- */
+
+static void after_dup(int from, int to)
+{
+    int *cl = NULL, ncl = 0;
+    int saved = errno;
+    fdt_lock();
+    fdt_copy(from, to, &cl, &ncl);
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
+    errno = saved;
+}
+
+SHIM_EXPORT int dup(int old)
+{
+    int r = REAL(dup)(old);
+    if (r >= 0 && SHIM_ACTIVE())
+        after_dup(old, r);
+    return r;
+}
+
+SHIM_EXPORT int dup2(int old, int new)
+{
+    int r = REAL(dup2)(old, new);
+    if (r >= 0 && old != new && SHIM_ACTIVE())
+        after_dup(old, r);
+    return r;
+}
+
+SHIM_EXPORT int dup3(int old, int new, int flags)
+{
+    int r = REAL(dup3)(old, new, flags);
+    if (r >= 0 && SHIM_ACTIVE())
+        after_dup(old, r);
+    return r;
+}
+
+/* fcntl is variadic; like cwrap, pass the one argument on as a pointer-sized
+ * value (int and pointer arguments both travel in a register on the ABIs
+ * glibc supports). */
+SHIM_EXPORT int fcntl(int fd, int cmd, ...)
+{
+    va_list ap;
+    void *arg;
+    int r;
+
+    va_start(ap, cmd);
+    arg = va_arg(ap, void *);
+    va_end(ap);
+    r = REAL(fcntl)(fd, cmd, arg);
+    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && SHIM_ACTIVE())
+        after_dup(fd, r);
+    return r;
+}
+
+SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
+{
+    va_list ap;
+    void *arg;
+    int r;
+
+    va_start(ap, cmd);
+    arg = va_arg(ap, void *);
+    va_end(ap);
+    r = REAL(fcntl64)(fd, cmd, arg);
+    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && SHIM_ACTIVE())
+        after_dup(fd, r);
+    return r;
+}

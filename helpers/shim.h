@@ -1,0 +1,45 @@
+/* fdkeeper LD_PRELOAD shim: declarations shared by its source files.
+ *
+ * Everything in here is hidden; only the interposed libc functions in
+ * interpose.c are exported (default visibility). */
+#ifndef FDKEEPER_SHIM_H
+#define FDKEEPER_SHIM_H
+
+#include <stddef.h>
+#include <sys/socket.h>
+
+#define SHIM_HIDDEN __attribute__((visibility("hidden")))
+#define SHIM_EXPORT __attribute__((visibility("default")))
+
+enum shim_role { SHIM_ROLE_NONE = 0, SHIM_ROLE_CLIENT, SHIM_ROLE_SERVER };
+
+/* The environment, read once. */
+struct shim_config {
+    int active;                     /* FDKEEPER_SOCKET set and usable */
+    enum shim_role role;
+    char socket_path[4096];         /* copied: the program may change its environment */
+    int have_remote;                /* FDKEEPER_REMOTE parsed */
+    struct sockaddr_storage remote;
+    char remote_str[64];            /* canonical IP:PORT / [IP]:PORT */
+    int reconnect;
+    int debug;
+};
+
+SHIM_HIDDEN const struct shim_config *shim_config(void);
+
+/* Cheap test used at the top of every interposed call. */
+#define SHIM_ACTIVE() (shim_config()->active)
+
+/* One line on stderr (a newline is added). */
+SHIM_HIDDEN void shim_say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* "fdkeeper-shim: ..." on stderr when FDKEEPER_DEBUG=1. */
+SHIM_HIDDEN void shim_debug(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* IP:PORT (IPv4) or [IP]:PORT (IPv6); "-" for anything else. */
+SHIM_HIDDEN void shim_format_addr(const struct sockaddr *sa, char *buf, size_t len);
+SHIM_HIDDEN int shim_parse_addr(const char *s, struct sockaddr_storage *out);
+/* Same family (IPv4-mapped IPv6 counts as IPv4), address and port. */
+SHIM_HIDDEN int shim_addr_equal(const struct sockaddr *a, socklen_t alen,
+                                const struct sockaddr_storage *b);
+
+#endif

@@ -1,0 +1,320 @@
+/* Test program for the fdkeeper preload shim (tests/test_shim.py).
+ * It uses its sockets the way sipp 3.6.1 does and prints key=value lines.
+ *
+ *   shimprog client IP PORT [BINDIP]   sipp-like client connection, hello/reply
+ *   shimprog connect IP PORT           plain connect, prints rc and errno
+ *   shimprog untouched IP PORT OTHERPORT UDPPORT
+ *   shimprog dup IP PORT OTHERPORT
+ *   shimprog fork IP PORT
+ *   shimprog server N                  sipp-like listener, accepts N via epoll
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static const char *ename(int e) { return e ? strerrorname_np(e) : "0"; }
+
+static void die(const char *what)
+{
+    printf("fail=%s errno=%s\n", what, ename(errno));
+    exit(2);
+}
+
+static struct sockaddr_in addr_of(const char *ip, const char *port)
+{
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((unsigned short)atoi(port));
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1)
+        die("inet_pton");
+    return a;
+}
+
+static void print_addr(const char *key, const struct sockaddr *sa)
+{
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    char ip[64];
+    inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
+    printf("%s=%s:%u\n", key, ip, ntohs(in->sin_port));
+}
+
+/* The sipp sequence: socket, epoll ADD, setsockopt, bind, O_NONBLOCK, connect, flags back. */
+static int sipp_connect(int ep, uint64_t data, const char *ip, const char *port,
+                        const char *bindip, int *err)
+{
+    struct sockaddr_in a = addr_of(ip, port);
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = data };
+    struct linger l = { 1, 1 };
+    int one = 1, buf = 65535, fl, s, r;
+
+    s = socket(AF_INET, SOCK_STREAM, 0);
+    if (s < 0)
+        die("socket");
+    if (ep >= 0 && epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) != 0)
+        die("epoll_ctl add");
+    if (setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) ||
+        setsockopt(s, SOL_SOCKET, SO_LINGER, &l, sizeof l) ||
+        setsockopt(s, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf) ||
+        setsockopt(s, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf))
+        die("setsockopt");
+    if (bindip) {
+        struct sockaddr_in b = addr_of(bindip, "0");
+        if (bind(s, (struct sockaddr *)&b, sizeof b) != 0)
+            die("bind");
+    }
+    fl = fcntl(s, F_GETFL, 0);
+    fcntl(s, F_SETFL, fl | O_NONBLOCK);
+    errno = 0;
+    r = connect(s, (struct sockaddr *)&a, sizeof a);
+    *err = errno;
+    if (r < 0 && errno != EINPROGRESS) {
+        close(s);
+        return -1;
+    }
+    if (r < 0) { /* wait for the real connect to finish */
+        fd_set w;
+        FD_ZERO(&w);
+        FD_SET(s, &w);
+        select(s + 1, NULL, &w, NULL, NULL);
+    }
+    fcntl(s, F_SETFL, fl);
+    return s;
+}
+
+static int wait_in(int ep, int ms, uint64_t *data)
+{
+    struct epoll_event ev;
+    int n = epoll_wait(ep, &ev, 1, ms);
+    if (n == 1)
+        *data = ev.data.u64;
+    return n;
+}
+
+static int cmd_client(int argc, char **argv)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char buf[256];
+    uint64_t data = 0;
+    int ep = epoll_create1(EPOLL_CLOEXEC), err, s, n;
+    struct linger rst = { 1, 0 };
+
+    s = sipp_connect(ep, 7, argv[2], argv[3], argc > 4 ? argv[4] : NULL, &err);
+    if (s < 0) {
+        printf("connect=-1 errno=%s\n", ename(err));
+        return 3;
+    }
+    printf("connected=%d errno=%s\n", s, ename(err));
+    printf("cloexec=%d nonblock=%d\n", (fcntl(s, F_GETFD) & FD_CLOEXEC) != 0,
+           (fcntl(s, F_GETFL) & O_NONBLOCK) != 0);
+    if (getpeername(s, (struct sockaddr *)&ss, &sl) == 0)
+        print_addr("peer", (struct sockaddr *)&ss);
+    sl = sizeof ss;
+    if (getsockname(s, (struct sockaddr *)&ss, &sl) == 0)
+        print_addr("local", (struct sockaddr *)&ss);
+    fflush(stdout);
+    if (send(s, "hello\n", 6, MSG_DONTWAIT) != 6)
+        die("send");
+    n = wait_in(ep, 5000, &data);
+    printf("events=%d data=%llu\n", n, (unsigned long long)data);
+    if (n == 1) {
+        n = (int)recvfrom(s, buf, sizeof buf - 1, 0, NULL, NULL);
+        buf[n > 0 ? n : 0] = 0;
+        buf[strcspn(buf, "\n")] = 0;
+        printf("got=%s\n", buf);
+    }
+    /* What sipp does on a reset, then on every close. */
+    printf("linger=%d\n", setsockopt(s, SOL_SOCKET, SO_LINGER, &rst, sizeof rst));
+    epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
+    printf("shutdown=%d\n", shutdown(s, SHUT_RDWR));
+    printf("close=%d\n", close(s));
+    return 0;
+}
+
+static int cmd_connect(int argc, char **argv)
+{
+    struct sockaddr_in a = addr_of(argv[2], argv[3]);
+    int s = socket(AF_INET, SOCK_STREAM, 0), r;
+    (void)argc;
+    errno = 0;
+    r = connect(s, (struct sockaddr *)&a, sizeof a);
+    printf("rc=%d errno=%s\n", r, ename(r ? errno : 0));
+    return 0;
+}
+
+static int cmd_untouched(int argc, char **argv)
+{
+    struct sockaddr_in u = addr_of(argv[2], argv[5]);
+    int err, t, s;
+    (void)argc;
+
+    /* sipp's local-IP probe: a connected UDP socket. */
+    s = socket(AF_INET, SOCK_DGRAM, 0);
+    printf("udp_connect=%d\n", connect(s, (struct sockaddr *)&u, sizeof u));
+    printf("udp_send=%zd\n", send(s, "udp\n", 4, 0));
+    printf("udp_shutdown=%d\n", shutdown(s, SHUT_RDWR));
+    close(s);
+    /* A TCP connect somewhere else than the SuT. */
+    t = sipp_connect(-1, 0, argv[2], argv[4], NULL, &err);
+    printf("other_connect=%d\n", t >= 0 ? 0 : -1);
+    printf("other_send=%zd\n", send(t, "other\n", 6, 0));
+    printf("other_shutdown=%d\n", shutdown(t, SHUT_RDWR));
+    close(t);
+    return 0;
+}
+
+static int cmd_dup(int argc, char **argv)
+{
+    int err, k, a, b, c, s, u, r;
+    (void)argc;
+
+    k = sipp_connect(-1, 0, argv[2], argv[3], NULL, &err);
+    if (k < 0)
+        die("connect");
+    a = dup(k);
+    b = dup2(k, 50);
+    c = fcntl(k, F_DUPFD, 60);
+    printf("dups=%d,%d,%d\n", a >= 0, b == 50, c >= 60);
+    printf("shutdown_dup=%d shutdown_dup2=%d shutdown_dupfd=%d\n", shutdown(a, SHUT_RDWR),
+           shutdown(b, SHUT_RDWR), shutdown(c, SHUT_RDWR));
+    printf("send_dupfd=%zd\n", send(c, "via-dup\n", 8, 0));
+    /* dup2 of an untracked socket over a copy of the kept fd: the copy's state goes. */
+    u = socket(AF_INET, SOCK_DGRAM, 0);
+    dup2(u, b);
+    errno = 0;
+    r = shutdown(b, SHUT_RDWR);
+    printf("shutdown_over=%d errno=%s\n", r, ename(errno));
+    close(u);
+    close(b);
+    close(a);
+    close(c);
+    printf("shutdown_kept=%d\n", shutdown(k, SHUT_RDWR));
+    close(k);
+    /* The number comes back for a plain connection: shutdown is real there. */
+    s = sipp_connect(-1, 0, argv[2], argv[4], NULL, &err);
+    printf("reused=%d\n", s == k);
+    printf("send_other=%zd\n", send(s, "other\n", 6, 0));
+    printf("shutdown_reused=%d\n", shutdown(s, SHUT_RDWR));
+    close(s);
+    return 0;
+}
+
+static int cmd_fork(int argc, char **argv)
+{
+    int err, k, status;
+    pid_t pid;
+    (void)argc;
+
+    k = sipp_connect(-1, 0, argv[2], argv[3], NULL, &err);
+    if (k < 0)
+        die("connect");
+    fflush(stdout);
+    pid = fork();
+    if (pid == 0) {
+        send(k, "child\n", 6, 0);
+        printf("child_shutdown=%d\n", shutdown(k, SHUT_RDWR));
+        close(k);
+        fflush(stdout);
+        _exit(0);
+    }
+    waitpid(pid, &status, 0);
+    printf("parent_send=%zd\n", send(k, "parent\n", 7, 0));
+    printf("parent_shutdown=%d\n", shutdown(k, SHUT_RDWR));
+    close(k);
+    return 0;
+}
+
+static int cmd_server(int argc, char **argv)
+{
+    int want = atoi(argv[2]), got = 0, addr_ok = 0, blocking = 0, cloexec = 0, one = 1;
+    int ep = epoll_create1(0), l = socket(AF_INET, SOCK_STREAM, 0);
+    int *fds = calloc((size_t)want + 1, sizeof(int));
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 5 };
+    struct epoll_event evs[16];
+    struct sockaddr_in b = addr_of("127.0.0.1", "0");
+    (void)argc;
+
+    /* sipp: socket, epoll ADD at once, options, bind, listen; invalidate()
+     * of another socket may later MOD the listener with a new index. */
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) != 0)
+        die("epoll add");
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(l, (struct sockaddr *)&b, sizeof b) != 0)
+        die("bind");
+    if (listen(l, 100) != 0)
+        die("listen");
+    ev.data.u64 = 0;
+    if (epoll_ctl(ep, EPOLL_CTL_MOD, l, &ev) != 0)
+        die("epoll mod");
+    while (got < want) {
+        int n = epoll_wait(ep, evs, 16, 2000);
+        if (n <= 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            struct sockaddr_storage ss, ps;
+            socklen_t sl = sizeof ss, pl = sizeof ps;
+            int fd;
+            if (evs[i].data.u64 != 0)
+                continue;
+            fd = (got & 1) ? accept4(l, (struct sockaddr *)&ss, &sl, SOCK_CLOEXEC)
+                           : accept(l, (struct sockaddr *)&ss, &sl);
+            if (fd < 0)
+                die("accept");
+            if (getpeername(fd, (struct sockaddr *)&ps, &pl) == 0 && pl == sl &&
+                memcmp(&ps, &ss, sl) == 0)
+                addr_ok++;
+            blocking += !(fcntl(fd, F_GETFL) & O_NONBLOCK);
+            cloexec += (fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0;
+            ev.data.u64 = 1000 + (uint64_t)got;
+            if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) != 0)
+                die("epoll add accepted");
+            fds[got++] = fd;
+        }
+    }
+    printf("accepted=%d addr_ok=%d blocking=%d cloexec=%d\n", got, addr_ok, blocking, cloexec);
+    for (int i = 0; i < got; i++) {
+        char msg[32];
+        int m = snprintf(msg, sizeof msg, "srv %d\n", i);
+        send(fds[i], msg, (size_t)m, 0);
+        epoll_ctl(ep, EPOLL_CTL_DEL, fds[i], NULL);
+        shutdown(fds[i], SHUT_RDWR);
+        close(fds[i]);
+    }
+    printf("done=1\n");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    int r;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2)
+        return 1;
+    if (!strcmp(argv[1], "client") && argc >= 4)
+        r = cmd_client(argc, argv);
+    else if (!strcmp(argv[1], "connect") && argc >= 4)
+        r = cmd_connect(argc, argv);
+    else if (!strcmp(argv[1], "untouched") && argc >= 6)
+        r = cmd_untouched(argc, argv);
+    else if (!strcmp(argv[1], "dup") && argc >= 5)
+        r = cmd_dup(argc, argv);
+    else if (!strcmp(argv[1], "fork") && argc >= 4)
+        r = cmd_fork(argc, argv);
+    else if (!strcmp(argv[1], "server") && argc >= 3)
+        r = cmd_server(argc, argv);
+    else
+        return 1;
+    return r;
+}

@@ -1,0 +1,565 @@
+"""Tests of the LD_PRELOAD shim (helpers/*.c) with a fake keeper.
+
+The shim is compiled exactly as the package build does, preloaded into small C
+programs (tests/shim/shimprog.c) that use their sockets the way sipp 3.6.1
+does, and once into the real sipp. The fake keeper answers LEASE requests per
+docs/protocol.md with descriptors of TCP connections it opened to a listener
+the test owns (the "SuT").
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPERS = ROOT / "helpers"
+SHIMPROG_SRC = ROOT / "tests" / "shim" / "shimprog.c"
+SIPP = shutil.which("sipp")
+# e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.
+WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
+# e.g. SHIM_TEST_CFLAGS="-fsanitize=address,undefined" (then put libasan first in LD_PRELOAD
+# with SHIM_TEST_PRELOAD_FIRST=/usr/lib/x86_64-linux-gnu/libasan.so.8).
+EXTRA_CFLAGS = os.environ.get("SHIM_TEST_CFLAGS", "").split()
+PRELOAD_FIRST = os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
+
+
+# --------------------------------------------------------------------------- build
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shim-build")
+    lib = out / "libfdkeeper_shim.so"
+    sources = sorted(str(p) for p in HELPERS.glob("*.c"))
+    res = subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden",
+         *EXTRA_CFLAGS, "-o", str(lib), *sources, "-ldl", "-lpthread"],
+        capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == "", "the shim must compile without warnings:\n" + res.stderr
+    prog = out / "shimprog"
+    res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(prog), str(SHIMPROG_SRC)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return {"lib": str(lib), "prog": str(prog)}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Sut:
+    """A TCP listener on 127.0.0.1 standing in for the SIP server."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.peers: list[socket.socket] = []
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        self.peers.append(conn)
+        return conn
+
+    def close(self):
+        for p in self.peers:
+            p.close()
+        self.sock.close()
+
+
+class FakeKeeper:
+    """SEQPACKET control socket answering LEASE the way docs/protocol.md says."""
+
+    def __init__(self, path: Path, sut: Sut, error: str | None = None):
+        self.path = str(path)
+        self.sut = sut
+        self.error = error                       # "code text" -> ERR reply
+        self.server_conns: list[socket.socket] = []   # kept for server leases
+        self.kept: list[socket.socket] = []      # keeper's copies handed out
+        self.sut_side: list[socket.socket] = []  # the SuT's end of each kept copy
+        self.requests: list[str] = []
+        self.peer_pids: list[int] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(self.path)
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def open_server_conns(self, n: int):
+        """Kept connections for a server lease (keeper end + SuT end)."""
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", self.sut.port))
+            self.server_conns.append(c)
+            self.sut_side.append(self.sut.accept())
+
+    def _serve(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    self._one(conn)
+                except OSError:
+                    pass
+
+    def _one(self, conn):
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        self.peer_pids.append(int.from_bytes(cred[:4], "little"))
+        req = conn.recv(4097).decode()
+        self.requests.append(req)
+        words = req.split()
+        if self.error:
+            conn.send(f"ERR {self.error}".encode())
+            return
+        if words[:2] == ["LEASE", "role=client"]:
+            s = socket.create_connection(("127.0.0.1", self.sut.port))
+            self.kept.append(s)
+            self.sut_side.append(self.sut.accept())
+            conn.send(b"OK count=1")
+            socket.send_fds(conn, [f"FDS ids={len(self.kept)}".encode()], [s.fileno()])
+        elif words[:2] == ["LEASE", "role=server"]:
+            conns = self.server_conns
+            conn.send(f"OK count={len(conns)}".encode())
+            for i in range(0, len(conns), 250):
+                chunk = conns[i:i + 250]
+                ids = ",".join(str(i + j + 1) for j in range(len(chunk)))
+                socket.send_fds(conn, [f"FDS ids={ids}".encode()], [c.fileno() for c in chunk])
+        else:
+            conn.send(b"ERR badrequest fdkeeper: unknown request")
+
+    def close(self):
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+        for s in self.kept + self.server_conns:
+            s.close()
+
+
+@pytest.fixture
+def sut():
+    s = Sut()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def keeper_dir(tmp_path):
+    d = tmp_path / "k"
+    d.mkdir(mode=0o700)
+    return d
+
+
+@pytest.fixture
+def keeper(keeper_dir, sut):
+    k = FakeKeeper(keeper_dir / "control.sock", sut)
+    yield k
+    k.close()
+
+
+def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
+    env["LD_PRELOAD"] = (PRELOAD_FIRST + " " + build["lib"]).strip()
+    if keeper_path is not None:
+        env["FDKEEPER_SOCKET"] = str(keeper_path)
+        env["FDKEEPER_ROLE"] = role
+        env["FDKEEPER_TRANSPORT"] = "tcp"
+        if remote is not None:
+            env["FDKEEPER_REMOTE"] = remote
+    if debug:
+        env["FDKEEPER_DEBUG"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(build, args, env, timeout=20):
+    return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def parse(out: str) -> dict[str, str]:
+    kv = {}
+    for line in out.splitlines():
+        for tok in line.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                kv[k] = v
+    return kv
+
+
+def still_open(keeper_end: socket.socket, sut_end: socket.socket, tag: bytes = b"ping"):
+    """The connection works both ways through the keeper's copy, and the SuT saw no EOF."""
+    sut_end.settimeout(0.3)
+    try:
+        data = sut_end.recv(100)
+    except socket.timeout:
+        data = None
+    assert data is None, f"SuT side got {data!r} (b'' means the connection was ended)"
+    sut_end.settimeout(5)
+    keeper_end.settimeout(5)
+    keeper_end.sendall(tag + b"-k\n")
+    assert sut_end.recv(100) == tag + b"-k\n"
+    sut_end.sendall(tag + b"-s\n")
+    assert keeper_end.recv(100) == tag + b"-s\n"
+
+
+def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
+    sock.settimeout(timeout)
+    buf = b""
+    while needle not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+# --------------------------------------------------------------------------- client role
+
+
+def test_client_handoff(build, keeper, sut):
+    """connect() to the SuT becomes the kept connection: data, peer, epoll,
+    setsockopt replay; shutdown and SO_LINGER{1,0} do not end it."""
+    env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
+    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while not keeper.sut_side and time.time() < deadline:
+            time.sleep(0.02)
+        assert keeper.sut_side, "the keeper got no lease"
+        peer = keeper.sut_side[0]
+        assert recv_until(peer, b"hello\n") == b"hello\n"
+        peer.sendall(b"pong\n")
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out + err
+    kv = parse(out)
+    assert keeper.requests == [
+        f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"]
+    assert keeper.peer_pids == [p.pid]
+    assert kv["connected"] != "-1" and kv["errno"] == "0"
+    assert kv["peer"] == sut.addr
+    # The program's fd is the keeper's connection (same local address).
+    kept = keeper.kept[0]
+    assert kv["local"] == "%s:%d" % kept.getsockname()
+    assert kv["cloexec"] == "1" and kv["nonblock"] == "0"
+    # Its epoll registration (data 7) survived the dup3.
+    assert kv["events"] == "1" and kv["data"] == "7"
+    assert kv["got"] == "pong"
+    assert kv["linger"] == "0" and kv["shutdown"] == "0" and kv["close"] == "0"
+    # TCP_NODELAY set before connect was replayed onto the kept socket.
+    assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    # SO_LINGER was not: a close by the program must not reset anything.
+    assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER) == 0
+    still_open(kept, peer)
+    lines = [ln for ln in err.splitlines() if ln]
+    assert all(ln.startswith("fdkeeper-shim: ") for ln in lines), err
+    assert any("handed over the kept connection" in ln for ln in lines), err
+    assert any("shutdown(fd" in ln and "ignored" in ln for ln in lines), err
+
+
+def test_reconnect_flag_and_no_bind(build, keeper, sut):
+    env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_RECONNECT="1")
+    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while not keeper.sut_side and time.time() < deadline:
+        time.sleep(0.02)
+    recv_until(keeper.sut_side[0], b"hello\n")
+    keeper.sut_side[0].sendall(b"x\n")
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0, out + err
+    assert err == ""
+    assert keeper.requests == [
+        f"LEASE role=client transport=tcp remote={sut.addr} local=- reconnect=1"]
+
+
+def test_udp_and_other_connect_untouched(build, keeper, sut):
+    other = Sut()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(5)
+    try:
+        env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
+        r = run(build, ["untouched", "127.0.0.1", str(sut.port), str(other.port),
+                        str(udp.getsockname()[1])], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        kv = parse(r.stdout)
+        assert keeper.requests == []
+        assert kv["udp_connect"] == "0" and kv["udp_send"] == "4"
+        assert udp.recv(100) == b"udp\n"
+        assert kv["udp_shutdown"] == "0"
+        assert kv["other_connect"] == "0" and kv["other_send"] == "6"
+        conn = other.accept()
+        assert recv_until(conn, b"other\n") == b"other\n"
+        assert conn.recv(100) == b""          # the real shutdown reached the peer
+        assert kv["other_shutdown"] == "0"
+        assert "not the SuT" in r.stderr
+    finally:
+        udp.close()
+        other.close()
+
+
+def test_dup_dup2_fcntl_close(build, keeper, sut):
+    other = Sut()
+    try:
+        env = shim_env(build, keeper.path, remote=sut.addr)
+        r = run(build, ["dup", "127.0.0.1", str(sut.port), str(other.port)], env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        kv = parse(r.stdout)
+        assert kv["dups"] == "1,1,1"
+        # shutdown on every copy of the kept fd is a no-op ...
+        assert kv["shutdown_dup"] == kv["shutdown_dup2"] == kv["shutdown_dupfd"] == "0"
+        assert kv["send_dupfd"] == "8"
+        # ... a dup2 over a copy drops that copy's state (real shutdown: ENOTCONN on UDP) ...
+        assert kv["shutdown_over"] == "-1" and kv["errno"] == "ENOTCONN"
+        assert kv["shutdown_kept"] == "0"
+        # ... and the reused number of the closed kept fd is a plain socket again.
+        assert kv["reused"] == "1" and kv["send_other"] == "6" and kv["shutdown_reused"] == "0"
+        conn = other.accept()
+        assert recv_until(conn, b"other\n") == b"other\n"
+        assert conn.recv(100) == b""
+        assert len(keeper.requests) == 1
+        peer = keeper.sut_side[0]
+        assert recv_until(peer, b"via-dup\n") == b"via-dup\n"
+        still_open(keeper.kept[0], peer)
+    finally:
+        other.close()
+
+
+def test_fork_child_keeps_table(build, keeper, sut):
+    env = shim_env(build, keeper.path, remote=sut.addr)
+    r = run(build, ["fork", "127.0.0.1", str(sut.port)], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    kv = parse(r.stdout)
+    assert kv["child_shutdown"] == "0" and kv["parent_shutdown"] == "0"
+    assert kv["parent_send"] == "7"
+    peer = keeper.sut_side[0]
+    assert recv_until(peer, b"parent\n") == b"child\nparent\n"
+    still_open(keeper.kept[0], peer)
+
+
+@pytest.mark.parametrize("code,errname", [
+    ("busy", "EBUSY"), ("timeout", "ETIMEDOUT"), ("closed", "ECONNREFUSED"),
+    ("refused", "ECONNREFUSED"), ("none", "ECONNREFUSED"), ("internal", "ECONNREFUSED"),
+])
+def test_error_reply(build, keeper_dir, sut, code, errname):
+    text = f"fdkeeper: kept connection to {sut.addr}/tcp: {code} (test)"
+    k = FakeKeeper(keeper_dir / "control.sock", sut, error=f"{code} {text}")
+    try:
+        r = run(build, ["connect", "127.0.0.1", str(sut.port)],
+                shim_env(build, k.path, remote=sut.addr))
+        kv = parse(r.stdout)
+        assert kv == {"rc": "-1", "errno": errname}
+        assert r.stderr == text + "\n"
+        assert len(k.requests) == 1
+    finally:
+        k.close()
+
+
+def test_keeper_not_running(build, keeper_dir, sut):
+    path = keeper_dir / "control.sock"
+    r = run(build, ["connect", "127.0.0.1", str(sut.port)], shim_env(build, path, remote=sut.addr))
+    assert parse(r.stdout) == {"rc": "-1", "errno": "ECONNREFUSED"}
+    assert r.stderr == (f"fdkeeper: cannot reach the keeper at {path}: No such file or directory; "
+                        "start it with 'fdkeeper keeper' or run through 'fdkeeper sipp'\n")
+
+
+def test_inert_without_socket(build, keeper, sut):
+    """FDKEEPER_SOCKET unset: the program's own connection, a real shutdown."""
+    env = shim_env(build, None, FDKEEPER_ROLE="client", FDKEEPER_REMOTE=sut.addr,
+                   FDKEEPER_DEBUG="1")
+    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    conn = sut.accept()
+    program_end = "%s:%d" % conn.getpeername()
+    assert recv_until(conn, b"hello\n") == b"hello\n"
+    conn.sendall(b"pong\n")
+    out, err = p.communicate(timeout=10)
+    assert p.returncode == 0
+    kv = parse(out)
+    assert kv["local"] == program_end
+    assert kv["got"] == "pong" and kv["cloexec"] == "0"
+    # shutdown (FIN) and SO_LINGER {1,0} + close (RST) were real: the connection ended.
+    try:
+        assert conn.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    assert err == "" and keeper.requests == []
+
+
+# --------------------------------------------------------------------------- server role
+
+
+def test_server_handoff_300(build, keeper, sut):
+    n = 300
+    keeper.open_server_conns(n)
+    env = shim_env(build, keeper.path, role="server", remote=sut.addr)
+    r = run(build, ["server", str(n)], env, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    kv = parse(r.stdout)
+    assert keeper.requests == [f"LEASE role=server transport=tcp remote={sut.addr}"]
+    assert kv["accepted"] == str(n)
+    assert kv["addr_ok"] == str(n)
+    assert kv["blocking"] == str(n) and kv["cloexec"] == str(n)
+    assert r.stderr == ""
+    # Every kept connection got exactly one message, in order, and is still open.
+    for i, sut_end in enumerate(keeper.sut_side):
+        assert recv_until(sut_end, b"\n") == f"srv {i}\n".encode()
+    for i in (0, n // 2, n - 1):
+        still_open(keeper.server_conns[i], keeper.sut_side[i], tag=b"p%d" % i)
+
+
+def test_server_without_remote_and_empty(build, keeper, sut):
+    env = shim_env(build, keeper.path, role="server")
+    r = run(build, ["server", "1"], env, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert keeper.requests == ["LEASE role=server transport=tcp"]
+    assert parse(r.stdout)["accepted"] == "0"
+
+
+# --------------------------------------------------------------------------- real sipp
+
+
+class SipReader:
+    """Splits a TCP byte stream into SIP messages (CRLFCRLF + Content-Length)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def next(self, timeout=10) -> bytes:
+        self.sock.settimeout(timeout)
+        while True:
+            if b"\r\n\r\n" in self.buf:
+                head, rest = self.buf.split(b"\r\n\r\n", 1)
+                length = 0
+                for ln in head.split(b"\r\n"):
+                    name = ln.split(b":", 1)[0].strip().lower()
+                    if name in (b"content-length", b"l"):
+                        length = int(ln.split(b":", 1)[1])
+                if len(rest) >= length:
+                    self.buf = rest[length:]
+                    return head + b"\r\n\r\n" + rest[:length]
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection ended; got %r" % self.buf
+            self.buf += chunk
+
+
+def sip_response(request: bytes, code: str) -> bytes:
+    head = request.split(b"\r\n\r\n", 1)[0].decode()
+    lines = head.split("\r\n")
+    keep = [ln for ln in lines[1:]
+            if ln.split(":", 1)[0].strip().lower() in ("via", "from", "to", "call-id", "cseq")]
+    keep = [ln + ";tag=sut1" if ln.lower().startswith("to:") and "tag=" not in ln else ln
+            for ln in keep]
+    return ("SIP/2.0 %s\r\n" % code + "\r\n".join(keep) +
+            "\r\nContact: <sip:sut@127.0.0.1>\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
+def test_real_sipp_uac(build, keeper, sut, tmp_path):
+    """sipp -sn uac -t t1 runs a whole call over the kept connection; afterwards
+    the keeper's copy is still open."""
+    env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
+    p = subprocess.Popen(
+        [SIPP, "-sn", "uac", "-t", "t1", "-m", "1", "-l", "1", "-nostdin", "-i", "127.0.0.1",
+         "-timeout", "20s", "-trace_err", sut.addr],
+        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 15
+        while not keeper.sut_side and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert keeper.sut_side, "sipp did not lease: %r" % (p.communicate(timeout=5),)
+        peer = keeper.sut_side[0]
+        sip = SipReader(peer)
+        invite = sip.next()
+        assert invite.startswith(b"INVITE sip:")
+        peer.sendall(sip_response(invite, "200 OK"))
+        assert sip.next().startswith(b"ACK sip:")
+        bye = sip.next()
+        assert bye.startswith(b"BYE sip:")
+        peer.sendall(sip_response(bye, "200 OK"))
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, (out[-2000:], err[-2000:])
+    assert keeper.peer_pids == [p.pid]
+    assert b"handed over the kept connection" in err
+    still_open(keeper.kept[0], peer)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
+def test_real_sipp_uas(build, keeper, sut, tmp_path):
+    """sipp -sn uas -t t1 gets the keeper's connection as an accepted one
+    (epoll_wait injection + accept) and answers a call the SuT sends over it."""
+    keeper.open_server_conns(1)
+    kept, peer = keeper.server_conns[0], keeper.sut_side[0]
+    port = free_port()
+    env = shim_env(build, keeper.path, role="server", remote=sut.addr, debug=True)
+    p = subprocess.Popen(
+        [SIPP, "-sn", "uas", "-t", "t1", "-m", "1", "-nostdin", "-i", "127.0.0.1",
+         "-p", str(port), "-timeout", "20s"],
+        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 15
+        while not keeper.requests and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert keeper.requests == [f"LEASE role=server transport=tcp remote={sut.addr}"]
+        local = "127.0.0.1:%d" % peer.getsockname()[1]
+        common = (f"Via: SIP/2.0/TCP {local};branch=z9hG4bK-t1\r\n"
+                  f"From: <sip:sut@{local}>;tag=sut1\r\n"
+                  f"To: <sip:sipp@127.0.0.1:{port}>\r\n"
+                  "Call-ID: fdkeeper-test-1@127.0.0.1\r\n")
+        peer.sendall((f"INVITE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" + common +
+                      f"CSeq: 1 INVITE\r\nContact: <sip:sut@{local};transport=tcp>\r\n"
+                      "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
+        sip = SipReader(peer)
+        assert sip.next().startswith(b"SIP/2.0 180")
+        ok = sip.next()
+        assert ok.startswith(b"SIP/2.0 200")
+        to = [ln for ln in ok.split(b"\r\n") if ln.lower().startswith(b"to:")][0].decode()
+        common = common.replace(f"To: <sip:sipp@127.0.0.1:{port}>", to.replace("to:", "To:", 1))
+        peer.sendall((f"ACK sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" + common +
+                      "CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
+        peer.sendall((f"BYE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" +
+                      common.replace("z9hG4bK-t1", "z9hG4bK-t2") +
+                      "CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
+        assert sip.next().startswith(b"SIP/2.0 200")
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, (out[-2000:], err[-2000:])
+    assert b"handed over the kept connection" in err
+    still_open(kept, peer)
