@@ -84,49 +84,68 @@ def test_registered_user_gets_the_call_over_its_connection(kamailio, sipp_path, 
     assert f"via sip:127.0.0.1:{conn['remote_port']};transport=tcp" in kamailio.log_text()
 
 
-def test_calls_fail_once_the_register_run_has_exited(kamailio, sipp_path, tmp_path):
-    """The problem fdkeeper solves: register in one sipp run, answer in another."""
+def register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path: Path, user: str):
+    """Register `user` in one sipp run (-t t1 -p P) that exits, start a sipp
+    answering run listening on the same P, and call the user.
+
+    sipp 3.6.1 with -t t1 -p P binds its connection to P as well, so both the
+    Contact and the received address name the port the answering run listens
+    on: a SuT that dialled users would reach it and the call would succeed.
+    Returns (caller result, answerer result, P).
+    """
     port = sut.free_port()
-    users = sut.write_users_csv(tmp_path / "bob.csv", ["bob"], kamailio.domain)
+    users = sut.write_users_csv(tmp_path / f"{user}.csv", [user], kamailio.domain)
     register = sut.run_sipp(sipp_path, "uac-register.xml", kamailio.address,
-                            log_dir=tmp_path / "sipp", name="register-bob", transport="t1",
-                            local_port=port, calls=1, timeout=10, extra=["-inf", str(users)])
+                            log_dir=tmp_path / "sipp", name=f"register-{user}",
+                            transport="t1", local_port=port, calls=1, timeout=10,
+                            extra=["-inf", str(users)])
     assert register.ok, register.summary()
-    # sipp 3.6.1 with -t t1 -p N binds its connection to N as well, so both
-    # the Contact and the received address name the port the answering run
-    # below listens on: a SuT that dialled users would reach it.
-    [contact] = contacts_of(kamailio, "bob")
+    [contact] = contacts_of(kamailio, user)
     assert contact["source"]["port"] == port
     assert f":{port};" in contact["contact"]
 
     answerer = sut.start_sipp(sipp_path, "uas-answer.xml", kamailio.address,
-                              log_dir=tmp_path / "sipp", name="answer-bob", transport="t1",
-                              local_port=port, calls=1)
+                              log_dir=tmp_path / "sipp", name=f"answer-{user}",
+                              transport="t1", local_port=port, calls=1)
     try:
         sut.wait_until(lambda: tcp_listening(port) or not answerer.running(), timeout=5,
                        what=f"sipp listening on {port}")
         assert answerer.running(), answerer.terminate().summary()
-
-        call = sut.place_calls(kamailio, "bob", sipp=sipp_path, timeout=10,
+        call = sut.place_calls(kamailio, user, sipp=sipp_path, timeout=10,
                                log_dir=tmp_path / "sipp")
-        assert call.returncode == sut.SIPP_EXIT_FAILED and call.failed == 1, call.summary()
-        assert call.successful == 0
-        # The caller got a final error from the SuT: 404 (lookup skipped the
-        # dead connection) or 480 (relay refused to open a new connection).
-        assert ("SIP/2.0 404" in call.text("errors")
-                or "SIP/2.0 480" in call.text("errors")), call.summary()
-        # ...and no connection was opened towards the user.
+        # No connection was opened towards the user.
         assert all(c["remote_port"] != port for c in kamailio.tcp_connections())
     finally:
         answered = answerer.terminate()
+    assert call.returncode == sut.SIPP_EXIT_FAILED and call.failed == 1, call.summary()
+    assert call.successful == 0
     assert answered.count("IncomingCall(C)") == 0, answered.summary()
+    return call, answered, port
 
-    log = kamailio.log_text()
-    assert ("fdkeeper-sut: no contact for bob" in log
-            or "no open connection to the user" in log), kamailio.log_tail()
-    # The registrar drops the contact of the lost connection on its next timer.
+
+def test_calls_fail_once_the_register_run_has_exited(kamailio, sipp_path, tmp_path):
+    """The problem fdkeeper solves: register in one sipp run, answer in another.
+
+    Default SuT: lookup() skips the contact of the lost connection (404), and
+    the usrloc timer then drops it from the location table.
+    """
+    call, _, _ = register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path, "bob")
+    assert "SIP/2.0 404" in call.text("errors"), call.summary()
+    assert "fdkeeper-sut: no contact for bob" in kamailio.log_text(), kamailio.log_tail()
     sut.wait_until(lambda: not contacts_of(kamailio, "bob"), timeout=kamailio.ul_timer + 3,
                    what="bob's contact to be dropped")
+
+
+def test_a_dead_contact_is_never_dialled(sipp_path, tmp_path):
+    """Even when lookup() returns the dead contact (handle_lost_tcp off), the
+    SuT refuses to open a connection to it (set_forward_no_connect): 480."""
+    with sut.Kamailio(tmp_path / "kamailio", handle_lost_tcp=False) as kamailio:
+        call, _, port = register_then_call_in_separate_runs(
+            kamailio, sipp_path, tmp_path, "dave")
+        assert "SIP/2.0 480" in call.text("errors"), call.summary()
+        assert "no open connection to the user" in kamailio.log_text(), kamailio.log_tail()
+        [contact] = contacts_of(kamailio, "dave")
+        assert contact["source"]["port"] == port
 
 
 def test_restart_keeps_the_port_and_rpc_reports_state(kamailio, sipp_path, tmp_path):
