@@ -177,7 +177,7 @@ def test_restart_keeps_the_port_and_rpc_reports_state(kamailio, sipp_path, tmp_p
                          log_dir=tmp_path / "sipp", name="register-again", transport="t1",
                          calls=1, timeout=10, extra=["-inf", str(users)])
     assert again.ok, again.summary()
-    assert "restart" not in kamailio.log_path.name  # one log file across restarts
+    # One log across restarts, each start marked.
     assert kamailio.log_text().count("===== fdkeeper.sut:") == 2
 
 
