@@ -1,3 +1,3 @@
 from fdkeeper.cli import main
 
-main()
+main(prog_name="fdkeeper")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fdkeeper.client import ensure_keeper
+from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, choose_mode
 from fdkeeper.protocol import format_address
@@ -74,6 +74,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     mode = choose_mode(options.mode, sipp)
     directory = resolve_directory(options.directory)
     keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
+    _warn_if_keeper_differs(keeper, options)
     reply = keeper.prepare(
         role=invocation.role,
         transport="tcp",
@@ -94,6 +95,18 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         )
     )
     return spawn(handoff.argv, handoff.env)
+
+
+def _warn_if_keeper_differs(keeper: KeeperClient, options: RunOptions) -> None:
+    """--keepalive is the keeper's setting: say so when a running keeper has another one."""
+    if options.keepalive is None:
+        return
+    running = keeper.status()["keeper"]["keepalive"]
+    if running != options.keepalive:
+        notice(
+            f"the keeper for {keeper.directory} already runs with keepalive {running or 'off'}; "
+            "--keepalive applies when a run starts the keeper ('fdkeeper stop' first to change it)"
+        )
 
 
 def _refuse_unsupported_transport(invocation: SippInvocation) -> None:

@@ -156,6 +156,18 @@ def test_sut_restart_gives_a_clear_error_and_reconnect_recovers(sipp_path, kamai
     assert answered.ok, answered.summary()
 
 
+def test_keepalive_pongs_never_reach_the_next_run(sipp_path, kamailio, keeper_dir, tmp_path, users):
+    register(sipp_path, kamailio, keeper_dir, tmp_path, users, options=("--keepalive", "1"))
+    wait_for(lambda: kept(keeper_dir)[0]["pongs"] >= 2)  # Kamailio answered our CRLFCRLF pings
+    assert kept(keeper_dir)[0]["queued_bytes"] == 0
+    answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
+    caller = call(kamailio, sipp_path, tmp_path)
+    answered = answer.wait(30)
+    # A stray CRLF would have been glued onto the INVITE and the call lost.
+    assert caller.ok, caller.summary()
+    assert answered.ok, answered.summary()
+
+
 def test_the_kept_connection_leaves_from_the_address_and_port_sipp_binds(sipp_path, kamailio, keeper_dir, tmp_path, users):
     port = sut.free_port()
     register(sipp_path, kamailio, keeper_dir, tmp_path, users, local_port=port)
