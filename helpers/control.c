@@ -23,6 +23,13 @@ static void proto_error(struct ctl_result *res, const char *fmt, const char *arg
 
 /* Receive one packet; its SCM_RIGHTS descriptors are appended to *fds.
  * Returns the length, 0 on EOF, -1 on error (errno). */
+/* A failed send/recv on the control socket: the keeper was too slow (timeout) or went away. */
+static void socket_failure(struct ctl_result *res)
+{
+    res->status = (errno == EAGAIN || errno == EWOULDBLOCK) ? CTL_TIMEOUT : CTL_UNREACHABLE;
+    res->sys_errno = errno;
+}
+
 static ssize_t recv_packet(int s, char *buf, int **fds, int *nfds, int *truncated)
 {
     union {
@@ -168,8 +175,7 @@ void ctl_lease(const char *path, const char *request, struct ctl_result *res)
     /* First packet: OK count=N or ERR. */
     n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
     if (n < 0) {
-        res->status = (errno == EAGAIN || errno == EWOULDBLOCK) ? CTL_TIMEOUT : CTL_UNREACHABLE;
-        res->sys_errno = errno;
+        socket_failure(res);
         goto out;
     }
     if (n == 0) {
@@ -198,8 +204,7 @@ void ctl_lease(const char *path, const char *request, struct ctl_result *res)
 
         n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
         if (n < 0) {
-            res->status = (errno == EAGAIN || errno == EWOULDBLOCK) ? CTL_TIMEOUT : CTL_UNREACHABLE;
-            res->sys_errno = errno;
+            socket_failure(res);
             goto out;
         }
         if (n == 0) {

@@ -577,33 +577,33 @@ SHIM_EXPORT int dup3(int old, int new, int flags)
 
 /* fcntl is variadic; like cwrap, pass the one argument on as a pointer-sized
  * value (int and pointer arguments both travel in a register on the ABIs
- * glibc supports). */
+ * glibc supports). fcntl and fcntl64 differ only in the real symbol called. */
+static int fcntl_tracked(int (*real)(int, int, ...), int fd, int cmd, void *arg)
+{
+    int r = real(fd, cmd, arg);
+    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && SHIM_ACTIVE())
+        after_dup(fd, r);
+    return r;
+}
+
 SHIM_EXPORT int fcntl(int fd, int cmd, ...)
 {
     va_list ap;
     void *arg;
-    int r;
 
     va_start(ap, cmd);
     arg = va_arg(ap, void *);
     va_end(ap);
-    r = REAL(fcntl)(fd, cmd, arg);
-    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && SHIM_ACTIVE())
-        after_dup(fd, r);
-    return r;
+    return fcntl_tracked(REAL(fcntl), fd, cmd, arg);
 }
 
 SHIM_EXPORT int fcntl64(int fd, int cmd, ...)
 {
     va_list ap;
     void *arg;
-    int r;
 
     va_start(ap, cmd);
     arg = va_arg(ap, void *);
     va_end(ap);
-    r = REAL(fcntl64)(fd, cmd, arg);
-    if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && SHIM_ACTIVE())
-        after_dup(fd, r);
-    return r;
+    return fcntl_tracked(REAL(fcntl64), fd, cmd, arg);
 }
