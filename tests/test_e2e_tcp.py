@@ -253,6 +253,19 @@ def test_sipp_exit_status_is_passed_through(sipp_path, kamailio, keeper_dir, tmp
     assert "fdkeeper:" not in result.text("stderr")
 
 
+def test_sigterm_to_fdkeeper_sipp_reaches_sipp_and_spares_the_keeper(sipp_path, kamailio, keeper_dir, tmp_path, users):
+    register(sipp_path, kamailio, keeper_dir, tmp_path, users)
+    answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
+    wait_for(lambda: kept(keeper_dir)[0]["state"] == "leased")
+    sipp_pid = kept(keeper_dir)[0]["holder_pid"]
+    os.kill(answer.pid, signal.SIGTERM)  # fdkeeper sipp alone; it passes the signal on
+    result = answer.wait(10)
+    assert result.returncode is not None  # sipp ended on the signal; its status is its own
+    wait_for(lambda: not Path(f"/proc/{sipp_pid}").exists())
+    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    assert len(kamailio.tcp_connections()) == 1
+
+
 def test_status_and_stop_from_the_command_line(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     table = fdkeeper_cli("status", "--dir", str(keeper_dir))
