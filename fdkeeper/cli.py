@@ -17,12 +17,32 @@ from fdkeeper.modes import MODE_NAMES
 from fdkeeper.report import format_status
 from fdkeeper.runner import RunOptions, run_sipp
 from fdkeeper.statedir import resolve_directory
+from fdkeeper.tls import TlsOptions
 
 DIR_HELP = "State directory of the keeper (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper, else /tmp/fdkeeper-UID)."
 
 
 def dir_option(command):
     return click.option("--dir", "directory", metavar="DIR", envvar="FDKEEPER_DIR", help=DIR_HELP)(command)
+
+
+def tls_options(command):
+    """The TLS options shared by `fdkeeper sipp` and `fdkeeper keeper`."""
+    options = [
+        click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: verify the SuT's certificate against these CAs (PEM; default: the system's trust store)."),
+        click.option("--tls-insecure", is_flag=True, help="-t l1: do not verify the SuT's certificate (says so on stderr)."),
+        click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: client certificate (PEM) for SuTs that require one."),
+        click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: the client certificate's private key (default: in --tls-cert)."),
+        click.option("--tls-sni", metavar="NAME", help="-t l1: server name to send and verify (default: the remote host if it is a name)."),
+        click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), help="-t l1: lowest TLS version to accept (default 1.2)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version) -> TlsOptions:
+    return TlsOptions(ca=tls_ca, insecure=tls_insecure, cert=tls_cert, key=tls_key, sni=tls_sni, min_version=tls_min_version)
 
 
 def reports_errors(command):
@@ -68,9 +88,10 @@ def main() -> None:
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper: send RFC 5626 CRLF pings on idle connections this often.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper: how long a connect to the SuT may take (default 5).")
 @click.option("--debug", is_flag=True, help="The shim says on stderr what it hands over.")
+@tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
 @reports_errors
-def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, sipp_args) -> None:
+def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, sipp_args, **tls) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
     fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
@@ -78,6 +99,10 @@ def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect
     opening it on first use; a server scenario (starting with <recv>) is handed the kept
     connections (those to the remote host, if one is given) as if it had accepted them.
     The exit status is sipp's. UDP runs pass straight through.
+
+    With -t l1 the keeper speaks TLS to the SuT and sipp (any build, Debian's included)
+    speaks plain SIP to the keeper; the scenario's [transport] says TLS, so the SuT sees
+    what a TLS-enabled sipp would send, on one TLS session for the whole test.
     """
     options = RunOptions(
         sipp=sipp_path,
@@ -88,6 +113,7 @@ def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect
         keepalive=keepalive,
         connect_timeout=connect_timeout,
         debug=debug,
+        tls=make_tls_options(**tls),
     )
     sys.exit(run_sipp(list(sipp_args), options))
 
@@ -97,8 +123,9 @@ def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="Send RFC 5626 CRLF pings on idle connections this often (off by default).")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS", help="How long a connect to the SuT may take.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@tls_options
 @reports_errors
-def keeper_command(directory, keepalive, connect_timeout, log_level) -> None:
+def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> None:
     """Run the keeper in the foreground (for service managers and CI).
 
     'fdkeeper sipp' starts one by itself when none answers; run it yourself to choose its
@@ -108,7 +135,12 @@ def keeper_command(directory, keepalive, connect_timeout, log_level) -> None:
     from fdkeeper.keeper import Keeper
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s fdkeeper[%(process)d] %(message)s")
-    keeper = Keeper(resolve_directory(directory), keepalive=keepalive, connect_timeout=connect_timeout)
+    keeper = Keeper(
+        resolve_directory(directory),
+        keepalive=keepalive,
+        connect_timeout=connect_timeout,
+        tls_defaults=make_tls_options(**tls),
+    )
     keeper.install_signal_handlers()
     keeper.serve_forever()
 

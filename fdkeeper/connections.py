@@ -14,9 +14,13 @@ import socket
 import termios
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import Address, format_address
+
+if TYPE_CHECKING:
+    from fdkeeper.tls import TlsLink
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
 PING = b"\r\n\r\n"
@@ -25,6 +29,12 @@ PONG = b"\r\n"
 
 @dataclass
 class KeptConnection:
+    """A connection to the SuT the keeper holds.
+
+    ``sock`` is the descriptor runs are leased: the TCP socket itself, or for TLS the sipp
+    end of the socketpair that ``link`` pumps to and from the TLS connection.
+    """
+
     id: int
     sock: socket.socket | None
     transport: str
@@ -39,6 +49,7 @@ class KeptConnection:
     ping_sent_at: float | None = None
     pongs: int = 0
     replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
+    link: TlsLink | None = None
 
     @property
     def state(self) -> str:
@@ -60,6 +71,8 @@ class KeptConnection:
         return int.from_bytes(buffer, "little", signed=True)
 
     def mark_closed(self, reason: str) -> None:
+        if self.link is not None:
+            self.link.close()
         if self.sock is not None:
             self.sock.close()
         self.sock = None
@@ -104,6 +117,12 @@ class KeptConnection:
 
     def as_dict(self) -> dict:
         now = time.time()
+        tls = self.link and {
+            **self.link.info,
+            "messages_to_sut": self.link.messages_to_sut,
+            "messages_to_sipp": self.link.messages_to_sipp,
+            "dropped_bytes": self.link.dropped_bytes,
+        }
         return {
             "id": self.id,
             "transport": self.transport,
@@ -115,7 +134,8 @@ class KeptConnection:
             "leases": self.leases,
             "queued_bytes": self.queued_bytes() if self.sock is not None else 0,
             "closed_reason": self.closed_reason,
-            "pongs": self.pongs,
+            "pongs": self.link.from_sut.keepalives if self.link else self.pongs,
+            "tls": tls or None,
         }
 
 

@@ -41,6 +41,7 @@ from fdkeeper.protocol import (
     send_packet,
 )
 from fdkeeper.statedir import LOCK_NAME, ensure_private_directory, socket_path
+from fdkeeper.tls import TlsLink, TlsOptions, handshake
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -77,10 +78,12 @@ class Keeper:
         *,
         keepalive: float | None = None,
         connect_timeout: float = 5.0,
+        tls_defaults: TlsOptions | None = None,
     ) -> None:
         self.directory = ensure_private_directory(directory)
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
+        self.tls_defaults = tls_defaults or TlsOptions()
         self.connections: dict[int, KeptConnection] = {}
         self.holders: dict[int, Holder] = {}
         self.waiters: list[Waiter] = []
@@ -156,8 +159,7 @@ class Keeper:
         """Close every kept connection, forget every lease, remove the control socket."""
         for connection in self.connections.values():
             if connection.sock is not None:
-                self._unwatch(connection.fileno())
-                connection.mark_closed("keeper stopped")
+                self._close_connection(connection, "keeper stopped")
         for holder in self.holders.values():
             os.close(holder.pidfd)
         self.holders.clear()
@@ -298,6 +300,7 @@ class Keeper:
                 "directory": str(self.directory),
                 "uptime": round(time.time() - self.started_at, 3),
                 "keepalive": self.keepalive,
+                "tls_defaults": {k: v for k, v in self.tls_defaults.as_fields().items() if v is not None},
             },
             "connections": [c.as_dict() for c in self.connections.values()],
         }
@@ -310,7 +313,9 @@ class Keeper:
         for start in range(0, len(connections), MAX_FDS_PER_PACKET):
             batch = connections[start : start + MAX_FDS_PER_PACKET]
             ids = ",".join(str(c.id) for c in batch)
-            send_packet(client, format_message("FDS", ids=ids), [c.fileno() for c in batch])
+            peers = ",".join(format_address(c.remote) for c in batch)
+            locals_ = ",".join(format_address(c.local) for c in batch)
+            send_packet(client, format_message("FDS", ids=ids, peers=peers, locals=locals_), [c.fileno() for c in batch])
         log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
 
     def _prepare(self, client: socket.socket, pid: int, request: Request) -> None:
@@ -373,13 +378,13 @@ class Keeper:
                 raise FdkeeperError(_closed_text(connection), "closed")
             log.info("replacing closed %s (--reconnect)", connection.label())
             del self.connections[connection.id]
-            fresh = self._open(remote, request.get("local"), transport)
+            fresh = self._open(request)
             fresh.replaces = connection.id
             return fresh
         if connection is not None:
             self._refuse_if_held_by_other(connection, pid)
             return connection
-        return self._open(remote, request.get("local"), transport)
+        return self._open(request)
 
     def _server_connections(self, request: Request, pid: int | None) -> list[KeptConnection]:
         remote: Address | None = request.get("remote")
@@ -424,16 +429,32 @@ class Keeper:
             "busy",
         )
 
-    def _open(self, remote: Address, local: Address | None, transport: str) -> KeptConnection:
-        sock = open_tcp(remote, local, self.connect_timeout)
+    def _open(self, request: Request) -> KeptConnection:
+        remote, transport = request.get("remote"), request.get("transport")
+        sock = open_tcp(remote, request.get("local"), self.connect_timeout)
+        link = None
+        if transport == "tls":
+            options = TlsOptions.from_fields(request.fields, self.tls_defaults)
+            tls, early = handshake(sock, remote, options, self.connect_timeout)
+            link = TlsLink(tls, options, early)
+            sock = tls
         connection = KeptConnection(
-            id=self._next_id, sock=sock, transport=transport, remote=remote, local=sock.getsockname()[:2]
+            id=self._next_id,
+            sock=link.sipp_end if link else sock,
+            transport=transport,
+            remote=remote,
+            local=sock.getsockname()[:2],
+            link=link,
         )
         self._next_id += 1
         self.connections[connection.id] = connection
-        # Only the SuT's FIN/RST is watched, never EPOLLIN: queued requests wait for the next run.
-        self._watch(connection.fileno(), select.EPOLLRDHUP, lambda mask, c=connection: self._on_connection_event(c, mask))
-        log.info("opened %s", connection.label())
+        if link:
+            self._watch(link.tls.fileno(), link.wants_tls(), lambda mask, c=connection: self._on_tls_event(c, mask))
+            self._watch(link.keeper_end.fileno(), link.wants_pair(), lambda mask, c=connection: self._on_pair_event(c, mask))
+        else:
+            # Only the SuT's FIN/RST is watched, never EPOLLIN: queued requests wait for the next run.
+            self._watch(connection.fileno(), select.EPOLLRDHUP, lambda mask, c=connection: self._on_connection_event(c, mask))
+        log.info("opened %s%s", connection.label(), f" ({link.info['version']})" if link else "")
         return connection
 
     # ---------------------------------------------------------------- leases
@@ -480,6 +501,9 @@ class Keeper:
             if connection is not None and connection.holder_pid == pid:
                 connection.holder_pid = None
                 connection.last_activity = now
+                if connection.link:
+                    connection.link.end_of_lease()
+                    self._after_link_event(connection)
         log.info("lease of pid %d ended", pid)
         self._retry_waiters()
 
@@ -493,9 +517,29 @@ class Keeper:
         elif mask & select.EPOLLIN and connection.ping_sent_at is not None:
             self._collect_pong(connection)
 
+    def _on_tls_event(self, connection: KeptConnection, mask: int) -> None:
+        connection.link.on_tls_event(mask)
+        self._after_link_event(connection)
+
+    def _on_pair_event(self, connection: KeptConnection, mask: int) -> None:
+        connection.link.on_pair_event(mask)
+        self._after_link_event(connection)
+
+    def _after_link_event(self, connection: KeptConnection) -> None:
+        link = connection.link
+        if link.closed_reason:
+            self._close_connection(connection, link.closed_reason)
+            return
+        self._rewatch(link.tls.fileno(), link.wants_tls())
+        self._rewatch(link.keeper_end.fileno(), link.wants_pair())
+
     def _close_connection(self, connection: KeptConnection, reason: str) -> None:
         log.info("%s: %s", connection.label(), reason)
-        self._unwatch(connection.fileno())
+        if connection.link:
+            self._unwatch(connection.link.tls.fileno())
+            self._unwatch(connection.link.keeper_end.fileno())
+        else:
+            self._unwatch(connection.fileno())
         connection.mark_closed(reason)
 
     def _keep_alive(self) -> None:
@@ -503,12 +547,25 @@ class Keeper:
         for connection in list(self.connections.values()):
             if connection.state != IDLE:
                 continue
+            if connection.link:
+                self._keep_link_alive(connection, now)
+                continue
             if connection.ping_sent_at is not None:
                 if now - connection.ping_sent_at > PONG_TIMEOUT:
                     self._close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
             elif now - connection.last_activity >= self.keepalive and connection.send_ping():
                 # Watch for the pong now; queued data was checked to be empty before the ping.
                 self._rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
+
+    def _keep_link_alive(self, connection: KeptConnection, now: float) -> None:
+        """TLS: pongs are taken out of the stream by the framer, so only timing is left here."""
+        link = connection.link
+        if link.ping_sent_at is not None:
+            if now - link.ping_sent_at > PONG_TIMEOUT:
+                self._close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
+        elif now - max(link.last_activity, connection.last_activity) >= self.keepalive and link.idle():
+            link.send_ping()
+            self._after_link_event(connection)
 
     def _collect_pong(self, connection: KeptConnection) -> None:
         connection.take_pong()

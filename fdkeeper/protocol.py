@@ -11,6 +11,7 @@ import array
 import ipaddress
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 4096
@@ -64,9 +65,25 @@ def _role(value: str) -> str:
     return value
 
 
+TRANSPORTS = ("tcp", "tls")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
 def _transport(value: str) -> str:
-    if value != "tcp":
-        raise ValueError("transport must be tcp")
+    if value not in TRANSPORTS:
+        raise ValueError("transport must be tcp or tls")
+    return value
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise ValueError("empty value")
+    return value
+
+
+def _tls_version(value: str) -> str:
+    if value not in TLS_VERSIONS:
+        raise ValueError("TLS version must be 1.2 or 1.3")
     return value
 
 
@@ -87,12 +104,22 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+# TLS options travel with the requests that may open a connection.
+TLS_KEYS = {
+    "tls_ca": _text,
+    "tls_insecure": _flag,
+    "tls_cert": _text,
+    "tls_key": _text,
+    "tls_sni": _text,
+    "tls_min": _tls_version,
+}
 _LEASE_KEYS = {
     "role": _role,
     "transport": _transport,
     "remote": _optional_address,
     "local": _optional_address,
     "reconnect": _flag,
+    **TLS_KEYS,
 }
 VERBS: dict[str, dict] = {
     "PING": {},
@@ -134,8 +161,8 @@ def parse_request(data: bytes) -> Request:
         if not sep or key not in schema or key in fields:
             raise ProtocolError("badrequest", f"fdkeeper: bad token {token[:64]!r} in {verb}")
         try:
-            fields[key] = schema[key](value)
-        except ValueError as error:
+            fields[key] = schema[key](unquote(value, errors="strict"))
+        except (ValueError, UnicodeDecodeError) as error:
             raise ProtocolError("badrequest", f"fdkeeper: bad {key}= in {verb}: {error}") from None
     missing = [key for key in REQUIRED.get(verb, ()) if key not in fields]
     if missing:
@@ -153,9 +180,9 @@ def format_message(verb: str, **fields: object) -> bytes:
             value = int(value)
         elif isinstance(value, tuple):
             value = format_address(value)
-        text = str(value)
-        if " " in text or not text:
-            raise ValueError(f"field {key} has no value or contains a space: {text!r}")
+        text = quote(str(value), safe="/:[],.-_~@+")  # paths may hold spaces or %
+        if not text:
+            raise ValueError(f"field {key} has no value")
         tokens.append(f"{key}={text}")
     message = " ".join(tokens).encode("ascii")
     if len(message) > MAX_MESSAGE:
@@ -183,7 +210,7 @@ def parse_reply(data: bytes) -> Reply:
     if verb == "ERR":
         code, _, message = rest.partition(" ")
         return Reply(False, {}, code, message)
-    fields = dict(token.partition("=")[::2] for token in rest.split(" ") if token)
+    fields = {key: unquote(value) for key, _, value in (t.partition("=") for t in rest.split(" ") if t)}
     return Reply(verb == "OK", fields, text=rest)
 
 

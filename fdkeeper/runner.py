@@ -20,8 +20,9 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, choose_mode
 from fdkeeper.protocol import format_address
-from fdkeeper.sippargs import SippInvocation, parse_sipp_args
+from fdkeeper.sippargs import SippInvocation, parse_sipp_args, remote_is_name, tls_arguments
 from fdkeeper.statedir import resolve_directory, socket_path
+from fdkeeper.tls import TlsOptions
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -36,6 +37,7 @@ class RunOptions:
     keepalive: float | None = None
     connect_timeout: float | None = None
     debug: bool = False
+    tls: TlsOptions = TlsOptions()
 
 
 def find_sipp(option: str | None) -> Path:
@@ -73,28 +75,58 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         )
     mode = choose_mode(options.mode, sipp)
     directory = resolve_directory(options.directory)
+    transport = invocation.transport
+    tls = _tls_options(options.tls, invocation) if transport == "tls" else None
     keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
     _warn_if_keeper_differs(keeper, options)
     reply = keeper.prepare(
         role=invocation.role,
-        transport="tcp",
+        transport=transport,
         remote=remote,
         local=(invocation.local_bind() or "-") if invocation.role == "client" else None,
         reconnect=options.reconnect,
         wait=options.wait or None,
+        **(tls.as_fields() if tls and invocation.role == "client" else {}),
     )
-    _report_prepared(reply.fields, remote)
+    _report_prepared(reply.fields, remote, transport)
+    args, scenario_copy = tls_arguments(invocation, sipp, directory) if tls else (None, None)
     handoff = mode.prepare(
         HandoffRequest(
             sipp=sipp,
             invocation=invocation,
             control_socket=socket_path(directory),
             remote=remote,
+            transport=transport,
+            args=args,
             reconnect=options.reconnect,
             debug=options.debug,
         )
     )
-    return spawn(handoff.argv, handoff.env)
+    try:
+        return spawn(handoff.argv, handoff.env)
+    finally:
+        if scenario_copy is not None:
+            scenario_copy.unlink(missing_ok=True)
+
+
+def _tls_options(given: TlsOptions, invocation: SippInvocation) -> TlsOptions:
+    """Check the TLS options before anything starts; default the SNI to a remote host name."""
+    for option, path in (("--tls-ca", given.ca), ("--tls-cert", given.cert), ("--tls-key", given.key)):
+        if path and not Path(path).is_file():
+            raise FdkeeperError(f"fdkeeper: {option} file {path} not found")
+    if given.key and not given.cert:
+        raise FdkeeperError("fdkeeper: --tls-key needs --tls-cert (the client certificate it belongs to)")
+    if given.insecure:
+        notice("warning: --tls-insecure: the SuT's certificate is not verified; anyone on the path can pose as it")
+    absolute = {name: str(Path(path).absolute()) if path else None for name, path in (("ca", given.ca), ("cert", given.cert), ("key", given.key))}
+    return TlsOptions(
+        ca=absolute["ca"],
+        insecure=given.insecure,
+        cert=absolute["cert"],
+        key=absolute["key"],
+        sni=given.sni or remote_is_name(invocation),
+        min_version=given.min_version,
+    )
 
 
 def _warn_if_keeper_differs(keeper: KeeperClient, options: RunOptions) -> None:
@@ -111,15 +143,13 @@ def _warn_if_keeper_differs(keeper: KeeperClient, options: RunOptions) -> None:
 
 def _refuse_unsupported_transport(invocation: SippInvocation) -> None:
     option = invocation.transport_option
-    if invocation.transport == "tls":
+    if invocation.transport not in ("tcp", "tls"):
         raise FdkeeperError(
-            f"fdkeeper: -t {option} (TLS through the keeper) is not available in this version; use -t t1"
+            f"fdkeeper: transport -t {option} is not kept by fdkeeper; use -t t1 or -t l1 (or -t u1 for UDP)"
         )
-    if invocation.transport != "tcp":
-        raise FdkeeperError(f"fdkeeper: transport -t {option} is not kept by fdkeeper; use -t t1 (or -t u1 for UDP)")
     if invocation.per_call_sockets:
         raise FdkeeperError(
-            f"fdkeeper: -t {option} (one connection per call) is not available in this version; use -t t1"
+            f"fdkeeper: -t {option} (one connection per call) is not available in this version; use -t {option[0]}1"
         )
 
 
@@ -127,10 +157,10 @@ def _scenario_label(invocation: SippInvocation) -> str:
     return str(invocation.scenario_file) if invocation.scenario_file else f"-sn {invocation.scenario_name}"
 
 
-def _report_prepared(fields: dict[str, str], remote: tuple[str, int] | None) -> None:
+def _report_prepared(fields: dict[str, str], remote: tuple[str, int] | None, transport: str) -> None:
     if fields.get("replaced"):
         notice(
-            f"the kept connection to {format_address(remote)}/tcp was closed; opened a fresh one "
+            f"the kept connection to {format_address(remote)}/{transport} was closed; opened a fresh one "
             "(--reconnect): registrations made over the old one must be redone"
         )
     if fields.get("closed") and fields.get("ids"):

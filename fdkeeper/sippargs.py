@@ -8,7 +8,10 @@ below follows sipp's own option table (src/sipp.cpp, options_table).
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+import subprocess
+import tempfile
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +68,9 @@ class SippInvocation:
     scenario_name: str | None = "uac"
     info_only: bool = False
     options: dict[str, list[str]] = field(default_factory=dict)
+    # Where the last -t and -sf/-sn stand in args, so a TLS run can swap them (tls_arguments).
+    transport_index: int | None = None
+    scenario_index: int | None = None
 
     @property
     def transport(self) -> str:
@@ -116,6 +122,10 @@ def parse_sipp_args(args: list[str]) -> SippInvocation:
             raise FdkeeperError(f"fdkeeper: sipp option {word} needs a value; see 'sipp -h'")
         invocation.options.setdefault(name, []).extend(values)
         _apply_option(invocation, name, values)
+        if name == "t":
+            invocation.transport_index = index
+        elif name in ("sf", "sn"):
+            invocation.scenario_index = index
         index += 1 + arity
     return invocation
 
@@ -133,6 +143,49 @@ def _apply_option(invocation: SippInvocation, name: str, values: list[str]) -> N
         invocation.scenario_file, invocation.scenario_name = Path(values[0]), None
     elif name == "sn":
         invocation.scenario_file, invocation.scenario_name = None, values[0]
+
+
+def remote_is_name(invocation: SippInvocation) -> str | None:
+    """The remote host if it is a DNS name (the TLS server name to send), None for an address."""
+    if invocation.remote_host is None:
+        return None
+    host, _ = split_host_port(invocation.remote_host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], Path]:
+    """sipp arguments for a TLS run with a sipp that only speaks TCP to the keeper.
+
+    -t l1 becomes -t t1, and the scenario is copied with [transport] written out as TLS,
+    so every Via and transport= parameter the scenario builds from [transport] says TLS,
+    as a TLS-enabled sipp would have sent. Returns the arguments and the copy (to delete).
+    """
+    args = list(invocation.args)
+    args[invocation.transport_index + 1] = "t1"
+    if invocation.scenario_file is not None:
+        text = invocation.scenario_file.read_text(encoding="iso-8859-1")
+        stem = invocation.scenario_file.stem
+    else:
+        text = _builtin_scenario(sipp, invocation.scenario_name or "uac")
+        stem = invocation.scenario_name or "uac"
+    copy = Path(tempfile.mkstemp(prefix=f"{stem}.", suffix=".tls.xml", dir=directory)[1])
+    copy.write_text(text.replace("[transport]", "TLS"), encoding="iso-8859-1")
+    if invocation.scenario_index is None:
+        args[:0] = ["-sf", str(copy)]
+    else:
+        args[invocation.scenario_index : invocation.scenario_index + 2] = ["-sf", str(copy)]
+    return args, copy
+
+
+def _builtin_scenario(sipp: Path, name: str) -> str:
+    dumped = subprocess.run([str(sipp), "-sd", name], capture_output=True, text=True, encoding="iso-8859-1")
+    if "<scenario" not in dumped.stdout:  # sipp -sd exits 99 even when it dumped one
+        raise FdkeeperError(f"fdkeeper: sipp has no embedded scenario {name!r}; check -sn")
+    return dumped.stdout[dumped.stdout.index("<?xml") if "<?xml" in dumped.stdout else 0 :]
 
 
 def _port(text: str, option: str) -> int:

@@ -13,8 +13,15 @@ sends calls to the connection's source ip:port (`fix_nated_register`), and it
 never opens a connection towards a user (`set_forward_no_connect`), so a lost
 connection makes a call fail loudly instead of being silently re-created.
 
+With `tls=TlsOptions(...)` (certificates from fdkeeper.testpki) the SuT also
+listens for TLS on a second port, routing TLS users exactly like TCP ones.
+`close_connections()` makes Kamailio itself close TCP/TLS connections (TLS
+with close_notify). `KamailioConverter` is a second, stateless Kamailio that
+turns sipp's UDP into TCP or TLS towards the SuT (Debian's sipp has no TLS).
+
 This module also holds the helpers tests use to run sipp without a terminal
-(`run_sipp`, `start_sipp`) and `place_calls`, a third-party caller over UDP.
+(`run_sipp`, `start_sipp`), `place_calls`, a third-party caller over UDP, and
+`options_request`/`read_sip_message` for hand-made SIP over TCP or TLS.
 """
 
 from __future__ import annotations
@@ -159,6 +166,7 @@ children={children}
 tcp_children={children}
 listen=udp:{host}:{port}
 listen=tcp:{host}:{port}
+{tls_globals}
 # Requests to sip:user@DOMAIN are ours ("uri==myself").
 alias="{domain}"
 # No DNS at all: a test box may have none, and a lookup stall looks like a bug.
@@ -199,7 +207,7 @@ loadmodule "siputils.so"
 loadmodule "xlog.so"
 loadmodule "nathelper.so"
 loadmodule "tcpops.so"
-
+{tls_modules}
 # kamcmd talks to this socket; it lives in the work dir so instances never
 # share one (the default /run/kamailio/kamailio_ctl would collide).
 modparam("ctl", "binrpc", "unix:{ctl_path}")
@@ -236,7 +244,7 @@ request_route {{
         exit;
     }}
     force_rport();
-
+{control_route}
     # OPTIONS to the server itself: readiness probe and benchmarks.
     if (is_method("OPTIONS") && uri==myself && $rU==$null) {{
         sl_send_reply("200", "OK");
@@ -363,6 +371,217 @@ failure_route[MANAGE_FAILURE] {{
 
 
 # --------------------------------------------------------------------------
+# TLS, the test-control route, and the converter's config
+# --------------------------------------------------------------------------
+
+# The user part of the control request close_connections() sends over UDP
+# from loopback: `OPTIONS sip:fdkeeper-close-connection@IP:PORT` with the
+# connection id in a header. Only answered from one of our own addresses.
+CLOSE_CONNECTION_USER = "fdkeeper-close-connection"
+_CLOSE_CONNECTION_HEADER = "X-Fdkeeper-Conid"
+
+# Plain Kamailio text (inserted as a value, not formatted again).
+_CONTROL_ROUTE = """
+    # Test control (close_connections()): close one TCP/TLS connection by
+    # id. tcpops asks tcp_main to close it (CONN_EOF); for TLS with
+    # send_close_notify=1 a close_notify alert precedes the FIN. Kamailio
+    # 5.6 has no RPC for this, hence a request; loopback UDP only.
+    if (is_method("OPTIONS") && $rU=="@USER@" && proto==UDP && src_ip==myself) {
+        $var(conid) = $(hdr(@HEADER@){s.int});
+        if (tcp_close_connection("$var(conid)")) {
+            xlog("L_INFO", "@TAG@ closing connection $var(conid) on request\\n");
+            sl_send_reply("200", "Closing");
+        } else {
+            sl_send_reply("404", "No Such Connection");
+        }
+        exit;
+    }
+""".replace("@USER@", CLOSE_CONNECTION_USER).replace(
+    "@HEADER@", _CLOSE_CONNECTION_HEADER).replace("@TAG@", LOG_TAG)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for a Kamailio instance (SuT or converter): its own tls.cfg.
+
+    cert/key: this instance's certificate (PEM), presented as TLS server and,
+    unless client_cert/client_key are given, as TLS client too.
+    ca: the `ca_list` (PEM) that peers' certificates are verified against.
+    require_client_cert: server side asks for a client certificate and
+    refuses the handshake without a valid one (verify_certificate +
+    require_certificate = yes; needs `ca`). verify_client_cert: verify a
+    client certificate when one is sent, without requiring one (defaults to
+    require_client_cert).
+    verify_server_cert: client side ([client:default], the converter towards
+    the SuT) verifies the server's chain against `ca`. Kamailio 5.6 checks
+    the chain only, not the name.
+    send_close_notify: tls modparam send_close_notify: a TLS connection that
+    Kamailio closes gets a close_notify alert before the FIN (default off in
+    Kamailio; on here so close_connections() closes cleanly).
+    method: the `method` of both sections ("TLSv1.2+": 1.2 or 1.3).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+    verify_client_cert: bool | None = None
+    verify_server_cert: bool = False
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    send_close_notify: bool = True
+    method: str = "TLSv1.2+"
+
+    @classmethod
+    def server(cls, pki, *, require_client_cert: bool = False, **options) -> "TlsOptions":
+        """The SuT's side of a fdkeeper.testpki.TestPki."""
+        return cls(cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert,
+                   require_client_cert=require_client_cert, **options)
+
+    @classmethod
+    def client(cls, pki, *, verify_server_cert: bool = True, **options) -> "TlsOptions":
+        """A client of the SuT (the converter) with the TestPki's client cert."""
+        return cls(cert=pki.client_cert, key=pki.client_key, ca=pki.ca_cert,
+                   verify_server_cert=verify_server_cert, **options)
+
+    def __post_init__(self) -> None:
+        wants_ca = (self.require_client_cert or self.verify_client_cert
+                    or self.verify_server_cert)
+        if wants_ca and self.ca is None:
+            raise ValueError("TlsOptions: verifying peers needs ca=")
+
+    def config_text(self) -> str:
+        """The tls.cfg (Kamailio's own INI-like format)."""
+        def yes(flag: bool | None) -> str:
+            return "yes" if flag else "no"
+
+        verify_client = (self.require_client_cert if self.verify_client_cert is None
+                         else self.verify_client_cert)
+        ca_line = f"ca_list = {Path(self.ca).resolve()}\n" if self.ca else ""
+        return (
+            "# Written by fdkeeper.sut - test TLS on loopback.\n"
+            "[server:default]\n"
+            f"method = {self.method}\n"
+            f"verify_certificate = {yes(verify_client)}\n"
+            f"require_certificate = {yes(self.require_client_cert)}\n"
+            f"certificate = {Path(self.cert).resolve()}\n"
+            f"private_key = {Path(self.key).resolve()}\n"
+            f"{ca_line}"
+            "\n[client:default]\n"
+            f"method = {self.method}\n"
+            f"verify_certificate = {yes(self.verify_server_cert)}\n"
+            "require_certificate = no\n"
+            f"certificate = {Path(self.client_cert or self.cert).resolve()}\n"
+            f"private_key = {Path(self.client_key or self.key).resolve()}\n"
+            f"{ca_line}")
+
+
+def _tls_globals(host: str, tls_port: int) -> str:
+    return f"enable_tls=yes\nlisten=tls:{host}:{tls_port}"
+
+
+def _tls_modules(tls: TlsOptions, tls_cfg: Path, lifetime: int) -> str:
+    # tls_log=2 (L_INFO): the module's "tls_accept: new connection from ..."
+    # and "tls_connect: ..." lines show in the log at debug=2.
+    return (
+        'loadmodule "tls.so"\n'
+        f'modparam("tls", "config", "{tls_cfg}")\n'
+        f'modparam("tls", "send_close_notify", {int(tls.send_close_notify)})\n'
+        'modparam("tls", "tls_log", 2)\n'
+        # The tls module has its own idle timeout (default 600 s), which
+        # overrides tcp_connection_lifetime for TLS connections.
+        f'modparam("tls", "connection_timeout", {lifetime})\n')
+
+
+# The stateless UDP -> TCP/TLS converter (KamailioConverter). Same {name}
+# and doubled-brace rules as _KAMAILIO_CFG.
+_CONVERTER_CFG = """\
+#!KAMAILIO
+# Written by fdkeeper.sut.KamailioConverter - a stateless UDP <-> {transport_upper}
+# converter on loopback. Regenerated on every start.
+
+debug=2
+log_stderror=yes
+fork=yes
+children={children}
+tcp_children={children}
+listen=udp:{host}:{port}
+listen=tcp:{host}:{port}
+{tls_globals}
+auto_aliases=no
+dns=no
+rev_dns=no
+dns_try_ipv6=no
+use_dns_cache=off
+server_header="Server: fdkeeper-converter"
+user_agent_header="User-Agent: fdkeeper-converter"
+# Outgoing TCP/TLS connections are bound to the listen socket's port
+# (SO_REUSEPORT; only for a forced send socket, see force_send_socket), so the connection's source ip:port is the address in our
+# Via and Record-Route: the SuT, which never dials out, finds the connection
+# for its requests towards us by that address.
+tcp_reuse_port=yes
+tcp_connection_lifetime={tcp_lifetime}
+tcp_max_connections={tcp_max_connections}
+open_files_limit={open_files_limit}
+tcp_connect_timeout=2
+tcp_send_timeout=5
+tcp_keepalive=no
+
+mpath="{mpath}"
+
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "ctl.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "tcpops.so"
+{tls_modules}
+modparam("ctl", "binrpc", "unix:{ctl_path}")
+# Two Record-Route entries when the transport changes (UDP <-> TCP/TLS).
+modparam("rr", "enable_double_rr", 1)
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+{control_route}
+    # OPTIONS to the converter itself (R-URI = our own ip:port): readiness.
+    if (is_method("OPTIONS") && uri==myself && $rU==$null) {{
+        sl_send_reply("200", "OK");
+        exit;
+    }}
+    if (has_totag()) {{
+        # Strip our own Route entries; the destination is fixed below.
+        loose_route();
+    }} else if (is_method("INVITE|SUBSCRIBE|REFER")) {{
+        record_route();
+    }}
+    if (proto==UDP) {{
+        # From sipp: to the SuT over {transport_upper}, from our listen socket
+        # (with tcp_reuse_port, a forced socket is what binds the source port).
+        $du = "{sut_uri}";
+        force_send_socket({send_socket});
+    }} else {{
+        # From the SuT: to sipp over UDP.
+        {to_sipp}
+    }}
+    # Stateless: no transaction, replies go back by Via.
+    if (!forward()) {{
+        xlog("L_NOTICE", "{tag} converter: forward of $rm to $du failed\\n");
+        sl_send_reply("503", "Converter Cannot Forward");
+    }}
+    exit;
+}}
+"""
+
+
+# --------------------------------------------------------------------------
 # kamcmd output
 # --------------------------------------------------------------------------
 
@@ -459,39 +678,34 @@ def parse_sip_target(uri: str) -> dict:
 # the SuT
 # --------------------------------------------------------------------------
 
-class Kamailio:
-    """A Kamailio registrar/proxy on loopback, owned by this Python process.
+class KamailioInstance:
+    """A Kamailio process on loopback owned by this Python process: the
+    lifecycle, logs, RPC and connection helpers that the SuT (`Kamailio`) and
+    the converter (`KamailioConverter`) share. Subclasses write the config.
 
-    >>> with Kamailio(tmp_path) as sut:
-    ...     sut.port, sut.location(), sut.tcp_connections()
-
-    Options beyond the basic ones: `children` (UDP and TCP workers each),
-    `tcp_lifetime` (s, idle TCP connections are kept this long),
-    `tcp_max_connections`, `ul_timer` (s between usrloc timer runs, which
-    drop contacts of lost connections), `handle_lost_tcp` (False: lookup()
-    keeps returning a dead contact and the relay fails with 480 instead of
-    the lookup failing with 404).
-    Files in `workdir`: kamailio.cfg, kamailio.log (appended across
-    restarts), kamailio.pid, run/ (runtime dir and ctl socket).
+    Files in `workdir`: kamailio.cfg, tls.cfg (with TLS), kamailio.log
+    (appended across restarts), kamailio.pid, run/ (runtime dir, ctl socket).
     """
 
     def __init__(self, workdir: Path, host: str = "127.0.0.1",
-                 port: int | None = None, domain: str = DEFAULT_DOMAIN, *,
-                 children: int = 2, tcp_lifetime: int = 3600,
-                 tcp_max_connections: int = 4096, ul_timer: int = 5,
-                 handle_lost_tcp: bool = True) -> None:
+                 port: int | None = None, *, children: int = 2,
+                 tcp_lifetime: int = 3600, tcp_max_connections: int = 4096,
+                 tls: TlsOptions | None = None, tls_port: int | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._port_is_ours = port is None
+        self.tls = tls
+        self.tls_port: int | None = None
+        if tls is not None:
+            self.tls_port = tls_port if tls_port is not None else self._other_free_port()
+        self._tls_port_is_ours = tls_port is None
         self._started_once = False
-        self.domain = domain
         self.children = children
         self.tcp_lifetime = tcp_lifetime
         self.tcp_max_connections = tcp_max_connections
-        self.ul_timer = ul_timer
-        self.handle_lost_tcp = handle_lost_tcp
         self.cfg_path = self.workdir / "kamailio.cfg"
+        self.tls_cfg_path = self.workdir / "tls.cfg"
         self.log_path = self.workdir / "kamailio.log"
         self.pid_path = self.workdir / "kamailio.pid"
         self.runtime_dir = self.workdir / "run"
@@ -499,9 +713,16 @@ class Kamailio:
         self._proc: subprocess.Popen | None = None
         self._log_file = None
 
+    def _other_free_port(self) -> int:
+        """A free port that is not self.port (the TLS listen port)."""
+        while True:
+            port = free_port(self.host)
+            if port != self.port:
+                return port
+
     # -- lifecycle -----------------------------------------------------
 
-    def __enter__(self) -> "Kamailio":
+    def __enter__(self):
         self.start()
         return self
 
@@ -510,7 +731,9 @@ class Kamailio:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<Kamailio {self.host}:{self.port} {self.domain} {state} in {self.workdir}>"
+        tls = f" tls:{self.tls_port}" if self.tls else ""
+        return (f"<{type(self).__name__} {self.host}:{self.port}{tls} {state} "
+                f"in {self.workdir}>")
 
     @property
     def running(self) -> bool:
@@ -522,25 +745,32 @@ class Kamailio:
 
     @property
     def address(self) -> str:
-        """IP:PORT, the remote-host argument for sipp."""
+        """IP:PORT (UDP and TCP), the remote-host argument for sipp."""
         return _format_addr(self.host, self.port)
 
     @property
-    def uri(self) -> str:
-        return f"sip:{self.domain}"
+    def tls_address(self) -> str | None:
+        """IP:TLSPORT, or None without TLS."""
+        return None if self.tls_port is None else _format_addr(self.host, self.tls_port)
 
     def config_text(self) -> str:
-        return _KAMAILIO_CFG.format(
-            host=self.host if ":" not in self.host else f"[{self.host}]",
-            port=self.port, domain=self.domain, children=self.children,
-            tcp_lifetime=self.tcp_lifetime,
-            tcp_max_connections=self.tcp_max_connections,
-            open_files_limit=self._open_files_limit(),
-            mpath=self._module_path(), ctl_path=self.ctl_path,
-            ul_timer=self.ul_timer, handle_lost_tcp=int(self.handle_lost_tcp),
-            tag=LOG_TAG)
+        raise NotImplementedError
+
+    def _tls_fields(self) -> dict[str, str]:
+        """tls_globals / tls_modules for the config templates ('' without TLS)."""
+        if self.tls is None or self.tls_port is None:
+            return {"tls_globals": "", "tls_modules": ""}
+        return {"tls_globals": _tls_globals(self._cfg_host, self.tls_port),
+                "tls_modules": _tls_modules(self.tls, self.tls_cfg_path,
+                                            self.tcp_lifetime)}
+
+    @property
+    def _cfg_host(self) -> str:
+        return self.host if ":" not in self.host else f"[{self.host}]"
 
     def command(self) -> list[str]:
+        # OpenSSL wants shared memory per TLS connection (~61 kB): more shm.
+        shm_mb = "128" if self.tls else "64"
         return [
             _find_program("kamailio", "kamailio"),
             "-f", str(self.cfg_path),
@@ -549,7 +779,7 @@ class Kamailio:
             "-P", str(self.pid_path),
             "-w", str(self.workdir),    # core files etc. land here
             "-Y", str(self.runtime_dir),  # not the shared /run/kamailio
-            "-m", "64", "-M", "8",      # shm/pkg MB: small, parallel-safe
+            "-m", shm_mb, "-M", "8",    # shm/pkg MB: small, parallel-safe
             "-a", "no",
         ]
 
@@ -557,8 +787,8 @@ class Kamailio:
         """Write the config, start Kamailio, return once it answers OPTIONS.
 
         A port we picked ourselves can be taken by someone else between
-        free_port() and Kamailio's bind: then try again on a new port (only
-        before the first successful start; restart() keeps the port).
+        free_port() and Kamailio's bind: then try again on new ports (only
+        before the first successful start; restart() keeps the ports).
         """
         attempts = 3 if self._port_is_ours and not self._started_once else 1
         for attempt in range(attempts):
@@ -570,6 +800,8 @@ class Kamailio:
                 if attempt + 1 == attempts or "exited" not in str(exc):
                     raise
                 self.port = free_port(self.host)
+                if self.tls is not None and self._tls_port_is_ours:
+                    self.tls_port = self._other_free_port()
 
     def _start_once(self, timeout: float) -> None:
         if self.running:
@@ -577,6 +809,8 @@ class Kamailio:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(exist_ok=True)
         self.cfg_path.write_text(self.config_text())
+        if self.tls is not None:
+            self.tls_cfg_path.write_text(self.tls.config_text())
         for stale in (self.pid_path, Path(self.ctl_path)):
             stale.unlink(missing_ok=True)
         cmd = self.command()
@@ -615,29 +849,29 @@ class Kamailio:
                     f"kamailio did not answer OPTIONS on udp:{self.address} within "
                     f"{timeout:.0f} s; log {self.log_path}:\n{_tail(self.log_path)}")
 
-    def options_ping(self, wait: float = 1.0) -> bool:
-        """Send one OPTIONS over UDP to the server itself; True on a 200."""
+    def _udp_request(self, user: str | None = None, headers: Sequence[str] = (),
+                     wait: float = 1.0) -> bytes | None:
+        """Send one OPTIONS over UDP to this instance, R-URI = its own address
+        (with `user` if given); return the response, None on timeout/error."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        ruri = f"sip:{user}@{self.address}" if user else f"sip:{self.address}"
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind((self.host, 0))
             sock.settimeout(wait)
             lport = sock.getsockname()[1]
-            branch = "z9hG4bK" + uuid.uuid4().hex[:16]
-            msg = (
-                f"OPTIONS sip:{self.address} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {_format_addr(self.host, lport)};branch={branch};rport\r\n"
-                f"Max-Forwards: 70\r\n"
-                f"From: <sip:probe@{self.domain}>;tag={uuid.uuid4().hex[:8]}\r\n"
-                f"To: <sip:{self.address}>\r\n"
-                f"Call-ID: {uuid.uuid4().hex}@fdkeeper-probe\r\n"
-                f"CSeq: 1 OPTIONS\r\n"
-                f"Content-Length: 0\r\n\r\n")
+            msg = options_request(ruri, f"SIP/2.0/UDP {_format_addr(self.host, lport)}",
+                                  headers=headers)
             try:
-                sock.sendto(msg.encode(), (self.host, self.port))
+                sock.sendto(msg, (self.host, self.port))
                 data, _ = sock.recvfrom(65535)
             except OSError:  # timeout, or ICMP refused while not yet bound
-                return False
-        return data.startswith(b"SIP/2.0 200")
+                return None
+        return data
+
+    def options_ping(self, wait: float = 1.0) -> bool:
+        """Send one OPTIONS over UDP to the instance itself; True on a 200."""
+        data = self._udp_request(wait=wait)
+        return data is not None and data.startswith(b"SIP/2.0 200")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; safe to call twice."""
@@ -659,8 +893,8 @@ class Kamailio:
             self._short_dir = None
 
     def restart(self, timeout: float = 10.0) -> None:
-        """Stop and start again on the same host/port (registrations are lost:
-        usrloc is in memory, and every TCP connection is closed)."""
+        """Stop and start again on the same host/ports (every TCP/TLS
+        connection is closed; a SuT loses its registrations)."""
         self.stop()
         self.start(timeout)
 
@@ -719,6 +953,49 @@ class Kamailio:
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
 
+    def tls_handshakes(self) -> list[dict]:
+        """TLS handshakes this instance completed, from its log (tls_log=2).
+
+        One dict per handshake, oldest first: direction ("in": a client
+        connected to us, "out": we connected), peer ("ip:port"), peer_port,
+        version (e.g. "TLSv1.3"), cipher, client_cert (for "in": True when
+        the client presented a certificate, False when not) and
+        peer_subject (the peer certificate's subject, e.g.
+        "/O=fdkeeper tests/CN=alice.fdkeeper.test", or None).
+        A failed handshake is not listed: see tls_errors().
+        """
+        result: list[dict] = []
+        for line in self.log_text().splitlines():
+            match = _TLS_HANDSHAKE_RE.search(line)
+            if match:
+                result.append({
+                    "direction": "in" if match.group("dir") == "accept" else "out",
+                    "peer": match.group("peer"),
+                    "peer_port": int(match.group("peer").rsplit(":", 1)[1]),
+                    "version": match.group("version"),
+                    "cipher": match.group("cipher"),
+                    "client_cert": None,
+                    "peer_subject": None,
+                })
+            elif result:
+                last = result[-1]
+                if "client did not present a certificate" in line:
+                    last["client_cert"] = False
+                subject = re.search(r"tls_(?:accept|connect): (?:client|server) "
+                                    r"certificate subject:\s*(.*)$", line)
+                if subject:
+                    last["peer_subject"] = subject.group(1).strip()
+                    if last["direction"] == "in":
+                        last["client_cert"] = True
+        return result
+
+    def tls_errors(self) -> list[str]:
+        """OpenSSL errors of failed TLS handshakes/reads from the log, e.g.
+        "TLS accept:error:0A0000C7:SSL routines::peer did not return a
+        certificate (sni: sut.test)"."""
+        return [match.group(1).strip() for match in
+                re.finditer(r"tls_err_ret\(\): (.*)$", self.log_text(), re.M)]
+
     # -- RPC -----------------------------------------------------------
 
     def rpc(self, *args: str, timeout: float = 5.0) -> str:
@@ -732,6 +1009,169 @@ class Kamailio:
                 f"kamcmd {' '.join(args)} failed ({proc.returncode}): "
                 f"{proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
+
+    def tcp_connections(self) -> list[dict]:
+        """Kamailio's TCP and TLS connections (kamcmd core.tcp_list).
+
+        Keys: id, type ("TCP" or "TLS"), state, local/remote as "ip:port"
+        plus local_port and remote_port as ints, timeout, ref_count.
+        """
+        tree = parse_kamcmd(self.rpc("core.tcp_list"))
+        result = []
+        for item in tree:
+            if not isinstance(item, dict) or "id" not in item:
+                continue
+            conn = dict(item)
+            for side in ("src", "dst"):
+                ip, port = conn.get(f"{side}_ip"), conn.get(f"{side}_port")
+                if ip is not None and port is not None:
+                    conn[f"{side}_port"] = int(port)
+            # Kamailio's src is the peer (remote), dst is its own listen side.
+            conn["remote"] = _format_addr(conn.get("src_ip", "?"), conn.get("src_port", 0))
+            conn["local"] = _format_addr(conn.get("dst_ip", "?"), conn.get("dst_port", 0))
+            conn["remote_port"] = conn.get("src_port")
+            conn["local_port"] = conn.get("dst_port")
+            result.append(conn)
+        return result
+
+    def tls_connections(self) -> list[dict]:
+        """The TLS ones of tcp_connections()."""
+        return [c for c in self.tcp_connections() if str(c.get("type")).upper() == "TLS"]
+
+    def close_connections(self, conids: Iterable[int] | None = None, *,
+                          remote_port: int | None = None,
+                          timeout: float = 10.0) -> list[dict]:
+        """Make Kamailio close TCP/TLS connections itself; return the ones closed.
+
+        All of them by default, or those with an id in `conids`, or the one
+        from `remote_port`. For each, a control OPTIONS over loopback UDP
+        runs tcpops' tcp_close_connection(id) (Kamailio 5.6.3 has no RPC to
+        close a connection): the worker sends CONN_EOF to tcp_main, which
+        unhashes the connection and closes its socket. What the peer sees:
+        TCP - a FIN (EOF on read; no RST, nothing sent before it); TLS - a
+        TLS close_notify alert, then the FIN (tls modparam send_close_notify=1,
+        the TlsOptions default; without it just the FIN, which a TLS client
+        reads as an unexpected EOF). Measured: the peer reads EOF within a
+        few ms, also right after a request. Kamailio never re-opens it (the
+        SuT has set_forward_no_connect); a contact registered over it is
+        then treated as lost (handle_lost_tcp). Waits until core.tcp_list no
+        longer shows the connections. restart() is the heavy alternative.
+        """
+        wanted = None if conids is None else {int(c) for c in conids}
+        targets = [c for c in self.tcp_connections()
+                   if (wanted is None or int(c["id"]) in wanted)
+                   and (remote_port is None or c["remote_port"] == remote_port)]
+        for conn in targets:
+            reply = self._udp_request(CLOSE_CONNECTION_USER,
+                                      [f"{_CLOSE_CONNECTION_HEADER}: {conn['id']}"], wait=2.0)
+            if reply is None or not reply.startswith((b"SIP/2.0 200", b"SIP/2.0 404")):
+                raise RuntimeError(f"close of connection {conn['id']} not acknowledged: "
+                                   f"{reply!r}; log:\n{self.log_tail()}")
+        ids = {c["id"] for c in targets}
+        if ids:
+            wait_until(lambda: not ids & {c["id"] for c in self.tcp_connections()},
+                       timeout=timeout, interval=0.1,
+                       what=f"connections {sorted(ids)} to close")
+        return targets
+
+
+_TLS_HANDSHAKE_RE = re.compile(
+    r"tls_(?P<dir>accept|connect): new connection (?:from|to) (?P<peer>\S+) using "
+    r"(?P<version>\S+) (?P<cipher>\S+)")
+
+
+def options_request(ruri: str, via: str, *, headers: Sequence[str] = (),
+                    from_domain: str = DEFAULT_DOMAIN) -> bytes:
+    """An OPTIONS request as bytes (for UDP, TCP or TLS; Content-Length 0).
+
+    `via` is the Via value without branch, e.g. "SIP/2.0/TLS 127.0.0.1:5061".
+    """
+    branch = "z9hG4bK" + uuid.uuid4().hex[:16]
+    to_uri = re.sub(r"^(sips?:)[^@]*@", r"\1", ruri)
+    extra = "".join(f"{line}\r\n" for line in headers)
+    return (
+        f"OPTIONS {ruri} SIP/2.0\r\n"
+        f"Via: {via};branch={branch};rport\r\n"
+        f"Max-Forwards: 70\r\n"
+        f"From: <sip:probe@{from_domain}>;tag={uuid.uuid4().hex[:8]}\r\n"
+        f"To: <{to_uri}>\r\n"
+        f"Call-ID: {uuid.uuid4().hex}@fdkeeper-probe\r\n"
+        f"CSeq: 1 OPTIONS\r\n"
+        f"{extra}"
+        f"Content-Length: 0\r\n\r\n").encode()
+
+
+def read_sip_message(sock, timeout: float = 5.0) -> bytes:
+    """Read one SIP message (headers + Content-Length body) from a stream
+    socket (TCP or an ssl.SSLSocket); leading CRLFs (keep-alive pongs) are
+    skipped. Raises ConnectionError on EOF before a whole message."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        data = data.lstrip(b"\r\n")
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if sep:
+            match = re.search(rb"^(?:Content-Length|l)\s*:\s*(\d+)", head, re.I | re.M)
+            length = int(match.group(1)) if match else 0
+            if len(rest) >= length:
+                return head + sep + rest[:length]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(data)} bytes of a SIP message")
+        data += chunk
+
+
+class Kamailio(KamailioInstance):
+    """The SuT: a Kamailio registrar/proxy on loopback, owned by this process.
+
+    >>> with Kamailio(tmp_path) as sut:
+    ...     sut.port, sut.location(), sut.tcp_connections()
+
+    Options beyond the basic ones: `children` (UDP and TCP workers each),
+    `tcp_lifetime` (s, idle TCP connections are kept this long),
+    `tcp_max_connections`, `ul_timer` (s between usrloc timer runs, which
+    drop contacts of lost connections), `handle_lost_tcp` (False: lookup()
+    keeps returning a dead contact and the relay fails with 480 instead of
+    the lookup failing with 404).
+    `tls=TlsOptions(...)` adds a TLS listener on `tls_port` (a second free
+    port unless given; `tls_address`) with its own tls.cfg in the work dir.
+    TLS users are routed like TCP ones: REGISTER over TLS, calls and
+    in-dialog requests only over the registering TLS connection.
+    Files in `workdir`: kamailio.cfg, tls.cfg, kamailio.log (appended across
+    restarts), kamailio.pid, run/ (runtime dir and ctl socket).
+    """
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1",
+                 port: int | None = None, domain: str = DEFAULT_DOMAIN, *,
+                 children: int = 2, tcp_lifetime: int = 3600,
+                 tcp_max_connections: int = 4096, ul_timer: int = 5,
+                 handle_lost_tcp: bool = True, tls: TlsOptions | None = None,
+                 tls_port: int | None = None) -> None:
+        super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
+                         tcp_max_connections=tcp_max_connections, tls=tls,
+                         tls_port=tls_port)
+        self.domain = domain
+        self.ul_timer = ul_timer
+        self.handle_lost_tcp = handle_lost_tcp
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(" running", f" {self.domain} running").replace(
+            " stopped", f" {self.domain} stopped")
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.domain}"
+
+    def config_text(self) -> str:
+        return _KAMAILIO_CFG.format(
+            host=self._cfg_host,
+            port=self.port, domain=self.domain, children=self.children,
+            tcp_lifetime=self.tcp_lifetime,
+            tcp_max_connections=self.tcp_max_connections,
+            open_files_limit=self._open_files_limit(),
+            mpath=self._module_path(), ctl_path=self.ctl_path,
+            ul_timer=self.ul_timer, handle_lost_tcp=int(self.handle_lost_tcp),
+            tag=LOG_TAG, control_route=_CONTROL_ROUTE, **self._tls_fields())
 
     def location(self) -> list[dict]:
         """The registrar's contacts, one dict per contact.
@@ -753,29 +1193,82 @@ class Kamailio:
                         result.append(_contact_dict(aor, contact))
         return result
 
-    def tcp_connections(self) -> list[dict]:
-        """Kamailio's TCP/TLS connections (kamcmd core.tcp_list).
 
-        Keys: id, type, state, local/remote as "ip:port" plus local_port and
-        remote_port as ints, timeout, ref_count.
-        """
-        tree = parse_kamcmd(self.rpc("core.tcp_list"))
-        result = []
-        for item in tree:
-            if not isinstance(item, dict) or "id" not in item:
-                continue
-            conn = dict(item)
-            for side in ("src", "dst"):
-                ip, port = conn.get(f"{side}_ip"), conn.get(f"{side}_port")
-                if ip is not None and port is not None:
-                    conn[f"{side}_port"] = int(port)
-            # Kamailio's src is the peer (remote), dst is its own listen side.
-            conn["remote"] = _format_addr(conn.get("src_ip", "?"), conn.get("src_port", 0))
-            conn["local"] = _format_addr(conn.get("dst_ip", "?"), conn.get("dst_port", 0))
-            conn["remote_port"] = conn.get("src_port")
-            conn["local_port"] = conn.get("dst_port")
-            result.append(conn)
-        return result
+class KamailioConverter(KamailioInstance):
+    """A stateless UDP <-> TCP/TLS converter in front of a SuT (for benches).
+
+    Listens on UDP (and TCP, same port) at host:port; every request that
+    sipp sends over UDP is forwarded statelessly to the SuT at
+    sut_host:sut_port over `transport` ("tcp" or "tls"; TLS needs
+    `tls=TlsOptions(...)`, e.g. TlsOptions.client(pki), and listens on
+    `tls_port`). Requests that arrive from the SuT over TCP/TLS go to sipp
+    over UDP: to `sipp_address` ("ip:port") if given, else by their R-URI
+    (the Contact sipp registered). Replies go back by Via. Dialog-creating
+    requests are record-routed (two entries: UDP side and SuT side), so the
+    in-dialog requests of both directions come back through the converter.
+    Outgoing connections are bound to the converter's listen port
+    (tcp_reuse_port), which is what its Via and Record-Route name: the SuT
+    reaches the converter over the one connection the converter opened.
+
+    Kamailio 5.6.3 as a stateless TLS converter aborted (double free in its
+    TLS layer) under load towards a refused destination: point load benches
+    at a live SuT only.
+    """
+
+    def __init__(self, workdir: Path, sut_host: str, sut_port: int,
+                 transport: str = "tcp", *, host: str = "127.0.0.1",
+                 port: int | None = None, sipp_address: str | None = None,
+                 tls: TlsOptions | None = None, tls_port: int | None = None,
+                 children: int = 2, tcp_lifetime: int = 3600,
+                 tcp_max_connections: int = 4096) -> None:
+        transport = transport.lower()
+        if transport not in ("tcp", "tls"):
+            raise ValueError(f"transport must be 'tcp' or 'tls', not {transport!r}")
+        if transport == "tls" and tls is None:
+            raise ValueError("a TLS converter needs tls=TlsOptions(...) "
+                             "(e.g. TlsOptions.client(pki))")
+        super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
+                         tcp_max_connections=tcp_max_connections, tls=tls,
+                         tls_port=tls_port)
+        self.sut_host = sut_host
+        self.sut_port = sut_port
+        self.transport = transport
+        self.sipp_address = sipp_address
+
+    @classmethod
+    def for_sut(cls, workdir: Path, sut: Kamailio, transport: str = "tcp",
+                **options) -> "KamailioConverter":
+        """A converter towards `sut`'s TCP port or (transport="tls") TLS port."""
+        if transport == "tls" and sut.tls_port is None:
+            raise ValueError(f"{sut} has no TLS listener")
+        port = sut.tls_port if transport == "tls" else sut.port
+        return cls(workdir, sut.host, port, transport, **options)
+
+    @property
+    def sut_uri(self) -> str:
+        return f"sip:{_format_addr(self.sut_host, self.sut_port)};transport={self.transport}"
+
+    def config_text(self) -> str:
+        if self.sipp_address:
+            to_sipp = f'$du = "sip:{self.sipp_address};transport=udp";'
+        else:
+            to_sipp = "# by R-URI: the Contact that sipp registered"
+        return _CONVERTER_CFG.format(
+            host=self._cfg_host, port=self.port, children=self.children,
+            tcp_lifetime=self.tcp_lifetime,
+            tcp_max_connections=self.tcp_max_connections,
+            open_files_limit=self._open_files_limit(),
+            mpath=self._module_path(), ctl_path=self.ctl_path, tag=LOG_TAG,
+            transport_upper=self.transport.upper(), sut_uri=self.sut_uri,
+            to_sipp=to_sipp, send_socket=self.send_socket,
+            control_route=_CONTROL_ROUTE, **self._tls_fields())
+
+    @property
+    def send_socket(self) -> str:
+        """The converter's own socket towards the SuT, proto:ip:port: the
+        source address of its one connection to the SuT."""
+        port = self.tls_port if self.transport == "tls" else self.port
+        return f"{self.transport}:{_format_addr(self.host, port)}"
 
 
 def _dig(node, *keys):

@@ -43,11 +43,15 @@ static void config_read(void)
         goto out;
     }
 
+    /* A bad value is only reported at the first handoff (interpose.c). */
     s = getenv("FDKEEPER_TRANSPORT");
-    if (s && *s && strcmp(s, "tcp") != 0) {
-        shim_say("fdkeeper: FDKEEPER_TRANSPORT '%s' is not supported by the preload shim "
-                 "(only 'tcp'); the shim stays inactive", s);
-        goto out;
+    if (!s || !*s || strcmp(s, "tcp") == 0) {
+        config.transport = SHIM_TRANSPORT_TCP;
+    } else if (strcmp(s, "tls") == 0) {
+        config.transport = SHIM_TRANSPORT_TLS;
+    } else {
+        config.transport = SHIM_TRANSPORT_BAD;
+        snprintf(config.transport_str, sizeof config.transport_str, "%s", s);
     }
 
     s = getenv("FDKEEPER_REMOTE");
@@ -185,6 +189,29 @@ int shim_parse_addr(const char *s, struct sockaddr_storage *out)
         in6->sin6_family = AF_INET6;
         in6->sin6_port = htons((unsigned short)port);
     }
+    return 0;
+}
+
+int shim_parse_inaddr(const char *s, size_t n, struct shim_inaddr *out)
+{
+    struct sockaddr_storage ss;
+    char buf[INET6_ADDRSTRLEN + 16];
+    int saved, r;
+
+    memset(out, 0, sizeof *out);
+    if (n == 1 && s[0] == '-')
+        return 0;
+    if (n == 0 || n >= sizeof buf)
+        return -1;
+    memcpy(buf, s, n);
+    buf[n] = 0;
+    saved = errno;
+    r = shim_parse_addr(buf, &ss);
+    errno = saved;
+    if (r != 0)
+        return -1;
+    out->len = ss.ss_family == AF_INET ? sizeof out->u.in : sizeof out->u.in6;
+    memcpy(&out->u, &ss, out->len);
     return 0;
 }
 

@@ -119,6 +119,78 @@ static int token(const char *buf, const char *key, char *out, size_t outlen)
     return -1;
 }
 
+/* Where the value of token key= starts in a "VERB k=v k=v" packet (its length
+ * in *vlen), or NULL. */
+static const char *find_value(const char *buf, const char *key, size_t *vlen)
+{
+    size_t kl = strlen(key);
+    const char *p = strchr(buf, ' ');
+
+    while (p) {
+        p++;
+        if (strncmp(p, key, kl) == 0 && p[kl] == '=') {
+            *vlen = strcspn(p + kl + 1, " ");
+            return p + kl + 1;
+        }
+        p = strchr(p, ' ');
+    }
+    return NULL;
+}
+
+/* "A,A,..." with exactly n addresses (IP:PORT, [IP]:PORT or -) into out;
+ * no list at all (v NULL): every address unknown. 0 or -1. */
+static int parse_addr_list(const char *v, size_t vlen, struct shim_inaddr *out, int n)
+{
+    const char *end = v + vlen;
+
+    if (!v) {
+        memset(out, 0, (size_t)n * sizeof *out);
+        return 0;
+    }
+    for (int i = 0; i < n; i++) {
+        const char *c = memchr(v, ',', (size_t)(end - v));
+        if (shim_parse_inaddr(v, (size_t)((c ? c : end) - v), &out[i]) != 0)
+            return -1;
+        if (i == n - 1)
+            return c ? -1 : 0;
+        if (!c)
+            return -1;
+        v = c + 1;
+    }
+    return -1;
+}
+
+/* The packet's peers= and locals= for its descriptors res->fds[before..nfds). */
+static int parse_addrs(const char *buf, struct ctl_result *res, int before)
+{
+    int n = res->nfds - before;
+    struct shim_inaddr *p, *l;
+    const char *v;
+    size_t vl = 0;
+
+    p = realloc(res->peers, (size_t)res->nfds * sizeof *p);
+    if (p)
+        res->peers = p;
+    l = realloc(res->locals, (size_t)res->nfds * sizeof *l);
+    if (l)
+        res->locals = l;
+    if (!p || !l) {
+        proto_error(res, "%s", "out of memory for the addresses of the kept connections");
+        return -1;
+    }
+    v = find_value(buf, "peers", &vl);
+    if (parse_addr_list(v, vl, res->peers + before, n) != 0) {
+        proto_error(res, "packet '%.200s' has no valid peers= address for each id", buf);
+        return -1;
+    }
+    v = find_value(buf, "locals", &vl);
+    if (parse_addr_list(v, vl, res->locals + before, n) != 0) {
+        proto_error(res, "packet '%.200s' has no valid locals= address for each id", buf);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_count(const char *s, long max)
 {
     char *end;
@@ -228,6 +300,8 @@ void ctl_lease(const char *path, const char *request, struct ctl_result *res)
             proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);
             goto out;
         }
+        if (parse_addrs(buf, res, before) != 0)
+            goto out;
     }
     res->status = CTL_OK;
 out:
@@ -246,6 +320,9 @@ void ctl_result_free(struct ctl_result *res, int close_them)
         for (int i = 0; i < res->nfds; i++)
             REAL(close)(res->fds[i]);
     free(res->fds);
+    free(res->peers);
+    free(res->locals);
     res->fds = NULL;
+    res->peers = res->locals = NULL;
     res->nfds = 0;
 }

@@ -19,12 +19,15 @@ struct ctl_result {
     char text[4100];
     int *fds; /* malloc'ed, nfds descriptors (close-on-exec), in id order */
     int nfds;
+    /* malloc'ed, one per descriptor: FDS peers=/locals= (len 0 where not sent) */
+    struct shim_inaddr *peers, *locals;
 };
 
 /* Send one request on a fresh control connection and collect the reply
- * `OK count=N` + FDS packets carrying N descriptors (or ERR). */
+ * `OK count=N` + FDS packets carrying N descriptors (or ERR), with the
+ * packets' peers=/locals= addresses when present. */
 SHIM_HIDDEN void ctl_lease(const char *path, const char *request, struct ctl_result *res);
-/* Free res->fds (closing any descriptors still in it when close_them). */
+/* Free res->fds, peers, locals (closing any descriptors still in it when close_them). */
 SHIM_HIDDEN void ctl_result_free(struct ctl_result *res, int close_them);
 
 /* Seconds the shim waits for the keeper's reply. */

@@ -89,10 +89,10 @@ static void free_entry(int fd, struct fde *e, int **close_fds, int *nclose)
     if (e->pending) {
         struct fde_pending *p = e->pending;
         for (int i = p->head; i < p->count; i++)
-            list_append(close_fds, nclose, p->fds[i]);
+            list_append(close_fds, nclose, p->items[i].fd);
         __atomic_sub_fetch(&pending_total, p->count - p->head, __ATOMIC_RELAXED);
         drop_listener(fd);
-        free(p->fds);
+        free(p->items);
         free(p);
     }
     free(e);
@@ -188,7 +188,8 @@ void fde_epoll_update(struct fde *e, int epfd, int op, const struct epoll_event 
     e->regs[i].data = ev->data;
 }
 
-int fdt_pending_add(int fd, const int *fds, int n)
+int fdt_pending_add(int fd, const int *fds, const struct shim_inaddr *peers,
+                    const struct shim_inaddr *locals, int n)
 {
     struct fde *e = fdt_get(fd);
     struct fde_pending *p;
@@ -200,16 +201,24 @@ int fdt_pending_add(int fd, const int *fds, int n)
     p = e->pending;
     if (p->count + n > p->cap) {
         int cap = p->cap ? p->cap : 16;
-        int *f;
+        struct fde_item *f;
         while (cap < p->count + n)
             cap *= 2;
-        f = realloc(p->fds, (size_t)cap * sizeof *f);
+        f = realloc(p->items, (size_t)cap * sizeof *f);
         if (!f)
             return -1;
-        p->fds = f;
+        p->items = f;
         p->cap = cap;
     }
-    memcpy(p->fds + p->count, fds, (size_t)n * sizeof *fds);
+    for (int i = 0; i < n; i++) {
+        struct fde_item *it = &p->items[p->count + i];
+        memset(it, 0, sizeof *it);
+        it->fd = fds[i];
+        if (peers)
+            it->peer = peers[i];
+        if (locals)
+            it->local = locals[i];
+    }
     p->count += n;
     if (n > 0) {
         int found = 0;
@@ -231,7 +240,7 @@ int fdt_pending_add(int fd, const int *fds, int n)
     return 0;
 }
 
-int fdt_pending_pop(int fd)
+int fdt_pending_pop(int fd, struct fde_item *out)
 {
     struct fde *e = fdt_get(fd);
     struct fde_pending *p;
@@ -239,7 +248,8 @@ int fdt_pending_pop(int fd)
 
     if (!e || !(p = e->pending) || p->head == p->count)
         return -1;
-    r = p->fds[p->head++];
+    *out = p->items[p->head++];
+    r = out->fd;
     __atomic_sub_fetch(&pending_total, 1, __ATOMIC_RELAXED);
     if (p->head == p->count) {
         drop_listener(fd);

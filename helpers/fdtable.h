@@ -11,6 +11,8 @@
 
 #define FDE_CANDIDATE 0x1u /* AF_INET/AF_INET6 SOCK_STREAM socket */
 #define FDE_KEPT 0x2u      /* refers to a connection the keeper holds */
+#define FDE_PAIR 0x4u      /* kept, but not an inet socket (TLS: a socketpair end):
+                            * getsockname/getpeername answer peer/local below */
 
 #define FDE_MAX_OPTS 8
 #define FDE_OPT_LEN 32
@@ -28,9 +30,15 @@ struct fde_reg {
     epoll_data_t data;
 };
 
+/* A descriptor received from the keeper with its FDS peers=/locals= entries. */
+struct fde_item {
+    int fd;
+    struct shim_inaddr peer, local;
+};
+
 /* Descriptors received from the keeper for a listener, not yet accepted. */
 struct fde_pending {
-    int *fds;
+    struct fde_item *items;
     int head, count, cap;
 };
 
@@ -46,6 +54,7 @@ struct fde {
     int nregs;
     struct fde_reg regs[FDE_MAX_REGS];
     struct fde_pending *pending;
+    struct shim_inaddr peer, local; /* from the keeper (kept fds) */
 };
 
 SHIM_HIDDEN void fdt_lock(void);
@@ -65,10 +74,12 @@ SHIM_HIDDEN void fdt_copy(int from, int to, int **close_fds, int *nclose);
 /* Entry state helpers (lock held). */
 SHIM_HIDDEN void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len);
 SHIM_HIDDEN void fde_epoll_update(struct fde *e, int epfd, int op, const struct epoll_event *ev);
-/* Append descriptors to a listener's queue; returns 0 or -1 (ENOMEM). */
-SHIM_HIDDEN int fdt_pending_add(int fd, const int *fds, int n);
-/* Pop the next pending descriptor of listener fd, or -1. */
-SHIM_HIDDEN int fdt_pending_pop(int fd);
+/* Append descriptors to a listener's queue, with their addresses (peers and
+ * locals may be NULL: not known); returns 0 or -1 (ENOMEM). */
+SHIM_HIDDEN int fdt_pending_add(int fd, const int *fds, const struct shim_inaddr *peers,
+                                const struct shim_inaddr *locals, int n);
+/* Pop the next pending descriptor of listener fd into *out; returns its fd, or -1. */
+SHIM_HIDDEN int fdt_pending_pop(int fd, struct fde_item *out);
 /* Number of descriptors pending on all listeners (no lock needed). */
 SHIM_HIDDEN int fdt_pending_total(void);
 /* Fill up to max events {EPOLLIN, data} for listeners with pending

@@ -99,6 +99,38 @@ static int lease_failed(struct ctl_result *res, const char *what)
     return -1;
 }
 
+/* Is fd an AF_INET/AF_INET6 socket? For transport=tls the keeper hands one end
+ * of a socketpair instead. When in doubt: yes (the kernel keeps answering). */
+static int is_inet(int fd)
+{
+    int dom = 0, r, saved = errno;
+    socklen_t l = sizeof dom;
+
+    r = getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &l);
+    errno = saved;
+    return r != 0 || dom == AF_INET || dom == AF_INET6;
+}
+
+/* transport= of a LEASE, or NULL when FDKEEPER_TRANSPORT is unusable: then
+ * the handoff `what` does not happen (said once per process). */
+static const char *lease_transport(const char *what)
+{
+    static int reported;
+    const struct shim_config *cfg = shim_config();
+
+    if (cfg->transport == SHIM_TRANSPORT_TCP)
+        return "tcp";
+    if (cfg->transport == SHIM_TRANSPORT_TLS)
+        return "tls";
+    if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
+        shim_say("fdkeeper: FDKEEPER_TRANSPORT '%s' is neither 'tcp' nor 'tls'; %s goes ahead "
+                 "without the keeper (no kept connection is handed over)",
+                 cfg->transport_str, what);
+    else
+        shim_debug("%s: no handoff (bad FDKEEPER_TRANSPORT)", what);
+    return NULL;
+}
+
 static int is_lingerlike(int level, int name)
 {
     return level == SOL_SOCKET && (name == SO_LINGER || name == SO_REUSEADDR
@@ -175,9 +207,14 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
     ino = e->ino;
     fdt_unlock();
 
-    if ((flags & FDE_KEPT) && level == SOL_SOCKET && name == SO_LINGER) {
+    /* SO_LINGER would turn the program's close into a reset of the kept
+     * connection; TCP options cannot apply to a socketpair end (and sipp
+     * treats their failure as fatal). */
+    if (((flags & FDE_KEPT) && level == SOL_SOCKET && name == SO_LINGER) ||
+        ((flags & FDE_PAIR) && level == IPPROTO_TCP)) {
         if (same_socket(fd, dev, ino)) {
-            shim_debug("setsockopt(fd %d, SO_LINGER) on a kept connection: ignored", fd);
+            shim_debug("setsockopt(fd %d, %s) on a kept connection: ignored", fd,
+                       level == IPPROTO_TCP ? "IPPROTO_TCP option" : "SO_LINGER");
             return 0;
         }
         forget(fd);
@@ -191,6 +228,62 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
         fdt_unlock();
     }
     return r;
+}
+
+/* getsockname/getpeername: the kernel's answer, except on a kept fd that is
+ * not an inet socket (FDE_PAIR): there the addresses the keeper sent. */
+static int name_common(int fd, struct sockaddr *addr, socklen_t *len, int peer)
+{
+    struct shim_inaddr a;
+    dev_t dev = 0;
+    ino_t ino = 0;
+    int pair = 0;
+
+    if (SHIM_ACTIVE()) {
+        fdt_lock();
+        struct fde *e = fdt_get(fd);
+        if (e && (e->flags & FDE_PAIR)) {
+            pair = 1;
+            a = peer ? e->peer : e->local;
+            dev = e->dev;
+            ino = e->ino;
+        }
+        fdt_unlock();
+    }
+    if (!pair || a.len == 0)
+        goto real;
+    if (!same_socket(fd, dev, ino)) {
+        forget(fd);
+        goto real;
+    }
+    /* The kernel's semantics: copy at most *len bytes, report the full size. */
+    if (!len) {
+        errno = EFAULT;
+        return -1;
+    }
+    if ((int)*len < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    if (*len && !addr) {
+        errno = EFAULT;
+        return -1;
+    }
+    memcpy(addr, &a.u, *len < a.len ? *len : a.len);
+    *len = a.len;
+    return 0;
+real:
+    return peer ? REAL(getpeername)(fd, addr, len) : REAL(getsockname)(fd, addr, len);
+}
+
+SHIM_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    return name_common(fd, addr, len, 0);
+}
+
+SHIM_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    return name_common(fd, addr, len, 1);
 }
 
 SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
@@ -208,22 +301,23 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 
 /* ---- client role: connect() ------------------------------------------- */
 
-static int handoff_client(int fd, const struct fde *snap, int saved_errno)
+static int handoff_client(int fd, const struct fde *snap, const char *transport,
+                          const char *what, int saved_errno)
 {
     const struct shim_config *cfg = shim_config();
-    char local[64], req[256], what[96], got[64];
+    char local[64], req[256], got[64];
     struct ctl_result res;
+    struct shim_inaddr kpeer, klocal;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
-    int kept, pfl, kfl;
+    int kept, pfl, kfl, pair;
 
     if (snap->has_bind)
         shim_format_addr((const struct sockaddr *)&snap->bind_addr, local, sizeof local);
     else
         strcpy(local, "-");
-    snprintf(req, sizeof req, "LEASE role=client transport=tcp remote=%s local=%s%s",
+    snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s", transport,
              cfg->remote_str, local, cfg->reconnect ? " reconnect=1" : "");
-    snprintf(what, sizeof what, "connect(fd %d) to %s", fd, cfg->remote_str);
 
     ctl_lease(cfg->socket_path, req, &res);
     if (res.status != CTL_OK)
@@ -235,7 +329,10 @@ static int handoff_client(int fd, const struct fde *snap, int saved_errno)
         return lease_failed(&res, what);
     }
     kept = res.fds[0];
+    kpeer = res.peers[0];
+    klocal = res.locals[0];
     ctl_result_free(&res, 0);
+    pair = !is_inet(kept);
 
     /* The kept socket takes the program's O_NONBLOCK setting (file status
      * flags live on the shared open file description). */
@@ -268,10 +365,10 @@ static int handoff_client(int fd, const struct fde *snap, int saved_errno)
                        snap->regs[i].epfd, strerror(errno));
     }
     /* Socket options the program set, except those about its own address
-     * and closing. */
+     * and closing, and TCP options on a socketpair end. */
     for (int i = 0; i < snap->nopts; i++) {
         const struct fde_opt *o = &snap->opts[i];
-        if (!is_lingerlike(o->level, o->name))
+        if (!is_lingerlike(o->level, o->name) && !(pair && o->level == IPPROTO_TCP))
             REAL(setsockopt)(fd, o->level, o->name, o->val, o->len);
     }
 
@@ -280,18 +377,21 @@ static int handoff_client(int fd, const struct fde *snap, int saved_errno)
     if (!e && (e = fdt_create(fd)))
         e->family = snap->family;
     if (e) {
-        e->flags |= FDE_CANDIDATE | FDE_KEPT;
+        e->flags |= FDE_CANDIDATE | FDE_KEPT | (pair ? FDE_PAIR : 0);
         e->nregs = snap->nregs;
         memcpy(e->regs, snap->regs, sizeof e->regs);
+        e->peer = kpeer;
+        e->local = klocal;
         set_identity(fd, e);
     }
     fdt_unlock();
 
-    if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0)
+    if (name_common(fd, (struct sockaddr *)&ss, &sl, 0) == 0)
         shim_format_addr((struct sockaddr *)&ss, got, sizeof got);
     else
         strcpy(got, "?");
-    shim_debug("%s: handed over the kept connection %s->%s", what, got, cfg->remote_str);
+    shim_debug("%s: handed over the kept connection %s->%s%s", what, got, cfg->remote_str,
+               pair ? " (a socketpair end the keeper relays)" : "");
     errno = saved_errno;
     return 0;
 }
@@ -326,7 +426,16 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
         forget(fd);
         return REAL(connect)(fd, addr, len);
     }
-    return handoff_client(fd, &snap, saved);
+    {
+        char what[96];
+        const char *transport;
+        snprintf(what, sizeof what, "connect(fd %d) to %s", fd, cfg->remote_str);
+        if (!(transport = lease_transport(what))) {
+            errno = saved;
+            return REAL(connect)(fd, addr, len);
+        }
+        return handoff_client(fd, &snap, transport, what, saved);
+    }
 }
 
 /* ---- server role: listen(), epoll_wait(), accept() -------------------- */
@@ -338,6 +447,7 @@ SHIM_EXPORT int listen(int fd, int backlog)
     const struct shim_config *cfg = shim_config();
     struct ctl_result res;
     char req[256], what[64];
+    const char *transport;
     int go = 0, n, saved;
     int r = REAL(listen)(fd, backlog);
 
@@ -354,16 +464,20 @@ SHIM_EXPORT int listen(int fd, int backlog)
         return r;
     saved = errno;
 
-    snprintf(req, sizeof req, "LEASE role=server transport=tcp%s%s",
-             cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "");
     snprintf(what, sizeof what, "listen(fd %d)", fd);
+    if (!(transport = lease_transport(what))) {
+        errno = saved;
+        return r;
+    }
+    snprintf(req, sizeof req, "LEASE role=server transport=%s%s%s", transport,
+             cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "");
     ctl_lease(cfg->socket_path, req, &res);
     if (res.status != CTL_OK)
         return lease_failed(&res, what);
 
     n = res.nfds;
     fdt_lock();
-    r = fdt_get(fd) ? fdt_pending_add(fd, res.fds, n) : -1;
+    r = fdt_get(fd) ? fdt_pending_add(fd, res.fds, res.peers, res.locals, n) : -1;
     fdt_unlock();
     if (r != 0) {
         ctl_result_free(&res, 1);
@@ -432,15 +546,17 @@ static int accept_common(int fd, struct sockaddr *addr, socklen_t *alen, int fla
 {
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
-    int nfd, fl, saved = errno;
+    struct fde_item it;
+    int nfd, fl, pair, saved = errno;
 
     if (!SHIM_ACTIVE() || fdt_pending_total() == 0)
         goto real;
     fdt_lock();
-    nfd = fdt_pending_pop(fd);
+    nfd = fdt_pending_pop(fd, &it);
     fdt_unlock();
     if (nfd < 0)
         goto real;
+    pair = !is_inet(nfd);
 
     /* What a real accept4() gives: O_NONBLOCK only on request; close-on-exec
      * always (a kept connection must not leak into exec()ed children). */
@@ -453,8 +569,12 @@ static int accept_common(int fd, struct sockaddr *addr, socklen_t *alen, int fla
     REAL(fcntl)(nfd, F_SETFD, FD_CLOEXEC);
 
     memset(&ss, 0, sizeof ss);
-    if (getpeername(nfd, (struct sockaddr *)&ss, &sl) != 0)
+    if (pair && it.peer.len) { /* a socketpair end: the TLS connection's peer */
+        memcpy(&ss, &it.peer.u, it.peer.len);
+        sl = it.peer.len;
+    } else if (REAL(getpeername)(nfd, (struct sockaddr *)&ss, &sl) != 0) {
         sl = 0; /* the SuT already went away; the read will tell the program */
+    }
     if (addr && alen) {
         memcpy(addr, &ss, *alen < sl ? *alen : sl);
         *alen = sl;
@@ -463,8 +583,10 @@ static int accept_common(int fd, struct sockaddr *addr, socklen_t *alen, int fla
     fdt_lock();
     struct fde *e = fdt_create(nfd);
     if (e) {
-        e->flags = FDE_CANDIDATE | FDE_KEPT;
+        e->flags = FDE_CANDIDATE | FDE_KEPT | (pair ? FDE_PAIR : 0);
         e->family = ss.ss_family;
+        e->peer = it.peer;
+        e->local = it.local;
         set_identity(nfd, e);
     }
     fdt_unlock();

@@ -62,6 +62,10 @@ static void bind_all(void)
         shim_real.fcntl64 = shim_real.fcntl;
     shim_real.setsockopt =
         (int (*)(int, int, int, const void *, socklen_t))bind_one("setsockopt", 1);
+    shim_real.getsockname =
+        (int (*)(int, struct sockaddr *, socklen_t *))bind_one("getsockname", 1);
+    shim_real.getpeername =
+        (int (*)(int, struct sockaddr *, socklen_t *))bind_one("getpeername", 1);
     shim_real.epoll_ctl = (int (*)(int, int, int, struct epoll_event *))bind_one("epoll_ctl", 1);
     shim_real.epoll_wait = (int (*)(int, struct epoll_event *, int, int))bind_one("epoll_wait", 1);
     shim_real.epoll_pwait = (int (*)(int, struct epoll_event *, int, int, const sigset_t *))

@@ -5,6 +5,7 @@
 #ifndef FDKEEPER_SHIM_H
 #define FDKEEPER_SHIM_H
 
+#include <netinet/in.h>
 #include <stddef.h>
 #include <sys/socket.h>
 
@@ -12,6 +13,9 @@
 #define SHIM_EXPORT __attribute__((visibility("default")))
 
 enum shim_role { SHIM_ROLE_NONE = 0, SHIM_ROLE_CLIENT, SHIM_ROLE_SERVER };
+/* FDKEEPER_TRANSPORT: unset/empty means tcp; anything unknown is BAD (the
+ * shim then stays out of every handoff and says so once). */
+enum shim_transport { SHIM_TRANSPORT_TCP = 0, SHIM_TRANSPORT_TLS, SHIM_TRANSPORT_BAD };
 
 /* The environment, read once. */
 struct shim_config {
@@ -21,8 +25,20 @@ struct shim_config {
     int have_remote;                /* FDKEEPER_REMOTE parsed */
     struct sockaddr_storage remote;
     char remote_str[64];            /* canonical IP:PORT / [IP]:PORT */
+    enum shim_transport transport;
+    char transport_str[64];         /* the value as given (cut), for the BAD message */
     int reconnect;
     int debug;
+};
+
+/* An IPv4/IPv6 address as the keeper named it in FDS peers=/locals=. */
+struct shim_inaddr {
+    socklen_t len; /* sizeof the sockaddr_in/_in6 in u; 0: not known */
+    union {
+        struct sockaddr sa;
+        struct sockaddr_in in;
+        struct sockaddr_in6 in6;
+    } u;
 };
 
 SHIM_HIDDEN const struct shim_config *shim_config(void);
@@ -38,6 +54,8 @@ SHIM_HIDDEN void shim_debug(const char *fmt, ...) __attribute__((format(printf, 
 /* IP:PORT (IPv4) or [IP]:PORT (IPv6); "-" for anything else. */
 SHIM_HIDDEN void shim_format_addr(const struct sockaddr *sa, char *buf, size_t len);
 SHIM_HIDDEN int shim_parse_addr(const char *s, struct sockaddr_storage *out);
+/* The first n bytes of s (IP:PORT, [IP]:PORT, or "-" for not known) into out. */
+SHIM_HIDDEN int shim_parse_inaddr(const char *s, size_t n, struct shim_inaddr *out);
 /* Same family (IPv4-mapped IPv6 counts as IPv4), address and port. */
 SHIM_HIDDEN int shim_addr_equal(const struct sockaddr *a, socklen_t alen,
                                 const struct sockaddr_storage *b);

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from fdkeeper import sut
+from fdkeeper import sut, testpki
 
 
 # --------------------------------------------------------------------------
@@ -30,6 +30,34 @@ def kamailio(tmp_path: Path) -> Iterator[sut.Kamailio]:
         instance.start()
     except RuntimeError as exc:
         pytest.fail(f"cannot start the Kamailio SuT: {exc}", pytrace=False)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+        print(f"--- kamailio log tail ({instance.log_path}) ---\n{instance.log_tail(60)}")
+
+
+# --------------------------------------------------------------------------
+# TLS: test certificates and a TLS SuT
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> testpki.TestPki:
+    """One test PKI per session (CA, server/client certs, the "bad" ones):
+    see fdkeeper.testpki. Read-only for tests: make your own to change it."""
+    return testpki.make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def kamailio_tls(tmp_path: Path, test_pki: testpki.TestPki) -> Iterator[sut.Kamailio]:
+    """A started Kamailio like `kamailio`, also listening for TLS on
+    `.tls_port` with the test PKI's server certificate (no client
+    certificate required)."""
+    try:
+        instance = sut.Kamailio(tmp_path / "kamailio-tls", tls=sut.TlsOptions.server(test_pki))
+        instance.start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start the Kamailio TLS SuT: {exc}", pytrace=False)
     try:
         yield instance
     finally:

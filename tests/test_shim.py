@@ -4,11 +4,14 @@ The shim is compiled exactly as the package build does, preloaded into small C
 programs (tests/shim/shimprog.c) that use their sockets the way sipp 3.6.1
 does, and once into the real sipp. The fake keeper answers LEASE requests per
 docs/protocol.md with descriptors of TCP connections it opened to a listener
-the test owns (the "SuT").
+the test owns (the "SuT"), or, for transport=tls, with one end of a
+socketpair(AF_UNIX, SOCK_STREAM) whose other end the test uses as the SuT
+(standing in for the keeper's TLS relay).
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -78,18 +81,39 @@ class Sut:
         self.sock.close()
 
 
-class FakeKeeper:
-    """SEQPACKET control socket answering LEASE the way docs/protocol.md says."""
+def fmt_addr(addr) -> str:
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def __init__(self, path: Path, sut: Sut, error: str | None = None):
+
+class FakeKeeper:
+    """SEQPACKET control socket answering LEASE the way docs/protocol.md says.
+
+    pairs=True: client leases hand one end of a fresh socketpair (the keeper keeps
+    a copy of it, like it keeps a TCP socket; the test plays the SuT on the other
+    end) with peers=/locals= set to peer_addr/local_addr. addrs=True: TCP FDS
+    packets carry peers=/locals= too (the real addresses). fds_extra replaces the
+    peers=/locals= part of every FDS packet."""
+
+    def __init__(self, path: Path, sut: Sut, error: str | None = None, pairs: bool = False,
+                 addrs: bool = False, peer_addr: str | None = None,
+                 local_addr: str = "192.0.2.55:40312", fds_extra: str | None = None):
         self.path = str(path)
         self.sut = sut
         self.error = error                       # "code text" -> ERR reply
+        self.pairs = pairs
+        self.addrs = addrs or pairs
+        self.peer_addr = peer_addr or sut.addr
+        self.local_addr = local_addr
+        self.fds_extra = fds_extra               # replaces peers=/locals= when set
         self.server_conns: list[socket.socket] = []   # kept for server leases
+        self.server_addrs: list[tuple[str, str]] = []  # their (peer, local)
         self.kept: list[socket.socket] = []      # keeper's copies handed out
         self.sut_side: list[socket.socket] = []  # the SuT's end of each kept copy
         self.requests: list[str] = []
+        self.packets: list[str] = []             # FDS packets sent
         self.peer_pids: list[int] = []
+        self.pair_ends: list[socket.socket] = []  # the test's ends of socketpairs
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(self.path)
         self.sock.listen(16)
@@ -103,7 +127,41 @@ class FakeKeeper:
         for _ in range(n):
             c = socket.create_connection(("127.0.0.1", self.sut.port))
             self.server_conns.append(c)
+            self.server_addrs.append((fmt_addr(c.getpeername()), fmt_addr(c.getsockname())))
             self.sut_side.append(self.sut.accept())
+
+    def open_server_pairs(self, addrs: list[tuple[str, str]]):
+        """TLS-style kept connections: socketpair ends with (peer, local) addresses."""
+        for peer, local in addrs:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            b.settimeout(10)
+            self.pair_ends.append(b)
+            self.server_conns.append(a)
+            self.server_addrs.append((peer, local))
+            self.sut_side.append(b)
+
+    def _send_fds(self, conn, first_id: int, socks: list[socket.socket],
+                  addrs: list[tuple[str, str]]):
+        """FDS packets of at most 250 descriptors and 4096 bytes each."""
+        def message(start, end):
+            msg = "FDS ids=" + ",".join(str(first_id + i) for i in range(start, end))
+            if self.fds_extra is not None:
+                msg += self.fds_extra
+            elif self.addrs:
+                msg += " peers=" + ",".join(a[0] for a in addrs[start:end])
+                msg += " locals=" + ",".join(a[1] for a in addrs[start:end])
+            return msg
+
+        start = 0
+        while start < len(socks):
+            end = start + 1
+            while end < len(socks) and end - start < 250 and len(message(start, end + 1)) <= 4096:
+                end += 1
+            msg = message(start, end)
+            assert len(msg) <= 4096
+            self.packets.append(msg)
+            socket.send_fds(conn, [msg.encode()], [c.fileno() for c in socks[start:end]])
+            start = end
 
     def _serve(self):
         while not self._stop:
@@ -129,18 +187,23 @@ class FakeKeeper:
             conn.send(f"ERR {self.error}".encode())
             return
         if words[:2] == ["LEASE", "role=client"]:
-            s = socket.create_connection(("127.0.0.1", self.sut.port))
+            if self.pairs:
+                s, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                other.settimeout(10)
+                self.pair_ends.append(other)
+                self.sut_side.append(other)
+                addrs = (self.peer_addr, self.local_addr)
+            else:
+                s = socket.create_connection(("127.0.0.1", self.sut.port))
+                self.sut_side.append(self.sut.accept())
+                addrs = (fmt_addr(s.getpeername()), fmt_addr(s.getsockname()))
             self.kept.append(s)
-            self.sut_side.append(self.sut.accept())
             conn.send(b"OK count=1")
-            socket.send_fds(conn, [f"FDS ids={len(self.kept)}".encode()], [s.fileno()])
+            self._send_fds(conn, len(self.kept), [s], [addrs])
         elif words[:2] == ["LEASE", "role=server"]:
             conns = self.server_conns
             conn.send(f"OK count={len(conns)}".encode())
-            for i in range(0, len(conns), 250):
-                chunk = conns[i:i + 250]
-                ids = ",".join(str(i + j + 1) for j in range(len(chunk)))
-                socket.send_fds(conn, [f"FDS ids={ids}".encode()], [c.fileno() for c in chunk])
+            self._send_fds(conn, 1, conns, self.server_addrs)
         else:
             conn.send(b"ERR badrequest fdkeeper: unknown request")
 
@@ -148,7 +211,7 @@ class FakeKeeper:
         self._stop = True
         self.thread.join(2)
         self.sock.close()
-        for s in self.kept + self.server_conns:
+        for s in self.kept + self.server_conns + self.pair_ends:
             s.close()
 
 
@@ -219,6 +282,12 @@ def still_open(keeper_end: socket.socket, sut_end: socket.socket, tag: bytes = b
     assert keeper_end.recv(100) == tag + b"-s\n"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
     sock.settimeout(timeout)
     buf = b""
@@ -257,7 +326,10 @@ def test_client_handoff(build, keeper, sut):
         f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"]
     assert keeper.peer_pids == [p.pid]
     assert kv["connected"] != "-1" and kv["errno"] == "0"
-    assert kv["peer"] == sut.addr
+    assert kv["domain"] == "inet"
+    assert kv["peer"] == sut.addr and kv["errno_after_name"] == "EXDEV"
+    assert kv["trunc"] == "0,16,1" and kv["zero"] == "0,16"
+    assert kv["nodelay"] == "0"
     # The program's fd is the keeper's connection (same local address).
     kept = keeper.kept[0]
     assert kv["local"] == "%s:%d" % kept.getsockname()
@@ -407,14 +479,160 @@ def test_inert_without_socket(build, keeper, sut):
     assert err == "" and keeper.requests == []
 
 
+def wait_for(cond, timeout=10):
+    deadline = time.time() + timeout
+    while not cond() and time.time() < deadline:
+        time.sleep(0.02)
+    return cond()
+
+
+def test_client_tls_socketpair(build, keeper_dir, sut):
+    """transport=tls: the program's TCP fd becomes a socketpair end; its names are
+    the TLS connection's, TCP options are accepted, data flows both ways, and
+    shutdown/close leave the keeper's end alone."""
+    remote = "127.0.0.1:%d" % free_port()      # nothing listens there
+    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
+                   local_addr="127.0.0.1:40312")
+    try:
+        env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_TRANSPORT="tls")
+        p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":"), "127.0.0.1"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_for(lambda: k.sut_side), "the keeper got no lease"
+            peer = k.sut_side[0]
+            assert recv_until(peer, b"hello\n") == b"hello\n"
+            peer.sendall(b"pong\n")
+            out, err = p.communicate(timeout=10)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, out + err
+        kv = parse(out)
+        assert k.requests == [
+            f"LEASE role=client transport=tls remote={remote} local=127.0.0.1:0"]
+        assert k.packets == [f"FDS ids=1 peers={remote} locals=127.0.0.1:40312"]
+        assert kv["connected"] != "-1" and kv["errno"] == "0"
+        assert kv["domain"] == "unix"
+        assert kv["peer"] == remote and kv["local"] == "127.0.0.1:40312"
+        assert kv["errno_after_name"] == "EXDEV"
+        # sockaddr_in is 16 bytes: 6 copied into the short buffer, 16 reported.
+        assert kv["trunc"] == "0,16,1" and kv["zero"] == "0,16"
+        assert kv["nodelay"] == "0"
+        assert kv["cloexec"] == "1" and kv["nonblock"] == "0"
+        assert kv["events"] == "1" and kv["data"] == "7"
+        assert kv["got"] == "pong"
+        assert kv["linger"] == "0" and kv["shutdown"] == "0" and kv["close"] == "0"
+        kept = k.kept[0]
+        assert kept.family == socket.AF_UNIX
+        # SO_SNDBUF (a SOL_SOCKET option) was replayed onto the pair end.
+        assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 65535
+        still_open(kept, peer)
+        assert "IPPROTO_TCP option" in err and "ignored" in err, err
+        assert "socketpair" in err, err
+    finally:
+        k.close()
+
+
+def test_client_tcp_with_fds_addresses(build, keeper_dir, sut):
+    """A real TCP kept socket: peers=/locals= are parsed but the kernel answers."""
+    k = FakeKeeper(keeper_dir / "control.sock", sut,
+                   fds_extra=" peers=192.0.2.1:5060 locals=[2001:db8::1]:4000")
+    try:
+        p = subprocess.Popen(
+            [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
+            env=shim_env(build, k.path, remote=sut.addr), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: k.sut_side)
+        recv_until(k.sut_side[0], b"hello\n")
+        k.sut_side[0].sendall(b"pong\n")
+        out, err = p.communicate(timeout=10)
+        assert p.returncode == 0 and err == "", out + err
+        kv = parse(out)
+        assert kv["domain"] == "inet" and kv["nodelay"] == "0" and kv["got"] == "pong"
+        assert kv["peer"] == sut.addr
+        assert kv["local"] == fmt_addr(k.kept[0].getsockname())
+        still_open(k.kept[0], k.sut_side[0])
+    finally:
+        k.close()
+
+
+@pytest.mark.parametrize("extra", [
+    " peers=192.0.2.1:5060,192.0.2.2:5060 locals=127.0.0.1:1",   # two peers for one id
+    " peers=192.0.2.1 locals=127.0.0.1:1",                      # no port
+    " peers=192.0.2.1:5060 locals=",                            # empty list
+    " peers=[2001:db8::1:5060 locals=127.0.0.1:1",              # bad IPv6 form
+])
+def test_bad_fds_addresses(build, keeper_dir, sut, extra):
+    k = FakeKeeper(keeper_dir / "control.sock", sut, fds_extra=extra)
+    try:
+        r = run(build, ["connect", "127.0.0.1", str(sut.port)],
+                shim_env(build, k.path, remote=sut.addr))
+        assert parse(r.stdout) == {"rc": "-1", "errno": "ECONNREFUSED"}
+        assert r.stderr.startswith(f"fdkeeper: unexpected reply from the keeper at {k.path}: "
+                                   "packet 'FDS ids=1"), r.stderr
+        assert "address for each id" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        k.close()
+
+
+def test_fds_unknown_address_dash(build, keeper_dir, sut):
+    """'-' in peers=/locals= means unknown: the kernel's answer (AF_UNIX) stays."""
+    remote = "127.0.0.1:%d" % free_port()
+    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
+                   fds_extra=f" peers={remote} locals=-")
+    try:
+        p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":")],
+                             env=shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: k.sut_side)
+        recv_until(k.sut_side[0], b"hello\n")
+        k.sut_side[0].sendall(b"pong\n")
+        out, err = p.communicate(timeout=10)
+        assert p.returncode == 0 and err == "", out + err
+        kv = parse(out)
+        assert kv["peer"] == remote
+        assert kv["local"] == "family1/len2"     # an unnamed AF_UNIX socket
+    finally:
+        k.close()
+
+
+@pytest.mark.parametrize("role", ["client", "server"])
+def test_bad_transport(build, keeper, sut, role):
+    """An unknown FDKEEPER_TRANSPORT: one line at the first handoff, no lease,
+    the program's own calls go ahead."""
+    env = shim_env(build, keeper.path, role=role, remote=sut.addr, FDKEEPER_TRANSPORT="udp")
+    if role == "client":
+        p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        conn = sut.accept()                      # the program's own connection
+        assert recv_until(conn, b"hello\n") == b"hello\n"
+        conn.sendall(b"pong\n")
+        out, err = p.communicate(timeout=10)
+        assert parse(out)["got"] == "pong"
+        what = r"connect\(fd \d+\) to " + re.escape(sut.addr)
+    else:
+        r = run(build, ["server", "1"], env, timeout=30)
+        out, err = r.stdout, r.stderr
+        assert parse(out)["accepted"] == "0"
+        what = r"listen\(fd \d+\)"
+    assert keeper.requests == []
+    assert re.fullmatch("fdkeeper: FDKEEPER_TRANSPORT 'udp' is neither 'tcp' nor 'tls'; "
+                        f"{what} goes ahead without the keeper "
+                        r"\(no kept connection is handed over\)\n", err), err
+
+
+
 # --------------------------------------------------------------------------- server role
 
 
-def test_server_handoff_300(build, keeper, sut):
+@pytest.mark.parametrize("addrs", [False, True], ids=["plain", "addrs"])
+def test_server_handoff_300(build, keeper, sut, addrs):
+    """300 kept TCP connections, in FDS packets with or without peers=/locals=."""
     n = 300
+    keeper.addrs = addrs
     keeper.open_server_conns(n)
     env = shim_env(build, keeper.path, role="server", remote=sut.addr)
-    r = run(build, ["server", str(n)], env, timeout=60)
+    r = run(build, ["server", str(n), "v"], env, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     kv = parse(r.stdout)
     assert keeper.requests == [f"LEASE role=server transport=tcp remote={sut.addr}"]
@@ -422,6 +640,12 @@ def test_server_handoff_300(build, keeper, sut):
     assert kv["addr_ok"] == str(n)
     assert kv["blocking"] == str(n) and kv["cloexec"] == str(n)
     assert r.stderr == ""
+    for i in range(n):     # the kernel's addresses
+        peer, local = keeper.server_addrs[i]
+        assert kv[f"acc{i}"] == f"{peer},{local},inet"
+    # 250 descriptors per packet; with addresses the 4096-byte limit cuts first.
+    assert len(keeper.packets) == 2 if not addrs else len(keeper.packets) > 2
+    assert all(("peers=" in m) == addrs for m in keeper.packets)
     # Every kept connection got exactly one message, in order, and is still open.
     for i, sut_end in enumerate(keeper.sut_side):
         assert recv_until(sut_end, b"\n") == f"srv {i}\n".encode()
@@ -435,6 +659,45 @@ def test_server_without_remote_and_empty(build, keeper, sut):
     assert r.returncode == 0, r.stdout + r.stderr
     assert keeper.requests == ["LEASE role=server transport=tcp"]
     assert parse(r.stdout)["accepted"] == "0"
+
+
+def tls_server_addrs(n: int) -> list[tuple[str, str]]:
+    """(peer, local) per kept TLS connection, IPv4 and IPv6 mixed."""
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append((f"[2001:db8::{i:x}]:5061", f"[2001:db8:1::1]:{40000 + i}"))
+        else:
+            out.append((f"192.0.2.{i % 250 + 1}:5061", f"198.51.100.1:{40000 + i}"))
+    return out
+
+
+def test_server_tls_socketpairs(build, keeper_dir, sut):
+    """transport=tls server role: accept()/accept4() return the socketpair ends with
+    the stored peer addresses (getsockname/getpeername agree), injected through
+    epoll as for TCP; shutdown/close leave the keeper's ends alone."""
+    n = 300
+    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True)
+    try:
+        k.open_server_pairs(tls_server_addrs(n))
+        env = shim_env(build, k.path, role="server", FDKEEPER_TRANSPORT="tls")
+        r = run(build, ["server", str(n), "v"], env, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stderr == ""
+        kv = parse(r.stdout)
+        assert k.requests == ["LEASE role=server transport=tls"]
+        assert len(k.packets) > 2 and all(len(m) <= 4096 for m in k.packets)
+        assert kv["accepted"] == str(n) and kv["addr_ok"] == str(n)
+        assert kv["blocking"] == str(n) and kv["cloexec"] == str(n)
+        for i, (peer, local) in enumerate(k.server_addrs):
+            assert kv[f"acc{i}"] == f"{peer},{local},unix"
+        for i, end in enumerate(k.sut_side):
+            assert recv_until(end, b"\n") == f"srv {i}\n".encode()
+        for i in (0, 2, n // 2, n - 1):
+            still_open(k.server_conns[i], k.sut_side[i], tag=b"p%d" % i)
+    finally:
+        k.close()
+
 
 
 # --------------------------------------------------------------------------- real sipp
@@ -476,14 +739,31 @@ def sip_response(request: bytes, code: str) -> bytes:
             "\r\nContact: <sip:sut@127.0.0.1>\r\nContent-Length: 0\r\n\r\n").encode()
 
 
+@pytest.fixture(params=["tcp", "tls"])
+def transport_keeper(request, keeper_dir, sut):
+    """(transport, keeper, SuT address sipp is pointed at): tcp hands real TCP
+    connections to the SuT listener, tls socketpair ends (nothing listens at the
+    address; the test plays the SuT on the pair's other end)."""
+    if request.param == "tcp":
+        k = FakeKeeper(keeper_dir / "control.sock", sut)
+        remote = sut.addr
+    else:
+        remote = "127.0.0.1:%d" % free_port()
+        k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
+                       local_addr="127.0.0.1:40999")
+    yield request.param, k, remote
+    k.close()
+
+
 @pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
-def test_real_sipp_uac(build, keeper, sut, tmp_path):
-    """sipp -sn uac -t t1 runs a whole call over the kept connection; afterwards
-    the keeper's copy is still open."""
-    env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
+def test_real_sipp_uac(build, transport_keeper, tmp_path):
+    """sipp -sn uac -t t1 runs a whole call over the kept connection (tls: a
+    socketpair end); afterwards the keeper's copy is still open."""
+    transport, keeper, remote = transport_keeper
+    env = shim_env(build, keeper.path, remote=remote, debug=True, FDKEEPER_TRANSPORT=transport)
     p = subprocess.Popen(
         [SIPP, "-sn", "uac", "-t", "t1", "-m", "1", "-l", "1", "-nostdin", "-i", "127.0.0.1",
-         "-timeout", "20s", "-trace_err", sut.addr],
+         "-timeout", "20s", "-trace_err", remote],
         env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
     try:
@@ -507,24 +787,26 @@ def test_real_sipp_uac(build, keeper, sut, tmp_path):
             p.communicate()
     assert p.returncode == 0, (out[-2000:], err[-2000:])
     assert keeper.peer_pids == [p.pid]
+    assert keeper.requests[0].startswith(f"LEASE role=client transport={transport} ")
     assert b"handed over the kept connection" in err
+    assert (b"socketpair" in err) == (transport == "tls")
     still_open(keeper.kept[0], peer)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
-def test_real_sipp_uas(build, keeper, sut, tmp_path):
-    """sipp -sn uas -t t1 gets the keeper's connection as an accepted one
-    (epoll_wait injection + accept) and answers a call the SuT sends over it."""
-    keeper.open_server_conns(1)
+def test_real_sipp_uas(build, transport_keeper, tmp_path):
+    """sipp -sn uas -t t1 gets the keeper's connection (tls: a socketpair end) as an
+    accepted one (epoll_wait injection + accept) and answers a call the SuT sends
+    over it."""
+    transport, keeper, remote = transport_keeper
+    if transport == "tcp":
+        keeper.open_server_conns(1)
+    else:
+        keeper.open_server_pairs([(remote, "127.0.0.1:40999")])
     kept, peer = keeper.server_conns[0], keeper.sut_side[0]
     port = free_port()
-    env = shim_env(build, keeper.path, role="server", remote=sut.addr, debug=True)
+    env = shim_env(build, keeper.path, role="server", remote=remote, debug=True,
+                   FDKEEPER_TRANSPORT=transport)
     p = subprocess.Popen(
         [SIPP, "-sn", "uas", "-t", "t1", "-m", "1", "-nostdin", "-i", "127.0.0.1",
          "-p", str(port), "-timeout", "20s"],
@@ -534,8 +816,8 @@ def test_real_sipp_uas(build, keeper, sut, tmp_path):
         deadline = time.time() + 15
         while not keeper.requests and time.time() < deadline and p.poll() is None:
             time.sleep(0.05)
-        assert keeper.requests == [f"LEASE role=server transport=tcp remote={sut.addr}"]
-        local = "127.0.0.1:%d" % peer.getsockname()[1]
+        assert keeper.requests == [f"LEASE role=server transport={transport} remote={remote}"]
+        local = remote
         common = (f"Via: SIP/2.0/TCP {local};branch=z9hG4bK-t1\r\n"
                   f"From: <sip:sut@{local}>;tag=sut1\r\n"
                   f"To: <sip:sipp@127.0.0.1:{port}>\r\n"

@@ -30,6 +30,8 @@ class HandoffRequest:
     invocation: SippInvocation
     control_socket: Path
     remote: tuple[str, int] | None
+    transport: str = "tcp"
+    args: list[str] | None = None  # sipp's arguments as run (a TLS run rewrites some); default: as given
     reconnect: bool = False
     debug: bool = False
 

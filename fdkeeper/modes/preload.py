@@ -75,10 +75,11 @@ class PreloadMode(Mode):
             "FDKEEPER_SOCKET": os.fspath(request.control_socket),
             "FDKEEPER_ROLE": request.invocation.role,
             "FDKEEPER_REMOTE": format_address(request.remote) if request.remote else "",
-            "FDKEEPER_TRANSPORT": "tcp",
+            "FDKEEPER_TRANSPORT": request.transport,
         }
         if request.reconnect:
             env["FDKEEPER_RECONNECT"] = "1"
         if request.debug:
             env["FDKEEPER_DEBUG"] = "1"
-        return Handoff(argv=[os.fspath(request.sipp), *request.invocation.args], env=env)
+        args = request.args if request.args is not None else request.invocation.args
+        return Handoff(argv=[os.fspath(request.sipp), *args], env=env)

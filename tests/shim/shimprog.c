@@ -6,7 +6,8 @@
  *   shimprog untouched IP PORT OTHERPORT UDPPORT
  *   shimprog dup IP PORT OTHERPORT
  *   shimprog fork IP PORT
- *   shimprog server N                  sipp-like listener, accepts N via epoll
+ *   shimprog server N [v]              sipp-like listener, accepts N via epoll
+ *                                      (v: one line per accepted connection)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -41,12 +42,35 @@ static struct sockaddr_in addr_of(const char *ip, const char *port)
     return a;
 }
 
-static void print_addr(const char *key, const struct sockaddr *sa)
+static void format_addr(const struct sockaddr *sa, socklen_t len, char *out, size_t n)
 {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
     char ip[64];
-    inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
-    printf("%s=%s:%u\n", key, ip, ntohs(in->sin_port));
+    if (sa->sa_family == AF_INET && len == sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof ip);
+        snprintf(out, n, "%s:%u", ip, ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6 && len == sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof ip);
+        snprintf(out, n, "[%s]:%u", ip, ntohs(in6->sin6_port));
+    } else {
+        snprintf(out, n, "family%d/len%u", sa->sa_family, (unsigned)len);
+    }
+}
+
+static void print_addr_len(const char *key, const struct sockaddr *sa, socklen_t len)
+{
+    char buf[128];
+    format_addr(sa, len, buf, sizeof buf);
+    printf("%s=%s\n", key, buf);
+}
+
+static int domain_of(int fd)
+{
+    int d = -1;
+    socklen_t l = sizeof d;
+    getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &d, &l);
+    return d;
 }
 
 /* The sipp sequence: socket, epoll ADD, setsockopt, bind, O_NONBLOCK, connect, flags back. */
@@ -119,11 +143,33 @@ static int cmd_client(int argc, char **argv)
     printf("connected=%d errno=%s\n", s, ename(err));
     printf("cloexec=%d nonblock=%d\n", (fcntl(s, F_GETFD) & FD_CLOEXEC) != 0,
            (fcntl(s, F_GETFL) & O_NONBLOCK) != 0);
+    printf("domain=%s\n", domain_of(s) == AF_UNIX ? "unix" : domain_of(s) == AF_INET ? "inet" : "?");
+    errno = EXDEV; /* a successful call leaves errno alone */
     if (getpeername(s, (struct sockaddr *)&ss, &sl) == 0)
-        print_addr("peer", (struct sockaddr *)&ss);
+        print_addr_len("peer", (struct sockaddr *)&ss, sl);
+    printf("errno_after_name=%s\n", ename(errno));
     sl = sizeof ss;
     if (getsockname(s, (struct sockaddr *)&ss, &sl) == 0)
-        print_addr("local", (struct sockaddr *)&ss);
+        print_addr_len("local", (struct sockaddr *)&ss, sl);
+    {
+        /* A short buffer: at most len bytes copied, the full size reported. */
+        struct sockaddr_storage full, part;
+        socklen_t fl = sizeof full, pl = 6;
+        int r;
+        memset(&part, 0xee, sizeof part);
+        getsockname(s, (struct sockaddr *)&full, &fl);
+        r = getsockname(s, (struct sockaddr *)&part, &pl);
+        printf("trunc=%d,%u,%d\n", r, (unsigned)pl,
+               memcmp(&part, &full, 6) == 0 && ((unsigned char *)&part)[6] == 0xee);
+        pl = 0;
+        r = getpeername(s, NULL, &pl);
+        printf("zero=%d,%u\n", r, (unsigned)pl);
+    }
+    /* sipp may set TCP options on the connection after the handoff. */
+    {
+        int one = 1;
+        printf("nodelay=%d\n", setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one));
+    }
     fflush(stdout);
     if (send(s, "hello\n", 6, MSG_DONTWAIT) != 6)
         die("send");
@@ -239,6 +285,7 @@ static int cmd_fork(int argc, char **argv)
 static int cmd_server(int argc, char **argv)
 {
     int want = atoi(argv[2]), got = 0, addr_ok = 0, blocking = 0, cloexec = 0, one = 1;
+    int verbose = argc > 3 && !strcmp(argv[3], "v");
     int ep = epoll_create1(0), l = socket(AF_INET, SOCK_STREAM, 0);
     int *fds = calloc((size_t)want + 1, sizeof(int));
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 5 };
@@ -275,6 +322,16 @@ static int cmd_server(int argc, char **argv)
             if (getpeername(fd, (struct sockaddr *)&ps, &pl) == 0 && pl == sl &&
                 memcmp(&ps, &ss, sl) == 0)
                 addr_ok++;
+            if (verbose) {
+                struct sockaddr_storage ls;
+                socklen_t ll = sizeof ls;
+                char a[128], b[128];
+                getsockname(fd, (struct sockaddr *)&ls, &ll);
+                format_addr((struct sockaddr *)&ss, sl, a, sizeof a);
+                format_addr((struct sockaddr *)&ls, ll, b, sizeof b);
+                printf("acc%d=%s,%s,%s\n", got, a, b,
+                       domain_of(fd) == AF_UNIX ? "unix" : domain_of(fd) == AF_INET ? "inet" : "?");
+            }
             blocking += !(fcntl(fd, F_GETFL) & O_NONBLOCK);
             cloexec += (fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0;
             ev.data.u64 = 1000 + (uint64_t)got;

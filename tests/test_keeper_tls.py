@@ -1,0 +1,258 @@
+"""The keeper's TLS link against a Python TLS peer: verification, errors, message integrity.
+
+The peer here is a plain TLS server standing in for the SuT's socket layer, to drive
+byte-exact cases (half-written messages, half-read messages, pongs); SIP behaviour with
+Debian's sipp and a real Kamailio over TLS is in test_e2e_tls.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.testpki import make_test_pki
+
+
+def sip(call_id: str, body: bytes = b"") -> bytes:
+    return f"MESSAGE sip:a@b SIP/2.0\r\nCall-ID: {call_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+class TlsPeer:
+    """A TLS server on loopback that accepts one connection and records what it reads."""
+
+    def __init__(self, pki, *, cert=None, key=None, require_client_cert=False) -> None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert or pki.server_cert, key or pki.server_key)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(pki.ca_cert)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.context = context
+        self.connection: ssl.SSLSocket | None = None
+        self.received = bytearray()
+        self.accepts = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepts += 1
+            try:
+                self.connection = self.context.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError):
+                raw.close()
+                continue
+            while True:
+                try:
+                    data = self.connection.recv(65536)
+                except (ssl.SSLError, OSError):
+                    break
+                if not data:
+                    break
+                self.received += data
+                if data == b"\r\n\r\n":  # answer a keep-alive ping like Kamailio does
+                    self.connection.sendall(b"\r\n")
+
+    def send(self, data: bytes) -> None:
+        wait_for(lambda: self.connection is not None)
+        self.connection.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.connection is not None:
+            try:
+                self.connection.unwrap()  # close_notify
+            except (ssl.SSLError, OSError, ValueError):
+                pass
+            self.connection.close()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def keeper(tmp_path):
+    client = ensure_keeper(tmp_path / "state")
+    yield client
+    client.stop()
+
+
+@pytest.fixture
+def peer(pki):
+    server = TlsPeer(pki)
+    yield server
+    server.close()
+
+
+def prepare(keeper: KeeperClient, peer: TlsPeer, pki, **tls) -> None:
+    fields = {"tls_ca": str(pki.ca_cert), **tls}
+    keeper.prepare(role="client", transport="tls", remote=peer.address, local="-", **fields)
+
+
+def lease_fd(keeper: KeeperClient, peer: TlsPeer) -> int:
+    [(_, fd)] = keeper.lease(role="client", transport="tls", remote=peer.address, local="-")
+    return fd
+
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from fdkeeper.client import KeeperClient
+[(_, fd)] = KeeperClient(Path(sys.argv[1])).lease(
+    role="client", transport="tls", remote=(sys.argv[2], int(sys.argv[3])), local="-")
+action, argument = sys.argv[4], sys.argv[5]
+if action == "write":
+    os.write(fd, bytes.fromhex(argument))
+    time.sleep(0.2)  # let the keeper read it before the SIGKILL
+else:
+    os.read(fd, int(argument))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def in_child(keeper: KeeperClient, peer: TlsPeer, action: str, argument: str) -> int:
+    """A run (a separate process: no fork beside the peer's threads) that leases, acts, dies by SIGKILL."""
+    command = [sys.executable, "-c", CHILD, str(keeper.directory), *map(str, peer.address), action, argument]
+    return subprocess.run(command, timeout=30).returncode
+
+
+def test_verified_connection_and_status(keeper, peer, pki):
+    prepare(keeper, peer, pki, tls_sni=pki.server_name)
+    [connection] = keeper.status()["connections"]
+    tls = connection["tls"]
+    assert connection["transport"] == "tls" and connection["state"] == "idle"
+    assert tls["version"] in ("TLSv1.2", "TLSv1.3") and tls["cipher"]
+    assert "CN=sut.test" in tls["peer_subject"] and tls["sni"] == "sut.test"
+
+
+def test_address_is_verified_without_sni(keeper, peer, pki):
+    prepare(keeper, peer, pki)  # the server cert has IP:127.0.0.1
+    assert keeper.status()["connections"][0]["tls"]["sni"] is None
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("wrong ca", "certificate verification: unable to get local issuer certificate"),
+        ("wrong name", "certificate verification: Hostname mismatch, certificate is not valid for 'sut.test';"),
+        ("expired", "certificate verification: certificate has expired"),
+        ("client cert required", "pass --tls-cert and --tls-key"),
+    ],
+)
+def test_handshake_failures_are_one_clear_line(keeper, pki, case, expected):
+    server = {
+        "wrong ca": lambda: TlsPeer(pki),
+        "wrong name": lambda: TlsPeer(pki, cert=pki.wrong_name_server_cert, key=pki.wrong_name_server_key),
+        "expired": lambda: TlsPeer(pki, cert=pki.expired_server_cert, key=pki.expired_server_key),
+        "client cert required": lambda: TlsPeer(pki, require_client_cert=True),
+    }[case]()
+    ca = pki.other_ca_cert if case == "wrong ca" else pki.ca_cert
+    sni = pki.server_name
+    try:
+        with pytest.raises(FdkeeperError) as failure:
+            prepare(keeper, server, pki, tls_ca=str(ca), tls_sni=sni)
+        text = str(failure.value)
+        assert text.startswith(f"fdkeeper: TLS handshake with the SuT at 127.0.0.1:{server.address[1]}/tls failed")
+        assert expected in text, text
+        assert "\n" not in text
+        assert keeper.status()["connections"] == []  # nothing half-open
+    finally:
+        server.close()
+
+
+def test_mutual_tls_with_a_client_certificate(keeper, pki):
+    server = TlsPeer(pki, require_client_cert=True)
+    try:
+        prepare(keeper, server, pki, tls_cert=str(pki.client_cert), tls_key=str(pki.client_key))
+        fd = lease_fd(keeper, server)
+        os.write(fd, sip("mtls"))
+        wait_for(lambda: bytes(server.received) == sip("mtls"))
+        os.close(fd)
+    finally:
+        server.close()
+
+
+def test_insecure_skips_verification(keeper, peer, pki):
+    keeper.prepare(role="client", transport="tls", remote=peer.address, local="-", tls_insecure=True)
+    assert keeper.status()["connections"][0]["tls"]["verified"] is False
+
+
+def test_a_run_dying_mid_write_never_sends_half_a_message(keeper, peer, pki):
+    prepare(keeper, peer, pki)
+    whole, half = sip("whole", b"x" * 100), sip("half", b"y" * 1000)
+
+    assert in_child(keeper, peer, "write", (whole + half[:500]).hex()) == -signal.SIGKILL
+    wait_for(lambda: keeper.status()["connections"][0]["state"] == "idle")
+    fd = lease_fd(keeper, peer)
+    os.write(fd, sip("next"))
+    wait_for(lambda: bytes(peer.received).endswith(sip("next")))
+    assert bytes(peer.received) == whole + sip("next")
+    assert keeper.status()["connections"][0]["tls"]["dropped_bytes"] == 500
+    os.close(fd)
+
+
+def test_requests_between_runs_are_kept_whole_and_pongs_never_reach_a_run(keeper, peer, pki):
+    prepare(keeper, peer, pki)
+    peer.send(sip("one") + b"\r\n" + sip("two", b"body"))  # a stray pong between two requests
+    wait_for(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(sip("one") + sip("two", b"body")))
+    fd = lease_fd(keeper, peer)
+    with socket.socket(fileno=fd) as leased:
+        leased.settimeout(2)
+        assert leased.recv(65536) == sip("one") + sip("two", b"body")
+
+
+def test_a_run_that_read_half_a_message_leaves_the_next_on_a_boundary(keeper, peer, pki):
+    prepare(keeper, peer, pki)
+    first, second = sip("first", b"a" * 200), sip("second")
+    peer.send(first + second)
+    wait_for(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(first + second))
+
+    assert in_child(keeper, peer, "read", "100") == -signal.SIGKILL
+    wait_for(lambda: keeper.status()["connections"][0]["state"] == "idle")
+    with socket.socket(fileno=lease_fd(keeper, peer)) as leased:
+        leased.settimeout(2)
+        assert leased.recv(65536) == second
+
+
+def test_close_notify_between_runs_is_seen(keeper, peer, pki):
+    prepare(keeper, peer, pki)
+    wait_for(lambda: peer.connection is not None)
+    peer.close()
+    wait_for(lambda: keeper.status()["connections"][0]["state"] == "closed")
+    with pytest.raises(FdkeeperError, match="--reconnect"):
+        prepare(keeper, peer, pki)
+
+
+def test_keepalive_over_tls(tmp_path, peer, pki):
+    client = ensure_keeper(tmp_path / "ka", keepalive=1)
+    try:
+        prepare(client, peer, pki)
+        wait_for(lambda: client.status()["connections"][0]["pongs"] >= 1)
+        assert b"\r\n\r\n" in bytes(peer.received)
+        assert client.status()["connections"][0]["queued_bytes"] == 0
+    finally:
+        client.stop()
