@@ -30,6 +30,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import (
     JSON_CHUNK,
     MAX_FDS_PER_PACKET,
+    MAX_MESSAGE,
     Address,
     ProtocolError,
     Request,
@@ -310,12 +311,14 @@ class Keeper:
         for connection in connections:
             self._grant(connection, pid)
         client.send(format_message("OK", count=len(connections)))
-        for start in range(0, len(connections), MAX_FDS_PER_PACKET):
-            batch = connections[start : start + MAX_FDS_PER_PACKET]
-            ids = ",".join(str(c.id) for c in batch)
-            peers = ",".join(format_address(c.remote) for c in batch)
-            locals_ = ",".join(format_address(c.local) for c in batch)
-            send_packet(client, format_message("FDS", ids=ids, peers=peers, locals=locals_), [c.fileno() for c in batch])
+        for batch in _fds_batches(connections):
+            packet = format_message(
+                "FDS",
+                ids=",".join(str(c.id) for c in batch),
+                peers=",".join(format_address(c.remote) for c in batch),
+                locals=",".join(format_address(c.local) for c in batch),
+            )
+            send_packet(client, packet, [c.fileno() for c in batch])
         log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
 
     def _prepare(self, client: socket.socket, pid: int, request: Request) -> None:
@@ -592,6 +595,21 @@ class Keeper:
                 self._close_connection(connection, connection.peer_gone_reason())
                 return
             self._collect_pong(connection)
+
+
+def _fds_batches(connections: list[KeptConnection]) -> list[list[KeptConnection]]:
+    """Cut a lease's descriptors into FDS packets that fit both MAX_FDS_PER_PACKET and MAX_MESSAGE."""
+    batches: list[list[KeptConnection]] = []
+    size = 0
+    for connection in connections:
+        # id, peer and local address with their separators; the verb and keys take the rest.
+        cost = len(str(connection.id)) + len(format_address(connection.remote)) + len(format_address(connection.local)) + 3
+        if not batches or len(batches[-1]) >= MAX_FDS_PER_PACKET or size + cost > MAX_MESSAGE - 64:
+            batches.append([])
+            size = 0
+        batches[-1].append(connection)
+        size += cost
+    return batches
 
 
 def _closed_text(connection: KeptConnection) -> str:

@@ -269,7 +269,8 @@ static int name_common(int fd, struct sockaddr *addr, socklen_t *len, int peer)
         errno = EFAULT;
         return -1;
     }
-    memcpy(addr, &a.u, *len < a.len ? *len : a.len);
+    if (*len)
+        memcpy(addr, &a.u, *len < a.len ? *len : a.len);
     *len = a.len;
     return 0;
 real:

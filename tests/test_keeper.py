@@ -190,6 +190,27 @@ def test_server_lease_hands_every_kept_connection(keeper):
         listener.close()
 
 
+def test_a_large_server_lease_is_cut_into_packets_that_fit():
+    from fdkeeper.connections import KeptConnection
+    from fdkeeper.keeper import _fds_batches
+    from fdkeeper.protocol import MAX_FDS_PER_PACKET, format_message
+
+    connections = [
+        KeptConnection(id=i, sock=None, transport="tcp", remote=("2001:db8::1", 5061), local=("2001:db8::2", 40000 + i))
+        for i in range(1000, 1600)
+    ]
+    batches = _fds_batches(connections)
+    assert [c for batch in batches for c in batch] == connections
+    for batch in batches:
+        assert len(batch) <= MAX_FDS_PER_PACKET
+        format_message(  # raises if over MAX_MESSAGE
+            "FDS",
+            ids=",".join(str(c.id) for c in batch),
+            peers=",".join("[2001:db8::1]:5061" for _ in batch),
+            locals=",".join(f"[2001:db8::2]:{c.local[1]}" for c in batch),
+        )
+
+
 def test_local_address_is_bound_as_asked(keeper, peer):
     with socket.socket() as probe:  # find a free port to ask for
         probe.bind(("127.0.0.1", 0))

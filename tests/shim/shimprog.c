@@ -349,6 +349,7 @@ static int cmd_server(int argc, char **argv)
         shutdown(fds[i], SHUT_RDWR);
         close(fds[i]);
     }
+    free(fds);
     printf("done=1\n");
     return 0;
 }
