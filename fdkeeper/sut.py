@@ -39,7 +39,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from fdkeeper.testpki import TestPki
 
 
 def _scenarios_dir() -> Path:
@@ -403,6 +406,7 @@ _CONTROL_ROUTE = """
 @dataclass(frozen=True)
 class TlsOptions:
     """TLS for a Kamailio instance (SuT or converter): its own tls.cfg.
+    (Not fdkeeper.tls.TlsOptions, which is the keeper's client side.)
 
     cert/key: this instance's certificate (PEM), presented as TLS server and,
     unless client_cert/client_key are given, as TLS client too.
@@ -433,13 +437,15 @@ class TlsOptions:
     method: str = "TLSv1.2+"
 
     @classmethod
-    def server(cls, pki, *, require_client_cert: bool = False, **options) -> "TlsOptions":
+    def server(cls, pki: TestPki, *, require_client_cert: bool = False,
+               **options) -> "TlsOptions":
         """The SuT's side of a fdkeeper.testpki.TestPki."""
         return cls(cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert,
                    require_client_cert=require_client_cert, **options)
 
     @classmethod
-    def client(cls, pki, *, verify_server_cert: bool = True, **options) -> "TlsOptions":
+    def client(cls, pki: TestPki, *, verify_server_cert: bool = True,
+               **options) -> "TlsOptions":
         """A client of the SuT (the converter) with the TestPki's client cert."""
         return cls(cert=pki.client_cert, key=pki.client_key, ca=pki.ca_cert,
                    verify_server_cert=verify_server_cert, **options)
@@ -1252,7 +1258,7 @@ class KamailioConverter(KamailioInstance):
         if self.sipp_address:
             to_sipp = f'$du = "sip:{self.sipp_address};transport=udp";'
         else:
-            to_sipp = "# by R-URI: the Contact that sipp registered"
+            to_sipp = "$du = $null;  # by R-URI: the Contact that sipp registered"
         return _CONVERTER_CFG.format(
             host=self._cfg_host, port=self.port, children=self.children,
             tcp_lifetime=self.tcp_lifetime,

@@ -7,19 +7,28 @@ With the real sipp and no fdkeeper at all:
   a sipp listening on the Contact's port: the SuT never dials a user. This is
   the problem fdkeeper solves;
 - restart() keeps the port; location() and tcp_connections() tell tests which
-  connection a user is bound to.
+  connection a user is bound to;
+- with TLS (certificates from fdkeeper.testpki) a plain `ssl` client verifying
+  against the test CA gets 200 to OPTIONS; mutual TLS refuses a client
+  without a (good) certificate; close_connections() closes TCP with a FIN
+  and TLS with a close_notify first;
+- KamailioConverter turns sipp's UDP into TCP/TLS towards the SuT, and a
+  call reaches a UDP sipp registered through it over one TLS connection.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import socket
+import ssl
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 
-from fdkeeper import sut
+from fdkeeper import sut, testpki
 
 
 # --------------------------------------------------------------------------
@@ -241,3 +250,249 @@ def test_parse_kamcmd_keeps_repeated_members():
         {"host": "127.0.0.1", "port": 5070, "transport": "udp"},
         {"host": "::1", "port": 5080, "transport": "tcp"},
     ]
+
+
+# --------------------------------------------------------------------------
+# TLS, close_connections(), the converter
+# --------------------------------------------------------------------------
+
+def tls_context(pki: testpki.TestPki, *, ca: Path | None = None,
+                cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client context verifying the server against `ca` (the test CA)."""
+    context = ssl.create_default_context(cafile=str(ca or pki.ca_cert))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def tls_connect(kamailio: sut.Kamailio, context: ssl.SSLContext,
+                server_hostname: str = testpki.SERVER_DNS_NAME) -> ssl.SSLSocket:
+    """A TLS connection to the SuT. suppress_ragged_eofs=False: a close
+    without close_notify raises SSLEOFError instead of reading as b''."""
+    raw = socket.create_connection((kamailio.host, kamailio.tls_port), timeout=5)
+    return context.wrap_socket(raw, server_hostname=server_hostname,
+                               suppress_ragged_eofs=False)
+
+
+def options_over(sock: socket.socket, target: str, proto: str) -> bytes:
+    """OPTIONS sip:TARGET over a connected TCP/TLS socket; return the reply."""
+    via = f"SIP/2.0/{proto} {sut._format_addr(*sock.getsockname()[:2])}"
+    sock.sendall(sut.options_request(f"sip:{target}", via))
+    return sut.read_sip_message(sock)
+
+
+def udp_exchange(port: int, message_for) -> bytes:
+    """Send message_for(local "ip:port") over UDP to 127.0.0.1:port; one reply."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(5)
+        sock.sendto(message_for(f"127.0.0.1:{sock.getsockname()[1]}"), ("127.0.0.1", port))
+        return sock.recvfrom(65535)[0]
+
+
+def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext,
+                        server_hostname: str) -> None:
+    """A full TLS handshake between two contexts through memory BIOs (no
+    sockets); raises the ssl error of whichever side fails."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client_side = client.wrap_bio(c_in, c_out, server_hostname=server_hostname)
+    server_side = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, side in (("client", client_side), ("server", server_side)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            # TLS 1.3: the server judges the client certificate after the
+            # client has finished; one read on the server side surfaces it.
+            try:
+                server_side.read(1)
+            except ssl.SSLWantReadError:
+                pass
+            return
+    raise AssertionError(f"handshake did not finish: {done}")
+
+
+def test_pki_certificates_verify_as_documented(test_pki):
+    def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        return context
+
+    good = server_context(test_pki.server_cert, test_pki.server_key)
+    for name in ("sut.test", "127.0.0.1", "::1"):
+        handshake_in_memory(good, tls_context(test_pki), name)
+    with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+        handshake_in_memory(
+            server_context(test_pki.expired_server_cert, test_pki.expired_server_key),
+            tls_context(test_pki), "sut.test")
+    wrong = server_context(test_pki.wrong_name_server_cert, test_pki.wrong_name_server_key)
+    handshake_in_memory(wrong, tls_context(test_pki), "other.test")
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        handshake_in_memory(wrong, tls_context(test_pki), "sut.test")
+    with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch"):
+        handshake_in_memory(wrong, tls_context(test_pki), "127.0.0.1")
+    with pytest.raises(ssl.SSLCertVerificationError, match="unable to get local issuer"):
+        handshake_in_memory(good, tls_context(test_pki, ca=test_pki.other_ca_cert), "sut.test")
+    # Mutual TLS: the test CA accepts its client, not the unrelated CA's.
+    mutual = server_context(test_pki.server_cert, test_pki.server_key)
+    mutual.verify_mode = ssl.CERT_REQUIRED
+    mutual.load_verify_locations(str(test_pki.ca_cert))
+    handshake_in_memory(mutual, tls_context(test_pki, cert=test_pki.client_cert,
+                                            key=test_pki.client_key), "sut.test")
+    with pytest.raises(ssl.SSLError):
+        handshake_in_memory(mutual, tls_context(test_pki, cert=test_pki.other_ca_client_cert,
+                                                key=test_pki.other_ca_client_key), "sut.test")
+
+
+def test_tls_options_answered_over_a_verified_connection(kamailio_tls, test_pki):
+    assert kamailio_tls.tls_address == f"127.0.0.1:{kamailio_tls.tls_port}"
+    assert kamailio_tls.tls_port != kamailio_tls.port
+    for name in ("sut.test", "127.0.0.1"):
+        with tls_connect(kamailio_tls, tls_context(test_pki), name) as conn:
+            assert conn.version() in ("TLSv1.2", "TLSv1.3")
+            reply = options_over(conn, kamailio_tls.tls_address, "TLS")
+            assert reply.startswith(b"SIP/2.0 200"), reply
+            assert b"SIP/2.0/TLS" in reply
+            [listed] = kamailio_tls.tcp_connections()
+            assert listed["type"] == "TLS" and listed["state"] == "CONN_OK"
+            assert listed["remote_port"] == conn.getsockname()[1]
+            assert listed["local"] == kamailio_tls.tls_address
+            # The tls module's own idle timeout is raised with tcp_lifetime.
+            assert int(listed["lifetime"]) >= 3600
+            assert [c["id"] for c in kamailio_tls.tls_connections()] == [listed["id"]]
+        sut.wait_until(lambda: not kamailio_tls.tcp_connections(), what="connection gone")
+    handshakes = kamailio_tls.tls_handshakes()
+    assert [h["direction"] for h in handshakes] == ["in", "in"]
+    assert handshakes[0]["client_cert"] is False and handshakes[0]["version"].startswith("TLS")
+    # A client that trusts another CA refuses the SuT's certificate.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_connect(kamailio_tls, tls_context(test_pki, ca=test_pki.other_ca_cert))
+
+
+def test_mutual_tls_requires_a_client_certificate_of_the_ca(tmp_path, test_pki):
+    tls = sut.TlsOptions.server(test_pki, require_client_cert=True)
+    assert "require_certificate = yes" in tls.config_text()
+    with sut.Kamailio(tmp_path / "kamailio", tls=tls) as kamailio:
+        def attempt(context: ssl.SSLContext) -> bytes:
+            with tls_connect(kamailio, context) as conn:
+                return options_over(conn, kamailio.tls_address, "TLS")
+
+        # TLS 1.3 reports the refusal on the first read, 1.2 in the handshake.
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|HANDSHAKE_FAILURE"):
+            attempt(tls_context(test_pki))
+        with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+            attempt(tls_context(test_pki, cert=test_pki.other_ca_client_cert,
+                                key=test_pki.other_ca_client_key))
+        reply = attempt(tls_context(test_pki, cert=test_pki.client_cert,
+                                    key=test_pki.client_key))
+        assert reply.startswith(b"SIP/2.0 200"), reply
+        [handshake] = kamailio.tls_handshakes()
+        assert handshake["client_cert"] is True
+        assert handshake["peer_subject"].endswith(f"CN={testpki.CLIENT_COMMON_NAME}")
+        assert any("peer did not return a certificate" in e for e in kamailio.tls_errors())
+
+
+def test_close_connections_sends_fin_and_close_notify(kamailio_tls, test_pki):
+    tcp = socket.create_connection((kamailio_tls.host, kamailio_tls.port), timeout=5)
+    tls = tls_connect(kamailio_tls, tls_context(test_pki))
+    with tcp, tls:
+        assert options_over(tcp, kamailio_tls.address, "TCP").startswith(b"SIP/2.0 200")
+        assert options_over(tls, kamailio_tls.tls_address, "TLS").startswith(b"SIP/2.0 200")
+        assert sorted(c["type"] for c in kamailio_tls.tcp_connections()) == ["TCP", "TLS"]
+
+        [closed] = kamailio_tls.close_connections(remote_port=tcp.getsockname()[1])
+        assert closed["type"] == "TCP"
+        assert tcp.recv(100) == b""            # a FIN: EOF, not a reset
+        # The TLS connection is untouched.
+        assert options_over(tls, kamailio_tls.tls_address, "TLS").startswith(b"SIP/2.0 200")
+
+        [closed] = kamailio_tls.close_connections()
+        assert closed["type"] == "TLS"
+        # b"" with suppress_ragged_eofs=False: a close_notify came first.
+        assert tls.recv(100) == b""
+    assert kamailio_tls.tcp_connections() == []
+    assert kamailio_tls.close_connections() == []
+    assert "fdkeeper-sut: closing connection" in kamailio_tls.log_text()
+
+    # Without send_close_notify Kamailio just closes the socket.
+    kamailio_tls.tls = dataclasses.replace(kamailio_tls.tls, send_close_notify=False)
+    kamailio_tls.restart()
+    with tls_connect(kamailio_tls, tls_context(test_pki)) as tls:
+        assert options_over(tls, kamailio_tls.tls_address, "TLS").startswith(b"SIP/2.0 200")
+        kamailio_tls.close_connections()
+        with pytest.raises(ssl.SSLEOFError):
+            tls.recv(100)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_converter_forwards_udp_options_to_the_sut(kamailio_tls, test_pki, tmp_path, transport):
+    tls = sut.TlsOptions.client(test_pki) if transport == "tls" else None
+    with sut.KamailioConverter.for_sut(tmp_path / "converter", kamailio_tls, transport,
+                                       tls=tls) as converter:
+        assert converter.options_ping()       # answered by the converter itself
+        for _ in range(3):
+            reply = udp_exchange(converter.port, lambda me: sut.options_request(
+                f"sip:{kamailio_tls.address}", f"SIP/2.0/UDP {me}"))
+            assert reply.startswith(b"SIP/2.0 200"), reply
+            assert b"Server: fdkeeper-sut" in reply
+        # One connection, from the converter's own listen socket.
+        [conn] = kamailio_tls.tcp_connections()
+        assert conn["type"] == transport.upper()
+        assert f"{transport}:{conn['remote']}" == converter.send_socket
+        if transport == "tls":
+            [out] = converter.tls_handshakes()
+            assert out["direction"] == "out" and out["peer"] == kamailio_tls.tls_address
+            assert out["peer_subject"].endswith("CN=sut.test")
+
+
+def test_call_reaches_a_udp_sipp_registered_through_the_tls_converter(
+        tmp_path, test_pki, sipp_path):
+    """sipp (UDP) -> converter -> SuT over mutual TLS: REGISTER, then a third
+    party's call (INVITE, ACK, BYE) reaches sipp over that one TLS connection."""
+    sipp_port = sut.free_port()
+    server_tls = sut.TlsOptions.server(test_pki, require_client_cert=True)
+    with sut.Kamailio(tmp_path / "kamailio", tls=server_tls) as kamailio, \
+            sut.KamailioConverter.for_sut(tmp_path / "converter", kamailio, "tls",
+                                          tls=sut.TlsOptions.client(test_pki),
+                                          sipp_address=f"127.0.0.1:{sipp_port}") as converter:
+        call_id = f"fdk-conv-{uuid.uuid4().hex[:8]}@{kamailio.domain}"
+        users = sut.write_users_csv(tmp_path / "alice.csv", ["alice"], kamailio.domain)
+        registrant = sut.start_sipp(sipp_path, "uac-register-then-answer.xml",
+                                    converter.address, log_dir=tmp_path / "sipp",
+                                    name="register-answer-via-converter", transport="u1",
+                                    local_port=sipp_port, calls=1, timeout=20,
+                                    extra=["-inf", str(users), "-cid_str", call_id])
+        try:
+            try:
+                [contact] = sut.wait_until(lambda: contacts_of(kamailio, "alice"), timeout=5,
+                                           what="alice in the location table")
+            except TimeoutError:
+                pytest.fail(registrant.terminate().summary(), pytrace=False)
+            [conn] = kamailio.tcp_connections()
+            assert conn["type"] == "TLS"
+            assert f"tls:{conn['remote']}" == converter.send_socket
+            assert contact["source"] == {"host": "127.0.0.1", "port": converter.tls_port,
+                                         "transport": "tls"}
+            assert contact["contact"].startswith(f"sip:alice@127.0.0.1:{sipp_port}")
+
+            call = sut.place_calls(kamailio, "alice", sipp=sipp_path, call_id=call_id,
+                                   timeout=15, log_dir=tmp_path / "sipp")
+            assert call.ok, call.summary()
+        finally:
+            answered = registrant.wait(10)
+        assert answered.ok, answered.summary()
+        received = answered.text("messages")
+        for method in ("INVITE", "ACK", "BYE"):
+            assert re.search(rf"UDP message received \[\d+\] bytes :\s+{method} sip:",
+                             received), f"{method} not received; see {answered.file('messages')}"
+        # One TLS connection (one handshake, with the client certificate) for it all.
+        assert [c["id"] for c in kamailio.tcp_connections()] == [conn["id"]]
+        [handshake] = kamailio.tls_handshakes()
+        assert handshake["client_cert"] is True
