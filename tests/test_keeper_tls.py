@@ -58,33 +58,49 @@ class TlsPeer:
                 return
             self.accepts += 1
             try:
-                self.connection = self.context.wrap_socket(raw, server_side=True)
+                connection = self.context.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError):
                 raw.close()
                 continue
-            while True:
-                try:
-                    data = self.connection.recv(65536)
-                except (ssl.SSLError, OSError):
-                    break
-                if not data:
-                    break
-                self.received += data
-                if data == b"\r\n\r\n":  # answer a keep-alive ping like Kamailio does
-                    self.connection.sendall(b"\r\n")
+            self.connection = connection
+            self._read_until_closed(connection)
+
+    def _read_until_closed(self, connection: ssl.SSLSocket) -> None:
+        while True:
+            try:
+                data = connection.recv(65536)
+            except (ssl.SSLError, OSError):
+                break
+            if not data:
+                break
+            self.received += data
+            if data == b"\r\n\r\n":  # answer a keep-alive ping like Kamailio does
+                connection.sendall(b"\r\n")
+        # Only this thread touches the TLS object: OpenSSL aborts if another frees it mid-read.
+        try:
+            connection.unwrap()  # close_notify
+        except (ssl.SSLError, OSError, ValueError):
+            pass
+        connection.close()
 
     def send(self, data: bytes) -> None:
         wait_for(lambda: self.connection is not None)
         self.connection.sendall(data)
 
     def close(self) -> None:
+        """Wake the reader with a shutdown of the socket underneath; it closes TLS itself."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept(); close() would not
+        except OSError:
+            pass
         self.listener.close()
-        if self.connection is not None:
-            try:
-                self.connection.unwrap()  # close_notify
-            except (ssl.SSLError, OSError, ValueError):
-                pass
-            self.connection.close()
+        if self.connection is not None and self.connection.fileno() >= 0:
+            with socket.socket(fileno=os.dup(self.connection.fileno())) as alias:
+                try:
+                    alias.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        self._thread.join(5)
 
 
 def wait_for(predicate, timeout: float = 5.0) -> None:
