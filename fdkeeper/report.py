@@ -26,9 +26,23 @@ def format_status(status: dict) -> str:
         for c in connections
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.append(_row(header, widths))
+    for row, connection in zip(rows, connections):
+        lines.append(_row(row, widths))
+        if connection.get("tls"):
+            lines.append(f"{'':{widths[0]}}  {_tls_line(connection['tls'])}")
     return "\n".join(lines)
+
+
+def _row(cells: tuple[str, ...], widths: list[int]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+
+def _tls_line(tls: dict) -> str:
+    """Protocol, cipher, peer certificate subject and SNI of a TLS connection."""
+    verified = "verified" if tls["verified"] else "NOT verified (--tls-insecure)"
+    sni = tls["sni"] or "none"
+    return f"{tls['version']} {tls['cipher']}, peer {tls['peer_subject'] or '?'} ({verified}), SNI {sni}"
 
 
 def _duration(seconds: float) -> str:

@@ -111,6 +111,8 @@ def test_register_then_answer_over_one_tls_session(sipp_path, kamailio_tls, keep
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     assert connection["transport"] == "tls" and connection["tls"]["peer_subject"].startswith("CN=sut.test")
+    table = subprocess.run([sys.executable, "-m", "fdkeeper", "status", "--dir", str(keeper_dir)], capture_output=True, text=True)
+    assert "TLSv1.3" in table.stdout and "peer CN=sut.test" in table.stdout and "SNI sut.test" in table.stdout
     [contact] = kamailio_tls.location()
     assert "transport=TLS" in contact["contact"]  # [transport] said TLS, as a TLS sipp would
     assert contact["source"]["transport"].lower() == "tls"
