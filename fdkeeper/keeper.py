@@ -488,8 +488,9 @@ class Keeper:
         holder = self.holders.get(pid)
         if holder is None:
             return False
-        readable, _, _ = select.select([holder.pidfd], [], [], 0)
-        return not readable
+        poller = select.poll()  # not select(): descriptors past 1024 are normal in a keeper
+        poller.register(holder.pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def _release(self, pid: int) -> None:
         """The holder exited: its connections become idle, for the next run."""
