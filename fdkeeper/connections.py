@@ -50,6 +50,12 @@ class KeptConnection:
     pongs: int = 0
     replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
     link: TlsLink | None = None
+    aor: str | None = None  # the user whose own connection this is (-t tn/ln); None: shared
+
+    @property
+    def key(self) -> tuple[Address, str, str | None]:
+        """What a lease asks for: this SuT, this transport, this user (or the shared one)."""
+        return self.remote, self.transport, self.aor
 
     @property
     def state(self) -> str:
@@ -58,7 +64,8 @@ class KeptConnection:
         return LEASED if self.holder_pid is not None else IDLE
 
     def label(self) -> str:
-        return f"{format_address(self.local)}->{format_address(self.remote)}/{self.transport}"
+        user = f" ({self.aor})" if self.aor else ""
+        return f"{format_address(self.local)}->{format_address(self.remote)}/{self.transport}{user}"
 
     def fileno(self) -> int:
         assert self.sock is not None
@@ -129,6 +136,7 @@ class KeptConnection:
             "local": format_address(self.local),
             "remote": format_address(self.remote),
             "state": self.state,
+            "aor": self.aor,
             "holder_pid": self.holder_pid,
             "age": round(now - self.opened_at, 3),
             "leases": self.leases,

@@ -86,6 +86,10 @@ class Keeper:
         self.connect_timeout = connect_timeout
         self.tls_defaults = tls_defaults or TlsOptions()
         self.connections: dict[int, KeptConnection] = {}
+        # The current connection for each (SuT, transport, AoR): O(1) per lease with 10,000 users.
+        self.by_key: dict[tuple, KeptConnection] = {}
+        # TLS options a PREPARE gave for a SuT, for the per-user connections leases open later.
+        self.tls_profiles: dict[Address, TlsOptions] = {}
         self.holders: dict[int, Holder] = {}
         self.waiters: list[Waiter] = []
         self.started_at = time.time()
@@ -319,7 +323,10 @@ class Keeper:
                 locals=",".join(format_address(c.local) for c in batch),
             )
             send_packet(client, packet, [c.fileno() for c in batch])
-        log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
+        if len(connections) <= 3:
+            log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
+        else:
+            log.info("leased %d connections to pid %d", len(connections), pid)
 
     def _prepare(self, client: socket.socket, pid: int, request: Request) -> None:
         try:
@@ -332,7 +339,7 @@ class Keeper:
         client.send(self._prepared_reply(request, connections))
 
     def _prepared_reply(self, request: Request, connections: list[KeptConnection]) -> bytes:
-        ids = ",".join(str(c.id) for c in connections)
+        ids = ",".join(str(c.id) for c in connections) or None
         closed = ",".join(str(c.id) for c in self._closed_matching(request)) or None
         # A connection no run has used yet that replaced a closed one: the runner says so.
         replaced = ",".join(str(c.replaces) for c in connections if c.replaces and not c.leases) or None
@@ -366,16 +373,23 @@ class Keeper:
     # ---------------------------------------------------------------- choosing connections
 
     def _select(self, request: Request, pid: int | None) -> list[KeptConnection]:
+        if request.get("per_call"):
+            self._remember_tls_profile(request)
+            self._check_room(request)
+            return []
         if request.get("role") == "client":
             return [self._client_connection(request, pid)]
         return self._server_connections(request, pid)
 
+    def _remember_tls_profile(self, request: Request) -> None:
+        if request.get("transport") == "tls" and request.get("remote"):
+            self.tls_profiles[request.get("remote")] = TlsOptions.from_fields(request.fields, self.tls_defaults)
+
     def _client_connection(self, request: Request, pid: int | None) -> KeptConnection:
         remote: Address | None = request.get("remote")
-        transport = request.get("transport")
         if remote is None:
             raise ProtocolError("badrequest", "fdkeeper: a client lease needs remote=")
-        connection = self._newest(remote, transport)
+        connection = self.by_key.get((remote, request.get("transport"), request.get("aor")))
         if connection is not None and connection.state == CLOSED:
             if not request.get("reconnect"):
                 raise FdkeeperError(_closed_text(connection), "closed")
@@ -388,6 +402,23 @@ class Keeper:
             self._refuse_if_held_by_other(connection, pid)
             return connection
         return self._open(request)
+
+    def _check_room(self, request: Request) -> None:
+        """A per-user run: say now, not at user 5,000, when the users would not fit."""
+        users = request.get("users") or 0
+        per_connection = 3 if request.get("transport") == "tls" else 1  # TLS: socket + socketpair
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+        room = (soft - in_use - 64) // per_connection
+        new_users = users - sum(1 for c in self.connections.values() if c.aor and c.state != CLOSED)
+        if new_users > room:
+            raise FdkeeperError(
+                f"fdkeeper: the keeper can hold {max(room, 0)} more {request.get('transport')} connections "
+                f"(open-file limit {soft}, hard limit {hard}, {in_use} in use) but this run may need {new_users}; "
+                "raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, "
+                "then 'fdkeeper stop' and run again",
+                "limit",
+            )
 
     def _server_connections(self, request: Request, pid: int | None) -> list[KeptConnection]:
         remote: Address | None = request.get("remote")
@@ -415,10 +446,6 @@ class Keeper:
             if c.state == CLOSED and c.transport == request.get("transport") and remote in (None, c.remote)
         ]
 
-    def _newest(self, remote: Address, transport: str) -> KeptConnection | None:
-        found = [c for c in self.connections.values() if c.remote == remote and c.transport == transport]
-        return found[-1] if found else None
-
     def _refuse_if_held_by_other(self, connection: KeptConnection, pid: int | None) -> None:
         holder = connection.holder_pid
         if holder is None or holder == pid:
@@ -437,7 +464,8 @@ class Keeper:
         sock = open_tcp(remote, request.get("local"), self.connect_timeout)
         link = None
         if transport == "tls":
-            options = TlsOptions.from_fields(request.fields, self.tls_defaults)
+            defaults = self.tls_profiles.get(remote, self.tls_defaults)
+            options = TlsOptions.from_fields(request.fields, defaults)
             tls, early = handshake(sock, remote, options, self.connect_timeout)
             link = TlsLink(tls, options, early)
             sock = tls
@@ -448,9 +476,11 @@ class Keeper:
             remote=remote,
             local=sock.getsockname()[:2],
             link=link,
+            aor=request.get("aor"),
         )
         self._next_id += 1
         self.connections[connection.id] = connection
+        self.by_key[connection.key] = connection
         if link:
             self._watch(link.tls.fileno(), link.wants_tls(), lambda mask, c=connection: self._on_tls_event(c, mask))
             self._watch(link.keeper_end.fileno(), link.wants_pair(), lambda mask, c=connection: self._on_pair_event(c, mask))

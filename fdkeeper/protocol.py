@@ -21,7 +21,7 @@ MAX_FDS_PER_PACKET = 250
 JSON_CHUNK = 3000
 
 ERROR_CODES = frozenset(
-    {"busy", "closed", "refused", "timeout", "none", "denied", "toolarge", "badrequest", "internal"}
+    {"busy", "closed", "refused", "timeout", "none", "denied", "toolarge", "badrequest", "limit", "internal"}
 )
 
 
@@ -81,6 +81,12 @@ def _text(value: str) -> str:
     return value
 
 
+def _count(value: str) -> int:
+    if not value.isdigit() or int(value) > 10_000_000:
+        raise ValueError("must be a whole number")
+    return int(value)
+
+
 def _tls_version(value: str) -> str:
     if value not in TLS_VERSIONS:
         raise ValueError("TLS version must be 1.2 or 1.3")
@@ -119,6 +125,7 @@ _LEASE_KEYS = {
     "remote": _optional_address,
     "local": _optional_address,
     "reconnect": _flag,
+    "aor": _text,
     **TLS_KEYS,
 }
 VERBS: dict[str, dict] = {
@@ -126,7 +133,7 @@ VERBS: dict[str, dict] = {
     "STATUS": {},
     "STOP": {},
     "LEASE": _LEASE_KEYS,
-    "PREPARE": {**_LEASE_KEYS, "wait": _seconds},
+    "PREPARE": {**_LEASE_KEYS, "wait": _seconds, "per_call": _flag, "users": _count},
 }
 REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 

@@ -77,6 +77,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     directory = resolve_directory(options.directory)
     transport = invocation.transport
     tls = _tls_options(options.tls, invocation) if transport == "tls" else None
+    per_call = invocation.per_call_sockets and invocation.role == "client"
     keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
     _warn_if_keeper_differs(keeper, options)
     reply = keeper.prepare(
@@ -86,6 +87,8 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         local=(invocation.local_bind() or "-") if invocation.role == "client" else None,
         reconnect=options.reconnect,
         wait=options.wait or None,
+        per_call=per_call or None,
+        users=invocation.user_count() if per_call else None,
         **(tls.as_fields() if tls and invocation.role == "client" else {}),
     )
     _report_prepared(reply.fields, remote, transport)
@@ -99,6 +102,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             transport=transport,
             args=args,
             reconnect=options.reconnect,
+            per_call=per_call,
             debug=options.debug,
         )
     )
@@ -146,10 +150,6 @@ def _refuse_unsupported_transport(invocation: SippInvocation) -> None:
     if invocation.transport not in ("tcp", "tls"):
         raise FdkeeperError(
             f"fdkeeper: transport -t {option} is not kept by fdkeeper; use -t t1 or -t l1 (or -t u1 for UDP)"
-        )
-    if invocation.per_call_sockets:
-        raise FdkeeperError(
-            f"fdkeeper: -t {option} (one connection per call) is not available in this version; use -t {option[0]}1"
         )
 
 

@@ -87,6 +87,19 @@ class SippInvocation:
             return scenario_role(self.scenario_file)
         return BUILTIN_ROLES.get(self.scenario_name or "uac", "client")
 
+    def user_count(self) -> int | None:
+        """How many users a per-call run may bring: the -inf file's lines, else -m."""
+        files = self.options.get("inf")
+        if files:
+            try:
+                lines = [line for line in Path(files[0]).read_text(errors="replace").splitlines() if line.strip()]
+            except OSError:
+                raise FdkeeperError(f"fdkeeper: cannot read -inf file {files[0]}; check the path") from None
+            header = lines[:1] and lines[0].strip().upper() in ("SEQUENTIAL", "RANDOM", "USER", "SEQUENTIAL,PRINTF")
+            return len(lines) - (1 if header else 0)
+        calls = self.options.get("m")
+        return int(calls[-1]) if calls and calls[-1].isdigit() else None
+
     def remote_address(self) -> Address | None:
         """The SuT address as numbers (the shim compares addresses, not names)."""
         if self.remote_host is None:
@@ -160,12 +173,12 @@ def remote_is_name(invocation: SippInvocation) -> str | None:
 def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], Path]:
     """sipp arguments for a TLS run with a sipp that only speaks TCP to the keeper.
 
-    -t l1 becomes -t t1, and the scenario is copied with [transport] written out as TLS,
+    -t l1 becomes -t t1 (ln: tn), and the scenario is copied with [transport] written out as TLS,
     so every Via and transport= parameter the scenario builds from [transport] says TLS,
     as a TLS-enabled sipp would have sent. Returns the arguments and the copy (to delete).
     """
     args = list(invocation.args)
-    args[invocation.transport_index + 1] = "t1"
+    args[invocation.transport_index + 1] = "t" + invocation.transport_option[1]  # l1 -> t1, ln -> tn
     if invocation.scenario_file is not None:
         text = invocation.scenario_file.read_text(encoding="iso-8859-1")
         stem = invocation.scenario_file.stem

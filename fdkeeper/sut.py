@@ -696,8 +696,13 @@ class KamailioInstance:
     def __init__(self, workdir: Path, host: str = "127.0.0.1",
                  port: int | None = None, *, children: int = 2,
                  tcp_lifetime: int = 3600, tcp_max_connections: int = 4096,
-                 tls: TlsOptions | None = None, tls_port: int | None = None) -> None:
+                 tls: TlsOptions | None = None, tls_port: int | None = None,
+                 shm_mb: int | None = None) -> None:
         self.workdir = Path(workdir).resolve()
+        # Shared memory: small by default so instances run side by side; load benches
+        # need more (at a few hundred calls/s 64 MB runs out). OpenSSL wants ~61 kB per
+        # TLS connection.
+        self.shm_mb = shm_mb or (128 if tls else 64)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self._port_is_ours = port is None
@@ -775,8 +780,6 @@ class KamailioInstance:
         return self.host if ":" not in self.host else f"[{self.host}]"
 
     def command(self) -> list[str]:
-        # OpenSSL wants shared memory per TLS connection (~61 kB): more shm.
-        shm_mb = "128" if self.tls else "64"
         return [
             _find_program("kamailio", "kamailio"),
             "-f", str(self.cfg_path),
@@ -785,7 +788,7 @@ class KamailioInstance:
             "-P", str(self.pid_path),
             "-w", str(self.workdir),    # core files etc. land here
             "-Y", str(self.runtime_dir),  # not the shared /run/kamailio
-            "-m", shm_mb, "-M", "8",    # shm/pkg MB: small, parallel-safe
+            "-m", str(self.shm_mb), "-M", "8",    # shm/pkg MB
             "-a", "no",
         ]
 
@@ -1152,10 +1155,10 @@ class Kamailio(KamailioInstance):
                  children: int = 2, tcp_lifetime: int = 3600,
                  tcp_max_connections: int = 4096, ul_timer: int = 5,
                  handle_lost_tcp: bool = True, tls: TlsOptions | None = None,
-                 tls_port: int | None = None) -> None:
+                 tls_port: int | None = None, shm_mb: int | None = None) -> None:
         super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
                          tcp_max_connections=tcp_max_connections, tls=tls,
-                         tls_port=tls_port)
+                         tls_port=tls_port, shm_mb=shm_mb)
         self.domain = domain
         self.ul_timer = ul_timer
         self.handle_lost_tcp = handle_lost_tcp

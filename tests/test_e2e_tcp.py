@@ -216,7 +216,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, kamailio, users, keeper_di
         "no sipp": (["--sipp", str(tmp_path / "no-such-sipp"), "-sf", scenario, "-t", "t1", kamailio.address], "sipp not found"),
         "no remote": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1"], "needs the SuT's address"),
         "refused": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1", "-inf", str(users), f"127.0.0.1:{sut.free_port()}"], "refused the connection"),
-        "per-call not yet": (["-sf", scenario, "-t", "tn", kamailio.address], "-t tn (one connection per call)"),
+        "sctp": (["-sf", scenario, "-t", "s1", kamailio.address], "-t s1 is not kept by fdkeeper"),
         "missing scenario": (["-sf", str(tmp_path / "nope.xml"), "-t", "t1", kamailio.address], "not found; check -sf"),
     }
     for name, (args, expected) in cases.items():

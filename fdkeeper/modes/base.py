@@ -33,6 +33,7 @@ class HandoffRequest:
     transport: str = "tcp"
     args: list[str] | None = None  # sipp's arguments as run (a TLS run rewrites some); default: as given
     reconnect: bool = False
+    per_call: bool = False  # -t tn/ln client: one kept connection per user, leased at first send
     debug: bool = False
 
 

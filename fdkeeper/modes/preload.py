@@ -79,6 +79,8 @@ class PreloadMode(Mode):
         }
         if request.reconnect:
             env["FDKEEPER_RECONNECT"] = "1"
+        if request.per_call:
+            env["FDKEEPER_PER_CALL"] = "1"
         if request.debug:
             env["FDKEEPER_DEBUG"] = "1"
         args = request.args if request.args is not None else request.invocation.args
