@@ -14,7 +14,7 @@ from fdkeeper import __version__
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES
-from fdkeeper.report import format_status
+from fdkeeper.report import format_status, select_connections
 from fdkeeper.runner import RunOptions, run_sipp
 from fdkeeper.statedir import resolve_directory
 from fdkeeper.tls import TlsOptions
@@ -148,11 +148,28 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> N
 @main.command("status")
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the keeper's status as JSON, for scripts.")
+@click.option("--aor", metavar="PATTERN", help="Only connections of these users, e.g. 'sip:user1*@example.com'.")
+@click.option("--state", type=click.Choice(["idle", "leased", "closed"]), help="Only connections in this state.")
+@click.option("--remote", metavar="IP:PORT", help="Only connections to this SuT address.")
+@click.option("--transport", type=click.Choice(["tcp", "tls"]), help="Only connections of this transport.")
+@click.option("--count", is_flag=True, help="Print only how many connections match.")
 @reports_errors
-def status_command(directory, as_json) -> None:
-    """List the kept connections: id, transport, addresses, state, holder, age."""
+def status_command(directory, as_json, aor, state, remote, transport, count) -> None:
+    """List the kept connections: id, transport, addresses, user (AoR), state, holder, age.
+
+    \b
+    Filters combine; --count prints the number of matches, for scripts:
+      fdkeeper status --state closed --count
+      fdkeeper status --aor 'sip:user1*' --json
+    """
     status = KeeperClient(resolve_directory(directory)).status()
-    if as_json:
+    status["connections"] = select_connections(
+        status["connections"], aor=aor, state=state, remote=remote, transport=transport
+    )
+    if count:
+        number = len(status["connections"])
+        click.echo(json.dumps({"count": number}) if as_json else number)
+    elif as_json:
         click.echo(json.dumps(status, indent=2))
     else:
         click.echo(format_status(status))

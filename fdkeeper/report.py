@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+import fnmatch
+
+
+def select_connections(
+    connections: list[dict],
+    *,
+    aor: str | None = None,
+    state: str | None = None,
+    remote: str | None = None,
+    transport: str | None = None,
+) -> list[dict]:
+    """The connections matching every filter given; ``aor`` is a shell-style pattern."""
+    return [
+        c
+        for c in connections
+        if (aor is None or fnmatch.fnmatchcase(c.get("aor") or "", aor))
+        and (state is None or c["state"] == state)
+        and (remote is None or c["remote"] == remote)
+        and (transport is None or c["transport"] == transport)
+    ]
+
 
 def format_status(status: dict) -> str:
     keeper = status["keeper"]
@@ -10,13 +31,14 @@ def format_status(status: dict) -> str:
     if not connections:
         lines.append("no kept connections (a client scenario run through 'fdkeeper sipp' opens one)")
         return "\n".join(lines)
-    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "STATE", "HOLDER", "AGE", "LEASES", "QUEUED")
+    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "AOR", "STATE", "HOLDER", "AGE", "LEASES", "QUEUED")
     rows = [
         (
             str(c["id"]),
             c["transport"],
             c["local"],
             c["remote"],
+            c.get("aor") or "-",
             c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
             str(c["holder_pid"] or "-"),
             _duration(c["age"]),
