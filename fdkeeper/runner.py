@@ -9,23 +9,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, choose_mode
+from fdkeeper.process import spawn
 from fdkeeper.protocol import format_address
 from fdkeeper.sippargs import SippInvocation, parse_sipp_args, remote_is_name, tls_arguments
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
-
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 
 @dataclass
 class RunOptions:
@@ -107,7 +102,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         )
     )
     try:
-        return spawn(handoff.argv, handoff.env)
+        return mode.run(handoff)
     finally:
         if scenario_copy is not None:
             scenario_copy.unlink(missing_ok=True)
@@ -166,28 +161,3 @@ def _report_prepared(fields: dict[str, str], remote: tuple[str, int] | None, tra
     if fields.get("closed") and fields.get("ids"):
         count = len(fields["closed"].split(","))
         notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
-
-
-def spawn(argv: list[str], extra_env: dict[str, str]) -> int:
-    """Run the program in the foreground, passing SIGINT/SIGTERM/SIGHUP on; return its status."""
-    process = subprocess.Popen(argv, env={**os.environ, **extra_env})
-    forward: Callable[[int, object], None] = lambda signum, _frame: _send_signal(process, signum)
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    try:
-        while True:
-            try:
-                status = process.wait()
-                break
-            except InterruptedError:
-                continue
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return status if status >= 0 else 128 - status
-
-
-def _send_signal(process: subprocess.Popen, signum: int) -> None:
-    try:
-        process.send_signal(signum)
-    except ProcessLookupError:
-        pass

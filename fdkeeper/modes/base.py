@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fdkeeper.process import spawn
 from fdkeeper.sippargs import SippInvocation
 
 
@@ -48,3 +49,10 @@ class Mode(ABC):
     @abstractmethod
     def prepare(self, request: HandoffRequest) -> Handoff:
         """The command and environment that start sipp with the handoff in place."""
+
+    def run(self, handoff: Handoff) -> int:
+        """Start the prepared program, see it through, return its exit status.
+
+        Modes that hand connections over from outside the program (ptrace) override this.
+        """
+        return spawn(handoff.argv, handoff.env)
