@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "real.h"
 #include "shim.h"
 
 static struct shim_config config;
@@ -22,6 +23,7 @@ static void config_read(void)
 
     config.debug = (s = getenv("FDKEEPER_DEBUG")) && strcmp(s, "1") == 0;
     config.reconnect = (s = getenv("FDKEEPER_RECONNECT")) && strcmp(s, "1") == 0;
+    config.per_call = (s = getenv("FDKEEPER_PER_CALL")) && strcmp(s, "1") == 0;
 
     s = getenv("FDKEEPER_SOCKET");
     if (!s || !*s)
@@ -97,7 +99,7 @@ static void vsay(const char *prefix, const char *fmt, va_list ap)
     n += (size_t)r < sizeof buf - n - 1 ? (size_t)r : sizeof buf - n - 2;
     buf[n++] = '\n';
     /* One write(2): the line is not interleaved with other writers. */
-    if (write(2, buf, n) < 0) {
+    if (REAL(write)(2, buf, n) < 0) {
         /* stderr gone: nothing to do */
     }
     errno = saved;

@@ -236,7 +236,7 @@ void ctl_lease(const char *path, const char *request, struct ctl_result *res)
         goto out;
     }
     do
-        n = send(s, request, strlen(request), MSG_NOSIGNAL);
+        n = REAL(send)(s, request, strlen(request), MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0) {
         res->status = errno == EAGAIN ? CTL_TIMEOUT : CTL_UNREACHABLE;

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "fdtable.h"
 #include "real.h"
@@ -16,6 +17,7 @@ static int table_size;
 static int *listeners;
 static int nlisteners, listeners_cap;
 static int pending_total; /* read without the lock through __atomic */
+static int pending_sends; /* PENDING entries; read without the lock through __atomic */
 
 static void atfork_prepare(void) { pthread_mutex_lock(&table_mutex); }
 static void atfork_parent(void) { pthread_mutex_unlock(&table_mutex); }
@@ -84,8 +86,55 @@ static void drop_listener(int fd)
     }
 }
 
+void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose)
+{
+    struct fde_placeholder *ph = e->ph;
+
+    if (!(e->flags & FDE_PENDING))
+        return;
+    e->flags &= ~FDE_PENDING;
+    e->ph = NULL;
+    __atomic_sub_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
+    if (ph && --ph->refs == 0) {
+        struct stat st;
+        int saved = errno;
+        /* Only if the number still is our socket (not closed behind our back and reused). */
+        if (fstat(ph->peer_fd, &st) == 0 && st.st_dev == ph->dev && st.st_ino == ph->ino)
+            list_append(close_fds, nclose, ph->peer_fd);
+        errno = saved;
+        free(ph);
+    }
+}
+
+int fdt_set_pending(struct fde *e, int peer_fd)
+{
+    struct fde_placeholder *ph = calloc(1, sizeof *ph);
+    struct stat st;
+    int saved = errno;
+
+    if (!ph)
+        return -1;
+    ph->peer_fd = peer_fd;
+    ph->refs = 1;
+    if (fstat(peer_fd, &st) == 0) {
+        ph->dev = st.st_dev;
+        ph->ino = st.st_ino;
+    }
+    errno = saved;
+    e->ph = ph;
+    e->flags |= FDE_PENDING;
+    __atomic_add_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+int fdt_pending_sends(void)
+{
+    return __atomic_load_n(&pending_sends, __ATOMIC_RELAXED);
+}
+
 static void free_entry(int fd, struct fde *e, int **close_fds, int *nclose)
 {
+    fdt_clear_pending(e, close_fds, nclose);
     if (e->pending) {
         struct fde_pending *p = e->pending;
         for (int i = p->head; i < p->count; i++)
@@ -141,6 +190,10 @@ void fdt_copy(int from, int to, int **close_fds, int *nclose)
     memcpy(dst, src, sizeof *dst);
     dst->nregs = 0;
     dst->pending = NULL;
+    if (dst->flags & FDE_PENDING) { /* the copy shares the placeholder */
+        dst->ph->refs++;
+        __atomic_add_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
+    }
 }
 
 void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len)

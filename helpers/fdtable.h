@@ -13,6 +13,9 @@
 #define FDE_KEPT 0x2u      /* refers to a connection the keeper holds */
 #define FDE_PAIR 0x4u      /* kept, but not an inet socket (TLS: a socketpair end):
                             * getsockname/getpeername answer peer/local below */
+#define FDE_PENDING 0x8u   /* FDKEEPER_PER_CALL: "connected" to a quiet placeholder;
+                            * the lease waits for the first send (its From AoR).
+                            * getsockname/getpeername answer peer/local below */
 
 #define FDE_MAX_OPTS 8
 #define FDE_OPT_LEN 32
@@ -42,6 +45,15 @@ struct fde_pending {
     int head, count, cap;
 };
 
+/* The other end of a PENDING fd's placeholder socketpair: kept open so that
+ * the placeholder is never readable nor hung up; shared by dups of the fd. */
+struct fde_placeholder {
+    int peer_fd;
+    dev_t dev;
+    ino_t ino;
+    int refs; /* entries pointing here */
+};
+
 struct fde {
     unsigned flags;
     int family;
@@ -54,7 +66,9 @@ struct fde {
     int nregs;
     struct fde_reg regs[FDE_MAX_REGS];
     struct fde_pending *pending;
-    struct shim_inaddr peer, local; /* from the keeper (kept fds) */
+    struct shim_inaddr peer, local; /* from the keeper (kept fds); PENDING: the SuT and
+                                     * the program's own socket's local address */
+    struct fde_placeholder *ph;     /* PENDING only */
 };
 
 SHIM_HIDDEN void fdt_lock(void);
@@ -70,6 +84,15 @@ SHIM_HIDDEN void fdt_remove(int fd, int **close_fds, int *nclose);
 /* to gets a copy of from's state (not its epoll registrations, which belong
  * to the fd number, nor its pending queue); to's old state is dropped. */
 SHIM_HIDDEN void fdt_copy(int from, int to, int **close_fds, int *nclose);
+
+/* Make e PENDING on a placeholder whose other end is peer_fd (lock held);
+ * 0, or -1 without memory. */
+SHIM_HIDDEN int fdt_set_pending(struct fde *e, int peer_fd);
+/* e is no longer PENDING; its placeholder's other end goes to the close list
+ * when no other entry shares it (lock held). */
+SHIM_HIDDEN void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose);
+/* Number of PENDING entries (no lock needed): 0 lets send() skip the table. */
+SHIM_HIDDEN int fdt_pending_sends(void);
 
 /* Entry state helpers (lock held). */
 SHIM_HIDDEN void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len);

@@ -1,7 +1,10 @@
 /* The interposed libc calls. Only these symbols are exported.
  *
- * Hot calls (recvfrom, send, ...) are not interposed at all; every call here
- * that is not about one of our fds costs at most one table lookup. */
+ * Reads (recv, recvfrom, read, ...) are not interposed at all. The send
+ * family (send, sendto, sendmsg, write, writev) is, for the per-call mode
+ * only: while no fd is PENDING it costs one atomic load, otherwise one table
+ * lookup. Every other call here that is not about one of our fds costs at
+ * most one table lookup. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +16,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "control.h"
@@ -207,6 +211,20 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
     ino = e->ino;
     fdt_unlock();
 
+    /* A per-call socket before its first send: the placeholder is no TCP
+     * socket; keep the option for the kept connection (replayed at the lease). */
+    if (flags & FDE_PENDING) {
+        if (!same_socket(fd, dev, ino)) {
+            forget(fd);
+            return REAL(setsockopt)(fd, level, name, val, len);
+        }
+        fdt_lock();
+        if ((e = fdt_get(fd)))
+            fde_set_opt(e, level, name, val, len);
+        fdt_unlock();
+        shim_debug("setsockopt(fd %d) before the first send: kept for the lease", fd);
+        return 0;
+    }
     /* SO_LINGER would turn the program's close into a reset of the kept
      * connection; TCP options cannot apply to a socketpair end (and sipp
      * treats their failure as fatal). */
@@ -231,7 +249,8 @@ SHIM_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen
 }
 
 /* getsockname/getpeername: the kernel's answer, except on a kept fd that is
- * not an inet socket (FDE_PAIR): there the addresses the keeper sent. */
+ * not an inet socket (FDE_PAIR): there the addresses the keeper sent; and on
+ * a PENDING fd: the SuT and the program's own socket's local address. */
 static int name_common(int fd, struct sockaddr *addr, socklen_t *len, int peer)
 {
     struct shim_inaddr a;
@@ -242,7 +261,7 @@ static int name_common(int fd, struct sockaddr *addr, socklen_t *len, int peer)
     if (SHIM_ACTIVE()) {
         fdt_lock();
         struct fde *e = fdt_get(fd);
-        if (e && (e->flags & FDE_PAIR)) {
+        if (e && (e->flags & (FDE_PAIR | FDE_PENDING))) {
             pair = 1;
             a = peer ? e->peer : e->local;
             dev = e->dev;
@@ -302,23 +321,43 @@ SHIM_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 
 /* ---- client role: connect() ------------------------------------------- */
 
+/* The dup3 onto fd dropped the program's epoll registrations (they belong to
+ * the replaced open file description): add them again. */
+static void restore_epoll(int fd, const struct fde *snap)
+{
+    for (int i = 0; i < snap->nregs; i++) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = snap->regs[i].events;
+        ev.data = snap->regs[i].data;
+        if (REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
+            (errno != EEXIST || REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_MOD, fd, &ev) != 0))
+            shim_debug("fd %d: could not restore its epoll registration in epoll fd %d: %s", fd,
+                       snap->regs[i].epfd, strerror(errno));
+    }
+}
+
+/* Lease the client connection (aor: the percent-encoded AoR of a per-call
+ * socket, or NULL) and put it on fd in place of what is there (the program's
+ * socket, or a PENDING fd's placeholder). 0 (errno = saved_errno) or -1. */
 static int handoff_client(int fd, const struct fde *snap, const char *transport,
-                          const char *what, int saved_errno)
+                          const char *what, int saved_errno, const char *aor)
 {
     const struct shim_config *cfg = shim_config();
-    char local[64], req[256], got[64];
+    char local[64], req[4096], got[64];
     struct ctl_result res;
     struct shim_inaddr kpeer, klocal;
     struct sockaddr_storage ss;
     socklen_t sl = sizeof ss;
-    int kept, pfl, kfl, pair;
+    int kept, pfl, kfl, pair, *cl = NULL, ncl = 0;
 
     if (snap->has_bind)
         shim_format_addr((const struct sockaddr *)&snap->bind_addr, local, sizeof local);
     else
         strcpy(local, "-");
-    snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s", transport,
-             cfg->remote_str, local, cfg->reconnect ? " reconnect=1" : "");
+    snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s%s%s", transport,
+             cfg->remote_str, local, cfg->reconnect ? " reconnect=1" : "", aor ? " aor=" : "",
+             aor ? aor : "");
 
     ctl_lease(cfg->socket_path, req, &res);
     if (res.status != CTL_OK)
@@ -352,19 +391,7 @@ static int handoff_client(int fd, const struct fde *snap, const char *transport,
         return -1;
     }
     REAL(close)(kept);
-
-    /* The dup3 dropped the program's epoll registrations (they belong to the
-     * replaced open file description): add them again. */
-    for (int i = 0; i < snap->nregs; i++) {
-        struct epoll_event ev;
-        memset(&ev, 0, sizeof ev);
-        ev.events = snap->regs[i].events;
-        ev.data = snap->regs[i].data;
-        if (REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
-            (errno != EEXIST || REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_MOD, fd, &ev) != 0))
-            shim_debug("fd %d: could not restore its epoll registration in epoll fd %d: %s", fd,
-                       snap->regs[i].epfd, strerror(errno));
-    }
+    restore_epoll(fd, snap);
     /* Socket options the program set, except those about its own address
      * and closing, and TCP options on a socketpair end. */
     for (int i = 0; i < snap->nopts; i++) {
@@ -378,6 +405,7 @@ static int handoff_client(int fd, const struct fde *snap, const char *transport,
     if (!e && (e = fdt_create(fd)))
         e->family = snap->family;
     if (e) {
+        fdt_clear_pending(e, &cl, &ncl); /* the placeholder's other end goes too */
         e->flags |= FDE_CANDIDATE | FDE_KEPT | (pair ? FDE_PAIR : 0);
         e->nregs = snap->nregs;
         memcpy(e->regs, snap->regs, sizeof e->regs);
@@ -386,13 +414,82 @@ static int handoff_client(int fd, const struct fde *snap, const char *transport,
         set_identity(fd, e);
     }
     fdt_unlock();
+    fdt_close_list(cl, ncl);
 
     if (name_common(fd, (struct sockaddr *)&ss, &sl, 0) == 0)
         shim_format_addr((struct sockaddr *)&ss, got, sizeof got);
     else
         strcpy(got, "?");
-    shim_debug("%s: handed over the kept connection %s->%s%s", what, got, cfg->remote_str,
+    shim_debug("%s: handed over the kept connection %s->%s%s%s%s", what, got, cfg->remote_str,
+               aor ? " of " : "", aor ? aor : "",
                pair ? " (a socketpair end the keeper relays)" : "");
+    errno = saved_errno;
+    return 0;
+}
+
+/* FDKEEPER_PER_CALL: connect() to the SuT puts a quiet placeholder on fd
+ * (one end of a socketpair whose other end the shim keeps open: never
+ * readable, never hung up) and marks it PENDING; the first send leases. */
+static int placeholder_connect(int fd, const struct fde *snap, const struct sockaddr *addr,
+                               socklen_t alen, const char *what, int saved_errno)
+{
+    struct shim_inaddr peer, local;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char ebuf[128];
+    int sp[2], fl, err;
+
+    memset(&peer, 0, sizeof peer);
+    memset(&local, 0, sizeof local);
+    if (alen <= sizeof peer.u) { /* getpeername: what the kernel would say */
+        peer.len = alen;
+        memcpy(&peer.u, addr, alen);
+    }
+    if (REAL(getsockname)(fd, (struct sockaddr *)&ss, &sl) == 0 && sl <= sizeof local.u &&
+        (ss.ss_family == AF_INET || ss.ss_family == AF_INET6)) {
+        local.len = sl;
+        memcpy(&local.u, &ss, sl);
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0) {
+        err = errno;
+        shim_say("fdkeeper: %s: cannot make the placeholder of a per-call connection: %s", what,
+                 strerror_r(err, ebuf, sizeof ebuf));
+        errno = err;
+        return -1;
+    }
+    /* The program's O_NONBLOCK (set for the connect) goes with it. */
+    fl = REAL(fcntl)(fd, F_GETFL);
+    if (fl >= 0 && (fl & O_NONBLOCK))
+        REAL(fcntl)(sp[0], F_SETFL, O_RDWR | O_NONBLOCK);
+    if (REAL(dup3)(sp[0], fd, O_CLOEXEC) < 0) {
+        err = errno;
+        REAL(close)(sp[0]);
+        REAL(close)(sp[1]);
+        shim_say("fdkeeper: %s: cannot put the placeholder of a per-call connection on fd %d: %s",
+                 what, fd, strerror_r(err, ebuf, sizeof ebuf));
+        errno = err;
+        return -1;
+    }
+    REAL(close)(sp[0]);
+    restore_epoll(fd, snap);
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    err = !e || fdt_set_pending(e, sp[1]) != 0;
+    if (!err) {
+        e->peer = peer;
+        e->local = local;
+        set_identity(fd, e);
+    }
+    fdt_unlock();
+    if (err) {
+        REAL(close)(sp[1]);
+        shim_say("fdkeeper: %s: out of memory for a per-call connection", what);
+        errno = ENOMEM;
+        return -1;
+    }
+    shim_debug("%s: per-call connection, leased at its first send (placeholder on fd %d)", what,
+               fd);
     errno = saved_errno;
     return 0;
 }
@@ -401,17 +498,28 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     const struct shim_config *cfg = shim_config();
     struct fde snap;
-    int candidate = 0, saved = errno;
+    int candidate = 0, pending = 0, saved = errno;
 
     if (!cfg->active || cfg->role != SHIM_ROLE_CLIENT)
         return REAL(connect)(fd, addr, len);
     fdt_lock();
     struct fde *e = fdt_get(fd);
-    if (e && (e->flags & FDE_CANDIDATE) && !(e->flags & FDE_KEPT)) {
+    if (e && (e->flags & FDE_PENDING)) {
+        snap = *e;
+        pending = 1;
+    } else if (e && (e->flags & FDE_CANDIDATE) && !(e->flags & FDE_KEPT)) {
         snap = *e;
         candidate = 1;
     }
     fdt_unlock();
+    if (pending) { /* "connected" already, as far as the program knows */
+        if (!same_socket(fd, snap.dev, snap.ino)) {
+            forget(fd);
+            return REAL(connect)(fd, addr, len);
+        }
+        errno = EISCONN;
+        return -1;
+    }
     if (!candidate)
         return REAL(connect)(fd, addr, len);
     if (!shim_addr_equal(addr, len, &cfg->remote)) {
@@ -435,8 +543,121 @@ SHIM_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
             errno = saved;
             return REAL(connect)(fd, addr, len);
         }
-        return handoff_client(fd, &snap, transport, what, saved);
+        if (cfg->per_call)
+            return placeholder_connect(fd, &snap, addr, len, what, saved);
+        return handoff_client(fd, &snap, transport, what, saved, NULL);
     }
+}
+
+/* ---- client role, per call: the first send ---------------------------- */
+
+#define MAX_AOR 3000            /* percent-encoded; the LEASE must fit in 4096 bytes */
+#define MAX_FLAT (64 * 1024)    /* bytes of a writev/sendmsg looked at for the From header */
+
+/* If fd is PENDING: lease the connection of the first message's From AoR
+ * onto fd. buf/len, or iov/iovcnt (writev, sendmsg), is what the program is
+ * sending. 0: go on with the real call; -1: fail it (errno set). */
+static int first_send(int fd, const void *buf, size_t len, const struct iovec *iov,
+                      size_t iovcnt, const char *call)
+{
+    const struct shim_config *cfg = shim_config();
+    struct fde snap;
+    char aor[MAX_AOR], what[128];
+    const char *transport;
+    char *flat = NULL;
+    int pending = 0, n, saved = errno;
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_PENDING)) {
+        snap = *e;
+        pending = 1;
+    }
+    fdt_unlock();
+    if (!pending)
+        return 0;
+    if (!same_socket(fd, snap.dev, snap.ino)) {
+        forget(fd);
+        return 0;
+    }
+    if (iov) {
+        size_t total = 0;
+        for (size_t i = 0; i < iovcnt && total < MAX_FLAT; i++)
+            total += iov[i].iov_len < MAX_FLAT ? iov[i].iov_len : MAX_FLAT;
+        if (total > MAX_FLAT)
+            total = MAX_FLAT;
+        if (total && !(flat = malloc(total))) {
+            errno = ENOMEM;
+            return -1;
+        }
+        len = 0;
+        for (size_t i = 0; i < iovcnt && len < total; i++) {
+            size_t k = iov[i].iov_len < total - len ? iov[i].iov_len : total - len;
+            memcpy(flat + len, iov[i].iov_base, k);
+            len += k;
+        }
+        buf = flat;
+    }
+    if (len == 0 || !buf) { /* nothing that names a user; the placeholder takes it */
+        free(flat);
+        errno = saved;
+        return 0;
+    }
+    snprintf(what, sizeof what, "%s(fd %d) to %s", call, fd, cfg->remote_str);
+    n = shim_from_aor(buf, len, aor, sizeof aor);
+    free(flat);
+    if (n <= 0) {
+        shim_say("fdkeeper: %s: %s; with FDKEEPER_PER_CALL=1 each connection is leased for the "
+                 "user (AoR) in the From header of the first SIP message sent on it",
+                 what, n == 0 ? "the first message on this per-call connection has no From "
+                                "header (is it SIP?)"
+                              : "the From URI of the first message is too long");
+        errno = ECONNREFUSED;
+        return -1;
+    }
+    if (!(transport = lease_transport(what))) { /* checked at connect(): cannot happen */
+        errno = ECONNREFUSED;
+        return -1;
+    }
+    return handoff_client(fd, &snap, transport, what, saved, aor);
+}
+
+SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
+{
+    if (fdt_pending_sends() && first_send(fd, buf, len, NULL, 0, "send") != 0)
+        return -1;
+    return REAL(send)(fd, buf, len, flags);
+}
+
+SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+                           const struct sockaddr *addr, socklen_t alen)
+{
+    if (fdt_pending_sends() && first_send(fd, buf, len, NULL, 0, "sendto") != 0)
+        return -1;
+    return REAL(sendto)(fd, buf, len, flags, addr, alen);
+}
+
+SHIM_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (fdt_pending_sends() && msg && msg->msg_iov &&
+        first_send(fd, NULL, 0, msg->msg_iov, msg->msg_iovlen, "sendmsg") != 0)
+        return -1;
+    return REAL(sendmsg)(fd, msg, flags);
+}
+
+SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t len)
+{
+    if (fdt_pending_sends() && first_send(fd, buf, len, NULL, 0, "write") != 0)
+        return -1;
+    return REAL(write)(fd, buf, len);
+}
+
+SHIM_EXPORT ssize_t writev(int fd, const struct iovec *iov, int iovcnt)
+{
+    if (fdt_pending_sends() && iov && iovcnt > 0 &&
+        first_send(fd, NULL, 0, iov, (size_t)iovcnt, "writev") != 0)
+        return -1;
+    return REAL(writev)(fd, iov, iovcnt);
 }
 
 /* ---- server role: listen(), epoll_wait(), accept() -------------------- */
@@ -624,8 +845,8 @@ SHIM_EXPORT int shutdown(int fd, int how)
         return REAL(shutdown)(fd, how);
     fdt_lock();
     struct fde *e = fdt_get(fd);
-    if (e && (e->flags & FDE_KEPT)) {
-        kept = 1;
+    if (e && (e->flags & (FDE_KEPT | FDE_PENDING))) {
+        kept = (e->flags & FDE_KEPT) ? 1 : 2;
         dev = e->dev;
         ino = e->ino;
     }
@@ -636,7 +857,10 @@ SHIM_EXPORT int shutdown(int fd, int how)
         forget(fd);
         return REAL(shutdown)(fd, how);
     }
-    shim_debug("shutdown(fd %d) on a kept connection: ignored (the keeper keeps it open)", fd);
+    if (kept == 1)
+        shim_debug("shutdown(fd %d) on a kept connection: ignored (the keeper keeps it open)", fd);
+    else
+        shim_debug("shutdown(fd %d) on a per-call connection before its first send: ignored", fd);
     return 0;
 }
 
@@ -650,7 +874,7 @@ SHIM_EXPORT int close(int fd)
     struct fde *e = fdt_get(fd);
     if (e) {
         kept = (e->flags & FDE_KEPT) != 0;
-        fdt_remove(fd, &cl, &ncl);
+        fdt_remove(fd, &cl, &ncl); /* a PENDING fd's placeholder peer, when the last */
     }
     fdt_unlock();
     if (e) {

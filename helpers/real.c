@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "real.h"
@@ -11,14 +12,23 @@
 struct real_fns shim_real;
 static pthread_once_t real_once = PTHREAD_ONCE_INIT;
 
+/* The write system call itself: write() is interposed, and its real one may
+ * be what could not be bound. */
+static void raw_write(const char *s)
+{
+    if (syscall(SYS_write, 2, s, strlen(s)) < 0) {
+        /* nothing more we can do */
+    }
+}
+
 static void die(const char *what, const char *why)
 {
     /* No stdio: we may be in the middle of anything. */
-    const char *p1 = "fdkeeper-shim: fatal: cannot bind the real ";
-    if (write(2, p1, strlen(p1)) < 0 || write(2, what, strlen(what)) < 0 ||
-        write(2, ": ", 2) < 0 || write(2, why, strlen(why)) < 0 || write(2, "\n", 1) < 0) {
-        /* nothing more we can do */
-    }
+    raw_write("fdkeeper-shim: fatal: cannot bind the real ");
+    raw_write(what);
+    raw_write(": ");
+    raw_write(why);
+    raw_write("\n");
     abort();
 }
 
@@ -70,6 +80,12 @@ static void bind_all(void)
     shim_real.epoll_wait = (int (*)(int, struct epoll_event *, int, int))bind_one("epoll_wait", 1);
     shim_real.epoll_pwait = (int (*)(int, struct epoll_event *, int, int, const sigset_t *))
         bind_one("epoll_pwait", 1);
+    shim_real.send = (ssize_t (*)(int, const void *, size_t, int))bind_one("send", 1);
+    shim_real.sendto = (ssize_t (*)(int, const void *, size_t, int, const struct sockaddr *,
+                                    socklen_t))bind_one("sendto", 1);
+    shim_real.sendmsg = (ssize_t (*)(int, const struct msghdr *, int))bind_one("sendmsg", 1);
+    shim_real.write = (ssize_t (*)(int, const void *, size_t))bind_one("write", 1);
+    shim_real.writev = (ssize_t (*)(int, const struct iovec *, int))bind_one("writev", 1);
 }
 
 void real_init(void)

@@ -28,6 +28,7 @@ struct shim_config {
     enum shim_transport transport;
     char transport_str[64];         /* the value as given (cut), for the BAD message */
     int reconnect;
+    int per_call;                   /* FDKEEPER_PER_CALL=1 (client): lease at the first send */
     int debug;
 };
 
@@ -59,5 +60,11 @@ SHIM_HIDDEN int shim_parse_inaddr(const char *s, size_t n, struct shim_inaddr *o
 /* Same family (IPv4-mapped IPv6 counts as IPv4), address and port. */
 SHIM_HIDDEN int shim_addr_equal(const struct sockaddr *a, socklen_t alen,
                                 const struct sockaddr_storage *b);
+
+/* AoR of a SIP message (aor.c): the URI of its first From (f:) header,
+ * without URI parameters, percent-encoded for the control protocol into out
+ * (NUL-terminated). Returns its length, 0 when the message has no usable
+ * From header, -1 when the encoded URI does not fit in outlen. */
+SHIM_HIDDEN int shim_from_aor(const char *msg, size_t len, char *out, size_t outlen);
 
 #endif

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -109,6 +110,9 @@ class FakeKeeper:
         self.server_conns: list[socket.socket] = []   # kept for server leases
         self.server_addrs: list[tuple[str, str]] = []  # their (peer, local)
         self.kept: list[socket.socket] = []      # keeper's copies handed out
+        self.kept_addrs: list[tuple[str, str]] = []
+        self.by_aor: dict[str, int] = {}         # aor= -> index in kept (one connection per user)
+        self.leased: list[int] = []              # index in kept of each client lease
         self.sut_side: list[socket.socket] = []  # the SuT's end of each kept copy
         self.requests: list[str] = []
         self.packets: list[str] = []             # FDS packets sent
@@ -186,7 +190,13 @@ class FakeKeeper:
         if self.error:
             conn.send(f"ERR {self.error}".encode())
             return
-        if words[:2] == ["LEASE", "role=client"]:
+        aor = next((unquote(w[4:]) for w in words if w.startswith("aor=")), None)
+        if words[:2] == ["LEASE", "role=client"] and aor in self.by_aor:
+            i = self.by_aor[aor]                 # this user's own connection again
+            self.leased.append(i)
+            conn.send(b"OK count=1")
+            self._send_fds(conn, i + 1, [self.kept[i]], [self.kept_addrs[i]])
+        elif words[:2] == ["LEASE", "role=client"]:
             if self.pairs:
                 s, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 other.settimeout(10)
@@ -198,6 +208,10 @@ class FakeKeeper:
                 self.sut_side.append(self.sut.accept())
                 addrs = (fmt_addr(s.getpeername()), fmt_addr(s.getsockname()))
             self.kept.append(s)
+            self.kept_addrs.append(addrs)
+            self.leased.append(len(self.kept) - 1)
+            if aor is not None:
+                self.by_aor[aor] = len(self.kept) - 1
             conn.send(b"OK count=1")
             self._send_fds(conn, len(self.kept), [s], [addrs])
         elif words[:2] == ["LEASE", "role=server"]:
@@ -845,3 +859,298 @@ def test_real_sipp_uas(build, transport_keeper, tmp_path):
     assert p.returncode == 0, (out[-2000:], err[-2000:])
     assert b"handed over the kept connection" in err
     still_open(kept, peer)
+
+
+# --------------------------------------------------------------------------- per call (-t tn)
+
+
+class SutResponder:
+    """Plays the SuT on every connection the fake keeper opened (new ones are picked
+    up as they come; index = index in keeper.kept). mode "tag": each request gets the
+    line "<index>:<Call-ID>"; mode "sip": INVITE and BYE get 200 OK, ACK nothing."""
+
+    def __init__(self, keeper: FakeKeeper, mode: str = "tag"):
+        self.keeper = keeper
+        self.mode = mode
+        self.bufs: dict[int, bytes] = {}
+        self.log: list[tuple[int, str, str]] = []    # (index, method, Call-ID)
+        self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _split(buf: bytes):
+        """Complete messages at the start of buf, and the rest."""
+        out = []
+        while b"\r\n\r\n" in buf:
+            head, rest = buf.split(b"\r\n\r\n", 1)
+            length = 0
+            for ln in head.split(b"\r\n"):
+                name, _, value = ln.partition(b":")
+                if name.strip().lower() in (b"content-length", b"l"):
+                    length = int(value)
+            if len(rest) < length:
+                break
+            out.append(head + b"\r\n\r\n" + rest[:length])
+            buf = rest[length:]
+        return out, buf
+
+    def _answer(self, i: int, sock: socket.socket, msg: bytes):
+        head = msg.split(b"\r\n\r\n", 1)[0].decode()
+        method = head.split(" ", 1)[0]
+        callid = next((ln.split(":", 1)[1].strip() for ln in head.split("\r\n")[1:]
+                       if ln.split(":", 1)[0].strip().lower() in ("call-id", "i")), "")
+        self.log.append((i, method, callid))
+        if self.mode == "tag":
+            sock.sendall(f"{i}:{callid}\r\n".encode())
+        elif method in ("INVITE", "BYE"):
+            sock.sendall(sip_response(msg, "200 OK"))
+
+    def _run(self):
+        import select
+        while not self._stop:
+            socks = list(self.keeper.sut_side)
+            if not socks:
+                time.sleep(0.02)
+                continue
+            readable, _, _ = select.select(socks, [], [], 0.05)
+            for sock in readable:
+                i = socks.index(sock)
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    continue
+                msgs, self.bufs[i] = self._split(self.bufs.get(i, b"") + chunk)
+                for m in msgs:
+                    self._answer(i, sock, m)
+
+    def stop(self):
+        self._stop = True
+        self.thread.join(2)
+
+
+PERCALL_CALLS = [
+    # (how the program sends, its From header line, the AoR the LEASE must name)
+    ("send", 'From: "Alice" <sip:alice@fdkeeper.test;transport=tcp>;tag=a1',
+     "sip:alice@fdkeeper.test"),
+    ("sendto", "f:sip:bob@fdkeeper.test;tag=b1", "sip:bob@fdkeeper.test"),
+    ("writev", "FROM : <sip:alice@fdkeeper.test>;tag=a2", "sip:alice@fdkeeper.test"),
+    ("sendmsg", 'from:  "Carol <c>" <sips:+4930123;npdi@fdkeeper.test;user=phone?x=1>',
+     "sips:+4930123;npdi@fdkeeper.test"),
+    ("write", "From: <sip:dave%20d@fdkeeper.test>", "sip:dave%2520d@fdkeeper.test"),
+    ("dup", "f: sip:bob@fdkeeper.test", "sip:bob@fdkeeper.test"),
+]
+
+
+def percall_keeper(keeper_dir, sut, transport):
+    """(keeper, remote) for transport tcp (TCP connections to the SuT listener) or tls
+    (socketpair ends; nothing listens at the remote address)."""
+    if transport == "tcp":
+        return FakeKeeper(keeper_dir / "control.sock", sut), sut.addr
+    remote = "127.0.0.1:%d" % free_port()
+    return FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
+                      local_addr="127.0.0.1:40999"), remote
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
+    """FDKEEPER_PER_CALL=1: connect() returns 0 on a quiet placeholder; the first
+    send leases the From AoR's connection (aor= without URI parameters, in every
+    header form), puts it on the fd with its epoll registration, and data flows; a
+    later call for the same user gets that user's connection again."""
+    k, remote = percall_keeper(keeper_dir, sut, transport)
+    responder = SutResponder(k)
+    try:
+        env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_PER_CALL="1",
+                       FDKEEPER_TRANSPORT=transport)
+        r = run(build, ["percall", *remote.split(":"), "127.0.0.1",
+                        *(f"{how}|{line}" for how, line, _ in PERCALL_CALLS)], env)
+    finally:
+        responder.stop()
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        kv = parse(r.stdout)
+        assert k.requests == [
+            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 aor={aor}"
+            for _, _, aor in PERCALL_CALLS]
+        assert k.peer_pids == [k.peer_pids[0]] * len(PERCALL_CALLS)
+        # alice, bob, alice, carol, dave, bob: four users, four connections.
+        assert k.leased == [0, 1, 0, 2, 3, 1]
+        assert len(k.kept) == 4
+        base = int(kv["fds_base"])
+        for c, (how, _, _) in enumerate(PERCALL_CALLS):
+            conn = k.leased[c]
+            assert kv[f"c{c}_connect"] == "0" and kv[f"c{c}_err"] == "0"
+            # The placeholder: nothing to read, no hangup, one more fd (its other end).
+            assert kv[f"c{c}_poll"] == "0,0" and kv[f"c{c}_quiet"] == "0"
+            assert int(kv[f"c{c}_fds"]) == base + 2
+            assert kv[f"c{c}_peer"] == remote
+            assert kv[f"c{c}_nodelay"] == "0"
+            assert kv[f"c{c}_send"] == "1", (how, r.stdout, r.stderr)
+            # The epoll registration made before connect() survived both dup3s.
+            assert kv[f"c{c}_events"] == "1" and kv[f"c{c}_data"] == str(100 + c)
+            assert kv[f"c{c}_got"] == f"{conn}:call-{c}"
+            assert kv[f"c{c}_domain"] == ("inet" if transport == "tcp" else "unix")
+        # Every placeholder end and every kept fd is closed again.
+        assert kv["fds_end"] == kv["fds_base"]
+        assert [(i, cid) for i, _, cid in responder.log] == [
+            (k.leased[c], f"call-{c}") for c in range(len(PERCALL_CALLS))]
+        lines = [ln for ln in r.stderr.splitlines() if ln]
+        assert all(ln.startswith("fdkeeper-shim: ") for ln in lines), r.stderr
+        assert sum("leased at its first send" in ln for ln in lines) == len(PERCALL_CALLS)
+        assert sum("handed over the kept connection" in ln and " of sip" in ln
+                   for ln in lines) == len(PERCALL_CALLS)
+        for i in range(len(k.kept)):      # the program's closes ended nothing
+            still_open(k.kept[i], k.sut_side[i], tag=b"p%d" % i)
+        if transport == "tcp":            # TCP_NODELAY set before connect() was replayed
+            assert k.kept[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        k.close()
+
+
+def test_per_call_no_from_header(build, keeper, sut):
+    """A first message without a From header: no lease, one line, ECONNREFUSED;
+    close() still releases the placeholder."""
+    env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_PER_CALL="1")
+    r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", "send|-",
+                    "send|X-From: <sip:alice@fdkeeper.test>"], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    kv = parse(r.stdout)
+    assert keeper.requests == []
+    for c in (0, 1):
+        assert kv[f"c{c}_connect"] == "0" and kv[f"c{c}_quiet"] == "0"
+        assert kv[f"c{c}_send"] == "-1" and kv[f"c{c}_send_errno"] == "ECONNREFUSED"
+    assert kv["fds_end"] == kv["fds_base"]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2, r.stderr
+    assert re.fullmatch(
+        r"fdkeeper: send\(fd \d+\) to " + re.escape(sut.addr) + r": the first message on this "
+        r"per-call connection has no From header \(is it SIP\?\); with FDKEEPER_PER_CALL=1 "
+        r"each connection is leased for the user \(AoR\) in the From header of the first SIP "
+        r"message sent on it", lines[0]), lines[0]
+
+
+def test_per_call_keeper_error(build, keeper_dir, sut):
+    """An ERR reply at the first send: its text, one line, the errno for its code."""
+    text = f"fdkeeper: kept connection to {sut.addr}/tcp for sip:alice@fdkeeper.test is busy (test)"
+    k = FakeKeeper(keeper_dir / "control.sock", sut, error=f"busy {text}")
+    try:
+        r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1",
+                        "send|From: <sip:alice@fdkeeper.test>;tag=1"],
+                shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1"))
+        kv = parse(r.stdout)
+        assert kv["c0_connect"] == "0"
+        assert kv["c0_send"] == "-1" and kv["c0_send_errno"] == "EBUSY"
+        assert r.stderr == text + "\n"
+        assert k.requests == [f"LEASE role=client transport=tcp remote={sut.addr} "
+                              "local=127.0.0.1:0 aor=sip:alice@fdkeeper.test"]
+        assert kv["fds_end"] == kv["fds_base"]
+    finally:
+        k.close()
+
+
+def test_per_call_unset_is_t1(build, keeper, sut):
+    """FDKEEPER_PER_CALL unset: every connect() leases at once, without aor=."""
+    responder = SutResponder(keeper)
+    try:
+        env = shim_env(build, keeper.path, remote=sut.addr)
+        r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1",
+                        "send|From: <sip:alice@fdkeeper.test>", "writev|From: <sip:bob@x>"], env)
+    finally:
+        responder.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    kv = parse(r.stdout)
+    assert keeper.requests == [
+        f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"] * 2
+    base = int(kv["fds_base"])
+    for c in (0, 1):
+        assert int(kv[f"c{c}_fds"]) == base + 1          # no placeholder
+        assert kv[f"c{c}_got"] == f"{c}:call-{c}" and kv[f"c{c}_domain"] == "inet"
+    assert r.stderr == ""
+
+
+PERCALL_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="fdkeeper per-call uac">
+  <send retrans="500">
+    <![CDATA[
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "[field0]" <sip:[field0]@fdkeeper.test>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:[field0]@[local_ip]:[local_port];transport=[transport]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" rtd="true"/>
+  <send>
+    <![CDATA[
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "[field0]" <sip:[field0]@fdkeeper.test>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <send retrans="500">
+    <![CDATA[
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: "[field0]" <sip:[field0]@fdkeeper.test>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" crlf="true"/>
+</scenario>
+"""
+
+
+@pytest.mark.skipif(SIPP is None, reason="sipp is not installed")
+def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
+    """sipp -t tn, three calls for alice, bob, alice (-inf): each call's socket leases
+    its user's connection at the INVITE; alice's second call goes out on alice's
+    first connection; whole calls run over them and they stay open."""
+    (tmp_path / "uac.xml").write_text(PERCALL_SCENARIO)
+    (tmp_path / "users.csv").write_text("SEQUENTIAL\nalice;\nbob;\nalice;\n")
+    k = FakeKeeper(keeper_dir / "control.sock", sut)
+    responder = SutResponder(k, mode="sip")
+    try:
+        env = shim_env(build, k.path, remote=sut.addr, debug=True, FDKEEPER_PER_CALL="1")
+        p = subprocess.run(
+            [SIPP, "-sf", "uac.xml", "-inf", "users.csv", "-t", "tn", "-max_socket", "100", "-m", "3", "-l", "1",
+             "-nostdin", "-i", "127.0.0.1", "-timeout", "20s", "-trace_err", sut.addr],
+            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, timeout=40)
+    finally:
+        responder.stop()
+    try:
+        assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+        assert k.requests == [
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 "
+            f"aor=sip:{user}@fdkeeper.test" for user in ("alice", "bob", "alice")]
+        assert k.leased == [0, 1, 0]
+        assert k.peer_pids == [k.peer_pids[0]] * 3
+        calls = {}
+        for i, method, callid in responder.log:
+            calls.setdefault(callid, []).append((i, method))
+        assert sorted(calls.values()) == sorted([
+            [(0, "INVITE"), (0, "ACK"), (0, "BYE")], [(1, "INVITE"), (1, "ACK"), (1, "BYE")],
+            [(0, "INVITE"), (0, "ACK"), (0, "BYE")]]), responder.log
+        assert p.stderr.count(b"leased at its first send") == 3
+        for i in range(2):
+            still_open(k.kept[i], k.sut_side[i], tag=b"p%d" % i)
+    finally:
+        k.close()

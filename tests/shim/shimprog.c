@@ -8,6 +8,12 @@
  *   shimprog fork IP PORT
  *   shimprog server N [v]              sipp-like listener, accepts N via epoll
  *                                      (v: one line per accepted connection)
+ *   shimprog percall IP PORT BINDIP HOW|FROM ...
+ *                                      sipp -t tn: one socket per call, connected
+ *                                      and then sent a SIP message with header line
+ *                                      FROM ("-": none) through HOW (send, sendto,
+ *                                      write, writev, sendmsg; dup: send on a dup);
+ *                                      the reply is read via epoll, then closed
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -19,7 +25,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <dirent.h>
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -354,6 +363,130 @@ static int cmd_server(int argc, char **argv)
     return 0;
 }
 
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *de;
+    int n = 0;
+    if (!d)
+        return -1;
+    while ((de = readdir(d)))
+        n += de->d_name[0] != '.';
+    closedir(d);
+    return n - 1; /* the directory's own fd */
+}
+
+static ssize_t send_how(const char *how, int s, const char *msg, size_t len)
+{
+    struct iovec iov[3] = { { (void *)msg, 10 }, { (void *)(msg + 10), 20 },
+                            { (void *)(msg + 30), len - 30 } };
+    struct msghdr mh;
+    if (!strcmp(how, "sendto"))
+        return sendto(s, msg, len, MSG_DONTWAIT, NULL, 0);
+    if (!strcmp(how, "write"))
+        return write(s, msg, len);
+    if (!strcmp(how, "writev"))
+        return writev(s, iov, 3);
+    if (!strcmp(how, "sendmsg")) {
+        memset(&mh, 0, sizeof mh);
+        mh.msg_iov = iov;
+        mh.msg_iovlen = 3;
+        return sendmsg(s, &mh, MSG_DONTWAIT);
+    }
+    return send(s, msg, len, MSG_DONTWAIT);
+}
+
+static int cmd_percall(int argc, char **argv)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+
+    printf("fds_base=%d\n", count_fds());
+    for (int i = 5; i < argc; i++) {
+        int c = i - 5, err, s, n, ml;
+        const char *bar = strchr(argv[i], '|'), *from;
+        char how[16], msg[1024], buf[512], fromline[600];
+        struct epoll_event ev;
+        struct pollfd pfd;
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        uint64_t data = 0;
+        ssize_t r;
+
+        if (!bar || bar - argv[i] >= (int)sizeof how)
+            return 1;
+        memcpy(how, argv[i], (size_t)(bar - argv[i]));
+        how[bar - argv[i]] = 0;
+        from = bar + 1;
+        s = sipp_connect(ep, 100 + (uint64_t)c, argv[2], argv[3], argv[4], &err);
+        printf("c%d_connect=%d c%d_err=%s\n", c, s >= 0 ? 0 : -1, c, ename(err));
+        if (s < 0)
+            continue;
+        if (!strcmp(how, "dup")) { /* the program moves the socket to another number */
+            int d = dup(s);
+            epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
+            close(s);
+            s = d;
+            ev.events = EPOLLIN;
+            ev.data.u64 = 100 + (uint64_t)c;
+            if (epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) != 0)
+                die("epoll add dup");
+            strcpy(how, "send");
+        }
+        /* Before the first send: nothing to read, no hangup. */
+        pfd.fd = s;
+        pfd.events = POLLIN | POLLRDHUP;
+        pfd.revents = 0;
+        n = poll(&pfd, 1, 100);
+        printf("c%d_poll=%d,%d\n", c, n, pfd.revents);
+        n = epoll_wait(ep, &ev, 1, 100);
+        printf("c%d_quiet=%d\n", c, n);
+        printf("c%d_fds=%d\n", c, count_fds());
+        if (getpeername(s, (struct sockaddr *)&ss, &sl) == 0) {
+            char key[32];
+            snprintf(key, sizeof key, "c%d_peer", c);
+            print_addr_len(key, (struct sockaddr *)&ss, sl);
+        }
+        {
+            int one = 1; /* sipp may set options at any time; TCP ones are fatal if they fail */
+            printf("c%d_nodelay=%d\n", c,
+                   setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one));
+        }
+        if (!strcmp(from, "-"))
+            fromline[0] = 0;
+        else
+            snprintf(fromline, sizeof fromline, "%s\r\n", from);
+        ml = snprintf(msg, sizeof msg,
+                      "INVITE sip:service@%s:%s SIP/2.0\r\n"
+                      "Via: SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-%d\r\n"
+                      "%s"
+                      "To: <sip:service@%s:%s>\r\n"
+                      "Call-ID: call-%d\r\n"
+                      "CSeq: 1 INVITE\r\n"
+                      "Content-Length: 0\r\n\r\n",
+                      argv[2], argv[3], c, fromline, argv[2], argv[3], c);
+        errno = 0;
+        r = send_how(how, s, msg, (size_t)ml);
+        printf("c%d_send=%d c%d_send_errno=%s\n", c, r == ml ? 1 : (int)r, c,
+               ename(r < 0 ? errno : 0));
+        if (r == ml) {
+            n = epoll_wait(ep, &ev, 1, 5000);
+            if (n == 1)
+                data = ev.data.u64;
+            printf("c%d_events=%d c%d_data=%llu\n", c, n, c, (unsigned long long)data);
+            n = (int)recvfrom(s, buf, sizeof buf - 1, 0, NULL, NULL);
+            buf[n > 0 ? n : 0] = 0;
+            buf[strcspn(buf, "\r\n")] = 0;
+            printf("c%d_got=%s\n", c, buf);
+            printf("c%d_domain=%s\n", c, domain_of(s) == AF_UNIX ? "unix" : "inet");
+        }
+        epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
+        shutdown(s, SHUT_RDWR);
+        close(s);
+    }
+    printf("fds_end=%d\n", count_fds());
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int r;
@@ -372,6 +505,8 @@ int main(int argc, char **argv)
         r = cmd_fork(argc, argv);
     else if (!strcmp(argv[1], "server") && argc >= 3)
         r = cmd_server(argc, argv);
+    else if (!strcmp(argv[1], "percall") && argc >= 5)
+        r = cmd_percall(argc, argv);
     else
         return 1;
     return r;
