@@ -214,6 +214,9 @@ loadmodule "tcpops.so"
 # kamcmd talks to this socket; it lives in the work dir so instances never
 # share one (the default /run/kamailio/kamailio_ctl would collide).
 modparam("ctl", "binrpc", "unix:{ctl_path}")
+# ul.dump / core.tcp_list of thousands of users: replies far beyond the 32 kB default.
+modparam("ctl", "binrpc_max_body_size", 16384)
+modparam("ctl", "binrpc_struct_max_body_size", 16384)
 
 # In-memory location table. handle_lost_tcp: lookup() skips a contact whose
 # TCP connection is gone (-> 404 at once), and the usrloc timer deletes it
@@ -548,6 +551,9 @@ loadmodule "xlog.so"
 loadmodule "tcpops.so"
 {tls_modules}
 modparam("ctl", "binrpc", "unix:{ctl_path}")
+# ul.dump / core.tcp_list of thousands of users: replies far beyond the 32 kB default.
+modparam("ctl", "binrpc_max_body_size", 16384)
+modparam("ctl", "binrpc_struct_max_body_size", 16384)
 # Two Record-Route entries when the transport changes (UDP <-> TCP/TLS).
 modparam("rr", "enable_double_rr", 1)
 
@@ -1182,14 +1188,19 @@ class Kamailio(KamailioInstance):
             ul_timer=self.ul_timer, handle_lost_tcp=int(self.handle_lost_tcp),
             tag=LOG_TAG, control_route=_CONTROL_ROUTE, **self._tls_fields())
 
-    def location(self) -> list[dict]:
+    def location(self, aors: Iterable[str] | None = None) -> list[dict]:
         """The registrar's contacts, one dict per contact.
 
         Keys: aor, contact, received, socket, expires, callid, cseq,
         user_agent, and source = {host, port, transport} taken from
         `received` (the connection the user registered from), or from the
         Contact when nothing was received.
+        With `aors` (user names as the registrar keys them), each is looked up
+        on its own: kamcmd cannot take a ul.dump of a few hundred users
+        ("reply too big").
         """
+        if aors is not None:
+            return [contact for aor in aors for contact in self._lookup(aor)]
         tree = parse_kamcmd(self.rpc("ul.dump"))
         result = []
         for top in tree:
@@ -1201,6 +1212,19 @@ class Kamailio(KamailioInstance):
                     for contact in _as_list(_dig(info, "Contacts", "Contact")):
                         result.append(_contact_dict(aor, contact))
         return result
+
+
+    def _lookup(self, aor: str) -> list[dict]:
+        try:
+            tree = parse_kamcmd(self.rpc("ul.lookup", "location", aor))
+        except RuntimeError:
+            return []  # not registered (or no live contact)
+        return [
+            _contact_dict(top.get("AoR"), contact)
+            for top in tree
+            if isinstance(top, dict) and "AoR" in top
+            for contact in _as_list(_dig(top, "Contacts", "Contact"))
+        ]
 
 
 class KamailioConverter(KamailioInstance):

@@ -48,9 +48,9 @@ def wait_for(predicate, timeout=15.0):
         time.sleep(0.05)
 
 
-def source_port_by_aor(kamailio) -> dict[str, int]:
+def source_port_by_aor(kamailio, names: list[str]) -> dict[str, int]:
     """Kamailio's view: the source port each user registered from."""
-    return {c["aor"]: int(c["source"]["port"]) for c in kamailio.location()}
+    return {c["aor"]: int(c["source"]["port"]) for c in kamailio.location(names)}
 
 
 def local_port_by_aor(keeper_dir) -> dict[str, int]:
@@ -66,7 +66,8 @@ def register_all(sipp_path, remote, keeper_dir, tmp_path, users_csv, count, *, t
     result = start_through_fdkeeper(
         sipp_path, "uac-register.xml", remote, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
         options=tuple(options), transport=transport, calls=count, rate=200, timeout=30,
-        extra=["-inf", str(users_csv), "-l", str(count)],
+        # sipp -t tn refuses to start while its -max_socket (50000) exceeds the open-file limit.
+        extra=["-inf", str(users_csv), "-l", str(count), "-max_socket", "4000"],
     ).wait(60)
     assert result.ok and result.successful == count, result.summary()
     return result
@@ -76,6 +77,7 @@ def start_answering(sipp_path, remote, keeper_dir, tmp_path, count, *, transport
     return start_through_fdkeeper(
         sipp_path, "uas-answer.xml", remote, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
         options=tuple(options), transport=transport, calls=count, timeout=60, local_port=sut.free_port(),
+        extra=["-max_socket", "4000"],
     )
 
 
@@ -98,7 +100,7 @@ def test_two_hundred_tcp_users_each_on_its_own_connection(sipp_path, kamailio, k
     connections = kept(keeper_dir)
     assert len(connections) == TCP_USERS and all(c["state"] == "idle" for c in connections)
     assert sorted(user_of(c["aor"]) for c in connections) == names
-    registered = {user_of(aor): port for aor, port in source_port_by_aor(kamailio).items()}
+    registered = {user_of(aor): port for aor, port in source_port_by_aor(kamailio, names).items()}
     assert registered == local_port_by_aor(keeper_dir)  # each user registered over its own connection
     assert len(set(registered.values())) == TCP_USERS
 
@@ -115,7 +117,7 @@ def test_two_hundred_tcp_users_each_on_its_own_connection(sipp_path, kamailio, k
     random.Random(7).shuffle(shuffled)
     shuffled_csv = sut.write_users_csv(tmp_path / "shuffled.csv", shuffled, kamailio.domain)
     register_all(sipp_path, kamailio.address, keeper_dir, tmp_path, shuffled_csv, TCP_USERS, transport="tn", name="reregister")
-    assert {user_of(aor): port for aor, port in source_port_by_aor(kamailio).items()} == registered
+    assert {user_of(aor): port for aor, port in source_port_by_aor(kamailio, names).items()} == registered
     assert len(kept(keeper_dir)) == TCP_USERS
 
     counted = subprocess.run(
@@ -136,7 +138,7 @@ def test_fifty_tls_users_each_on_its_own_connection(sipp_path, keeper_dir, tmp_p
         register_all(sipp_path, kamailio.tls_address, keeper_dir, tmp_path, users_csv, TLS_USERS, transport="ln", options=tls)
         connections = kept(keeper_dir)
         assert len(connections) == TLS_USERS and all(c["transport"] == "tls" for c in connections)
-        registered = {user_of(aor): port for aor, port in source_port_by_aor(kamailio).items()}
+        registered = {user_of(aor): port for aor, port in source_port_by_aor(kamailio, names).items()}
         assert registered == local_port_by_aor(keeper_dir)
 
         answer = start_answering(sipp_path, kamailio.tls_address, keeper_dir, tmp_path, TLS_USERS, transport="ln")
@@ -174,7 +176,7 @@ def test_a_third_dropped_by_the_sut(sipp_path, kamailio, keeper_dir, tmp_path):
     dropped_csv = sut.write_users_csv(tmp_path / "dropped.csv", dropped, kamailio.domain)
     failed = start_through_fdkeeper(
         sipp_path, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=tmp_path / "logs", name="failed",
-        transport="tn", calls=len(dropped), timeout=10, extra=["-inf", str(dropped_csv)],
+        transport="tn", calls=len(dropped), timeout=10, extra=["-inf", str(dropped_csv), "-max_socket", "4000"],
     ).wait(30)
     assert failed.successful == 0 and "was closed at" in failed.text("stderr")
     register_all(
@@ -203,7 +205,7 @@ def test_too_many_users_for_the_open_file_limit_is_said_before_the_run(sipp_path
         result = subprocess.run(
             [sys.executable, "-m", "fdkeeper", "sipp", "--dir", str(directory), "--sipp", sipp_path,
              "-sf", str(sut.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users_csv), "-t", "tn",
-             "-i", "127.0.0.1", "-m", "500", kamailio.address],
+             "-i", "127.0.0.1", "-m", "500", "-max_socket", "4000", kamailio.address],
             capture_output=True, text=True, timeout=30,
         )
         assert result.returncode == 2, result.stderr
