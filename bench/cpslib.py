@@ -1,0 +1,472 @@
+"""Shared machinery of the calls-per-second benches (bench/cps_tcp.py, bench/cps_tls.py).
+
+What is here: the callee (a sipp UAS over UDP registered at the SuT), one caller run and its
+verdict (`Run`), the rate search (`Ascent`, `climb`: every configuration climbs its own rate
+ladder, the configurations interleaved step by step, the first one rotating), the table
+lines, and the process bookkeeping that stops everything on any exit (`BenchBase`).
+A bench subclasses BenchBase: it names its configurations and says how each one's caller is
+started (`start_caller`); it may measure around every run (`begin_run`/`end_run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from fdkeeper import sut
+from fdkeeper.demo import start_through_fdkeeper
+
+CALLEE = "bob"
+# uac-call.xml holds every call 200 ms between ACK and BYE: a run of N calls at rate R cannot
+# end before N/R + 0.2 s, which is what "ideal" calls/s below is measured against.
+CALL_PAUSE_S = 0.2
+# A run "keeps the rate" when it reaches this share of the ideal calls/s; below it sipp (or
+# the SuT) is queueing calls, the call rate is no longer what was asked for.
+KEEP_FRACTION = 0.95
+# Kamailio keeps every finished transaction 5 s (tm wait timer). sut.Kamailio's 64 MB of shared
+# memory runs out at about 300 calls/s ("out of mem" in tm, then 480s and lost replies), so the
+# SuT would be the limit, equally for both configurations, and the comparison would say little.
+SHM_MB = 1024
+# A pause between runs: the previous sipp (or keeper hand-back) is fully gone and the UAS's
+# calls in timewait have ended before the next run starts.
+SETTLE_S = 0.5
+# A call that waits this long for a message fails on its own (sipp -recv_timeout) instead of
+# holding the run until the global -timeout.
+RECV_TIMEOUT_MS = 5000
+
+
+# --------------------------------------------------------------------------
+# the callee
+# --------------------------------------------------------------------------
+
+def write_uas_scenario(directory: Path) -> Path:
+    """scenarios/uas-answer.xml adapted: the callee answers 100 then 200 (no 180), ACK optional.
+
+    Why: Kamailio's two UDP workers relay the callee's 180 and 200 concurrently, and now and then
+    the 180 reaches the caller after the 200; uac-call.xml then aborts the call ("unexpected
+    message while pausing"), about 0.5 % of calls at 300 calls/s, at random in both
+    configurations. Without a 180 there is nothing to reorder, and the caller's scenario (the
+    one measured through fdkeeper) stays exactly the shipped one. (optional="global" on the
+    caller's 180 does not work: sipp 3.6.1 then rewinds the call to before the 200.)
+    Likewise the callee's ACK and BYE can swap places; its ACK becomes optional anywhere
+    (optional="global" advance_state="false"), so a BYE that overtook the ACK is no callee error.
+    """
+    text = (sut.SCENARIOS_DIR / "uas-answer.xml").read_text()
+    text, dropped = re.subn(r"\n  <send>\s*<!\[CDATA\[\s*SIP/2.0 180 Ringing.*?</send>\n", "\n", text, flags=re.S)
+    text, relaxed = re.subn(r'<recv request="ACK"[^>]*/>',
+                            '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text)
+    if (dropped, relaxed) != (1, 1):
+        raise RuntimeError("scenarios/uas-answer.xml changed: cannot find its 180 <send> and ACK <recv> to adapt")
+    path = directory / "uas-answer-bench.xml"
+    path.write_text(text)
+    return path
+
+
+def register_callee(bench: "BenchBase", port: int) -> None:
+    """REGISTER bob over UDP from the UAS's own port, so Kamailio relays calls to that port."""
+    users = sut.write_users_csv(bench.workdir / "users.csv", [CALLEE], bench.kamailio.domain)
+    result = bench.wait(bench.start_plain("uac-register.xml", "register-bob", transport="u1", local_port=port,
+                                          calls=1, timeout=10, extra=["-inf", str(users)]), 20)
+    if not result.ok:
+        raise RuntimeError(f"registering {CALLEE} failed:\n{result.summary()}")
+    sources = [c["source"] for c in bench.kamailio.location() if (c["aor"] or "").split("@")[0].endswith(CALLEE)]
+    if {(s["host"], s["port"], s["transport"]) for s in sources} != {("127.0.0.1", port, "udp")}:
+        raise RuntimeError(f"Kamailio's location for {CALLEE} is {sources}, expected 127.0.0.1:{port} over UDP")
+
+
+# --------------------------------------------------------------------------
+# one sipp run
+# --------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """One caller run: its counts and times (from sipp's -trace_stat file) and verdict."""
+    config: str
+    rate: float
+    calls: int
+    successful: int
+    failed: int
+    elapsed: float          # sipp's own StartTime -> last CurrentTime, seconds
+    wall: float             # our wall clock, including `fdkeeper sipp`'s start-up
+    returncode: int | None
+    retry: bool = False
+    measured: dict = field(default_factory=dict)   # whatever the bench's end_run() measured
+
+    @property
+    def achieved(self) -> float:
+        """The figure: successful calls per second of the run."""
+        return self.successful / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def ideal(self) -> float:
+        """Calls/s of a run that creates every call on time and answers at once."""
+        return self.calls / (self.calls / self.rate + CALL_PAUSE_S)
+
+    @property
+    def all_answered(self) -> bool:
+        return self.returncode == 0 and self.failed == 0 and self.successful == self.calls
+
+    @property
+    def passed(self) -> bool:
+        return self.all_answered and self.achieved >= KEEP_FRACTION * self.ideal
+
+    @property
+    def verdict(self) -> str:
+        if self.failed:
+            return f"FAILED ({self.failed} failed calls)"
+        if not self.all_answered:
+            return f"FAILED (exit {self.returncode}, {self.successful}/{self.calls} calls)"
+        if not self.passed:
+            return f"rate not kept (< {KEEP_FRACTION:.0%} of ideal)"
+        return "ok"
+
+
+def elapsed_seconds(stats: dict[str, str]) -> float:
+    """Elapsed time of a run from its last stat row, to the microsecond.
+
+    ElapsedTime(C) has a 1 s resolution; StartTime/CurrentTime end with epoch.usec.
+    """
+    try:
+        return float(stats["CurrentTime"].split()[-1]) - float(stats["StartTime"].split()[-1])
+    except (KeyError, IndexError, ValueError):
+        return 0.0
+
+
+def caller_options(bench: "BenchBase", rate: float, duration: float, transport: str = "t1") -> dict:
+    """sut.sipp_command options for a caller run of `duration` seconds at `rate` calls/s."""
+    calls = max(1, round(rate * duration))
+    return dict(
+        transport=transport, calls=calls, rate=rate, timeout=duration * 3 + 10, trace_messages=False,
+        # -l: at most one second's worth of calls open (five times what the 200 ms calls need),
+        # so an overloaded run slows down (and fails "rate not kept") instead of piling up.
+        extra=["-s", CALLEE, "-key", "domain", bench.kamailio.domain,
+               "-l", str(max(100, round(rate))), "-recv_timeout", str(RECV_TIMEOUT_MS)],
+    )
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+def table_header(width: int = 20, extra: str = "") -> str:
+    return (f"{'rate':>6}  {'configuration':<{width}} {'calls':>6} {'ok':>6} {'failed':>6} "
+            f"{'elapsed s':>9} {'calls/s':>8} {'ideal':>7} {'wall s':>7}  {extra}verdict")
+
+
+def format_run(run: Run, label: str, width: int = 20, extra: str = "") -> str:
+    """One table line; `label` is the configuration's name, `extra` goes before the verdict."""
+    label = f"({run.config}) {label}"
+    verdict = ("retry: " if run.retry else "") + run.verdict
+    return (f"{run.rate:>6g}  {label:<{width}} {run.calls:>6} {run.successful:>6} {run.failed:>6} "
+            f"{run.elapsed:>9.3f} {run.achieved:>8.1f} {run.ideal:>7.1f} {run.wall:>7.2f}  {extra}{verdict}")
+
+
+def command_version(cmd: list[str], pattern: str) -> str:
+    """The first line of a program's version output matching `pattern` (or 'unknown')."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    match = re.search(pattern, out.stdout + out.stderr)
+    return match.group(0).strip().rstrip(".") if match else "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def uas_counts(bench: "BenchBase") -> str:
+    stats = sut.read_sipp_stats(bench.logs / "uas.stat.csv")
+    return f"{stats.get('SuccessfulCall(C)', '?')} calls answered, {stats.get('FailedCall(C)', '?')} failed"
+
+
+# --------------------------------------------------------------------------
+# the bench: processes, runs, clean-up
+# --------------------------------------------------------------------------
+
+@dataclass
+class BenchBase:
+    """The SuT, the callee and the caller runs of one bench. Subclasses set CONFIGS and
+    LABELS, and implement start_caller(); make_sut() may give the SuT options."""
+    CONFIGS = ()                    # configuration keys, in the order of the first step
+    LABELS = {}                     # key -> name in the tables
+    PROG = "cps"                    # prefix of our messages on stderr
+
+    workdir: Path
+    sipp: str
+    duration: float
+    retries: int
+    kamailio: sut.Kamailio = field(init=False)
+    runs: list[Run] = field(default_factory=list)
+    live: list[sut.SippProcess] = field(default_factory=list)   # stopped by close()
+    uas: sut.SippProcess | None = None
+
+    def __post_init__(self) -> None:
+        self.logs = self.workdir / "logs"
+        self.keeper_dir = self.workdir / "keeper"
+        self.kamailio = self.make_sut()
+
+    def make_sut(self) -> sut.Kamailio:
+        return sut.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB)
+
+    # -- what a bench says ------------------------------------------------
+
+    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+        raise NotImplementedError
+
+    def caller_options(self, config: str, rate: float, duration: float) -> dict:
+        return caller_options(self, rate, duration)
+
+    def begin_run(self, config: str) -> object:
+        """Called right before a caller starts; what it returns goes to end_run()."""
+        return None
+
+    def wait_caller(self, config: str, process: sut.SippProcess, timeout: float) -> sut.SippResult:
+        return self.wait(process, timeout)
+
+    def end_run(self, config: str, token: object, run: Run) -> dict:
+        """Called right after a caller ended (before the settle pause): run.measured."""
+        return {}
+
+    def format_run(self, run: Run) -> str:
+        return format_run(run, self.LABELS[run.config])
+
+    # -- processes --------------------------------------------------------
+
+    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> sut.SippProcess:
+        return self._track(sut.start_sipp(self.sipp, scenario, remote or self.kamailio.address, log_dir=self.logs,
+                                          name=name, local_ip=self.kamailio.host, **options))
+
+    def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> sut.SippProcess:
+        return self._track(start_through_fdkeeper(self.sipp, scenario, remote or self.kamailio.address,
+                                                  directory=self.keeper_dir, log_dir=self.logs, name=name,
+                                                  local_ip=self.kamailio.host, **options))
+
+    def _track(self, process: sut.SippProcess) -> sut.SippProcess:
+        self.live.append(process)
+        return process
+
+    def wait(self, process: sut.SippProcess, timeout: float) -> sut.SippResult:
+        result = process.wait(timeout)
+        self.live.remove(process)
+        return result
+
+    def setup(self) -> None:
+        self.kamailio.start()
+        port = sut.free_port()
+        register_callee(self, port)
+        self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
+                                    calls=None, trace_messages=False)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """A short run of each configuration: proves the set-up works, and the first run through
+        fdkeeper opens the kept connection, so no measured run includes a connect."""
+        for config in self.CONFIGS:
+            run, result = self.call(config, 50, name=f"warmup-{config}", duration=1)
+            if not run.all_answered:
+                raise RuntimeError(f"the warm-up run of ({config}) {self.LABELS[config]} failed:\n{result.summary()}")
+
+    def stop_others(self) -> None:
+        """Stop what a subclass started besides the SuT (before the SuT stops)."""
+
+    def close(self) -> None:
+        """Stop everything we started: sipp runs, the keeper, Kamailio. Safe after any failure."""
+        try:
+            for process in self.live:
+                process.terminate(grace=3)
+            self.live.clear()
+            subprocess.run([sys.executable, "-m", "fdkeeper", "stop", "--dir", os.fspath(self.keeper_dir)],
+                           capture_output=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            print(f"{self.PROG}: `fdkeeper stop --dir {self.keeper_dir}` did not answer in 30 s", file=sys.stderr)
+        finally:
+            try:
+                self.stop_others()
+            finally:
+                self.kamailio.stop()
+
+    # -- runs -------------------------------------------------------------
+
+    def call(self, config: str, rate: float, *, name: str, duration: float | None = None) -> tuple[Run, sut.SippResult]:
+        """One caller run of `config` at `rate` calls/s."""
+        options = self.caller_options(config, rate, duration or self.duration)
+        token = self.begin_run(config)
+        began = time.monotonic()
+        result = self.wait_caller(config, self.start_caller(config, name, options), options["timeout"] + 20)
+        wall = time.monotonic() - began
+        run = Run(config, rate, options["calls"], result.successful, result.failed, elapsed_seconds(result.stats),
+                  wall, result.returncode)
+        run.measured = self.end_run(config, token, run)
+        time.sleep(SETTLE_S)
+        return run, result
+
+    def measure(self, config: str, rate: float) -> Run:
+        """A measured run, retried (self.retries times) when it fails; every run is shown."""
+        for attempt in range(self.retries + 1):
+            run, _ = self.call(config, rate, name=f"{config}-{rate:g}-{attempt}")
+            run.retry = attempt > 0
+            self.runs.append(run)
+            print(self.format_run(run), flush=True)
+            if run.passed:
+                break
+        return run
+
+
+# --------------------------------------------------------------------------
+# the rate search
+# --------------------------------------------------------------------------
+
+@dataclass
+class Ascent:
+    """One configuration's climb: coarse steps up to its first failure, then fine steps between
+    its last coarse pass and that failure, up to its first fine failure. `best` is then the
+    highest rate with no failed call, to the fine step."""
+    config: str
+    rates: list[float]              # the rates still to try in the current phase
+    fine: float | None              # None: no fine phase (--steps)
+    label: str = ""
+    passes: list[Run] = field(default_factory=list)
+    refining: bool = False
+
+    @property
+    def best(self) -> Run | None:
+        return self.passes[-1] if self.passes else None
+
+    def next_rate(self) -> float | None:
+        return self.rates[0] if self.rates else None
+
+    def record(self, run: Run) -> None:
+        self.rates.pop(0)
+        if run.passed:
+            self.passes.append(run)
+            if not self.rates and self.fine is not None and not self.refining:
+                print(f"-- ({self.config}) {self.label}: no failure up to {run.rate:g} calls/s "
+                      "(--max-rate)", flush=True)
+        elif self.fine is None or self.refining:
+            self.rates = []         # its first failure (after retries) ends the climb
+        else:
+            low = self.best.rate if self.best else 0.0
+            self.rates = list(rates_from(low + self.fine, self.fine, run.rate - self.fine / 2))
+            self.refining = True
+            print(f"-- ({self.config}) {self.label}: fine steps of {self.fine:g} calls/s "
+                  f"between {low:g} and {run.rate:g}", flush=True)
+
+
+def rates_from(start: float, step: float, limit: float) -> Iterator[float]:
+    rate = start
+    while rate <= limit + 1e-9:
+        yield rate
+        rate += step
+
+
+def climb(bench: BenchBase, ascents: list[Ascent]) -> dict[str, Run | None]:
+    """Step every configuration up its own ascent. The configurations still climbing run one
+    after the other at every step (interleaved in time, so drift hits all alike), the order
+    rotating from step to step (a b, b a ...; a b c, b c a, c a b ...); returns each one's run
+    at its highest passing rate."""
+    for step in itertools.count():
+        active = [a for a in ascents if a.next_rate() is not None]
+        if not active:
+            return {a.config: a.best for a in ascents}
+        shift = step % len(active)
+        for ascent in active[shift:] + active[:shift]:
+            ascent.record(bench.measure(ascent.config, ascent.next_rate()))
+    raise AssertionError("unreachable")
+
+
+def ascents(bench: BenchBase, step: float, fine: float, limit: float, steps: list[float] | None,
+            start: dict[str, float] | None = None) -> list[Ascent]:
+    """--steps: exactly those rates; otherwise coarse steps from `step` (or the config's
+    `start`, a multiple of step) up to `limit`."""
+    def ladder(config: str) -> list[float]:
+        if steps:
+            return sorted(steps)
+        return list(rates_from((start or {}).get(config, step), step, limit))
+    return [Ascent(config, ladder(config), None if steps else fine, bench.LABELS[config])
+            for config in bench.CONFIGS]
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+def common_arguments(parser: argparse.ArgumentParser, *, quick: str, duration: float, quick_duration: float,
+                     step: float, quick_step: float, max_rate: float = 10000) -> None:
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--duration", type=float,
+                        help=f"seconds of calls per run (default {duration:g}; --quick {quick_duration:g})")
+    parser.add_argument("--steps", help="comma-separated rates to climb instead of the coarse/fine search")
+    parser.add_argument("--step", type=float, help=f"coarse rate step, calls/s (default {step:g}; --quick {quick_step:g})")
+    parser.add_argument("--fine", type=float,
+                        help=f"fine rate step, calls/s (default step/10, i.e. {step / 10:g}; --quick {quick_step / 5:g})")
+    parser.add_argument("--max-rate", type=float, default=max_rate, help=f"never go above this (default {max_rate:g})")
+    parser.add_argument("--retries", type=int, default=1, help="reruns of a failed run before it counts (default 1)")
+    parser.add_argument("--sipp", help="sipp binary (default: $SIPP or sipp on PATH)")
+    parser.add_argument("--keep-files", action="store_true", help="keep the temp dir (logs, stat files)")
+    parser.set_defaults(_defaults=(duration, quick_duration, step, quick_step))
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    duration, quick_duration, step, quick_step = args._defaults
+    args.duration = args.duration or (quick_duration if args.quick else duration)
+    args.step = args.step or (quick_step if args.quick else step)
+    args.fine = args.fine or (args.step / 5 if args.quick else args.step / 10)
+    return args
+
+
+def raise_keyboard_interrupt(signum: int, _frame) -> None:
+    """SIGTERM/SIGHUP clean up like Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_bench(prog: str, args: argparse.Namespace, make_bench: Callable[[Path, str], BenchBase],
+              body: Callable[[BenchBase, float], None]) -> int:
+    """Find sipp, make the temp dir and the bench, run `body(bench, began)`, and stop everything
+    whatever happens (Ctrl-C, SIGTERM, SIGHUP, a failed set-up). Returns the exit status."""
+    try:
+        sipp = sut.find_sipp(args.sipp)
+    except RuntimeError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, raise_keyboard_interrupt)
+    began = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-cps-"))
+    bench = None
+    try:
+        bench = make_bench(workdir, sipp)
+        body(bench, began)
+        return 0
+    except RuntimeError as exc:
+        print(f"{prog}: set-up failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if bench is not None:
+            bench.close()
+        if args.keep_files:
+            print(f"files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
