@@ -82,7 +82,7 @@ def main() -> None:
 )
 @click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
 @dir_option
-@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into sipp.")
+@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into sipp (udp: sipp on -t u1 through a kept converter).")
 @click.option("--wait", type=click.FloatRange(0, 86400), default=0, metavar="SECONDS", help="Wait this long for a connection another run holds, instead of failing.")
 @click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one (registrations must then be redone).")
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper: send RFC 5626 CRLF pings on idle connections this often.")
@@ -145,6 +145,23 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> N
     keeper.serve_forever()
 
 
+@main.command(
+    "convert",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("convert_args", nargs=-1, type=click.UNPROCESSED)
+def convert_command(convert_args) -> None:
+    """Run a UDP <-> TCP/TLS converter in the foreground (see 'fdkeeper convert --help').
+
+    \b
+      fdkeeper convert --listen 127.0.0.1:5070 --sut 127.0.0.1:5060 --transport tcp --sipp-address 127.0.0.1:5080
+    """
+    from fdkeeper.converter import main as convert_main
+
+    sys.exit(convert_main(list(convert_args)))
+
+
 @main.command("status")
 @dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print the keeper's status as JSON, for scripts.")
@@ -181,6 +198,10 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
 def stop_command(directory) -> None:
     """Close every kept connection, end the keeper and remove its socket."""
     path = resolve_directory(directory)
+    from fdkeeper.modes.udp import stop_converters
+
+    if stop_converters(path):
+        click.echo(f"fdkeeper: converters for {path} stopped")
     if KeeperClient(path).stop():
         click.echo(f"fdkeeper: keeper for {path} stopped")
     else:

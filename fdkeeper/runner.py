@@ -72,6 +72,12 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     directory = resolve_directory(options.directory)
     transport = invocation.transport
     tls = _tls_options(options.tls, invocation) if transport == "tls" else None
+    if mode.name == "udp":  # sipp on -t u1 through a kept converter: no keeper, no scenario copy
+        handoff = mode.prepare(HandoffRequest(
+            sipp=sipp, invocation=invocation, control_socket=socket_path(directory), remote=remote,
+            transport=transport, reconnect=options.reconnect, debug=options.debug, tls=tls,
+            keepalive=options.keepalive, connect_timeout=options.connect_timeout))
+        return mode.run(handoff)
     per_call = invocation.per_call_sockets and invocation.role == "client"
     keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
     _warn_if_keeper_differs(keeper, options)

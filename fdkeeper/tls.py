@@ -28,7 +28,7 @@ log = logging.getLogger("fdkeeper.tls")
 
 # TLS 1.3 servers reject a client certificate after the client's handshake has finished:
 # the alert arrives on the first read. Wait this long for it before calling a handshake good.
-ALERT_GRACE = 0.25
+ALERT_GRACE = 1.0
 READ_CHUNK = 256 * 1024
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
 from fdkeeper.modes.preload import PreloadMode
+from fdkeeper.modes.udp import UdpMode
 
 # In the order --mode auto tries them.
-MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(),)}
+MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(), UdpMode())}
 MODE_NAMES = ("auto", *MODES)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fdkeeper.process import spawn
 from fdkeeper.sippargs import SippInvocation
+from fdkeeper.tls import TlsOptions
 
 
 @dataclass
@@ -36,6 +37,10 @@ class HandoffRequest:
     reconnect: bool = False
     per_call: bool = False  # -t tn/ln client: one kept connection per user, leased at first send
     debug: bool = False
+    # --mode udp: the converter it starts (TLS towards the SuT, pings, connect bound)
+    tls: TlsOptions | None = None
+    keepalive: float | None = None
+    connect_timeout: float | None = None
 
 
 class Mode(ABC):
