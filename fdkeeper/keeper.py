@@ -485,8 +485,9 @@ class Keeper:
         self.connections[connection.id] = connection
         self.by_key[connection.key] = connection
         if link:
-            self._watch(link.tls.fileno(), link.wants_tls(), lambda mask, c=connection: self._on_tls_event(c, mask))
-            self._watch(link.keeper_end.fileno(), link.wants_pair(), lambda mask, c=connection: self._on_pair_event(c, mask))
+            link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
+            self._watch(link.tls.fileno(), link.watched_tls, lambda mask, c=connection: self._on_tls_event(c, mask))
+            self._watch(link.keeper_end.fileno(), link.watched_pair, lambda mask, c=connection: self._on_pair_event(c, mask))
         else:
             # Only the SuT's FIN/RST is watched, never EPOLLIN: queued requests wait for the next run.
             self._watch(connection.fileno(), select.EPOLLRDHUP, lambda mask, c=connection: self._on_connection_event(c, mask))
@@ -567,8 +568,14 @@ class Keeper:
         if link.closed_reason:
             self._close_connection(connection, link.closed_reason)
             return
-        self._rewatch(link.tls.fileno(), link.wants_tls())
-        self._rewatch(link.keeper_end.fileno(), link.wants_pair())
+        # epoll_ctl only when the wanted events changed: two system calls saved per message.
+        tls_events, pair_events = link.wants_tls(), link.wants_pair()
+        if tls_events != link.watched_tls:
+            self._rewatch(link.tls.fileno(), tls_events)
+            link.watched_tls = tls_events
+        if pair_events != link.watched_pair:
+            self._rewatch(link.keeper_end.fileno(), pair_events)
+            link.watched_pair = pair_events
 
     def _close_connection(self, connection: KeptConnection, reason: str) -> None:
         log.info("%s: %s", connection.label(), reason)

@@ -219,6 +219,7 @@ class TlsLink:
         self.dropped_bytes = 0
         self.ping_sent_at: float | None = None
         self.last_activity = time.monotonic()
+        self.watched_tls = self.watched_pair = 0  # what the keeper's epoll watches now
         if early:
             self._queue_to_sipp(self.from_sut.feed(early))
 
