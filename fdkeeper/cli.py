@@ -88,10 +88,11 @@ def main() -> None:
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper: send RFC 5626 CRLF pings on idle connections this often.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper: how long a connect to the SuT may take (default 5).")
 @click.option("--debug", is_flag=True, help="The shim says on stderr what it hands over.")
+@click.option("--transfer", type=click.Choice(["scm", "pidfd"]), default="scm", show_default=True, envvar="FDKEEPER_TRANSFER", help="--mode ptrace: the descriptor reaches sipp by SCM_RIGHTS or by pidfd_getfd.")
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
 @reports_errors
-def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, sipp_args, **tls) -> None:
+def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, transfer, sipp_args, **tls) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
     fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
@@ -113,9 +114,43 @@ def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect
         keepalive=keepalive,
         connect_timeout=connect_timeout,
         debug=debug,
+        transfer=transfer,
         tls=make_tls_options(**tls),
     )
     sys.exit(run_sipp(list(sipp_args), options))
+
+
+@main.command(
+    "exec",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]},
+)
+@dir_option
+@click.option("--sut", metavar="HOST:PORT", help="The SuT's address: the agent's connect() to it gets the kept connection (client); only connections to it are handed over (server).")
+@click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
+@click.option("--role", type=click.Choice(["client", "server"]), default="client", show_default=True, help="client: hand over in connect(); server: hand the kept connections over as accepted ones on the first TCP listening socket.")
+@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into the agent.")
+@click.option("--transfer", type=click.Choice(["scm", "pidfd"]), default="scm", show_default=True, envvar="FDKEEPER_TRANSFER", help="--mode ptrace: SCM_RIGHTS or pidfd_getfd.")
+@click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one.")
+@click.option("--debug", is_flag=True, help="Say on stderr what is handed over.")
+@tls_options
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@reports_errors
+def exec_command(directory, sut, transport, role, mode, transfer, reconnect, debug, command, **tls) -> None:
+    """Run COMMAND (any SIP agent: baresip, pjsua, a test's own client) over the kept connection.
+
+    \b
+      fdkeeper exec --sut 127.0.0.1:5060 -- ./my-sip-client --register alice
+      fdkeeper exec --sut 127.0.0.1:5060 --role server --mode ptrace -- ./static-agent
+
+    The exit status is COMMAND's. A statically linked agent needs --mode ptrace (--mode auto picks it).
+    """
+    from fdkeeper.execmode import ExecOptions, run_exec
+
+    options = ExecOptions(
+        sut=sut, transport=transport, role=role, mode=mode, transfer=transfer, directory=directory,
+        reconnect=reconnect, debug=debug, tls=make_tls_options(**tls),
+    )
+    sys.exit(run_exec(list(command), options))
 
 
 @main.command("keeper")

@@ -51,6 +51,8 @@ class KeptConnection:
     replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
     link: TlsLink | None = None
     aor: str | None = None  # the user whose own connection this is (-t tn/ln); None: shared
+    lease_mode: str | None = None  # how the last lease reached its program: preload or ptrace
+    lease_transfer: str | None = None  # and how the descriptor travelled: scm or pidfd
 
     @property
     def key(self) -> tuple[Address, str, str | None]:
@@ -140,6 +142,8 @@ class KeptConnection:
             "holder_pid": self.holder_pid,
             "age": round(now - self.opened_at, 3),
             "leases": self.leases,
+            "mode": self.lease_mode,
+            "transfer": self.lease_transfer,
             "queued_bytes": self.queued_bytes() if self.sock is not None else 0,
             "closed_reason": self.closed_reason,
             "pongs": self.link.from_sut.keepalives if self.link else self.pongs,

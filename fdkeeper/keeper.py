@@ -311,9 +311,12 @@ class Keeper:
         }
 
     def _lease(self, client: socket.socket, pid: int, request: Request) -> None:
+        pid = _lease_holder(pid, request.get("for_pid"))
         connections = self._select(request, pid)
         for connection in connections:
             self._grant(connection, pid)
+            connection.lease_mode = request.get("mode") or "preload"
+            connection.lease_transfer = request.get("transfer") or "scm"
         client.send(format_message("OK", count=len(connections)))
         for batch in _fds_batches(connections):
             packet = format_message(
@@ -636,6 +639,26 @@ class Keeper:
                 self._close_connection(connection, connection.peer_gone_reason())
                 return
             self._collect_pong(connection)
+
+
+def _lease_holder(requester: int, for_pid: int | None) -> int:
+    """Who a lease belongs to: the requester (SO_PEERCRED), or with for_pid=N the process N,
+    but only when the requester is N's tracer (ptrace mode leases for the program it traces;
+    being N's tracer already means the kernel let it take N's memory and descriptors)."""
+    if for_pid is None or for_pid == requester:
+        return requester
+    try:
+        status = Path(f"/proc/{for_pid}/status").read_text()
+    except OSError:
+        raise FdkeeperError(f"fdkeeper: process {for_pid} ended before its lease was granted", "internal") from None
+    tracer = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")), 0)
+    if tracer != requester:
+        raise FdkeeperError(
+            f"fdkeeper: pid {requester} may not lease for pid {for_pid}: only the process tracing it may "
+            "(for_pid= is for --mode ptrace)",
+            "denied",
+        )
+    return for_pid
 
 
 def _fds_batches(connections: list[KeptConnection]) -> list[list[KeptConnection]]:

@@ -119,6 +119,18 @@ TLS_KEYS = {
     "tls_sni": _text,
     "tls_min": _tls_version,
 }
+def _lease_mode(value: str) -> str:
+    if value not in ("preload", "ptrace"):
+        raise ValueError("mode must be preload or ptrace")
+    return value
+
+
+def _transfer(value: str) -> str:
+    if value not in ("scm", "pidfd"):
+        raise ValueError("transfer must be scm or pidfd")
+    return value
+
+
 _LEASE_KEYS = {
     "role": _role,
     "transport": _transport,
@@ -126,6 +138,9 @@ _LEASE_KEYS = {
     "local": _optional_address,
     "reconnect": _flag,
     "aor": _text,
+    "for_pid": _count,  # ptrace mode: the lease is the traced program's, asked for by its tracer
+    "mode": _lease_mode,  # how the descriptor reaches the program, for status
+    "transfer": _transfer,
     **TLS_KEYS,
 }
 VERBS: dict[str, dict] = {

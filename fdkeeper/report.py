@@ -31,7 +31,7 @@ def format_status(status: dict) -> str:
     if not connections:
         lines.append("no kept connections (a client scenario run through 'fdkeeper sipp' opens one)")
         return "\n".join(lines)
-    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "AOR", "STATE", "HOLDER", "AGE", "LEASES", "QUEUED")
+    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "AOR", "STATE", "HOLDER", "HANDOFF", "AGE", "LEASES", "QUEUED")
     rows = [
         (
             str(c["id"]),
@@ -41,6 +41,7 @@ def format_status(status: dict) -> str:
             c.get("aor") or "-",
             c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
             str(c["holder_pid"] or "-"),
+            f"{c['mode']}/{c['transfer']}" if c.get("mode") else "-",
             _duration(c["age"]),
             str(c["leases"]),
             str(c["queued_bytes"]),

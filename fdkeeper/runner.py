@@ -32,6 +32,7 @@ class RunOptions:
     keepalive: float | None = None
     connect_timeout: float | None = None
     debug: bool = False
+    transfer: str = "scm"
     tls: TlsOptions = TlsOptions()
 
 
@@ -105,6 +106,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             reconnect=options.reconnect,
             per_call=per_call,
             debug=options.debug,
+            transfer=options.transfer,
         )
     )
     try:

@@ -412,6 +412,20 @@ def test_a_peer_of_another_uid_is_refused(open_keeper):
     assert keeper.alive()
 
 
+def test_a_lease_for_another_pid_needs_to_be_its_tracer(keeper, peer):
+    keeper.prepare(role="client", transport="tcp", remote=remote_of(peer), local="-")
+    sut_side, _ = peer.accept()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(FdkeeperError, match=rf"may not lease for pid {child.pid}: only the process tracing it may") as denied:
+            keeper.lease(role="client", transport="tcp", remote=remote_of(peer), local="-", for_pid=child.pid)
+        assert denied.value.code == "denied"
+        assert connection(keeper)["state"] == "idle"
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_two_hundred_leases_keep_fds_and_memory_flat(keeper, peer):
     remote = remote_of(peer)
     keeper.prepare(role="client", transport="tcp", remote=remote, local="-")

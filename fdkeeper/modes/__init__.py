@@ -8,9 +8,10 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
 from fdkeeper.modes.preload import PreloadMode
 from fdkeeper.modes.udp import UdpMode
+from fdkeeper.modes.ptrace import PtraceMode
 
 # In the order --mode auto tries them.
-MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(), UdpMode())}
+MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(), PtraceMode(), UdpMode())}
 MODE_NAMES = ("auto", *MODES)
 
 

@@ -36,6 +36,7 @@ class HandoffRequest:
     args: list[str] | None = None  # sipp's arguments as run (a TLS run rewrites some); default: as given
     reconnect: bool = False
     per_call: bool = False  # -t tn/ln client: one kept connection per user, leased at first send
+    transfer: str = "scm"  # ptrace mode: how the descriptor reaches the program (scm or pidfd)
     debug: bool = False
     # --mode udp: the converter it starts (TLS towards the SuT, pings, connect bound)
     tls: TlsOptions | None = None

@@ -1,0 +1,417 @@
+"""ptrace mechanics for the ptrace handoff mode (x86_64 Linux only).
+
+Start a program traced (PTRACE_SEIZE of a forked child before its exec, so every thread and
+child it makes is traced too), stop it at syscall entries and exits, read and write its
+memory, run syscalls inside it, make an intercepted call return a chosen value, detach.
+python-ptrace gives us the raw ptrace calls and the register struct; the event loop is our
+own, because the handoff needs to hold one thread while others keep running.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import struct
+from dataclasses import dataclass, field
+
+import ctypes.util
+
+# python-ptrace finds libc with ctypes.util.find_library("c"), which runs `ldconfig -p` in a
+# subprocess: milliseconds of every traced run's start-up for a name we know.
+_find_library = ctypes.util.find_library
+ctypes.util.find_library = lambda name: "libc.so.6" if name == "c" else _find_library(name)
+try:
+    from ptrace.binding import func as pt
+finally:
+    ctypes.util.find_library = _find_library
+
+# x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+SYS = {
+    "close": 3, "mmap": 9, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43,
+    "recvmsg": 47, "shutdown": 48, "listen": 50, "setsockopt": 54, "fcntl": 72, "prctl": 157,
+    "epoll_wait": 232, "epoll_ctl": 233, "epoll_pwait": 281, "accept4": 288, "dup3": 292,
+    "seccomp": 317, "pidfd_open": 434, "pidfd_getfd": 438,
+}
+AUDIT_ARCH_X86_64 = 0xC000003E
+SYSCALL_INSN = b"\x0f\x05"
+
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_GET_SYSCALL_INFO = 0x420E
+PTRACE_EVENT_STOP = 128
+OPTIONS = (
+    pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACECLONE
+    | pt.PTRACE_O_TRACEEXEC
+    | 0x00100000  # PTRACE_O_EXITKILL: a tracer that dies mid-handoff must not leave a half-changed program
+)
+SYSCALL_TRAP = signal.SIGTRAP | 0x80
+WALL = 0x40000000
+SCRATCH_SIZE = 8192
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class PtraceRefused(Exception):
+    """The kernel refused to let us trace the program (EPERM/EACCES from PTRACE_SEIZE)."""
+
+    def __init__(self, error: int) -> None:
+        super().__init__(os.strerror(error))
+        self.errno = error
+
+
+class TraceeGone(Exception):
+    """The thread we were working on exited (killed, or exit_group from another thread)."""
+
+
+@dataclass
+class SyscallStop:
+    tid: int
+    entry: bool
+    nr: int = -1  # entry only
+    args: tuple[int, ...] = ()  # entry only
+    rval: int = 0  # exit only
+
+
+@dataclass
+class Task:
+    tid: int
+    in_syscall_args: tuple[int, int, tuple[int, ...]] | None = None  # (nr, ...) of the call in progress
+    signals: list[int] = field(default_factory=list)  # signals held back during an injection
+
+
+def pidfd_getfd(pidfd: int, fd: int) -> int:
+    """A copy of another process's descriptor (needs ptrace rights over it: we are its tracer)."""
+    result = _libc.syscall(SYS["pidfd_getfd"], pidfd, fd, 0)
+    if result < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return result
+
+
+def signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned(value: int) -> int:
+    return value & ((1 << 64) - 1)
+
+
+class Tracer:
+    """All tasks of one traced program; events arrive through ``next_stop``."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.tasks: dict[int, Task] = {root: Task(root)}
+        self.root_status: int | None = None  # raw wait status once the root exited
+        self._mem: dict[int, int] = {}
+
+    # ------------------------------------------------------------ start and stop
+
+    @classmethod
+    def start(cls, argv: list[str], env: dict[str, str]) -> "Tracer":
+        """Fork, seize the child while it waits on a pipe, then let it exec the program."""
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: wait until traced, then become the program
+            try:
+                os.close(ready_w)
+                os.read(ready_r, 1)
+                os.execve(argv[0], argv, env)
+            except BaseException as error:  # noqa: BLE001 - nothing may escape a forked child
+                os.write(2, f"fdkeeper: cannot run {argv[0]}: {error}\n".encode())
+            os._exit(127)
+        os.close(ready_r)
+        try:
+            pt.ptrace(PTRACE_SEIZE, pid, 0, OPTIONS)
+        except pt.PtraceError as error:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(ready_w)
+            raise PtraceRefused(error.errno or errno.EPERM) from None
+        os.write(ready_w, b"g")
+        os.close(ready_w)
+        return cls(pid)
+
+    def detach_all(self, current: int | None = None) -> None:
+        """Stop every task, detach it; ``current`` is a task already held in a ptrace-stop."""
+        pending = [tid for tid in self.tasks if tid != current]
+        if current is not None and current in self.tasks:
+            self._detach(current, 0)
+        while pending:
+            tid = pending.pop()
+            try:
+                pt.ptrace(PTRACE_INTERRUPT, tid)
+            except pt.PtraceError:
+                self.tasks.pop(tid, None)  # already gone
+                continue
+            while True:
+                status = self._wait(tid)
+                if status is None:
+                    break
+                sig, event = os.WSTOPSIG(status), status >> 16
+                if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+                    child = pt.ptrace_geteventmsg(tid)
+                    self.tasks[child] = Task(child)
+                    pending.append(child)
+                # A signal-delivery-stop: hand the signal on with the detach.
+                self._detach(tid, sig if event == 0 and sig != SYSCALL_TRAP else 0)
+                break
+        self._forget_memory()
+
+    def _forget_memory(self) -> None:
+        for fd in self._mem.values():
+            os.close(fd)
+        self._mem.clear()
+
+    def _detach(self, tid: int, sig: int) -> None:
+        task = self.tasks.pop(tid, None)
+        try:
+            pt.ptrace_detach(tid, sig)
+        except pt.PtraceError:
+            return
+        for held in task.signals if task else ():
+            os.kill(tid, held)  # thread-directed would be better; sipp's signals are process-wide
+
+    # ------------------------------------------------------------ events
+
+    def _wait(self, tid: int = -1) -> int | None:
+        """Wait status of ``tid`` (or any task); None when it just exited (and is forgotten)."""
+        pid, status = os.waitpid(tid, WALL)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self.tasks.pop(pid, None)
+            if pid == self.root:
+                self.root_status = status
+            return None
+        self._last_pid = pid
+        return status
+
+    def next_stop(self) -> SyscallStop | None:
+        """The next syscall stop of any task; None once no task is traced any more.
+
+        Fork/clone/exec events, group-stops and signals are handled here: new tasks are
+        recorded, signals passed on, and the task resumed.
+        """
+        while self.tasks:
+            try:
+                status = self._wait()
+            except ChildProcessError:
+                self.tasks.clear()
+                return None
+            if status is None:
+                continue
+            tid = self._last_pid
+            self.tasks.setdefault(tid, Task(tid))
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if sig == SYSCALL_TRAP:
+                return self._syscall_info(tid)
+            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+                child = pt.ptrace_geteventmsg(tid)
+                self.tasks.setdefault(child, Task(child))
+                self.resume(tid)
+            elif event:  # exec, or PTRACE_EVENT_STOP (new task, group-stop, interrupt)
+                if event == pt.PTRACE_EVENT_EXEC:
+                    self._forget_memory()  # a new address space: /proc/PID/mem must be reopened
+                self.resume(tid)
+            else:  # a signal for the program: deliver it
+                self.resume(tid, sig)
+        return None
+
+    def resume(self, tid: int, sig: int = 0) -> None:
+        try:
+            pt.ptrace_syscall(tid, sig)
+        except pt.PtraceError:
+            self.tasks.pop(tid, None)  # killed while stopped
+            return
+        task = self.tasks.get(tid)
+        while task and task.signals:  # held back during an injection: deliver them now
+            os.kill(tid, task.signals.pop(0))
+
+    def _syscall_info(self, tid: int) -> SyscallStop:
+        buf = ctypes.create_string_buffer(88)
+        pt.ptrace(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
+        op = buf.raw[0]
+        if op == 1:
+            nr, *args = struct.unpack_from("<7Q", buf.raw, 24)
+            return SyscallStop(tid, True, nr, tuple(args))
+        rval, = struct.unpack_from("<q", buf.raw, 24)
+        return SyscallStop(tid, False, rval=rval)
+
+    def wait_syscall_stop(self, tid: int) -> None:
+        """Resume ``tid`` to its next syscall stop, holding back signals that arrive meanwhile."""
+        self.resume(tid)
+        while True:
+            status = self._wait(tid)
+            if status is None:
+                raise TraceeGone(tid)
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if sig == SYSCALL_TRAP:
+                return
+            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
+            elif not event:
+                self.tasks[tid].signals.append(sig)
+            self.resume(tid)
+
+    # ------------------------------------------------------------ memory
+
+    def _mem_fd(self, tid: int) -> int:
+        if tid not in self._mem:
+            self._mem[tid] = os.open(f"/proc/{tid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._mem[tid]
+
+    def read(self, tid: int, address: int, size: int) -> bytes:
+        return os.pread(self._mem_fd(tid), size, address)
+
+    def write(self, tid: int, address: int, data: bytes) -> None:
+        if os.pwrite(self._mem_fd(tid), data, address) != len(data):
+            raise OSError(errno.EIO, f"short write into process {tid}")
+
+
+class Injection:
+    """One thread held at a syscall stop, made to run syscalls of ours, then let go.
+
+    At an entry stop the intercepted call is first turned into getpid, so that every
+    injection starts from an exit stop: rewind rip onto the `syscall` instruction just
+    executed, load the registers, step through entry and exit, read rax.
+    """
+
+    def __init__(self, tracer: Tracer, tid: int, at_entry: bool) -> None:
+        self.tracer, self.tid = tracer, tid
+        self.saved = pt.ptrace_getregs(tid)
+        self.syscall_ip = self.saved.rip - 2
+        if tracer.read(tid, self.syscall_ip, 2) != SYSCALL_INSN:
+            raise OSError(errno.ENOTSUP, "the intercepted call was not made with a syscall instruction")
+        self.scratch = 0
+        if at_entry:
+            regs = pt.ptrace_getregs(tid)
+            regs.orig_rax = SYS["getpid"]
+            pt.ptrace_setregs(tid, regs)
+            tracer.wait_syscall_stop(tid)
+
+    def call(self, name: str, *args: int) -> int:
+        """Run one syscall in the thread; its raw result (-errno on failure)."""
+        regs = pt.ptrace_getregs(self.tid)
+        for reg, value in zip(("rip", "rax"), (self.syscall_ip, SYS[name])):
+            setattr(regs, reg, value)
+        for reg, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+            setattr(regs, reg, unsigned(value))
+        pt.ptrace_setregs(self.tid, regs)
+        self.tracer.wait_syscall_stop(self.tid)  # entry
+        self.tracer.wait_syscall_stop(self.tid)  # exit
+        return signed(pt.ptrace_getregs(self.tid).rax)
+
+    def check(self, name: str, *args: int) -> int:
+        result = self.call(name, *args)
+        if -4096 < result < 0:
+            raise OSError(-result, f"{name} in the traced program: {os.strerror(-result)}")
+        return result
+
+    def scratch_area(self) -> int:
+        """A private page pair in the program for our structures (unmapped by finish)."""
+        if not self.scratch:
+            self.scratch = self.check("mmap", 0, SCRATCH_SIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
+        return self.scratch
+
+    def finish(self, value: int) -> None:
+        """Let the intercepted call return ``value`` (a result or -errno) without running it."""
+        self._release_scratch()
+        regs = self.saved
+        regs.rax = unsigned(value)
+        pt.ptrace_setregs(self.tid, regs)
+
+    def finish_rerun(self) -> None:
+        """Let the intercepted call run as the program made it; the thread stops at its entry."""
+        self._release_scratch()
+        regs = self.saved
+        regs.rip, regs.rax = self.syscall_ip, regs.orig_rax
+        pt.ptrace_setregs(self.tid, regs)
+        self.tracer.wait_syscall_stop(self.tid)
+
+    def _release_scratch(self) -> None:
+        if self.scratch:
+            self.call("munmap", self.scratch, SCRATCH_SIZE)
+            self.scratch = 0
+
+
+# ---------------------------------------------------------------- seccomp: neutral calls on kept fds
+
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO_0 = 0x00050000  # skip the call, return 0 (errno 0): the program sees success
+SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
+_LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
+
+
+def protection_filter(kept: list[int], pairs: list[int]) -> bytes:
+    """A seccomp filter (struct sock_filter[]) that makes, on the kept descriptors,
+    shutdown() and setsockopt(SOL_SOCKET, SO_LINGER) succeed without effect, and on
+    socketpair ends (TLS) every IPPROTO_TCP option too; everything else is allowed.
+
+    Why seccomp: it works without a tracer, so ptrace can detach at once and the hot path
+    pays only this filter's few instructions, while sipp's exit-time shutdown still never
+    reaches the kernel. It matches fd numbers, not files (see the mode's limits).
+    """
+    program: list[tuple[int, int | str, int | str, int]] = []  # (code, jt, jf, k) with labels
+    labels: dict[str, int] = {}
+
+    def ld(offset: int) -> None:
+        program.append((_LD_ABS_W, 0, 0, offset))
+
+    def jeq(value: int, target: str) -> None:  # if A == value goto target
+        program.append((_JEQ_K, target, 0, value))
+
+    def jne(value: int, target: str) -> None:  # if A != value goto target
+        program.append((_JEQ_K, 0, target, value))
+
+    def ret(value: int) -> None:
+        program.append((_RET_K, 0, 0, value))
+
+    ld(4)  # arch
+    jne(AUDIT_ARCH_X86_64, "allow")
+    ld(0)  # nr
+    jeq(SYS["shutdown"], "fds_all")
+    jne(SYS["setsockopt"], "allow")
+    ld(24)  # level (low word of args[1])
+    jeq(IPPROTO_TCP, "fds_pair")
+    jne(SOL_SOCKET, "allow")
+    ld(32)  # optname
+    jne(SO_LINGER, "allow")
+    for label, fds in (("fds_all", kept), ("fds_pair", pairs)):
+        labels[label] = len(program)
+        ld(16)  # fd (low word of args[0])
+        for fd in fds:
+            jeq(fd, "neutral")
+        ret(SECCOMP_RET_ALLOW)
+    labels["allow"] = len(program)
+    ret(SECCOMP_RET_ALLOW)
+    labels["neutral"] = len(program)
+    ret(SECCOMP_RET_ERRNO_0)
+
+    out = bytearray()
+    for index, (code, jt, jf, k) in enumerate(program):
+        jt = labels[jt] - index - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - index - 1 if isinstance(jf, str) else jf
+        assert 0 <= jt < 256 and 0 <= jf < 256, "filter too long for one BPF jump"
+        out += struct.pack("<HBBI", code, jt, jf, k)
+    return bytes(out)
+
+
+def install_protection(injection: Injection, kept: list[int], pairs: list[int]) -> None:
+    """Install the filter in the held program, all its threads (TSYNC); chunks of fds."""
+    for start in range(0, max(len(kept), 1), FDS_PER_FILTER):
+        chunk = kept[start : start + FDS_PER_FILTER]
+        code = protection_filter(chunk, [fd for fd in pairs if fd in chunk])
+        base = injection.scratch_area()
+        program_at = base + 4096
+        injection.tracer.write(injection.tid, program_at, code)
+        injection.tracer.write(injection.tid, base + 4032, struct.pack("<HxxxxxxQ", len(code) // 8, program_at))
+        result = injection.call("seccomp", 1, 1, base + 4032)  # SET_MODE_FILTER, FLAG_TSYNC
+        if result == -errno.EACCES:
+            # Without CAP_SYS_ADMIN a filter needs no_new_privs (the program's later execs
+            # then cannot gain privileges: documented in the mode's limits).
+            injection.check("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            result = injection.call("seccomp", 1, 1, base + 4032)
+        if result != 0:
+            raise OSError(-result if result < 0 else errno.EBUSY, "installing the seccomp filter that keeps shutdown() off the kept connection")

@@ -1,0 +1,210 @@
+"""The ptrace handoff mode against the real Kamailio: Debian's sipp and small static programs.
+
+Kamailio reaches a registered user only over the connection the REGISTER came in on, so a
+call is answered only if the kept connection really moved into the answering program.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fdkeeper import sut
+from fdkeeper.client import KeeperClient
+from fdkeeper.demo import start_through_fdkeeper
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes.ptrace import PtraceMode
+
+pytestmark = pytest.mark.skipif(
+    PtraceMode()._static_reason(Path(sys.executable).resolve()) is not None, reason="ptrace mode cannot run here"
+)
+
+USER = "alice"
+SOURCES = Path(__file__).parent / "ptrace"
+
+
+@pytest.fixture
+def keeper_dir(tmp_path):
+    directory = tmp_path / "keeper"
+    yield directory
+    KeeperClient(directory).stop()
+
+
+@pytest.fixture
+def users(tmp_path, kamailio):
+    return sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
+
+
+def kept(keeper_dir) -> list[dict]:
+    try:
+        return KeeperClient(keeper_dir).status()["connections"]
+    except FdkeeperError:
+        return []
+
+
+def sipp_run(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, transfer, options=(), **sipp_options):
+    env_options = ("--mode", "ptrace", *options)
+    os.environ["FDKEEPER_TRANSFER"] = transfer
+    try:
+        return start_through_fdkeeper(
+            sipp_path, scenario, kamailio.address, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
+            options=env_options, transport="t1", **sipp_options,
+        )
+    finally:
+        del os.environ["FDKEEPER_TRANSFER"]
+
+
+def call(kamailio, sipp_path, tmp_path, count=1):
+    return sut.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
+
+
+@pytest.mark.parametrize("transfer", ["scm", "pidfd"])
+def test_sipp_register_then_answer_in_ptrace_mode(sipp_path, kamailio, keeper_dir, tmp_path, users, transfer):
+    register = sipp_run(
+        sipp_path, kamailio, keeper_dir, tmp_path, "register", "uac-register.xml", transfer,
+        calls=1, timeout=15, extra=["-inf", str(users)],
+    ).wait(30)
+    assert register.ok, register.summary()
+    [connection] = kept(keeper_dir)
+    assert connection["state"] == "idle"
+
+    answer = sipp_run(
+        sipp_path, kamailio, keeper_dir, tmp_path, "answer", "uas-answer.xml", transfer,
+        calls=2, timeout=30, local_port=sut.free_port(),
+    )
+    caller = call(kamailio, sipp_path, tmp_path, count=2)
+    answered = answer.wait(30)
+    assert caller.ok and caller.successful == 2, caller.summary()
+    assert answered.ok and answered.successful == 2, answered.summary()
+    assert len(kamailio.tcp_connections()) == 1  # the same connection all along
+    [connection] = kept(keeper_dir)
+    assert connection["leases"] == 2 and connection["state"] == "idle"
+
+
+# ------------------------------------------------------------------ static agents through exec
+
+@pytest.fixture(scope="session")
+def sipagent(tmp_path_factory) -> str:
+    """tests/ptrace/sipagent.c linked statically: a program LD_PRELOAD cannot reach."""
+    if not Path("/usr/lib/x86_64-linux-gnu/libc.a").exists():
+        pytest.fail("glibc's static library is missing: apt-get install libc6-dev", pytrace=False)
+    binary = tmp_path_factory.mktemp("sipagent") / "sipagent"
+    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(binary), str(SOURCES / "sipagent.c")], check=True)
+    return str(binary)
+
+
+def exec_agent(keeper_dir, command, *, role="client", sut_address=None, transfer="scm", transport="tcp", mode="ptrace"):
+    """`fdkeeper exec` (execmode.run_exec) in a child Python, as the command line would run it."""
+    code = (
+        "import sys\n"
+        "from fdkeeper.errors import FdkeeperError\n"
+        "from fdkeeper.execmode import ExecOptions, run_exec\n"
+        f"options = ExecOptions(sut={sut_address!r}, role={role!r}, transfer={transfer!r}, transport={transport!r},"
+        f" mode={mode!r}, directory={str(keeper_dir)!r}, debug=True)\n"
+        "try:\n"
+        f"    sys.exit(run_exec({command!r}, options))\n"
+        "except FdkeeperError as error:\n"
+        "    print(error, file=sys.stderr); sys.exit(2)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process, timeout=30) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def register_static(sipagent, kamailio, keeper_dir, how="plain", transfer="scm"):
+    command = [sipagent, "register", kamailio.host, str(kamailio.port), USER, kamailio.domain, how]
+    status, out, err = finished(exec_agent(keeper_dir, command, sut_address=kamailio.address, transfer=transfer))
+    assert status == 0, err
+    assert "handed over kept connection" in err and "detached" in err, err
+    return err
+
+
+@pytest.mark.parametrize("transfer", ["scm", "pidfd"])
+def test_static_agent_registers_then_another_answers(sipagent, sipp_path, kamailio, keeper_dir, tmp_path, transfer):
+    register_static(sipagent, kamailio, keeper_dir, transfer=transfer)
+    [connection] = kept(keeper_dir)
+    # The agent's shutdown(), SO_LINGER {1,0} and close() on its way out did not end it.
+    assert connection["state"] == "idle", connection
+    answer = exec_agent(keeper_dir, [sipagent, "answer"], role="server", transfer=transfer)
+    caller = call(kamailio, sipp_path, tmp_path)
+    status, out, err = finished(answer)
+    assert status == 0, err
+    assert caller.ok, caller.summary()
+    assert out.startswith(f"accepted {connection['remote']}")  # accept() gave the SuT's address
+    assert len(kamailio.tcp_connections()) == 1
+    [connection] = kept(keeper_dir)
+    assert connection["state"] == "idle" and connection["leases"] == 2
+
+
+@pytest.mark.parametrize("how", ["thread", "fork"])
+def test_connect_in_a_thread_or_forked_child_among_busy_threads(sipagent, sipp_path, kamailio, keeper_dir, tmp_path, how):
+    register_static(sipagent, kamailio, keeper_dir, how=how)
+    assert [c["state"] for c in kept(keeper_dir)] == ["idle"]
+    answer = exec_agent(keeper_dir, [sipagent, "answer"], role="server")
+    caller = call(kamailio, sipp_path, tmp_path)
+    status, _, err = finished(answer)
+    assert status == 0 and caller.ok, err
+
+
+# ------------------------------------------------------------------ ptrace refused
+
+NO_PTRACE = """
+import ctypes, os, struct, sys
+# A seccomp filter that makes ptrace() fail with EPERM, as a container's default profile does.
+ptrace_nr, errno_eperm, allow = 101, 0x00050000 | 1, 0x7FFF0000
+code = [(0x20, 0, 0, 0), (0x15, 0, 1, ptrace_nr), (0x06, 0, 0, errno_eperm), (0x06, 0, 0, allow)]
+program = b"".join(struct.pack("<HBBI", *i) for i in code)
+buf = ctypes.create_string_buffer(program)
+fprog = struct.pack("<HxxxxxxQ", len(code), ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.c_char_p(fprog)) == 0, ctypes.get_errno()
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_ptrace_refused_gives_one_line_and_leaves_the_connection(sipagent, kamailio, keeper_dir, tmp_path):
+    register_static(sipagent, kamailio, keeper_dir)
+    [before] = kept(keeper_dir)
+    command = [sipagent, "register", kamailio.host, str(kamailio.port), USER, kamailio.domain]
+    code = (
+        "import sys\nfrom fdkeeper.errors import FdkeeperError\nfrom fdkeeper.execmode import ExecOptions, run_exec\n"
+        f"try:\n    sys.exit(run_exec({command!r}, ExecOptions(sut={kamailio.address!r}, mode='ptrace', directory={str(keeper_dir)!r})))\n"
+        "except FdkeeperError as error:\n    print(error, file=sys.stderr); sys.exit(2)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", NO_PTRACE, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "ptrace refused" in lines[0] and "seccomp" in lines[0], lines[0]
+    [after] = kept(keeper_dir)
+    assert after["state"] == "idle" and after["leases"] == before["leases"] and after["local"] == before["local"]
+
+
+# ------------------------------------------------------------------ TLS: the descriptor is a socketpair end
+
+def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir, tmp_path, test_pki):
+    users = sut.write_users_csv(tmp_path / "users-tls.csv", [USER], kamailio_tls.domain)
+    options = ("--mode", "ptrace", "--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name)
+    register = start_through_fdkeeper(
+        sipp_path, "uac-register.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
+        name="register", options=options, transport="l1", calls=1, timeout=15, extra=["-inf", str(users)],
+    ).wait(30)
+    assert register.ok, register.summary()
+    answer = start_through_fdkeeper(
+        sipp_path, "uas-answer.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
+        name="answer", options=("--mode", "ptrace"), transport="l1", calls=1, timeout=30, local_port=sut.free_port(),
+    )
+    caller = call(kamailio_tls, sipp_path, tmp_path)
+    answered = answer.wait(30)
+    assert caller.ok, caller.summary()
+    assert answered.ok, answered.summary()
+    [connection] = kept(keeper_dir)
+    assert connection["transport"] == "tls" and connection["state"] == "idle" and connection["leases"] == 2
