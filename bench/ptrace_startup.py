@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpslib import BenchBase, caller_options, elapsed_seconds  # noqa: E402
+from cpslib import BenchBase, caller_options  # noqa: E402
 
 from fdkeeper import sut  # noqa: E402
 from fdkeeper.client import KeeperClient  # noqa: E402

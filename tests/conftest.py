@@ -12,6 +12,7 @@ from typing import Iterator
 import pytest
 
 from fdkeeper import sut, testpki
+from fdkeeper.client import KeeperClient
 
 
 # --------------------------------------------------------------------------
@@ -76,3 +77,15 @@ def sipp_path() -> str:
         return sut.find_sipp()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+# --------------------------------------------------------------------------
+# keeper
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def keeper_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory for the keeper a test's runs start; the keeper is stopped after."""
+    directory = tmp_path / "keeper"
+    yield directory
+    KeeperClient(directory).stop()

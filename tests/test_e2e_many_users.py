@@ -8,14 +8,11 @@ user k leaves on user k's own connection.
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from fdkeeper import sut
 from fdkeeper.client import KeeperClient
@@ -28,13 +25,6 @@ TLS_USERS = 50
 
 def user_names(count: int) -> list[str]:
     return [f"user{index:04d}" for index in range(1, count + 1)]
-
-
-@pytest.fixture
-def keeper_dir(tmp_path):
-    directory = tmp_path / "keeper"
-    yield directory
-    KeeperClient(directory).stop()
 
 
 def kept(keeper_dir) -> list[dict]:

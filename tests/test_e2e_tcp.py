@@ -26,13 +26,6 @@ USER = "alice"
 
 
 @pytest.fixture
-def keeper_dir(tmp_path):
-    directory = tmp_path / "keeper"
-    yield directory
-    KeeperClient(directory).stop()
-
-
-@pytest.fixture
 def users(tmp_path, kamailio):
     return sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
 

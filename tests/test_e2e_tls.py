@@ -41,13 +41,6 @@ def kamailio_tls(tmp_path, pki):
 
 
 @pytest.fixture
-def keeper_dir(tmp_path):
-    directory = tmp_path / "keeper"
-    yield directory
-    KeeperClient(directory).stop()
-
-
-@pytest.fixture
 def users(tmp_path):
     return sut.write_users_csv(tmp_path / "users.csv", [USER], sut.DEFAULT_DOMAIN)
 

@@ -28,13 +28,6 @@ SOURCES = Path(__file__).parent / "ptrace"
 
 
 @pytest.fixture
-def keeper_dir(tmp_path):
-    directory = tmp_path / "keeper"
-    yield directory
-    KeeperClient(directory).stop()
-
-
-@pytest.fixture
 def users(tmp_path, kamailio):
     return sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
 
