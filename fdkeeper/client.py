@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.process import start_detached
 from fdkeeper.protocol import Reply, format_message, parse_reply, receive_packet
 from fdkeeper.statedir import LOG_NAME, ensure_private_directory, socket_path
 
@@ -127,31 +127,5 @@ def ensure_keeper(
         command += ["--keepalive", str(keepalive)]
     if connect_timeout:
         command += ["--connect-timeout", str(connect_timeout)]
-    log_path = directory / LOG_NAME
-    with open(log_path, "ab") as log_file:
-        # Its own session: Ctrl-C or a CI timeout's SIGKILL to a run's process group never reaches it.
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            start_new_session=True,
-            close_fds=True,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if client.alive():
-            return client
-        if process.poll() is not None:
-            raise FdkeeperError(f"fdkeeper: the keeper could not start: {_last_line(log_path)}")
-        time.sleep(0.02)
-    process.kill()
-    raise FdkeeperError(f"fdkeeper: the keeper did not answer within {START_TIMEOUT:g} s; see {log_path}")
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return f"no log at {path}"
-    return lines[-1].removeprefix("fdkeeper: ") if lines else f"nothing in {path}"
+    start_detached(command, directory / LOG_NAME, client.alive, "keeper", START_TIMEOUT)
+    return client

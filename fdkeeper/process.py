@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from fdkeeper.errors import FdkeeperError
+
+T = TypeVar("T")
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -33,3 +39,40 @@ def _send_signal(process: subprocess.Popen, signum: int) -> None:
         process.send_signal(signum)
     except ProcessLookupError:
         pass
+
+
+def start_detached(command: list[str], log_path: Path, ready: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+    """Start a long-lived helper (keeper, converter) and wait until ``ready()`` answers.
+
+    It gets its own session, so a Ctrl-C or a CI timeout's SIGKILL sent to a run's process
+    group never reaches it; its stderr goes to ``log_path``, whose last line explains a
+    failed start.
+    """
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = ready()
+        if answer is not None:
+            return answer
+        if process.poll() is not None:
+            raise FdkeeperError(f"fdkeeper: the {what} could not start: {last_line(log_path)}")
+        time.sleep(0.02)
+    process.kill()
+    raise FdkeeperError(f"fdkeeper: the {what} did not answer within {timeout:g} s; see {log_path}")
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log, for an error message."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return f"no log at {path}"
+    return lines[-1].removeprefix("fdkeeper: ") if lines else f"nothing in {path}"

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fdkeeper.converter import control_request
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.process import start_detached
 from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
 from fdkeeper.sippargs import FLAG_OPTIONS, PAIR_OPTIONS, SippInvocation
 from fdkeeper.statedir import ensure_private_directory
@@ -63,20 +62,7 @@ def ensure_converter(directory: Path, sut: tuple[str, int], transport: str, *, t
                 command += [option, str(value)]
         if tls.insecure:
             command.append("--tls-insecure")
-    with open(log_path, "ab") as log_file:
-        # Its own session: a Ctrl-C to the run's process group never reaches it.
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file,
-                                   start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        status = _status(control)
-        if status is not None:
-            return status
-        if process.poll() is not None:
-            raise FdkeeperError(f"fdkeeper: the converter could not start: {_last_line(log_path)}")
-        time.sleep(0.05)
-    process.kill()
-    raise FdkeeperError(f"fdkeeper: the converter did not answer within {START_TIMEOUT:g} s; see {log_path}")
+    return start_detached(command, log_path, lambda: _status(control), "converter", START_TIMEOUT)
 
 
 def stop_converters(directory: Path) -> int:
@@ -97,14 +83,6 @@ def _status(control: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return reply if reply.get("ok") else None
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return f"no log at {path}"
-    return lines[-1].split("] ", 1)[-1].removeprefix("fdkeeper: ") if lines else f"nothing in {path}"
 
 
 def _format(address: tuple[str, int]) -> str:
