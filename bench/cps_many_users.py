@@ -62,7 +62,7 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_many_users.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version,
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, process_tree,
                     common_arguments, cpu_model, elapsed_seconds, format_run, register_callee,
                     resolve_defaults, run_bench, table_header, uas_counts, write_uas_scenario)
 
@@ -153,14 +153,6 @@ def process_open_files_limit(pid: int | None) -> int | None:
     return None
 
 
-def process_tree(pid: int | None) -> list[psutil.Process]:
-    if pid is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -407,12 +399,6 @@ def run_columns(run: Run) -> str:
             f"{(new if new is not None else '?'):>9}  ")
 
 
-def paired_ratios(runs: list[Run]) -> list[float]:
-    """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
-    last: dict[tuple[float, str], Run] = {(r.rate, r.config): r for r in runs}
-    return [last[(rate, "b")].achieved / last[(rate, "a")].achieved
-            for rate in sorted({r.rate for r in runs})
-            if all((rate, c) in last and last[(rate, c)].passed for c in CONFIGS)]
 
 
 def kept_summary(bench: Bench) -> str:

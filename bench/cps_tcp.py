@@ -39,8 +39,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version,
-                    common_arguments, cpu_model, resolve_defaults, run_bench, table_header,
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, common_arguments, cpu_model, resolve_defaults, run_bench, table_header,
                     uas_counts)
 
 GOAL = 0.98
@@ -81,12 +80,6 @@ def machine_facts(bench: Bench) -> list[str]:
     ]
 
 
-def paired_ratios(runs: list[Run]) -> list[float]:
-    """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
-    last: dict[tuple[float, str], Run] = {(r.rate, r.config): r for r in runs}
-    return [last[(rate, "b")].achieved / last[(rate, "a")].achieved
-            for rate in sorted({r.rate for r in runs})
-            if all((rate, c) in last and last[(rate, c)].passed for c in CONFIGS)]
 
 
 def kept_connection_line(bench: Bench) -> str:

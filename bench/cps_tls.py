@@ -53,7 +53,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.testpki import make_test_pki
 
 # Run as a script (python3 bench/cps_tls.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version,
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, process_tree,
                     common_arguments, cpu_model, format_run, resolve_defaults, run_bench, table_header,
                     uas_counts)
 
@@ -80,14 +80,6 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def process_tree(pid: int | None) -> list[psutil.Process]:
-    if pid is None:
-        return []
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
 
 
 def children_cpu() -> float:

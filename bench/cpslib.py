@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import psutil
+
 from fdkeeper import sut
 from fdkeeper.demo import start_through_fdkeeper
 
@@ -368,6 +370,26 @@ class Ascent:
             self.refining = True
             print(f"-- ({self.config}) {self.label}: fine steps of {self.fine:g} calls/s "
                   f"between {low:g} and {run.rate:g}", flush=True)
+
+
+def process_tree(pid: int | None) -> list[psutil.Process]:
+    """A process and all its descendants (for CPU accounting of Kamailio, sipp, converters)."""
+    if pid is None:
+        return []
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def paired_ratios(runs: list[Run], configs: tuple[str, str] = ("a", "b")) -> list[float]:
+    """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
+    first, second = configs
+    last: dict[tuple[float, str], Run] = {(r.rate, r.config): r for r in runs}
+    return [last[(rate, second)].achieved / last[(rate, first)].achieved
+            for rate in sorted({r.rate for r in runs})
+            if all((rate, c) in last and last[(rate, c)].passed for c in configs)]
 
 
 def rates_from(start: float, step: float, limit: float) -> Iterator[float]:
