@@ -1,15 +1,18 @@
 """`fdkeeper demo`: the whole story against the embedded default SuT, step by step.
 
 1. start a local Kamailio that delivers calls only over the connection a user registered on;
-2. register alice over TCP in one sipp run, which then exits;
-3. start a second sipp run that answers calls;
-4. a third party calls alice through Kamailio: the INVITE arrives over the kept connection
+2. for comparison, without fdkeeper: bob registers over TCP with plain sipp, which exits,
+   and a call to bob fails (the registrar has no connection left to reach him);
+3. register alice over TCP through fdkeeper in one sipp run, which then exits;
+4. start a second sipp run that answers calls;
+5. a third party calls alice through Kamailio: the INVITE arrives over the kept connection
    and the second run answers it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.runner import find_sipp
 
 USER = "alice"
+PLAIN_USER = "bob"
 
 
 def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> list[str]:
@@ -61,7 +65,10 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
     say(f"  Kamailio listens on {kamailio.address} (UDP and TCP); it reaches a user only over")
     say("  the connection that user registered on, and never opens one towards a user")
 
-    say(f"step 2: register {USER} over TCP in one sipp run (which then exits)")
+    say(f"step 2: for comparison, without fdkeeper: {PLAIN_USER} registers over TCP with plain sipp, which exits")
+    _without_fdkeeper(sipp, kamailio, logs, workdir, say)
+
+    say(f"step 3: register {USER} over TCP through fdkeeper in one sipp run (which then exits)")
     users = sut.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
     register = start_through_fdkeeper(
         sipp, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="register",
@@ -75,13 +82,13 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
         say(f"    {line}")
 
     answer_port = sut.free_port()
-    say(f"step 3: start a second sipp run that answers calls (server mode, -p {answer_port})")
+    say(f"step 4: start a second sipp run that answers calls (server mode, -p {answer_port})")
     answer = start_through_fdkeeper(
         sipp, "uas-answer.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="answer",
         transport="t1", local_port=answer_port, calls=1, timeout=30,
     )
 
-    say(f"step 4: a third party calls sip:{USER}@{kamailio.domain} through Kamailio (sipp over UDP)")
+    say(f"step 5: a third party calls sip:{USER}@{kamailio.domain} through Kamailio (sipp over UDP)")
     call = sut.place_calls(kamailio, USER, 1, sipp=sipp, timeout=20, log_dir=logs)
     answered = answer.wait(20)
     connections = kamailio.tcp_connections()
@@ -93,3 +100,16 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
         say(call.summary())
         say(answered.summary())
     return ok
+
+
+def _without_fdkeeper(sipp: str, kamailio: sut.Kamailio, logs: Path, workdir: Path, say) -> None:
+    """The problem: once the register run's exit closed its connection, calls to the user fail."""
+    users = sut.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
+    sut.run_sipp(
+        sipp, "uac-register.xml", kamailio.address, log_dir=logs, name="plain-register",
+        transport="t1", calls=1, timeout=10, extra=["-inf", str(users)],
+    )
+    call = sut.place_calls(kamailio, PLAIN_USER, 1, sipp=sipp, timeout=10, log_dir=logs)
+    final = re.search(r"SIP/2\.0 ([3-6]\d\d [^\r\n']*)", call.text("errors"))
+    outcome = "answered (unexpected)" if call.ok else f"failed: {final.group(1) if final else 'no answer'}"
+    say(f"  registered, then sipp exited and closed its connection; a call to {PLAIN_USER}: {outcome}")

@@ -278,3 +278,4 @@ def test_demo_passes(sipp_path):
     result = fdkeeper_cli("demo", "--sipp", sipp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo PASSED" in result.stdout
+    assert "a call to bob: failed" in result.stdout  # the problem, shown without fdkeeper
