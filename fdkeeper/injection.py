@@ -14,7 +14,6 @@ import errno
 import os
 import signal
 import struct
-from dataclasses import dataclass, field
 
 import ctypes.util
 
@@ -66,20 +65,26 @@ class TraceeGone(Exception):
     """The thread we were working on exited (killed, or exit_group from another thread)."""
 
 
-@dataclass
+# Plain classes, not dataclasses: a dataclass compiles code at import, and this module is
+# imported on every --mode ptrace start-up, where each millisecond counts.
 class SyscallStop:
-    tid: int
-    entry: bool
-    nr: int = -1  # entry only
-    args: tuple[int, ...] = ()  # entry only
-    rval: int = 0  # exit only
+    __slots__ = ("tid", "entry", "nr", "args", "rval")
+
+    def __init__(self, tid: int, entry: bool, nr: int = -1, args: tuple[int, ...] = (), rval: int = 0) -> None:
+        self.tid = tid
+        self.entry = entry
+        self.nr = nr  # entry only
+        self.args = args  # entry only
+        self.rval = rval  # exit only
 
 
-@dataclass
 class Task:
-    tid: int
-    in_syscall_args: tuple[int, int, tuple[int, ...]] | None = None  # (nr, ...) of the call in progress
-    signals: list[int] = field(default_factory=list)  # signals held back during an injection
+    __slots__ = ("tid", "in_syscall_args", "signals")
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+        self.in_syscall_args: tuple[int, int, tuple[int, ...]] | None = None  # (nr, ...) of the call in progress
+        self.signals: list[int] = []  # signals held back during an injection
 
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
