@@ -41,6 +41,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import operator
 import os
 import re
 import select
@@ -86,26 +87,27 @@ class Malformed(ValueError):
 
 
 # --------------------------------------------------------------------------
-# SIP text: finding headers by position in a lowered copy of the head
+# SIP text: finding headers by position in the head
 # --------------------------------------------------------------------------
 
 
 def header_pattern(*names: bytes) -> re.Pattern:
-    """A header line with one of these (lowercase) names, in a lowered head: "\\nname :" ."""
-    return re.compile(rb"\n(?:" + b"|".join(re.escape(n) for n in names) + rb")[ \t]*:[ \t]*")
+    """A header line with one of these names, any case: "\\nname :" . Case-insensitive
+    matching of the message itself spares a lowered copy of every head."""
+    return re.compile(rb"\n(?:" + b"|".join(re.escape(n) for n in names) + rb")[ \t]*:[ \t]*", re.IGNORECASE)
 
 
-def find_header(lower: bytes, pattern: re.Pattern, start: int = 0) -> tuple[int, int, int] | None:
+def find_header(data: bytes, limit: int, pattern: re.Pattern, start: int = 0) -> tuple[int, int, int] | None:
     """The first header line (at or after ``start``) that ``pattern`` (header_pattern) finds:
-    (line start, value start, line end). ``lower`` is the lowered head up to and including
-    the CRLF of its last header; line end is that line's CRLF (folded lines included)."""
-    match = pattern.search(lower, start)
+    (line start, value start, line end). ``limit`` is where the head ends: just past the CRLF
+    of its last header; line end is that line's CRLF (folded lines included)."""
+    match = pattern.search(data, start, limit)
     if match is None:
         return None
     value = match.end()
-    end = lower.find(b"\r\n", value)
-    while lower[end + 2:end + 3] in (b" ", b"\t"):  # a folded line goes on
-        end = lower.find(b"\r\n", end + 2)
+    end = data.find(b"\r\n", value)
+    while data[end + 2] in b" \t":  # a folded line goes on (the head is followed by CRLF)
+        end = data.find(b"\r\n", end + 2)
     return match.start() + 1, value, end
 
 
@@ -118,29 +120,40 @@ MAX_FORWARDS = header_pattern(b"max-forwards")
 OUTBOUND = header_pattern(b"x-outbound-proxy")
 
 
-_SPECIAL = re.compile(rb'[,<"]')
+# The text of one comma-separated element: runs of anything but , < " and whole <...> or "..."
+# (commas inside do not count). It stops at a comma, or at an unclosed < or " .
+_ELEMENT = re.compile(rb'(?:[^,<"]+|<[^>]*>|"[^"]*")*')
 
 
-def first_element(value: bytes) -> int:
-    """Where the first comma-separated element of a header value ends (commas inside <> or
-    quotes do not count)."""
-    at = 0
-    while True:
-        match = _SPECIAL.search(value, at)
-        if match is None:
-            return len(value)
-        where = match.start()
-        char = value[where]
-        if char == 0x2C:  # ,
-            return where
-        close = value.find(b">" if char == 0x3C else b'"', where + 1)
-        if close < 0:
-            return len(value)
-        at = close + 1
+def end_of_element(data: bytes, at: int, end: int) -> int:
+    """Where the first comma-separated element of the header value data[at:end] ends
+    (absolute); an unclosed < or " runs to the end of the value."""
+    stop = _ELEMENT.match(data, at, end).end()
+    if stop < end and data[stop] != 0x2C:  # not a comma: an unclosed < or "
+        return end
+    return stop
+
+
+_URI_CACHE: dict[bytes, tuple[bytes, int, bytes] | None] = {}
+_URI_CACHE_LIMIT = 4096  # entries; emptied when full
+_URI_CACHE_TEXT = 256  # longer texts are parsed every time (bounds the cache's memory)
 
 
 def uri_hostport(text: bytes) -> tuple[bytes, int, bytes] | None:
-    """(host lowered, port, transport lowered) of a SIP URI or name-addr; None if not one."""
+    """(host lowered, port, transport lowered) of a SIP URI or name-addr; None if not one.
+    Memoized: Route entries (ours and the SuT's Record-Route) and Request-URIs repeat call
+    after call, and parsing one is several microseconds of Python."""
+    result = _URI_CACHE.get(text, _URI_CACHE)
+    if result is _URI_CACHE:
+        result = _uri_hostport(text)
+        if len(text) <= _URI_CACHE_TEXT:
+            if len(_URI_CACHE) >= _URI_CACHE_LIMIT:
+                _URI_CACHE.clear()
+            _URI_CACHE[text] = result
+    return result
+
+
+def _uri_hostport(text: bytes) -> tuple[bytes, int, bytes] | None:
     text = text.strip()
     if b"<" in text:
         text = text[text.index(b"<") + 1:]
@@ -235,9 +248,9 @@ def hostport_bytes(address: Address) -> bytes:
 
 
 class Message:
-    """One SIP message: start line, head (lowered copy for searching), body length."""
+    """One SIP message: start line, head (searched up to ``limit``), body length."""
 
-    __slots__ = ("data", "head_end", "lower", "is_request", "method", "start_end", "body_length", "has_length")
+    __slots__ = ("data", "head_end", "limit", "is_request", "method", "start_end", "body_length", "has_length")
 
     def __init__(self, data: bytes, datagram: bool) -> None:
         head_end = data.find(b"\r\n\r\n")
@@ -258,8 +271,8 @@ class Message:
             if method not in _METHODS and not _HEADER_NAME.fullmatch(method):
                 raise Malformed("bad request line")
             self.is_request, self.method = True, method
-        lower = data[:head_end + 2].lower()
-        span = find_header(lower, CONTENT_LENGTH)
+        limit = head_end + 2
+        span = find_header(data, limit, CONTENT_LENGTH)
         body = len(data) - head_end - 4
         if span is None:
             if not datagram and body:
@@ -274,10 +287,10 @@ class Message:
                 raise Malformed("truncated body")
             if length < body:  # RFC 3261 §18.3: bytes past Content-Length are discarded
                 data = data[:head_end + 4 + length]
-        self.data, self.head_end, self.lower, self.start_end, self.body_length = data, head_end, lower, start_end, length
+        self.data, self.head_end, self.limit, self.start_end, self.body_length = data, head_end, limit, start_end, length
 
     def header(self, pattern: re.Pattern, start: int = 0) -> tuple[int, int, int] | None:
-        return find_header(self.lower, pattern, start)
+        return find_header(self.data, self.limit, pattern, start)
 
     def value(self, span: tuple[int, int, int]) -> bytes:
         return self.data[span[1]:span[2]]
@@ -287,8 +300,7 @@ class Message:
         span = self.header(VIA)
         if span is None:
             raise Malformed("no Via")
-        value = self.data[span[1]:span[2]]
-        return span, span[1] + first_element(value)
+        return span, end_of_element(self.data, span[1], span[2])
 
     def has_to_tag(self) -> bool:
         span = self.header(TO)
@@ -305,23 +317,24 @@ class _Answered(Exception):
     """The converter answered the request itself (483): nothing to forward."""
 
 
-class Edits:
-    """Replacements on a message's bytes, applied in one join."""
+_START = operator.itemgetter(0)
 
-    __slots__ = ("items",)
 
-    def __init__(self) -> None:
-        self.items: list[tuple[int, int, bytes]] = []
+class Edits(list):
+    """Replacements on a message's bytes, applied in one join: append((start, end, text)).
+    A plain list underneath: adding an edit is a C call, not a Python one."""
 
-    def add(self, start: int, end: int, text: bytes = b"") -> None:
-        self.items.append((start, end, text))
+    __slots__ = ()
 
     def apply(self, data: bytes) -> bytes:
-        if not self.items:
+        if not self:
             return data
-        self.items.sort(key=lambda item: item[0])
+        if len(self) == 1:  # the usual case for a response: our Via out
+            start, end, text = self[0]
+            return b"".join((data[:start], text, data[end:]))
+        self.sort(key=_START)  # stable: insertions at one place keep their order
         parts, at = [], 0
-        for start, end, text in self.items:
+        for start, end, text in self:
             parts.append(data[at:start])
             parts.append(text)
             at = max(at, end)
@@ -333,12 +346,12 @@ def remove_element(message: Message, span: tuple[int, int, int], element_end: in
     """Remove the first element of a header: the whole line if it is the only one."""
     data = message.data
     if element_end >= span[2]:
-        edits.add(span[0], span[2] + 2)
+        edits.append((span[0], span[2] + 2, b""))
     else:
         rest = element_end + 1
         while data[rest:rest + 1] in (b" ", b"\t", b"\r", b"\n"):
             rest += 1
-        edits.add(span[1], rest)
+        edits.append((span[1], rest, b""))
 
 
 def next_via(message: Message, span: tuple[int, int, int], element_end: int) -> bytes:
@@ -348,11 +361,11 @@ def next_via(message: Message, span: tuple[int, int, int], element_end: int) -> 
         at = element_end + 1
         while data[at:at + 1] in (b" ", b"\t", b"\r", b"\n"):
             at += 1
-        return data[at:at + first_element(data[at:span[2]])]
+        return data[at:end_of_element(data, at, span[2])]
     following = message.header(VIA, span[2])
     if following is None:
         raise Malformed("response with no Via after ours")
-    return data[following[1]:following[1] + first_element(data[following[1]:following[2]])]
+    return data[following[1]:end_of_element(data, following[1], following[2])]
 
 
 def make_reply(message: Message, code: int, reason: str) -> bytes:
@@ -543,9 +556,6 @@ class Converter:
             self.warned.add(kind)
             log.warning("%s (logged once; counted in the status)", text)
 
-    def _is_own(self, host: bytes, port: int) -> bool:
-        return (host, port) in self.own
-
     # -- from sipp (UDP)
 
     def from_sipp(self, data: bytes, source: Address) -> None:
@@ -561,6 +571,8 @@ class Converter:
                 self._response_from_sipp(message)
         except Malformed as error:
             self.drop(error.kind, data)
+        except UnicodeDecodeError:  # a host or address that is not text: malformed, never fatal
+            self.drop("bad encoding", data)
         except _Answered:
             pass
 
@@ -574,7 +586,7 @@ class Converter:
             if target is None or target[2] not in (b"", b"tcp", b"tls"):
                 raise Malformed("bad X-Outbound-Proxy")
             key = (target[0].decode().strip("[]"), target[1], (target[2] or self.default_key[2].encode()).decode())
-            edits.add(outbound[0], outbound[2] + 2)
+            edits.append((outbound[0], outbound[2] + 2, b""))
         remaining = self._loose_route(message, edits)
         creating = message.method in DIALOG_CREATING
         # The To tag matters only to dialog-creating methods and to the dialog map.
@@ -602,13 +614,13 @@ class Converter:
                 self.transactions.put(branch, source, self.now)
         else:
             if host.decode(errors="replace") != source[0] and via_param(params, b"received") is None:
-                edits.add(via_end, via_end, b";received=" + source[0].encode())
+                edits.append((via_end, via_end, b";received=" + source[0].encode()))
             top = link.via + self._branch(branch, data, via_span)
             if creating and not in_dialog:
                 top = link.rr_to_stream + top
-            edits.add(message.start_end + 2, message.start_end + 2, top + b"\r\n")
+            edits.append((message.start_end + 2, message.start_end + 2, top + b"\r\n"))
         if not message.has_length:
-            edits.add(message.head_end + 2, message.head_end + 2, b"Content-Length: %d\r\n" % message.body_length)
+            edits.append((message.head_end + 2, message.head_end + 2, b"Content-Length: %d\r\n" % message.body_length))
         link.out += edits.apply(data)
         link.messages_out += 1
         self.dirty.add(link)
@@ -622,7 +634,7 @@ class Converter:
     def _max_forwards(self, message: Message, edits: Edits, reply_udp: Address | None = None, reply_link: Link | None = None) -> None:
         span = message.header(MAX_FORWARDS)
         if span is None:
-            edits.add(message.start_end + 2, message.start_end + 2, b"Max-Forwards: 70\r\n")
+            edits.append((message.start_end + 2, message.start_end + 2, b"Max-Forwards: 70\r\n"))
             return
         text = message.value(span).strip()
         if not text.isdigit():
@@ -637,7 +649,7 @@ class Converter:
                 elif reply_link is not None:
                     self._queue(reply_link, reply)
             raise _Answered()
-        edits.add(span[1], span[2], b"%d" % (hops - 1))
+        edits.append((span[1], span[2], b"%d" % (hops - 1)))
 
     def _loose_route(self, message: Message, edits: Edits) -> tuple[bytes, int, bytes] | None:
         """Remove our own entries from the top of the route set; return the next hop left."""
@@ -648,18 +660,18 @@ class Converter:
                 return None
             at = span[1]
             while at < span[2]:
-                end = at + first_element(data[at:span[2]])
+                end = end_of_element(data, at, span[2])
                 target = uri_hostport(data[at:end])
                 if target is None:
                     raise Malformed("bad Route")
-                if not self._is_own(target[0], target[1]):
+                if (target[0], target[1]) not in self.own:
                     if at != span[1]:
-                        edits.add(span[1], at)
+                        edits.append((span[1], at, b""))
                     return target
                 at = end + 1
                 while data[at:at + 1] in (b" ", b"\t", b"\r", b"\n"):
                     at += 1
-            edits.add(span[0], span[2] + 2)  # every entry of this line was ours
+            edits.append((span[0], span[2] + 2, b""))  # every entry of this line was ours
             start = span[2]
 
     def _response_from_sipp(self, message: Message) -> None:
@@ -671,7 +683,7 @@ class Converter:
             if not isinstance(link, Link):
                 link = self.by_hostport.get((host, port)) or self.links.get(self.default_key)
         else:
-            if not self._is_own(host, port):
+            if (host, port) not in self.own:
                 raise Malformed("response not via us")
             remove_element(message, via_span, via_end, edits)
             nxt = via_parts(next_via(message, via_span, via_end))
@@ -680,7 +692,7 @@ class Converter:
             self.counters["responses_dropped_closed"] += 1
             return
         if not message.has_length:
-            edits.add(message.head_end + 2, message.head_end + 2, b"Content-Length: %d\r\n" % message.body_length)
+            edits.append((message.head_end + 2, message.head_end + 2, b"Content-Length: %d\r\n" % message.body_length))
         link.out += edits.apply(data)
         link.messages_out += 1
         self.dirty.add(link)
@@ -716,6 +728,8 @@ class Converter:
                     self._response_from_stream(link, message)
             except Malformed as error:
                 self.drop(error.kind, raw)
+            except UnicodeDecodeError:  # a host or address that is not text: malformed, never fatal
+                self.drop("bad encoding", raw)
             except _Answered:
                 pass
 
@@ -750,7 +764,7 @@ class Converter:
             top = link.via_udp + self._branch(branch, data, via_span)
             if message.method in DIALOG_CREATING and not in_dialog:
                 top = link.rr_to_udp + top
-            edits.add(message.start_end + 2, message.start_end + 2, top + b"\r\n")
+            edits.append((message.start_end + 2, message.start_end + 2, top + b"\r\n"))
         out = edits.apply(data)
         if not self._fits_udp(out, message, link):
             return
@@ -770,7 +784,7 @@ class Converter:
             if not isinstance(destination, tuple):
                 destination = (host.decode().strip("[]"), port)  # sipp's own Via (not the SuT's rport)
         else:
-            if not self._is_own(host, port):
+            if (host, port) not in self.own:
                 raise Malformed("response not via us")
             remove_element(message, via_span, via_end, edits)
             _, host, port, params = via_parts(next_via(message, via_span, via_end))

@@ -15,7 +15,11 @@ MAX_MESSAGE = 65536
 HEADER_END = b"\r\n\r\n"
 PING = b"\r\n\r\n"
 PONG = b"\r\n"
-_CONTENT_LENGTH = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+# A Content-Length line: the message's first line (match at its start), or any later one (search
+# from its start: the leading newline is a literal the regex engine can skip to, where a
+# MULTILINE ^ would be tried at every byte).
+_CONTENT_LENGTH_FIRST = re.compile(rb"(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_CONTENT_LENGTH = re.compile(rb"\n(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
 
 
 class FramingError(ValueError):
@@ -38,14 +42,31 @@ class SipFramer:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
+        buffer = self._buffer
+        # A message begun in an earlier read goes on from the buffer (and a bytearray or
+        # memoryview is copied: the messages handed out are bytes).
+        if buffer or type(data) is not bytes:
+            buffer += data
+            data = bytes(buffer)
+            buffer.clear()
+        # Messages are cut from ``data`` by offset (whole reads are the common case: no copy
+        # into the buffer and out again); only an incomplete tail is kept in the buffer.
         messages = []
-        while True:
-            self._skip_keepalives()
-            message = self._take_message()
-            if message is None:
-                return messages
-            messages.append(message)
+        at = 0
+        try:
+            while True:
+                while data.startswith(PONG, at):
+                    self.keepalives += 1
+                    at += len(PONG)
+                end = self._message_end(data, at)
+                if end is None:
+                    break
+                messages.append(data[at:end])
+                at = end
+        finally:  # also on FramingError: the buffer keeps the unframeable rest for discard()
+            if at < len(data):
+                buffer += memoryview(data)[at:]
+        return messages
 
     def discard(self) -> bytes:
         """Drop the partial message (its sender is gone); return what was dropped."""
@@ -53,26 +74,18 @@ class SipFramer:
         self._buffer.clear()
         return dropped
 
-    def _skip_keepalives(self) -> None:
-        buffer = self._buffer
-        while buffer.startswith(PONG):
-            self.keepalives += 1
-            del buffer[: len(PONG)]
-
-    def _take_message(self) -> bytes | None:
-        buffer = self._buffer
-        end = buffer.find(HEADER_END)
+    def _message_end(self, data: bytes, at: int) -> int | None:
+        """Where the message starting at ``at`` ends; None if it is not all there yet."""
+        end = data.find(HEADER_END, at)
         if end < 0:
-            if len(buffer) > self.max_message:
+            if len(data) - at > self.max_message:
                 raise FramingError(f"no end of SIP headers within {self.max_message} bytes")
             return None
-        match = _CONTENT_LENGTH.search(buffer, 0, end + 2)
+        match = _CONTENT_LENGTH_FIRST.match(data, at, end + 2) or _CONTENT_LENGTH.search(data, at, end + 2)
         body = int(match.group(1)) if match else 0  # sipp: no Content-Length, no body
-        total = end + len(HEADER_END) + body
+        total = end - at + len(HEADER_END) + body
         if total > self.max_message:
             raise FramingError(f"SIP message of {total} bytes is over {self.max_message}")
-        if len(buffer) < total:
+        if len(data) - at < total:
             return None
-        message = bytes(buffer[:total])
-        del buffer[:total]
-        return message
+        return at + total

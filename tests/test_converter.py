@@ -382,3 +382,22 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
         assert status["pid"] == first_pid and len(kamailio.tcp_connections()) == 1
     finally:
         stop_converters(directory)
+
+
+def test_a_via_host_that_is_not_text_is_dropped_not_fatal():
+    """A response from the SuT whose Via names a host in bytes that are not UTF-8."""
+    from fdkeeper import converter as cv
+
+    class Sock:
+        def fileno(self) -> int:
+            return 99
+
+    link = cv.Link(("127.0.0.1", 5060, "tcp"), Sock(), ("127.0.0.1", 40000), b"127.0.0.1:5070")
+    conv = cv.Converter(("127.0.0.1", 5070), ("127.0.0.1", 5060, "tcp"), ("127.0.0.1", 5080), False, lambda d, a: None, lambda k: link)
+    conv.add_link(link)
+    response = (
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bKx\r\n"
+        b"Via: SIP/2.0/UDP \xff\xfe.invalid:5080;branch=z9hG4bKy\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
+    conv.from_stream(link, response)
+    assert conv.malformed["bad encoding"] == 1
