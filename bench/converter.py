@@ -13,7 +13,7 @@ rate both passed: CPU per transaction falls as the rate rises, more messages per
 Set-up (loopback, a temp dir removed at the end): a test PKI; one Kamailio SuT with UDP, TCP and
 TLS listeners (1 GB shm); four converters started once and kept for the whole bench, all facing
 that one live SuT (never a refused port: Kamailio's TLS converter aborts then):
-  (fdk) `python3 -m fdkeeper.converter` UDP->TCP and UDP->TLS;
+  (fdk) `fdkeeper convert` UDP->TCP and UDP->TLS;
   (kam) fdkeeper.sut.KamailioConverter UDP->TCP and UDP->TLS (2 UDP + 2 TCP/TLS workers).
 Loads, sipp over UDP to the converter's UDP address:
   options: an OPTIONS to the SuT answered 200 by the SuT itself (2 messages through the converter);
@@ -144,7 +144,7 @@ class Bench:
             control = self.workdir / f"fdk-{transport}.sock"
             target = self.kamailio.tls_address if transport == "tls" else self.kamailio.address
             self.fdks[transport] = subprocess.Popen(
-                [sys.executable, "-m", "fdkeeper.converter", "--listen", "127.0.0.1:0", "--sut", target,
+                [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0", "--sut", target,
                  "--transport", transport, "--control", str(control), "--log-level", "warning",
                  "--tls-ca", str(self.pki.ca_cert)],
                 stderr=open(self.workdir / f"fdk-{transport}.log", "wb"), start_new_session=True)

@@ -180,21 +180,51 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> N
     keeper.serve_forever()
 
 
-@main.command(
-    "convert",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": []},
-    add_help_option=False,
-)
-@click.argument("convert_args", nargs=-1, type=click.UNPROCESSED)
-def convert_command(convert_args) -> None:
-    """Run a UDP <-> TCP/TLS converter in the foreground (see 'fdkeeper convert --help').
+def _hostport(_ctx, _param, value):
+    """click callback: HOST:PORT into an address."""
+    if value is None:
+        return None
+    from fdkeeper.converter import parse_hostport
+
+    try:
+        return parse_hostport(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+@main.command("convert")
+@click.option("--listen", required=True, metavar="IP:PORT", callback=_hostport, help="UDP address sipp sends to (port 0: any free port).")
+@click.option("--sut", required=True, metavar="HOST:PORT", callback=_hostport, help="The SuT's TCP or TLS address.")
+@click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
+@click.option("--sipp-address", metavar="IP:PORT", callback=_hostport, help="Where the SuT's initial requests go (sipp's -i:-p).")
+@click.option("--hide-topology", is_flag=True, help="No Via or Record-Route of the converter on either side.")
+@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="RFC 5626 CRLFCRLF pings on idle connections.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS")
+@click.option("--control", type=click.Path(dir_okay=False), metavar="PATH", help="Unix socket for STATUS, SIPP IP:PORT, RECONNECT, STOP.")
+@click.option("--stats-file", type=click.Path(dir_okay=False), metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@tls_options
+@reports_errors
+def convert_command(listen, sut, transport, sipp_address, hide_topology, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
+    """Run a stateless UDP <-> TCP/TLS converter in the foreground.
+
+    sipp talks UDP to --listen; the converter holds one TCP or TLS connection to the SuT
+    (any number of sipp runs use it), record-routes so in-dialog requests come back through
+    it, and sends the SuT's initial requests to --sipp-address. 'fdkeeper sipp --mode udp'
+    starts and keeps one for you.
 
     \b
       fdkeeper convert --listen 127.0.0.1:5070 --sut 127.0.0.1:5060 --transport tcp --sipp-address 127.0.0.1:5080
     """
-    from fdkeeper.converter import main as convert_main
+    from pathlib import Path
 
-    sys.exit(convert_main(list(convert_args)))
+    from fdkeeper.converter import serve
+
+    sys.exit(serve(
+        listen, sut, transport, sipp_address, hide_topology=hide_topology, tls=make_tls_options(**tls),
+        connect_timeout=connect_timeout, keepalive=keepalive, control=Path(control) if control else None,
+        stats_file=Path(stats_file) if stats_file else None, log_level=log_level,
+    ))
 
 
 @main.command("status")

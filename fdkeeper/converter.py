@@ -30,12 +30,11 @@ Malformed SIP is counted by kind, logged once per kind, dropped, and never fatal
 
 Status: the control socket's STATUS (JSON), a stats line on SIGUSR1, and --stats-file
 (JSON, rewritten every second). Run it with `fdkeeper convert ...` or
-`python3 -m fdkeeper.converter ...`.
+`fdkeeper convert ...`.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import ipaddress
@@ -1116,58 +1115,45 @@ def control_request(path: Path, request: str, timeout: float = 5.0) -> dict:
 
 
 # --------------------------------------------------------------------------
-# command line (python3 -m fdkeeper.converter, and `fdkeeper convert`)
+# running one (`fdkeeper convert`, cli.py, parses the options)
 # --------------------------------------------------------------------------
 
 
-def _address(text: str) -> Address:
+def parse_hostport(text: str) -> Address:
+    """HOST:PORT or [IPv6]:PORT, for --listen, --sut and --sipp-address."""
     host, port = split_hostport(text.encode(), 0)
     if not host:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+        raise ValueError(f"{text!r} is not HOST:PORT")
     return host.decode().strip("[]"), port
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fdkeeper convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--listen", type=_address, required=True, metavar="IP:PORT", help="UDP address sipp sends to (port 0: any)")
-    p.add_argument("--sut", type=_address, required=True, metavar="HOST:PORT", help="the SuT's TCP or TLS address")
-    p.add_argument("--transport", choices=("tcp", "tls"), default="tcp")
-    p.add_argument("--sipp-address", type=_address, metavar="IP:PORT", help="where initial requests from the SuT go (sipp's -i:-p)")
-    p.add_argument("--hide-topology", action="store_true", help="no Via or Record-Route of the converter on either side")
-    p.add_argument("--keepalive", type=float, metavar="SECONDS", help="RFC 5626 CRLFCRLF pings on idle connections")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
-    p.add_argument("--control", type=Path, metavar="PATH", help="unix socket for STATUS, SIPP IP:PORT, RECONNECT, STOP")
-    p.add_argument("--stats-file", type=Path, metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1")
-    p.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
-    p.add_argument("--tls-ca", metavar="FILE")
-    p.add_argument("--tls-insecure", action="store_true")
-    p.add_argument("--tls-cert", metavar="FILE")
-    p.add_argument("--tls-key", metavar="FILE")
-    p.add_argument("--tls-sni", metavar="NAME")
-    p.add_argument("--tls-min-version", choices=("1.2", "1.3"))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s fdkeeper-convert[%(process)d] %(message)s")
-    tls = TlsOptions(ca=args.tls_ca, insecure=args.tls_insecure, cert=args.tls_cert, key=args.tls_key,
-                     sni=args.tls_sni, min_version=args.tls_min_version)
+def serve(
+    listen: Address,
+    sut: Address,
+    transport: str,
+    sipp_address: Address | None,
+    *,
+    hide_topology: bool = False,
+    tls: TlsOptions | None = None,
+    connect_timeout: float = 5.0,
+    keepalive: float | None = None,
+    control: Path | None = None,
+    stats_file: Path | None = None,
+    log_level: str = "info",
+) -> int:
+    """Run a converter in the foreground until STOP or SIGTERM; the exit status."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s fdkeeper-convert[%(process)d] %(message)s")
     try:
-        server = ConverterServer(args.listen, args.sut, args.transport, args.sipp_address,
-                                 hide_topology=args.hide_topology, tls=tls, connect_timeout=args.connect_timeout,
-                                 keepalive=args.keepalive, control=args.control, stats_file=args.stats_file)
+        server = ConverterServer(listen, sut, transport, sipp_address, hide_topology=hide_topology,
+                                 tls=tls or TlsOptions(), connect_timeout=connect_timeout, keepalive=keepalive,
+                                 control=control, stats_file=stats_file)
     except FdkeeperError as error:
         print(str(error), file=sys.stderr, flush=True)
         return error.exit_status
     server.install_signal_handlers()
     default = server.converter.links[server.converter.default_key]
     log.info("listening on udp:%s, SuT over %s; sipp address %s%s", server.converter.listen_hp.decode(), default.label(),
-             args.sipp_address and "%s:%d" % args.sipp_address, ", topology hidden" if args.hide_topology else "")
+             sipp_address and "%s:%d" % sipp_address, ", topology hidden" if hide_topology else "")
     server.write_stats()
     server.serve_forever()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

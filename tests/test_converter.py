@@ -37,7 +37,7 @@ class RunningConverter:
         self.log = workdir / "convert.log"
         self.sipp_port = sipp_port
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fdkeeper.converter", "--listen", "127.0.0.1:0", "--sut", sut_address,
+            [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0", "--sut", sut_address,
              "--transport", transport, "--sipp-address", f"127.0.0.1:{sipp_port}", "--control", str(self.control), *extra],
             stderr=open(self.log, "wb"), start_new_session=True)
         sut.wait_until(lambda: self._status() or self.process.poll() is not None, 10, what="the converter")

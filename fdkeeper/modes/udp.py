@@ -46,7 +46,7 @@ def ensure_converter(directory: Path, sut: tuple[str, int], transport: str, *, t
     if status is not None:
         return status
     ensure_private_directory(directory)
-    command = [sys.executable, "-m", "fdkeeper.converter", "--listen", "127.0.0.1:0",
+    command = [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0",
                "--sut", _format(sut), "--transport", transport, "--control", os.fspath(control),
                "--stats-file", os.fspath(stats)]
     if keepalive:
