@@ -62,9 +62,9 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_many_users.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, process_tree,
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, paired_ratios, print_footer, process_tree,
                     common_arguments, cpu_model, elapsed_seconds, format_run, register_callee,
-                    resolve_defaults, run_bench, table_header, uas_counts, write_uas_scenario)
+                    resolve_defaults, run_bench, table_header, write_uas_scenario)
 
 GOAL = 0.95
 CONFIGS = ("a", "b")
@@ -155,15 +155,6 @@ def process_open_files_limit(pid: int | None) -> int | None:
 
 
 
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def rss_bytes(pid: int) -> int:
@@ -454,14 +445,13 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
         print(f"  TCP sockets in TIME_WAIT after a run: at most {max(waits)} (local ports {ports[0]}-{ports[1]}, "
               f"{bench.users} of them held by the users' connections); waits for free ports before a run: "
               f"{len(bench.port_waits)} ({sum(bench.port_waits):.0f} s)")
-    if bench.uas is not None and bench.uas.running():
-        print(f"  callee (UAS) so far: {uas_counts(bench)}")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
     kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
-    print(f"  nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}")
-    print(f"  sipp: {sipp}; kamailio: {kamailio}; open-file limit of the bench {facts['open_files'][0]}")
-    print(f"  bench time {seconds:.0f} s")
+    print_footer(bench, [
+        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
+        f"sipp: {sipp}; kamailio: {kamailio}; open-file limit of the bench {facts['open_files'][0]}",
+    ], seconds)
 
 
 def shm_used(bench: Bench) -> str:

@@ -39,8 +39,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, common_arguments, cpu_model, resolve_defaults, run_bench, table_header,
-                    uas_counts)
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, print_footer, common_arguments, cpu_model, resolve_defaults, run_bench, table_header)
 
 GOAL = 0.98
 CONFIGS = ("a", "b")
@@ -114,11 +113,7 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
         print(f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
               f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}")
     print(f"  {kept_connection_line(bench)}")
-    if bench.uas is not None and bench.uas.running():
-        print(f"  callee (UAS) so far: {uas_counts(bench)}")
-    for fact in machine_facts(bench):
-        print(f"  {fact}")
-    print(f"  bench time {seconds:.0f} s")
+    print_footer(bench, machine_facts(bench), seconds)
 
 
 # --------------------------------------------------------------------------

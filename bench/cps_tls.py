@@ -53,9 +53,8 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.testpki import make_test_pki
 
 # Run as a script (python3 bench/cps_tls.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, process_tree,
-                    common_arguments, cpu_model, format_run, resolve_defaults, run_bench, table_header,
-                    uas_counts)
+from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, print_footer, process_tree,
+                    common_arguments, cpu_model, format_run, resolve_defaults, run_bench, table_header)
 
 GOAL_TLS_TCP = 0.9
 GOAL_TLS_KAM = 1.0
@@ -68,16 +67,6 @@ PUMP_BOUND = 0.85
 SAMPLE_S = 0.1
 
 
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    """user+system of these processes (their own, not their reaped children's)."""
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
 
 
 
@@ -305,11 +294,7 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
         print(f"  keeper at (tls)'s top rate: {share:.0%} of a core"
               f" ({'the TLS pump is the bottleneck' if bound else 'not the bottleneck'})")
     print(f"  {kept_line(bench)}")
-    if bench.uas is not None and bench.uas.running():
-        print(f"  callee (UAS) so far: {uas_counts(bench)}")
-    for fact in machine_facts(bench):
-        print(f"  {fact}")
-    print(f"  bench time {seconds:.0f} s")
+    print_footer(bench, machine_facts(bench), seconds)
 
 
 # --------------------------------------------------------------------------

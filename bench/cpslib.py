@@ -383,6 +383,27 @@ def process_tree(pid: int | None) -> list[psutil.Process]:
         return []
 
 
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """user+system of these processes (their own, not their reaped children's)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def print_footer(bench: "BenchBase", facts: list[str], seconds: float) -> None:
+    """The closing lines every calls/s bench prints: the callee's counts, machine facts, time."""
+    if bench.uas is not None and bench.uas.running():
+        print(f"  callee (UAS) so far: {uas_counts(bench)}")
+    for fact in facts:
+        print(f"  {fact}")
+    print(f"  bench time {seconds:.0f} s")
+
+
 def paired_ratios(runs: list[Run], configs: tuple[str, str] = ("a", "b")) -> list[float]:
     """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
     first, second = configs
