@@ -43,9 +43,9 @@ from pathlib import Path
 
 import psutil
 
-from fdkeeper import sut
-from fdkeeper.converter import control_request
-from fdkeeper.testpki import make_test_pki
+from fdkeeper import testbed as sut
+from fdkeeper.convert import control_request
+from fdkeeper.testbed.pki import make_test_pki
 
 from cpslib import (CALL_PAUSE_S, KEEP_FRACTION, RECV_TIMEOUT_MS, SHM_MB, command_version, cpu_model,
                     elapsed_seconds, write_uas_scenario)

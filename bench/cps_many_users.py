@@ -57,7 +57,7 @@ from pathlib import Path
 
 import psutil
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 

@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.testpki import make_test_pki
+from fdkeeper.testbed.pki import make_test_pki
 
 # Run as a script (python3 bench/cps_tls.py): bench/ is sys.path[0], cpslib is beside us.
 from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, print_footer, process_tree,

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import psutil
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.demo import start_through_fdkeeper
 
 CALLEE = "bob"

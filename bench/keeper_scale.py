@@ -35,9 +35,9 @@ import psutil
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes import HandoffRequest
 from fdkeeper.modes.preload import PreloadMode
-from fdkeeper.sippargs import parse_sipp_args
-from fdkeeper.sut import SCENARIOS_DIR, free_port
-from fdkeeper.testpki import make_test_pki
+from fdkeeper.sipp.args import parse_sipp_args
+from fdkeeper.testbed import SCENARIOS_DIR, free_port
+from fdkeeper.testbed.pki import make_test_pki
 
 GOAL_TCP_KB, GOAL_TLS_KB, GOAL_HANDOFF_MS = 10, 100, 100
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpslib import BenchBase, caller_options  # noqa: E402
 
-from fdkeeper import sut  # noqa: E402
+from fdkeeper import testbed as sut  # noqa: E402
 from fdkeeper.client import KeeperClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES
 from fdkeeper.report import format_status, select_connections
-from fdkeeper.runner import RunOptions, run_sipp
+from fdkeeper.sipp.runner import RunOptions, run_sipp
 from fdkeeper.statedir import resolve_directory
 from fdkeeper.tls import TlsOptions
 
@@ -184,7 +184,7 @@ def _hostport(_ctx, _param, value):
     """click callback: HOST:PORT into an address."""
     if value is None:
         return None
-    from fdkeeper.converter import parse_hostport
+    from fdkeeper.convert import parse_hostport
 
     try:
         return parse_hostport(value)
@@ -218,7 +218,7 @@ def convert_command(listen, sut, transport, sipp_address, hide_topology, keepali
     """
     from pathlib import Path
 
-    from fdkeeper.converter import serve
+    from fdkeeper.convert import serve
 
     sys.exit(serve(
         listen, sut, transport, sipp_address, hide_topology=hide_topology, tls=make_tls_options(**tls),

@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.report import format_status
 from fdkeeper.client import KeeperClient
-from fdkeeper.runner import find_sipp
+from fdkeeper.sipp.runner import find_sipp
 
 USER = "alice"
 PLAIN_USER = "bob"

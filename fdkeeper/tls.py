@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import Address, format_address
-from fdkeeper.sipframe import PING, FramingError, SipFramer
+from fdkeeper.sip.framing import PING, FramingError, SipFramer
 
 log = logging.getLogger("fdkeeper.tls")
 

@@ -11,7 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from fdkeeper import sut, testpki
+from fdkeeper import testbed as sut
+from fdkeeper.testbed import pki as testpki
 from fdkeeper.client import KeeperClient
 
 

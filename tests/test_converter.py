@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fdkeeper import sut
-from fdkeeper.converter import Converter, Link, control_request
+from fdkeeper import testbed as sut
+from fdkeeper.convert import Converter, Link, control_request
 from fdkeeper.modes.base import HandoffRequest
 from fdkeeper.modes.udp import UdpMode, stop_converters, udp_arguments
-from fdkeeper.sippargs import parse_sipp_args
+from fdkeeper.sipp.args import parse_sipp_args
 
 USER = "alice"
 
@@ -386,7 +386,7 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
 
 def test_a_via_host_that_is_not_text_is_dropped_not_fatal():
     """A response from the SuT whose Via names a host in bytes that are not UTF-8."""
-    from fdkeeper import converter as cv
+    from fdkeeper.convert import converter as cv
 
     class Sock:
         def fileno(self) -> int:

@@ -14,10 +14,10 @@ import sys
 import time
 
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
-from fdkeeper.testpki import make_test_pki
+from fdkeeper.testbed.pki import make_test_pki
 
 TCP_USERS = 200
 TLS_USERS = 50

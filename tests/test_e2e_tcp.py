@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.demo import fdkeeper_command, start_through_fdkeeper

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper import sut
+from fdkeeper import testbed as sut
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.testpki import make_test_pki
+from fdkeeper.testbed.pki import make_test_pki
 
 USER = "alice"
 

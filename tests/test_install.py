@@ -22,7 +22,7 @@ def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
     # Run from elsewhere so the checkout is not on sys.path: only the installed copy counts.
     probe = (
         "from fdkeeper.modes.preload import shim_path, PreloadMode; "
-        "from fdkeeper import sut; "
+        "from fdkeeper import testbed as sut; "
         "import os; print(shim_path()); print(os.path.exists(shim_path())); "
         "print((sut.SCENARIOS_DIR / 'uac-register.xml').exists())"
     )

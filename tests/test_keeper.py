@@ -191,7 +191,7 @@ def test_server_lease_hands_every_kept_connection(keeper):
 
 
 def test_a_large_server_lease_is_cut_into_packets_that_fit():
-    from fdkeeper.connections import KeptConnection
+    from fdkeeper.keeper.connection import KeptConnection
     from fdkeeper.keeper import _fds_batches
     from fdkeeper.protocol import MAX_FDS_PER_PACKET, format_message
 

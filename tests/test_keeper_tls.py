@@ -20,7 +20,7 @@ import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.testpki import make_test_pki
+from fdkeeper.testbed.pki import make_test_pki
 
 
 def sip(call_id: str, body: bytes = b"") -> bytes:

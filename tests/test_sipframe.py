@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fdkeeper.sipframe import FramingError, SipFramer
+from fdkeeper.sip.framing import FramingError, SipFramer
 
 
 def message(body: bytes = b"", compact: bool = False) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sippargs import parse_sipp_args, scenario_role, split_host_port
+from fdkeeper.sipp.args import parse_sipp_args, scenario_role, split_host_port
 
 SCENARIOS = "scenarios"
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fdkeeper import sut, testpki
+from fdkeeper import testbed as sut
+from fdkeeper.testbed import pki as testpki
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdkeeper.process import spawn
-from fdkeeper.sippargs import SippInvocation
+from fdkeeper.sipp.args import SippInvocation
 from fdkeeper.tls import TlsOptions
 
 

@@ -16,11 +16,11 @@ import socket
 import sys
 from pathlib import Path
 
-from fdkeeper.converter import control_request
+from fdkeeper.convert import control_request
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import start_detached
 from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
-from fdkeeper.sippargs import FLAG_OPTIONS, PAIR_OPTIONS, SippInvocation
+from fdkeeper.sipp.args import FLAG_OPTIONS, PAIR_OPTIONS, SippInvocation
 from fdkeeper.statedir import ensure_private_directory
 from fdkeeper.tls import TlsOptions
 

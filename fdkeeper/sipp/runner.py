@@ -18,7 +18,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, choose_mode
 from fdkeeper.process import spawn
 from fdkeeper.protocol import format_address
-from fdkeeper.sippargs import SippInvocation, parse_sipp_args, remote_is_name, tls_arguments
+from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, remote_is_name, tls_arguments
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
 

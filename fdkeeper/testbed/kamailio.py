@@ -42,17 +42,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from fdkeeper.testpki import TestPki
+    from fdkeeper.testbed.pki import TestPki
 
 
 def _scenarios_dir() -> Path:
     """scenarios/ of a source checkout, or fdkeeper/scenarios when installed
     (pyproject maps the repo's scenarios/ onto the fdkeeper.scenarios package)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "scenarios", here.parent / "scenarios"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "scenarios", package.parent / "scenarios"):
         if (candidate / "uac-call.xml").is_file():
             return candidate
-    return here.parent / "scenarios"
+    return package.parent / "scenarios"
 
 
 # The sipp scenarios shipped with the project.

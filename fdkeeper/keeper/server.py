@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from fdkeeper import __version__
-from fdkeeper.connections import CLOSED, IDLE, KeptConnection, open_tcp
+from fdkeeper.keeper.connection import CLOSED, IDLE, KeptConnection, open_tcp
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import (
     JSON_CHUNK,

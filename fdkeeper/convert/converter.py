@@ -52,9 +52,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fdkeeper.connections import open_tcp
+from fdkeeper.keeper.connection import open_tcp
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sipframe import PING, PONG, FramingError, SipFramer
+from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 from fdkeeper.tls import TlsOptions, handshake
 
 log = logging.getLogger("fdkeeper.converter")

@@ -1,0 +1,1 @@
+"""SIP text: stream framing, message parsing and editing, addresses in headers."""
