@@ -1,0 +1,121 @@
+"""One event loop for the keeper and the converter: epoll for descriptors, a heap for timers.
+
+Single-threaded and level-triggered. Handlers run to completion, so none of them may block:
+anything that waits (a connect, a TLS handshake, a pong) is a descriptor to watch or a timer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import select
+import time
+from typing import Callable
+
+EventHandler = Callable[[int], None]
+
+
+class Timer:
+    """A scheduled callback; ``cancel()`` keeps it from running (it is dropped lazily)."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: dict[int, EventHandler] = {}
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._sequence = itertools.count()
+        self.running = False
+
+    # ------------------------------------------------------------ descriptors
+
+    def watch(self, fd: int, events: int, handler: EventHandler) -> None:
+        """Call ``handler(mask)`` whenever ``fd`` has one of ``events``."""
+        self._epoll.register(fd, events)
+        self._handlers[fd] = handler
+
+    def rewatch(self, fd: int, events: int) -> None:
+        """Change the events of a watched descriptor."""
+        self._epoll.modify(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd`` (a no-op if it was not watched). Call before closing it."""
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):  # already closed by its owner: epoll forgot it itself
+                pass
+
+    def watching(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    # ------------------------------------------------------------ timers
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def call_every(self, interval: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` every ``interval`` seconds for as long as the loop runs."""
+
+        def again() -> None:
+            callback()
+            self.call_later(interval, again)
+
+        self.call_later(interval, again)
+
+    # ------------------------------------------------------------ running
+
+    def run_once(self, max_wait: float | None = None) -> None:
+        """Wait for events or the next timer (at most ``max_wait`` s), then dispatch both."""
+        timeout = self._next_timeout(max_wait)
+        try:
+            events = self._epoll.poll(timeout)
+        except InterruptedError:
+            events = []
+        for fd, mask in events:
+            handler = self._handlers.get(fd)
+            if handler is not None:  # an earlier handler in this batch may have unwatched it
+                handler(mask)
+        self._run_due_timers()
+
+    def run(self) -> None:
+        """Run until ``stop()``."""
+        self.running = True
+        while self.running:
+            self.run_once()
+
+    def stop(self, *_: object) -> None:
+        """Make ``run()`` return after the current iteration; safe from a signal handler."""
+        self.running = False
+
+    def close(self) -> None:
+        self._handlers.clear()
+        self._timers.clear()
+        self._epoll.close()
+
+    def _next_timeout(self, max_wait: float | None) -> float | None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return max_wait
+        until_timer = max(0.0, self._timers[0][0] - time.monotonic())
+        return until_timer if max_wait is None else min(until_timer, max_wait)
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
