@@ -14,7 +14,7 @@ Set-up (loopback, a temp dir removed at the end): a test PKI; one Kamailio SuT w
 TLS listeners (1 GB shm); four converters started once and kept for the whole bench, all facing
 that one live SuT (never a refused port: Kamailio's TLS converter aborts then):
   (fdk) `fdkeeper convert` UDP->TCP and UDP->TLS;
-  (kam) fdkeeper.sut.KamailioConverter UDP->TCP and UDP->TLS (2 UDP + 2 TCP/TLS workers).
+  (kam) fdkeeper.testbed.KamailioConverter UDP->TCP and UDP->TLS (2 UDP + 2 TCP/TLS workers).
 Loads, sipp over UDP to the converter's UDP address:
   options: an OPTIONS to the SuT answered 200 by the SuT itself (2 messages through the converter);
   calls:   scenarios/uac-call.xml to "bob", a plain sipp UAS registered at the SuT over UDP (the SuT
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.convert import control_request
 from fdkeeper.testbed.pki import make_test_pki
 
@@ -124,11 +124,11 @@ class Bench:
         self.workdir, self.sipp, self.duration = workdir, sipp, duration
         self.logs = workdir / "logs"
         self.pki = make_test_pki(workdir / "pki")
-        self.kamailio = sut.Kamailio(workdir / "sut", tls=sut.TlsOptions.server(self.pki), shm_mb=SHM_MB)
-        self.kams: dict[str, sut.KamailioConverter] = {}
+        self.kamailio = testbed.Kamailio(workdir / "sut", tls=testbed.KamailioTls.server(self.pki), shm_mb=SHM_MB)
+        self.kams: dict[str, testbed.KamailioConverter] = {}
         self.fdks: dict[str, subprocess.Popen] = {}
         self.listen: dict[tuple[str, str], str] = {}
-        self.uas: sut.SippProcess | None = None
+        self.uas: testbed.SippProcess | None = None
         self.runs: list[Run] = []
 
     # -- set-up and clean-up
@@ -136,8 +136,8 @@ class Bench:
     def setup(self, transports: list[str], loads: list[str]) -> None:
         self.kamailio.start()
         for transport in transports:
-            kam = sut.KamailioConverter.for_sut(self.workdir / f"kam-{transport}", self.kamailio, transport,
-                                                tls=sut.TlsOptions.client(self.pki) if transport == "tls" else None)
+            kam = testbed.KamailioConverter.for_sut(self.workdir / f"kam-{transport}", self.kamailio, transport,
+                                                    tls=testbed.KamailioTls.client(self.pki) if transport == "tls" else None)
             kam.start()
             self.kams[transport] = kam
             self.listen[("kam", transport)] = kam.address
@@ -148,19 +148,19 @@ class Bench:
                  "--transport", transport, "--control", str(control), "--log-level", "warning",
                  "--tls-ca", str(self.pki.ca_cert)],
                 stderr=open(self.workdir / f"fdk-{transport}.log", "wb"), start_new_session=True)
-            self.listen[("fdk", transport)] = sut.wait_until(lambda: self._status(control), 10,
-                                                             what=f"fdkeeper convert ({transport})")["listen"]
+            self.listen[("fdk", transport)] = testbed.wait_until(lambda: self._status(control), 10,
+                                                                 what=f"fdkeeper convert ({transport})")["listen"]
         if "calls" in loads:
-            port = sut.free_port()
-            users = sut.write_users_csv(self.workdir / "bob.csv", [CALLEE], self.kamailio.domain)
-            registered = sut.run_sipp(self.sipp, "uac-register.xml", self.kamailio.address, log_dir=self.logs,
-                                      name="register-bob", transport="u1", local_port=port, calls=1, timeout=10,
-                                      extra=["-inf", str(users)])
+            port = testbed.free_port()
+            users = testbed.write_users_csv(self.workdir / "bob.csv", [CALLEE], self.kamailio.domain)
+            registered = testbed.run_sipp(self.sipp, "uac-register.xml", self.kamailio.address, log_dir=self.logs,
+                                          name="register-bob", transport="u1", local_port=port, calls=1, timeout=10,
+                                          extra=["-inf", str(users)])
             if not registered.ok:
                 raise RuntimeError(f"registering {CALLEE} failed:\n{registered.summary()}")
-            self.uas = sut.start_sipp(self.sipp, write_uas_scenario(self.workdir), self.kamailio.address,
-                                      log_dir=self.logs, name="uas", transport="u1", local_port=port, calls=None,
-                                      trace_messages=False)
+            self.uas = testbed.start_sipp(self.sipp, write_uas_scenario(self.workdir), self.kamailio.address,
+                                          log_dir=self.logs, name="uas", transport="u1", local_port=port, calls=None,
+                                          trace_messages=False)
         (self.workdir / "options.xml").write_text(OPTIONS_SCENARIO)
 
     @staticmethod
@@ -211,10 +211,10 @@ class Bench:
         extra += ["-l", str(max(100, round(rate))), "-recv_timeout", str(RECV_TIMEOUT_MS)]
         processes = self.processes(config, transport)
         before = self.cpu(processes)
-        result = sut.run_sipp(self.sipp, scenario, self.listen[(config, transport)], log_dir=self.logs,
-                              name=f"{load}-{transport}-{config}-{rate:g}-{time.monotonic_ns()}", wait=count / rate * 3 + 40,
-                              transport="u1", calls=count, rate=rate, timeout=count / rate * 3 + 10,
-                              trace_messages=False, extra=extra)
+        result = testbed.run_sipp(self.sipp, scenario, self.listen[(config, transport)], log_dir=self.logs,
+                                  name=f"{load}-{transport}-{config}-{rate:g}-{time.monotonic_ns()}", wait=count / rate * 3 + 40,
+                                  transport="u1", calls=count, rate=rate, timeout=count / rate * 3 + 10,
+                                  trace_messages=False, extra=extra)
         cpu = self.cpu(processes) - before
         time.sleep(0.5)
         return Run(load, transport, config, rate, count, result.successful, result.failed,
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             ladders[load] = [float(r) for r in given.split(",")]
     try:
-        sipp = sut.find_sipp(args.sipp)
+        sipp = testbed.find_sipp(args.sipp)
     except RuntimeError as error:
         print(f"converter bench: {error}", file=sys.stderr)
         return 1

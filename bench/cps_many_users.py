@@ -13,7 +13,7 @@ TCP one connection per call (`-t tn`), each call's From being user k of the -inf
 Set-up (all on loopback, in a temp dir, removed at the end):
   * the open-file limit of this process (inherited by Kamailio, the keeper and sipp) raised to
     what 10,000 connections on both ends need (root may raise the hard limit too);
-  * one Kamailio registrar (fdkeeper.sut.Kamailio) sized for the users' connections plus (a)'s
+  * one Kamailio registrar (fdkeeper.testbed.Kamailio) sized for the users' connections plus (a)'s
     short-lived ones: tcp_max_connections, open_files_limit, 1 GB of shared memory;
   * registration: one `fdkeeper sipp -t tn` run of scenarios/uac-register.xml over the users'
     CSV at a high rate (--register-rate, -l): the keeper opens one connection per user and
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import psutil
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 
@@ -98,7 +98,7 @@ def write_caller_scenario(directory: Path) -> Path:
     The shim leases user k's kept connection by the From URI of the first message on a per-call
     socket (docs/protocol.md "One connection per user"); the R-URI and To stay sip:bob@[domain].
     """
-    text = (sut.SCENARIOS_DIR / "uac-call.xml").read_text()
+    text = (testbed.SCENARIOS_DIR / "uac-call.xml").read_text()
     text, froms = re.subn(r"From: <sip:caller@\[domain\]>", "From: <sip:[field0]@[field1]>", text)
     text, contacts = re.subn(r"Contact: <sip:caller@\[local_ip\]", "Contact: <sip:[field0]@[local_ip]", text)
     if (froms, contacts) != (3, 3):
@@ -209,19 +209,19 @@ class Bench(BenchBase):
     pending_calls: int = 0          # calls of the run about to start
     port_waits: list[float] = field(default_factory=list)
 
-    def make_sut(self) -> sut.Kamailio:
+    def make_sut(self) -> testbed.Kamailio:
         # Before Kamailio exists: its open_files_limit comes from this process's limit.
         self.facts["open_files"] = raise_open_file_limit(self.users)
         soft = self.facts["open_files"][0]
-        return sut.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB,
-                            tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024))
+        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB,
+                                tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024))
 
     # -- set-up -------------------------------------------------------------
 
     def setup(self) -> None:
         # Not users.csv: cpslib.register_callee writes bob into that one.
-        self.users_csv = sut.write_users_csv(self.workdir / "callers.csv", user_names(self.users),
-                                             self.kamailio.domain)
+        self.users_csv = testbed.write_users_csv(self.workdir / "callers.csv", user_names(self.users),
+                                                 self.kamailio.domain)
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
         self.sut_tree = process_tree(self.kamailio.pid)
@@ -234,7 +234,7 @@ class Bench(BenchBase):
               f"{self.kamailio.children} TCP workers", flush=True)
         # The callee first: cpslib's check of its registration dumps the whole location table,
         # which kamcmd cannot return with 10,000 users in it.
-        port = sut.free_port()
+        port = testbed.free_port()
         register_callee(self, port)
         self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
                                     calls=None, trace_messages=False)
@@ -329,7 +329,7 @@ class Bench(BenchBase):
         options["extra"] += ["-inf", str(self.users_csv), "-max_socket", str(4 * open_calls + 1000)]
         return options
 
-    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         start = self.start_plain if config == "a" else self.start_kept
         return start(self.caller_scenario, name, **options)
 

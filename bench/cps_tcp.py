@@ -9,7 +9,7 @@ time). Goal: ratio (b) / (a) >= 0.98, where
     (b) the same command line through `python3 -m fdkeeper sipp` (the kept connection).
 
 Set-up (all on loopback, in a temp dir, removed at the end):
-  * one Kamailio registrar (fdkeeper.sut.Kamailio, shared memory raised to SHM_MB);
+  * one Kamailio registrar (fdkeeper.testbed.Kamailio, shared memory raised to SHM_MB);
   * a callee "bob": a plain sipp UAS over UDP on port P, registered first from that same
     port, so Kamailio relays the calls to 127.0.0.1:P over UDP;
   * the caller: scenarios/uac-call.xml over TCP (-t t1) to bob through Kamailio.
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 
@@ -53,7 +53,7 @@ class Bench(BenchBase):
     LABELS = LABELS
     PROG = "cps_tcp"
 
-    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         start = self.start_plain if config == "a" else self.start_kept
         return start("uac-call.xml", name, **options)
 

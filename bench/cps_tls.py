@@ -9,7 +9,7 @@ sipp's elapsed time), plus CPU-seconds per call of the converter side:
     (tls) sipp -t l1 through `fdkeeper sipp` to the SuT's TLS port: the keeper terminates TLS
           and pumps plain SIP between sipp's unix socketpair and the TLS connection;
     (kam) the seed's way: plain sipp -t u1 to a Kamailio configured as a stateless UDP->TLS
-          converter (fdkeeper.sut.KamailioConverter) pointed at the same SuT's TLS port.
+          converter (fdkeeper.testbed.KamailioConverter) pointed at the same SuT's TLS port.
 
   1. (tls)/(tcp) achieved calls/s; goal >= 0.9.
   2. (tls)/(kam) achieved calls/s; goal >= 1.0, and fewer CPU-seconds per call on the
@@ -19,7 +19,7 @@ sipp's elapsed time), plus CPU-seconds per call of the converter side:
      sipp's own CPU and the SuT's are shown for context.
 
 Set-up (all on loopback, in a temp dir, removed at the end):
-  * a test PKI (fdkeeper.testpki.make_test_pki: CA, server cert for sut.test);
+  * a test PKI (fdkeeper.testbed.make_test_pki: CA, server cert for sut.test);
   * one Kamailio registrar with UDP, TCP and TLS listeners (1 GB shm, like cps_tcp.py);
   * the converter Kamailio (2 UDP + 2 TCP/TLS workers, its defaults), one TLS connection to
     the SuT;
@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed.pki import make_test_pki
@@ -83,15 +83,15 @@ class Bench(BenchBase):
     LABELS = LABELS
     PROG = "cps_tls"
 
-    converter: sut.KamailioConverter | None = None
+    converter: testbed.KamailioConverter | None = None
     keeper: list[psutil.Process] = field(default_factory=list)
     converter_tree: list[psutil.Process] = field(default_factory=list)
     sut_tree: list[psutil.Process] = field(default_factory=list)
     wrapper_cpu: float = 0.0
 
-    def make_sut(self) -> sut.Kamailio:
+    def make_sut(self) -> testbed.Kamailio:
         self.pki = make_test_pki(self.workdir / "pki")
-        return sut.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB, tls=sut.TlsOptions.server(self.pki))
+        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB, tls=testbed.KamailioTls.server(self.pki))
 
     @property
     def tls_options(self) -> tuple[str, ...]:
@@ -99,8 +99,8 @@ class Bench(BenchBase):
 
     def setup(self) -> None:
         self.kamailio.start()
-        self.converter = sut.KamailioConverter.for_sut(self.workdir / "converter", self.kamailio, "tls",
-                                                       tls=sut.TlsOptions.client(self.pki))
+        self.converter = testbed.KamailioConverter.for_sut(self.workdir / "converter", self.kamailio, "tls",
+                                                           tls=testbed.KamailioTls.client(self.pki))
         self.converter.start()
         super().setup()     # the callee, and a warm-up run of each configuration
         self.sut_tree = process_tree(self.kamailio.pid)
@@ -116,7 +116,7 @@ class Bench(BenchBase):
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
         return caller_options(self, rate, duration, transport={"tcp": "t1", "tls": "l1", "kam": "u1"}[config])
 
-    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         if config == "tcp":
             return self.start_kept("uac-call.xml", name, **options)
         if config == "tls":
@@ -133,7 +133,7 @@ class Bench(BenchBase):
         return {"keeper": cpu_seconds(self.keeper), "converter": cpu_seconds(self.converter_tree),
                 "sut": cpu_seconds(self.sut_tree), "children": children_cpu()}
 
-    def wait_caller(self, config: str, process: sut.SippProcess, timeout: float) -> sut.SippResult:
+    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
         """Wait, sampling the `fdkeeper sipp` wrapper's own CPU (its sipp's is not in it), so
         that sipp's CPU is what the reaped run cost minus the wrapper's part."""
         deadline = time.monotonic() + timeout

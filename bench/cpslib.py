@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import psutil
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.demo import start_through_fdkeeper
 
 CALLEE = "bob"
@@ -36,7 +36,7 @@ CALL_PAUSE_S = 0.2
 # A run "keeps the rate" when it reaches this share of the ideal calls/s; below it sipp (or
 # the SuT) is queueing calls, the call rate is no longer what was asked for.
 KEEP_FRACTION = 0.95
-# Kamailio keeps every finished transaction 5 s (tm wait timer). sut.Kamailio's 64 MB of shared
+# Kamailio keeps every finished transaction 5 s (tm wait timer). testbed.Kamailio's 64 MB of shared
 # memory runs out at about 300 calls/s ("out of mem" in tm, then 480s and lost replies), so the
 # SuT would be the limit, equally for both configurations, and the comparison would say little.
 SHM_MB = 1024
@@ -64,7 +64,7 @@ def write_uas_scenario(directory: Path) -> Path:
     Likewise the callee's ACK and BYE can swap places; its ACK becomes optional anywhere
     (optional="global" advance_state="false"), so a BYE that overtook the ACK is no callee error.
     """
-    text = (sut.SCENARIOS_DIR / "uas-answer.xml").read_text()
+    text = (testbed.SCENARIOS_DIR / "uas-answer.xml").read_text()
     text, dropped = re.subn(r"\n  <send>\s*<!\[CDATA\[\s*SIP/2.0 180 Ringing.*?</send>\n", "\n", text, flags=re.S)
     text, relaxed = re.subn(r'<recv request="ACK"[^>]*/>',
                             '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text)
@@ -77,7 +77,7 @@ def write_uas_scenario(directory: Path) -> Path:
 
 def register_callee(bench: "BenchBase", port: int) -> None:
     """REGISTER bob over UDP from the UAS's own port, so Kamailio relays calls to that port."""
-    users = sut.write_users_csv(bench.workdir / "users.csv", [CALLEE], bench.kamailio.domain)
+    users = testbed.write_users_csv(bench.workdir / "users.csv", [CALLEE], bench.kamailio.domain)
     result = bench.wait(bench.start_plain("uac-register.xml", "register-bob", transport="u1", local_port=port,
                                           calls=1, timeout=10, extra=["-inf", str(users)]), 20)
     if not result.ok:
@@ -195,7 +195,7 @@ def cpu_model() -> str:
 
 
 def uas_counts(bench: "BenchBase") -> str:
-    stats = sut.read_sipp_stats(bench.logs / "uas.stat.csv")
+    stats = testbed.read_sipp_stats(bench.logs / "uas.stat.csv")
     return f"{stats.get('SuccessfulCall(C)', '?')} calls answered, {stats.get('FailedCall(C)', '?')} failed"
 
 
@@ -215,22 +215,22 @@ class BenchBase:
     sipp: str
     duration: float
     retries: int
-    kamailio: sut.Kamailio = field(init=False)
+    kamailio: testbed.Kamailio = field(init=False)
     runs: list[Run] = field(default_factory=list)
-    live: list[sut.SippProcess] = field(default_factory=list)   # stopped by close()
-    uas: sut.SippProcess | None = None
+    live: list[testbed.SippProcess] = field(default_factory=list)   # stopped by close()
+    uas: testbed.SippProcess | None = None
 
     def __post_init__(self) -> None:
         self.logs = self.workdir / "logs"
         self.keeper_dir = self.workdir / "keeper"
         self.kamailio = self.make_sut()
 
-    def make_sut(self) -> sut.Kamailio:
-        return sut.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB)
+    def make_sut(self) -> testbed.Kamailio:
+        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB)
 
     # -- what a bench says ------------------------------------------------
 
-    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         raise NotImplementedError
 
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
@@ -240,7 +240,7 @@ class BenchBase:
         """Called right before a caller starts; what it returns goes to end_run()."""
         return None
 
-    def wait_caller(self, config: str, process: sut.SippProcess, timeout: float) -> sut.SippResult:
+    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
         return self.wait(process, timeout)
 
     def end_run(self, config: str, token: object, run: Run) -> dict:
@@ -252,27 +252,27 @@ class BenchBase:
 
     # -- processes --------------------------------------------------------
 
-    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> sut.SippProcess:
-        return self._track(sut.start_sipp(self.sipp, scenario, remote or self.kamailio.address, log_dir=self.logs,
-                                          name=name, local_ip=self.kamailio.host, **options))
+    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
+        return self._track(testbed.start_sipp(self.sipp, scenario, remote or self.kamailio.address, log_dir=self.logs,
+                                              name=name, local_ip=self.kamailio.host, **options))
 
-    def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> sut.SippProcess:
+    def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
         return self._track(start_through_fdkeeper(self.sipp, scenario, remote or self.kamailio.address,
                                                   directory=self.keeper_dir, log_dir=self.logs, name=name,
                                                   local_ip=self.kamailio.host, **options))
 
-    def _track(self, process: sut.SippProcess) -> sut.SippProcess:
+    def _track(self, process: testbed.SippProcess) -> testbed.SippProcess:
         self.live.append(process)
         return process
 
-    def wait(self, process: sut.SippProcess, timeout: float) -> sut.SippResult:
+    def wait(self, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
         result = process.wait(timeout)
         self.live.remove(process)
         return result
 
     def setup(self) -> None:
         self.kamailio.start()
-        port = sut.free_port()
+        port = testbed.free_port()
         register_callee(self, port)
         self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
                                     calls=None, trace_messages=False)
@@ -307,7 +307,7 @@ class BenchBase:
 
     # -- runs -------------------------------------------------------------
 
-    def call(self, config: str, rate: float, *, name: str, duration: float | None = None) -> tuple[Run, sut.SippResult]:
+    def call(self, config: str, rate: float, *, name: str, duration: float | None = None) -> tuple[Run, testbed.SippResult]:
         """One caller run of `config` at `rate` calls/s."""
         options = self.caller_options(config, rate, duration or self.duration)
         token = self.begin_run(config)
@@ -462,7 +462,7 @@ def common_arguments(parser: argparse.ArgumentParser, *, quick: str, duration: f
                         help=f"fine rate step, calls/s (default step/10, i.e. {step / 10:g}; --quick {quick_step / 5:g})")
     parser.add_argument("--max-rate", type=float, default=max_rate, help=f"never go above this (default {max_rate:g})")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a failed run before it counts (default 1)")
-    parser.add_argument("--sipp", help="sipp binary (default: $SIPP or sipp on PATH)")
+    parser.add_argument("--sipp", help="sipp binary (default: $FDKEEPER_SIPP or sipp on PATH)")
     parser.add_argument("--keep-files", action="store_true", help="keep the temp dir (logs, stat files)")
     parser.set_defaults(_defaults=(duration, quick_duration, step, quick_step))
 
@@ -485,7 +485,7 @@ def run_bench(prog: str, args: argparse.Namespace, make_bench: Callable[[Path, s
     """Find sipp, make the temp dir and the bench, run `body(bench, began)`, and stop everything
     whatever happens (Ctrl-C, SIGTERM, SIGHUP, a failed set-up). Returns the exit status."""
     try:
-        sipp = sut.find_sipp(args.sipp)
+        sipp = testbed.find_sipp(args.sipp)
     except RuntimeError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1

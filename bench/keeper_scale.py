@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 
 from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.modes import HandoffRequest
+from fdkeeper.modes import sipp_request as HandoffRequest  # builds the common request from a sipp invocation
 from fdkeeper.modes.preload import PreloadMode
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.testbed import SCENARIOS_DIR, free_port

@@ -17,6 +17,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -25,12 +26,14 @@ from fdkeeper.client import ensure_keeper
 from fdkeeper.modes.preload import shim_path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "helpers"))
+from shimbuild import compile_program  # noqa: E402 - the shim's build flags, written once
 GOAL_MEDIAN_MS = 1.0
 
 
 def compile_probe(workdir: Path) -> Path:
     binary = workdir / "lease_latency"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(HERE / "lease_latency.c")], check=True)
+    compile_program(HERE / "lease_latency.c", binary)
     return binary
 
 

@@ -4,7 +4,7 @@
 1. Start-up: one run of a small SIP client (tests/ptrace/sipagent.c, linked dynamically so
    both modes can run it) that connects to the SuT through the kept connection, sends one
    REGISTER, reads the 200 and exits; timed around `fdkeeper exec` in a child Python
-   (execmode.run_exec: PREPARE, start, handoff, exit), preload and ptrace alternating,
+   (agent.run_exec: PREPARE, start, handoff, exit), preload and ptrace alternating,
    RUNS each. Figure: median(ptrace) - median(preload). Goal: under 20 ms.
 2. Detached: sipp (uac-call.xml, -t t1) through `fdkeeper sipp --mode preload` and
    `--mode ptrace` at the same fixed rates, alternating, each run's calls/s from sipp's own
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpslib import BenchBase, caller_options  # noqa: E402
 
-from fdkeeper import testbed as sut  # noqa: E402
+from fdkeeper import testbed  # noqa: E402
 from fdkeeper.client import KeeperClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ STARTUP_GOAL_MS, CPS_GOAL = 20.0, 0.98
 # fdkeeper.cli is imported first, as `python3 -m fdkeeper exec` does, so that modules both
 # modes need (click, logging, subprocess) are not charged to one of them.
 RUN_EXEC = (
-    "import sys\nimport fdkeeper.cli\nfrom fdkeeper.execmode import ExecOptions, run_exec\n"
+    "import sys\nimport fdkeeper.cli\nfrom fdkeeper.agent import ExecOptions, run_exec\n"
     "sys.exit(run_exec({command!r}, ExecOptions(sut={sut!r}, mode={mode!r}, directory={directory!r})))"
 )
 
@@ -50,7 +50,7 @@ def startup(workdir: Path, runs: int) -> tuple[float, float]:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "fdkeeper")], check=True)
     agent = workdir / "sipagent-dynamic"
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(agent), str(ROOT / "tests/ptrace/sipagent.c")], check=True)
-    kamailio = sut.Kamailio(workdir / "kamailio-startup")
+    kamailio = testbed.Kamailio(workdir / "kamailio-startup")
     kamailio.start()
     keeper_dir = workdir / "keeper-startup"
     times: dict[str, list[float]] = {"preload": [], "ptrace": []}
@@ -77,7 +77,7 @@ class Bench(BenchBase):
     LABELS = {"preload": "--mode preload", "ptrace": "--mode ptrace"}
     PROG = "ptrace_startup"
 
-    def start_caller(self, config: str, name: str, options: dict) -> sut.SippProcess:
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         process = self.start_kept("uac-call.xml", name, options=("--mode", config), **options)
         if config == "ptrace":
             threading.Thread(target=self._check_detached, args=(process,), daemon=True).start()
@@ -88,7 +88,7 @@ class Bench(BenchBase):
 
     tracer_pids: list[int] = []
 
-    def _check_detached(self, process: sut.SippProcess) -> None:
+    def _check_detached(self, process: testbed.SippProcess) -> None:
         """One second in, the traced sipp (the runner's child) must have no tracer."""
         time.sleep(1.0)
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
@@ -98,7 +98,7 @@ class Bench(BenchBase):
 
 
 def cps(workdir: Path, rates: list[float], duration: float, pairs: int) -> list[float]:
-    bench = Bench(workdir=workdir, sipp=sut.find_sipp(), duration=duration, retries=0)
+    bench = Bench(workdir=workdir, sipp=testbed.find_sipp(), duration=duration, retries=0)
     ratios = []
     try:
         bench.setup()

@@ -1,65 +1,100 @@
-"""The `fdkeeper` command: a thin click layer over the library."""
+"""The `fdkeeper` command: a thin click layer over the library.
+
+Each command turns its options into the library's option objects and calls one library
+function. Errors are one line on stderr and exit status 2, whatever raised them (a bad
+option, an impossible mode, an FdkeeperError): ``Commands.main`` sees to it for every
+command registered on ``main``, so a new command only has to raise FdkeeperError.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 import time
+from typing import Any, NoReturn
 
 import click
 
 from fdkeeper import __version__
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import MODE_NAMES
+from fdkeeper.modes import MODE_NAMES, MODES
 from fdkeeper.report import format_status, select_connections
 from fdkeeper.sipp.runner import RunOptions, run_sipp
 from fdkeeper.statedir import resolve_directory
 from fdkeeper.tls import TlsOptions
 
-DIR_HELP = "State directory of the keeper (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper, else /tmp/fdkeeper-UID)."
+DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
+MODE_HELP = (
+    "How the connection gets into the program. auto: the first that can do this run here, in this order: "
+    + "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values())
+    + ". A mode that cannot do the run says so and names the one to use."
+)
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]}
+
+
+class Commands(click.Group):
+    """The command group, with every error as one line and exit status 2, never a traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> NoReturn:
+        kwargs["standalone_mode"] = False  # click raises; we say it in one line
+        try:
+            code = super().main(*args, **kwargs)
+        except FdkeeperError as error:
+            click.echo(str(error), err=True)
+            sys.exit(error.exit_status)
+        except click.ClickException as error:
+            if "\n" in error.format_message().strip():  # the help itself, for a bare `fdkeeper` (click 8.2+)
+                error.show()
+                sys.exit(error.exit_code)
+            context = error.ctx if isinstance(error, click.UsageError) else None
+            where = f" (see '{context.command_path} --help')" if context else ""
+            click.echo(f"fdkeeper: {' '.join(error.format_message().split())}{where}", err=True)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("fdkeeper: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def dir_option(command):
     return click.option("--dir", "directory", metavar="DIR", envvar="FDKEEPER_DIR", help=DIR_HELP)(command)
 
 
+def _apply(command, options: list):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def tls_options(command):
-    """The TLS options shared by `fdkeeper sipp` and `fdkeeper keeper`."""
-    options = [
+    """The TLS options shared by `fdkeeper sipp`, `exec`, `keeper` and `convert`."""
+    return _apply(command, [
         click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: verify the SuT's certificate against these CAs (PEM; default: the system's trust store)."),
         click.option("--tls-insecure", is_flag=True, help="-t l1: do not verify the SuT's certificate (says so on stderr)."),
         click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: client certificate (PEM) for SuTs that require one."),
         click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: the client certificate's private key (default: in --tls-cert)."),
         click.option("--tls-sni", metavar="NAME", help="-t l1: server name to send and verify (default: the remote host if it is a name)."),
         click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), help="-t l1: lowest TLS version to accept (default 1.2)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    ])
 
 
 def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version) -> TlsOptions:
     return TlsOptions(ca=tls_ca, insecure=tls_insecure, cert=tls_cert, key=tls_key, sni=tls_sni, min_version=tls_min_version)
 
 
-def reports_errors(command):
-    """Turn an FdkeeperError into its one line on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except FdkeeperError as error:
-            click.echo(str(error), err=True)
-            sys.exit(error.exit_status)
-
-    return wrapper
+def handoff_options(command):
+    """How a run gets its connection: shared by `fdkeeper sipp` and `fdkeeper exec`."""
+    return _apply(command, [
+        click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=MODE_HELP),
+        click.option("--transfer", type=click.Choice(["scm", "pidfd"]), envvar="FDKEEPER_TRANSFER", help="--mode ptrace: the descriptor reaches the program by SCM_RIGHTS (default) or by pidfd_getfd. Asking for one rules out the modes that cannot."),
+        click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one (registrations must then be redone)."),
+        click.option("--debug", is_flag=True, help="Say on stderr what is handed over, and when."),
+    ])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fdkeeper")
 def main() -> None:
     """Keep sipp's TCP connections to the System under Test open across sipp runs.
@@ -72,69 +107,55 @@ def main() -> None:
       fdkeeper stop
 
     A keeper process starts on first use and holds the connections; each sipp run is
-    handed them. Try 'fdkeeper demo' for a complete run against a local Kamailio.
+    handed them by a handoff mode (--mode: preload, ptrace or udp; auto picks one that
+    can do the run). Any other SIP agent: 'fdkeeper exec'. Try 'fdkeeper demo' for a
+    complete run against a local Kamailio.
     """
 
 
-@main.command(
-    "sipp",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]},
-)
+@main.command("sipp", context_settings=PASS_THROUGH)
 @click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
 @dir_option
-@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into sipp (udp: sipp on -t u1 through a kept converter).")
+@handoff_options
 @click.option("--wait", type=click.FloatRange(0, 86400), default=0, metavar="SECONDS", help="Wait this long for a connection another run holds, instead of failing.")
-@click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one (registrations must then be redone).")
-@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper: send RFC 5626 CRLF pings on idle connections this often.")
-@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper: how long a connect to the SuT may take (default 5).")
-@click.option("--debug", is_flag=True, help="The shim says on stderr what it hands over.")
-@click.option("--transfer", type=click.Choice(["scm", "pidfd"]), default="scm", show_default=True, envvar="FDKEEPER_TRANSFER", help="--mode ptrace: the descriptor reaches sipp by SCM_RIGHTS or by pidfd_getfd.")
+@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings on idle connections this often.")
+@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper (or converter): how long a connect to the SuT may take (default 5).")
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
-@reports_errors
-def sipp_command(sipp_path, directory, mode, wait, reconnect, keepalive, connect_timeout, debug, transfer, sipp_args, **tls) -> None:
+def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, keepalive, connect_timeout, sipp_args, **tls) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
     fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
     scenario (one that starts with <send>) uses the kept connection to the remote host,
     opening it on first use; a server scenario (starting with <recv>) is handed the kept
     connections (those to the remote host, if one is given) as if it had accepted them.
-    The exit status is sipp's. UDP runs pass straight through.
+    With -t tn each call gets a kept connection of its own (--mode preload only). The
+    exit status is sipp's. UDP runs pass straight through.
 
     With -t l1 the keeper speaks TLS to the SuT and sipp (any build, Debian's included)
     speaks plain SIP to the keeper; the scenario's [transport] says TLS, so the SuT sees
     what a TLS-enabled sipp would send, on one TLS session for the whole test.
+
+    \b
+      fdkeeper sipp -sf uac-register.xml -inf users.csv -t t1 -m 1 127.0.0.1:5060
+      fdkeeper sipp --mode ptrace -sf uas-answer.xml -t t1 -p 5070 -m 5
+      fdkeeper sipp --tls-ca ca.pem -sf uac-register.xml -t l1 -m 1 sut.example:5061
     """
     options = RunOptions(
-        sipp=sipp_path,
-        directory=directory,
-        mode=mode,
-        wait=wait,
-        reconnect=reconnect,
-        keepalive=keepalive,
-        connect_timeout=connect_timeout,
-        debug=debug,
-        transfer=transfer,
-        tls=make_tls_options(**tls),
+        sipp=sipp_path, directory=directory, mode=mode, wait=wait, reconnect=reconnect, keepalive=keepalive,
+        connect_timeout=connect_timeout, debug=debug, transfer=transfer, tls=make_tls_options(**tls),
     )
     sys.exit(run_sipp(list(sipp_args), options))
 
 
-@main.command(
-    "exec",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]},
-)
+@main.command("exec", context_settings=PASS_THROUGH)
 @dir_option
-@click.option("--sut", metavar="HOST:PORT", help="The SuT's address: the agent's connect() to it gets the kept connection (client); only connections to it are handed over (server).")
-@click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
+@click.option("--sut", metavar="IP:PORT", help="The SuT's address: the agent's connect() to it gets the kept connection (client); only connections to it are handed over (server).")
+@click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True, help="How the keeper speaks to the SuT; the agent always speaks plain TCP to its end.")
 @click.option("--role", type=click.Choice(["client", "server"]), default="client", show_default=True, help="client: hand over in connect(); server: hand the kept connections over as accepted ones on the first TCP listening socket.")
-@click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help="How the connection gets into the agent.")
-@click.option("--transfer", type=click.Choice(["scm", "pidfd"]), default="scm", show_default=True, envvar="FDKEEPER_TRANSFER", help="--mode ptrace: SCM_RIGHTS or pidfd_getfd.")
-@click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one.")
-@click.option("--debug", is_flag=True, help="Say on stderr what is handed over.")
+@handoff_options
 @tls_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@reports_errors
 def exec_command(directory, sut, transport, role, mode, transfer, reconnect, debug, command, **tls) -> None:
     """Run COMMAND (any SIP agent: baresip, pjsua, a test's own client) over the kept connection.
 
@@ -142,9 +163,10 @@ def exec_command(directory, sut, transport, role, mode, transfer, reconnect, deb
       fdkeeper exec --sut 127.0.0.1:5060 -- ./my-sip-client --register alice
       fdkeeper exec --sut 127.0.0.1:5060 --role server --mode ptrace -- ./static-agent
 
-    The exit status is COMMAND's. A statically linked agent needs --mode ptrace (--mode auto picks it).
+    The exit status is COMMAND's. A statically linked agent needs --mode ptrace (--mode
+    auto picks it); --mode udp rewrites sipp's own arguments, so it runs sipp only.
     """
-    from fdkeeper.execmode import ExecOptions, run_exec
+    from fdkeeper.agent import ExecOptions, run_exec
 
     options = ExecOptions(
         sut=sut, transport=transport, role=role, mode=mode, transfer=transfer, directory=directory,
@@ -159,7 +181,6 @@ def exec_command(directory, sut, transport, role, mode, transfer, reconnect, deb
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS", help="How long a connect to the SuT may take.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
-@reports_errors
 def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> None:
     """Run the keeper in the foreground (for service managers and CI).
 
@@ -184,10 +205,10 @@ def _hostport(_ctx, _param, value):
     """click callback: HOST:PORT into an address."""
     if value is None:
         return None
-    from fdkeeper.convert import parse_hostport
+    from fdkeeper.address import split_host_port
 
     try:
-        return parse_hostport(value)
+        return split_host_port(value)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
 
@@ -204,7 +225,6 @@ def _hostport(_ctx, _param, value):
 @click.option("--stats-file", type=click.Path(dir_okay=False), metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
-@reports_errors
 def convert_command(listen, sut, transport, sipp_address, hide_topology, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
     """Run a stateless UDP <-> TCP/TLS converter in the foreground.
 
@@ -235,7 +255,6 @@ def convert_command(listen, sut, transport, sipp_address, hide_topology, keepali
 @click.option("--remote", metavar="IP:PORT", help="Only connections to this SuT address.")
 @click.option("--transport", type=click.Choice(["tcp", "tls"]), help="Only connections of this transport.")
 @click.option("--count", is_flag=True, help="Print only how many connections match.")
-@reports_errors
 def status_command(directory, as_json, aor, state, remote, transport, count) -> None:
     """List the kept connections: id, transport, addresses, user (AoR), state, holder, age.
 
@@ -259,7 +278,6 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
 
 @main.command("stop")
 @dir_option
-@reports_errors
 def stop_command(directory) -> None:
     """Close every kept connection, end the keeper and remove its socket."""
     path = resolve_directory(directory)
@@ -276,7 +294,6 @@ def stop_command(directory) -> None:
 @main.command("demo")
 @click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
 @click.option("--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is.")
-@reports_errors
 def demo_command(sipp_path, keep_files) -> None:
     """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
 

@@ -12,9 +12,26 @@ from pathlib import Path
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import start_detached
 from fdkeeper.protocol import Reply, format_message, parse_reply, receive_packet
-from fdkeeper.statedir import LOG_NAME, ensure_private_directory, socket_path
+from fdkeeper.statedir import LOG_NAME, NotPrivate, connect_control_socket, ensure_private_directory, socket_path
 
 START_TIMEOUT = 10.0
+
+
+class Leased:
+    """Kept connections leased to this process, in the keeper's order."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.fds: list[int] = []
+        self.peers: list[str] = []  # the SuT side of each (for TLS: the keeper's connection's peer)
+        self.locals: list[str] = []
+
+    def add(self, fields: dict[str, str], fds: list[int]) -> None:
+        """One reply packet's share: its ids=, peers=, locals= and the descriptors it carried."""
+        self.ids += [int(i) for i in fields["ids"].split(",")]
+        self.fds += fds
+        self.peers += fields.get("peers", "").split(",")
+        self.locals += fields.get("locals", "").split(",")
 
 
 class KeeperClient:
@@ -26,14 +43,7 @@ class KeeperClient:
         self.timeout = timeout
 
     def _connect(self, timeout: float) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(os.fspath(self.path))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        return connect_control_socket(self.path, timeout)
 
     def exchange(self, message: bytes, timeout: float | None = None) -> list[bytes]:
         """Send one request; return every reply packet up to the final one."""
@@ -59,6 +69,8 @@ class KeeperClient:
     def alive(self) -> Reply | None:
         try:
             return self.request(b"PING", timeout=2.0)
+        except NotPrivate:
+            raise  # another user's directory or keeper: starting one of ours would not help
         except (OSError, FdkeeperError):
             return None
 
@@ -87,6 +99,11 @@ class KeeperClient:
 
         The lease lasts until this process exits. Used by tests and by Python SIP agents.
         """
+        leased = self.lease_connections(**fields)
+        return list(zip(leased.ids, leased.fds))
+
+    def lease_connections(self, **fields: object) -> Leased:
+        """One LEASE exchange: the connections' ids, descriptors (ours to close), peers, locals."""
         message = format_message("LEASE", **fields)
         with self._require_running(lambda: self._connect(self.timeout)) as sock:
             sock.send(message)
@@ -94,11 +111,10 @@ class KeeperClient:
             reply = parse_reply(data)
             if not reply.ok:
                 raise FdkeeperError(reply.text, reply.code)
-            leased: list[tuple[int, int]] = []
-            while len(leased) < int(reply.fields["count"]):
-                data, fds = receive_packet(sock)
-                ids = [int(i) for i in parse_reply(data).fields["ids"].split(",")]
-                leased.extend(zip(ids, fds))
+            leased = Leased()
+            while len(leased.fds) < int(reply.fields["count"]):
+                data, fds = receive_packet(sock)  # up to MAX_FDS_PER_PACKET a packet
+                leased.add(parse_reply(data).fields, fds)
             return leased
 
     def _require_running(self, call):
@@ -118,10 +134,10 @@ def ensure_keeper(
     connect_timeout: float | None = None,
 ) -> KeeperClient:
     """Return a client of the keeper for ``directory``, starting a detached one if none answers."""
+    ensure_private_directory(directory)  # before the socket is touched
     client = KeeperClient(directory)
     if client.alive():
         return client
-    ensure_private_directory(directory)
     command = [sys.executable, "-m", "fdkeeper", "keeper", "--dir", os.fspath(directory)]
     if keepalive:
         command += ["--keepalive", str(keepalive)]

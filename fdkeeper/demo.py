@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.report import format_status
 from fdkeeper.client import KeeperClient
 from fdkeeper.sipp.runner import find_sipp
@@ -35,11 +35,11 @@ def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> lis
 
 def start_through_fdkeeper(
     sipp: str, scenario: str, remote: str, *, directory: Path, log_dir: Path, name: str, options: tuple[str, ...] = (), **sipp_options
-) -> sut.SippProcess:
-    """Start a terminal-less sipp run (see sut.sipp_command) through `fdkeeper sipp`."""
+) -> testbed.SippProcess:
+    """Start a terminal-less sipp run (see testbed.sipp_command) through `fdkeeper sipp`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = sut.sipp_command(sipp, scenario, remote, log_dir=log_dir, name=name, **sipp_options)
-    return sut.SippProcess(fdkeeper_command(cmd, directory, *options), log_dir, name)
+    cmd = testbed.sipp_command(sipp, scenario, remote, log_dir=log_dir, name=name, **sipp_options)
+    return testbed.SippProcess(fdkeeper_command(cmd, directory, *options), log_dir, name)
 
 
 def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print) -> bool:
@@ -47,7 +47,7 @@ def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[s
     workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-demo-"))
     keeper_dir = workdir / "keeper"
     logs = workdir / "logs"
-    kamailio = sut.Kamailio(workdir / "kamailio")
+    kamailio = testbed.Kamailio(workdir / "kamailio")
     try:
         return _demo_steps(sipp_path, kamailio, keeper_dir, logs, workdir, say)
     finally:
@@ -59,7 +59,7 @@ def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[s
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path, workdir: Path, say) -> bool:
+def _demo_steps(sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: Path, workdir: Path, say) -> bool:
     say("step 1: start the SuT")
     kamailio.start()
     say(f"  Kamailio listens on {kamailio.address} (UDP and TCP); it reaches a user only over")
@@ -69,7 +69,7 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
     _without_fdkeeper(sipp, kamailio, logs, workdir, say)
 
     say(f"step 3: register {USER} over TCP through fdkeeper in one sipp run (which then exits)")
-    users = sut.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
+    users = testbed.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
     register = start_through_fdkeeper(
         sipp, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="register",
         transport="t1", calls=1, timeout=20, extra=["-inf", str(users)],
@@ -81,7 +81,7 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
     for line in format_status(KeeperClient(keeper_dir).status()).splitlines():
         say(f"    {line}")
 
-    answer_port = sut.free_port()
+    answer_port = testbed.free_port()
     say(f"step 4: start a second sipp run that answers calls (server mode, -p {answer_port})")
     answer = start_through_fdkeeper(
         sipp, "uas-answer.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="answer",
@@ -89,7 +89,7 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
     )
 
     say(f"step 5: a third party calls sip:{USER}@{kamailio.domain} through Kamailio (sipp over UDP)")
-    call = sut.place_calls(kamailio, USER, 1, sipp=sipp, timeout=20, log_dir=logs)
+    call = testbed.place_calls(kamailio, USER, 1, sipp=sipp, timeout=20, log_dir=logs)
     answered = answer.wait(20)
     connections = kamailio.tcp_connections()
     say(f"  caller: {call.successful} call(s) completed, {call.failed} failed")
@@ -102,14 +102,14 @@ def _demo_steps(sipp: str, kamailio: sut.Kamailio, keeper_dir: Path, logs: Path,
     return ok
 
 
-def _without_fdkeeper(sipp: str, kamailio: sut.Kamailio, logs: Path, workdir: Path, say) -> None:
+def _without_fdkeeper(sipp: str, kamailio: testbed.Kamailio, logs: Path, workdir: Path, say) -> None:
     """The problem: once the register run's exit closed its connection, calls to the user fail."""
-    users = sut.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
-    sut.run_sipp(
+    users = testbed.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
+    testbed.run_sipp(
         sipp, "uac-register.xml", kamailio.address, log_dir=logs, name="plain-register",
         transport="t1", calls=1, timeout=10, extra=["-inf", str(users)],
     )
-    call = sut.place_calls(kamailio, PLAIN_USER, 1, sipp=sipp, timeout=10, log_dir=logs)
+    call = testbed.place_calls(kamailio, PLAIN_USER, 1, sipp=sipp, timeout=10, log_dir=logs)
     final = re.search(r"SIP/2\.0 ([3-6]\d\d [^\r\n']*)", call.text("errors"))
     outcome = "answered (unexpected)" if call.ok else f"failed: {final.group(1) if final else 'no answer'}"
     say(f"  registered, then sipp exited and closed its connection; a call to {PLAIN_USER}: {outcome}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.statedir import open_private_file
 
 T = TypeVar("T")
 
@@ -48,7 +49,7 @@ def start_detached(command: list[str], log_path: Path, ready: Callable[[], T | N
     group never reaches it; its stderr goes to ``log_path``, whose last line explains a
     failed start.
     """
-    with open(log_path, "ab") as log_file:
+    with open_private_file(log_path.parent, log_path.name, "ab") as log_file:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,

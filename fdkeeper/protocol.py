@@ -1,17 +1,20 @@
 """The keeper's control protocol: one ASCII message per SOCK_SEQPACKET packet.
 
 See docs/protocol.md for the full description. This module is pure logic (parsing,
-formatting, validation) plus the two socket calls that move packets with descriptors;
+formatting, validation) plus the socket calls that move packets and descriptors;
 both the keeper and its Python clients use it, the C shim speaks the same format.
 """
 
 from __future__ import annotations
 
 import array
-import ipaddress
+import os
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
+
+from fdkeeper.address import Address, format_address, parse_address  # noqa: F401 - callers import them from here too
+from fdkeeper.errors import FdkeeperError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 4096
@@ -32,30 +35,6 @@ class ProtocolError(Exception):
         super().__init__(text)
         self.code = code
         self.text = text
-
-
-Address = tuple[str, int]
-
-
-def format_address(address: Address) -> str:
-    host, port = address
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
-def parse_address(text: str) -> Address:
-    """Parse ``IP:PORT`` or ``[IPv6]:PORT`` (numeric addresses only)."""
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"not an IP:PORT address: {text!r}")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {text!r}")
-    return str(ipaddress.ip_address(host)), port
 
 
 # What each verb accepts: key -> validator returning the parsed value.
@@ -119,6 +98,8 @@ TLS_KEYS = {
     "tls_sni": _text,
     "tls_min": _tls_version,
 }
+
+
 def _lease_mode(value: str) -> str:
     if value not in ("preload", "ptrace"):
         raise ValueError("mode must be preload or ptrace")
@@ -218,6 +199,12 @@ def format_error(code: str, text: str) -> bytes:
     return f"ERR {code} {line}".encode("ascii", "replace")[:MAX_MESSAGE]
 
 
+def format_failure(error: FdkeeperError, suffix: str = "") -> bytes:
+    """The ERR reply for a failure; a code the protocol does not know goes out as internal."""
+    code = error.code if error.code in ERROR_CODES else "internal"
+    return format_error(code, str(error) + suffix)
+
+
 @dataclass
 class Reply:
     ok: bool
@@ -234,6 +221,14 @@ def parse_reply(data: bytes) -> Reply:
         return Reply(False, {}, code, message)
     fields = {key: unquote(value) for key, _, value in (t.partition("=") for t in rest.split(" ") if t)}
     return Reply(verb == "OK", fields, text=rest)
+
+
+def send_quietly(sock: socket.socket, message: bytes) -> None:
+    """Send a reply to a peer that may have gone away; its going is noticed elsewhere."""
+    try:
+        sock.send(message)
+    except OSError:
+        pass
 
 
 def send_packet(sock: socket.socket, message: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -254,8 +249,6 @@ def receive_packet(sock: socket.socket, max_fds: int = MAX_FDS_PER_PACKET) -> tu
 
 
 def _close_quietly(fd: int) -> None:
-    import os
-
     try:
         os.close(fd)
     except OSError:

@@ -1,10 +1,24 @@
-"""Where a keeper lives: its private state directory and the files in it."""
+"""Where a keeper lives: its private state directory and the files in it.
+
+The control socket hands out live connections (often root's), so the directory is treated as
+OpenSSH treats ~/.ssh and systemd its runtime directories: created 0700 without following links,
+refused (one line naming owner, mode and fix) when it is a link, is not ours, or another user
+could write to it or to a parent on the way; files in it are opened relative to the checked
+directory without following links; and a client checks who answers on a control socket
+(SO_PEERCRED): only a process of our own uid or root. Every check happens before the socket
+is touched.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
+import socket
 import stat
+import struct
 from pathlib import Path
+from typing import IO, Any
 
 from fdkeeper.errors import FdkeeperError
 
@@ -13,57 +27,249 @@ LOCK_NAME = "keeper.lock"
 LOG_NAME = "keeper.log"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
+WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ELSEWHERE = "pass --dir (or set FDKEEPER_DIR) to a directory of your own"
+
+
+class NotPrivate(FdkeeperError):
+    """Another user controls the state directory, a file in it, or the process answering there.
+
+    Never retried and never read as "no keeper runs": starting afresh would not make it safe.
+    """
+
+
+# ---------------------------------------------------------------- which directory
 
 
 def default_directory() -> Path:
-    """$FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper, else /tmp/fdkeeper-UID."""
+    """Where the keeper lives when neither --dir nor $FDKEEPER_DIR says.
+
+    Only places another user cannot create first: $XDG_RUNTIME_DIR or /run/user/UID when it
+    is ours (systemd's per-user runtime directory), for root /run, else /tmp/fdkeeper-UID, which
+    ensure_private_directory refuses if someone else made it.
+    """
     configured = os.environ.get("FDKEEPER_DIR")
     if configured:
         return Path(configured)
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and Path(runtime).is_dir():
-        return Path(runtime) / "fdkeeper"
-    return Path(f"/tmp/fdkeeper-{os.getuid()}")
+    uid = os.getuid()
+    for runtime in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+        # sudo and su keep the invoking user's XDG_RUNTIME_DIR: only our own one counts.
+        if runtime and _is_safe_directory_of(runtime, uid):
+            return Path(runtime) / "fdkeeper"
+    if uid == 0 and _is_safe_directory_of("/run", 0):
+        return Path("/run/fdkeeper")
+    return Path(f"/tmp/fdkeeper-{uid}")
+
+
+def _is_safe_directory_of(path: str, uid: int) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & WRITABLE_BY_OTHERS
 
 
 def resolve_directory(option: str | os.PathLike | None) -> Path:
-    return Path(option).absolute() if option else default_directory().absolute()
+    """The state directory as an absolute path whose parents are links resolved once, here.
+
+    The directory itself is left as named, so a link there is seen (and refused) by the checks.
+    """
+    path = Path(option if option else default_directory()).absolute()
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def socket_path(directory: Path) -> Path:
     return directory / SOCKET_NAME
 
 
-def ensure_private_directory(directory: Path) -> Path:
-    """Create the directory 0700, or check an existing one is ours and private.
+# ---------------------------------------------------------------- checking it
 
-    The control socket hands out live connections, so nobody else may reach it: a
-    directory owned by someone else is refused, a loose mode of our own is tightened.
-    """
+
+def ensure_private_directory(directory: Path) -> Path:
+    """Create the directory 0700 (without following a link), or check an existing one; return it."""
+    _check_socket_length(directory)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise FdkeeperError(
-            f"fdkeeper: cannot create the state directory {directory}: {error.strerror}; "
-            "pass --dir (or set FDKEEPER_DIR) to a writable place"
-        ) from None
-    info = directory.stat()
-    if info.st_uid != os.getuid():
-        raise FdkeeperError(
-            f"fdkeeper: the state directory {directory} belongs to uid {info.st_uid}, not to you; "
-            "pass --dir (or set FDKEEPER_DIR) to a directory of your own"
-        )
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        directory.chmod(0o700)
+        raise _cannot_create(directory, error) from None
+    try:
+        os.mkdir(directory, 0o700)  # mkdir never follows a link: a planted one makes EEXIST
+    except FileExistsError:
+        pass  # whatever is there is checked next
+    except OSError as error:
+        raise _cannot_create(directory, error) from None
+    check_private_directory(directory)
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise FdkeeperError(
-            f"fdkeeper: the state directory {directory} is not writable; "
-            "pass --dir (or set FDKEEPER_DIR) to a writable place"
+        raise FdkeeperError(f"fdkeeper: the state directory {directory} is not writable; {_ELSEWHERE}")
+    return directory
+
+
+def _cannot_create(directory: Path, error: OSError) -> FdkeeperError:
+    return FdkeeperError(
+        f"fdkeeper: cannot create the state directory {directory}: {error.strerror}; "
+        "pass --dir (or set FDKEEPER_DIR) to a writable place"
+    )
+
+
+def check_private_directory(directory: Path) -> Path:
+    """Check an existing state directory before anything in it is trusted; return it.
+
+    Raises FileNotFoundError when it does not exist (no keeper can run there), NotPrivate when
+    another user controls it or a parent, FdkeeperError when it is no directory at all.
+    """
+    _check_socket_length(directory)
+    try:
+        info = os.lstat(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(errno.ENOENT, "no such directory", os.fspath(directory)) from None
+    except OSError as error:
+        raise FdkeeperError(f"fdkeeper: cannot examine the state directory {directory}: {error.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise NotPrivate(
+            f"fdkeeper: the state directory {directory} is a symbolic link (to {_link_target(directory)}), "
+            "which fdkeeper does not follow; pass --dir the real directory if it is yours, or remove the link"
         )
+    if not stat.S_ISDIR(info.st_mode):
+        raise FdkeeperError(
+            f"fdkeeper: the state directory {directory} is not a directory; pass --dir a directory (or remove the file)"
+        )
+    _check_directory(directory, info)
+    _check_parents(directory)
+    return directory
+
+
+def _check_directory(directory: Path, info: os.stat_result) -> None:
+    """Ours and writable by nobody else (readable is fine: the socket and files in it are 0600)."""
+    mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
+    if info.st_uid != os.getuid():
+        raise NotPrivate(
+            f"fdkeeper: the state directory {directory} belongs to {_user(info.st_uid)}, {mode}, not to you: "
+            f"another user may have made it to receive your connections; have it removed (rm -r {directory}) or {_ELSEWHERE}"
+        )
+    if info.st_mode & WRITABLE_BY_OTHERS:
+        raise NotPrivate(
+            f"fdkeeper: the state directory {directory} is yours but writable by other users ({mode}), who could plant "
+            f"links or a fake keeper in it; check what is in it, then 'chmod 700 {directory}', or remove it"
+        )
+
+
+def _check_parents(directory: Path) -> None:
+    """Nobody but us and root may replace the directory: every parent is theirs, and not writable
+    by others unless sticky (like /tmp, where only an entry's owner may rename or remove it)."""
+    trusted = {os.getuid(), 0}
+    for parent in directory.parents:
+        link = os.lstat(parent)
+        info = os.stat(parent) if stat.S_ISLNK(link.st_mode) else link
+        owner = link.st_uid if link.st_uid not in trusted else info.st_uid
+        mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
+        if owner not in trusted:
+            raise NotPrivate(
+                f"fdkeeper: {parent}, a parent of the state directory {directory}, belongs to {_user(owner)} ({mode}), "
+                f"who could replace the state directory; {_ELSEWHERE} under parents of yours or root's"
+            )
+        if info.st_mode & WRITABLE_BY_OTHERS and not info.st_mode & stat.S_ISVTX:
+            raise NotPrivate(
+                f"fdkeeper: {parent}, a parent of the state directory {directory}, is writable by other users "
+                f"({mode}, not sticky), who could replace the state directory; {_ELSEWHERE} elsewhere"
+            )
+
+
+def _check_socket_length(directory: Path) -> None:
     path = socket_path(directory)
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise FdkeeperError(
             f"fdkeeper: the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
             "pass a shorter --dir"
         )
-    return directory
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"  # gone or changed since: the refusal stands
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+# ---------------------------------------------------------------- using it
+
+
+def open_private_file(directory: Path, name: str, mode: str, **kwargs: Any) -> IO[Any]:
+    """open(directory / name, mode), but never through a link: the directory is opened
+    O_NOFOLLOW and checked again through its descriptor, the file opened relative to it with
+    O_NOFOLLOW, created 0600, and refused unless it is a regular file of ours."""
+    path = directory / name
+
+    def opener(_path: str, flags: int) -> int:
+        directory_fd = _open_directory(directory)
+        try:
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=directory_fd)
+        finally:
+            os.close(directory_fd)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            os.close(fd)
+            raise NotPrivate(
+                f"fdkeeper: {path} is not a regular file of yours ({_user(info.st_uid)}, "
+                f"mode {info.st_mode:o}); remove it"
+            )
+        return fd
+
+    try:
+        return open(path, mode, opener=opener, **kwargs)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotPrivate(
+                f"fdkeeper: {path} is a symbolic link (to {_link_target(path)}), which fdkeeper does not follow; "
+                "someone may have planted it to make fdkeeper write elsewhere: remove it"
+            ) from None
+        raise FdkeeperError(f"fdkeeper: cannot open {path}: {error.strerror}") from None
+
+
+def _open_directory(directory: Path) -> int:
+    """A descriptor of the state directory itself (never a link), checked again through it."""
+    try:
+        fd = os.open(directory, _DIRECTORY_FLAGS)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            check_private_directory(directory)  # says what it is instead
+        raise
+    try:
+        _check_directory(directory, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def connect_control_socket(path: Path, timeout: float, kind: int = socket.SOCK_SEQPACKET) -> socket.socket:
+    """Connect to the control socket of a keeper once its directory checked out, and make sure
+    the process answering is ours. FileNotFoundError/ConnectionRefusedError: nobody listens."""
+    check_private_directory(path.parent)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        verify_peer(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def verify_peer(sock: socket.socket, path: Path) -> None:
+    """The process listening on a connected unix socket must run as our uid or root."""
+    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid not in (os.getuid(), 0):
+        raise NotPrivate(
+            f"fdkeeper: the process answering on {path} (pid {pid}) runs as {_user(uid)}, not as you or root; "
+            f"refusing to talk to it: stop it and remove {path}"
+        )

@@ -1,30 +1,20 @@
-"""TLS towards the SuT, terminated in the keeper.
+"""TLS towards the SuT, client side: the options, the context, the handshake and what status shows.
 
-A TLS session cannot move between processes (its keys and sequence numbers live in the
-memory of the process that made it), so the keeper holds it and hands each sipp run one
-end of a unix stream socketpair instead. ``TlsLink`` pumps between that pair and the TLS
-connection and forwards only whole SIP messages (sipframe.py) in both directions: the SuT
-never receives half a message from a run that died mid-write, a new run never starts
-reading in the middle of one, and keep-alive CRLFs never reach sipp.
+The keeper (fdkeeper/keeper/tlslink.py holds its sessions) and the converter share this
+configuration, so ``--tls-*`` means the same in every mode.
 """
 
 from __future__ import annotations
 
-import collections
-import fcntl
-import logging
 import select
 import socket
 import ssl
-import termios
 import time
 from dataclasses import dataclass
 
+from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.protocol import Address, format_address
-from fdkeeper.sip.framing import PING, FramingError, SipFramer
-
-log = logging.getLogger("fdkeeper.tls")
+from fdkeeper.sip.framing import HEADER_END, PING
 
 # TLS 1.3 servers reject a client certificate after the client's handshake has finished:
 # the alert arrives on the first read. Wait this long for it before calling a handshake good.
@@ -67,6 +57,9 @@ class TlsOptions:
 
 def client_context(options: TlsOptions) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Some Python builds (Debian's 3.11) set OP_IGNORE_UNEXPECTED_EOF by default, which makes a
+    # SuT that closes without close_notify look like a clean close: we want to tell them apart.
+    context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     context.minimum_version = ssl.TLSVersion.TLSv1_3 if options.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     if options.insecure:
         context.check_hostname = False
@@ -138,7 +131,7 @@ def _catch_late_alert(tls: ssl.SSLSocket) -> bytes:
         if not data:
             raise ConnectionResetError("the SuT closed the connection right after the handshake")
         received += data
-        if received.lstrip(b"\r\n") == b"" or b"\r\n\r\n" in received:
+        if received.lstrip(b"\r\n") == b"" or HEADER_END in received:
             break  # the pong (or a whole message): the server got past our Finished
     return received
 
@@ -185,197 +178,3 @@ def _peer_subject(tls: ssl.SSLSocket) -> str:
         return x509.load_der_x509_certificate(der).subject.rfc4514_string()
     except Exception:  # noqa: BLE001 - a display nicety, never a failure
         return ""
-
-
-def queued_bytes(sock: socket.socket) -> int:
-    buffer = bytearray(4)
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
-    return int.from_bytes(buffer, "little", signed=True)
-
-
-class TlsLink:
-    """One TLS connection to the SuT and the socketpair whose ``sipp_end`` runs are leased.
-
-    The keeper's event loop calls ``on_tls_event``/``on_pair_event`` and asks ``wants()``
-    which events to watch. Towards sipp, the lengths of the messages written into the pair
-    are remembered until read, so that when a run ends the unread remainder of a message
-    it had started can be dropped and the next run starts on a message boundary.
-    """
-
-    def __init__(self, tls: ssl.SSLSocket, options: TlsOptions, early: bytes = b"") -> None:
-        self.tls = tls
-        self.options = options
-        self.sipp_end, self.keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.keeper_end.setblocking(False)
-        self.from_sut = SipFramer()
-        self.from_sipp = SipFramer()
-        self.to_sut = bytearray()
-        self.to_sipp = bytearray()
-        self.unread_lengths: collections.deque[int] = collections.deque()
-        self.info = describe(tls, options)
-        self.closed_reason = ""
-        self.messages_to_sut = 0
-        self.messages_to_sipp = 0
-        self.dropped_bytes = 0
-        self.ping_sent_at: float | None = None
-        self.last_activity = time.monotonic()
-        self.watched_tls = self.watched_pair = 0  # what the keeper's epoll watches now
-        if early:
-            self._queue_to_sipp(self.from_sut.feed(early))
-
-    # -- the event loop's view
-
-    def wants_tls(self) -> int:
-        events = select.EPOLLRDHUP
-        if len(self.to_sipp) < READ_CHUNK:  # back-pressure: stop reading while sipp lags
-            events |= select.EPOLLIN
-        if self.to_sut:
-            events |= select.EPOLLOUT
-        return events
-
-    def wants_pair(self) -> int:
-        return select.EPOLLIN | (select.EPOLLOUT if self.to_sipp else 0)
-
-    def on_tls_event(self, mask: int) -> None:
-        if mask & select.EPOLLOUT:
-            self._flush_to_sut()
-        if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-            self._read_tls()
-
-    def on_pair_event(self, mask: int) -> None:
-        if mask & select.EPOLLOUT:
-            self._flush_to_sipp()
-        if mask & select.EPOLLIN:
-            self._read_pair()
-
-    # -- SuT -> sipp
-
-    def _read_tls(self) -> None:
-        while not self.closed_reason:
-            try:
-                data = self.tls.recv(READ_CHUNK)
-            except ssl.SSLWantReadError:
-                return
-            except ssl.SSLWantWriteError:
-                return
-            except (ssl.SSLError, OSError) as error:
-                self.closed_reason = f"the SuT's TLS connection failed: {error}"
-                return
-            if not data:
-                self.closed_reason = "the SuT closed it: TLS close_notify or FIN"
-                return
-            self.last_activity = time.monotonic()
-            try:
-                messages = self.from_sut.feed(data)
-            except FramingError as error:
-                self.closed_reason = f"the SuT sent unframeable data: {error}"
-                return
-            if self.from_sut.keepalives:
-                self.ping_sent_at = None  # a pong: the flow is alive
-            self._queue_to_sipp(messages)
-            if len(self.to_sipp) >= READ_CHUNK:
-                return
-
-    def _queue_to_sipp(self, messages: list[bytes]) -> None:
-        if not messages:
-            return
-        self._forget_consumed()
-        for message in messages:
-            self.to_sipp += message
-            self.unread_lengths.append(len(message))
-        self.messages_to_sipp += len(messages)
-        self._flush_to_sipp()
-
-    def _flush_to_sipp(self) -> None:
-        if not self.to_sipp:
-            return
-        try:
-            sent = self.keeper_end.send(self.to_sipp, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        del self.to_sipp[:sent]
-
-    # -- sipp -> SuT
-
-    def _read_pair(self) -> None:
-        try:
-            data = self.keeper_end.recv(READ_CHUNK)
-        except BlockingIOError:
-            return
-        if data:
-            self.last_activity = time.monotonic()
-            self._read_pair_data(data)
-
-    def _flush_to_sut(self) -> None:
-        while self.to_sut and not self.closed_reason:
-            try:
-                sent = self.tls.send(self.to_sut[:READ_CHUNK])
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                return
-            except (ssl.SSLError, OSError) as error:
-                self.closed_reason = f"the SuT's TLS connection failed: {error}"
-                return
-            del self.to_sut[:sent]
-
-    # -- between runs
-
-    def end_of_lease(self) -> None:
-        """The run is gone: forward what it finished, drop what it did not, realign sipp's side."""
-        while True:
-            try:
-                data = self.keeper_end.recv(READ_CHUNK)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            self._read_pair_data(data)
-        partial = self.from_sipp.discard()
-        if partial:
-            self.dropped_bytes += len(partial)
-            log.warning("dropped %d bytes of a SIP message the ended run did not finish writing", len(partial))
-        self._realign_sipp_side()
-
-    def _read_pair_data(self, data: bytes) -> None:
-        try:
-            messages = self.from_sipp.feed(data)
-        except FramingError as error:
-            dropped = len(self.from_sipp.discard())
-            self.dropped_bytes += dropped
-            log.warning("dropped %d bytes from sipp that are not SIP: %s", dropped, error)
-            return
-        for message in messages:
-            self.to_sut += message
-        self.messages_to_sut += len(messages)
-        self._flush_to_sut()
-
-    def _forget_consumed(self) -> int:
-        """Forget messages sipp has read whole; return how far it read into the next one."""
-        in_pair = sum(self.unread_lengths) - len(self.to_sipp)
-        consumed = in_pair - queued_bytes(self.sipp_end)
-        while self.unread_lengths and self.unread_lengths[0] <= consumed:
-            consumed -= self.unread_lengths.popleft()
-        return consumed
-
-    def _realign_sipp_side(self) -> None:
-        """Drop the unread rest of a message the ended run had started to read."""
-        consumed = self._forget_consumed()
-        if consumed > 0 and self.unread_lengths:
-            rest = self.unread_lengths.popleft() - consumed
-            self.sipp_end.recv(rest, socket.MSG_DONTWAIT)
-            self.dropped_bytes += rest
-            log.warning("dropped the unread %d bytes of a message the ended run had started to read", rest)
-
-    def send_ping(self) -> None:
-        self.to_sut += PING
-        self.ping_sent_at = time.monotonic()
-        self._flush_to_sut()
-
-    def idle(self) -> bool:
-        return not self.to_sut and not self.to_sipp and not self.from_sipp.pending
-
-    def close(self) -> None:
-        for sock in (self.tls, self.keeper_end):
-            try:
-                sock.close()
-            except OSError:
-                pass

@@ -45,7 +45,7 @@ static void config_read(void)
         goto out;
     }
 
-    /* A bad value is only reported at the first handoff (interpose.c). */
+    /* A bad value is only reported at the first handoff (lease.c). */
     s = getenv("FDKEEPER_TRANSPORT");
     if (!s || !*s || strcmp(s, "tcp") == 0) {
         config.transport = SHIM_TRANSPORT_TCP;

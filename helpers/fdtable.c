@@ -10,7 +10,6 @@
 #include "real.h"
 
 static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static struct fde **table;
 static int table_size;
 /* Listeners that have pending descriptors (normally one). */
@@ -19,20 +18,24 @@ static int nlisteners, listeners_cap;
 static int pending_total; /* read without the lock through __atomic */
 static int pending_sends; /* PENDING entries; read without the lock through __atomic */
 
+/* Fork safety as cwrap's socket_wrapper does it: the forking thread takes the
+ * lock (so no other thread is inside the table when the process is copied),
+ * the parent releases it, the child (whose only thread is the forking one)
+ * starts with a fresh lock. The child keeps the table: it has the same fds. */
 static void atfork_prepare(void) { pthread_mutex_lock(&table_mutex); }
 static void atfork_parent(void) { pthread_mutex_unlock(&table_mutex); }
-/* The forking thread holds the lock (taken in prepare) and is the only
- * thread of the child: it may unlock it. The child keeps the table. */
-static void atfork_child(void) { pthread_mutex_unlock(&table_mutex); }
+static void atfork_child(void) { pthread_mutex_init(&table_mutex, NULL); }
 
-static void register_atfork(void)
+/* Registered when the library is loaded, not at the first use: a program
+ * that forks before any socket call must find the handlers in place. */
+__attribute__((constructor)) static void fdt_constructor(void)
 {
+    real_init();
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
 void fdt_lock(void)
 {
-    pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&table_mutex);
 }
 
@@ -67,6 +70,34 @@ static int grow(int fd)
     return 0;
 }
 
+/* The socket's identity: fd numbers are reused, (dev, inode) is not while it is open. */
+static void identity_of(int fd, dev_t *dev, ino_t *ino)
+{
+    struct stat st;
+    int saved = errno;
+    if (fstat(fd, &st) == 0) {
+        *dev = st.st_dev;
+        *ino = st.st_ino;
+    }
+    errno = saved;
+}
+
+/* Is fd still that socket? (fds can be closed behind our back, e.g. by
+ * fclose() on an fdopen()ed socket, and their numbers reused.) */
+static int same_socket(int fd, dev_t dev, ino_t ino)
+{
+    struct stat st;
+    int saved = errno;
+    int ok = fstat(fd, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
+    errno = saved;
+    return ok;
+}
+
+void fde_set_identity(int fd, struct fde *e)
+{
+    identity_of(fd, &e->dev, &e->ino);
+}
+
 static void list_append(int **list, int *n, int fd)
 {
     int *l = realloc(*list, (size_t)(*n + 1) * sizeof **list);
@@ -96,12 +127,9 @@ void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose)
     e->ph = NULL;
     __atomic_sub_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
     if (ph && --ph->refs == 0) {
-        struct stat st;
-        int saved = errno;
         /* Only if the number still is our socket (not closed behind our back and reused). */
-        if (fstat(ph->peer_fd, &st) == 0 && st.st_dev == ph->dev && st.st_ino == ph->ino)
+        if (same_socket(ph->peer_fd, ph->dev, ph->ino))
             list_append(close_fds, nclose, ph->peer_fd);
-        errno = saved;
         free(ph);
     }
 }
@@ -109,18 +137,12 @@ void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose)
 int fdt_set_pending(struct fde *e, int peer_fd)
 {
     struct fde_placeholder *ph = calloc(1, sizeof *ph);
-    struct stat st;
-    int saved = errno;
 
     if (!ph)
         return -1;
     ph->peer_fd = peer_fd;
     ph->refs = 1;
-    if (fstat(peer_fd, &st) == 0) {
-        ph->dev = st.st_dev;
-        ph->ino = st.st_ino;
-    }
-    errno = saved;
+    identity_of(peer_fd, &ph->dev, &ph->ino);
     e->ph = ph;
     e->flags |= FDE_PENDING;
     __atomic_add_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
@@ -341,5 +363,58 @@ void fdt_close_list(int *fds, int n)
     for (int i = 0; i < n; i++)
         REAL(close)(fds[i]);
     free(fds);
+    errno = saved;
+}
+
+int fdt_lookup(int fd, unsigned want, struct fde *snap)
+{
+    int found = 0;
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & want)) {
+        *snap = *e;
+        found = 1;
+    }
+    fdt_unlock();
+    if (found && !same_socket(fd, snap->dev, snap->ino)) {
+        fdt_forget(fd);
+        found = 0;
+    }
+    return found;
+}
+
+unsigned fdt_forget(int fd)
+{
+    return fdt_forget_range((unsigned)fd, (unsigned)fd);
+}
+
+unsigned fdt_forget_range(unsigned first, unsigned last)
+{
+    int *cl = NULL, ncl = 0;
+    unsigned had = 0;
+
+    fdt_lock();
+    if (last >= (unsigned)table_size)
+        last = (unsigned)table_size - 1; /* table_size 0: nothing (first > last) */
+    for (unsigned fd = first; fd <= last && table_size > 0; fd++) {
+        if (table[fd]) {
+            had |= table[fd]->flags;
+            fdt_remove((int)fd, &cl, &ncl);
+        }
+    }
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
+    return had;
+}
+
+void fdt_note_dup(int from, int to)
+{
+    int *cl = NULL, ncl = 0;
+    int saved = errno;
+    fdt_lock();
+    fdt_copy(from, to, &cl, &ncl);
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
     errno = saved;
 }

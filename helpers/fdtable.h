@@ -1,5 +1,5 @@
 /* Per-fd state of the shim: an array of entry pointers indexed by fd,
- * grown on demand, protected by one mutex (kept sane across fork). */
+ * grown on demand, protected by one mutex (re-initialised in a forked child). */
 #ifndef FDKEEPER_FDTABLE_H
 #define FDKEEPER_FDTABLE_H
 
@@ -16,6 +16,8 @@
 #define FDE_PENDING 0x8u   /* FDKEEPER_PER_CALL: "connected" to a quiet placeholder;
                             * the lease waits for the first send (its From AoR).
                             * getsockname/getpeername answer peer/local below */
+
+#define FDE_ANY (FDE_CANDIDATE | FDE_KEPT | FDE_PAIR | FDE_PENDING)
 
 #define FDE_MAX_OPTS 8
 #define FDE_OPT_LEN 32
@@ -111,5 +113,23 @@ SHIM_HIDDEN int fdt_pending_events(int epfd, struct epoll_event *out, int max);
 
 /* Close a list returned by fdt_remove/fdt_copy and free it. */
 SHIM_HIDDEN void fdt_close_list(int *fds, int n);
+
+/* Record fd's current socket identity (dev, inode) in e. */
+SHIM_HIDDEN void fde_set_identity(int fd, struct fde *e);
+
+/* These take the lock themselves. */
+
+/* The one lookup of every call on a tracked fd: if fd has an entry with any
+ * of the `want` flags, copy it to *snap and return 1, provided fd still is
+ * the socket the entry was made for; a stale entry is forgotten (0). The
+ * copy's pending/ph pointers belong to the table: do not follow them. */
+SHIM_HIDDEN int fdt_lookup(int fd, unsigned want, struct fde *snap);
+/* Drop the entries of fd (of every fd in first..last), closing what they
+ * still held (a listener's queue, the last placeholder's other end); returns
+ * the union of their flags (0: none). Keeps errno. */
+SHIM_HIDDEN unsigned fdt_forget(int fd);
+SHIM_HIDDEN unsigned fdt_forget_range(unsigned first, unsigned last);
+/* After a dup from -> to: to inherits from's state (see fdt_copy). Keeps errno. */
+SHIM_HIDDEN void fdt_note_dup(int from, int to);
 
 #endif

@@ -55,37 +55,11 @@ static void *bind_one(const char *name, int required)
 
 static void bind_all(void)
 {
-    shim_real.socket = (int (*)(int, int, int))bind_one("socket", 1);
-    shim_real.bind = (int (*)(int, const struct sockaddr *, socklen_t))bind_one("bind", 1);
-    shim_real.connect = (int (*)(int, const struct sockaddr *, socklen_t))bind_one("connect", 1);
-    shim_real.listen = (int (*)(int, int))bind_one("listen", 1);
-    shim_real.accept = (int (*)(int, struct sockaddr *, socklen_t *))bind_one("accept", 1);
-    shim_real.accept4 = (int (*)(int, struct sockaddr *, socklen_t *, int))bind_one("accept4", 1);
-    shim_real.shutdown = (int (*)(int, int))bind_one("shutdown", 1);
-    shim_real.close = (int (*)(int))bind_one("close", 1);
-    shim_real.dup = (int (*)(int))bind_one("dup", 1);
-    shim_real.dup2 = (int (*)(int, int))bind_one("dup2", 1);
-    shim_real.dup3 = (int (*)(int, int, int))bind_one("dup3", 1);
-    shim_real.fcntl = (int (*)(int, int, ...))bind_one("fcntl", 1);
-    shim_real.fcntl64 = (int (*)(int, int, ...))bind_one("fcntl64", 0);
-    if (!shim_real.fcntl64)
-        shim_real.fcntl64 = shim_real.fcntl;
-    shim_real.setsockopt =
-        (int (*)(int, int, int, const void *, socklen_t))bind_one("setsockopt", 1);
-    shim_real.getsockname =
-        (int (*)(int, struct sockaddr *, socklen_t *))bind_one("getsockname", 1);
-    shim_real.getpeername =
-        (int (*)(int, struct sockaddr *, socklen_t *))bind_one("getpeername", 1);
-    shim_real.epoll_ctl = (int (*)(int, int, int, struct epoll_event *))bind_one("epoll_ctl", 1);
-    shim_real.epoll_wait = (int (*)(int, struct epoll_event *, int, int))bind_one("epoll_wait", 1);
-    shim_real.epoll_pwait = (int (*)(int, struct epoll_event *, int, int, const sigset_t *))
-        bind_one("epoll_pwait", 1);
-    shim_real.send = (ssize_t (*)(int, const void *, size_t, int))bind_one("send", 1);
-    shim_real.sendto = (ssize_t (*)(int, const void *, size_t, int, const struct sockaddr *,
-                                    socklen_t))bind_one("sendto", 1);
-    shim_real.sendmsg = (ssize_t (*)(int, const struct msghdr *, int))bind_one("sendmsg", 1);
-    shim_real.write = (ssize_t (*)(int, const void *, size_t))bind_one("write", 1);
-    shim_real.writev = (ssize_t (*)(int, const struct iovec *, int))bind_one("writev", 1);
+#define REAL_BIND(name, required) shim_real.name.obj = bind_one(#name, required);
+    REAL_SYMBOLS(REAL_BIND)
+#undef REAL_BIND
+    if (!shim_real.fcntl64.obj)
+        shim_real.fcntl64.f = shim_real.fcntl.f;
 }
 
 void real_init(void)

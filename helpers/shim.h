@@ -1,7 +1,7 @@
 /* fdkeeper LD_PRELOAD shim: declarations shared by its source files.
  *
- * Everything in here is hidden; only the interposed libc functions in
- * interpose.c are exported (default visibility). */
+ * Everything in here is hidden; only the hooks in hooks.c are exported
+ * (default visibility). */
 #ifndef FDKEEPER_SHIM_H
 #define FDKEEPER_SHIM_H
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Sections: SuT (Kamailio), sipp. Reusable logic lives in fdkeeper/sut.py;
+Sections: SuT (Kamailio), sipp. Reusable logic lives in fdkeeper/testbed/;
 fixtures here only wire it to pytest. Add new sections below, one per topic.
 """
 
@@ -11,8 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from fdkeeper import testbed as sut
-from fdkeeper.testbed import pki as testpki
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 
 
@@ -21,14 +20,14 @@ from fdkeeper.client import KeeperClient
 # --------------------------------------------------------------------------
 
 @pytest.fixture
-def kamailio(tmp_path: Path) -> Iterator[sut.Kamailio]:
+def kamailio(tmp_path: Path) -> Iterator[testbed.Kamailio]:
     """A started Kamailio on a free loopback port, in tmp_path/kamailio.
 
     Its log is printed on failure (pytest shows captured output), so a broken
     test says what the SuT saw.
     """
     try:
-        instance = sut.Kamailio(tmp_path / "kamailio")
+        instance = testbed.Kamailio(tmp_path / "kamailio")
         instance.start()
     except RuntimeError as exc:
         pytest.fail(f"cannot start the Kamailio SuT: {exc}", pytrace=False)
@@ -44,19 +43,19 @@ def kamailio(tmp_path: Path) -> Iterator[sut.Kamailio]:
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def test_pki(tmp_path_factory: pytest.TempPathFactory) -> testpki.TestPki:
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> testbed.TestPki:
     """One test PKI per session (CA, server/client certs, the "bad" ones):
-    see fdkeeper.testpki. Read-only for tests: make your own to change it."""
-    return testpki.make_test_pki(tmp_path_factory.mktemp("pki"))
+    see fdkeeper.testbed.pki. Read-only for tests: make your own to change it."""
+    return testbed.make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
-def kamailio_tls(tmp_path: Path, test_pki: testpki.TestPki) -> Iterator[sut.Kamailio]:
+def kamailio_tls(tmp_path: Path, test_pki: testbed.TestPki) -> Iterator[testbed.Kamailio]:
     """A started Kamailio like `kamailio`, also listening for TLS on
     `.tls_port` with the test PKI's server certificate (no client
     certificate required)."""
     try:
-        instance = sut.Kamailio(tmp_path / "kamailio-tls", tls=sut.TlsOptions.server(test_pki))
+        instance = testbed.Kamailio(tmp_path / "kamailio-tls", tls=testbed.KamailioTls.server(test_pki))
         instance.start()
     except RuntimeError as exc:
         pytest.fail(f"cannot start the Kamailio TLS SuT: {exc}", pytrace=False)
@@ -73,9 +72,9 @@ def kamailio_tls(tmp_path: Path, test_pki: testpki.TestPki) -> Iterator[sut.Kama
 
 @pytest.fixture(scope="session")
 def sipp_path() -> str:
-    """The sipp binary ($SIPP or PATH); fails the test with how to get it."""
+    """The sipp binary ($FDKEEPER_SIPP or PATH); fails the test with how to get it."""
     try:
-        return sut.find_sipp()
+        return testbed.find_sipp()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
 

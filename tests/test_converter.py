@@ -1,4 +1,4 @@
-"""The UDP <-> TCP/TLS converter (fdkeeper/converter.py) and `--mode udp` (fdkeeper/modes/udp.py).
+"""The UDP <-> TCP/TLS converter (fdkeeper/convert/) and `--mode udp` (fdkeeper/modes/udp.py).
 
 End to end: Debian's sipp on UDP, the converter as its own process, real Kamailio SuTs.
 Unit level: the converter's message processing fed directly, fuzzed with hypothesis.
@@ -16,9 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fdkeeper import testbed as sut
-from fdkeeper.convert import Converter, Link, control_request
-from fdkeeper.modes.base import HandoffRequest
+from fdkeeper import testbed
+from fdkeeper.convert import Converter, ExpiringMap, Link, control_request
+from fdkeeper.convert.control import answer
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import sipp_request as HandoffRequest  # builds the common request from a sipp invocation
 from fdkeeper.modes.udp import UdpMode, stop_converters, udp_arguments
 from fdkeeper.sipp.args import parse_sipp_args
 
@@ -40,7 +42,7 @@ class RunningConverter:
             [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0", "--sut", sut_address,
              "--transport", transport, "--sipp-address", f"127.0.0.1:{sipp_port}", "--control", str(self.control), *extra],
             stderr=open(self.log, "wb"), start_new_session=True)
-        sut.wait_until(lambda: self._status() or self.process.poll() is not None, 10, what="the converter")
+        testbed.wait_until(lambda: self._status() or self.process.poll() is not None, 10, what="the converter")
         assert self.process.poll() is None, self.log.read_text()
         self.listen = self.status()["listen"]
 
@@ -68,17 +70,17 @@ def converters():
 
 
 def register(sipp_path, converter, kamailio, tmp_path, name="register", user=USER):
-    users = sut.write_users_csv(tmp_path / f"{name}.csv", [user], kamailio.domain)
-    result = sut.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
-                          transport="u1", calls=1, timeout=10, extra=["-inf", str(users)])
+    users = testbed.write_users_csv(tmp_path / f"{name}.csv", [user], kamailio.domain)
+    result = testbed.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
+                              transport="u1", calls=1, timeout=10, extra=["-inf", str(users)])
     assert result.ok, result.summary()
     return result
 
 
 def answer_calls(sipp_path, converter, kamailio, tmp_path, count=2, name="answer", user=USER):
-    answer = sut.start_sipp(sipp_path, "uas-answer.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
-                            transport="u1", local_port=converter.sipp_port, calls=count, timeout=20)
-    caller = sut.place_calls(kamailio, user, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
+    answer = testbed.start_sipp(sipp_path, "uas-answer.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
+                                transport="u1", local_port=converter.sipp_port, calls=count, timeout=20)
+    caller = testbed.place_calls(kamailio, user, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
     answered = answer.wait(25)
     assert caller.ok and caller.successful == count, caller.summary()
     assert answered.ok and answered.successful == count, answered.summary()
@@ -111,7 +113,7 @@ def first(log: str, direction: str, start: str) -> str:
 
 
 def test_register_then_answer_over_the_kept_tcp_connection(sipp_path, kamailio, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio.address, "tcp", sut.free_port())
+    converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port())
     register(sipp_path, converter, kamailio, tmp_path)
     [link] = converter.status()["links"]
     [contact] = kamailio.location()
@@ -138,7 +140,7 @@ def test_register_then_answer_over_the_kept_tcp_connection(sipp_path, kamailio, 
 
 
 def test_register_then_answer_over_tls(sipp_path, kamailio_tls, test_pki, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio_tls.tls_address, "tls", sut.free_port(),
+    converter = converters(tmp_path / "conv", kamailio_tls.tls_address, "tls", testbed.free_port(),
                            "--tls-ca", str(test_pki.ca_cert))
     register(sipp_path, converter, kamailio_tls, tmp_path)
     assert kamailio_tls.location()[0]["source"]["transport"] == "tls"
@@ -151,14 +153,14 @@ def test_register_then_answer_over_tls(sipp_path, kamailio_tls, test_pki, tmp_pa
 
 
 def test_closed_connection_is_reported_and_refused_until_reconnect(sipp_path, kamailio, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio.address, "tcp", sut.free_port())
+    converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port())
     register(sipp_path, converter, kamailio, tmp_path)
     kamailio.close_connections()
-    sut.wait_until(lambda: converter.status()["links"][0]["state"] == "closed", 5, what="the closed link")
+    testbed.wait_until(lambda: converter.status()["links"][0]["state"] == "closed", 5, what="the closed link")
     assert "FIN" in converter.status()["links"][0]["closed_reason"]
-    refused = sut.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name="refused",
-                           transport="u1", calls=1, timeout=5,
-                           extra=["-inf", str(sut.write_users_csv(tmp_path / "u.csv", [USER], kamailio.domain))])
+    refused = testbed.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name="refused",
+                               transport="u1", calls=1, timeout=5,
+                               extra=["-inf", str(testbed.write_users_csv(tmp_path / "u.csv", [USER], kamailio.domain))])
     assert not refused.ok and "503" in refused.text("messages")
     assert control_request(converter.control, "RECONNECT")["reconnected"]
     register(sipp_path, converter, kamailio, tmp_path, name="again")
@@ -190,14 +192,14 @@ OPTIONS_TO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
 
 
 def test_x_outbound_proxy_goes_to_a_second_sut(sipp_path, kamailio, tmp_path, converters):
-    second = sut.Kamailio(tmp_path / "second")
+    second = testbed.Kamailio(tmp_path / "second")
     second.start()
     try:
-        converter = converters(tmp_path / "conv", kamailio.address, "tcp", sut.free_port())
+        converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port())
         scenario = tmp_path / "options-xop.xml"
         scenario.write_text(OPTIONS_TO)
-        result = sut.run_sipp(sipp_path, scenario, converter.listen, log_dir=tmp_path / "logs", name="xop",
-                              transport="u1", calls=3, timeout=10, extra=["-key", "target", second.address])
+        result = testbed.run_sipp(sipp_path, scenario, converter.listen, log_dir=tmp_path / "logs", name="xop",
+                                  transport="u1", calls=3, timeout=10, extra=["-key", "target", second.address])
         assert result.ok and result.successful == 3, result.summary()
         links = {link["remote"]: link for link in converter.status()["links"]}
         assert links[second.address]["messages_out"] == 3 and links[kamailio.address]["messages_out"] == 0
@@ -207,7 +209,7 @@ def test_x_outbound_proxy_goes_to_a_second_sut(sipp_path, kamailio, tmp_path, co
 
 
 def test_hide_topology_header_by_header(sipp_path, kamailio, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio.address, "tcp", sut.free_port(), "--hide-topology")
+    converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port(), "--hide-topology")
     register(sipp_path, converter, kamailio, tmp_path)
     caller, answered = answer_calls(sipp_path, converter, kamailio, tmp_path, count=1)
     local = converter.status()["links"][0]["local"]
@@ -220,14 +222,14 @@ def test_hide_topology_header_by_header(sipp_path, kamailio, tmp_path, converter
                 assert not leaked, f"{name} of the converter in {direction}:\n{text}"
     # Requests from sipp reach the SuT with sipp's own Via on top: a call from sipp through the
     # converter to bob, registered at Kamailio directly over UDP, shows what Kamailio got.
-    bob_port = sut.free_port()
-    users = sut.write_users_csv(tmp_path / "bob.csv", ["bob"], kamailio.domain)
-    assert sut.run_sipp(sipp_path, "uac-register.xml", kamailio.address, log_dir=tmp_path / "logs", name="reg-bob",
-                        transport="u1", local_port=bob_port, calls=1, timeout=10, extra=["-inf", str(users)]).ok
-    bob = sut.start_sipp(sipp_path, "uas-answer.xml", kamailio.address, log_dir=tmp_path / "logs", name="bob",
-                         transport="u1", local_port=bob_port, calls=1, timeout=15)
-    call = sut.run_sipp(sipp_path, "uac-call.xml", converter.listen, log_dir=tmp_path / "logs", name="to-bob",
-                        transport="u1", calls=1, timeout=10, extra=["-s", "bob", "-key", "domain", kamailio.domain])
+    bob_port = testbed.free_port()
+    users = testbed.write_users_csv(tmp_path / "bob.csv", ["bob"], kamailio.domain)
+    assert testbed.run_sipp(sipp_path, "uac-register.xml", kamailio.address, log_dir=tmp_path / "logs", name="reg-bob",
+                            transport="u1", local_port=bob_port, calls=1, timeout=10, extra=["-inf", str(users)]).ok
+    bob = testbed.start_sipp(sipp_path, "uas-answer.xml", kamailio.address, log_dir=tmp_path / "logs", name="bob",
+                             transport="u1", local_port=bob_port, calls=1, timeout=15)
+    call = testbed.run_sipp(sipp_path, "uac-call.xml", converter.listen, log_dir=tmp_path / "logs", name="to-bob",
+                            transport="u1", calls=1, timeout=10, extra=["-s", "bob", "-key", "domain", kamailio.domain])
     bobs = bob.wait(15)
     assert call.ok and bobs.ok, call.summary() + bobs.summary()
     invite = first(bobs.text("messages"), "received", "INVITE")
@@ -329,12 +331,12 @@ def test_oversize_towards_sipp_is_sent_and_counted():
 
 
 def test_garbage_at_a_live_converter_is_counted_and_calls_still_work(sipp_path, kamailio, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio.address, "tcp", sut.free_port())
+    converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port())
     host, port = converter.listen.rsplit(":", 1)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for junk in (b"\x00\xff garbage", INVITE[:50], b"SIP/2.0 200 OK\r\n\r\n", b"\r\n\r\n"):
             sock.sendto(junk, (host, int(port)))
-    sut.wait_until(lambda: converter.status()["counters"].get("udp_in", 0) == 4, 5, what="the junk")
+    testbed.wait_until(lambda: converter.status()["counters"].get("udp_in", 0) == 4, 5, what="the junk")
     status = converter.status()
     assert sum(status["malformed"].values()) == 3 and status["counters"]["udp_keepalives"] == 1
     register(sipp_path, converter, kamailio, tmp_path)
@@ -356,7 +358,7 @@ def test_udp_arguments_rewrite():
 def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, tmp_path):
     directory = tmp_path / "state"
     directory.mkdir(mode=0o700)
-    users = sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
+    users = testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
     mode = UdpMode()
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -370,12 +372,12 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
 
     try:
         common = ["-t", "t1", "-i", "127.0.0.1", "-nostdin", "-timeout", "20s", "-timeout_error"]
-        assert run(["-sf", str(sut.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users), "-m", "1", *common,
+        assert run(["-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users), "-m", "1", *common,
                     kamailio.address]).wait(20) == 0
         first_pid = control_request(next(directory.glob("convert-*.sock")), "STATUS")["pid"]
-        answer = run(["-sf", str(sut.SCENARIOS_DIR / "uas-answer.xml"), "-m", "1", "-p", str(sut.free_port()), *common,
+        answer = run(["-sf", str(testbed.SCENARIOS_DIR / "uas-answer.xml"), "-m", "1", "-p", str(testbed.free_port()), *common,
                       kamailio.address])
-        caller = sut.place_calls(kamailio, USER, 1, sipp=sipp_path, timeout=15, log_dir=logs)
+        caller = testbed.place_calls(kamailio, USER, 1, sipp=sipp_path, timeout=15, log_dir=logs)
         assert caller.ok, caller.summary()
         assert answer.wait(20) == 0
         status = control_request(next(directory.glob("convert-*.sock")), "STATUS")
@@ -386,7 +388,7 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
 
 def test_a_via_host_that_is_not_text_is_dropped_not_fatal():
     """A response from the SuT whose Via names a host in bytes that are not UTF-8."""
-    from fdkeeper.convert import converter as cv
+    import fdkeeper.convert as cv
 
     class Sock:
         def fileno(self) -> int:
@@ -401,3 +403,47 @@ def test_a_via_host_that_is_not_text_is_dropped_not_fatal():
     )
     conv.from_stream(link, response)
     assert conv.malformed["bad encoding"] == 1
+
+
+# --------------------------------------------------------------------------
+# pieces: the expiring map and the control requests
+# --------------------------------------------------------------------------
+
+
+def test_expiring_map_bounds_and_expiry():
+    entries = ExpiringMap(ttl=10.0, limit=2)
+    entries.put("a", 1, now=0.0)
+    entries.put("b", 2, now=1.0)
+    entries.put("a", 3, now=2.0)  # refreshed: now the youngest
+    entries.put("c", 4, now=3.0)  # over the limit: the oldest ("b") goes
+    assert (entries.get("a"), entries.get("b"), entries.get("c"), entries.evicted) == (3, None, 4, 1)
+    entries.expire(now=12.5)
+    assert len(entries) == 1 and entries.get("c") == 4
+
+
+def test_control_requests_answered():
+    class Target:
+        sipp_address = None
+        stopped = False
+
+        def stats(self):
+            return {"pid": 1}
+
+        def set_sipp_address(self, address):
+            self.sipp_address = address
+
+        def reconnect(self):
+            raise FdkeeperError("fdkeeper: cannot connect")
+
+        def stop(self):
+            self.stopped = True
+
+    target = Target()
+    assert answer(target, "STATUS") == {"ok": True, "pid": 1}
+    assert answer(target, "SIPP [::1]:5080") == {"ok": True} and target.sipp_address == ("::1", 5080)
+    assert answer(target, "SIPP 10.0.0.1") == {"ok": True} and target.sipp_address == ("10.0.0.1", 5060)
+    for bad in ("SIPP example.test:5080", "SIPP 10.0.0.1:70000", "SIPP"):
+        assert not answer(target, bad)["ok"] and target.sipp_address == ("10.0.0.1", 5060)
+    assert answer(target, "RECONNECT") == {"ok": False, "error": "fdkeeper: cannot connect"}
+    assert answer(target, "STOP") == {"ok": True} and target.stopped
+    assert not answer(target, "NOPE")["ok"]

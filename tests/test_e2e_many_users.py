@@ -11,12 +11,12 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-import time
 
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
+from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.pki import make_test_pki
 
 TCP_USERS = 200
@@ -29,13 +29,6 @@ def user_names(count: int) -> list[str]:
 
 def kept(keeper_dir) -> list[dict]:
     return KeeperClient(keeper_dir).status()["connections"]
-
-
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def source_port_by_aor(kamailio, names: list[str]) -> dict[str, int]:
@@ -66,13 +59,13 @@ def register_all(sipp_path, remote, keeper_dir, tmp_path, users_csv, count, *, t
 def start_answering(sipp_path, remote, keeper_dir, tmp_path, count, *, transport, options=(), name="answer"):
     return start_through_fdkeeper(
         sipp_path, "uas-answer.xml", remote, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
-        options=tuple(options), transport=transport, calls=count, timeout=60, local_port=sut.free_port(),
+        options=tuple(options), transport=transport, calls=count, timeout=60, local_port=testbed.free_port(),
         extra=["-max_socket", "4000"],
     )
 
 
 def call_each(sipp_path, kamailio, tmp_path, users_csv, count, name="calls"):
-    return sut.run_sipp(
+    return testbed.run_sipp(
         sipp_path, "uac-call-users.xml", kamailio.address, log_dir=tmp_path / "logs", name=name, wait=90,
         transport="u1", local_ip=kamailio.host, calls=count, rate=50, timeout=60, extra=["-inf", str(users_csv)],
     )
@@ -84,7 +77,7 @@ def user_of(aor: str) -> str:
 
 def test_two_hundred_tcp_users_each_on_its_own_connection(sipp_path, kamailio, keeper_dir, tmp_path):
     names = user_names(TCP_USERS)
-    users_csv = sut.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
+    users_csv = testbed.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
     register_all(sipp_path, kamailio.address, keeper_dir, tmp_path, users_csv, TCP_USERS, transport="tn")
 
     connections = kept(keeper_dir)
@@ -105,7 +98,7 @@ def test_two_hundred_tcp_users_each_on_its_own_connection(sipp_path, kamailio, k
     # that user's own connection (the SuT sees the same source port per AoR).
     shuffled = names[:]
     random.Random(7).shuffle(shuffled)
-    shuffled_csv = sut.write_users_csv(tmp_path / "shuffled.csv", shuffled, kamailio.domain)
+    shuffled_csv = testbed.write_users_csv(tmp_path / "shuffled.csv", shuffled, kamailio.domain)
     register_all(sipp_path, kamailio.address, keeper_dir, tmp_path, shuffled_csv, TCP_USERS, transport="tn", name="reregister")
     assert {user_of(aor): port for aor, port in source_port_by_aor(kamailio, names).items()} == registered
     assert len(kept(keeper_dir)) == TCP_USERS
@@ -119,11 +112,11 @@ def test_two_hundred_tcp_users_each_on_its_own_connection(sipp_path, kamailio, k
 
 def test_fifty_tls_users_each_on_its_own_connection(sipp_path, keeper_dir, tmp_path):
     pki = make_test_pki(tmp_path / "pki")
-    kamailio = sut.Kamailio(tmp_path / "kamailio-tls", tls=sut.TlsOptions.server(pki))
+    kamailio = testbed.Kamailio(tmp_path / "kamailio-tls", tls=testbed.KamailioTls.server(pki))
     kamailio.start()
     try:
         names = user_names(TLS_USERS)
-        users_csv = sut.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
+        users_csv = testbed.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
         tls = ("--tls-ca", str(pki.ca_cert), "--tls-sni", pki.server_name)
         register_all(sipp_path, kamailio.tls_address, keeper_dir, tmp_path, users_csv, TLS_USERS, transport="ln", options=tls)
         connections = kept(keeper_dir)
@@ -144,26 +137,26 @@ def test_fifty_tls_users_each_on_its_own_connection(sipp_path, keeper_dir, tmp_p
 def test_a_third_dropped_by_the_sut(sipp_path, kamailio, keeper_dir, tmp_path):
     count = 30
     names = user_names(count)
-    users_csv = sut.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
+    users_csv = testbed.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
     register_all(sipp_path, kamailio.address, keeper_dir, tmp_path, users_csv, count, transport="tn")
     by_port = {c["remote_port"]: c["id"] for c in kamailio.tcp_connections()}
     ports = local_port_by_aor(keeper_dir)
     dropped = names[::3]
     kamailio.close_connections([by_port[ports[name]] for name in dropped])
-    wait_for(lambda: sum(c["state"] == "closed" for c in kept(keeper_dir)) == len(dropped))
+    wait_until(lambda: sum(c["state"] == "closed" for c in kept(keeper_dir)) == len(dropped), timeout=15)
     closed = {user_of(c["aor"]) for c in kept(keeper_dir) if c["state"] == "closed"}
     assert closed == set(dropped)  # status shows exactly those
 
     kept_names = [name for name in names if name not in dropped]
     answer = start_answering(sipp_path, kamailio.address, keeper_dir, tmp_path, len(kept_names), transport="tn")
-    calls = call_each(sipp_path, kamailio, tmp_path, sut.write_users_csv(tmp_path / "kept.csv", kept_names, kamailio.domain), len(kept_names))
+    calls = call_each(sipp_path, kamailio, tmp_path, testbed.write_users_csv(tmp_path / "kept.csv", kept_names, kamailio.domain), len(kept_names))
     answered = answer.wait(60)
     assert calls.ok, calls.summary()
     assert answered.ok and answered.successful == len(kept_names), answered.summary()
     assert f"{len(dropped)} kept connection(s) were closed by the SuT and are left out" in answered.text("stderr")
 
     # The dropped users fail clearly in a client run, and --reconnect gives them fresh connections.
-    dropped_csv = sut.write_users_csv(tmp_path / "dropped.csv", dropped, kamailio.domain)
+    dropped_csv = testbed.write_users_csv(tmp_path / "dropped.csv", dropped, kamailio.domain)
     failed = start_through_fdkeeper(
         sipp_path, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=tmp_path / "logs", name="failed",
         transport="tn", calls=len(dropped), timeout=10, extra=["-inf", str(dropped_csv), "-max_socket", "4000"],
@@ -181,7 +174,7 @@ def test_too_many_users_for_the_open_file_limit_is_said_before_the_run(sipp_path
     import resource
 
     directory = tmp_path / "small"
-    users_csv = sut.write_users_csv(tmp_path / "users.csv", user_names(500), kamailio.domain)
+    users_csv = testbed.write_users_csv(tmp_path / "users.csv", user_names(500), kamailio.domain)
 
     def small_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
@@ -191,10 +184,10 @@ def test_too_many_users_for_the_open_file_limit_is_said_before_the_run(sipp_path
         preexec_fn=small_limit, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: KeeperClient(directory).alive() is not None)
+        wait_until(lambda: KeeperClient(directory).alive() is not None, timeout=15)
         result = subprocess.run(
             [sys.executable, "-m", "fdkeeper", "sipp", "--dir", str(directory), "--sipp", sipp_path,
-             "-sf", str(sut.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users_csv), "-t", "tn",
+             "-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users_csv), "-t", "tn",
              "-i", "127.0.0.1", "-m", "500", "-max_socket", "4000", kamailio.address],
             capture_output=True, text=True, timeout=30,
         )

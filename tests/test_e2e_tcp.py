@@ -1,6 +1,6 @@
 """End to end over TCP: Debian's sipp through `fdkeeper sipp`, against a real Kamailio.
 
-Kamailio (fdkeeper/sut.py) reaches a registered user only over the connection the
+Kamailio (fdkeeper/testbed/) reaches a registered user only over the connection the
 REGISTER came in on and never dials out to a user, so a call can only be answered if the
 register run's connection is still open and the answering run is reading it.
 """
@@ -12,22 +12,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.demo import fdkeeper_command, start_through_fdkeeper
+from fdkeeper.testbed import wait_until
 
 USER = "alice"
 
 
 @pytest.fixture
 def users(tmp_path, kamailio):
-    return sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
+    return testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
 
 
 def start(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, *, options=(), **sipp_options):
@@ -49,12 +49,12 @@ def register(sipp_path, kamailio, keeper_dir, tmp_path, users, name="register", 
 def start_answer(sipp_path, kamailio, keeper_dir, tmp_path, name="answer", calls=1, options=()):
     return start(
         sipp_path, kamailio, keeper_dir, tmp_path, name, "uas-answer.xml",
-        options=options, calls=calls, timeout=30, local_port=sut.free_port(),
+        options=options, calls=calls, timeout=30, local_port=testbed.free_port(),
     )
 
 
 def call(kamailio, sipp_path, tmp_path, count=1, timeout=15):
-    return sut.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=timeout, log_dir=tmp_path / "logs")
+    return testbed.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=timeout, log_dir=tmp_path / "logs")
 
 
 def kept(keeper_dir) -> list[dict]:
@@ -63,13 +63,6 @@ def kept(keeper_dir) -> list[dict]:
         return KeeperClient(keeper_dir).status()["connections"]
     except FdkeeperError:
         return []
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def registered_source_ports(kamailio) -> set[int]:
@@ -98,12 +91,12 @@ def test_register_then_answer_over_the_kept_connection(sipp_path, kamailio, keep
 
 def test_without_a_run_holding_it_an_invite_waits_for_the_next_run(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
-    caller = sut.start_sipp(
+    caller = testbed.start_sipp(
         sipp_path, "uac-call.xml", kamailio.address, log_dir=tmp_path / "logs", name="early-call",
         transport="u1", local_ip=kamailio.host, calls=1, timeout=25, extra=["-s", USER, "-key", "domain", kamailio.domain],
     )
     # The INVITE reaches the kept connection while no sipp holds it: it waits in the socket.
-    wait_for(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0)
+    wait_until(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0, timeout=10)
     assert kept(keeper_dir)[0]["state"] == "idle"
     answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
     answered = answer.wait(30)
@@ -114,15 +107,15 @@ def test_without_a_run_holding_it_an_invite_waits_for_the_next_run(sipp_path, ka
 
 def test_register_run_killed_with_sigkill_the_next_run_still_answers(sipp_path, kamailio, keeper_dir, tmp_path, users):
     holding = tmp_path / "register-and-hold.xml"
-    text = (sut.SCENARIOS_DIR / "uac-register.xml").read_text()
+    text = (testbed.SCENARIOS_DIR / "uac-register.xml").read_text()
     holding.write_text(text.replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>'))
     run = start(
         sipp_path, kamailio, keeper_dir, tmp_path, "register-hold", str(holding), calls=1, timeout=60, extra=["-inf", str(users)]
     )
-    wait_for(lambda: any(c["aor"].startswith(f"sip:{USER}@") or c["aor"].startswith(USER) for c in kamailio.location()))
+    wait_until(lambda: any(c["aor"].startswith(f"sip:{USER}@") or c["aor"].startswith(USER) for c in kamailio.location()), timeout=10)
     os.killpg(run.pid, signal.SIGKILL)  # the whole run, as a CI timeout does it
     run.wait(10)
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
 
     answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
     caller = call(kamailio, sipp_path, tmp_path)
@@ -134,7 +127,7 @@ def test_register_run_killed_with_sigkill_the_next_run_still_answers(sipp_path, 
 def test_sut_restart_gives_a_clear_error_and_reconnect_recovers(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     kamailio.restart()
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "closed")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "closed", timeout=10)
 
     refused = start_answer(sipp_path, kamailio, keeper_dir, tmp_path, name="answer-closed").wait(15)
     assert refused.returncode == 2
@@ -151,7 +144,7 @@ def test_sut_restart_gives_a_clear_error_and_reconnect_recovers(sipp_path, kamai
 
 def test_keepalive_pongs_never_reach_the_next_run(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users, options=("--keepalive", "1"))
-    wait_for(lambda: kept(keeper_dir)[0]["pongs"] >= 2)  # Kamailio answered our CRLFCRLF pings
+    wait_until(lambda: kept(keeper_dir)[0]["pongs"] >= 2, timeout=10)  # Kamailio answered our CRLFCRLF pings
     assert kept(keeper_dir)[0]["queued_bytes"] == 0
     answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
     caller = call(kamailio, sipp_path, tmp_path)
@@ -162,7 +155,7 @@ def test_keepalive_pongs_never_reach_the_next_run(sipp_path, kamailio, keeper_di
 
 
 def test_the_kept_connection_leaves_from_the_address_and_port_sipp_binds(sipp_path, kamailio, keeper_dir, tmp_path, users):
-    port = sut.free_port()
+    port = testbed.free_port()
     register(sipp_path, kamailio, keeper_dir, tmp_path, users, local_port=port)
     assert kept(keeper_dir)[0]["local"] == f"127.0.0.1:{port}"
     assert registered_source_ports(kamailio) == {port}
@@ -171,11 +164,11 @@ def test_the_kept_connection_leaves_from_the_address_and_port_sipp_binds(sipp_pa
 def test_a_server_run_without_remote_host_gets_every_kept_connection(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     log_dir = tmp_path / "logs"
-    cmd = sut.sipp_command(
+    cmd = testbed.sipp_command(
         sipp_path, "uas-answer.xml", kamailio.address, log_dir=log_dir, name="answer-any", transport="t1",
-        local_port=sut.free_port(), calls=1, timeout=30,
+        local_port=testbed.free_port(), calls=1, timeout=30,
     )[:-1]  # no remote host
-    answer = sut.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "answer-any")
+    answer = testbed.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "answer-any")
     caller = call(kamailio, sipp_path, tmp_path)
     answered = answer.wait(30)
     assert caller.ok, caller.summary()
@@ -184,10 +177,10 @@ def test_a_server_run_without_remote_host_gets_every_kept_connection(sipp_path, 
 
 def test_a_busy_connection_names_its_holder_and_wait_waits(sipp_path, kamailio, keeper_dir, tmp_path, users):
     holding = tmp_path / "register-and-hold.xml"
-    text = (sut.SCENARIOS_DIR / "uac-register.xml").read_text()
+    text = (testbed.SCENARIOS_DIR / "uac-register.xml").read_text()
     holding.write_text(text.replace("</scenario>", '  <pause milliseconds="3000"/>\n</scenario>'))
     first = start(sipp_path, kamailio, keeper_dir, tmp_path, "hold", str(holding), calls=1, timeout=20, extra=["-inf", str(users)])
-    wait_for(lambda: kept(keeper_dir) and kept(keeper_dir)[0]["state"] == "leased")
+    wait_until(lambda: kept(keeper_dir) and kept(keeper_dir)[0]["state"] == "leased", timeout=10)
     holder = kept(keeper_dir)[0]["holder_pid"]
 
     busy = start(sipp_path, kamailio, keeper_dir, tmp_path, "busy", "uac-register.xml", calls=1, timeout=10, extra=["-inf", str(users)]).wait(20)
@@ -203,12 +196,12 @@ def test_a_busy_connection_names_its_holder_and_wait_waits(sipp_path, kamailio, 
 
 
 def test_bad_inputs_are_one_line_and_exit_2(tmp_path, kamailio, users, keeper_dir):
-    scenario = str(sut.SCENARIOS_DIR / "uac-register.xml")
+    scenario = str(testbed.SCENARIOS_DIR / "uac-register.xml")
     base = ["sipp", "--dir", str(keeper_dir)]
     cases = {
         "no sipp": (["--sipp", str(tmp_path / "no-such-sipp"), "-sf", scenario, "-t", "t1", kamailio.address], "sipp not found"),
         "no remote": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1"], "needs the SuT's address"),
-        "refused": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1", "-inf", str(users), f"127.0.0.1:{sut.free_port()}"], "refused the connection"),
+        "refused": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1", "-inf", str(users), f"127.0.0.1:{testbed.free_port()}"], "refused the connection"),
         "sctp": (["-sf", scenario, "-t", "s1", kamailio.address], "-t s1 is not kept by fdkeeper"),
         "missing scenario": (["-sf", str(tmp_path / "nope.xml"), "-t", "t1", kamailio.address], "not found; check -sf"),
     }
@@ -226,11 +219,11 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, kamailio, users, keeper_di
 def test_udp_passes_straight_through_with_a_notice(sipp_path, kamailio, keeper_dir, tmp_path, users):
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
-    cmd = sut.sipp_command(
+    cmd = testbed.sipp_command(
         sipp_path, "uac-register.xml", kamailio.address, log_dir=log_dir, name="udp", transport="u1", calls=1, timeout=10,
         extra=["-inf", str(users)],
     )
-    result = sut.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "udp").wait(20)
+    result = testbed.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "udp").wait(20)
     assert result.ok, result.summary()
     assert "UDP transport: there is no connection to keep" in result.text("stderr")
     assert not (keeper_dir / "control.sock").exists()  # no keeper was needed
@@ -240,7 +233,7 @@ def test_sipp_exit_status_is_passed_through(sipp_path, kamailio, keeper_dir, tmp
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     # An answer run that times out without a call: sipp's own failure status, not fdkeeper's.
     result = start(
-        sipp_path, kamailio, keeper_dir, tmp_path, "no-call", "uas-answer.xml", calls=1, timeout=2, local_port=sut.free_port()
+        sipp_path, kamailio, keeper_dir, tmp_path, "no-call", "uas-answer.xml", calls=1, timeout=2, local_port=testbed.free_port()
     ).wait(20)
     assert result.returncode not in (0, 2)
     assert "fdkeeper:" not in result.text("stderr")
@@ -249,13 +242,13 @@ def test_sipp_exit_status_is_passed_through(sipp_path, kamailio, keeper_dir, tmp
 def test_sigterm_to_fdkeeper_sipp_reaches_sipp_and_spares_the_keeper(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path)
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "leased")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "leased", timeout=10)
     sipp_pid = kept(keeper_dir)[0]["holder_pid"]
     os.kill(answer.pid, signal.SIGTERM)  # fdkeeper sipp alone; it passes the signal on
     result = answer.wait(10)
     assert result.returncode is not None  # sipp ended on the signal; its status is its own
-    wait_for(lambda: not Path(f"/proc/{sipp_pid}").exists())
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    wait_until(lambda: not Path(f"/proc/{sipp_pid}").exists(), timeout=10)
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     assert len(kamailio.tcp_connections()) == 1
 
 
@@ -269,7 +262,7 @@ def test_status_and_stop_from_the_command_line(sipp_path, kamailio, keeper_dir, 
     assert connection["remote"] == kamailio.address
     stopped = fdkeeper_cli("stop", "--dir", str(keeper_dir))
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    wait_for(lambda: len(kamailio.tcp_connections()) == 0)
+    wait_until(lambda: len(kamailio.tcp_connections()) == 0, timeout=10)
     after = fdkeeper_cli("status", "--dir", str(keeper_dir))
     assert after.returncode == 2 and "no keeper runs for" in after.stderr
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.pki import make_test_pki
 
 USER = "alice"
@@ -27,7 +28,7 @@ def pki(tmp_path_factory):
 
 
 def start_kamailio(tmp_path: Path, pki, **tls):
-    instance = sut.Kamailio(tmp_path / "kamailio-tls", tls=sut.TlsOptions.server(pki, **tls))
+    instance = testbed.Kamailio(tmp_path / "kamailio-tls", tls=testbed.KamailioTls.server(pki, **tls))
     instance.start()
     return instance
 
@@ -42,7 +43,7 @@ def kamailio_tls(tmp_path, pki):
 
 @pytest.fixture
 def users(tmp_path):
-    return sut.write_users_csv(tmp_path / "users.csv", [USER], sut.DEFAULT_DOMAIN)
+    return testbed.write_users_csv(tmp_path / "users.csv", [USER], testbed.DEFAULT_DOMAIN)
 
 
 def verified(pki) -> tuple[str, ...]:
@@ -65,12 +66,12 @@ def register(sipp_path, kamailio, keeper_dir, tmp_path, users, *, options, name=
 
 def start_answer(sipp_path, kamailio, keeper_dir, tmp_path, name="answer", calls=1):
     return start(
-        sipp_path, kamailio, keeper_dir, tmp_path, name, "uas-answer.xml", calls=calls, timeout=30, local_port=sut.free_port()
+        sipp_path, kamailio, keeper_dir, tmp_path, name, "uas-answer.xml", calls=calls, timeout=30, local_port=testbed.free_port()
     )
 
 
 def call(kamailio, sipp_path, tmp_path, count=1):
-    return sut.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
+    return testbed.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
 
 
 def kept(keeper_dir) -> list[dict]:
@@ -82,13 +83,6 @@ def kept(keeper_dir) -> list[dict]:
 
 def tls_connections(kamailio) -> list[dict]:
     return [c for c in kamailio.tcp_connections() if str(c.get("type", "")).lower() == "tls"]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def answer_a_call(sipp_path, kamailio, keeper_dir, tmp_path, name="answer"):
@@ -154,18 +148,18 @@ def test_mutual_tls(sipp_path, tmp_path, keeper_dir, users, pki):
 def test_register_run_sigkilled_the_next_run_answers(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
     holding = tmp_path / "register-and-hold.xml"
     holding.write_text(
-        (sut.SCENARIOS_DIR / "uac-register.xml").read_text().replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>')
+        (testbed.SCENARIOS_DIR / "uac-register.xml").read_text().replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>')
     )
     run = start(
         sipp_path, kamailio_tls, keeper_dir, tmp_path, "hold", str(holding), options=verified(pki),
         calls=1, timeout=60, extra=["-inf", str(users)],
     )
-    wait_for(lambda: len(kamailio_tls.location()) == 1)
+    wait_until(lambda: len(kamailio_tls.location()) == 1, timeout=10)
     import os
 
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(10)
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     answer_a_call(sipp_path, kamailio_tls, keeper_dir, tmp_path)
     assert len(tls_connections(kamailio_tls)) == 1
 
@@ -193,16 +187,16 @@ def dying_run(keeper_dir, kamailio, action, argument) -> None:
 
 def test_a_run_killed_mid_write_leaves_the_sut_parsing(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
     # Both REGISTERs from the same -p: one Contact, so the call below is not forked to two.
-    port = sut.free_port()
+    port = testbed.free_port()
     registered = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki), local_port=port)
     assert registered.ok, registered.summary()
     big = "x" * 20000
     half = (
-        f"MESSAGE sip:{USER}@{sut.DEFAULT_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKhalf\r\n"
+        f"MESSAGE sip:{USER}@{testbed.DEFAULT_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKhalf\r\n"
         f"Content-Length: {len(big)}\r\n\r\n{big[:9000]}"
     )
     dying_run(keeper_dir, kamailio_tls, "write", half)
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     assert kept(keeper_dir)[0]["tls"]["dropped_bytes"] == len(half)
     # The SuT never saw the half message: the next run's REGISTER parses and succeeds.
     again = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki), name="reregister", local_port=port)
@@ -213,13 +207,13 @@ def test_a_run_killed_mid_write_leaves_the_sut_parsing(sipp_path, kamailio_tls, 
 def test_a_run_killed_mid_read_leaves_the_next_on_a_message_boundary(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
     registered = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki))
     assert registered.ok, registered.summary()
-    first = sut.start_sipp(
+    first = testbed.start_sipp(
         sipp_path, "uac-call.xml", kamailio_tls.address, log_dir=tmp_path / "logs", name="lost-call",
-        transport="u1", local_ip=kamailio_tls.host, calls=1, timeout=10, extra=["-s", USER, "-key", "domain", sut.DEFAULT_DOMAIN],
+        transport="u1", local_ip=kamailio_tls.host, calls=1, timeout=10, extra=["-s", USER, "-key", "domain", testbed.DEFAULT_DOMAIN],
     )
-    wait_for(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0)  # the INVITE waits for a run
+    wait_until(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0, timeout=10)  # the INVITE waits for a run
     dying_run(keeper_dir, kamailio_tls, "read", "100")  # reads the start of it and dies
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "idle")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     assert kept(keeper_dir)[0]["queued_bytes"] == 0  # the rest of that INVITE was dropped
     first.wait(20)
     answer_a_call(sipp_path, kamailio_tls, keeper_dir, tmp_path)  # and the next call is clean
@@ -229,7 +223,7 @@ def test_sut_closing_the_tls_connection_between_runs(sipp_path, kamailio_tls, ke
     registered = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki))
     assert registered.ok, registered.summary()
     kamailio_tls.close_connections()  # close_notify, then FIN
-    wait_for(lambda: kept(keeper_dir)[0]["state"] == "closed")
+    wait_until(lambda: kept(keeper_dir)[0]["state"] == "closed", timeout=10)
     status = subprocess.run(
         [sys.executable, "-m", "fdkeeper", "status", "--dir", str(keeper_dir)], capture_output=True, text=True
     )

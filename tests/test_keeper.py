@@ -22,6 +22,7 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import MAX_MESSAGE, parse_reply
 from fdkeeper.statedir import socket_path
+from fdkeeper.testbed import wait_until
 
 
 @pytest.fixture
@@ -69,13 +70,6 @@ def wait_child(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def connection(client: KeeperClient, index: int = 0) -> dict:
     return client.status()["connections"][index]
 
@@ -87,7 +81,7 @@ def test_prepare_opens_once_and_lease_outlives_the_holder(keeper, peer):
     for word in (b"one", b"two"):
         assert wait_child(lease_in_child(keeper, remote, word)) == 0
         assert sut_side.recv(10) == word
-    wait_for(lambda: connection(keeper)["state"] == "idle")
+    wait_until(lambda: connection(keeper)["state"] == "idle")
     status = connection(keeper)
     assert status["leases"] == 2 and status["holder_pid"] is None
     peer.settimeout(0.2)
@@ -99,13 +93,13 @@ def test_sigkilled_holder_frees_the_lease_and_the_connection_stays(keeper, peer)
     remote = remote_of(peer)
     pid = lease_in_child(keeper, remote, b"x", hold=30)
     sut_side, _ = peer.accept()
-    wait_for(lambda: connection(keeper)["state"] == "leased")
+    wait_until(lambda: connection(keeper)["state"] == "leased")
     with pytest.raises(FdkeeperError) as busy:
         keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
     assert busy.value.code == "busy" and f"pid {pid}" in str(busy.value)
     os.kill(pid, signal.SIGKILL)
     wait_child(pid)
-    wait_for(lambda: connection(keeper)["state"] == "idle")
+    wait_until(lambda: connection(keeper)["state"] == "idle")
     sut_side.settimeout(0.2)
     assert sut_side.recv(10) == b"x"  # still open: no FIN after the holder died
     with pytest.raises(TimeoutError):
@@ -116,7 +110,7 @@ def test_wait_waits_for_the_holder(keeper, peer):
     remote = remote_of(peer)
     pid = lease_in_child(keeper, remote, hold=0.5)
     sut_side, _ = peer.accept()  # keep it: a dropped socket would close
-    wait_for(lambda: connection(keeper)["state"] == "leased")
+    wait_until(lambda: connection(keeper)["state"] == "leased")
     started = time.monotonic()
     reply = keeper.prepare(role="client", transport="tcp", remote=remote, local="-", wait=10)
     assert reply.fields["ids"] == "1"
@@ -128,7 +122,7 @@ def test_wait_times_out_with_the_holder_named(keeper, peer):
     remote = remote_of(peer)
     pid = lease_in_child(keeper, remote, hold=10)
     sut_side, _ = peer.accept()  # keep it: a dropped socket would close
-    wait_for(lambda: connection(keeper)["state"] == "leased")
+    wait_until(lambda: connection(keeper)["state"] == "leased")
     with pytest.raises(FdkeeperError, match=rf"leased by pid {pid} .*waited 0.5 s"):
         keeper.prepare(role="client", transport="tcp", remote=remote, local="-", wait=0.5)
     os.kill(pid, signal.SIGKILL)
@@ -141,7 +135,7 @@ def test_requests_queued_between_runs_are_left_for_the_next_run(keeper, peer):
     sut_side, _ = peer.accept()
     request = b"OPTIONS sip:u@x SIP/2.0\r\nContent-Length: 0\r\n\r\n"
     sut_side.sendall(request)
-    wait_for(lambda: connection(keeper)["queued_bytes"] == len(request))
+    wait_until(lambda: connection(keeper)["queued_bytes"] == len(request))
     [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=remote, local="-")
     with socket.socket(fileno=fd) as leased:
         assert leased.recv(1000) == request
@@ -153,7 +147,7 @@ def test_sut_closing_is_seen_and_reconnect_replaces(keeper, peer):
     sut_side, _ = peer.accept()
     sut_side.sendall(b"queued")  # unread SIP bytes must not hide the FIN
     sut_side.close()
-    wait_for(lambda: connection(keeper)["state"] == "closed")
+    wait_until(lambda: connection(keeper)["state"] == "closed")
     assert "FIN" in connection(keeper)["closed_reason"]
     with pytest.raises(FdkeeperError, match="was closed at .*--reconnect") as closed:
         keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
@@ -172,7 +166,7 @@ def test_reset_is_seen(keeper, peer):
     sut_side, _ = peer.accept()
     sut_side.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sut_side.close()  # linger 0: RST
-    wait_for(lambda: connection(keeper)["state"] == "closed")
+    wait_until(lambda: connection(keeper)["state"] == "closed")
     assert "reset" in connection(keeper)["closed_reason"]
 
 
@@ -192,7 +186,7 @@ def test_server_lease_hands_every_kept_connection(keeper):
 
 def test_a_large_server_lease_is_cut_into_packets_that_fit():
     from fdkeeper.keeper.connection import KeptConnection
-    from fdkeeper.keeper import _fds_batches
+    from fdkeeper.keeper.server import _fds_batches
     from fdkeeper.protocol import MAX_FDS_PER_PACKET, format_message
 
     connections = [
@@ -256,7 +250,7 @@ def test_keepalive_pings_and_consumes_the_pong(tmp_path, peer):
         sut_side.settimeout(5)
         assert sut_side.recv(4) == b"\r\n\r\n"
         sut_side.sendall(b"\r\n")
-        wait_for(lambda: connection(client)["pongs"] == 1)
+        wait_until(lambda: connection(client)["pongs"] == 1)
         assert connection(client)["queued_bytes"] == 0  # the pong never reaches a run
     finally:
         client.stop()
@@ -435,7 +429,7 @@ def test_two_hundred_leases_keep_fds_and_memory_flat(keeper, peer):
     def run_leases(count: int) -> None:
         for _ in range(count):
             assert wait_child(lease_in_child(keeper, remote)) == 0
-        wait_for(lambda: connection(keeper)["state"] == "idle")
+        wait_until(lambda: connection(keeper)["state"] == "idle")
 
     def settled_fds() -> int:
         # The last run's control connection may close a moment after its lease ends.

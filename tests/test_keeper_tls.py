@@ -20,6 +20,7 @@ import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.pki import make_test_pki
 
 
@@ -87,7 +88,7 @@ class TlsPeer:
         connection.close()
 
     def send(self, data: bytes) -> None:
-        wait_for(lambda: self.connection is not None)
+        wait_until(lambda: self.connection is not None)
         self.connection.sendall(data)
 
     def close(self) -> None:
@@ -104,13 +105,6 @@ class TlsPeer:
                 except OSError:
                     pass
         self._thread.join(5)
-
-
-def wait_for(predicate, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -209,7 +203,7 @@ def test_mutual_tls_with_a_client_certificate(keeper, pki):
         prepare(keeper, server, pki, tls_cert=str(pki.client_cert), tls_key=str(pki.client_key))
         fd = lease_fd(keeper, server)
         os.write(fd, sip("mtls"))
-        wait_for(lambda: bytes(server.received) == sip("mtls"))
+        wait_until(lambda: bytes(server.received) == sip("mtls"))
         os.close(fd)
     finally:
         server.close()
@@ -225,10 +219,10 @@ def test_a_run_dying_mid_write_never_sends_half_a_message(keeper, peer, pki):
     whole, half = sip("whole", b"x" * 100), sip("half", b"y" * 1000)
 
     assert in_child(keeper, peer, "write", (whole + half[:500]).hex()) == -signal.SIGKILL
-    wait_for(lambda: keeper.status()["connections"][0]["state"] == "idle")
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "idle")
     fd = lease_fd(keeper, peer)
     os.write(fd, sip("next"))
-    wait_for(lambda: bytes(peer.received).endswith(sip("next")))
+    wait_until(lambda: bytes(peer.received).endswith(sip("next")))
     assert bytes(peer.received) == whole + sip("next")
     assert keeper.status()["connections"][0]["tls"]["dropped_bytes"] == 500
     os.close(fd)
@@ -237,7 +231,7 @@ def test_a_run_dying_mid_write_never_sends_half_a_message(keeper, peer, pki):
 def test_requests_between_runs_are_kept_whole_and_pongs_never_reach_a_run(keeper, peer, pki):
     prepare(keeper, peer, pki)
     peer.send(sip("one") + b"\r\n" + sip("two", b"body"))  # a stray pong between two requests
-    wait_for(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(sip("one") + sip("two", b"body")))
+    wait_until(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(sip("one") + sip("two", b"body")))
     fd = lease_fd(keeper, peer)
     with socket.socket(fileno=fd) as leased:
         leased.settimeout(2)
@@ -248,10 +242,10 @@ def test_a_run_that_read_half_a_message_leaves_the_next_on_a_boundary(keeper, pe
     prepare(keeper, peer, pki)
     first, second = sip("first", b"a" * 200), sip("second")
     peer.send(first + second)
-    wait_for(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(first + second))
+    wait_until(lambda: keeper.status()["connections"][0]["queued_bytes"] == len(first + second))
 
     assert in_child(keeper, peer, "read", "100") == -signal.SIGKILL
-    wait_for(lambda: keeper.status()["connections"][0]["state"] == "idle")
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "idle")
     with socket.socket(fileno=lease_fd(keeper, peer)) as leased:
         leased.settimeout(2)
         assert leased.recv(65536) == second
@@ -259,9 +253,9 @@ def test_a_run_that_read_half_a_message_leaves_the_next_on_a_boundary(keeper, pe
 
 def test_close_notify_between_runs_is_seen(keeper, peer, pki):
     prepare(keeper, peer, pki)
-    wait_for(lambda: peer.connection is not None)
+    wait_until(lambda: peer.connection is not None)
     peer.close()
-    wait_for(lambda: keeper.status()["connections"][0]["state"] == "closed")
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed")
     with pytest.raises(FdkeeperError, match="--reconnect"):
         prepare(keeper, peer, pki)
 
@@ -271,7 +265,7 @@ def test_keepalive_over_tls(tmp_path, peer, pki):
     try:
         prepare(client, peer, pki)
         # One ping right after the handshake (see tls._catch_late_alert), then one a second.
-        wait_for(lambda: peer.pings >= 3 and client.status()["connections"][0]["pongs"] >= 3)
+        wait_until(lambda: peer.pings >= 3 and client.status()["connections"][0]["pongs"] >= 3)
         assert client.status()["connections"][0]["queued_bytes"] == 0
     finally:
         client.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper import testbed as sut
+from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
@@ -29,7 +29,7 @@ SOURCES = Path(__file__).parent / "ptrace"
 
 @pytest.fixture
 def users(tmp_path, kamailio):
-    return sut.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
+    return testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
 
 
 def kept(keeper_dir) -> list[dict]:
@@ -52,7 +52,7 @@ def sipp_run(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, transfer
 
 
 def call(kamailio, sipp_path, tmp_path, count=1):
-    return sut.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
+    return testbed.place_calls(kamailio, USER, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
 
 
 @pytest.mark.parametrize("transfer", ["scm", "pidfd"])
@@ -67,7 +67,7 @@ def test_sipp_register_then_answer_in_ptrace_mode(sipp_path, kamailio, keeper_di
 
     answer = sipp_run(
         sipp_path, kamailio, keeper_dir, tmp_path, "answer", "uas-answer.xml", transfer,
-        calls=2, timeout=30, local_port=sut.free_port(),
+        calls=2, timeout=30, local_port=testbed.free_port(),
     )
     caller = call(kamailio, sipp_path, tmp_path, count=2)
     answered = answer.wait(30)
@@ -91,11 +91,11 @@ def sipagent(tmp_path_factory) -> str:
 
 
 def exec_agent(keeper_dir, command, *, role="client", sut_address=None, transfer="scm", transport="tcp", mode="ptrace"):
-    """`fdkeeper exec` (execmode.run_exec) in a child Python, as the command line would run it."""
+    """`fdkeeper exec` (agent.run_exec) in a child Python, as the command line would run it."""
     code = (
         "import sys\n"
         "from fdkeeper.errors import FdkeeperError\n"
-        "from fdkeeper.execmode import ExecOptions, run_exec\n"
+        "from fdkeeper.agent import ExecOptions, run_exec\n"
         f"options = ExecOptions(sut={sut_address!r}, role={role!r}, transfer={transfer!r}, transport={transport!r},"
         f" mode={mode!r}, directory={str(keeper_dir)!r}, debug=True)\n"
         "try:\n"
@@ -168,7 +168,7 @@ def test_ptrace_refused_gives_one_line_and_leaves_the_connection(sipagent, kamai
     [before] = kept(keeper_dir)
     command = [sipagent, "register", kamailio.host, str(kamailio.port), USER, kamailio.domain]
     code = (
-        "import sys\nfrom fdkeeper.errors import FdkeeperError\nfrom fdkeeper.execmode import ExecOptions, run_exec\n"
+        "import sys\nfrom fdkeeper.errors import FdkeeperError\nfrom fdkeeper.agent import ExecOptions, run_exec\n"
         f"try:\n    sys.exit(run_exec({command!r}, ExecOptions(sut={kamailio.address!r}, mode='ptrace', directory={str(keeper_dir)!r})))\n"
         "except FdkeeperError as error:\n    print(error, file=sys.stderr); sys.exit(2)\n"
     )
@@ -184,7 +184,7 @@ def test_ptrace_refused_gives_one_line_and_leaves_the_connection(sipagent, kamai
 # ------------------------------------------------------------------ TLS: the descriptor is a socketpair end
 
 def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir, tmp_path, test_pki):
-    users = sut.write_users_csv(tmp_path / "users-tls.csv", [USER], kamailio_tls.domain)
+    users = testbed.write_users_csv(tmp_path / "users-tls.csv", [USER], kamailio_tls.domain)
     options = ("--mode", "ptrace", "--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name)
     register = start_through_fdkeeper(
         sipp_path, "uac-register.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
@@ -193,7 +193,7 @@ def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir,
     assert register.ok, register.summary()
     answer = start_through_fdkeeper(
         sipp_path, "uas-answer.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
-        name="answer", options=("--mode", "ptrace"), transport="l1", calls=1, timeout=30, local_port=sut.free_port(),
+        name="answer", options=("--mode", "ptrace"), transport="l1", calls=1, timeout=30, local_port=testbed.free_port(),
     )
     caller = call(kamailio_tls, sipp_path, tmp_path)
     answered = answer.wait(30)

@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,37 +23,39 @@ from urllib.parse import unquote
 
 import pytest
 
+from fdkeeper.testbed import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
-HELPERS = ROOT / "helpers"
+sys.path.insert(0, str(ROOT / "helpers"))
+from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim  # noqa: E402
+
 SHIMPROG_SRC = ROOT / "tests" / "shim" / "shimprog.c"
 SIPP = shutil.which("sipp")
 # e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.
 WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
-# e.g. SHIM_TEST_CFLAGS="-fsanitize=address,undefined" (then put libasan first in LD_PRELOAD
-# with SHIM_TEST_PRELOAD_FIRST=/usr/lib/x86_64-linux-gnu/libasan.so.8).
-EXTRA_CFLAGS = os.environ.get("SHIM_TEST_CFLAGS", "").split()
-PRELOAD_FIRST = os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
+# SHIM_TEST_SANITIZE=1: the shim built with AddressSanitizer + UBSan, the ASan runtime
+# preloaded first (a program built without it cannot load an ASan shim otherwise).
+# By hand: SHIM_TEST_CFLAGS="-fsanitize=..." with SHIM_TEST_PRELOAD_FIRST=/path/libasan.so.
+SANITIZE = os.environ.get("SHIM_TEST_SANITIZE", "") == "1"
+EXTRA_CFLAGS = [*os.environ.get("SHIM_TEST_CFLAGS", "").split(), *(SANITIZE_CFLAGS if SANITIZE else [])]
+PRELOAD_FIRST = asan_runtime() if SANITIZE else os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
 
 
 # --------------------------------------------------------------------------- build
 
 
+def build_shim_and_program(out: Path) -> dict[str, str]:
+    """The shim exactly as the package build compiles it (plus EXTRA_CFLAGS), and shimprog."""
+    lib, prog = out / "libfdkeeper_shim.so", out / "shimprog"
+    warnings = compile_shim(lib, EXTRA_CFLAGS)
+    assert warnings == "", "the shim must compile without warnings:\n" + warnings
+    compile_program(SHIMPROG_SRC, prog)
+    return {"lib": str(lib), "prog": str(prog)}
+
+
 @pytest.fixture(scope="session")
 def build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shim-build")
-    lib = out / "libfdkeeper_shim.so"
-    sources = sorted(str(p) for p in HELPERS.glob("*.c"))
-    res = subprocess.run(
-        ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden",
-         *EXTRA_CFLAGS, "-o", str(lib), *sources, "-ldl", "-lpthread"],
-        capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == "", "the shim must compile without warnings:\n" + res.stderr
-    prog = out / "shimprog"
-    res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(prog), str(SHIMPROG_SRC)],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    return {"lib": str(lib), "prog": str(prog)}
+    return build_shim_and_program(tmp_path_factory.mktemp("shim-build"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -323,10 +326,7 @@ def test_client_handoff(build, keeper, sut):
     p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 10
-        while not keeper.sut_side and time.time() < deadline:
-            time.sleep(0.02)
-        assert keeper.sut_side, "the keeper got no lease"
+        assert wait_until(lambda: keeper.sut_side, timeout=10), "the keeper got no lease"
         peer = keeper.sut_side[0]
         assert recv_until(peer, b"hello\n") == b"hello\n"
         peer.sendall(b"pong\n")
@@ -367,9 +367,7 @@ def test_reconnect_flag_and_no_bind(build, keeper, sut):
     env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_RECONNECT="1")
     p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 10
-    while not keeper.sut_side and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: keeper.sut_side, timeout=10)
     recv_until(keeper.sut_side[0], b"hello\n")
     keeper.sut_side[0].sendall(b"x\n")
     out, err = p.communicate(timeout=10)
@@ -493,13 +491,6 @@ def test_inert_without_socket(build, keeper, sut):
     assert err == "" and keeper.requests == []
 
 
-def wait_for(cond, timeout=10):
-    deadline = time.time() + timeout
-    while not cond() and time.time() < deadline:
-        time.sleep(0.02)
-    return cond()
-
-
 def test_client_tls_socketpair(build, keeper_dir, sut):
     """transport=tls: the program's TCP fd becomes a socketpair end; its names are
     the TLS connection's, TCP options are accepted, data flows both ways, and
@@ -512,7 +503,7 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
         p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":"), "127.0.0.1"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            assert wait_for(lambda: k.sut_side), "the keeper got no lease"
+            assert wait_until(lambda: k.sut_side, timeout=10), "the keeper got no lease"
             peer = k.sut_side[0]
             assert recv_until(peer, b"hello\n") == b"hello\n"
             peer.sendall(b"pong\n")
@@ -556,7 +547,7 @@ def test_client_tcp_with_fds_addresses(build, keeper_dir, sut):
             [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
             env=shim_env(build, k.path, remote=sut.addr), stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: k.sut_side)
+        assert wait_until(lambda: k.sut_side, timeout=10)
         recv_until(k.sut_side[0], b"hello\n")
         k.sut_side[0].sendall(b"pong\n")
         out, err = p.communicate(timeout=10)
@@ -598,7 +589,7 @@ def test_fds_unknown_address_dash(build, keeper_dir, sut):
         p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":")],
                              env=shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: k.sut_side)
+        assert wait_until(lambda: k.sut_side, timeout=10)
         recv_until(k.sut_side[0], b"hello\n")
         k.sut_side[0].sendall(b"pong\n")
         out, err = p.communicate(timeout=10)
@@ -781,9 +772,7 @@ def test_real_sipp_uac(build, transport_keeper, tmp_path):
         env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 15
-        while not keeper.sut_side and time.time() < deadline and p.poll() is None:
-            time.sleep(0.05)
+        wait_until(lambda: keeper.sut_side or p.poll() is not None, timeout=15)
         assert keeper.sut_side, "sipp did not lease: %r" % (p.communicate(timeout=5),)
         peer = keeper.sut_side[0]
         sip = SipReader(peer)
@@ -827,9 +816,7 @@ def test_real_sipp_uas(build, transport_keeper, tmp_path):
         env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 15
-        while not keeper.requests and time.time() < deadline and p.poll() is None:
-            time.sleep(0.05)
+        wait_until(lambda: keeper.requests or p.poll() is not None, timeout=15)
         assert keeper.requests == [f"LEASE role=server transport={transport} remote={remote}"]
         local = remote
         common = (f"Via: SIP/2.0/TCP {local};branch=z9hG4bK-t1\r\n"

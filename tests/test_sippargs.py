@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sipp.args import parse_sipp_args, scenario_role, split_host_port
+from fdkeeper.sipp.args import parse_sipp_args, sipp_host_port as split_host_port
+from fdkeeper.sipp.scenario import scenario_role
 
 SCENARIOS = "scenarios"
 

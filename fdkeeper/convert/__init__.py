@@ -1,4 +1,14 @@
-"""The stateless UDP <-> TCP/TLS converter (`fdkeeper convert`, `--mode udp`)."""
+"""The stateless UDP <-> TCP/TLS converter (`fdkeeper convert`, `--mode udp`).
 
-from fdkeeper.convert.converter import *  # noqa: F401,F403  (split into modules by the restructure)
-from fdkeeper.convert.converter import Converter, Link, control_request, parse_hostport, serve  # noqa: F401
+- routing: the Converter, where each message goes (no sockets; testable);
+- links: Link, one kept TCP/TLS connection, and open_link;
+- server: the process, its sockets on the shared reactor; serve() is the library entry;
+- control: the control socket and control_request, its client.
+"""
+
+from fdkeeper.convert.control import control_request
+from fdkeeper.convert.links import Link, open_link
+from fdkeeper.convert.routing import Converter, ExpiringMap
+from fdkeeper.convert.server import ConverterServer, serve
+
+__all__ = ["Converter", "ConverterServer", "ExpiringMap", "Link", "control_request", "open_link", "serve"]

@@ -16,15 +16,21 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fdkeeper.address import Address, family_of, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.protocol import Address, format_address
+from fdkeeper.sip.framing import PING, PONG
 
 if TYPE_CHECKING:
-    from fdkeeper.tls import TlsLink
+    from fdkeeper.keeper.tlslink import TlsLink
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
-PING = b"\r\n\r\n"
-PONG = b"\r\n"
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (FIONREAD), read without consuming them."""
+    buffer = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
+    return int.from_bytes(buffer, "little", signed=True)
 
 
 @dataclass
@@ -75,9 +81,7 @@ class KeptConnection:
 
     def queued_bytes(self) -> int:
         """Bytes the SuT sent that no run has read yet (they wait for the next run)."""
-        buffer = bytearray(4)
-        fcntl.ioctl(self.fileno(), termios.FIONREAD, buffer)
-        return int.from_bytes(buffer, "little", signed=True)
+        return queued_bytes(self.sock)
 
     def mark_closed(self, reason: str) -> None:
         if self.link is not None:
@@ -116,6 +120,15 @@ class KeptConnection:
             self.pongs += 1
             return True
         return False
+
+    def closed_error(self) -> FdkeeperError:
+        """What a run asking for this closed connection is told, and how to get a fresh one."""
+        when = time.strftime("%H:%M:%S", time.localtime(self.closed_at or time.time()))
+        return FdkeeperError(
+            f"fdkeeper: kept connection {self.label()} was closed at {when} ({self.closed_reason}); "
+            "run the client scenario again with --reconnect for a fresh connection (registrations must be redone)",
+            "closed",
+        )
 
     def peer_gone_reason(self) -> str:
         """Why the SuT's side ended, read without consuming queued SIP bytes."""
@@ -157,8 +170,7 @@ def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.s
     The socket is left in blocking mode, like a freshly accepted one: sipp sets the file
     status flags it wants, and the keeper itself only ever uses MSG_DONTWAIT calls.
     """
-    family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
     try:
         # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,30 +1,67 @@
-"""Handoff modes and the choice among them (``--mode``)."""
+"""Handoff modes and the choice among them (``--mode``).
+
+``choose_mode`` first drops the modes that cannot do the run at all (their declared
+capabilities against the run's needs), then asks the rest whether they can run here:
+``--mode auto`` never picks a mode that cannot do the run, and ``--mode X`` for such a run
+is one line naming the modes that can.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fdkeeper.address import Address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
+from fdkeeper.modes.base import (
+    Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions,
+)
 from fdkeeper.modes.preload import PreloadMode
-from fdkeeper.modes.udp import UdpMode
 from fdkeeper.modes.ptrace import PtraceMode
+from fdkeeper.modes.udp import UdpMode
+from fdkeeper.sipp.args import SippInvocation
 
 # In the order --mode auto tries them.
 MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(), PtraceMode(), UdpMode())}
 MODE_NAMES = ("auto", *MODES)
 
 
-def choose_mode(name: str, sipp: Path) -> Mode:
-    """The named mode if it can run here, or for 'auto' the first that can; else one clear error."""
-    candidates = list(MODES.values()) if name == "auto" else [MODES[name]]
-    reasons = []
-    for mode in candidates:
-        reason = mode.unsupported_reason(sipp)
+def choose_mode(name: str, program: Path, needs: RunNeeds) -> Mode:
+    """The named mode if it can do the run here, or for 'auto' the first that can; else one clear error."""
+    if name != "auto":
+        return _checked(MODES[name], program, needs)
+    able = [mode for mode in MODES.values() if mode.cannot_do(needs) is None]
+    reasons = [f"{mode.name}: cannot {mode.cannot_do(needs)}" for mode in MODES.values() if mode not in able]
+    for mode in able:
+        reason = mode.unsupported_reason(program)
         if reason is None:
             return mode
         reasons.append(f"{mode.name}: {reason}")
-    raise FdkeeperError(f"fdkeeper: no handoff mode can run {sipp} here ({'; '.join(reasons)})")
+    raise FdkeeperError(f"fdkeeper: no handoff mode can run {program} here ({'; '.join(reasons)})")
 
 
-__all__ = ["MODES", "MODE_NAMES", "Handoff", "HandoffRequest", "Mode", "choose_mode"]
+def _checked(mode: Mode, program: Path, needs: RunNeeds) -> Mode:
+    missing = mode.cannot_do(needs)
+    if missing is not None:
+        others = [other.hint() for other in MODES.values() if other is not mode and other.cannot_do(needs) is None]
+        instead = f"; use {' or '.join(others)}" if others else "; no mode can (check the run's options)"
+        raise FdkeeperError(f"fdkeeper: --mode {mode.name} cannot {missing}{instead}")
+    reason = mode.unsupported_reason(program)
+    if reason is not None:
+        raise FdkeeperError(f"fdkeeper: --mode {mode.name} cannot run {program} here: {reason}")
+    return mode
+
+
+def sipp_request(
+    sipp: Path, invocation: SippInvocation, control_socket: Path, remote: Address | None, transport: str = "tcp"
+) -> HandoffRequest:
+    """A request for sipp run with its arguments as given (library users, tests, benches)."""
+    return HandoffRequest(
+        program=sipp, args=list(invocation.args), role=invocation.role, control_socket=control_socket,
+        remote=remote, transport=transport, per_call=invocation.per_call_client,
+    )
+
+
+__all__ = [
+    "MODES", "MODE_NAMES", "Capabilities", "Handoff", "HandoffRequest", "Mode", "ModeOptions", "PtraceOptions",
+    "RunNeeds", "UdpOptions", "choose_mode", "sipp_request",
+]

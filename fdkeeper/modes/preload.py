@@ -11,8 +11,8 @@ import os
 import struct
 from pathlib import Path
 
-from fdkeeper.modes.base import Handoff, HandoffRequest, Mode
-from fdkeeper.protocol import format_address
+from fdkeeper.address import format_address
+from fdkeeper.modes.base import Capabilities, Handoff, HandoffRequest, Mode, ModeOptions
 
 PT_INTERP = 3
 
@@ -51,6 +51,8 @@ def is_dynamic_elf(path: Path) -> bool:
 class PreloadMode(Mode):
     name = "preload"
     summary = "LD_PRELOAD shim inside sipp (dynamically linked sipp)"
+    suits = "dynamically linked programs"
+    capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}))
 
     def unsupported_reason(self, sipp: Path) -> str | None:
         shim = shim_path()
@@ -67,13 +69,13 @@ class PreloadMode(Mode):
             return f"{sipp} is setuid/setgid; the loader ignores LD_PRELOAD for it"
         return None
 
-    def prepare(self, request: HandoffRequest) -> Handoff:
+    def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
         preload = os.fspath(shim_path())
         inherited = os.environ.get("LD_PRELOAD")
         env = {
             "LD_PRELOAD": f"{preload} {inherited}" if inherited else preload,
             "FDKEEPER_SOCKET": os.fspath(request.control_socket),
-            "FDKEEPER_ROLE": request.invocation.role,
+            "FDKEEPER_ROLE": request.role,
             "FDKEEPER_REMOTE": format_address(request.remote) if request.remote else "",
             "FDKEEPER_TRANSPORT": request.transport,
         }
@@ -83,5 +85,4 @@ class PreloadMode(Mode):
             env["FDKEEPER_PER_CALL"] = "1"
         if request.debug:
             env["FDKEEPER_DEBUG"] = "1"
-        args = request.args if request.args is not None else request.invocation.args
-        return Handoff(argv=[os.fspath(request.sipp), *args], env=env)
+        return Handoff(argv=[os.fspath(request.program), *request.args], env=env)

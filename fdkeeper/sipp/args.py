@@ -2,22 +2,20 @@
 
 fdkeeper needs four facts from sipp's arguments: the transport (-t), the remote host
 (the one positional argument), the local address sipp binds (-i, -p), and whether the
-scenario starts by sending (client mode) or by receiving (server mode). The arity table
-below follows sipp's own option table (src/sipp.cpp, options_table).
+scenario starts by sending (client mode) or by receiving (server mode; see scenario.py).
+The tables below are data taken from sipp's own option table (src/sipp.cpp, options_table);
+HOST:PORT is read by fdkeeper/address.py, as everywhere else.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import subprocess
-import tempfile
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+from fdkeeper.address import Address, is_ip, parse_port, resolve, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.protocol import Address
+from fdkeeper.sipp.scenario import scenario_role
 
 # Options that take no value (SETFLAG, UNSETFLAG, HELP, VERSION in sipp's table).
 FLAG_OPTIONS = frozenset(
@@ -55,6 +53,11 @@ TRANSPORTS = {
 DEFAULT_SIP_PORT = 5060
 
 
+def option_arity(name: str) -> int:
+    """How many values sipp's option -NAME takes."""
+    return 0 if name in FLAG_OPTIONS else 2 if name in PAIR_OPTIONS else 1
+
+
 @dataclass
 class SippInvocation:
     """What fdkeeper needs to know about one sipp command line."""
@@ -82,6 +85,11 @@ class SippInvocation:
         return self.transport_option.endswith("n")
 
     @property
+    def per_call_client(self) -> bool:
+        """A client scenario on -t tn/ln: the keeper keeps one connection per user, leased at first send."""
+        return self.per_call_sockets and self.role == "client"
+
+    @property
     def role(self) -> str:
         if self.scenario_file is not None:
             return scenario_role(self.scenario_file)
@@ -104,8 +112,7 @@ class SippInvocation:
         """The SuT address as numbers (the shim compares addresses, not names)."""
         if self.remote_host is None:
             return None
-        host, port = split_host_port(self.remote_host)
-        return resolve(host, port)
+        return _resolve(*sipp_host_port(self.remote_host))
 
     def local_bind(self) -> Address | None:
         """The local address sipp 3.6.1 binds its -t t1 client connection to.
@@ -115,32 +122,45 @@ class SippInvocation:
         """
         if self.local_ip is None and self.local_port is None:
             return None
-        ip = resolve(self.local_ip, 0)[0] if self.local_ip else "0.0.0.0"
+        ip = _resolve(self.local_ip, 0)[0] if self.local_ip else "0.0.0.0"
         return ip, self.local_port or 0
 
 
 def parse_sipp_args(args: list[str]) -> SippInvocation:
     invocation = SippInvocation(args=list(args))
-    index = 0
-    while index < len(args):
-        word = args[index]
-        if not word.startswith("-") or word == "-":
-            invocation.remote_host = word  # sipp: the last positional wins
-            index += 1
+    for index, name, values in _walk(args):
+        if name is None:
+            invocation.remote_host = values[0]  # sipp: the last positional wins
             continue
-        name = word[1:]
-        arity = 0 if name in FLAG_OPTIONS else 2 if name in PAIR_OPTIONS else 1
-        values = args[index + 1 : index + 1 + arity]
-        if len(values) < arity:
-            raise FdkeeperError(f"fdkeeper: sipp option {word} needs a value; see 'sipp -h'")
         invocation.options.setdefault(name, []).extend(values)
         _apply_option(invocation, name, values)
         if name == "t":
             invocation.transport_index = index
         elif name in ("sf", "sn"):
             invocation.scenario_index = index
-        index += 1 + arity
     return invocation
+
+
+def positional_indexes(args: list[str]) -> list[int]:
+    """Where sipp's positional arguments (the remote host) stand."""
+    return [index for index, name, _values in _walk(args) if name is None]
+
+
+def _walk(args: list[str]) -> Iterator[tuple[int, str | None, list[str]]]:
+    """(index, option name or None for a positional word, the values) of each word, with sipp's arity."""
+    index = 0
+    while index < len(args):
+        word = args[index]
+        if not word.startswith("-") or word == "-":
+            yield index, None, [word]
+            index += 1
+            continue
+        arity = option_arity(word[1:])
+        values = args[index + 1 : index + 1 + arity]
+        if len(values) < arity:
+            raise FdkeeperError(f"fdkeeper: sipp option {word} needs a value; see 'sipp -h'")
+        yield index, word[1:], values
+        index += 1 + arity
 
 
 def _apply_option(invocation: SippInvocation, name: str, values: list[str]) -> None:
@@ -162,83 +182,31 @@ def remote_is_name(invocation: SippInvocation) -> str | None:
     """The remote host if it is a DNS name (the TLS server name to send), None for an address."""
     if invocation.remote_host is None:
         return None
-    host, _ = split_host_port(invocation.remote_host)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    return None
+    host, _ = sipp_host_port(invocation.remote_host)
+    return None if is_ip(host) else host
 
-
-def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], Path]:
-    """sipp arguments for a TLS run with a sipp that only speaks TCP to the keeper.
-
-    -t l1 becomes -t t1 (ln: tn), and the scenario is copied with [transport] written out as TLS,
-    so every Via and transport= parameter the scenario builds from [transport] says TLS,
-    as a TLS-enabled sipp would have sent. Returns the arguments and the copy (to delete).
-    """
-    args = list(invocation.args)
-    args[invocation.transport_index + 1] = "t" + invocation.transport_option[1]  # l1 -> t1, ln -> tn
-    if invocation.scenario_file is not None:
-        text = invocation.scenario_file.read_text(encoding="iso-8859-1")
-        stem = invocation.scenario_file.stem
-    else:
-        text = _builtin_scenario(sipp, invocation.scenario_name or "uac")
-        stem = invocation.scenario_name or "uac"
-    copy = Path(tempfile.mkstemp(prefix=f"{stem}.", suffix=".tls.xml", dir=directory)[1])
-    copy.write_text(text.replace("[transport]", "TLS"), encoding="iso-8859-1")
-    if invocation.scenario_index is None:
-        args[:0] = ["-sf", str(copy)]
-    else:
-        args[invocation.scenario_index : invocation.scenario_index + 2] = ["-sf", str(copy)]
-    return args, copy
-
-
-def _builtin_scenario(sipp: Path, name: str) -> str:
-    dumped = subprocess.run([str(sipp), "-sd", name], capture_output=True, text=True, encoding="iso-8859-1")
-    if "<scenario" not in dumped.stdout:  # sipp -sd exits 99 even when it dumped one
-        raise FdkeeperError(f"fdkeeper: sipp has no embedded scenario {name!r}; check -sn")
-    return dumped.stdout[dumped.stdout.index("<?xml") if "<?xml" in dumped.stdout else 0 :]
 
 
 def _port(text: str, option: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    try:
+        port = parse_port(text)
+    except ValueError:
+        port = 0
+    if port == 0:
         raise FdkeeperError(f"fdkeeper: {option} {text!r} is not a port number")
-    return int(text)
+    return port
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    """sipp's remote_host[:remote_port], with [IPv6]:port."""
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    return host, _port(port_text, "remote port") if port_text else DEFAULT_SIP_PORT
-
-
-def resolve(host: str, port: int) -> Address:
+def sipp_host_port(text: str) -> tuple[str, int]:
+    """sipp's remote_host[:remote_port] (``[IPv6]:port`` too); the port defaults to 5060."""
     try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
+        return split_host_port(text, DEFAULT_SIP_PORT)
+    except ValueError as error:
+        raise FdkeeperError(f"fdkeeper: remote host {error}; check sipp's remote host argument") from None
+
+
+def _resolve(host: str, port: int) -> Address:
+    try:
+        return resolve(host, port)
+    except OSError as error:
         raise FdkeeperError(f"fdkeeper: cannot resolve {host!r}: {error.strerror}; check the address") from None
-    address = info[0][4]
-    return address[0], address[1]
-
-
-def scenario_role(path: Path) -> str:
-    """client if the scenario's first message element is a <send>, server if a <recv>."""
-    try:
-        root = ElementTree.parse(path).getroot()
-    except FileNotFoundError:
-        raise FdkeeperError(f"fdkeeper: scenario file {path} not found; check -sf") from None
-    except ElementTree.ParseError as error:
-        raise FdkeeperError(f"fdkeeper: scenario file {path} is not valid XML ({error}); check -sf") from None
-    for element in root:
-        if element.tag == "send":
-            return "client"
-        if element.tag == "recv":
-            return "server"
-    raise FdkeeperError(f"fdkeeper: scenario file {path} has no <send> or <recv>; check -sf")

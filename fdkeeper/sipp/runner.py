@@ -7,20 +7,23 @@ sipp's own fatal error halfway through its start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fdkeeper.address import Address, format_address
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import HandoffRequest, choose_mode
+from fdkeeper.modes import HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions, choose_mode
 from fdkeeper.process import spawn
-from fdkeeper.protocol import format_address
-from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, remote_is_name, tls_arguments
+from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, remote_is_name
+from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
+
 
 @dataclass
 class RunOptions:
@@ -32,7 +35,7 @@ class RunOptions:
     keepalive: float | None = None
     connect_timeout: float | None = None
     debug: bool = False
-    transfer: str = "scm"
+    transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
     tls: TlsOptions = TlsOptions()
 
 
@@ -69,48 +72,57 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             f"fdkeeper: the client scenario {_scenario_label(invocation)} sends first, so it needs the SuT's "
             "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
         )
-    mode = choose_mode(options.mode, sipp)
+    mode = choose_mode(options.mode, sipp, sipp_needs(invocation, options.transfer))
     directory = resolve_directory(options.directory)
-    transport = invocation.transport
-    tls = _tls_options(options.tls, invocation) if transport == "tls" else None
-    if mode.name == "udp":  # sipp on -t u1 through a kept converter: no keeper, no scenario copy
-        handoff = mode.prepare(HandoffRequest(
-            sipp=sipp, invocation=invocation, control_socket=socket_path(directory), remote=remote,
-            transport=transport, reconnect=options.reconnect, debug=options.debug, tls=tls,
-            keepalive=options.keepalive, connect_timeout=options.connect_timeout))
-        return mode.run(handoff)
-    per_call = invocation.per_call_sockets and invocation.role == "client"
-    keeper = ensure_keeper(directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
+    tls = _tls_options(options.tls, invocation) if invocation.transport == "tls" else None
+    request = HandoffRequest(
+        program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
+        remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
+        per_call=invocation.per_call_client,
+    )
+    mode_options = ModeOptions(
+        ptrace=PtraceOptions(transfer=options.transfer or "scm"),
+        udp=UdpOptions(tls=tls, keepalive=options.keepalive, connect_timeout=options.connect_timeout),
+    )
+    if not mode.capabilities.uses_keeper:  # e.g. sipp on -t u1 through a kept converter
+        return mode.run(mode.prepare(request, mode_options))
+    return _run_with_keeper(mode, request, mode_options, invocation, options, tls)
+
+
+def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNeeds:
+    """What a sipp run asks of a handoff mode."""
+    return RunNeeds(
+        role=invocation.role,
+        per_call_option=f"-t {invocation.transport_option}" if invocation.per_call_sockets else None,
+        tls=invocation.transport == "tls",
+        sipp=True,
+        transfer=transfer,
+    )
+
+
+def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOptions, invocation: SippInvocation,
+                     options: RunOptions, tls: TlsOptions | None) -> int:
+    """The keeper holds the connections: open (or check) them first, so errors are one line here."""
+    keeper = ensure_keeper(request.directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
     _warn_if_keeper_differs(keeper, options)
     reply = keeper.prepare(
-        role=invocation.role,
-        transport=transport,
-        remote=remote,
-        local=(invocation.local_bind() or "-") if invocation.role == "client" else None,
+        role=request.role,
+        transport=request.transport,
+        remote=request.remote,
+        local=(invocation.local_bind() or "-") if request.role == "client" else None,
         reconnect=options.reconnect,
         wait=options.wait or None,
-        per_call=per_call or None,
-        users=invocation.user_count() if per_call else None,
-        **(tls.as_fields() if tls and invocation.role == "client" else {}),
+        per_call=request.per_call or None,
+        users=invocation.user_count() if request.per_call else None,
+        **(tls.as_fields() if tls and request.role == "client" else {}),
     )
-    _report_prepared(reply.fields, remote, transport)
-    args, scenario_copy = tls_arguments(invocation, sipp, directory) if tls else (None, None)
-    handoff = mode.prepare(
-        HandoffRequest(
-            sipp=sipp,
-            invocation=invocation,
-            control_socket=socket_path(directory),
-            remote=remote,
-            transport=transport,
-            args=args,
-            reconnect=options.reconnect,
-            per_call=per_call,
-            debug=options.debug,
-            transfer=options.transfer,
-        )
-    )
+    _report_prepared(reply.fields, request.remote, request.transport)
+    scenario_copy = None
+    if tls:  # sipp speaks TCP to the keeper, the scenario says TLS
+        args, scenario_copy = tls_arguments(invocation, request.program, request.directory)
+        request = dataclasses.replace(request, args=args)
     try:
-        return mode.run(handoff)
+        return mode.run(mode.prepare(request, mode_options))
     finally:
         if scenario_copy is not None:
             scenario_copy.unlink(missing_ok=True)
@@ -160,7 +172,7 @@ def _scenario_label(invocation: SippInvocation) -> str:
     return str(invocation.scenario_file) if invocation.scenario_file else f"-sn {invocation.scenario_name}"
 
 
-def _report_prepared(fields: dict[str, str], remote: tuple[str, int] | None, transport: str) -> None:
+def _report_prepared(fields: dict[str, str], remote: Address | None, transport: str) -> None:
     if fields.get("replaced"):
         notice(
             f"the kept connection to {format_address(remote)}/{transport} was closed; opened a fresh one "

@@ -1,7 +1,51 @@
 """The embedded System under Test: a real Kamailio on loopback, its test PKI and sipp helpers.
 
-Used by `fdkeeper demo`, the test suite and the benches.
+Used by `fdkeeper demo`, the test suite and the benches. Modules, one concern each:
+
+- net: free_port, wait_until (the one wait helper), DEFAULT_DOMAIN;
+- configs: the Kamailio configurations (template files) and their rendering;
+- process: a Kamailio process we own (files, start, stop, find_program);
+- kamailio: the SuT `Kamailio` and the `KamailioConverter`, with their queries;
+- kamtls: `KamailioTls`, the Kamailio side of TLS (tls.cfg, handshakes in the log);
+- kamcmd: reading kamcmd output (contacts, connections);
+- sipmsg: hand-made SIP (options_request, read_sip_message);
+- sipp: running sipp without a terminal (run_sipp, start_sipp, place_calls...);
+- pki: throw-away certificates (make_test_pki, TestPki).
 """
 
-from fdkeeper.testbed.kamailio import *  # noqa: F401,F403  (split into modules by the restructure)
-from fdkeeper.testbed.kamailio import _as_list, _contact_dict, _format_addr  # noqa: F401
+from fdkeeper.testbed.configs import LOG_TAG
+from fdkeeper.testbed.kamailio import (
+    CLOSE_CONNECTION_USER,
+    Kamailio,
+    KamailioConverter,
+    KamailioInstance,
+)
+from fdkeeper.testbed.kamcmd import parse_kamcmd, parse_sip_target
+from fdkeeper.testbed.kamtls import KamailioTls
+from fdkeeper.testbed.net import DEFAULT_DOMAIN, free_port, wait_until
+from fdkeeper.testbed.pki import TestPki, make_test_pki
+from fdkeeper.testbed.sipmsg import options_request, read_sip_message
+from fdkeeper.testbed.sipp import (
+    SCENARIOS_DIR,
+    SIPP_EXIT_FAILED,
+    SIPP_EXIT_OK,
+    CallResult,
+    SippProcess,
+    SippResult,
+    find_sipp,
+    place_calls,
+    read_sipp_stats,
+    run_sipp,
+    sipp_command,
+    start_sipp,
+    write_users_csv,
+)
+
+__all__ = [
+    "CLOSE_CONNECTION_USER", "CallResult", "DEFAULT_DOMAIN", "Kamailio", "KamailioConverter",
+    "KamailioInstance", "KamailioTls", "LOG_TAG", "SCENARIOS_DIR", "SIPP_EXIT_FAILED",
+    "SIPP_EXIT_OK", "SippProcess", "SippResult", "TestPki", "find_sipp", "free_port",
+    "make_test_pki", "options_request", "parse_kamcmd", "parse_sip_target", "place_calls",
+    "read_sip_message", "read_sipp_stats", "run_sipp", "sipp_command", "start_sipp",
+    "wait_until", "write_users_csv",
+]

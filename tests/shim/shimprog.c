@@ -6,6 +6,11 @@
  *   shimprog untouched IP PORT OTHERPORT UDPPORT
  *   shimprog dup IP PORT OTHERPORT
  *   shimprog fork IP PORT
+ *   shimprog threadfork IP PORT N      forks N children while a thread keeps taking the
+ *                                      shim's lock (dup/close of the kept fd); each child
+ *                                      uses the shim and must not hang (alarm: 10 s)
+ *   shimprog closerange IP PORT OTHERPORT
+ *                                      dup2/close/close_range on the kept fd and copies
  *   shimprog server N [v]              sipp-like listener, accepts N via epoll
  *                                      (v: one line per accepted connection)
  *   shimprog percall IP PORT BINDIP HOW|FROM ...
@@ -27,6 +32,7 @@
 #include <sys/epoll.h>
 #include <dirent.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -230,9 +236,21 @@ static int cmd_untouched(int argc, char **argv)
     return 0;
 }
 
+/* After the kept fd k was closed: a plain connection to IP:PORT gets its number
+ * back, and the shim leaves it alone (send and shutdown are real). */
+static int reuse_number(int k, const char *ip, const char *port)
+{
+    int err, s = sipp_connect(-1, 0, ip, port, NULL, &err);
+    printf("reused=%d\n", s == k);
+    printf("send_other=%zd\n", send(s, "other\n", 6, 0));
+    printf("shutdown_reused=%d\n", shutdown(s, SHUT_RDWR));
+    close(s);
+    return 0;
+}
+
 static int cmd_dup(int argc, char **argv)
 {
-    int err, k, a, b, c, s, u, r;
+    int err, k, a, b, c, u, r;
     (void)argc;
 
     k = sipp_connect(-1, 0, argv[2], argv[3], NULL, &err);
@@ -258,12 +276,7 @@ static int cmd_dup(int argc, char **argv)
     printf("shutdown_kept=%d\n", shutdown(k, SHUT_RDWR));
     close(k);
     /* The number comes back for a plain connection: shutdown is real there. */
-    s = sipp_connect(-1, 0, argv[2], argv[4], NULL, &err);
-    printf("reused=%d\n", s == k);
-    printf("send_other=%zd\n", send(s, "other\n", 6, 0));
-    printf("shutdown_reused=%d\n", shutdown(s, SHUT_RDWR));
-    close(s);
-    return 0;
+    return reuse_number(k, argv[2], argv[4]);
 }
 
 static int cmd_fork(int argc, char **argv)
@@ -289,6 +302,88 @@ static int cmd_fork(int argc, char **argv)
     printf("parent_shutdown=%d\n", shutdown(k, SHUT_RDWR));
     close(k);
     return 0;
+}
+
+static volatile int hammering = 1;
+
+/* Copies and closes of the kept fd: each goes through the shim's table lock. */
+static void *hammer(void *arg)
+{
+    int k = *(int *)arg;
+    while (hammering) {
+        int d = dup(k);
+        if (d >= 0)
+            close(d);
+    }
+    return NULL;
+}
+
+static int cmd_threadfork(int argc, char **argv)
+{
+    int err, k, n = atoi(argv[4]), hung = 0, failed = 0, status;
+    pthread_t t;
+    (void)argc;
+
+    k = sipp_connect(-1, 0, argv[2], argv[3], NULL, &err);
+    if (k < 0)
+        die("connect");
+    pthread_create(&t, NULL, hammer, &k);
+    for (int i = 0; i < n; i++) {
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) { /* the shim's lock must be usable here, and the table intact */
+            alarm(10);
+            int d = dup(k);
+            int ok = d >= 0 && shutdown(d, SHUT_RDWR) == 0 && close(d) == 0;
+            _exit(ok ? 0 : 1);
+        }
+        if (pid < 0)
+            die("fork");
+        waitpid(pid, &status, 0);
+        hung += WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM;
+        failed += !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    }
+    hammering = 0;
+    pthread_join(t, NULL);
+    printf("forks=%d hung=%d failed=%d\n", n, hung, failed);
+    printf("send_after=%zd\n", send(k, "after-forks\n", 12, 0));
+    printf("shutdown_kept=%d\n", shutdown(k, SHUT_RDWR));
+    close(k);
+    return 0;
+}
+
+static int cmd_closerange(int argc, char **argv)
+{
+    int err, k, s, r;
+    (void)argc;
+
+    k = sipp_connect(-1, 0, argv[2], argv[3], NULL, &err);
+    if (k < 0)
+        die("connect");
+    /* A copy, closed by close_range: the kept fd stays kept. */
+    printf("dup2=%d\n", dup2(k, 40) == 40);
+    r = close_range(40, 40, CLOSE_RANGE_CLOEXEC);
+    printf("cloexec_rc=%d cloexec_flag=%d", r, fcntl(40, F_GETFD) == FD_CLOEXEC);
+    printf(" shutdown_cloexec=%d\n", shutdown(40, SHUT_RDWR));
+    r = close_range(40, 45, 0);
+    errno = 0;
+    printf("range_rc=%d gone=%d\n", r, fcntl(40, F_GETFD) == -1 && errno == EBADF);
+    /* A copy closed by close(), the number reused by a UDP socket: the state went with it. */
+    r = dup2(k, 41);
+    printf("dup2_again=%d", r == 41);
+    printf(" close_copy=%d\n", close(41));
+    s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s != 41)
+        dup2(s, 41), close(s);
+    errno = 0;
+    r = shutdown(41, SHUT_RDWR);
+    printf("shutdown_udp=%d errno=%s\n", r, ename(errno));
+    close(41);
+    printf("send_kept=%zd", send(k, "after-close-range\n", 18, 0));
+    printf(" shutdown_kept=%d\n", shutdown(k, SHUT_RDWR));
+    /* close_range over the kept fd itself: released to the keeper, the number is plain again. */
+    printf("range_kept_rc=%d\n", close_range((unsigned)k, (unsigned)k, 0));
+    return reuse_number(k, argv[2], argv[4]);
 }
 
 static int cmd_server(int argc, char **argv)
@@ -503,6 +598,10 @@ int main(int argc, char **argv)
         r = cmd_dup(argc, argv);
     else if (!strcmp(argv[1], "fork") && argc >= 4)
         r = cmd_fork(argc, argv);
+    else if (!strcmp(argv[1], "threadfork") && argc >= 5)
+        r = cmd_threadfork(argc, argv);
+    else if (!strcmp(argv[1], "closerange") && argc >= 5)
+        r = cmd_closerange(argc, argv);
     else if (!strcmp(argv[1], "server") && argc >= 3)
         r = cmd_server(argc, argv);
     else if (!strcmp(argv[1], "percall") && argc >= 5)

@@ -2,7 +2,8 @@
 
 The agent's connect() to the SuT address (client role) is handed the kept connection, or,
 in the server role, the kept connections are handed to it as accepted ones on its first
-TCP listening socket: by the preload shim or by ptrace, as for `fdkeeper sipp`.
+TCP listening socket: by the preload shim or by ptrace, as for `fdkeeper sipp`. The agent's
+arguments mean nothing to fdkeeper, so modes that rewrite sipp's (udp) cannot run it.
 """
 
 from __future__ import annotations
@@ -12,52 +13,43 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fdkeeper.address import Address, parse_address
 from fdkeeper.client import ensure_keeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import HandoffRequest, choose_mode
-from fdkeeper.protocol import Address, parse_address
+from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, RunNeeds, choose_mode
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
 
 
 @dataclass
 class ExecOptions:
-    sut: str | None = None  # HOST:PORT ([IPv6]:PORT); required for the client role
+    sut: str | None = None  # IP:PORT ([IPv6]:PORT); required for the client role
     transport: str = "tcp"
     role: str = "client"
     mode: str = "auto"
-    transfer: str = "scm"
+    transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
     directory: str | os.PathLike | None = None
     reconnect: bool = False
     debug: bool = False
     tls: TlsOptions | None = None  # client role over TLS: how the keeper verifies the SuT
     extra_env: dict[str, str] = field(default_factory=dict)
 
-
-@dataclass
-class AgentInvocation:
-    """The two facts a mode reads from a sipp invocation, for an arbitrary agent."""
-
-    args: list[str]
-    role: str
+    def needs(self) -> RunNeeds:
+        """What this run asks of a handoff mode: one connection, any program."""
+        return RunNeeds(role=self.role, tls=self.transport == "tls", sipp=False, transfer=self.transfer)
 
 
 def run_exec(command: list[str], options: ExecOptions) -> int:
     """Run COMMAND with the kept connection handed over; return its exit status."""
-    if not command:
-        raise FdkeeperError("fdkeeper: exec needs a command: fdkeeper exec [OPTIONS] -- COMMAND ARGS...")
-    found = shutil.which(command[0])
-    if found is None:
-        raise FdkeeperError(f"fdkeeper: {command[0]} not found (not on PATH, or not executable)")
-    program = Path(found).resolve()
+    program = _program(command)
     if options.role not in ("client", "server"):
         raise FdkeeperError(f"fdkeeper: --role {options.role}: use client or server")
     if options.transport not in ("tcp", "tls"):
         raise FdkeeperError(f"fdkeeper: --transport {options.transport}: use tcp or tls")
+    mode = choose_mode(options.mode, program, options.needs())
     remote = _sut_address(options.sut)
     if options.role == "client" and remote is None:
         raise FdkeeperError("fdkeeper: a client agent needs --sut HOST:PORT (the SuT address its connect() uses)")
-    mode = choose_mode(options.mode, program)
     directory = resolve_directory(options.directory)
     keeper = ensure_keeper(directory)
     # Open (or check) the connection before the agent starts: errors are one line here.
@@ -70,18 +62,21 @@ def run_exec(command: list[str], options: ExecOptions) -> int:
         **(options.tls.as_fields() if options.tls and options.transport == "tls" and options.role == "client" else {}),
     )
     request = HandoffRequest(
-        sipp=program,
-        invocation=AgentInvocation(list(command[1:]), options.role),  # type: ignore[arg-type]
-        control_socket=socket_path(directory),
-        remote=remote,
-        transport=options.transport,
-        reconnect=options.reconnect,
-        debug=options.debug,
+        program=program, args=list(command[1:]), role=options.role, control_socket=socket_path(directory),
+        remote=remote, transport=options.transport, reconnect=options.reconnect, debug=options.debug,
     )
-    request.transfer = options.transfer  # type: ignore[attr-defined]  # until HandoffRequest has the field
-    handoff = mode.prepare(request)
+    handoff = mode.prepare(request, ModeOptions(ptrace=PtraceOptions(transfer=options.transfer or "scm")))
     handoff.env.update(options.extra_env)
     return mode.run(handoff)
+
+
+def _program(command: list[str]) -> Path:
+    if not command:
+        raise FdkeeperError("fdkeeper: exec needs a command: fdkeeper exec [OPTIONS] -- COMMAND ARGS...")
+    found = shutil.which(command[0])
+    if found is None:
+        raise FdkeeperError(f"fdkeeper: {command[0]} not found (not on PATH, or not executable)")
+    return Path(found).resolve()
 
 
 def _sut_address(text: str | None) -> Address | None:

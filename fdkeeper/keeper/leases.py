@@ -1,0 +1,194 @@
+"""Who holds which kept connection, and who waits for one.
+
+A lease lasts as long as its process: the keeper watches each holder with a pidfd, so a
+SIGKILLed sipp frees its connections at once. A PREPARE with wait= whose connection is busy
+becomes a waiter, answered when a lease ends or its time is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.connection import CLOSED, KeptConnection
+from fdkeeper.keeper.health import ConnectionHealth
+from fdkeeper.loop import Reactor
+from fdkeeper.protocol import Request, format_failure, send_quietly
+
+log = logging.getLogger("fdkeeper.keeper")
+
+
+@dataclass
+class Holder:
+    """A process that holds leases; its pidfd becomes readable when it exits."""
+
+    pid: int
+    pidfd: int
+    connection_ids: set[int] = field(default_factory=set)
+
+
+class Leases:
+    def __init__(
+        self,
+        reactor: Reactor,
+        connections: dict[int, KeptConnection],
+        health: ConnectionHealth,
+        on_release: Callable[[], None],
+    ) -> None:
+        self.reactor = reactor
+        self.connections = connections
+        self.health = health
+        self.on_release = on_release  # a lease ended: connections may have become free
+        self.holders: dict[int, Holder] = {}
+
+    def grant(self, connection: KeptConnection, pid: int) -> None:
+        if connection.ping_sent_at is not None:
+            self.health.settle_pong(connection)
+            if connection.state == CLOSED:
+                raise connection.closed_error()
+        if connection.holder_pid == pid:
+            return
+        holder = self.holders.get(pid) or self._new_holder(pid)
+        holder.connection_ids.add(connection.id)
+        connection.holder_pid = pid
+        connection.leases += 1
+
+    def refuse_if_held_by_other(self, connection: KeptConnection, pid: int | None) -> None:
+        """Raise busy if another live process holds ``connection``; a dead holder is released."""
+        holder = connection.holder_pid
+        if holder is None or holder == pid:
+            return
+        if not self._holder_alive(holder):
+            self.release(holder)
+            return
+        raise FdkeeperError(
+            f"fdkeeper: kept connection {connection.label()} is leased by pid {holder} ({_process_name(holder)}); "
+            "wait for that run to end, or pass --wait SECONDS",
+            "busy",
+        )
+
+    def release(self, pid: int) -> None:
+        """The holder exited: its connections become idle, for the next run."""
+        holder = self.holders.pop(pid, None)
+        if holder is None:
+            return
+        self.reactor.unwatch(holder.pidfd)
+        os.close(holder.pidfd)
+        now = time.monotonic()
+        for connection_id in holder.connection_ids:
+            connection = self.connections.get(connection_id)
+            if connection is not None and connection.holder_pid == pid:
+                connection.holder_pid = None
+                connection.last_activity = now
+                if connection.link:
+                    connection.link.end_of_lease()
+                    self.health.after_link_event(connection)
+        log.info("lease of pid %d ended", pid)
+        self.on_release()
+
+    def close(self) -> None:
+        """Forget every lease (the keeper stops; the holders keep their descriptors)."""
+        for holder in self.holders.values():
+            os.close(holder.pidfd)
+        self.holders.clear()
+
+    def _new_holder(self, pid: int) -> Holder:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise FdkeeperError(f"fdkeeper: process {pid} ended before its lease was granted", "internal") from None
+        holder = Holder(pid, pidfd)
+        self.holders[pid] = holder
+        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p))
+        return holder
+
+    def _holder_alive(self, pid: int) -> bool:
+        holder = self.holders.get(pid)
+        if holder is None:
+            return False
+        poller = select.poll()  # not select(): descriptors past 1024 are normal in a keeper
+        poller.register(holder.pidfd, select.POLLIN)
+        return not poller.poll(0)
+
+
+@dataclass
+class Waiter:
+    """A PREPARE with wait= whose connection is busy: answered when it frees or times out."""
+
+    client: socket.socket
+    request: Request
+    deadline: float
+
+
+class Waiters:
+    """PREPAREs waiting for busy connections. ``answer`` is the keeper's PREPARE: it returns
+    the OK reply, or raises FdkeeperError (busy while the connection is still held)."""
+
+    def __init__(self, answer: Callable[[Request], bytes]) -> None:
+        self.answer = answer
+        self.waiting: list[Waiter] = []
+
+    def add(self, client: socket.socket, request: Request) -> None:
+        self.waiting.append(Waiter(client, request, time.monotonic() + request.get("wait")))
+
+    def forget_client(self, client: socket.socket) -> None:
+        self.waiting = [w for w in self.waiting if w.client is not client]
+
+    def retry(self) -> None:
+        """Answer every waiter whose connection is no longer busy."""
+        waiting, self.waiting = self.waiting, []
+        for waiter in waiting:
+            try:
+                reply = self.answer(waiter.request)
+            except FdkeeperError as error:
+                if error.code == "busy":
+                    self.waiting.append(waiter)
+                else:
+                    send_quietly(waiter.client, format_failure(error))
+                continue
+            send_quietly(waiter.client, reply)
+
+    def expire(self) -> None:
+        """Tell waiters whose wait= is up why their connection is still not theirs."""
+        now = time.monotonic()
+        for waiter in [w for w in self.waiting if w.deadline <= now]:
+            self.waiting.remove(waiter)
+            try:
+                self.answer(waiter.request)
+            except FdkeeperError as error:
+                waited = f" (waited {waiter.request.get('wait'):g} s)" if error.code == "busy" else ""
+                send_quietly(waiter.client, format_failure(error, waited))
+
+
+def lease_holder(requester: int, for_pid: int | None) -> int:
+    """Who a lease belongs to: the requester (SO_PEERCRED), or with for_pid=N the process N,
+    but only when the requester is N's tracer (ptrace mode leases for the program it traces;
+    being N's tracer already means the kernel let it take N's memory and descriptors)."""
+    if for_pid is None or for_pid == requester:
+        return requester
+    try:
+        status = Path(f"/proc/{for_pid}/status").read_text()
+    except OSError:
+        raise FdkeeperError(f"fdkeeper: process {for_pid} ended before its lease was granted", "internal") from None
+    tracer = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")), 0)
+    if tracer != requester:
+        raise FdkeeperError(
+            f"fdkeeper: pid {requester} may not lease for pid {for_pid}: only the process tracing it may "
+            "(for_pid= is for --mode ptrace)",
+            "denied",
+        )
+    return for_pid
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "unknown"

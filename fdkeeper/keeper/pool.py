@@ -1,0 +1,157 @@
+"""The kept connections by identity: which ones a request means, and opening the missing ones.
+
+A client run asks for its connection by (SuT, transport, user); a server run takes every
+connection to its SuT over its transport; a per-user run only checks that its users will fit.
+Opening connects (and for TLS handshakes) in the keeper's own thread: ``_open`` is the one
+place that blocks, kept here so that it can become non-blocking later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+
+from fdkeeper.address import Address, format_address
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.connection import CLOSED, KeptConnection, open_tcp
+from fdkeeper.keeper.health import ConnectionHealth
+from fdkeeper.keeper.leases import Leases
+from fdkeeper.keeper.tlslink import TlsLink
+from fdkeeper.protocol import ProtocolError, Request
+from fdkeeper.tls import TlsOptions, handshake
+
+log = logging.getLogger("fdkeeper.keeper")
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        connections: dict[int, KeptConnection],
+        health: ConnectionHealth,
+        leases: Leases,
+        *,
+        connect_timeout: float,
+        tls_defaults: TlsOptions,
+    ) -> None:
+        self.connections = connections
+        self.health = health
+        self.leases = leases
+        self.connect_timeout = connect_timeout
+        self.tls_defaults = tls_defaults
+        # The current connection for each (SuT, transport, AoR): O(1) per lease with 10,000 users.
+        self.by_key: dict[tuple, KeptConnection] = {}
+        # TLS options a PREPARE gave for a SuT, for the per-user connections leases open later.
+        self.tls_profiles: dict[Address, TlsOptions] = {}
+        self._next_id = 1
+
+    def select(self, request: Request, pid: int | None) -> list[KeptConnection]:
+        """The connections ``request`` asks for, opened if need be; FdkeeperError if not to be had."""
+        if request.get("per_call"):
+            self._remember_tls_profile(request)
+            self._check_room(request)
+            return []
+        if request.get("role") == "client":
+            return [self._client_connection(request, pid)]
+        return self._server_connections(request, pid)
+
+    def closed_matching(self, request: Request) -> list[KeptConnection]:
+        remote = request.get("remote")
+        return [
+            c
+            for c in self.connections.values()
+            if c.state == CLOSED and c.transport == request.get("transport") and remote in (None, c.remote)
+        ]
+
+    def close(self, reason: str) -> None:
+        for connection in self.connections.values():
+            if connection.sock is not None:
+                self.health.close_connection(connection, reason)
+
+    # ---------------------------------------------------------------- choosing
+
+    def _remember_tls_profile(self, request: Request) -> None:
+        if request.get("transport") == "tls" and request.get("remote"):
+            self.tls_profiles[request.get("remote")] = TlsOptions.from_fields(request.fields, self.tls_defaults)
+
+    def _client_connection(self, request: Request, pid: int | None) -> KeptConnection:
+        remote: Address | None = request.get("remote")
+        if remote is None:
+            raise ProtocolError("badrequest", "fdkeeper: a client lease needs remote=")
+        connection = self.by_key.get((remote, request.get("transport"), request.get("aor")))
+        if connection is not None and connection.state == CLOSED:
+            if not request.get("reconnect"):
+                raise connection.closed_error()
+            log.info("replacing closed %s (--reconnect)", connection.label())
+            del self.connections[connection.id]
+            fresh = self._open(request)
+            fresh.replaces = connection.id
+            return fresh
+        if connection is not None:
+            self.leases.refuse_if_held_by_other(connection, pid)
+            return connection
+        return self._open(request)
+
+    def _server_connections(self, request: Request, pid: int | None) -> list[KeptConnection]:
+        remote: Address | None = request.get("remote")
+        transport = request.get("transport")
+        matching = [c for c in self.connections.values() if c.transport == transport and remote in (None, c.remote)]
+        target = f"{format_address(remote)}/{transport}" if remote else f"any SuT over {transport}"
+        if not matching:
+            raise FdkeeperError(
+                f"fdkeeper: no kept connection to {target}; run a client scenario first "
+                "(fdkeeper status lists what is kept)",
+                "none",
+            )
+        alive = [c for c in matching if c.state != CLOSED]
+        if not alive:
+            raise matching[-1].closed_error()
+        for connection in alive:
+            self.leases.refuse_if_held_by_other(connection, pid)
+        return alive
+
+    def _check_room(self, request: Request) -> None:
+        """A per-user run: say now, not at user 5,000, when the users would not fit."""
+        users = request.get("users") or 0
+        per_connection = 3 if request.get("transport") == "tls" else 1  # TLS: socket + socketpair
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir("/proc/self/fd"))
+        room = (soft - in_use - 64) // per_connection
+        new_users = users - sum(1 for c in self.connections.values() if c.aor and c.state != CLOSED)
+        if new_users > room:
+            raise FdkeeperError(
+                f"fdkeeper: the keeper can hold {max(room, 0)} more {request.get('transport')} connections "
+                f"(open-file limit {soft}, hard limit {hard}, {in_use} in use) but this run may need {new_users}; "
+                "raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, "
+                "then 'fdkeeper stop' and run again",
+                "limit",
+            )
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self, request: Request) -> KeptConnection:
+        """Connect (and handshake) to the SuT, blocking up to connect_timeout for each."""
+        remote, transport = request.get("remote"), request.get("transport")
+        sock = open_tcp(remote, request.get("local"), self.connect_timeout)
+        link = None
+        if transport == "tls":
+            defaults = self.tls_profiles.get(remote, self.tls_defaults)
+            options = TlsOptions.from_fields(request.fields, defaults)
+            tls, early = handshake(sock, remote, options, self.connect_timeout)
+            link = TlsLink(tls, options, early)
+            sock = tls
+        connection = KeptConnection(
+            id=self._next_id,
+            sock=link.sipp_end if link else sock,
+            transport=transport,
+            remote=remote,
+            local=sock.getsockname()[:2],
+            link=link,
+            aor=request.get("aor"),
+        )
+        self._next_id += 1
+        self.connections[connection.id] = connection
+        self.by_key[connection.key] = connection
+        self.health.watch(connection)
+        log.info("opened %s%s", connection.label(), f" ({link.info['version']})" if link else "")
+        return connection

@@ -1,0 +1,29 @@
+"""Handoff by ptrace: the shim's work done from outside the program (static sipp, any agent).
+
+fdkeeper starts the program traced and watches its system calls until the handoff is done:
+
+- client role: at connect() of an AF_INET/6 SOCK_STREAM socket to the SuT, fdkeeper leases
+  the kept connection, makes the program take it (pidfd_getfd of fdkeeper's copy, or a
+  recvmsg() of SCM_RIGHTS from fdkeeper), dup3()s it onto the program's descriptor, re-adds
+  the epoll registrations the dup3 dropped (read from /proc/PID/fdinfo of the epoll fds),
+  replays the program's socket options, and makes connect() return 0;
+- server role: after the first listen() of a TCP socket it leases the kept connections,
+  puts them into the program, makes epoll_wait() report the listener readable (timeouts
+  cut to 0 meanwhile) and accept() on it return them one by one, with their peer address.
+
+Before letting go it installs a seccomp filter in the program (all threads) that makes
+shutdown() and SO_LINGER (and TCP options on a TLS socketpair end) no-ops on the kept
+descriptors, then detaches: from then on the program runs untraced at full speed, and
+its exit-time shutdown never reaches the kernel even if fdkeeper is gone.
+
+Modules: mode (the contract; imported on every start-up, so light), permission (may we
+trace here, and why not), session (one traced run, client role), server (server role),
+transfer (leases and getting descriptors into the program), procfs (what /proc and raw
+socket addresses tell), injection (ptrace mechanics), seccomp (the filter left behind).
+The run-time modules use plain classes, not dataclasses: a dataclass compiles code at
+import, and they are imported on every --mode ptrace start-up, where each millisecond counts.
+"""
+
+from fdkeeper.modes.ptrace.mode import PtraceHandoff, PtraceMode
+
+__all__ = ["PtraceHandoff", "PtraceMode"]

@@ -1,0 +1,144 @@
+"""The ptrace mode's side of the contract: what it can do, whether it can run here, a run.
+
+Imported on every start-up of every mode (the mode table), so it stays light: the session,
+the injection machinery and python-ptrace are imported only when a traced run starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import signal
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes.base import TRANSFERS, Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, PtraceOptions
+from fdkeeper.modes.ptrace import permission
+from fdkeeper.process import FORWARDED_SIGNALS
+
+EM_X86_64 = 62
+
+
+@dataclass
+class PtraceHandoff(Handoff):
+    """The command line plus what the tracer needs to do the handoff."""
+
+    request: HandoffRequest | None = None
+    options: PtraceOptions = PtraceOptions()
+
+
+class PtraceMode(Mode):
+    name = "ptrace"
+    summary = "ptrace injection from outside sipp (static or setuid-free sipp, any agent)"
+    suits = "static programs"
+    # A client hands over once (at the first connect()) and detaches: no per-call sockets.
+    capabilities = Capabilities(per_call_roles=frozenset({"server"}), transfers=TRANSFERS)
+    _probe: str | None | bool = False  # False: not probed yet
+
+    def unsupported_reason(self, program: Path) -> str | None:
+        reason = self._static_reason(program)
+        if reason is None and permission.ptrace_in_doubt():
+            if PtraceMode._probe is False:
+                PtraceMode._probe = permission.probe_ptrace()
+            reason = PtraceMode._probe
+        return None if reason is None else reason + _other_mode_hint(program)
+
+    def _static_reason(self, program: Path) -> str | None:
+        machine = platform.machine()
+        if machine != "x86_64":
+            return f"ptrace mode injects x86_64 system calls and this machine is {machine}"
+        try:
+            import ptrace.binding  # noqa: F401
+        except ImportError:
+            return "python-ptrace is not installed (pip install python-ptrace)"
+        reason = _program_reason(program)
+        if reason is not None:
+            return reason
+        scope = permission.yama_scope()
+        if scope == "3":
+            return "ptrace is switched off (Yama ptrace_scope is 3; only a reboot undoes it)"
+        if scope == "2" and not permission.has_capability(permission.CAP_SYS_PTRACE):
+            return "Yama ptrace_scope is 2 and this process lacks CAP_SYS_PTRACE"
+        return _pidfd_getfd_reason()
+
+    def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
+        if options.ptrace.transfer not in TRANSFERS:
+            raise FdkeeperError(f"fdkeeper: --transfer {options.ptrace.transfer}: use scm or pidfd")
+        return PtraceHandoff(argv=[os.fspath(request.program), *request.args], env={}, request=request,
+                             options=options.ptrace)
+
+    def run(self, handoff: Handoff) -> int:
+        if not isinstance(handoff, PtraceHandoff) or handoff.request is None:
+            raise TypeError("the ptrace mode runs only what its own prepare() made")
+        from fdkeeper.modes.ptrace.injection import PtraceRefused, Tracer
+        from fdkeeper.modes.ptrace.session import Session
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
+        try:
+            tracer = Tracer.start(handoff.argv, {**env, **handoff.env})
+        except PtraceRefused as error:
+            raise FdkeeperError(
+                f"fdkeeper: ptrace refused for {handoff.argv[0]} ({error}): {permission.refusal_cause()}; "
+                "nothing was handed over" + _other_mode_hint(Path(handoff.argv[0]))
+            ) from None
+        session = Session(tracer, handoff.request, handoff.options.transfer)
+        forward = lambda signum, _frame: _kill_quietly(tracer.root, signum)  # noqa: E731
+        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+        try:
+            status = session.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        code = os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else 128 - code
+
+
+def _program_reason(program: Path) -> str | None:
+    """Why this file cannot be traced as we need it, or None."""
+    try:
+        with open(program, "rb") as f:
+            header = f.read(20)
+    except OSError as error:
+        return f"cannot read {program}: {error.strerror}"
+    if header[:2] == b"#!":
+        pass  # a script: its interpreter is traced from its exec on, like any program
+    elif header[:4] != b"\x7fELF" or struct.unpack_from("<H", header, 18)[0] != EM_X86_64:
+        return f"{program} is neither an x86_64 ELF program nor a #! script"
+    if program.stat().st_mode & 0o6000 and os.geteuid() != 0:
+        return f"{program} is setuid/setgid; the kernel runs a traced program without its privileges"
+    return None
+
+
+def _pidfd_getfd_reason() -> str | None:
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        from fdkeeper.modes.ptrace.injection import pidfd_getfd
+
+        os.close(pidfd_getfd(pidfd, pidfd))
+    except OSError as error:
+        if error.errno == errno.ENOSYS:
+            return f"pidfd_getfd() is not available (Linux 5.6 or later needed; this is {platform.release()})"
+    finally:
+        os.close(pidfd)
+    return None
+
+
+def _other_mode_hint(program: Path) -> str:
+    from fdkeeper.modes.preload import PreloadMode
+
+    try:
+        if PreloadMode().unsupported_reason(program) is None:
+            return "; --mode preload works here"
+    except OSError:
+        pass
+    return ""
+
+
+def _kill_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

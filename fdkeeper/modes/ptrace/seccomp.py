@@ -1,0 +1,94 @@
+"""The seccomp filter the ptrace mode leaves in the program: neutral calls on kept descriptors.
+
+Why seccomp: it works without a tracer, so ptrace can detach at once and the hot path pays
+only this filter's few instructions, while sipp's exit-time shutdown still never reaches the
+kernel, even if fdkeeper is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+
+from fdkeeper.modes.ptrace.injection import SYS, Injection
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO_0 = 0x00050000  # skip the call, return 0 (errno 0): the program sees success
+SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
+_LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
+
+
+def protection_filter(kept: list[int], pairs: list[int]) -> bytes:
+    """A seccomp filter (struct sock_filter[]) that makes, on the kept descriptors,
+    shutdown() and setsockopt(SOL_SOCKET, SO_LINGER) succeed without effect, and on
+    socketpair ends (TLS) every IPPROTO_TCP option too; everything else is allowed.
+
+    Why seccomp: it works without a tracer, so ptrace can detach at once and the hot path
+    pays only this filter's few instructions, while sipp's exit-time shutdown still never
+    reaches the kernel. It matches fd numbers, not files (see the mode's limits).
+    """
+    program: list[tuple[int, int | str, int | str, int]] = []  # (code, jt, jf, k) with labels
+    labels: dict[str, int] = {}
+
+    def ld(offset: int) -> None:
+        program.append((_LD_ABS_W, 0, 0, offset))
+
+    def jeq(value: int, target: str) -> None:  # if A == value goto target
+        program.append((_JEQ_K, target, 0, value))
+
+    def jne(value: int, target: str) -> None:  # if A != value goto target
+        program.append((_JEQ_K, 0, target, value))
+
+    def ret(value: int) -> None:
+        program.append((_RET_K, 0, 0, value))
+
+    ld(4)  # arch
+    jne(AUDIT_ARCH_X86_64, "allow")
+    ld(0)  # nr
+    jeq(SYS["shutdown"], "fds_all")
+    jne(SYS["setsockopt"], "allow")
+    ld(24)  # level (low word of args[1])
+    jeq(IPPROTO_TCP, "fds_pair")
+    jne(SOL_SOCKET, "allow")
+    ld(32)  # optname
+    jne(SO_LINGER, "allow")
+    for label, fds in (("fds_all", kept), ("fds_pair", pairs)):
+        labels[label] = len(program)
+        ld(16)  # fd (low word of args[0])
+        for fd in fds:
+            jeq(fd, "neutral")
+        ret(SECCOMP_RET_ALLOW)
+    labels["allow"] = len(program)
+    ret(SECCOMP_RET_ALLOW)
+    labels["neutral"] = len(program)
+    ret(SECCOMP_RET_ERRNO_0)
+
+    out = bytearray()
+    for index, (code, jt, jf, k) in enumerate(program):
+        jt = labels[jt] - index - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - index - 1 if isinstance(jf, str) else jf
+        assert 0 <= jt < 256 and 0 <= jf < 256, "filter too long for one BPF jump"
+        out += struct.pack("<HBBI", code, jt, jf, k)
+    return bytes(out)
+
+
+def install_protection(injection: Injection, kept: list[int], pairs: list[int]) -> None:
+    """Install the filter in the held program, all its threads (TSYNC); chunks of fds."""
+    for start in range(0, max(len(kept), 1), FDS_PER_FILTER):
+        chunk = kept[start : start + FDS_PER_FILTER]
+        code = protection_filter(chunk, [fd for fd in pairs if fd in chunk])
+        base = injection.scratch_area()
+        program_at = base + 4096
+        injection.tracer.write(injection.tid, program_at, code)
+        injection.tracer.write(injection.tid, base + 4032, struct.pack("<HxxxxxxQ", len(code) // 8, program_at))
+        result = injection.call("seccomp", 1, 1, base + 4032)  # SET_MODE_FILTER, FLAG_TSYNC
+        if result == -errno.EACCES:
+            # Without CAP_SYS_ADMIN a filter needs no_new_privs (the program's later execs
+            # then cannot gain privileges: documented in the mode's limits).
+            injection.check("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            result = injection.call("seccomp", 1, 1, base + 4032)
+        if result != 0:
+            raise OSError(-result if result < 0 else errno.EBUSY, "installing the seccomp filter that keeps shutdown() off the kept connection")

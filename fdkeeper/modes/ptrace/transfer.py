@@ -1,0 +1,114 @@
+"""Leasing kept connections for the traced program, and getting them into it.
+
+The lease is made for the program (for_pid=, which the keeper checks against its
+TracerPid); the descriptors then reach the program by SCM_RIGHTS (a recvmsg() injected
+into it) or by pidfd_getfd() (injected, on a pidfd of fdkeeper).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import socket
+import struct
+from typing import Callable
+
+from fdkeeper.client import KeeperClient, Leased
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes.base import HandoffRequest
+from fdkeeper.modes.ptrace.injection import Injection, Tracer, libc
+from fdkeeper.protocol import MAX_FDS_PER_PACKET
+
+SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
+PR_SET_PTRACER = 0x59616D61
+
+
+def lease_for(request: HandoffRequest, tgid: int, transfer: str, say: Callable[[str], None], **fields: object) -> Leased:
+    """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid)."""
+    keeper = KeeperClient(request.directory)
+    base = {k: v for k, v in fields.items() if v is not None}
+    base["transport"] = request.transport
+    try:
+        return keeper.lease_connections(**base, for_pid=tgid, mode="ptrace", transfer=transfer)
+    except FdkeeperError as error:
+        if error.code != "badrequest" or "for_pid" not in str(error):
+            raise
+    # A keeper without for_pid: the lease is this fdkeeper process's, which lives exactly
+    # as long as the traced program (it waits for it), so it ends with it all the same.
+    say("the keeper does not know for_pid=; the lease is held by fdkeeper itself")
+    return keeper.lease_connections(**base)
+
+
+class Transfer:
+    """Makes the held program take copies of our descriptors (close-on-exec there)."""
+
+    def __init__(self, tracer: Tracer, how: str) -> None:
+        self.tracer = tracer
+        self.how = how
+        self._scm: socket.socket | None = None
+
+    def into(self, injection: Injection, tgid: int, fds: list[int]) -> list[int]:
+        """Their numbers in the program, in the order of ``fds``."""
+        if self.how == "pidfd":
+            # Yama scope 1 lets only ancestors use pidfd_getfd on us unless we name the program.
+            libc.prctl(PR_SET_PTRACER, tgid, 0, 0, 0)
+            pidfd = injection.check("pidfd_open", os.getpid(), 0)
+            try:
+                return [injection.check("pidfd_getfd", pidfd, fd, 0) for fd in fds]
+            finally:
+                injection.call("close", pidfd)
+        return self._by_scm(injection, tgid, fds)
+
+    def close(self) -> None:
+        if self._scm is not None:
+            self._scm.close()
+
+    def _listener(self) -> socket.socket:
+        if self._scm is None:
+            self._scm = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self._scm.bind(b"\0fdkeeper-ptrace-%d-%s" % (os.getpid(), os.urandom(8).hex().encode()))
+            self._scm.listen(4)
+            self._scm.settimeout(5)
+        return self._scm
+
+    def _accept_from(self, tgid: int) -> socket.socket:
+        """Anyone may connect to an abstract name: only the program gets descriptors."""
+        while True:
+            connection, _ = self._listener().accept()
+            pid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            if pid == tgid:
+                return connection
+            connection.close()
+
+    def _by_scm(self, injection: Injection, tgid: int, fds: list[int]) -> list[int]:
+        name = self._listener().getsockname()
+        base = injection.scratch_area()
+        self.tracer.write(injection.tid, base, struct.pack("<H", socket.AF_UNIX) + name)
+        program_end = injection.check("socket", socket.AF_UNIX, socket.SOCK_SEQPACKET | SOCK_CLOEXEC, 0)
+        received: list[int] = []
+        try:
+            injection.check("connect", program_end, base, 2 + len(name))
+            with self._accept_from(tgid) as connection:
+                for start in range(0, len(fds), MAX_FDS_PER_PACKET):
+                    chunk = fds[start : start + MAX_FDS_PER_PACKET]
+                    connection.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", chunk))])
+                    received += self._receive_in_program(injection, program_end, base, len(chunk))
+        finally:
+            injection.call("close", program_end)
+        return received
+
+    def _receive_in_program(self, injection: Injection, program_end: int, base: int, count: int) -> list[int]:
+        """An injected recvmsg() of one packet of ``count`` descriptors; their numbers there."""
+        tid = injection.tid
+        control = base + 512
+        control_len = socket.CMSG_SPACE(4 * count)
+        # msghdr (name, namelen, iov, iovlen, control, controllen, flags), one iovec, 16 bytes of data
+        self.tracer.write(tid, base + 128, struct.pack("<QI4xQQQQi4x", 0, 0, base + 256, 1, control, control_len, 0))
+        self.tracer.write(tid, base + 256, struct.pack("<QQ", base + 320, 16))
+        injection.check("recvmsg", program_end, base + 128, MSG_CMSG_CLOEXEC)
+        length, level, kind = struct.unpack("<Qii", self.tracer.read(tid, control, 16))
+        if (level, kind) != (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            raise OSError(errno.EPROTO, "no descriptors arrived in the traced program")
+        got = (length - 16) // 4
+        return list(struct.unpack(f"<{got}i", self.tracer.read(tid, control + 16, 4 * got)))

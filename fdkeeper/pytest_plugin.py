@@ -1,0 +1,241 @@
+"""pytest plugin (entry point `pytest11`): a keeper, sipp runs through it, the embedded SuT.
+
+Fixtures:
+- ``fdkeeper_keeper``: a keeper state directory of the test's own (so `pytest -n` with
+  pytest-xdist runs tests side by side), stopped with `fdkeeper stop --dir` after the
+  test; when the test fails, the keeper's log is attached to its report.
+- ``sipp``: runs sipp through `fdkeeper sipp --dir <that keeper>`:
+  ``sipp.run(*args, timeout=60)`` waits and returns a result (``exit``, ``successful`` and
+  ``failed`` calls from sipp's statistics, ``out``/``err``/``files`` log paths, ``ok``,
+  ``tail()``); ``sipp.start(*args)`` returns a handle with ``pid``, ``wait_ready()``,
+  ``wait()`` and ``stop()``. sipp's trace files land in the test's ``tmp_path/sipp``.
+- ``kamailio_sut``: the embedded Kamailio (fdkeeper.testbed), listening on TCP (``address``)
+  and TLS (``tls_address``, with ``tls_options`` for `fdkeeper sipp`), and ``call()`` to
+  place calls to a registered user through it.
+
+    def test_register_then_answer(sipp, kamailio_sut, tmp_path):
+        users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
+        assert sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-m", "1", kamailio_sut.address).ok
+        answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-p", "5070", "-m", "1", kamailio_sut.address)
+        answer.wait_ready()
+        assert kamailio_sut.call("alice").ok and answer.wait().successful == 1
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from fdkeeper import readiness, testbed
+from fdkeeper.client import KeeperClient
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.statedir import LOG_NAME
+from fdkeeper.testrun.model import DEFAULT_TIMEOUT, Step
+from fdkeeper.testrun.steps import StepContext, StepResult, StepRun
+from fdkeeper.testrun.sut import embedded_kamailio
+from fdkeeper.testrun.testcase import stop_keeper
+
+POLL = 0.05
+READY_TIMEOUT = 15.0
+
+
+class Keeper:
+    """A keeper state directory of one test; the keeper starts with the first sipp run."""
+
+    def __init__(self, directory: Path, kept_log: Path) -> None:
+        self.directory = directory
+        self.kept_log = kept_log  # where the log is copied when the test ends
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / LOG_NAME
+
+    def log_text(self) -> str:
+        for path in (self.log_path, self.kept_log):
+            try:
+                return path.read_text(errors="replace")
+            except OSError:
+                continue
+        return ""
+
+    def status(self) -> dict:
+        return KeeperClient(self.directory).status()
+
+    def connections(self) -> list[dict]:
+        return self.status()["connections"]
+
+    def stop(self) -> None:
+        stop_keeper(self.directory, self.kept_log)
+
+
+class SippRun:
+    """A sipp run started through the keeper."""
+
+    def __init__(self, run: StepRun, keeper: Keeper) -> None:
+        self._run = run
+        self._keeper = keeper
+
+    @property
+    def pid(self) -> int:
+        """The `fdkeeper sipp` process (sipp is its child)."""
+        return self._run.pid
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until this server run holds the kept connections and listens (see fdkeeper.readiness)."""
+        try:
+            readiness.wait_ready(self.pid, self._keeper.directory, timeout)
+        except (FdkeeperError, TimeoutError) as error:
+            raise type(error)(f"{error}\n{StepResult('', '', out=self._run.out, err=self._run.err).tail()}") from None
+
+    def wait(self, timeout: float | None = None) -> StepResult:
+        """Until the run ends (killed after its timeout, or ``timeout`` seconds from now)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._run.poll() is None:
+            if self._run.check_timeout():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self._run.timed_out = True
+                self._run.stop()
+                break
+            time.sleep(POLL)
+        return self._run.result()
+
+    def stop(self) -> StepResult:
+        self._run.stop()
+        return self._run.result()
+
+
+class Sipp:
+    """The ``sipp`` fixture: runs through `fdkeeper sipp --dir <the test's keeper>`."""
+
+    def __init__(self, keeper: Keeper, sipp_path: str, log_dir: Path) -> None:
+        self.keeper = keeper
+        self.sipp_path = sipp_path
+        self.log_dir = log_dir
+        self.runs: list[SippRun] = []
+
+    def start(self, *args: object, name: str | None = None, options: tuple[str, ...] = (),
+              timeout: float = DEFAULT_TIMEOUT) -> SippRun:
+        """Start sipp with ``args`` (a scenario name alone is one of fdkeeper's scenarios);
+        ``options`` are fdkeeper sipp's own (e.g. --tls-ca)."""
+        arguments = _with_shipped_scenarios([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+        step = Step(name=name or f"sipp-{len(self.runs) + 1}", kind="sipp", args=arguments, options=list(options),
+                    timeout=timeout)
+        # sipp runs in the test's working directory: relative paths mean what they mean there.
+        context = StepContext(here=Path.cwd(), logs=self.log_dir, keeper_dir=self.keeper.directory,
+                              sipp=self.sipp_path, values={}, free_port=lambda _label: testbed.free_port(),
+                              substitute=False)
+        run = SippRun(StepRun(step, context), self.keeper)
+        self.runs.append(run)
+        return run
+
+    def run(self, *args: object, timeout: float = DEFAULT_TIMEOUT, name: str | None = None,
+            options: tuple[str, ...] = ()) -> StepResult:
+        return self.start(*args, name=name, options=options, timeout=timeout).wait()
+
+    def stop_all(self) -> None:
+        for run in self.runs:
+            run.stop()
+
+
+def _with_shipped_scenarios(args: list[str]) -> list[str]:
+    """-sf NAME.xml names a scenario shipped with fdkeeper when no such file is here."""
+    for index, arg in enumerate(args[:-1]):
+        if arg == "-sf" and not os.path.isabs(args[index + 1]) and not os.path.exists(args[index + 1]):
+            shipped = testbed.SCENARIOS_DIR / args[index + 1]
+            if shipped.exists():
+                args[index + 1] = os.fspath(shipped)
+    return args
+
+
+@dataclass
+class EmbeddedSut:
+    """The ``kamailio_sut`` fixture's value."""
+    kamailio: testbed.Kamailio
+    pki: testbed.TestPki
+    sipp_path: str
+    log_dir: Path
+
+    @property
+    def address(self) -> str:
+        return self.kamailio.address
+
+    @property
+    def tls_address(self) -> str:
+        return self.kamailio.tls_address
+
+    @property
+    def domain(self) -> str:
+        return self.kamailio.domain
+
+    @property
+    def tls_options(self) -> tuple[str, ...]:
+        """`fdkeeper sipp` options that verify this SuT's TLS certificate."""
+        return ("--tls-ca", os.fspath(self.pki.ca_cert), "--tls-sni", self.pki.server_name)
+
+    def users_csv(self, path: Path, users: list[str]) -> Path:
+        return testbed.write_users_csv(path, users, self.domain)
+
+    def call(self, user: str, count: int = 1, timeout: float = 30) -> testbed.SippResult:
+        """A third party calls sip:USER@domain through the SuT (plain sipp over UDP)."""
+        return testbed.place_calls(self.kamailio, user, count, sipp=self.sipp_path, timeout=timeout, log_dir=self.log_dir)
+
+
+@pytest.fixture(scope="session")
+def fdkeeper_sipp_path() -> str:
+    """The sipp binary ($FDKEEPER_SIPP or PATH)."""
+    try:
+        return testbed.find_sipp()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def fdkeeper_keeper(tmp_path: Path) -> Iterator[Keeper]:
+    # A short directory of its own: the control socket's path must fit in 108 bytes,
+    # which pytest's tmp_path does not promise.
+    directory = Path(tempfile.mkdtemp(prefix="fdkp-"))
+    keeper = Keeper(directory / "keeper", tmp_path / "keeper.log")
+    try:
+        yield keeper
+    finally:
+        keeper.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def sipp(fdkeeper_keeper: Keeper, fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[Sipp]:
+    log_dir = tmp_path / "sipp"
+    log_dir.mkdir(exist_ok=True)
+    factory = Sipp(fdkeeper_keeper, fdkeeper_sipp_path, log_dir)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture
+def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSut]:
+    workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
+    try:
+        with embedded_kamailio("tls", workdir, tmp_path) as (kamailio, pki):
+            yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test that used a keeper gets the keeper's log in its report."""
+    outcome = yield
+    report = outcome.get_result()
+    keeper = getattr(item, "funcargs", {}).get("fdkeeper_keeper")
+    if report.failed and isinstance(keeper, Keeper):
+        report.sections.append(("fdkeeper keeper log", keeper.log_text() or f"(no log in {keeper.directory})"))

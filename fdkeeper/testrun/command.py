@@ -1,0 +1,83 @@
+"""`fdkeeper run TEST...`: run test files, print a line per step and a summary, write JUnit.
+
+Exit status: 0 when every test passed (an `xfail:` test that failed counts as expected),
+1 when one failed, 2 for bad input (a bad test file, no test selected, no sipp): then
+nothing runs and each bad file is one line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.sipp.runner import find_sipp
+from fdkeeper.testrun import logs
+from fdkeeper.testrun.console import Console
+from fdkeeper.testrun.junit import write_junit
+from fdkeeper.testrun.model import TestFileError, TestSpec, load_test
+from fdkeeper.testrun.testcase import TestResult, run_test
+
+EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
+
+
+def load_tests(paths: list[Path], selection: str | None) -> list[TestSpec]:
+    """Every test file, checked before any runs; TestFileError with one line per bad file."""
+    specs, problems = [], []
+    for path in paths:
+        try:
+            specs.append(load_test(path))
+        except TestFileError as error:
+            problems.append(str(error))
+    if problems:
+        raise TestFileError("\n".join(problems))
+    if selection:
+        specs = [spec for spec in specs if selection in spec.name or selection in str(spec.path)]
+        if not specs:
+            raise TestFileError(f"fdkeeper: no test matches -k {selection!r}")
+    return specs
+
+
+def run_tests(specs: list[TestSpec], logs_base: Path, sipp: str, keep_logs: bool, junit: Path | None,
+              console: Console) -> list[TestResult]:
+    run_dir = logs.new_run_dir(logs_base, keep_all=keep_logs)
+    console.say(f"fdkeeper run: {len(specs)} test(s); logs in {run_dir}")
+    started, clock = time.time(), time.monotonic()
+    results = [run_test(spec, run_dir, sipp, console) for spec in specs]
+    console.summary(results)
+    if junit is not None:
+        write_junit(junit, results, started, time.monotonic() - clock)
+        console.say(f"JUnit report: {junit}")
+    return results
+
+
+@click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("tests", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE", help="Write a JUnit XML report: one test case per test.")
+@click.option("--logs", "logs_base", type=click.Path(path_type=Path, file_okay=False), default=Path("fdkeeper-logs"), show_default=True, metavar="DIR", help="Log folders: DIR/<timestamp>/<test>/, DIR/latest is the newest.")
+@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
+@click.option("--keep-logs", is_flag=True, help=f"Keep every earlier run's logs (default: the last {logs.KEEP_RUNS}).")
+@click.option("-k", "--filter", "selection", metavar="TEXT", help="Only tests whose name or path contains TEXT.")
+def run_command(tests, junit, logs_base, sipp_path, keep_logs, selection) -> None:
+    """Run test files (YAML): sipp runs through a keeper of their own, other commands,
+    an optional embedded SuT; see docs/examples/."""
+    try:
+        specs = load_tests(list(tests), selection)
+        sipp = str(find_sipp(sipp_path))
+    except FdkeeperError as error:
+        click.echo(str(error), err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        results = run_tests(specs, logs_base, sipp, keep_logs, junit, Console())
+    except KeyboardInterrupt:  # the running test's steps, keeper and SuT were stopped on the way out
+        click.echo("fdkeeper run: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_PASSED if all(result.ok for result in results) else EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    run_command()

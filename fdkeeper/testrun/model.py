@@ -1,0 +1,354 @@
+"""The test file (YAML): what a test is, read and checked before anything runs.
+
+    name: register-answer-tcp        # default: the file's name without .yaml
+    sut: embedded                    # or HOST:PORT; absent: no SuT variables
+    transport: tcp                   # embedded SuT: tcp, or tls (adds a TLS listener)
+    xfail: "why it fails today"      # optional: a failure is expected, not counted
+    vars: {users: "${here}/users.csv"}
+    steps:
+      - name: register
+        sipp: -sf ${scenarios}/uac-register.xml -inf ${users} -t t1 -i 127.0.0.1 -m 1 ${sut}
+        options: [--tls-ca, "${tls_ca}"]      # fdkeeper sipp's own options (sipp steps)
+        after: STEP | [STEP...]     # start once those steps finished
+        started: STEP | [STEP...]   # ... once their process started
+        ready: STEP | [STEP...]     # ... once their server sipp is ready to receive
+        wait: 0.5                   # extra seconds after the above
+        timeout: 60                 # seconds; then the step is killed and fails
+        expect: {exit: 0, successful: 1, failed: 0}
+      - name: list
+        command: fdkeeper status --dir ${keeper_dir}
+
+A bad file is one line naming the file, the step and the field (``TestFileError``).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fdkeeper.address import split_host_port
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.testrun import variables
+
+DEFAULT_TIMEOUT = 60.0
+ORDERINGS = ("after", "started", "ready")
+STEP_FIELDS = {"name", "sipp", "command", "options", "wait", "timeout", "expect", *ORDERINGS}
+TEST_FIELDS = {"name", "description", "sut", "transport", "xfail", "vars", "steps"}
+EXPECT_FIELDS = {"exit", "successful", "failed"}
+_STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TestFileError(FdkeeperError):
+    """A test file that cannot run; its message is the one line to print."""
+
+    __test__ = False  # not a pytest test class
+
+
+@dataclass(frozen=True)
+class Expect:
+    exit: int = 0
+    successful: int | None = None
+    failed: int | None = None
+
+
+@dataclass
+class Step:
+    name: str
+    kind: str                      # "sipp" or "command"
+    args: list[str]                # tokens, ${name}s not yet replaced
+    options: list[str] = field(default_factory=list)
+    after: tuple[str, ...] = ()
+    started: tuple[str, ...] = ()
+    ready: tuple[str, ...] = ()
+    wait: float = 0.0
+    timeout: float = DEFAULT_TIMEOUT
+    expect: Expect = Expect()
+
+    def waits_for(self) -> set[str]:
+        return {*self.after, *self.started, *self.ready}
+
+
+@dataclass
+class TestSpec:
+    path: Path
+    name: str
+    steps: list[Step]
+    sut: str | None = None         # "embedded" or HOST:PORT
+    transport: str = "tcp"
+    vars: dict[str, str] = field(default_factory=dict)
+    xfail: str | None = None
+    description: str = ""
+
+    __test__ = False
+
+    def known_variables(self) -> set[str]:
+        known = set(variables.BUILTIN) | set(self.vars)
+        if self.sut:
+            known |= set(variables.SUT_VARIABLES)
+        if self.sut == "embedded" and self.transport == "tls":
+            known |= set(variables.TLS_VARIABLES)
+        return known
+
+
+class _Where:
+    """Builds the one-line error for a place in a file."""
+
+    def __init__(self, path: Path, step: str | None = None) -> None:
+        self.path = path
+        self.step = step
+
+    def error(self, field_name: str | None, text: str) -> TestFileError:
+        parts = [f"fdkeeper: {self.path}"]
+        if self.step is not None:
+            parts.append(f"step '{self.step}'")
+        if field_name is not None:
+            parts.append(f"field '{field_name}'")
+        return TestFileError(": ".join([*parts, text]))
+
+
+def load_test(path: Path) -> TestSpec:
+    """Read and check one test file; raise TestFileError (one line) when it is bad."""
+    path = Path(path)
+    where = _Where(path)
+    document = _read_yaml(path, where)
+    if not isinstance(document, dict):
+        raise where.error(None, f"expected a mapping with 'steps', got {_kind(document)}")
+    _no_unknown(document, TEST_FIELDS, where)
+    spec = TestSpec(
+        path=path,
+        name=_text(document.get("name", path.stem), "name", where),
+        steps=[],
+        sut=_sut(document.get("sut"), where),
+        transport=_choice(document.get("transport", "tcp"), ("tcp", "tls"), "transport", where),
+        vars=_vars(document.get("vars") or {}, where),
+        xfail=_optional_text(document.get("xfail"), "xfail", where),
+        description=_optional_text(document.get("description"), "description", where) or "",
+    )
+    if spec.transport == "tls" and spec.sut != "embedded":
+        raise where.error("transport", "only an embedded SuT ('sut: embedded') is started with TLS; for your own SuT pass --tls-* in the steps' options")
+    spec.steps = _steps(document.get("steps"), where)
+    _check_variables(spec, where)
+    return spec
+
+
+def _read_yaml(path: Path, where: _Where) -> Any:
+    try:
+        import yaml  # here: the pytest plugin imports this module, and must load without PyYAML
+    except ImportError:
+        raise where.error(None, "reading test files needs PyYAML, which is not installed (pip install pyyaml)") from None
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise where.error(None, f"cannot read it: {error.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise where.error(None, f"{line}not valid YAML: {problem}") from None
+
+
+def _steps(raw: Any, where: _Where) -> list[Step]:
+    if not isinstance(raw, list) or not raw:
+        raise where.error("steps", f"expected a list of steps, got {_kind(raw)}")
+    steps: list[Step] = []
+    for index, item in enumerate(raw, 1):
+        name = item.get("name") if isinstance(item, dict) else None
+        step_where = _Where(where.path, str(name) if name is not None else f"#{index}")
+        if not isinstance(item, dict):
+            raise step_where.error(None, f"expected a mapping, got {_kind(item)}")
+        steps.append(_step(item, step_where))
+    _check_orderings(steps, where)
+    return steps
+
+
+def _step(item: dict, where: _Where) -> Step:
+    _no_unknown(item, STEP_FIELDS, where)
+    name = _text(item.get("name"), "name", where)
+    if not _STEP_NAME.match(name):
+        raise where.error("name", f"expected letters, digits, '.', '_' or '-' (it names log files), got {name!r}")
+    kinds = [kind for kind in ("sipp", "command") if kind in item]
+    if len(kinds) != 1:
+        raise where.error("sipp", "expected exactly one of 'sipp' (sipp's arguments) or 'command' (any command)")
+    kind = kinds[0]
+    if "options" in item and kind != "sipp":
+        raise where.error("options", "only a 'sipp' step takes fdkeeper sipp options")
+    step = Step(
+        name=name,
+        kind=kind,
+        args=_tokens(item[kind], kind, where),
+        options=_tokens(item.get("options", []), "options", where, allow_empty=True),
+        wait=_seconds(item.get("wait", 0), "wait", where, allow_zero=True),
+        timeout=_seconds(item.get("timeout", DEFAULT_TIMEOUT), "timeout", where),
+        expect=_expect(item.get("expect", {}), kind, where),
+        **{ordering: _names(item.get(ordering), ordering, where) for ordering in ORDERINGS},
+    )
+    return step
+
+
+def _check_orderings(steps: list[Step], where: _Where) -> None:
+    by_name: dict[str, Step] = {}
+    for step in steps:
+        if step.name in by_name:
+            raise _Where(where.path, step.name).error("name", "two steps have this name")
+        by_name[step.name] = step
+    for step in steps:
+        step_where = _Where(where.path, step.name)
+        for ordering in ORDERINGS:
+            for other in getattr(step, ordering):
+                if other == step.name:
+                    raise step_where.error(ordering, "a step cannot wait for itself")
+                if other not in by_name:
+                    raise step_where.error(ordering, f"no step named '{other}' (steps: {', '.join(by_name)})")
+                if ordering == "ready" and by_name[other].kind != "sipp":
+                    raise step_where.error(ordering, f"'{other}' is a command; only a sipp step can be ready to receive")
+    _refuse_cycles(by_name, where)
+
+
+def _refuse_cycles(by_name: dict[str, Step], where: _Where) -> None:
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = " -> ".join(chain[chain.index(name):] + [name])
+            raise _Where(where.path, name).error("after", f"the steps wait for each other: {cycle}")
+        state[name] = "visiting"
+        for other in sorted(by_name[name].waits_for()):
+            visit(other, chain + [name])
+        state[name] = "done"
+
+    for name in by_name:
+        visit(name, [])
+
+
+def _check_variables(spec: TestSpec, where: _Where) -> None:
+    known = set(variables.BUILTIN) | (spec.known_variables() - set(spec.vars))
+    for name, text in spec.vars.items():  # a var may use builtins and earlier vars
+        _known(text, known, where, f"vars.{name}")
+        known.add(name)
+    for step in spec.steps:
+        step_where = _Where(where.path, step.name)
+        for field_name, tokens in ((step.kind, step.args), ("options", step.options)):
+            for token in tokens:
+                _known(token, known, step_where, field_name)
+
+
+def _known(text: str, known: set[str], where: _Where, field_name: str) -> None:
+    try:
+        variables.check_known(text, known)
+    except variables.UnknownVariable as error:
+        raise where.error(field_name, str(error)) from None
+
+
+# ------------------------------------------------------------------ field readers
+
+
+def _kind(value: Any) -> str:
+    return {type(None): "nothing", dict: "a mapping", list: "a list", str: f"{value!r}"}.get(type(value), f"'{value}'")
+
+
+def _no_unknown(item: dict, allowed: set[str], where: _Where) -> None:
+    for key in item:
+        if key not in allowed:
+            raise where.error(str(key), f"unknown field (known: {', '.join(sorted(allowed))})")
+
+
+def _text(value: Any, field_name: str, where: _Where) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value) == "":
+        raise where.error(field_name, f"expected text, got {_kind(value)}")
+    return str(value)
+
+
+def _optional_text(value: Any, field_name: str, where: _Where) -> str | None:
+    return None if value is None else _text(value, field_name, where)
+
+
+def _choice(value: Any, choices: tuple[str, ...], field_name: str, where: _Where) -> str:
+    if value not in choices:
+        raise where.error(field_name, f"expected {' or '.join(choices)}, got {_kind(value)}")
+    return value
+
+
+def _sut(value: Any, where: _Where) -> str | None:
+    if value is None or value == "embedded":
+        return value
+    text = _text(value, "sut", where)
+    try:
+        split_host_port(text)
+    except ValueError:
+        raise where.error("sut", f"expected 'embedded' or HOST:PORT, got {text!r}") from None
+    return text
+
+
+def _vars(value: Any, where: _Where) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise where.error("vars", f"expected a mapping of names to values, got {_kind(value)}")
+    result = {}
+    for name, text in value.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise where.error("vars", f"expected names of letters, digits and '_', got {name!r}")
+        if name in variables.BUILTIN or name in variables.SUT_VARIABLES + variables.TLS_VARIABLES:
+            raise where.error(f"vars.{name}", "this name is set by fdkeeper run; choose another")
+        result[name] = _text(text, f"vars.{name}", where)
+    return result
+
+
+def _tokens(value: Any, field_name: str, where: _Where, allow_empty: bool = False) -> list[str]:
+    if isinstance(value, str):
+        try:
+            tokens = shlex.split(value)
+        except ValueError as error:
+            raise where.error(field_name, f"cannot split it into arguments: {error}") from None
+    elif isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        tokens = [str(v) for v in value]
+    else:
+        raise where.error(field_name, f"expected a list of arguments or one line, got {_kind(value)}")
+    if not tokens and not allow_empty:
+        raise where.error(field_name, "expected at least one argument")
+    return tokens
+
+
+def _names(value: Any, field_name: str, where: _Where) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    return tuple(_text(v, field_name, where) for v in values)
+
+
+def _seconds(value: Any, field_name: str, where: _Where, allow_zero: bool = False) -> float:
+    text = str(value).strip()
+    number = text[:-1].strip() if text.endswith("s") else text
+    try:
+        seconds = float(number)
+    except ValueError:
+        raise where.error(field_name, f"expected seconds, got {_kind(value)}") from None
+    if isinstance(value, bool) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds:
+        raise where.error(field_name, f"expected seconds{' (0 or more)' if allow_zero else ' above 0'}, got {_kind(value)}")
+    return seconds
+
+
+def _count(value: Any, field_name: str, where: _Where) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise where.error(field_name, f"expected a whole number (0 or more), got {_kind(value)}")
+    return value
+
+
+def _expect(value: Any, kind: str, where: _Where) -> Expect:
+    if not isinstance(value, dict):
+        raise where.error("expect", f"expected a mapping (exit, successful, failed), got {_kind(value)}")
+    for key in value:
+        if key not in EXPECT_FIELDS:
+            raise where.error(f"expect.{key}", f"unknown field (known: {', '.join(sorted(EXPECT_FIELDS))})")
+    counts = {key: _count(value[key], f"expect.{key}", where) for key in ("successful", "failed") if key in value}
+    if counts and kind != "sipp":
+        raise where.error("expect", "call counts are read from sipp's statistics: only a 'sipp' step has them")
+    exit_status = value.get("exit", 0)
+    if isinstance(exit_status, bool) or not isinstance(exit_status, int):
+        raise where.error("expect.exit", f"expected an exit status (a whole number), got {_kind(exit_status)}")
+    return Expect(exit=exit_status, **counts)

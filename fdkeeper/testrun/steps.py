@@ -1,0 +1,250 @@
+"""One step of a test as a process: its command line, its log files, its verdict.
+
+A `sipp` step runs `fdkeeper sipp --dir <the test's keeper dir>` with sipp's trace options
+added (each only when the step does not give it itself), so its statistics, screen,
+errors and messages land in the test's log folder next to `<step>.out` and `<step>.err`.
+A `command` step runs its command as it is. Both run in the test file's directory, in
+their own process group (a timeout kills the whole step, never the runner).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fdkeeper.testbed import read_sipp_stats
+from fdkeeper.testrun import variables
+from fdkeeper.testrun.model import Step
+
+STOP_GRACE = 5.0  # seconds between SIGTERM (sipp still writes its statistics) and SIGKILL
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+@dataclass
+class StepContext:
+    """What every step of one test shares."""
+    here: Path                     # the test file's directory: the steps' working directory
+    logs: Path                     # the test's log folder
+    keeper_dir: Path
+    sipp: str
+    values: dict[str, str]
+    free_port: Callable[[str], int]
+    substitute: bool = True        # False: arguments are taken literally (the pytest plugin)
+
+    def expand(self, tokens: list[str]) -> list[str]:
+        if not self.substitute:
+            return list(tokens)
+        return [variables.substitute(token, self.values, self.free_port) for token in tokens]
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str                    # passed, failed or skipped
+    reasons: list[str] = field(default_factory=list)
+    exit: int | None = None
+    successful: int | None = None
+    failed: int | None = None
+    duration: float = 0.0
+    out: Path | None = None
+    err: Path | None = None
+    command: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # sipp's traces: stat, screen, errors, messages
+
+    @property
+    def ok(self) -> bool:
+        return self.status == PASSED
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of the step's stdout and stderr, for reports."""
+        parts = []
+        for label, path in (("stdout", self.out), ("stderr", self.err)):
+            text = _read(path).rstrip()
+            if text:
+                parts.append(f"--- {label} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts) or "(no output)"
+
+    def counts(self) -> str:
+        if self.successful is None:
+            return ""
+        return f"{self.successful} successful, {self.failed} failed"
+
+
+def _read(path: Path | None) -> str:
+    try:
+        return path.read_text(errors="replace") if path else ""
+    except OSError:
+        return ""
+
+
+class StepRun:
+    """A started step."""
+
+    def __init__(self, step: Step, context: StepContext) -> None:
+        self.step = step
+        self.out = context.logs / f"{step.name}.out"
+        self.err = context.logs / f"{step.name}.err"
+        self.files: dict[str, Path] = {}
+        self.command = self._command(context)
+        self.timed_out = False
+        self.started_at = time.monotonic()
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.process = subprocess.Popen(
+                self.command, cwd=context.here, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                env=_environment(context), start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _command(self, context: StepContext) -> list[str]:
+        args = context.expand(self.step.args)
+        if self.step.kind == "command":
+            return args
+        trace, files = trace_options(args, context.logs, self.step.name)
+        self.files = {kind: context.here / path for kind, path in files.items()}  # sipp runs in `here`
+        return [
+            sys.executable, "-m", "fdkeeper", "sipp", "--dir", os.fspath(context.keeper_dir), "--sipp", context.sipp,
+            *context.expand(self.step.options), *trace, *args,
+        ]
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def progress(self) -> str:
+        """How far the step is: its time and, for sipp, the calls counted so far."""
+        text = f"{self.elapsed():.0f} s"
+        if self.step.kind == "sipp":
+            successful, failed = sipp_counts(self.files.get("stat"), None)
+            if successful is not None:
+                text += f", {successful} ok, {failed} failed"
+        return text
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def check_timeout(self) -> bool:
+        """Kill the step when its time is up; True when it was."""
+        if self.process.poll() is None and self.elapsed() > self.step.timeout:
+            self.timed_out = True
+            self.stop()
+        return self.timed_out
+
+    def stop(self) -> None:
+        """SIGTERM the step's process group (sipp writes its final statistics), then SIGKILL."""
+        for signum, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                return
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def result(self) -> StepResult:
+        """The verdict of a finished step against what it expects."""
+        status = self.process.wait()
+        result = StepResult(self.step.name, PASSED, exit=status, duration=self.elapsed(), out=self.out,
+                            err=self.err, command=self.command, files=dict(self.files))
+        if self.step.kind == "sipp":
+            result.successful, result.failed = sipp_counts(self.files.get("stat"), self.files.get("screen"))
+        result.reasons = self._failures(result)
+        result.status = FAILED if result.reasons else PASSED
+        return result
+
+    def _failures(self, result: StepResult) -> list[str]:
+        expect = self.step.expect
+        if self.timed_out:
+            return [f"timed out after {self.step.timeout:g} s (killed)"]
+        reasons = []
+        if result.exit != expect.exit:
+            reasons.append(f"exit status {_status_text(result.exit)}, expected {expect.exit}")
+        wanted = {"successful": expect.successful, "failed": expect.failed}
+        got = {"successful": result.successful, "failed": result.failed}
+        checked = {label: count for label, count in wanted.items() if count is not None}
+        if checked and result.successful is None:
+            reasons.append("no call statistics from sipp (neither its -trace_stat file nor its screen)")
+            return reasons
+        reasons += [f"{got[label]} {label} calls, expected {count}" for label, count in checked.items() if got[label] != count]
+        return reasons
+
+
+def _status_text(status: int | None) -> str:
+    if status is not None and status < 0:
+        return f"{status} (killed by {signal.Signals(-status).name})"
+    return str(status)
+
+
+def _environment(context: StepContext) -> dict[str, str]:
+    """The runner's environment, with this test's keeper and fdkeeper's own bin dir first
+    on PATH (a command step's `fdkeeper` is the one running the test)."""
+    bin_dir = os.path.dirname(sys.executable)
+    return {
+        **os.environ,
+        "FDKEEPER_DIR": os.fspath(context.keeper_dir),
+        "FDKEEPER_SIPP": context.sipp,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", os.defpath),
+    }
+
+
+# sipp's trace options: (kind, switch, file option, file suffix). Each is added unless given.
+_TRACES = (
+    ("stat", "-trace_stat", "-stf", "stat.csv"),
+    ("screen", "-trace_screen", "-screen_file", "screen.log"),
+    ("errors", "-trace_err", "-error_file", "errors.log"),
+    ("messages", "-trace_msg", "-message_file", "messages.log"),
+)
+
+
+def trace_options(args: list[str], logs: Path, name: str) -> tuple[list[str], dict[str, Path]]:
+    """The options that make a sipp run terminal-less and write its traces to ``logs``, and
+    where each trace will be by kind (stat, screen, errors, messages; the step's own file
+    when it names one)."""
+    added = [] if "-nostdin" in args else ["-nostdin"]
+    files: dict[str, Path] = {}
+    for kind, switch, file_option, suffix in _TRACES:
+        if file_option in args:
+            position = args.index(file_option) + 1
+            if position < len(args):
+                files[kind] = Path(args[position])
+            continue
+        files[kind] = logs / f"{name}.{suffix}"
+        added += [switch, file_option, os.fspath(files[kind])]
+    if "-fd" not in args:
+        added += ["-fd", "1"]  # statistics every second, so a killed run still left some
+    return added, files
+
+
+def sipp_counts(stat_file: Path | None, screen_file: Path | None) -> tuple[int | None, int | None]:
+    """(successful, failed) calls from sipp's -trace_stat file, else its final screen."""
+    stats = read_sipp_stats(stat_file) if stat_file else {}
+    if stats:
+        try:
+            return int(stats.get("SuccessfulCall(C)") or 0), int(stats.get("FailedCall(C)") or 0)
+        except ValueError:
+            pass
+    return screen_counts(_read(screen_file))
+
+
+_SCREEN_LINE = re.compile(r"^\s*(Successful|Failed) call\s*\|.*\|\s*(\d+)\s*$", re.MULTILINE)
+
+
+def screen_counts(text: str) -> tuple[int | None, int | None]:
+    """(successful, failed) from sipp's screen (the last, cumulative column of its last report)."""
+    found: dict[str, int] = {}
+    for match in _SCREEN_LINE.finditer(text):
+        found[match.group(1)] = int(match.group(2))
+    if not found:
+        return None, None
+    return found.get("Successful", 0), found.get("Failed", 0)

@@ -1,0 +1,96 @@
+"""The pytest plugin (fdkeeper.pytest_plugin), used as a user would: test files run by
+pytester in a pytest of their own, with the plugin's fixtures, real sipp and Kamailio."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+PLUGIN = "fdkeeper.pytest_plugin"
+
+REGISTER_ANSWER = '''
+import pytest
+from fdkeeper.testbed import free_port
+
+@pytest.mark.parametrize("transport", ["t1", "l1"])
+def test_register_then_answer(sipp, kamailio_sut, fdkeeper_keeper, tmp_path, transport):
+    tls = transport == "l1"
+    sut = kamailio_sut.tls_address if tls else kamailio_sut.address
+    options = kamailio_sut.tls_options if tls else ()
+    users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
+    register = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", transport, "-i", "127.0.0.1", "-m", "1", sut,
+                        options=options, timeout=30)
+    assert register.ok and register.successful == 1, register.tail()
+    [connection] = fdkeeper_keeper.connections()
+    assert connection["state"] == "idle" and connection["transport"] == ("tls" if tls else "tcp")
+
+    answer = sipp.start("-sf", "uas-answer.xml", "-t", transport, "-i", "127.0.0.1", "-p", str(free_port()), "-m", "2", sut,
+                        name="answer")
+    answer.wait_ready()
+    call = kamailio_sut.call("alice", 2)
+    answered = answer.wait(30)
+    assert call.ok and call.successful == 2, call.summary()
+    assert answered.ok and (answered.successful, answered.failed) == (2, 0), answered.tail()
+    assert answered.files["stat"].exists() and answered.out.exists()
+
+
+def test_many_users_each_on_a_kept_connection(sipp, kamailio_sut, fdkeeper_keeper, tmp_path):
+    count = "50"
+    users = kamailio_sut.users_csv(tmp_path / "users.csv", [f"user{i:03d}" for i in range(1, 51)])
+    register = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "tn", "-i", "127.0.0.1", "-m", count, "-l", count,
+                        "-r", "100", "-max_socket", "1000", kamailio_sut.address)
+    assert register.ok and register.successful == 50, register.tail()
+    assert len(fdkeeper_keeper.connections()) == 50
+    answer = sipp.start("-sf", "uas-answer.xml", "-t", "tn", "-i", "127.0.0.1", "-p", str(free_port()), "-m", count,
+                        "-max_socket", "1000", kamailio_sut.address)
+    answer.wait_ready()
+    calls = sipp.run("-sf", "uac-call-users.xml", "-inf", users, "-t", "u1", "-i", "127.0.0.1", "-m", count, "-r", "50",
+                     kamailio_sut.address)  # UDP: through fdkeeper unchanged
+    answered = answer.wait(60)
+    assert calls.ok and calls.successful == 50, calls.tail()
+    assert answered.ok and answered.successful == 50, answered.tail()
+'''
+
+FAILING = '''
+def test_fails_after_a_run(sipp, kamailio_sut, tmp_path):
+    users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
+    assert sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-m", "1", kamailio_sut.address).ok
+    assert False, "deliberately"
+
+def test_passes_with_a_keeper(fdkeeper_keeper):
+    assert fdkeeper_keeper.directory.name == "keeper"
+'''
+
+
+def plugin_options() -> list[str]:
+    """-p for the plugin unless its entry point already loads it (installed package)."""
+    installed = any(ep.value == PLUGIN for ep in importlib.metadata.entry_points(group="pytest11"))
+    return [] if installed else ["-p", PLUGIN]
+
+
+def test_register_answer_and_many_users_with_the_fixtures(pytester):
+    pytester.makepyfile(test_user=REGISTER_ANSWER)
+    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", timeout=300)
+    result.assert_outcomes(passed=3)
+
+
+def test_a_failing_test_reports_the_keepers_log(pytester):
+    pytester.makepyfile(test_user=FAILING)
+    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", "-rA", timeout=300)
+    result.assert_outcomes(passed=1, failed=1)
+    output = result.stdout.str()
+    section = output.split("fdkeeper keeper log", 1)
+    assert len(section) == 2, output
+    assert "leased" in section[1] or "PREPARE" in section[1] or "opened" in section[1], output
+    assert output.count("fdkeeper keeper log") == 1  # the passing test has none
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="pytest-xdist is not installed")
+def test_fixtures_run_side_by_side_with_xdist(pytester):
+    pytester.makepyfile(test_user=REGISTER_ANSWER)
+    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", "-n", "2", timeout=300)
+    result.assert_outcomes(passed=3)
