@@ -1,12 +1,22 @@
-"""`pip install .` (not editable) compiles the shim from helpers/ and the package finds it."""
+"""Installing fdkeeper: `pip install .` (not editable) compiles the shim from helpers/ and the
+package finds it; the README's set-up command works from a clean copy of the checkout with
+nothing but the system's own Python, as on a stock Debian machine."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
+# What a stock machine's login shell has, without pyenv, ~/.local/bin or /usr/local/bin.
+STOCK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
@@ -22,14 +32,103 @@ def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
     # Run from elsewhere so the checkout is not on sys.path: only the installed copy counts.
     probe = (
         "from fdkeeper.modes.preload import shim_path, PreloadMode; "
-        "from fdkeeper import testbed as sut; "
+        "from fdkeeper import testbed; "
         "import os; print(shim_path()); print(os.path.exists(shim_path())); "
-        "print((sut.SCENARIOS_DIR / 'uac-register.xml').exists())"
+        "print((testbed.SCENARIOS_DIR / 'uac-register.xml').exists()); "
+        # The Kamailio configurations are package data: rendering one starts nothing.
+        "print('request_route' in testbed.Kamailio('/fdkeeper-probe').config_text())"
     )
     result = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
-    shim, exists, scenarios = result.stdout.split()
+    shim, exists, scenarios, config = result.stdout.split()
     assert shim.startswith(str(venv)) and exists == "True" and scenarios == "True", result.stderr
+    assert config == "True", result.stderr
     nm = subprocess.run(["nm", "-D", "--defined-only", shim], capture_output=True, text=True)
     assert " T connect" in nm.stdout and " T epoll_wait" in nm.stdout
     helped = subprocess.run([str(venv / "bin" / "fdkeeper"), "sipp", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--reconnect" in helped.stdout
+
+
+# --------------------------------------------------------------------------
+# The README's two commands, from a clean copy, as on a stock machine
+# --------------------------------------------------------------------------
+
+def readme_commands() -> list[str]:
+    """The shell blocks of the README's Quick start: the set-up and the test command."""
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", quick_start, re.S)]
+
+
+def debian_packages_missing() -> list[str]:
+    """The Debian packages .ci/install would install (its own list) that are not installed."""
+    listed = re.search(r"packages=\(([^)]*)\)", (REPO / ".ci" / "install").read_text())
+    assert listed, ".ci/install no longer lists its packages as packages=(...)"
+    missing = []
+    for package in listed.group(1).split():
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+        if "install ok installed" not in status.stdout:
+            missing.append(package)
+    return missing
+
+
+def copy_of_what_would_be_committed(destination: Path) -> None:
+    """The checkout's tracked and not-ignored files as they are in the working tree: what a
+    clone of the next commit holds, without waiting for that commit."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if not os.path.lexists(source):  # deleted in the working tree, not yet in the index
+            continue
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def run_stock(command: str, cwd: Path, bin_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`command` under `env -i HOME=... PATH=<stock>`, linking `fdkeeper` into bin_dir so the
+    real machine's /usr/local/bin and ~/.local/bin are left alone."""
+    environment = {"HOME": os.environ.get("HOME", "/root"), "PATH": STOCK_PATH, "FDKEEPER_BIN_DIR": str(bin_dir)}
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_readme_commands_are_the_install_and_the_suite():
+    setup, suite = readme_commands()
+    assert setup.startswith("bash .ci/install && ") and setup.endswith(" demo"), setup
+    assert suite.startswith("bash .ci/install && ") and suite.endswith(" tests"), suite
+    assert suite in (REPO / ".ci" / "run").read_text(), ".ci/run must run the README's test command"
+
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or not (REPO / ".git").exists(),
+    reason="needs git and a git checkout to copy",
+)
+@pytest.mark.skipif(
+    os.geteuid() != 0 and bool(debian_packages_missing()),
+    reason="Debian packages missing and not root: .ci/install would ask sudo for a password",
+)
+def test_readme_setup_command_works_from_a_clean_copy_with_the_system_python(tmp_path):
+    checkout = tmp_path / "fdkeeper"
+    bin_dir = tmp_path / "bin"
+    copy_of_what_would_be_committed(checkout)
+    setup, _suite = readme_commands()
+
+    installed = run_stock(setup, checkout, bin_dir, timeout=240)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert "demo PASSED" in installed.stdout, installed.stdout + installed.stderr
+    venv_config = (checkout / ".venv" / "pyvenv.cfg").read_text()
+    assert "home = /usr/bin" in venv_config, venv_config
+    assert (bin_dir / "fdkeeper").resolve() == (checkout / ".venv" / "bin" / "fdkeeper").resolve()
+
+    started = time.monotonic()
+    again = run_stock("bash .ci/install", checkout, bin_dir, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert time.monotonic() - started < 10, "nothing changed: the second install must skip pip"
+    assert again.stderr.count("\n") == 1 and "fdkeeper install:" in again.stderr, again.stderr
+    assert "not on PATH" in again.stderr, again.stderr  # bin_dir is not on the stock PATH
+
+    linked = run_stock(f"{bin_dir}/fdkeeper --version", tmp_path, bin_dir, timeout=30)
+    assert linked.returncode == 0 and "version" in linked.stdout, linked.stdout + linked.stderr
