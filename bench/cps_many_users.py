@@ -62,7 +62,7 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_many_users.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, paired_ratios, print_footer, process_tree,
+from cpslib import (print_best_rates, CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, paired_ratios, print_footer, process_tree,
                     common_arguments, cpu_model, elapsed_seconds, format_run, register_callee,
                     resolve_defaults, run_bench, table_header, write_uas_scenario)
 
@@ -413,12 +413,7 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     print()
     print(f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from "
           f"user k over -t tn, callee {CALLEE} over UDP):")
-    for config in CONFIGS:
-        run = best[config]
-        figure = (f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
-                  if run else "no rate passed")
-        print(f"  ({config}) {LABELS[config]:<17} {figure}")
-    ratio = best["b"].achieved / best["a"].achieved if best["a"] and best["b"] else None
+    ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 17)
     print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
     print(f"  {'goal met' if ratio is not None and ratio >= GOAL else 'goal missed'} (goal: ratio >= {GOAL})")
     if best["a"] and best["b"] and best["a"].rate != best["b"].rate:

@@ -39,7 +39,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 
 # Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, print_footer, common_arguments, cpu_model, resolve_defaults, run_bench, table_header)
+from cpslib import (print_best_rates, CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, print_footer, common_arguments, cpu_model, resolve_defaults, run_bench, table_header)
 
 GOAL = 0.98
 CONFIGS = ("a", "b")
@@ -95,12 +95,7 @@ def kept_connection_line(bench: Bench) -> str:
 def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     print()
     print(f"result (runs of {bench.duration:g} s, scenario uac-call.xml over TCP, callee over UDP):")
-    for config in CONFIGS:
-        run = best[config]
-        figure = (f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
-                  if run else "no rate passed")
-        print(f"  ({config}) {LABELS[config]:<17} {figure}")
-    ratio = best["b"].achieved / best["a"].achieved if best["a"] and best["b"] else None
+    ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 17)
     verdict = "goal met" if ratio is not None and ratio >= GOAL else "goal missed"
     print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
     print(f"  {verdict} (goal: ratio >= {GOAL})")

@@ -404,6 +404,16 @@ def print_footer(bench: "BenchBase", facts: list[str], seconds: float) -> None:
     print(f"  bench time {seconds:.0f} s")
 
 
+def print_best_rates(best: dict[str, Run | None], labels: dict[str, str], width: int) -> float | None:
+    """One line per configuration with its highest passing rate; the achieved ratio b/a."""
+    for config, label in labels.items():
+        run = best[config]
+        figure = (f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
+                  if run else "no rate passed")
+        print(f"  ({config}) {label:<{width}} {figure}")
+    return best["b"].achieved / best["a"].achieved if best["a"] and best["b"] else None
+
+
 def paired_ratios(runs: list[Run], configs: tuple[str, str] = ("a", "b")) -> list[float]:
     """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
     first, second = configs

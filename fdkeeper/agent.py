@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdkeeper.address import Address, parse_address
+from fdkeeper.address import Address, resolve, split_host_port
 from fdkeeper.client import ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, RunNeeds, choose_mode
@@ -23,7 +23,7 @@ from fdkeeper.tls import TlsOptions
 
 @dataclass
 class ExecOptions:
-    sut: str | None = None  # IP:PORT ([IPv6]:PORT); required for the client role
+    sut: str | None = None  # IP:PORT, [IPv6]:PORT or HOST:PORT (resolved here); required for the client role
     transport: str = "tcp"
     role: str = "client"
     mode: str = "auto"
@@ -80,9 +80,15 @@ def _program(command: list[str]) -> Path:
 
 
 def _sut_address(text: str | None) -> Address | None:
+    """--sut HOST:PORT as numbers; a name resolves as the agent's own getaddrinfo would (first answer)."""
     if not text:
         return None
     try:
-        return parse_address(text)
+        host, port = split_host_port(text)
     except ValueError:
-        raise FdkeeperError(f"fdkeeper: --sut {text}: expected IP:PORT or [IPv6]:PORT") from None
+        raise FdkeeperError(f"fdkeeper: --sut {text}: expected IP:PORT, [IPv6]:PORT or HOST:PORT") from None
+    try:
+        return resolve(host, port)
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise FdkeeperError(f"fdkeeper: --sut {text}: cannot resolve {host!r}: {reason}; check the name") from None

@@ -9,9 +9,10 @@ command registered on ``main``, so a new command only has to raise FdkeeperError
 from __future__ import annotations
 
 import json
-import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -20,9 +21,11 @@ from fdkeeper import __version__
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES, MODES
-from fdkeeper.report import format_status, select_connections
+from fdkeeper.readiness import ReadySignal, announcing_readiness
+from fdkeeper.report import format_converter, format_status, select_connections
 from fdkeeper.sipp.runner import RunOptions, run_sipp
 from fdkeeper.statedir import resolve_directory
+from fdkeeper.testrun.command import run_command
 from fdkeeper.tls import TlsOptions
 
 DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
@@ -77,11 +80,22 @@ def tls_options(command):
         click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: the client certificate's private key (default: in --tls-cert)."),
         click.option("--tls-sni", metavar="NAME", help="-t l1: server name to send and verify (default: the remote host if it is a name)."),
         click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), help="-t l1: lowest TLS version to accept (default 1.2)."),
+        click.option("--tls-keylog", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: append the TLS secrets of the connections to the SuT to FILE (SSLKEYLOGFILE format, created 0600, never through a link) so Wireshark decrypts them; sipp's -trace_msg shows the plain SIP."),
     ])
 
 
-def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version) -> TlsOptions:
-    return TlsOptions(ca=tls_ca, insecure=tls_insecure, cert=tls_cert, key=tls_key, sni=tls_sni, min_version=tls_min_version)
+def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version, tls_keylog) -> TlsOptions:
+    keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
+    return TlsOptions(ca=tls_ca, insecure=tls_insecure, cert=tls_cert, key=tls_key, sni=tls_sni, min_version=tls_min_version, keylog=keylog)
+
+
+def ready_options(command):
+    """Readiness of a server run, for scripts (fdkeeper/readiness.py)."""
+    return _apply(command, [
+        click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH", help="Write PATH (atomically; an old one is removed first) once this server run is ready to receive: the kept connections handed over and sipp's listening socket up."),
+        click.option("--ready-fd", type=click.IntRange(3), metavar="N", help="Write one line to descriptor N and close it once ready (e.g. 3>ready.pipe, a named pipe); closed without a line if the run never gets ready."),
+        click.option("--ready-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True, metavar="SECONDS", help="Give up waiting for readiness after this long (one line on stderr; sipp runs on)."),
+    ])
 
 
 def handoff_options(command):
@@ -120,9 +134,11 @@ def main() -> None:
 @click.option("--wait", type=click.FloatRange(0, 86400), default=0, metavar="SECONDS", help="Wait this long for a connection another run holds, instead of failing.")
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings on idle connections this often.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper (or converter): how long a connect to the SuT may take (default 5).")
+@click.option("--answer-options", is_flag=True, help="When this run starts the keeper: it answers the SuT's OPTIONS pings while no run holds the connection.")
+@ready_options
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
-def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, keepalive, connect_timeout, sipp_args, **tls) -> None:
+def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, keepalive, connect_timeout, answer_options, ready_file, ready_fd, ready_timeout, sipp_args, **tls) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
     fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
@@ -140,12 +156,23 @@ def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, k
       fdkeeper sipp -sf uac-register.xml -inf users.csv -t t1 -m 1 127.0.0.1:5060
       fdkeeper sipp --mode ptrace -sf uas-answer.xml -t t1 -p 5070 -m 5
       fdkeeper sipp --tls-ca ca.pem -sf uac-register.xml -t l1 -m 1 sut.example:5061
+
+    A script that places calls once a server run is ready waits for --ready-file, not
+    for a sleep (docs/ci/README.md):
+
+    \b
+      fdkeeper sipp --ready-file answer.ready -sf uas-answer.xml -t t1 -p 5070 -m 5 &
+      for i in $(seq 300); do [ -e answer.ready ] && break; sleep 0.1; done
     """
     options = RunOptions(
         sipp=sipp_path, directory=directory, mode=mode, wait=wait, reconnect=reconnect, keepalive=keepalive,
         connect_timeout=connect_timeout, debug=debug, transfer=transfer, tls=make_tls_options(**tls),
+        answer_options=answer_options,
     )
-    sys.exit(run_sipp(list(sipp_args), options))
+    ready = ReadySignal(ready_file, ready_fd, ready_timeout) if ready_file or ready_fd is not None else None
+    with announcing_readiness(ready, resolve_directory(directory)):
+        status = run_sipp(list(sipp_args), options)
+    sys.exit(status)
 
 
 @main.command("exec", context_settings=PASS_THROUGH)
@@ -180,8 +207,10 @@ def exec_command(directory, sut, transport, role, mode, transfer, reconnect, deb
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="Send RFC 5626 CRLF pings on idle connections this often (off by default).")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS", help="How long a connect to the SuT may take.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
+@click.option("--replace", is_flag=True, help="Take the kept TCP connections over from the running keeper, which then exits (TLS ones cannot move: listed as lost). Refused while runs hold leases.")
+@click.option("--answer-options", is_flag=True, help="While no run holds a connection, answer the SuT's OPTIONS pings with 200 OK (counted in status) instead of queueing them for the next run.")
 @tls_options
-def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> None:
+def keeper_command(directory, keepalive, connect_timeout, log_level, replace, answer_options, **tls) -> None:
     """Run the keeper in the foreground (for service managers and CI).
 
     'fdkeeper sipp' starts one by itself when none answers; run it yourself to choose its
@@ -190,12 +219,16 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, **tls) -> N
     """
     from fdkeeper.keeper import Keeper
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s fdkeeper[%(process)d] %(message)s")
+    from fdkeeper.textsafe import configure_logging
+
+    configure_logging(log_level, "fdkeeper")  # one record a line, whatever an AoR holds
     keeper = Keeper(
         resolve_directory(directory),
         keepalive=keepalive,
         connect_timeout=connect_timeout,
         tls_defaults=make_tls_options(**tls),
+        replace=replace,
+        answer_options=answer_options,
     )
     keeper.install_signal_handlers()
     keeper.serve_forever()
@@ -219,13 +252,14 @@ def _hostport(_ctx, _param, value):
 @click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
 @click.option("--sipp-address", metavar="IP:PORT", callback=_hostport, help="Where the SuT's initial requests go (sipp's -i:-p).")
 @click.option("--hide-topology", is_flag=True, help="No Via or Record-Route of the converter on either side.")
+@click.option("--attached-only", is_flag=True, help="Take datagrams only from sipp addresses attached over --control (ATTACH IP:PORT); others are dropped and counted.")
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="RFC 5626 CRLFCRLF pings on idle connections.")
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS")
-@click.option("--control", type=click.Path(dir_okay=False), metavar="PATH", help="Unix socket for STATUS, SIPP IP:PORT, RECONNECT, STOP.")
+@click.option("--control", type=click.Path(dir_okay=False), metavar="PATH", help="Unix socket for STATUS, SIPP IP:PORT, ATTACH IP:PORT [PID], DETACH IP:PORT, RECONNECT, STOP.")
 @click.option("--stats-file", type=click.Path(dir_okay=False), metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
-def convert_command(listen, sut, transport, sipp_address, hide_topology, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
+def convert_command(listen, sut, transport, sipp_address, hide_topology, attached_only, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
     """Run a stateless UDP <-> TCP/TLS converter in the foreground.
 
     sipp talks UDP to --listen; the converter holds one TCP or TLS connection to the SuT
@@ -236,14 +270,13 @@ def convert_command(listen, sut, transport, sipp_address, hide_topology, keepali
     \b
       fdkeeper convert --listen 127.0.0.1:5070 --sut 127.0.0.1:5060 --transport tcp --sipp-address 127.0.0.1:5080
     """
-    from pathlib import Path
 
     from fdkeeper.convert import serve
 
     sys.exit(serve(
         listen, sut, transport, sipp_address, hide_topology=hide_topology, tls=make_tls_options(**tls),
         connect_timeout=connect_timeout, keepalive=keepalive, control=Path(control) if control else None,
-        stats_file=Path(stats_file) if stats_file else None, log_level=log_level,
+        stats_file=Path(stats_file) if stats_file else None, log_level=log_level, attached_only=attached_only,
     ))
 
 
@@ -263,7 +296,18 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
       fdkeeper status --state closed --count
       fdkeeper status --aor 'sip:user1*' --json
     """
-    status = KeeperClient(resolve_directory(directory)).status()
+    remote = _remote_filter(remote) if remote is not None else None  # before asking: a typo is not "no match"
+    path = resolve_directory(directory)
+    from fdkeeper.modes.udp import converter_statuses
+
+    converters = [] if count or as_json else converter_statuses(path)  # --mode udp's, if any
+    try:
+        status = KeeperClient(path).status()
+    except FdkeeperError:
+        if not converters:
+            raise
+        click.echo("\n".join(map(format_converter, converters)))  # udp runs need no keeper
+        return
     status["connections"] = select_connections(
         status["connections"], aor=aor, state=state, remote=remote, transport=transport
     )
@@ -273,7 +317,17 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
     elif as_json:
         click.echo(json.dumps(status, indent=2))
     else:
-        click.echo(format_status(status))
+        click.echo("\n".join([format_status(status), *map(format_converter, converters)]))
+
+
+def _remote_filter(text: str) -> str:
+    """status --remote: an IP:PORT as the status writes it; one line, exit 2, if it is none."""
+    from fdkeeper.address import format_address, parse_address
+
+    try:
+        return format_address(parse_address(text))
+    except ValueError as error:
+        raise FdkeeperError(f"fdkeeper: status --remote: {error}; give the SuT's IP:PORT, e.g. 127.0.0.1:5060") from None
 
 
 @main.command("stop")
@@ -285,6 +339,9 @@ def stop_command(directory) -> None:
 
     if stop_converters(path):
         click.echo(f"fdkeeper: converters for {path} stopped")
+    from fdkeeper.sipp.scenario import remove_tls_copies
+
+    remove_tls_copies(path)  # those of runs killed before they could remove their own
     if KeeperClient(path).stop():
         click.echo(f"fdkeeper: keeper for {path} stopped")
     else:
@@ -306,3 +363,12 @@ def demo_command(sipp_path, keep_files) -> None:
     ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo)
     click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     sys.exit(0 if ok else 1)
+
+
+main.add_command(run_command)  # `fdkeeper run TEST...`: its exit status (0/1/2) is its own
+
+
+def sipp_main() -> NoReturn:
+    """`fdkeeper-sipp SIPP_PATH SIPP_ARGS...`: `fdkeeper sipp --sipp SIPP_PATH SIPP_ARGS...` as
+    one word, for launchers that put a one-word prefix before sipp's path (pysipp's `prefix`)."""
+    main(args=["sipp", "--sipp", *sys.argv[1:]], prog_name="fdkeeper")

@@ -12,9 +12,20 @@ from pathlib import Path
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import start_detached
 from fdkeeper.protocol import Reply, format_message, parse_reply, receive_packet
-from fdkeeper.statedir import LOG_NAME, NotPrivate, connect_control_socket, ensure_private_directory, socket_path
+from fdkeeper.statedir import (
+    LOCK_NAME,
+    LOG_NAME,
+    NotPrivate,
+    connect_control_socket,
+    dead_keeper_notice,
+    ensure_private_directory,
+    keeper_runs,
+    socket_path,
+)
 
 START_TIMEOUT = 10.0
+PING_TIMEOUT = 2.0
+STOP_TIMEOUT = 5.0
 
 
 class Leased:
@@ -47,11 +58,33 @@ class KeeperClient:
 
     def exchange(self, message: bytes, timeout: float | None = None) -> list[bytes]:
         """Send one request; return every reply packet up to the final one."""
-        with self._connect(timeout or self.timeout) as sock:
-            sock.send(message)
+        timeout = timeout or self.timeout
+        try:
+            return self._exchange(message, timeout)
+        except TimeoutError:
+            raise self.not_answering(timeout) from None
+
+    def not_answering(self, timeout: float) -> FdkeeperError:
+        """A keeper that holds its lock but did not answer in time: saturated, stopped, or stuck."""
+        return FdkeeperError(
+            f"fdkeeper: the keeper at {self.directory} (pid {self._keeper_pid()}) did not answer within {timeout:g} s "
+            "(too many control clients? stopped with SIGSTOP?); try again, or see "
+            f"{self.directory / LOG_NAME}",
+            "timeout",
+        )
+
+    def _keeper_pid(self) -> str:
+        try:
+            return (self.directory / LOCK_NAME).read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def _exchange(self, message: bytes, timeout: float) -> list[bytes]:
+        with self._connect(timeout) as sock:
+            _send_request(sock, message)
             packets = []
             while True:
-                data, fds = receive_packet(sock)
+                data, fds = _receive_reply(sock)
                 for fd in fds:
                     os.close(fd)
                 if not data:
@@ -68,10 +101,14 @@ class KeeperClient:
 
     def alive(self) -> Reply | None:
         try:
-            return self.request(b"PING", timeout=2.0)
+            return self.request(b"PING", timeout=PING_TIMEOUT)
         except NotPrivate:
             raise  # another user's directory or keeper: starting one of ours would not help
-        except (OSError, FdkeeperError):
+        except FdkeeperError as error:
+            if error.code == "limit":
+                raise  # it runs, and said why it cannot serve us: its line says it best
+            return None
+        except OSError:
             return None
 
     def status(self) -> dict:
@@ -79,10 +116,18 @@ class KeeperClient:
         return json.loads(b"".join(p[5:] for p in packets if p.startswith(b"JSON ")))
 
     def stop(self) -> bool:
-        """Ask the keeper to close everything and exit; False if none was running."""
+        """Ask the keeper to close everything and exit; False if none was running.
+
+        Raises FdkeeperError when one runs (holds the lock) but does not answer: saying "none
+        was running" then would be a lie.
+        """
+        timeout = min(self.timeout, STOP_TIMEOUT)
         try:
-            self.request(b"STOP", timeout=5.0)
-        except OSError:
+            self.request(b"STOP", timeout=timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if keeper_runs(self.directory):
+                raise self.not_answering(timeout) from None
+            self.report_dead_keeper()
             return False
         deadline = time.monotonic() + 5.0
         while self.path.exists() and time.monotonic() < deadline:
@@ -106,8 +151,8 @@ class KeeperClient:
         """One LEASE exchange: the connections' ids, descriptors (ours to close), peers, locals."""
         message = format_message("LEASE", **fields)
         with self._require_running(lambda: self._connect(self.timeout)) as sock:
-            sock.send(message)
-            data, _ = receive_packet(sock)
+            _send_request(sock, message)
+            data, _ = _receive_reply(sock)
             reply = parse_reply(data)
             if not reply.ok:
                 raise FdkeeperError(reply.text, reply.code)
@@ -117,14 +162,66 @@ class KeeperClient:
                 leased.add(parse_reply(data).fields, fds)
             return leased
 
+    def handover(self) -> tuple[Reply, list[tuple[dict[str, str], list[int]]]]:
+        """HANDOVER (keeper --replace): the OK reply and each HANDED packet's fields and descriptors.
+        FileNotFoundError/ConnectionRefusedError when no keeper listens."""
+        with self._connect(self.timeout) as sock:
+            _send_request(sock, b"HANDOVER")
+            reply = parse_reply(_receive_reply(sock)[0])
+            if not reply.ok:
+                raise FdkeeperError(reply.text, reply.code)
+            packets, received = [], 0
+            while received < int(reply.fields["count"]):
+                data, fds = _receive_reply(sock)
+                if not data:
+                    raise FdkeeperError(f"fdkeeper: the keeper at {self.path} closed the connection mid-handover")
+                packets.append((parse_reply(data).fields, fds))
+                received += len(fds)
+            return reply, packets
+
     def _require_running(self, call):
         try:
             return call()
+        except TimeoutError:
+            raise self.not_answering(self.timeout) from None
         except (FileNotFoundError, ConnectionRefusedError):
+            if keeper_runs(self.directory):
+                raise self.not_answering(self.timeout) from None
+            # Said, not taken: the run that starts the next keeper says it again (and takes it).
+            died = self._dead_keeper(take=False)
             raise FdkeeperError(
-                f"fdkeeper: no keeper runs for {self.directory}; start one with "
-                f"'fdkeeper keeper --dir {self.directory}' or run a scenario through 'fdkeeper sipp'"
+                f"{died}; no keeper runs now" if died else f"fdkeeper: no keeper runs for {self.directory}"
+                f"; start one with 'fdkeeper keeper --dir {self.directory}' or run a scenario through 'fdkeeper sipp'"
             ) from None
+
+    def _dead_keeper(self, take: bool) -> str | None:
+        try:
+            return dead_keeper_notice(self.directory, take)
+        except FileNotFoundError:
+            return None  # no state directory, so no keeper ever ran there
+
+    def report_dead_keeper(self) -> None:
+        """Once, after a keeper was killed: so nobody takes a fresh start for the old one."""
+        line = self._dead_keeper(take=True)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _send_request(sock: socket.socket, message: bytes) -> None:
+    """Send a request; a keeper that already refused us (and closed) has left its reason to read."""
+    try:
+        sock.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def _receive_reply(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One reply packet. A keeper that refused us and closed before reading our request makes
+    the kernel report ECONNRESET once, ahead of the refusal still queued: read past it."""
+    try:
+        return receive_packet(sock)
+    except ConnectionResetError:
+        return receive_packet(sock)
 
 
 def ensure_keeper(
@@ -132,16 +229,22 @@ def ensure_keeper(
     *,
     keepalive: float | None = None,
     connect_timeout: float | None = None,
+    answer_options: bool = False,
 ) -> KeeperClient:
     """Return a client of the keeper for ``directory``, starting a detached one if none answers."""
     ensure_private_directory(directory)  # before the socket is touched
     client = KeeperClient(directory)
     if client.alive():
         return client
+    if keeper_runs(directory):  # there, but saturated or stuck: a second one could not start
+        raise client.not_answering(PING_TIMEOUT)
+    client.report_dead_keeper()
     command = [sys.executable, "-m", "fdkeeper", "keeper", "--dir", os.fspath(directory)]
     if keepalive:
         command += ["--keepalive", str(keepalive)]
     if connect_timeout:
         command += ["--connect-timeout", str(connect_timeout)]
+    if answer_options:
+        command.append("--answer-options")
     start_detached(command, directory / LOG_NAME, client.alive, "keeper", START_TIMEOUT)
     return client

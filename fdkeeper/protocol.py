@@ -97,6 +97,9 @@ TLS_KEYS = {
     "tls_key": _text,
     "tls_sni": _text,
     "tls_min": _tls_version,
+    "tls_max": _tls_version,
+    "tls_crl": _text,
+    "tls_keylog": _text,  # absolute path of a TLS key log (fdkeeper/keylog.py)
 }
 
 
@@ -128,6 +131,7 @@ VERBS: dict[str, dict] = {
     "PING": {},
     "STATUS": {},
     "STOP": {},
+    "HANDOVER": {},  # keeper --replace: the successor asks for every kept connection
     "LEASE": _LEASE_KEYS,
     "PREPARE": {**_LEASE_KEYS, "wait": _seconds, "per_call": _flag, "users": _count},
 }
@@ -221,14 +225,6 @@ def parse_reply(data: bytes) -> Reply:
         return Reply(False, {}, code, message)
     fields = {key: unquote(value) for key, _, value in (t.partition("=") for t in rest.split(" ") if t)}
     return Reply(verb == "OK", fields, text=rest)
-
-
-def send_quietly(sock: socket.socket, message: bytes) -> None:
-    """Send a reply to a peer that may have gone away; its going is noticed elsewhere."""
-    try:
-        sock.send(message)
-    except OSError:
-        pass
 
 
 def send_packet(sock: socket.socket, message: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:

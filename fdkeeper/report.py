@@ -1,8 +1,14 @@
-"""Human-readable views of the keeper's status (the CLI and the demo print these)."""
+"""Human-readable views of the keeper's status (the CLI and the demo print these).
+
+Every cell is printed through escape_controls: an AoR (or a reason, a certificate subject)
+holding a CR or LF must not split a row or forge one.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+
+from fdkeeper.textsafe import escape_controls
 
 
 def select_connections(
@@ -26,18 +32,19 @@ def select_connections(
 
 def format_status(status: dict) -> str:
     keeper = status["keeper"]
-    lines = [f"keeper pid {keeper['pid']}, up {_duration(keeper['uptime'])}, directory {keeper['directory']}"]
+    lines = [escape_controls(f"keeper pid {keeper['pid']}, up {_duration(keeper['uptime'])}, directory {keeper['directory']}")]
     connections = status["connections"]
     if not connections:
         lines.append("no kept connections (a client scenario run through 'fdkeeper sipp' opens one)")
         return "\n".join(lines)
-    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "AOR", "STATE", "HOLDER", "HANDOFF", "AGE", "LEASES", "QUEUED")
+    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "IDENTITY", "AOR", "STATE", "HOLDER", "HANDOFF", "AGE", "LEASES", "QUEUED")
     rows = [
-        (
+        tuple(escape_controls(cell) for cell in (
             str(c["id"]),
             c["transport"],
             c["local"],
             c["remote"],
+            c.get("identity") or ("per user" if c.get("aor") else "shared"),  # -i/-p; AOR; no -i/-p
             c.get("aor") or "-",
             c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
             str(c["holder_pid"] or "-"),
@@ -45,7 +52,7 @@ def format_status(status: dict) -> str:
             _duration(c["age"]),
             str(c["leases"]),
             str(c["queued_bytes"]),
-        )
+        ))
         for c in connections
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -53,8 +60,20 @@ def format_status(status: dict) -> str:
     for row, connection in zip(rows, connections):
         lines.append(_row(row, widths))
         if connection.get("tls"):
-            lines.append(f"{'':{widths[0]}}  {_tls_line(connection['tls'])}")
+            lines.append(f"{'':{widths[0]}}  {escape_controls(_tls_line(connection['tls']))}")
     return "\n".join(lines)
+
+
+def format_converter(status: dict) -> str:
+    """One `--mode udp` converter: its link, attached runs, queue, drops."""
+    counters = status.get("counters", {})
+    links = ", ".join(f"{l['local']}->{l['remote']}/{l['transport']} {l['state']}" for l in status.get("links", []))
+    attached = ", ".join(status.get("attached", [])) or "none"
+    return escape_controls(
+        f"converter pid {status.get('pid')} udp:{status.get('listen')} {links}; runs attached: {attached}; "
+        f"queued {status.get('queued', 0)}; resent {counters.get('udp_retransmissions', 0)}; "
+        f"dropped from strangers {counters.get('udp_dropped_unattached', 0)}"
+    )
 
 
 def _row(cells: tuple[str, ...], widths: list[int]) -> str:

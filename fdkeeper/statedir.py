@@ -12,11 +12,14 @@ is touched.
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import pwd
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +28,11 @@ from fdkeeper.errors import FdkeeperError
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "keeper.lock"
 LOG_NAME = "keeper.log"
+# The running keeper's record (pid, start, last sign of life, connections); gone after a clean
+# stop, so a record with no keeper holding the lock means the keeper died. Moved to DIED_NAME
+# once that has been said.
+RECORD_NAME = "keeper.state"
+DIED_NAME = "keeper.died"
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
@@ -265,11 +273,108 @@ def connect_control_socket(path: Path, timeout: float, kind: int = socket.SOCK_S
     return sock
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket (SO_PEERCRED)."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
 def verify_peer(sock: socket.socket, path: Path) -> None:
     """The process listening on a connected unix socket must run as our uid or root."""
-    pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    pid, uid, _gid = peer_credentials(sock)
     if uid not in (os.getuid(), 0):
         raise NotPrivate(
             f"fdkeeper: the process answering on {path} (pid {pid}) runs as {_user(uid)}, not as you or root; "
             f"refusing to talk to it: stop it and remove {path}"
         )
+
+
+# ---------------------------------------------------------------- the keeper's record
+
+
+def keeper_runs(directory: Path) -> bool:
+    """True if a keeper holds the directory's lock, answering or not (flock, as the keeper takes it)."""
+    if not os.path.lexists(directory / LOCK_NAME):
+        return False
+    try:
+        lock = open_private_file(directory, LOCK_NAME, "r")
+    except FdkeeperError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return False  # closing the file releases our shared lock at once
+
+
+def write_keeper_record(directory: Path, record: dict) -> None:
+    """Replace the keeper's record atomically (a reader never sees half of it)."""
+    with open_private_file(directory, RECORD_NAME + ".new", "w") as new:
+        json.dump(record, new)
+    directory_fd = _open_directory(directory)
+    try:
+        os.replace(RECORD_NAME + ".new", RECORD_NAME, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    finally:
+        os.close(directory_fd)
+
+
+def remove_keeper_record(directory: Path) -> None:
+    try:
+        os.unlink(directory / RECORD_NAME)
+    except FileNotFoundError:
+        pass
+
+
+def dead_keeper_notice(directory: Path, take: bool = True) -> str | None:
+    """If the last keeper of ``directory`` died (record left, nobody holds the lock), the line
+    that says so. ``take``: say it once, moving the record to keeper.died (so the next run stays
+    quiet); else only read it."""
+    if not os.path.lexists(directory / RECORD_NAME) or keeper_runs(directory):
+        return None
+    record = take_keeper_record(directory) if take else _read_record(directory)
+    return None if record is None else describe_dead_keeper(directory, record)
+
+
+def take_keeper_record(directory: Path) -> dict | None:
+    """Read a left record and move it aside to keeper.died; None if there was none (or another
+    process took it first). Only for a record no running keeper owns."""
+    if not os.path.lexists(directory / RECORD_NAME):
+        return None
+    record = _read_record(directory)
+    try:
+        directory_fd = _open_directory(directory)
+        try:
+            os.replace(RECORD_NAME, DIED_NAME, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+        finally:
+            os.close(directory_fd)
+    except FileNotFoundError:
+        return None  # another run said it first
+    return record
+
+
+def _read_record(directory: Path) -> dict:
+    try:
+        with open_private_file(directory, RECORD_NAME, "r") as file:
+            record = json.load(file)
+    except (ValueError, FdkeeperError):
+        return {}  # unreadable, or gone meanwhile: what is known is that it died
+    return record if isinstance(record, dict) else {}
+
+
+def describe_dead_keeper(directory: Path, record: dict) -> str:
+    pid = record.get("pid", "?")
+    started = _when(record.get("started"))
+    alive = _when(record.get("alive"))
+    count = record.get("connections", 0)
+    return (
+        f"fdkeeper: the previous keeper for {directory} (pid {pid}, started {started}, last known alive {alive}) "
+        f"died without being stopped: its {count} kept connection(s) closed with it, and registrations made over "
+        f"them are gone; re-register (see {directory / LOG_NAME} for its last words)"
+    )
+
+
+def _when(epoch: object) -> str:
+    if not isinstance(epoch, (int, float)):
+        return "at an unknown time"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))

@@ -41,8 +41,9 @@ static int queue_kept(int fd, const char *transport, const char *what)
     char req[256];
     int r, n;
 
-    snprintf(req, sizeof req, "LEASE role=server transport=%s%s%s", transport,
-             cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "");
+    snprintf(req, sizeof req, "LEASE role=server transport=%s%s%s%s%s", transport,
+             cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "",
+             cfg->local_str[0] ? " local=" : "", cfg->local_str);
     if (lease_request(req, &res, what) != 0)
         return -1;
     n = res.nfds;

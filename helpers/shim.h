@@ -25,6 +25,7 @@ struct shim_config {
     int have_remote;                /* FDKEEPER_REMOTE parsed */
     struct sockaddr_storage remote;
     char remote_str[64];            /* canonical IP:PORT / [IP]:PORT */
+    char local_str[64];             /* FDKEEPER_LOCAL canonical (what sipp binds: -i/-p), or "" */
     enum shim_transport transport;
     char transport_str[64];         /* the value as given (cut), for the BAD message */
     int reconnect;

@@ -6,6 +6,8 @@ fixtures here only wire it to pytest. Add new sections below, one per topic.
 
 from __future__ import annotations
 
+import os
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +15,20 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
+
+
+def _plugin_needs_loading() -> bool:
+    """fdkeeper's pytest plugin (fixtures `sipp`, `fdkeeper_keeper`, `kamailio_sut`) is loaded
+    by its pytest11 entry point once installed; naming it here too would register the module
+    twice (pluggy refuses), so only when no entry point loads it (not installed yet, or
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD)."""
+    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
+        return True
+    return not any(entry.value == "fdkeeper.pytest_plugin" for entry in entry_points(group="pytest11"))
+
+
+if _plugin_needs_loading():
+    pytest_plugins = ["fdkeeper.pytest_plugin"]
 
 
 # --------------------------------------------------------------------------
@@ -71,12 +87,9 @@ def kamailio_tls(tmp_path: Path, test_pki: testbed.TestPki) -> Iterator[testbed.
 # --------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def sipp_path() -> str:
-    """The sipp binary ($FDKEEPER_SIPP or PATH); fails the test with how to get it."""
-    try:
-        return testbed.find_sipp()
-    except RuntimeError as exc:
-        pytest.fail(str(exc), pytrace=False)
+def sipp_path(fdkeeper_sipp_path: str) -> str:
+    """The sipp binary ($FDKEEPER_SIPP or PATH): the plugin's fixture, under the suite's name."""
+    return fdkeeper_sipp_path
 
 
 # --------------------------------------------------------------------------

@@ -73,20 +73,26 @@ def fdkeeper_cli(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "fdkeeper", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_register_then_answer_over_the_kept_connection(sipp_path, kamailio, keeper_dir, tmp_path, users):
-    register(sipp_path, kamailio, keeper_dir, tmp_path, users)
-    [connection] = kept(keeper_dir)
+def test_register_then_answer_over_the_kept_connection(sipp, kamailio_sut, fdkeeper_keeper, tmp_path):
+    """With the pytest plugin's fixtures (fdkeeper/pytest_plugin.py): `sipp` runs through
+    the test's own keeper, `kamailio_sut` is the embedded SuT."""
+    users = kamailio_sut.users_csv(tmp_path / "users.csv", [USER])
+    registered = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-m", 1,
+                          kamailio_sut.address, timeout=30)
+    assert registered.ok, registered.tail()
+    [connection] = fdkeeper_keeper.connections()
     assert connection["state"] == "idle"
     local_port = int(connection["local"].rsplit(":", 1)[1])
-    assert registered_source_ports(kamailio) == {local_port}
+    assert registered_source_ports(kamailio_sut.kamailio) == {local_port}
 
-    answer = start_answer(sipp_path, kamailio, keeper_dir, tmp_path, calls=3)
-    caller = call(kamailio, sipp_path, tmp_path, count=3)
+    answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", 3,
+                        kamailio_sut.address, timeout=30)
+    caller = kamailio_sut.call(USER, count=3, timeout=15)
     answered = answer.wait(30)
     assert caller.ok and caller.successful == 3, caller.summary()
-    assert answered.ok and answered.successful == 3, answered.summary()
-    assert len(kamailio.tcp_connections()) == 1  # the same connection all along
-    assert kept(keeper_dir)[0]["leases"] == 2
+    assert answered.ok and answered.successful == 3, answered.tail()
+    assert len(kamailio_sut.kamailio.tcp_connections()) == 1  # the same connection all along
+    assert fdkeeper_keeper.connections()[0]["leases"] == 2
 
 
 def test_without_a_run_holding_it_an_invite_waits_for_the_next_run(sipp_path, kamailio, keeper_dir, tmp_path, users):
@@ -230,10 +236,11 @@ def test_udp_passes_straight_through_with_a_notice(sipp_path, kamailio, keeper_d
 
 
 def test_sipp_exit_status_is_passed_through(sipp_path, kamailio, keeper_dir, tmp_path, users):
-    register(sipp_path, kamailio, keeper_dir, tmp_path, users)
+    port = testbed.free_port()  # one identity: an answer run on another -p would get a notice (test_identities.py)
+    register(sipp_path, kamailio, keeper_dir, tmp_path, users, local_port=port)
     # An answer run that times out without a call: sipp's own failure status, not fdkeeper's.
     result = start(
-        sipp_path, kamailio, keeper_dir, tmp_path, "no-call", "uas-answer.xml", calls=1, timeout=2, local_port=testbed.free_port()
+        sipp_path, kamailio, keeper_dir, tmp_path, "no-call", "uas-answer.xml", calls=1, timeout=2, local_port=port
     ).wait(20)
     assert result.returncode not in (0, 2)
     assert "fdkeeper:" not in result.text("stderr")

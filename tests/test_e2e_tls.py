@@ -169,7 +169,8 @@ import os, signal, sys
 from pathlib import Path
 from fdkeeper.client import KeeperClient
 host, port = sys.argv[2].rsplit(":", 1)
-[(_, fd)] = KeeperClient(Path(sys.argv[1])).lease(role="client", transport="tls", remote=(host, int(port)), local="-")
+local = sys.argv[5]  # the register run's -p (or "-": none): the same identity (keeper/identity.py)
+[(_, fd)] = KeeperClient(Path(sys.argv[1])).lease(role="client", transport="tls", remote=(host, int(port)), local=local)
 if sys.argv[3] == "write":
     os.write(fd, sys.argv[4].encode())
     import time; time.sleep(0.3)
@@ -179,9 +180,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def dying_run(keeper_dir, kamailio, action, argument) -> None:
-    """A run that leases the TLS connection, writes or reads part of a message, and is SIGKILLed."""
-    command = [sys.executable, "-c", DYING_RUN, str(keeper_dir), kamailio.tls_address, action, argument]
+def dying_run(keeper_dir, kamailio, action, argument, port=None) -> None:
+    """A run (from -p port) that leases the TLS connection, writes or reads part of a message, and is SIGKILLed."""
+    local = f"127.0.0.1:{port}" if port else "-"
+    command = [sys.executable, "-c", DYING_RUN, str(keeper_dir), kamailio.tls_address, action, argument, local]
     assert subprocess.run(command, timeout=30).returncode == -signal.SIGKILL
 
 
@@ -195,7 +197,7 @@ def test_a_run_killed_mid_write_leaves_the_sut_parsing(sipp_path, kamailio_tls, 
         f"MESSAGE sip:{USER}@{testbed.DEFAULT_DOMAIN} SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKhalf\r\n"
         f"Content-Length: {len(big)}\r\n\r\n{big[:9000]}"
     )
-    dying_run(keeper_dir, kamailio_tls, "write", half)
+    dying_run(keeper_dir, kamailio_tls, "write", half, port)
     wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     assert kept(keeper_dir)[0]["tls"]["dropped_bytes"] == len(half)
     # The SuT never saw the half message: the next run's REGISTER parses and succeeds.

@@ -160,6 +160,24 @@ def test_sut_closing_is_seen_and_reconnect_replaces(keeper, peer):
     assert [c["state"] for c in keeper.status()["connections"]] == ["idle"]
 
 
+def test_reconnect_refused_while_the_sut_restarts_can_be_tried_again(keeper, peer):
+    remote = remote_of(peer)
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    sut_side, _ = peer.accept()
+    sut_side.close()
+    wait_until(lambda: connection(keeper)["state"] == "closed")
+    peer.close()  # the SuT is down: the reconnect is refused
+    for _ in range(2):  # and refused the same way again, not an internal error
+        with pytest.raises(FdkeeperError) as refused:
+            keeper.prepare(role="client", transport="tcp", remote=remote, local="-", reconnect=True)
+        assert refused.value.code != "internal", str(refused.value)
+    with socket.create_server(remote) as back:  # the SuT is back on the same port
+        reply = keeper.prepare(role="client", transport="tcp", remote=remote, local="-", reconnect=True)
+        assert reply.fields["replaced"] == "1"
+        sut_side, _ = back.accept()  # keep it: a dropped socket would close
+        assert [c["state"] for c in keeper.status()["connections"]] == ["idle"]
+
+
 def test_reset_is_seen(keeper, peer):
     remote = remote_of(peer)
     keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
@@ -324,6 +342,7 @@ def raw_exchange(client: KeeperClient, payload: bytes) -> bytes:
         (b"PING\0", "badrequest"),
         (b"\xff\xfe", "badrequest"),
         (b"LEASE role=server transport=tcp", "none"),
+        (b"LEASE role=client transport=tcp", "badrequest"),  # refused by the handler, not the parser
         (b"A" * (MAX_MESSAGE + 1), "toolarge"),
         (b"A" * 60000, "toolarge"),
     ],

@@ -62,7 +62,7 @@ def test_any_bytes_parse_or_raise_protocol_error(data):
     except ProtocolError as error:
         assert error.code in ("badrequest", "toolarge")
     else:
-        assert request.verb in ("PING", "STATUS", "STOP", "LEASE", "PREPARE")
+        assert request.verb in ("PING", "STATUS", "STOP", "LEASE", "PREPARE", "HANDOVER")
 
 
 @settings(max_examples=200, deadline=None)

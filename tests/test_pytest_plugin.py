@@ -94,3 +94,22 @@ def test_fixtures_run_side_by_side_with_xdist(pytester):
     pytester.makepyfile(test_user=REGISTER_ANSWER)
     result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", "-n", "2", timeout=300)
     result.assert_outcomes(passed=3)
+
+
+def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
+    """The register/answer and many-user tests, written with the plugin's fixtures, under -n 2:
+    every worker has its own keeper, state directory and Kamailio ports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("xdist")
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
+         f"{tests}/test_e2e_tcp.py::test_register_then_answer_over_the_kept_connection",
+         f"{tests}/test_e2e_many_users.py::test_fifty_tls_users_each_on_its_own_connection",
+         f"{tests}/test_e2e_many_users.py::test_a_third_dropped_by_the_sut"],
+        capture_output=True, text=True, timeout=300, cwd=tests.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout

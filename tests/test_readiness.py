@@ -4,8 +4,10 @@ and saying "ready" through a file or a descriptor."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -61,3 +63,50 @@ def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, k
     answered = answer.wait(30)
     assert call.ok, call.summary()
     assert answered.ok, answered.summary()
+
+
+SHELL_PATTERN = Path(__file__).resolve().parent.parent / "docs" / "ci" / "register-answer.sh"
+
+
+def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(sipp_path, kamailio, keeper_dir, tmp_path):
+    """docs/ci/register-answer.sh, as documented: no sleep, the answer run's --ready-file."""
+    users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
+    caller = (f"{sipp_path} -sf {testbed.SCENARIOS_DIR}/uac-call.xml -s alice -key domain {kamailio.domain} "
+              f"-t u1 -i 127.0.0.1 -m 1 -timeout 15 -timeout_error -nostdin {kamailio.address}")
+    env = {
+        **os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "FDKEEPER_DIR": str(keeper_dir),
+        "FDKEEPER_SIPP": sipp_path, "SUT": kamailio.address, "USERS": str(users), "CALLER": caller,
+        "SCENARIOS": str(testbed.SCENARIOS_DIR), "ANSWER_PORT": str(testbed.free_port()),
+    }
+    done = subprocess.run(["sh", str(SHELL_PATTERN)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert (tmp_path / "answer.ready").read_text().startswith("ready ")
+    assert not re.search(r"\bsleep\s+[1-9]", SHELL_PATTERN.read_text())  # a bounded poll, never a fixed wait
+
+
+def run_with_ready_fd(sipp_path, keeper_dir, tmp_path, users, transport, address) -> tuple[bytes, str]:
+    """`fdkeeper sipp --ready-fd N` registering alice: what came through N, and stderr."""
+    read_end, write_end = os.pipe()
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "fdkeeper"), "sipp", "--sipp", sipp_path, "--dir", str(keeper_dir),
+         "--ready-fd", str(write_end), "--ready-timeout", "5", "-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"),
+         "-inf", str(users), "-t", transport, "-i", "127.0.0.1", "-m", "1", "-timeout", "10", "-timeout_error",
+         "-nostdin", address],
+        pass_fds=[write_end], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    os.close(write_end)
+    said = os.read(read_end, 100)
+    os.close(read_end)
+    assert done.returncode == 0, done.stderr
+    return said, done.stderr
+
+
+def test_ready_fd_says_ready_in_one_line_or_closes_it_and_says_why(sipp_path, kamailio, keeper_dir, tmp_path):
+    users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
+    said, stderr = run_with_ready_fd(sipp_path, keeper_dir, tmp_path, users, "t1", kamailio.address)
+    assert said == b"ready\n", stderr  # it held the kept connection and listened
+    # UDP passes straight through: no kept connection is ever handed over, so never ready.
+    said, stderr = run_with_ready_fd(sipp_path, keeper_dir, tmp_path, users, "u1", kamailio.address)
+    assert said == b""  # closed without a line: a reader is not left waiting
+    assert [line for line in stderr.splitlines() if "not signalled" in line] == [
+        "fdkeeper: sipp ended before it was ready to receive; --ready-fd not signalled"]

@@ -66,3 +66,11 @@ def test_any_split_of_a_stream_gives_the_same_messages(bodies, data):
         got += framer.feed(stream[start:cut])
         start = cut
     assert got == [message(body) for body in bodies]
+
+
+def test_whole_messages_before_unframeable_data_are_kept():
+    good = b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 0\r\n\r\n"
+    framer = SipFramer()
+    with pytest.raises(FramingError) as raised:
+        framer.feed(good + good + b"INVITE x SIP/2.0\r\nContent-Length: 99999\r\n\r\n")
+    assert raised.value.messages == [good, good]

@@ -1,9 +1,9 @@
 """`fdkeeper run`: test files, their checks, the scheduler, the JUnit report, the shipped
 examples and the CI recipes that run them (real sipp, real Kamailio).
 
-No schema validator is installed (no lxml, no xmllint), so `check_junit_schema` encodes
-the rules of the common JUnit schemas (Jenkins' junit-10.xsd and Ant's JUnit.xsd) that a
-report must meet for both: elements, their order, required attributes and value types.
+The JUnit report is validated three ways: against Jenkins' own junit-10.xsd (taken from
+pytest's source distribution at test time) with xmllint, against docs/ci/junit.xsd (which
+also holds Ant's one-outcome rule), and by `check_junit_schema`'s structural rules.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -191,8 +192,16 @@ _DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")  # Ant: xs:date
 _DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 
 
+JUNIT_XSD = CI_DIR / "junit.xsd"  # the format CI systems read, written down (see its comment)
+
+
 def check_junit_schema(path: Path) -> None:
-    """Fail unless the file meets both junit-10.xsd (Jenkins) and Ant's JUnit.xsd."""
+    """Fail unless the file meets both junit-10.xsd (Jenkins) and Ant's JUnit.xsd: validated
+    for real against docs/ci/junit.xsd when xmllint is here, and checked by structure."""
+    if shutil.which("xmllint"):
+        checked = subprocess.run(["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(path)],
+                                 capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stderr
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
     for name in ("tests", "failures", "errors"):
@@ -238,6 +247,55 @@ def test_junit_report_meets_the_schemas_rules(tmp_path):
     failure = case["bad"].find("failure")
     assert failure.get("message") == "step 'call': 1 successful calls, expected 3"
     assert "escape and a  nul" in failure.text and "step 'call'" in failure.text
+
+
+@pytest.mark.skipif(not shutil.which("xmllint"), reason="xmllint (libxml2-utils) is not installed")
+def test_the_junit_schema_refuses_what_ci_systems_refuse(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text('<testsuites><testsuite name="s" tests="1" failures="0" errors="0" time="1" '
+                   'timestamp="2026-11-30T18:59:17" hostname="h"><testcase name="c" classname="c" time="1">'
+                   '<failure type="t"/><skipped/></testcase></testsuite></testsuites>')  # two outcomes
+    checked = subprocess.run(["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(bad)], capture_output=True, text=True)
+    assert checked.returncode != 0 and "skipped" in checked.stderr
+
+
+def jenkins_junit_xsd(directory: Path) -> Path:
+    """Jenkins' own junit-10.xsd, as pytest's source distribution carries it (for its own tests),
+    fetched from the package index at test time; the test is skipped when it cannot be had."""
+    import importlib.metadata
+    import tarfile
+
+    version = importlib.metadata.version("pytest")
+    fetched = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+         "--timeout", "5", "--retries", "1", "-d", str(directory), f"pytest=={version}"],
+        capture_output=True, text=True, timeout=60)
+    archives = list(directory.glob("pytest-*.tar.gz"))
+    if fetched.returncode != 0 or not archives:
+        pytest.skip(f"pytest's source distribution (for junit-10.xsd) could not be fetched: {fetched.stderr[-200:]}")
+    with tarfile.open(archives[0]) as archive:
+        member = next((m for m in archive.getmembers() if m.name.endswith("/junit-10.xsd")), None)
+        if member is None:
+            pytest.skip(f"pytest {version}'s source distribution has no junit-10.xsd")
+        xsd = directory / "junit-10.xsd"
+        xsd.write_bytes(archive.extractfile(member).read())
+    return xsd
+
+
+@pytest.mark.skipif(not shutil.which("xmllint"), reason="xmllint (libxml2-utils) is not installed")
+def test_the_report_validates_against_jenkins_junit_10_xsd(tmp_path):
+    xsd = jenkins_junit_xsd(tmp_path)
+    out = tmp_path / "step.out"
+    out.write_text("last lines\n")
+    failing = StepResult("call", FAILED, ["1 successful calls, expected 3"], exit=0, successful=1, failed=0, out=out, err=tmp_path / "none")
+    report = tmp_path / "report.xml"
+    write_junit(report, [TestResult("good", Path("good.yaml"), PASSED, tmp_path, [StepResult("a", PASSED)], 1.5),
+                         TestResult("bad", Path("bad.yaml"), FAILED, tmp_path, [failing], 2.0),
+                         TestResult("broken", Path("broken.yaml"), ERROR, tmp_path, error="could not run"),
+                         TestResult("known", Path("known.yaml"), XFAILED, tmp_path, [failing], xfail="why")],
+                1796062593.8, 5.5)
+    checked = subprocess.run(["xmllint", "--noout", "--schema", str(xsd), str(report)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
 
 
 # --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 - routing: the Converter, where each message goes (no sockets; testable);
 - links: Link, one kept TCP/TLS connection, and open_link;
+- delivery: the attached runs, the queue between runs and the resending towards sipp;
 - server: the process, its sockets on the shared reactor; serve() is the library entry;
 - control: the control socket and control_request, its client.
 """

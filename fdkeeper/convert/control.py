@@ -1,7 +1,10 @@
 """The converter's control socket: one request a connection, one JSON line back.
 
-Requests: STATUS, SIPP IP:PORT (where the SuT's initial requests go from now on), RECONNECT
-(fresh connections in place of closed ones), STOP. `control_request` is the client side.
+Requests: STATUS, SIPP IP:PORT (where the SuT's initial requests go from now on), ATTACH IP:PORT
+[PID] (a run's UDP address: accepted, where initial and queued requests go, until DETACH IP:PORT
+or until PID is gone), RECONNECT (fresh connections in place of closed ones), STOP. Only
+processes of the converter's uid or root are answered (SO_PEERCRED). `control_request` is the
+client side.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import os
 import select
 import socket
+import struct
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +31,10 @@ class Controlled(Protocol):
 
     def set_sipp_address(self, address: Address) -> None: ...
 
+    def attach(self, address: Address, pid: int | None) -> int: ...
+
+    def detach(self, address: Address) -> None: ...
+
     def reconnect(self) -> list[str]: ...
 
     def stop(self) -> None: ...
@@ -39,7 +47,11 @@ def answer(target: Controlled, request: str) -> dict:
         if word == "STATUS":
             return {"ok": True, **target.stats()}
         if word == "SIPP":
-            return _set_sipp_address(target, argument)
+            return _with_address(argument, target.set_sipp_address)
+        if word == "ATTACH":
+            return _attach(target, argument)
+        if word == "DETACH":
+            return _with_address(argument, target.detach)
         if word == "RECONNECT":
             return {"ok": True, "reconnected": target.reconnect()}
         if word == "STOP":
@@ -50,15 +62,25 @@ def answer(target: Controlled, request: str) -> dict:
     return {"ok": False, "error": f"fdkeeper: unknown control request {word!r}"}
 
 
-def _set_sipp_address(target: Controlled, argument: str) -> dict:
+def _with_address(argument: str, action) -> dict:
+    """Call ``action`` with the sipp address ``argument`` names (IP:PORT)."""
     try:
         host, port = split_host_port(argument, SIP_PORT)
     except ValueError:
         host, port = "", 0
     if not is_ip(host):
         return {"ok": False, "error": f"fdkeeper: bad sipp address {argument!r}; give IP:PORT"}
-    target.set_sipp_address((host, port))
+    action((host, port))
     return {"ok": True}
+
+
+def _attach(target: Controlled, argument: str) -> dict:
+    address, _, pid = argument.partition(" ")
+    if pid and not pid.isdigit():
+        return {"ok": False, "error": f"fdkeeper: bad pid {pid!r} in ATTACH; give ATTACH IP:PORT [PID]"}
+    sent: list[int] = []
+    reply = _with_address(address, lambda found: sent.append(target.attach(found, int(pid) if pid else None)))
+    return {**reply, "delivered": sent[0]} if sent else reply
 
 
 class ControlSocket:
@@ -80,6 +102,8 @@ class ControlSocket:
             return
         with connection:
             connection.settimeout(2.0)
+            if not _peer_is_ours(connection):
+                return  # only our uid or root may steer the converter
             try:
                 request = connection.recv(4096).decode(errors="replace").strip()
                 reply = answer(self.target, request)
@@ -91,6 +115,11 @@ class ControlSocket:
         self.reactor.unwatch(self.sock.fileno())
         self.sock.close()
         self.path.unlink(missing_ok=True)
+
+
+def _peer_is_ours(connection: socket.socket) -> bool:
+    _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid in (os.getuid(), 0)
 
 
 def control_request(path: Path, request: str, timeout: float = 5.0) -> dict:

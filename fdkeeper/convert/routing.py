@@ -10,7 +10,9 @@ Routing (RFC 3261 §16.11, stateless proxy):
   a CANCEL or a non-2xx ACK matches its INVITE at the SuT.
 - requests from the SuT go to sipp over UDP: in-dialog ones (a To tag) to their Request-URI
   when it is an IP address, initial ones to --sipp-address (changed at run time by the control
-  request SIPP); our Via on top.
+  requests SIPP and ATTACH); our Via on top. With nowhere to go they wait, and a request sent
+  is resent until sipp answers it (fdkeeper.convert.delivery). With --attached-only, datagrams
+  from addresses no run of ours attached are dropped and counted (`udp_dropped_unattached`).
 - responses pop our Via and follow the next one (received/rport honoured).
 - --hide-topology: no Via and no Record-Route of ours on either side. A transaction map keyed
   by the top Via branch (bounded, entries expire after 64*T1) says where each response goes,
@@ -33,7 +35,8 @@ import time
 from typing import Callable
 
 from fdkeeper.address import Address, format_address
-from fdkeeper.convert.links import Link, LinkKey
+from fdkeeper.convert.delivery import UdpDelivery
+from fdkeeper.convert.links import OWN_BRANCH, Link, LinkKey
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sip.framing import FramingError
 from fdkeeper.sip.message import OUTBOUND, ROUTE, Edits, Malformed, Message, Span, count_hop, end_of_element, make_reply, \
@@ -138,7 +141,7 @@ class Converter:
 
     def __init__(self, listen: Address, default_key: LinkKey, sipp_address: Address | None,
                  hide_topology: bool, send_udp: Callable[[bytes, Address], None],
-                 connect: Callable[[LinkKey], Link]) -> None:
+                 connect: Callable[[LinkKey], Link], attached_only: bool = False) -> None:
         self.listen = listen
         self.listen_hp = format_address(listen).encode()
         self.default_key = default_key
@@ -156,6 +159,26 @@ class Converter:
         self.malformed: collections.Counter[str] = collections.Counter()
         self.warned: set[str] = set()
         self.now = time.monotonic()
+        self.attached_only = attached_only
+        self.delivery = UdpDelivery(send_udp, self.counters)
+
+    # -- attached runs
+
+    def attach(self, address: Address, pid: int | None) -> int:
+        """A run's UDP address: accepted from now on, where initial requests go; the queued
+        requests go to it. Returns how many did."""
+        self.sipp_address = address
+        return self.delivery.attach(address, pid, self.now)
+
+    def detach(self, address: Address) -> None:
+        self.delivery.detach(address)
+        if self.sipp_address == address:
+            self.sipp_address = self.delivery.latest() if self.attached_only else address
+
+    def detach_dead(self) -> None:
+        for address in self.delivery.dead_attachments():
+            self.counters["detached_dead_runs"] += 1
+            self.detach(address)
 
     def add_link(self, link: Link) -> Link:
         old = self.links.get(link.key)
@@ -189,6 +212,7 @@ class Converter:
             log.warning("%s (logged once; counted in the status)", text)
 
     def expire(self) -> None:
+        self.delivery.tick(self.now)
         self.transactions.expire(self.now)
         self.dialogs.expire(self.now)
 
@@ -196,6 +220,11 @@ class Converter:
 
     def from_sipp(self, data: bytes, source: Address) -> None:
         self.counters["udp_in"] += 1
+        if self.attached_only and not self.delivery.is_attached(source):
+            self.counters["udp_dropped_unattached"] += 1
+            self.warn_once("unattached", f"dropped a datagram from {format_address(source)}: no run of ours is "
+                           "attached there (counted as udp_dropped_unattached)")
+            return
         # A CRLF keep-alive (or nothing but padding): the first byte tells without a stripped copy.
         if data[:1] in b"\r\n\x00 " and not data.strip(b"\r\n\x00 "):
             self.counters["udp_keepalives"] += 1
@@ -208,7 +237,7 @@ class Converter:
         except FramingError as error:
             self.drop("unframeable stream data", link.framer.discard())
             log.debug("framing: %s", error)
-            messages = []
+            messages = error.messages  # the whole ones before the bad part still go through
         if link.out:  # pongs to the SuT's pings
             self.dirty.add(link)
         for raw in messages:
@@ -265,7 +294,7 @@ class Converter:
         if key != self.default_key and not in_dialog and creating:
             self.dialogs.put(message.call_id(), key, self.now)
         record_route = link.rr_to_stream if creating and not in_dialog else b""
-        via_end, host, params = self._own_via(message, edits, source, link.via, record_route)
+        via_end, host, params, _ = self._own_via(message, edits, source, link.via, record_route)
         if not self.hide and host.decode(errors="replace") != source[0] and via_param(params, b"received") is None:
             edits.append((via_end, via_end, b";received=" + source[0].encode()))
         self._to_stream(link, message, edits, "requests_to_stream")
@@ -274,6 +303,7 @@ class Converter:
         data, edits = message.data, Edits()
         via_span, via_end = message.top_via()
         protocol, host, port, params = via_parts(data[via_span[1]:via_end])
+        self.delivery.answered(via_param(params, b"branch"))
         if self.hide:
             link = self.transactions.get(via_param(params, b"branch") or b"")
             if not isinstance(link, Link):
@@ -307,12 +337,14 @@ class Converter:
         in_dialog = message.has_to_tag()
         destination = uri_ip_address(message.request_uri()) if in_dialog else None
         if destination is None:
-            destination = self.sipp_address or uri_ip_address(message.request_uri())
-            if destination is None:
+            # No run attached: it waits for the next one (an attached-only converter never
+            # guesses from the Request-URI, which names a run that is gone).
+            destination = self.sipp_address or (None if self.attached_only else uri_ip_address(message.request_uri()))
+            if destination is None and not self.attached_only:
                 raise Malformed("no destination for a request from the SuT")
         record_route = link.rr_to_udp if message.method in DIALOG_CREATING and not in_dialog else b""
-        self._own_via(message, edits, link, link.via_udp, record_route)
-        self._to_udp(message, edits, destination, link, "requests_to_udp")
+        branch = self._own_via(message, edits, link, link.via_udp, record_route)[3]
+        self._to_udp(message, edits, destination, link, "requests_to_udp", branch)
 
     def _response_from_stream(self, link: Link, message: Message) -> None:
         data, edits = message.data, Edits()
@@ -333,9 +365,11 @@ class Converter:
             destination = via_reply_address(message.next_via(via_span, via_end))
         self._to_udp(message, edits, destination, None, "responses_to_udp")
 
-    def _to_udp(self, message: Message, edits: Edits, destination: Address, link: Link | None, counter: str) -> None:
+    def _to_udp(self, message: Message, edits: Edits, destination: Address | None, link: Link | None, counter: str,
+                branch: bytes | None = None) -> None:
         """Send to sipp: over 1300 bytes counted and warned of once, over 65,507 not sent
-        (a request from ``link`` answered 513)."""
+        (a request from ``link`` answered 513). A request from a link goes through the delivery
+        (queued while ``destination`` is None, resent until answered, by ``branch``)."""
         out = edits.apply(message.data)
         size = len(out)
         if size > UDP_SOFT_LIMIT:
@@ -348,16 +382,20 @@ class Converter:
             self.counters["udp_oversize_sent"] += 1
             self.warn_once("oversize", f"sent a {size}-byte message to sipp over UDP (over the {UDP_SOFT_LIMIT}-byte "
                            "limit of RFC 3261 §18.1.1; sipp listens on UDP only); counted as udp_oversize_sent")
-        self.send_udp(out, destination)
+        if link is not None and message.is_request:
+            self.delivery.send_request(out, branch, message.method == b"INVITE", destination, self.now)
+        else:
+            self.send_udp(out, destination)
         self.counters[counter] += 1
 
     # -- shared
 
     def _own_via(self, message: Message, edits: Edits, back: Address | Link, via: bytes,
-                 record_route: bytes) -> tuple[int, bytes, bytes]:
+                 record_route: bytes) -> tuple[int, bytes, bytes, bytes | None]:
         """Put our ``via`` on top (``record_route`` above it), its branch following the
         incoming one; with hidden topology remember instead where responses go ``back`` to.
-        Returns the incoming top Via element's end, sent-by host and parameters."""
+        Returns the incoming top Via element's end, sent-by host and parameters, and the branch
+        the next hop sees on top."""
         data = message.data
         via_span, via_end = message.top_via()
         _, host, _, params = via_parts(data[via_span[1]:via_end])
@@ -365,10 +403,11 @@ class Converter:
         if self.hide:
             if branch:
                 self.transactions.put(branch, back, self.now)
-        else:
-            top = b"".join((record_route, via, own_branch_tail(branch, data, via_span), b"\r\n"))
-            edits.append((message.start_end + 2, message.start_end + 2, top))
-        return via_end, host, params
+            return via_end, host, params, branch
+        tail = own_branch_tail(branch, data, via_span)
+        top = b"".join((record_route, via, tail, b"\r\n"))
+        edits.append((message.start_end + 2, message.start_end + 2, top))
+        return via_end, host, params, OWN_BRANCH + tail
 
     def _too_many_hops(self, message: Message, peer: Address | Link) -> None:
         """Max-Forwards was 0: answer 483 to ``peer`` instead of forwarding."""

@@ -14,7 +14,6 @@ Status: the control socket's STATUS (JSON), a stats line on SIGUSR1, and --stats
 from __future__ import annotations
 
 import json
-import logging
 import os
 import select
 import signal
@@ -30,12 +29,14 @@ from fdkeeper.convert.links import SOCKET_BUFFER, Link, LinkKey, open_link
 from fdkeeper.convert.routing import Converter, log
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor
+from fdkeeper.textsafe import configure_logging
 from fdkeeper.sip.framing import PING
 from fdkeeper.tls import TlsOptions
 
 READ_CHUNK = 256 * 1024
 UDP_BATCH = 512  # datagrams read per wake-up before the streams are flushed
 TICK = 1.0  # seconds between expiry, keep-alive and stats-file rounds
+RESEND_TICK = 0.1  # seconds between retransmission rounds (T1 is 0.5 s)
 LINK_EVENTS = select.EPOLLIN | select.EPOLLRDHUP
 _SO_RCVBUFFORCE, _SO_SNDBUFFORCE = 33, 32  # Linux; not in the socket module
 
@@ -64,7 +65,8 @@ class ConverterServer:
 
     def __init__(self, listen: Address, sut: Address, transport: str, sipp_address: Address | None, *,
                  hide_topology: bool = False, tls: TlsOptions | None = None, connect_timeout: float = 5.0,
-                 keepalive: float | None = None, control: Path | None = None, stats_file: Path | None = None) -> None:
+                 keepalive: float | None = None, control: Path | None = None, stats_file: Path | None = None,
+                 attached_only: bool = False) -> None:
         self.tls = tls
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
@@ -72,7 +74,7 @@ class ConverterServer:
         self.udp = bind_udp(listen)
         self.reactor = Reactor()
         self.converter = Converter(self.udp.getsockname()[:2], (sut[0], sut[1], transport), sipp_address, hide_topology,
-                                   self._send_udp, self._connect)
+                                   self._send_udp, self._connect, attached_only)
         try:
             self.converter.add_link(self._connect(self.converter.default_key))
         except FdkeeperError:
@@ -82,6 +84,7 @@ class ConverterServer:
         self.reactor.watch(self.udp.fileno(), select.EPOLLIN, self._on_udp)
         self.control = ControlSocket(control, self.reactor, self) if control is not None else None
         self.reactor.call_every(TICK, self._tick)
+        self.reactor.call_every(RESEND_TICK, self._resend)
 
     # -- I/O for the converter
 
@@ -183,8 +186,14 @@ class ConverterServer:
         except OSError:
             pass
 
+    def _resend(self) -> None:
+        if self.converter.delivery.pending:
+            self.converter.now = time.monotonic()
+            self.converter.delivery.tick(self.converter.now)
+
     def _tick(self) -> None:
         self.converter.now = now = time.monotonic()
+        self.converter.detach_dead()
         self.converter.expire()
         if self.keepalive:
             for link in self.converter.links.values():
@@ -208,13 +217,25 @@ class ConverterServer:
     def set_sipp_address(self, address: Address) -> None:
         self.converter.sipp_address = address
 
+    def attach(self, address: Address, pid: int | None) -> int:
+        self.converter.now = time.monotonic()
+        sent = self.converter.attach(address, pid)
+        log.info("run attached at udp:%s (pid %s)%s", format_address(address), pid,
+                 f"; {sent} queued request(s) sent to it" if sent else "")
+        return sent
+
+    def detach(self, address: Address) -> None:
+        self.converter.detach(address)
+        log.info("run detached from udp:%s", format_address(address))
+
     def stats(self) -> dict:
         converter = self.converter
         sipp_address = converter.sipp_address
         return {
             "pid": os.getpid(), "listen": converter.listen_hp.decode(),
             "sipp_address": format_address(sipp_address) if sipp_address else None,
-            "hide_topology": converter.hide, "counters": dict(converter.counters), "malformed": dict(converter.malformed),
+            "hide_topology": converter.hide, "attached_only": converter.attached_only, **converter.delivery.as_dict(),
+            "counters": dict(converter.counters), "malformed": dict(converter.malformed),
             "transactions": len(converter.transactions), "dialogs": len(converter.dialogs),
             "evicted": converter.transactions.evicted + converter.dialogs.evicted,
             "links": [link.as_dict() for link in converter.links.values()],
@@ -269,13 +290,14 @@ def serve(
     control: Path | None = None,
     stats_file: Path | None = None,
     log_level: str = "info",
+    attached_only: bool = False,
 ) -> int:
     """Run a converter in the foreground until STOP or SIGTERM; the exit status."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s fdkeeper-convert[%(process)d] %(message)s")
+    configure_logging(log_level, "fdkeeper-convert")
     try:
         server = ConverterServer(listen, sut, transport, sipp_address, hide_topology=hide_topology,
                                  tls=tls or TlsOptions(), connect_timeout=connect_timeout, keepalive=keepalive,
-                                 control=control, stats_file=stats_file)
+                                 control=control, stats_file=stats_file, attached_only=attached_only)
     except FdkeeperError as error:
         print(str(error), file=sys.stderr, flush=True)
         return error.exit_status

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 
 from fdkeeper.address import Address, family_of, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sip.framing import PING, PONG
+from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.tlslink import TlsLink
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
+MAX_PEEK = 256 * 1024  # how much of a queue is looked at for a whole message when the SuT ends it
 
 
 def queued_bytes(sock: socket.socket) -> int:
@@ -57,13 +58,18 @@ class KeptConnection:
     replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
     link: TlsLink | None = None
     aor: str | None = None  # the user whose own connection this is (-t tn/ln); None: shared
+    # The local address the SuT sees for -t t1/l1 runs given -i/-p (keeper/pool.py: identity_of);
+    # None: runs that let sipp pick an ephemeral port share this one.
+    identity: Address | None = None
     lease_mode: str | None = None  # how the last lease reached its program: preload or ptrace
     lease_transfer: str | None = None  # and how the descriptor travelled: scm or pidfd
+    ending: str = ""  # the SuT ended it, but requests it sent before wait for a run to read them
+    options_answered: int = 0  # --answer-options: the SuT's OPTIONS the keeper answered (TCP)
 
     @property
-    def key(self) -> tuple[Address, str, str | None]:
-        """What a lease asks for: this SuT, this transport, this user (or the shared one)."""
-        return self.remote, self.transport, self.aor
+    def key(self) -> tuple[Address, str, str | None, Address | None]:
+        """What a lease asks for: this SuT, this transport, this user (or the shared one), this identity."""
+        return self.remote, self.transport, self.aor, self.identity
 
     @property
     def state(self) -> str:
@@ -82,6 +88,19 @@ class KeptConnection:
     def queued_bytes(self) -> int:
         """Bytes the SuT sent that no run has read yet (they wait for the next run)."""
         return queued_bytes(self.sock)
+
+    def holds_whole_message(self) -> bool:
+        """Whether the receive queue holds at least one complete SIP message (peeked, not read)."""
+        queued = self.queued_bytes()
+        if not queued:
+            return False
+        try:
+            head = self.sock.recv(min(queued, MAX_PEEK), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return bool(SipFramer().feed(head))
+        except FramingError as error:
+            return bool(error.messages)
+        except BlockingIOError:
+            return False
 
     def mark_closed(self, reason: str) -> None:
         if self.link is not None:
@@ -152,6 +171,7 @@ class KeptConnection:
             "remote": format_address(self.remote),
             "state": self.state,
             "aor": self.aor,
+            "identity": format_address(self.identity) if self.identity else None,
             "holder_pid": self.holder_pid,
             "age": round(now - self.opened_at, 3),
             "leases": self.leases,
@@ -159,34 +179,54 @@ class KeptConnection:
             "transfer": self.lease_transfer,
             "queued_bytes": self.queued_bytes() if self.sock is not None else 0,
             "closed_reason": self.closed_reason,
+            "ending": self.ending or None,
+            "options_answered": self.link.options_answered if self.link else self.options_answered,
             "pongs": self.link.from_sut.keepalives if self.link else self.pongs,
             "tls": tls or None,
         }
 
 
 def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.socket:
-    """Connect to the SuT, bound to ``local`` when given; raise FdkeeperError on failure.
+    """Connect to the SuT, bound to ``local`` when given; raise FdkeeperError on failure (blocks:
+    the converter's; the keeper connects from events, keeper/opening.py).
 
     The socket is left in blocking mode, like a freshly accepted one: sipp sets the file
     status flags it wants, and the keeper itself only ever uses MSG_DONTWAIT calls.
     """
-    sock = socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
+    sock = new_tcp_socket(remote, local)
     try:
-        # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if local is not None:
-            sock.bind(local)
         sock.settimeout(timeout)
         sock.connect(remote)
         sock.settimeout(None)
         return sock
     except OSError as error:
         sock.close()
-        raise _connect_error(remote, local, timeout, error) from None
+        raise connect_error(remote, local, timeout, error) from None
 
 
-def _connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
+def new_tcp_socket(remote: Address, local: Address | None) -> socket.socket:
+    """A TCP socket for ``remote``, bound to ``local`` when given; FdkeeperError if it cannot bind."""
+    try:
+        sock = socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
+    except OSError as error:  # out of descriptors: a one-line refusal, never a stuck open
+        raise FdkeeperError(
+            f"fdkeeper: the keeper could not open a socket for {format_address(remote)}: {error.strerror}; "
+            "raise its RLIMIT_NOFILE or end runs that hold many",
+            "limit",
+        ) from None
+    try:
+        # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if local is not None:
+            sock.bind(local)
+    except OSError as error:
+        sock.close()
+        raise connect_error(remote, local, 0, error) from None
+    return sock
+
+
+def connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
     target = f"{format_address(remote)}/tcp"
     if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
         return FdkeeperError(

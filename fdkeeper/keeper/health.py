@@ -4,8 +4,8 @@ Between runs the keeper never reads SIP bytes from a plain TCP connection: it wa
 for the SuT's FIN or RST, and while a keep-alive ping is out, for the pong at the head of the
 queue. TLS connections are pumped by their TlsLink, which also takes pongs out of the stream.
 
-``settle_pong`` is the one blocking wait here (at most PONG_SETTLE); it stays in this module
-so that it can become a reactor timer later without touching the rest of the keeper.
+A lease that finds a ping out waits for its pong (at most PONG_SETTLE) on a reactor timer,
+never blocking the loop (``settle_pong``).
 """
 
 from __future__ import annotations
@@ -16,33 +16,46 @@ import time
 from typing import Iterable
 
 from fdkeeper.keeper.connection import IDLE, KeptConnection
-from fdkeeper.loop import Reactor
+from fdkeeper.keeper.opening import Pending
+from fdkeeper.keeper.pings import TcpOptionsAnswerer
+from fdkeeper.loop import Reactor, Timer
 
 log = logging.getLogger("fdkeeper.keeper")
 
 PONG_TIMEOUT = 10.0  # RFC 5626 §4.4.1: a flow with no pong within 10 s has failed
 PONG_SETTLE = 2.0  # how long a lease waits for an outstanding pong before handing over
+DELIVERY_CHECK = 0.25  # how often a connection the SuT ended is checked for its last requests read
 _PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class ConnectionHealth:
-    def __init__(self, reactor: Reactor, keepalive: float | None) -> None:
+    def __init__(self, reactor: Reactor, keepalive: float | None, answer_options: bool = False) -> None:
         self.reactor = reactor
         self.keepalive = keepalive
+        self.answer_options = answer_options
+        self.options = TcpOptionsAnswerer(reactor) if answer_options else None
+        # Idle plain TCP: the SuT's FIN/RST, and with --answer-options its OPTIONS pings.
+        self.idle_events = select.EPOLLRDHUP | (select.EPOLLIN if answer_options else 0)
+        # Leases waiting for a pong (settle_pong), and the pings whose pong they stopped waiting for.
+        self._settling: dict[int, tuple[Pending, Timer]] = {}
+        self._gave_up: dict[int, float | None] = {}
 
     def watch(self, connection: KeptConnection) -> None:
         """Start watching a freshly opened connection."""
         link = connection.link
         if link:
+            link.answer_options = self.answer_options
+            link.is_held = lambda c=connection: c.holder_pid is not None
             link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
             self.reactor.watch(link.tls.fileno(), link.watched_tls, lambda mask, c=connection: self._on_tls_event(c, mask))
             self.reactor.watch(
                 link.keeper_end.fileno(), link.watched_pair, lambda mask, c=connection: self._on_pair_event(c, mask)
             )
         else:
-            # Only the SuT's FIN/RST is watched, never EPOLLIN: queued requests wait for the next run.
+            # Only the SuT's FIN/RST is watched, and EPOLLIN only to take pongs and (--answer-options)
+            # OPTIONS off the head of the queue: queued requests wait for the next run.
             self.reactor.watch(
-                connection.fileno(), select.EPOLLRDHUP, lambda mask, c=connection: self._on_connection_event(c, mask)
+                connection.fileno(), self.idle_events, lambda mask, c=connection: self._on_connection_event(c, mask)
             )
 
     def close_connection(self, connection: KeptConnection, reason: str) -> None:
@@ -53,6 +66,8 @@ class ConnectionHealth:
         else:
             self.reactor.unwatch(connection.fileno())
         connection.mark_closed(reason)
+        self._gave_up.pop(connection.id, None)
+        self._stop_settling(connection)  # a lease waiting for its pong learns it closed
 
     # ---------------------------------------------------------------- events
 
@@ -60,9 +75,18 @@ class ConnectionHealth:
         if connection.sock is None:
             return
         if mask & _PEER_GONE:
-            self.close_connection(connection, connection.peer_gone_reason())
+            if connection.state == IDLE and connection.holds_whole_message():
+                # Requests wait in the queue: the next run reads them, then the FIN or the RST
+                # (SO_ERROR is not read here: that would turn the run's ECONNRESET into EOF).
+                self.reactor.unwatch(connection.fileno())
+                gone = "the SuT reset it" if mask & select.EPOLLERR else "the SuT closed it: FIN"
+                self._close_when_delivered(connection, gone)
+            else:
+                self.close_connection(connection, connection.peer_gone_reason())
         elif mask & select.EPOLLIN and connection.ping_sent_at is not None:
             self._collect_pong(connection)
+        elif mask & select.EPOLLIN and self.options is not None:
+            self.options.on_readable(connection)
 
     def _on_tls_event(self, connection: KeptConnection, mask: int) -> None:
         connection.link.on_tls_event(mask)
@@ -76,7 +100,7 @@ class ConnectionHealth:
         """Close a TLS connection whose link failed, else watch what its link wants now."""
         link = connection.link
         if link.closed_reason:
-            self.close_connection(connection, link.closed_reason)
+            self._link_ended(connection)
             return
         # epoll_ctl only when the wanted events changed: two system calls saved per message.
         tls_events, pair_events = link.wants_tls(), link.wants_pair()
@@ -87,13 +111,45 @@ class ConnectionHealth:
             self.reactor.rewatch(link.keeper_end.fileno(), pair_events)
             link.watched_pair = pair_events
 
+    # ---------------------------------------------------------------- the SuT's side ended
+
+    def _link_ended(self, connection: KeptConnection) -> None:
+        """The SuT's TLS side ended: hand what it sent whole to the pair, then end the pair."""
+        link = connection.link
+        if connection.ending or connection.sock is None:  # handled already, or closed
+            return
+        if link.tls.fileno() >= 0:
+            self.reactor.unwatch(link.tls.fileno())
+            link.close_tls()
+        if link.to_sipp:  # more than the pair takes now: go on on EPOLLOUT
+            if link.watched_pair != select.EPOLLOUT:
+                self.reactor.rewatch(link.keeper_end.fileno(), select.EPOLLOUT)
+                link.watched_pair = select.EPOLLOUT
+            return
+        self.reactor.unwatch(link.keeper_end.fileno())
+        link.end_towards_sipp()
+        self._close_when_delivered(connection, link.closed_reason)
+
+    def _close_when_delivered(self, connection: KeptConnection, reason: str) -> None:
+        """Mark it closed once no complete message the SuT sent is left for a run to read."""
+        if connection.sock is None:
+            return
+        queued = connection.queued_bytes()
+        if not queued:
+            self.close_connection(connection, reason)
+            return
+        if not connection.ending:
+            log.info("%s: %s; %d bytes it sent before are kept for the next run", connection.label(), reason, queued)
+        connection.ending = reason
+        self.reactor.call_later(DELIVERY_CHECK, lambda: self._close_when_delivered(connection, reason))
+
     # ---------------------------------------------------------------- keep-alive
 
     def keep_alive(self, connections: Iterable[KeptConnection]) -> None:
         """Ping idle connections quiet for ``keepalive`` s; close those whose pong is overdue."""
         now = time.monotonic()
         for connection in list(connections):
-            if connection.state != IDLE:
+            if connection.state != IDLE or connection.ending:
                 continue
             if connection.link:
                 self._keep_link_alive(connection, now)
@@ -124,19 +180,29 @@ class ConnectionHealth:
             log.warning("%s: a request arrived before the keep-alive pong", connection.label())
             connection.ping_sent_at = None
         if connection.ping_sent_at is None:
-            self.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP)
+            self.reactor.rewatch(connection.fileno(), self.idle_events)
+            self._stop_settling(connection)
 
     def settle_pong(self, connection: KeptConnection) -> None:
-        """Before a lease, wait briefly for an outstanding pong so it never reaches sipp (blocks)."""
-        poller = select.poll()
-        poller.register(connection.fileno(), select.POLLIN | select.POLLRDHUP)
-        deadline = time.monotonic() + PONG_SETTLE
-        while connection.ping_sent_at is not None and time.monotonic() < deadline:
-            events = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
-            if not events:
-                break
-            mask = events[0][1]
-            if mask & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
-                self.close_connection(connection, connection.peer_gone_reason())
-                return
-            self._collect_pong(connection)
+        """Before a lease, let an outstanding pong arrive so it never reaches sipp, without
+        blocking the loop: raises Pending, and the lease is asked again when the pong arrives,
+        the connection closes, or PONG_SETTLE passes (then the lease goes ahead)."""
+        if self._gave_up.get(connection.id) == connection.ping_sent_at:
+            return
+        waiting = self._settling.get(connection.id)
+        if waiting is None:
+            pending = Pending(f"the keep-alive pong of {connection.label()}")
+            timer = self.reactor.call_later(PONG_SETTLE, lambda: self._stop_settling(connection, gave_up=True))
+            waiting = self._settling[connection.id] = (pending, timer)
+        raise waiting[0]
+
+    def _stop_settling(self, connection: KeptConnection, gave_up: bool = False) -> None:
+        waiting = self._settling.pop(connection.id, None)
+        if waiting is None:
+            return
+        pending, timer = waiting
+        timer.cancel()
+        if gave_up:
+            log.warning("%s: no keep-alive pong within %g s; leasing it anyway", connection.label(), PONG_SETTLE)
+            self._gave_up[connection.id] = connection.ping_sent_at
+        pending.settle()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import select
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Callable
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.connection import CLOSED, KeptConnection
+from fdkeeper.keeper.control import ControlClient
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.loop import Reactor
-from fdkeeper.protocol import Request, format_failure, send_quietly
+from fdkeeper.protocol import Request, format_failure
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -122,9 +122,14 @@ class Leases:
 class Waiter:
     """A PREPARE with wait= whose connection is busy: answered when it frees or times out."""
 
-    client: socket.socket
+    client: ControlClient
     request: Request
     deadline: float
+
+    def answer(self, reply: bytes) -> None:
+        """Send the reply (never blocking); the client is an ordinary idle one again."""
+        self.client.waiting = False
+        self.client.send(reply)
 
 
 class Waiters:
@@ -135,10 +140,10 @@ class Waiters:
         self.answer = answer
         self.waiting: list[Waiter] = []
 
-    def add(self, client: socket.socket, request: Request) -> None:
+    def add(self, client: ControlClient, request: Request) -> None:
         self.waiting.append(Waiter(client, request, time.monotonic() + request.get("wait")))
 
-    def forget_client(self, client: socket.socket) -> None:
+    def forget_client(self, client: ControlClient) -> None:
         self.waiting = [w for w in self.waiting if w.client is not client]
 
     def retry(self) -> None:
@@ -151,9 +156,9 @@ class Waiters:
                 if error.code == "busy":
                     self.waiting.append(waiter)
                 else:
-                    send_quietly(waiter.client, format_failure(error))
+                    waiter.answer(format_failure(error))
                 continue
-            send_quietly(waiter.client, reply)
+            waiter.answer(reply)
 
     def expire(self) -> None:
         """Tell waiters whose wait= is up why their connection is still not theirs."""
@@ -164,7 +169,7 @@ class Waiters:
                 self.answer(waiter.request)
             except FdkeeperError as error:
                 waited = f" (waited {waiter.request.get('wait'):g} s)" if error.code == "busy" else ""
-                send_quietly(waiter.client, format_failure(error, waited))
+                waiter.answer(format_failure(error, waited))
 
 
 def lease_holder(requester: int, for_pid: int | None) -> int:

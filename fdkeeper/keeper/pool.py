@@ -1,12 +1,16 @@
 """The kept connections by identity: which ones a request means, and opening the missing ones.
 
-A client run asks for its connection by (SuT, transport, user); a server run takes every
-connection to its SuT over its transport; a per-user run only checks that its users will fit.
-Opening connects (and for TLS handshakes) in the keeper's own thread: ``_open`` is the one
-place that blocks, kept here so that it can become non-blocking later.
+A client run asks for its connection by (SuT, transport, user, identity: keeper/identity.py); a
+server run takes the connections of its identity to its SuT over its transport (where it has
+none, the idle ones no live run holds, and its runner says so); a per-user run only checks that
+its users will fit.
+Opening connects (and for TLS handshakes) from the keeper's event loop (keeper/opening.py):
+the request that needs a new connection stays pending until it is kept.
 """
 
 from __future__ import annotations
+
+from typing import NoReturn
 
 import logging
 import os
@@ -14,12 +18,14 @@ import resource
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import CLOSED, KeptConnection, open_tcp
+from fdkeeper.keeper.connection import CLOSED, KeptConnection
 from fdkeeper.keeper.health import ConnectionHealth
+from fdkeeper.keeper.identity import identity_of
 from fdkeeper.keeper.leases import Leases
+from fdkeeper.keeper.opening import Opener
 from fdkeeper.keeper.tlslink import TlsLink
 from fdkeeper.protocol import ProtocolError, Request
-from fdkeeper.tls import TlsOptions, handshake
+from fdkeeper.tls import TlsOptions
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -39,11 +45,12 @@ class ConnectionPool:
         self.leases = leases
         self.connect_timeout = connect_timeout
         self.tls_defaults = tls_defaults
-        # The current connection for each (SuT, transport, AoR): O(1) per lease with 10,000 users.
+        # The current connection for each (SuT, transport, AoR, identity): O(1) per lease with 10,000 users.
         self.by_key: dict[tuple, KeptConnection] = {}
         # TLS options a PREPARE gave for a SuT, for the per-user connections leases open later.
         self.tls_profiles: dict[Address, TlsOptions] = {}
         self._next_id = 1
+        self.opener = Opener(health.reactor, connect_timeout)
 
     def select(self, request: Request, pid: int | None) -> list[KeptConnection]:
         """The connections ``request`` asks for, opened if need be; FdkeeperError if not to be had."""
@@ -63,6 +70,12 @@ class ConnectionPool:
             if c.state == CLOSED and c.transport == request.get("transport") and remote in (None, c.remote)
         ]
 
+    def borrowed(self, request: Request, connections: list[KeptConnection]) -> list[KeptConnection]:
+        """Those of ``connections`` a server run is handed although they are not of its identity."""
+        if request.get("role") != "server":
+            return []
+        return [c for c in connections if not of_identity(c, request.get("local"))]
+
     def close(self, reason: str) -> None:
         for connection in self.connections.values():
             if connection.sock is not None:
@@ -78,15 +91,15 @@ class ConnectionPool:
         remote: Address | None = request.get("remote")
         if remote is None:
             raise ProtocolError("badrequest", "fdkeeper: a client lease needs remote=")
-        connection = self.by_key.get((remote, request.get("transport"), request.get("aor")))
+        identity = identity_of(request.get("local"), remote)
+        connection = self.by_key.get((remote, request.get("transport"), request.get("aor"), identity))
         if connection is not None and connection.state == CLOSED:
             if not request.get("reconnect"):
                 raise connection.closed_error()
             log.info("replacing closed %s (--reconnect)", connection.label())
-            del self.connections[connection.id]
-            fresh = self._open(request)
-            fresh.replaces = connection.id
-            return fresh
+            # Kept until the new one is open: a refused connect (the SuT restarting) must leave
+            # the closed one in place for the next try, not a half-forgotten key.
+            return self._open(request)  # _keep_opened records which connection it replaces
         if connection is not None:
             self.leases.refuse_if_held_by_other(connection, pid)
             return connection
@@ -106,9 +119,22 @@ class ConnectionPool:
         alive = [c for c in matching if c.state != CLOSED]
         if not alive:
             raise matching[-1].closed_error()
-        for connection in alive:
+        own = [c for c in alive if of_identity(c, request.get("local"))] or self._unheld(alive, pid)
+        for connection in own or alive:  # none to be had: busy, naming a holder (--wait waits)
             self.leases.refuse_if_held_by_other(connection, pid)
-        return alive
+        return own
+
+    def _unheld(self, connections: list[KeptConnection], pid: int | None) -> list[KeptConnection]:
+        """A server run with no connection of its own identity: the ones no live run holds
+        (what every server run was handed before identities; existing scripts keep working)."""
+        unheld = []
+        for connection in connections:
+            try:
+                self.leases.refuse_if_held_by_other(connection, pid)
+            except FdkeeperError:
+                continue
+            unheld.append(connection)
+        return unheld
 
     def _check_room(self, request: Request) -> None:
         """A per-user run: say now, not at user 5,000, when the users would not fit."""
@@ -129,17 +155,19 @@ class ConnectionPool:
 
     # ---------------------------------------------------------------- opening
 
-    def _open(self, request: Request) -> KeptConnection:
-        """Connect (and handshake) to the SuT, blocking up to connect_timeout for each."""
-        remote, transport = request.get("remote"), request.get("transport")
-        sock = open_tcp(remote, request.get("local"), self.connect_timeout)
-        link = None
+    def _open(self, request: Request) -> NoReturn:
+        """Start connecting (and handshaking) off the loop: raises Pending (keeper/opening.py),
+        and the request is asked again once the connection is kept (or told why it failed)."""
+        remote, transport, local = request.get("remote"), request.get("transport"), request.get("local")
+        options = None
         if transport == "tls":
-            defaults = self.tls_profiles.get(remote, self.tls_defaults)
-            options = TlsOptions.from_fields(request.fields, defaults)
-            tls, early = handshake(sock, remote, options, self.connect_timeout)
-            link = TlsLink(tls, options, early)
-            sock = tls
+            options = TlsOptions.from_fields(request.fields, self.tls_profiles.get(remote, self.tls_defaults))
+        key = (remote, transport, request.get("aor"), local)
+        self.opener.open(key, local, options, lambda sock, early: self._keep_opened(request, options, sock, early))
+
+    def _keep_opened(self, request: Request, options: TlsOptions | None, sock, early: bytes) -> KeptConnection:
+        remote, transport = request.get("remote"), request.get("transport")
+        link = TlsLink(sock, options, early) if options is not None else None
         connection = KeptConnection(
             id=self._next_id,
             sock=link.sipp_end if link else sock,
@@ -148,10 +176,23 @@ class ConnectionPool:
             local=sock.getsockname()[:2],
             link=link,
             aor=request.get("aor"),
+            identity=identity_of(request.get("local"), remote),
         )
         self._next_id += 1
+        replaced = self.by_key.get(connection.key)
+        if replaced is not None and replaced.state == CLOSED:  # --reconnect: the runner says so
+            connection.replaces = replaced.id
+            self.connections.pop(replaced.id, None)
         self.connections[connection.id] = connection
         self.by_key[connection.key] = connection
         self.health.watch(connection)
         log.info("opened %s%s", connection.label(), f" ({link.info['version']})" if link else "")
         return connection
+
+
+def of_identity(connection: KeptConnection, local: Address | None) -> bool:
+    """Whether ``connection`` is a server run's own, the run binding ``local``: the shared
+    connection of its identity, and every per-user one (a server scenario answers whichever user
+    is called; per-user runs are told apart by AoR). A server run may name no SuT: its wildcard
+    address is read against each connection's SuT."""
+    return connection.aor is not None or connection.identity == identity_of(local, connection.remote)

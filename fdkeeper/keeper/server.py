@@ -10,7 +10,6 @@ no thread per connection.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -18,18 +17,22 @@ import resource
 import select
 import signal
 import socket
-import struct
 import time
 from pathlib import Path
-from typing import IO, Callable
+from typing import Callable
 
 from fdkeeper import __version__
 from fdkeeper.address import format_address
+from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.connection import KeptConnection
+from fdkeeper.keeper.control import ControlClient, ControlClients, limit_error, out_of_descriptors
+from fdkeeper.keeper.handover import adopt_into, hand_over, refuse_unless_handover_possible, take_over
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.keeper.leases import Leases, Waiters, lease_holder
+from fdkeeper.keeper.opening import Pending, resume_request
 from fdkeeper.keeper.pool import ConnectionPool
+from fdkeeper.keeper.record import KeeperRecord, take_lock
 from fdkeeper.loop import Reactor
 from fdkeeper.protocol import (
     JSON_CHUNK,
@@ -43,20 +46,19 @@ from fdkeeper.protocol import (
     format_message,
     parse_request,
     receive_packet,
-    send_packet,
-    send_quietly,
 )
-from fdkeeper.statedir import LOCK_NAME, ensure_private_directory, open_private_file, socket_path
+from fdkeeper.statedir import ensure_private_directory, socket_path
 from fdkeeper.tls import TlsOptions
 
 log = logging.getLogger("fdkeeper.keeper")
 
 TICK_SECONDS = 0.5
-CLIENT_SEND_TIMEOUT = 2.0
-MAX_CONTROL_CLIENTS = 512
-_UCRED = struct.Struct("3i")
+# A second keeper started while the first one is exiting waits this long for the lock.
+LOCK_RETRY_SECONDS = 0.5
+# keeper --replace: how long the handover and the old keeper's exit may take.
+HANDOVER_TIMEOUT = 30.0
 
-VerbHandler = Callable[[socket.socket, int, Request], None]
+VerbHandler = Callable[[ControlClient, int, Request], None]
 
 
 class Keeper:
@@ -67,15 +69,21 @@ class Keeper:
         keepalive: float | None = None,
         connect_timeout: float = 5.0,
         tls_defaults: TlsOptions | None = None,
+        replace: bool = False,
+        answer_options: bool = False,
     ) -> None:
         self.directory = ensure_private_directory(directory)
-        self._lock_file = self._take_lock()
+        # --replace: the running keeper sends its connections, then exits and frees the lock.
+        inherited = take_over(KeeperClient(self.directory, timeout=HANDOVER_TIMEOUT)) if replace else []
+        self._lock_file = take_lock(self.directory, HANDOVER_TIMEOUT if replace else LOCK_RETRY_SECONDS)
+        self.record = KeeperRecord(self.directory)
+        self.record.say_if_the_last_keeper_died()
         self.keepalive = keepalive
         self.tls_defaults = tls_defaults or TlsOptions()
-        self.started_at = time.time()
+        self.started_at = self.record.started_at
         self.reactor = Reactor()
         self.connections: dict[int, KeptConnection] = {}
-        self.health = ConnectionHealth(self.reactor, keepalive)
+        self.health = ConnectionHealth(self.reactor, keepalive, answer_options)
         self.waiters = Waiters(self._answer_prepare)
         self.leases = Leases(self.reactor, self.connections, self.health, on_release=self.waiters.retry)
         self.pool = ConnectionPool(
@@ -88,31 +96,16 @@ class Keeper:
             "STOP": self._stop,
             "LEASE": self._lease,
             "PREPARE": self._prepare,
+            "HANDOVER": self._handover,
         }
         assert self._verbs.keys() == VERBS.keys(), "every verb the protocol accepts needs a handler"
-        self._clients: dict[int, socket.socket] = {}
         self._listener = self._listen()
+        self.clients = ControlClients(self.reactor, self._listener, self._serve_client, self.waiters.forget_client)
         raise_open_file_limit()
+        adopt_into(self.pool, inherited)
+        self.record.update(len(self.connections))
 
     # ---------------------------------------------------------------- start and stop
-
-    def _take_lock(self) -> IO[str]:
-        """One keeper per directory: a second one finds the lock taken and says by whom."""
-        lock = open_private_file(self.directory, LOCK_NAME, "a+")  # never through a planted link
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            owner = lock.read().strip() or "unknown"
-            lock.close()
-            raise FdkeeperError(
-                f"fdkeeper: a keeper already runs for {self.directory} (pid {owner}); "
-                f"use it, or end it with 'fdkeeper stop --dir {self.directory}'"
-            ) from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        return lock
 
     def _listen(self) -> socket.socket:
         path = socket_path(self.directory)
@@ -128,7 +121,6 @@ class Keeper:
             os.umask(old_umask)
         listener.listen(128)
         listener.setblocking(False)
-        self.reactor.watch(listener.fileno(), select.EPOLLIN, self._accept_clients)
         return listener
 
     def serve_forever(self) -> None:
@@ -152,9 +144,8 @@ class Keeper:
         """Close every kept connection, forget every lease, remove the control socket."""
         self.pool.close("keeper stopped")
         self.leases.close()
-        for client in list(self._clients.values()):
-            client.close()
-        self._clients.clear()
+        self.clients.close()
+        self.record.remove()  # a clean stop: the next run has nothing to report
         try:
             socket_path(self.directory).unlink()
         except FileNotFoundError:
@@ -168,71 +159,92 @@ class Keeper:
         if self.keepalive:
             self.health.keep_alive(self.connections.values())
         self.waiters.expire()
+        self.clients.drop_idle()
+        self.record.update(len(self.connections))
 
     # ---------------------------------------------------------------- control clients
 
-    def _accept_clients(self, _mask: int) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except BlockingIOError:
-                return
-            if len(self._clients) >= MAX_CONTROL_CLIENTS:
-                client.close()
-                log.warning("too many control clients; refused one")
-                continue
-            pid, uid, _gid = _UCRED.unpack(client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            client.settimeout(CLIENT_SEND_TIMEOUT)
-            self._clients[client.fileno()] = client
-            self.reactor.watch(
-                client.fileno(), select.EPOLLIN, lambda mask, c=client, p=pid, u=uid: self._serve_client(c, p, u)
-            )
-
-    def _drop_client(self, client: socket.socket) -> None:
-        self.reactor.unwatch(client.fileno())
-        self._clients.pop(client.fileno(), None)
-        self.waiters.forget_client(client)
-        client.close()
-
-    def _serve_client(self, client: socket.socket, pid: int, uid: int) -> None:
+    def _serve_client(self, client: ControlClient, mask: int) -> None:
         """Answer one request; a bad one gets an ERR reply and never stops the keeper."""
+        pid, uid = client.pid, client.uid
         try:
-            data, fds = receive_packet(client, max_fds=1)
+            data, fds = receive_packet(client.sock, max_fds=1)
             for fd in fds:  # requests carry no descriptors: refuse any quietly
                 os.close(fd)
             if not data:
-                self._drop_client(client)
+                self.clients.drop(client)
                 return
+            if mask & select.EPOLLHUP:
+                # Its client gave up waiting (the keeper was stopped or flooded): a STOP or a
+                # LEASE nobody waits for any more is not carried out late.
+                log.info("pid %d gave up before its %s was read; not carried out", pid, data[:16])
+                self.clients.drop(client)
+                return
+            client.last_progress = time.monotonic()
             if uid not in (os.getuid(), 0):
                 # Read the request first so the peer gets this answer rather than a reset.
                 log.warning("refused control client pid %d of uid %d", pid, uid)
-                send_quietly(client, format_error("denied", f"fdkeeper: uid {uid} may not use this keeper"))
-                self._drop_client(client)
+                client.send(format_error("denied", f"fdkeeper: uid {uid} may not use this keeper"))
+                self.clients.drop(client)
                 return
             request = parse_request(data)
-            self._verbs[request.verb](client, pid, request)
+        except BlockingIOError:
+            return  # woken for a hang-up with a packet still to come, or spuriously
         except ProtocolError as error:
-            send_quietly(client, format_error(error.code, error.text))
-        except FdkeeperError as error:
-            send_quietly(client, format_failure(error))
+            client.send(format_error(error.code, error.text))
+            return
         except OSError as error:
-            log.info("control client pid %d went away: %s", pid, error)
-            self._drop_client(client)
+            log.debug("control client pid %d went away: %s", pid, error)  # per abusive client: not for the log file
+            self.clients.drop(client)
+            return
+        self._dispatch(client, request)
+
+    def _dispatch(self, client: ControlClient, request: Request) -> None:
+        pid = client.pid
+        try:
+            self._verbs[request.verb](client, pid, request)
+        except Pending as pending:  # an open or a pong in progress: answered once it settles
+            self._answer_later(client, request, pending)
+        except FdkeeperError as error:
+            client.send(format_failure(error))
+        except ProtocolError as error:  # a handler found the request incomplete for its role
+            client.send(format_error(error.code, error.text))
+        except OSError as error:
+            if out_of_descriptors(error):  # a pidfd, a socket, a dup for this client: refuse, stay up
+                log.warning("out of descriptors serving pid %d: %s", pid, error.strerror)
+                client.send(format_failure(limit_error("serve this request", error)))
+                return
+            log.debug("control client pid %d went away: %s", pid, error)  # per abusive client: not for the log file
+            self.clients.drop(client)
         except Exception:  # a bug must not take the kept connections down with it
             log.exception("internal error serving pid %d", pid)
-            send_quietly(client, format_error("internal", "fdkeeper: internal error; see the keeper log"))
+            client.send(format_error("internal", "fdkeeper: internal error; see the keeper log"))
+
+    def _answer_later(self, client: ControlClient, request: Request, pending: Pending) -> None:
+        """Ask the request again when ``pending`` settles; the client waits, and is not idle."""
+        client.waiting = True
+
+        def retry() -> None:
+            client.waiting = False
+            self._dispatch(client, request)
+
+        def fail(error: FdkeeperError) -> None:
+            client.waiting = False
+            client.send(format_failure(error))
+
+        pending.then(resume_request(client, retry, fail))
 
     # ---------------------------------------------------------------- verbs
 
-    def _ping(self, client: socket.socket, _pid: int, _request: Request) -> None:
+    def _ping(self, client: ControlClient, _pid: int, _request: Request) -> None:
         client.send(format_message("OK", pid=os.getpid(), version=__version__))
 
-    def _stop(self, client: socket.socket, pid: int, _request: Request) -> None:
+    def _stop(self, client: ControlClient, pid: int, _request: Request) -> None:
         log.info("stop requested by pid %d", pid)
         client.send(b"OK")
         self.reactor.stop()
 
-    def _send_status(self, client: socket.socket, _pid: int, _request: Request) -> None:
+    def _send_status(self, client: ControlClient, _pid: int, _request: Request) -> None:
         document = json.dumps(self.status())
         for start in range(0, len(document), JSON_CHUNK):
             client.send(b"JSON " + document[start : start + JSON_CHUNK].encode())
@@ -246,12 +258,14 @@ class Keeper:
                 "directory": str(self.directory),
                 "uptime": round(time.time() - self.started_at, 3),
                 "keepalive": self.keepalive,
+                "answer_options": self.health.answer_options,
                 "tls_defaults": {k: v for k, v in self.tls_defaults.as_fields().items() if v is not None},
+                "control": self.clients.as_dict(),
             },
             "connections": [c.as_dict() for c in self.connections.values()],
         }
 
-    def _lease(self, client: socket.socket, pid: int, request: Request) -> None:
+    def _lease(self, client: ControlClient, pid: int, request: Request) -> None:
         pid = lease_holder(pid, request.get("for_pid"))
         connections = self.pool.select(request, pid)
         for connection in connections:
@@ -266,18 +280,26 @@ class Keeper:
                 peers=",".join(format_address(c.remote) for c in batch),
                 locals=",".join(format_address(c.local) for c in batch),
             )
-            send_packet(client, packet, [c.fileno() for c in batch])
+            client.send(packet, [c.fileno() for c in batch])
         if len(connections) <= 3:
             log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
         else:
             log.info("leased %d connections to pid %d", len(connections), pid)
 
-    def _prepare(self, client: socket.socket, pid: int, request: Request) -> None:
+    def _handover(self, client: ControlClient, pid: int, _request: Request) -> None:
+        """A successor (keeper --replace) takes every idle TCP connection; this keeper then exits."""
+        refuse_unless_handover_possible(list(self.connections.values()), client.uid)
+        log.info("handing over to pid %d", pid)
+        hand_over(client.sock, [c for c in self.connections.values() if c.sock is not None], _fds_batches)
+        self.reactor.stop()  # close() closes our copies: the successor's keep the connections open
+
+    def _prepare(self, client: ControlClient, pid: int, request: Request) -> None:
         try:
             connections = self.pool.select(request, pid)
         except FdkeeperError as error:
             if error.code == "busy" and request.get("wait"):
                 self.waiters.add(client, request)
+                client.waiting = True
                 return
             raise
         client.send(self._prepared_reply(request, connections))
@@ -294,16 +316,21 @@ class Keeper:
         closed = ",".join(str(c.id) for c in closed_matching) or None
         # A connection no run has used yet that replaced a closed one: the runner says so.
         replaced = ",".join(str(c.replaces) for c in connections if c.replaces and not c.leases) or None
-        return format_message("OK", ids=ids, closed=closed, replaced=replaced)
+        # A server run handed connections of another identity (keeper/identity.py): the runner says so.
+        borrowed = ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
+        return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed)
 
 
-def _fds_batches(connections: list[KeptConnection]) -> list[list[KeptConnection]]:
+def _fds_batches(
+    connections: list[KeptConnection], extra_cost: Callable[[KeptConnection], int] = lambda _c: 0
+) -> list[list[KeptConnection]]:
     """Cut a lease's descriptors into FDS packets that fit both MAX_FDS_PER_PACKET and MAX_MESSAGE."""
     batches: list[list[KeptConnection]] = []
     size = 0
     for connection in connections:
         # id, peer and local address with their separators; the verb and keys take the rest.
         cost = len(str(connection.id)) + len(format_address(connection.remote)) + len(format_address(connection.local)) + 3
+        cost += extra_cost(connection)
         if not batches or len(batches[-1]) >= MAX_FDS_PER_PACKET or size + cost > MAX_MESSAGE - 64:
             batches.append([])
             size = 0

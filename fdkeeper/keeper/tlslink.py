@@ -11,17 +11,27 @@ reading in the middle of one, and keep-alive CRLFs never reach sipp.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import select
 import socket
 import ssl
 import time
+from typing import Callable
 
 from fdkeeper.keeper.connection import queued_bytes
+from fdkeeper.keeper.pings import options_reply
 from fdkeeper.sip.framing import PING, FramingError, SipFramer
 from fdkeeper.tls import READ_CHUNK, TlsOptions, describe
 
 log = logging.getLogger("fdkeeper.tls")
+
+# Back-pressure: the most bytes a link buffers in each direction before it stops reading the
+# side that outruns the other. Each direction also holds at most one partial SIP message in its
+# framer (MAX_MESSAGE), so a link's memory stays under 2 x (BUFFER_LIMIT + MAX_MESSAGE + one TLS
+# record) whatever the SuT or the run does; the rest waits in the kernel's socket buffers and
+# then in the writer, whose writes block (or get EAGAIN).
+BUFFER_LIMIT = 256 * 1024
 
 
 class TlsLink:
@@ -45,6 +55,10 @@ class TlsLink:
         self.unread_lengths: collections.deque[int] = collections.deque()
         self.info = describe(tls, options)
         self.closed_reason = ""
+        self.reset = False  # the SuT's side failed (RST, bad record) rather than closed
+        self.answer_options = False  # --answer-options: set by the keeper's ConnectionHealth
+        self.is_held: Callable[[], bool] = lambda: False  # whether a run holds the link now
+        self.options_answered = 0
         self.messages_to_sut = 0
         self.messages_to_sipp = 0
         self.dropped_bytes = 0
@@ -58,14 +72,16 @@ class TlsLink:
 
     def wants_tls(self) -> int:
         events = select.EPOLLRDHUP
-        if len(self.to_sipp) < READ_CHUNK:  # back-pressure: stop reading while sipp lags
+        if len(self.to_sipp) < BUFFER_LIMIT:  # back-pressure: stop reading while sipp lags
             events |= select.EPOLLIN
         if self.to_sut:
             events |= select.EPOLLOUT
         return events
 
     def wants_pair(self) -> int:
-        return select.EPOLLIN | (select.EPOLLOUT if self.to_sipp else 0)
+        # Back-pressure towards the run: while the SuT does not read, neither do we.
+        events = select.EPOLLIN if len(self.to_sut) < BUFFER_LIMIT else 0
+        return events | (select.EPOLLOUT if self.to_sipp else 0)
 
     def on_tls_event(self, mask: int) -> None:
         if mask & select.EPOLLOUT:
@@ -89,23 +105,61 @@ class TlsLink:
                 return
             except ssl.SSLWantWriteError:
                 return
-            except (ssl.SSLError, OSError) as error:
-                self.closed_reason = f"the SuT's TLS connection failed: {error}"
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                self._ended("the SuT closed it: FIN without TLS close_notify")
+                return
+            except ssl.SSLError as error:
+                if error.reason == "UNEXPECTED_EOF_WHILE_READING":  # Debian's 3.11 says it so
+                    self._ended("the SuT closed it: FIN without TLS close_notify")
+                else:
+                    self._fail(f"the SuT's TLS connection failed: {error.reason or error}")
+                return
+            except OSError as error:
+                self._fail(f"the SuT's TLS connection failed: {error.strerror or error}")
                 return
             if not data:
-                self.closed_reason = "the SuT closed it: TLS close_notify or FIN"
+                self._ended("the SuT closed it: TLS close_notify")
                 return
             self.last_activity = time.monotonic()
             try:
                 messages = self.from_sut.feed(data)
             except FramingError as error:
+                self._queue_to_sipp(error.messages)  # whole messages before the bad part still count
                 self.closed_reason = f"the SuT sent unframeable data: {error}"
                 return
             if self.from_sut.keepalives:
                 self.ping_sent_at = None  # a pong: the flow is alive
+            if self.answer_options and not self.is_held():
+                messages = self._answer_options(messages)
             self._queue_to_sipp(messages)
-            if len(self.to_sipp) >= READ_CHUNK:
+            if len(self.to_sipp) >= BUFFER_LIMIT:
                 return
+
+    def _ended(self, reason: str) -> None:
+        """An end of stream; OpenSSL reports an RST underneath as one too."""
+        if _reset_underneath(self.tls):
+            self._fail("the SuT reset it: ECONNRESET")
+        else:
+            self.closed_reason = reason
+
+    def _answer_options(self, messages: list[bytes]) -> list[bytes]:
+        """--answer-options while no run holds the link: reply to the SuT's OPTIONS pings."""
+        kept = []
+        for message in messages:
+            reply = options_reply(message)
+            if reply is None:
+                kept.append(message)
+            else:
+                self.to_sut += reply
+                self.options_answered += 1
+        if len(kept) < len(messages):
+            self._flush_to_sut()
+        return kept
+
+    def _fail(self, reason: str) -> None:
+        """A reset or a bad record: the run is to read ECONNRESET, not a clean end."""
+        self.closed_reason = reason
+        self.reset = True
 
     def _queue_to_sipp(self, messages: list[bytes]) -> None:
         if not messages:
@@ -129,8 +183,11 @@ class TlsLink:
     # -- sipp -> SuT
 
     def _read_pair(self) -> None:
+        room = BUFFER_LIMIT - len(self.to_sut)
+        if room <= 0:
+            return
         try:
-            data = self.keeper_end.recv(READ_CHUNK)
+            data = self.keeper_end.recv(min(room, READ_CHUNK))
         except BlockingIOError:
             return
         if data:
@@ -144,7 +201,7 @@ class TlsLink:
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return
             except (ssl.SSLError, OSError) as error:
-                self.closed_reason = f"the SuT's TLS connection failed: {error}"
+                self._fail(f"the SuT's TLS connection failed: {getattr(error, 'reason', None) or error}")
                 return
             del self.to_sut[:sent]
 
@@ -152,7 +209,7 @@ class TlsLink:
 
     def end_of_lease(self) -> None:
         """The run is gone: forward what it finished, drop what it did not, realign sipp's side."""
-        while True:
+        while self.keeper_end.fileno() >= 0:  # closed once the SuT's side ended: nothing to forward
             try:
                 data = self.keeper_end.recv(READ_CHUNK)
             except BlockingIOError:
@@ -173,7 +230,7 @@ class TlsLink:
             dropped = len(self.from_sipp.discard())
             self.dropped_bytes += dropped
             log.warning("dropped %d bytes from sipp that are not SIP: %s", dropped, error)
-            return
+            messages = error.messages  # the whole ones before the bad part still go out
         for message in messages:
             self.to_sut += message
         self.messages_to_sut += len(messages)
@@ -204,9 +261,59 @@ class TlsLink:
     def idle(self) -> bool:
         return not self.to_sut and not self.to_sipp and not self.from_sipp.pending
 
+    # -- the SuT's side ended: what it sent still reaches a run
+
+    def close_tls(self) -> None:
+        try:
+            self.tls.close()
+        except OSError:
+            pass
+
+    def end_towards_sipp(self) -> None:
+        """Everything complete is in the pair now: end it after those messages, as the SuT ended.
+
+        A FIN or close_notify reads as end of file after the last message. A reset reads as
+        ECONNRESET: Linux reports it to an AF_UNIX stream peer whose other end is closed with
+        unread data in its receive queue, after the data already queued towards that peer.
+        """
+        if self.reset:
+            try:
+                self.sipp_end.send(b"\0", socket.MSG_DONTWAIT)  # unread at close: the peer reads ECONNRESET
+            except BlockingIOError:
+                pass  # full: unread data is there already
+        else:
+            self._discard_from_sipp()  # unread data at close would read as a reset
+        self.keeper_end.close()
+
+    def _discard_from_sipp(self) -> None:
+        while True:
+            try:
+                data = self.keeper_end.recv(READ_CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self.dropped_bytes += len(data)
+
     def close(self) -> None:
         for sock in (self.tls, self.keeper_end):
             try:
                 sock.close()
             except OSError:
                 pass
+
+
+_TCP_CLOSE = 7  # tcpi_state after an RST; a FIN received leaves CLOSE_WAIT
+
+
+def _reset_underneath(tls: ssl.SSLSocket) -> bool:
+    """Whether the TCP connection under an ended TLS stream was reset rather than closed.
+
+    OpenSSL reports both as an EOF, and its read may have consumed the socket error: an RST
+    while established leaves ECONNRESET (or, consumed, no error and the TCP state CLOSE);
+    an RST after the SuT's FIN leaves EPIPE, a FIN alone CLOSE_WAIT: both a close.
+    """
+    error = tls.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        return error == errno.ECONNRESET
+    return tls.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE

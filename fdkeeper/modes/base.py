@@ -72,6 +72,7 @@ class HandoffRequest:
     per_call: bool = False  # -t tn/ln client: one kept connection per user, leased at first send
     reconnect: bool = False
     debug: bool = False
+    local: Address | None = None  # what sipp binds (-i/-p): the run's identity (keeper/identity.py)
 
     @property
     def directory(self) -> Path:

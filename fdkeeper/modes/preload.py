@@ -79,6 +79,8 @@ class PreloadMode(Mode):
             "FDKEEPER_REMOTE": format_address(request.remote) if request.remote else "",
             "FDKEEPER_TRANSPORT": request.transport,
         }
+        if request.local:  # a server run's identity; a client's is what sipp binds (helpers/client.c)
+            env["FDKEEPER_LOCAL"] = format_address(request.local)
         if request.reconnect:
             env["FDKEEPER_RECONNECT"] = "1"
         if request.per_call:

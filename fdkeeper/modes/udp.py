@@ -4,8 +4,11 @@ For sipp builds the shim cannot reach (static, setuid) or when nothing may be pr
 the run's own arguments, written for -t t1 or -t l1, are rewritten to -t u1 towards the
 converter's UDP address, and the converter (fdkeeper/convert/) holds the TCP or TLS
 connection to the SuT across runs. One converter per state directory and SuT address and
-transport, detached like the keeper; later runs reuse it and tell it their own sipp address
-(-i:-p), where it sends the SuT's initial requests. The mode keeps its connection itself
+transport, detached like the keeper; later runs reuse it. Each run attaches its own sipp
+address (-i:-p) before sipp starts and detaches it when sipp ends: the converter takes
+datagrams only from attached runs (--attached-only: no other local user reaches the SuT
+through our session), sends the SuT's initial requests to the run attached last, and keeps
+those arriving while none is attached for the next one. The mode keeps its connection itself
 (no keeper) and rewrites sipp's arguments, so it runs sipp only: see its capabilities.
 """
 
@@ -15,12 +18,13 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fdkeeper.address import Address, family_of, format_address, split_host_port
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, UdpOptions
-from fdkeeper.process import start_detached
+from fdkeeper.process import spawn, start_detached
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, positional_indexes
 from fdkeeper.statedir import check_private_directory, ensure_private_directory
 
@@ -41,6 +45,11 @@ def running_converters(directory: Path) -> list[Path]:
     return sorted(directory.glob("convert-*.sock"))
 
 
+def converter_statuses(directory: Path) -> list[dict]:
+    """The STATUS of every converter of this state directory that answers."""
+    return [status for status in map(_status, running_converters(directory)) if status is not None]
+
+
 def ensure_converter(directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions()) -> dict:
     """The status of the converter for this SuT, starting a detached one if none answers."""
     control, log_path, stats = converter_files(directory, sut, transport)
@@ -50,7 +59,7 @@ def ensure_converter(directory: Path, sut: Address, transport: str, options: Udp
         return status
     command = [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0",
                "--sut", format_address(sut), "--transport", transport, "--control", os.fspath(control),
-               "--stats-file", os.fspath(stats)]
+               "--stats-file", os.fspath(stats), "--attached-only"]
     return start_detached(command + _converter_options(options), log_path, lambda: _status(control), "converter",
                           START_TIMEOUT)
 
@@ -128,6 +137,14 @@ def udp_arguments(invocation: SippInvocation, listen: str, sipp_ip: str, sipp_po
     return args
 
 
+@dataclass
+class UdpHandoff(Handoff):
+    """A udp run's handoff: also the converter it attached to, and the address it attached."""
+
+    control: Path | None = None
+    sipp_address: Address | None = None
+
+
 class UdpMode(Mode):
     name = "udp"
     summary = "sipp on -t u1 through a UDP<->TCP/TLS converter fdkeeper starts and keeps (any sipp build)"
@@ -147,11 +164,28 @@ class UdpMode(Mode):
             self._reconnect(control, status["links"][0], remote, request)
         sipp_ip = invocation.local_ip or "127.0.0.1"
         sipp_port = invocation.local_port or _free_udp_port(sipp_ip)
-        reply = _control(control, f"SIPP {format_address((sipp_ip, sipp_port))}")
+        # Attached before sipp starts, so the converter takes its first datagram; the pid lets
+        # the converter drop the attachment when this process dies without detaching.
+        reply = _control(control, f"ATTACH {format_address((sipp_ip, sipp_port))} {os.getpid()}")
+        if not reply.get("ok") and "unknown control request" in reply.get("error", ""):
+            raise FdkeeperError(f"fdkeeper: the converter running for {format_address(remote)} (pid {status['pid']}) is "
+                                "from an older fdkeeper that cannot attach runs; run 'fdkeeper stop' to replace it")
         if not reply.get("ok"):
             raise FdkeeperError(reply.get("error") or "fdkeeper: the converter refused the sipp address")
         args = udp_arguments(invocation, status["listen"], sipp_ip, sipp_port)
-        return Handoff(argv=[os.fspath(request.program), *args], env={})
+        return UdpHandoff(argv=[os.fspath(request.program), *args], env={}, control=control,
+                          sipp_address=(sipp_ip, sipp_port))
+
+    def run(self, handoff: Handoff) -> int:
+        """Run sipp; then detach its address (requests arriving from then on wait for the next run)."""
+        try:
+            return spawn(handoff.argv, handoff.env)
+        finally:
+            if isinstance(handoff, UdpHandoff) and handoff.control is not None and handoff.sipp_address:
+                try:
+                    _control(handoff.control, f"DETACH {format_address(handoff.sipp_address)}")
+                except (OSError, ValueError):
+                    pass  # the converter is gone: nothing stays attached
 
     @staticmethod
     def _reconnect(control: Path, link: dict, remote: Address, request: HandoffRequest) -> None:

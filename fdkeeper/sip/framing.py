@@ -23,7 +23,13 @@ _CONTENT_LENGTH = re.compile(rb"\n(?:content-length|l)[ \t]*:[ \t]*(\d+)[ \t]*\r
 
 
 class FramingError(ValueError):
-    """The stream cannot be cut into SIP messages (oversized or malformed framing)."""
+    """The stream cannot be cut into SIP messages (oversized or malformed framing).
+
+    ``messages`` holds the whole messages the same read completed before the bad part: they
+    are good SIP and must still be delivered.
+    """
+
+    messages: list[bytes] = []
 
 
 class SipFramer:
@@ -63,6 +69,9 @@ class SipFramer:
                     break
                 messages.append(data[at:end])
                 at = end
+        except FramingError as error:
+            error.messages = messages
+            raise
         finally:  # also on FramingError: the buffer keeps the unframeable rest for discard()
             if at < len(data):
                 buffer += memoryview(data)[at:]

@@ -19,8 +19,10 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions, choose_mode
 from fdkeeper.process import spawn
-from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, remote_is_name
+from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
 from fdkeeper.sipp.scenario import tls_arguments
+from fdkeeper.sipp.tlsoptions import keeper_tls_options
+from fdkeeper.sipp.versions import sipp_version
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
 
@@ -37,6 +39,7 @@ class RunOptions:
     debug: bool = False
     transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
     tls: TlsOptions = TlsOptions()
+    answer_options: bool = False  # a keeper this run starts answers the SuT's OPTIONS between runs
 
 
 def find_sipp(option: str | None) -> Path:
@@ -59,7 +62,8 @@ def notice(text: str) -> None:
 def run_sipp(args: list[str], options: RunOptions) -> int:
     """Run one sipp; return its exit status (128+N if a signal N ended it)."""
     sipp = find_sipp(options.sipp)
-    invocation = parse_sipp_args(args)
+    directory = resolve_directory(options.directory)
+    invocation = read_arguments(sipp, args, directory)
     if invocation.info_only:
         return spawn([os.fspath(sipp), *args], {})
     if invocation.transport == "udp":
@@ -73,12 +77,11 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
         )
     mode = choose_mode(options.mode, sipp, sipp_needs(invocation, options.transfer))
-    directory = resolve_directory(options.directory)
-    tls = _tls_options(options.tls, invocation) if invocation.transport == "tls" else None
+    tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
     request = HandoffRequest(
         program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
         remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
-        per_call=invocation.per_call_client,
+        per_call=invocation.per_call_client, local=invocation.local_bind(),
     )
     mode_options = ModeOptions(
         ptrace=PtraceOptions(transfer=options.transfer or "scm"),
@@ -87,6 +90,15 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     if not mode.capabilities.uses_keeper:  # e.g. sipp on -t u1 through a kept converter
         return mode.run(mode.prepare(request, mode_options))
     return _run_with_keeper(mode, request, mode_options, invocation, options, tls)
+
+
+def read_arguments(sipp: Path, args: list[str], directory: Path) -> SippInvocation:
+    """sipp's arguments read with the option table of this sipp's version (`sipp -v`, cached)."""
+    version = sipp_version(sipp, directory)
+    unknown = version.unknown_notice(sipp)
+    if unknown:
+        notice(unknown)
+    return parse_sipp_args(args, version.table)
 
 
 def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNeeds:
@@ -103,13 +115,16 @@ def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNe
 def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOptions, invocation: SippInvocation,
                      options: RunOptions, tls: TlsOptions | None) -> int:
     """The keeper holds the connections: open (or check) them first, so errors are one line here."""
-    keeper = ensure_keeper(request.directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout)
+    keeper = ensure_keeper(
+        request.directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout,
+        answer_options=options.answer_options,
+    )
     _warn_if_keeper_differs(keeper, options)
     reply = keeper.prepare(
         role=request.role,
         transport=request.transport,
         remote=request.remote,
-        local=(invocation.local_bind() or "-") if request.role == "client" else None,
+        local=invocation.local_bind() or "-",  # the run's identity (keeper/identity.py)
         reconnect=options.reconnect,
         wait=options.wait or None,
         per_call=request.per_call or None,
@@ -117,35 +132,15 @@ def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOpti
         **(tls.as_fields() if tls and request.role == "client" else {}),
     )
     _report_prepared(reply.fields, request.remote, request.transport)
-    scenario_copy = None
+    scenario_copies: list[Path] = []
     if tls:  # sipp speaks TCP to the keeper, the scenario says TLS
-        args, scenario_copy = tls_arguments(invocation, request.program, request.directory)
+        args, scenario_copies = tls_arguments(invocation, request.program, request.directory)
         request = dataclasses.replace(request, args=args)
     try:
         return mode.run(mode.prepare(request, mode_options))
     finally:
-        if scenario_copy is not None:
-            scenario_copy.unlink(missing_ok=True)
-
-
-def _tls_options(given: TlsOptions, invocation: SippInvocation) -> TlsOptions:
-    """Check the TLS options before anything starts; default the SNI to a remote host name."""
-    for option, path in (("--tls-ca", given.ca), ("--tls-cert", given.cert), ("--tls-key", given.key)):
-        if path and not Path(path).is_file():
-            raise FdkeeperError(f"fdkeeper: {option} file {path} not found")
-    if given.key and not given.cert:
-        raise FdkeeperError("fdkeeper: --tls-key needs --tls-cert (the client certificate it belongs to)")
-    if given.insecure:
-        notice("warning: --tls-insecure: the SuT's certificate is not verified; anyone on the path can pose as it")
-    absolute = {name: str(Path(path).absolute()) if path else None for name, path in (("ca", given.ca), ("cert", given.cert), ("key", given.key))}
-    return TlsOptions(
-        ca=absolute["ca"],
-        insecure=given.insecure,
-        cert=absolute["cert"],
-        key=absolute["key"],
-        sni=given.sni or remote_is_name(invocation),
-        min_version=given.min_version,
-    )
+        for copy in scenario_copies:
+            copy.unlink(missing_ok=True)
 
 
 def _warn_if_keeper_differs(keeper: KeeperClient, options: RunOptions) -> None:
@@ -173,6 +168,12 @@ def _scenario_label(invocation: SippInvocation) -> str:
 
 
 def _report_prepared(fields: dict[str, str], remote: Address | None, transport: str) -> None:
+    if fields.get("borrowed"):
+        named = ", ".join(f"#{item.replace('@', ' from ', 1)}" for item in fields["borrowed"].split(","))
+        notice(
+            f"no kept connection has this run's -i/-p; answering on the idle one(s) no run holds: {named} "
+            "(give the register run the same -i/-p to make them this run's)"
+        )
     if fields.get("replaced"):
         notice(
             f"the kept connection to {format_address(remote)}/{transport} was closed; opened a fresh one "

@@ -1,15 +1,22 @@
 """Reading sipp scenarios: whether one starts by sending or receiving, the embedded ones
 (`sipp -sd NAME`), and the copy a TLS run uses.
+
+TLS copies are named STEM.pidPID.RANDOM.tls.xml in the state directory, PID being the
+`fdkeeper sipp` process that deletes it when sipp ends. A run killed before that leaves its
+copy: the next TLS run sweeps the copies whose process is gone, `fdkeeper stop` removes all.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.pidcheck import process_exists
 
 if TYPE_CHECKING:
     from fdkeeper.sipp.args import SippInvocation
@@ -23,6 +30,8 @@ def scenario_role(path: str | Path) -> str:
         root = ElementTree.parse(path).getroot()
     except FileNotFoundError:
         raise FdkeeperError(f"fdkeeper: scenario file {path} not found; check -sf") from None
+    except OSError as error:  # a directory, no permission...
+        raise FdkeeperError(f"fdkeeper: cannot read scenario file {path}: {error.strerror}; check -sf") from None
     except ElementTree.ParseError as error:
         raise FdkeeperError(f"fdkeeper: scenario file {path} is not valid XML ({error}); check -sf") from None
     for element in root:
@@ -41,28 +50,69 @@ def builtin_scenario(sipp: Path, name: str) -> str:
     return dumped.stdout[dumped.stdout.index("<?xml") if "<?xml" in dumped.stdout else 0 :]
 
 
-def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], Path]:
+TLS_COPY_SUFFIX = ".tls.xml"
+_COPY_PID = re.compile(r"\.pid(\d+)\.[^.]*\.tls\.xml$")
+
+
+def remove_tls_copies(directory: Path, only_dead: bool = False) -> int:
+    """Remove the TLS scenario copies in ``directory`` (``only_dead``: those whose run's process
+    is gone); how many went. Only regular files named as ours are touched, never through a link."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        found = _COPY_PID.search(name)
+        if found is None or (only_dead and process_exists(int(found.group(1)))):
+            continue
+        try:
+            os.unlink(directory / name)  # unlink never follows a link: at worst it removes the link
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], list[Path]]:
     """sipp arguments for a TLS run with a sipp that only speaks TCP to the keeper.
 
-    -t l1 becomes -t t1 (ln: tn), and the scenario is copied with [transport] written out as TLS,
-    so every Via and transport= parameter the scenario builds from [transport] says TLS,
-    as a TLS-enabled sipp would have sent. Returns the arguments and the copy (to delete).
+    -t l1 becomes -t t1 (ln: tn), and the scenario (and a mixed-mode -rxsf one) is copied with
+    [transport] written out as TLS, so every Via and transport= parameter the scenario builds
+    from [transport] says TLS, as a TLS-enabled sipp would have sent. Returns the arguments and
+    the copies (to delete).
     """
     args = list(invocation.args)
     if invocation.transport_index is not None:
         args[invocation.transport_index + 1] = "t" + invocation.transport_option[1]  # l1 -> t1, ln -> tn
+    remove_tls_copies(directory, only_dead=True)
+    copies = []
+    if invocation.rx_scenario_index is not None:  # before -sf is inserted in front: indexes hold
+        rx_file = Path(args[invocation.rx_scenario_index + 1])
+        copies.append(_tls_copy(_scenario_text(rx_file, "-rxsf"), rx_file.stem, directory))
+        args[invocation.rx_scenario_index : invocation.rx_scenario_index + 2] = ["-rxsf", str(copies[-1])]
     if invocation.scenario_file is not None:
-        text = invocation.scenario_file.read_text(encoding="iso-8859-1")
-        stem = invocation.scenario_file.stem
+        text, stem = _scenario_text(invocation.scenario_file, "-sf"), invocation.scenario_file.stem
     else:
         text = builtin_scenario(sipp, invocation.scenario_name or "uac")
         stem = invocation.scenario_name or "uac"
-    copy_fd, copy_name = tempfile.mkstemp(prefix=f"{stem}.", suffix=".tls.xml", dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
-    copy = Path(copy_name)
+    copies.append(_tls_copy(text, stem, directory))
+    if invocation.scenario_index is None:
+        args[:0] = ["-sf", str(copies[-1])]
+    else:
+        args[invocation.scenario_index : invocation.scenario_index + 2] = ["-sf", str(copies[-1])]
+    return args, copies
+
+
+def _scenario_text(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="iso-8859-1")
+    except OSError as error:
+        raise FdkeeperError(f"fdkeeper: cannot read scenario file {path}: {error.strerror}; check {option}") from None
+
+
+def _tls_copy(text: str, stem: str, directory: Path) -> Path:
+    copy_fd, copy_name = tempfile.mkstemp(prefix=f"{stem}.pid{os.getpid()}.", suffix=TLS_COPY_SUFFIX, dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
     with open(copy_fd, "w", encoding="iso-8859-1") as out:  # through that descriptor: the name is never reopened
         out.write(text.replace("[transport]", "TLS"))
-    if invocation.scenario_index is None:
-        args[:0] = ["-sf", str(copy)]
-    else:
-        args[invocation.scenario_index : invocation.scenario_index + 2] = ["-sf", str(copy)]
-    return args, copy
+    return Path(copy_name)

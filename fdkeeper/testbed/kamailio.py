@@ -27,6 +27,7 @@ from fdkeeper.testbed.configs import LOG_TAG
 from fdkeeper.testbed.kamtls import KamailioTls, parse_tls_errors, parse_tls_handshakes
 from fdkeeper.testbed.net import DEFAULT_DOMAIN, tail, wait_until
 from fdkeeper.testbed.process import KamailioProcess, find_program
+from fdkeeper.testbed.sipmsg import udp_options
 
 # The user part of the control request close_connections() sends over UDP
 # from loopback: `OPTIONS sip:fdkeeper-close-connection@IP:PORT` with the
@@ -179,6 +180,12 @@ class Kamailio(KamailioInstance):
             handle_lost_tcp=int(self.handle_lost_tcp), tag=LOG_TAG,
             control_route=control_route(),
             global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES))
+
+    def ping_user(self, user: str, wait: float = 3.0) -> bytes | None:
+        """Ping a registered user as an SBC does: an OPTIONS to sip:USER@this SuT, sent over
+        UDP from loopback, which the registrar relays over the user's own connection (the
+        kept one). Returns the user's response as relayed back, None if none came in time."""
+        return udp_options(self.host, self.port, user, wait=wait)
 
     def location(self, aors: Iterable[str] | None = None) -> list[dict]:
         """The registrar's contacts, one dict per contact.

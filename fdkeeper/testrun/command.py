@@ -63,8 +63,32 @@ def run_tests(specs: list[TestSpec], logs_base: Path, sipp: str, keep_logs: bool
 @click.option("--keep-logs", is_flag=True, help=f"Keep every earlier run's logs (default: the last {logs.KEEP_RUNS}).")
 @click.option("-k", "--filter", "selection", metavar="TEXT", help="Only tests whose name or path contains TEXT.")
 def run_command(tests, junit, logs_base, sipp_path, keep_logs, selection) -> None:
-    """Run test files (YAML): sipp runs through a keeper of their own, other commands,
-    an optional embedded SuT; see docs/examples/."""
+    """Run test files (YAML): each test gets a keeper of its own (and, with `sut: embedded`,
+    a local Kamailio), runs its steps in order and checks exit statuses and call counts.
+
+    \b
+      name: register-answer
+      sut: embedded                   # or HOST:PORT of your SuT
+      steps:
+        - name: register
+          sipp: -sf ${scenarios}/uac-register.xml -inf users.csv -t t1 -m 1 ${sut}
+          expect: {successful: 1, failed: 0}
+        - name: answer
+          after: register             # once 'register' passed
+          sipp: -sf ${scenarios}/uas-answer.xml -t t1 -p ${free_port:answer} -m 1 ${sut}
+        - name: call
+          ready: answer               # once 'answer' holds the connection and listens
+          command: my-caller --to alice
+
+    \b
+      fdkeeper run docs/examples/*.yaml --junit report.xml
+
+    A line per step while it runs, a summary at the end; each step's output and sipp's
+    trace files in --logs DIR/<timestamp>/<test>/ (DIR/latest: the newest run). Exit
+    status: 0 every test passed, 1 a test failed (the step is named), 2 a bad test file
+    (one line naming the file, the step and the field; nothing runs). The format:
+    docs/examples/README.md.
+    """
     try:
         specs = load_tests(list(tests), selection)
         sipp = str(find_sipp(sipp_path))

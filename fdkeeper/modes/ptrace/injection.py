@@ -28,7 +28,7 @@ finally:
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS = {
-    "close": 3, "mmap": 9, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43,
+    "write": 1, "close": 3, "mmap": 9, "writev": 20, "sendto": 44, "sendmsg": 46, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43,
     "recvmsg": 47, "shutdown": 48, "listen": 50, "setsockopt": 54, "fcntl": 72, "prctl": 157,
     "epoll_wait": 232, "epoll_ctl": 233, "epoll_pwait": 281, "accept4": 288, "dup3": 292,
     "seccomp": 317, "pidfd_open": 434, "pidfd_getfd": 438,
@@ -39,8 +39,12 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_EVENT_STOP = 128
+PTRACE_EVENT_SECCOMP = 7
+PTRACE_CONT = 7
+PTRACE_O_TRACESECCOMP = 0x80
 OPTIONS = (
-    pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACECLONE
+    PTRACE_O_TRACESECCOMP  # stops at the calls a SECCOMP_RET_TRACE filter names (per-call runs)
+    | pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACECLONE
     | pt.PTRACE_O_TRACEEXEC
     | 0x00100000  # PTRACE_O_EXITKILL: a tracer that dies mid-handoff must not leave a half-changed program
 )
@@ -67,11 +71,13 @@ class TraceeGone(Exception):
 # Plain classes, not dataclasses: a dataclass compiles code at import, and this module is
 # imported on every --mode ptrace start-up, where each millisecond counts.
 class SyscallStop:
-    __slots__ = ("tid", "entry", "nr", "args", "rval")
+    __slots__ = ("tid", "entry", "nr", "args", "rval", "seccomp")
 
-    def __init__(self, tid: int, entry: bool, nr: int = -1, args: tuple[int, ...] = (), rval: int = 0) -> None:
+    def __init__(self, tid: int, entry: bool, nr: int = -1, args: tuple[int, ...] = (), rval: int = 0,
+                 seccomp: bool = False) -> None:
         self.tid = tid
         self.entry = entry
+        self.seccomp = seccomp  # a SECCOMP_RET_TRACE stop (before the call runs), not a syscall-entry stop
         self.nr = nr  # entry only
         self.args = args  # entry only
         self.rval = rval  # exit only
@@ -107,6 +113,10 @@ class Tracer:
 
     def __init__(self, root: int) -> None:
         self.root = root
+        # False: every task stops at every syscall (PTRACE_SYSCALL). True: tasks run on with
+        # PTRACE_CONT and stop only where the seccomp filter says, except the ``stepping`` ones.
+        self.continuous = False
+        self.stepping: set[int] = set()
         self.tasks: dict[int, Task] = {root: Task(root)}
         self.root_status: int | None = None  # raw wait status once the root exited
         self._mem: dict[int, int] = {}
@@ -114,14 +124,21 @@ class Tracer:
     # ------------------------------------------------------------ start and stop
 
     @classmethod
-    def start(cls, argv: list[str], env: dict[str, str]) -> "Tracer":
-        """Fork, seize the child while it waits on a pipe, then let it exec the program."""
+    def start(cls, argv: list[str], env: dict[str, str], seccomp_filter: bytes = b"") -> "Tracer":
+        """Fork, seize the child while it waits on a pipe, then let it exec the program.
+
+        With ``seccomp_filter`` the child installs it before its exec and the tracer runs
+        continuous: the program stops only at the calls the filter traces.
+        """
+        fprog = _filter_program(seccomp_filter) if seccomp_filter else None
         ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: wait until traced, then become the program
             try:
                 os.close(ready_w)
                 os.read(ready_r, 1)
+                if fprog is not None:
+                    _install_filter_here(fprog)
                 os.execve(argv[0], argv, env)
             except BaseException as error:  # noqa: BLE001 - nothing may escape a forked child
                 os.write(2, f"fdkeeper: cannot run {argv[0]}: {error}\n".encode())
@@ -136,7 +153,9 @@ class Tracer:
             raise PtraceRefused(error.errno or errno.EPERM) from None
         os.write(ready_w, b"g")
         os.close(ready_w)
-        return cls(pid)
+        tracer = cls(pid)
+        tracer.continuous = fprog is not None
+        return tracer
 
     def detach_all(self, current: int | None = None) -> None:
         """Stop every task, detach it; ``current`` is a task already held in a ptrace-stop."""
@@ -208,7 +227,7 @@ class Tracer:
             tid = self._last_pid
             self.tasks.setdefault(tid, Task(tid))
             sig, event = os.WSTOPSIG(status), status >> 16
-            if sig == SYSCALL_TRAP:
+            if sig == SYSCALL_TRAP or event == PTRACE_EVENT_SECCOMP:
                 return self._syscall_info(tid)
             if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
                 child = pt.ptrace_geteventmsg(tid)
@@ -222,9 +241,13 @@ class Tracer:
                 self.resume(tid, sig)
         return None
 
-    def resume(self, tid: int, sig: int = 0) -> None:
+    def resume(self, tid: int, sig: int = 0, every_syscall: bool = False) -> None:
+        """Let ``tid`` run on: to its next syscall stop, or (continuous) to the filter's next one."""
         try:
-            pt.ptrace_syscall(tid, sig)
+            if every_syscall or not self.continuous or tid in self.stepping:
+                pt.ptrace_syscall(tid, sig)
+            else:
+                pt.ptrace(PTRACE_CONT, tid, 0, sig)
         except pt.PtraceError:
             self.tasks.pop(tid, None)  # killed while stopped
             return
@@ -236,15 +259,15 @@ class Tracer:
         buf = ctypes.create_string_buffer(88)
         pt.ptrace(PTRACE_GET_SYSCALL_INFO, tid, 88, ctypes.addressof(buf))
         op = buf.raw[0]
-        if op == 1:
+        if op in (1, 3):  # PTRACE_SYSCALL_INFO_ENTRY, _SECCOMP: nr and args at the same place
             nr, *args = struct.unpack_from("<7Q", buf.raw, 24)
-            return SyscallStop(tid, True, nr, tuple(args))
+            return SyscallStop(tid, True, nr, tuple(args), seccomp=op == 3)
         rval, = struct.unpack_from("<q", buf.raw, 24)
         return SyscallStop(tid, False, rval=rval)
 
     def wait_syscall_stop(self, tid: int) -> None:
         """Resume ``tid`` to its next syscall stop, holding back signals that arrive meanwhile."""
-        self.resume(tid)
+        self.resume(tid, every_syscall=True)
         while True:
             status = self._wait(tid)
             if status is None:
@@ -256,7 +279,7 @@ class Tracer:
                 self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
             elif not event:
                 self.tasks[tid].signals.append(sig)
-            self.resume(tid)
+            self.resume(tid, every_syscall=True)
 
     # ------------------------------------------------------------ memory
 
@@ -271,6 +294,19 @@ class Tracer:
     def write(self, tid: int, address: int, data: bytes) -> None:
         if os.pwrite(self._mem_fd(tid), data, address) != len(data):
             raise OSError(errno.EIO, f"short write into process {tid}")
+
+
+def _filter_program(code: bytes) -> tuple[ctypes.Array, ctypes.Array]:
+    """struct sock_fprog for ``code`` (made before the fork: the child only calls)."""
+    instructions = ctypes.create_string_buffer(code, len(code))
+    fprog = ctypes.create_string_buffer(struct.pack("<HxxxxxxQ", len(code) // 8, ctypes.addressof(instructions)), 16)
+    return fprog, instructions
+
+
+def _install_filter_here(fprog: tuple[ctypes.Array, ctypes.Array]) -> None:
+    """In the forked child: no_new_privs (needed without CAP_SYS_ADMIN), then the filter."""
+    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(SYS["seccomp"], 1, 0, ctypes.c_void_p(ctypes.addressof(fprog[0]))) != 0:
+        raise OSError(ctypes.get_errno(), "installing the seccomp filter: " + os.strerror(ctypes.get_errno()))
 
 
 class Injection:
@@ -318,6 +354,13 @@ class Injection:
             self.scratch = self.check("mmap", 0, SCRATCH_SIZE, 3, 0x22, -1, 0)  # RW, PRIVATE|ANONYMOUS
         return self.scratch
 
+    def stack_area(self) -> int:
+        """Room for small structures below the held thread's stack red zone: no mmap needed.
+
+        Nothing else runs on this stack while we hold the thread (its signals are held back).
+        """
+        return (self.saved.rsp - 4096) & ~0xFFF
+
     def finish(self, value: int) -> None:
         """Let the intercepted call return ``value`` (a result or -errno) without running it."""
         self._release_scratch()
@@ -325,13 +368,15 @@ class Injection:
         regs.rax = unsigned(value)
         pt.ptrace_setregs(self.tid, regs)
 
-    def finish_rerun(self) -> None:
-        """Let the intercepted call run as the program made it; the thread stops at its entry."""
+    def finish_rerun(self, stop_at_entry: bool = True) -> None:
+        """Let the intercepted call run as the program made it; the thread stops at its entry,
+        or (``stop_at_entry`` False) runs it at the next resume without a stop of its own."""
         self._release_scratch()
         regs = self.saved
         regs.rip, regs.rax = self.syscall_ip, regs.orig_rax
         pt.ptrace_setregs(self.tid, regs)
-        self.tracer.wait_syscall_stop(self.tid)
+        if stop_at_entry:
+            self.tracer.wait_syscall_stop(self.tid)
 
     def _release_scratch(self) -> None:
         if self.scratch:

@@ -34,8 +34,9 @@ class PtraceMode(Mode):
     name = "ptrace"
     summary = "ptrace injection from outside sipp (static or setuid-free sipp, any agent)"
     suits = "static programs"
-    # A client hands over once (at the first connect()) and detaches: no per-call sockets.
-    capabilities = Capabilities(per_call_roles=frozenset({"server"}), transfers=TRANSFERS)
+    # -t t1/l1 client: one handoff at the first connect(), then detached; -t tn/ln client:
+    # attached under a seccomp filter that stops only connect(), a handoff per user.
+    capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
     _probe: str | None | bool = False  # False: not probed yet
 
     def unsupported_reason(self, program: Path) -> str | None:
@@ -74,11 +75,14 @@ class PtraceMode(Mode):
         if not isinstance(handoff, PtraceHandoff) or handoff.request is None:
             raise TypeError("the ptrace mode runs only what its own prepare() made")
         from fdkeeper.modes.ptrace.injection import PtraceRefused, Tracer
+        from fdkeeper.modes.ptrace.seccomp import percall_filter
         from fdkeeper.modes.ptrace.session import Session
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
+        request = handoff.request
+        per_call_client = request.per_call and request.role == "client"
         try:
-            tracer = Tracer.start(handoff.argv, {**env, **handoff.env})
+            tracer = Tracer.start(handoff.argv, {**env, **handoff.env}, percall_filter() if per_call_client else b"")
         except PtraceRefused as error:
             raise FdkeeperError(
                 f"fdkeeper: ptrace refused for {handoff.argv[0]} ({error}): {permission.refusal_cause()}; "

@@ -12,19 +12,27 @@ from fdkeeper.address import Address, parse_address
 from fdkeeper.modes.ptrace.permission import read_quietly
 
 
-def epoll_registrations(tgid: int, fd: int, ino: int) -> list[tuple[int, int, int]]:
-    """(epfd, events, data) of every epoll registration of ``fd`` in the process.
-
-    Read from /proc/PID/fdinfo of its epoll descriptors rather than from traced
-    epoll_ctl() calls: nothing to track, and registrations made before we looked count too.
-    """
+def epoll_fds(tgid: int) -> list[int]:
+    """The process's epoll descriptors."""
     found = []
     for name in os.listdir(f"/proc/{tgid}/fd"):
         try:
-            if os.readlink(f"/proc/{tgid}/fd/{name}") != "anon_inode:[eventpoll]":
-                continue
+            if os.readlink(f"/proc/{tgid}/fd/{name}") == "anon_inode:[eventpoll]":
+                found.append(int(name))
         except OSError:
             continue
+    return found
+
+
+def epoll_registrations(tgid: int, fd: int, ino: int, epfds: list[int] | None = None) -> list[tuple[int, int, int]]:
+    """(epfd, events, data) of every epoll registration of ``fd`` in the process.
+
+    Read from /proc/PID/fdinfo of its epoll descriptors (``epfds``, else all of them) rather
+    than from traced epoll_ctl() calls: nothing to track, and registrations made before we
+    looked count too.
+    """
+    found = []
+    for name in epoll_fds(tgid) if epfds is None else epfds:
         for line in (read_quietly(f"/proc/{tgid}/fdinfo/{name}") or "").splitlines():
             words = line.split()
             if words[:1] != ["tfd:"]:

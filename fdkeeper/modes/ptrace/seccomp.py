@@ -16,6 +16,7 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO_0 = 0x00050000  # skip the call, return 0 (errno 0): the program sees success
+SECCOMP_RET_TRACE = 0x7FF00000  # stop for the tracer (PTRACE_EVENT_SECCOMP)
 SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
 _LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
 FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
@@ -66,6 +67,36 @@ def protection_filter(kept: list[int], pairs: list[int]) -> bytes:
     labels["neutral"] = len(program)
     ret(SECCOMP_RET_ERRNO_0)
 
+    return _assemble(program, labels)
+
+
+Instruction = tuple[int, "int | str", "int | str", int]
+
+
+def percall_filter() -> bytes:
+    """The filter of a per-call client run (-t tn/ln), installed before sipp starts.
+
+    connect() stops for the tracer (the one call a per-call handoff starts from); shutdown(),
+    SO_LINGER and TCP-level options succeed without effect on every descriptor, because in
+    such a run every TCP socket of sipp's either is or becomes a kept connection (or a
+    socketpair end the keeper relays). Everything else runs at full speed, untraced.
+    """
+    program: list[Instruction] = [
+        (_LD_ABS_W, 0, 0, 4), (_JEQ_K, 0, "allow", AUDIT_ARCH_X86_64),
+        (_LD_ABS_W, 0, 0, 0), (_JEQ_K, "trace", 0, SYS["connect"]), (_JEQ_K, "neutral", 0, SYS["shutdown"]),
+        (_JEQ_K, 0, "allow", SYS["setsockopt"]),
+        (_LD_ABS_W, 0, 0, 24), (_JEQ_K, "neutral", 0, IPPROTO_TCP), (_JEQ_K, 0, "allow", SOL_SOCKET),
+        (_LD_ABS_W, 0, 0, 32), (_JEQ_K, "neutral", "allow", SO_LINGER),
+    ]
+    labels = {}
+    for label, action in (("allow", SECCOMP_RET_ALLOW), ("trace", SECCOMP_RET_TRACE), ("neutral", SECCOMP_RET_ERRNO_0)):
+        labels[label] = len(program)
+        program.append((_RET_K, 0, 0, action))
+    return _assemble(program, labels)
+
+
+def _assemble(program: list[Instruction], labels: dict[str, int]) -> bytes:
+    """struct sock_filter[] with each label turned into a relative jump."""
     out = bytearray()
     for index, (code, jt, jf, k) in enumerate(program):
         jt = labels[jt] - index - 1 if isinstance(jt, str) else jt

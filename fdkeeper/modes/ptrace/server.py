@@ -63,7 +63,7 @@ class ServerHandoff:
         tgid = session.tgid(stop.tid)
         injection = Injection(session.tracer, stop.tid, at_entry=False)
         try:
-            kept = session.lease(tgid, role="server", remote=session.request.remote)
+            kept = session.lease(tgid, role="server", remote=session.request.remote, local=session.request.local)
         except FdkeeperError as error:
             print(str(error), file=sys.stderr, flush=True)
             session.done = True

@@ -18,6 +18,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import HandoffRequest
 from fdkeeper.modes.ptrace import procfs
 from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, TraceeGone, Tracer, pidfd_getfd
+from fdkeeper.modes.ptrace.percall import PerCallClient
 from fdkeeper.modes.ptrace.permission import status_field
 from fdkeeper.modes.ptrace.seccomp import install_protection
 from fdkeeper.modes.ptrace.server import ServerHandoff
@@ -41,6 +42,8 @@ class Session:
         self.options: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}  # (tgid, fd) -> setsockopt calls
         self.entries: dict[int, tuple[int, tuple[int, ...]]] = {}  # tid -> syscall in progress
         self.server = ServerHandoff(self) if request.role == "server" else None
+        # -t tn/ln client: attached for the whole run, a handoff per connect (never done).
+        self.percall = PerCallClient(self) if request.per_call and request.role == "client" else None
         self._tgids: dict[int, int] = {}
         self._pidfds: dict[int, int] = {}
 
@@ -78,6 +81,9 @@ class Session:
                 return 0
 
     def _on_entry(self, stop: SyscallStop) -> None:
+        if self.percall is not None:
+            self.percall.on_entry(stop)
+            return
         nr, args = stop.nr, stop.args
         self.entries[stop.tid] = (nr, args)
         if nr == SYS["setsockopt"] and args[4] <= 128:
@@ -92,6 +98,8 @@ class Session:
             self.server.on_entry(stop)
 
     def _on_exit(self, stop: SyscallStop) -> None:
+        if self.percall is not None:
+            return
         nr, args = self.entries.pop(stop.tid, (-1, ()))
         if nr == SYS["socket"] and stop.rval >= 0:
             self.options.pop((self.tgid(stop.tid), stop.rval), None)
@@ -111,12 +119,8 @@ class Session:
                 return  # e.g. sipp's UDP probe for its own address
             self.done = True  # one handoff per run (t1), whatever happens next
             injection = Injection(self.tracer, stop.tid, at_entry=True)
-            try:
-                kept = self.lease(tgid, role="client", remote=self.request.remote, local="-",
-                                  reconnect=self.request.reconnect or None)
-            except FdkeeperError as error:
-                print(str(error), file=sys.stderr, flush=True)
-                injection.finish(-(errno.EBUSY if error.code == "busy" else errno.ECONNREFUSED))
+            kept = self.client_lease(injection, tgid, local=self.request.local or "-")
+            if kept is None:
                 return
             try:
                 self._hand_over(injection, tgid, fd, program_socket, kept.fds[0], kept.ids[0])
@@ -139,13 +143,14 @@ class Session:
             [new] = self.transfer.into(injection, tgid, [kept_fd])
             injection.check("dup3", new, fd, SOCK_CLOEXEC)
             injection.call("close", new)
-            self._restore_epoll(injection, fd, registrations)
+            self.restore_epoll(injection, fd, registrations)
         assert self.request.remote is not None  # a client handoff happens only at connect() to it
         self.say(f"connect(fd {fd}) to {format_address(self.request.remote)}: handed over kept connection "
                  f"{kept_id} by {self.transfer.how}{' (a socketpair end the keeper relays)' if pair else ''}")
 
-    def _restore_epoll(self, injection: Injection, fd: int, registrations: list[tuple[int, int, int]]) -> None:
-        base = injection.scratch_area() + 2048
+    def restore_epoll(self, injection: Injection, fd: int, registrations: list[tuple[int, int, int]],
+                      base: int | None = None) -> None:
+        base = injection.scratch_area() + 2048 if base is None else base
         for epfd, events, data in registrations:
             self.tracer.write(injection.tid, base, struct.pack("<IQ", events, data))
             if injection.call("epoll_ctl", epfd, 1, fd, base) == -errno.EEXIST:  # ADD, else MOD
@@ -155,6 +160,16 @@ class Session:
 
     def lease(self, tgid: int, **fields: object) -> Leased:
         return lease_for(self.request, tgid, self.transfer.how, self.say, **fields)
+
+    def client_lease(self, injection: Injection, tgid: int, **fields: object) -> Leased | None:
+        """A client lease for the held call; on refusal one line on stderr, and the call fails."""
+        try:
+            return self.lease(tgid, role="client", remote=self.request.remote,
+                              reconnect=self.request.reconnect or None, **fields)
+        except FdkeeperError as error:
+            print(str(error), file=sys.stderr, flush=True)
+            injection.finish(-(errno.EBUSY if error.code == "busy" else errno.ECONNREFUSED))
+            return None
 
     def tgid(self, tid: int) -> int:
         if tid not in self._tgids:

@@ -19,6 +19,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import HandoffRequest
 from fdkeeper.modes.ptrace.injection import Injection, Tracer, libc
 from fdkeeper.protocol import MAX_FDS_PER_PACKET
+from fdkeeper.statedir import peer_credentials
 
 SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
 PR_SET_PTRACER = 0x59616D61
@@ -47,6 +48,7 @@ class Transfer:
         self.tracer = tracer
         self.how = how
         self._scm: socket.socket | None = None
+        self._program_pidfd: dict[int, int] = {}  # tgid -> fdkeeper's pidfd in it (-1: not allowed)
 
     def into(self, injection: Injection, tgid: int, fds: list[int]) -> list[int]:
         """Their numbers in the program, in the order of ``fds``."""
@@ -59,6 +61,27 @@ class Transfer:
             finally:
                 injection.call("close", pidfd)
         return self._by_scm(injection, tgid, fds)
+
+    def one_into(self, injection: Injection, tgid: int, fd: int) -> int:
+        """One descriptor into the program, the cheap way for a handoff per call: a pidfd of
+        fdkeeper opened in the program once and kept there (close-on-exec), so each call costs
+        one injected pidfd_getfd(); by SCM_RIGHTS where pidfd_getfd is not allowed."""
+        if self._program_pidfd.get(tgid, 0) >= 0:
+            for _attempt in range(2):
+                try:
+                    return injection.check("pidfd_getfd", self._pidfd_in(injection, tgid), fd, 0)
+                except OSError as error:
+                    self._program_pidfd.pop(tgid, None)
+                    if error.errno != errno.EBADF:  # EBADF: the program closed our pidfd; else not allowed
+                        self._program_pidfd[tgid] = -1
+                        break
+        return self._by_scm(injection, tgid, [fd])[0]
+
+    def _pidfd_in(self, injection: Injection, tgid: int) -> int:
+        if tgid not in self._program_pidfd:
+            libc.prctl(PR_SET_PTRACER, tgid, 0, 0, 0)  # Yama scope 1: name the program
+            self._program_pidfd[tgid] = injection.check("pidfd_open", os.getpid(), 0)
+        return self._program_pidfd[tgid]
 
     def close(self) -> None:
         if self._scm is not None:
@@ -76,7 +99,7 @@ class Transfer:
         """Anyone may connect to an abstract name: only the program gets descriptors."""
         while True:
             connection, _ = self._listener().accept()
-            pid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            pid = peer_credentials(connection)[0]
             if pid == tgid:
                 return connection
             connection.close()

@@ -1,0 +1,422 @@
+#!/usr/bin/env python3
+"""Soak: the keeper under everything at once for a bounded time (issue 10).
+
+One keeper, for ``--seconds`` (default 120), all at once:
+- leases: worker processes fork one short-lived "run" per lease (``--leases``, default
+  10,000, spread evenly over the run), each leasing its user's kept TCP connection (`-t tn`
+  style, one per AoR, with reconnect) and reading the requests the SuT queued on it; a share of
+  runs is SIGKILLed right after the lease (nothing read);
+- a SuT that sends a numbered request on every connection every 50 ms and restarts (closes
+  every connection, listens again) every ``--restart-every`` seconds;
+- a TLS SuT that never reads, and runs writing as fast as they can to it (the keeper must push
+  back, not buffer);
+- idle control clients (connected, silent; reopened when the keeper closes them) and abusive
+  ones (garbage, oversized packets, STATUS requests whose replies are never read).
+
+Measured: the keeper's RSS and descriptor count, sampled every second, and lease latency (the
+LEASE exchange in a run), each at the start (second 10 %-20 % of the run) and the end (last
+10 %); goal: flat within 10 %. Lost requests: when the load stops, every user's connection
+is leased once more and drained; every request the SuT wrote (to a connection the keeper
+held) must have reached a run. Goal: zero.
+
+    python3 bench/soak.py [--seconds 120] [--leases 10000] [--users 40] [--restart-every 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fdkeeper.client import KeeperClient, ensure_keeper  # noqa: E402
+from fdkeeper.statedir import connect_control_socket  # noqa: E402
+from fdkeeper.testbed.pki import make_test_pki  # noqa: E402
+
+REQUEST = (b"OPTIONS sip:soak@bench.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK%010d\r\n"
+           b"Max-Forwards: 70\r\nFrom: <sip:sut@bench.test>;tag=1\r\nTo: <sip:soak@bench.test>\r\n"
+           b"Call-ID: soak-%010d\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+REQUEST_SIZE = len(REQUEST % (0, 0))
+SEQ = re.compile(rb"Call-ID: soak-(\d{10})")
+KILLED_SHARE = 0.05
+IDLE_CLIENTS, WORKERS = 60, 4
+
+
+# --------------------------------------------------------------------------- the SuTs (a child process)
+
+
+def listener(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock
+
+
+def run_suts(numbered_listener: socket.socket, tls_listener: socket.socket, cert: str, key: str, restart_every: float,
+             stop, sent_out) -> None:
+    """The numbering SuT and the non-reading TLS SuT, on listeners the bench opened."""
+    sent: list[int] = []
+
+    async def main() -> None:
+        counter = iter(range(10**9))
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def numbered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            try:
+                while await reader.read(65536):
+                    pass
+            except OSError:
+                pass
+            writers.discard(writer)
+
+        async def silent(_reader, writer) -> None:
+            await asyncio.sleep(10**6)  # never reads: asyncio stops reading once its buffer is full
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        await asyncio.start_server(silent, sock=tls_listener, ssl=context)
+        port = numbered_listener.getsockname()[1]
+        sock = numbered_listener
+        next_restart = time.monotonic() + restart_every
+        while not stop.is_set():
+            server = await asyncio.start_server(numbered, sock=sock)
+            while not stop.is_set() and time.monotonic() < next_restart:
+                for writer in list(writers):
+                    if writer.transport.get_write_buffer_size() == 0 and not writer.is_closing():
+                        seq = next(counter)
+                        writer.write(REQUEST % (seq, seq))
+                        sent.append(seq)
+                await asyncio.sleep(0.05)
+            server.close()
+            if stop.is_set():
+                break
+            for writer in list(writers):  # the restart: every connection closed (FIN)
+                writer.close()
+            writers.clear()
+            await asyncio.sleep(0.5)
+            sock = listener(port)
+            next_restart = time.monotonic() + restart_every
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(main())
+    loop.run_until_complete(task)
+    sent_out.send(sent)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def drain(fd: int, idle: float) -> list[int]:
+    """Whole requests readable on ``fd`` until it stays quiet ``idle`` seconds."""
+    sock = socket.socket(fileno=fd)
+    sock.settimeout(idle)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        sock.detach()
+    return [int(n) for n in SEQ.findall(data)]
+
+
+def one_run(keeper: KeeperClient, port: int, user: str, report, kill: bool, idle: float) -> None:
+    """A forked run: lease, maybe die at once, else read what is queued, report, exit."""
+    started = time.monotonic()
+    try:
+        [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=("127.0.0.1", port), local="-", aor=user,
+                                 reconnect=True)
+    except Exception as error:  # noqa: BLE001 - reported, the bench goes on
+        report.send(("error", str(error)[:200]))
+        os._exit(0)
+    latency = time.monotonic() - started
+    if kill:
+        report.send(("lease", latency, []))
+        os.kill(os.getpid(), signal.SIGKILL)
+    report.send(("lease", latency, drain(fd, idle)))
+    os._exit(0)
+
+
+def lease_worker(directory: Path, port: int, users: list[str], deadline: float, budget: int, report) -> None:
+    keeper = KeeperClient(directory)
+    rng = random.Random(os.getpid())
+    begin = time.monotonic()
+    spacing = (deadline - begin) / max(budget, 1)  # the budget spread over the whole run
+    for index in range(budget):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(max(0.0, begin + index * spacing - time.monotonic()))
+        pid = os.fork()
+        if pid == 0:
+            one_run(keeper, port, users[index % len(users)], report, rng.random() < KILLED_SHARE, 0.005)
+        os.waitpid(pid, 0)
+
+
+def flood_worker(directory: Path, tls_port: int, deadline: float, leases_done, report) -> None:
+    """Runs that write as fast as they can to the TLS SuT that never reads (until the leases end)."""
+    keeper = KeeperClient(directory)
+    body = b"x" * 4000
+    message = (b"MESSAGE sip:sut@bench.test SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKflood\r\n"
+               b"Max-Forwards: 70\r\nFrom: <sip:flood@bench.test>;tag=1\r\nTo: <sip:sut@bench.test>\r\n"
+               b"Call-ID: flood\r\nCSeq: 1 MESSAGE\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    chunk = message * 16  # whole SIP messages: the keeper relays them (it drops what is not SIP)
+    while time.monotonic() < deadline and not leases_done.is_set():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                [(_, fd)] = keeper.lease(role="client", transport="tls", remote=("127.0.0.1", tls_port), local="-",
+                                         aor="sip:flood@bench.test", tls_insecure=True, reconnect=True)
+                os.set_blocking(fd, False)
+                written, until = 0, time.monotonic() + 0.5
+                while time.monotonic() < until and written < 64 << 20:
+                    try:
+                        written += os.write(fd, chunk)
+                    except BlockingIOError:
+                        time.sleep(0.01)
+                report.send(("flood", written))
+            except Exception as error:  # noqa: BLE001
+                report.send(("error", "flood: " + str(error)[:200]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- control clients
+
+
+def idle_clients(keeper: KeeperClient, stop: threading.Event, closed: list[int]) -> None:
+    """Silent control clients; count the ones the keeper closes, open new ones in their place."""
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        for sock in list(held):
+            try:
+                if sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                    raise ConnectionResetError
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            held.remove(sock)
+            sock.close()
+            closed[0] += 1
+        while len(held) < IDLE_CLIENTS and not stop.is_set():
+            try:
+                held.append(connect_control_socket(keeper.path, 2.0))
+            except OSError:
+                break
+        stop.wait(0.5)
+    for sock in held:
+        sock.close()
+
+
+def abusive_clients(keeper: KeeperClient, stop: threading.Event, sent: list[int]) -> None:
+    """Garbage, oversized packets, and STATUS requests whose replies are never read."""
+    rng = random.Random(7)
+    payloads = [b"LEASE role=client transport=tcp remote=" + b"9" * 5000, bytes(rng.randrange(256) for _ in range(300)),
+                b"STATUS", b"PREPARE role=client", b"\n\n\n", b"LEASE " + b"x=" * 2000, b"STATUS"]
+    unread: list[socket.socket] = []
+    while not stop.is_set():
+        try:
+            sock = connect_control_socket(keeper.path, 2.0)
+            sock.send(rng.choice(payloads))
+            sent[0] += 1
+            unread.append(sock)  # never read; closed a second later
+        except OSError:
+            pass
+        if len(unread) > 20:
+            unread.pop(0).close()
+        stop.wait(0.02)
+    for sock in unread:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def sample_keeper(pid: int, stop: threading.Event, samples: list[tuple[float, int, int]]) -> None:
+    process = psutil.Process(pid)
+    while not stop.wait(1.0):
+        samples.append((time.monotonic(), process.memory_info().rss, process.num_fds()))
+
+
+def window(values: list[tuple[float, float]], start: float, end: float) -> list[float]:
+    return [v for t, v in values if start <= t <= end]
+
+
+def change(before: float, after: float) -> str:
+    return f"{(after - before) / before * 100:+.1f} %" if before else "n/a"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--leases", type=int, default=10_000)
+    parser.add_argument("--users", type=int, default=40)
+    parser.add_argument("--restart-every", type=float, default=20.0)
+    options = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="fdk-soak-"))
+    directory = workdir / "state"
+    pki = make_test_pki(workdir / "pki")
+    numbered_listener, tls_listener = listener(), listener()
+    port, tls_port = numbered_listener.getsockname()[1], tls_listener.getsockname()[1]
+    stop_sut = multiprocessing.Event()
+    sent_in, sent_out = multiprocessing.Pipe(duplex=False)
+    sut = multiprocessing.Process(target=run_suts, args=(numbered_listener, tls_listener, str(pki.server_cert), str(pki.server_key),
+                                                         options.restart_every, stop_sut, sent_out), daemon=True)
+    sut.start()
+    numbered_listener.close()
+    tls_listener.close()
+    time.sleep(0.5)
+    keeper = ensure_keeper(directory)
+    keeper_pid = int(keeper.alive().fields["pid"])
+    users = [f"sip:soak{i}@bench.test" for i in range(options.users)]
+    report_in, report_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reporter = _Reporter(report_out)
+
+    begin = time.monotonic()
+    deadline = begin + options.seconds
+    stop = threading.Event()
+    samples: list[tuple[float, int, int]] = []
+    idle_closed, abusive_sent = [0], [0]
+    threads = [threading.Thread(target=sample_keeper, args=(keeper_pid, stop, samples), daemon=True),
+               threading.Thread(target=idle_clients, args=(keeper, stop, idle_closed), daemon=True),
+               threading.Thread(target=abusive_clients, args=(keeper, stop, abusive_sent), daemon=True)]
+    for thread in threads:
+        thread.start()
+    workers = []
+    for index in range(WORKERS):
+        mine = users[index::WORKERS]
+        workers.append(multiprocessing.Process(target=lease_worker, args=(directory, port, mine, deadline,
+                                                                          options.leases // WORKERS, reporter)))
+    leases_done = multiprocessing.Event()
+    flooder = multiprocessing.Process(target=flood_worker, args=(directory, tls_port, deadline, leases_done, reporter))
+    workers.append(flooder)
+    for worker in workers:
+        worker.start()
+
+    leases: list[tuple[float, float]] = []
+    received: list[int] = []
+    errors: dict[str, int] = {}
+    flooded = [0]
+    collector = threading.Thread(target=_collect, args=(report_in, leases, received, errors, flooded), daemon=True)
+    collector.start()
+    for worker in workers[:-1]:
+        worker.join()
+    leases_done.set()
+    flooder.join()
+    lease_count = len(leases)
+    load_end = time.monotonic()  # the deadline, or earlier when the lease budget ran out
+
+    # The load stops: the SuT stops writing, every user's connection is leased once more and drained.
+    stop_sut.set()
+    time.sleep(0.5)
+    for user in users:
+        pid = os.fork()
+        if pid == 0:
+            one_run(keeper, port, user, reporter, False, 0.3)
+        os.waitpid(pid, 0)
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    sent = sent_in.recv()
+    end = time.monotonic()
+    status = keeper.status()
+    keeper.stop()
+    report_out.close()
+    collector.join(5)
+
+    duration = load_end - begin
+    start_window, end_window = (begin + 0.1 * duration, begin + 0.2 * duration), (load_end - 0.1 * duration, load_end)
+    rss = [(t, r) for t, r, _ in samples]
+    fds = [(t, f) for t, _, f in samples]
+    lease_lat = leases[:lease_count]  # not the drain's
+    results = {
+        "rss_start": median(window(rss, *start_window)), "rss_end": median(window(rss, *end_window)),
+        "fds_start": median(window(fds, *start_window)), "fds_end": median(window(fds, *end_window)),
+        "lat_start": median(window(lease_lat, *start_window)), "lat_end": median(window(lease_lat, *end_window)),
+    }
+    lost = sorted(set(sent) - set(received))
+    print(f"soak: {duration:.0f} s of load ({end - begin:.0f} s with the drain), {lease_count} leases "
+          f"({errors.get('lease', 0)} refused or failed), SuT restarts every {options.restart_every:g} s, "
+          f"{IDLE_CLIENTS} idle control clients ({idle_closed[0]} closed by the keeper), "
+          f"{abusive_sent[0]} abusive control requests, {flooded[0] / 1e6:.1f} MB written towards a non-reading TLS SuT")
+    print(f"  keeper RSS   start {results['rss_start'] / 1e6:7.1f} MB   end {results['rss_end'] / 1e6:7.1f} MB   "
+          f"{change(results['rss_start'], results['rss_end'])}")
+    print(f"  keeper fds   start {results['fds_start']:7.0f}      end {results['fds_end']:7.0f}      "
+          f"{change(results['fds_start'], results['fds_end'])}")
+    print(f"  lease median start {results['lat_start'] * 1000:7.2f} ms   end {results['lat_end'] * 1000:7.2f} ms   "
+          f"{change(results['lat_start'], results['lat_end'])}")
+    print(f"  requests: {len(sent)} written by the SuT, {len(set(received))} reached a run, {len(lost)} lost"
+          + (f" (first: {lost[:5]})" if lost else "") + f"; duplicates {len(received) - len(set(received))}")
+    log_size = (directory / "keeper.log").stat().st_size
+    print(f"  keeper.log: {log_size / 1e6:.1f} MB; keeper status at the end: {len(status['connections'])} connections; errors seen by runs: "
+          + (", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"))
+    flat = all(abs(results[f"{k}_end"] - results[f"{k}_start"]) <= 0.1 * results[f"{k}_start"] for k in ("rss", "fds", "lat"))
+    print(f"  goals: flat within 10 %: {'met' if flat else 'MISSED'}; zero lost requests: {'met' if not lost else 'MISSED'}")
+    sut.terminate()
+    return 0
+
+
+class _Reporter:
+    """What runs send to the bench, over a socket the forked workers and runs inherit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, item: tuple) -> None:
+        import pickle
+
+        try:
+            self.sock.send(pickle.dumps((time.monotonic(), item)))
+        except OSError:
+            pass
+
+
+def _collect(sock: socket.socket, leases, received, errors, flooded) -> None:
+    import pickle
+
+    while True:
+        try:
+            data = sock.recv(1 << 22)
+        except OSError:
+            return
+        if not data:
+            return
+        when, item = pickle.loads(data)
+        if item[0] == "lease":
+            leases.append((when, item[1]))
+            received.extend(item[2])
+        elif item[0] == "flood":
+            flooded[0] += item[1]
+        else:
+            kind = "lease" if "flood" not in item[1] else "flood"
+            errors[kind] = errors.get(kind, 0) + 1
+            errors[item[1][:60]] = errors.get(item[1][:60], 0) + 1
+
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork")
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The keeper's control clients: accepted without ever failing the keeper, answered without
+ever blocking it, dropped when they idle.
+
+Three ways a local process could stall or end a single-threaded keeper, and what stops each:
+- running it out of descriptors (EMFILE at accept): a reserve descriptor is closed to accept
+  the client, told so in one line, and reopened (the trick libuv and HAProxy use);
+- connecting and never reading the reply: replies go out with non-blocking sends; what the
+  socket does not take waits in a bounded queue flushed on EPOLLOUT, and a client whose queue
+  overflows or does not drain within the idle time is dropped;
+- connecting and sending nothing: a client silent for IDLE_SECONDS (and not waiting for a
+  connection with PREPARE wait=) is dropped; at MAX_CLIENTS the longest idle one makes room,
+  or the newcomer is refused in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from typing import Callable
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.loop import Reactor
+from fdkeeper.protocol import MAX_MESSAGE, format_error, format_failure, send_packet
+from fdkeeper.statedir import peer_credentials
+
+log = logging.getLogger("fdkeeper.keeper")
+
+MAX_CLIENTS = 512
+IDLE_SECONDS = 10.0
+# At MAX_CLIENTS a client idle this long is dropped to make room for a new one.
+EVICTABLE_AFTER = 1.0
+MAX_QUEUED_PACKETS = 1024  # a LEASE of 256,000 connections; a STATUS of 3 MB
+MAX_QUEUED_BYTES = 4 * 1024 * 1024
+# After an accept failed even with the reserve released, pause accepting this long.
+ACCEPT_PAUSE = 0.1
+DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def out_of_descriptors(error: OSError) -> bool:
+    return error.errno in DESCRIPTOR_ERRORS
+
+
+def limit_error(what: str, error: OSError) -> FdkeeperError:
+    """The one line a client gets when the keeper cannot make a descriptor for it."""
+    return FdkeeperError(
+        f"fdkeeper: the keeper could not {what}: {error.strerror} "
+        f"(it holds {count_open_descriptors()} descriptors); raise its RLIMIT_NOFILE or end runs that hold many",
+        "limit",
+    )
+
+
+def count_open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+class ControlClient:
+    """One accepted control connection and the replies it has not read yet."""
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int, reactor: Reactor) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.reactor = reactor
+        self.last_progress = time.monotonic()
+        self.waiting = False  # a PREPARE wait= is parked: silence is expected
+        self._queue: deque[tuple[bytes, list[int]]] = deque()
+        self._queued_bytes = 0
+        self.overflowed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send one packet now if the socket takes it, else queue it (descriptors duplicated,
+        since the keeper may close its own before the client reads). Never blocks, never raises
+        for a slow client: one that overflows its queue is marked and dropped by its owner."""
+        if self.sock.fileno() < 0 or self.overflowed:
+            return
+        if not self._queue:
+            try:
+                send_packet(self.sock, message, fds)
+                return
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # gone: EPOLLHUP/read of 0 drops it
+        if len(self._queue) >= MAX_QUEUED_PACKETS or self._queued_bytes + len(message) > MAX_QUEUED_BYTES:
+            self.overflowed = True
+            return
+        try:
+            copies = [os.dup(fd) for fd in fds]
+        except OSError as error:
+            raise limit_error("queue the descriptors of a reply", error) from None
+        self._queue.append((message, copies))
+        self._queued_bytes += len(message)
+        self.reactor.rewatch(self.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def flush(self) -> None:
+        """EPOLLOUT: send what the socket takes now."""
+        while self._queue:
+            message, fds = self._queue[0]
+            try:
+                send_packet(self.sock, message, fds)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.overflowed = True  # cannot be delivered: drop the client
+                return
+            self._queue.popleft()
+            self._queued_bytes -= len(message)
+            _close_all(fds)
+            self.last_progress = time.monotonic()
+        self.reactor.rewatch(self.fileno(), select.EPOLLIN)
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.waiting and not self._queue else now - self.last_progress
+
+    def close(self) -> None:
+        for _, fds in self._queue:
+            _close_all(fds)
+        self._queue.clear()
+        self.sock.close()
+
+
+class ControlClients:
+    """Accepts on the control socket and keeps the set of clients bounded."""
+
+    def __init__(self, reactor: Reactor, listener: socket.socket, serve: Callable[[ControlClient, int], None], forget: Callable[[ControlClient], None]) -> None:
+        self.reactor = reactor
+        self.listener = listener
+        self.serve = serve  # called with (client, epoll mask) when a client is readable or hung up
+        self.forget = forget  # called before a client is closed (waiters referencing it)
+        self.clients: dict[int, ControlClient] = {}
+        self.refused = 0
+        self.dropped_idle = 0
+        self._reserve: int | None = _open_reserve()
+        reactor.watch(listener.fileno(), select.EPOLLIN, self._accept)
+
+    def _accept(self, _mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if not out_of_descriptors(error):
+                    log.warning("accept on the control socket failed: %s", error.strerror)
+                    return
+                self._refuse_out_of_descriptors(error)
+                return
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        try:
+            pid, uid = peer_credentials(sock)[:2]
+        except OSError:
+            sock.close()
+            return
+        if len(self.clients) >= MAX_CLIENTS and not self._evict_longest_idle():
+            self.refused += 1
+            log.warning("%d control clients, all busy: refused pid %d", len(self.clients), pid)
+            _tell_and_close(sock, format_error(
+                "limit", f"fdkeeper: the keeper has {len(self.clients)} control clients, none idle; try again shortly"
+            ))
+            return
+        client = ControlClient(sock, pid, uid, self.reactor)
+        self.clients[client.fileno()] = client
+        self.reactor.watch(client.fileno(), select.EPOLLIN, lambda mask, c=client: self._ready(c, mask))
+
+    def _ready(self, client: ControlClient, mask: int) -> None:
+        if mask & select.EPOLLOUT:
+            client.flush()
+        if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            self.serve(client, mask)
+        if client.overflowed and client.fileno() >= 0:
+            log.warning("control client pid %d does not read its replies: dropped", client.pid)
+            self.drop(client)
+
+    def _refuse_out_of_descriptors(self, error: OSError) -> None:
+        """EMFILE: free the reserve, take the client, tell it why, close it, take the reserve back."""
+        log.warning("out of descriptors accepting a control client (%s); refusing it", error.strerror)
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            self._pause_accepting()  # nothing to take, or not even one descriptor: try again soon
+        else:
+            self.refused += 1
+            _tell_and_close(sock, format_failure(limit_error("accept a control client", error)))
+        self._reserve = _open_reserve()
+
+    def _pause_accepting(self) -> None:
+        """Level-triggered epoll would call us again at once: stop watching for a moment."""
+        fd = self.listener.fileno()
+        self.reactor.unwatch(fd)
+        self.reactor.call_later(ACCEPT_PAUSE, lambda: self._resume_accepting(fd))
+
+    def _resume_accepting(self, fd: int) -> None:
+        if self.listener.fileno() == fd and not self.reactor.watching(fd):
+            self.reactor.watch(fd, select.EPOLLIN, self._accept)
+
+    def _evict_longest_idle(self) -> bool:
+        now = time.monotonic()
+        candidate = max(self.clients.values(), key=lambda c: c.idle_for(now), default=None)
+        if candidate is None or candidate.idle_for(now) < EVICTABLE_AFTER:
+            return False
+        self.dropped_idle += 1
+        self.drop(candidate)
+        return True
+
+    def drop_idle(self) -> None:
+        """Called every tick: drop clients that sent nothing, or read nothing, for IDLE_SECONDS."""
+        now = time.monotonic()
+        idle = [c for c in self.clients.values() if c.idle_for(now) >= IDLE_SECONDS]
+        for client in idle:
+            self.dropped_idle += 1
+            self.drop(client)
+        if idle:
+            log.info("dropped %d control client(s) idle for %g s", len(idle), IDLE_SECONDS)
+
+    def drop(self, client: ControlClient) -> None:
+        fd = client.fileno()
+        if fd < 0:
+            return
+        self.reactor.unwatch(fd)
+        self.clients.pop(fd, None)
+        self.forget(client)
+        client.close()
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self.drop(client)
+        self.reactor.unwatch(self.listener.fileno())
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+
+    def as_dict(self) -> dict:
+        return {"clients": len(self.clients), "max": MAX_CLIENTS, "refused": self.refused, "dropped_idle": self.dropped_idle}
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # taken again after the next close
+
+
+def _tell_and_close(sock: socket.socket, message: bytes) -> None:
+    """Send a refusal and close. A request already queued is read first: closing on unread
+    data would make the client's next read ECONNRESET instead of this reply."""
+    try:
+        sock.send(message, socket.MSG_DONTWAIT)
+        while sock.recv(MAX_MESSAGE + 1, socket.MSG_DONTWAIT):
+            pass
+    except OSError:
+        pass
+    sock.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -1,0 +1,239 @@
+"""Opening connections to the SuT without ever blocking the keeper's loop.
+
+A connect, a TLS handshake and the short wait after it (tls.past_our_finished) are steps of an
+``Opening`` driven by the shared Reactor: a non-blocking connect finished on EPOLLOUT, a
+handshake stepped on SSLWantRead/SSLWantWrite, each bounded by a timer. The control request
+that needs the connection stays pending meanwhile (``Pending``), other clients are served, and
+the request is answered when the open completes or fails. The same ``Pending`` lets a lease
+wait for a keep-alive pong (health.py) without blocking either.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import ssl
+from typing import Callable, NoReturn
+
+from fdkeeper.address import Address, format_address
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.connection import connect_error, new_tcp_socket
+from fdkeeper.loop import Reactor, Timer
+from fdkeeper.sip.framing import PING
+from fdkeeper.tls import ALERT_GRACE, READ_CHUNK, TlsOptions, handshake_error, past_our_finished, wrap_client
+
+log = logging.getLogger("fdkeeper.keeper")
+
+Resume = Callable[[FdkeeperError | None], None]  # None: ready, ask again; else the failure
+Opened = Callable[[socket.socket, bytes], None]  # the connected (TLS) socket, bytes already read
+
+
+class Pending(FdkeeperError):
+    """A request that cannot be answered yet; ``then(resume)`` asks to be told when it can.
+
+    Code "pending": never "busy", which would make a PREPARE with wait= a waiter instead.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"fdkeeper: {what} is still in progress; try again", "pending")
+        self.resumes: list[Resume] = []
+        self.failure: FdkeeperError | None = None
+
+    def then(self, resume: Resume) -> None:
+        self.resumes.append(resume)
+
+    def settle(self, error: FdkeeperError | None = None) -> None:
+        self.failure = error
+        resumes, self.resumes = self.resumes, []
+        for resume in resumes:
+            resume(error)
+
+
+def resume_request(client: socket.socket, retry: Callable[[], None], fail: Callable[[FdkeeperError], None]) -> Resume:
+    """What a pending control request does when it is ready: ask again, or report the failure.
+
+    A client that went away meanwhile is skipped: its descriptor number may be another's now.
+    """
+
+    def resume(error: FdkeeperError | None) -> None:
+        if client.fileno() < 0:
+            return
+        if error is None:
+            retry()
+        else:
+            fail(error)
+
+    return resume
+
+
+class Opener:
+    """The opens in progress, one per connection key: a second request for it joins the first."""
+
+    def __init__(self, reactor: Reactor, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.in_progress: dict[tuple, Pending] = {}
+
+    def open(self, key: tuple, local: Address | None, options: TlsOptions | None, opened: Opened) -> NoReturn:
+        """Start opening ``key``'s connection (or join its open); always raises Pending."""
+        pending = self.in_progress.get(key)
+        if pending is None:
+            remote = key[0]
+            pending = Pending(f"opening the connection to {format_address(remote)}")
+            self.in_progress[key] = pending
+
+            def done(sock: socket.socket | None, early: bytes, error: FdkeeperError | None) -> None:
+                del self.in_progress[key]
+                if error is None:
+                    try:
+                        opened(sock, early)
+                    except FdkeeperError as failure:
+                        error = failure
+                    except Exception:  # a bug must not end the keeper from a loop callback
+                        log.exception("internal error keeping a new connection to %s", remote)
+                        sock.close()
+                        error = FdkeeperError("fdkeeper: internal error opening a connection; see the keeper log", "internal")
+                pending.settle(error)
+
+            Opening(self.reactor, remote, local, options, self.timeout, done).start()
+            if pending.failure is not None:  # failed at once (a bad -i/-p): no need to wait
+                raise pending.failure
+        raise pending
+
+
+class Opening:
+    """One connect (and TLS handshake) in progress; ``done(sock, early, error)`` ends it."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        remote: Address,
+        local: Address | None,
+        options: TlsOptions | None,
+        timeout: float,
+        done: Callable[[socket.socket | None, bytes, FdkeeperError | None], None],
+    ) -> None:
+        self.reactor, self.remote, self.local, self.options = reactor, remote, local, options
+        self.timeout = timeout
+        self.done = done
+        self.sock: socket.socket | None = None
+        self.step: Callable[[int], None] = self._connected
+        self.timer: Timer | None = None
+        self.received = b""
+
+    def start(self) -> None:
+        try:
+            self.sock = new_tcp_socket(self.remote, self.local)
+        except FdkeeperError as error:
+            self.done(None, b"", error)
+            return
+        self.sock.setblocking(False)
+        code = self.sock.connect_ex(self.remote)
+        if code not in (0, errno.EINPROGRESS):
+            self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
+            return
+        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask))
+        self._deadline(self.timeout, self._connect_timed_out)
+
+    # ---------------------------------------------------------------- steps
+
+    def _connected(self, _mask: int) -> None:
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
+            return
+        if self.options is None:
+            self.sock.setblocking(True)  # as a fresh socket: sipp sets the flags it wants
+            self._finish()
+            return
+        fd = self.sock.fileno()
+        self.reactor.unwatch(fd)
+        try:
+            self.sock = wrap_client(self.sock, self.remote, self.options)
+        except FdkeeperError as error:
+            self.sock = None
+            self._fail(error)
+            return
+        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask))
+        self.step = self._handshake
+        self._deadline(self.timeout, self._handshake_timed_out)
+        self._handshake(0)
+
+    def _handshake(self, _mask: int) -> None:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.reactor.rewatch(self.sock.fileno(), select.EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self.reactor.rewatch(self.sock.fileno(), select.EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as error:
+            self._fail(handshake_error(self.remote, error, self.options))
+            return
+        # A TLS 1.3 server rejects our certificate after its Finished: ping and wait briefly for
+        # the pong (or an alert) so that the rejection surfaces now (see tls._catch_late_alert).
+        try:
+            self.sock.send(PING)
+        except (ssl.SSLError, OSError) as error:
+            self._fail(handshake_error(self.remote, error, self.options))
+            return
+        self.step = self._after_handshake
+        self.reactor.rewatch(self.sock.fileno(), select.EPOLLIN)
+        self._deadline(ALERT_GRACE, self._finish)
+
+    def _after_handshake(self, _mask: int) -> None:
+        while True:
+            try:
+                data = self.sock.recv(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                return  # a session ticket, say: nothing for us yet
+            except (ssl.SSLError, OSError) as error:
+                self._fail(handshake_error(self.remote, error, self.options))
+                return
+            if not data:
+                self._fail(handshake_error(
+                    self.remote, ConnectionResetError("the SuT closed it right after the handshake"), self.options
+                ))
+                return
+            self.received += data
+            if past_our_finished(self.received):
+                self._finish()
+                return
+
+    # ---------------------------------------------------------------- endings
+
+    def _connect_timed_out(self) -> None:
+        self._fail(connect_error(self.remote, self.local, self.timeout, TimeoutError()))
+
+    def _handshake_timed_out(self) -> None:
+        self._fail(handshake_error(self.remote, TimeoutError(), self.options))
+
+    def _deadline(self, delay: float, callback: Callable[[], None]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.reactor.call_later(delay, callback)
+
+    def _stop_watching(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.sock is not None:
+            self.reactor.unwatch(self.sock.fileno())
+
+    def _finish(self) -> None:
+        self._stop_watching()
+        self.done(self.sock, self.received, None)
+
+    def _fail(self, error: FdkeeperError) -> None:
+        self._stop_watching()
+        if self.sock is not None:
+            self.sock.close()
+        log.info("%s", error)
+        self.done(None, b"", error)
+
+
+def _strerror(code: int) -> str:
+    return os.strerror(code)

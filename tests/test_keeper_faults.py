@@ -1,0 +1,320 @@
+"""The keeper under fault and abuse: out of descriptors, flooded or stalled control sockets,
+a SIGKILLed keeper. Real keeper processes over their real control socket; plain TCP peers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.control import MAX_CLIENTS
+from fdkeeper.statedir import DIED_NAME, RECORD_NAME
+from fdkeeper.testbed import wait_until
+from test_keeper import peer  # noqa: F401 - the fixture: a TCP listener standing in for the SuT
+
+
+@pytest.fixture
+def keeper(tmp_path):
+    client = ensure_keeper(tmp_path / "state")
+    yield client
+    process = keeper_process(client)
+    if process is not None:
+        process.resume()
+        client.stop()
+
+
+def keeper_process(client: KeeperClient) -> psutil.Process | None:
+    try:
+        return psutil.Process(int((client.directory / "keeper.lock").read_text()))
+    except (OSError, ValueError, psutil.NoSuchProcess):
+        return None
+
+
+def limit_with_free_slots(process: psutil.Process, free: int) -> int:
+    """The RLIMIT_NOFILE that leaves exactly ``free`` descriptor numbers to ``process`` (the
+    limit caps numbers, not counts: holes below the highest open descriptor count as room)."""
+    used = {int(name) for name in os.listdir(f"/proc/{process.pid}/fd")}
+    limit = 0
+    while limit - len([fd for fd in used if fd < limit]) < free:
+        limit += 1
+    return limit
+
+
+def idle_clients(client: KeeperClient, count: int) -> list[socket.socket]:
+    """Connections that send nothing, as an attacker (or a stuck script) would leave them."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        try:
+            sock.connect(str(client.path))
+        except BlockingIOError:
+            pass  # backlog full: counts all the same
+        sockets.append(sock)
+    return sockets
+
+
+def fdkeeper(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fdkeeper", *args], capture_output=True, text=True, timeout=30)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fdkeeper: "), result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- item 2: EMFILE
+
+
+def test_out_of_descriptors_refuses_politely_and_the_keeper_lives(keeper, peer):
+    keeper.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
+    process = keeper_process(keeper)
+    limit = process.num_fds() + 3
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={limit}:"], check=True)
+    hogs = idle_clients(keeper, 20)  # more than the keeper can accept
+    try:
+        with pytest.raises(FdkeeperError) as refused:
+            keeper.request(b"PING", timeout=5)
+        assert refused.value.code == "limit" and "open files" in str(refused.value)
+        assert process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    finally:
+        for sock in hogs:
+            sock.close()
+    wait_until(lambda: keeper.alive(), timeout=15)  # idle clients gone: served again
+    assert len(keeper.status()["connections"]) == 1  # the kept connection survived
+    assert "refusing" in (keeper.directory / "keeper.log").read_text()
+
+
+def test_a_lease_that_needs_a_descriptor_the_keeper_lacks_is_refused_in_one_line(keeper, peer):
+    remote = peer.getsockname()
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    process = keeper_process(keeper)
+    time.sleep(0.3)  # the keeper closes the PREPARE's control connection: count without it
+    limit = limit_with_free_slots(process, 1)  # room for the control client, none for the holder's pidfd
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={limit}:"], check=True)
+    with pytest.raises(FdkeeperError) as refused:
+        keeper.lease(role="client", transport="tcp", remote=remote, local="-")
+    assert refused.value.code == "limit" and "open files" in str(refused.value)
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={limit + 50}:"], check=True)
+    [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=remote, local="-")
+    os.close(fd)
+
+
+def test_a_connection_the_keeper_lacks_a_descriptor_for_is_refused_and_can_be_asked_again(keeper, peer):
+    remote = peer.getsockname()
+    process = keeper_process(keeper)
+    time.sleep(0.3)  # the keeper closes its starter's PING connection: count without it
+    limit = limit_with_free_slots(process, 1)  # room for the control client, none for the new socket
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={limit}:"], check=True)
+    with pytest.raises(FdkeeperError) as refused:
+        keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    assert refused.value.code == "limit" and "open files" in str(refused.value)
+    subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={limit + 50}:"], check=True)
+    assert keeper.prepare(role="client", transport="tcp", remote=remote, local="-").fields["ids"] == "1"
+
+
+# ---------------------------------------------------------------- item 6: control-socket abuse
+
+
+def test_idle_clients_beyond_the_cap_do_not_lock_status_stop_or_sipp_out(keeper, peer, tmp_path):
+    hogs = idle_clients(keeper, MAX_CLIENTS + 100)
+    try:
+        time.sleep(1.2)  # idle long enough to make room for real requests
+        status = fdkeeper("status", "--dir", str(keeper.directory), "--json")
+        assert status.returncode == 0, status.stderr
+        ensure_keeper(keeper.directory)  # what 'fdkeeper sipp' does first: no second keeper, no advice to stop
+        keeper.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
+        stop = fdkeeper("stop", "--dir", str(keeper.directory))
+        assert stop.returncode == 0 and "keeper for" in stop.stdout and "no keeper was running" not in stop.stdout
+    finally:
+        for sock in hogs:
+            sock.close()
+
+
+def test_a_keeper_that_does_not_answer_is_named_not_denied(keeper):
+    process = keeper_process(keeper)
+    process.suspend()  # the worst a flood could do: nothing is answered at all
+    impatient = KeeperClient(keeper.directory, timeout=1)
+    try:
+        with pytest.raises(FdkeeperError, match=f"pid {process.pid}.* did not answer within 1 s") as status:
+            impatient.status()
+        assert status.value.code == "timeout"
+        with pytest.raises(FdkeeperError, match="did not answer"):  # not "no keeper was running"
+            impatient.stop()
+        with pytest.raises(FdkeeperError, match="did not answer") as started:
+            ensure_keeper(keeper.directory)  # 'fdkeeper sipp': no second keeper, no "run fdkeeper stop"
+        assert "fdkeeper stop" not in str(started.value)
+    finally:
+        process.resume()
+    assert keeper.alive()
+
+
+def test_clients_that_never_read_their_replies_do_not_freeze_the_keeper(keeper, peer):
+    remote = peer.getsockname()
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    deaf = []
+    for _ in range(4):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(str(keeper.path))
+        sock.setblocking(False)
+        try:
+            for _ in range(5000):  # far more replies than a socket buffer holds; none read
+                sock.send(b"STATUS")
+        except BlockingIOError:
+            pass
+        deaf.append(sock)
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            keeper.lease(role="client", transport="tcp", remote=remote, local="-")
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert time.monotonic() - started < 1.0
+    control = keeper.status()["keeper"]["control"]
+    assert control["clients"] <= len(deaf) + 1
+    for sock in deaf:
+        sock.close()
+
+
+# ---------------------------------------------------------------- item 9: a dead keeper speaks
+
+
+def test_a_sigkilled_keeper_is_reported_once_with_its_connections(tmp_path, peer, capsys):
+    directory = tmp_path / "state"
+    client = ensure_keeper(directory)
+    client.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
+    process = keeper_process(client)
+    wait_until(lambda: '"connections": 1' in (directory / RECORD_NAME).read_text(), timeout=5)
+    process.kill()
+    process.wait(5)
+    capsys.readouterr()
+    status = one_line_error(fdkeeper("status", "--dir", str(directory)))  # status says why there is none...
+    assert f"(pid {process.pid}, started" in status and "died" in status and "no keeper runs now" in status
+    client = ensure_keeper(directory)  # ...and so does the next run, which starts a fresh one
+    notice = capsys.readouterr().err
+    try:
+        assert f"previous keeper for {directory} (pid {process.pid}, started" in notice
+        assert "1 kept connection(s) closed with it" in notice and "registrations" in notice
+        assert (directory / DIED_NAME).exists()
+        client.report_dead_keeper()
+        assert capsys.readouterr().err == ""  # said once
+    finally:
+        client.stop()
+    assert not (directory / RECORD_NAME).exists()  # a clean stop leaves nothing to report
+
+
+# ---------------------------------------------------------------- keeper --replace
+
+
+def start_replacement(directory: Path) -> subprocess.Popen:
+    log = open(directory / "replace.log", "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "fdkeeper", "keeper", "--dir", str(directory), "--replace"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+    )
+
+
+def answering_pid(client: KeeperClient) -> int | None:
+    reply = client.alive()
+    return int(reply.fields["pid"]) if reply else None
+
+
+def test_replace_hands_the_kept_connection_to_the_successor(keeper, peer):
+    remote = peer.getsockname()
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    sut_side, _ = peer.accept()
+    before = keeper.status()["connections"][0]
+    old_pid = answering_pid(keeper)
+    successor = start_replacement(keeper.directory)
+    wait_until(lambda: answering_pid(keeper) not in (None, old_pid), timeout=15, what="the successor")
+    wait_until(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
+               timeout=5, what="the old keeper's exit")
+    [after] = keeper.status()["connections"]
+    assert (after["id"], after["local"], after["state"]) == (before["id"], before["local"], "idle")
+    sut_side.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        sut_side.recv(10)  # no FIN: the connection never closed
+    pid = os.fork()
+    if pid == 0:
+        try:
+            [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=remote, local="-")
+            os.write(fd, b"still here")
+            os._exit(0)
+        except BaseException:  # noqa: BLE001
+            os._exit(1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    sut_side.settimeout(5)
+    assert sut_side.recv(100) == b"still here"
+    keeper.stop()
+    successor.wait(10)
+
+
+def test_replace_is_refused_while_a_run_holds_a_lease(keeper, peer):
+    remote = peer.getsockname()
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
+    leased = keeper.lease(role="client", transport="tcp", remote=remote, local="-")  # this process holds it
+    successor = start_replacement(keeper.directory)
+    assert successor.wait(15) != 0
+    assert "leased" in (keeper.directory / "replace.log").read_text()
+    assert keeper.alive()
+    for _, fd in leased:
+        os.close(fd)
+
+
+def test_replace_keeps_the_registration_a_call_still_reaches_it(sipp_path, kamailio, keeper_dir, tmp_path):
+    """Register over a kept TCP connection, replace the keeper, answer a call: Kamailio reaches the
+    user only over the REGISTER's connection, so the call proves the same connection moved."""
+    from fdkeeper import testbed
+    from fdkeeper.demo import start_through_fdkeeper
+
+    users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
+
+    def start(name, scenario, **options):
+        return start_through_fdkeeper(sipp_path, scenario, kamailio.address, directory=keeper_dir,
+                                      log_dir=tmp_path / "logs", name=name, transport="t1", **options)
+
+    registered = start("register", "uac-register.xml", calls=1, timeout=15, extra=["-inf", str(users)]).wait(30)
+    assert registered.ok, registered.summary()
+    [before] = kamailio.tcp_connections()
+    client = KeeperClient(keeper_dir)
+    old_pid = answering_pid(client)
+    start_replacement(keeper_dir)
+    wait_until(lambda: answering_pid(client) not in (None, old_pid), timeout=15, what="the successor")
+    assert [c["remote_port"] for c in kamailio.tcp_connections()] == [before["remote_port"]]
+    answer = start("answer", "uas-answer.xml", calls=1, timeout=30, local_port=testbed.free_port())
+    caller = testbed.place_calls(kamailio, "alice", 1, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
+    answered = answer.wait(30)
+    assert caller.ok, caller.summary()
+    assert answered.ok, answered.summary()
+    assert [c["remote_port"] for c in kamailio.tcp_connections()] == [before["remote_port"]]
+
+
+def test_replace_names_the_tls_connections_it_cannot_move(kamailio_tls, test_pki, keeper_dir, peer):
+    client = ensure_keeper(keeper_dir)
+    client.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
+    client.prepare(role="client", transport="tls", remote=kamailio_tls.tls_address, local="-",
+                   tls_ca=str(test_pki.ca_cert), tls_sni=test_pki.server_name)
+    tls_label = next(c for c in client.status()["connections"] if c["transport"] == "tls")["local"]
+    old_pid = answering_pid(client)
+    start_replacement(keeper_dir)
+    wait_until(lambda: answering_pid(client) not in (None, old_pid), timeout=15, what="the successor")
+    assert [c["transport"] for c in client.status()["connections"]] == ["tcp"]
+    log = (keeper_dir / "replace.log").read_text()
+    assert "lost 1 TLS connection(s)" in log and tls_label in log
+    wait_until(lambda: not kamailio_tls.tls_connections(), timeout=5, what="Kamailio to see the TLS one closed")
