@@ -145,7 +145,7 @@ def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, k
     scenario (one that starts with <send>) uses the kept connection to the remote host,
     opening it on first use; a server scenario (starting with <recv>) is handed the kept
     connections (those to the remote host, if one is given) as if it had accepted them.
-    With -t tn each call gets a kept connection of its own (--mode preload only). The
+    With -t tn each user gets a kept connection of its own (preload, or ptrace for a static sipp). The
     exit status is sipp's. UDP runs pass straight through.
 
     With -t l1 the keeper speaks TLS to the SuT and sipp (any build, Debian's included)
