@@ -46,7 +46,7 @@ from cpslib import (print_best_rates, Run, ascents, climb, command_version, comm
 from fdkeeper import testbed
 from fdkeeper.demo import start_through_fdkeeper
 
-STATIC_SIPP = Path(os.environ.get("FDKEEPER_STATIC_SIPP", "/work/shared/sipp-3.7.7/sipp-static"))
+STATIC_SIPP = Path(os.environ.get("FDKEEPER_STATIC_SIPP") or testbed.sipp_build("sipp-static"))
 CPS_GOAL, STARTUP_GOAL_MS = 0.9, 20.0
 CONFIGS = ("a", "b")
 LABELS = {"a": "Debian sipp, preload", "b": "static sipp, ptrace"}

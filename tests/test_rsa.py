@@ -21,7 +21,7 @@ from fdkeeper.demo import fdkeeper_command
 from fdkeeper.errors import FdkeeperError
 
 USER = "alice"
-SIPP_377 = Path("/work/shared/sipp-3.7.7/sipp-tls")
+SIPP_377 = testbed.sipp_build("sipp-tls")
 needs_sipp_377 = pytest.mark.skipif(not SIPP_377.is_file(), reason=f"no sipp 3.7.7 at {SIPP_377}")
 
 

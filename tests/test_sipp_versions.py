@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fdkeeper import testbed
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp import versions
 from fdkeeper.sipp.args import parse_sipp_args
@@ -17,7 +18,7 @@ from fdkeeper.sipp.tlsoptions import keeper_tls_options
 from fdkeeper.sipp.versions import SippVersion, parse_version, sipp_version
 from fdkeeper.tls import TlsOptions
 
-SIPP_377 = Path("/work/shared/sipp-3.7.7/sipp-tls")
+SIPP_377 = testbed.sipp_build("sipp-tls")
 DEBIAN_SIPP = Path("/usr/bin/sipp")
 
 

@@ -21,7 +21,7 @@ from fdkeeper.modes.ptrace import PtraceMode
 from fdkeeper.modes.ptrace.percall import from_aor
 from fdkeeper.client import KeeperClient
 
-STATIC_SIPP = Path("/work/shared/sipp-3.7.7/sipp-static")
+STATIC_SIPP = testbed.sipp_build("sipp-static")
 USERS = 12
 
 def user_names(count: int) -> list[str]:

@@ -35,6 +35,7 @@ from fdkeeper.testbed.sipp import (
     find_sipp,
     place_calls,
     read_sipp_stats,
+    sipp_build,
     run_sipp,
     sipp_command,
     start_sipp,
@@ -46,6 +47,6 @@ __all__ = [
     "KamailioInstance", "KamailioTls", "LOG_TAG", "SCENARIOS_DIR", "SIPP_EXIT_FAILED",
     "SIPP_EXIT_OK", "SippProcess", "SippResult", "TestPki", "find_sipp", "free_port",
     "make_test_pki", "options_request", "parse_kamcmd", "parse_sip_target", "place_calls",
-    "read_sip_message", "read_sipp_stats", "run_sipp", "sipp_command", "start_sipp",
+    "read_sip_message", "read_sipp_stats", "sipp_build", "run_sipp", "sipp_command", "start_sipp",
     "wait_until", "write_users_csv",
 ]

@@ -264,3 +264,14 @@ def place_calls(sut: Kamailio, user: str, count: int = 1, *, sipp: str = "sipp",
                     name=f"call-{user}-{uuid.uuid4().hex[:6]}", wait=timeout + 10,
                     transport="u1", local_ip=sut.host, calls=count, rate=rate,
                     timeout=timeout, trace_messages=count <= 50, extra=extra)
+
+
+def sipp_build(name: str) -> Path:
+    """One of the sipp 3.7.7 builds kept beside the project for tests and benches
+    (``sipp-tls``: dynamic with TLS; ``sipp-static``): $FDKEEPER_SIPP_BUILDS/NAME, else
+    shared/sipp-3.7.7/NAME beside the checkout, else /work/shared/sipp-3.7.7/NAME.
+    The path may not exist: callers skip what needs it."""
+    checkout = Path(__file__).resolve().parents[2]
+    candidates = [Path(os.environ["FDKEEPER_SIPP_BUILDS"]) / name] if os.environ.get("FDKEEPER_SIPP_BUILDS") else []
+    candidates += [checkout.parent / "shared" / "sipp-3.7.7" / name, Path("/work/shared/sipp-3.7.7") / name]
+    return next((path for path in candidates if path.is_file()), candidates[-1])
