@@ -13,13 +13,12 @@ import json
 import os
 import select
 import socket
-import struct
 from pathlib import Path
 from typing import Protocol
 
 from fdkeeper.address import Address, is_ip, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import verify_peer
+from fdkeeper.statedir import peer_credentials, verify_peer
 from fdkeeper.loop import Reactor
 from fdkeeper.sip.uri import SIP_PORT
 
@@ -118,7 +117,7 @@ class ControlSocket:
 
 
 def _peer_is_ours(connection: socket.socket) -> bool:
-    _pid, uid, _gid = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    _pid, uid, _gid = peer_credentials(connection)
     return uid in (os.getuid(), 0)
 
 
