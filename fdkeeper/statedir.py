@@ -166,13 +166,12 @@ def _check_directory(directory: Path, info: os.stat_result) -> None:
 def _check_parents(directory: Path) -> None:
     """Nobody but us and root may replace the directory: every parent is theirs, and not writable
     by others unless sticky (like /tmp, where only an entry's owner may rename or remove it)."""
-    trusted = {os.getuid(), 0}
     for parent in directory.parents:
         link = os.lstat(parent)
         info = os.stat(parent) if stat.S_ISLNK(link.st_mode) else link
-        owner = link.st_uid if link.st_uid not in trusted else info.st_uid
+        owner = link.st_uid if not trusted_uid(link.st_uid) else info.st_uid
         mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
-        if owner not in trusted:
+        if not trusted_uid(owner):
             raise NotPrivate(
                 f"fdkeeper: {parent}, a parent of the state directory {directory}, belongs to {_user(owner)} ({mode}), "
                 f"who could replace the state directory; {_ELSEWHERE} under parents of yours or root's"
@@ -273,6 +272,11 @@ def connect_control_socket(path: Path, timeout: float, kind: int = socket.SOCK_S
     return sock
 
 
+def trusted_uid(uid: int) -> bool:
+    """Whom fdkeeper trusts with kept connections: our own uid, and root."""
+    return uid in (os.getuid(), 0)
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a connected unix socket (SO_PEERCRED)."""
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -282,7 +286,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 def verify_peer(sock: socket.socket, path: Path) -> None:
     """The process listening on a connected unix socket must run as our uid or root."""
     pid, uid, _gid = peer_credentials(sock)
-    if uid not in (os.getuid(), 0):
+    if not trusted_uid(uid):
         raise NotPrivate(
             f"fdkeeper: the process answering on {path} (pid {pid}) runs as {_user(uid)}, not as you or root; "
             f"refusing to talk to it: stop it and remove {path}"

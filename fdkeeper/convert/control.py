@@ -18,7 +18,7 @@ from typing import Protocol
 
 from fdkeeper.address import Address, is_ip, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import peer_credentials, verify_peer
+from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
 from fdkeeper.loop import Reactor
 from fdkeeper.sip.uri import SIP_PORT
 
@@ -118,7 +118,7 @@ class ControlSocket:
 
 def _peer_is_ours(connection: socket.socket) -> bool:
     _pid, uid, _gid = peer_credentials(connection)
-    return uid in (os.getuid(), 0)
+    return trusted_uid(uid)
 
 
 def control_request(path: Path, request: str, timeout: float = 5.0) -> dict:

@@ -47,7 +47,7 @@ from fdkeeper.protocol import (
     parse_request,
     receive_packet,
 )
-from fdkeeper.statedir import ensure_private_directory, socket_path
+from fdkeeper.statedir import ensure_private_directory, socket_path, trusted_uid
 from fdkeeper.tls import TlsOptions
 
 log = logging.getLogger("fdkeeper.keeper")
@@ -181,7 +181,7 @@ class Keeper:
                 self.clients.drop(client)
                 return
             client.last_progress = time.monotonic()
-            if uid not in (os.getuid(), 0):
+            if not trusted_uid(uid):
                 # Read the request first so the peer gets this answer rather than a reset.
                 log.warning("refused control client pid %d of uid %d", pid, uid)
                 client.send(format_error("denied", f"fdkeeper: uid {uid} may not use this keeper"))
