@@ -44,7 +44,7 @@ MAX_SOCKET = ("-max_socket", 4000)
 
 def register_all(sipp, remote, users_csv, count, *, transport, options=(), name="register"):
     result = sipp.run(
-        "-sf", "uac-register.xml", "-inf", users_csv, "-t", transport, "-i", "127.0.0.1", "-m", count, "-r", 200,
+        "-sf", "uac-register.xml", "-inf", users_csv, "-t", transport, "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", count, "-r", 200,
         "-l", count, "-timeout", 30, "-timeout_error", *MAX_SOCKET, remote, options=tuple(options), name=name, timeout=60,
     )
     assert result.ok and result.successful == count, result.tail()
@@ -149,7 +149,7 @@ def test_a_third_dropped_by_the_sut(sipp, kamailio_sut, fdkeeper_keeper, tmp_pat
     # The dropped users fail clearly in a client run, and --reconnect gives them fresh connections.
     dropped_csv = kamailio_sut.users_csv(tmp_path / "dropped.csv", dropped)
     failed = sipp.run(
-        "-sf", "uac-register.xml", "-inf", dropped_csv, "-t", "tn", "-i", "127.0.0.1", "-m", len(dropped),
+        "-sf", "uac-register.xml", "-inf", dropped_csv, "-t", "tn", "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", len(dropped),
         "-timeout", 10, "-timeout_error", *MAX_SOCKET, kamailio.address, name="failed", timeout=30,
     )
     assert failed.successful == 0 and "was closed at" in failed.err.read_text()

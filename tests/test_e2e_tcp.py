@@ -77,15 +77,18 @@ def test_register_then_answer_over_the_kept_connection(sipp, kamailio_sut, fdkee
     """With the pytest plugin's fixtures (fdkeeper/pytest_plugin.py): `sipp` runs through
     the test's own keeper, `kamailio_sut` is the embedded SuT."""
     users = kamailio_sut.users_csv(tmp_path / "users.csv", [USER])
-    registered = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-m", 1,
-                          kamailio_sut.address, timeout=30)
+    # A -p of its own: without one sipp takes 5060 if free, and two runs side by side (pytest -n)
+    # race for it; with it, register and answer runs share one identity, as over UDP.
+    port = testbed.free_port()
+    registered = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-p", port,
+                          "-m", 1, kamailio_sut.address, timeout=30)
     assert registered.ok, registered.tail()
     [connection] = fdkeeper_keeper.connections()
     assert connection["state"] == "idle"
     local_port = int(connection["local"].rsplit(":", 1)[1])
     assert registered_source_ports(kamailio_sut.kamailio) == {local_port}
 
-    answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", 3,
+    answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", port, "-m", 3,
                         kamailio_sut.address, timeout=30)
     caller = kamailio_sut.call(USER, count=3, timeout=15)
     answered = answer.wait(30)
