@@ -12,11 +12,13 @@ With `tls=KamailioTls(...)` (certificates from fdkeeper.testbed.pki) an instance
 listens for TLS on a second port, routing TLS users exactly like TCP ones.
 `close_connections()` makes Kamailio itself close TCP/TLS connections (TLS with
 close_notify). `KamailioConverter` is a second, stateless Kamailio that turns sipp's
-UDP into TCP or TLS towards the SuT (Debian's sipp has no TLS).
+UDP into TCP or TLS towards the SuT (Debian's sipp has no TLS). `PingingKamailio` is the SuT
+also pinging every registered contact from a timer, as SBCs do.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterable
@@ -208,6 +210,37 @@ class Kamailio(KamailioInstance):
         except RuntimeError:
             return []  # not registered (or no live contact)
         return kamcmd.lookup_contacts(kamcmd.parse_kamcmd(text))
+
+
+# The pings PingingKamailio sends (usrloc's debug line, then the request line) and the replies it
+# matched to them (ka_logmsg in contact-pings.cfg), by the pinged user.
+_PING_SENT = re.compile(r"keepalive request \(len: \d+\) \[\[\s*\n\w+ sips?:([^@;>\s]+)@")
+_PING_ANSWERED = re.compile(re.escape(LOG_TAG) + r" ping answered by (\S+)")
+
+
+class PingingKamailio(Kamailio):
+    """The SuT pinging every registered contact as an SBC does, from a timer: an OPTIONS
+    over the contact's own connection on every usrloc timer run (every `ul_timer` s; see
+    configs/contact-pings.cfg). A contact that answers no ping for `ping_timeout` s is
+    expired. `contact_pings()` counts what was sent and answered, from the log."""
+
+    def __init__(self, workdir: Path, *, ping_timeout: int = 30, **options) -> None:
+        super().__init__(workdir, **options)
+        self.ping_timeout = ping_timeout
+
+    def config_text(self) -> str:
+        # Appended: its modparams need usrloc, which sut.cfg loads after the global section.
+        return super().config_text() + configs.render(
+            "contact-pings.cfg", domain=self.domain, ka_timeout=self.ping_timeout, tag=LOG_TAG)
+
+    def contact_pings(self) -> dict[str, dict[str, int]]:
+        """{user: {"sent": pings sent to the user's contact, "answered": replies matched to them}}."""
+        text = self.log_text()
+        counts: dict[str, dict[str, int]] = {}
+        for key, pattern in (("sent", _PING_SENT), ("answered", _PING_ANSWERED)):
+            for user in pattern.findall(text):
+                counts.setdefault(user, {"sent": 0, "answered": 0})[key] += 1
+        return counts
 
 
 class KamailioConverter(KamailioInstance):

@@ -266,6 +266,21 @@ def place_calls(sut: Kamailio, user: str, count: int = 1, *, sipp: str = "sipp",
                     timeout=timeout, trace_messages=count <= 50, extra=extra)
 
 
+def start_calls(sut: Kamailio, users: Sequence[str], *, log_dir: Path, name: str,
+                sipp: str = "sipp", local_port: int | None = None, rate: float = 50,
+                timeout: float = 30) -> SippProcess:
+    """Call each of `users` once through the SuT, as a third party, in the background: a plain
+    sipp over UDP (scenarios/uac-call-users.xml, one call per user, in order). `local_port`
+    is its -p (sipps side by side race for sipp's default 5060 without one)."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    users_csv = write_users_csv(log_dir / f"{name}.users.csv", users, sut.domain)
+    return start_sipp(sipp, "uac-call-users.xml", sut.address, log_dir=log_dir, name=name,
+                      transport="u1", local_ip=sut.host, local_port=local_port,
+                      calls=len(users), rate=rate, timeout=timeout,
+                      extra=["-inf", str(users_csv)])
+
+
 def sipp_build(name: str) -> Path:
     """One of the sipp 3.7.7 builds kept beside the project for tests and benches
     (``sipp-tls``: dynamic with TLS; ``sipp-static``): $FDKEEPER_SIPP_BUILDS/NAME, else
