@@ -15,18 +15,32 @@ from typing import Callable
 EventHandler = Callable[[int], None]
 
 
+# The heap is rebuilt without its cancelled timers once they are more than half of it (and
+# at least this many): a timer cancelled long before it is due (a connect timeout once the
+# connect succeeded) must not stay in memory until then. asyncio does the same.
+COMPACT_AT_CANCELLED = 100
+
+
 class Timer:
     """A scheduled callback; ``cancel()`` keeps it from running (it is dropped lazily)."""
 
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "cancelled", "_on_cancel")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, when: float, callback: Callable[[], None], on_cancel: Callable[[], None]) -> None:
         self.when = when
         self.callback = callback
         self.cancelled = False
+        self._on_cancel: Callable[[], None] | None = on_cancel  # None once out of the heap
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def left_heap(self) -> None:
+        self._on_cancel = None
 
 
 class Reactor:
@@ -34,6 +48,7 @@ class Reactor:
         self._epoll = select.epoll()
         self._handlers: dict[int, EventHandler] = {}
         self._timers: list[tuple[float, int, Timer]] = []
+        self._cancelled_in_heap = 0
         self._sequence = itertools.count()
         self.running = False
 
@@ -62,8 +77,26 @@ class Reactor:
     # ------------------------------------------------------------ timers
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback)
+        timer = Timer(time.monotonic() + delay, callback, self._timer_cancelled)
         heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def pending_timers(self) -> int:
+        """Timers in the heap, cancelled ones not yet dropped included (bounded: see COMPACT_AT_CANCELLED)."""
+        return len(self._timers)
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled_in_heap += 1
+        if self._cancelled_in_heap >= COMPACT_AT_CANCELLED and 2 * self._cancelled_in_heap > len(self._timers):
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled_in_heap = 0
+
+    def _pop_timer(self) -> Timer:
+        _, _, timer = heapq.heappop(self._timers)
+        timer.left_heap()
+        if timer.cancelled:
+            self._cancelled_in_heap -= 1
         return timer
 
     def call_every(self, interval: float, callback: Callable[[], None]) -> None:
@@ -103,11 +136,12 @@ class Reactor:
     def close(self) -> None:
         self._handlers.clear()
         self._timers.clear()
+        self._cancelled_in_heap = 0
         self._epoll.close()
 
     def _next_timeout(self, max_wait: float | None) -> float | None:
         while self._timers and self._timers[0][2].cancelled:
-            heapq.heappop(self._timers)
+            self._pop_timer()
         if not self._timers:
             return max_wait
         until_timer = max(0.0, self._timers[0][0] - time.monotonic())
@@ -116,6 +150,6 @@ class Reactor:
     def _run_due_timers(self) -> None:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
-            _, _, timer = heapq.heappop(self._timers)
+            timer = self._pop_timer()
             if not timer.cancelled:
                 timer.callback()

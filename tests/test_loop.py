@@ -157,3 +157,24 @@ def test_stop_from_a_handler_ends_run_after_that_iteration(reactor, pipes):
     os.write(write_end, b"x")
     reactor.run()
     assert not reactor.running
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_heap(reactor):
+    # A keeper cancels a connect or pong timer for every open or lease that succeeds; with
+    # lazy dropping alone each stayed in the heap until its (seconds away) due time.
+    survivor = reactor.call_later(60, lambda: None)
+    for _ in range(10_000):
+        reactor.call_later(60, lambda: None).cancel()
+    assert reactor.pending_timers() <= 200
+    assert reactor.pending_timers() >= 1 and not survivor.cancelled
+
+
+def test_a_timer_cancelled_after_it_ran_is_not_counted_again(reactor):
+    ran: list[int] = []
+    fired = [reactor.call_later(0, lambda i=i: ran.append(i)) for i in range(300)]
+    reactor.run_once(max_wait=0)
+    for timer in fired:
+        timer.cancel()  # harmless once run: must not make the heap drop live timers
+    live = reactor.call_later(0, lambda: ran.append(-1))
+    reactor.run_once(max_wait=0)
+    assert ran[-1] == -1 and len(ran) == 301 and live is not None

@@ -75,9 +75,11 @@ class ConnectionHealth:
         if connection.sock is None:
             return
         if mask & _PEER_GONE:
-            if connection.state == IDLE and connection.holds_whole_message():
+            if connection.holds_whole_message():
                 # Requests wait in the queue: the next run reads them, then the FIN or the RST
                 # (SO_ERROR is not read here: that would turn the run's ECONNRESET into EOF).
+                # Leased too: the run holding it may die before it reads them (a killed sipp),
+                # and the keeper's descriptor is what keeps them for the run after it.
                 self.reactor.unwatch(connection.fileno())
                 gone = "the SuT reset it" if mask & select.EPOLLERR else "the SuT closed it: FIN"
                 self._close_when_delivered(connection, gone)

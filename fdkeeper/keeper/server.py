@@ -25,6 +25,7 @@ from fdkeeper import __version__
 from fdkeeper.address import format_address
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper import diagnostics
 from fdkeeper.keeper.connection import KeptConnection
 from fdkeeper.keeper.control import ControlClient, ControlClients, limit_error, out_of_descriptors
 from fdkeeper.keeper.handover import adopt_into, hand_over, refuse_unless_handover_possible, take_over
@@ -125,6 +126,7 @@ class Keeper:
 
     def serve_forever(self) -> None:
         self.reactor.call_every(TICK_SECONDS, self._tick)
+        diagnostics.install(self, self.reactor.call_every)  # FDKEEPER_DEBUG_SIZES: off unless set
         log.info("keeper %d serving %s", os.getpid(), socket_path(self.directory))
         try:
             self.reactor.run()
