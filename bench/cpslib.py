@@ -52,6 +52,15 @@ RECV_TIMEOUT_MS = 5000
 # the callee
 # --------------------------------------------------------------------------
 
+def byte_compile_package() -> None:
+    """Byte-compile the fdkeeper package, as `pip install` leaves it: a development checkout
+    run with PYTHONDONTWRITEBYTECODE would otherwise compile every changed module on every
+    run, a start-up cost an installed fdkeeper never pays."""
+    import fdkeeper
+
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.dirname(fdkeeper.__file__)], check=True)
+
+
 def write_uas_scenario(directory: Path) -> Path:
     """scenarios/uas-answer.xml adapted: the callee answers 100 then 200 (no 180), ACK optional.
 

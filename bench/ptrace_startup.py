@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpslib import BenchBase, caller_options  # noqa: E402
+from cpslib import BenchBase, byte_compile_package, caller_options  # noqa: E402
 
 from fdkeeper import testbed  # noqa: E402
 from fdkeeper.client import KeeperClient  # noqa: E402
@@ -44,10 +44,7 @@ RUN_EXEC = (
 
 
 def startup(workdir: Path, runs: int) -> tuple[float, float]:
-    # Byte-compile the package first, as `pip install` does: a development checkout run with
-    # PYTHONDONTWRITEBYTECODE would otherwise compile the ptrace mode's modules on every run,
-    # a cost an installed fdkeeper never pays.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "fdkeeper")], check=True)
+    byte_compile_package()
     agent = workdir / "sipagent-dynamic"
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(agent), str(ROOT / "tests/ptrace/sipagent.c")], check=True)
     kamailio = testbed.Kamailio(workdir / "kamailio-startup")

@@ -7,6 +7,8 @@ call is answered only if the kept connection really moved into the answering pro
 from __future__ import annotations
 
 import os
+import select
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.ptrace import PtraceMode
+from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_DEL, EPOLL_CTL_MOD, Registrations, add_from_outside
 
 pytestmark = pytest.mark.skipif(
     PtraceMode()._static_reason(Path(sys.executable).resolve()) is not None, reason="ptrace mode cannot run here"
@@ -201,3 +204,62 @@ def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir,
     assert answered.ok, answered.summary()
     [connection] = kept(keeper_dir)
     assert connection["transport"] == "tls" and connection["state"] == "idle" and connection["leases"] == 2
+
+
+# ------------------------------------------------------------------ per-call runs: epoll registrations (no SuT)
+
+def test_registrations_noted_are_handed_out_for_that_socket_only():
+    book = Registrations()
+    book.added((1, 9), ino=100, epfd=4, events=1, data=7)
+    book.changed((1, 9), EPOLL_CTL_MOD, 4, 5, 8)
+    book.added((1, 9), ino=100, epfd=6, events=1, data=9)
+    book.changed((1, 9), EPOLL_CTL_DEL, 6, 0, 0)
+    assert book.of((1, 9), ino=100) == [(4, 5, 8)]
+    assert book.of((1, 9), ino=100) is None  # taken once: the handoff replaces that socket
+    book.added((1, 9), ino=100, epfd=4, events=1, data=7)
+    assert book.of((1, 9), ino=200) is None  # the number names another socket now: not trusted
+
+
+def test_a_registration_added_from_outside_is_the_programs_own():
+    """What add_from_outside relies on: a registration made on our copy of the program's epoll
+    set, under the program's descriptor number, serves the program's epoll_wait and its
+    epoll_ctl(MOD) on that number, and outlives our copies."""
+    ep = select.epoll()
+    kept, peer = socket.socketpair()
+    number = os.dup(kept.fileno())  # the program's descriptor of the kept connection
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the program: its MOD fails with ENOENT unless (file, number) is registered
+        code = 1
+        try:
+            os.read(go_r, 1)
+            ep.modify(number, select.EPOLLIN | select.EPOLLOUT)
+            code = 0
+        finally:
+            os._exit(code)
+    pidfd = os.pidfd_open(pid)
+    os.close(number)  # free in our table, as it is in fdkeeper's
+    try:
+        assert not add_from_outside(pidfd, kept.fileno(), kept.fileno(), [(ep.fileno(), select.EPOLLIN, 1)])
+        assert add_from_outside(pidfd, number, kept.fileno(), [(ep.fileno(), select.EPOLLIN, 0x5EED)])
+        with pytest.raises(OSError):
+            os.fstat(number)  # our copy under that number is closed again
+        peer.send(b"x")
+        assert ep.poll(1) == [(0x5EED, select.EPOLLIN)]
+    finally:
+        os.write(go_w, b"g")
+        status = os.waitpid(pid, 0)[1]
+        for fd in (pidfd, go_r, go_w):
+            os.close(fd)
+        ep.close()
+        kept.close()
+        peer.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_traced_run_does_not_import_python_ptrace():
+    """Its import (tools, logging, CPU-info modules) cost milliseconds of every traced run's
+    start-up; raw.py makes the few ptrace calls itself."""
+    code = "import sys, fdkeeper.modes.ptrace.session; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ptrace'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -97,6 +97,13 @@ def register_gap_answer(kamailio, remote, keeper_dir, tmp_path, transport, optio
     ).wait(60)
     assert register.ok and register.successful == USERS, register.summary()
     assert register.text("stderr").count("fdkeeper-ptrace: send(fd ") == USERS  # a ptrace handoff per user
+    # Each socket's epoll registration as noted at sipp's epoll_ctl, not read from /proc/PID/fdinfo
+    # (which lists every registration: milliseconds per call with a thousand users), and re-added
+    # without an injected call.
+    assert register.text("stderr").count("1 epoll registration(s) noted at epoll_ctl, re-added from outside") == USERS
+    # The first handoff of the run injects pidfd_getfd/dup3/close call by call and maps the code
+    # that does all three; every later one runs that code: one stop instead of five.
+    assert register.text("stderr").count("in one stop;") == USERS - 1
 
     connections = kept(keeper_dir)
     assert len(connections) == USERS and all(c["state"] == "idle" for c in connections)

@@ -3,8 +3,8 @@
 Start a program traced (PTRACE_SEIZE of a forked child before its exec, so every thread and
 child it makes is traced too), stop it at syscall entries and exits, read and write its
 memory, run syscalls inside it, make an intercepted call return a chosen value, detach.
-python-ptrace gives us the raw ptrace calls and the register struct; the event loop is our
-own, because the handoff needs to hold one thread while others keep running.
+raw.py gives us the raw ptrace calls and the register struct; the event loop is our own,
+because the handoff needs to hold one thread while others keep running.
 """
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ import errno
 import os
 import signal
 import struct
+from typing import Callable
 
-import ctypes.util
-
-# python-ptrace finds libc with ctypes.util.find_library("c"), which runs `ldconfig -p` in a
-# subprocess: milliseconds of every traced run's start-up for a name we know.
-_find_library = ctypes.util.find_library
-ctypes.util.find_library = lambda name: "libc.so.6" if name == "c" else _find_library(name)
-try:
-    from ptrace.binding import func as pt
-finally:
-    ctypes.util.find_library = _find_library
+from fdkeeper.modes.ptrace import raw as pt
+from fdkeeper.modes.ptrace.raw import libc
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS = {
@@ -52,7 +45,6 @@ SYSCALL_TRAP = signal.SIGTRAP | 0x80
 WALL = 0x40000000
 SCRATCH_SIZE = 8192
 
-libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
 
@@ -119,6 +111,7 @@ class Tracer:
         self.stepping: set[int] = set()
         self.tasks: dict[int, Task] = {root: Task(root)}
         self.root_status: int | None = None  # raw wait status once the root exited
+        self.on_exec: Callable[[int], None] | None = None  # told the pid of a process that exec'd
         self._mem: dict[int, int] = {}
 
     # ------------------------------------------------------------ start and stop
@@ -236,6 +229,8 @@ class Tracer:
             elif event:  # exec, or PTRACE_EVENT_STOP (new task, group-stop, interrupt)
                 if event == pt.PTRACE_EVENT_EXEC:
                     self._forget_memory()  # a new address space: /proc/PID/mem must be reopened
+                    if self.on_exec is not None:
+                        self.on_exec(tid)
                 self.resume(tid)
             else:  # a signal for the program: deliver it
                 self.resume(tid, sig)
@@ -281,6 +276,23 @@ class Tracer:
                 self.tasks[tid].signals.append(sig)
             self.resume(tid, every_syscall=True)
 
+    def run_to_trap(self, tid: int, trap_at: int) -> None:
+        """Let ``tid`` run (no syscall stops) until our code's int3 stops it at ``trap_at``,
+        holding back the signals that arrive meanwhile (a SIGTRAP elsewhere is one of them)."""
+        pt.ptrace(PTRACE_CONT, tid, 0, 0)
+        while True:
+            status = self._wait(tid)
+            if status is None:
+                raise TraceeGone(tid)
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
+            elif not event:
+                if sig == signal.SIGTRAP and pt.ptrace_getregs(tid).rip == trap_at:
+                    return
+                self.tasks[tid].signals.append(sig)
+            pt.ptrace(PTRACE_CONT, tid, 0, 0)
+
     # ------------------------------------------------------------ memory
 
     def _mem_fd(self, tid: int) -> int:
@@ -312,9 +324,10 @@ def _install_filter_here(fprog: tuple[ctypes.Array, ctypes.Array]) -> None:
 class Injection:
     """One thread held at a syscall stop, made to run syscalls of ours, then let go.
 
-    At an entry stop the intercepted call is first turned into getpid, so that every
-    injection starts from an exit stop: rewind rip onto the `syscall` instruction just
-    executed, load the registers, step through entry and exit, read rax.
+    Every injection runs from an exit stop: rewind rip onto the `syscall` instruction just
+    executed, load the registers, step through entry and exit, read rax. Held at an entry
+    stop, the first injected call takes the place of the intercepted one (one stop, not
+    three); if none is made, the intercepted call is turned into getpid before the finish.
     """
 
     def __init__(self, tracer: Tracer, tid: int, at_entry: bool) -> None:
@@ -324,23 +337,43 @@ class Injection:
         if tracer.read(tid, self.syscall_ip, 2) != SYSCALL_INSN:
             raise OSError(errno.ENOTSUP, "the intercepted call was not made with a syscall instruction")
         self.scratch = 0
-        if at_entry:
-            regs = pt.ptrace_getregs(tid)
-            regs.orig_rax = SYS["getpid"]
-            pt.ptrace_setregs(tid, regs)
-            tracer.wait_syscall_stop(tid)
+        self.at_entry = at_entry  # still at the intercepted call's entry stop
 
     def call(self, name: str, *args: int) -> int:
         """Run one syscall in the thread; its raw result (-errno on failure)."""
         regs = pt.ptrace_getregs(self.tid)
-        for reg, value in zip(("rip", "rax"), (self.syscall_ip, SYS[name])):
-            setattr(regs, reg, value)
+        if self.at_entry:  # the kernel runs what orig_rax and the argument registers say now
+            regs.orig_rax = SYS[name]
+        else:
+            regs.rip, regs.rax = self.syscall_ip, SYS[name]
         for reg, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
             setattr(regs, reg, unsigned(value))
         pt.ptrace_setregs(self.tid, regs)
-        self.tracer.wait_syscall_stop(self.tid)  # entry
+        if not self.at_entry:
+            self.tracer.wait_syscall_stop(self.tid)  # entry
+        self.at_entry = False
         self.tracer.wait_syscall_stop(self.tid)  # exit
         return signed(pt.ptrace_getregs(self.tid).rax)
+
+    def run_code(self, address: int, end: int, **registers: int) -> pt.UserRegs:
+        """Run code of ours placed in the program at ``address`` (ending in an int3 whose next
+        byte is ``end``), the registers set as given; the registers it leaves. At the entry
+        stop the intercepted call is skipped first. Several syscalls for one stop."""
+        regs = pt.ptrace_getregs(self.tid)
+        if self.at_entry:
+            regs.orig_rax = unsigned(-1)  # the kernel skips the call and returns to rip
+        regs.rip = address
+        for reg, value in registers.items():
+            setattr(regs, reg, unsigned(value))
+        pt.ptrace_setregs(self.tid, regs)
+        self.at_entry = False
+        self.tracer.run_to_trap(self.tid, end)
+        return pt.ptrace_getregs(self.tid)
+
+    def _leave_entry(self) -> None:
+        """Held at the entry stop with nothing injected: let the call be a getpid, to its exit."""
+        if self.at_entry:
+            self.call("getpid")
 
     def check(self, name: str, *args: int) -> int:
         result = self.call(name, *args)
@@ -363,6 +396,7 @@ class Injection:
 
     def finish(self, value: int) -> None:
         """Let the intercepted call return ``value`` (a result or -errno) without running it."""
+        self._leave_entry()
         self._release_scratch()
         regs = self.saved
         regs.rax = unsigned(value)
@@ -371,6 +405,7 @@ class Injection:
     def finish_rerun(self, stop_at_entry: bool = True) -> None:
         """Let the intercepted call run as the program made it; the thread stops at its entry,
         or (``stop_at_entry`` False) runs it at the next resume without a stop of its own."""
+        self._leave_entry()
         self._release_scratch()
         regs = self.saved
         regs.rip, regs.rax = self.syscall_ip, regs.orig_rax

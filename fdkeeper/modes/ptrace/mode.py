@@ -1,7 +1,7 @@
 """The ptrace mode's side of the contract: what it can do, whether it can run here, a run.
 
 Imported on every start-up of every mode (the mode table), so it stays light: the session,
-the injection machinery and python-ptrace are imported only when a traced run starts.
+the injection machinery (ctypes) is imported only when a traced run starts.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class PtraceMode(Mode):
     summary = "ptrace injection from outside sipp (static or setuid-free sipp, any agent)"
     suits = "static programs"
     # -t t1/l1 client: one handoff at the first connect(), then detached; -t tn/ln client:
-    # attached under a seccomp filter that stops only connect(), a handoff per user.
+    # attached under a seccomp filter that stops only connect() and epoll_ctl(ADD), a handoff per user.
     capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
     _probe: str | None | bool = False  # False: not probed yet
 
@@ -51,10 +51,6 @@ class PtraceMode(Mode):
         machine = platform.machine()
         if machine != "x86_64":
             return f"ptrace mode injects x86_64 system calls and this machine is {machine}"
-        try:
-            import ptrace.binding  # noqa: F401
-        except ImportError:
-            return "python-ptrace is not installed (pip install python-ptrace)"
         reason = _program_reason(program)
         if reason is not None:
             return reason

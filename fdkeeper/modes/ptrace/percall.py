@@ -2,7 +2,7 @@
 
 The program runs under the seccomp filter of ``seccomp.percall_filter`` (installed before its
 exec) and the tracer stays attached for the whole run, but the program stops only at
-connect(): everything else runs at full speed. What the shim does in helpers/percall.c,
+connect() and epoll_ctl(EPOLL_CTL_ADD): everything else runs at full speed. What the shim does in helpers/percall.c,
 from outside:
 
 - connect() of a TCP socket to the SuT is skipped and returns 0 (the program's socket stays
@@ -13,6 +13,13 @@ from outside:
   kept connection is leased, put in place of the socket (dup3, epoll registrations
   re-added) and the send runs again, now on the kept connection; the thread runs on
   untraced until its next connect().
+
+The epoll registrations to re-add are the ones the program made: the filter also stops at
+epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
+thread steps its EPOLL_CTL_MOD/DEL calls on a pending socket are seen too. Only a socket
+whose registration was not seen that way (another program's habits) is looked up in
+/proc/PID/fdinfo, which lists every registration of the epoll set and costs milliseconds
+with a thousand users.
 """
 
 from __future__ import annotations
@@ -25,15 +32,33 @@ import sys
 from typing import TYPE_CHECKING
 
 from fdkeeper.modes.ptrace import procfs
-from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt, unsigned
+from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_ADD, EPOLL_CTL_MOD, Registrations, add_from_outside
+from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt, signed, unsigned
 
 if TYPE_CHECKING:
     from fdkeeper.modes.ptrace.session import Session
 
 SOCK_CLOEXEC = 0o2000000
+# The handoff's three calls as one piece of code in the program (an anonymous read+exec page
+# mapped once per process), so that it costs one stop instead of five (pidfd_getfd, dup3 and
+# close injected one by one, two stops each but the first). In: rdi = fdkeeper's pidfd in the
+# program, rsi = the kept connection's fd in fdkeeper, r12 = the program's fd to replace.
+# Out: r13 = pidfd_getfd()'s result, r14 = dup3()'s (r13 < 0: nothing else ran).
+#     mov eax, 438 (pidfd_getfd); xor edx, edx; syscall; mov r13, rax; test rax, rax; js done
+#     mov rdi, rax; mov rsi, r12; mov edx, O_CLOEXEC; mov eax, 292 (dup3); syscall; mov r14, rax
+#     mov rdi, r13; mov eax, 3 (close); syscall
+#     done: int3
+HANDOFF_CODE = bytes.fromhex(
+    "b8b6010000" "31d2" "0f05" "4989c5" "4885c0" "781f"
+    "4889c7" "4c89e6" "ba00000800" "b824010000" "0f05" "4989c6"
+    "4c89ef" "b803000000" "0f05"
+    "cc"
+)
+PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS = 5, 0x22
 MAX_LOOK = 64 * 1024  # bytes of a send looked at for the From header (as the shim)
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
 MAX_IOV = 64
+LOW = 0xFFFFFFFF  # an int argument is the low half of its register
 
 
 class PerCallClient:
@@ -44,20 +69,56 @@ class PerCallClient:
         self.pending: dict[tuple[int, int], int] = {}  # (tgid, fd) -> inode of the program's own socket
         self.waiting: dict[int, set[int]] = {}  # tid -> its pending fds (the tid is stepping)
         self.epolls: dict[int, list[int]] = {}  # tgid -> its epoll fds (found once, not per call)
+        self.registrations = Registrations()
+        self.code: dict[int, int] = {}  # tgid -> address of HANDOFF_CODE in that process
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
             if stop.nr == SYS["connect"]:
                 self._on_connect(stop)
+            elif stop.nr == SYS["epoll_ctl"]:
+                self._on_epoll_add(stop)
             return
         fds = self.waiting.get(stop.tid)
-        fd = stop.args[0] & 0xFFFFFFFF
-        if not fds or fd not in fds:
+        if not fds:
             return
-        if stop.nr in SENDS:
+        fd = stop.args[0] & LOW
+        if stop.nr == SYS["epoll_ctl"] and stop.args[2] & LOW in fds and stop.args[1] & LOW != EPOLL_CTL_ADD:
+            self._on_epoll_change(stop)
+        elif fd not in fds:
+            return
+        elif stop.nr in SENDS:
             self._first_send(stop, fd)
         elif stop.nr == SYS["close"]:
             self._forget(stop.tid, fd)
+
+    # ------------------------------------------------------------ epoll_ctl()
+
+    def _on_epoll_add(self, stop: SyscallStop) -> None:
+        """At a seccomp stop of EPOLL_CTL_ADD: note the registration of a socket."""
+        session = self.session
+        epfd, fd, event_at = stop.args[0] & LOW, stop.args[2] & LOW, stop.args[3]
+        tgid = session.tgid(stop.tid)
+        ino = session.socket_inode(tgid, fd)
+        if ino is None or not event_at:
+            return  # not a socket (or no event): none we will hand over
+        try:
+            events, data = struct.unpack("<IQ", session.tracer.read(stop.tid, event_at, 12))
+        except OSError:
+            return  # a bad pointer: the call fails with EFAULT by itself
+        self.registrations.added((tgid, fd), ino, epfd, events, data)
+
+    def _on_epoll_change(self, stop: SyscallStop) -> None:
+        """At a stepping thread's entry to EPOLL_CTL_MOD/DEL of one of its pending sockets."""
+        session = self.session
+        epfd, op, fd, event_at = stop.args[0] & LOW, stop.args[1] & LOW, stop.args[2] & LOW, stop.args[3]
+        events = data = 0
+        if op == EPOLL_CTL_MOD:
+            try:
+                events, data = struct.unpack("<IQ", session.tracer.read(stop.tid, event_at, 12))
+            except OSError:
+                return
+        self.registrations.changed((session.tgid(stop.tid), fd), op, epfd, events, data)
 
     # ------------------------------------------------------------ connect()
 
@@ -114,14 +175,14 @@ class PerCallClient:
         if kept is None:
             return
         try:
-            self._hand_over(injection, tgid, fd, ino, kept.fds[0])
+            epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0])
         except OSError as error:
             print(f"fdkeeper: cannot hand {aor}'s kept connection to process {tgid}: {error}", file=sys.stderr, flush=True)
             injection.finish(-(error.errno or errno.EIO))
             return
-        session.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]}")
+        session.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]} ({epoll})")
         # The send again, on the kept connection: at the resume that follows (untraced, as the
-        # thread no longer steps), from the exit stop of our last injected call.
+        # thread no longer steps), from the stop our last injected call or code left it in.
         injection.finish_rerun(stop_at_entry=False)
 
     def _message(self, stop: SyscallStop) -> bytes:
@@ -140,26 +201,70 @@ class PerCallClient:
             data += read(tid, base, min(length, MAX_LOOK - len(data))) if length else b""
         return data
 
-    def _hand_over(self, injection: Injection, tgid: int, fd: int, ino: int | None, kept_fd: int) -> None:
+    def _hand_over(self, injection: Injection, tgid: int, fd: int, ino: int | None, kept_fd: int) -> str:
+        """Put the kept connection on ``fd``; how, and how its epoll registrations were restored."""
         session = self.session
         with socket.socket(fileno=kept_fd) as kept_socket, session.copy(tgid, fd) as program_socket:
             if ino is not None and os.fstat(program_socket.fileno()).st_ino != ino:
                 raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
             procfs.match_nonblocking(kept_socket, program_socket)
-            registrations = self._registrations(tgid, fd, os.fstat(program_socket.fileno()).st_ino)
-            new = session.transfer.one_into(injection, tgid, kept_fd)
-            injection.check("dup3", new, fd, SOCK_CLOEXEC)
-            injection.call("close", new)
+            registrations, found = self._registrations(tgid, fd, os.fstat(program_socket.fileno()).st_ino)
+            how = "in one stop"
+            if not self._put_at_once(injection, tgid, fd, kept_fd):
+                new = session.transfer.one_into(injection, tgid, kept_fd)
+                injection.check("dup3", new, fd, SOCK_CLOEXEC)
+                injection.call("close", new)
+                self._place_code(injection, tgid)
+                how = "call by call"
+            if add_from_outside(session.pidfd(tgid), fd, kept_fd, registrations):
+                return f"{how}; {len(registrations)} epoll registration(s) {found}, re-added from outside"
             session.restore_epoll(injection, fd, registrations, injection.stack_area())
+            return f"{how}; {len(registrations)} epoll registration(s) {found}, re-added by injection"
 
-    def _registrations(self, tgid: int, fd: int, ino: int) -> list[tuple[int, int, int]]:
-        """sipp adds a call socket to its epoll set before connect(): find that registration."""
+    def _put_at_once(self, injection: Injection, tgid: int, fd: int, kept_fd: int) -> bool:
+        """The kept connection onto ``fd`` by HANDOFF_CODE (one stop); False when that cannot
+        be tried (no code or pidfd in the program yet) or its pidfd_getfd() failed: nothing
+        changed, the caller injects the calls one by one."""
+        pidfd, address = self.session.transfer.pidfd_in_program(tgid), self.code.get(tgid)
+        if pidfd is None or address is None or not self._code_there(injection.tid, address):
+            return False
+        regs = injection.run_code(address, address + len(HANDOFF_CODE), rdi=pidfd, rsi=kept_fd, r12=fd)
+        got, placed = signed(regs.r13), signed(regs.r14)
+        if got < 0:
+            return False
+        if placed < 0:
+            raise OSError(-placed, f"dup3 in the traced program: {os.strerror(-placed)}")
+        return True
+
+    def _code_there(self, tid: int, address: int) -> bool:
+        """Our code still at ``address`` (an exec replaces the whole address space)."""
+        try:
+            return self.session.tracer.read(tid, address, len(HANDOFF_CODE)) == HANDOFF_CODE
+        except OSError:
+            return False
+
+    def _place_code(self, injection: Injection, tgid: int) -> None:
+        """Map HANDOFF_CODE into the program for its next handoffs, once fdkeeper's pidfd is there."""
+        if self.session.transfer.pidfd_in_program(tgid) is None:
+            return  # by SCM_RIGHTS only: the code cannot help
+        if tgid in self.code and self._code_there(injection.tid, self.code[tgid]):
+            return
+        address = injection.check("mmap", 0, 4096, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS, -1, 0)
+        self.session.tracer.write(injection.tid, address, HANDOFF_CODE)  # /proc/PID/mem may write there
+        self.code[tgid] = address
+
+    def _registrations(self, tgid: int, fd: int, ino: int) -> tuple[list[tuple[int, int, int]], str]:
+        """sipp adds a call socket to its epoll set before connect(): that registration, and
+        where it was found (as noted at epoll_ctl, else from /proc)."""
+        known = self.registrations.of((tgid, fd), ino)
+        if known is not None:
+            return known, "noted at epoll_ctl"
         if tgid in self.epolls:
             found = procfs.epoll_registrations(tgid, fd, ino, self.epolls[tgid])
             if found:
-                return found
+                return found, "read from /proc fdinfo"
         self.epolls[tgid] = procfs.epoll_fds(tgid)
-        return procfs.epoll_registrations(tgid, fd, ino, self.epolls[tgid])
+        return procfs.epoll_registrations(tgid, fd, ino, self.epolls[tgid]), "read from /proc fdinfo"
 
 
 def from_aor(message: bytes) -> str | None:

@@ -18,6 +18,7 @@ SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO_0 = 0x00050000  # skip the call, return 0 (errno 0): the program sees success
 SECCOMP_RET_TRACE = 0x7FF00000  # stop for the tracer (PTRACE_EVENT_SECCOMP)
 SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
+EPOLL_CTL_ADD = 1
 _LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
 FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
 
@@ -76,7 +77,10 @@ Instruction = tuple[int, "int | str", "int | str", int]
 def percall_filter() -> bytes:
     """The filter of a per-call client run (-t tn/ln), installed before sipp starts.
 
-    connect() stops for the tracer (the one call a per-call handoff starts from); shutdown(),
+    connect() stops for the tracer (the one call a per-call handoff starts from), and so does
+    epoll_ctl(EPOLL_CTL_ADD): the tracer notes each registration as it is made, so that the
+    handoff can re-add it without reading /proc/PID/fdinfo of the epoll descriptor (which
+    lists every registration: milliseconds per call with a thousand users). shutdown(),
     SO_LINGER and TCP-level options succeed without effect on every descriptor, because in
     such a run every TCP socket of sipp's either is or becomes a kept connection (or a
     socketpair end the keeper relays). Everything else runs at full speed, untraced.
@@ -84,11 +88,12 @@ def percall_filter() -> bytes:
     program: list[Instruction] = [
         (_LD_ABS_W, 0, 0, 4), (_JEQ_K, 0, "allow", AUDIT_ARCH_X86_64),
         (_LD_ABS_W, 0, 0, 0), (_JEQ_K, "trace", 0, SYS["connect"]), (_JEQ_K, "neutral", 0, SYS["shutdown"]),
-        (_JEQ_K, 0, "allow", SYS["setsockopt"]),
+        (_JEQ_K, "epoll_ctl", 0, SYS["epoll_ctl"]), (_JEQ_K, 0, "allow", SYS["setsockopt"]),
         (_LD_ABS_W, 0, 0, 24), (_JEQ_K, "neutral", 0, IPPROTO_TCP), (_JEQ_K, 0, "allow", SOL_SOCKET),
         (_LD_ABS_W, 0, 0, 32), (_JEQ_K, "neutral", "allow", SO_LINGER),
     ]
-    labels = {}
+    labels = {"epoll_ctl": len(program)}
+    program += [(_LD_ABS_W, 0, 0, 24), (_JEQ_K, "trace", "allow", EPOLL_CTL_ADD)]  # op: low word of args[1]
     for label, action in (("allow", SECCOMP_RET_ALLOW), ("trace", SECCOMP_RET_TRACE), ("neutral", SECCOMP_RET_ERRNO_0)):
         labels[label] = len(program)
         program.append((_RET_K, 0, 0, action))

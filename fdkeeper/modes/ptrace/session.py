@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import stat
 import struct
 import sys
 
@@ -46,6 +47,15 @@ class Session:
         self.percall = PerCallClient(self) if request.per_call and request.role == "client" else None
         self._tgids: dict[int, int] = {}
         self._pidfds: dict[int, int] = {}
+        tracer.on_exec = self._on_exec
+
+    def _on_exec(self, pid: int) -> None:
+        """A new program in process ``pid``: what we placed in the old one is gone (its
+        descriptor numbers may name other files now)."""
+        self.transfer.forget(pid)
+        if self.percall is not None:
+            self.percall.code.pop(pid, None)
+            self.percall.registrations.forget_process(pid)
 
     def say(self, text: str) -> None:
         if self.request.debug:
@@ -178,9 +188,25 @@ class Session:
 
     def copy(self, tgid: int, fd: int) -> socket.socket:
         """Our own copy of one of the program's sockets (we are its tracer, so pidfd_getfd may)."""
+        return socket.socket(fileno=pidfd_getfd(self.pidfd(tgid), fd))
+
+    def pidfd(self, tgid: int) -> int:
+        """Our pidfd of the program (opened once per process)."""
         if tgid not in self._pidfds:
             self._pidfds[tgid] = os.pidfd_open(tgid)
-        return socket.socket(fileno=pidfd_getfd(self._pidfds[tgid], fd))
+        return self._pidfds[tgid]
+
+    def socket_inode(self, tgid: int, fd: int) -> int | None:
+        """The inode of the program's descriptor ``fd`` if it is a socket, else None."""
+        try:
+            copy = pidfd_getfd(self.pidfd(tgid), fd)
+        except OSError:
+            return None
+        try:
+            info = os.fstat(copy)
+        finally:
+            os.close(copy)
+        return info.st_ino if stat.S_ISSOCK(info.st_mode) else None
 
     def is_tcp(self, tid: int, fd: int) -> bool:
         try:

@@ -77,6 +77,15 @@ class Transfer:
                         break
         return self._by_scm(injection, tgid, [fd])[0]
 
+    def forget(self, tgid: int) -> None:
+        """The program exec'd: our pidfd there is gone (pidfds are close-on-exec)."""
+        self._program_pidfd.pop(tgid, None)
+
+    def pidfd_in_program(self, tgid: int) -> int | None:
+        """fdkeeper's pidfd in the program, once one_into() opened it there; else None."""
+        pidfd = self._program_pidfd.get(tgid, -1)
+        return pidfd if pidfd >= 0 else None
+
     def _pidfd_in(self, injection: Injection, tgid: int) -> int:
         if tgid not in self._program_pidfd:
             libc.prctl(PR_SET_PTRACER, tgid, 0, 0, 0)  # Yama scope 1: name the program
