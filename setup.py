@@ -1,4 +1,4 @@
-"""Builds the LD_PRELOAD shim (helpers/*.c) from source as part of `pip install .`.
+"""Builds the LD_PRELOAD shim (helpers/*.c) and the keeper's TLS pump (helpers/tlspump/) from source as part of `pip install .`.
 
 The shim is compiled as the extension module fdkeeper._shim only so that setuptools builds
 and installs it with the package; it is never imported, only preloaded into sipp. Its sources
@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "helpers"))
-from shimbuild import CFLAGS, LIBRARIES, sources  # noqa: E402 - found through the path above
+from shimbuild import CFLAGS, LIBRARIES, TLSPUMP_HEADERS, TLSPUMP_LIBRARIES, sources, tlspump_sources  # noqa: E402 - found through the path above
 
 shim = Extension(
     "fdkeeper._shim",
@@ -21,4 +21,15 @@ shim = Extension(
     libraries=LIBRARIES,
 )
 
-setup(ext_modules=[shim])
+# The keeper's TLS pump, loaded with ctypes (fdkeeper/keeper/tlspump.py), never imported either.
+# Optional: where it cannot be built the keeper relays TLS in Python (and says so once).
+tlspump = Extension(
+    "fdkeeper._tlspump",
+    sources=tlspump_sources(relative_to=ROOT),
+    depends=tlspump_sources(relative_to=ROOT, names=TLSPUMP_HEADERS),  # rebuilt on change, and in the sdist
+    extra_compile_args=CFLAGS,
+    libraries=TLSPUMP_LIBRARIES,
+    optional=True,
+)
+
+setup(ext_modules=[shim, tlspump])

@@ -77,6 +77,16 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def sample_wrapper_cpu(process: testbed.SippProcess, deadline: float) -> float:
+    """Until the run ends, sample the `fdkeeper sipp` wrapper's own CPU (its sipp's is not in it),
+    so that sipp's CPU is what the reaped run cost minus the wrapper's part."""
+    wrapper, spent = [psutil.Process(process.pid)], 0.0
+    while process.running() and time.monotonic() < deadline:
+        spent = cpu_seconds(wrapper) or spent
+        time.sleep(SAMPLE_S)
+    return spent
+
+
 @dataclass
 class Bench(BenchBase):
     CONFIGS = CONFIGS
@@ -134,14 +144,8 @@ class Bench(BenchBase):
                 "sut": cpu_seconds(self.sut_tree), "children": children_cpu()}
 
     def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
-        """Wait, sampling the `fdkeeper sipp` wrapper's own CPU (its sipp's is not in it), so
-        that sipp's CPU is what the reaped run cost minus the wrapper's part."""
         deadline = time.monotonic() + timeout
-        self.wrapper_cpu = 0.0
-        wrapper = [psutil.Process(process.pid)] if config != "kam" else []
-        while wrapper and process.running() and time.monotonic() < deadline:
-            self.wrapper_cpu = cpu_seconds(wrapper) or self.wrapper_cpu
-            time.sleep(SAMPLE_S)
+        self.wrapper_cpu = sample_wrapper_cpu(process, deadline) if config != "kam" else 0.0
         return self.wait(process, max(0.1, deadline - time.monotonic()))
 
     def end_run(self, config: str, token: dict, run: Run) -> dict:

@@ -21,6 +21,11 @@ CFLAGS = ["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
 LIBRARIES = ["dl", "pthread"]
 SANITIZE_CFLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
 PROGRAM_CFLAGS = ["-O2", "-Wall", "-pthread"]
+# The keeper's TLS pump (fdkeeper/keeper/tlspump.py loads it with ctypes): not part of the shim,
+# so it lives in its own directory, out of the shim's *.c glob; linked to the libssl of _ssl.
+TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c"]
+TLSPUMP_HEADERS = ["tlspump/sipframe.h"]
+TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file name: no libssl-dev needed
 
 
 def sources(relative_to: Path | None = None) -> list[str]:
@@ -33,6 +38,18 @@ def compile_shim(output: Path, extra_cflags: Sequence[str] = ()) -> str:
     """Compile the shim to output; return gcc's warnings ("" when clean), raise when it fails."""
     libraries = [f"-l{name}" for name in LIBRARIES]
     return _gcc(["-shared", "-fPIC", *CFLAGS, *extra_cflags, "-o", str(output), *sources(), *libraries])
+
+
+def tlspump_sources(relative_to: Path | None = None, names: Sequence[str] = TLSPUMP_SOURCES) -> list[str]:
+    """The TLS pump's C files (or its headers); relative to a directory when given, as sources()."""
+    paths = [HELPERS / name for name in names]
+    return [str(path.relative_to(relative_to) if relative_to else path) for path in paths]
+
+
+def compile_tlspump(output: Path, extra_cflags: Sequence[str] = ()) -> str:
+    """Compile the TLS pump library to output; as compile_shim."""
+    libraries = [f"-l{name}" for name in TLSPUMP_LIBRARIES]
+    return _gcc(["-shared", "-fPIC", *CFLAGS, *extra_cflags, "-o", str(output), *tlspump_sources(), *libraries])
 
 
 def compile_program(source: Path, output: Path, extra_cflags: Sequence[str] = ()) -> str:

@@ -36,12 +36,14 @@ def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
         "import os; print(shim_path()); print(os.path.exists(shim_path())); "
         "print((testbed.SCENARIOS_DIR / 'uac-register.xml').exists()); "
         # The Kamailio configurations are package data: rendering one starts nothing.
-        "print('request_route' in testbed.Kamailio('/fdkeeper-probe').config_text())"
+        "print('request_route' in testbed.Kamailio('/fdkeeper-probe').config_text()); "
+        # The TLS pump is built too (optional for setuptools: a silent miss would cost speed only).
+        "from fdkeeper.keeper import tlspump; print(tlspump._library_path() is not None)"
     )
     result = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
-    shim, exists, scenarios, config = result.stdout.split()
+    shim, exists, scenarios, config, pump = result.stdout.split()
     assert shim.startswith(str(venv)) and exists == "True" and scenarios == "True", result.stderr
-    assert config == "True", result.stderr
+    assert config == "True" and pump == "True", result.stderr
     nm = subprocess.run(["nm", "-D", "--defined-only", shim], capture_output=True, text=True)
     assert " T connect" in nm.stdout and " T epoll_wait" in nm.stdout
     helped = subprocess.run([str(venv / "bin" / "fdkeeper"), "sipp", "--help"], capture_output=True, text=True)

@@ -6,6 +6,10 @@ end of a unix stream socketpair instead. ``TlsLink`` pumps between that pair and
 connection and forwards only whole SIP messages (fdkeeper/sip/framing.py) in both directions:
 the SuT never receives half a message from a run that died mid-write, a new run never starts
 reading in the middle of one, and keep-alive CRLFs never reach sipp.
+
+While a run holds the link, a C pump (tlspump.py) moves the messages instead, with the same
+framing and bounds, and hands the link back with its exact state when the run ends or the
+SuT's side ends; between runs (pings, --answer-options, queued requests) Python relays.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ from typing import Callable
 
 from fdkeeper.keeper.connection import queued_bytes
 from fdkeeper.keeper.pings import options_reply
+from fdkeeper.keeper.tlspump import (
+    END_CLOSE_NOTIFY,
+    END_EOF,
+    END_FAILED,
+    END_UNFRAMEABLE,
+    Handback,
+    LiveCounter,
+    PumpedLink,
+)
 from fdkeeper.sip.framing import PING, FramingError, SipFramer
 from fdkeeper.tls import READ_CHUNK, TlsOptions, describe
 
@@ -34,7 +47,88 @@ log = logging.getLogger("fdkeeper.tls")
 BUFFER_LIMIT = 256 * 1024
 
 
-class TlsLink:
+class PumpHandover:
+    """The hand-over of a TlsLink to the C pump (tlspump.py) while a run holds it, and back.
+
+    Python attaches the link at its first event while held, with its whole state (buffers,
+    partial messages, unread lengths); it takes the link back when the run ends (``end_of_lease``)
+    or the SuT's side ends (the one-shot EPOLLRDHUP the link watches meanwhile), and goes on
+    from the state the pump left. TlsLink's relay methods do the rest.
+    """
+
+    # Counted by Python while it relays and by the pump while a run holds the link.
+    messages_to_sut = LiveCounter()
+    messages_to_sipp = LiveCounter()
+    dropped_bytes = LiveCounter()
+
+    pump: PumpedLink | None
+    _pump_tried: bool
+
+    @property
+    def pumped(self) -> bool:
+        return self.pump is not None and self.pump.attached
+
+    def _pump_if_held(self) -> bool:
+        """Hand the link to the pump while a run holds it; whether it did (else Python relays)."""
+        if self.closed_reason or not self.is_held() or self.ended_runs:
+            return False  # an ended run's bytes still come first: Python finishes them
+        if not self._pump_tried:
+            self._pump_tried = True
+            self.pump = PumpedLink.create(self.tls)
+            self.info["relay"] = "pump" if self.pump else "python"
+        if self.pump is None:
+            return False
+        partials = (self.from_sut.discard(), self.from_sipp.discard())
+        fds = (self.tls.fileno(), self.keeper_end.fileno(), self.sipp_end.fileno())
+        if not self.pump.attach(fds, bytes(self.to_sut), bytes(self.to_sipp), partials, list(self.unread_lengths)):
+            self._restore_partials(*partials)
+            return False
+        self.to_sut.clear()
+        self.to_sipp.clear()
+        self.unread_lengths.clear()
+        return True
+
+    def _take_back(self) -> None:
+        """The pump stops; its buffers, counters and how the SuT ended come back here."""
+        if not self.pumped:
+            return
+        back = self.pump.detach()
+        self.to_sut[:0] = back.to_sut
+        self.to_sipp[:0] = back.to_sipp
+        self.unread_lengths.extendleft(reversed(back.unread_lengths))
+        self.messages_to_sut += back.messages_to_sut
+        self.messages_to_sipp += back.messages_to_sipp
+        self.dropped_bytes += back.dropped_bytes
+        self.from_sut.keepalives += back.keepalives
+        if back.keepalives:
+            self.ping_sent_at = None
+        if back.last_activity is not None:
+            self.last_activity = max(self.last_activity, back.last_activity)
+        if back.unframeable_from_sipp:
+            log.warning("dropped %d bytes from sipp that are not SIP", back.dropped_bytes)
+        self._restore_partials(b"" if back.end_kind == END_UNFRAMEABLE else back.from_sut, back.from_sipp)
+        self._apply_pump_end(back)
+
+    def _restore_partials(self, from_sut: bytes, from_sipp: bytes) -> None:
+        self._queue_to_sipp(self.from_sut.feed(from_sut))  # partial messages: nothing comes out
+        self._read_pair_data(from_sipp)
+
+    def _apply_pump_end(self, back: Handback) -> None:
+        if back.end_kind == END_EOF:
+            self._ended(back.end_reason)
+        elif back.end_kind == END_FAILED:
+            self._fail(back.end_reason)
+        elif back.end_kind in (END_CLOSE_NOTIFY, END_UNFRAMEABLE):
+            self.closed_reason = back.end_reason
+
+    def _free_pump(self) -> None:
+        if self.pump is not None:
+            self._take_back()
+            self.pump.free()
+            self.pump = None
+
+
+class TlsLink(PumpHandover):
     """One TLS connection to the SuT and the socketpair whose ``sipp_end`` runs are leased.
 
     The keeper's event loop calls ``on_tls_event``/``on_pair_event`` and asks ``wants()``
@@ -46,6 +140,8 @@ class TlsLink:
     def __init__(self, tls: ssl.SSLSocket, options: TlsOptions, early: bytes = b"") -> None:
         self.tls = tls
         self.options = options
+        self.pump: PumpedLink | None = None  # made at the first lease; None: Python relays
+        self._pump_tried = False
         self.sipp_end, self.keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.keeper_end.setblocking(False)
         self.from_sut = SipFramer()
@@ -53,7 +149,12 @@ class TlsLink:
         self.to_sut = bytearray()
         self.to_sipp = bytearray()
         self.unread_lengths: collections.deque[int] = collections.deque()
+        # Bytes ended runs left in the pair that are not read yet, one entry per ended run (each
+        # counted from the previous run's end): they are read as fast as the SuT reads, and at
+        # each run's end in the stream that run's unfinished message is dropped.
+        self.ended_runs: collections.deque[int] = collections.deque()
         self.info = describe(tls, options)
+        self.info["relay"] = "python"  # "pump" once the C pump has taken it for a run
         self.closed_reason = ""
         self.reset = False  # the SuT's side failed (RST, bad record) rather than closed
         self.answer_options = False  # --answer-options: set by the keeper's ConnectionHealth
@@ -71,6 +172,8 @@ class TlsLink:
     # -- the event loop's view
 
     def wants_tls(self) -> int:
+        if self.pumped:  # once, when the SuT's side ends (the pump raises it for a TLS-only end)
+            return select.EPOLLRDHUP | select.EPOLLONESHOT
         events = select.EPOLLRDHUP
         if len(self.to_sipp) < BUFFER_LIMIT:  # back-pressure: stop reading while sipp lags
             events |= select.EPOLLIN
@@ -79,17 +182,27 @@ class TlsLink:
         return events
 
     def wants_pair(self) -> int:
+        if self.pumped:
+            return select.EPOLLONESHOT  # the pump reads and writes it
         # Back-pressure towards the run: while the SuT does not read, neither do we.
         events = select.EPOLLIN if len(self.to_sut) < BUFFER_LIMIT else 0
         return events | (select.EPOLLOUT if self.to_sipp else 0)
 
     def on_tls_event(self, mask: int) -> None:
+        if self.pumped:  # the SuT's side ended while pumped: Python takes it from here
+            self._take_back()
+            if self.closed_reason:
+                return
+        elif self._pump_if_held():
+            return  # the pump's epoll reports this readiness too (level-triggered)
         if mask & select.EPOLLOUT:
             self._flush_to_sut()
         if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
             self._read_tls()
 
     def on_pair_event(self, mask: int) -> None:
+        if self.pumped or self._pump_if_held():
+            return  # the pump owns the pair (and sees this readiness itself)
         if mask & select.EPOLLOUT:
             self._flush_to_sipp()
         if mask & select.EPOLLIN:
@@ -187,12 +300,17 @@ class TlsLink:
         if room <= 0:
             return
         try:
-            data = self.keeper_end.recv(min(room, READ_CHUNK))
+            data = self.keeper_end.recv(min(room, READ_CHUNK, self.ended_runs[0] if self.ended_runs else READ_CHUNK))
         except BlockingIOError:
             return
         if data:
             self.last_activity = time.monotonic()
             self._read_pair_data(data)
+            if self.ended_runs:
+                self.ended_runs[0] -= len(data)
+                if not self.ended_runs[0]:
+                    self.ended_runs.popleft()
+                    self._drop_unfinished_message()
 
     def _flush_to_sut(self) -> None:
         while self.to_sut and not self.closed_reason:
@@ -209,19 +327,29 @@ class TlsLink:
 
     def end_of_lease(self) -> None:
         """The run is gone: forward what it finished, drop what it did not, realign sipp's side."""
-        while self.keeper_end.fileno() >= 0:  # closed once the SuT's side ended: nothing to forward
-            try:
-                data = self.keeper_end.recv(READ_CHUNK)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            self._read_pair_data(data)
+        self._take_back()
+        if self.keeper_end.fileno() >= 0:  # closed once the SuT's side ended: nothing to forward
+            # Read no more than back-pressure allows (a SuT that does not read would otherwise
+            # make every ended run's full pair buffer the keeper's for good); the rest is read
+            # as the SuT reads, still before anything of the next run.
+            this_run = queued_bytes(self.keeper_end) - sum(self.ended_runs)
+            if this_run > 0:
+                self.ended_runs.append(this_run)
+            elif not self.ended_runs:  # else the framer holds an earlier run's bytes, not this one's
+                self._drop_unfinished_message()
+            left = -1
+            while self.ended_runs and sum(self.ended_runs) != left:
+                left = sum(self.ended_runs)
+                self._read_pair()
+        else:
+            self._drop_unfinished_message()
+        self._realign_sipp_side()
+
+    def _drop_unfinished_message(self) -> None:
         partial = self.from_sipp.discard()
         if partial:
             self.dropped_bytes += len(partial)
             log.warning("dropped %d bytes of a SIP message the ended run did not finish writing", len(partial))
-        self._realign_sipp_side()
 
     def _read_pair_data(self, data: bytes) -> None:
         try:
@@ -264,6 +392,7 @@ class TlsLink:
     # -- the SuT's side ended: what it sent still reaches a run
 
     def close_tls(self) -> None:
+        self._free_pump()  # before the SSL object goes
         try:
             self.tls.close()
         except OSError:
@@ -296,6 +425,7 @@ class TlsLink:
             self.dropped_bytes += len(data)
 
     def close(self) -> None:
+        self._free_pump()
         for sock in (self.tls, self.keeper_end):
             try:
                 sock.close()

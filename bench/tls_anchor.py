@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""TLS through fdkeeper versus the anchor a user would pick instead: sipp 3.7.7 doing its own TLS.
+
+The figures (issue 11, second benchmark), side by side in one run, the configurations
+alternating step by step so that the machine's load hits all alike:
+
+    (n1) sipp 3.7.7 (the dynamic TLS build, ../shared/sipp-3.7.7/sipp-tls) -t l1 straight to
+         Kamailio's TLS port: sipp's own TLS, no fdkeeper;
+    (k1) Debian's sipp 3.6.1 -t l1 through `fdkeeper sipp` (preload mode) to the same port: the
+         keeper terminates TLS (its C pump moves the messages while the run holds the link);
+    (nn) sipp 3.7.7 -t ln with USERS callers (-inf, user k places call k): a TLS connection
+         and handshake per call, sipp's own way;
+    (kn) Debian's sipp -t ln through `fdkeeper sipp`: each call on user k's kept TLS connection
+         (the users register through fdkeeper first).
+
+  1. calls/s: the highest rate with no failed call that kept the rate (cpslib's search), and
+     the calls/s achieved there; goal (k1)/(n1) >= 1.0 and (kn)/(nn) >= 1.0.
+  2. CPU per call at a fixed rate (--cpu-rate calls/s for --cpu-duration s, --cpu-rounds
+     times, alternating): sipp's (the reaped run minus the `fdkeeper sipp` wrapper's own) plus
+     the keeper's (psutil user+system), in clock ticks per 3,000 calls and ms per call; goal:
+     (k) sipp + keeper <= (n) sipp. The wrapper's start-up and Kamailio's are shown apart.
+The machine's load average and how busy its cores were (all processes, /proc/stat) are printed:
+other work on the machine slows every configuration, but not alike.
+
+Usage:  python3 bench/tls_anchor.py             (about 7 minutes)
+        python3 bench/tls_anchor.py --quick     (about 5 minutes)
+        FDKEEPER_TLS_PUMP=0 python3 bench/tls_anchor.py --quick   (the keeper's Python relay)
+Exit status: 0 when the bench ran (goals met or missed: the output says which), 1 when the
+set-up did not work, 130 on Ctrl-C. Everything started is stopped, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
+from fdkeeper.testbed.pki import make_test_pki
+
+# Run as a script (python3 bench/tls_anchor.py): bench/ is sys.path[0], the other benches are beside us.
+from cps_many_users import raise_open_file_limit, user_names, write_caller_scenario
+from cps_tls import children_cpu, sample_wrapper_cpu
+from cpslib import (CALLEE, SHM_MB, Ascent, BenchBase, Run, ascents, caller_options, climb, command_version, common_arguments,
+                    cpu_model, cpu_seconds, format_run, print_footer, register_callee, resolve_defaults, run_bench,
+                    table_header, write_uas_scenario)
+
+CONFIGS = ("n1", "k1", "nn", "kn")
+LABELS = {"n1": "sipp 3.7.7 TLS -t l1", "k1": "fdkeeper -t l1", "nn": "sipp 3.7.7 TLS -t ln", "kn": "fdkeeper -t ln"}
+PAIRS = (("k1", "n1"), ("kn", "nn"))
+GOAL_RATE = 1.0
+GOAL_CPU = 1.0
+USERS = 1000
+WIDTH = 26
+TICKS = os.sysconf("SC_CLK_TCK")
+PER_CALLS = 3000  # CPU is shown in clock ticks per this many calls
+REGISTER_RATE = 200
+# sipp 3.7.7's own -t ln retries a TLS connect that would block after a sleep ("SSL_connect
+# failed ... SSL_ERROR_WANT_READ. Retrying"): here it answers every call at 10 calls/s but
+# cannot keep even that rate, so its fixed-rate CPU runs go at this rate (both -t ln alike),
+# and the -t ln rate search climbs these steps instead of cpslib's coarse/fine ladder.
+CPU_RATE_LN = 10
+LN_STEPS = "10,25,50,100,200,400,600,800,1000,1200"
+CPU_HEADER = f"{'sipp t/3k':>9} {'keeper t/3k':>11} {'sum t/3k':>8}  "
+
+
+@dataclass
+class Bench(BenchBase):
+    CONFIGS = CONFIGS
+    LABELS = LABELS
+    PROG = "tls_anchor"
+
+    users: int = USERS
+    native: str = ""
+    keeper: list[psutil.Process] = field(default_factory=list)
+    wrapper_cpu: float = 0.0
+
+    def make_sut(self) -> testbed.Kamailio:
+        soft, _ = raise_open_file_limit(self.users)  # before Kamailio and the keeper inherit it
+        self.pki = make_test_pki(self.workdir / "pki")
+        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB, tls=testbed.KamailioTls.server(self.pki),
+                                tcp_max_connections=min(self.users + 20000, soft - 1024))
+
+    def setup(self) -> None:
+        self.users_csv = testbed.write_users_csv(self.workdir / "callers.csv", user_names(self.users),
+                                                 self.kamailio.domain)
+        self.caller_scenario = write_caller_scenario(self.workdir)
+        self.kamailio.start()
+        port = testbed.free_port()
+        register_callee(self, port)
+        self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
+                                    calls=None, trace_messages=False)
+        if any(config.endswith("n") for config in self.CONFIGS):
+            self.register_users()
+        self.warm_up()
+        self.keeper = [psutil.Process(KeeperClient(self.keeper_dir).status()["keeper"]["pid"])]
+
+    def register_users(self) -> None:
+        """One `fdkeeper sipp -t ln` run: the keeper opens and keeps one TLS connection per user."""
+        began = time.monotonic()
+        process = self.start_kept(
+            "uac-register.xml", "register", remote=self.kamailio.tls_address, options=self.tls_options,
+            transport="ln", calls=self.users, rate=REGISTER_RATE, timeout=self.users / 20 + 30, trace_messages=False,
+            extra=["-inf", str(self.users_csv), "-l", "200", "-max_socket", "1000", "-recv_timeout", "10000"])
+        result = self.wait(process, self.users / 20 + 60)
+        if not result.ok or result.successful != self.users:
+            raise RuntimeError(f"registering {self.users} users over TLS failed:\n{result.summary()}")
+        print(f"registered {self.users} users over -t ln through fdkeeper in {time.monotonic() - began:.1f} s",
+              flush=True)
+
+    @property
+    def tls_options(self) -> tuple[str, ...]:
+        return ("--tls-ca", str(self.pki.ca_cert), "--tls-sni", self.pki.server_name)
+
+    # -- the callers ---------------------------------------------------------
+
+    def caller_options(self, config: str, rate: float, duration: float) -> dict:
+        options = caller_options(self, rate, duration, transport="l" + config[1])
+        if config.endswith("n"):
+            options["extra"] += ["-inf", str(self.users_csv), "-max_socket", str(4 * max(100, round(rate)) + 1000)]
+        if config.startswith("n"):  # sipp's own TLS wants a certificate of its own to offer
+            options["extra"] += ["-tls_cert", str(self.pki.client_cert), "-tls_key", str(self.pki.client_key)]
+        return options
+
+    def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
+        scenario = self.caller_scenario if config.endswith("n") else "uac-call.xml"
+        if config.startswith("k"):
+            return self.start_kept(scenario, name, remote=self.kamailio.tls_address, options=self.tls_options,
+                                   **options)
+        return self._track(testbed.start_sipp(self.native, scenario, self.kamailio.tls_address, log_dir=self.logs,
+                                              name=name, local_ip=self.kamailio.host, **options))
+
+    # -- CPU around every run ------------------------------------------------
+
+    def begin_run(self, config: str) -> dict:
+        return {"keeper": cpu_seconds(self.keeper), "children": children_cpu()}
+
+    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
+        deadline = time.monotonic() + timeout
+        self.wrapper_cpu = sample_wrapper_cpu(process, deadline) if config.startswith("k") else 0.0
+        return self.wait(process, max(0.1, deadline - time.monotonic()))
+
+    def end_run(self, config: str, token: dict, run: Run) -> dict:
+        keeper = cpu_seconds(self.keeper) - token["keeper"]
+        sipp = max(0.0, children_cpu() - token["children"] - self.wrapper_cpu)
+        # The keeper serves only the fdkeeper configurations: idle during (n) runs (a few pings).
+        return {"sipp": sipp, "keeper": keeper if config.startswith("k") else 0.0, "wrapper": self.wrapper_cpu}
+
+    def format_run(self, run: Run) -> str:
+        return format_run(run, self.LABELS[run.config], WIDTH, cpu_columns(run))
+
+
+# --------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------
+
+def ticks_per(run: Run, key: str) -> float | None:
+    if run.successful == 0 or key not in run.measured:
+        return None
+    return run.measured[key] * TICKS * PER_CALLS / run.successful
+
+
+def cpu_columns(run: Run) -> str:
+    values = [ticks_per(run, "sipp"), ticks_per(run, "keeper")]
+    total = None if None in values else sum(values)
+    return " ".join(f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
+                    for v, w in zip([*values, total], (9, 11, 8))) + "  "
+
+
+class MachineLoad:
+    """How busy all cores were between two moments (/proc/stat), whoever used them."""
+
+    def __init__(self) -> None:
+        self.began = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    def busy_share(self) -> float:
+        busy, total = self._sample()
+        return (busy - self.began[0]) / max(1, total - self.began[1])
+
+
+def cpu_report(rounds: list[Run]) -> list[str]:
+    """Median ticks per 3,000 calls of each configuration's fixed-rate runs, rate by rate; the goal
+    compares the configurations of a pair at the same rate."""
+    lines, medians = [], {}
+    for config, rate in sorted({(r.config, r.rate) for r in rounds}, key=lambda key: (CONFIGS.index(key[0]), key[1])):
+        runs = [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
+        if not runs:
+            lines.append(f"({config}) {LABELS[config]} at {rate:g} calls/s: no fixed-rate run answered every call")
+            continue
+        sipp = statistics.median(ticks_per(r, "sipp") for r in runs)
+        keeper = statistics.median(ticks_per(r, "keeper") for r in runs)
+        medians[(config, rate)] = sipp + keeper
+        kept = config.startswith("k")
+        extra = f" + keeper {keeper:.0f} = {sipp + keeper:.0f}" if kept else ""
+        wrapper = statistics.median(r.measured["wrapper"] for r in runs)
+        wrapper_text = f"; `fdkeeper sipp` wrapper {wrapper:.2f} CPU-s per run, apart" if kept else ""
+        lines.append(f"({config}) {LABELS[config]:<{WIDTH - 5}} at {rate:g} calls/s: sipp {sipp:.0f}{extra} ticks "
+                     f"per {PER_CALLS} calls ({(sipp + keeper) / TICKS * 1000 / PER_CALLS:.3f} ms/call, "
+                     f"{len(runs)} runs){wrapper_text}")
+    for (config, rate), total in medians.items():
+        for kept, native in PAIRS:
+            if config == kept and (native, rate) in medians:
+                ratio = total / medians[(native, rate)]
+                verdict = "met" if ratio <= GOAL_CPU else "missed"
+                lines.append(f"({kept})/({native}) CPU per call at {rate:g} calls/s, sipp + keeper vs sipp: "
+                             f"{ratio:.2f}  goal {verdict} (<= {GOAL_CPU:g})")
+    return lines
+
+
+def answered_best(runs: list[Run], config: str) -> Run | None:
+    """The run of ``config`` with the most calls/s among those that answered every call."""
+    answered = [r for r in runs if r.config == config and r.all_answered]
+    return max(answered, key=lambda r: r.achieved, default=None)
+
+
+def rate_report(best: dict[str, Run | None], runs: list[Run]) -> list[str]:
+    lines = []
+    for config in best:
+        run = best[config]
+        figure = f"{run.rate:g} calls/s, achieved {run.achieved:.1f}" if run else "no rate passed"
+        lines.append(f"({config}) {LABELS[config]:<{WIDTH - 5}} highest rate with no failed call {figure}")
+    for kept, native in PAIRS:
+        anchor, kept_best = best.get(native), best.get(kept)
+        if kept_best and anchor is None and answered_best(runs, native):
+            anchor = answered_best(runs, native)
+            lines.append(f"({native}) kept no rate it was run at; its best run that answered every call: "
+                         f"{anchor.rate:g} calls/s asked, {anchor.achieved:.1f} achieved")
+            best = {**best, native: anchor}
+        if best.get(kept) and best.get(native):
+            ratio = best[kept].achieved / best[native].achieved
+            lines.append(f"({kept})/({native}) achieved calls/s: {best[kept].achieved:.1f} / "
+                         f"{best[native].achieved:.1f} = {ratio:.3f}  goal {'met' if ratio >= GOAL_RATE else 'missed'} "
+                         f"(>= {GOAL_RATE:g})")
+        else:
+            lines.append(f"({kept})/({native}): n/a, a configuration passed no rate")
+    return lines
+
+
+def machine_facts(bench: Bench, load: MachineLoad) -> list[str]:
+    average = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    relay = os.environ.get("FDKEEPER_TLS_PUMP", "1") != "0"
+    return [
+        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {average}; all cores "
+        f"{load.busy_share():.0%} busy over the bench (every process on the machine)",
+        f"sipp: {command_version([bench.sipp, '-v'], r'SIPp v[^ ,]+')} (k), "
+        f"{command_version([bench.native, '-v'], r'SIPp v[^ ,]+')} (n); "
+        f"kamailio: {command_version([bench.kamailio.command()[0], '-v'], r'kamailio [^ ]+')}; "
+        f"python {sys.version.split()[0]}",
+        f"keeper TLS relay: {'the C pump' if relay else 'Python (FDKEEPER_TLS_PUMP=0)'}; {bench.users} users for -t ln",
+    ]
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser, quick="about 5 minutes: 3 s runs, coarse steps of 400, fine steps of 80",
+                     duration=5.0, quick_duration=3.0, step=200.0, quick_step=400.0, max_rate=3000)
+    parser.add_argument("--users", type=int, default=USERS, help=f"callers for -t ln (default {USERS})")
+    parser.add_argument("--cpu-rate", type=float, default=300, help="calls/s of the fixed-rate -t l1 runs (300)")
+    parser.add_argument("--cpu-rate-ln", type=float, default=CPU_RATE_LN,
+                        help=f"calls/s of the fixed-rate -t ln runs ({CPU_RATE_LN:g}: what sipp's own -t ln keeps)")
+    parser.add_argument("--ln-steps", default=LN_STEPS, help=f"the -t ln rates to climb ({LN_STEPS})")
+    parser.add_argument("--only", help=f"comma-separated configurations to run (default all: {','.join(CONFIGS)})")
+    parser.add_argument("--cpu-duration", type=float, default=10, help="seconds of each fixed-rate run (10)")
+    parser.add_argument("--cpu-rounds", type=int, default=2, help="fixed-rate runs of each configuration (2)")
+    parser.add_argument("--native-sipp", help="the TLS sipp 3.7.7 (default: testbed.sipp_build('sipp-tls'))")
+    return resolve_defaults(parser.parse_args(argv))
+
+
+def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
+    runs, configs = [], bench.CONFIGS
+    for number in range(args.cpu_rounds):
+        shift = number % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            # fdkeeper's -t ln also at the -t l1 rate: its cost per call once the run's fixed
+            # part (leasing every user's connection) is spread over as many calls.
+            rates = [args.cpu_rate_ln, args.cpu_rate] if config == "kn" else [args.cpu_rate_ln] if config == "nn" \
+                else [args.cpu_rate]
+            for rate in rates:
+                run, _ = bench.call(config, rate, name=f"cpu-{config}-{rate:g}-{number}", duration=args.cpu_duration)
+                runs.append(run)
+                print(bench.format_run(run), flush=True)
+    return runs
+
+
+def search_ladders(bench: Bench, args: argparse.Namespace) -> list[Ascent]:
+    """cpslib's coarse/fine climb for -t l1 (or --steps); the --ln-steps rates for -t ln."""
+    steps = [float(x) for x in args.steps.split(",")] if args.steps else None
+    climbs = ascents(bench, args.step, args.fine, args.max_rate, steps)
+    ln_rates = sorted(float(x) for x in args.ln_steps.split(","))
+    return [Ascent(a.config, list(ln_rates), None, a.label) if a.config.endswith("n") else a for a in climbs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    native = args.native_sipp or str(testbed.sipp_build("sipp-tls"))
+
+    def make_bench(workdir: Path, sipp: str) -> Bench:
+        bench = Bench(workdir, sipp, args.duration, args.retries, users=args.users, native=native)
+        if args.only:
+            bench.CONFIGS = tuple(config for config in CONFIGS if config in args.only.split(","))
+        return bench
+
+    def body(bench: Bench, began: float) -> None:
+        load = MachineLoad()
+        bench.setup()
+        print(f"SuT Kamailio TLS on {bench.kamailio.tls_address}; callee {CALLEE} (sipp UAS over UDP); warm-up ok")
+        print("t/3k = CPU clock ticks per 3,000 calls (sipp: the run minus the `fdkeeper sipp` wrapper)")
+        print(table_header(WIDTH, CPU_HEADER), flush=True)
+        print(f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
+              f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds")
+        rounds = fixed_rate_rounds(bench, args)
+        print("-- rate search")
+        best = climb(bench, search_ladders(bench, args))
+        print()
+        print(f"result (runs of {bench.duration:g} s; uac-call.xml to {CALLEE} through Kamailio's TLS port):")
+        for line in [*rate_report(best, bench.runs + rounds), *cpu_report(rounds)]:
+            print(f"  {line}")
+        print_footer(bench, machine_facts(bench, load), time.monotonic() - began)
+
+    return run_bench("tls_anchor", args, make_bench, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""The C side of a TLS link while a run holds it: helpers/tlspump/tlspump.c, loaded with ctypes.
+
+Python's relay (tlslink.py) costs the keeper about 50 us of CPU per SIP message; while a run
+holds a link, one C thread with its own epoll moves whole messages between the TLS session
+and the run's socketpair instead, with the same framing and bounds. The pump works on the
+SSL object of the keeper's ``ssl.SSLSocket``: CPython keeps that pointer right after the
+object header and the socket weakref of ``_ssl._SSLSocket`` (3.8 to 3.13), and it is used only
+once the C side has checked it (its descriptor is the socket's, its handshake is done).
+Anything unexpected (no library, another Python, a failed check) leaves the link to the
+Python relay, logged once; FDKEEPER_TLS_PUMP=0 chooses the Python relay on purpose.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.machinery
+import logging
+import os
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("fdkeeper.tls")
+
+# How the SuT's side ended while pumped (tlspump.c enum end_kind).
+END_NONE, END_CLOSE_NOTIFY, END_EOF, END_FAILED, END_UNFRAMEABLE = range(5)
+_SSL_POINTER_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)  # PyObject_HEAD (2 words), Socket
+_LAYOUT_KNOWN = (3, 8) <= sys.version_info[:2] <= (3, 13) and ctypes.sizeof(ctypes.c_void_p) == 8
+_TO_SUT, _TO_SIPP, _FROM_SUT, _FROM_SIPP = range(4)
+
+
+class PumpState(ctypes.Structure):
+    """tlspump.c struct pump_state: what the pump did while it held the link."""
+
+    _fields_ = [
+        ("messages_to_sut", ctypes.c_uint64),
+        ("messages_to_sipp", ctypes.c_uint64),
+        ("keepalives", ctypes.c_uint64),
+        ("dropped_bytes", ctypes.c_uint64),
+        ("unframeable_from_sipp", ctypes.c_uint64),
+        ("last_activity_ns", ctypes.c_int64),
+        ("end_kind", ctypes.c_int32),
+        ("end_reason", ctypes.c_char * 160),
+    ]
+
+
+@dataclass
+class Handback:
+    """The link's state when the pump gives it back to Python."""
+
+    to_sut: bytes
+    to_sipp: bytes
+    from_sut: bytes  # a partial message (or, after END_UNFRAMEABLE, the unframeable rest)
+    from_sipp: bytes
+    unread_lengths: list[int]
+    messages_to_sut: int
+    messages_to_sipp: int
+    keepalives: int
+    dropped_bytes: int
+    unframeable_from_sipp: int
+    last_activity: float | None
+    end_kind: int
+    end_reason: str
+
+
+class _Library:
+    """The loaded C library, or the reason there is none (said once, in the keeper's log)."""
+
+    def __init__(self) -> None:
+        self.lib: ctypes.CDLL | None = None
+        self.unavailable = ""
+        self._warned = False
+
+    def load(self) -> ctypes.CDLL | None:
+        if self.lib is not None or self.unavailable:
+            return self.lib
+        if os.environ.get("FDKEEPER_TLS_PUMP", "1") == "0":
+            self.unavailable = "FDKEEPER_TLS_PUMP=0"
+        elif not _LAYOUT_KNOWN:
+            self.unavailable = f"Python {sys.version_info[0]}.{sys.version_info[1]}: SSLSocket layout not known"
+        else:
+            path = _library_path()
+            if path is None:
+                self.unavailable = "fdkeeper/_tlspump*.so not built (pip install again with gcc present)"
+            else:
+                self.lib = _bind(ctypes.CDLL(str(path)))
+                atexit.register(self.lib.tlspump_stop)  # before Python frees the SSL objects
+        return self.lib
+
+    def say_unavailable(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("TLS links are relayed in Python (more CPU per message): %s", why)
+
+
+_LIBRARY = _Library()
+
+
+def _library_path() -> Path | None:
+    package = Path(__file__).resolve().parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = package / f"_tlspump{suffix}"
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    size = ctypes.c_size_t
+    pointer, buffer = ctypes.c_void_p, ctypes.c_char_p
+    lib.tlspump_validate.argtypes, lib.tlspump_validate.restype = [pointer, ctypes.c_int], ctypes.c_int
+    lib.tlspump_new.argtypes, lib.tlspump_new.restype = [], pointer
+    lib.tlspump_attach.argtypes = [pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.tlspump_attach.argtypes += [buffer, size] * 4 + [ctypes.POINTER(ctypes.c_uint32), size]
+    lib.tlspump_attach.restype = ctypes.c_int
+    lib.tlspump_detach.argtypes, lib.tlspump_detach.restype = [pointer], None
+    lib.tlspump_buffer.argtypes = [pointer, ctypes.c_int, ctypes.POINTER(size)]
+    lib.tlspump_buffer.restype = pointer
+    lib.tlspump_lengths.argtypes = [pointer, ctypes.POINTER(size)]
+    lib.tlspump_lengths.restype = ctypes.POINTER(ctypes.c_uint32)
+    lib.tlspump_free.argtypes, lib.tlspump_free.restype = [pointer], None
+    lib.tlspump_stop.argtypes, lib.tlspump_stop.restype = [], None
+    return lib
+
+
+def ssl_pointer(tls: ssl.SSLSocket) -> int | None:
+    """The SSL* of ``tls`` as CPython lays out _ssl._SSLSocket; None where the layout is not that."""
+    sslobj = getattr(tls, "_sslobj", None)
+    if sslobj is None or type(sslobj).__module__ != "_ssl" or type(sslobj).__name__ != "_SSLSocket":
+        return None
+    return ctypes.c_void_p.from_address(id(sslobj) + _SSL_POINTER_OFFSET).value
+
+
+class LiveCounter:
+    """A TlsLink counter that adds what the pump counted so far while it holds the link.
+
+    Python adds to it only while it relays (the pump's share is merged at hand-back), so the
+    setter stores the plain value.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.stored = f"_{name}"
+
+    def __get__(self, link: object, owner: type | None = None) -> int:
+        if link is None:
+            return self  # type: ignore[return-value]
+        pump = link.pump  # type: ignore[attr-defined]
+        live = getattr(pump.live_state(), self.name) if pump is not None and pump.attached else 0
+        return getattr(link, self.stored) + live
+
+    def __set__(self, link: object, value: int) -> None:
+        setattr(link, self.stored, value)
+
+
+class PumpedLink:
+    """One TLS link's handle in the pump: attach with Python's state, detach to get it back."""
+
+    def __init__(self, lib: ctypes.CDLL, handle: int, ssl_address: int) -> None:
+        self._lib = lib
+        self._handle = handle
+        self._ssl = ssl_address
+        self.attached = False
+
+    @classmethod
+    def create(cls, tls: ssl.SSLSocket) -> PumpedLink | None:
+        """A handle for ``tls``, or None (logged once) where the pump cannot take it."""
+        lib = _LIBRARY.load()
+        if lib is None:
+            _LIBRARY.say_unavailable(_LIBRARY.unavailable)
+            return None
+        address = ssl_pointer(tls)
+        if not address or not lib.tlspump_validate(address, tls.fileno()):
+            _LIBRARY.say_unavailable("the SSL object of Python's ssl module did not check out")
+            return None
+        handle = lib.tlspump_new()
+        return cls(lib, handle, address) if handle else None
+
+    def attach(self, fds: tuple[int, int, int], to_sut: bytes, to_sipp: bytes, partials: tuple[bytes, bytes],
+               unread_lengths: list[int]) -> bool:
+        """Hand the link (TLS fd, keeper's pair end, sipp's pair end) and Python's state over."""
+        lengths = (ctypes.c_uint32 * len(unread_lengths))(*unread_lengths)
+        from_sut, from_sipp = partials
+        result = self._lib.tlspump_attach(
+            self._handle, self._ssl, *fds,
+            to_sut, len(to_sut), to_sipp, len(to_sipp), from_sut, len(from_sut), from_sipp, len(from_sipp),
+            lengths, len(unread_lengths),
+        )  # fmt: skip
+        self.attached = result == 0
+        return self.attached
+
+    def live_state(self) -> PumpState:
+        """The pump's counters as they are now (word-sized fields, read while it runs)."""
+        return PumpState.from_address(self._handle)
+
+    def detach(self) -> Handback:
+        """Take the link back; the pump never touches it again until the next attach."""
+        self._lib.tlspump_detach(self._handle)
+        self.attached = False
+        state = PumpState.from_address(self._handle)
+        count = ctypes.c_size_t()
+        lengths = self._lib.tlspump_lengths(self._handle, ctypes.byref(count))
+        return Handback(
+            to_sut=self._buffer(_TO_SUT),
+            to_sipp=self._buffer(_TO_SIPP),
+            from_sut=self._buffer(_FROM_SUT),
+            from_sipp=self._buffer(_FROM_SIPP),
+            unread_lengths=list(lengths[: count.value]) if count.value else [],
+            messages_to_sut=state.messages_to_sut,
+            messages_to_sipp=state.messages_to_sipp,
+            keepalives=state.keepalives,
+            dropped_bytes=state.dropped_bytes,
+            unframeable_from_sipp=state.unframeable_from_sipp,
+            last_activity=_seconds(state.last_activity_ns),
+            end_kind=state.end_kind,
+            end_reason=state.end_reason.decode(errors="replace"),
+        )
+
+    def _buffer(self, which: int) -> bytes:
+        length = ctypes.c_size_t()
+        address = self._lib.tlspump_buffer(self._handle, which, ctypes.byref(length))
+        return ctypes.string_at(address, length.value) if length.value else b""
+
+    def free(self) -> None:
+        if self._handle:
+            self._lib.tlspump_free(self._handle)
+            self._handle = 0
+            self.attached = False
+
+
+def _seconds(monotonic_ns: int) -> float | None:
+    """CLOCK_MONOTONIC nanoseconds as time.monotonic() seconds (the same clock on Linux)."""
+    return monotonic_ns / 1e9 if monotonic_ns else None

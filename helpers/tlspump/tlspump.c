@@ -1,0 +1,499 @@
+/* The keeper's TLS pump: while a sipp run holds a TLS link, one C thread moves whole SIP
+ * messages between the keeper's TLS connection (the SSL* of Python's ssl.SSLSocket) and the
+ * unix socketpair end the run was leased, so the keeper's Python loop is off the data path.
+ *
+ * Loaded with ctypes by fdkeeper/keeper/tlspump.py; never imported as a Python module and
+ * never calls into Python. One thread and one epoll serve every attached link. A link is
+ * attached with the state Python's relay had (buffers, partial messages, the lengths of
+ * messages written towards sipp) and detached with the state the pump leaves: Python never
+ * touches the SSL object while the pump owns it (the mutex below orders the two).
+ *
+ * The framing is fdkeeper/sip/framing.py's, byte for byte (sipframe.c). Built by
+ * helpers/shimbuild.py (compile_tlspump).
+ */
+#define _GNU_SOURCE
+#include "sipframe.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* The few OpenSSL 3 calls used, declared here (their ABI is stable across 3.x) so the build
+ * needs no libssl-dev: the library links to libssl.so.3 by name (shimbuild.py), the one
+ * CPython's _ssl module has loaded already. */
+typedef struct ssl_st SSL;
+int SSL_read(SSL *ssl, void *buffer, int length);
+int SSL_write(SSL *ssl, const void *buffer, int length);
+int SSL_get_error(const SSL *ssl, int result);
+int SSL_get_fd(const SSL *ssl);
+int SSL_is_init_finished(const SSL *ssl);
+int SSL_version(const SSL *ssl);
+int SSL_has_pending(const SSL *ssl);
+long SSL_ctrl(SSL *ssl, int command, long larg, void *parg);
+unsigned long ERR_peek_error(void);
+void ERR_clear_error(void);
+const char *ERR_reason_error_string(unsigned long error);
+#define SSL_ERROR_SSL 1
+#define SSL_ERROR_WANT_READ 2
+#define SSL_ERROR_WANT_WRITE 3
+#define SSL_ERROR_SYSCALL 5
+#define SSL_ERROR_ZERO_RETURN 6
+#define SSL_CTRL_GET_READ_AHEAD 40
+#define SSL_CTRL_SET_READ_AHEAD 41
+#define SSL_CTRL_MODE 33
+#define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2L
+#define TLS1_VERSION 0x0301
+#define TLS1_3_VERSION 0x0304
+#define SSL_R_UNEXPECTED_EOF_WHILE_READING 294
+#define ERR_SYSTEM_FLAG 0x80000000UL /* OpenSSL 3 err.h: a system error, errno in the low bits */
+#define ERR_REASON_MASK 0x7FFFFFUL
+#define LIBRARY_REASON(error) (((error) & ERR_SYSTEM_FLAG) ? 0 : (int)((error) & ERR_REASON_MASK))
+
+#define BUFFER_LIMIT (256 * 1024) /* tlslink.py BUFFER_LIMIT: back-pressure bound per direction */
+#define READ_CHUNK (64 * 1024)
+#define LENGTHS_PRUNE 1024     /* ask the kernel what sipp read once this many lengths are kept */
+#define MAX_EVENTS 64
+
+/* How the SuT's side ended, for Python to report as its relay would (tlslink.py). */
+enum end_kind { END_NONE = 0, END_CLOSE_NOTIFY = 1, END_EOF = 2, END_FAILED = 3, END_UNFRAMEABLE = 4 };
+
+/* Counters and the end, read by Python through ctypes (tlspump.py PumpState mirrors it). */
+struct pump_state {
+    uint64_t messages_to_sut, messages_to_sipp, keepalives, dropped_bytes, unframeable_from_sipp;
+    int64_t last_activity_ns; /* CLOCK_MONOTONIC, as Python's time.monotonic() */
+    int32_t end_kind;
+    char end_reason[160];
+};
+
+struct link {
+    struct pump_state state; /* first: Python reads it at the link's address */
+    SSL *ssl;
+    int tls_fd, pair_fd, sipp_fd;
+    int attached;
+    uint32_t watched_tls, watched_pair;
+    long read_ahead; /* Python's setting, restored at detach */
+    int write_pending; /* an SSL_write to retry with at least this length */
+    int read_wants_write;
+    struct buffer to_sut, to_sipp, from_sut, from_sipp;
+    uint32_t *lengths; /* of the messages in to_sipp and in the pair not yet read whole by sipp */
+    size_t lengths_count, lengths_capacity;
+    struct link *next_dead;
+};
+
+static pthread_mutex_t pump_lock = PTHREAD_MUTEX_INITIALIZER;
+static int pump_epoll = -1;
+static int pump_running;
+static struct link *dead_links; /* freed by the pump thread between two epoll_waits */
+
+static int64_t now_ns(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ towards sipp */
+
+static void remember_length(struct link *link, uint32_t length) {
+    if (link->lengths_count == link->lengths_capacity) {
+        size_t capacity = link->lengths_capacity ? link->lengths_capacity * 2 : 256;
+        uint32_t *lengths = realloc(link->lengths, capacity * sizeof(*lengths));
+        if (!lengths)
+            return; /* the bookkeeping only realigns a later run; the message itself still goes */
+        link->lengths = lengths;
+        link->lengths_capacity = capacity;
+    }
+    link->lengths[link->lengths_count++] = length;
+}
+
+/* Forget the lengths of messages sipp has read whole (tlslink.py _forget_consumed). */
+static void forget_consumed(struct link *link) {
+    int queued = 0;
+    if (ioctl(link->sipp_fd, FIONREAD, &queued) < 0)
+        return;
+    uint64_t in_pair = 0;
+    for (size_t i = 0; i < link->lengths_count; i++)
+        in_pair += link->lengths[i];
+    in_pair -= link->to_sipp.length;
+    uint64_t consumed = in_pair - (uint64_t)queued;
+    size_t forgotten = 0;
+    while (forgotten < link->lengths_count && link->lengths[forgotten] <= consumed)
+        consumed -= link->lengths[forgotten++];
+    memmove(link->lengths, link->lengths + forgotten, (link->lengths_count - forgotten) * sizeof(*link->lengths));
+    link->lengths_count -= forgotten;
+}
+
+static void deliver_to_sipp(void *context, const char *message, size_t length) {
+    struct link *link = context;
+    if (link->lengths_count >= LENGTHS_PRUNE)
+        forget_consumed(link);
+    if (buffer_append(&link->to_sipp, message, length) == 0) {
+        remember_length(link, (uint32_t)length);
+        link->state.messages_to_sipp++;
+    }
+}
+
+static void flush_to_sipp(struct link *link) {
+    while (link->to_sipp.length) {
+        ssize_t sent = send(link->pair_fd, link->to_sipp.data, link->to_sipp.length, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent <= 0)
+            return; /* full: EPOLLOUT; the pair never fails while the keeper holds both ends */
+        buffer_consume(&link->to_sipp, (size_t)sent);
+    }
+}
+
+/* ------------------------------------------------------------------ the SuT's side */
+
+static void end_link(struct link *link, int kind, const char *reason) {
+    if (link->state.end_kind)
+        return;
+    link->state.end_kind = kind;
+    snprintf(link->state.end_reason, sizeof(link->state.end_reason), "%s", reason);
+    /* Level-triggered HUP/ERR would wake the pump until Python takes the link back. */
+    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+    /* Wake the keeper's loop: it watches the TLS socket for EPOLLRDHUP, which a local
+     * shutdown of the read side raises too. Nothing more is read from the SuT anyway. */
+    shutdown(link->tls_fd, SHUT_RD);
+}
+
+static void read_failed(struct link *link, int ssl_error, int saved_errno) {
+    unsigned long queued = ERR_peek_error();
+    if (ssl_error == SSL_ERROR_ZERO_RETURN) {
+        end_link(link, END_CLOSE_NOTIFY, "the SuT closed it: TLS close_notify");
+    } else if (ssl_error == SSL_ERROR_SYSCALL && !queued && saved_errno == 0) {
+        end_link(link, END_EOF, "the SuT closed it: FIN without TLS close_notify");
+    } else if (ssl_error == SSL_ERROR_SYSCALL && !queued) {
+        char reason[128];
+        snprintf(reason, sizeof(reason), "the SuT's TLS connection failed: %s", strerror(saved_errno));
+        end_link(link, END_FAILED, reason);
+    } else if (LIBRARY_REASON(queued) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        end_link(link, END_EOF, "the SuT closed it: FIN without TLS close_notify");
+    } else {
+        const char *what = queued ? ERR_reason_error_string(queued) : NULL;
+        char reason[128];
+        snprintf(reason, sizeof(reason), "the SuT's TLS connection failed: %s", what ? what : "TLS error");
+        end_link(link, END_FAILED, reason);
+    }
+    ERR_clear_error();
+}
+
+/* Read what the SuT sent while sipp keeps up (bounded) or, at detach, what OpenSSL still holds. */
+static void read_tls_records(struct link *link, int bounded) {
+    char error[96];
+    while (!link->state.end_kind && (link->to_sipp.length < BUFFER_LIMIT || !bounded)) {
+        if (buffer_reserve(&link->from_sut, READ_CHUNK))
+            return;
+        ERR_clear_error();
+        errno = 0;
+        int got = SSL_read(link->ssl, link->from_sut.data + link->from_sut.length, READ_CHUNK);
+        if (got <= 0) {
+            int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, got);
+            link->read_wants_write = ssl_error == SSL_ERROR_WANT_WRITE;
+            if (ssl_error != SSL_ERROR_WANT_READ && ssl_error != SSL_ERROR_WANT_WRITE)
+                read_failed(link, ssl_error, saved_errno);
+            else
+                ERR_clear_error();
+            break;
+        }
+        link->from_sut.length += (size_t)got;
+        link->state.last_activity_ns = now_ns();
+        if (sip_frame(&link->from_sut, &link->state.keepalives, deliver_to_sipp, link, error, sizeof(error))) {
+            char reason[160];
+            snprintf(reason, sizeof(reason), "the SuT sent unframeable data: %s", error);
+            end_link(link, END_UNFRAMEABLE, reason); /* framing.py: the rest stays, whole ones went */
+        }
+        flush_to_sipp(link); /* before the bound is checked: stop only when the pair is full */
+        if (!SSL_has_pending(link->ssl))
+            break; /* the socket's readiness says when there is more: no read just for EAGAIN */
+    }
+    flush_to_sipp(link);
+}
+
+static void read_tls(struct link *link) { read_tls_records(link, 1); }
+
+static void flush_to_sut(struct link *link) {
+    while (link->to_sut.length && !link->state.end_kind) {
+        size_t length = link->to_sut.length < READ_CHUNK ? link->to_sut.length : READ_CHUNK;
+        if ((int)length < link->write_pending)
+            length = (size_t)link->write_pending; /* OpenSSL: a retried write is never shorter */
+        ERR_clear_error();
+        errno = 0;
+        int sent = SSL_write(link->ssl, link->to_sut.data, (int)length);
+        if (sent <= 0) {
+            int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, sent);
+            if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
+                link->write_pending = (int)length;
+                ERR_clear_error();
+                return;
+            }
+            read_failed(link, ssl_error == SSL_ERROR_ZERO_RETURN ? SSL_ERROR_SSL : ssl_error, saved_errno);
+            return;
+        }
+        link->write_pending = 0;
+        buffer_consume(&link->to_sut, (size_t)sent);
+    }
+}
+
+/* ------------------------------------------------------------------ from sipp */
+
+static void deliver_to_sut(void *context, const char *message, size_t length) {
+    struct link *link = context;
+    if (buffer_append(&link->to_sut, message, length) == 0)
+        link->state.messages_to_sut++;
+}
+
+static void read_pair(struct link *link) {
+    char error[96];
+    uint64_t ignored_keepalives = 0; /* sipp sends none; the SuT's pongs are what is counted */
+    while (link->to_sut.length < BUFFER_LIMIT) {
+        size_t room = BUFFER_LIMIT - link->to_sut.length;
+        size_t want = room < READ_CHUNK ? room : READ_CHUNK;
+        if (buffer_reserve(&link->from_sipp, want))
+            return;
+        ssize_t got = recv(link->pair_fd, link->from_sipp.data + link->from_sipp.length, want, MSG_DONTWAIT);
+        if (got <= 0)
+            break;
+        link->from_sipp.length += (size_t)got;
+        link->state.last_activity_ns = now_ns();
+        if (sip_frame(&link->from_sipp, &ignored_keepalives, deliver_to_sut, link, error, sizeof(error))) {
+            /* tlslink.py: not SIP from sipp is dropped (Python logs it at detach), whole ones go */
+            link->state.dropped_bytes += link->from_sipp.length;
+            link->state.unframeable_from_sipp++;
+            link->from_sipp.length = 0;
+        }
+        flush_to_sut(link); /* before the bound is checked: stop only when the SuT stops reading */
+        if ((size_t)got < want)
+            break;
+    }
+}
+
+/* ------------------------------------------------------------------ the pump thread */
+
+static uint32_t wants_tls(struct link *link) {
+    if (link->state.end_kind)
+        return 0;
+    uint32_t events = 0;
+    if (link->to_sipp.length < BUFFER_LIMIT)
+        events |= EPOLLIN;
+    if (link->to_sut.length || link->read_wants_write)
+        events |= EPOLLOUT;
+    return events;
+}
+
+static uint32_t wants_pair(struct link *link) {
+    uint32_t events = link->to_sut.length < BUFFER_LIMIT && !link->state.end_kind ? EPOLLIN : 0;
+    return events | (link->to_sipp.length ? EPOLLOUT : 0);
+}
+
+/* epoll data: the link's address with the low bit telling the pair's event from the TLS one. */
+static void rewatch(struct link *link) {
+    uint32_t tls = wants_tls(link), pair = wants_pair(link);
+    if (tls != link->watched_tls && !link->state.end_kind) { /* ended: no longer watched */
+        struct epoll_event event = {.events = tls, .data.u64 = (uintptr_t)link};
+        epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->tls_fd, &event);
+        link->watched_tls = tls;
+    }
+    if (pair != link->watched_pair) {
+        struct epoll_event event = {.events = pair, .data.u64 = (uintptr_t)link | 1};
+        epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->pair_fd, &event);
+        link->watched_pair = pair;
+    }
+}
+
+static void on_event(struct link *link, int pair_side, uint32_t mask) {
+    if (!link->attached)
+        return; /* detached after this epoll_wait returned */
+    if (pair_side) {
+        if (mask & EPOLLOUT) {
+            size_t before = link->to_sipp.length;
+            flush_to_sipp(link);
+            if (before >= BUFFER_LIMIT && link->to_sipp.length < BUFFER_LIMIT)
+                read_tls(link); /* OpenSSL may hold decrypted bytes the socket no longer shows */
+        }
+        if (mask & EPOLLIN)
+            read_pair(link);
+    } else {
+        if (mask & EPOLLOUT) {
+            flush_to_sut(link);
+            if (link->read_wants_write)
+                read_tls(link);
+        }
+        if (mask & (EPOLLIN | EPOLLHUP | EPOLLERR))
+            read_tls(link);
+    }
+    rewatch(link);
+}
+
+static void free_dead_links(void) {
+    while (dead_links) {
+        struct link *link = dead_links;
+        dead_links = link->next_dead;
+        buffer_free(&link->to_sut);
+        buffer_free(&link->to_sipp);
+        buffer_free(&link->from_sut);
+        buffer_free(&link->from_sipp);
+        free(link->lengths);
+        free(link);
+    }
+}
+
+static void *pump_main(void *unused) {
+    (void)unused;
+    struct epoll_event events[MAX_EVENTS];
+    for (;;) {
+        pthread_mutex_lock(&pump_lock);
+        free_dead_links(); /* no event of an earlier epoll_wait can name them any more */
+        int running = pump_running;
+        pthread_mutex_unlock(&pump_lock);
+        if (!running)
+            return NULL;
+        int count = epoll_wait(pump_epoll, events, MAX_EVENTS, 1000);
+        pthread_mutex_lock(&pump_lock);
+        for (int i = 0; i < count && pump_running; i++) {
+            uintptr_t data = (uintptr_t)events[i].data.u64;
+            if (data)
+                on_event((struct link *)(data & ~(uintptr_t)1), (int)(data & 1), events[i].events);
+        }
+        pthread_mutex_unlock(&pump_lock);
+    }
+}
+
+static int start_pump(void) {
+    if (pump_epoll >= 0)
+        return 0;
+    pump_epoll = epoll_create1(EPOLL_CLOEXEC);
+    if (pump_epoll < 0)
+        return -1;
+    pump_running = 1;
+    pthread_t thread;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&thread, &attributes, pump_main, NULL)) {
+        close(pump_epoll);
+        pump_epoll = -1;
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the API (tlspump.py) */
+
+/* Whether ssl is a live client TLS session on fd: guards the pointer read from the SSLSocket. */
+EXPORT int tlspump_validate(SSL *ssl, int fd) {
+    if (!ssl || SSL_get_fd(ssl) != fd || !SSL_is_init_finished(ssl))
+        return 0;
+    int version = SSL_version(ssl);
+    return version >= TLS1_VERSION && version <= TLS1_3_VERSION;
+}
+
+EXPORT struct link *tlspump_new(void) { return calloc(1, sizeof(struct link)); }
+
+static int set_buffer(struct buffer *buffer, const char *data, size_t length) {
+    buffer->length = 0;
+    return buffer_append(buffer, data, length);
+}
+
+/* Take the link over with Python's relay state; 0 on success, -1 (link untouched) otherwise. */
+EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, int sipp_fd,
+                          const char *to_sut, size_t to_sut_length, const char *to_sipp, size_t to_sipp_length,
+                          const char *from_sut, size_t from_sut_length, const char *from_sipp,
+                          size_t from_sipp_length, const uint32_t *lengths, size_t lengths_count) {
+    pthread_mutex_lock(&pump_lock);
+    int result = -1;
+    if (link->attached || start_pump())
+        goto out;
+    memset(&link->state, 0, sizeof(link->state));
+    link->ssl = ssl;
+    SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL); /* CPython sets it too: to_sut may grow */
+    /* Read-ahead: one read() per burst of records instead of two per record; what it buffers
+     * is drained into to_sipp at detach, as Python's relay watches only the socket. */
+    link->read_ahead = SSL_ctrl(ssl, SSL_CTRL_GET_READ_AHEAD, 0, NULL);
+    SSL_ctrl(ssl, SSL_CTRL_SET_READ_AHEAD, 1, NULL);
+    link->tls_fd = tls_fd;
+    link->pair_fd = pair_fd;
+    link->sipp_fd = sipp_fd;
+    link->write_pending = link->read_wants_write = 0;
+    link->lengths_count = 0;
+    if (set_buffer(&link->to_sut, to_sut, to_sut_length) || set_buffer(&link->to_sipp, to_sipp, to_sipp_length) ||
+        set_buffer(&link->from_sut, from_sut, from_sut_length) ||
+        set_buffer(&link->from_sipp, from_sipp, from_sipp_length))
+        goto out;
+    for (size_t i = 0; i < lengths_count; i++)
+        remember_length(link, lengths[i]);
+    link->watched_tls = wants_tls(link);
+    link->watched_pair = wants_pair(link);
+    struct epoll_event tls = {.events = link->watched_tls, .data.u64 = (uintptr_t)link};
+    struct epoll_event pair = {.events = link->watched_pair, .data.u64 = (uintptr_t)link | 1};
+    if (epoll_ctl(pump_epoll, EPOLL_CTL_ADD, tls_fd, &tls))
+        goto out;
+    if (epoll_ctl(pump_epoll, EPOLL_CTL_ADD, pair_fd, &pair)) {
+        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, tls_fd, NULL);
+        goto out;
+    }
+    link->attached = 1;
+    result = 0;
+    /* SSL may already hold decrypted bytes no socket event will announce: read them now. */
+    if (SSL_has_pending(link->ssl))
+        on_event(link, 0, EPOLLIN);
+out:
+    pthread_mutex_unlock(&pump_lock);
+    return result;
+}
+
+/* Hand the link back: after this returns the pump never touches it until attached again. */
+EXPORT void tlspump_detach(struct link *link) {
+    pthread_mutex_lock(&pump_lock);
+    if (link->attached) {
+        if (!link->state.end_kind)
+            epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->pair_fd, NULL);
+        link->attached = 0;
+        read_tls_records(link, 0); /* records read ahead: beyond the bound by one buffer at most */
+        SSL_ctrl(link->ssl, SSL_CTRL_SET_READ_AHEAD, link->read_ahead, NULL);
+    }
+    pthread_mutex_unlock(&pump_lock);
+}
+
+/* A buffer's bytes after detach: 0 to_sut, 1 to_sipp, 2 from_sut (partial), 3 from_sipp (partial). */
+EXPORT const char *tlspump_buffer(struct link *link, int which, size_t *length) {
+    struct buffer *buffers[] = {&link->to_sut, &link->to_sipp, &link->from_sut, &link->from_sipp};
+    *length = buffers[which]->length;
+    return buffers[which]->data;
+}
+
+EXPORT const uint32_t *tlspump_lengths(struct link *link, size_t *count) {
+    *count = link->lengths_count;
+    return link->lengths;
+}
+
+/* Free it once the pump thread can no longer hold an event naming it. */
+EXPORT void tlspump_free(struct link *link) {
+    tlspump_detach(link);
+    pthread_mutex_lock(&pump_lock);
+    if (pump_epoll >= 0) {
+        link->next_dead = dead_links;
+        dead_links = link;
+    } else {
+        link->next_dead = NULL;
+        dead_links = link;
+        free_dead_links();
+    }
+    pthread_mutex_unlock(&pump_lock);
+}
+
+/* At exit: the pump stops touching every link (Python frees the SSL objects next). */
+EXPORT void tlspump_stop(void) {
+    pthread_mutex_lock(&pump_lock);
+    pump_running = 0;
+    pthread_mutex_unlock(&pump_lock);
+}

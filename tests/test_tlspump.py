@@ -1,0 +1,209 @@
+"""The keeper's C TLS pump (helpers/tlspump/tlspump.c) while a run holds a TLS link.
+
+Each test first lets the run send one message, so that the pump holds the link (the status
+says "relay": "pump"), then drives the byte-exact case through it: framing (split messages,
+CRLF pongs, compact Content-Length, oversize), the SuT ending mid-run with whole messages
+delivered first, a run dying mid-write, back-pressure both ways, and the Python fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.keeper import tlspump
+from fdkeeper.testbed import wait_until
+from test_keeper_datapath import (  # noqa: F401 - keeper and pki are fixtures
+    FakeSut,
+    end_connection,
+    keeper,
+    keeper_rss,
+    lease,
+    open_connection,
+    pki,
+    read_to_the_end,
+    sip,
+)
+
+pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
+
+
+@pytest.fixture
+def sut(pki):
+    server = FakeSut(pki)
+    yield server
+    server.close()
+
+
+def read_exactly(sock: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        assert chunk, f"end of stream after {len(data)} of {length} bytes"
+        data += chunk
+    return data
+
+
+def pumped_run(keeper: KeeperClient, sut: FakeSut, pki) -> tuple[socket.socket, socket.socket]:
+    """A leased run whose link the pump holds, and the SuT's end of the TLS connection."""
+    open_connection(keeper, sut, "tls", pki)
+    peer = sut.connection()
+    run = lease(keeper, sut, "tls")
+    run.sendall(sip("warm-up"))
+    peer.settimeout(3)
+    assert read_exactly(peer, len(sip("warm-up"))) == sip("warm-up")
+    assert keeper.status()["connections"][0]["tls"]["relay"] == "pump"
+    return run, peer
+
+
+def nothing_to_read(sock: socket.socket, wait: float = 0.3) -> bool:
+    sock.settimeout(wait)
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    finally:
+        sock.settimeout(3)
+    return False
+
+
+def test_split_messages_and_pongs_reach_the_run_whole(keeper, sut, pki):
+    run, peer = pumped_run(keeper, sut, pki)
+    first, compact = sip("split", b"0123456789"), b"OPTIONS sip:a@b SIP/2.0\r\nl: 4\r\nCall-ID: c\r\n\r\nbody"
+    for piece in (first[:20], first[20:52], first[52:-3]):  # cut in the headers, at Content-Length, in the body
+        peer.sendall(piece)
+        assert nothing_to_read(run), "half a message reached the run"
+    peer.sendall(first[-3:] + b"\r\n" + compact + b"\r\n\r\n")  # a pong, then a CRLFCRLF between messages
+    assert read_exactly(run, len(first + compact)) == first + compact
+    assert nothing_to_read(run), "a keep-alive CRLF reached the run"
+    assert keeper.status()["connections"][0]["tls"]["messages_to_sipp"] == 2
+    run.close()
+
+
+def test_an_oversized_message_from_the_sut_ends_the_link_after_the_whole_ones(keeper, sut, pki):
+    run, peer = pumped_run(keeper, sut, pki)
+    peer.sendall(sip("whole") + b"MESSAGE sip:a@b SIP/2.0\r\nX-Long: " + b"y" * 70000)
+    assert read_to_the_end(run) == (sip("whole"), "eof")
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="the link closed")
+    assert "unframeable" in keeper.status()["connections"][0]["closed_reason"]
+
+
+@pytest.mark.parametrize(
+    "how, ending", [("close_notify", "eof"), ("fin", "eof"), ("rst", "ECONNRESET"), ("bad record", "ECONNRESET")]
+)
+def test_the_sut_ending_mid_run_delivers_whole_messages_first(keeper, sut, pki, how, ending):
+    run, peer = pumped_run(keeper, sut, pki)
+    half = sip("half", b"z" * 100)[:60]
+    peer.sendall(sip("one") + sip("two", b"body") + half)
+    end_connection(peer, how)
+    assert read_to_the_end(run) == (sip("one") + sip("two", b"body"), ending)
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="the link closed")
+
+
+WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from fdkeeper.client import KeeperClient
+[(_, fd)] = KeeperClient(Path(sys.argv[1])).lease(
+    role="client", transport="tls", remote=(sys.argv[2], int(sys.argv[3])), local="-")
+for piece in sys.argv[4:]:
+    os.write(fd, bytes.fromhex(piece))
+    time.sleep(0.2)  # one read each: the pump holds the link after the first
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_dying_mid_write_leaves_its_half_message_unsent(keeper, sut, pki):
+    open_connection(keeper, sut, "tls", pki)
+    peer = sut.connection()
+    whole, half = sip("whole", b"x" * 100), sip("half", b"y" * 1000)
+    pieces = [sip("first").hex(), (whole + half[:500]).hex(), half[500:700].hex()]
+    command = [sys.executable, "-c", WRITER, str(keeper.directory), *map(str, sut.address), *pieces]
+    assert subprocess.run(command, timeout=30).returncode == -signal.SIGKILL
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "idle", what="the lease to end")
+    tls = keeper.status()["connections"][0]["tls"]
+    assert tls["relay"] == "pump" and tls["dropped_bytes"] == 700
+    with lease(keeper, sut, "tls") as run:
+        run.sendall(sip("next"))
+        expected = sip("first") + whole + sip("next")
+        peer.settimeout(3)
+        assert read_exactly(peer, len(expected)) == expected
+
+
+def test_a_sut_that_stops_reading_blocks_the_run_and_bounds_the_keeper(keeper, sut, pki):
+    run, _peer = pumped_run(keeper, sut, pki)  # the SuT never reads again
+    before, message, written = keeper_rss(keeper), sip("flood", b"x" * 4000), 0
+    run.settimeout(1.0)  # blocked a whole second: back-pressure reached the run
+    with pytest.raises(TimeoutError):
+        while written < 64 * 1024 * 1024:
+            run.sendall(message)
+            written += len(message)
+    assert keeper_rss(keeper) - before < 8 * 1024 * 1024, f"after {written} bytes written"
+    run.close()
+
+
+def test_a_run_that_stops_reading_bounds_the_keeper_and_then_gets_every_message(keeper, sut, pki):
+    run, peer = pumped_run(keeper, sut, pki)
+    messages = [sip(f"m{number}", b"x" * 2000) for number in range(3000)]  # about 6 MB
+    blocked = threading.Event()
+
+    def flood() -> None:
+        for message in messages:
+            peer.sendall(message)
+        blocked.set()
+
+    sender = threading.Thread(target=flood, daemon=True)
+    before = keeper_rss(keeper)
+    sender.start()
+    time.sleep(1.5)  # the run reads nothing meanwhile
+    assert not blocked.is_set(), "the keeper took all the SuT sent while the run read nothing"
+    assert keeper_rss(keeper) - before < 8 * 1024 * 1024
+    expected = b"".join(messages)
+    assert read_exactly(run, len(expected)) == expected
+    sender.join(10)
+    run.close()
+
+
+def test_without_the_pump_python_relays(tmp_path, sut, pki, monkeypatch):
+    monkeypatch.setenv("FDKEEPER_TLS_PUMP", "0")
+    client = ensure_keeper(tmp_path / "state")
+    try:
+        open_connection(client, sut, "tls", pki)
+        peer = sut.connection()
+        with lease(client, sut, "tls") as run:
+            run.sendall(sip("one"))
+            peer.settimeout(3)
+            assert read_exactly(peer, len(sip("one"))) == sip("one")
+            peer.sendall(sip("two"))
+            assert read_exactly(run, len(sip("two"))) == sip("two")
+        assert client.status()["connections"][0]["tls"]["relay"] == "python"
+    finally:
+        client.stop()
+
+
+def test_an_ssl_object_that_does_not_check_out_is_left_to_python(sut, pki, monkeypatch, caplog):
+    context = ssl.create_default_context(cafile=str(pki.ca_cert))
+    context.check_hostname = False
+    first = context.wrap_socket(socket.create_connection(sut.address))
+    second = context.wrap_socket(socket.create_connection(sut.address))
+    try:
+        assert tlspump.PumpedLink.create(first) is not None
+        # The pointer of another connection: its descriptor is not this socket's.
+        original = tlspump.ssl_pointer
+        monkeypatch.setattr(tlspump, "ssl_pointer", lambda tls: original(second))
+        monkeypatch.setattr(tlspump._LIBRARY, "_warned", False)
+        with caplog.at_level(logging.WARNING, logger="fdkeeper.tls"):
+            assert tlspump.PumpedLink.create(first) is None
+        assert "did not check out" in caplog.text
+    finally:
+        first.close()
+        second.close()
