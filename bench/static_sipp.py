@@ -6,8 +6,8 @@
 (b) sipp 3.7.7's static build through `fdkeeper sipp --mode ptrace` (what `--mode auto`
     picks for it): sipp runs under a seccomp filter that stops only connect() and
     epoll_ctl(ADD); fdkeeper skips that connect, follows the one thread to its first send,
-    leases user k's connection by the From AoR, puts it in place of the socket (about seven
-    ptrace stops per call) and lets the send run again.
+    leases user k's connection by the From AoR, puts it in place of the socket and lets the
+    send run again (four ptrace stops per call: epoll_ctl, connect, sipp's fcntl, the send).
 
 With 1,000 users and 2 s runs the rates stop at 500 calls/s (see below), where both keep up;
 `--duration 1 --steps 600,800,1000 --startup-runs 0` shows where each one's ceiling lies.

@@ -9,6 +9,7 @@ the user registered on. t1/l1 stay as they were.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from fdkeeper.client import KeeperClient
 
 STATIC_SIPP = testbed.sipp_build("sipp-static")
 USERS = 12
+STOPS_BESIDE_HANDOFFS = 24  # start-up (exec, the first handoff call by call, the code mapped), exit
 
 def user_names(count: int) -> list[str]:
     return [f"user{index:04d}" for index in range(1, count + 1)]
@@ -104,6 +106,11 @@ def register_gap_answer(kamailio, remote, keeper_dir, tmp_path, transport, optio
     # The first handoff of the run injects pidfd_getfd/dup3/close call by call and maps the code
     # that does all three; every later one runs that code: one stop instead of five.
     assert register.text("stderr").count("in one stop;") == USERS - 1
+    # sipp waits on the tracer at each ptrace stop: per handoff its epoll_ctl(ADD), connect(),
+    # fcntl(F_SETFL) (emulated) and send (7 before: connect's exit, fcntl's entry and exit, and
+    # the int3 of a handoff code that did not jump back); the first handoff and start-up add a few.
+    stops, handoffs = map(int, re.search(r"(\d+) ptrace stops for (\d+) per-call handoff", register.text("stderr")).groups())
+    assert handoffs == USERS and stops <= 4 * USERS + STOPS_BESIDE_HANDOFFS, stops
 
     connections = kept(keeper_dir)
     assert len(connections) == USERS and all(c["state"] == "idle" for c in connections)

@@ -34,6 +34,7 @@ PTRACE_GET_SYSCALL_INFO = 0x420E
 PTRACE_EVENT_STOP = 128
 PTRACE_EVENT_SECCOMP = 7
 PTRACE_CONT = 7
+PTRACE_SYSEMU = 31
 PTRACE_O_TRACESECCOMP = 0x80
 OPTIONS = (
     PTRACE_O_TRACESECCOMP  # stops at the calls a SECCOMP_RET_TRACE filter names (per-call runs)
@@ -63,13 +64,16 @@ class TraceeGone(Exception):
 # Plain classes, not dataclasses: a dataclass compiles code at import, and this module is
 # imported on every --mode ptrace start-up, where each millisecond counts.
 class SyscallStop:
-    __slots__ = ("tid", "entry", "nr", "args", "rval", "seccomp")
+    __slots__ = ("tid", "entry", "nr", "args", "rval", "seccomp", "emulated")
 
     def __init__(self, tid: int, entry: bool, nr: int = -1, args: tuple[int, ...] = (), rval: int = 0,
-                 seccomp: bool = False) -> None:
+                 seccomp: bool = False, emulated: bool = False) -> None:
         self.tid = tid
         self.entry = entry
         self.seccomp = seccomp  # a SECCOMP_RET_TRACE stop (before the call runs), not a syscall-entry stop
+        # An entry stop of an ``emulating`` thread: the call does not run unless Tracer.rerun()
+        # sends the thread back onto it (it returns what rax says at the resume).
+        self.emulated = emulated
         self.nr = nr  # entry only
         self.args = args  # entry only
         self.rval = rval  # exit only
@@ -109,8 +113,16 @@ class Tracer:
         # PTRACE_CONT and stop only where the seccomp filter says, except the ``stepping`` ones.
         self.continuous = False
         self.stepping: set[int] = set()
+        # Stepping threads resumed with PTRACE_SYSEMU: stopped at each syscall's entry only (no
+        # exit stop), the call skipped unless rerun(); the tracer may do its work instead.
+        self.emulating: set[int] = set()
+        self._rerunning: set[int] = set()  # rerun() calls in progress: back to emulating at their exit
+        # Held at an emulated entry stop: resumed with PTRACE_SYSCALL, such a thread first reports
+        # the skipped call's exit, which resume() takes out of the way.
+        self._emulated_at: set[int] = set()
         self.tasks: dict[int, Task] = {root: Task(root)}
         self.root_status: int | None = None  # raw wait status once the root exited
+        self.stops = 0  # every ptrace stop and exit seen: what the traced program waited on us for
         self.on_exec: Callable[[int], None] | None = None  # told the pid of a process that exec'd
         self._mem: dict[int, int] = {}
 
@@ -195,8 +207,11 @@ class Tracer:
     def _wait(self, tid: int = -1) -> int | None:
         """Wait status of ``tid`` (or any task); None when it just exited (and is forgotten)."""
         pid, status = os.waitpid(tid, WALL)
+        self.stops += 1
         if os.WIFEXITED(status) or os.WIFSIGNALED(status):
             self.tasks.pop(pid, None)
+            for marked in (self.stepping, self.emulating, self._rerunning, self._emulated_at):
+                marked.discard(pid)  # a later thread may get its number
             if pid == self.root:
                 self.root_status = status
             return None
@@ -239,16 +254,39 @@ class Tracer:
     def resume(self, tid: int, sig: int = 0, every_syscall: bool = False) -> None:
         """Let ``tid`` run on: to its next syscall stop, or (continuous) to the filter's next one."""
         try:
-            if every_syscall or not self.continuous or tid in self.stepping:
+            if every_syscall or not self.continuous or (tid in self.stepping and tid not in self.emulating):
+                if tid in self._emulated_at and self._past_emulated_exit(tid, sig):
+                    sig = 0
                 pt.ptrace_syscall(tid, sig)
+            elif tid in self.emulating:
+                pt.ptrace(PTRACE_SYSEMU, tid, 0, sig)
             else:
                 pt.ptrace(PTRACE_CONT, tid, 0, sig)
         except pt.PtraceError:
             self.tasks.pop(tid, None)  # killed while stopped
             return
+        self._emulated_at.discard(tid)
         task = self.tasks.get(tid)
         while task and task.signals:  # held back during an injection: deliver them now
             os.kill(tid, task.signals.pop(0))
+
+    def _past_emulated_exit(self, tid: int, sig: int) -> bool:
+        """From an emulated entry stop, to the skipped call's exit stop (signals held back);
+        True once there, False when the thread is gone."""
+        self._emulated_at.discard(tid)
+        pt.ptrace_syscall(tid, sig)
+        while True:
+            status = self._wait(tid)
+            if status is None:
+                return False
+            stop_sig, event = os.WSTOPSIG(status), status >> 16
+            if stop_sig == SYSCALL_TRAP:
+                return True
+            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
+                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
+            elif not event:
+                self.tasks[tid].signals.append(stop_sig)
+            pt.ptrace_syscall(tid, 0)
 
     def _syscall_info(self, tid: int) -> SyscallStop:
         buf = ctypes.create_string_buffer(88)
@@ -256,9 +294,32 @@ class Tracer:
         op = buf.raw[0]
         if op in (1, 3):  # PTRACE_SYSCALL_INFO_ENTRY, _SECCOMP: nr and args at the same place
             nr, *args = struct.unpack_from("<7Q", buf.raw, 24)
-            return SyscallStop(tid, True, nr, tuple(args), seccomp=op == 3)
+            emulated = op == 1 and tid in self.emulating
+            if emulated:
+                self._emulated_at.add(tid)
+            return SyscallStop(tid, True, nr, tuple(args), seccomp=op == 3, emulated=emulated)
         rval, = struct.unpack_from("<q", buf.raw, 24)
+        if tid in self._rerunning:
+            self._rerunning.discard(tid)
+            if tid in self.stepping:
+                self.emulating.add(tid)
         return SyscallStop(tid, False, rval=rval)
+
+    def rerun(self, tid: int) -> None:
+        """At an emulated entry stop: the call runs after all. The thread goes back onto its
+        `syscall` instruction and makes it again as a plain stepping thread (entry and exit
+        stops), then emulation resumes; a thread no longer stepping just runs it."""
+        regs = pt.ptrace_getregs(tid)
+        regs.rip, regs.rax = regs.rip - 2, regs.orig_rax
+        pt.ptrace_setregs(tid, regs)
+        self.run_again(tid)
+
+    def run_again(self, tid: int) -> None:
+        """The thread was put back onto its `syscall` instruction (rerun, Injection.finish_rerun):
+        let that call run at the next resume, not be emulated away."""
+        self.emulating.discard(tid)
+        if tid in self.stepping:
+            self._rerunning.add(tid)
 
     def wait_syscall_stop(self, tid: int) -> None:
         """Resume ``tid`` to its next syscall stop, holding back signals that arrive meanwhile."""
@@ -275,23 +336,6 @@ class Tracer:
             elif not event:
                 self.tasks[tid].signals.append(sig)
             self.resume(tid, every_syscall=True)
-
-    def run_to_trap(self, tid: int, trap_at: int) -> None:
-        """Let ``tid`` run (no syscall stops) until our code's int3 stops it at ``trap_at``,
-        holding back the signals that arrive meanwhile (a SIGTRAP elsewhere is one of them)."""
-        pt.ptrace(PTRACE_CONT, tid, 0, 0)
-        while True:
-            status = self._wait(tid)
-            if status is None:
-                raise TraceeGone(tid)
-            sig, event = os.WSTOPSIG(status), status >> 16
-            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
-                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
-            elif not event:
-                if sig == signal.SIGTRAP and pt.ptrace_getregs(tid).rip == trap_at:
-                    return
-                self.tasks[tid].signals.append(sig)
-            pt.ptrace(PTRACE_CONT, tid, 0, 0)
 
     # ------------------------------------------------------------ memory
 
@@ -338,6 +382,7 @@ class Injection:
             raise OSError(errno.ENOTSUP, "the intercepted call was not made with a syscall instruction")
         self.scratch = 0
         self.at_entry = at_entry  # still at the intercepted call's entry stop
+        self.left = False  # sent into code of ours by jump(): nothing to finish
 
     def call(self, name: str, *args: int) -> int:
         """Run one syscall in the thread; its raw result (-errno on failure)."""
@@ -355,20 +400,19 @@ class Injection:
         self.tracer.wait_syscall_stop(self.tid)  # exit
         return signed(pt.ptrace_getregs(self.tid).rax)
 
-    def run_code(self, address: int, end: int, **registers: int) -> pt.UserRegs:
-        """Run code of ours placed in the program at ``address`` (ending in an int3 whose next
-        byte is ``end``), the registers set as given; the registers it leaves. At the entry
-        stop the intercepted call is skipped first. Several syscalls for one stop."""
+    def jump(self, address: int, **registers: int) -> None:
+        """Let the thread run code of ours at ``address`` from the resume that follows, with no
+        stop of ours after it (the code returns to the program's flow by itself). Held at the
+        entry stop, the intercepted call is skipped first. Nothing is to be finished after."""
         regs = pt.ptrace_getregs(self.tid)
         if self.at_entry:
-            regs.orig_rax = unsigned(-1)  # the kernel skips the call and returns to rip
+            regs.orig_rax = unsigned(-1)
         regs.rip = address
         for reg, value in registers.items():
             setattr(regs, reg, unsigned(value))
         pt.ptrace_setregs(self.tid, regs)
         self.at_entry = False
-        self.tracer.run_to_trap(self.tid, end)
-        return pt.ptrace_getregs(self.tid)
+        self.left = True
 
     def _leave_entry(self) -> None:
         """Held at the entry stop with nothing injected: let the call be a getpid, to its exit."""

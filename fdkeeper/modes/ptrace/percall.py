@@ -10,9 +10,11 @@ from outside:
   one thread stops at every syscall ("stepping") until its first send on the socket, which
   in sipp follows at once (call::connect_socket_if_needed, then the send);
 - at that send the From AoR of the message is read from the program's buffer, the user's
-  kept connection is leased, put in place of the socket (dup3, epoll registrations
-  re-added) and the send runs again, now on the kept connection; the thread runs on
-  untraced until its next connect().
+  kept connection is leased, its epoll registrations re-added from outside and the thread sent into
+  handoff_code's HANDOFF_CODE, which puts the connection in place of the socket and reruns
+  the send, now on the kept connection: no stop after the send's own. The thread runs on
+  untraced until its next connect(). (The first handoff of a process injects the calls one
+  by one and maps that code.)
 
 The epoll registrations to re-add are the ones the program made: the filter also stops at
 epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
@@ -25,6 +27,7 @@ with a thousand users.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 import struct
@@ -33,28 +36,13 @@ from typing import TYPE_CHECKING
 
 from fdkeeper.modes.ptrace import procfs
 from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_ADD, EPOLL_CTL_MOD, Registrations, add_from_outside
-from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt, signed, unsigned
+from fdkeeper.modes.ptrace.handoff_code import HandoffCode
+from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt, unsigned
 
 if TYPE_CHECKING:
     from fdkeeper.modes.ptrace.session import Session
 
 SOCK_CLOEXEC = 0o2000000
-# The handoff's three calls as one piece of code in the program (an anonymous read+exec page
-# mapped once per process), so that it costs one stop instead of five (pidfd_getfd, dup3 and
-# close injected one by one, two stops each but the first). In: rdi = fdkeeper's pidfd in the
-# program, rsi = the kept connection's fd in fdkeeper, r12 = the program's fd to replace.
-# Out: r13 = pidfd_getfd()'s result, r14 = dup3()'s (r13 < 0: nothing else ran).
-#     mov eax, 438 (pidfd_getfd); xor edx, edx; syscall; mov r13, rax; test rax, rax; js done
-#     mov rdi, rax; mov rsi, r12; mov edx, O_CLOEXEC; mov eax, 292 (dup3); syscall; mov r14, rax
-#     mov rdi, r13; mov eax, 3 (close); syscall
-#     done: int3
-HANDOFF_CODE = bytes.fromhex(
-    "b8b6010000" "31d2" "0f05" "4989c5" "4885c0" "781f"
-    "4889c7" "4c89e6" "ba00000800" "b824010000" "0f05" "4989c6"
-    "4c89ef" "b803000000" "0f05"
-    "cc"
-)
-PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS = 5, 0x22
 MAX_LOOK = 64 * 1024  # bytes of a send looked at for the From header (as the shim)
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
 MAX_IOV = 64
@@ -70,7 +58,8 @@ class PerCallClient:
         self.waiting: dict[int, set[int]] = {}  # tid -> its pending fds (the tid is stepping)
         self.epolls: dict[int, list[int]] = {}  # tgid -> its epoll fds (found once, not per call)
         self.registrations = Registrations()
-        self.code: dict[int, int] = {}  # tgid -> address of HANDOFF_CODE in that process
+        self.code = HandoffCode(session.tracer)  # the handoff as code in the program, after its first
+        self.handoffs = 0
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -80,17 +69,37 @@ class PerCallClient:
                 self._on_epoll_add(stop)
             return
         fds = self.waiting.get(stop.tid)
-        if not fds:
-            return
+        done = self._on_stepping_entry(stop, fds) if fds else False
+        if stop.emulated and not done:
+            self.session.tracer.rerun(stop.tid)  # a call of the program's own: it runs
+
+    def _on_stepping_entry(self, stop: SyscallStop, fds: set[int]) -> bool:
+        """A stepping thread at a syscall's entry; True when the call was dealt with here (not
+        to run as the program made it, if emulated)."""
         fd = stop.args[0] & LOW
         if stop.nr == SYS["epoll_ctl"] and stop.args[2] & LOW in fds and stop.args[1] & LOW != EPOLL_CTL_ADD:
             self._on_epoll_change(stop)
         elif fd not in fds:
-            return
+            return False
         elif stop.nr in SENDS:
             self._first_send(stop, fd)
+            return True
+        elif stop.nr == SYS["fcntl"] and stop.emulated and stop.args[1] & LOW in (fcntl.F_GETFL, fcntl.F_SETFL):
+            self._fcntl(stop, fd)
+            return True
         elif stop.nr == SYS["close"]:
             self._forget(stop.tid, fd)
+        return False
+
+    def _fcntl(self, stop: SyscallStop, fd: int) -> None:
+        """sipp's F_SETFL between connect() and the first send, done on our copy of the socket
+        (file status flags belong to the open file, which we share): one stop, not two."""
+        try:
+            with self.session.copy(self.session.tgid(stop.tid), fd) as copy:
+                result = fcntl.fcntl(copy.fileno(), stop.args[1] & LOW, stop.args[2] & LOW)
+        except OSError as error:
+            result = -(error.errno or errno.EBADF)
+        self._skip(stop.tid, result)
 
     # ------------------------------------------------------------ epoll_ctl()
 
@@ -138,6 +147,9 @@ class PerCallClient:
             self.pending[(tgid, fd)] = os.fstat(program_socket.fileno()).st_ino
         self.waiting.setdefault(stop.tid, set()).add(fd)
         session.tracer.stepping.add(stop.tid)
+        # Emulating: its next calls stop at their entry only (sipp's are fcntl(F_SETFL), done
+        # here, and the send), not at entry and exit.
+        session.tracer.emulating.add(stop.tid)
         self._skip(stop.tid, 0)
         session.say(f"connect(fd {fd}): per-call connection, leased at its first send")
 
@@ -154,6 +166,7 @@ class PerCallClient:
         if not fds:
             self.waiting.pop(tid, None)
             self.session.tracer.stepping.discard(tid)
+            self.session.tracer.emulating.discard(tid)
         return self.pending.pop((self.session.tgid(tid), fd), None)
 
     # ------------------------------------------------------------ the first send
@@ -163,7 +176,10 @@ class PerCallClient:
         tgid = session.tgid(tid)
         message = self._message(stop)
         ino = self._forget(tid, fd)
-        injection = Injection(session.tracer, tid, at_entry=True)
+        if self.code.check_previous(tgid, tid) == -errno.EBADF:
+            session.transfer.forget(tgid)  # the program closed our pidfd: open another, call by call
+        # At an emulated stop the send is skipped already: injections start from its "exit".
+        injection = Injection(session.tracer, tid, at_entry=not stop.emulated)
         aor = from_aor(message)
         if aor is None:
             print(f"fdkeeper: send(fd {fd}) to the SuT: the first message on a per-call connection has no From "
@@ -174,16 +190,20 @@ class PerCallClient:
         kept = session.client_lease(injection, tgid, local="-", aor=aor)  # the user is the identity
         if kept is None:
             return
+        by_code = tid not in session.tracer.stepping  # the code's own calls must not stop, nor be emulated
         try:
-            epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0])
+            epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code)
         except OSError as error:
             print(f"fdkeeper: cannot hand {aor}'s kept connection to process {tgid}: {error}", file=sys.stderr, flush=True)
             injection.finish(-(error.errno or errno.EIO))
             return
+        self.handoffs += 1
         session.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]} ({epoll})")
-        # The send again, on the kept connection: at the resume that follows (untraced, as the
-        # thread no longer steps), from the stop our last injected call or code left it in.
-        injection.finish_rerun(stop_at_entry=False)
+        if not injection.left:
+            # The send again, on the kept connection: at the resume that follows (untraced, as
+            # the thread no longer steps), from the stop our last injected call left it in.
+            injection.finish_rerun(stop_at_entry=False)
+            session.tracer.run_again(tid)
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""
@@ -201,7 +221,7 @@ class PerCallClient:
             data += read(tid, base, min(length, MAX_LOOK - len(data))) if length else b""
         return data
 
-    def _hand_over(self, injection: Injection, tgid: int, fd: int, ino: int | None, kept_fd: int) -> str:
+    def _hand_over(self, injection: Injection, tgid: int, fd: int, ino: int | None, kept_fd: int, by_code: bool) -> str:
         """Put the kept connection on ``fd``; how, and how its epoll registrations were restored."""
         session = self.session
         with socket.socket(fileno=kept_fd) as kept_socket, session.copy(tgid, fd) as program_socket:
@@ -209,49 +229,23 @@ class PerCallClient:
                 raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
             procfs.match_nonblocking(kept_socket, program_socket)
             registrations, found = self._registrations(tgid, fd, os.fstat(program_socket.fileno()).st_ino)
-            how = "in one stop"
-            if not self._put_at_once(injection, tgid, fd, kept_fd):
-                new = session.transfer.one_into(injection, tgid, kept_fd)
-                injection.check("dup3", new, fd, SOCK_CLOEXEC)
-                injection.call("close", new)
-                self._place_code(injection, tgid)
-                how = "call by call"
+            pidfd = session.transfer.pidfd_in_program(tgid)
+            # By code (HANDOFF_CODE), the registrations first: made from outside on the kept
+            # connection under the number ``fd``, they are the ones the program's fd will have
+            # once the code's dup3 ran (epoll keys on file and number, not on whose table).
+            if (by_code and pidfd is not None and self.code.usable(injection.tid, tgid, pidfd)
+                    and add_from_outside(session.pidfd(tgid), fd, kept_fd, registrations)
+                    and self.code.start(injection, tgid, pidfd, kept_fd, fd)):
+                return f"in one stop; {len(registrations)} epoll registration(s) {found}, re-added from outside"
+            new = session.transfer.one_into(injection, tgid, kept_fd)
+            injection.check("dup3", new, fd, SOCK_CLOEXEC)
+            injection.call("close", new)
+            if session.transfer.pidfd_in_program(tgid) is not None:  # by SCM_RIGHTS only, the code cannot help
+                self.code.place(injection, tgid)
             if add_from_outside(session.pidfd(tgid), fd, kept_fd, registrations):
-                return f"{how}; {len(registrations)} epoll registration(s) {found}, re-added from outside"
+                return f"call by call; {len(registrations)} epoll registration(s) {found}, re-added from outside"
             session.restore_epoll(injection, fd, registrations, injection.stack_area())
-            return f"{how}; {len(registrations)} epoll registration(s) {found}, re-added by injection"
-
-    def _put_at_once(self, injection: Injection, tgid: int, fd: int, kept_fd: int) -> bool:
-        """The kept connection onto ``fd`` by HANDOFF_CODE (one stop); False when that cannot
-        be tried (no code or pidfd in the program yet) or its pidfd_getfd() failed: nothing
-        changed, the caller injects the calls one by one."""
-        pidfd, address = self.session.transfer.pidfd_in_program(tgid), self.code.get(tgid)
-        if pidfd is None or address is None or not self._code_there(injection.tid, address):
-            return False
-        regs = injection.run_code(address, address + len(HANDOFF_CODE), rdi=pidfd, rsi=kept_fd, r12=fd)
-        got, placed = signed(regs.r13), signed(regs.r14)
-        if got < 0:
-            return False
-        if placed < 0:
-            raise OSError(-placed, f"dup3 in the traced program: {os.strerror(-placed)}")
-        return True
-
-    def _code_there(self, tid: int, address: int) -> bool:
-        """Our code still at ``address`` (an exec replaces the whole address space)."""
-        try:
-            return self.session.tracer.read(tid, address, len(HANDOFF_CODE)) == HANDOFF_CODE
-        except OSError:
-            return False
-
-    def _place_code(self, injection: Injection, tgid: int) -> None:
-        """Map HANDOFF_CODE into the program for its next handoffs, once fdkeeper's pidfd is there."""
-        if self.session.transfer.pidfd_in_program(tgid) is None:
-            return  # by SCM_RIGHTS only: the code cannot help
-        if tgid in self.code and self._code_there(injection.tid, self.code[tgid]):
-            return
-        address = injection.check("mmap", 0, 4096, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS, -1, 0)
-        self.session.tracer.write(injection.tid, address, HANDOFF_CODE)  # /proc/PID/mem may write there
-        self.code[tgid] = address
+            return f"call by call; {len(registrations)} epoll registration(s) {found}, re-added by injection"
 
     def _registrations(self, tgid: int, fd: int, ino: int) -> tuple[list[tuple[int, int, int]], str]:
         """sipp adds a call socket to its epoll set before connect(): that registration, and

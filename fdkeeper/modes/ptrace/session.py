@@ -54,7 +54,7 @@ class Session:
         descriptor numbers may name other files now)."""
         self.transfer.forget(pid)
         if self.percall is not None:
-            self.percall.code.pop(pid, None)
+            self.percall.code.forget(pid)
             self.percall.registrations.forget_process(pid)
 
     def say(self, text: str) -> None:
@@ -81,6 +81,8 @@ class Session:
         finally:
             if tracer.tasks:
                 tracer.detach_all()
+            if self.percall is not None:
+                self.say(f"{tracer.stops} ptrace stops for {self.percall.handoffs} per-call handoff(s)")
             self._close()
         if tracer.root_status is not None:
             return tracer.root_status
@@ -220,3 +222,5 @@ class Session:
             os.close(pidfd)
         self._pidfds.clear()
         self.transfer.close()
+        if self.percall is not None:
+            self.percall.code.close()
