@@ -19,6 +19,9 @@ alternating step by step so that the machine's load hits all alike:
      times, alternating): sipp's (the reaped run minus the `fdkeeper sipp` wrapper's own) plus
      the keeper's (psutil user+system), in clock ticks per 3,000 calls and ms per call; goal:
      (k) sipp + keeper <= (n) sipp. The wrapper's start-up and Kamailio's are shown apart.
+  3. The idle floor: each sipp (a UAS nobody calls) and the keeper holding the users' links,
+     watched for --idle-seconds, and how much of (kn)'s CPU at the -t ln rate that floor is over
+     the run's length (sipp polls every 1 ms; sipp 3.7.7's own -t ln sleeps in its connect).
 The machine's load average and how busy its cores were (all processes, /proc/stat) are printed:
 other work on the machine slows every configuration, but not alike.
 
@@ -279,9 +282,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ln-steps", default=LN_STEPS, help=f"the -t ln rates to climb ({LN_STEPS})")
     parser.add_argument("--only", help=f"comma-separated configurations to run (default all: {','.join(CONFIGS)})")
     parser.add_argument("--cpu-duration", type=float, default=10, help="seconds of each fixed-rate run (10)")
+    parser.add_argument("--idle-seconds", type=float, default=5,
+                        help="seconds each sipp (and the keeper) is watched doing nothing: the -t ln idle floor (5)")
     parser.add_argument("--cpu-rounds", type=int, default=2, help="fixed-rate runs of each configuration (2)")
     parser.add_argument("--native-sipp", help="the TLS sipp 3.7.7 (default: testbed.sipp_build('sipp-tls'))")
     return resolve_defaults(parser.parse_args(argv))
+
+
+@dataclass
+class IdleFloor:
+    """CPU per second of merely running, nothing to do: what a fixed-rate run pays for its length
+    whatever its rate (sipp polls with a 1 ms timeout; the keeper holds the users' links)."""
+    debian_sipp: float
+    native_sipp: float
+    keeper: float
+    links: int
+
+    def ticks_per_calls(self, run: Run, key: str) -> float:
+        """The floor of ``key`` over ``run``'s wall time, in ticks per PER_CALLS of its calls."""
+        return getattr(self, key) * run.wall * TICKS * PER_CALLS / max(1, run.successful)
+
+
+def idle_cpu_per_second(bench: Bench, sipp: str, seconds: float) -> tuple[float, float]:
+    """CPU-s per s of an idle sipp (a UAS nobody calls) and, alongside, of the idle keeper."""
+    process = testbed.start_sipp(sipp, write_uas_scenario(bench.workdir), bench.kamailio.address, log_dir=bench.logs,
+                                 name=f"idle-{Path(sipp).name}", local_ip=bench.kamailio.host, transport="u1",
+                                 local_port=testbed.free_port(), calls=None, trace_messages=False)
+    try:
+        time.sleep(0.5)  # past sipp's start-up
+        watched = [psutil.Process(process.pid)]
+        began, keeper_began = cpu_seconds(watched), cpu_seconds(bench.keeper)
+        time.sleep(seconds)
+        return (cpu_seconds(watched) - began) / seconds, (cpu_seconds(bench.keeper) - keeper_began) / seconds
+    finally:
+        process.terminate()
+
+
+def measure_idle_floor(bench: Bench, seconds: float) -> IdleFloor:
+    debian, keeper = idle_cpu_per_second(bench, bench.sipp, seconds)
+    native, keeper_again = idle_cpu_per_second(bench, bench.native, seconds)
+    return IdleFloor(debian, native, (keeper + keeper_again) / 2, bench.users)
+
+
+def idle_floor_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[str]:
+    """How much of (kn)'s CPU at the -t ln rate is the cost of running for the run's length."""
+    runs = [r for r in rounds if r.config == "kn" and r.rate == rate and r.all_answered]
+    if not runs:
+        return []
+    sipp = statistics.median(floor.ticks_per_calls(r, "debian_sipp") for r in runs)
+    keeper = statistics.median(floor.ticks_per_calls(r, "keeper") for r in runs)
+    return [f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
+            f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links "
+            f"{floor.keeper * TICKS:.2f} ticks/s; over (kn)'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper "
+            f"{keeper:.0f} = {sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
+            f"((nn)'s sipp sleeps inside its blocking TLS connect instead)"]
 
 
 def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
@@ -327,11 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
               f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds")
         rounds = fixed_rate_rounds(bench, args)
+        floor = measure_idle_floor(bench, args.idle_seconds) if "kn" in bench.CONFIGS else None
         print("-- rate search")
         best = climb(bench, search_ladders(bench, args))
         print()
         print(f"result (runs of {bench.duration:g} s; uac-call.xml to {CALLEE} through Kamailio's TLS port):")
-        for line in [*rate_report(best, bench.runs + rounds), *cpu_report(rounds)]:
+        floor_lines = idle_floor_report(floor, rounds, args.cpu_rate_ln) if floor else []
+        for line in [*rate_report(best, bench.runs + rounds), *cpu_report(rounds), *floor_lines]:
             print(f"  {line}")
         print_footer(bench, machine_facts(bench, load), time.monotonic() - began)
 

@@ -9,7 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,31 @@ def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
     assert " T connect" in nm.stdout and " T epoll_wait" in nm.stdout
     helped = subprocess.run([str(venv / "bin" / "fdkeeper"), "sipp", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--reconnect" in helped.stdout
+
+
+def test_sdist_carries_the_c_sources_and_builds_them(tmp_path):
+    """An sdist (what `pip download` or a package index hands out) holds everything setup.py
+    compiles from (helpers/: sources, headers, shimbuild.py) and builds the shim and the pump."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "src"
+    for name in tracked:  # a copy, so that building leaves no egg-info in the checkout
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name, follow_symlinks=False)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=copy,
+                   capture_output=True, check=True, timeout=120)
+    (sdist,) = (tmp_path / "dist").glob("fdkeeper-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        packed = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    missing = [name for name in tracked if name.startswith(("helpers/", "scenarios/")) and name not in packed]
+    assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check",
+                            "--wheel-dir", str(tmp_path / "wheels"), str(sdist)], capture_output=True, text=True,
+                           timeout=300)
+    assert wheel.returncode == 0, wheel.stdout + wheel.stderr
+    (built,) = (tmp_path / "wheels").glob("fdkeeper-*.whl")
+    with zipfile.ZipFile(built) as archive:
+        libraries = [name for name in archive.namelist() if name.endswith(".so")]
+    assert any("_shim" in name for name in libraries) and any("_tlspump" in name for name in libraries), libraries
 
 
 # --------------------------------------------------------------------------
