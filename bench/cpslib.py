@@ -261,9 +261,11 @@ class BenchBase:
 
     # -- processes --------------------------------------------------------
 
-    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
-        return self._track(testbed.start_sipp(self.sipp, scenario, remote or self.kamailio.address, log_dir=self.logs,
-                                              name=name, local_ip=self.kamailio.host, **options))
+    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, sipp: str | None = None,
+                    **options) -> testbed.SippProcess:
+        """sipp (the bench's, or ``sipp``) straight to the SuT, no fdkeeper; stopped by close()."""
+        return self._track(testbed.start_sipp(sipp or self.sipp, scenario, remote or self.kamailio.address,
+                                              log_dir=self.logs, name=name, local_ip=self.kamailio.host, **options))
 
     def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
         return self._track(start_through_fdkeeper(self.sipp, scenario, remote or self.kamailio.address,

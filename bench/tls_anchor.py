@@ -137,8 +137,7 @@ class Bench(BenchBase):
         if config.startswith("k"):
             return self.start_kept(scenario, name, remote=self.kamailio.tls_address, options=self.tls_options,
                                    **options)
-        return self._track(testbed.start_sipp(self.native, scenario, self.kamailio.tls_address, log_dir=self.logs,
-                                              name=name, local_ip=self.kamailio.host, **options))
+        return self.start_plain(scenario, name, remote=self.kamailio.tls_address, sipp=self.native, **options)
 
     # -- CPU around every run ------------------------------------------------
 
@@ -236,9 +235,8 @@ def rate_report(best: dict[str, Run | None], runs: list[Run]) -> list[str]:
         figure = f"{run.rate:g} calls/s, achieved {run.achieved:.1f}" if run else "no rate passed"
         lines.append(f"({config}) {LABELS[config]:<{WIDTH - 5}} highest rate with no failed call {figure}")
     for kept, native in PAIRS:
-        anchor, kept_best = best.get(native), best.get(kept)
-        if kept_best and anchor is None and answered_best(runs, native):
-            anchor = answered_best(runs, native)
+        anchor = best.get(native) or answered_best(runs, native)
+        if best.get(kept) and anchor is not None and best.get(native) is None:
             lines.append(f"({native}) kept no rate it was run at; its best run that answered every call: "
                          f"{anchor.rate:g} calls/s asked, {anchor.achieved:.1f} achieved")
             best = {**best, native: anchor}
@@ -305,9 +303,8 @@ class IdleFloor:
 
 def idle_cpu_per_second(bench: Bench, sipp: str, seconds: float) -> tuple[float, float]:
     """CPU-s per s of an idle sipp (a UAS nobody calls) and, alongside, of the idle keeper."""
-    process = testbed.start_sipp(sipp, write_uas_scenario(bench.workdir), bench.kamailio.address, log_dir=bench.logs,
-                                 name=f"idle-{Path(sipp).name}", local_ip=bench.kamailio.host, transport="u1",
-                                 local_port=testbed.free_port(), calls=None, trace_messages=False)
+    process = bench.start_plain(write_uas_scenario(bench.workdir), f"idle-{Path(sipp).name}", sipp=sipp,
+                                transport="u1", local_port=testbed.free_port(), calls=None, trace_messages=False)
     try:
         time.sleep(0.5)  # past sipp's start-up
         watched = [psutil.Process(process.pid)]

@@ -30,8 +30,7 @@ TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file na
 
 def sources(relative_to: Path | None = None) -> list[str]:
     """The shim's C files, sorted; relative to a directory when given (setup.py wants that)."""
-    paths = sorted(HELPERS.glob("*.c"))
-    return [str(path.relative_to(relative_to) if relative_to else path) for path in paths]
+    return _named(sorted(HELPERS.glob("*.c")), relative_to)
 
 
 def compile_shim(output: Path, extra_cflags: Sequence[str] = ()) -> str:
@@ -42,7 +41,10 @@ def compile_shim(output: Path, extra_cflags: Sequence[str] = ()) -> str:
 
 def tlspump_sources(relative_to: Path | None = None, names: Sequence[str] = TLSPUMP_SOURCES) -> list[str]:
     """The TLS pump's C files (or its headers); relative to a directory when given, as sources()."""
-    paths = [HELPERS / name for name in names]
+    return _named([HELPERS / name for name in names], relative_to)
+
+
+def _named(paths: Sequence[Path], relative_to: Path | None) -> list[str]:
     return [str(path.relative_to(relative_to) if relative_to else path) for path in paths]
 
 

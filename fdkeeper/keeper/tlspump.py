@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import importlib.machinery
+import importlib.util
 import logging
 import os
 import ssl
@@ -99,12 +99,9 @@ _LIBRARY = _Library()
 
 
 def _library_path() -> Path | None:
-    package = Path(__file__).resolve().parent.parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = package / f"_tlspump{suffix}"
-        if candidate.exists():
-            return candidate
-    return None
+    """Where `pip install .` put the pump (the extension module fdkeeper._tlspump), as shim_path()."""
+    spec = importlib.util.find_spec("fdkeeper._tlspump")
+    return Path(spec.origin) if spec and spec.origin else None
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -199,7 +196,7 @@ class PumpedLink:
         """Take the link back; the pump never touches it again until the next attach."""
         self._lib.tlspump_detach(self._handle)
         self.attached = False
-        state = PumpState.from_address(self._handle)
+        state = self.live_state()  # final: the pump no longer runs for this link
         count = ctypes.c_size_t()
         lengths = self._lib.tlspump_lengths(self._handle, ctypes.byref(count))
         return Handback(

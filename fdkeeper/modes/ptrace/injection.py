@@ -275,18 +275,24 @@ class Tracer:
         True once there, False when the thread is gone."""
         self._emulated_at.discard(tid)
         pt.ptrace_syscall(tid, sig)
+        return self._until_syscall_stop(tid, lambda: pt.ptrace_syscall(tid, 0))
+
+    def _until_syscall_stop(self, tid: int, resume: Callable[[], None]) -> bool:
+        """Wait for the resumed ``tid``'s next syscall stop, recording the tasks it creates and
+        holding back the signals it gets, ``resume()`` past each other stop; False when it is gone."""
         while True:
             status = self._wait(tid)
             if status is None:
                 return False
-            stop_sig, event = os.WSTOPSIG(status), status >> 16
-            if stop_sig == SYSCALL_TRAP:
+            sig, event = os.WSTOPSIG(status), status >> 16
+            if sig == SYSCALL_TRAP:
                 return True
             if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
-                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
+                child = pt.ptrace_geteventmsg(tid)
+                self.tasks.setdefault(child, Task(child))
             elif not event:
-                self.tasks[tid].signals.append(stop_sig)
-            pt.ptrace_syscall(tid, 0)
+                self.tasks[tid].signals.append(sig)
+            resume()
 
     def _syscall_info(self, tid: int) -> SyscallStop:
         buf = ctypes.create_string_buffer(88)
@@ -324,18 +330,8 @@ class Tracer:
     def wait_syscall_stop(self, tid: int) -> None:
         """Resume ``tid`` to its next syscall stop, holding back signals that arrive meanwhile."""
         self.resume(tid, every_syscall=True)
-        while True:
-            status = self._wait(tid)
-            if status is None:
-                raise TraceeGone(tid)
-            sig, event = os.WSTOPSIG(status), status >> 16
-            if sig == SYSCALL_TRAP:
-                return
-            if event in (pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_VFORK, pt.PTRACE_EVENT_CLONE):
-                self.tasks.setdefault(pt.ptrace_geteventmsg(tid), Task(pt.ptrace_geteventmsg(tid)))
-            elif not event:
-                self.tasks[tid].signals.append(sig)
-            self.resume(tid, every_syscall=True)
+        if not self._until_syscall_stop(tid, lambda: self.resume(tid, every_syscall=True)):
+            raise TraceeGone(tid)
 
     # ------------------------------------------------------------ memory
 
