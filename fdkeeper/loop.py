@@ -2,17 +2,28 @@
 
 Single-threaded and level-triggered. Handlers run to completion, so none of them may block:
 anything that waits (a connect, a TLS handshake, a pong) is a descriptor to watch or a timer.
+
+Fault isolation (asyncio's Handle._run is the model): a handler or timer callback that raises
+is logged once with its traceback, counted in ``internal_errors`` and handed to its owner's
+``on_fault(error)``, which ends what it owns (that control client, that connection). Without an
+``on_fault`` a faulting descriptor is unwatched (level-triggered, it would fault again at once)
+and a faulting timer is dropped. ``run()`` never ends because of a handler, so one defect costs
+one client or one connection, never the keeper.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import select
 import time
 from typing import Callable
 
 EventHandler = Callable[[int], None]
+FaultHandler = Callable[[Exception], None]
+
+log = logging.getLogger("fdkeeper.loop")
 
 
 # The heap is rebuilt without its cancelled timers once they are more than half of it (and
@@ -24,11 +35,18 @@ COMPACT_AT_CANCELLED = 100
 class Timer:
     """A scheduled callback; ``cancel()`` keeps it from running (it is dropped lazily)."""
 
-    __slots__ = ("when", "callback", "cancelled", "_on_cancel")
+    __slots__ = ("when", "callback", "on_fault", "cancelled", "_on_cancel")
 
-    def __init__(self, when: float, callback: Callable[[], None], on_cancel: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        when: float,
+        callback: Callable[[], None],
+        on_cancel: Callable[[], None],
+        on_fault: FaultHandler | None = None,
+    ) -> None:
         self.when = when
         self.callback = callback
+        self.on_fault = on_fault
         self.cancelled = False
         self._on_cancel: Callable[[], None] | None = on_cancel  # None once out of the heap
 
@@ -46,18 +64,23 @@ class Timer:
 class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._handlers: dict[int, EventHandler] = {}
+        self._handlers: dict[int, tuple[EventHandler, FaultHandler | None]] = {}
         self._timers: list[tuple[float, int, Timer]] = []
         self._cancelled_in_heap = 0
         self._sequence = itertools.count()
         self.running = False
+        self.internal_errors = 0  # handler and timer exceptions caught by the loop (see _fault)
 
     # ------------------------------------------------------------ descriptors
 
-    def watch(self, fd: int, events: int, handler: EventHandler) -> None:
-        """Call ``handler(mask)`` whenever ``fd`` has one of ``events``."""
+    def watch(self, fd: int, events: int, handler: EventHandler, on_fault: FaultHandler | None = None) -> None:
+        """Call ``handler(mask)`` whenever ``fd`` has one of ``events``.
+
+        If ``handler`` raises, ``on_fault(error)`` is called (the owner ends what it owns);
+        without one, ``fd`` is unwatched.
+        """
         self._epoll.register(fd, events)
-        self._handlers[fd] = handler
+        self._handlers[fd] = (handler, on_fault)
 
     def rewatch(self, fd: int, events: int) -> None:
         """Change the events of a watched descriptor."""
@@ -76,8 +99,9 @@ class Reactor:
 
     # ------------------------------------------------------------ timers
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay, callback, self._timer_cancelled)
+    def call_later(self, delay: float, callback: Callable[[], None], on_fault: FaultHandler | None = None) -> Timer:
+        """Run ``callback`` once after ``delay`` s; if it raises, ``on_fault(error)`` is called."""
+        timer = Timer(time.monotonic() + delay, callback, self._timer_cancelled, on_fault)
         heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
         return timer
 
@@ -100,11 +124,15 @@ class Reactor:
         return timer
 
     def call_every(self, interval: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` every ``interval`` seconds for as long as the loop runs."""
+        """Run ``callback`` every ``interval`` seconds for as long as the loop runs.
+
+        The next call is scheduled before this one runs, so a call that raises (logged and
+        counted like any other fault) does not end the schedule.
+        """
 
         def again() -> None:
-            callback()
             self.call_later(interval, again)
+            callback()
 
         self.call_later(interval, again)
 
@@ -118,9 +146,9 @@ class Reactor:
         except InterruptedError:
             events = []
         for fd, mask in events:
-            handler = self._handlers.get(fd)
-            if handler is not None:  # an earlier handler in this batch may have unwatched it
-                handler(mask)
+            watched = self._handlers.get(fd)
+            if watched is not None:  # an earlier handler in this batch may have unwatched it
+                self._run_handler(fd, mask, *watched)
         self._run_due_timers()
 
     def run(self) -> None:
@@ -152,4 +180,35 @@ class Reactor:
         while self._timers and self._timers[0][0] <= now:
             timer = self._pop_timer()
             if not timer.cancelled:
-                timer.callback()
+                self._run_timer(timer)
+
+    # ------------------------------------------------------------ fault isolation
+
+    def _run_handler(self, fd: int, mask: int, handler: EventHandler, on_fault: FaultHandler | None) -> None:
+        try:
+            handler(mask)
+        except Exception as error:
+            self._fault(f"handler of descriptor {fd}", error, on_fault)
+            still_watched = self._handlers.get(fd)
+            if still_watched is not None and still_watched[0] is handler:
+                # Its owner did not end it (no on_fault, or on_fault failed): level-triggered,
+                # it would fault again on the next poll, so the loop stops watching it.
+                self.unwatch(fd)
+
+    def _run_timer(self, timer: Timer) -> None:
+        try:
+            timer.callback()
+        except Exception as error:
+            self._fault(f"timer {timer.callback!r}", error, timer.on_fault)
+
+    def _fault(self, where: str, error: Exception, on_fault: FaultHandler | None) -> None:
+        """Log and count one fault, then let its owner end what it owns."""
+        self.internal_errors += 1
+        log.exception("internal error in %s: %s", where, error)  # called inside the except
+        if on_fault is None:
+            return
+        try:
+            on_fault(error)
+        except Exception as second:
+            self.internal_errors += 1
+            log.exception("internal error in the on_fault of %s: %s", where, second)

@@ -178,3 +178,85 @@ def test_a_timer_cancelled_after_it_ran_is_not_counted_again(reactor):
     live = reactor.call_later(0, lambda: ran.append(-1))
     reactor.run_once(max_wait=0)
     assert ran[-1] == -1 and len(ran) == 301 and live is not None
+
+
+# ---------------------------------------------------------------- fault isolation
+
+
+def boom(*_: object) -> None:
+    raise RuntimeError("a defect in a handler")
+
+
+def test_a_raising_handler_is_logged_counted_unwatched_and_the_loop_goes_on(reactor, pipes, caplog):
+    (read_end, write_end), (other_read, other_write) = pipes
+    served: list[int] = []
+    reactor.watch(read_end, select.EPOLLIN, boom)
+    reactor.watch(other_read, select.EPOLLIN, served.append)
+    os.write(write_end, b"x")
+    os.write(other_write, b"x")
+    with caplog.at_level("ERROR", logger="fdkeeper.loop"):
+        run_until(reactor, lambda: served and reactor.internal_errors)
+        reactor.run_once(max_wait=0.01)  # still readable: it must not fault again
+    assert reactor.internal_errors == 1
+    assert not reactor.watching(read_end)
+    assert reactor.watching(other_read)
+    faults = [record for record in caplog.records if record.name == "fdkeeper.loop"]
+    assert len(faults) == 1 and faults[0].exc_info and "a defect in a handler" in faults[0].getMessage()
+
+
+def test_on_fault_gets_the_error_and_ends_what_its_owner_owns(reactor, pipes):
+    (read_end, write_end), _ = pipes
+    faults: list[Exception] = []
+
+    def end_client(error: Exception) -> None:
+        faults.append(error)
+        reactor.unwatch(read_end)
+
+    reactor.watch(read_end, select.EPOLLIN, boom, on_fault=end_client)
+    os.write(write_end, b"x")
+    run_until(reactor, lambda: faults)
+    assert isinstance(faults[0], RuntimeError) and reactor.internal_errors == 1
+    assert not reactor.watching(read_end)
+
+
+def test_a_raising_on_fault_is_counted_too_and_the_descriptor_unwatched(reactor, pipes):
+    (read_end, write_end), _ = pipes
+    reactor.watch(read_end, select.EPOLLIN, boom, on_fault=boom)
+    os.write(write_end, b"x")
+    run_until(reactor, lambda: reactor.internal_errors)
+    reactor.run_once(max_wait=0.01)
+    assert reactor.internal_errors == 2
+    assert not reactor.watching(read_end)
+
+
+def test_a_raising_timer_is_dropped_and_later_timers_still_run(reactor):
+    faults: list[Exception] = []
+    ran: list[str] = []
+    reactor.call_later(0.0, boom, on_fault=faults.append)
+    reactor.call_later(0.0, boom)
+    reactor.call_later(0.0, lambda: ran.append("after"))
+    run_until(reactor, lambda: ran)
+    assert reactor.internal_errors == 2 and len(faults) == 1
+
+
+def test_call_every_keeps_its_schedule_when_a_call_raises(reactor):
+    calls: list[int] = []
+
+    def tick() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the first tick fails")
+
+    reactor.call_every(0.01, tick)
+    run_until(reactor, lambda: len(calls) >= 3)
+    assert reactor.internal_errors == 1
+
+
+def test_run_never_leaves_because_of_a_handler(reactor, pipes):
+    (read_end, write_end), _ = pipes
+    reactor.watch(read_end, select.EPOLLIN, boom)
+    reactor.call_later(0.0, boom)
+    reactor.call_later(0.1, reactor.stop)
+    os.write(write_end, b"x")
+    reactor.run()  # returns through stop(), not through an exception
+    assert reactor.internal_errors == 2
