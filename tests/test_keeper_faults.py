@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -318,3 +319,73 @@ def test_replace_names_the_tls_connections_it_cannot_move(kamailio_tls, test_pki
     log = (keeper_dir / "replace.log").read_text()
     assert "lost 1 TLS connection(s)" in log and tls_label in log
     wait_until(lambda: not kamailio_tls.tls_connections(), timeout=5, what="Kamailio to see the TLS one closed")
+
+
+# ---------------------------------------------------------------- issue 16: fault isolation
+
+
+@pytest.fixture
+def keeper_in_thread(tmp_path):
+    """A real Keeper serving its real control socket from a thread of the test, so that a
+    test can put a defect into one of its handlers."""
+    from fdkeeper.keeper.server import Keeper
+
+    keeper = Keeper(tmp_path / "state")
+    thread = threading.Thread(target=keeper.serve_forever, daemon=True)
+    thread.start()
+    client = KeeperClient(tmp_path / "state", timeout=5)
+    wait_until(lambda: client.alive(), timeout=5)
+    yield keeper, client
+    client.stop()
+    thread.join(timeout=5)
+
+
+INTERNAL = b"ERR internal fdkeeper: internal error; see the keeper log"
+
+
+def replies_until_closed(client: KeeperClient, request: bytes) -> list[bytes]:
+    """Every packet the keeper sends for ``request`` until it closes the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(str(client.path))
+        sock.send(request)
+        packets = []
+        while packet := sock.recv(4097):
+            packets.append(packet)
+        return packets
+
+
+def test_a_handler_that_raises_costs_one_err_line_and_that_client_only(keeper_in_thread, peer, caplog):
+    keeper, client = keeper_in_thread
+    client.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
+
+    def defect(*_args):
+        raise RuntimeError("a defect in a verb handler")
+
+    keeper._verbs["PING"] = defect
+    with caplog.at_level("ERROR", logger="fdkeeper.loop"):
+        assert replies_until_closed(client, b"PING") == [INTERNAL]
+    assert any("a defect in a verb handler" in (r.exc_text or "") for r in caplog.records)
+    status = client.status()
+    assert status["keeper"]["internal_errors"] == 1
+    assert len(status["connections"]) == 1  # what the keeper holds is untouched
+
+
+def test_a_resumed_request_that_raises_is_answered_once_by_its_own_client(keeper_in_thread):
+    from fdkeeper.keeper.opening import Pending
+
+    keeper, client = keeper_in_thread
+    pending = Pending("a test open")
+    calls: list[int] = []
+
+    def pending_then_defect(*_args):
+        calls.append(1)
+        if len(calls) == 1:
+            keeper.reactor.call_later(0.05, pending.settle)  # the open settles: the request runs again
+            raise pending
+        raise RuntimeError("a defect on the second try")
+
+    keeper._verbs["PING"] = pending_then_defect
+    assert replies_until_closed(client, b"PING") == [INTERNAL]
+    assert len(calls) == 2
+    assert client.status()["keeper"]["internal_errors"] == 1

@@ -10,6 +10,10 @@ Three ways a local process could stall or end a single-threaded keeper, and what
 - connecting and sending nothing: a client silent for IDLE_SECONDS (and not waiting for a
   connection with PREPARE wait=) is dropped; at MAX_CLIENTS the longest idle one makes room,
   or the newcomer is refused in one line.
+
+A defect in the keeper's code while serving a client (an exception the handlers did not
+expect) is caught by the Reactor, which hands it to ``ControlClients.fault``: that client gets
+``ERR internal`` once and is dropped, and every other client and connection goes on.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ MAX_QUEUED_BYTES = 4 * 1024 * 1024
 # After an accept failed even with the reserve released, pause accepting this long.
 ACCEPT_PAUSE = 0.1
 DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+INTERNAL_ERROR_TEXT = "fdkeeper: internal error; see the keeper log"
 
 
 def out_of_descriptors(error: OSError) -> bool:
@@ -142,7 +147,11 @@ class ControlClients:
         self.refused = 0
         self.dropped_idle = 0
         self._reserve: int | None = _open_reserve()
-        reactor.watch(listener.fileno(), select.EPOLLIN, self._accept)
+        self._watch_listener()
+
+    def _watch_listener(self) -> None:
+        # A fault while accepting must not end accepting for good: pause, then take clients again.
+        self.reactor.watch(self.listener.fileno(), select.EPOLLIN, self._accept, on_fault=lambda _error: self._pause_accepting())
 
     def _accept(self, _mask: int) -> None:
         while True:
@@ -174,7 +183,22 @@ class ControlClients:
             return
         client = ControlClient(sock, pid, uid, self.reactor)
         self.clients[client.fileno()] = client
-        self.reactor.watch(client.fileno(), select.EPOLLIN, lambda mask, c=client: self._ready(c, mask))
+        self.reactor.watch(
+            client.fileno(), select.EPOLLIN, lambda mask, c=client: self._ready(c, mask), on_fault=self.on_fault_of(client)
+        )
+
+    def on_fault_of(self, client: ControlClient) -> Callable[[Exception], None]:
+        """The Reactor's on_fault for work done for ``client``: its handler, or a resumed request."""
+        return lambda _error: self.fault(client)
+
+    def fault(self, client: ControlClient) -> None:
+        """An internal error serving ``client`` (logged by the Reactor): one ERR line, then drop it.
+
+        Dropped rather than served on: what it asked may be half done, and this reply is then
+        the last line it reads, so it gets exactly one answer to the request that failed.
+        """
+        client.send(format_error("internal", INTERNAL_ERROR_TEXT))
+        self.drop(client)
 
     def _ready(self, client: ControlClient, mask: int) -> None:
         if mask & select.EPOLLOUT:
@@ -208,7 +232,7 @@ class ControlClients:
 
     def _resume_accepting(self, fd: int) -> None:
         if self.listener.fileno() == fd and not self.reactor.watching(fd):
-            self.reactor.watch(fd, select.EPOLLIN, self._accept)
+            self._watch_listener()
 
     def _evict_longest_idle(self) -> bool:
         now = time.monotonic()

@@ -218,9 +218,9 @@ class Keeper:
                 return
             log.debug("control client pid %d went away: %s", pid, error)  # per abusive client: not for the log file
             self.clients.drop(client)
-        except Exception:  # a bug must not take the kept connections down with it
-            log.exception("internal error serving pid %d", pid)
-            client.send(format_error("internal", "fdkeeper: internal error; see the keeper log"))
+        # Anything else is a defect: it leaves to the Reactor, which logs and counts it and calls
+        # this client's on_fault (ControlClients.fault: one ERR internal line, then the client
+        # is dropped). Every path into _dispatch runs as a loop callback the client owns.
 
     def _answer_later(self, client: ControlClient, request: Request, pending: Pending) -> None:
         """Ask the request again when ``pending`` settles; the client waits, and is not idle."""
@@ -228,13 +228,20 @@ class Keeper:
 
         def retry() -> None:
             client.waiting = False
-            self._dispatch(client, request)
+            # Run as this client's own callback, not inside the open or pong that settled: a
+            # fault in it is then this client's (one ERR internal, the client dropped), never
+            # the opening connection's.
+            self.reactor.call_later(0, lambda: self._resume(client, request), on_fault=self.clients.on_fault_of(client))
 
         def fail(error: FdkeeperError) -> None:
             client.waiting = False
             client.send(format_failure(error))
 
         pending.then(resume_request(client, retry, fail))
+
+    def _resume(self, client: ControlClient, request: Request) -> None:
+        if client.fileno() >= 0:  # not dropped since: its descriptor number is still its own
+            self._dispatch(client, request)
 
     # ---------------------------------------------------------------- verbs
 
@@ -263,6 +270,7 @@ class Keeper:
                 "answer_options": self.health.answer_options,
                 "tls_defaults": {k: v for k, v in self.tls_defaults.as_fields().items() if v is not None},
                 "control": self.clients.as_dict(),
+                "internal_errors": self.reactor.internal_errors,  # defects caught by the loop (fdkeeper/loop.py)
             },
             "connections": [c.as_dict() for c in self.connections.values()],
         }
