@@ -111,8 +111,24 @@ class KeeperClient:
         except OSError:
             return None
 
-    def status(self) -> dict:
-        packets = self._require_running(lambda: self.exchange(b"STATUS"))
+    def status(self, **filters: object) -> dict:
+        """The keeper's status; ``filters`` (state=, aor=, remote=, transport=, count=True) are
+        applied by the keeper, so a count of 10,000 connections is one short reply.
+
+        A keeper too old for filters answers them ``ERR badrequest``: then every connection
+        is returned and the caller filters (report.select_connections), as it did before."""
+        try:
+            return self._status(format_message("STATUS", **filters))
+        except FdkeeperError as error:
+            if filters and error.code == "badrequest":
+                return self._status(b"STATUS")
+            raise
+
+    def _status(self, message: bytes) -> dict:
+        packets = self._require_running(lambda: self.exchange(message))
+        reply = parse_reply(packets[-1])
+        if packets[-1] != b"END":  # ERR limit at the client cap, say: the keeper's own line
+            raise FdkeeperError(reply.text or f"fdkeeper: keeper error {reply.code}", reply.code or "internal")
         return json.loads(b"".join(p[5:] for p in packets if p.startswith(b"JSON ")))
 
     def stop(self) -> bool:

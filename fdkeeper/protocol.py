@@ -8,9 +8,14 @@ both the keeper and its Python clients use it, the C shim speaks the same format
 from __future__ import annotations
 
 import array
+import ipaddress
+import math
 import os
+import re
 import socket
+import unicodedata
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import quote, unquote
 
 from fdkeeper.address import Address, format_address, parse_address  # noqa: F401 - callers import them from here too
@@ -37,105 +42,202 @@ class ProtocolError(Exception):
         self.text = text
 
 
-# What each verb accepts: key -> validator returning the parsed value.
-def _role(value: str) -> str:
-    if value not in ("client", "server"):
-        raise ValueError("role must be client or server")
-    return value
+# ---------------------------------------------------------------- field validation
+#
+# Every value of every verb is checked here, when the request is parsed, and nowhere later:
+# a handler (and ssl, os.open, the address code under it) only ever sees values of the kind
+# it expects. First the checks every value gets (check_value: UTF-8 once percent-decoded, no
+# control character, at most the field's length), then the field's own (a choice, a number in
+# range, an address that parses, an absolute path, a DNS name). A value that fails gets one
+# ``ERR badrequest`` naming the field, what it must be, and the value (shortened, escaped).
+
+MAX_PATH = 1024  # a file path (tls_ca, tls_keylog, ...); the whole message is at most 4096
+MAX_TEXT = 512  # an AoR (a SIP URI) or an AoR pattern
+MAX_ADDRESS = 64  # "[v6 with scope]:port"
+MAX_HOSTNAME = 253  # a DNS name (RFC 1035)
+MAX_PID = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux
+MAX_COUNT = 10_000_000
+MAX_SECONDS = 86400.0
 
 
-TRANSPORTS = ("tcp", "tls")
-TLS_VERSIONS = ("1.2", "1.3")
+class Field:
+    """One key of a verb: ``parse(value)`` returns the value checked and converted, or raises
+    ValueError saying what the value must be."""
+
+    def __init__(self, parse: Callable[[str], object], max_length: int, what: str) -> None:
+        self.parse = parse
+        self.max_length = max_length
+        self.what = what  # what a value must be, for the error line
+
+    def __call__(self, value: str) -> object:
+        return self.parse(value)
 
 
-def _transport(value: str) -> str:
-    if value not in TRANSPORTS:
-        raise ValueError("transport must be tcp or tls")
-    return value
-
-
-def _text(value: str) -> str:
+def check_value(value: str, max_length: int) -> None:
+    """The checks every value gets, whatever its field: non-empty, bounded, no control characters."""
     if not value:
-        raise ValueError("empty value")
-    return value
+        raise ValueError("is empty")
+    if len(value) > max_length:
+        raise ValueError(f"is {len(value)} characters, over {max_length}")
+    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        name = "NUL" if control == "\0" else f"U+{ord(control):04X}"
+        raise ValueError(f"has a control character ({name})")
 
 
-def _count(value: str) -> int:
-    if not value.isdigit() or int(value) > 10_000_000:
-        raise ValueError("must be a whole number")
-    return int(value)
+def _choice(*allowed: str) -> Field:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError("is not one of the choices")
+        return value
+
+    return Field(parse, max(map(len, allowed)), " or ".join(allowed))
 
 
-def _tls_version(value: str) -> str:
-    if value not in TLS_VERSIONS:
-        raise ValueError("TLS version must be 1.2 or 1.3")
-    return value
+def _whole_number(low: int, high: int) -> Field:
+    def parse(value: str) -> int:
+        # isdigit() alone takes other scripts' digits ("١٢"); int() would read them
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError("is not a whole number")
+        if not low <= int(value) <= high:
+            raise ValueError("is out of range")
+        return int(value)
+
+    return Field(parse, len(str(high)), f"a whole number from {low} to {high}")
 
 
-def _optional_address(value: str) -> Address | None:
-    return None if value == "-" else parse_address(value)
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
 
 
-def _flag(value: str) -> bool:
-    if value not in ("0", "1"):
-        raise ValueError("flag must be 0 or 1")
-    return value == "1"
-
-
-def _seconds(value: str) -> float:
+def _parse_seconds(value: str) -> float:
+    # float() alone takes "nan", "inf", " 1", "1_0" and other scripts' digits
+    if not _DECIMAL.fullmatch(value):
+        raise ValueError("is not a decimal number")
     seconds = float(value)
-    if not 0 <= seconds <= 86400:
-        raise ValueError("seconds must be between 0 and 86400")
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS):
+        raise ValueError("is out of range")
     return seconds
 
 
+def _parse_address(value: str) -> Address:
+    if not value.isascii() or any(c.isspace() for c in value):
+        raise ValueError("is not a numeric address")
+    return parse_address(value)
+
+
+def _parse_optional_address(value: str) -> Address | None:
+    return None if value == "-" else _parse_address(value)
+
+
+def _parse_flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError("is not a flag")
+    return value == "1"
+
+
+def _parse_text(value: str) -> str:
+    return value  # check_value already refused empty, overlong and control characters
+
+
+def _parse_path(value: str) -> str:
+    # The keeper's working directory is not the client's: only an absolute path means the
+    # file the client meant (fdkeeper sipp and the CLI send absolute ones).
+    if not value.startswith("/"):
+        raise ValueError("is not an absolute path")
+    return value
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _parse_server_name(value: str) -> str:
+    """A TLS server name: a DNS name (ASCII, IDNs in their xn-- form) or an IP address."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value[:-1].split(".") if value.endswith(".") else value.split(".")
+    if not value.isascii() or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError("is not a DNS name")
+    return value
+
+
+ROLE = _choice("client", "server")
+TRANSPORTS = ("tcp", "tls")
+TLS_VERSIONS = ("1.2", "1.3")
+TRANSPORT = _choice(*TRANSPORTS)
+TLS_VERSION = _choice(*TLS_VERSIONS)
+FLAG = Field(_parse_flag, 1, "0 or 1")
+ADDRESS = Field(_parse_optional_address, MAX_ADDRESS, "IP:PORT or [IPv6]:PORT (numeric), or - for none")
+PATH = Field(_parse_path, MAX_PATH, "an absolute file path")
+AOR = Field(_parse_text, MAX_TEXT, "a SIP URI")
+SECONDS = Field(_parse_seconds, 24, f"seconds, a decimal number from 0 to {MAX_SECONDS:g}")
+SERVER_NAME = Field(_parse_server_name, MAX_HOSTNAME, "a DNS name (letters, digits, '-', '.') or an IP address")
+
 # TLS options travel with the requests that may open a connection.
 TLS_KEYS = {
-    "tls_ca": _text,
-    "tls_insecure": _flag,
-    "tls_cert": _text,
-    "tls_key": _text,
-    "tls_sni": _text,
-    "tls_min": _tls_version,
-    "tls_max": _tls_version,
-    "tls_crl": _text,
-    "tls_keylog": _text,  # absolute path of a TLS key log (fdkeeper/keylog.py)
+    "tls_ca": PATH,
+    "tls_insecure": FLAG,
+    "tls_cert": PATH,
+    "tls_key": PATH,
+    "tls_sni": SERVER_NAME,
+    "tls_min": TLS_VERSION,
+    "tls_max": TLS_VERSION,
+    "tls_crl": PATH,
+    "tls_keylog": PATH,  # a TLS key log (fdkeeper/keylog.py)
 }
-
-
-def _lease_mode(value: str) -> str:
-    if value not in ("preload", "ptrace"):
-        raise ValueError("mode must be preload or ptrace")
-    return value
-
-
-def _transfer(value: str) -> str:
-    if value not in ("scm", "pidfd"):
-        raise ValueError("transfer must be scm or pidfd")
-    return value
-
 
 _LEASE_KEYS = {
-    "role": _role,
-    "transport": _transport,
-    "remote": _optional_address,
-    "local": _optional_address,
-    "reconnect": _flag,
-    "aor": _text,
-    "for_pid": _count,  # ptrace mode: the lease is the traced program's, asked for by its tracer
-    "mode": _lease_mode,  # how the descriptor reaches the program, for status
-    "transfer": _transfer,
+    "role": ROLE,
+    "transport": TRANSPORT,
+    "remote": ADDRESS,
+    "local": ADDRESS,
+    "reconnect": FLAG,
+    "aor": AOR,
+    "for_pid": _whole_number(1, MAX_PID),  # ptrace mode: the lease is the traced program's, asked for by its tracer
+    "mode": _choice("preload", "ptrace"),  # how the descriptor reaches the program, for status
+    "transfer": _choice("scm", "pidfd"),
     **TLS_KEYS,
 }
-VERBS: dict[str, dict] = {
+# STATUS filters, applied by the keeper (fdkeeper status --state/--aor/--remote/--transport/--count).
+STATES = ("idle", "leased", "closed")
+_STATUS_KEYS = {
+    "state": _choice(*STATES),
+    "aor": Field(_parse_text, MAX_TEXT, "a shell-style pattern of AoRs"),
+    "remote": Field(_parse_address, MAX_ADDRESS, "IP:PORT or [IPv6]:PORT (numeric)"),
+    "transport": TRANSPORT,
+    "count": FLAG,  # 1: only how many connections match
+}
+VERBS: dict[str, dict[str, Field]] = {
     "PING": {},
-    "STATUS": {},
+    "STATUS": _STATUS_KEYS,
     "STOP": {},
     "HANDOVER": {},  # keeper --replace: the successor asks for every kept connection
     "LEASE": _LEASE_KEYS,
-    "PREPARE": {**_LEASE_KEYS, "wait": _seconds, "per_call": _flag, "users": _count},
+    "PREPARE": {**_LEASE_KEYS, "wait": SECONDS, "per_call": FLAG, "users": _whole_number(0, MAX_COUNT),
+                "open_at_lease": FLAG},  # the identity is known only once sipp binds: open nothing yet
 }
 REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
+
+
+def parse_field(verb: str, key: str, raw: str) -> object:
+    """One ``key=raw`` of ``verb``, percent-decoded and checked; ProtocolError naming the field."""
+    spec = VERBS[verb][key]
+    try:
+        value = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise _bad_field(verb, key, spec, raw, "is not UTF-8 once percent-decoded") from None
+    try:
+        check_value(value, spec.max_length)
+        return spec(value)
+    except ValueError as error:
+        raise _bad_field(verb, key, spec, raw, str(error)) from None
+
+
+def _bad_field(verb: str, key: str, spec: Field, raw: str, problem: str) -> ProtocolError:
+    shown = quote(raw[:64], safe="%/:[],.-_~@+*?") + ("..." if len(raw) > 64 else "")  # as sent, controls escaped
+    return ProtocolError("badrequest", f"fdkeeper: {verb} {key}={shown} {problem}; {key}= must be {spec.what}")
 
 
 @dataclass
@@ -167,10 +269,7 @@ def parse_request(data: bytes) -> Request:
         key, sep, value = token.partition("=")
         if not sep or key not in schema or key in fields:
             raise ProtocolError("badrequest", f"fdkeeper: bad token {token[:64]!r} in {verb}")
-        try:
-            fields[key] = schema[key](unquote(value, errors="strict"))
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ProtocolError("badrequest", f"fdkeeper: bad {key}= in {verb}: {error}") from None
+        fields[key] = parse_field(verb, key, value)
     missing = [key for key in REQUIRED.get(verb, ()) if key not in fields]
     if missing:
         raise ProtocolError("badrequest", f"fdkeeper: {verb} needs {', '.join(missing)}=")

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 
 from fdkeeper import testbed
+from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.textsafe import escape_controls
 from test_keeper import keeper, peer  # noqa: F401 (fixtures: a real keeper, a TCP peer for the SuT)
 
 FORGED = "sip:a\nFAKE 9 tcp 1.2.3.4:5 sip:root@x idle\r2026-01-01 00:00:00,000 fdkeeper[1] forged\u2028x@example.test"
+FORGED_WITHOUT_CONTROLS = "sip:a\u2028FAKE 9 tcp 1.2.3.4:5 sip:root@x idle\u20292026-01-01 00:00:00,000 fdkeeper[1] forged@example.test"
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} fdkeeper\[\d+\] ")
 
 
@@ -44,15 +46,20 @@ def lease_as(client, remote, aor: str) -> None:
 
 def test_an_aor_with_line_breaks_forges_no_log_line_and_splits_no_status_row(keeper, peer):
     remote = peer.getsockname()[:2]
-    lease_as(keeper, remote, FORGED)
+    # Control characters (CR, LF, NUL ...) are refused when the request is parsed (issue 16)
+    with pytest.raises(FdkeeperError, match="aor=") as refused:
+        keeper.lease(role="client", transport="tcp", remote=remote, local="-", aor=FORGED)
+    assert refused.value.code == "badrequest"
+    # Line breaks that are not control characters (U+2028) are kept, and escaped where shown
+    lease_as(keeper, remote, FORGED_WITHOUT_CONTROLS)
     testbed.wait_until(lambda: keeper.status()["connections"], 5, what="the connection")
     log = (keeper.directory / "keeper.log").read_text()
     assert all(LOG_LINE.match(line) for line in log.splitlines() if line), log
-    assert escape_controls(FORGED) in log and "\\n" in escape_controls(FORGED)
+    assert escape_controls(FORGED_WITHOUT_CONTROLS) in log and "\\u2028" in escape_controls(FORGED_WITHOUT_CONTROLS)
     status = fdkeeper("status", "--dir", str(keeper.directory))
     lines = status.stdout.splitlines()
     assert status.returncode == 0 and len(lines) == 3, status.stdout  # keeper line, header, one row
-    assert escape_controls(FORGED) in lines[2]
+    assert escape_controls(FORGED_WITHOUT_CONTROLS) in lines[2]
 
 
 def test_escape_controls_keeps_text_and_shows_every_control():

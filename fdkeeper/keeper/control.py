@@ -6,7 +6,10 @@ Three ways a local process could stall or end a single-threaded keeper, and what
   the client, told so in one line, and reopened (the trick libuv and HAProxy use);
 - connecting and never reading the reply: replies go out with non-blocking sends; what the
   socket does not take waits in a bounded queue flushed on EPOLLOUT, and a client whose queue
-  overflows or does not drain within the idle time is dropped;
+  overflows or does not drain within the idle time is dropped. A reply of any size (STATUS
+  of 10,000 connections) is a stream, made packet by packet as the socket drains: it holds
+  one packet in memory, never counts against the queue's bound, and a client that reads it
+  is never dropped; only one that stops reading (no progress for IDLE_SECONDS) is;
 - connecting and sending nothing: a client silent for IDLE_SECONDS (and not waiting for a
   connection with PREPARE wait=) is dropped; at MAX_CLIENTS the longest idle one makes room,
   or the newcomer is refused in one line.
@@ -25,7 +28,7 @@ import select
 import socket
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterator
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor
@@ -66,6 +69,24 @@ def count_open_descriptors() -> int:
         return -1
 
 
+class ReplyStream:
+    """A reply made as the client reads it: the next packet is produced only once the socket
+    took the one before (so a reply's size costs the keeper one packet of memory)."""
+
+    def __init__(self, packets: Iterator[bytes]) -> None:
+        self._packets = packets
+        self._next: bytes | None = None
+
+    def peek(self) -> bytes | None:
+        """The packet to send next; None once the reply is complete."""
+        if self._next is None:
+            self._next = next(self._packets, None)
+        return self._next
+
+    def sent(self) -> None:
+        self._next = None
+
+
 class ControlClient:
     """One accepted control connection and the replies it has not read yet."""
 
@@ -76,7 +97,7 @@ class ControlClient:
         self.reactor = reactor
         self.last_progress = time.monotonic()
         self.waiting = False  # a PREPARE wait= is parked: silence is expected
-        self._queue: deque[tuple[bytes, list[int]]] = deque()
+        self._queue: deque[tuple[bytes, list[int]] | ReplyStream] = deque()
         self._queued_bytes = 0
         self.overflowed = False
 
@@ -108,10 +129,30 @@ class ControlClient:
         self._queued_bytes += len(message)
         self.reactor.rewatch(self.fileno(), select.EPOLLIN | select.EPOLLOUT)
 
+    def send_stream(self, packets: Iterator[bytes]) -> None:
+        """Send a reply of any size, produced packet by packet while the client reads it.
+
+        Bounded by progress, not by size: the client is dropped only if it stops reading
+        (idle_for, IDLE_SECONDS), however many packets the reply has."""
+        if self.sock.fileno() < 0 or self.overflowed:
+            return
+        self._queue.append(ReplyStream(packets))
+        if len(self._queue) == 1:
+            self.flush()
+        if self._queue:
+            self.reactor.rewatch(self.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
     def flush(self) -> None:
         """EPOLLOUT: send what the socket takes now."""
         while self._queue:
-            message, fds = self._queue[0]
+            head = self._queue[0]
+            if isinstance(head, ReplyStream):
+                message, fds = head.peek(), []
+                if message is None:  # that reply is complete
+                    self._queue.popleft()
+                    continue
+            else:
+                message, fds = head
             try:
                 send_packet(self.sock, message, fds)
             except BlockingIOError:
@@ -119,9 +160,12 @@ class ControlClient:
             except OSError:
                 self.overflowed = True  # cannot be delivered: drop the client
                 return
-            self._queue.popleft()
-            self._queued_bytes -= len(message)
-            _close_all(fds)
+            if isinstance(head, ReplyStream):
+                head.sent()
+            else:
+                self._queue.popleft()
+                self._queued_bytes -= len(message)
+                _close_all(fds)
             self.last_progress = time.monotonic()
         self.reactor.rewatch(self.fileno(), select.EPOLLIN)
 
@@ -129,8 +173,9 @@ class ControlClient:
         return 0.0 if self.waiting and not self._queue else now - self.last_progress
 
     def close(self) -> None:
-        for _, fds in self._queue:
-            _close_all(fds)
+        for entry in self._queue:
+            if not isinstance(entry, ReplyStream):
+                _close_all(entry[1])
         self._queue.clear()
         self.sock.close()
 

@@ -10,6 +10,7 @@ no thread per connection.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from fdkeeper import __version__
 from fdkeeper.address import format_address
@@ -48,6 +49,7 @@ from fdkeeper.protocol import (
     parse_request,
     receive_packet,
 )
+from fdkeeper.report import select_connections
 from fdkeeper.statedir import ensure_private_directory, socket_path, trusted_uid
 from fdkeeper.tls import TlsOptions
 
@@ -253,26 +255,34 @@ class Keeper:
         client.send(b"OK")
         self.reactor.stop()
 
-    def _send_status(self, client: ControlClient, _pid: int, _request: Request) -> None:
-        document = json.dumps(self.status())
-        for start in range(0, len(document), JSON_CHUNK):
-            client.send(b"JSON " + document[start : start + JSON_CHUNK].encode())
-        client.send(b"END")
+    def _send_status(self, client: ControlClient, _pid: int, request: Request) -> None:
+        """STATUS [filters] [count=1]: a stream made as the client reads it (any size), or the count."""
+        connections = list(self.connections.values())  # the dict may change while the reply drains
+        wanted = status_filters(request)
+        keeper = json.dumps({"keeper": self._keeper_status()})[:-1]  # '{"keeper": {...}' still open
+        if request.get("count"):
+            count = sum(len(select_connections(batch, **wanted)) for batch in _as_dicts(connections))
+            client.send_stream(_json_packets([keeper, f', "count": {count}}}']))
+            return
+        matching = (
+            json.dumps(c) for batch in _as_dicts(connections) for c in (select_connections(batch, **wanted) if wanted else batch)
+        )
+        client.send_stream(_json_packets(itertools.chain([keeper, ', "connections": ['], _joined(matching), ["]}"])))
 
     def status(self) -> dict:
+        return {"keeper": self._keeper_status(), "connections": [c.as_dict() for c in self.connections.values()]}
+
+    def _keeper_status(self) -> dict:
         return {
-            "keeper": {
-                "pid": os.getpid(),
-                "version": __version__,
-                "directory": str(self.directory),
-                "uptime": round(time.time() - self.started_at, 3),
-                "keepalive": self.keepalive,
-                "answer_options": self.health.answer_options,
-                "tls_defaults": {k: v for k, v in self.tls_defaults.as_fields().items() if v is not None},
-                "control": self.clients.as_dict(),
-                "internal_errors": self.reactor.internal_errors,  # defects caught by the loop (fdkeeper/loop.py)
-            },
-            "connections": [c.as_dict() for c in self.connections.values()],
+            "pid": os.getpid(),
+            "version": __version__,
+            "directory": str(self.directory),
+            "uptime": round(time.time() - self.started_at, 3),
+            "keepalive": self.keepalive,
+            "answer_options": self.health.answer_options,
+            "tls_defaults": {k: v for k, v in self.tls_defaults.as_fields().items() if v is not None},
+            "control": self.clients.as_dict(),
+            "internal_errors": self.reactor.internal_errors,  # defects caught by the loop (fdkeeper/loop.py)
         }
 
     def _lease(self, client: ControlClient, pid: int, request: Request) -> None:
@@ -329,6 +339,46 @@ class Keeper:
         # A server run handed connections of another identity (keeper/identity.py): the runner says so.
         borrowed = ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
         return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed)
+
+
+STATUS_BATCH = 256  # connections serialised per step of a status stream
+
+
+def status_filters(request: Request) -> dict:
+    """STATUS's filters as report.select_connections takes them (the CLI's --state, --aor ...)."""
+    remote = request.get("remote")
+    wanted = {
+        "aor": request.get("aor"),
+        "state": request.get("state"),
+        "remote": format_address(remote) if remote else None,
+        "transport": request.get("transport"),
+    }
+    return {key: value for key, value in wanted.items() if value is not None}
+
+
+def _as_dicts(connections: list[KeptConnection]) -> Iterator[list[dict]]:
+    for start in range(0, len(connections), STATUS_BATCH):
+        yield [c.as_dict() for c in connections[start : start + STATUS_BATCH]]
+
+
+def _joined(items: Iterable[str]) -> Iterator[str]:
+    """``items`` with ", " between them, lazily (a JSON array's elements)."""
+    for index, item in enumerate(items):
+        yield item if index == 0 else ", " + item
+
+
+def _json_packets(texts: Iterable[str]) -> Iterator[bytes]:
+    """``JSON <text>`` packets of JSON_CHUNK characters from ``texts``, then ``END``; lazily.
+    json.dumps writes ASCII, so characters are bytes."""
+    pending = ""
+    for text in texts:
+        pending += text
+        while len(pending) >= JSON_CHUNK:
+            yield b"JSON " + pending[:JSON_CHUNK].encode()
+            pending = pending[JSON_CHUNK:]
+    if pending:
+        yield b"JSON " + pending.encode()
+    yield b"END"
 
 
 def _fds_batches(
