@@ -17,6 +17,7 @@ static int *listeners;
 static int nlisteners, listeners_cap;
 static int pending_total; /* read without the lock through __atomic */
 static int pending_sends; /* PENDING entries; read without the lock through __atomic */
+static int rewrite_fds;   /* REWRITE entries; read without the lock through __atomic */
 
 /* Fork safety as cwrap's socket_wrapper does it: the forking thread takes the
  * lock (so no other thread is inside the table when the process is copied),
@@ -154,9 +155,39 @@ int fdt_pending_sends(void)
     return __atomic_load_n(&pending_sends, __ATOMIC_RELAXED);
 }
 
+int fdt_set_rewrite(struct fde *e, const struct rw_pair *p)
+{
+    if (!e->rw && !(e->rw = calloc(1, sizeof *e->rw)))
+        return -1;
+    rw_tail_free(&e->rw->tail);
+    e->rw->pair = *p;
+    if (!(e->flags & FDE_REWRITE))
+        __atomic_add_fetch(&rewrite_fds, 1, __ATOMIC_RELAXED);
+    e->flags |= FDE_REWRITE;
+    return 0;
+}
+
+static void clear_rewrite(struct fde *e)
+{
+    if (e->rw) {
+        rw_tail_free(&e->rw->tail);
+        free(e->rw);
+        e->rw = NULL;
+    }
+    if (e->flags & FDE_REWRITE)
+        __atomic_sub_fetch(&rewrite_fds, 1, __ATOMIC_RELAXED);
+    e->flags &= ~FDE_REWRITE;
+}
+
+int fdt_rewrite_fds(void)
+{
+    return __atomic_load_n(&rewrite_fds, __ATOMIC_RELAXED);
+}
+
 static void free_entry(int fd, struct fde *e, int **close_fds, int *nclose)
 {
     fdt_clear_pending(e, close_fds, nclose);
+    clear_rewrite(e);
     if (e->pending) {
         struct fde_pending *p = e->pending;
         for (int i = p->head; i < p->count; i++)
@@ -216,6 +247,10 @@ void fdt_copy(int from, int to, int **close_fds, int *nclose)
         dst->ph->refs++;
         __atomic_add_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
     }
+    dst->rw = NULL; /* the copy rewrites too, but owes nothing of the original's sends */
+    dst->flags &= ~FDE_REWRITE;
+    if ((src->flags & FDE_REWRITE) && src->rw)
+        fdt_set_rewrite(dst, &src->rw->pair);
 }
 
 void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len)
@@ -382,6 +417,43 @@ int fdt_lookup(int fd, unsigned want, struct fde *snap)
         found = 0;
     }
     return found;
+}
+
+int fdt_rewrite_take(int fd, struct rw_pair *p, struct rw_tail *t)
+{
+    int found = 0;
+    dev_t dev = 0;
+    ino_t ino = 0;
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_REWRITE) && e->rw) {
+        *p = e->rw->pair;
+        *t = e->rw->tail;
+        memset(&e->rw->tail, 0, sizeof e->rw->tail);
+        dev = e->dev;
+        ino = e->ino;
+        found = 1;
+    }
+    fdt_unlock();
+    if (found && !same_socket(fd, dev, ino)) { /* closed behind our back: not ours now */
+        rw_tail_free(t);
+        fdt_forget(fd);
+        found = 0;
+    }
+    return found;
+}
+
+void fdt_rewrite_put(int fd, struct rw_tail *t)
+{
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (e && (e->flags & FDE_REWRITE) && e->rw && !e->rw->tail.copy && !e->rw->tail.plain) {
+        e->rw->tail = *t;
+        memset(t, 0, sizeof *t);
+    }
+    fdt_unlock();
+    rw_tail_free(t);
 }
 
 unsigned fdt_forget(int fd)

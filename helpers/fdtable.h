@@ -7,6 +7,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include "rewrite.h"
 #include "shim.h"
 
 #define FDE_CANDIDATE 0x1u /* AF_INET/AF_INET6 SOCK_STREAM socket */
@@ -16,6 +17,9 @@
 #define FDE_PENDING 0x8u   /* FDKEEPER_PER_CALL: "connected" to a quiet placeholder;
                             * the lease waits for the first send (its From AoR).
                             * getsockname/getpeername answer peer/local below */
+
+#define FDE_REWRITE 0x10u  /* FDKEEPER_PER_CALL, kept: the placeholder's address is rewritten
+                            * in what is sent (rewrite.h; state in rw below) */
 
 #define FDE_ANY (FDE_CANDIDATE | FDE_KEPT | FDE_PAIR | FDE_PENDING)
 
@@ -71,6 +75,13 @@ struct fde {
     struct shim_inaddr peer, local; /* from the keeper (kept fds); PENDING: the SuT and
                                      * the program's own socket's local address */
     struct fde_placeholder *ph;     /* PENDING only */
+    struct fde_rewrite *rw;         /* REWRITE only */
+};
+
+/* A REWRITE fd's address pair and what it still owes of a partly sent message. */
+struct fde_rewrite {
+    struct rw_pair pair;
+    struct rw_tail tail;
 };
 
 SHIM_HIDDEN void fdt_lock(void);
@@ -95,6 +106,11 @@ SHIM_HIDDEN int fdt_set_pending(struct fde *e, int peer_fd);
 SHIM_HIDDEN void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose);
 /* Number of PENDING entries (no lock needed): 0 lets send() skip the table. */
 SHIM_HIDDEN int fdt_pending_sends(void);
+
+/* Make kept entry e rewrite p in what is sent (lock held); 0, or -1 without memory. */
+SHIM_HIDDEN int fdt_set_rewrite(struct fde *e, const struct rw_pair *p);
+/* Number of REWRITE entries (no lock needed): 0 lets send() skip the table. */
+SHIM_HIDDEN int fdt_rewrite_fds(void);
 
 /* Entry state helpers (lock held). */
 SHIM_HIDDEN void fde_set_opt(struct fde *e, int level, int name, const void *val, socklen_t len);
@@ -129,6 +145,11 @@ SHIM_HIDDEN int fdt_lookup(int fd, unsigned want, struct fde *snap);
  * the union of their flags (0: none). Keeps errno. */
 SHIM_HIDDEN unsigned fdt_forget(int fd);
 SHIM_HIDDEN unsigned fdt_forget_range(unsigned first, unsigned last);
+/* If fd is REWRITE (and still its socket): 1, with its pair in *p and its
+ * tail moved into *t (the entry's is left empty until fdt_rewrite_put). */
+SHIM_HIDDEN int fdt_rewrite_take(int fd, struct rw_pair *p, struct rw_tail *t);
+/* Give the tail back to fd's entry (freed if fd is no longer REWRITE). */
+SHIM_HIDDEN void fdt_rewrite_put(int fd, struct rw_tail *t);
 /* After a dup from -> to: to inherits from's state (see fdt_copy). Keeps errno. */
 SHIM_HIDDEN void fdt_note_dup(int from, int to);
 

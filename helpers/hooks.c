@@ -6,8 +6,8 @@
  *   server.c   kept connections offered as accepted ones (server role)
  *
  * Reads (recv, recvfrom, read, ...) are not interposed at all. The send
- * family is, for the per-call mode only: while no fd is PENDING it costs one
- * atomic load, otherwise one table lookup. */
+ * family is, for the per-call mode only: while no fd is PENDING or REWRITE it
+ * costs one atomic load, otherwise one table lookup. */
 #define _GNU_SOURCE
 #include <stdarg.h>
 #include <sys/epoll.h>
@@ -65,6 +65,8 @@ SHIM_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
 {
     if (fdt_pending_sends() && percall_first_send(fd, buf, len, NULL, 0, "send") != 0)
         return -1;
+    if (fdt_rewrite_fds())
+        return percall_send(fd, buf, len, flags, NULL, 0, PERCALL_SEND);
     return REAL(send)(fd, buf, len, flags);
 }
 
@@ -73,6 +75,8 @@ SHIM_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
 {
     if (fdt_pending_sends() && percall_first_send(fd, buf, len, NULL, 0, "sendto") != 0)
         return -1;
+    if (fdt_rewrite_fds())
+        return percall_send(fd, buf, len, flags, addr, alen, PERCALL_SENDTO);
     return REAL(sendto)(fd, buf, len, flags, addr, alen);
 }
 
@@ -88,6 +92,8 @@ SHIM_EXPORT ssize_t write(int fd, const void *buf, size_t len)
 {
     if (fdt_pending_sends() && percall_first_send(fd, buf, len, NULL, 0, "write") != 0)
         return -1;
+    if (fdt_rewrite_fds())
+        return percall_send(fd, buf, len, 0, NULL, 0, PERCALL_WRITE);
     return REAL(write)(fd, buf, len);
 }
 

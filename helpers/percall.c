@@ -9,9 +9,11 @@
 #include <unistd.h>
 
 #include "client.h"
+#include "kept.h"
 #include "lease.h"
 #include "percall.h"
 #include "real.h"
+#include "rewrite.h"
 
 #define MAX_AOR 3000            /* percent-encoded; the LEASE must fit in 4096 bytes */
 #define MAX_FLAT (64 * 1024)    /* bytes of a writev/sendmsg looked at for the From header */
@@ -100,6 +102,75 @@ int percall_placeholder(int fd, const struct fde *snap, const struct sockaddr *a
     return 0;
 }
 
+static int is_wildcard(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return ((const struct sockaddr_in *)sa)->sin_addr.s_addr == htonl(INADDR_ANY);
+    return sa->sa_family == AF_INET6 &&
+           IN6_IS_ADDR_UNSPECIFIED(&((const struct sockaddr_in6 *)sa)->sin6_addr);
+}
+
+static unsigned short port_of(const struct sockaddr *sa)
+{
+    if (sa->sa_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)sa)->sin_port);
+    return ntohs(((const struct sockaddr_in6 *)sa)->sin6_port);
+}
+
+/* The placeholder's "IP:PORT" as the program wrote it ([local_ip]:[local_port]):
+ * a socket bound to the wildcard (sipp without -i) is written with the
+ * address the connection is made from, which is the kept connection's. */
+static void placeholder_text(const struct shim_inaddr *ph, const struct sockaddr *kept,
+                             char *out, size_t n)
+{
+    struct sockaddr_storage ss;
+
+    if (!is_wildcard(&ph->u.sa) || kept->sa_family != ph->u.sa.sa_family) {
+        shim_format_addr(&ph->u.sa, out, n);
+        return;
+    }
+    memcpy(&ss, kept, kept->sa_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                  : sizeof(struct sockaddr_in6));
+    if (ss.ss_family == AF_INET)
+        ((struct sockaddr_in *)&ss)->sin_port = ph->u.in.sin_port;
+    else
+        ((struct sockaddr_in6 *)&ss)->sin6_port = ph->u.in6.sin6_port;
+    shim_format_addr((struct sockaddr *)&ss, out, n);
+}
+
+/* After the handoff: what fd sends names the kept connection's address, not
+ * the placeholder's (the program read its port before the user was known). */
+static void rewrite_placeholder(int fd, const struct shim_inaddr *ph, const char *what)
+{
+    static int warned;
+    struct sockaddr_storage ks;
+    socklen_t kl = sizeof ks;
+    char from[RW_MAX_ADDR], to[RW_MAX_ADDR];
+    struct rw_pair pair;
+    int ok;
+
+    if (!ph->len || port_of(&ph->u.sa) == 0 || kept_getname(fd, (struct sockaddr *)&ks, &kl, 0) != 0 ||
+        (ks.ss_family != AF_INET && ks.ss_family != AF_INET6))
+        return; /* the program bound no port of its own: it wrote none */
+    placeholder_text(ph, (struct sockaddr *)&ks, from, sizeof from);
+    shim_format_addr((struct sockaddr *)&ks, to, sizeof to);
+    if (strcmp(from, to) == 0)
+        return;
+    if (rw_pair_set(&pair, from, to) != 0) {
+        if (!__atomic_exchange_n(&warned, 1, __ATOMIC_RELAXED))
+            shim_say("fdkeeper: %s: the kept connection's address %s and the per-call socket's "
+                     "%s differ in length; messages keep the per-call socket's port (a SuT that "
+                     "aliases Via ports to connections sees a new one per call)", what, to, from);
+        return;
+    }
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    ok = e && (e->flags & FDE_KEPT) && fdt_set_rewrite(e, &pair) == 0;
+    fdt_unlock();
+    if (ok)
+        shim_debug("%s: %s rewritten to %s in what fd %d sends", what, from, to, fd);
+}
+
 /* The first MAX_FLAT bytes of iov in one malloc'ed buffer (*len: its size);
  * NULL with *len 0 when there is nothing, or without memory (*len not 0). */
 static char *flatten(const struct iovec *iov, size_t iovcnt, size_t *len)
@@ -170,5 +241,62 @@ int percall_first_send(int fd, const void *buf, size_t len, const struct iovec *
         errno = ECONNREFUSED;
         return -1;
     }
-    return client_handoff(fd, &snap, transport, what, saved, aor);
+    if (client_handoff(fd, &snap, transport, what, saved, aor) != 0)
+        return -1;
+    rewrite_placeholder(fd, &snap.local, what);
+    errno = saved;
+    return 0;
+}
+
+/* The program's call on fd, as it made it. */
+static ssize_t real_send(int fd, const void *buf, size_t len, int flags,
+                         const struct sockaddr *addr, socklen_t alen, enum percall_call how)
+{
+    if (how == PERCALL_WRITE)
+        return REAL(write)(fd, buf, len);
+    if (how == PERCALL_SENDTO)
+        return REAL(sendto)(fd, buf, len, flags, addr, alen);
+    return REAL(send)(fd, buf, len, flags);
+}
+
+static ssize_t planned_send(int fd, struct rw_send *s, int flags, const struct sockaddr *addr,
+                            socklen_t alen, enum percall_call how)
+{
+    struct msghdr mh;
+
+    if (how == PERCALL_WRITE)
+        return REAL(writev)(fd, s->iov, s->iovcnt);
+    memset(&mh, 0, sizeof mh);
+    mh.msg_iov = s->iov;
+    mh.msg_iovlen = (size_t)s->iovcnt;
+    if (how == PERCALL_SENDTO) {
+        mh.msg_name = (void *)addr;
+        mh.msg_namelen = alen;
+    }
+    return REAL(sendmsg)(fd, &mh, flags);
+}
+
+ssize_t percall_send(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr,
+                     socklen_t alen, enum percall_call how)
+{
+    struct rw_pair pair;
+    struct rw_tail tail;
+    struct rw_send plan;
+    ssize_t r;
+    int err;
+
+    if (!buf || !fdt_rewrite_take(fd, &pair, &tail))
+        return real_send(fd, buf, len, flags, addr, alen, how);
+    if (rw_plan(&pair, &tail, buf, len, &plan) != 0) {
+        fdt_rewrite_put(fd, &tail);
+        errno = ENOMEM; /* nothing sent: the program tries again, as after EAGAIN */
+        return -1;
+    }
+    r = plan.changed ? planned_send(fd, &plan, flags, addr, alen, how)
+                     : real_send(fd, buf, len, flags, addr, alen, how);
+    err = errno;
+    rw_done(&tail, &plan, r > 0 ? (size_t)r : 0);
+    fdt_rewrite_put(fd, &tail);
+    errno = err;
+    return r;
 }

@@ -17,4 +17,14 @@ SHIM_HIDDEN int percall_placeholder(int fd, const struct fde *snap, const struct
 SHIM_HIDDEN int percall_first_send(int fd, const void *buf, size_t len, const struct iovec *iov,
                                    size_t iovcnt, const char *call);
 
+enum percall_call { PERCALL_SEND, PERCALL_SENDTO, PERCALL_WRITE };
+
+/* send/sendto/write of buf on fd: on a kept per-call fd the placeholder's
+ * address in the message's headers is the kept connection's (rewrite.h),
+ * every other fd gets the program's call as it is. Call only when
+ * fdt_rewrite_fds() (cheap). */
+SHIM_HIDDEN ssize_t percall_send(int fd, const void *buf, size_t len, int flags,
+                                 const struct sockaddr *addr, socklen_t alen,
+                                 enum percall_call how);
+
 #endif

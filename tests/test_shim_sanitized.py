@@ -43,7 +43,7 @@ def test_shim_tests_pass_under_asan_and_ubsan():
     basetemp = tempfile.mkdtemp(prefix="fdk-san-")  # short: the tests bind unix sockets under it
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", basetemp,
-         "tests/test_shim.py", "tests/test_shim_malformed.py", "-k", "not real_sipp"],
+         "tests/test_shim.py", "tests/test_shim_malformed.py", "tests/test_shim_rewrite.py", "-k", "not real_sipp"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     shutil.rmtree(basetemp, ignore_errors=True)

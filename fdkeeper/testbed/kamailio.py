@@ -146,7 +146,11 @@ class Kamailio(KamailioInstance):
     `tcp_max_connections`, `ul_timer` (s between usrloc timer runs, which
     drop contacts of lost connections), `handle_lost_tcp` (False: lookup()
     keeps returning a dead contact and the relay fails with 480 instead of
-    the lookup failing with 404).
+    the lookup failing with 404), `alias_every_request` (True: every request
+    over TCP/TLS maps its Via sent-by port onto its connection with
+    force_tcp_alias(), as SBCs do, and is logged with its Via, see
+    `request_vias()`; a connection holds a few such aliases, Kamailio logs
+    "alias failed" beyond them and drops the request).
     `tls=KamailioTls(...)` adds a TLS listener on `tls_port` (a second free
     port unless given; `tls_address`) with its own tls.cfg in the work dir.
     TLS users are routed like TCP ones: REGISTER over TLS, calls and
@@ -160,11 +164,13 @@ class Kamailio(KamailioInstance):
                  children: int = 2, tcp_lifetime: int = 3600,
                  tcp_max_connections: int = 4096, ul_timer: int = 5,
                  handle_lost_tcp: bool = True, tls: KamailioTls | None = None,
-                 tls_port: int | None = None, shm_mb: int | None = None) -> None:
+                 tls_port: int | None = None, shm_mb: int | None = None,
+                 alias_every_request: bool = False) -> None:
         super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
                          tcp_max_connections=tcp_max_connections, tls=tls,
                          tls_port=tls_port, shm_mb=shm_mb)
         self.domain = domain
+        self.alias_every_request = alias_every_request
         self.ul_timer = ul_timer
         self.handle_lost_tcp = handle_lost_tcp
 
@@ -181,7 +187,19 @@ class Kamailio(KamailioInstance):
             "sut.cfg", domain=self.domain, ul_timer=self.ul_timer,
             handle_lost_tcp=int(self.handle_lost_tcp), tag=LOG_TAG,
             control_route=control_route(),
+            alias_every_request=_ALIAS_EVERY_REQUEST if self.alias_every_request else "",
             global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES))
+
+    def request_vias(self) -> list[dict]:
+        """With `alias_every_request`: each request a TCP/TLS peer sent, in order, as
+        {method, user (From), source "ip:port", sent_by "ip:port" of its top Via}."""
+        return [{"method": m, "user": u, "source": src, "sent_by": via}
+                for m, u, src, via in _REQUEST_VIA.findall(self.log_text())]
+
+    def alias_failures(self) -> int:
+        """How often Kamailio could not alias a Via port onto a connection (its per-connection
+        alias limit reached): each such request was dropped."""
+        return self.log_text().count("alias failed")
 
     def ping_user(self, user: str, wait: float = 3.0) -> bytes | None:
         """Ping a registered user as an SBC does: an OPTIONS to sip:USER@this SuT, sent over
@@ -210,6 +228,17 @@ class Kamailio(KamailioInstance):
         except RuntimeError:
             return []  # not registered (or no live contact)
         return kamcmd.lookup_contacts(kamcmd.parse_kamcmd(text))
+
+
+# Kamailio's own text: rendered into sut.cfg after force_rport() when alias_every_request is set.
+_ALIAS_EVERY_REQUEST = f"""    # Every request over TCP/TLS aliases its Via port to its connection (RFC 5923 style, as
+    # SBCs do): a client that names a new port per request exhausts the connection's aliases.
+    if (proto==TCP || proto==TLS) {{
+        force_tcp_alias();
+        xlog("L_INFO", "{LOG_TAG} request $rm from $fU source $si:$sp via $hdr(Via)\\n");
+    }}"""
+_REQUEST_VIA = re.compile(
+    re.escape(LOG_TAG) + r" request (\S+) from (\S*) source (\S+) via SIP/2\.0/\w+ ([^;\s]+)")
 
 
 # The pings PingingKamailio sends (usrloc's debug line, then the request line) and the replies it

@@ -19,6 +19,13 @@
  *                                      FROM ("-": none) through HOW (send, sendto,
  *                                      write, writev, sendmsg; dup: send on a dup);
  *                                      the reply is read via epoll, then closed
+ *   shimprog percallvia IP PORT BINDIP FROM SNDBUF FILLERS CALLS
+ *                                      sipp -t tn writing [local_ip]:[local_port] (Via,
+ *                                      Contact, FILLERS more headers, the body): CALLS
+ *                                      calls of one user, each a socket with SO_SNDBUF
+ *                                      SNDBUF, its message sent as sipp does (send with
+ *                                      MSG_DONTWAIT, the untaken tail again from its
+ *                                      offset when writable); a reply line read after each
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -88,6 +95,8 @@ static int domain_of(int fd)
     return d;
 }
 
+static int sipp_sndbuf = 65535; /* sipp's SO_SNDBUF (percallvia makes it tiny) */
+
 /* The sipp sequence: socket, epoll ADD, setsockopt, bind, O_NONBLOCK, connect, flags back. */
 static int sipp_connect(int ep, uint64_t data, const char *ip, const char *port,
                         const char *bindip, int *err)
@@ -95,7 +104,7 @@ static int sipp_connect(int ep, uint64_t data, const char *ip, const char *port,
     struct sockaddr_in a = addr_of(ip, port);
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = data };
     struct linger l = { 1, 1 };
-    int one = 1, buf = 65535, fl, s, r;
+    int one = 1, buf = sipp_sndbuf, fl, s, r;
 
     s = socket(AF_INET, SOCK_STREAM, 0);
     if (s < 0)
@@ -582,6 +591,78 @@ static int cmd_percall(int argc, char **argv)
     return 0;
 }
 
+/* sipp's write(): send with MSG_DONTWAIT; a short send leaves the tail, sent
+ * again from its offset once the socket is writable. Returns the partial sends. */
+static int sipp_send_all(int s, const char *msg, size_t len)
+{
+    size_t off = 0;
+    int partial = 0;
+
+    while (off < len) {
+        ssize_t r = send(s, msg + off, len - off, MSG_DONTWAIT);
+        if (r > 0) {
+            off += (size_t)r;
+            partial += off < len;
+            continue;
+        }
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+            die("send");
+        struct pollfd pfd = { .fd = s, .events = POLLOUT };
+        if (poll(&pfd, 1, 10000) != 1)
+            die("poll out");
+    }
+    return partial;
+}
+
+static int cmd_percallvia(int argc, char **argv)
+{
+    int fillers = atoi(argv[7]), calls = atoi(argv[8]);
+    size_t cap = 4096 + (size_t)fillers * 128;
+    char *msg = malloc(cap);
+
+    sipp_sndbuf = atoi(argv[6]);
+    if (!msg)
+        die("malloc");
+    for (int c = 0; c < calls; c++) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof ss;
+        char me[64], body[128], line[256];
+        size_t ml = 0;
+        int err, s, n;
+
+        s = sipp_connect(-1, 0, argv[2], argv[3], argv[4], &err);
+        if (s < 0)
+            die("connect");
+        if (getsockname(s, (struct sockaddr *)&ss, &sl) != 0) /* sipp reads [local_port] */
+            die("getsockname");
+        format_addr((struct sockaddr *)&ss, sl, me, sizeof me);
+        printf("c%d_placeholder=%s\n", c, me);
+        snprintf(body, sizeof body, "body names %s and stays as it is\r\n", me);
+        ml += (size_t)snprintf(msg + ml, cap - ml,
+                               "INVITE sip:service@%s:%s SIP/2.0\r\n"
+                               "Via: SIP/2.0/TCP %s;branch=z9hG4bK-%d\r\n"
+                               "%s\r\nTo: <sip:service@%s:%s>\r\nCall-ID: via-%d\r\n"
+                               "CSeq: 1 INVITE\r\nContact: <sip:u@%s;transport=tcp>\r\n",
+                               argv[2], argv[3], me, c, argv[5], argv[2], argv[3], c, me);
+        for (int i = 0; i < fillers; i++)
+            ml += (size_t)snprintf(msg + ml, cap - ml, "X-Filler-%d: %s %s0 9%s\r\n", i, me,
+                                   me, me);
+        ml += (size_t)snprintf(msg + ml, cap - ml,
+                               "Content-Type: text/plain\r\nContent-Length: %zu\r\n\r\n%s",
+                               strlen(body), body);
+        printf("c%d_len=%zu\n", c, ml);
+        printf("c%d_partial=%d\n", c, sipp_send_all(s, msg, ml));
+        struct pollfd pfd = { .fd = s, .events = POLLIN };
+        n = poll(&pfd, 1, 10000) == 1 ? (int)recv(s, line, sizeof line - 1, 0) : -1;
+        line[n > 0 ? n : 0] = 0;
+        line[strcspn(line, "\r\n")] = 0;
+        printf("c%d_got=%s\n", c, line);
+        close(s);
+    }
+    free(msg);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int r;
@@ -606,6 +687,8 @@ int main(int argc, char **argv)
         r = cmd_server(argc, argv);
     else if (!strcmp(argv[1], "percall") && argc >= 5)
         r = cmd_percall(argc, argv);
+    else if (!strcmp(argv[1], "percallvia") && argc >= 9)
+        r = cmd_percallvia(argc, argv);
     else
         return 1;
     return r;
