@@ -52,12 +52,15 @@ def run_exec(command: list[str], options: ExecOptions) -> int:
         raise FdkeeperError("fdkeeper: a client agent needs --sut HOST:PORT (the SuT address its connect() uses)")
     directory = resolve_directory(options.directory)
     keeper = ensure_keeper(directory)
-    # Open (or check) the connection before the agent starts: errors are one line here.
+    # Check the keeper (and its TLS options) before the agent starts: errors are one line here.
+    # The connection itself is opened at the agent's connect(), from the address the agent
+    # binds (its identity, keeper/identity.py): opened now, it would be one the agent never uses.
     keeper.prepare(
         role=options.role,
         transport=options.transport,
         remote=remote,
         local="-" if options.role == "client" else None,
+        open_at_lease=True if options.role == "client" else None,
         reconnect=options.reconnect or None,
         **(options.tls.as_fields() if options.tls and options.transport == "tls" and options.role == "client" else {}),
     )

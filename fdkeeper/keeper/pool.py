@@ -58,6 +58,8 @@ class ConnectionPool:
             self._remember_tls_profile(request)
             self._check_room(request)
             return []
+        if request.get("role") == "client" and request.get("open_at_lease"):
+            return self._check_without_opening(request, pid)
         if request.get("role") == "client":
             return [self._client_connection(request, pid)]
         return self._server_connections(request, pid)
@@ -104,6 +106,26 @@ class ConnectionPool:
             self.leases.refuse_if_held_by_other(connection, pid)
             return connection
         return self._open(request)
+
+    def _check_without_opening(self, request: Request, pid: int | None) -> list[KeptConnection]:
+        """A PREPARE whose identity only sipp's own bind will tell (sipp 3.7 without -p): open
+        nothing, or the SuT would see a connection plain sipp never opens. Its TLS options are
+        kept for the lease that opens the connection; the kept connection of the identity the
+        run will most likely bind (``local=``), if there is one, is checked as its lease would be."""
+        self._remember_tls_profile(request)
+        remote = request.get("remote")
+        if remote is None:
+            raise ProtocolError("badrequest", "fdkeeper: a client PREPARE needs remote=")
+        identity = identity_of(request.get("local"), remote)
+        connection = self.by_key.get((remote, request.get("transport"), request.get("aor"), identity))
+        if connection is None:
+            return []
+        if connection.state == CLOSED:
+            if request.get("reconnect"):
+                return []  # its lease replaces it
+            raise connection.closed_error()
+        self.leases.refuse_if_held_by_other(connection, pid)
+        return [connection]
 
     def _server_connections(self, request: Request, pid: int | None) -> list[KeptConnection]:
         remote: Address | None = request.get("remote")

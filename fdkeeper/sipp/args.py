@@ -18,6 +18,7 @@ from typing import Iterator
 
 from fdkeeper.address import Address, is_ip, parse_port, resolve, split_host_port
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.sipp.binding import Binding, client_binding, server_binding
 from fdkeeper.sipp.scenario import scenario_role
 from fdkeeper.sipp.tables import BROKEN, BROKEN_SINCE, NEWEST, OptionTable, first_release_with
 
@@ -138,6 +139,14 @@ class SippInvocation:
             return None
         ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else "0.0.0.0"
         return ip, self.local_port or 0
+
+    def binding(self) -> Binding:
+        """Where this run's sipp binds, as the SuT will see it (the run's identity): its client
+        connection, or for a server run the -i/-p it listens on (fdkeeper/sipp/binding.py).
+        Not always known before sipp binds: sipp 3.7 without -p takes the first free port."""
+        ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else None
+        of_role = client_binding if self.role == "client" else server_binding
+        return of_role(self.table.release, ip, self.local_port)
 
 
 def parse_sipp_args(args: list[str], table: OptionTable = NEWEST) -> SippInvocation:

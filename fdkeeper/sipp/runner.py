@@ -20,6 +20,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions, choose_mode
 from fdkeeper.process import spawn
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
+from fdkeeper.sipp.binding import Binding
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
 from fdkeeper.sipp.versions import sipp_version
@@ -78,10 +79,11 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         )
     mode = choose_mode(options.mode, sipp, sipp_needs(invocation, options.transfer))
     tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
+    binding = invocation.binding()
     request = HandoffRequest(
         program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
         remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
-        per_call=invocation.per_call_client, local=invocation.local_bind(),
+        per_call=invocation.per_call_client, local=binding.local,
     )
     mode_options = ModeOptions(
         ptrace=PtraceOptions(transfer=options.transfer or "scm"),
@@ -89,7 +91,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     )
     if not mode.capabilities.uses_keeper:  # e.g. sipp on -t u1 through a kept converter
         return mode.run(mode.prepare(request, mode_options))
-    return _run_with_keeper(mode, request, mode_options, invocation, options, tls)
+    return _run_with_keeper(mode, request, mode_options, invocation, options, tls, binding)
 
 
 def read_arguments(sipp: Path, args: list[str], directory: Path) -> SippInvocation:
@@ -113,8 +115,14 @@ def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNe
 
 
 def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOptions, invocation: SippInvocation,
-                     options: RunOptions, tls: TlsOptions | None) -> int:
-    """The keeper holds the connections: open (or check) them first, so errors are one line here."""
+                     options: RunOptions, tls: TlsOptions | None, binding: Binding) -> int:
+    """The keeper holds the connections: open (or check) them first, so errors are one line here.
+
+    Only a connection sipp itself will ask for is opened: one of the identity it binds. When that
+    is known only once sipp binds (sipp 3.7 without -p), PREPARE opens nothing and checks what it
+    can (the keeper, the kept connection of the likely identity); the lease opens the connection
+    from the address sipp bound, as plain sipp would connect.
+    """
     keeper = ensure_keeper(
         request.directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout,
         answer_options=options.answer_options,
@@ -124,7 +132,8 @@ def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOpti
         role=request.role,
         transport=request.transport,
         remote=request.remote,
-        local=invocation.local_bind() or "-",  # the run's identity (keeper/identity.py)
+        local=binding.local or "-",  # the run's identity (keeper/identity.py), or its likely one
+        open_at_lease=None if binding.known or request.role != "client" else True,
         reconnect=options.reconnect,
         wait=options.wait or None,
         per_call=request.per_call or None,

@@ -21,7 +21,7 @@ from fdkeeper.modes.ptrace.raw import libc
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS = {
-    "write": 1, "close": 3, "mmap": 9, "writev": 20, "sendto": 44, "sendmsg": 46, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43,
+    "write": 1, "close": 3, "mmap": 9, "writev": 20, "sendto": 44, "sendmsg": 46, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43, "bind": 49,
     "recvmsg": 47, "shutdown": 48, "listen": 50, "setsockopt": 54, "fcntl": 72, "prctl": 157,
     "epoll_wait": 232, "epoll_ctl": 233, "epoll_pwait": 281, "accept4": 288, "dup3": 292,
     "seccomp": 317, "pidfd_open": 434, "pidfd_getfd": 438,

@@ -13,7 +13,7 @@ import stat
 import struct
 import sys
 
-from fdkeeper.address import format_address
+from fdkeeper.address import Address, format_address
 from fdkeeper.client import Leased
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import HandoffRequest
@@ -41,6 +41,9 @@ class Session:
         self.remote = procfs.normal(request.remote) if request.remote else None
         self.done = False
         self.options: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}  # (tgid, fd) -> setsockopt calls
+        # (tgid, fd) -> the address its last successful bind() asked for (port 0: an ephemeral one).
+        # The run's identity is what the program binds (keeper/identity.py), as the shim reports it.
+        self.binds: dict[tuple[int, int], Address] = {}
         self.entries: dict[int, tuple[int, tuple[int, ...]]] = {}  # tid -> syscall in progress
         self.server = ServerHandoff(self) if request.role == "server" else None
         # -t tn/ln client: attached for the whole run, a handoff per connect (never done).
@@ -104,6 +107,7 @@ class Session:
             self.options.setdefault(key, []).append((args[1] & 0xFFFFFFFF, args[2] & 0xFFFFFFFF, value))
         elif nr == SYS["close"]:
             self.options.pop((self.tgid(stop.tid), args[0] & 0xFFFFFFFF), None)
+            self.binds.pop((self.tgid(stop.tid), args[0] & 0xFFFFFFFF), None)
         elif nr == SYS["connect"] and self.request.role == "client":
             self._maybe_client_handoff(stop)
         elif self.server is not None:
@@ -115,6 +119,9 @@ class Session:
         nr, args = self.entries.pop(stop.tid, (-1, ()))
         if nr == SYS["socket"] and stop.rval >= 0:
             self.options.pop((self.tgid(stop.tid), stop.rval), None)
+            self.binds.pop((self.tgid(stop.tid), stop.rval), None)
+        elif nr == SYS["bind"] and stop.rval == 0 and self.request.role == "client":
+            self._note_bind(stop.tid, args)
         elif self.server is not None:
             self.server.on_exit(stop, nr, args)
 
@@ -131,7 +138,7 @@ class Session:
                 return  # e.g. sipp's UDP probe for its own address
             self.done = True  # one handoff per run (t1), whatever happens next
             injection = Injection(self.tracer, stop.tid, at_entry=True)
-            kept = self.client_lease(injection, tgid, local=self.request.local or "-")
+            kept = self.client_lease(injection, tgid, local=self.binds.get((tgid, fd)) or "-")
             if kept is None:
                 return
             try:
@@ -140,6 +147,13 @@ class Session:
             except OSError as error:
                 print(f"fdkeeper: cannot hand the kept connection to process {tgid}: {error}", file=sys.stderr, flush=True)
                 injection.finish(-(error.errno or errno.EIO))
+
+    def _note_bind(self, tid: int, args: tuple[int, ...]) -> None:
+        """Remember what a successful bind() asked for (sipp 3.7 binds its client connection twice;
+        the second, failing, one does not count), read before the program can reuse the memory."""
+        address = procfs.parse_sockaddr(self.tracer.read(tid, args[1], min(args[2], 128))) if args[1] else None
+        if address is not None:
+            self.binds[(self.tgid(tid), args[0] & 0xFFFFFFFF)] = address
 
     def _hand_over(self, injection: Injection, tgid: int, fd: int, program_socket: socket.socket, kept_fd: int,
                    kept_id: int) -> None:
