@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.textsafe import escape_controls
 
 SOCKET_NAME = "control.sock"
 LOCK_NAME = "keeper.lock"
@@ -291,6 +292,77 @@ def verify_peer(sock: socket.socket, path: Path) -> None:
             f"fdkeeper: the process answering on {path} (pid {pid}) runs as {_user(uid)}, not as you or root; "
             f"refusing to talk to it: stop it and remove {path}"
         )
+
+
+# ---------------------------------------------------------------- files a request names
+
+
+# Never wait in open() (a FIFO with no writer, or a device, would hold the keeper's loop), never
+# follow a link in the last component, never take a terminal as controlling tty.
+NAMED_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def open_named_file(path: str, flags: int, option: str, mode: int = 0o600) -> tuple[int, os.stat_result]:
+    """``os.open(path, flags)`` for a file a user named with ``option`` (a CA, a key, a key log):
+    without blocking and without following a link, and only if it is a regular file.
+
+    Returns the descriptor and its fstat. Anything else is one line naming the option, the path
+    and what is there instead (FdkeeperError, code badrequest). The type is looked at before
+    the open (so a device or a FIFO is not even opened) and again through the descriptor (so a
+    file swapped in between is caught).
+    """
+    shown = escape_controls(path)
+    if not path or "\0" in path:  # no file name can hold one (os.open would raise ValueError)
+        what = "contains a NUL byte" if path else "is empty"
+        raise FdkeeperError(f"fdkeeper: {option} '{shown}' {what}; name a regular file", "badrequest")
+    _refuse_unless_regular(path, option, _lstat(path))
+    try:
+        fd = os.open(path, flags | NAMED_FILE_FLAGS, mode)
+    except OSError as error:
+        _refuse_unless_regular(path, option, _lstat(path))  # ELOOP, ENXIO, EISDIR: say what it is
+        if error.errno == errno.ENOENT:
+            raise FdkeeperError(f"fdkeeper: {option} file {shown} not found; check the path", "badrequest") from None
+        raise FdkeeperError(f"fdkeeper: cannot open {option} {shown}: {error.strerror}", "badrequest") from None
+    info = os.fstat(fd)
+    try:
+        _refuse_unless_regular(path, option, info)
+    except FdkeeperError:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def check_named_file(path: str, option: str) -> None:
+    """Refuse now what open_named_file would refuse for what is at ``path`` (nothing there is
+    fine); for a client, before anything starts. The keeper checks again when it opens it."""
+    _refuse_unless_regular(path, option, _lstat(path))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, for a message ("a FIFO", "a directory", ...)."""
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None  # not there (yet): the open says what is wrong
+
+
+def _refuse_unless_regular(path: str, option: str, info: os.stat_result | None) -> None:
+    if info is None or stat.S_ISREG(info.st_mode):
+        return
+    shown = escape_controls(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise FdkeeperError(
+            f"fdkeeper: {option} {shown} is a symbolic link (to {escape_controls(_link_target(Path(path)))}), "
+            "which fdkeeper does not follow; name a regular file",
+            "badrequest",
+        )
+    raise FdkeeperError(f"fdkeeper: {option} {shown} is {file_kind(info.st_mode)}; name a regular file", "badrequest")
 
 
 # ---------------------------------------------------------------- the keeper's record

@@ -6,21 +6,33 @@ configuration, so ``--tls-*`` means the same in every mode.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keylog import set_keylog
 from fdkeeper.sip.framing import HEADER_END, PING
+from fdkeeper.statedir import open_named_file
+from fdkeeper.textsafe import escape_controls
 
 # TLS 1.3 servers reject a client certificate after the client's handshake has finished:
 # the alert arrives on the first read. Wait this long for it before calling a handshake good.
 ALERT_GRACE = 1.0
 READ_CHUNK = 256 * 1024
+# The option each file comes from, as its one-line error names it (fdkeeper's and sipp's spelling).
+CA_OPTION = "--tls-ca (-tls_ca)"
+CRL_OPTION = "-tls_crl"
+CERT_OPTION = "--tls-cert (-tls_cert)"
+KEY_OPTION = "--tls-key (-tls_key)"
+# A whole trust store is a few hundred kB (Debian's: 0.2 MB); a file much larger is no TLS file.
+MAX_TLS_FILE = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class TlsOptions:
 
 
 def client_context(options: TlsOptions) -> ssl.SSLContext:
+    """The SSL context for ``options``; every file it names is read without blocking (read_tls_file)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # Some Python builds (Debian's 3.11) set OP_IGNORE_UNEXPECTED_EOF by default, which makes a
     # SuT that closes without close_notify look like a clean close: we want to tell them apart.
@@ -77,26 +90,113 @@ def client_context(options: TlsOptions) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif options.ca:
-        _load(context.load_verify_locations, options.ca, "--tls-ca")
+        _load_verify_file(context, options.ca, CA_OPTION)
     else:
         context.load_default_certs()
     if options.crl and not options.insecure:
-        _load(context.load_verify_locations, options.crl, "-tls_crl")
+        _load_verify_file(context, options.crl, CRL_OPTION)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     if options.cert:
-        _load(lambda cert: context.load_cert_chain(cert, options.key), options.cert, "--tls-cert/--tls-key")
+        _load_cert_chain(context, options.cert, options.key)
     if options.keylog:
         set_keylog(context, options.keylog)
     return context
 
 
-def _load(loader, path: str, option: str) -> None:
+# ---------------------------------------------------------------- the files a request names
+#
+# A request names them, often as root and in /tmp, where another user may have put a FIFO, a
+# device or a link: OpenSSL would open such a path itself, blocking the keeper's loop (a FIFO
+# with no writer) or following the link. So fdkeeper opens each file (statedir.open_named_file:
+# non-blocking, O_NOFOLLOW, a regular file only), reads it whole, bounded, and hands OpenSSL a
+# memfd holding those bytes: what OpenSSL parses is exactly what was checked and read.
+
+
+def read_tls_file(path: str, option: str) -> bytes:
+    """The whole of a CA, CRL, certificate or key file named with ``option``: a regular file,
+    at most MAX_TLS_FILE bytes; else one line naming the option and the path (badrequest)."""
+    fd, info = open_named_file(path, os.O_RDONLY, option)
     try:
-        loader(path)
-    except FileNotFoundError:
-        raise FdkeeperError(f"fdkeeper: {option} file {path} not found", "badrequest") from None
-    except (ssl.SSLError, OSError) as error:
-        raise FdkeeperError(f"fdkeeper: cannot load {option} from {path}: {error}", "badrequest") from None
+        data = _read_at_most(fd, MAX_TLS_FILE + 1) if info.st_size <= MAX_TLS_FILE else b""
+    finally:
+        os.close(fd)
+    size = max(info.st_size, len(data))
+    if size > MAX_TLS_FILE:
+        raise FdkeeperError(
+            f"fdkeeper: {option} {escape_controls(path)} is {size} bytes, more than a TLS file fdkeeper reads "
+            f"({MAX_TLS_FILE // (1024 * 1024)} MiB at most); name the PEM file itself",
+            "badrequest",
+        )
+    return data
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while total < limit:
+        chunk = os.read(fd, limit - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+@contextmanager
+def _in_memory(data: bytes, name: str) -> Iterator[str]:
+    """A path by which OpenSSL (which loads certificates, keys and CRLs only by path) reads
+    ``data``: a memfd of this process, gone when the block ends."""
+    fd = os.memfd_create(f"fdkeeper-{name}", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def _load_verify_file(context: ssl.SSLContext, path: str, option: str) -> None:
+    """CAs (or a CRL) from ``path``, as load_verify_locations(cafile=path) would take them:
+    PEM certificates and CRLs, text around them ignored."""
+    data = read_tls_file(path, option)
+    with _in_memory(data, "verify") as memory:
+        try:
+            context.load_verify_locations(memory)
+        except (ssl.SSLError, OSError) as error:
+            raise _cannot_load(option, path, error) from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
+    """The client certificate (and its key, or the key in the same file)."""
+    cert_data = read_tls_file(cert, CERT_OPTION)
+    key_data = read_tls_file(key, KEY_OPTION) if key else None
+    option = f"{CERT_OPTION} and {KEY_OPTION}" if key else CERT_OPTION
+    named = f"{cert} and {key}" if key else cert
+    with ExitStack() as files:
+        cert_memory = files.enter_context(_in_memory(cert_data, "cert"))
+        key_memory = files.enter_context(_in_memory(key_data, "key")) if key_data is not None else None
+        try:
+            # A passphrase would be asked for on the keeper's terminal, on its loop: refuse instead.
+            context.load_cert_chain(cert_memory, key_memory, password=_no_passphrase)
+        except (ssl.SSLError, OSError, _Encrypted) as error:
+            raise _cannot_load(option, named, error) from None
+
+
+class _Encrypted(Exception):
+    def __str__(self) -> str:
+        return "the key is encrypted; give fdkeeper a key without a passphrase"
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted()
+
+
+def _cannot_load(option: str, path: str, error: Exception) -> FdkeeperError:
+    reason = str(error)
+    if isinstance(error, ssl.SSLError) and error.reason:
+        reason = error.reason.lower().replace("_", " ")  # NO_CERTIFICATE_OR_CRL_FOUND: no certificate or crl found
+    return FdkeeperError(f"fdkeeper: {option} {escape_controls(path)} cannot be loaded: {reason}", "badrequest")
 
 
 def handshake(sock: socket.socket, remote: Address, options: TlsOptions, timeout: float) -> tuple[ssl.SSLSocket, bytes]:
@@ -124,13 +224,16 @@ def wrap_client(sock: socket.socket, remote: Address, options: TlsOptions) -> ss
     server_hostname = options.sni or (None if options.insecure else remote[0])
     try:
         context = client_context(options)
-        return context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
-    except ValueError as error:
-        sock.close()
-        raise FdkeeperError(f"fdkeeper: bad TLS server name {server_hostname!r}: {error}", "badrequest") from None
     except FdkeeperError:
         sock.close()
         raise
+    try:
+        return context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except (ValueError, TypeError) as error:  # TypeError: a NUL in the name
+        sock.close()
+        raise FdkeeperError(
+            f"fdkeeper: bad TLS server name (--tls-sni) {server_hostname!r}: {error}", "badrequest"
+        ) from None
 
 
 def past_our_finished(received: bytes) -> bool:
