@@ -86,7 +86,9 @@ def tls_options(command):
 
 def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version, tls_keylog) -> TlsOptions:
     keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
-    return TlsOptions(ca=tls_ca, insecure=tls_insecure, cert=tls_cert, key=tls_key, sni=tls_sni, min_version=tls_min_version, keylog=keylog)
+    # Links resolved here, with the user's own view: the keeper follows none (statedir.open_named_file).
+    ca, cert, key = (os.path.realpath(path) if path else None for path in (tls_ca, tls_cert, tls_key))
+    return TlsOptions(ca=ca, insecure=tls_insecure, cert=cert, key=key, sni=tls_sni, min_version=tls_min_version, keylog=keylog)
 
 
 def ready_options(command):

@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from fdkeeper.cli import make_tls_options
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
@@ -309,3 +310,12 @@ def test_a_fifo_as_key_log_is_one_line_before_anything_starts(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(FdkeeperError, match=r"^fdkeeper: --tls-keylog \S+ is a FIFO; name a regular file$"):
         keeper_tls_options(TlsOptions(keylog=str(fifo)), sipp_tls())
+
+
+def test_tls_options_given_on_the_command_line_reach_the_keeper_as_files_not_links(pki, tmp_path, monkeypatch):
+    """`fdkeeper keeper|exec|convert --tls-ca LINK` (relative, too): resolved in the user's process."""
+    (tmp_path / "ca-link.pem").symlink_to(pki.ca_cert)
+    monkeypatch.chdir(tmp_path)
+    options = make_tls_options("ca-link.pem", False, None, None, None, None, "keys.log")
+    assert (options.ca, options.keylog) == (str(pki.ca_cert.resolve()), str(tmp_path / "keys.log"))
+    client_context(options)

@@ -59,7 +59,7 @@ def _readable_file(path: str, option: str) -> str:
 
 
 def _merged(name: str, ours: str | None, sipps: str | None) -> str | None:
-    if ours and sipps and Path(ours).absolute() != Path(sipps).absolute():
+    if ours and sipps and os.path.realpath(ours) != os.path.realpath(sipps):
         ours_option, sipp_option = _SPELLINGS[name]
         raise FdkeeperError(f"fdkeeper: {ours_option} {ours} and sipp's {sipp_option} {sipps} disagree; give one of them")
     return ours or sipps
