@@ -1,12 +1,16 @@
 """A run's identity as the SuT sees it: which kept connection is whose.
 
 Plain sipp processes never share a connection: with `-t t1`/`-t l1` the SuT tells them apart by
-the local address and port sipp binds its connection to (-i/-p). So runs given the same -i/-p
+the local address and port sipp binds its connection to. So runs that bind the same address
 share a kept connection across runs (register, then answer on the same -p, as over UDP), and
-runs given different ones each get their own. sipp 3.6.1 without -p binds its client connection
-to an ephemeral port (src/socket.cpp: set_bind_port only with a user port), a fresh identity per
-process: fdkeeper keeps one shared connection for all such runs, as it always has (None here),
-whatever -i they give.
+runs that bind different ones each get their own. What sipp binds depends on its release
+(fdkeeper/sipp/binding.py): -p when given; without it sipp 3.6 binds an ephemeral port, a fresh
+identity per process, for which fdkeeper keeps one shared connection for all such runs (None
+here, whatever -i they give), while sipp 3.7 binds its main socket's port, the first free one of
+5060-5119, known only once sipp has bound it. The identity is therefore always the address the
+run's own bind() asked for, as the shim (or the ptrace tracer) reports it in LEASE; a connection
+is opened before sipp starts only when that address is certain (PREPARE without open_at_lease),
+so the SuT never sees a connection plain sipp would not have opened.
 Per-user runs (-t tn/ln) are told apart by their user (the AoR), which the key holds already.
 """
 

@@ -130,11 +130,8 @@ class SippInvocation:
         return target
 
     def local_bind(self) -> Address | None:
-        """The local address sipp binds its -t t1 client connection to.
-
-        -i IP gives the address, -p PORT the port (src/socket.cpp: set_bind_port(user_port));
-        with neither, sipp binds the wildcard address and an ephemeral port, i.e. nothing.
-        """
+        """-i and -p as given (port 0 without -p); None with neither. What sipp then binds
+        depends on its release: see binding()."""
         if self.local_ip is None and self.local_port is None:
             return None
         ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else "0.0.0.0"
