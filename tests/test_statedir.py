@@ -20,6 +20,7 @@ from typing import Iterator
 
 import pytest
 
+from fdkeeper import statedir
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.statedir import (
@@ -316,3 +317,22 @@ def test_our_own_keeper_passes_every_check(tmp_path):
         assert fdkeeper("status", "--dir", str(tmp_path / "state")).returncode == 0
     finally:
         client.stop()
+
+
+# ---------------------------------------------------------------- files a request names (issue 16)
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a directory", "a character device"])
+def test_a_file_swapped_in_after_the_look_is_refused_through_its_descriptor(tmp_path, monkeypatch, kind):
+    """The attacker wins the race between lstat and open: O_NONBLOCK opens a FIFO at once, the
+    descriptor's fstat refuses it, and no descriptor is left behind; nothing waits for a writer."""
+    path = {"a FIFO": tmp_path / "ca.pem", "a directory": tmp_path, "a character device": Path("/dev/zero")}[kind]
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    monkeypatch.setattr(statedir, "_lstat", lambda _path: None)  # the look saw nothing yet
+    before = set(os.listdir("/proc/self/fd"))
+    started = time.monotonic()
+    with pytest.raises(FdkeeperError, match=rf"^fdkeeper: --tls-ca \S+ is {kind}; name a regular file$"):
+        statedir.open_named_file(str(path), os.O_RDONLY, "--tls-ca")
+    assert time.monotonic() - started < 1
+    assert set(os.listdir("/proc/self/fd")) <= before

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import ssl
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -319,3 +324,22 @@ def test_tls_options_given_on_the_command_line_reach_the_keeper_as_files_not_lin
     options = make_tls_options("ca-link.pem", False, None, None, None, None, "keys.log")
     assert (options.ca, options.keylog) == (str(pki.ca_cert.resolve()), str(tmp_path / "keys.log"))
     client_context(options)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as a second uid (setpriv)")
+def test_another_users_fifo_in_a_sticky_directory_costs_root_one_line(keeper, listener, pki, crl):
+    """The issue's attack: uid nobody makes a FIFO in a /tmp-like directory; root names it."""
+    nobody = pwd.getpwnam("nobody")
+    shared = Path(tempfile.mkdtemp(prefix="fdkeeper-sticky-", dir="/tmp"))
+    try:
+        shared.chmod(0o1777)
+        fifo = shared / "keys.log"
+        subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                        sys.executable, "-c", f"import os; os.mkfifo({str(fifo)!r}, 0o666)"], check=True, timeout=10)
+        for field in ("tls_keylog", "tls_ca"):
+            fields = {**good_fields(pki, crl, shared / "unused.log"), field: str(fifo)}
+            with pytest.raises(FdkeeperError, match=rf"^fdkeeper: {re.escape(OPTION[field])}\b.* is a FIFO; name a regular file$"):
+                keeper.prepare(role="client", transport="tls", remote=listener, local="-", **fields)
+            answers_at_once(keeper)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
