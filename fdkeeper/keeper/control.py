@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import select
 import socket
 import time
@@ -57,16 +58,24 @@ def limit_error(what: str, error: OSError) -> FdkeeperError:
     """The one line a client gets when the keeper cannot make a descriptor for it."""
     return FdkeeperError(
         f"fdkeeper: the keeper could not {what}: {error.strerror} "
-        f"(it holds {count_open_descriptors()} descriptors); raise its RLIMIT_NOFILE or end runs that hold many",
+        f"({descriptors_held(error)}); raise its RLIMIT_NOFILE or end runs that hold many",
         "limit",
     )
 
 
-def count_open_descriptors() -> int:
+def descriptors_held(error: OSError) -> str:
+    """How many descriptors the keeper holds, for the EMFILE line, even with none left to count them.
+
+    Listing /proc/self/fd takes a descriptor itself. Without one, EMFILE says it all: the
+    kernel gives the lowest free number, so every number below the soft limit is in use."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
-        return len(os.listdir("/proc/self/fd"))
+        held = len(os.listdir("/proc/self/fd")) - 1  # not the listing's own descriptor
     except OSError:
-        return -1
+        if error.errno == errno.EMFILE:
+            return f"it holds all {limit} descriptors its RLIMIT_NOFILE allows"
+        return f"its RLIMIT_NOFILE is {limit} descriptors"
+    return f"it holds {held} descriptors, its RLIMIT_NOFILE is {limit}"
 
 
 class ReplyStream:
