@@ -24,8 +24,9 @@ from fdkeeper.modes import MODE_NAMES, MODES
 from fdkeeper.readiness import ReadySignal, announcing_readiness
 from fdkeeper.report import format_converter, format_status, select_connections
 from fdkeeper.sipp.runner import RunOptions, run_sipp
-from fdkeeper.statedir import resolve_directory
+from fdkeeper.statedir import LOG_NAME, resolve_directory
 from fdkeeper.testrun.command import run_command
+from fdkeeper.textsafe import escape_controls
 from fdkeeper.tls import TlsOptions
 
 DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
@@ -320,7 +321,16 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
     elif as_json:
         click.echo(json.dumps(status, indent=2))
     else:
-        click.echo("\n".join([format_status(status), *map(format_converter, converters)]))
+        click.echo("\n".join([format_status(status), *_internal_errors(status), *map(format_converter, converters)]))
+
+
+def _internal_errors(status: dict) -> list[str]:
+    """A line when the keeper caught defects in its own code (each cost one client or connection)."""
+    count = status["keeper"].get("internal_errors") or 0
+    if not count:
+        return []
+    log = escape_controls(str(Path(status["keeper"]["directory"]) / LOG_NAME))
+    return [f"keeper: {count} internal error{'s' if count != 1 else ''} caught, each ending only what it served; see {log}"]
 
 
 def _remote_filter(text: str) -> str:

@@ -412,6 +412,8 @@ def test_a_handler_that_raises_costs_one_err_line_and_that_client_only(keeper_in
     status = client.status()
     assert status["keeper"]["internal_errors"] == 1
     assert len(status["connections"]) == 1  # what the keeper holds is untouched
+    shown = fdkeeper("status", "--dir", str(client.directory))
+    assert shown.returncode == 0 and "keeper: 1 internal error caught" in shown.stdout, shown
 
 
 def test_a_resumed_request_that_raises_is_answered_once_by_its_own_client(keeper_in_thread):

@@ -79,3 +79,64 @@ def test_prepare_round_trips(role, ip, port, reconnect, wait):
     fields = parse_request(message).fields
     assert fields["remote"] == remote and fields["role"] == role and fields["reconnect"] == reconnect
     assert fields["wait"] == pytest.approx(wait)
+
+
+# ---------------------------------------------------------------- field validation (issue 16)
+
+from fdkeeper.protocol import VERBS  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "request_text, field, problem",
+    [
+        ("PREPARE role=client transport=tls remote=127.0.0.1:5061 tls_sni=%00", "tls_sni", "control character (NUL)"),
+        ("PREPARE role=client transport=tls tls_sni=bad_label-.example", "tls_sni", "not a DNS name"),
+        ("LEASE role=client transport=tls tls_ca=%00", "tls_ca", "control character (NUL)"),
+        ("LEASE role=client transport=tls tls_keylog=keys.log", "tls_keylog", "not an absolute path"),
+        ("LEASE role=client transport=tls tls_cert=%FF", "tls_cert", "not UTF-8"),
+        ("LEASE role=client transport=tcp aor=sip:a%0Ab", "aor", "control character (U+000A)"),
+        ("LEASE role=client transport=tcp for_pid=0", "for_pid", "out of range"),
+        ("LEASE role=client transport=tcp for_pid=%D9%A1", "for_pid", "not a whole number"),
+        ("PREPARE role=client transport=tcp wait=nan", "wait", "not a decimal number"),
+        ("PREPARE role=client transport=tcp wait=1e309", "wait", "out of range"),
+        ("PREPARE role=client transport=tcp wait=-1", "wait", "not a decimal number"),
+        ("PREPARE role=client transport=tcp users=18446744073709551616", "users", "over 8"),
+        ("PREPARE role=client transport=tcp remote=%D9%A1.0.0.1:5060", "remote", "not a numeric address"),
+        ("STATUS state=busy", "state", "not one of the choices"),
+        ("STATUS count=2", "count", "not a flag"),
+        ("LEASE role=client transport=tcp aor=", "aor", "is empty"),
+    ],
+)
+def test_a_bad_field_is_one_badrequest_naming_the_field_and_what_it_must_be(request_text, field, problem):
+    with pytest.raises(ProtocolError) as refused:
+        parse_request(request_text.encode())
+    assert refused.value.code == "badrequest"
+    assert f" {field}=" in refused.value.text and problem in refused.value.text
+    assert f"; {field}= must be " in refused.value.text  # the fix
+    assert "\n" not in refused.value.text and "\0" not in refused.value.text
+
+
+def test_every_field_has_a_bound_and_a_description():
+    for verb, schema in VERBS.items():
+        for key, spec in schema.items():
+            assert 0 < spec.max_length < MAX_MESSAGE and spec.what, (verb, key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([(verb, key) for verb, schema in VERBS.items() for key in schema]), st.text(max_size=40))
+def test_a_value_that_parses_has_no_control_character(verb_key, value):
+    verb, key = verb_key
+    fields = {"role": "client", "transport": "tcp"} if verb in ("LEASE", "PREPARE") else {}
+    fields[key] = value
+    if not value:
+        return  # format_message refuses an empty value itself
+    message = format_message(verb, **fields)
+    if len(message) > MAX_MESSAGE:
+        return
+    try:
+        parsed = parse_request(message).fields[key]
+    except ProtocolError as error:
+        assert error.code == "badrequest" and f"{key}=" in error.text
+        return
+    if isinstance(parsed, str):
+        assert parsed and all(ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F for c in parsed)
