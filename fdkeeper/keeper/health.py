@@ -15,6 +15,7 @@ import select
 import time
 from typing import Iterable
 
+from fdkeeper.keeper import tlspump
 from fdkeeper.keeper.connection import IDLE, KeptConnection
 from fdkeeper.keeper.opening import Pending
 from fdkeeper.keeper.pings import TcpOptionsAnswerer
@@ -39,6 +40,10 @@ class ConnectionHealth:
         # Leases waiting for a pong (settle_pong), and the pings whose pong they stopped waiting for.
         self._settling: dict[int, tuple[Pending, Timer]] = {}
         self._gave_up: dict[int, float | None] = {}
+        # TLS links whose SSL object the pump keeps until its last write is done (tlslink.py),
+        # taken back when the pump's eventfd says one is.
+        self._finishing: dict[int, KeptConnection] = {}
+        self._pump_wakeup = -1
 
     def watch(self, connection: KeptConnection) -> None:
         """Start watching a freshly opened connection."""
@@ -104,6 +109,8 @@ class ConnectionHealth:
         if link.closed_reason:
             self._link_ended(connection)
             return
+        if link.ssl_with_pump:
+            self._await_pump_finishing(connection)
         # epoll_ctl only when the wanted events changed: two system calls saved per message.
         tls_events, pair_events = link.wants_tls(), link.wants_pair()
         if tls_events != link.watched_tls:
@@ -112,6 +119,23 @@ class ConnectionHealth:
         if pair_events != link.watched_pair:
             self.reactor.rewatch(link.keeper_end.fileno(), pair_events)
             link.watched_pair = pair_events
+
+    def _await_pump_finishing(self, connection: KeptConnection) -> None:
+        self._finishing[connection.id] = connection
+        if self._pump_wakeup < 0:
+            self._pump_wakeup = tlspump.wakeup_fd()
+            self.reactor.watch(self._pump_wakeup, select.EPOLLIN, lambda _mask: self._on_pump_wakeup())
+
+    def _on_pump_wakeup(self) -> None:
+        """The pump finished a write it had pending at release: give those links' SSL back to Python."""
+        tlspump.clear_wakeup(self._pump_wakeup)
+        for connection in list(self._finishing.values()):
+            link = connection.link
+            if connection.sock is None or not link.ssl_with_pump:
+                del self._finishing[connection.id]
+            elif link.take_ssl_back():
+                del self._finishing[connection.id]
+                self.after_link_event(connection)
 
     # ---------------------------------------------------------------- the SuT's side ended
 

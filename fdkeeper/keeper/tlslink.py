@@ -10,6 +10,16 @@ reading in the middle of one, and keep-alive CRLFs never reach sipp.
 While a run holds the link, a C pump (tlspump.py) moves the messages instead, with the same
 framing and bounds, and hands the link back with its exact state when the run ends or the
 SuT's side ends; between runs (pings, --answer-options, queued requests) Python relays.
+
+The SSL object changes hands only at a clean point, with no write in progress on it: OpenSSL
+wants a write that returned WANT_WRITE retried with at least the bytes it took, and only the
+side that made it knows how many (a hand-over in the middle of one closed links to slow SuTs
+with "bad length"). So Python attaches the pump only while no write of its own is pending
+(``write_pending``), and when the pump still has one at release it keeps the SSL object until
+that write is done (``ssl_with_pump``): meanwhile Python relays the pair side as usual and
+queues what runs write behind the pump's rest, and the keeper's loop takes the SSL object back
+when the pump says so (health.py, on the pump's eventfd). A run that leases meanwhile waits
+for nothing. Python alone (no pump) owns the link for its whole life.
 """
 
 from __future__ import annotations
@@ -63,6 +73,8 @@ class PumpHandover:
 
     pump: PumpedLink | None
     _pump_tried: bool
+    write_pending: bool  # Python's last SSL write returned WANT_*: it alone may retry it
+    ssl_with_pump: bool  # released with a write of the pump's pending: the SSL object is still its
 
     @property
     def pumped(self) -> bool:
@@ -72,6 +84,8 @@ class PumpHandover:
         """Hand the link to the pump while a run holds it; whether it did (else Python relays)."""
         if self.closed_reason or not self.is_held() or self.ended_runs:
             return False  # an ended run's bytes still come first: Python finishes them
+        if self.write_pending or self.ssl_with_pump:
+            return False  # only at a clean point: no SSL write in progress changes hands
         if not self._pump_tried:
             self._pump_tried = True
             self.pump = PumpedLink.create(self.tls)
@@ -89,10 +103,12 @@ class PumpHandover:
         return True
 
     def _take_back(self) -> None:
-        """The pump stops; its buffers, counters and how the SuT ended come back here."""
+        """The pump stops; its buffers, counters and how the SuT ended come back here (the SSL
+        object and the bytes for the SuT too, unless a write of the pump's is pending)."""
         if not self.pumped:
             return
-        back = self.pump.detach()
+        back = self.pump.release()
+        self.ssl_with_pump = back.finishing
         self.to_sut[:0] = back.to_sut
         self.to_sipp[:0] = back.to_sipp
         self.unread_lengths.extendleft(reversed(back.unread_lengths))
@@ -109,6 +125,20 @@ class PumpHandover:
         self._restore_partials(b"" if back.end_kind == END_UNFRAMEABLE else back.from_sut, back.from_sipp)
         self._apply_pump_end(back)
 
+    def take_ssl_back(self) -> bool:
+        """Once the pump's last write is done: the SSL object and the unsent bytes are Python's
+        again, ahead of what runs wrote meanwhile. Whether it happened (False: not done yet)."""
+        if not self.ssl_with_pump or not self.pump.finished():
+            return False
+        rest, failure = self.pump.take_rest()
+        self.ssl_with_pump = False
+        self.to_sut[:0] = rest
+        if failure and not self.reset:
+            self._fail(failure)
+        self._flush_to_sut()
+        self._read_tls()  # what the SuT sent meanwhile waited in the socket
+        return True
+
     def _restore_partials(self, from_sut: bytes, from_sipp: bytes) -> None:
         self._queue_to_sipp(self.from_sut.feed(from_sut))  # partial messages: nothing comes out
         self._read_pair_data(from_sipp)
@@ -124,8 +154,9 @@ class PumpHandover:
     def _free_pump(self) -> None:
         if self.pump is not None:
             self._take_back()
-            self.pump.free()
+            self.pump.free()  # a write it was finishing goes with it: the link closes
             self.pump = None
+            self.ssl_with_pump = False
 
 
 class TlsLink(PumpHandover):
@@ -142,6 +173,8 @@ class TlsLink(PumpHandover):
         self.options = options
         self.pump: PumpedLink | None = None  # made at the first lease; None: Python relays
         self._pump_tried = False
+        self.write_pending = False
+        self.ssl_with_pump = False
         self.sipp_end, self.keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.keeper_end.setblocking(False)
         self.from_sut = SipFramer()
@@ -174,6 +207,8 @@ class TlsLink(PumpHandover):
     def wants_tls(self) -> int:
         if self.pumped:  # once, when the SuT's side ends (the pump raises it for a TLS-only end)
             return select.EPOLLRDHUP | select.EPOLLONESHOT
+        if self.ssl_with_pump:  # nothing until the pump lets go (it says so on its eventfd)
+            return select.EPOLLONESHOT
         events = select.EPOLLRDHUP
         if len(self.to_sipp) < BUFFER_LIMIT:  # back-pressure: stop reading while sipp lags
             events |= select.EPOLLIN
@@ -189,6 +224,8 @@ class TlsLink(PumpHandover):
         return events | (select.EPOLLOUT if self.to_sipp else 0)
 
     def on_tls_event(self, mask: int) -> None:
+        if self.ssl_with_pump:
+            return
         if self.pumped:  # the SuT's side ended while pumped: Python takes it from here
             self._take_back()
             if self.closed_reason:
@@ -211,7 +248,7 @@ class TlsLink(PumpHandover):
     # -- SuT -> sipp
 
     def _read_tls(self) -> None:
-        while not self.closed_reason:
+        while not self.closed_reason and not self.ssl_with_pump:
             try:
                 data = self.tls.recv(READ_CHUNK)
             except ssl.SSLWantReadError:
@@ -313,14 +350,19 @@ class TlsLink(PumpHandover):
                     self._drop_unfinished_message()
 
     def _flush_to_sut(self) -> None:
-        while self.to_sut and not self.closed_reason:
+        # A retry after WANT_* is never shorter than the write it retries: to_sut only grows
+        # at its end until a write completes, and each write takes as much of it as it can.
+        while self.to_sut and not self.closed_reason and not self.ssl_with_pump:
             try:
                 sent = self.tls.send(self.to_sut[:READ_CHUNK])
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                self.write_pending = True
                 return
             except (ssl.SSLError, OSError) as error:
+                self.write_pending = False
                 self._fail(f"the SuT's TLS connection failed: {getattr(error, 'reason', None) or error}")
                 return
+            self.write_pending = False
             del self.to_sut[:sent]
 
     # -- between runs

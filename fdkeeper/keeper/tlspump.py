@@ -8,6 +8,13 @@ object header and the socket weakref of ``_ssl._SSLSocket`` (3.8 to 3.13), and i
 once the C side has checked it (its descriptor is the socket's, its handshake is done).
 Anything unexpected (no library, another Python, a failed check) leaves the link to the
 Python relay, logged once; FDKEEPER_TLS_PUMP=0 chooses the Python relay on purpose.
+
+Hand-overs happen only at a clean point: no SSL write in progress ever changes hands (OpenSSL
+wants a write that returned WANT_WRITE retried with at least the bytes it took, which only
+the caller knows). Python attaches a link only with no write of its own pending; ``release``
+gives everything back at once except, while a write of the pump's is pending, the SSL object
+and the unsent bytes: the pump completes that one write, then says so on an eventfd the
+keeper's loop watches (``wakeup_fd``), and ``take_rest`` gives them back.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ class PumpState(ctypes.Structure):
 class Handback:
     """The link's state when the pump gives it back to Python."""
 
-    to_sut: bytes
+    to_sut: bytes  # empty while finishing: the pump sends it first, then take_rest returns the rest
     to_sipp: bytes
     from_sut: bytes  # a partial message (or, after END_UNFRAMEABLE, the unframeable rest)
     from_sipp: bytes
@@ -63,6 +70,7 @@ class Handback:
     last_activity: float | None
     end_kind: int
     end_reason: str
+    finishing: bool  # the pump keeps the SSL object until its pending write is done (take_rest)
 
 
 class _Library:
@@ -112,7 +120,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tlspump_attach.argtypes = [pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.tlspump_attach.argtypes += [buffer, size] * 4 + [ctypes.POINTER(ctypes.c_uint32), size]
     lib.tlspump_attach.restype = ctypes.c_int
-    lib.tlspump_detach.argtypes, lib.tlspump_detach.restype = [pointer], None
+    lib.tlspump_release.argtypes, lib.tlspump_release.restype = [pointer], ctypes.c_int
+    lib.tlspump_finished.argtypes, lib.tlspump_finished.restype = [pointer], ctypes.c_int
+    lib.tlspump_take_rest.argtypes, lib.tlspump_take_rest.restype = [pointer], ctypes.c_char_p
+    lib.tlspump_wakeup_fd.argtypes, lib.tlspump_wakeup_fd.restype = [], ctypes.c_int
     lib.tlspump_buffer.argtypes = [pointer, ctypes.c_int, ctypes.POINTER(size)]
     lib.tlspump_buffer.restype = pointer
     lib.tlspump_lengths.argtypes = [pointer, ctypes.POINTER(size)]
@@ -160,6 +171,7 @@ class PumpedLink:
         self._handle = handle
         self._ssl = ssl_address
         self.attached = False
+        self.finishing = False
 
     @classmethod
     def create(cls, tls: ssl.SSLSocket) -> PumpedLink | None:
@@ -192,15 +204,16 @@ class PumpedLink:
         """The pump's counters as they are now (word-sized fields, read while it runs)."""
         return PumpState.from_address(self._handle)
 
-    def detach(self) -> Handback:
-        """Take the link back; the pump never touches it again until the next attach."""
-        self._lib.tlspump_detach(self._handle)
+    def release(self) -> Handback:
+        """Take the link back: all of it, or all but the SSL object and to_sut while ``finishing``."""
+        finishing = bool(self._lib.tlspump_release(self._handle))
         self.attached = False
-        state = self.live_state()  # final: the pump no longer runs for this link
+        self.finishing = finishing
+        state = self.live_state()  # final: the pump counts nothing more for this link
         count = ctypes.c_size_t()
         lengths = self._lib.tlspump_lengths(self._handle, ctypes.byref(count))
         return Handback(
-            to_sut=self._buffer(_TO_SUT),
+            to_sut=b"" if finishing else self._buffer(_TO_SUT),
             to_sipp=self._buffer(_TO_SIPP),
             from_sut=self._buffer(_FROM_SUT),
             from_sipp=self._buffer(_FROM_SIPP),
@@ -213,7 +226,18 @@ class PumpedLink:
             last_activity=_seconds(state.last_activity_ns),
             end_kind=state.end_kind,
             end_reason=state.end_reason.decode(errors="replace"),
+            finishing=finishing,
         )
+
+    def finished(self) -> bool:
+        """Whether the write the pump was finishing is done: ``take_rest`` may be called."""
+        return self.finishing and bool(self._lib.tlspump_finished(self._handle))
+
+    def take_rest(self) -> tuple[bytes, str]:
+        """After finishing: the bytes for the SuT the pump did not send, and why its write failed ("")."""
+        failure = self._lib.tlspump_take_rest(self._handle).decode(errors="replace")
+        self.finishing = False
+        return self._buffer(_TO_SUT), failure
 
     def _buffer(self, which: int) -> bytes:
         length = ctypes.c_size_t()
@@ -224,7 +248,20 @@ class PumpedLink:
         if self._handle:
             self._lib.tlspump_free(self._handle)
             self._handle = 0
-            self.attached = False
+            self.attached = self.finishing = False
+
+
+def wakeup_fd() -> int:
+    """The eventfd that becomes readable when a finishing link has finished (-1: no pump)."""
+    lib = _LIBRARY.load()
+    return lib.tlspump_wakeup_fd() if lib is not None else -1
+
+
+def clear_wakeup(fd: int) -> None:
+    try:
+        os.read(fd, 8)
+    except BlockingIOError:
+        pass
 
 
 def _seconds(monotonic_ns: int) -> float | None:

@@ -5,8 +5,16 @@
  * Loaded with ctypes by fdkeeper/keeper/tlspump.py; never imported as a Python module and
  * never calls into Python. One thread and one epoll serve every attached link. A link is
  * attached with the state Python's relay had (buffers, partial messages, the lengths of
- * messages written towards sipp) and detached with the state the pump leaves: Python never
+ * messages written towards sipp) and released with the state the pump leaves: Python never
  * touches the SSL object while the pump owns it (the mutex below orders the two).
+ *
+ * No SSL write in progress ever changes hands. OpenSSL requires a write that returned
+ * WANT_WRITE to be retried with at least the bytes it had taken, and only its caller knows
+ * how many those were. Python attaches a link only when no write of its own is pending
+ * (tlslink.py), and at release the pump keeps the SSL object while a write of its own is
+ * pending ("finishing"): the pair side and every buffer but to_sut go back at once, the SSL
+ * object and the rest of to_sut once that one write has completed or failed, announced on
+ * an eventfd the keeper's loop watches (tlspump_wakeup_fd).
  *
  * The framing is fdkeeper/sip/framing.py's, byte for byte (sipframe.c). Built by
  * helpers/shimbuild.py (compile_tlspump).
@@ -21,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -83,7 +92,11 @@ struct link {
     uint32_t watched_tls, watched_pair;
     long read_ahead; /* Python's setting, restored at detach */
     int write_pending; /* an SSL_write to retry with at least this length */
+    int write_wants_read;
     int read_wants_write;
+    int finishing; /* released with write_pending: the pump completes that write, then lets go */
+    int finished;  /* done: Python takes the SSL object and the rest of to_sut back */
+    char finish_failure[128]; /* why that write failed, if it did */
     struct buffer to_sut, to_sipp, from_sut, from_sipp;
     uint32_t *lengths; /* of the messages in to_sipp and in the pair not yet read whole by sipp */
     size_t lengths_count, lengths_capacity;
@@ -92,6 +105,7 @@ struct link {
 
 static pthread_mutex_t pump_lock = PTHREAD_MUTEX_INITIALIZER;
 static int pump_epoll = -1;
+static int pump_wakeup = -1; /* eventfd: a finishing link has finished (the keeper's loop watches it) */
 static int pump_running;
 static struct link *dead_links; /* freed by the pump thread between two epoll_waits */
 
@@ -232,6 +246,7 @@ static void flush_to_sut(struct link *link) {
             int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, sent);
             if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
                 link->write_pending = (int)length;
+                link->write_wants_read = ssl_error == SSL_ERROR_WANT_READ;
                 ERR_clear_error();
                 return;
             }
@@ -309,9 +324,15 @@ static void rewatch(struct link *link) {
     }
 }
 
+static void finish_write(struct link *link);
+
 static void on_event(struct link *link, int pair_side, uint32_t mask) {
+    if (link->finishing) {
+        finish_write(link);
+        return;
+    }
     if (!link->attached)
-        return; /* detached after this epoll_wait returned */
+        return; /* released after this epoll_wait returned */
     if (pair_side) {
         if (mask & EPOLLOUT) {
             size_t before = link->to_sipp.length;
@@ -331,6 +352,44 @@ static void on_event(struct link *link, int pair_side, uint32_t mask) {
             read_tls(link);
     }
     rewatch(link);
+}
+
+/* ------------------------------------------------------------------ releasing at a clean point */
+
+static void wake_keeper(void) {
+    uint64_t one = 1;
+    if (write(pump_wakeup, &one, sizeof(one)) < 0) {
+        /* the counter is full: the keeper has a wake-up to read already */
+    }
+}
+
+/* Retry the one SSL_write left pending at release with exactly its length; then let go. */
+static void finish_write(struct link *link) {
+    ERR_clear_error();
+    errno = 0;
+    int sent = SSL_write(link->ssl, link->to_sut.data, link->write_pending);
+    if (sent > 0) {
+        buffer_consume(&link->to_sut, (size_t)sent);
+    } else {
+        int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, sent);
+        if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
+            uint32_t events = ssl_error == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+            struct epoll_event event = {.events = events, .data.u64 = (uintptr_t)link};
+            epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->tls_fd, &event);
+            ERR_clear_error();
+            return;
+        }
+        unsigned long queued = ERR_peek_error();
+        const char *what = queued ? ERR_reason_error_string(queued) : saved_errno ? strerror(saved_errno) : NULL;
+        snprintf(link->finish_failure, sizeof(link->finish_failure), "the SuT's TLS connection failed: %s",
+                 what ? what : "TLS error");
+        ERR_clear_error();
+    }
+    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+    link->write_pending = 0;
+    link->finishing = 0;
+    link->finished = 1;
+    wake_keeper();
 }
 
 static void free_dead_links(void) {
@@ -370,9 +429,15 @@ static void *pump_main(void *unused) {
 static int start_pump(void) {
     if (pump_epoll >= 0)
         return 0;
-    pump_epoll = epoll_create1(EPOLL_CLOEXEC);
-    if (pump_epoll < 0)
+    pump_wakeup = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (pump_wakeup < 0)
         return -1;
+    pump_epoll = epoll_create1(EPOLL_CLOEXEC);
+    if (pump_epoll < 0) {
+        close(pump_wakeup);
+        pump_wakeup = -1;
+        return -1;
+    }
     pump_running = 1;
     pthread_t thread;
     pthread_attr_t attributes;
@@ -410,8 +475,8 @@ EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, 
                           size_t from_sipp_length, const uint32_t *lengths, size_t lengths_count) {
     pthread_mutex_lock(&pump_lock);
     int result = -1;
-    if (link->attached || start_pump())
-        goto out;
+    if (link->attached || link->finishing || link->finished || start_pump())
+        goto out; /* Python attaches only once it has taken everything back */
     memset(&link->state, 0, sizeof(link->state));
     link->ssl = ssl;
     SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL); /* CPython sets it too: to_sut may grow */
@@ -422,7 +487,7 @@ EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, 
     link->tls_fd = tls_fd;
     link->pair_fd = pair_fd;
     link->sipp_fd = sipp_fd;
-    link->write_pending = link->read_wants_write = 0;
+    link->write_pending = link->write_wants_read = link->read_wants_write = 0; /* Python had no write pending */
     link->lengths_count = 0;
     if (set_buffer(&link->to_sut, to_sut, to_sut_length) || set_buffer(&link->to_sipp, to_sipp, to_sipp_length) ||
         set_buffer(&link->from_sut, from_sut, from_sut_length) ||
@@ -450,8 +515,11 @@ out:
     return result;
 }
 
-/* Hand the link back: after this returns the pump never touches it until attached again. */
-EXPORT void tlspump_detach(struct link *link) {
+/* Hand the link back. The pump stops reading both sides at once, so the pair and every
+ * buffer are Python's when this returns. Returns 1 when an SSL_write of the pump's is still
+ * pending: the pump keeps the SSL object and to_sut until that write completes or fails
+ * (tlspump_finished, then tlspump_take_rest); 0 when everything is Python's already. */
+EXPORT int tlspump_release(struct link *link) {
     pthread_mutex_lock(&pump_lock);
     if (link->attached) {
         if (!link->state.end_kind)
@@ -460,8 +528,55 @@ EXPORT void tlspump_detach(struct link *link) {
         link->attached = 0;
         read_tls_records(link, 0); /* records read ahead: beyond the bound by one buffer at most */
         SSL_ctrl(link->ssl, SSL_CTRL_SET_READ_AHEAD, link->read_ahead, NULL);
+        int dead = link->state.end_kind == END_FAILED || link->state.end_kind == END_UNFRAMEABLE;
+        if (link->write_pending && !dead) {
+            uint32_t events = link->write_wants_read ? EPOLLIN : EPOLLOUT;
+            struct epoll_event event = {.events = events, .data.u64 = (uintptr_t)link};
+            link->finish_failure[0] = 0;
+            link->finishing = epoll_ctl(pump_epoll, EPOLL_CTL_ADD, link->tls_fd, &event) == 0;
+            if (!link->finishing)
+                snprintf(link->finish_failure, sizeof(link->finish_failure),
+                         "the keeper could not finish its TLS write: %s", strerror(errno));
+            link->finished = !link->finishing;
+            if (link->finished)
+                wake_keeper();
+        }
+        if (!link->finishing)
+            link->write_pending = 0; /* none, or the link failed: nothing to finish */
     }
+    int finishing = link->finishing || link->finished;
     pthread_mutex_unlock(&pump_lock);
+    return finishing;
+}
+
+/* Whether a finishing link's write is done (or failed): tlspump_take_rest may be called. */
+EXPORT int tlspump_finished(struct link *link) {
+    pthread_mutex_lock(&pump_lock);
+    int finished = link->finished;
+    pthread_mutex_unlock(&pump_lock);
+    return finished;
+}
+
+/* After finishing: the rest of to_sut (tlspump_buffer 0) and why the write failed ("" if it
+ * did not) are Python's, with the SSL object; the link may be attached again. */
+EXPORT const char *tlspump_take_rest(struct link *link) {
+    pthread_mutex_lock(&pump_lock);
+    link->finished = 0;
+    pthread_mutex_unlock(&pump_lock);
+    return link->finish_failure;
+}
+
+EXPORT int tlspump_wakeup_fd(void) {
+    pthread_mutex_lock(&pump_lock);
+    int fd = start_pump() == 0 ? pump_wakeup : -1;
+    pthread_mutex_unlock(&pump_lock);
+    return fd;
+}
+
+static void stop_finishing(struct link *link) {
+    if (link->finishing)
+        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+    link->finishing = link->finished = 0;
 }
 
 /* A buffer's bytes after detach: 0 to_sut, 1 to_sipp, 2 from_sut (partial), 3 from_sipp (partial). */
@@ -478,8 +593,9 @@ EXPORT const uint32_t *tlspump_lengths(struct link *link, size_t *count) {
 
 /* Free it once the pump thread can no longer hold an event naming it. */
 EXPORT void tlspump_free(struct link *link) {
-    tlspump_detach(link);
+    tlspump_release(link);
     pthread_mutex_lock(&pump_lock);
+    stop_finishing(link); /* the link closes: its pending write goes with it */
     if (pump_epoll >= 0) {
         link->next_dead = dead_links;
         dead_links = link;
