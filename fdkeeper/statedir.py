@@ -7,6 +7,10 @@ could write to it or to a parent on the way; files in it are opened relative to 
 directory without following links; and a client checks who answers on a control socket
 (SO_PEERCRED): only a process of our own uid or root. Every check happens before the socket
 is touched.
+
+Files outside it that a request names (TLS CA, CRL, certificate, key, key log) are opened by
+``open_named_file``: never blocking (a FIFO or device another user planted would hold the
+keeper's loop in open()), never through a link, and only when they are regular files.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """TLS towards the SuT, client side: the options, the context, the handshake and what status shows.
 
 The keeper (fdkeeper/keeper/tlslink.py holds its sessions) and the converter share this
-configuration, so ``--tls-*`` means the same in every mode.
+configuration, so ``--tls-*`` means the same in every mode. Both make their contexts on their
+event loops, so every file an option names is opened without blocking or following a link and
+read from memory (read_tls_file); OpenSSL never opens a path a user named.
 """
 
 from __future__ import annotations
