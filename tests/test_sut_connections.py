@@ -36,6 +36,7 @@ SIPPS = {
     "3.6.1-debian": (DEBIAN_SIPP, "preload", False),
     "3.7.7-tls": (testbed.sipp_build("sipp-tls"), "preload", True),
     "3.7.7-static": (testbed.sipp_build("sipp-static"), "ptrace", True),
+    "3.6.1-debian-ptrace": (DEBIAN_SIPP, "ptrace", False),  # the tracer reports what the program bound
 }
 USER = "alice"
 
@@ -45,6 +46,10 @@ def cannot_run(name: str) -> str | None:
     if not binary.is_file():
         return f"no sipp at {binary}"
     return MODES[mode].unsupported_reason(binary)
+
+
+def mode_of(name: str) -> tuple[str, ...]:
+    return ("--mode", SIPPS[name][1])
 
 
 # ---------------------------------------------------------------- a registrar that counts connections
@@ -193,7 +198,7 @@ def test_the_sut_sees_the_connections_plain_sipp_opens(name, with_port, registra
     check_source(name, port, plain_peer, plain_sut.registers[0][1])  # the rule, checked on plain sipp itself
 
     kept_sut = registrars()
-    kept = run_kept(sipp, kept_sut.address, tmp_path, users, port, keeper_dir)
+    kept = run_kept(sipp, kept_sut.address, tmp_path, users, port, keeper_dir, options=mode_of(name))
     assert kept.ok, kept.summary() + kept.text("stderr")
     assert len(kept_sut.peers) == 1, f"the SuT saw {kept_sut.peers}; plain sipp opens one connection"
     [(peer, register)] = kept_sut.registers
@@ -203,7 +208,7 @@ def test_the_sut_sees_the_connections_plain_sipp_opens(name, with_port, registra
     # The next run of the same identity is handed the kept connection: still one. (A 3.7 run
     # without -p finding its port taken meanwhile by another test's sipp binds the next one, as
     # plain sipp would: then it is another identity, with a connection of its own from there.)
-    again = run_kept(sipp, kept_sut.address, tmp_path, users, port, keeper_dir, name="again")
+    again = run_kept(sipp, kept_sut.address, tmp_path, users, port, keeper_dir, name="again", options=mode_of(name))
     assert again.ok, again.summary() + again.text("stderr")
     [_, (peer_again, register_again)] = kept_sut.registers
     check_source(name, port, peer_again, register_again)
@@ -218,9 +223,10 @@ def test_a_sut_that_accepts_one_connection_gets_the_registration(name, registrar
     if reason:
         pytest.skip(reason)
     sut = registrars(accept_once=True)
-    result = run_kept(SIPPS[name][0], sut.address, tmp_path, users, None, keeper_dir)
+    result = run_kept(SIPPS[name][0], sut.address, tmp_path, users, None, keeper_dir, options=mode_of(name))
     assert result.ok, result.summary() + result.text("stderr")
     assert len(sut.registers) == 1 and sut.registers[0][0] == sut.peers[0]
+    check_source(name, None, *sut.registers[0])
     [connection] = KeeperClient(keeper_dir).status()["connections"]
     assert connection["local"].endswith(f":{sut.peers[0][1]}")
 
@@ -269,3 +275,23 @@ def test_sipp_3_7_finding_5060_taken_connects_from_the_port_it_falls_back_to(reg
     [(peer, register)] = sut.registers
     assert sut.peers == [peer] and peer[1] == via_port(register)
     assert not held or peer[1] != SIPP_DEFAULT_PORTS[0]
+
+
+@pytest.mark.parametrize("name", ["3.6.1-debian", "3.7.7-tls"])
+def test_udp_mode_the_converter_opens_one_connection_for_the_runs(name, registrars, users, tmp_path, keeper_dir):
+    """--mode udp: the converter's one connection carries every run's messages; none is opened
+    beside it (it is the converter's own, from its own port: see the README on udp mode)."""
+    from fdkeeper.modes.udp import stop_converters
+
+    reason = cannot_run(name)
+    if reason:
+        pytest.skip(reason)
+    sut = registrars()
+    try:
+        for run in ("first", "second"):
+            result = run_kept(SIPPS[name][0], sut.address, tmp_path, users, None, keeper_dir, name=run,
+                              options=("--mode", "udp"))
+            assert result.ok, result.summary() + result.text("stderr")
+    finally:
+        stop_converters(keeper_dir)
+    assert len(sut.peers) == 1 and [peer for peer, _ in sut.registers] == sut.peers * 2
