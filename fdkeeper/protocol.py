@@ -52,7 +52,7 @@ class ProtocolError(Exception):
 # ``ERR badrequest`` naming the field, what it must be, and the value (shortened, escaped).
 
 MAX_PATH = 1024  # a file path (tls_ca, tls_keylog, ...); the whole message is at most 4096
-MAX_TEXT = 512  # an AoR (a SIP URI) or an AoR pattern
+MAX_TEXT = 1024  # an AoR (a SIP URI; the shim sends up to 3000 bytes percent-encoded) or an AoR pattern
 MAX_ADDRESS = 64  # "[v6 with scope]:port"
 MAX_HOSTNAME = 253  # a DNS name (RFC 1035)
 MAX_PID = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux
