@@ -145,12 +145,13 @@ def users(tmp_path):
     return testbed.write_users_csv(tmp_path / "users.csv", [USER], testbed.DEFAULT_DOMAIN)
 
 
-def register_command(sipp: Path, remote: str, tmp_path: Path, name: str, users: Path, port: int | None,
-                     transport: str = "t1") -> tuple[list[str], Path]:
+def register_command(sipp: Path, remote: str, tmp_path: Path, name: str, users: Path | None, port: int | None,
+                     transport: str = "t1", scenario: str = "uac-register.xml") -> tuple[list[str], Path]:
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
-    return testbed.sipp_command(str(sipp), "uac-register.xml", remote, log_dir=log_dir, name=name, transport=transport,
-                                local_port=port, calls=1, timeout=15, extra=["-inf", str(users)]), log_dir
+    extra = ["-inf", str(users)] if users else []
+    return testbed.sipp_command(str(sipp), scenario, remote, log_dir=log_dir, name=name, transport=transport,
+                                local_port=port, calls=1, timeout=15 if users else 30, extra=extra), log_dir
 
 
 def run_plain(sipp: Path, remote: str, tmp_path: Path, users: Path, port: int | None) -> testbed.SippResult:
@@ -295,3 +296,39 @@ def test_udp_mode_the_converter_opens_one_connection_for_the_runs(name, registra
     finally:
         stop_converters(keeper_dir)
     assert len(sut.peers) == 1 and [peer for peer, _ in sut.registers] == sut.peers * 2
+
+
+@pytest.mark.parametrize("name", ["3.7.7-tls", "3.7.7-static"])
+def test_sipp_3_7_register_and_answer_without_p_are_one_identity(name, kamailio, users, tmp_path, keeper_dir):
+    """Without -p, sipp 3.7 registers from its main socket's port and answers listening on it:
+    the answer run's own connection is the register run's, the one Kamailio sees."""
+    reason = cannot_run(name)
+    if reason:
+        pytest.skip(reason)
+    sipp = SIPPS[name][0]
+    registered = run_kept(sipp, kamailio.address, tmp_path, users, None, keeper_dir, name="register",
+                          options=mode_of(name))
+    assert registered.ok, registered.summary() + registered.text("stderr")
+    register_port = via_port(_first(tmp_path / "logs" / "register.messages.log", b"REGISTER "))
+    [seen] = kamailio.tcp_connections()
+    assert seen["remote_port"] == register_port
+
+    command, log_dir = register_command(sipp, kamailio.address, tmp_path, "answer", None, None, scenario="uas-answer.xml")
+    answer = testbed.SippProcess(fdkeeper_command(command, keeper_dir, *mode_of(name)), log_dir, "answer")
+    testbed.wait_until(lambda: _leased(keeper_dir), timeout=15, what="the answer run's lease")
+    called = testbed.place_calls(kamailio, USER, 1, sipp=str(DEBIAN_SIPP), timeout=15, log_dir=tmp_path / "calls")
+    answered = answer.wait(30)
+    assert called.ok and answered.ok, called.summary() + answered.summary() + answered.text("stderr")
+    assert [c["remote_port"] for c in kamailio.tcp_connections()] == [register_port]
+    answer_port = int(re.search(rb"Contact: <sip:[^:>]+:(\d+)", _first(log_dir / "answer.messages.log", b"SIP/2.0 200")).group(1))
+    if answer_port == register_port:  # else another test's sipp moved it: a borrowed one, and said so
+        assert "no kept connection has this run's" not in answered.text("stderr")
+
+
+def _first(log: Path, start: bytes) -> bytes:
+    text = log.read_bytes()
+    return text[text.index(start):]
+
+
+def _leased(keeper_dir: Path) -> bool:
+    return any(c["state"] == "leased" for c in KeeperClient(keeper_dir).status()["connections"])
