@@ -115,12 +115,13 @@ class KeeperClient:
         """The keeper's status; ``filters`` (state=, aor=, remote=, transport=, count=True) are
         applied by the keeper, so a count of 10,000 connections is one short reply.
 
-        A keeper too old for filters answers them ``ERR badrequest``: then every connection
-        is returned and the caller filters (report.select_connections), as it did before."""
+        A keeper too old for filters refuses them as unknown tokens: then every connection is
+        returned and the caller filters (report.select_connections), as it did before. A bad
+        filter value is the keeper's one-line error, as any other."""
         try:
             return self._status(format_message("STATUS", **filters))
         except FdkeeperError as error:
-            if filters and error.code == "badrequest":
+            if filters and error.code == "badrequest" and "bad token" in str(error):
                 return self._status(b"STATUS")
             raise
 

@@ -194,3 +194,13 @@ def test_status_at_the_client_cap_prints_the_keepers_line_and_exits_2(tmp_path):
         for sock in busy:
             sock.close()
     client.stop()
+
+
+def test_a_bad_status_filter_is_the_keepers_one_line_not_a_silent_local_filter(tmp_path):
+    client = ensure_keeper(tmp_path / "state")
+    try:
+        result = fdkeeper("status", "--dir", str(client.directory), "--aor", "sip:" + "u" * 2000, "--count")
+        assert result.returncode == 2 and result.stdout == "", result
+        assert result.stderr.startswith("fdkeeper: STATUS aor=sip:uuu") and "aor= must be" in result.stderr, result.stderr
+    finally:
+        client.stop()

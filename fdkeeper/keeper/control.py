@@ -8,7 +8,7 @@ Three ways a local process could stall or end a single-threaded keeper, and what
   socket does not take waits in a bounded queue flushed on EPOLLOUT, and a client whose queue
   overflows or does not drain within the idle time is dropped. A reply of any size (STATUS
   of 10,000 connections) is a stream, made packet by packet as the socket drains: it holds
-  one packet in memory, never counts against the queue's bound, and a client that reads it
+  a packet or so in memory, never counts against the queue's bound, and a client that reads it
   is never dropped; only one that stops reading (no progress for IDLE_SECONDS) is;
 - connecting and sending nothing: a client silent for IDLE_SECONDS (and not waiting for a
   connection with PREPARE wait=) is dropped; at MAX_CLIENTS the longest idle one makes room,
@@ -80,7 +80,7 @@ def descriptors_held(error: OSError) -> str:
 
 class ReplyStream:
     """A reply made as the client reads it: the next packet is produced only once the socket
-    took the one before (so a reply's size costs the keeper one packet of memory)."""
+    took the one before (so a reply's size costs the keeper a packet or a batch of memory)."""
 
     def __init__(self, packets: Iterator[bytes]) -> None:
         self._packets = packets

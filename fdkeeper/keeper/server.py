@@ -264,9 +264,7 @@ class Keeper:
             count = sum(len(select_connections(batch, **wanted)) for batch in _as_dicts(connections))
             client.send_stream(_json_packets([keeper, f', "count": {count}}}']))
             return
-        matching = (
-            json.dumps(c) for batch in _as_dicts(connections) for c in (select_connections(batch, **wanted) if wanted else batch)
-        )
+        matching = (json.dumps(c) for batch in _as_dicts(connections) for c in select_connections(batch, **wanted))
         client.send_stream(_json_packets(itertools.chain([keeper, ', "connections": ['], _joined(matching), ["]}"])))
 
     def status(self) -> dict:
