@@ -155,10 +155,10 @@ def reply_complete(packets: list[bytes]) -> bool:
 
 def assert_one_answer(verb: str, key: str, category: str, request: bytes, packets: list[bytes]) -> None:
     shown = f"{category}: {request[:160]!r} -> {packets}"
-    if verb == "LEASE" and packets and packets[0].startswith(b"OK count="):
+    if verb in ("LEASE", "?") and packets[0].startswith(b"OK count="):
         assert all(p.startswith(b"FDS ") for p in packets[1:]), shown  # a granted lease: OK, then its descriptors
         return
-    if verb == "STATUS" and packets and packets[0].startswith(b"JSON "):
+    if verb in ("STATUS", "?") and packets[0].startswith(b"JSON "):
         assert packets[-1] == b"END" and all(p.startswith(b"JSON ") for p in packets[:-1]), shown  # the status: one reply
         return
     assert len(packets) == 1, shown
@@ -207,6 +207,19 @@ def test_any_value_of_any_field_gets_one_line(keeper, sut, data):
     request = b" ".join([*base_request(verb, key, sut, tls=False), key.encode() + b"=" + encoded])
     packets = exchange(keeper, request)
     assert_one_answer(verb, key, "any", request, packets)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(message=st.one_of(
+    st.binary(min_size=1, max_size=MAX_MESSAGE + 2),
+    st.lists(st.sampled_from([b"LEASE", b"PREPARE", b"STATUS", b"PING", b"role=client", b"transport=tcp", b"=", b"%",
+                              b"%00", b"tls_sni=", b"aor=", b"remote=", b"\xff", b" "]), min_size=1, max_size=12).map(b"".join),
+))
+def test_any_message_gets_one_line(keeper, message):
+    if message.split(b" ")[0] in (b"STOP", b"HANDOVER"):
+        return  # the two verbs that end this keeper on purpose
+    packets = exchange(keeper, message)
+    assert_one_answer("?", "?", "any", message, packets)  # "?": any verb
 
 
 def test_the_keeper_is_alive_and_counted_no_internal_error_at_the_end(keeper):
