@@ -434,3 +434,19 @@ def test_a_resumed_request_that_raises_is_answered_once_by_its_own_client(keeper
     assert replies_until_closed(client, b"PING") == [INTERNAL]
     assert len(calls) == 2
     assert client.status()["keeper"]["internal_errors"] == 1
+
+
+def test_a_status_stream_that_faults_midway_ends_with_the_err_line(keeper_in_thread, monkeypatch):
+    from fdkeeper.keeper import server
+
+    keeper, client = keeper_in_thread
+
+    def batches_then_defect(_connections):
+        yield [{"id": n, "padding": "x" * 100} for n in range(200)]  # several packets' worth
+        raise RuntimeError("a defect while serialising the status")
+
+    monkeypatch.setattr(server, "_as_dicts", batches_then_defect)
+    packets = replies_until_closed(client, b"STATUS")
+    assert packets[-1] == INTERNAL and all(p.startswith(b"JSON ") for p in packets[:-1])
+    monkeypatch.undo()
+    assert client.status()["keeper"]["internal_errors"] == 1

@@ -181,11 +181,16 @@ class ControlClient:
     def idle_for(self, now: float) -> float:
         return 0.0 if self.waiting and not self._queue else now - self.last_progress
 
-    def close(self) -> None:
+    def discard_queued(self) -> None:
+        """Forget every reply not sent yet (a stream that faulted cannot go on)."""
         for entry in self._queue:
             if not isinstance(entry, ReplyStream):
                 _close_all(entry[1])
         self._queue.clear()
+        self._queued_bytes = 0
+
+    def close(self) -> None:
+        self.discard_queued()
         self.sock.close()
 
 
@@ -251,6 +256,7 @@ class ControlClients:
         Dropped rather than served on: what it asked may be half done, and this reply is then
         the last line it reads, so it gets exactly one answer to the request that failed.
         """
+        client.discard_queued()  # ahead of the line, not behind a reply that will never end
         client.send(format_error("internal", INTERNAL_ERROR_TEXT))
         self.drop(client)
 
