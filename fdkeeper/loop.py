@@ -76,8 +76,8 @@ class Reactor:
     def watch(self, fd: int, events: int, handler: EventHandler, on_fault: FaultHandler | None = None) -> None:
         """Call ``handler(mask)`` whenever ``fd`` has one of ``events``.
 
-        If ``handler`` raises, ``on_fault(error)`` is called (the owner ends what it owns);
-        without one, ``fd`` is unwatched.
+        If ``handler`` raises, ``on_fault(error)`` is called: the owner ends what it owns (or
+        keeps watching, its choice). Without one, or if it raises too, ``fd`` is unwatched.
         """
         self._epoll.register(fd, events)
         self._handlers[fd] = (handler, on_fault)
@@ -188,12 +188,13 @@ class Reactor:
         try:
             handler(mask)
         except Exception as error:
-            self._fault(f"handler of descriptor {fd}", error, on_fault)
-            still_watched = self._handlers.get(fd)
-            if still_watched is not None and still_watched[0] is handler:
-                # Its owner did not end it (no on_fault, or on_fault failed): level-triggered,
-                # it would fault again on the next poll, so the loop stops watching it.
-                self.unwatch(fd)
+            if not self._fault(f"handler of descriptor {fd}", error, on_fault):
+                # No owner to end it (no on_fault, or on_fault failed too): level-triggered, it
+                # would fault again on the next poll, so the loop stops watching it. An owner
+                # whose on_fault returned decided itself (ended it, or kept it: a datagram socket).
+                still_watched = self._handlers.get(fd)
+                if still_watched is not None and still_watched[0] is handler:
+                    self.unwatch(fd)
 
     def _run_timer(self, timer: Timer) -> None:
         try:
@@ -201,14 +202,16 @@ class Reactor:
         except Exception as error:
             self._fault(f"timer {timer.callback!r}", error, timer.on_fault)
 
-    def _fault(self, where: str, error: Exception, on_fault: FaultHandler | None) -> None:
-        """Log and count one fault, then let its owner end what it owns."""
+    def _fault(self, where: str, error: Exception, on_fault: FaultHandler | None) -> bool:
+        """Log and count one fault, then let its owner end what it owns; True if it did."""
         self.internal_errors += 1
         log.exception("internal error in %s: %s", where, error)  # called inside the except
         if on_fault is None:
-            return
+            return False
         try:
             on_fault(error)
         except Exception as second:
             self.internal_errors += 1
             log.exception("internal error in the on_fault of %s: %s", where, second)
+            return False
+        return True

@@ -219,6 +219,22 @@ def test_on_fault_gets_the_error_and_ends_what_its_owner_owns(reactor, pipes):
     assert not reactor.watching(read_end)
 
 
+def test_an_owner_may_keep_watching_after_a_fault(reactor, pipes):
+    # a datagram socket, say: one bad datagram is lost, the socket is served on
+    (read_end, write_end), _ = pipes
+    calls: list[int] = []
+
+    def fails_once(_mask: int) -> None:
+        calls.append(len(os.read(read_end, 1)))
+        if len(calls) == 1:
+            raise RuntimeError("one bad datagram")
+
+    reactor.watch(read_end, select.EPOLLIN, fails_once, on_fault=lambda _error: None)
+    os.write(write_end, b"xy")
+    run_until(reactor, lambda: len(calls) == 2)
+    assert reactor.watching(read_end) and reactor.internal_errors == 1
+
+
 def test_a_raising_on_fault_is_counted_too_and_the_descriptor_unwatched(reactor, pipes):
     (read_end, write_end), _ = pipes
     reactor.watch(read_end, select.EPOLLIN, boom, on_fault=boom)
