@@ -256,6 +256,7 @@ class ControlClients:
         Dropped rather than served on: what it asked may be half done, and this reply is then
         the last line it reads, so it gets exactly one answer to the request that failed.
         """
+        log.warning("internal error serving control client pid %d: answered ERR internal and dropped it", client.pid)
         client.discard_queued()  # ahead of the line, not behind a reply that will never end
         client.send(format_error("internal", INTERNAL_ERROR_TEXT))
         self.drop(client)
