@@ -221,3 +221,15 @@ def test_without_per_call_nothing_is_rewritten(build):
     kv, got, kept, _ = run_percallvia(build, "tcp", False, 65535, 2, 1)
     assert kv["c0_placeholder"] == kept
     assert got and got[0].count(kept.encode()) == 2 + 3 * 2 + 1
+
+
+@pytest.mark.parametrize("extra", [f"X-Test: {PH}0 1{PH} a{PH} {PH}\r\n", "", f"X-Six: {PH}{PH};{PH}\r\n"])
+def test_ptrace_twin_rewrites_as_the_shim(rewrite_test, extra):
+    """fdkeeper/modes/ptrace/viarewrite.py (the ptrace mode's) and helpers/rewrite.c agree."""
+    from fdkeeper.modes.ptrace.viarewrite import Rewrite, rewrite_for
+
+    message = sip_message(PH, body=f"{PH}\r\n".encode(), extra=extra)
+    assert Rewrite(PH.encode(), KEPT.encode()).apply(message) == apply(rewrite_test, message)[1] == reference(message)
+    assert rewrite_for(("0.0.0.0", 46883), ("127.0.0.1", 33697)).old == PH.encode()  # a wildcard bind
+    assert rewrite_for(("127.0.0.1", 46883), ("127.0.0.1", 5060)) is None  # lengths differ
+    assert rewrite_for(("127.0.0.1", 0), ("127.0.0.1", 33697)) is None  # no port of its own

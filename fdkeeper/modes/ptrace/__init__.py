@@ -11,10 +11,12 @@ fdkeeper starts the program traced and watches its system calls until the handof
   puts them into the program, makes epoll_wait() report the listener readable (timeouts
   cut to 0 meanwhile) and accept() on it return them one by one, with their peer address;
 - per-call client (-t tn/ln): the program starts under a seccomp filter that stops only
-  connect() and epoll_ctl(ADD) (SECCOMP_RET_TRACE) and the tracer stays attached: each
-  connect() to the SuT is skipped, the thread followed to its first send, and the kept
-  connection of the message's From AoR put in place of the socket, its epoll registrations
-  re-added from outside (percall.py, epoll.py); everything else runs untraced.
+  connect(), epoll_ctl(ADD) and sendto() without an address (SECCOMP_RET_TRACE) and the
+  tracer stays attached: each connect() to the SuT is skipped, the thread followed to its
+  first send, and the kept connection of the message's From AoR put in place of the socket,
+  its epoll registrations re-added from outside (percall.py, epoll.py); at each send on such
+  an fd the placeholder's IP:PORT that sipp wrote ([local_port]) is replaced in sipp's buffer
+  by the kept connection's (viarewrite.py); everything else runs untraced.
 
 Before letting go (t1/l1, server) it installs a seccomp filter in the program (all threads)
 that makes shutdown() and SO_LINGER (and TCP options on a TLS socketpair end) no-ops on the kept
@@ -23,7 +25,8 @@ its exit-time shutdown never reaches the kernel even if fdkeeper is gone.
 
 Modules: mode (the contract; imported on every start-up, so light), permission (may we
 trace here, and why not), session (one traced run, client role), server (server role),
-percall (per-call client role), epoll (the program's epoll registrations, noted and re-added),
+percall (per-call client role), viarewrite (the kept connection's address in what a per-call
+fd sends), epoll (the program's epoll registrations, noted and re-added),
 transfer (leases and getting descriptors into the program), procfs (what /proc and raw
 socket addresses tell), injection (ptrace mechanics), raw (ptrace(2) by ctypes), seccomp
 (the filters).

@@ -89,7 +89,8 @@ class HandoffCode:
 
     def start(self, injection: Injection, tgid: int, pidfd: int, kept_fd: int, fd: int) -> bool:
         """Send the held thread into the code from the resume that follows (usable() said it
-        can); False (nothing changed) if it cannot after all."""
+        can); False (nothing changed) if it cannot after all. The send's flags (r10, which the
+        code's own calls leave alone) are the saved ones, which the caller may have changed."""
         process, tid = self.processes.get(tgid), injection.tid
         if process is None:
             return False
@@ -103,7 +104,7 @@ class HandoffCode:
                                                saved.r15, fd, RUNNING))
         ours = os.dup(kept_fd)  # stays open until the thread is seen again: the number names this file
         process.kept[tid] = ours
-        injection.jump(process.code_at, rdi=pidfd, rsi=ours, r15=slot)
+        injection.jump(process.code_at, rdi=pidfd, rsi=ours, r15=slot, r10=injection.saved.r10)
         return True
 
     def check_previous(self, tgid: int, tid: int) -> int:

@@ -35,7 +35,8 @@ class PtraceMode(Mode):
     summary = "ptrace injection from outside sipp (static or setuid-free sipp, any agent)"
     suits = "static programs"
     # -t t1/l1 client: one handoff at the first connect(), then detached; -t tn/ln client:
-    # attached under a seccomp filter that stops only connect() and epoll_ctl(ADD), a handoff per user.
+    # attached under a seccomp filter that stops only connect(), epoll_ctl(ADD) and sendto() without
+    # an address, a handoff per user.
     capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
     _probe: str | None | bool = False  # False: not probed yet
 

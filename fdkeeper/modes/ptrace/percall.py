@@ -2,7 +2,8 @@
 
 The program runs under the seccomp filter of ``seccomp.percall_filter`` (installed before its
 exec) and the tracer stays attached for the whole run, but the program stops only at
-connect() and epoll_ctl(EPOLL_CTL_ADD): everything else runs at full speed. What the shim does in helpers/percall.c,
+connect(), epoll_ctl(EPOLL_CTL_ADD) and sendto() without an address: everything else runs at
+full speed. What the shim does in helpers/percall.c,
 from outside:
 
 - connect() of a TCP socket to the SuT is skipped and returns 0 (the program's socket stays
@@ -15,6 +16,12 @@ from outside:
   the send, now on the kept connection: no stop after the send's own. The thread runs on
   untraced until its next connect(). (The first handoff of a process injects the calls one
   by one and maps that code.)
+- sipp wrote the placeholder's port ([local_port], read after its bind()) into Via and
+  Contact; the kept connection's address replaces it in sipp's own buffer, at the first send
+  and at each later sendto() stop on the fd (viarewrite.py), same length only, before the
+  kernel takes a byte: a tail sipp resends is its copy of rewritten bytes. The first send
+  reruns with MSG_NOSIGNAL (sipp ignores SIGPIPE), which the filter lets by: stops per call
+  are 4, plus one per later message of the call.
 
 The epoll registrations to re-add are the ones the program made: the filter also stops at
 epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
@@ -34,10 +41,14 @@ import struct
 import sys
 from typing import TYPE_CHECKING
 
+from fdkeeper.address import parse_address
 from fdkeeper.modes.ptrace import procfs
 from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_ADD, EPOLL_CTL_MOD, Registrations, add_from_outside
 from fdkeeper.modes.ptrace.handoff_code import HandoffCode
 from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt, unsigned
+from fdkeeper.modes.ptrace.permission import status_field
+from fdkeeper.modes.ptrace.seccomp import MSG_NOSIGNAL
+from fdkeeper.modes.ptrace.viarewrite import Rewrite, rewrite_for
 
 if TYPE_CHECKING:
     from fdkeeper.modes.ptrace.session import Session
@@ -47,6 +58,7 @@ MAX_LOOK = 64 * 1024  # bytes of a send looked at for the From header (as the sh
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
 MAX_IOV = 64
 LOW = 0xFFFFFFFF  # an int argument is the low half of its register
+SIGPIPE_BIT = 1 << 12  # SIGPIPE (13) in /proc/PID/status SigIgn
 
 
 class PerCallClient:
@@ -60,6 +72,11 @@ class PerCallClient:
         self.registrations = Registrations()
         self.code = HandoffCode(session.tracer)  # the handoff as code in the program, after its first
         self.handoffs = 0
+        # (tgid, fd) -> the kept connection's address in place of the placeholder's in what fd sends
+        self.rewrites: dict[tuple[int, int], Rewrite] = {}
+        self.ignores_sigpipe: dict[int, bool] = {}  # tgid -> whether MSG_NOSIGNAL changes nothing for it
+        self.rewritten = 0  # messages written to with the kept connection's address
+        self.warned_length = False
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -67,6 +84,8 @@ class PerCallClient:
                 self._on_connect(stop)
             elif stop.nr == SYS["epoll_ctl"]:
                 self._on_epoll_add(stop)
+            elif stop.nr == SYS["sendto"]:
+                self._on_send(stop)
             return
         fds = self.waiting.get(stop.tid)
         done = self._on_stepping_entry(stop, fds) if fds else False
@@ -141,6 +160,7 @@ class PerCallClient:
         if (tgid, fd) in self.pending:
             self._skip(stop.tid, -errno.EISCONN)  # "connected" already, as far as the program knows
             return
+        self.rewrites.pop((tgid, fd), None)  # a new socket on that number
         with session.copy(tgid, fd) as program_socket:
             if program_socket.family not in (socket.AF_INET, socket.AF_INET6) or program_socket.type != socket.SOCK_STREAM:
                 return  # e.g. sipp's UDP probe for its own address
@@ -191,6 +211,9 @@ class PerCallClient:
         if kept is None:
             return
         by_code = tid not in session.tracer.stepping  # the code's own calls must not stop, nor be emulated
+        no_stop = self._rewrite_first(stop, tgid, fd, kept.fds[0], kept.locals[0] if kept.locals else "")
+        if no_stop:  # the rerun send is not seen again: the filter lets MSG_NOSIGNAL sends by
+            injection.saved.r10 |= MSG_NOSIGNAL
         try:
             epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code)
         except OSError as error:
@@ -204,6 +227,69 @@ class PerCallClient:
             # the thread no longer steps), from the stop our last injected call left it in.
             injection.finish_rerun(stop_at_entry=False)
             session.tracer.run_again(tid)
+
+    # ------------------------------------------------------------ the kept connection's address
+
+    def _rewrite_first(self, stop: SyscallStop, tgid: int, fd: int, kept_fd: int, kept_local: str) -> bool:
+        """At the first send, with the user's connection leased: note what fd's sends are to
+        name (the placeholder's address is the program's socket's, still on fd) and rewrite
+        this first message; True when the send may rerun with MSG_NOSIGNAL, unseen."""
+        key = (tgid, fd)
+        self.rewrites.pop(key, None)
+        try:
+            with self.session.copy(tgid, fd) as program_socket:
+                placeholder = program_socket.getsockname()
+            kept = parse_address(kept_local) if kept_local not in ("", "-") else None
+            if kept is None:
+                with socket.socket(fileno=os.dup(kept_fd)) as kept_socket:
+                    kept = kept_socket.getsockname()[:2]
+        except (OSError, ValueError):
+            return False
+        if not isinstance(placeholder, tuple) or not isinstance(kept, tuple) or placeholder[1] == kept[1]:
+            return False
+        rewrite = rewrite_for(placeholder, kept)
+        if rewrite is None:
+            self._warn_length(placeholder, kept)
+            return False
+        self.rewrites[key] = rewrite
+        if stop.nr != SYS["sendto"] or stop.args[4]:
+            return False  # only sendto() without an address is seen again (the filter)
+        self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite)
+        return self._ignores_sigpipe(tgid)
+
+    def _on_send(self, stop: SyscallStop) -> None:
+        """At a seccomp stop of sendto() without an address: a kept per-call fd's message names
+        the kept connection, not the placeholder; any other send goes on as it is."""
+        rewrite = self.rewrites.get((self.session.tgid(stop.tid), stop.args[0] & LOW))
+        if rewrite is not None:
+            self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite)
+
+    def _rewrite_buffer(self, tid: int, buf: int, size: int, rewrite: Rewrite) -> None:
+        """The placeholder's address replaced in the program's own buffer, before the kernel
+        takes any of it (a tail the program sends again is then its copy of rewritten bytes)."""
+        if not buf or not size:
+            return
+        try:
+            message = self.session.tracer.read(tid, buf, min(size, MAX_LOOK))
+            offsets = rewrite.offsets(message)
+            for at in offsets:
+                self.session.tracer.write(tid, buf + at, rewrite.new)
+        except OSError:
+            return  # a bad pointer: the send fails with EFAULT by itself
+        self.rewritten += bool(offsets)
+
+    def _ignores_sigpipe(self, tgid: int) -> bool:
+        if tgid not in self.ignores_sigpipe:
+            ignored = status_field("SigIgn", tgid)
+            self.ignores_sigpipe[tgid] = bool(ignored) and bool(int(ignored, 16) & SIGPIPE_BIT)
+        return self.ignores_sigpipe[tgid]
+
+    def _warn_length(self, placeholder: tuple, kept: tuple) -> None:
+        if not self.warned_length:
+            self.warned_length = True
+            print(f"fdkeeper: the kept connection's address {kept[0]}:{kept[1]} and the per-call socket's port "
+                  f"{placeholder[1]} differ in length; messages keep the per-call socket's port (a SuT that "
+                  "aliases Via ports to connections sees a new one per call)", file=sys.stderr, flush=True)
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""

@@ -19,7 +19,8 @@ SECCOMP_RET_ERRNO_0 = 0x00050000  # skip the call, return 0 (errno 0): the progr
 SECCOMP_RET_TRACE = 0x7FF00000  # stop for the tracer (PTRACE_EVENT_SECCOMP)
 SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
 EPOLL_CTL_ADD = 1
-_LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+_LD_ABS_W, _JEQ_K, _JSET_K, _RET_K = 0x20, 0x15, 0x45, 0x06
+MSG_NOSIGNAL = 0x4000
 FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
 
 
@@ -83,17 +84,27 @@ def percall_filter() -> bytes:
     lists every registration: milliseconds per call with a thousand users). shutdown(),
     SO_LINGER and TCP-level options succeed without effect on every descriptor, because in
     such a run every TCP socket of sipp's either is or becomes a kept connection (or a
-    socketpair end the keeper relays). Everything else runs at full speed, untraced.
+    socketpair end the keeper relays). sendto() without an address (sipp's send(), which
+    glibc makes a sendto) stops too, so that the tracer puts the kept connection's address where
+    the program wrote its placeholder's (viarewrite.py); one with MSG_NOSIGNAL does not: that is
+    how the tracer reruns a first send it has dealt with already, in a program that ignores
+    SIGPIPE anyway. Everything else runs at full speed, untraced.
     """
     program: list[Instruction] = [
         (_LD_ABS_W, 0, 0, 4), (_JEQ_K, 0, "allow", AUDIT_ARCH_X86_64),
         (_LD_ABS_W, 0, 0, 0), (_JEQ_K, "trace", 0, SYS["connect"]), (_JEQ_K, "neutral", 0, SYS["shutdown"]),
+        (_JEQ_K, "sendto", 0, SYS["sendto"]),
         (_JEQ_K, "epoll_ctl", 0, SYS["epoll_ctl"]), (_JEQ_K, 0, "allow", SYS["setsockopt"]),
         (_LD_ABS_W, 0, 0, 24), (_JEQ_K, "neutral", 0, IPPROTO_TCP), (_JEQ_K, 0, "allow", SOL_SOCKET),
         (_LD_ABS_W, 0, 0, 32), (_JEQ_K, "neutral", "allow", SO_LINGER),
     ]
     labels = {"epoll_ctl": len(program)}
     program += [(_LD_ABS_W, 0, 0, 24), (_JEQ_K, "trace", "allow", EPOLL_CTL_ADD)]  # op: low word of args[1]
+    labels["sendto"] = len(program)
+    program += [
+        (_LD_ABS_W, 0, 0, 48), (_JEQ_K, 0, "allow", 0), (_LD_ABS_W, 0, 0, 52), (_JEQ_K, 0, "allow", 0),  # no address
+        (_LD_ABS_W, 0, 0, 40), (_JSET_K, "allow", "trace", MSG_NOSIGNAL),  # flags: low word of args[3]
+    ]
     for label, action in (("allow", SECCOMP_RET_ALLOW), ("trace", SECCOMP_RET_TRACE), ("neutral", SECCOMP_RET_ERRNO_0)):
         labels[label] = len(program)
         program.append((_RET_K, 0, 0, action))
