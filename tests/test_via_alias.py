@@ -29,7 +29,7 @@ USERS = 4
 # (calls per user in each call run, call runs): 3.6.1 makes 12 calls per user, 13 Via ports per user
 # without the rewrite, beyond what Kamailio aliases. sipp 3.7.7 leaves an ended call's socket open
 # (its fd then shares the user's kept connection with the next call's, and sipp's blocking read
-# on it hangs the run: a limit of per-call runs with 3.7.7, named in the README), so there one
+# on it hangs the run: a limit of per-call runs with 3.7.7 that is not this test's subject), so one
 # call per user and run.
 CALLS = {"3.6.1-preload": (6, 2), "3.7.7-preload": (1, 3), "3.7.7-static-ptrace": (1, 3)}
 MAX_SOCKET = ("-max_socket", 4000)
