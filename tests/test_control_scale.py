@@ -193,7 +193,7 @@ def test_status_at_the_client_cap_prints_the_keepers_line_and_exits_2(tmp_path):
         stop.set()
         for sock in busy:
             sock.close()
-    client.stop()
+        client.stop()
 
 
 def test_a_bad_status_filter_is_the_keepers_one_line_not_a_silent_local_filter(tmp_path):
