@@ -3,7 +3,10 @@
 A key log holds the secrets of every session written to it: the file is created 0600,
 opened without blocking and never through a symbolic link (statedir.open_named_file: a FIFO
 another user planted would hold the keeper's loop in open()), and must be a regular file of
-ours. Python's ssl module opens the key log by name itself (and would follow a link, or wait
+ours. An existing file is appended to only if it is already private, has one name, and is
+empty or a key log already: the keeper (often root) never changes the mode of a file it is
+named, nor appends secrets to some other private file (a host key, a password file) that a
+mistyped option points at. Python's ssl module opens the key log by name itself (and would follow a link, or wait
 on a FIFO), so the file is opened here first and handed to it as /proc/self/fd/N: what ssl
 opens is the inode that was checked, a regular file, where neither open nor write waits.
 """
@@ -18,7 +21,11 @@ from fdkeeper.statedir import open_named_file
 from fdkeeper.textsafe import escape_controls
 
 OPTION = "--tls-keylog"
-_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: to look at what an existing file holds
+# How every line of an SSLKEYLOGFILE starts (NSS's format: a label, or a comment).
+_KEYLOG_STARTS = (b"#", b"CLIENT_RANDOM ", b"CLIENT_EARLY_TRAFFIC_SECRET ", b"CLIENT_HANDSHAKE_TRAFFIC_SECRET ",
+                  b"SERVER_HANDSHAKE_TRAFFIC_SECRET ", b"CLIENT_TRAFFIC_SECRET_0 ", b"SERVER_TRAFFIC_SECRET_0 ",
+                  b"EXPORTER_SECRET ", b"EARLY_EXPORTER_SECRET ", b"RSA ")
 
 
 def set_keylog(context: ssl.SSLContext, path: str) -> None:
@@ -36,18 +43,33 @@ def set_keylog(context: ssl.SSLContext, path: str) -> None:
 
 
 def open_keylog(path: str) -> int:
-    """A descriptor for appending to ``path``: created 0600, refused if it is a link or not a
-    regular file of ours; an existing file readable by others is made 0600."""
+    """A descriptor for appending to ``path``: created 0600; an existing file is taken only if
+    it is a regular file of ours, private, with one name, and empty or a key log already."""
     if not os.path.isabs(path):
         raise FdkeeperError(f"fdkeeper: {OPTION} {escape_controls(path)} must be an absolute path", "badrequest")
     fd, info = open_named_file(path, _FLAGS, OPTION)
-    if info.st_uid != os.geteuid():
+    try:
+        problem = _unfit_for_secrets(fd, info)
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror})"
+    if problem:
         os.close(fd)
         raise FdkeeperError(
-            f"fdkeeper: {OPTION} {escape_controls(path)} belongs to another user, and a key log holds secrets; "
-            "remove it or name another file",
+            f"fdkeeper: {OPTION} {escape_controls(path)} {problem}; a key log holds TLS secrets: name a new file",
             "badrequest",
         )
-    if info.st_mode & 0o077:
-        os.fchmod(fd, 0o600)
     return fd
+
+
+def _unfit_for_secrets(fd: int, info: os.stat_result) -> str:
+    """Why an opened key log must not be appended to, or "" (a new file is always fit)."""
+    if info.st_uid != os.geteuid():
+        return "belongs to another user"
+    if info.st_mode & 0o077:
+        return f"is open to other users (mode {info.st_mode & 0o777:04o}; chmod 600 it if it is a key log)"
+    if info.st_nlink != 1:
+        return f"has {info.st_nlink} names (hard links)"
+    head = os.pread(fd, 64, 0)
+    if head and not head.startswith(_KEYLOG_STARTS):
+        return "is not empty and not a TLS key log"
+    return ""

@@ -6,6 +6,7 @@ Kamailio; the pytest plugin's fixtures (`sipp`, `kamailio_sut`) do the wiring.
 
 from __future__ import annotations
 
+import os
 import ssl
 import stat
 from pathlib import Path
@@ -52,12 +53,47 @@ def test_a_link_in_place_of_the_keylog_is_refused(tmp_path):
     assert not target.exists()
 
 
-def test_an_existing_keylog_readable_by_others_is_made_private(tmp_path):
+def test_an_existing_file_open_to_others_is_refused_and_left_as_it_was(tmp_path):
+    # The keeper (often root) never changes the mode of a file it is named: a mistyped
+    # --tls-keylog /etc/passwd must not make it 0600, nor get secrets appended to it.
     keylog = tmp_path / "keys.log"
     keylog.write_text("")
     keylog.chmod(0o644)
-    set_keylog(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(keylog))
-    assert stat.S_IMODE(keylog.stat().st_mode) == 0o600
+    with pytest.raises(FdkeeperError, match="open to other users"):
+        set_keylog(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(keylog))
+    assert stat.S_IMODE(keylog.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize(
+    ("content", "refused"),
+    [
+        (b"", False),
+        (b"CLIENT_RANDOM 00 11\n", False),
+        (b"# SSL/TLS secrets log file\n", False),
+        (b"-----BEGIN OPENSSH PRIVATE KEY-----\n", True),
+        (b"root:x:0:0:root:/root:/bin/bash\n", True),
+    ],
+)
+def test_an_existing_private_file_is_appended_to_only_if_it_is_a_keylog(tmp_path, content, refused):
+    keylog = tmp_path / "keys.log"
+    keylog.write_bytes(content)
+    keylog.chmod(0o600)
+    if refused:
+        with pytest.raises(FdkeeperError, match="not a TLS key log"):
+            set_keylog(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(keylog))
+        assert keylog.read_bytes() == content
+    else:
+        set_keylog(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(keylog))
+        assert keylog.read_bytes().startswith(content)  # appended to (Python adds its header line)
+
+
+def test_a_keylog_with_a_second_name_is_refused(tmp_path):
+    keylog = tmp_path / "keys.log"
+    keylog.write_bytes(b"")
+    keylog.chmod(0o600)
+    os.link(keylog, tmp_path / "other-name")
+    with pytest.raises(FdkeeperError, match="2 names"):
+        set_keylog(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(keylog))
 
 
 def test_a_relative_keylog_path_is_refused(tmp_path, monkeypatch):
