@@ -447,3 +447,46 @@ def test_control_requests_answered():
     assert answer(target, "RECONNECT") == {"ok": False, "error": "fdkeeper: cannot connect"}
     assert answer(target, "STOP") == {"ok": True} and target.stopped
     assert not answer(target, "NOPE")["ok"]
+
+
+def test_a_fault_handling_one_datagram_costs_that_datagram_not_the_converter():
+    """The loop's fault guard (fdkeeper/loop.py): a defect met while handling one datagram is
+    counted, and the converter goes on forwarding the next ones over the same link."""
+    from fdkeeper.convert.server import ConverterServer
+
+    sut = socket.create_server(("127.0.0.1", 0))
+    server = ConverterServer(("127.0.0.1", 0), sut.getsockname()[:2], "tcp", None)
+    accepted, _ = sut.accept()
+    real_from_sipp = server.converter.from_sipp
+    calls = []
+
+    def fails_once(data: bytes, source) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            raise RuntimeError("a defect met by one datagram")
+        real_from_sipp(data, source)
+
+    server.converter.from_sipp = fails_once
+    request = (b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK1\r\n"
+               b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: fault-1\r\n"
+               b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _ in range(2):
+            sender.sendto(request, server.udp.getsockname())
+            testbed.wait_until(lambda n=len(calls) + 1: server.reactor.run_once(0.05) or len(calls) >= n, 5,
+                               what="the converter to read the datagram")
+        for _ in range(20):
+            server.reactor.run_once(0.05)
+            for link in list(server.converter.dirty):
+                server._flush(link)
+            server.converter.dirty.clear()
+        accepted.settimeout(5)
+        assert b"Call-ID: fault-1" in accepted.recv(65536)
+        assert server.converter.counters["internal_errors"] == 1
+        assert server.reactor.internal_errors == 1
+    finally:
+        sender.close()
+        accepted.close()
+        server.close()
+        sut.close()

@@ -66,8 +66,9 @@ class ConverterServer:
     def __init__(self, listen: Address, sut: Address, transport: str, sipp_address: Address | None, *,
                  hide_topology: bool = False, tls: TlsOptions | None = None, connect_timeout: float = 5.0,
                  keepalive: float | None = None, control: Path | None = None, stats_file: Path | None = None,
-                 attached_only: bool = False) -> None:
+                 attached_only: bool = False, local: Address | None = None) -> None:
         self.tls = tls
+        self.local = local  # --local: the SuT's connection comes from here (sipp's own -i/-p)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.stats_file = stats_file
@@ -81,7 +82,9 @@ class ConverterServer:
             self.udp.close()
             self.reactor.close()
             raise
-        self.reactor.watch(self.udp.fileno(), select.EPOLLIN, self._on_udp)
+        # A fault while handling one datagram costs that datagram (it was read before it was
+        # handled): the UDP socket stays watched for the next ones.
+        self.reactor.watch(self.udp.fileno(), select.EPOLLIN, self._on_udp, on_fault=self._datagram_fault)
         self.control = ControlSocket(control, self.reactor, self) if control is not None else None
         self.reactor.call_every(TICK, self._tick)
         self.reactor.call_every(RESEND_TICK, self._resend)
@@ -96,8 +99,12 @@ class ConverterServer:
             self.converter.warn_once(f"udp send {error.errno}", f"UDP send to {format_address(address)} failed: {error.strerror}")
 
     def _connect(self, key: LinkKey) -> Link:
-        link = open_link(key, self.converter.listen_hp, self.tls, self.connect_timeout)
-        self.reactor.watch(link.fd, LINK_EVENTS, lambda mask: self._on_link(link, mask))
+        local = self.local if key == self.converter.default_key else None
+        link = open_link(key, self.converter.listen_hp, self.tls, self.connect_timeout, local)
+        self.reactor.watch(
+            link.fd, LINK_EVENTS, lambda mask: self._on_link(link, mask),
+            on_fault=lambda error: self._closed(link, f"internal error: {error!r}; see the converter log"),
+        )
         log.info("connected to %s", link.label())
         if link.early:
             self.converter.from_stream(link, link.early)
@@ -132,6 +139,9 @@ class ConverterServer:
             except OSError:
                 continue  # an ICMP error queued on the socket
             from_sipp(data, source)
+
+    def _datagram_fault(self, _error: Exception) -> None:
+        self.converter.counters["internal_errors"] += 1
 
     def _on_link(self, link: Link, mask: int) -> None:
         self.converter.now = time.monotonic()
@@ -291,13 +301,15 @@ def serve(
     stats_file: Path | None = None,
     log_level: str = "info",
     attached_only: bool = False,
+    local: Address | None = None,
 ) -> int:
     """Run a converter in the foreground until STOP or SIGTERM; the exit status."""
     configure_logging(log_level, "fdkeeper-convert")
     try:
         server = ConverterServer(listen, sut, transport, sipp_address, hide_topology=hide_topology,
                                  tls=tls or TlsOptions(), connect_timeout=connect_timeout, keepalive=keepalive,
-                                 control=control, stats_file=stats_file, attached_only=attached_only)
+                                 control=control, stats_file=stats_file, attached_only=attached_only,
+                                 local=local)
     except FdkeeperError as error:
         print(str(error), file=sys.stderr, flush=True)
         return error.exit_status
