@@ -254,6 +254,7 @@ def _hostport(_ctx, _param, value):
 @click.option("--sut", required=True, metavar="HOST:PORT", callback=_hostport, help="The SuT's TCP or TLS address.")
 @click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
 @click.option("--sipp-address", metavar="IP:PORT", callback=_hostport, help="Where the SuT's initial requests go (sipp's -i:-p).")
+@click.option("--local", metavar="IP:PORT", callback=_hostport, help="Connect to the SuT from this address (what plain sipp would bind: its -i/-p).")
 @click.option("--hide-topology", is_flag=True, help="No Via or Record-Route of the converter on either side.")
 @click.option("--attached-only", is_flag=True, help="Take datagrams only from sipp addresses attached over --control (ATTACH IP:PORT); others are dropped and counted.")
 @click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="RFC 5626 CRLFCRLF pings on idle connections.")
@@ -262,7 +263,7 @@ def _hostport(_ctx, _param, value):
 @click.option("--stats-file", type=click.Path(dir_okay=False), metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
-def convert_command(listen, sut, transport, sipp_address, hide_topology, attached_only, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
+def convert_command(listen, sut, transport, sipp_address, local, hide_topology, attached_only, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
     """Run a stateless UDP <-> TCP/TLS converter in the foreground.
 
     sipp talks UDP to --listen; the converter holds one TCP or TLS connection to the SuT
@@ -280,6 +281,7 @@ def convert_command(listen, sut, transport, sipp_address, hide_topology, attache
         listen, sut, transport, sipp_address, hide_topology=hide_topology, tls=make_tls_options(**tls),
         connect_timeout=connect_timeout, keepalive=keepalive, control=Path(control) if control else None,
         stats_file=Path(stats_file) if stats_file else None, log_level=log_level, attached_only=attached_only,
+        local=local,
     ))
 
 

@@ -332,3 +332,22 @@ def _first(log: Path, start: bytes) -> bytes:
 
 def _leased(keeper_dir: Path) -> bool:
     return any(c["state"] == "leased" for c in KeeperClient(keeper_dir).status()["connections"])
+
+
+def test_udp_mode_runs_of_different_p_get_connections_of_their_own_from_there(registrars, users, tmp_path,
+                                                                                keeper_dir):
+    """--mode udp keeps identities apart as the keeper does: one converter per -i/-p, its
+    connection from that port as plain sipp's would be; the same -p again shares it."""
+    from fdkeeper.modes.udp import stop_converters
+
+    sipp = SIPPS["3.6.1-debian"][0]
+    sut = registrars()
+    first, second = testbed.free_port(), testbed.free_port()
+    try:
+        for run, port in (("a", first), ("b", second), ("a-again", first)):
+            result = run_kept(sipp, sut.address, tmp_path, users, port, keeper_dir, name=run, options=("--mode", "udp"))
+            assert result.ok, result.summary() + result.text("stderr")
+    finally:
+        stop_converters(keeper_dir)
+    assert [peer[1] for peer in sut.peers] == [first, second]
+    assert [peer[1] for peer, _ in sut.registers] == [first, second, first]

@@ -84,10 +84,12 @@ class Link:
         }
 
 
-def open_link(key: LinkKey, listen: bytes, tls_options: TlsOptions | None, timeout: float) -> Link:
-    """Connect (and for TLS hand-shake) to a destination; FdkeeperError with one line if not."""
+def open_link(key: LinkKey, listen: bytes, tls_options: TlsOptions | None, timeout: float,
+              local: Address | None = None) -> Link:
+    """Connect (and for TLS hand-shake) to a destination, from ``local`` when given (the address
+    plain sipp would connect from: the run's identity); FdkeeperError with one line if not."""
     host, port, transport = key
-    sock = open_tcp((host, port), None, timeout)
+    sock = open_tcp((host, port), local, timeout)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     local = sock.getsockname()[:2]
     early = b""

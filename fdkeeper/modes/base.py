@@ -73,6 +73,7 @@ class HandoffRequest:
     reconnect: bool = False
     debug: bool = False
     local: Address | None = None  # what sipp binds (-i/-p): the run's identity (keeper/identity.py)
+    local_known: bool = True  # False: ``local`` is only the likely one (sipp 3.7 without -p, sipp/binding.py)
 
     @property
     def directory(self) -> Path:

@@ -14,6 +14,7 @@ those arriving while none is attached for the next one. The mode keeps its conne
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -29,11 +30,18 @@ from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, positional_index
 from fdkeeper.statedir import check_private_directory, ensure_private_directory
 
 START_TIMEOUT = 15.0
+MAX_UNIX_PATH = 107  # bytes in sun_path, less its terminating NUL
 
 
-def converter_files(directory: Path, sut: tuple[str, int], transport: str) -> tuple[Path, Path, Path]:
-    """(control socket, log, stats file) of the converter for this SuT and transport."""
+def converter_files(directory: Path, sut: tuple[str, int], transport: str,
+                    identity: Address | None = None) -> tuple[Path, Path, Path]:
+    """(control socket, log, stats file) of the converter for this SuT, transport and identity
+    (keeper/identity.py; None: the shared converter of runs without -p)."""
     name = "convert-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{sut[0]}-{sut[1]}-{transport}")
+    if identity is not None:
+        name += "-from-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{identity[0]}-{identity[1]}")
+    if len(os.fsencode(directory / f"{name}.sock")) > MAX_UNIX_PATH:  # a deep directory: a short name, as stable
+        name = "convert-" + hashlib.sha256(name.encode()).hexdigest()[:16]
     return directory / f"{name}.sock", directory / f"{name}.log", directory / f"{name}.json"
 
 
@@ -50,9 +58,13 @@ def converter_statuses(directory: Path) -> list[dict]:
     return [status for status in map(_status, running_converters(directory)) if status is not None]
 
 
-def ensure_converter(directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions()) -> dict:
-    """The status of the converter for this SuT, starting a detached one if none answers."""
-    control, log_path, stats = converter_files(directory, sut, transport)
+def ensure_converter(directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions(),
+                     local: Address | None = None) -> dict:
+    """The status of the converter for this SuT and the identity of ``local`` (what plain sipp
+    would bind, keeper/identity.py), starting a detached one if none answers. Its connection
+    comes from ``local``, as plain sipp's would; runs without an identity share one."""
+    identity = identity_of(local, sut)
+    control, log_path, stats = converter_files(directory, sut, transport, identity)
     ensure_private_directory(directory)  # before the socket is touched
     status = _status(control)
     if status is not None:
@@ -60,6 +72,8 @@ def ensure_converter(directory: Path, sut: Address, transport: str, options: Udp
     command = [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0",
                "--sut", format_address(sut), "--transport", transport, "--control", os.fspath(control),
                "--stats-file", os.fspath(stats), "--attached-only"]
+    if identity is not None and local is not None:
+        command += ["--local", format_address(local)]
     return start_detached(command + _converter_options(options), log_path, lambda: _status(control), "converter",
                           START_TIMEOUT)
 
@@ -112,6 +126,13 @@ def _status(control: Path) -> dict | None:
     return reply if reply.get("ok") else None
 
 
+def identity_of(local: Address | None, sut: Address) -> Address | None:
+    """keeper/identity.py's, imported on use: importing the keeper package costs every run 45 ms."""
+    from fdkeeper.keeper.identity import identity_of as keeper_identity_of
+
+    return keeper_identity_of(local, sut)
+
+
 def _free_udp_port(host: str) -> int:
     with socket.socket(family_of(host), socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
@@ -158,8 +179,7 @@ class UdpMode(Mode):
     def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
         invocation = parse_sipp_args(request.args)
         remote = request.remote or self._only_converter_sut(request.directory, request.transport)
-        status = ensure_converter(request.directory, remote, request.transport, options.udp)
-        control = converter_files(request.directory, remote, request.transport)[0]
+        control, status = self._converter(request, remote, options.udp)
         if status["links"][0]["state"] == "closed":
             self._reconnect(control, status["links"][0], remote, request)
         sipp_ip = invocation.local_ip or "127.0.0.1"
@@ -203,17 +223,53 @@ class UdpMode(Mode):
               "opened a fresh one (--reconnect): registrations made over the old one must be redone",
               file=sys.stderr, flush=True)
 
+    @classmethod
+    def _converter(cls, request: HandoffRequest, remote: Address, options: UdpOptions) -> tuple[Path, dict]:
+        """The converter of this run's identity (what plain sipp would bind: its connection comes
+        from there), started if need be; for a server run, which never connects, one already
+        running for its SuT where its own does not run, as the keeper hands such a run the
+        connections no run holds."""
+        # Only a certain identity: a guessed port (sipp 3.7 without -p) taken before the converter
+        # binds it would stop the run, where sipp would have moved on to the next one.
+        local = request.local if request.local_known else None
+        own = converter_files(request.directory, remote, request.transport, identity_of(local, remote))[0]
+        if request.role == "server":
+            found = cls._running_for(request.directory, remote, request.transport, own)
+            if found is not None:
+                return found
+        return own, ensure_converter(request.directory, remote, request.transport, options, local)
+
+    @staticmethod
+    def _running_for(directory: Path, remote: Address, transport: str, own: Path) -> tuple[Path, dict] | None:
+        """A running converter for a server run: its own, the shared one, else the only one there is."""
+        for control in dict.fromkeys((own, converter_files(directory, remote, transport)[0])):
+            status = _status(control)
+            if status is not None:
+                return control, status
+        others = []
+        for control in running_converters(directory):
+            status = _status(control)
+            link = status["links"][0] if status else None
+            if link and link["transport"] == transport and split_host_port(link["remote"]) == remote:
+                others.append((control, status))
+        if len(others) != 1:
+            return None
+        print(f"fdkeeper: no converter has this run's -i/-p; answering through the one connected from "
+              f"{others[0][1]['links'][0]['local']} (give the register run the same -i/-p to make it this run's)",
+              file=sys.stderr, flush=True)
+        return others[0]
+
     @staticmethod
     def _only_converter_sut(directory: Path, transport: str) -> Address:
-        """A server run without a remote host: the one converter of this directory, if just one runs."""
-        candidates = []
+        """A server run without a remote host: the one SuT converters of this directory talk to."""
+        candidates = set()
         for control in running_converters(directory):
             status = _status(control)
             if status and status["links"][0]["transport"] == transport:
-                candidates.append(split_host_port(status["links"][0]["remote"]))
+                candidates.add(split_host_port(status["links"][0]["remote"]))
         if len(candidates) != 1:
             raise FdkeeperError(
                 "fdkeeper: --mode udp needs the SuT's address as sipp's remote host argument "
                 f"({len(candidates)} converters run for {directory}), e.g. 127.0.0.1:5060"
             )
-        return candidates[0]
+        return candidates.pop()

@@ -83,7 +83,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     request = HandoffRequest(
         program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
         remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
-        per_call=invocation.per_call_client, local=binding.local,
+        per_call=invocation.per_call_client, local=binding.local, local_known=binding.known,
     )
     mode_options = ModeOptions(
         ptrace=PtraceOptions(transfer=options.transfer or "scm"),
