@@ -351,3 +351,14 @@ def test_udp_mode_runs_of_different_p_get_connections_of_their_own_from_there(re
         stop_converters(keeper_dir)
     assert [peer[1] for peer in sut.peers] == [first, second]
     assert [peer[1] for peer, _ in sut.registers] == [first, second, first]
+
+
+def test_udp_mode_a_server_run_with_no_converter_opens_nothing(registrars, tmp_path, keeper_dir):
+    """A server scenario never connects: with no converter for its SuT it is refused in one
+    line (as through the keeper), rather than starting one the SuT would see connect."""
+    sut = registrars()
+    command, log_dir = register_command(DEBIAN_SIPP, sut.address, tmp_path, "answer", None, testbed.free_port(),
+                                        scenario="uas-answer.xml")
+    result = testbed.SippProcess(fdkeeper_command(command, keeper_dir, "--mode", "udp"), log_dir, "answer").wait(30)
+    assert result.returncode == 2 and "no converter runs for" in result.text("stderr"), result.text("stderr")
+    assert sut.peers == []

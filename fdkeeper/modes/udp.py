@@ -226,8 +226,8 @@ class UdpMode(Mode):
     @classmethod
     def _converter(cls, request: HandoffRequest, remote: Address, options: UdpOptions) -> tuple[Path, dict]:
         """The converter of this run's identity (what plain sipp would bind: its connection comes
-        from there), started if need be; for a server run, which never connects, one already
-        running for its SuT where its own does not run, as the keeper hands such a run the
+        from there), started if need be. A server run, which never connects, only uses one that
+        runs: its own, else one running for its SuT, as the keeper hands such a run the
         connections no run holds."""
         # Only a certain identity: a guessed port (sipp 3.7 without -p) taken before the converter
         # binds it would stop the run, where sipp would have moved on to the next one.
@@ -235,8 +235,13 @@ class UdpMode(Mode):
         own = converter_files(request.directory, remote, request.transport, identity_of(local, remote))[0]
         if request.role == "server":
             found = cls._running_for(request.directory, remote, request.transport, own)
-            if found is not None:
-                return found
+            if found is None:  # as through the keeper: a server scenario opens no connection
+                raise FdkeeperError(
+                    f"fdkeeper: no converter runs for {format_address(remote)}/{request.transport} in "
+                    f"{request.directory}; run a client scenario first with --mode udp (fdkeeper status lists them)",
+                    "none",
+                )
+            return found
         return own, ensure_converter(request.directory, remote, request.transport, options, local)
 
     @staticmethod
