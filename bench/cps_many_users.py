@@ -36,6 +36,11 @@ sipp closes them) share the loopback's ephemeral range (ip_local_port_range). Be
 bench waits (up to 60 s) until a free port per call remains; before the registration, until an
 earlier run's TIME_WAIT sockets are gone (the keeper's `stop` leaves 10,000 of them).
 
+--alias: Kamailio calls force_tcp_alias() on every request (as SBCs do; testbed option
+alias_every_request), and each run's "alias fails" column counts the requests it dropped
+because a connection had no room for one more alias (a client naming a new Via port per call).
+Issue 16's figure: --users 1000 --steps 300 --duration 10 --alias (3,000 calls, 3 per user).
+
 Usage:  python3 bench/cps_many_users.py               (about 2-3 minutes, + up to 1 after a run)
         python3 bench/cps_many_users.py --quick       (about 1-1.5 minutes)
         python3 bench/cps_many_users.py --users 2000 --steps 200,400 --duration 3
@@ -203,6 +208,7 @@ class Bench(BenchBase):
 
     users: int = USERS
     register_rate: float = REGISTER_RATE
+    alias: bool = False             # Kamailio aliases every request's Via port to its connection
     facts: dict = field(default_factory=dict)      # what the set-up measured, for the report
     keeper_pid: int | None = None
     sut_tree: list[psutil.Process] = field(default_factory=list)
@@ -214,7 +220,8 @@ class Bench(BenchBase):
         self.facts["open_files"] = raise_open_file_limit(self.users)
         soft = self.facts["open_files"][0]
         return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB,
-                                tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024))
+                                tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024),
+                                alias_every_request=self.alias)
 
     # -- set-up -------------------------------------------------------------
 
@@ -344,7 +351,10 @@ class Bench(BenchBase):
 
     def begin_run(self, config: str) -> dict:
         self.wait_for_ports(config)
-        return {**self.cpu_now(), "accepted": self.sut_accepted()}
+        return {**self.cpu_now(), "accepted": self.sut_accepted(), "alias_fails": self.alias_failures()}
+
+    def alias_failures(self) -> int | None:
+        return self.kamailio.alias_failures() if self.alias else None
 
     def wait_for_ports(self, config: str) -> None:
         """Every call of (a) takes a local port that stays in TIME_WAIT 60 s, in the same range as
@@ -360,7 +370,8 @@ class Bench(BenchBase):
 
     def end_run(self, config: str, token: dict, run: Run) -> dict:
         spent = {key: value - token[key] for key, value in self.cpu_now().items()}
-        return {**spent, "new_conns": diff(self.sut_accepted(), token["accepted"]), "time_wait": time_wait_sockets()}
+        return {**spent, "new_conns": diff(self.sut_accepted(), token["accepted"]), "time_wait": time_wait_sockets(),
+                "alias_fails": diff(self.alias_failures(), token["alias_fails"])}
 
     def format_run(self, run: Run) -> str:
         return format_run(run, self.LABELS[run.config], WIDTH, run_columns(run))
@@ -370,7 +381,7 @@ class Bench(BenchBase):
 # output
 # --------------------------------------------------------------------------
 
-EXTRA_HEADER = f"{'keeper %core':>12} {'SuT %core':>9} {'sipp %core':>10} {'new conns':>9}  "
+EXTRA_HEADER = f"{'keeper %core':>12} {'SuT %core':>9} {'sipp %core':>10} {'new conns':>9} {'alias fails':>11}  "
 
 
 def cpu_text(cpu: dict[str, float]) -> str:
@@ -384,10 +395,10 @@ def diff(after: int | None, before: int | None) -> int | None:
 def run_columns(run: Run) -> str:
     m = run.measured
     if run.elapsed <= 0 or "keeper" not in m:
-        return f"{'-':>12} {'-':>9} {'-':>10} {'-':>9}  "
-    new = m.get("new_conns")
+        return f"{'-':>12} {'-':>9} {'-':>10} {'-':>9} {'-':>11}  "
+    new, fails = m.get("new_conns"), m.get("alias_fails")
     return (f"{m['keeper'] / run.elapsed:>12.0%} {m['sut'] / run.elapsed:>9.0%} {m['sipp'] / run.elapsed:>10.0%} "
-            f"{(new if new is not None else '?'):>9}  ")
+            f"{(new if new is not None else '?'):>9} {(fails if fails is not None else '-'):>11}  ")
 
 
 
@@ -474,6 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=USERS, help=f"registered users, callers (default {USERS})")
     parser.add_argument("--register-rate", type=float, default=REGISTER_RATE,
                         help=f"REGISTERs per second of the registration run (default {REGISTER_RATE})")
+    parser.add_argument("--alias", action="store_true",
+                        help="Kamailio aliases every request's Via port to its connection (force_tcp_alias)")
     args = parser.parse_args(argv)
     fine_given = args.fine is not None
     args = resolve_defaults(args)
@@ -498,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_bench("cps_many_users", args,
                      lambda workdir, sipp: Bench(workdir, sipp, args.duration, args.retries, users=args.users,
-                                                 register_rate=args.register_rate), body)
+                                                 register_rate=args.register_rate, alias=args.alias), body)
 
 
 if __name__ == "__main__":

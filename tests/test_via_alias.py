@@ -111,9 +111,10 @@ def test_a_users_requests_name_its_kept_connection(build, fdkeeper_keeper, fdkee
                             options=("--debug",) if "ptrace" in build else ())  # --debug: the stop count
             assert made.ok, made.tail()
             if "ptrace" in build:  # stops: 4 per handoff, one per later send (ACK, BYE), start-up and exit
-                stops, handoffs = map(int, re.search(r"(\d+) ptrace stops for (\d+) per-call handoff",
-                                                     made.err.read_text()).groups())
+                stops, handoffs, rewritten = map(int, re.search(
+                    r"(\d+) ptrace stops for (\d+) per-call handoff\(s\); (\d+) message", made.err.read_text()).groups())
                 assert handoffs == calls and stops <= 6 * calls + STOPS_BESIDE_HANDOFFS, stops
+                assert rewritten == 3 * calls  # INVITE, ACK, BYE
         answered_by_callee = callee.wait(30)
         assert answered_by_callee.successful == runs * calls, answered_by_callee.summary()
 

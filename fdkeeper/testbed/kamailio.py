@@ -149,8 +149,8 @@ class Kamailio(KamailioInstance):
     the lookup failing with 404), `alias_every_request` (True: every request
     over TCP/TLS maps its Via sent-by port onto its connection with
     force_tcp_alias(), as SBCs do, and is logged with its Via, see
-    `request_vias()`; a connection holds a few such aliases, Kamailio logs
-    "alias failed" beyond them and drops the request).
+    `request_vias()`; a connection holds a few such aliases, beyond them
+    the request is dropped, logged as "alias failed", see `alias_failures()`).
     `tls=KamailioTls(...)` adds a TLS listener on `tls_port` (a second free
     port unless given; `tls_address`) with its own tls.cfg in the work dir.
     TLS users are routed like TCP ones: REGISTER over TLS, calls and
@@ -197,9 +197,9 @@ class Kamailio(KamailioInstance):
                 for m, u, src, via in _REQUEST_VIA.findall(self.log_text())]
 
     def alias_failures(self) -> int:
-        """How often Kamailio could not alias a Via port onto a connection (its per-connection
-        alias limit reached): each such request was dropped."""
-        return self.log_text().count("alias failed")
+        """With `alias_every_request`: how often Kamailio could not alias a Via port onto a
+        connection (its per-connection alias limit reached); each such request was dropped."""
+        return self.log_text().count(f"{LOG_TAG} alias failed")
 
     def ping_user(self, user: str, wait: float = 3.0) -> bytes | None:
         """Ping a registered user as an SBC does: an OPTIONS to sip:USER@this SuT, sent over
@@ -232,10 +232,14 @@ class Kamailio(KamailioInstance):
 
 # Kamailio's own text: rendered into sut.cfg after force_rport() when alias_every_request is set.
 _ALIAS_EVERY_REQUEST = f"""    # Every request over TCP/TLS aliases its Via port to its connection (RFC 5923 style, as
-    # SBCs do): a client that names a new port per request exhausts the connection's aliases.
+    # SBCs do): a client that names a new port per request exhausts the connection's aliases,
+    # and a request whose port finds no room is dropped.
     if (proto==TCP || proto==TLS) {{
-        force_tcp_alias();
         xlog("L_INFO", "{LOG_TAG} request $rm from $fU source $si:$sp via $hdr(Via)\\n");
+        if (!force_tcp_alias()) {{
+            xlog("L_ERR", "{LOG_TAG} alias failed for $rm from $fU source $si:$sp: dropped\\n");
+            exit;
+        }}
     }}"""
 _REQUEST_VIA = re.compile(
     re.escape(LOG_TAG) + r" request (\S+) from (\S*) source (\S+) via SIP/2\.0/\w+ ([^;\s]+)")

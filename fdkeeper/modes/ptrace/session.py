@@ -85,7 +85,8 @@ class Session:
             if tracer.tasks:
                 tracer.detach_all()
             if self.percall is not None:
-                self.say(f"{tracer.stops} ptrace stops for {self.percall.handoffs} per-call handoff(s)")
+                self.say(f"{tracer.stops} ptrace stops for {self.percall.handoffs} per-call handoff(s); "
+                         f"{self.percall.rewritten} message(s) given the kept connection's address")
             self._close()
         if tracer.root_status is not None:
             return tracer.root_status
