@@ -16,6 +16,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING
 
+from fdkeeper.address import Address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.ptrace import procfs
 from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt
@@ -63,7 +64,7 @@ class ServerHandoff:
         tgid = session.tgid(stop.tid)
         injection = Injection(session.tracer, stop.tid, at_entry=False)
         try:
-            kept = session.lease(tgid, role="server", remote=session.request.remote, local=session.request.local)
+            kept = session.lease(tgid, role="server", remote=session.request.remote, local=self._identity(tgid, listener))
         except FdkeeperError as error:
             print(str(error), file=sys.stderr, flush=True)
             session.done = True
@@ -88,6 +89,18 @@ class ServerHandoff:
         injection.finish(0)
         if not self.pending:
             session.done = True
+
+    def _identity(self, tgid: int, listener: int) -> Address | None:
+        """The run's identity: its -i/-p, or where the runner could only guess (sipp 3.7 without
+        -p takes the first free port of 5060-5119), the port the program's listener did get."""
+        request = self.session.request
+        if request.local_known:
+            return request.local
+        try:
+            with self.session.copy(tgid, listener) as sock:
+                return procfs.normal(sock.getsockname()[:2])
+        except OSError:
+            return request.local
 
     def _serving(self, tid: int) -> bool:
         return self.listener >= 0 and bool(self.pending) and self.session.tgid(tid) == self.tgid
