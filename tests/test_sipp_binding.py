@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -140,14 +141,14 @@ def test_prepare_open_at_lease_reports_a_closed_kept_connection(keeper, peer):
     assert "ids" not in reply.fields and _no_connection(peer)
 
 
-def test_a_converter_per_identity_named_to_fit_a_unix_socket(tmp_path):
+def test_a_converter_per_identity_named_to_fit_a_unix_socket():
     from fdkeeper.modes.udp import MAX_UNIX_PATH, converter_files
 
-    sut = ("127.0.0.1", 5060)
-    shared = converter_files(tmp_path, sut, "tcp")[0]
-    own = converter_files(tmp_path, sut, "tcp", ("127.0.0.1", 5063))[0]
+    sut, directory = ("127.0.0.1", 5060), Path("/run/user/1000/fdkeeper")  # names only: nothing is created
+    shared = converter_files(directory, sut, "tcp")[0]
+    own = converter_files(directory, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert shared.name == "convert-127.0.0.1_5060_tcp.sock" and own.name == "convert-127.0.0.1_5060_tcp-from-127.0.0.1_5063.sock"
-    deep = tmp_path / ("d" * 60)
+    deep = directory / ("d" * 40)
     short = converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert len(bytes(short)) <= MAX_UNIX_PATH and short == converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert short != converter_files(deep, sut, "tcp", ("127.0.0.1", 5064))[0] and short.name.startswith("convert-")
