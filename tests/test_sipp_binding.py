@@ -61,12 +61,13 @@ def test_the_likely_port_skips_one_another_process_listens_on():
 
 
 def test_the_invocation_reads_the_binding_with_its_own_release():
-    args = ["-sn", "uac", "-t", "t1", "-i", "127.0.0.1", "127.0.0.1:5060"]
-    assert parse_sipp_args(args, SIPP_3_6).binding() == Binding(("127.0.0.1", 0))
-    assert not parse_sipp_args(args, SIPP_3_7_5).binding().known
-    assert parse_sipp_args([*args, "-p", "5071"], SIPP_3_7_5).binding() == Binding(("127.0.0.1", 5071))
+    args, sut = ["-sn", "uac", "-t", "t1", "-i", "127.0.0.1", "127.0.0.1:5060"], ("127.0.0.1", 5060)
+    assert parse_sipp_args(args, SIPP_3_6).binding(sut) == Binding(("127.0.0.1", 0))
+    assert not parse_sipp_args(args, SIPP_3_7_5).binding(sut).known
+    assert parse_sipp_args([*args, "-p", "5071"], SIPP_3_7_5).binding(sut) == Binding(("127.0.0.1", 5071))
     server = ["-sn", "uas", "-t", "t1", "-p", "5072"]
-    assert parse_sipp_args(server, SIPP_3_6).binding() == Binding(("0.0.0.0", 5072))
+    assert parse_sipp_args(server, SIPP_3_6).binding(None) == Binding(("0.0.0.0", 5072))
+    assert parse_sipp_args(server, SIPP_3_6).binding(("::1", 5060)) == Binding(("::", 5072))
 
 
 # ---------------------------------------------------------------- the keeper opens nothing early
@@ -152,3 +153,9 @@ def test_a_converter_per_identity_named_to_fit_a_unix_socket():
     short = converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert len(bytes(short)) <= MAX_UNIX_PATH and short == converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert short != converter_files(deep, sut, "tcp", ("127.0.0.1", 5064))[0] and short.name.startswith("convert-")
+
+
+def test_without_i_the_wildcard_is_of_the_suts_family():
+    assert client_binding(V361, None, 5070, ("::1", 5060)) == Binding(("::", 5070))
+    assert server_binding(V377, None, 5070, ("127.0.0.1", 5060)) == Binding(("0.0.0.0", 5070))
+    assert likely_main_port("::1", range(0, 0)) == ("::1", 0)

@@ -137,13 +137,14 @@ class SippInvocation:
         ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else "0.0.0.0"
         return ip, self.local_port or 0
 
-    def binding(self) -> Binding:
+    def binding(self, remote: Address | None) -> Binding:
         """Where this run's sipp binds, as the SuT will see it (the run's identity): its client
         connection, or for a server run the -i/-p it listens on (fdkeeper/sipp/binding.py).
-        Not always known before sipp binds: sipp 3.7 without -p takes the first free port."""
+        Not always known before sipp binds: sipp 3.7 without -p takes the first free port.
+        ``remote``: remote_address(), resolved once by the caller."""
         ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else None
         of_role = client_binding if self.role == "client" else server_binding
-        return of_role(self.table.release, ip, self.local_port)
+        return of_role(self.table.release, ip, self.local_port, remote)
 
 
 def parse_sipp_args(args: list[str], table: OptionTable = NEWEST) -> SippInvocation:

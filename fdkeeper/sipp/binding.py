@@ -38,9 +38,11 @@ class Binding:
     known: bool = True
 
 
-def client_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None) -> Binding:
-    """Where sipp ``release`` binds its -t t1/l1 client connection, given -i and -p."""
-    ip = local_ip or wildcard(local_ip)
+def client_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
+                   remote: Address | None = None) -> Binding:
+    """Where sipp ``release`` binds its -t t1/l1 client connection, given -i and -p (without -i:
+    the wildcard of the SuT's address family, as sipp takes its family from the SuT's)."""
+    ip = local_ip or wildcard(remote)
     if local_port is not None:
         return Binding((ip, local_port))
     if release < CLIENT_ON_MAIN_PORT_SINCE:
@@ -48,12 +50,13 @@ def client_binding(release: tuple[int, int, int], local_ip: str | None, local_po
     return Binding(likely_main_port(ip), known=False)
 
 
-def server_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None) -> Binding:
+def server_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
+                   remote: Address | None = None) -> Binding:
     """The identity of a server run: the -i/-p it listens on. Without -p, sipp 3.7 listens where
     its client runs connect from (the first free default port), so a register run and an answer
     run both without -p are one identity; with 3.6 (whose client runs bind an ephemeral port)
     such a run takes the shared connection, as it always has."""
-    ip = local_ip or wildcard(local_ip)
+    ip = local_ip or wildcard(remote)
     if local_port is not None:
         return Binding((ip, local_port))
     if release < CLIENT_ON_MAIN_PORT_SINCE:
@@ -61,8 +64,8 @@ def server_binding(release: tuple[int, int, int], local_ip: str | None, local_po
     return Binding(likely_main_port(ip), known=False)
 
 
-def wildcard(ip: str | None) -> str:
-    return "::" if ip and ":" in ip else "0.0.0.0"
+def wildcard(remote: Address | None) -> str:
+    return "::" if remote and ":" in remote[0] else "0.0.0.0"
 
 
 def likely_main_port(ip: str, ports: range = SIPP_DEFAULT_PORTS) -> Address:

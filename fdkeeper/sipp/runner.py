@@ -79,7 +79,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
         )
     mode = choose_mode(options.mode, sipp, sipp_needs(invocation, options.transfer))
     tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
-    binding = invocation.binding()
+    binding = invocation.binding(remote)
     request = HandoffRequest(
         program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
         remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
