@@ -16,7 +16,7 @@ import pytest
 from fdkeeper.client import ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
-from fdkeeper.sipp.binding import Binding, client_binding, likely_main_port, server_binding
+from fdkeeper.sipp.binding import Binding, likely_main_port, sipp_binding
 from fdkeeper.sipp.tables import SIPP_3_6, SIPP_3_7_5
 from fdkeeper.testbed import wait_until
 
@@ -26,24 +26,18 @@ V361, V377 = (3, 6, 1), (3, 7, 7)
 # ---------------------------------------------------------------- the rule, release by release
 
 def test_sipp_3_6_binds_its_client_connection_to_p_else_an_ephemeral_port():
-    assert client_binding(V361, None, None) == Binding(None)  # the shared connection
-    assert client_binding(V361, "127.0.0.1", None) == Binding(("127.0.0.1", 0))  # ephemeral all the same
-    assert client_binding(V361, None, 5070) == Binding(("0.0.0.0", 5070))
-    assert client_binding(V361, "127.0.0.1", 5070) == Binding(("127.0.0.1", 5070))
+    assert sipp_binding(V361, None, None) == Binding(None)  # the shared connection
+    assert sipp_binding(V361, "127.0.0.1", None) == Binding(("127.0.0.1", 0))  # ephemeral all the same
+    assert sipp_binding(V361, None, 5070) == Binding(("0.0.0.0", 5070))
+    assert sipp_binding(V361, "127.0.0.1", 5070) == Binding(("127.0.0.1", 5070))
 
 
 def test_sipp_3_7_binds_its_client_connection_to_its_main_sockets_port():
-    assert client_binding(V377, "127.0.0.1", 5070) == Binding(("127.0.0.1", 5070))
-    unknown = client_binding(V377, "127.0.0.1", None)
+    assert sipp_binding(V377, "127.0.0.1", 5070) == Binding(("127.0.0.1", 5070))
+    unknown = sipp_binding(V377, "127.0.0.1", None)
     assert not unknown.known  # the first free of 5060-5119 when sipp binds, not now
     assert unknown.local[0] == "127.0.0.1" and (unknown.local[1] == 0 or 5060 <= unknown.local[1] < 5120)
-    assert not client_binding((3, 7, 0), None, None).known
-
-
-def test_a_server_run_without_p_is_3_7s_main_port_and_3_6s_shared_connection():
-    assert server_binding(V361, None, None) == Binding(None)
-    assert server_binding(V377, None, 5070) == Binding(("0.0.0.0", 5070))
-    assert not server_binding(V377, None, None).known
+    assert not sipp_binding((3, 7, 0), None, None).known
 
 
 def test_the_likely_port_skips_one_another_process_listens_on():
@@ -156,6 +150,6 @@ def test_a_converter_per_identity_named_to_fit_a_unix_socket():
 
 
 def test_without_i_the_wildcard_is_of_the_suts_family():
-    assert client_binding(V361, None, 5070, ("::1", 5060)) == Binding(("::", 5070))
-    assert server_binding(V377, None, 5070, ("127.0.0.1", 5060)) == Binding(("0.0.0.0", 5070))
+    assert sipp_binding(V361, None, 5070, ("::1", 5060)) == Binding(("::", 5070))
+    assert sipp_binding(V377, None, 5070, ("127.0.0.1", 5060)) == Binding(("0.0.0.0", 5070))
     assert likely_main_port("::1", range(0, 0)) == ("::1", 0)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from fdkeeper.address import Address, is_ip, parse_port, resolve, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sipp.binding import Binding, client_binding, server_binding
+from fdkeeper.sipp.binding import Binding, sipp_binding
 from fdkeeper.sipp.scenario import scenario_role
 from fdkeeper.sipp.tables import BROKEN, BROKEN_SINCE, NEWEST, OptionTable, first_release_with
 
@@ -143,8 +143,7 @@ class SippInvocation:
         Not always known before sipp binds: sipp 3.7 without -p takes the first free port.
         ``remote``: remote_address(), resolved once by the caller."""
         ip = _resolve(self.local_ip, 0, "-i")[0] if self.local_ip else None
-        of_role = client_binding if self.role == "client" else server_binding
-        return of_role(self.table.release, ip, self.local_port, remote)
+        return sipp_binding(self.table.release, ip, self.local_port, remote)
 
 
 def parse_sipp_args(args: list[str], table: OptionTable = NEWEST) -> SippInvocation:

@@ -38,29 +38,21 @@ class Binding:
     known: bool = True
 
 
-def client_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
-                   remote: Address | None = None) -> Binding:
-    """Where sipp ``release`` binds its -t t1/l1 client connection, given -i and -p (without -i:
-    the wildcard of the SuT's address family, as sipp takes its family from the SuT's)."""
+def sipp_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
+                 remote: Address | None = None) -> Binding:
+    """Where sipp ``release`` binds, given -i and -p: its -t t1/l1 client connection, and for a
+    server run the address it listens on, which is the same rule. Without -i the address is
+    the wildcard of the SuT's family (sipp takes its family from the SuT's).
+
+    Without -p, sipp 3.7 connects from, and listens on, its main socket's port, so a register
+    run and an answer run both without -p are one identity; sipp 3.6 connects from an ephemeral
+    port, and all its runs without -p (server runs too) share one connection, as they always have.
+    """
     ip = local_ip or wildcard(remote)
     if local_port is not None:
         return Binding((ip, local_port))
     if release < CLIENT_ON_MAIN_PORT_SINCE:
         return Binding((ip, 0) if local_ip else None)  # an ephemeral port: the shared connection
-    return Binding(likely_main_port(ip), known=False)
-
-
-def server_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
-                   remote: Address | None = None) -> Binding:
-    """The identity of a server run: the -i/-p it listens on. Without -p, sipp 3.7 listens where
-    its client runs connect from (the first free default port), so a register run and an answer
-    run both without -p are one identity; with 3.6 (whose client runs bind an ephemeral port)
-    such a run takes the shared connection, as it always has."""
-    ip = local_ip or wildcard(remote)
-    if local_port is not None:
-        return Binding((ip, local_port))
-    if release < CLIENT_ON_MAIN_PORT_SINCE:
-        return Binding((ip, 0) if local_ip else None)
     return Binding(likely_main_port(ip), known=False)
 
 
