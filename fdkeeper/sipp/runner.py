@@ -2,7 +2,10 @@
 
 Everything that can be checked before sipp starts is checked here, so that a bad address,
 a refused connection or a busy lease gives one clear line and exit status 2 instead of
-sipp's own fatal error halfway through its start-up.
+sipp's own fatal error halfway through its start-up. The one exception is a connection whose
+identity only sipp's bind tells (sipp 3.7 without -p, sipp/binding.py): opening it here would
+show the SuT a connection plain sipp never opens, so it is opened at sipp's connect(), and a
+refusal is the shim's one line there.
 """
 
 from __future__ import annotations
