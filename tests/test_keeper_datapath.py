@@ -247,12 +247,25 @@ def end_connection(peer: socket.socket, how: str) -> None:
         else:
             peer.shutdown(socket.SHUT_WR)
     elif how == "close_notify":
-        peer.unwrap()
+        send_close_notify(peer)
     elif how == "rst":
         reset(peer)
     elif how == "bad record":  # an application-data record whose MAC cannot check out
         with socket.socket(fileno=os.dup(peer.fileno())) as raw:
             raw.sendall(bytes([0x17, 0x03, 0x03, 0x00, 0x20]) + b"x" * 0x20)
+
+
+def send_close_notify(peer: ssl.SSLSocket) -> None:
+    """End the SuT's sending side with close_notify and go on reading, as a SuT does that closes
+    (Kamailio does not wait for the keeper's close_notify: the keeper sends one only when it is
+    done sending too, as over a half-closed TCP connection)."""
+    timeout = peer.gettimeout()
+    peer.settimeout(0.3)
+    try:
+        peer.unwrap()  # sends close_notify, then waits for the keeper's, which does not come yet
+    except (TimeoutError, ssl.SSLError):
+        pass
+    peer.settimeout(timeout)
 
 
 def read_to_the_end(leased: socket.socket) -> tuple[bytes, str]:
@@ -295,7 +308,10 @@ def test_requests_sent_before_the_sut_ends_reach_the_next_run(keeper, pki, trans
         assert connection["state"] == "idle" and connection["queued_bytes"] == len(REQUESTS)
         with lease(keeper, sut, transport) as run:
             assert read_to_the_end(run) == (REQUESTS, ending)
-        wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="closed once delivered")
+        if transport == "tls" and ending == "eof":  # half-closed: it sends for the run till its lease ends
+            assert keeper.status()["connections"][0]["state"] == "leased"  # (test_keeper_tls_half_close.py)
+        else:
+            wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="closed once delivered")
     finally:
         sut.close()
 

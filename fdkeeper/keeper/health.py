@@ -25,6 +25,9 @@ log = logging.getLogger("fdkeeper.keeper")
 
 PONG_TIMEOUT = 10.0  # RFC 5626 §4.4.1: a flow with no pong within 10 s has failed
 PONG_SETTLE = 2.0  # how long a lease waits for an outstanding pong before handing over
+# After the SuT ended a TLS link cleanly and the last run's lease ended: how long what that run
+# wrote still has to reach the SuT before the link closes.
+FLUSH_GRACE = 2.0
 DELIVERY_CHECK = 0.25  # how often a connection the SuT ended is checked for its last requests read
 _PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
@@ -111,6 +114,8 @@ class ConnectionHealth:
             return
         if link.ssl_with_pump:
             self._await_pump_finishing(connection)
+        if link.sut_ended and not connection.ending:
+            self._close_when_delivered(connection, link.sut_ended)
         # epoll_ctl only when the wanted events changed: two system calls saved per message.
         tls_events, pair_events = link.wants_tls(), link.wants_pair()
         if tls_events != link.watched_tls:
@@ -142,7 +147,7 @@ class ConnectionHealth:
     def _link_ended(self, connection: KeptConnection) -> None:
         """The SuT's TLS side ended: hand what it sent whole to the pair, then end the pair."""
         link = connection.link
-        if connection.ending or connection.sock is None:  # handled already, or closed
+        if connection.sock is None or link.keeper_end.fileno() < 0:  # closed, or handled already
             return
         if link.tls.fileno() >= 0:
             self.reactor.unwatch(link.tls.fileno())
@@ -154,20 +159,33 @@ class ConnectionHealth:
             return
         self.reactor.unwatch(link.keeper_end.fileno())
         link.end_towards_sipp()
-        self._close_when_delivered(connection, link.closed_reason)
+        if not connection.ending:  # else the check it started goes on
+            self._close_when_delivered(connection, link.closed_reason)
 
     def _close_when_delivered(self, connection: KeptConnection, reason: str) -> None:
         """Mark it closed once no complete message the SuT sent is left for a run to read."""
         if connection.sock is None:
             return
         queued = connection.queued_bytes()
-        if not queued:
+        if not queued and not self._still_sending(connection):
             self.close_connection(connection, reason)
             return
         if not connection.ending:
             log.info("%s: %s; %d bytes it sent before are kept for the next run", connection.label(), reason, queued)
         connection.ending = reason
         self.reactor.call_later(DELIVERY_CHECK, lambda: self._close_when_delivered(connection, reason))
+
+    @staticmethod
+    def _still_sending(connection: KeptConnection) -> bool:
+        """A TLS link the SuT ended cleanly carries what a run writes while a run holds it, and
+        for FLUSH_GRACE after, while that run's last messages go out (a half-closed TCP socket
+        is the run's own: it needs no such wait)."""
+        link = connection.link
+        if link is None or not link.still_sending():
+            return False
+        if connection.holder_pid is not None:
+            return True
+        return bool(link.to_sut or link.ssl_with_pump) and time.monotonic() - connection.last_activity < FLUSH_GRACE
 
     # ---------------------------------------------------------------- keep-alive
 

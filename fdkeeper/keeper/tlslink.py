@@ -28,6 +28,7 @@ import collections
 import errno
 import logging
 import select
+import _socket
 import socket
 import ssl
 import time
@@ -82,7 +83,7 @@ class PumpHandover:
 
     def _pump_if_held(self) -> bool:
         """Hand the link to the pump while a run holds it; whether it did (else Python relays)."""
-        if self.closed_reason or not self.is_held() or self.ended_runs:
+        if self.closed_reason or self.sut_ended or not self.is_held() or self.ended_runs:
             return False  # an ended run's bytes still come first: Python finishes them
         if self.write_pending or self.ssl_with_pump:
             return False  # only at a clean point: no SSL write in progress changes hands
@@ -148,7 +149,9 @@ class PumpHandover:
             self._ended(back.end_reason)
         elif back.end_kind == END_FAILED:
             self._fail(back.end_reason)
-        elif back.end_kind in (END_CLOSE_NOTIFY, END_UNFRAMEABLE):
+        elif back.end_kind == END_CLOSE_NOTIFY:
+            self._ended_cleanly(back.end_reason)
+        elif back.end_kind == END_UNFRAMEABLE:
             self.closed_reason = back.end_reason
 
     def _free_pump(self) -> None:
@@ -188,7 +191,11 @@ class TlsLink(PumpHandover):
         self.ended_runs: collections.deque[int] = collections.deque()
         self.info = describe(tls, options)
         self.info["relay"] = "python"  # "pump" once the C pump has taken it for a run
-        self.closed_reason = ""
+        self.closed_reason = ""  # the link is over: nothing more goes either way
+        # The SuT ended its side cleanly (FIN, close_notify): as a half-closed TCP socket, the
+        # run reads what came before, then end of file, and what it writes still goes out.
+        self.sut_ended = ""
+        self.eof_towards_sipp = False
         self.reset = False  # the SuT's side failed (RST, bad record) rather than closed
         self.answer_options = False  # --answer-options: set by the keeper's ConnectionHealth
         self.is_held: Callable[[], bool] = lambda: False  # whether a run holds the link now
@@ -209,9 +216,11 @@ class TlsLink(PumpHandover):
             return select.EPOLLRDHUP | select.EPOLLONESHOT
         if self.ssl_with_pump:  # nothing until the pump lets go (it says so on its eventfd)
             return select.EPOLLONESHOT
-        events = select.EPOLLRDHUP
+        if self.sut_ended:  # sending only (an error or hang-up is reported whatever is asked)
+            return select.EPOLLOUT if self.to_sut else 0
+        events = 0
         if len(self.to_sipp) < BUFFER_LIMIT:  # back-pressure: stop reading while sipp lags
-            events |= select.EPOLLIN
+            events |= select.EPOLLIN | select.EPOLLRDHUP  # RDHUP only with IN: it would fire on and on
         if self.to_sut:
             events |= select.EPOLLOUT
         return events
@@ -228,13 +237,16 @@ class TlsLink(PumpHandover):
             return
         if self.pumped:  # the SuT's side ended while pumped: Python takes it from here
             self._take_back()
-            if self.closed_reason:
+            if self.closed_reason or self.ssl_with_pump:
                 return
         elif self._pump_if_held():
             return  # the pump's epoll reports this readiness too (level-triggered)
-        if mask & select.EPOLLOUT:
+        if mask & select.EPOLLOUT or self.sut_ended:
             self._flush_to_sut()
-        if mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+        if self.sut_ended:
+            if mask & (select.EPOLLHUP | select.EPOLLERR) and not self.closed_reason:
+                self._fail(f"the SuT's TLS connection failed after it ended: {self._socket_error()}")
+        elif mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
             self._read_tls()
 
     def on_pair_event(self, mask: int) -> None:
@@ -248,7 +260,14 @@ class TlsLink(PumpHandover):
     # -- SuT -> sipp
 
     def _read_tls(self) -> None:
-        while not self.closed_reason and not self.ssl_with_pump:
+        while not self.closed_reason and not self.sut_ended and not self.ssl_with_pump:
+            if not self.tls.pending():  # OpenSSL would read the socket: see what is there first
+                ahead = _next_in_socket(self.tls)
+                if ahead == _NOTHING:
+                    return
+                if ahead == _FIN:
+                    self._ended("the SuT closed it: FIN without TLS close_notify")
+                    return
             try:
                 data = self.tls.recv(READ_CHUNK)
             except ssl.SSLWantReadError:
@@ -290,7 +309,15 @@ class TlsLink(PumpHandover):
         if _reset_underneath(self.tls):
             self._fail("the SuT reset it: ECONNRESET")
         else:
-            self.closed_reason = reason
+            self._ended_cleanly(reason)
+
+    def _ended_cleanly(self, reason: str) -> None:
+        self.sut_ended = reason
+        self.end_towards_sipp_when_delivered()
+
+    def _socket_error(self) -> str:
+        error = self.tls.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return errno.errorcode.get(error, str(error)) if error else "hang-up"
 
     def _answer_options(self, messages: list[bytes]) -> list[bytes]:
         """--answer-options while no run holds the link: reply to the SuT's OPTIONS pings."""
@@ -322,13 +349,20 @@ class TlsLink(PumpHandover):
         self._flush_to_sipp()
 
     def _flush_to_sipp(self) -> None:
-        if not self.to_sipp:
-            return
-        try:
-            sent = self.keeper_end.send(self.to_sipp, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        del self.to_sipp[:sent]
+        if self.to_sipp:
+            try:
+                sent = self.keeper_end.send(self.to_sipp, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            del self.to_sipp[:sent]
+        self.end_towards_sipp_when_delivered()
+
+    def end_towards_sipp_when_delivered(self) -> None:
+        """After the SuT's clean end: once its last message is in the pair, the run reads end of
+        file there, and the pair stays open for what the run writes (shut for writing only)."""
+        if self.sut_ended and not self.to_sipp and not self.eof_towards_sipp and self.keeper_end.fileno() >= 0:
+            self.keeper_end.shutdown(socket.SHUT_WR)
+            self.eof_towards_sipp = True
 
     # -- sipp -> SuT
 
@@ -431,6 +465,10 @@ class TlsLink(PumpHandover):
     def idle(self) -> bool:
         return not self.to_sut and not self.to_sipp and not self.from_sipp.pending
 
+    def still_sending(self) -> bool:
+        """Whether the SuT ended cleanly and the session still takes what runs write."""
+        return bool(self.sut_ended) and not self.closed_reason
+
     # -- the SuT's side ended: what it sent still reaches a run
 
     def close_tls(self) -> None:
@@ -473,6 +511,25 @@ class TlsLink(PumpHandover):
                 sock.close()
             except OSError:
                 pass
+
+
+_NOTHING, _FIN, _SOMETHING = range(3)
+
+
+def _next_in_socket(tls: ssl.SSLSocket) -> int:
+    """What the TLS socket holds next: nothing yet, the SuT's FIN, or bytes (or an error).
+
+    A FIN is never read through OpenSSL: it takes the end of a stream without close_notify
+    for a truncation attack and refuses to write after it, where a half-closed TCP socket
+    still sends (the run's answers to what the SuT sent before are to go out). Peeking here
+    replaces the read that would have ended in SSLWantReadError.
+    """
+    try:
+        return _SOMETHING if _socket.socket.recv(tls, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else _FIN
+    except BlockingIOError:
+        return _NOTHING
+    except OSError:  # a reset: OpenSSL reads it as it comes
+        return _SOMETHING
 
 
 _TCP_CLOSE = 7  # tcpi_state after an RST; a FIN received leaves CLOSE_WAIT

@@ -200,10 +200,23 @@ static void read_failed(struct link *link, int ssl_error, int saved_errno) {
     ERR_clear_error();
 }
 
-/* Read what the SuT sent while sipp keeps up (bounded) or, at detach, what OpenSSL still holds. */
-static void read_tls_records(struct link *link, int bounded) {
+/* Whether the SuT's FIN is next in the socket: then OpenSSL is not asked to read it, as it
+ * would take the end of a stream without close_notify for an attack and refuse to write
+ * after it, where a half-closed TCP socket still sends (the run's answers go out). */
+static int at_fin(struct link *link) {
+    char byte;
+    return !SSL_has_pending(link->ssl) && recv(link->tls_fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+/* Read what the SuT sent while sipp keeps up (bounded) or, at release, what OpenSSL still
+ * holds; peer_closed: the socket has seen the SuT's FIN (EPOLLRDHUP), or may have. */
+static void read_tls_records(struct link *link, int bounded, int peer_closed) {
     char error[96];
     while (!link->state.end_kind && (link->to_sipp.length < BUFFER_LIMIT || !bounded)) {
+        if (peer_closed && at_fin(link)) {
+            end_link(link, END_EOF, "the SuT closed it: FIN without TLS close_notify");
+            break;
+        }
         if (buffer_reserve(&link->from_sut, READ_CHUNK))
             return;
         ERR_clear_error();
@@ -232,7 +245,7 @@ static void read_tls_records(struct link *link, int bounded) {
     flush_to_sipp(link);
 }
 
-static void read_tls(struct link *link) { read_tls_records(link, 1); }
+static void read_tls(struct link *link, uint32_t mask) { read_tls_records(link, 1, (mask & EPOLLRDHUP) != 0); }
 
 static void flush_to_sut(struct link *link) {
     while (link->to_sut.length && !link->state.end_kind) {
@@ -298,7 +311,7 @@ static uint32_t wants_tls(struct link *link) {
         return 0;
     uint32_t events = 0;
     if (link->to_sipp.length < BUFFER_LIMIT)
-        events |= EPOLLIN;
+        events |= EPOLLIN | EPOLLRDHUP; /* no RDHUP while not reading: it would fire on and on */
     if (link->to_sut.length || link->read_wants_write)
         events |= EPOLLOUT;
     return events;
@@ -338,7 +351,7 @@ static void on_event(struct link *link, int pair_side, uint32_t mask) {
             size_t before = link->to_sipp.length;
             flush_to_sipp(link);
             if (before >= BUFFER_LIMIT && link->to_sipp.length < BUFFER_LIMIT)
-                read_tls(link); /* OpenSSL may hold decrypted bytes the socket no longer shows */
+                read_tls(link, EPOLLRDHUP); /* OpenSSL may hold decrypted bytes the socket no longer shows */
         }
         if (mask & EPOLLIN)
             read_pair(link);
@@ -346,10 +359,10 @@ static void on_event(struct link *link, int pair_side, uint32_t mask) {
         if (mask & EPOLLOUT) {
             flush_to_sut(link);
             if (link->read_wants_write)
-                read_tls(link);
+                read_tls(link, EPOLLRDHUP);
         }
-        if (mask & (EPOLLIN | EPOLLHUP | EPOLLERR))
-            read_tls(link);
+        if (mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            read_tls(link, mask);
     }
     rewatch(link);
 }
@@ -526,7 +539,7 @@ EXPORT int tlspump_release(struct link *link) {
             epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
         epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->pair_fd, NULL);
         link->attached = 0;
-        read_tls_records(link, 0); /* records read ahead: beyond the bound by one buffer at most */
+        read_tls_records(link, 0, 1); /* records read ahead: beyond the bound by one buffer at most */
         SSL_ctrl(link->ssl, SSL_CTRL_SET_READ_AHEAD, link->read_ahead, NULL);
         int dead = link->state.end_kind == END_FAILED || link->state.end_kind == END_UNFRAMEABLE;
         if (link->write_pending && !dead) {
