@@ -38,6 +38,7 @@ replay it). FDKEEPER_STATEFUL_STEPS sets the steps per sequence either way.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -196,47 +197,48 @@ class KeeperMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------------- runs
 
     # Whether a lease is granted, a write stalls or a run is told depends on the keeper, not on
-    # the steps: rules that need a run (or none) are always drawn and do nothing without one,
-    # so that hypothesis draws the same steps when it replays a sequence.
+    # the steps, so no rule's precondition reads it (hypothesis must draw the same steps when it
+    # replays a sequence): a step that needs a run leases one first, one that needs none is a
+    # no-op, and a lease of a connection closed for good first asks for a fresh one.
 
     @rule()
-    def start_run(self) -> None:
-        """A run leases the kept connection (back to back with the previous one: no wait)."""
-        if self.run is not None or self.link.refused_closed:
-            return
+    def next_run(self) -> None:
+        """The run holding the connection (if any) exits and the next leases at once."""
         with self.step():
-            handle = ScriptedRun(self.base / "state", self.transport, self.sut.address)
-            if handle.refused is None:
-                self.check(handle.local == self.link.sut.peer,
-                           f"the lease handed {handle.local}, the kept connection is {self.link.sut.peer}")
-                self.run = RunModel(handle, self.link)
-                self.runs.append(self.run)
-                return
-            code, text = handle.refused
-            self.runs.append(RunModel(handle, None))
-            self.check(code == "closed", f"a lease was refused: {text}")
-            self.check(bool(self.link.sut_ended), f"a lease was refused as closed, the SuT never ended it: {text}")
-            self.check(not self.link.undelivered,
-                       f"a lease was refused as closed with requests {self.link.undelivered} never read: {text}")
-            self.link.refused_closed = True
+            if self.run is not None:
+                self.run.handle.exit()
+                self.run = None
+            self.lease()
 
-    @rule()
-    def reconnect(self) -> None:
-        """The connection is closed for good: a fresh one, as `fdkeeper sipp --reconnect` asks."""
-        if not self.link.refused_closed or self.run is not None:
-            return
-        with self.step():
+    def lease(self) -> bool:
+        """A new run leases the kept connection; whether it got it."""
+        if self.link.refused_closed:  # closed for good: a fresh one, as `fdkeeper sipp --reconnect` asks
             self.open_link(reconnect=True)
+        handle = ScriptedRun(self.base / "state", self.transport, self.sut.address)
+        if handle.refused is None:
+            self.check(handle.local == self.link.sut.peer,
+                       f"the lease handed {handle.local}, the kept connection is {self.link.sut.peer}")
+            self.run = RunModel(handle, self.link)
+            self.runs.append(self.run)
+            return True
+        code, text = handle.refused
+        self.runs.append(RunModel(handle, None))
+        self.check(code == "closed", f"a lease was refused: {text}")
+        self.check(bool(self.link.sut_ended), f"a lease was refused as closed, the SuT never ended it: {text}")
+        self.check(not self.link.undelivered,
+                   f"a lease was refused as closed with requests {self.link.undelivered} never read: {text}")
+        self.link.refused_closed = True
+        return False
 
-    def can_write(self) -> bool:
-        return self.run is not None and not self.run.told and not self.run.unfinished
+    def has_run(self) -> bool:
+        return self.run is not None or self.lease()
 
     @rule(count=st.integers(1, 40), body_size=st.sampled_from([0, 300, 2000, 12000]))
-    def write(self, count: int, body_size: int) -> None:
+    def run_writes(self, count: int, body_size: int) -> None:
         """The run writes ``count`` messages; over TLS it stops at one that stalls (back-pressure)."""
-        if not self.can_write():
-            return
         with self.step():
+            if not self.has_run() or self.run.told or self.run.unfinished:
+                return
             run, link = self.run, self.run.link
             if self.transport == "tcp":
                 count = min(count, (TCP_WRITE_BUDGET - self.tcp_written) // len(sip_message("r0", body_size)))
@@ -263,11 +265,11 @@ class KeeperMachine(RuleBasedStateMachine):
                            f"the run's send() failed with {outcome.error}, the SuT never ended the connection")
 
     @rule()
-    def read(self) -> None:
+    def run_reads(self) -> None:
         """The run reads what the SuT sent: the requests not read yet, in order, then its end."""
-        if self.run is None:
-            return
         with self.step():
+            if not self.has_run():
+                return
             link = self.run.link
             expected = len(link.undelivered)
             outcome = self.run.handle.read(expected, 2.0 if expected else 0.1)
@@ -283,16 +285,18 @@ class KeeperMachine(RuleBasedStateMachine):
         if outcome.end is None:
             return
         ending = {"fin": "eof", "close_notify": "eof", "rst": "ECONNRESET"}.get(link.sut_ended)
+        if link.end_read:  # a reset is reported once; reads after it see end of file, as sockets do
+            ending = "eof"
         self.check(ending is not None, f"the run read the connection's end ({outcome.end}); the SuT never ended it")
         self.check(not link.undelivered,
                    f"the run read the end ({outcome.end}) before the SuT's requests {link.undelivered}")
-        if (self.transport, link.sut_ended, outcome.end) == ("tcp", "rst", "eof"):
+        if (self.transport, link.sut_ended, outcome.end, link.end_read) == ("tcp", "rst", "eof", False):
             self.known(ResetReadAsEof("after the SuT's RST the run read end of file, not ECONNRESET"))
         self.check(outcome.end == ending, f"after the SuT's {link.sut_ended} the run read {outcome.end}, not {ending}")
         link.end_read = True
 
     @rule()
-    def exit_run(self) -> None:
+    def run_exits(self) -> None:
         if self.run is None:
             return
         with self.step():
@@ -300,7 +304,7 @@ class KeeperMachine(RuleBasedStateMachine):
             self.run = None
 
     @rule()
-    def kill_run(self) -> None:
+    def run_is_killed(self) -> None:
         """SIGKILL: mid-message when its last write stalled (TLS), between messages otherwise."""
         if self.run is None:
             return
@@ -405,7 +409,11 @@ class KeeperMachine(RuleBasedStateMachine):
             self.check_arrivals(link, final=True)
             self.check(not link.sut.keeper_ended or bool(link.sut_ended),
                        f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did")
-        status = self.keeper.status()["keeper"]
+        status = self.keeper.status()
+        if os.environ.get("FDKEEPER_TLS_PUMP") == "0":  # the variant ran what it names
+            relays = {(connection.get("tls") or {}).get("relay") for connection in status["connections"]}
+            assert "pump" not in relays, f"FDKEEPER_TLS_PUMP=0, yet the keeper pumped: {relays}"
+        status = status["keeper"]
         self.check(status.get("pid", self.keeper_pid) == self.keeper_pid, "the keeper was replaced")
         self.check(not status.get("internal_errors"), f"the keeper's loop caught {status.get('internal_errors')} internal errors")
 
@@ -439,6 +447,7 @@ class KeeperMachine(RuleBasedStateMachine):
             self.keeper.stop()
         if self.sut is not None:
             self.sut.close()
+        shutil.rmtree(self.base, ignore_errors=True)
 
     # ---------------------------------------------------------------- failures
 
@@ -519,26 +528,26 @@ def test_the_keeper_keeps_its_promises(transport: str, pump: str, test_pki: Test
 HALF_CLOSE_REPLY = [  # issue 16 item 4: requests queued, the SuT half-closes, the next run answers
     ("sut_sends", {"count": 2, "body_size": 500}),
     ("sut_ends", {"how": "HOW"}),
-    ("start_run", {}),
-    ("read", {}),
-    ("write", {"count": 1, "body_size": 300}),
-    ("exit_run", {}),
+    ("next_run", {}),
+    ("run_reads", {}),
+    ("run_writes", {"count": 1, "body_size": 300}),
+    ("run_exits", {}),
 ]
 
 SLOW_SUT_BACK_TO_BACK = [  # issue 16 item 1: a slow SuT, a run writes much and ends, the next leases at once
     ("sut_reads", {"rate": SLOW}),
-    ("start_run", {}),
-    ("write", {"count": 40, "body_size": 2000}),
-    ("write", {"count": 40, "body_size": 2000}),
-    ("write", {"count": 40, "body_size": 2000}),
-    ("exit_run", {}),
-    ("start_run", {}),
-    ("write", {"count": 20, "body_size": 300}),
+    ("next_run", {}),
+    ("run_writes", {"count": 40, "body_size": 2000}),
+    ("run_writes", {"count": 40, "body_size": 2000}),
+    ("run_writes", {"count": 40, "body_size": 2000}),
+    ("run_exits", {}),
+    ("next_run", {}),
+    ("run_writes", {"count": 20, "body_size": 300}),
     ("time_passes", {"seconds": 1.0}),  # the keeper's write of the first run's messages under way
-    ("exit_run", {}),
-    ("start_run", {}),
-    ("write", {"count": 20, "body_size": 300}),
-    ("exit_run", {}),
+    ("run_exits", {}),
+    ("next_run", {}),
+    ("run_writes", {"count": 20, "body_size": 300}),
+    ("run_exits", {}),
 ]
 
 

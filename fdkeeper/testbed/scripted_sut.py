@@ -21,6 +21,7 @@ exactly the one that was written.
 from __future__ import annotations
 
 import errno
+import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -30,6 +31,7 @@ import select
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,9 +64,6 @@ def call_id_of(message: bytes) -> str:
 
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes in the socket's send queue not yet acknowledged by the peer (SIOCOUTQ)."""
-    import fcntl
-    import termios
-
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
 
 
@@ -221,7 +220,9 @@ class ScriptedSut:
             raise
 
     def _wait(self) -> None:
-        readable = [self.listener] + [c.raw for c in self.connections if c.reading and c.rate != PAUSED]
+        # A connection read at a rate is read on the tick (selecting it would spin while its
+        # allowance is spent and bytes wait); one paused is not read at all.
+        readable = [self.listener] + [c.raw for c in self.connections if c.reading and c.rate is FULL_SPEED]
         writable = [c.raw for c in self.connections if c.reading and c.to_send]
         select.select(readable, writable, [], TICK)
 
