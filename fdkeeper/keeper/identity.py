@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from fdkeeper.address import Address, format_address
+from fdkeeper.address import Address
 
 # Source address the kernel picks towards each SuT, for -p given without -i (bind to any).
 _route_sources: dict[Address, str] = {}
@@ -60,7 +60,3 @@ def route_source(remote: Address) -> str:
                 return "::" if family == socket.AF_INET6 else "0.0.0.0"
         _route_sources[remote] = source
     return source
-
-
-def describe(identity: Address | None) -> str:
-    return f"local {format_address(identity)}" if identity else "no -i/-p (the shared connection)"
