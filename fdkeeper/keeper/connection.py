@@ -14,17 +14,31 @@ import socket
 import termios
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from fdkeeper.address import Address, family_of, format_address
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.control import limit_error, out_of_descriptors
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.tlslink import TlsLink
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
+T = TypeVar("T")
 MAX_PEEK = 256 * 1024  # how much of a queue is looked at for a whole message when the SuT ends it
+
+
+def new_descriptors(what: str, make: Callable[[], T]) -> T:
+    """``make()``: every descriptor a kept connection needs is made through here (the TCP socket,
+    a TLS link's socketpair), so that running out of them is the protocol's one-line ERR limit
+    wherever it happens, never an internal error."""
+    try:
+        return make()
+    except OSError as error:
+        if out_of_descriptors(error):
+            raise limit_error(what, error) from None
+        raise
 
 
 def queued_bytes(sock: socket.socket) -> int:
@@ -206,14 +220,9 @@ def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.s
 
 def new_tcp_socket(remote: Address, local: Address | None) -> socket.socket:
     """A TCP socket for ``remote``, bound to ``local`` when given; FdkeeperError if it cannot bind."""
-    try:
-        sock = socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
-    except OSError as error:  # out of descriptors: a one-line refusal, never a stuck open
-        raise FdkeeperError(
-            f"fdkeeper: the keeper could not open a socket for {format_address(remote)}: {error.strerror}; "
-            "raise its RLIMIT_NOFILE or end runs that hold many",
-            "limit",
-        ) from None
+    sock = new_descriptors(
+        f"open a socket for {format_address(remote)}", lambda: socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
+    )
     try:
         # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

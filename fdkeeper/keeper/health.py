@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fdkeeper.keeper import tlspump
 from fdkeeper.keeper.connection import IDLE, KeptConnection
@@ -55,16 +55,29 @@ class ConnectionHealth:
             link.answer_options = self.answer_options
             link.is_held = lambda c=connection: c.holder_pid is not None
             link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
-            self.reactor.watch(link.tls.fileno(), link.watched_tls, lambda mask, c=connection: self._on_tls_event(c, mask))
+            self.reactor.watch(link.tls.fileno(), link.watched_tls, lambda mask, c=connection: self._on_tls_event(c, mask),
+                               on_fault=self.fault_ends(connection))
             self.reactor.watch(
-                link.keeper_end.fileno(), link.watched_pair, lambda mask, c=connection: self._on_pair_event(c, mask)
+                link.keeper_end.fileno(), link.watched_pair, lambda mask, c=connection: self._on_pair_event(c, mask),
+                on_fault=self.fault_ends(connection),
             )
         else:
             # Only the SuT's FIN/RST is watched, and EPOLLIN only to take pongs and (--answer-options)
             # OPTIONS off the head of the queue: queued requests wait for the next run.
             self.reactor.watch(
-                connection.fileno(), self.idle_events, lambda mask, c=connection: self._on_connection_event(c, mask)
+                connection.fileno(), self.idle_events, lambda mask, c=connection: self._on_connection_event(c, mask),
+                on_fault=self.fault_ends(connection),
             )
+
+    def fault_ends(self, connection: KeptConnection) -> Callable[[Exception], None]:
+        """What the Reactor calls when a handler of ``connection`` raised (it logged the traceback):
+        that connection is closed with the internal error named, everything else goes on."""
+
+        def end(error: Exception) -> None:
+            if connection.sock is not None:
+                self.close_connection(connection, f"internal error in the keeper ({type(error).__name__}); see its log")
+
+        return end
 
     def close_connection(self, connection: KeptConnection, reason: str) -> None:
         log.info("%s: %s", connection.label(), reason)
@@ -129,7 +142,8 @@ class ConnectionHealth:
         self._finishing[connection.id] = connection
         if self._pump_wakeup < 0:
             self._pump_wakeup = tlspump.wakeup_fd()
-            self.reactor.watch(self._pump_wakeup, select.EPOLLIN, lambda _mask: self._on_pump_wakeup())
+            self.reactor.watch(self._pump_wakeup, select.EPOLLIN, lambda _mask: self._on_pump_wakeup(),
+                               on_fault=self._pump_wakeup_fault)
 
     def _on_pump_wakeup(self) -> None:
         """The pump finished a write it had pending at release: give those links' SSL back to Python."""
@@ -141,6 +155,14 @@ class ConnectionHealth:
             elif link.take_ssl_back():
                 del self._finishing[connection.id]
                 self.after_link_event(connection)
+
+    def _pump_wakeup_fault(self, error: Exception) -> None:
+        """Taking a link back faulted: the links waiting for it close, named, and the wake-up is
+        cleared (else, level-triggered, it would fault again at once)."""
+        tlspump.clear_wakeup(self._pump_wakeup)
+        for connection in list(self._finishing.values()):
+            self.fault_ends(connection)(error)
+        self._finishing.clear()
 
     # ---------------------------------------------------------------- the SuT's side ended
 
@@ -173,7 +195,8 @@ class ConnectionHealth:
         if not connection.ending:
             log.info("%s: %s; %d bytes it sent before are kept for the next run", connection.label(), reason, queued)
         connection.ending = reason
-        self.reactor.call_later(DELIVERY_CHECK, lambda: self._close_when_delivered(connection, reason))
+        self.reactor.call_later(DELIVERY_CHECK, lambda: self._close_when_delivered(connection, reason),
+                                on_fault=self.fault_ends(connection))
 
     @staticmethod
     def _still_sending(connection: KeptConnection) -> bool:

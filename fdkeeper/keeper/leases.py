@@ -106,8 +106,26 @@ class Leases:
             raise FdkeeperError(f"fdkeeper: process {pid} ended before its lease was granted", "internal") from None
         holder = Holder(pid, pidfd)
         self.holders[pid] = holder
-        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p))
+        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(pid))
         return holder
+
+    def _fault_ends(self, pid: int) -> Callable[[Exception], None]:
+        """Ending pid's lease raised (the Reactor logged it): its connections close, named, as
+        their state past the fault is not to be trusted; its pidfd is closed."""
+
+        def end(error: Exception) -> None:
+            holder = self.holders.pop(pid, None)
+            if holder is None:
+                return
+            self.reactor.unwatch(holder.pidfd)
+            os.close(holder.pidfd)
+            for connection_id in holder.connection_ids:
+                connection = self.connections.get(connection_id)
+                if connection is not None and connection.sock is not None and connection.holder_pid == pid:
+                    self.health.fault_ends(connection)(error)
+            self.on_release()
+
+        return end
 
     def _holder_alive(self, pid: int) -> bool:
         holder = self.holders.get(pid)

@@ -86,16 +86,13 @@ class Opener:
             self.in_progress[key] = pending
 
             def done(sock: socket.socket | None, early: bytes, error: FdkeeperError | None) -> None:
-                del self.in_progress[key]
+                self.in_progress.pop(key, None)  # twice when keeping it faulted (Opening._on_fault)
                 if error is None:
                     try:
                         opened(sock, early)
-                    except FdkeeperError as failure:
-                        error = failure
-                    except Exception:  # a bug must not end the keeper from a loop callback
-                        log.exception("internal error keeping a new connection to %s", remote)
+                    except FdkeeperError as failure:  # out of descriptors for its socketpair, say
                         sock.close()
-                        error = FdkeeperError("fdkeeper: internal error opening a connection; see the keeper log", "internal")
+                        error = failure
                 pending.settle(error)
 
             Opening(self.reactor, remote, local, options, self.timeout, done).start()
@@ -135,7 +132,7 @@ class Opening:
         if code not in (0, errno.EINPROGRESS):
             self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
             return
-        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask))
+        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
         self._deadline(self.timeout, self._connect_timed_out)
 
     # ---------------------------------------------------------------- steps
@@ -157,7 +154,7 @@ class Opening:
             self.sock = None
             self._fail(error)
             return
-        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask))
+        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
         self.step = self._handshake
         self._deadline(self.timeout, self._handshake_timed_out)
         self._handshake(0)
@@ -215,7 +212,7 @@ class Opening:
     def _deadline(self, delay: float, callback: Callable[[], None]) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.reactor.call_later(delay, callback)
+        self.timer = self.reactor.call_later(delay, callback, on_fault=self._on_fault)
 
     def _stop_watching(self) -> None:
         if self.timer is not None:
@@ -225,7 +222,8 @@ class Opening:
 
     def _finish(self) -> None:
         self._stop_watching()
-        self.done(self.sock, self.received, None)
+        sock, self.sock = self.sock, None  # the pool's from here: a fault keeping it does not close it
+        self.done(sock, self.received, None)
 
     def _fail(self, error: FdkeeperError) -> None:
         self._stop_watching()
@@ -233,6 +231,15 @@ class Opening:
             self.sock.close()
         log.info("%s", error)
         self.done(None, b"", error)
+
+    def _on_fault(self, error: Exception) -> None:
+        """A defect in a step or in keeping the opened connection (the Reactor logged it): this
+        open fails with its reason named, its request is answered, the keeper goes on."""
+        self._fail(FdkeeperError(
+            f"fdkeeper: internal error opening the connection to {format_address(self.remote)} "
+            f"({type(error).__name__}); see the keeper log",
+            "internal",
+        ))
 
 
 def _strerror(code: int) -> str:

@@ -34,7 +34,7 @@ import ssl
 import time
 from typing import Callable
 
-from fdkeeper.keeper.connection import queued_bytes
+from fdkeeper.keeper.connection import new_descriptors, queued_bytes
 from fdkeeper.keeper.pings import options_reply
 from fdkeeper.keeper.tlspump import (
     END_CLOSE_NOTIFY,
@@ -178,7 +178,10 @@ class TlsLink(PumpHandover):
         self._pump_tried = False
         self.write_pending = False
         self.ssl_with_pump = False
-        self.sipp_end, self.keeper_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sipp_end, self.keeper_end = new_descriptors(
+            "open the socketpair a TLS connection is leased through",
+            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM),
+        )
         self.keeper_end.setblocking(False)
         self.from_sut = SipFramer()
         self.from_sipp = SipFramer()
