@@ -408,6 +408,8 @@ def _run_main(commands: multiprocessing.connection.Connection, directory: str, t
             commands.send(outcome)
         elif command == "read":
             commands.send(_read(sock, *arguments))
+        elif command == "read_part":
+            commands.send(_read_part(sock, *arguments))
         elif command == "exit":
             os._exit(0)
 
@@ -451,6 +453,22 @@ def _read(sock: socket.socket, expected: int, wait: float) -> ReadOutcome:
             end = "eof"
             break
         ids += [_checked_call_id(message) for message in framer.feed(data)]
+    return ReadOutcome(ids, end, framer.pending)
+
+
+def _read_part(sock: socket.socket, size: int, wait: float) -> ReadOutcome:
+    """One recv() of at most ``size`` bytes, within ``wait`` s: a run that stops in the middle of
+    a message (and is then killed, or exits) without reading the rest."""
+    framer, end = SipFramer(), None
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(size)
+        end = None if data else "eof"
+    except TimeoutError:
+        data = b""
+    except OSError as error:
+        data, end = b"", _errno_name(error)
+    ids = [_checked_call_id(message) for message in framer.feed(data)]
     return ReadOutcome(ids, end, framer.pending)
 
 
@@ -513,6 +531,10 @@ class ScriptedRun:
 
     def read(self, expected: int, wait: float) -> ReadOutcome:
         self.commands.send(("read", expected, wait))
+        return self._answer(self.timeout + wait)
+
+    def read_part(self, size: int, wait: float) -> ReadOutcome:
+        self.commands.send(("read_part", size, wait))
         return self._answer(self.timeout + wait)
 
     def exit(self) -> None:
