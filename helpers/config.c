@@ -74,13 +74,14 @@ static void config_read(void)
     /* The run's identity (-i/-p) for a server lease; a client's is what sipp binds. */
     s = getenv("FDKEEPER_LOCAL");
     if (s && *s) {
-        struct sockaddr_storage local;
-        if (shim_parse_addr(s, &local) != 0) {
+        if (shim_parse_addr(s, &config.local) != 0) {
             shim_say("fdkeeper: FDKEEPER_LOCAL '%s' is not IP:PORT or [IP]:PORT; "
                      "the preload shim stays inactive", s);
             goto out;
         }
-        shim_format_addr((struct sockaddr *)&local, config.local_str, sizeof config.local_str);
+        shim_format_addr((struct sockaddr *)&config.local, config.local_str, sizeof config.local_str);
+        s = getenv("FDKEEPER_LOCAL_FROM_LISTENER");
+        config.local_from_listener = s && strcmp(s, "1") == 0;
     }
     config.active = 1;
 out:

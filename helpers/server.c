@@ -33,17 +33,40 @@ static int first_listener(int fd)
     return go;
 }
 
+/* The run's identity for its server lease: FDKEEPER_LOCAL, with the port the listener really
+ * got where the runner could only name the likely one (sipp 3.7 without -p takes the first
+ * free port of 5060-5119, and another process may take the runner's guess first). */
+static void server_identity(int fd, char *buf, size_t len)
+{
+    const struct shim_config *cfg = shim_config();
+    struct sockaddr_storage bound, identity;
+    socklen_t bound_len = sizeof bound;
+
+    snprintf(buf, len, "%s", cfg->local_str);
+    if (!cfg->local_str[0] || !cfg->local_from_listener ||
+        REAL(getsockname)(fd, (struct sockaddr *)&bound, &bound_len) != 0 ||
+        bound.ss_family != cfg->local.ss_family)
+        return;
+    identity = cfg->local;
+    if (identity.ss_family == AF_INET)
+        ((struct sockaddr_in *)&identity)->sin_port = ((struct sockaddr_in *)&bound)->sin_port;
+    else
+        ((struct sockaddr_in6 *)&identity)->sin6_port = ((struct sockaddr_in6 *)&bound)->sin6_port;
+    shim_format_addr((struct sockaddr *)&identity, buf, len);
+}
+
 /* Lease the server connections and queue them on fd; 0 or -1 (errno set). */
 static int queue_kept(int fd, const char *transport, const char *what)
 {
     const struct shim_config *cfg = shim_config();
     struct ctl_result res;
-    char req[256];
+    char req[256], local[64];
     int r, n;
 
+    server_identity(fd, local, sizeof local);
     snprintf(req, sizeof req, "LEASE role=server transport=%s%s%s%s%s", transport,
              cfg->have_remote ? " remote=" : "", cfg->have_remote ? cfg->remote_str : "",
-             cfg->local_str[0] ? " local=" : "", cfg->local_str);
+             local[0] ? " local=" : "", local);
     if (lease_request(req, &res, what) != 0)
         return -1;
     n = res.nfds;

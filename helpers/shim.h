@@ -26,6 +26,9 @@ struct shim_config {
     struct sockaddr_storage remote;
     char remote_str[64];            /* canonical IP:PORT / [IP]:PORT */
     char local_str[64];             /* FDKEEPER_LOCAL canonical (what sipp binds: -i/-p), or "" */
+    struct sockaddr_storage local;  /* FDKEEPER_LOCAL parsed (when local_str is set) */
+    int local_from_listener;        /* FDKEEPER_LOCAL_FROM_LISTENER=1: its port is only the likely
+                                     * one; the listener's own port is the identity */
     enum shim_transport transport;
     char transport_str[64];         /* the value as given (cut), for the BAD message */
     int reconnect;

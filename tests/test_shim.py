@@ -666,6 +666,23 @@ def test_server_without_remote_and_empty(build, keeper, sut):
     assert parse(r.stdout)["accepted"] == "0"
 
 
+@pytest.mark.parametrize("from_listener", [False, True], ids=["known", "likely"])
+def test_server_identity_is_the_listeners_port_where_only_the_likely_one_was_known(build, keeper, sut, from_listener):
+    """sipp 3.7 without -p listens on the first free port of 5060-5119; the runner can only
+    name the likely one, so the lease names the port the listener really got."""
+    extra = {"FDKEEPER_LOCAL": "127.0.0.1:5060"}
+    if from_listener:
+        extra["FDKEEPER_LOCAL_FROM_LISTENER"] = "1"
+    env = shim_env(build, keeper.path, role="server", **extra)
+    r = run(build, ["server", "1"], env, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    [request] = keeper.requests
+    local = request.split("local=")[1]
+    assert local.startswith("127.0.0.1:")
+    port = int(local.rsplit(":", 1)[1])
+    assert (port != 5060 and port > 0) if from_listener else port == 5060, request
+
+
 def tls_server_addrs(n: int) -> list[tuple[str, str]]:
     """(peer, local) per kept TLS connection, IPv4 and IPv6 mixed."""
     out = []

@@ -81,6 +81,8 @@ class PreloadMode(Mode):
         }
         if request.local:  # a server run's identity; a client's is what sipp binds (helpers/client.c)
             env["FDKEEPER_LOCAL"] = format_address(request.local)
+            if not request.local_known:  # only the likely port: the listener's own is the identity
+                env["FDKEEPER_LOCAL_FROM_LISTENER"] = "1"
         if request.reconnect:
             env["FDKEEPER_RECONNECT"] = "1"
         if request.per_call:
