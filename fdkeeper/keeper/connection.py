@@ -22,7 +22,7 @@ from fdkeeper.keeper.control import limit_error, out_of_descriptors
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 
 if TYPE_CHECKING:
-    from fdkeeper.keeper.tlslink import TlsLink
+    from fdkeeper.keeper.transports import Transport
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
 T = TypeVar("T")
@@ -53,7 +53,8 @@ class KeptConnection:
     """A connection to the SuT the keeper holds.
 
     ``sock`` is the descriptor runs are leased: the TCP socket itself, or for TLS the sipp
-    end of the socketpair that ``link`` pumps to and from the TLS connection.
+    end of the socketpair its link relays to and from the TLS connection. ``io`` is what differs
+    per transport (keeper/transports.py).
     """
 
     id: int
@@ -70,7 +71,7 @@ class KeptConnection:
     ping_sent_at: float | None = None
     pongs: int = 0
     replaces: int | None = None  # id of the closed connection this one replaced (--reconnect)
-    link: TlsLink | None = None
+    io: Transport = field(default_factory=lambda: _plain_tcp())
     aor: str | None = None  # the user whose own connection this is (-t tn/ln); None: shared
     # The local address the SuT sees for -t t1/l1 runs given -i/-p (keeper/pool.py: identity_of);
     # None: runs that let sipp pick an ephemeral port share this one.
@@ -117,8 +118,7 @@ class KeptConnection:
             return False
 
     def mark_closed(self, reason: str) -> None:
-        if self.link is not None:
-            self.link.close()
+        self.io.close()
         if self.sock is not None:
             self.sock.close()
         self.sock = None
@@ -172,12 +172,6 @@ class KeptConnection:
 
     def as_dict(self) -> dict:
         now = time.time()
-        tls = self.link and {
-            **self.link.info,
-            "messages_to_sut": self.link.messages_to_sut,
-            "messages_to_sipp": self.link.messages_to_sipp,
-            "dropped_bytes": self.link.dropped_bytes,
-        }
         return {
             "id": self.id,
             "transport": self.transport,
@@ -194,10 +188,14 @@ class KeptConnection:
             "queued_bytes": self.queued_bytes() if self.sock is not None else 0,
             "closed_reason": self.closed_reason,
             "ending": self.ending or None,
-            "options_answered": self.link.options_answered if self.link else self.options_answered,
-            "pongs": self.link.from_sut.keepalives if self.link else self.pongs,
-            "tls": tls or None,
+            **self.io.stats(self),  # options_answered, pongs, tls
         }
+
+
+def _plain_tcp() -> Transport:
+    from fdkeeper.keeper.transports import TcpTransport  # transports.py builds on this module
+
+    return TcpTransport()
 
 
 def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.socket:

@@ -46,8 +46,8 @@ def structure_sizes(keeper: Keeper) -> dict[str, int]:
         "watched_fds": len(reactor._handlers),  # noqa: SLF001
         "settling": len(keeper.health._settling),  # noqa: SLF001
         "gave_up": len(keeper.health._gave_up),  # noqa: SLF001
-        "tls_to_sut_bytes": sum(len(c.link.to_sut) for c in keeper.connections.values() if c.link),
-        "tls_to_sipp_bytes": sum(len(c.link.to_sipp) for c in keeper.connections.values() if c.link),
+        "tls_to_sut_bytes": sum(c.io.buffered()[0] for c in keeper.connections.values()),
+        "tls_to_sipp_bytes": sum(c.io.buffered()[1] for c in keeper.connections.values()),
         "log_handlers": len(logging.getLogger().handlers) + len(log.handlers),
         "gc_objects": len(gc.get_objects()),
     }

@@ -48,8 +48,8 @@ def refuse_unless_handover_possible(connections: list[KeptConnection], uid: int)
 
 def hand_over(sock: socket.socket, connections: list[KeptConnection], batches) -> list[KeptConnection]:
     """Send every idle TCP connection to the successor on ``sock``; return the TLS ones left behind."""
-    movable = [c for c in connections if c.state == IDLE and c.link is None]
-    lost = [c for c in connections if c.state == IDLE and c.link is not None]
+    movable = [c for c in connections if c.state == IDLE and c.io.movable]
+    lost = [c for c in connections if c.state == IDLE and not c.io.movable]
     sock.setblocking(True)
     sock.settimeout(SEND_TIMEOUT)
     send_packet(sock, format_message("OK", count=len(movable), lost_count=len(lost), lost=_labels_that_fit(lost)))

@@ -1,8 +1,10 @@
 """Whether kept connections are still alive: the SuT's FIN/RST, RFC 5626 keep-alive pings and pongs.
 
-Between runs the keeper never reads SIP bytes from a plain TCP connection: it watches only
-for the SuT's FIN or RST, and while a keep-alive ping is out, for the pong at the head of the
-queue. TLS connections are pumped by their TlsLink, which also takes pongs out of the stream.
+What each transport watches and how it keeps a connection alive is its own (transports.py:
+plain TCP watches only for the SuT's FIN or RST and the pong at the head of the queue; TLS
+links relay, and take pongs out of the stream). Here: what is common to all of them (closing
+a connection, keeping one the SuT ended until what it sent is read, keep-alive rounds, a lease
+waiting for a pong) and the one wake-up of the TLS pump.
 
 A lease that finds a ping out waits for its pong (at most PONG_SETTLE) on a reactor timer,
 never blocking the loop (``settle_pong``).
@@ -25,11 +27,7 @@ log = logging.getLogger("fdkeeper.keeper")
 
 PONG_TIMEOUT = 10.0  # RFC 5626 §4.4.1: a flow with no pong within 10 s has failed
 PONG_SETTLE = 2.0  # how long a lease waits for an outstanding pong before handing over
-# After the SuT ended a TLS link cleanly and the last run's lease ended: how long what that run
-# wrote still has to reach the SuT before the link closes.
-FLUSH_GRACE = 2.0
 DELIVERY_CHECK = 0.25  # how often a connection the SuT ended is checked for its last requests read
-_PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class ConnectionHealth:
@@ -49,25 +47,15 @@ class ConnectionHealth:
         self._pump_wakeup = -1
 
     def watch(self, connection: KeptConnection) -> None:
-        """Start watching a freshly opened connection."""
-        link = connection.link
-        if link:
-            link.answer_options = self.answer_options
-            link.is_held = lambda c=connection: c.holder_pid is not None
-            link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
-            self.reactor.watch(link.tls.fileno(), link.watched_tls, lambda mask, c=connection: self._on_tls_event(c, mask),
-                               on_fault=self.fault_ends(connection))
-            self.reactor.watch(
-                link.keeper_end.fileno(), link.watched_pair, lambda mask, c=connection: self._on_pair_event(c, mask),
-                on_fault=self.fault_ends(connection),
-            )
-        else:
-            # Only the SuT's FIN/RST is watched, and EPOLLIN only to take pongs and (--answer-options)
-            # OPTIONS off the head of the queue: queued requests wait for the next run.
-            self.reactor.watch(
-                connection.fileno(), self.idle_events, lambda mask, c=connection: self._on_connection_event(c, mask),
-                on_fault=self.fault_ends(connection),
-            )
+        """Start watching a freshly opened connection (as its transport says: transports.py)."""
+        connection.io.watch(self, connection)
+
+    def close_connection(self, connection: KeptConnection, reason: str) -> None:
+        log.info("%s: %s", connection.label(), reason)
+        connection.io.unwatch(self.reactor)
+        connection.mark_closed(reason)
+        self._gave_up.pop(connection.id, None)
+        self.stop_settling(connection)  # a lease waiting for its pong learns it closed
 
     def fault_ends(self, connection: KeptConnection) -> Callable[[Exception], None]:
         """What the Reactor calls when a handler of ``connection`` raised (it logged the traceback):
@@ -79,66 +67,14 @@ class ConnectionHealth:
 
         return end
 
-    def close_connection(self, connection: KeptConnection, reason: str) -> None:
-        log.info("%s: %s", connection.label(), reason)
-        if connection.link:
-            self.reactor.unwatch(connection.link.tls.fileno())
-            self.reactor.unwatch(connection.link.keeper_end.fileno())
-        else:
-            self.reactor.unwatch(connection.fileno())
-        connection.mark_closed(reason)
-        self._gave_up.pop(connection.id, None)
-        self._stop_settling(connection)  # a lease waiting for its pong learns it closed
+    def end_of_lease(self, connection: KeptConnection) -> None:
+        connection.io.end_of_lease(self, connection)
 
-    # ---------------------------------------------------------------- events
+    # ---------------------------------------------------------------- the pump's hand-backs (TLS)
 
-    def _on_connection_event(self, connection: KeptConnection, mask: int) -> None:
-        if connection.sock is None:
-            return
-        if mask & _PEER_GONE:
-            if connection.holds_whole_message():
-                # Requests wait in the queue: the next run reads them, then the FIN or the RST
-                # (SO_ERROR is not read here: that would turn the run's ECONNRESET into EOF).
-                # Leased too: the run holding it may die before it reads them (a killed sipp),
-                # and the keeper's descriptor is what keeps them for the run after it.
-                self.reactor.unwatch(connection.fileno())
-                gone = "the SuT reset it" if mask & select.EPOLLERR else "the SuT closed it: FIN"
-                self._close_when_delivered(connection, gone)
-            else:
-                self.close_connection(connection, connection.peer_gone_reason())
-        elif mask & select.EPOLLIN and connection.ping_sent_at is not None:
-            self._collect_pong(connection)
-        elif mask & select.EPOLLIN and self.options is not None:
-            self.options.on_readable(connection)
-
-    def _on_tls_event(self, connection: KeptConnection, mask: int) -> None:
-        connection.link.on_tls_event(mask)
-        self.after_link_event(connection)
-
-    def _on_pair_event(self, connection: KeptConnection, mask: int) -> None:
-        connection.link.on_pair_event(mask)
-        self.after_link_event(connection)
-
-    def after_link_event(self, connection: KeptConnection) -> None:
-        """Close a TLS connection whose link failed, else watch what its link wants now."""
-        link = connection.link
-        if link.closed_reason:
-            self._link_ended(connection)
-            return
-        if link.ssl_with_pump:
-            self._await_pump_finishing(connection)
-        if link.sut_ended and not connection.ending:
-            self._close_when_delivered(connection, link.sut_ended)
-        # epoll_ctl only when the wanted events changed: two system calls saved per message.
-        tls_events, pair_events = link.wants_tls(), link.wants_pair()
-        if tls_events != link.watched_tls:
-            self.reactor.rewatch(link.tls.fileno(), tls_events)
-            link.watched_tls = tls_events
-        if pair_events != link.watched_pair:
-            self.reactor.rewatch(link.keeper_end.fileno(), pair_events)
-            link.watched_pair = pair_events
-
-    def _await_pump_finishing(self, connection: KeptConnection) -> None:
+    def await_pump_finishing(self, connection: KeptConnection) -> None:
+        """A TLS link whose SSL object the pump keeps until its last write is done (tlslink.py):
+        taken back when the pump's eventfd says that write is."""
         self._finishing[connection.id] = connection
         if self._pump_wakeup < 0:
             self._pump_wakeup = tlspump.wakeup_fd()
@@ -146,15 +82,10 @@ class ConnectionHealth:
                                on_fault=self._pump_wakeup_fault)
 
     def _on_pump_wakeup(self) -> None:
-        """The pump finished a write it had pending at release: give those links' SSL back to Python."""
         tlspump.clear_wakeup(self._pump_wakeup)
         for connection in list(self._finishing.values()):
-            link = connection.link
-            if connection.sock is None or not link.ssl_with_pump:
+            if connection.sock is None or connection.io.take_ssl_back(self, connection):
                 del self._finishing[connection.id]
-            elif link.take_ssl_back():
-                del self._finishing[connection.id]
-                self.after_link_event(connection)
 
     def _pump_wakeup_fault(self, error: Exception) -> None:
         """Taking a link back faulted: the links waiting for it close, named, and the wake-up is
@@ -166,49 +97,20 @@ class ConnectionHealth:
 
     # ---------------------------------------------------------------- the SuT's side ended
 
-    def _link_ended(self, connection: KeptConnection) -> None:
-        """The SuT's TLS side ended: hand what it sent whole to the pair, then end the pair."""
-        link = connection.link
-        if connection.sock is None or link.keeper_end.fileno() < 0:  # closed, or handled already
-            return
-        if link.tls.fileno() >= 0:
-            self.reactor.unwatch(link.tls.fileno())
-            link.close_tls()
-        if link.to_sipp:  # more than the pair takes now: go on on EPOLLOUT
-            if link.watched_pair != select.EPOLLOUT:
-                self.reactor.rewatch(link.keeper_end.fileno(), select.EPOLLOUT)
-                link.watched_pair = select.EPOLLOUT
-            return
-        self.reactor.unwatch(link.keeper_end.fileno())
-        link.end_towards_sipp()
-        if not connection.ending:  # else the check it started goes on
-            self._close_when_delivered(connection, link.closed_reason)
-
-    def _close_when_delivered(self, connection: KeptConnection, reason: str) -> None:
-        """Mark it closed once no complete message the SuT sent is left for a run to read."""
+    def close_when_delivered(self, connection: KeptConnection, reason: str) -> None:
+        """Mark it closed once no complete message the SuT sent is left for a run to read (and,
+        over TLS, no run's answer is left to send: transports.py still_sending)."""
         if connection.sock is None:
             return
         queued = connection.queued_bytes()
-        if not queued and not self._still_sending(connection):
+        if not queued and not connection.io.still_sending(connection):
             self.close_connection(connection, reason)
             return
         if not connection.ending:
             log.info("%s: %s; %d bytes it sent before are kept for the next run", connection.label(), reason, queued)
         connection.ending = reason
-        self.reactor.call_later(DELIVERY_CHECK, lambda: self._close_when_delivered(connection, reason),
+        self.reactor.call_later(DELIVERY_CHECK, lambda: self.close_when_delivered(connection, reason),
                                 on_fault=self.fault_ends(connection))
-
-    @staticmethod
-    def _still_sending(connection: KeptConnection) -> bool:
-        """A TLS link the SuT ended cleanly carries what a run writes while a run holds it, and
-        for FLUSH_GRACE after, while that run's last messages go out (a half-closed TCP socket
-        is the run's own: it needs no such wait)."""
-        link = connection.link
-        if link is None or not link.still_sending():
-            return False
-        if connection.holder_pid is not None:
-            return True
-        return bool(link.to_sut or link.ssl_with_pump) and time.monotonic() - connection.last_activity < FLUSH_GRACE
 
     # ---------------------------------------------------------------- keep-alive
 
@@ -216,39 +118,8 @@ class ConnectionHealth:
         """Ping idle connections quiet for ``keepalive`` s; close those whose pong is overdue."""
         now = time.monotonic()
         for connection in list(connections):
-            if connection.state != IDLE or connection.ending:
-                continue
-            if connection.link:
-                self._keep_link_alive(connection, now)
-                continue
-            if connection.ping_sent_at is not None:
-                if now - connection.ping_sent_at > PONG_TIMEOUT:
-                    self.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
-            elif now - connection.last_activity >= self.keepalive and connection.send_ping():
-                # Watch for the pong now; queued data was checked to be empty before the ping.
-                self.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
-
-    def _keep_link_alive(self, connection: KeptConnection, now: float) -> None:
-        """TLS: pongs are taken out of the stream by the framer, so only timing is left here."""
-        link = connection.link
-        if link.ping_sent_at is not None:
-            if now - link.ping_sent_at > PONG_TIMEOUT:
-                self.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
-        elif now - max(link.last_activity, connection.last_activity) >= self.keepalive and link.idle():
-            link.send_ping()
-            self.after_link_event(connection)
-
-    def _collect_pong(self, connection: KeptConnection) -> None:
-        connection.take_pong()
-        # Pong taken, or a request overtook it: either way stop reading readiness, the
-        # queue belongs to the next run from here.
-        connection.last_activity = time.monotonic()
-        if connection.ping_sent_at is not None and connection.queued_bytes():
-            log.warning("%s: a request arrived before the keep-alive pong", connection.label())
-            connection.ping_sent_at = None
-        if connection.ping_sent_at is None:
-            self.reactor.rewatch(connection.fileno(), self.idle_events)
-            self._stop_settling(connection)
+            if connection.state == IDLE and not connection.ending:
+                connection.io.keep_alive(self, connection, now)
 
     def settle_pong(self, connection: KeptConnection) -> None:
         """Before a lease, let an outstanding pong arrive so it never reaches sipp, without
@@ -259,11 +130,11 @@ class ConnectionHealth:
         waiting = self._settling.get(connection.id)
         if waiting is None:
             pending = Pending(f"the keep-alive pong of {connection.label()}")
-            timer = self.reactor.call_later(PONG_SETTLE, lambda: self._stop_settling(connection, gave_up=True))
+            timer = self.reactor.call_later(PONG_SETTLE, lambda: self.stop_settling(connection, gave_up=True))
             waiting = self._settling[connection.id] = (pending, timer)
         raise waiting[0]
 
-    def _stop_settling(self, connection: KeptConnection, gave_up: bool = False) -> None:
+    def stop_settling(self, connection: KeptConnection, gave_up: bool = False) -> None:
         waiting = self._settling.pop(connection.id, None)
         if waiting is None:
             return

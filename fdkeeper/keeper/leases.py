@@ -87,9 +87,7 @@ class Leases:
             if connection is not None and connection.holder_pid == pid:
                 connection.holder_pid = None
                 connection.last_activity = now
-                if connection.link:
-                    connection.link.end_of_lease()
-                    self.health.after_link_event(connection)
+                self.health.end_of_lease(connection)
         log.info("lease of pid %d ended", pid)
         self.on_release()
 

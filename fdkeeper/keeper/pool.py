@@ -23,7 +23,7 @@ from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.keeper.identity import identity_of
 from fdkeeper.keeper.leases import Leases
 from fdkeeper.keeper.opening import Opener
-from fdkeeper.keeper.tlslink import TlsLink
+from fdkeeper.keeper.transports import transport_for
 from fdkeeper.protocol import ProtocolError, Request
 from fdkeeper.tls import TlsOptions
 
@@ -189,14 +189,14 @@ class ConnectionPool:
 
     def _keep_opened(self, request: Request, options: TlsOptions | None, sock, early: bytes) -> KeptConnection:
         remote, transport = request.get("remote"), request.get("transport")
-        link = TlsLink(sock, options, early) if options is not None else None
+        io = transport_for(sock, options, early)
         connection = KeptConnection(
             id=self._next_id,
-            sock=link.sipp_end if link else sock,
+            sock=io.leased_socket(sock),
             transport=transport,
             remote=remote,
             local=sock.getsockname()[:2],
-            link=link,
+            io=io,
             aor=request.get("aor"),
             identity=identity_of(request.get("local"), remote),
         )
@@ -208,7 +208,8 @@ class ConnectionPool:
         self.connections[connection.id] = connection
         self.by_key[connection.key] = connection
         self.health.watch(connection)
-        log.info("opened %s%s", connection.label(), f" ({link.info['version']})" if link else "")
+        tls = io.stats(connection)["tls"]
+        log.info("opened %s%s", connection.label(), f" ({tls['version']})" if tls else "")
         return connection
 
 

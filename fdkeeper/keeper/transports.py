@@ -1,0 +1,270 @@
+"""How the keeper holds a kept connection, per transport: the one place where they differ.
+
+Every KeptConnection has an ``io``: a ``TcpTransport`` (the kernel socket is what runs are
+leased; between runs the keeper only watches it for the SuT's FIN or RST, keep-alive pongs and
+--answer-options' OPTIONS) or a ``TlsTransport`` (the keeper terminates TLS and runs are leased
+one end of a socketpair the link relays: keeper/tlslink.py). Health, leases, handover, status
+and diagnostics ask the ``io`` (watch, unwatch, keep-alive, end of lease, movable, stats), never
+which transport it is; the next transport (WebSocket) is one more class here.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from fdkeeper.keeper.health import PONG_TIMEOUT
+from fdkeeper.keeper.tlslink import TlsLink
+from fdkeeper.tls import TlsOptions
+
+if TYPE_CHECKING:
+    from fdkeeper.keeper.connection import KeptConnection
+    from fdkeeper.keeper.health import ConnectionHealth
+    from fdkeeper.loop import Reactor
+
+log = logging.getLogger("fdkeeper.keeper")
+
+_PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# After the SuT ended a TLS link cleanly and the last run's lease ended: how long what that run
+# wrote still has to reach the SuT before the link closes.
+FLUSH_GRACE = 2.0
+
+
+class Transport(Protocol):
+    movable: bool  # --replace can hand it to a new keeper: all its state is the kernel's
+
+    def leased_socket(self, opened: socket.socket) -> socket.socket:
+        """The descriptor runs are leased, given the connection the keeper opened."""
+
+    def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        """Start watching a freshly kept connection on the keeper's Reactor."""
+
+    def unwatch(self, reactor: Reactor) -> None:
+        """Stop watching every descriptor of it (before it is closed)."""
+
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
+        """An idle connection: ping it when quiet for --keepalive s, close it when the pong is overdue."""
+
+    def end_of_lease(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        """The run holding it ended: what the keeper does with what that run left."""
+
+    def still_sending(self, connection: KeptConnection) -> bool:
+        """After the SuT ended it: whether it still carries what a run writes (keep it open)."""
+
+    def stats(self, connection: KeptConnection) -> dict:
+        """Its part of `fdkeeper status`: keep-alive pongs, OPTIONS answered, TLS details."""
+
+    def buffered(self) -> tuple[int, int]:
+        """Bytes the keeper holds towards the SuT and towards runs (diagnostics)."""
+
+    def close(self) -> None:
+        """Close what it holds besides the leased socket."""
+
+
+def transport_for(opened: socket.socket, options: TlsOptions | None, early: bytes) -> Transport:
+    """The transport of a connection the keeper just opened (TLS: handshake done, ``early`` read)."""
+    return TlsTransport(TlsLink(opened, options, early)) if options is not None else TcpTransport()
+
+
+class TcpTransport:
+    """Plain TCP: runs are leased the kernel socket itself. The keeper never reads SIP bytes
+    from it; between runs it watches only for the SuT's FIN or RST, and EPOLLIN only to take
+    pongs and (--answer-options) OPTIONS off the head of the queue."""
+
+    movable = True
+
+    def __init__(self) -> None:
+        self._fd = -1
+
+    def leased_socket(self, opened: socket.socket) -> socket.socket:
+        return opened
+
+    def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        self._fd = connection.fileno()
+        health.reactor.watch(self._fd, health.idle_events, lambda mask: self._on_event(health, connection, mask),
+                             on_fault=health.fault_ends(connection))
+
+    def unwatch(self, reactor: Reactor) -> None:
+        if self._fd >= 0:
+            reactor.unwatch(self._fd)
+
+    def _on_event(self, health: ConnectionHealth, connection: KeptConnection, mask: int) -> None:
+        if connection.sock is None:
+            return
+        if mask & _PEER_GONE:
+            if connection.holds_whole_message():
+                # Requests wait in the queue: the next run reads them, then the FIN or the RST
+                # (SO_ERROR is not read here: that would turn the run's ECONNRESET into EOF).
+                # Leased too: the run holding it may die before it reads them (a killed sipp),
+                # and the keeper's descriptor is what keeps them for the run after it.
+                health.reactor.unwatch(connection.fileno())
+                gone = "the SuT reset it" if mask & select.EPOLLERR else "the SuT closed it: FIN"
+                health.close_when_delivered(connection, gone)
+            else:
+                health.close_connection(connection, connection.peer_gone_reason())
+        elif mask & select.EPOLLIN and connection.ping_sent_at is not None:
+            self._collect_pong(health, connection)
+        elif mask & select.EPOLLIN and health.options is not None:
+            health.options.on_readable(connection)
+
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
+        if connection.ping_sent_at is not None:
+            if now - connection.ping_sent_at > PONG_TIMEOUT:
+                health.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
+        elif now - connection.last_activity >= health.keepalive and connection.send_ping():
+            # Watch for the pong now; queued data was checked to be empty before the ping.
+            health.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
+
+    def _collect_pong(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        connection.take_pong()
+        # Pong taken, or a request overtook it: either way stop reading readiness, the
+        # queue belongs to the next run from here.
+        connection.last_activity = time.monotonic()
+        if connection.ping_sent_at is not None and connection.queued_bytes():
+            log.warning("%s: a request arrived before the keep-alive pong", connection.label())
+            connection.ping_sent_at = None
+        if connection.ping_sent_at is None:
+            health.reactor.rewatch(connection.fileno(), health.idle_events)
+            health.stop_settling(connection)
+
+    def end_of_lease(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        pass  # the run read and wrote the kernel socket itself: nothing is the keeper's to finish
+
+    def still_sending(self, connection: KeptConnection) -> bool:
+        return False  # a half-closed TCP socket is the run's own: it needs no keeper to send
+
+    def stats(self, connection: KeptConnection) -> dict:
+        return {"options_answered": connection.options_answered, "pongs": connection.pongs, "tls": None}
+
+    def buffered(self) -> tuple[int, int]:
+        return 0, 0
+
+    def close(self) -> None:
+        pass
+
+
+class TlsTransport:
+    """TLS: the keeper holds the session (it cannot move between processes) and runs are
+    leased one end of a socketpair its TlsLink relays, whole SIP messages only."""
+
+    movable = False
+
+    def __init__(self, link: TlsLink) -> None:
+        self.link = link
+
+    def leased_socket(self, opened: socket.socket) -> socket.socket:
+        return self.link.sipp_end
+
+    def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        link = self.link
+        link.answer_options = health.answer_options
+        link.is_held = lambda: connection.holder_pid is not None
+        link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
+
+        def on_tls(mask: int) -> None:
+            link.on_tls_event(mask)
+            self.after_event(health, connection)
+
+        def on_pair(mask: int) -> None:
+            link.on_pair_event(mask)
+            self.after_event(health, connection)
+
+        health.reactor.watch(link.tls.fileno(), link.watched_tls, on_tls, on_fault=health.fault_ends(connection))
+        health.reactor.watch(link.keeper_end.fileno(), link.watched_pair, on_pair, on_fault=health.fault_ends(connection))
+
+    def unwatch(self, reactor: Reactor) -> None:
+        for sock in (self.link.tls, self.link.keeper_end):
+            if sock.fileno() >= 0:
+                reactor.unwatch(sock.fileno())
+
+    def after_event(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        """Close a link that failed, else watch what it wants now."""
+        link = self.link
+        if link.closed_reason:
+            self._ended(health, connection)
+            return
+        if link.ssl_with_pump:
+            health.await_pump_finishing(connection)
+        if link.sut_ended and not connection.ending:
+            health.close_when_delivered(connection, link.sut_ended)
+            if connection.sock is None:  # nothing left to deliver either way: closed
+                return
+        # epoll_ctl only when the wanted events changed: two system calls saved per message.
+        tls_events, pair_events = link.wants_tls(), link.wants_pair()
+        if tls_events != link.watched_tls:
+            health.reactor.rewatch(link.tls.fileno(), tls_events)
+            link.watched_tls = tls_events
+        if pair_events != link.watched_pair:
+            health.reactor.rewatch(link.keeper_end.fileno(), pair_events)
+            link.watched_pair = pair_events
+
+    def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
+        """The pump's eventfd fired: take the SSL object back if its last write is done."""
+        if not self.link.take_ssl_back():
+            return False
+        self.after_event(health, connection)
+        return True
+
+    def _ended(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        """The link is over: hand what the SuT sent whole to the pair, then end the pair."""
+        link = self.link
+        if connection.sock is None or link.keeper_end.fileno() < 0:  # closed, or handled already
+            return
+        if link.tls.fileno() >= 0:
+            health.reactor.unwatch(link.tls.fileno())
+            link.close_tls()
+        if link.to_sipp:  # more than the pair takes now: go on on EPOLLOUT
+            if link.watched_pair != select.EPOLLOUT:
+                health.reactor.rewatch(link.keeper_end.fileno(), select.EPOLLOUT)
+                link.watched_pair = select.EPOLLOUT
+            return
+        health.reactor.unwatch(link.keeper_end.fileno())
+        link.end_towards_sipp()
+        if not connection.ending:  # else the check it started goes on
+            health.close_when_delivered(connection, link.closed_reason)
+
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
+        """Pongs are taken out of the stream by the link's framer, so only timing is left here."""
+        link = self.link
+        if link.ping_sent_at is not None:
+            if now - link.ping_sent_at > PONG_TIMEOUT:
+                health.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
+        elif now - max(link.last_activity, connection.last_activity) >= health.keepalive and link.idle():
+            link.send_ping()
+            self.after_event(health, connection)
+
+    def end_of_lease(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        self.link.end_of_lease()
+        self.after_event(health, connection)
+
+    def still_sending(self, connection: KeptConnection) -> bool:
+        """While a run holds it, and for FLUSH_GRACE after, while that run's last messages go out."""
+        link = self.link
+        if not link.still_sending():
+            return False
+        if connection.holder_pid is not None:
+            return True
+        return bool(link.to_sut or link.ssl_with_pump) and time.monotonic() - connection.last_activity < FLUSH_GRACE
+
+    def stats(self, connection: KeptConnection) -> dict:
+        link = self.link
+        return {
+            "options_answered": link.options_answered,
+            "pongs": link.from_sut.keepalives,
+            "tls": {
+                **link.info,
+                "messages_to_sut": link.messages_to_sut,
+                "messages_to_sipp": link.messages_to_sipp,
+                "dropped_bytes": link.dropped_bytes,
+            },
+        }
+
+    def buffered(self) -> tuple[int, int]:
+        return len(self.link.to_sut), len(self.link.to_sipp)
+
+    def close(self) -> None:
+        self.link.close()
+
