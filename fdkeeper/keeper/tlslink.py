@@ -466,7 +466,7 @@ class TlsLink(PumpHandover):
         self._flush_to_sut()
 
     def idle(self) -> bool:
-        return not self.to_sut and not self.to_sipp and not self.from_sipp.pending
+        return not self.to_sut and not self.to_sipp and not self.from_sipp.pending and not self.ssl_with_pump
 
     def still_sending(self) -> bool:
         """Whether the SuT ended cleanly and the session still takes what runs write."""
