@@ -128,8 +128,11 @@ class PumpHandover:
 
     def take_ssl_back(self) -> bool:
         """Once the pump's last write is done: the SSL object and the unsent bytes are Python's
-        again, ahead of what runs wrote meanwhile. Whether it happened (False: not done yet)."""
-        if not self.ssl_with_pump or not self.pump.finished():
+        again, ahead of what runs wrote meanwhile. Whether the SSL object is Python's now (False:
+        that write is not done yet)."""
+        if not self.ssl_with_pump:
+            return True  # taken back already, or the link closed meanwhile
+        if not self.pump.finished():
             return False
         rest, failure = self.pump.take_rest()
         self.ssl_with_pump = False

@@ -202,7 +202,8 @@ class TlsTransport:
             link.watched_pair = pair_events
 
     def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
-        """The pump's eventfd fired: take the SSL object back if its last write is done."""
+        """The pump's eventfd fired: take the SSL object back if its last write is done; whether
+        the link waits for the pump no more."""
         if not self.link.take_ssl_back():
             return False
         self.after_event(health, connection)
