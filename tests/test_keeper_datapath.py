@@ -47,8 +47,9 @@ class FakeSut:
     speaks at all. Accepted connections are in ``accepted`` (TLS-wrapped when TLS is on).
     """
 
-    def __init__(self, pki=None, *, handshake: bool = True, pong: bool = False) -> None:
+    def __init__(self, pki=None, *, handshake: bool = True, pong: bool = False, strict_eof: bool = False) -> None:
         self.pong = pong
+        self.strict_eof = strict_eof  # TLS: an end without close_notify raises SSLEOFError, not b""
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()[:2]
         self.context = None
@@ -67,7 +68,7 @@ class FakeSut:
                 return
             if self.context is not None:
                 try:
-                    raw = self.context.wrap_socket(raw, server_side=True)
+                    raw = self.context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=not self.strict_eof)
                     # The keeper pings right after the handshake (tls.past_our_finished): pong.
                     raw.settimeout(5)
                     if raw.recv(4) == b"\r\n\r\n":

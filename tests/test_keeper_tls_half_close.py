@@ -134,3 +134,17 @@ def test_the_link_closes_once_the_run_that_answered_has_ended(keeper, pki):
         assert keeper.status()["connections"][0]["closed_reason"] == "the SuT closed it: TLS close_notify"
     finally:
         sut.close()
+
+
+def test_the_keeper_ends_its_side_with_close_notify(keeper, pki):
+    sut = FakeSut(pki, strict_eof=True)
+    sut.context.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)  # a FIN alone raises SSLEOFError
+    try:
+        open_connection(keeper, sut, "tls", pki)
+        peer = sut.connection()
+        send_close_notify(peer)
+        wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="closed, nothing to deliver")
+        peer.settimeout(3)
+        assert peer.recv(100) == b""  # the keeper's close_notify: a clean end, not a truncation
+    finally:
+        sut.close()

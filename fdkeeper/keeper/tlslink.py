@@ -479,10 +479,21 @@ class TlsLink(PumpHandover):
 
     def close_tls(self) -> None:
         self._free_pump()  # before the SSL object goes
+        self._send_close_notify()
         try:
             self.tls.close()
         except OSError:
             pass
+
+    def _send_close_notify(self) -> None:
+        """End the keeper's sending side as a TLS peer does: close_notify, then the FIN (best
+        effort and never blocking: the socket is non-blocking, the SuT's answer is not awaited)."""
+        if self.reset or self.tls.fileno() < 0 or self.tls.gettimeout() != 0.0:
+            return
+        try:
+            self.tls.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # sent, and the SuT's close_notify not there yet (SSLWantReadError); or it could not go
 
     def end_towards_sipp(self) -> None:
         """Everything complete is in the pair now: end it after those messages, as the SuT ended.
@@ -512,6 +523,7 @@ class TlsLink(PumpHandover):
 
     def close(self) -> None:
         self._free_pump()
+        self._send_close_notify()
         for sock in (self.tls, self.keeper_end):
             try:
                 sock.close()
