@@ -19,7 +19,16 @@ with "bad length"). So Python attaches the pump only while no write of its own i
 that write is done (``ssl_with_pump``): meanwhile Python relays the pair side as usual and
 queues what runs write behind the pump's rest, and the keeper's loop takes the SSL object back
 when the pump says so (health.py, on the pump's eventfd). A run that leases meanwhile waits
-for nothing. Python alone (no pump) owns the link for its whole life.
+for nothing. Python alone (no pump) owns the link for its whole life. Chosen over a pump that
+owns every link from handshake to close: Python must own whole lives anyway where there is no
+pump, and one hand-over rule keeps a single implementation of the between-runs logic (ended
+runs' bytes, realignment, pings, --answer-options) instead of one in Python and one in C.
+
+Half-close behaves as over TCP: after the SuT's FIN or close_notify (``sut_ended``; a reset or
+a bad record is a failure, read by the run as ECONNRESET) the pair is shut for writing only,
+so the run reads what came before, then end of file, and what it writes still goes out until
+a write fails or its lease ends (transports.py ``still_sending``). The FIN is peeked at the
+socket, never read through OpenSSL (``_next_in_socket``).
 """
 
 from __future__ import annotations
@@ -61,10 +70,12 @@ BUFFER_LIMIT = 256 * 1024
 class PumpHandover:
     """The hand-over of a TlsLink to the C pump (tlspump.py) while a run holds it, and back.
 
-    Python attaches the link at its first event while held, with its whole state (buffers,
-    partial messages, unread lengths); it takes the link back when the run ends (``end_of_lease``)
-    or the SuT's side ends (the one-shot EPOLLRDHUP the link watches meanwhile), and goes on
-    from the state the pump left. TlsLink's relay methods do the rest.
+    Python attaches the link at its first event while held and no SSL write of its own is
+    pending, with its whole state (buffers, partial messages, unread lengths); it takes the link
+    back when the run ends (``end_of_lease``) or the SuT's side ends (the one-shot EPOLLRDHUP
+    the link watches meanwhile), and goes on from the state the pump left: at once for the pair
+    side, once the pump's pending write is done for the SSL object (``take_ssl_back``).
+    TlsLink's relay methods do the rest.
     """
 
     # Counted by Python while it relays and by the pump while a run holds the link.
