@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -170,7 +171,6 @@ class KeeperMachine(RuleBasedStateMachine):
         self.runs: list[RunModel] = []
         self.sequence = 0
         self.tcp_written = 0
-        self.in_step = False  # set while a step runs: a step that raised skips the final checks
 
     # ---------------------------------------------------------------- set-up
 
@@ -209,11 +209,10 @@ class KeeperMachine(RuleBasedStateMachine):
     @rule()
     def next_run(self) -> None:
         """The run holding the connection (if any) exits and the next leases at once."""
-        with self.step():
-            if self.run is not None:
-                self.run.handle.exit()
-                self.run = None
-            self.lease()
+        if self.run is not None:
+            self.run.handle.exit()
+            self.run = None
+        self.lease()
 
     def lease(self) -> bool:
         """A new run leases the kept connection; whether it got it."""
@@ -241,61 +240,58 @@ class KeeperMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 40), body_size=st.sampled_from([0, 300, 2000, 12000]))
     def run_writes(self, count: int, body_size: int) -> None:
         """The run writes ``count`` messages; over TLS it stops at one that stalls (back-pressure)."""
-        with self.step():
-            if not self.has_run() or self.run.told or self.run.unfinished:
+        if not self.has_run() or self.run.told or self.run.unfinished:
+            return
+        run, link = self.run, self.run.link
+        if self.transport == "tcp":
+            count = min(count, (TCP_WRITE_BUDGET - self.tcp_written) // len(sip_message("r0", body_size)))
+            if count <= 0:
                 return
-            run, link = self.run, self.run.link
-            if self.transport == "tcp":
-                count = min(count, (TCP_WRITE_BUDGET - self.tcp_written) // len(sip_message("r0", body_size)))
-                if count <= 0:
-                    return
-            call_ids = [self.next_id("r") for _ in range(count)]
-            stall = 0.3 if self.transport == "tls" else 10.0
-            half_closed_before = link.sut_ended in ("fin", "close_notify")
-            outcome = run.handle.write(call_ids, body_size, stall)
-            for index, call_id in enumerate(call_ids[:outcome.whole]):
-                link.written.append(Written(call_id, body_size, run, whole=True))
-            if outcome.partial:
-                link.written.append(Written(call_ids[outcome.whole], body_size, run, whole=False))
-                run.unfinished = True
-                self.check(self.transport == "tls", "a TCP write stalled part-way: the test's budget is too large")
-            self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[:outcome.whole])
-            if outcome.error:
-                run.told = outcome.error
-                if half_closed_before:  # its side still takes what is sent: nothing to tell
-                    self.known(HalfCloseReplyRefused(
-                        f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
-                        f"{outcome.error} ({outcome.whole} of {count} messages went out)"))
-                self.check(link.sut_ended == "rst",
-                           f"the run's send() failed with {outcome.error}, the SuT never ended the connection")
+        call_ids = [self.next_id("r") for _ in range(count)]
+        stall = 0.3 if self.transport == "tls" else 10.0
+        half_closed_before = link.sut_ended in ("fin", "close_notify")
+        outcome = run.handle.write(call_ids, body_size, stall)
+        for index, call_id in enumerate(call_ids[:outcome.whole]):
+            link.written.append(Written(call_id, body_size, run, whole=True))
+        if outcome.partial:
+            link.written.append(Written(call_ids[outcome.whole], body_size, run, whole=False))
+            run.unfinished = True
+            self.check(self.transport == "tls", "a TCP write stalled part-way: the test's budget is too large")
+        self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[:outcome.whole])
+        if outcome.error:
+            run.told = outcome.error
+            if half_closed_before:  # its side still takes what is sent: nothing to tell
+                self.known(HalfCloseReplyRefused(
+                    f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
+                    f"{outcome.error} ({outcome.whole} of {count} messages went out)"))
+            self.check(link.sut_ended == "rst",
+                       f"the run's send() failed with {outcome.error}, the SuT never ended the connection")
 
     @rule()
     def run_reads(self) -> None:
         """The run reads what the SuT sent: the requests not read yet, in order, then its end."""
-        with self.step():
-            if not self.has_run() or self.run.mid_read:
-                return
-            link = self.run.link
-            expected = len(link.undelivered)
-            outcome = self.run.handle.read(expected, 2.0 if expected else 0.1)
-            self.check_read(link, outcome)
+        if not self.has_run() or self.run.mid_read:
+            return
+        link = self.run.link
+        expected = len(link.undelivered)
+        outcome = self.run.handle.read(expected, 2.0 if expected else 0.1)
+        self.check_read(link, outcome)
 
     @precondition(lambda self: self.transport == "tls")  # TCP is the kernel's stream: a next run starts mid-message, as without fdkeeper
     @rule(size=st.sampled_from([1, 100, 1000]))
     def run_reads_part(self, size: int) -> None:
         """The run reads ``size`` bytes at most, maybe stopping inside a request; the next run
         starts at the next request (the keeper drops the rest of the one begun)."""
-        with self.step():
-            if not self.has_run() or self.run.mid_read:
-                return
-            link = self.run.link
-            outcome = self.run.handle.read_part(size, 1.0 if link.undelivered else 0.1)
-            partial, outcome.partial = outcome.partial, 0
-            self.check_read(link, outcome)
-            if partial:
-                self.check(bool(link.undelivered), f"the run read {partial} bytes of a request the SuT never sent")
-                link.delivered += 1  # it reached a run, which chose not to read all of it
-                self.run.mid_read = True
+        if not self.has_run() or self.run.mid_read:
+            return
+        link = self.run.link
+        outcome = self.run.handle.read_part(size, 1.0 if link.undelivered else 0.1)
+        partial, outcome.partial = outcome.partial, 0
+        self.check_read(link, outcome)
+        if partial:
+            self.check(bool(link.undelivered), f"the run read {partial} bytes of a request the SuT never sent")
+            link.delivered += 1  # it reached a run, which chose not to read all of it
+            self.run.mid_read = True
 
     def check_read(self, link: Link, outcome: ReadOutcome) -> None:
         corrupt = [call_id for call_id in outcome.call_ids if call_id.startswith("corrupt:")]
@@ -321,18 +317,16 @@ class KeeperMachine(RuleBasedStateMachine):
     def run_exits(self) -> None:
         if self.run is None:
             return
-        with self.step():
-            self.run.handle.exit()
-            self.run = None
+        self.run.handle.exit()
+        self.run = None
 
     @rule()
     def run_is_killed(self) -> None:
         """SIGKILL: mid-message when its last write stalled (TLS), between messages otherwise."""
         if self.run is None:
             return
-        with self.step():
-            self.run.handle.kill()
-            self.run = None
+        self.run.handle.kill()
+        self.run = None
 
     @rule(seconds=st.sampled_from([0.05, 0.3, 1.0]))
     def time_passes(self, seconds: float) -> None:
@@ -348,26 +342,23 @@ class KeeperMachine(RuleBasedStateMachine):
     @rule(count=st.integers(1, 5), body_size=st.sampled_from([0, 500, 3000, 30000]))
     def sut_sends(self, count: int, body_size: int) -> None:
         """The SuT sends requests (an INVITE to a registered user, an OPTIONS ping...)."""
-        with self.step():
-            for _ in range(count):
-                call_id = f"{self.next_id('s')}-{body_size}"
-                self.sut.send(self.link.sut, sip_message(call_id, body_size))
-                self.link.requests.append(call_id)
+        for _ in range(count):
+            call_id = f"{self.next_id('s')}-{body_size}"
+            self.sut.send(self.link.sut, sip_message(call_id, body_size))
+            self.link.requests.append(call_id)
 
     @precondition(lambda self: self.link.sut_ended != "rst")
     @rule(rate=st.sampled_from([FULL_SPEED, SLOW, PAUSED]))
     def sut_reads(self, rate: float | None) -> None:
-        with self.step():
-            self.sut.set_rate(self.link.sut, rate)
+        self.sut.set_rate(self.link.sut, rate)
 
     @precondition(sut_can_send)
     @rule(how=st.sampled_from(["fin", "rst", "close_notify"]))
     def sut_ends(self, how: str) -> None:
         """The SuT ends its side: FIN or close_notify (it goes on reading), or RST."""
-        with self.step():
-            if how == "close_notify" and self.transport != "tls":
-                how = "fin"
-            {"fin": self.sut.fin, "rst": self.sut.reset, "close_notify": self.sut.close_notify}[how](self.link.sut)
+        if how == "close_notify" and self.transport != "tls":
+            how = "fin"
+        {"fin": self.sut.fin, "rst": self.sut.reset, "close_notify": self.sut.close_notify}[how](self.link.sut)
 
     # ---------------------------------------------------------------- after every step
 
@@ -375,16 +366,15 @@ class KeeperMachine(RuleBasedStateMachine):
     def keeper_alive_and_links_ended_only_by_the_sut(self) -> None:
         if self.keeper is None:
             return
-        with self.step():
-            self.check(not self.sut.failure, self.sut.failure)
-            reply = self.keeper.alive()
-            self.check(reply is not None and int(reply.fields["pid"]) == self.keeper_pid,
-                       f"the keeper (pid {self.keeper_pid}) no longer answers")
-            for link in self.links:
-                self.check(not link.sut.garbage, f"the SuT received {link.sut.garbage}")
-                self.check(not link.sut.keeper_ended or bool(link.sut_ended),
-                           f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did")
-                self.check_arrivals(link, final=False)
+        self.check(not self.sut.failure, self.sut.failure)
+        reply = self.keeper.alive()
+        self.check(reply is not None and int(reply.fields["pid"]) == self.keeper_pid,
+                   f"the keeper (pid {self.keeper_pid}) no longer answers")
+        for link in self.links:
+            self.check(not link.sut.garbage, f"the SuT received {link.sut.garbage}")
+            self.check(not link.sut.keeper_ended or bool(link.sut_ended),
+                       f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did")
+            self.check_arrivals(link, final=False)
 
     def check_arrivals(self, link: Link, final: bool) -> None:
         """What reached the SuT is exactly what runs wrote whole, in order; at the end, all of it
@@ -410,8 +400,10 @@ class KeeperMachine(RuleBasedStateMachine):
     # ---------------------------------------------------------------- the end
 
     def teardown(self) -> None:
+        """The end of a sequence: the final checks, unless a step failed or hypothesis stopped the
+        sequence (their exception is in flight: a failure of ours would hide it)."""
         try:
-            if not self.in_step and self.keeper is not None:
+            if sys.exc_info()[0] is None and self.keeper is not None:
                 self.final_checks()
         finally:
             self.clean_up()
@@ -473,9 +465,6 @@ class KeeperMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- failures
 
-    def step(self) -> _Step:
-        return _Step(self)
-
     def check(self, condition: bool, what: str) -> None:
         if condition:
             return
@@ -498,21 +487,6 @@ class KeeperMachine(RuleBasedStateMachine):
         except OSError:
             return "(no keeper log)"
         return "\n".join(line for line in lines[-40:] if "DEBUG" not in line)
-
-
-class _Step:
-    """Marks a step as running: one that raised leaves the mark, and teardown skips the final
-    checks (their failure would hide the step's)."""
-
-    def __init__(self, machine: KeeperMachine) -> None:
-        self.machine = machine
-
-    def __enter__(self) -> None:
-        self.machine.in_step = True
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.machine.in_step = False
 
 
 # --------------------------------------------------------------------------- the tests
