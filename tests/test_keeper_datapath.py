@@ -331,6 +331,22 @@ def test_a_leased_tls_connection_reset_by_the_sut_reads_as_a_reset(keeper, pki, 
         sut.close()
 
 
+def test_a_leased_tcp_connection_reset_by_the_sut_reads_as_a_reset(keeper):
+    """Found by the stateful test: the keeper named the reason from SO_ERROR, which cleared the
+    socket's pending error under the run holding it, so the run read end of file."""
+    sut = FakeSut()
+    try:
+        open_connection(keeper, sut, "tcp", None)
+        peer = sut.connection()
+        with lease(keeper, sut, "tcp") as run:
+            reset(peer)
+            wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed", what="the reset seen")
+            assert read_to_the_end(run) == (b"", "ECONNRESET")
+        assert keeper.status()["connections"][0]["closed_reason"] == "the SuT reset it: ECONNRESET"
+    finally:
+        sut.close()
+
+
 # ---------------------------------------------------------------- issue 11: --answer-options
 
 OPTIONS = (

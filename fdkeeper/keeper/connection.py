@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fdkeeper.keeper.transports import Transport
 
 IDLE, LEASED, CLOSED = "idle", "leased", "closed"
+_TCP_CLOSE = 7  # tcpi_state after an RST; a FIN received leaves CLOSE_WAIT
 T = TypeVar("T")
 MAX_PEEK = 256 * 1024  # how much of a queue is looked at for a whole message when the SuT ends it
 
@@ -163,11 +164,14 @@ class KeptConnection:
             "closed",
         )
 
-    def peer_gone_reason(self) -> str:
-        """Why the SuT's side ended, read without consuming queued SIP bytes."""
-        error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            return f"the SuT reset it: {errno.errorcode.get(error, error)}"
+    def peer_gone_reason(self, reported_error: bool) -> str:
+        """Why the SuT's side ended, read without consuming anything a run holding the same
+        socket is still to read: neither queued SIP bytes nor the pending error (SO_ERROR would
+        clear it, and the run would read end of file where sipp alone reads ECONNRESET).
+        ``reported_error``: epoll reported EPOLLERR; else the TCP state tells an RST (CLOSE)
+        from a FIN (CLOSE_WAIT)."""
+        if reported_error or self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE:
+            return "the SuT reset it: ECONNRESET"
         return "the SuT closed it: FIN"
 
     def as_dict(self) -> dict:

@@ -130,7 +130,8 @@ class ConnectionHealth:
         waiting = self._settling.get(connection.id)
         if waiting is None:
             pending = Pending(f"the keep-alive pong of {connection.label()}")
-            timer = self.reactor.call_later(PONG_SETTLE, lambda: self.stop_settling(connection, gave_up=True))
+            timer = self.reactor.call_later(PONG_SETTLE, lambda: self.stop_settling(connection, gave_up=True),
+                                            on_fault=self.fault_ends(connection))  # closing it answers the lease
             waiting = self._settling[connection.id] = (pending, timer)
         raise waiting[0]
 

@@ -104,7 +104,7 @@ class TcpTransport:
                 gone = "the SuT reset it" if mask & select.EPOLLERR else "the SuT closed it: FIN"
                 health.close_when_delivered(connection, gone)
             else:
-                health.close_connection(connection, connection.peer_gone_reason())
+                health.close_connection(connection, connection.peer_gone_reason(bool(mask & select.EPOLLERR)))
         elif mask & select.EPOLLIN and connection.ping_sent_at is not None:
             self._collect_pong(health, connection)
         elif mask & select.EPOLLIN and health.options is not None:
