@@ -79,3 +79,35 @@ def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reacto
     assert connection.closed_reason == "internal error in the keeper (RuntimeError); see its log"
     assert reactor.internal_errors == 1
     peer.close()
+
+
+def test_a_fault_ending_a_lease_closes_that_holders_connections(reactor, listener):
+    import subprocess
+    import sys
+
+    from fdkeeper.keeper.leases import Leases
+
+    health = ConnectionHealth(reactor, keepalive=None)
+    sock = socket.create_connection(listener.getsockname()[:2])
+    peer, _ = listener.accept()
+    connection = KeptConnection(id=1, sock=sock, transport="tcp", remote=peer.getsockname()[:2],
+                                local=sock.getsockname()[:2])
+    health.watch(connection)
+    released: list[bool] = []
+    leases = Leases(reactor, {1: connection}, health, on_release=lambda: released.append(True))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        leases.grant(connection, holder.pid)
+
+        def broken(_connection: KeptConnection) -> None:
+            raise RuntimeError("a bug")
+
+        health.end_of_lease = broken  # what a holder's exit makes the lease's end call
+        holder.kill()
+        holder.wait()
+        run_until(reactor, lambda: connection.sock is None)
+        assert connection.closed_reason == "internal error in the keeper (RuntimeError); see its log"
+        assert leases.holders == {} and released and reactor.internal_errors == 1
+    finally:
+        holder.kill()
+        peer.close()

@@ -79,8 +79,7 @@ class Leases:
         holder = self.holders.pop(pid, None)
         if holder is None:
             return
-        self.reactor.unwatch(holder.pidfd)
-        os.close(holder.pidfd)
+        self._close_pidfd(holder)
         now = time.monotonic()
         for connection_id in holder.connection_ids:
             connection = self.connections.get(connection_id)
@@ -104,22 +103,27 @@ class Leases:
             raise FdkeeperError(f"fdkeeper: process {pid} ended before its lease was granted", "internal") from None
         holder = Holder(pid, pidfd)
         self.holders[pid] = holder
-        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(pid))
+        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(holder))
         return holder
 
-    def _fault_ends(self, pid: int) -> Callable[[Exception], None]:
-        """Ending pid's lease raised (the Reactor logged it): its connections close, named, as
-        their state past the fault is not to be trusted; its pidfd is closed."""
-
-        def end(error: Exception) -> None:
-            holder = self.holders.pop(pid, None)
-            if holder is None:
-                return
+    def _close_pidfd(self, holder: Holder) -> None:
+        if holder.pidfd >= 0:
             self.reactor.unwatch(holder.pidfd)
             os.close(holder.pidfd)
+            holder.pidfd = -1
+
+    def _fault_ends(self, holder: Holder) -> Callable[[Exception], None]:
+        """Ending ``holder``'s lease raised (the Reactor logged it): the connections it held close,
+        named, as their state past the fault is not to be trusted (unless another run holds one
+        already); its pidfd is closed; waiters are asked again."""
+
+        def end(error: Exception) -> None:
+            if self.holders.get(holder.pid) is holder:
+                del self.holders[holder.pid]
+            self._close_pidfd(holder)
             for connection_id in holder.connection_ids:
                 connection = self.connections.get(connection_id)
-                if connection is not None and connection.sock is not None and connection.holder_pid == pid:
+                if connection is not None and connection.sock is not None and connection.holder_pid in (holder.pid, None):
                     self.health.fault_ends(connection)(error)
             self.on_release()
 
