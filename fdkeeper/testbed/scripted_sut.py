@@ -28,6 +28,7 @@ import os
 import queue
 import re
 import select
+import signal
 import socket
 import ssl
 import struct
@@ -220,11 +221,18 @@ class ScriptedSut:
             raise
 
     def _wait(self) -> None:
-        # A connection read at a rate is read on the tick (selecting it would spin while its
-        # allowance is spent and bytes wait); one paused is not read at all.
-        readable = [self.listener] + [c.raw for c in self.connections if c.reading and c.rate is FULL_SPEED]
-        writable = [c.raw for c in self.connections if c.reading and c.to_send]
-        select.select(readable, writable, [], TICK)
+        # A connection read at a rate is read on the tick (polling it would spin while its
+        # allowance is spent and bytes wait); one paused is not read at all. poll(), not select():
+        # a test process may hold descriptors past 1024.
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        for connection in self.connections:
+            if not connection.reading:
+                continue
+            events = (select.POLLIN if connection.rate is FULL_SPEED else 0) | (select.POLLOUT if connection.to_send else 0)
+            if events:
+                poller.register(connection.raw, events)
+        poller.poll(TICK * 1000)
 
     def _run_commands(self) -> None:
         while True:
@@ -493,6 +501,7 @@ class ScriptedRun:
         self.process = context.Process(target=_run_main, args=(child_end, str(directory), transport, remote),
                                        daemon=True)
         self.process.start()
+        self.pid = self.process.pid  # kept: a closed Process no longer says it
         child_end.close()
         self.timeout = timeout
         answer = self._answer(timeout)
@@ -500,7 +509,7 @@ class ScriptedRun:
         self.local = ""
         if answer[0] == "refused":
             self.refused = (answer[1], answer[2])
-            self.process.join(timeout)
+            self._reap()
         else:
             self.local = answer[1]
 
@@ -512,10 +521,6 @@ class ScriptedRun:
             cls._context = context
         return cls._context
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def _answer(self, timeout: float) -> Any:
         if not self.commands.poll(timeout):
             self.kill()
@@ -523,6 +528,7 @@ class ScriptedRun:
         try:
             return self.commands.recv()
         except EOFError:
+            self.process.join(self.timeout)
             raise RuntimeError(f"run {self.pid} ended unasked (exit code {self.process.exitcode})") from None
 
     def write(self, call_ids: list[str], body_size: int, stall: float) -> WriteOutcome:
@@ -542,13 +548,21 @@ class ScriptedRun:
         self._reap()
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            os.kill(self.process.pid, 9)
+        if not self.ended and self.process.is_alive():
+            os.kill(self.pid, signal.SIGKILL)
         self._reap()
 
+    @property
+    def ended(self) -> bool:
+        return self.commands.closed
+
     def _reap(self) -> None:
+        """Wait for the process and release its pipe and sentinel (a long test makes thousands of runs)."""
+        if self.ended:
+            return
         self.process.join(self.timeout)
         if self.process.exitcode is None:
-            os.kill(self.process.pid, 9)
+            os.kill(self.pid, signal.SIGKILL)
             self.process.join(self.timeout)
         self.commands.close()
+        self.process.close()
