@@ -26,7 +26,7 @@ the same as sipp connected directly; fdkeeper promises whole messages over TLS o
 runs here are killed between writes, and TCP writes stay within what the kernel's buffers
 take (a TCP write never stalls part-way).
 
-The suite runs a fixed seed, 10 sequences of 14 steps per transport (about 10 s each), and
+The suite runs a fixed seed, 8 sequences of 14 steps per transport (5-10 s each), and
 replays the known seams as fixed step sequences (a reply after the SuT's half-close, back-to-back
 runs over a slow SuT, a reset under a run). Longer runs:
 
@@ -35,8 +35,8 @@ runs over a slow SuT, a reset under a run). Longer runs:
 run that many random sequences per transport (fresh seeds, 40 steps each; every distinct
 failure is shrunk to a short sequence of steps, which hypothesis prints with the line to replay
 it; --hypothesis-seed=N fixes the seed). FDKEEPER_STATEFUL_STEPS sets the steps per sequence
-either way; FDKEEPER_STATEFUL_IGNORE_KNOWN=1 drops the sequences that reach a defect already
-known (the classes below) to look past it for others.
+either way; FDKEEPER_STATEFUL_IGNORE_KNOWN=1 drops the sequences that reach a defect named by
+the classes below (while one is being fixed) to look past it for others.
 """
 
 from __future__ import annotations
@@ -79,23 +79,26 @@ class KeeperBrokePromise(AssertionError):
     """One of the keeper's promises above did not hold."""
 
 
+# Defects found before, named so that one coming back says what it is.
+
+
 class HalfCloseReplyRefused(KeeperBrokePromise):
-    """Issue 16 item 4: after the SuT's FIN or close_notify, a run's reply is refused (TLS)."""
+    """Issue 16 item 4: after the SuT's FIN or close_notify, a run's reply was refused (TLS)."""
 
 
 class PumpHandoverLost(KeeperBrokePromise):
-    """Issue 16 item 1: a pending SSL write handed to the pump fails ("bad length"); the link closes."""
+    """Issue 16 item 1: a pending SSL write handed to the pump failed ("bad length"); the link closed."""
 
 
 class ResetReadAsEof(KeeperBrokePromise):
     """Found by this test: the SuT resets a TCP connection a run holds, nothing queued; the keeper
-    names the reason from SO_ERROR (health.py, connection.peer_gone_reason), which clears the
-    socket's pending error, so the run reads end of file where sipp alone would read ECONNRESET."""
+    named the reason from SO_ERROR, which cleared the socket's pending error, so the run read end
+    of file where sipp alone would read ECONNRESET."""
 
 
 LONG_EXAMPLES = int(os.environ.get("FDKEEPER_STATEFUL_EXAMPLES", "0"))
 IGNORE_KNOWN = os.environ.get("FDKEEPER_STATEFUL_IGNORE_KNOWN") == "1"
-SUITE_EXAMPLES = 10
+SUITE_EXAMPLES = 8
 STEPS = int(os.environ.get("FDKEEPER_STATEFUL_STEPS", "40" if LONG_EXAMPLES else "14"))
 SLOW = 80_000  # bytes a second: a SuT that reads, slowly
 TCP_WRITE_BUDGET = 1_000_000  # bytes over plain TCP per sequence: far below what loopback buffers take
@@ -477,8 +480,8 @@ class KeeperMachine(RuleBasedStateMachine):
 
     @staticmethod
     def known(defect: KeeperBrokePromise) -> None:
-        """A defect already known (see the classes above): raised, or with
-        FDKEEPER_STATEFUL_IGNORE_KNOWN=1 the sequence is dropped, to look for other ones."""
+        """A defect found before (the classes above): raised, or with
+        FDKEEPER_STATEFUL_IGNORE_KNOWN=1 the sequence is dropped, to look past it for others."""
         if IGNORE_KNOWN:
             reject()
         raise defect
@@ -493,21 +496,10 @@ class KeeperMachine(RuleBasedStateMachine):
 
 # --------------------------------------------------------------------------- the tests
 
-# Remove each mark once its fix is in: strict=False, so a pass meanwhile is an XPASS, not a failure;
-# raises= makes any other failure in these cases a failure.
-ITEM_1 = pytest.mark.xfail(raises=PumpHandoverLost, strict=False, reason="issue 16 item 1, fix landing")
-ITEM_4 = pytest.mark.xfail(raises=HalfCloseReplyRefused, strict=False, reason="issue 16 item 4, fix landing")
-ITEMS_1_AND_4 = pytest.mark.xfail(raises=(PumpHandoverLost, HalfCloseReplyRefused), strict=False,
-                                  reason="issue 16 items 1 and 4, fix landing")
-
-RESET_READ_AS_EOF = pytest.mark.xfail(
-    raises=ResetReadAsEof, strict=False,
-    reason="found by this test: a leased TCP connection the SuT resets reads as EOF (SO_ERROR consumed)")
-
 VARIANTS = [
-    pytest.param("tcp", "1", id="tcp", marks=RESET_READ_AS_EOF),
-    pytest.param("tls", "1", id="tls-pump", marks=ITEMS_1_AND_4),
-    pytest.param("tls", "0", id="tls-python-relay", marks=ITEMS_1_AND_4),
+    pytest.param("tcp", "1", id="tcp"),
+    pytest.param("tls", "1", id="tls-pump"),
+    pytest.param("tls", "0", id="tls-python-relay"),
 ]
 
 
@@ -572,16 +564,10 @@ def replay(machine_class: type[KeeperMachine], narrow: bool, steps: list[tuple[s
 
 SEAMS = [
     pytest.param("tcp", "1", "fin", id="tcp-fin"),
-    pytest.param("tls", "1", "fin", id="tls-pump-fin", marks=ITEM_4),
-    pytest.param("tls", "1", "close_notify", id="tls-pump-close_notify", marks=ITEM_4),
-    pytest.param("tls", "0", "fin", id="tls-python-relay-fin", marks=ITEM_4),
-    pytest.param("tls", "0", "close_notify", id="tls-python-relay-close_notify", marks=ITEM_4),
-]
-
-SLOW_SUT_VARIANTS = [
-    pytest.param("tcp", "1", id="tcp"),
-    pytest.param("tls", "1", id="tls-pump", marks=ITEM_1),
-    pytest.param("tls", "0", id="tls-python-relay", marks=ITEM_1),
+    pytest.param("tls", "1", "fin", id="tls-pump-fin"),
+    pytest.param("tls", "1", "close_notify", id="tls-pump-close_notify"),
+    pytest.param("tls", "0", "fin", id="tls-python-relay-fin"),
+    pytest.param("tls", "0", "close_notify", id="tls-python-relay-close_notify"),
 ]
 
 
@@ -594,7 +580,7 @@ def test_a_reply_after_the_suts_half_close_reaches_it(transport: str, pump: str,
     replay(machine, narrow=False, steps=steps)
 
 
-@pytest.mark.parametrize("transport, pump", SLOW_SUT_VARIANTS)
+@pytest.mark.parametrize("transport, pump", VARIANTS)
 def test_back_to_back_runs_over_a_slow_sut_lose_nothing(transport: str, pump: str, test_pki: TestPki,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
@@ -602,14 +588,7 @@ def test_back_to_back_runs_over_a_slow_sut_lose_nothing(transport: str, pump: st
     replay(machine, narrow=True, steps=SLOW_SUT_BACK_TO_BACK)
 
 
-RESET_VARIANTS = [
-    pytest.param("tcp", "1", id="tcp", marks=RESET_READ_AS_EOF),
-    pytest.param("tls", "1", id="tls-pump"),
-    pytest.param("tls", "0", id="tls-python-relay"),
-]
-
-
-@pytest.mark.parametrize("transport, pump", RESET_VARIANTS)
+@pytest.mark.parametrize("transport, pump", VARIANTS)
 def test_a_run_holding_the_connection_reads_the_suts_reset(transport: str, pump: str, test_pki: TestPki,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
