@@ -136,7 +136,7 @@ class Link:
     written: list[Written] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)  # Call-IDs the SuT sent, in order
     delivered: int = 0  # how many of them runs have read
-    end_read: bool = False  # a run read the SuT's end
+    end_reported: bool = False  # a run read the SuT's end, or a send() met its reset
     refused_closed: bool = False  # a lease was answered `ERR closed`
 
     @property
@@ -264,6 +264,8 @@ class KeeperMachine(RuleBasedStateMachine):
         self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[:outcome.whole])
         if outcome.error:
             run.told = outcome.error
+            if outcome.error == "ECONNRESET":  # the reset is reported once: to this send(), not to a later read
+                link.end_reported = True
             if half_closed_before:  # its side still takes what is sent: nothing to tell
                 self.known(HalfCloseReplyRefused(
                     f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
@@ -307,15 +309,15 @@ class KeeperMachine(RuleBasedStateMachine):
         if outcome.end is None:
             return
         ending = {"fin": "eof", "close_notify": "eof", "rst": "ECONNRESET"}.get(link.sut_ended)
-        if link.end_read:  # a reset is reported once; reads after it see end of file, as sockets do
+        if link.end_reported:  # a reset is reported once (to a read or a send); reads after it see end of file
             ending = "eof"
         self.check(ending is not None, f"the run read the connection's end ({outcome.end}); the SuT never ended it")
         self.check(not link.undelivered,
                    f"the run read the end ({outcome.end}) before the SuT's requests {link.undelivered}")
-        if (self.transport, link.sut_ended, outcome.end, link.end_read) == ("tcp", "rst", "eof", False):
+        if (self.transport, link.sut_ended, outcome.end, link.end_reported) == ("tcp", "rst", "eof", False):
             self.known(ResetReadAsEof("after the SuT's RST the run read end of file, not ECONNRESET"))
         self.check(outcome.end == ending, f"after the SuT's {link.sut_ended} the run read {outcome.end}, not {ending}")
-        link.end_read = True
+        link.end_reported = True
 
     @rule()
     def run_exits(self) -> None:
