@@ -165,3 +165,38 @@ def test_pings_from_a_timer_over_a_60_s_gap_are_answered_tcp_and_tls_at_once(
         assert answered.ok and answered.successful == 1, answered.summary()
         # None of the gap's pings reached the run: sipp logged no OPTIONS and nothing unexpected.
         assert "OPTIONS" not in answered.text("messages") and "nexpected" not in answered.text("errors")
+
+
+def test_a_fault_on_one_parked_connection_costs_that_one_once_not_every_sweep():
+    """TcpOptionsAnswerer re-arms parked connections in one periodic sweep; a connection whose
+    re-arming raises (the loop's guard logs it) must not stop the others, sweep after sweep."""
+    from types import SimpleNamespace
+
+    from fdkeeper.keeper.connection import IDLE
+    from fdkeeper.keeper.pings import TcpOptionsAnswerer
+    from fdkeeper.loop import Reactor
+
+    rewatched: list[int] = []
+
+    class Sweeps(Reactor):
+        def rewatch(self, fd: int, events: int) -> None:
+            rewatched.append(fd)
+
+    def broken() -> int:
+        raise OSError("a descriptor gone under the keeper")
+
+    def parked(fd: int, queued) -> SimpleNamespace:
+        return SimpleNamespace(id=fd, sock=object(), state=IDLE, ending="", ping_sent_at=None,
+                               queued_bytes=queued, fileno=lambda: fd)
+
+    reactor = Sweeps()
+    answerer = TcpOptionsAnswerer(reactor)
+    faulty, healthy = parked(7, broken), parked(8, lambda: 10)
+    answerer._parked = {7: (faulty, 0), 8: (healthy, 0)}
+    for _ in range(3):  # the sweep the loop runs every REARM_EVERY s, its fault caught by the loop
+        try:
+            answerer._rearm()
+        except OSError:
+            pass
+    assert rewatched == [8] and answerer._parked == {}
+    reactor.close()

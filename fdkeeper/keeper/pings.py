@@ -111,9 +111,13 @@ class TcpOptionsAnswerer:
 
     def _rearm(self) -> None:
         for key, (connection, queued) in list(self._parked.items()):
+            # Taken out before it is looked at: a fault on one connection (the loop's guard logs
+            # it) costs that connection's re-arming once, not the whole sweep every time.
+            del self._parked[key]
             if connection.sock is None:
-                del self._parked[key]
-            elif connection.state == IDLE and not connection.ending and connection.ping_sent_at is None:
-                if connection.queued_bytes() != queued:
-                    del self._parked[key]
-                    self.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
+                continue
+            idle = connection.state == IDLE and not connection.ending and connection.ping_sent_at is None
+            if idle and connection.queued_bytes() != queued:
+                self.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
+            else:
+                self._parked[key] = (connection, queued)
