@@ -450,3 +450,37 @@ def test_a_status_stream_that_faults_midway_ends_with_the_err_line(keeper_in_thr
     assert packets[-1] == INTERNAL and all(p.startswith(b"JSON ") for p in packets[:-1])
     monkeypatch.undo()
     assert client.status()["keeper"]["internal_errors"] == 1
+
+
+def test_a_defect_answering_one_waiting_prepare_costs_that_client_not_the_waiters_after_it():
+    """PREPARE wait=: the waiters are answered when a lease ends; a defect met answering one
+    is that client's one ERR internal (the loop logs and counts it), and the rest are answered."""
+    from types import SimpleNamespace
+
+    from fdkeeper.keeper.leases import Waiters
+    from fdkeeper.loop import Reactor
+
+    def answer(request):
+        if request["user"] == "broken":
+            raise RuntimeError("a defect met by one request")
+        return b"OK " + request["user"].encode()
+
+    class Request(dict):
+        def get(self, key, default=None):  # noqa: D102 - the protocol Request's get
+            return super().get(key, default)
+
+    clients = [SimpleNamespace(waiting=True, sent=[]) for _ in range(3)]
+    for c in clients:
+        c.send = c.sent.append
+    faulted = []
+    reactor = Reactor()
+    waiters = Waiters(answer, reactor, fault=faulted.append)
+    for c, user in zip(clients, ["first", "broken", "last"]):
+        waiters.add(c, Request(user=user, wait=5.0))
+    waiters.retry()
+    for _ in range(3):
+        reactor.run_once(0)
+    assert clients[0].sent == [b"OK first"] and clients[2].sent == [b"OK last"]
+    assert faulted == [clients[1]] and reactor.internal_errors == 1
+    assert waiters.waiting == []
+    reactor.close()

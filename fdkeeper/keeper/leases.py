@@ -154,10 +154,18 @@ class Waiter:
 
 class Waiters:
     """PREPAREs waiting for busy connections. ``answer`` is the keeper's PREPARE: it returns
-    the OK reply, or raises FdkeeperError (busy while the connection is still held)."""
+    the OK reply, or raises FdkeeperError (busy while the connection is still held).
 
-    def __init__(self, answer: Callable[[Request], bytes]) -> None:
+    Each waiter is answered in a reactor call of its own, owned by its client: a defect met
+    answering one (the loop logs and counts it) costs that client one ``ERR internal``
+    (``fault``), never the waiters after it in the same sweep.
+    """
+
+    def __init__(self, answer: Callable[[Request], bytes], reactor: Reactor,
+                 fault: Callable[[ControlClient], None]) -> None:
         self.answer = answer
+        self.reactor = reactor
+        self.fault = fault
         self.waiting: list[Waiter] = []
 
     def add(self, client: ControlClient, request: Request) -> None:
@@ -170,26 +178,37 @@ class Waiters:
         """Answer every waiter whose connection is no longer busy."""
         waiting, self.waiting = self.waiting, []
         for waiter in waiting:
-            try:
-                reply = self.answer(waiter.request)
-            except FdkeeperError as error:
-                if error.code == "busy":
-                    self.waiting.append(waiter)
-                else:
-                    waiter.answer(format_failure(error))
-                continue
-            waiter.answer(reply)
+            self._in_own_call(waiter, self._retry_one)
 
     def expire(self) -> None:
         """Tell waiters whose wait= is up why their connection is still not theirs."""
         now = time.monotonic()
-        for waiter in [w for w in self.waiting if w.deadline <= now]:
-            self.waiting.remove(waiter)
-            try:
-                self.answer(waiter.request)
-            except FdkeeperError as error:
-                waited = f" (waited {waiter.request.get('wait'):g} s)" if error.code == "busy" else ""
-                waiter.answer(format_failure(error, waited))
+        expired = [w for w in self.waiting if w.deadline <= now]
+        self.waiting = [w for w in self.waiting if w.deadline > now]
+        for waiter in expired:
+            self._in_own_call(waiter, self._expire_one)
+
+    def _in_own_call(self, waiter: Waiter, step: Callable[[Waiter], None]) -> None:
+        self.reactor.call_later(0, lambda: step(waiter), on_fault=lambda _error: self.fault(waiter.client))
+
+    def _retry_one(self, waiter: Waiter) -> None:
+        try:
+            reply = self.answer(waiter.request)
+        except FdkeeperError as error:
+            if error.code == "busy":
+                self.waiting.append(waiter)
+            else:
+                waiter.answer(format_failure(error))
+            return
+        waiter.answer(reply)
+
+    def _expire_one(self, waiter: Waiter) -> None:
+        try:
+            reply = self.answer(waiter.request)
+        except FdkeeperError as error:
+            waited = f" (waited {waiter.request.get('wait'):g} s)" if error.code == "busy" else ""
+            reply = format_failure(error, waited)
+        waiter.answer(reply)  # free at its deadline after all: it gets the connection
 
 
 def lease_holder(requester: int, for_pid: int | None) -> int:
