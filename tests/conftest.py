@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from fdkeeper import testbed
-from fdkeeper.client import KeeperClient
+from fdkeeper.client import KeeperClient, ensure_keeper
 
 
 def _plugin_needs_loading() -> bool:
@@ -95,6 +95,15 @@ def sipp_path(fdkeeper_sipp_path: str) -> str:
 # --------------------------------------------------------------------------
 # keeper
 # --------------------------------------------------------------------------
+
+@pytest.fixture
+def keeper(tmp_path: Path) -> Iterator[KeeperClient]:
+    """A real keeper in tmp_path/state, started for the test (as a run would start it) and
+    stopped after; modules that need another kind (a fake, one with a defect) define their own."""
+    client = ensure_keeper(tmp_path / "state")
+    yield client
+    client.stop()
+
 
 @pytest.fixture
 def keeper_dir(tmp_path: Path) -> Iterator[Path]:

@@ -34,13 +34,6 @@ def peer():
     listener.close()
 
 
-@pytest.fixture
-def keeper(tmp_path):
-    client = ensure_keeper(tmp_path / "state")
-    yield client
-    client.stop()
-
-
 def keeper_process(client: KeeperClient) -> psutil.Process:
     return psutil.Process(int(client.alive().fields["pid"]))
 

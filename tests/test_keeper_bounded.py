@@ -23,7 +23,7 @@ from fdkeeper.sip.framing import MAX_MESSAGE, SipFramer
 from fdkeeper.testbed import wait_until
 
 from test_keeper import peer, remote_of  # noqa: F401 - the fixture: a TCP listener standing in for the SuT
-from test_keeper_datapath import FakeSut, keeper, lease, open_connection, pki  # noqa: F401 - keeper, pki: fixtures
+from test_keeper_datapath import FakeSut, lease, open_connection, pki  # noqa: F401 - pki: fixture
 from test_keeper_datapath import sip as datapath_sip
 
 CYCLES = COMPACT_AT_CANCELLED + 50

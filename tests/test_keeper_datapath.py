@@ -33,13 +33,6 @@ def pki(tmp_path_factory):
     return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
-@pytest.fixture
-def keeper(tmp_path):
-    client = ensure_keeper(tmp_path / "state")
-    yield client
-    client.stop()
-
-
 class FakeSut:
     """A loopback server that accepts connections and does only what the test tells it to.
 

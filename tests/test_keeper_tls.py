@@ -108,13 +108,6 @@ class TlsPeer:
 
 
 @pytest.fixture
-def keeper(tmp_path):
-    client = ensure_keeper(tmp_path / "state")
-    yield client
-    client.stop()
-
-
-@pytest.fixture
 def peer(pki):
     server = TlsPeer(pki)
     yield server

@@ -13,7 +13,6 @@ import socket
 import pytest
 
 from fdkeeper.client import KeeperClient
-from test_keeper import keeper  # noqa: F401 - fixture: a keeper in tmp_path
 from test_shim import Sut, build, parse, recv_until, run, shim_env, sut  # noqa: F401 - fixtures
 
 

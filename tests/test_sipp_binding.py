@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper.client import ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.binding import Binding, likely_main_port, sipp_binding
@@ -65,13 +64,6 @@ def test_the_invocation_reads_the_binding_with_its_own_release():
 
 
 # ---------------------------------------------------------------- the keeper opens nothing early
-
-@pytest.fixture
-def keeper(tmp_path):
-    client = ensure_keeper(tmp_path / "state")
-    yield client
-    client.stop()
-
 
 @pytest.fixture
 def peer():

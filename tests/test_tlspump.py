@@ -22,10 +22,9 @@ import pytest
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper import tlspump
 from fdkeeper.testbed import wait_until
-from test_keeper_datapath import (  # noqa: F401 - keeper and pki are fixtures
+from test_keeper_datapath import (  # noqa: F401 - pki is a fixture
     FakeSut,
     end_connection,
-    keeper,
     keeper_rss,
     lease,
     open_connection,
