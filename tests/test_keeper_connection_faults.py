@@ -62,13 +62,19 @@ def test_a_fault_keeping_an_opened_connection_fails_that_open_only(reactor, list
         opener.open(key, None, None, lambda sock, early: None)
 
 
-def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reactor, listener):
+def watched_connection(reactor, listener) -> tuple[ConnectionHealth, KeptConnection, socket.socket]:
+    """A kept TCP connection to ``listener``, watched by a ConnectionHealth; and the SuT's end."""
     health = ConnectionHealth(reactor, keepalive=None)
     sock = socket.create_connection(listener.getsockname()[:2])
     peer, _ = listener.accept()
     connection = KeptConnection(id=1, sock=sock, transport="tcp", remote=peer.getsockname()[:2],
                                 local=sock.getsockname()[:2])
     health.watch(connection)
+    return health, connection, peer
+
+
+def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reactor, listener):
+    health, connection, peer = watched_connection(reactor, listener)
 
     def broken() -> bool:
         raise RuntimeError("a bug")
@@ -87,12 +93,7 @@ def test_a_fault_ending_a_lease_closes_that_holders_connections(reactor, listene
 
     from fdkeeper.keeper.leases import Leases
 
-    health = ConnectionHealth(reactor, keepalive=None)
-    sock = socket.create_connection(listener.getsockname()[:2])
-    peer, _ = listener.accept()
-    connection = KeptConnection(id=1, sock=sock, transport="tcp", remote=peer.getsockname()[:2],
-                                local=sock.getsockname()[:2])
-    health.watch(connection)
+    health, connection, peer = watched_connection(reactor, listener)
     released: list[bool] = []
     leases = Leases(reactor, {1: connection}, health, on_release=lambda: released.append(True))
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
