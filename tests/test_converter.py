@@ -490,3 +490,33 @@ def test_a_fault_handling_one_datagram_costs_that_datagram_not_the_converter():
         accepted.close()
         server.close()
         sut.close()
+
+
+def test_a_silent_control_client_never_holds_the_converters_loop(tmp_path):
+    """The converter reads control requests as they arrive: a client of ours that connects and
+    says nothing costs its own slot (dropped after REQUEST_SECONDS), never anyone else's answer."""
+    import threading
+    import time
+
+    from fdkeeper.convert.server import ConverterServer
+
+    sut = socket.create_server(("127.0.0.1", 0))
+    control = tmp_path / "convert.sock"
+    server = ConverterServer(("127.0.0.1", 0), sut.getsockname()[:2], "tcp", None, control=control)
+    loop = threading.Thread(target=server.serve_forever, daemon=True)
+    loop.start()
+    silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for client in silent:
+            client.connect(str(control))
+        started = time.monotonic()
+        assert control_request(control, "STATUS")["ok"]
+        assert time.monotonic() - started < 1.0  # the silent ones are not waited for
+        silent[0].settimeout(5)
+        assert silent[0].recv(10) == b""  # dropped once its time to speak is up
+    finally:
+        control_request(control, "STOP")
+        loop.join(10)
+        for client in silent:
+            client.close()
+        sut.close()

@@ -19,7 +19,7 @@ from typing import Protocol
 from fdkeeper.address import Address, is_ip, split_host_port
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
-from fdkeeper.loop import Reactor
+from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.uri import SIP_PORT
 
 
@@ -82,8 +82,16 @@ def _attach(target: Controlled, argument: str) -> dict:
     return {**reply, "delivered": sent[0]} if sent else reply
 
 
+# A control client has this long to send its one request line; the converter's loop never waits
+# on it (it is watched like any other descriptor), and at most MAX_PENDING are heard at once.
+REQUEST_SECONDS = 2.0
+MAX_REQUEST = 4096
+MAX_PENDING = 16
+
+
 class ControlSocket:
-    """The listening Unix socket, watched on the converter's reactor."""
+    """The listening Unix socket, watched on the converter's reactor: each client's request is
+    read as it arrives, never waited for, so a silent client costs its own slot, not the loop."""
 
     def __init__(self, path: Path, reactor: Reactor, target: Controlled) -> None:
         self.path, self.reactor, self.target = path, reactor, target
@@ -92,28 +100,66 @@ class ControlSocket:
         self.sock.bind(os.fspath(path))
         self.sock.listen(8)
         self.sock.setblocking(False)
-        reactor.watch(self.sock.fileno(), select.EPOLLIN, self._accept)
+        self._pending: dict[int, _Pending] = {}
+        reactor.watch(self.sock.fileno(), select.EPOLLIN, self._accept, on_fault=lambda _error: None)
 
     def _accept(self, _mask: int) -> None:
         try:
             connection, _ = self.sock.accept()
+        except OSError:  # BlockingIOError, or out of descriptors: the next event tries again
+            return
+        connection.setblocking(False)
+        if not _peer_is_ours(connection) or len(self._pending) >= MAX_PENDING:
+            connection.close()  # only our uid or root may steer the converter; and a bounded few at once
+            return
+        pending = _Pending(connection, self.reactor.call_later(REQUEST_SECONDS, lambda: self._end(connection)))
+        self._pending[connection.fileno()] = pending
+        self.reactor.watch(connection.fileno(), select.EPOLLIN, lambda _mask: self._read(pending),
+                           on_fault=lambda _error: self._end(connection))
+
+    def _read(self, pending: _Pending) -> None:
+        try:
+            chunk = pending.connection.recv(MAX_REQUEST - len(pending.request))
         except BlockingIOError:
             return
-        with connection:
-            connection.settimeout(2.0)
-            if not _peer_is_ours(connection):
-                return  # only our uid or root may steer the converter
-            try:
-                request = connection.recv(4096).decode(errors="replace").strip()
-                reply = answer(self.target, request)
-                connection.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            chunk = b""
+        pending.request += chunk
+        if chunk and b"\n" not in pending.request and len(pending.request) < MAX_REQUEST:
+            return  # more of the line to come
+        if pending.request:
+            reply = answer(self.target, pending.request.decode(errors="replace").strip())
+            try:  # a small reply into an empty socket buffer: never waits
+                pending.connection.send(json.dumps(reply).encode() + b"\n", socket.MSG_DONTWAIT)
             except OSError:
-                return
+                pass
+        self._end(pending.connection)
+
+    def _end(self, connection: socket.socket) -> None:
+        pending = self._pending.pop(connection.fileno(), None)
+        if pending is None:
+            return
+        pending.timer.cancel()
+        self.reactor.unwatch(connection.fileno())
+        connection.close()
 
     def close(self) -> None:
+        for pending in list(self._pending.values()):
+            self._end(pending.connection)
         self.reactor.unwatch(self.sock.fileno())
         self.sock.close()
         self.path.unlink(missing_ok=True)
+
+
+class _Pending:
+    """A control client whose request line is still being read."""
+
+    __slots__ = ("connection", "timer", "request")
+
+    def __init__(self, connection: socket.socket, timer: Timer) -> None:
+        self.connection = connection
+        self.timer = timer
+        self.request = b""
 
 
 def _peer_is_ours(connection: socket.socket) -> bool:
