@@ -474,7 +474,7 @@ def test_a_defect_answering_one_waiting_prepare_costs_that_client_not_the_waiter
         c.send = c.sent.append
     faulted = []
     reactor = Reactor()
-    waiters = Waiters(answer, reactor, fault=faulted.append)
+    waiters = Waiters(answer, reactor, on_fault_of=lambda client: lambda _error: faulted.append(client))
     for c, user in zip(clients, ["first", "broken", "last"]):
         waiters.add(c, Request(user=user, wait=5.0))
     waiters.retry()

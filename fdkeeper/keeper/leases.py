@@ -158,14 +158,14 @@ class Waiters:
 
     Each waiter is answered in a reactor call of its own, owned by its client: a defect met
     answering one (the loop logs and counts it) costs that client one ``ERR internal``
-    (``fault``), never the waiters after it in the same sweep.
+    (``on_fault_of``: ControlClients.on_fault_of), never the waiters after it in the same sweep.
     """
 
     def __init__(self, answer: Callable[[Request], bytes], reactor: Reactor,
-                 fault: Callable[[ControlClient], None]) -> None:
+                 on_fault_of: Callable[[ControlClient], Callable[[Exception], None]]) -> None:
         self.answer = answer
         self.reactor = reactor
-        self.fault = fault
+        self.on_fault_of = on_fault_of
         self.waiting: list[Waiter] = []
 
     def add(self, client: ControlClient, request: Request) -> None:
@@ -189,7 +189,7 @@ class Waiters:
             self._in_own_call(waiter, self._expire_one)
 
     def _in_own_call(self, waiter: Waiter, step: Callable[[Waiter], None]) -> None:
-        self.reactor.call_later(0, lambda: step(waiter), on_fault=lambda _error: self.fault(waiter.client))
+        self.reactor.call_later(0, lambda: step(waiter), on_fault=self.on_fault_of(waiter.client))
 
     def _retry_one(self, waiter: Waiter) -> None:
         try:

@@ -87,7 +87,7 @@ class Keeper:
         self.reactor = Reactor()
         self.connections: dict[int, KeptConnection] = {}
         self.health = ConnectionHealth(self.reactor, keepalive, answer_options)
-        self.waiters = Waiters(self._answer_prepare, self.reactor, fault=lambda client: self.clients.fault(client))
+        self.waiters = Waiters(self._answer_prepare, self.reactor, on_fault_of=lambda client: self.clients.on_fault_of(client))
         self.leases = Leases(self.reactor, self.connections, self.health, on_release=self.waiters.retry)
         self.pool = ConnectionPool(
             self.connections, self.health, self.leases, connect_timeout=connect_timeout, tls_defaults=self.tls_defaults
