@@ -42,13 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from cpslib import (
+    CALL_PAUSE_S,
+    KEEP_FRACTION,
+    RECV_TIMEOUT_MS,
+    SHM_MB,
+    command_version,
+    cpu_model,
+    elapsed_seconds,
+    write_uas_scenario,
+)
 
 from fdkeeper import testbed
 from fdkeeper.convert import control_request
 from fdkeeper.testbed.pki import make_test_pki
-
-from cpslib import (CALL_PAUSE_S, KEEP_FRACTION, RECV_TIMEOUT_MS, SHM_MB, command_version, cpu_model,
-                    elapsed_seconds, write_uas_scenario)
 
 CALLEE = "bob"
 OPTIONS_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -68,8 +75,10 @@ OPTIONS_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
   <recv response="200"/>
 </scenario>
 """
-LADDERS = {"options": [4000, 6000, 8000, 9000, 10000, 11000, 12000, 14000],
-           "calls": [200, 400, 600, 800, 1000, 1200, 1400]}
+LADDERS = {
+    "options": [4000, 6000, 8000, 9000, 10000, 11000, 12000, 14000],
+    "calls": [200, 400, 600, 800, 1000, 1200, 1400],
+}
 QUICK_LADDERS = {"options": [6000, 9000, 10000, 12000], "calls": [400, 800, 1200]}
 CONFIGS = ("fdk", "kam")
 LABELS = {"fdk": "fdkeeper convert", "kam": "Kamailio converter"}
@@ -100,23 +109,34 @@ class Run:
 
     @property
     def passed(self) -> bool:
-        return (self.returncode == 0 and self.failed == 0 and self.successful == self.count
-                and self.achieved >= KEEP_FRACTION * self.ideal)
+        return (
+            self.returncode == 0
+            and self.failed == 0
+            and self.successful == self.count
+            and self.achieved >= KEEP_FRACTION * self.ideal
+        )
 
     @property
     def cpu_per_tx_us(self) -> float:
         return self.cpu / self.successful * 1e6 if self.successful else float("nan")
 
     def line(self) -> str:
-        verdict = ("retry: " if self.retry else "") + ("ok" if self.passed else
-                   f"FAILED ({self.failed} failed, {self.successful}/{self.count}, exit {self.returncode}, "
-                   f"{self.achieved:.0f}/s of ideal {self.ideal:.0f}/s)")
-        return (f"{self.load:<8}{self.transport:<5}{self.rate:>7g}  {LABELS[self.config]:<20}{self.successful:>7}"
-                f"{self.failed:>7}{self.elapsed:>9.3f}{self.achieved:>9.0f}{self.cpu:>8.2f}{self.cpu_per_tx_us:>9.1f}  {verdict}")
+        verdict = ("retry: " if self.retry else "") + (
+            "ok"
+            if self.passed
+            else f"FAILED ({self.failed} failed, {self.successful}/{self.count}, exit {self.returncode}, "
+            f"{self.achieved:.0f}/s of ideal {self.ideal:.0f}/s)"
+        )
+        return (
+            f"{self.load:<8}{self.transport:<5}{self.rate:>7g}  {LABELS[self.config]:<20}{self.successful:>7}"
+            f"{self.failed:>7}{self.elapsed:>9.3f}{self.achieved:>9.0f}{self.cpu:>8.2f}{self.cpu_per_tx_us:>9.1f}  {verdict}"
+        )
 
 
-HEADER = (f"{'load':<8}{'tr':<5}{'rate':>7}  {'converter':<20}{'ok':>7}{'failed':>7}{'elapsed':>9}{'tx/s':>9}"
-          f"{'cpu s':>8}{'us/tx':>9}  verdict")
+HEADER = (
+    f"{'load':<8}{'tr':<5}{'rate':>7}  {'converter':<20}{'ok':>7}{'failed':>7}{'elapsed':>9}{'tx/s':>9}"
+    f"{'cpu s':>8}{'us/tx':>9}  verdict"
+)
 
 
 class Bench:
@@ -136,31 +156,70 @@ class Bench:
     def setup(self, transports: list[str], loads: list[str]) -> None:
         self.kamailio.start()
         for transport in transports:
-            kam = testbed.KamailioConverter.for_sut(self.workdir / f"kam-{transport}", self.kamailio, transport,
-                                                    tls=testbed.KamailioTls.client(self.pki) if transport == "tls" else None)
+            kam = testbed.KamailioConverter.for_sut(
+                self.workdir / f"kam-{transport}",
+                self.kamailio,
+                transport,
+                tls=testbed.KamailioTls.client(self.pki) if transport == "tls" else None,
+            )
             kam.start()
             self.kams[transport] = kam
             self.listen[("kam", transport)] = kam.address
             control = self.workdir / f"fdk-{transport}.sock"
             target = self.kamailio.tls_address if transport == "tls" else self.kamailio.address
             self.fdks[transport] = subprocess.Popen(
-                [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0", "--sut", target,
-                 "--transport", transport, "--control", str(control), "--log-level", "warning",
-                 "--tls-ca", str(self.pki.ca_cert)],
-                stderr=open(self.workdir / f"fdk-{transport}.log", "wb"), start_new_session=True)
-            self.listen[("fdk", transport)] = testbed.wait_until(lambda: self._status(control), 10,
-                                                                 what=f"fdkeeper convert ({transport})")["listen"]
+                [
+                    sys.executable,
+                    "-m",
+                    "fdkeeper",
+                    "convert",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--sut",
+                    target,
+                    "--transport",
+                    transport,
+                    "--control",
+                    str(control),
+                    "--log-level",
+                    "warning",
+                    "--tls-ca",
+                    str(self.pki.ca_cert),
+                ],
+                stderr=open(self.workdir / f"fdk-{transport}.log", "wb"),  # noqa: SIM115 - the child writes it
+                start_new_session=True,
+            )
+            self.listen[("fdk", transport)] = testbed.wait_until(
+                lambda control=control: self._status(control), 10, what=f"fdkeeper convert ({transport})"
+            )["listen"]
         if "calls" in loads:
             port = testbed.free_port()
             users = testbed.write_users_csv(self.workdir / "bob.csv", [CALLEE], self.kamailio.domain)
-            registered = testbed.run_sipp(self.sipp, "uac-register.xml", self.kamailio.address, log_dir=self.logs,
-                                          name="register-bob", transport="u1", local_port=port, calls=1, timeout=10,
-                                          extra=["-inf", str(users)])
+            registered = testbed.run_sipp(
+                self.sipp,
+                "uac-register.xml",
+                self.kamailio.address,
+                log_dir=self.logs,
+                name="register-bob",
+                transport="u1",
+                local_port=port,
+                calls=1,
+                timeout=10,
+                extra=["-inf", str(users)],
+            )
             if not registered.ok:
                 raise RuntimeError(f"registering {CALLEE} failed:\n{registered.summary()}")
-            self.uas = testbed.start_sipp(self.sipp, write_uas_scenario(self.workdir), self.kamailio.address,
-                                          log_dir=self.logs, name="uas", transport="u1", local_port=port, calls=None,
-                                          trace_messages=False)
+            self.uas = testbed.start_sipp(
+                self.sipp,
+                write_uas_scenario(self.workdir),
+                self.kamailio.address,
+                log_dir=self.logs,
+                name="uas",
+                transport="u1",
+                local_port=port,
+                calls=None,
+                trace_messages=False,
+            )
         (self.workdir / "options.xml").write_text(OPTIONS_SCENARIO)
 
     @staticmethod
@@ -211,14 +270,34 @@ class Bench:
         extra += ["-l", str(max(100, round(rate))), "-recv_timeout", str(RECV_TIMEOUT_MS)]
         processes = self.processes(config, transport)
         before = self.cpu(processes)
-        result = testbed.run_sipp(self.sipp, scenario, self.listen[(config, transport)], log_dir=self.logs,
-                                  name=f"{load}-{transport}-{config}-{rate:g}-{time.monotonic_ns()}", wait=count / rate * 3 + 40,
-                                  transport="u1", calls=count, rate=rate, timeout=count / rate * 3 + 10,
-                                  trace_messages=False, extra=extra)
+        result = testbed.run_sipp(
+            self.sipp,
+            scenario,
+            self.listen[(config, transport)],
+            log_dir=self.logs,
+            name=f"{load}-{transport}-{config}-{rate:g}-{time.monotonic_ns()}",
+            wait=count / rate * 3 + 40,
+            transport="u1",
+            calls=count,
+            rate=rate,
+            timeout=count / rate * 3 + 10,
+            trace_messages=False,
+            extra=extra,
+        )
         cpu = self.cpu(processes) - before
         time.sleep(0.5)
-        return Run(load, transport, config, rate, count, result.successful, result.failed,
-                   elapsed_seconds(result.stats), result.returncode, cpu)
+        return Run(
+            load,
+            transport,
+            config,
+            rate,
+            count,
+            result.successful,
+            result.failed,
+            elapsed_seconds(result.stats),
+            result.returncode,
+            cpu,
+        )
 
     def measure(self, load: str, transport: str, config: str, rate: float) -> Run:
         for attempt in range(2):
@@ -233,7 +312,7 @@ class Bench:
     def climb(self, load: str, transport: str, ladder: list[float]) -> dict[str, Run | None]:
         for config in CONFIGS:  # warm-up: both converters and the SuT see traffic before measuring
             self.run(load, transport, config, ladder[0] / 2, duration=1)
-        best: dict[str, Run | None] = {c: None for c in CONFIGS}
+        best: dict[str, Run | None] = dict.fromkeys(CONFIGS)
         climbing = list(CONFIGS)
         for step, rate in enumerate(ladder):
             if not climbing:
@@ -253,9 +332,15 @@ def summary(bench: Bench, load: str, transport: str, best: dict[str, Run | None]
     lines = [f"{load} UDP->{transport.upper()}:"]
     for config in CONFIGS:
         run = best[config]
-        lines.append(f"  {LABELS[config]:<20} " + (f"highest rate passed {run.rate:g}, achieved {run.achieved:.0f} {unit}, "
-                                                    f"{run.cpu_per_tx_us:.1f} CPU-us per transaction"
-                                                    if run else "no rate passed"))
+        lines.append(
+            f"  {LABELS[config]:<20} "
+            + (
+                f"highest rate passed {run.rate:g}, achieved {run.achieved:.0f} {unit}, "
+                f"{run.cpu_per_tx_us:.1f} CPU-us per transaction"
+                if run
+                else "no rate passed"
+            )
+        )
     if best["fdk"] and best["kam"]:
         ratio = best["fdk"].achieved / best["kam"].achieved
         common = [r for r in bench.runs if r.load == load and r.transport == transport and r.passed]
@@ -263,15 +348,19 @@ def summary(bench: Bench, load: str, transport: str, best: dict[str, Run | None]
         if rates:
             top = max(rates)
             cpu = {c: [r for r in common if r.rate == top and r.config == c][-1].cpu_per_tx_us for c in CONFIGS}
-            cpu_text = (f"at {top:g}/s (highest both passed) CPU per transaction fdk {cpu['fdk']:.1f} us, "
-                        f"kam {cpu['kam']:.1f} us, ratio {cpu['fdk'] / cpu['kam']:.2f}")
+            cpu_text = (
+                f"at {top:g}/s (highest both passed) CPU per transaction fdk {cpu['fdk']:.1f} us, "
+                f"kam {cpu['kam']:.1f} us, ratio {cpu['fdk'] / cpu['kam']:.2f}"
+            )
         else:
             cpu, cpu_text = None, "no rate both passed"
         # Both capped by the ladder at the same step: the rates are equal (the ratio is then noise).
         rate_ok = best["fdk"].rate >= best["kam"].rate
         verdict = "goal met" if rate_ok and cpu and cpu["fdk"] <= cpu["kam"] else "goal missed"
-        lines.append(f"  highest rate fdk {best['fdk'].rate:g} vs kam {best['kam'].rate:g}, achieved ratio {ratio:.3f}; "
-                     f"{cpu_text}; {verdict}")
+        lines.append(
+            f"  highest rate fdk {best['fdk'].rate:g} vs kam {best['kam'].rate:g}, achieved ratio {ratio:.3f}; "
+            f"{cpu_text}; {verdict}"
+        )
     return lines
 
 
@@ -312,9 +401,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(summary(bench, load, transport, best)))
         load_avg = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load_avg}")
-        print(f"sipp: {command_version([sipp, '-v'], r'SIPp v[^ ]+')}; "
-              f"kamailio: {command_version([bench.kamailio.command()[0], '-v'], r'kamailio [^ ]+ [^ ]+')}; "
-              f"python {sys.version.split()[0]}; bench time {time.monotonic() - began:.0f} s")
+        print(
+            f"sipp: {command_version([sipp, '-v'], r'SIPp v[^ ]+')}; "
+            f"kamailio: {command_version([bench.kamailio.command()[0], '-v'], r'kamailio [^ ]+ [^ ]+')}; "
+            f"python {sys.version.split()[0]}; bench time {time.monotonic() - began:.0f} s"
+        )
         return 0
     except RuntimeError as error:
         print(f"converter bench: set-up failed: {error}", file=sys.stderr)

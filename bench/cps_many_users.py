@@ -62,14 +62,35 @@ from pathlib import Path
 
 import psutil
 
+# Run as a script (python3 bench/cps_many_users.py): bench/ is sys.path[0], cpslib is beside us.
+from cpslib import (
+    CALLEE,
+    SHM_MB,
+    BenchBase,
+    Run,
+    ascents,
+    caller_options,
+    climb,
+    command_version,
+    common_arguments,
+    cpu_model,
+    cpu_seconds,
+    elapsed_seconds,
+    format_run,
+    paired_ratios,
+    print_best_rates,
+    print_footer,
+    process_tree,
+    register_callee,
+    resolve_defaults,
+    run_bench,
+    table_header,
+    write_uas_scenario,
+)
+
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
-
-# Run as a script (python3 bench/cps_many_users.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (print_best_rates, CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, paired_ratios, print_footer, process_tree,
-                    common_arguments, cpu_model, elapsed_seconds, format_run, register_callee,
-                    resolve_defaults, run_bench, table_header, write_uas_scenario)
 
 GOAL = 0.95
 CONFIGS = ("a", "b")
@@ -80,17 +101,18 @@ USERS = 10000
 # open-file limit is lower): a run keeps at most -l calls (one second's worth) open, and a
 # connection sipp closed is gone from Kamailio at once (the TIME_WAIT is on sipp's side).
 TCP_HEADROOM = 20000
-REGISTER_RATE = 2000       # REGISTERs per second of the registration run (-r)
-REGISTER_LIMIT = 1000      # open REGISTER calls at once (-l)
-LOCATION_SAMPLE = 20       # users checked at the registrar after the registration
-PORT_MARGIN = 2000         # free local ports kept beyond one per call of the next run
-PORT_WAIT_S = 60           # TIME_WAIT lasts 60 s: waiting longer would not help
+REGISTER_RATE = 2000  # REGISTERs per second of the registration run (-r)
+REGISTER_LIMIT = 1000  # open REGISTER calls at once (-l)
+LOCATION_SAMPLE = 20  # users checked at the registrar after the registration
+PORT_MARGIN = 2000  # free local ports kept beyond one per call of the next run
+PORT_WAIT_S = 60  # TIME_WAIT lasts 60 s: waiting longer would not help
 REGISTER_TIME_WAIT = 2000  # at most this many sockets in TIME_WAIT when the registration starts
 
 
 # --------------------------------------------------------------------------
 # the users and the caller's scenario
 # --------------------------------------------------------------------------
+
 
 def user_names(count: int) -> list[str]:
     width = max(4, len(str(count)))
@@ -107,8 +129,10 @@ def write_caller_scenario(directory: Path) -> Path:
     text, froms = re.subn(r"From: <sip:caller@\[domain\]>", "From: <sip:[field0]@[field1]>", text)
     text, contacts = re.subn(r"Contact: <sip:caller@\[local_ip\]", "Contact: <sip:[field0]@[local_ip]", text)
     if (froms, contacts) != (3, 3):
-        raise RuntimeError("scenarios/uac-call.xml changed: cannot find its three From and Contact headers "
-                           f"to make the caller user k (found {froms} and {contacts})")
+        raise RuntimeError(
+            "scenarios/uac-call.xml changed: cannot find its three From and Contact headers "
+            f"to make the caller user k (found {froms} and {contacts})"
+        )
     text = text.replace('<scenario name="fdkeeper uac call">', '<scenario name="fdkeeper uac call from users">')
     path = directory / "uac-call-from-users.xml"
     path.write_text(text)
@@ -118,6 +142,7 @@ def write_caller_scenario(directory: Path) -> Path:
 # --------------------------------------------------------------------------
 # processes: open files, CPU, memory
 # --------------------------------------------------------------------------
+
 
 def open_files_wanted(users: int) -> int:
     """Kamailio holds the users' connections and (a)'s per-call ones; the keeper the users'."""
@@ -135,15 +160,17 @@ def raise_open_file_limit(users: int) -> tuple[int, int]:
             nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, nr_open), min(wanted, nr_open)))
         except (ValueError, OSError):
-            pass        # not allowed: the hard limit stays
+            pass  # not allowed: the hard limit stays
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < min(wanted, hard):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < users + 2048:
-        raise RuntimeError(f"the open-file limit is {soft} (hard {hard}): too low for {users} connections "
-                           f"(Kamailio and the keeper each need {users + 2048} or more); raise the hard "
-                           "limit (ulimit -Hn, LimitNOFILE=) or pass fewer --users")
+        raise RuntimeError(
+            f"the open-file limit is {soft} (hard {hard}): too low for {users} connections "
+            f"(Kamailio and the keeper each need {users + 2048} or more); raise the hard "
+            "limit (ulimit -Hn, LimitNOFILE=) or pass fewer --users"
+        )
     return soft, hard
 
 
@@ -156,10 +183,6 @@ def process_open_files_limit(pid: int | None) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-
-
 
 
 def rss_bytes(pid: int) -> int:
@@ -198,37 +221,43 @@ def mib(n: float) -> str:
 # the bench
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class Bench(BenchBase):
     """(a) plain sipp -t tn straight to Kamailio, (b) the same through `fdkeeper sipp`, the
     calls coming from the `users` registered (through fdkeeper) before."""
+
     CONFIGS = CONFIGS
     LABELS = LABELS
     PROG = "cps_many_users"
 
     users: int = USERS
     register_rate: float = REGISTER_RATE
-    alias: bool = False             # Kamailio aliases every request's Via port to its connection
-    facts: dict = field(default_factory=dict)      # what the set-up measured, for the report
+    alias: bool = False  # Kamailio aliases every request's Via port to its connection
+    facts: dict = field(default_factory=dict)  # what the set-up measured, for the report
     keeper_pid: int | None = None
     sut_tree: list[psutil.Process] = field(default_factory=list)
-    pending_calls: int = 0          # calls of the run about to start
+    pending_calls: int = 0  # calls of the run about to start
     port_waits: list[float] = field(default_factory=list)
 
     def make_sut(self) -> testbed.Kamailio:
         # Before Kamailio exists: its open_files_limit comes from this process's limit.
         self.facts["open_files"] = raise_open_file_limit(self.users)
         soft = self.facts["open_files"][0]
-        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB,
-                                tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024),
-                                alias_every_request=self.alias)
+        return testbed.Kamailio(
+            self.workdir / "kamailio",
+            shm_mb=SHM_MB,
+            tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024),
+            alias_every_request=self.alias,
+        )
 
     # -- set-up -------------------------------------------------------------
 
     def setup(self) -> None:
         # Not users.csv: cpslib.register_callee writes bob into that one.
-        self.users_csv = testbed.write_users_csv(self.workdir / "callers.csv", user_names(self.users),
-                                                 self.kamailio.domain)
+        self.users_csv = testbed.write_users_csv(
+            self.workdir / "callers.csv", user_names(self.users), self.kamailio.domain
+        )
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
         self.sut_tree = process_tree(self.kamailio.pid)
@@ -236,15 +265,19 @@ class Bench(BenchBase):
         self.facts["sut_open_files"] = limit
         if limit is not None and limit < self.users + 1024:
             raise RuntimeError(f"Kamailio's open-file limit is {limit}, too low for {self.users} connections")
-        print(f"Kamailio on {self.kamailio.address}: tcp_max_connections {self.kamailio.tcp_max_connections}, "
-              f"open files {limit}, {SHM_MB} MB shm, {self.kamailio.children} UDP + "
-              f"{self.kamailio.children} TCP workers", flush=True)
+        print(
+            f"Kamailio on {self.kamailio.address}: tcp_max_connections {self.kamailio.tcp_max_connections}, "
+            f"open files {limit}, {SHM_MB} MB shm, {self.kamailio.children} UDP + "
+            f"{self.kamailio.children} TCP workers",
+            flush=True,
+        )
         # The callee first: cpslib's check of its registration dumps the whole location table,
         # which kamcmd cannot return with 10,000 users in it.
         port = testbed.free_port()
         register_callee(self, port)
-        self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
-                                    calls=None, trace_messages=False)
+        self.uas = self.start_plain(
+            write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
+        )
         self.register_users()
         self.warm_up()
 
@@ -257,15 +290,32 @@ class Bench(BenchBase):
         rss_before = rss_bytes(self.keeper_pid)
         sut_before = self.sut_connections()
         self.facts["register_time_wait"] = self.wait_for_time_wait()
-        print(f"registering {self.users} users over -t tn through fdkeeper (-r {self.register_rate:g}, "
-              f"-l {REGISTER_LIMIT}) ...", flush=True)
+        print(
+            f"registering {self.users} users over -t tn through fdkeeper (-r {self.register_rate:g}, "
+            f"-l {REGISTER_LIMIT}) ...",
+            flush=True,
+        )
         cpu_before = self.cpu_now()
         began = time.monotonic()
         process = self.start_kept(
-            "uac-register.xml", "register", transport="tn", calls=self.users, rate=self.register_rate,
-            timeout=self.users / 50 + 30, trace_messages=False,
-            extra=["-inf", str(self.users_csv), "-l", str(REGISTER_LIMIT),
-                   "-max_socket", str(4 * REGISTER_LIMIT), "-recv_timeout", "10000"])
+            "uac-register.xml",
+            "register",
+            transport="tn",
+            calls=self.users,
+            rate=self.register_rate,
+            timeout=self.users / 50 + 30,
+            trace_messages=False,
+            extra=[
+                "-inf",
+                str(self.users_csv),
+                "-l",
+                str(REGISTER_LIMIT),
+                "-max_socket",
+                str(4 * REGISTER_LIMIT),
+                "-recv_timeout",
+                "10000",
+            ],
+        )
         result = self.wait(process, self.users / 50 + 60)
         wall = time.monotonic() - began
         cpu = {key: value - cpu_before[key] for key, value in self.cpu_now().items()}
@@ -277,12 +327,22 @@ class Bench(BenchBase):
         kept = {c["aor"]: c for c in status["connections"] if c.get("aor") and c["state"] != "closed"}
         rss_after = rss_bytes(self.keeper_pid)
         sut_after = self.sut_connections()
-        self.facts.update(register_wall=wall, register_elapsed=elapsed, rss_before=rss_before,
-                          rss_after=rss_after, kept=len(kept), sut_connections=sut_after, register_cpu=cpu)
-        print(f"  registered {result.successful} users in {wall:.1f} s wall ({elapsed:.1f} s sipp elapsed, "
-              f"{result.successful / elapsed:.0f} registrations/s); keeper holds {len(kept)} idle connections, "
-              f"Kamailio {sut_before} -> {sut_after} TCP connections; keeper RSS {mib(rss_before)} -> "
-              f"{mib(rss_after)}; CPU-s {cpu_text(cpu)}", flush=True)
+        self.facts.update(
+            register_wall=wall,
+            register_elapsed=elapsed,
+            rss_before=rss_before,
+            rss_after=rss_after,
+            kept=len(kept),
+            sut_connections=sut_after,
+            register_cpu=cpu,
+        )
+        print(
+            f"  registered {result.successful} users in {wall:.1f} s wall ({elapsed:.1f} s sipp elapsed, "
+            f"{result.successful / elapsed:.0f} registrations/s); keeper holds {len(kept)} idle connections, "
+            f"Kamailio {sut_before} -> {sut_after} TCP connections; keeper RSS {mib(rss_before)} -> "
+            f"{mib(rss_after)}; CPU-s {cpu_text(cpu)}",
+            flush=True,
+        )
         if len(kept) != self.users:
             raise RuntimeError(f"the keeper holds {len(kept)} user connections, expected {self.users}")
         self.check_location_sample(kept)
@@ -309,8 +369,9 @@ class Bench(BenchBase):
             sources = [c["source"] for c in self.kamailio.location([name])]
             local_port = int(kept[aor]["local"].rsplit(":", 1)[1]) if aor in kept else None
             if [s["port"] for s in sources] != [local_port] or sources[0]["transport"] != "tcp":
-                raise RuntimeError(f"{name}: Kamailio's location {sources}, the keeper's connection "
-                                   f"from port {local_port}")
+                raise RuntimeError(
+                    f"{name}: Kamailio's location {sources}, the keeper's connection from port {local_port}"
+                )
 
     def sut_connections(self) -> int | None:
         """Open TCP connections at Kamailio (core.tcp_info 'opened_connections')."""
@@ -332,7 +393,7 @@ class Bench(BenchBase):
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
         options = caller_options(self, rate, duration, transport="tn")
         self.pending_calls = options["calls"]
-        open_calls = max(100, round(rate))      # cpslib's -l
+        open_calls = max(100, round(rate))  # cpslib's -l
         options["extra"] += ["-inf", str(self.users_csv), "-max_socket", str(4 * open_calls + 1000)]
         return options
 
@@ -346,8 +407,11 @@ class Bench(BenchBase):
         """CPU-seconds so far: the keeper, Kamailio (all processes), our reaped children (sipp
         runs with their `fdkeeper sipp` wrappers)."""
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return {"keeper": cpu_seconds(process_tree(self.keeper_pid)[:1]), "sut": cpu_seconds(self.sut_tree),
-                "sipp": usage.ru_utime + usage.ru_stime}
+        return {
+            "keeper": cpu_seconds(process_tree(self.keeper_pid)[:1]),
+            "sut": cpu_seconds(self.sut_tree),
+            "sipp": usage.ru_utime + usage.ru_stime,
+        }
 
     def begin_run(self, config: str) -> dict:
         self.wait_for_ports(config)
@@ -370,8 +434,12 @@ class Bench(BenchBase):
 
     def end_run(self, config: str, token: dict, run: Run) -> dict:
         spent = {key: value - token[key] for key, value in self.cpu_now().items()}
-        return {**spent, "new_conns": diff(self.sut_accepted(), token["accepted"]), "time_wait": time_wait_sockets(),
-                "alias_fails": diff(self.alias_failures(), token["alias_fails"])}
+        return {
+            **spent,
+            "new_conns": diff(self.sut_accepted(), token["accepted"]),
+            "time_wait": time_wait_sockets(),
+            "alias_fails": diff(self.alias_failures(), token["alias_fails"]),
+        }
 
     def format_run(self, run: Run) -> str:
         return format_run(run, self.LABELS[run.config], WIDTH, run_columns(run))
@@ -397,10 +465,10 @@ def run_columns(run: Run) -> str:
     if run.elapsed <= 0 or "keeper" not in m:
         return f"{'-':>12} {'-':>9} {'-':>10} {'-':>9} {'-':>11}  "
     new, fails = m.get("new_conns"), m.get("alias_fails")
-    return (f"{m['keeper'] / run.elapsed:>12.0%} {m['sut'] / run.elapsed:>9.0%} {m['sipp'] / run.elapsed:>10.0%} "
-            f"{(new if new is not None else '?'):>9} {(fails if fails is not None else '-'):>11}  ")
-
-
+    return (
+        f"{m['keeper'] / run.elapsed:>12.0%} {m['sut'] / run.elapsed:>9.0%} {m['sipp'] / run.elapsed:>10.0%} "
+        f"{(new if new is not None else '?'):>9} {(fails if fails is not None else '-'):>11}  "
+    )
 
 
 def kept_summary(bench: Bench) -> str:
@@ -414,16 +482,20 @@ def kept_summary(bench: Bench) -> str:
     leases = sum(int(c.get("leases") or 0) for c in connections)
     b_runs = [r for r in bench.runs if r.config == "b"]
     calls = sum(r.calls for r in b_runs)
-    return (f"{len(connections)} kept connections ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}), "
-            f"{leases} leases in all (registration {bench.users}, then {len(b_runs)} measured runs of (b) "
-            f"with {calls} calls, plus the warm-up)")
+    return (
+        f"{len(connections)} kept connections ({', '.join(f'{n} {s}' for s, n in sorted(states.items()))}), "
+        f"{leases} leases in all (registration {bench.users}, then {len(b_runs)} measured runs of (b) "
+        f"with {calls} calls, plus the warm-up)"
+    )
 
 
 def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     facts = bench.facts
     print()
-    print(f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from "
-          f"user k over -t tn, callee {CALLEE} over UDP):")
+    print(
+        f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from "
+        f"user k over -t tn, callee {CALLEE} over UDP):"
+    )
     ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 17)
     print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
     print(f"  {'goal met' if ratio is not None and ratio >= GOAL else 'goal missed'} (goal: ratio >= {GOAL})")
@@ -432,32 +504,48 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
         print(f"  the highest rates differ by {gap:g} calls/s ({gap / low:.1%}): the ratio moves in whole rate steps")
     pairs = sorted(paired_ratios(bench.runs))
     if pairs:
-        print(f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-              f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}")
-    print(f"  registration of {bench.users} users (one `fdkeeper sipp -t tn` run, -r {bench.register_rate:g}): "
-          f"{facts['register_wall']:.1f} s wall, {facts['register_elapsed']:.1f} s sipp elapsed "
-          f"({bench.users / facts['register_elapsed']:.0f}/s; {facts['register_time_wait']} sockets in TIME_WAIT "
-          "at its start)")
+        print(
+            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
+            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
+        )
+    print(
+        f"  registration of {bench.users} users (one `fdkeeper sipp -t tn` run, -r {bench.register_rate:g}): "
+        f"{facts['register_wall']:.1f} s wall, {facts['register_elapsed']:.1f} s sipp elapsed "
+        f"({bench.users / facts['register_elapsed']:.0f}/s; {facts['register_time_wait']} sockets in TIME_WAIT "
+        "at its start)"
+    )
     per_conn = (facts["rss_after"] - facts["rss_before"]) / max(1, facts["kept"])
-    print(f"  keeper RSS with {facts['kept']} kept connections: {mib(facts['rss_after'])} "
-          f"({mib(facts['rss_before'])} before registering, {per_conn / 1024:.1f} kB per connection); "
-          f"now {mib(rss_bytes(bench.keeper_pid))}" if bench.keeper_pid else "  keeper RSS: n/a")
+    print(
+        f"  keeper RSS with {facts['kept']} kept connections: {mib(facts['rss_after'])} "
+        f"({mib(facts['rss_before'])} before registering, {per_conn / 1024:.1f} kB per connection); "
+        f"now {mib(rss_bytes(bench.keeper_pid))}"
+        if bench.keeper_pid
+        else "  keeper RSS: n/a"
+    )
     print(f"  {kept_summary(bench)}")
-    print(f"  Kamailio: {bench.sut_connections()} TCP connections open now; shm "
-          f"{shm_used(bench)}; open-file limit {facts.get('sut_open_files')}")
+    print(
+        f"  Kamailio: {bench.sut_connections()} TCP connections open now; shm "
+        f"{shm_used(bench)}; open-file limit {facts.get('sut_open_files')}"
+    )
     waits = [r.measured["time_wait"] for r in bench.runs if "time_wait" in r.measured]
     if waits:
         ports = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        print(f"  TCP sockets in TIME_WAIT after a run: at most {max(waits)} (local ports {ports[0]}-{ports[1]}, "
-              f"{bench.users} of them held by the users' connections); waits for free ports before a run: "
-              f"{len(bench.port_waits)} ({sum(bench.port_waits):.0f} s)")
+        print(
+            f"  TCP sockets in TIME_WAIT after a run: at most {max(waits)} (local ports {ports[0]}-{ports[1]}, "
+            f"{bench.users} of them held by the users' connections); waits for free ports before a run: "
+            f"{len(bench.port_waits)} ({sum(bench.port_waits):.0f} s)"
+        )
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
     kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
-    print_footer(bench, [
-        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
-        f"sipp: {sipp}; kamailio: {kamailio}; open-file limit of the bench {facts['open_files'][0]}",
-    ], seconds)
+    print_footer(
+        bench,
+        [
+            f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
+            f"sipp: {sipp}; kamailio: {kamailio}; open-file limit of the bench {facts['open_files'][0]}",
+        ],
+        seconds,
+    )
 
 
 def shm_used(bench: Bench) -> str:
@@ -474,24 +562,39 @@ def shm_used(bench: Bench) -> str:
 # main
 # --------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, quick="about 1-1.5 minutes: 2 s runs, coarse steps of 500, fine steps of 100",
-                     duration=4.0, quick_duration=2.0, step=250.0, quick_step=500.0)
-    for action in parser._actions:   # this bench's --fine default is step/5, not cpslib's step/10
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common_arguments(
+        parser,
+        quick="about 1-1.5 minutes: 2 s runs, coarse steps of 500, fine steps of 100",
+        duration=4.0,
+        quick_duration=2.0,
+        step=250.0,
+        quick_step=500.0,
+    )
+    for action in parser._actions:  # this bench's --fine default is step/5, not cpslib's step/10
         if action.dest == "fine":
             action.help = "fine rate step, calls/s (default step/5, i.e. 50; --quick 100)"
     parser.add_argument("--users", type=int, default=USERS, help=f"registered users, callers (default {USERS})")
-    parser.add_argument("--register-rate", type=float, default=REGISTER_RATE,
-                        help=f"REGISTERs per second of the registration run (default {REGISTER_RATE})")
-    parser.add_argument("--alias", action="store_true",
-                        help="Kamailio aliases every request's Via port to its connection (force_tcp_alias)")
+    parser.add_argument(
+        "--register-rate",
+        type=float,
+        default=REGISTER_RATE,
+        help=f"REGISTERs per second of the registration run (default {REGISTER_RATE})",
+    )
+    parser.add_argument(
+        "--alias",
+        action="store_true",
+        help="Kamailio aliases every request's Via port to its connection (force_tcp_alias)",
+    )
     args = parser.parse_args(argv)
     fine_given = args.fine is not None
     args = resolve_defaults(args)
     if not fine_given:
-        args.fine = args.step / 5      # 50 calls/s (--quick 100): fewer fine steps, the run stays short
+        args.fine = args.step / 5  # 50 calls/s (--quick 100): fewer fine steps, the run stays short
     return args
 
 
@@ -501,17 +604,30 @@ def main(argv: list[str] | None = None) -> int:
     def body(bench: Bench, began: float) -> None:
         bench.setup()
         print(f"callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok")
-        print("keeper %core: the keeper's CPU over sipp's elapsed time; SuT %core: Kamailio's (all its "
-              "processes); new conns: TCP connections Kamailio accepted during the run")
+        print(
+            "keeper %core: the keeper's CPU over sipp's elapsed time; SuT %core: Kamailio's (all its "
+            "processes); new conns: TCP connections Kamailio accepted during the run"
+        )
         print(table_header(WIDTH, EXTRA_HEADER), flush=True)
         steps = [float(r) for r in args.steps.split(",") if r.strip()] if args.steps else None
         print(f"-- steps {args.steps}" if steps else f"-- coarse steps of {args.step:g} calls/s", flush=True)
         best = climb(bench, ascents(bench, args.step, args.fine, args.max_rate, steps))
         report(bench, best, time.monotonic() - began)
 
-    return run_bench("cps_many_users", args,
-                     lambda workdir, sipp: Bench(workdir, sipp, args.duration, args.retries, users=args.users,
-                                                 register_rate=args.register_rate, alias=args.alias), body)
+    return run_bench(
+        "cps_many_users",
+        args,
+        lambda workdir, sipp: Bench(
+            workdir,
+            sipp,
+            args.duration,
+            args.retries,
+            users=args.users,
+            register_rate=args.register_rate,
+            alias=args.alias,
+        ),
+        body,
+    )
 
 
 if __name__ == "__main__":

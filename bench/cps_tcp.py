@@ -34,12 +34,29 @@ import sys
 import time
 from dataclasses import dataclass
 
+# Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
+from cpslib import (
+    CALLEE,
+    SHM_MB,
+    BenchBase,
+    Run,
+    ascents,
+    caller_options,
+    climb,
+    command_version,
+    common_arguments,
+    cpu_model,
+    paired_ratios,
+    print_best_rates,
+    print_footer,
+    resolve_defaults,
+    run_bench,
+    table_header,
+)
+
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
-
-# Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (print_best_rates, CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, paired_ratios, print_footer, common_arguments, cpu_model, resolve_defaults, run_bench, table_header)
 
 GOAL = 0.98
 CONFIGS = ("a", "b")
@@ -49,6 +66,7 @@ LABELS = {"a": "plain sipp", "b": "through fdkeeper"}
 @dataclass
 class Bench(BenchBase):
     """(a) plain sipp -t t1 straight to Kamailio, (b) the same through `fdkeeper sipp`."""
+
     CONFIGS = CONFIGS
     LABELS = LABELS
     PROG = "cps_tcp"
@@ -67,6 +85,7 @@ class Bench(BenchBase):
 
 TABLE_HEADER = table_header()
 
+
 def machine_facts(bench: Bench) -> list[str]:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
@@ -77,8 +96,6 @@ def machine_facts(bench: Bench) -> list[str]:
         f"sipp: {sipp}",
         f"kamailio: {kamailio} ({workers} UDP + {workers} TCP workers, {SHM_MB} MB shm)",
     ]
-
-
 
 
 def kept_connection_line(bench: Bench) -> str:
@@ -105,8 +122,10 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     pairs = paired_ratios(bench.runs)
     if pairs:
         pairs.sort()
-        print(f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-              f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}")
+        print(
+            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
+            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
+        )
     print(f"  {kept_connection_line(bench)}")
     print_footer(bench, machine_facts(bench), seconds)
 
@@ -115,11 +134,19 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
 # main
 # --------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, quick="about 1 minute: 2 s runs, coarse steps of 1000, fine steps of 200",
-                     duration=5.0, quick_duration=2.0, step=500.0, quick_step=1000.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common_arguments(
+        parser,
+        quick="about 1 minute: 2 s runs, coarse steps of 1000, fine steps of 200",
+        duration=5.0,
+        quick_duration=2.0,
+        step=500.0,
+        quick_step=1000.0,
+    )
     return resolve_defaults(parser.parse_args(argv))
 
 

@@ -47,14 +47,31 @@ from dataclasses import dataclass, field
 
 import psutil
 
+# Run as a script (python3 bench/cps_tls.py): bench/ is sys.path[0], cpslib is beside us.
+from cpslib import (
+    CALLEE,
+    SHM_MB,
+    BenchBase,
+    Run,
+    ascents,
+    caller_options,
+    climb,
+    command_version,
+    common_arguments,
+    cpu_model,
+    cpu_seconds,
+    format_run,
+    print_footer,
+    process_tree,
+    resolve_defaults,
+    run_bench,
+    table_header,
+)
+
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed.pki import make_test_pki
-
-# Run as a script (python3 bench/cps_tls.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (CALLEE, SHM_MB, BenchBase, Run, ascents, caller_options, climb, command_version, cpu_seconds, print_footer, process_tree,
-                    common_arguments, cpu_model, format_run, resolve_defaults, run_bench, table_header)
 
 GOAL_TLS_TCP = 0.9
 GOAL_TLS_KAM = 1.0
@@ -65,10 +82,6 @@ WIDTH = 25
 PUMP_BOUND = 0.85
 # How often the `fdkeeper sipp` wrapper's own CPU is sampled while its sipp runs.
 SAMPLE_S = 0.1
-
-
-
-
 
 
 def children_cpu() -> float:
@@ -109,10 +122,11 @@ class Bench(BenchBase):
 
     def setup(self) -> None:
         self.kamailio.start()
-        self.converter = testbed.KamailioConverter.for_sut(self.workdir / "converter", self.kamailio, "tls",
-                                                           tls=testbed.KamailioTls.client(self.pki))
+        self.converter = testbed.KamailioConverter.for_sut(
+            self.workdir / "converter", self.kamailio, "tls", tls=testbed.KamailioTls.client(self.pki)
+        )
         self.converter.start()
-        super().setup()     # the callee, and a warm-up run of each configuration
+        super().setup()  # the callee, and a warm-up run of each configuration
         self.sut_tree = process_tree(self.kamailio.pid)
         self.converter_tree = process_tree(self.converter.pid)
         self.keeper = process_tree(KeeperClient(self.keeper_dir).status()["keeper"]["pid"])[:1]
@@ -130,8 +144,9 @@ class Bench(BenchBase):
         if config == "tcp":
             return self.start_kept("uac-call.xml", name, **options)
         if config == "tls":
-            return self.start_kept("uac-call.xml", name, remote=self.kamailio.tls_address,
-                                   options=self.tls_options, **options)
+            return self.start_kept(
+                "uac-call.xml", name, remote=self.kamailio.tls_address, options=self.tls_options, **options
+            )
         return self.start_plain("uac-call.xml", name, remote=self.converter.address, **options)
 
     # -- CPU around every run ---------------------------------------------
@@ -140,8 +155,12 @@ class Bench(BenchBase):
         return self._cpu_now()
 
     def _cpu_now(self) -> dict:
-        return {"keeper": cpu_seconds(self.keeper), "converter": cpu_seconds(self.converter_tree),
-                "sut": cpu_seconds(self.sut_tree), "children": children_cpu()}
+        return {
+            "keeper": cpu_seconds(self.keeper),
+            "converter": cpu_seconds(self.converter_tree),
+            "sut": cpu_seconds(self.sut_tree),
+            "children": children_cpu(),
+        }
 
     def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
         deadline = time.monotonic() + timeout
@@ -152,8 +171,11 @@ class Bench(BenchBase):
         now = self._cpu_now()
         spent = {key: now[key] - token[key] for key in now}
         return {
-            "keeper": spent["keeper"], "converter": spent["converter"], "sut": spent["sut"],
-            "wrapper": self.wrapper_cpu, "sipp": max(0.0, spent["children"] - self.wrapper_cpu),
+            "keeper": spent["keeper"],
+            "converter": spent["converter"],
+            "sut": spent["sut"],
+            "wrapper": self.wrapper_cpu,
+            "sipp": max(0.0, spent["children"] - self.wrapper_cpu),
             # the converter side of this configuration
             "side": spent["converter"] if config == "kam" else spent["keeper"],
         }
@@ -185,9 +207,9 @@ def cpu_columns(run: Run) -> str:
     def ms(key: str, width: int) -> str:
         value = per_call_ms(run, key)
         return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
     share = core_share(run)
-    return (f"{ms('side', 9)} {(f'{share:.0%}' if share is not None else '-'):>10} "
-            f"{ms('sipp', 9)} {ms('sut', 8)}  ")
+    return f"{ms('side', 9)} {(f'{share:.0%}' if share is not None else '-'):>10} {ms('sipp', 9)} {ms('sut', 8)}  "
 
 
 def side_name(config: str) -> str:
@@ -200,18 +222,24 @@ def last_runs(runs: list[Run]) -> dict[tuple[float, str], Run]:
 
 def common_rates(runs: list[Run], configs: tuple[str, ...]) -> list[float]:
     last = last_runs(runs)
-    return [rate for rate in sorted({r.rate for r in runs})
-            if all((rate, c) in last and last[(rate, c)].passed for c in configs)]
+    return [
+        rate
+        for rate in sorted({r.rate for r in runs})
+        if all((rate, c) in last and last[(rate, c)].passed for c in configs)
+    ]
 
 
 def paired(runs: list[Run], top: str, bottom: str) -> str:
     last = last_runs(runs)
-    ratios = sorted(last[(rate, top)].achieved / last[(rate, bottom)].achieved
-                    for rate in common_rates(runs, (top, bottom)))
+    ratios = sorted(
+        last[(rate, top)].achieved / last[(rate, bottom)].achieved for rate in common_rates(runs, (top, bottom))
+    )
     if not ratios:
         return "no rate where both passed"
-    return (f"at the {len(ratios)} rates both passed: median {ratios[len(ratios) // 2]:.3f}, "
-            f"min {ratios[0]:.3f}, max {ratios[-1]:.3f}")
+    return (
+        f"at the {len(ratios)} rates both passed: median {ratios[len(ratios) // 2]:.3f}, "
+        f"min {ratios[0]:.3f}, max {ratios[-1]:.3f}"
+    )
 
 
 def ratio_line(best: dict[str, Run | None], top: str, bottom: str, goal: float) -> tuple[str, bool]:
@@ -219,8 +247,10 @@ def ratio_line(best: dict[str, Run | None], top: str, bottom: str, goal: float) 
         return f"({top})/({bottom}): n/a, a configuration passed no rate", False
     ratio = best[top].achieved / best[bottom].achieved
     met = ratio >= goal
-    return (f"({top})/({bottom}) achieved calls/s: {best[top].achieved:.1f} / {best[bottom].achieved:.1f} = "
-            f"{ratio:.3f}  goal {'met' if met else 'missed'} (>= {goal:g})"), met
+    return (
+        f"({top})/({bottom}) achieved calls/s: {best[top].achieved:.1f} / {best[bottom].achieved:.1f} = "
+        f"{ratio:.3f}  goal {'met' if met else 'missed'} (>= {goal:g})"
+    ), met
 
 
 def cpu_comparison(bench: Bench) -> tuple[list[str], bool]:
@@ -233,20 +263,27 @@ def cpu_comparison(bench: Bench) -> tuple[list[str], bool]:
     tls, kam = last[(rate, "tls")], last[(rate, "kam")]
     keeper, converter = per_call_ms(tls, "side"), per_call_ms(kam, "side")
     met = keeper < converter
-    lines = [f"converter side CPU per call at {rate:g} calls/s (highest rate both passed): keeper "
-             f"{keeper:.3f} ms, Kamailio converter {converter:.3f} ms (keeper/converter {keeper / converter:.2f})  "
-             f"goal {'met' if met else 'missed'} (fewer for the keeper)"]
-    lines.append(f"  at that rate: sipp {per_call_ms(tls, 'sipp'):.3f} ms/call via the keeper (TLS, unix socket), "
-                 f"{per_call_ms(kam, 'sipp'):.3f} ms/call via the converter (UDP); SuT "
-                 f"{per_call_ms(tls, 'sut'):.3f} vs {per_call_ms(kam, 'sut'):.3f} ms/call")
+    lines = [
+        f"converter side CPU per call at {rate:g} calls/s (highest rate both passed): keeper "
+        f"{keeper:.3f} ms, Kamailio converter {converter:.3f} ms (keeper/converter {keeper / converter:.2f})  "
+        f"goal {'met' if met else 'missed'} (fewer for the keeper)"
+    ]
+    lines.append(
+        f"  at that rate: sipp {per_call_ms(tls, 'sipp'):.3f} ms/call via the keeper (TLS, unix socket), "
+        f"{per_call_ms(kam, 'sipp'):.3f} ms/call via the converter (UDP); SuT "
+        f"{per_call_ms(tls, 'sut'):.3f} vs {per_call_ms(kam, 'sut'):.3f} ms/call"
+    )
     wrapper = [r.measured["wrapper"] for r in bench.runs if r.config != "kam" and "wrapper" in r.measured]
     if wrapper:
-        lines.append(f"  (`fdkeeper sipp` wrapper, outside sipp's figure: {sum(wrapper) / len(wrapper):.3f} CPU-s per run)")
+        lines.append(
+            f"  (`fdkeeper sipp` wrapper, outside sipp's figure: {sum(wrapper) / len(wrapper):.3f} CPU-s per run)"
+        )
     return lines, met
 
 
 def machine_facts(bench: Bench) -> list[str]:
     import os
+
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
     kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
@@ -263,26 +300,32 @@ def kept_line(bench: Bench) -> str:
         connections = KeeperClient(bench.keeper_dir).status()["connections"]
     except (FdkeeperError, OSError, KeyError) as exc:
         return f"kept connections: keeper status unavailable ({exc})"
-    parts = [f"{c.get('transport')} {c.get('local')}->{c.get('remote')} {c.get('state')}, {c.get('leases')} leases"
-             for c in connections]
+    parts = [
+        f"{c.get('transport')} {c.get('local')}->{c.get('remote')} {c.get('state')}, {c.get('leases')} leases"
+        for c in connections
+    ]
     return f"kept connections: {'; '.join(parts) or 'none'}"
 
 
 def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     print()
     print(f"result (runs of {bench.duration:g} s, caller scenarios/uac-call.xml, callee {CALLEE} over UDP):")
-    print(f"  {'configuration':<{WIDTH}} {'top rate':>8} {'calls/s':>8} {'side':<18} {'side ms/call':>12} "
-          f"{'%core':>6} {'sipp ms/call':>12} {'SuT ms/call':>11}")
+    print(
+        f"  {'configuration':<{WIDTH}} {'top rate':>8} {'calls/s':>8} {'side':<18} {'side ms/call':>12} "
+        f"{'%core':>6} {'sipp ms/call':>12} {'SuT ms/call':>11}"
+    )
     for config in CONFIGS:
         run = best[config]
         label = f"({config}) {LABELS[config]}"
         if run is None:
             print(f"  {label:<{WIDTH}} no rate passed")
             continue
-        print(f"  {label:<{WIDTH}} {run.rate:>8g} {run.achieved:>8.1f} {side_name(config):<18} "
-              f"{per_call_ms(run, 'side'):>12.3f} {core_share(run):>6.0%} {per_call_ms(run, 'sipp'):>12.3f} "
-              f"{per_call_ms(run, 'sut'):>11.3f}")
-    line1, met1 = ratio_line(best, "tls", "tcp", GOAL_TLS_TCP)
+        print(
+            f"  {label:<{WIDTH}} {run.rate:>8g} {run.achieved:>8.1f} {side_name(config):<18} "
+            f"{per_call_ms(run, 'side'):>12.3f} {core_share(run):>6.0%} {per_call_ms(run, 'sipp'):>12.3f} "
+            f"{per_call_ms(run, 'sut'):>11.3f}"
+        )
+    line1, _met1 = ratio_line(best, "tls", "tcp", GOAL_TLS_TCP)
     line2, met2 = ratio_line(best, "tls", "kam", GOAL_TLS_KAM)
     cpu_lines, met_cpu = cpu_comparison(bench)
     print(f"  1. {line1}")
@@ -295,8 +338,10 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     if best["tls"] is not None:
         share = core_share(best["tls"])
         bound = share is not None and share >= PUMP_BOUND
-        print(f"  keeper at (tls)'s top rate: {share:.0%} of a core"
-              f" ({'the TLS pump is the bottleneck' if bound else 'not the bottleneck'})")
+        print(
+            f"  keeper at (tls)'s top rate: {share:.0%} of a core"
+            f" ({'the TLS pump is the bottleneck' if bound else 'not the bottleneck'})"
+        )
     print(f"  {kept_line(bench)}")
     print_footer(bench, machine_facts(bench), seconds)
 
@@ -305,11 +350,19 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
 # main
 # --------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, quick="about 1 minute: 2 s runs, coarse steps of 1000, fine steps of 200",
-                     duration=4.0, quick_duration=2.0, step=500.0, quick_step=1000.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common_arguments(
+        parser,
+        quick="about 1 minute: 2 s runs, coarse steps of 1000, fine steps of 200",
+        duration=4.0,
+        quick_duration=2.0,
+        step=500.0,
+        quick_step=1000.0,
+    )
     return resolve_defaults(parser.parse_args(argv))
 
 
@@ -318,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(bench: Bench, began: float) -> None:
         bench.setup()
-        print(f"SuT Kamailio on {bench.kamailio.address} (TLS {bench.kamailio.tls_address}); converter on "
-              f"{bench.converter.address}; callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok")
+        print(
+            f"SuT Kamailio on {bench.kamailio.address} (TLS {bench.kamailio.tls_address}); converter on "
+            f"{bench.converter.address}; callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok"
+        )
         print("side = the converter side: the keeper's CPU for (tcp)/(tls), the converter Kamailio's for (kam)")
         print(table_header(WIDTH, CPU_HEADER), flush=True)
         steps = [float(r) for r in args.steps.split(",") if r.strip()] if args.steps else None

@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import ClassVar
 
 import psutil
 
@@ -52,6 +53,7 @@ RECV_TIMEOUT_MS = 5000
 # the callee
 # --------------------------------------------------------------------------
 
+
 def byte_compile_package() -> None:
     """Byte-compile the fdkeeper package, as `pip install` leaves it: a development checkout
     run with PYTHONDONTWRITEBYTECODE would otherwise compile every changed module on every
@@ -75,8 +77,9 @@ def write_uas_scenario(directory: Path) -> Path:
     """
     text = (testbed.SCENARIOS_DIR / "uas-answer.xml").read_text()
     text, dropped = re.subn(r"\n  <send>\s*<!\[CDATA\[\s*SIP/2.0 180 Ringing.*?</send>\n", "\n", text, flags=re.S)
-    text, relaxed = re.subn(r'<recv request="ACK"[^>]*/>',
-                            '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text)
+    text, relaxed = re.subn(
+        r'<recv request="ACK"[^>]*/>', '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text
+    )
     if (dropped, relaxed) != (1, 1):
         raise RuntimeError("scenarios/uas-answer.xml changed: cannot find its 180 <send> and ACK <recv> to adapt")
     path = directory / "uas-answer-bench.xml"
@@ -84,11 +87,21 @@ def write_uas_scenario(directory: Path) -> Path:
     return path
 
 
-def register_callee(bench: "BenchBase", port: int) -> None:
+def register_callee(bench: BenchBase, port: int) -> None:
     """REGISTER bob over UDP from the UAS's own port, so Kamailio relays calls to that port."""
     users = testbed.write_users_csv(bench.workdir / "users.csv", [CALLEE], bench.kamailio.domain)
-    result = bench.wait(bench.start_plain("uac-register.xml", "register-bob", transport="u1", local_port=port,
-                                          calls=1, timeout=10, extra=["-inf", str(users)]), 20)
+    result = bench.wait(
+        bench.start_plain(
+            "uac-register.xml",
+            "register-bob",
+            transport="u1",
+            local_port=port,
+            calls=1,
+            timeout=10,
+            extra=["-inf", str(users)],
+        ),
+        20,
+    )
     if not result.ok:
         raise RuntimeError(f"registering {CALLEE} failed:\n{result.summary()}")
     sources = [c["source"] for c in bench.kamailio.location() if (c["aor"] or "").split("@")[0].endswith(CALLEE)]
@@ -100,19 +113,21 @@ def register_callee(bench: "BenchBase", port: int) -> None:
 # one sipp run
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """One caller run: its counts and times (from sipp's -trace_stat file) and verdict."""
+
     config: str
     rate: float
     calls: int
     successful: int
     failed: int
-    elapsed: float          # sipp's own StartTime -> last CurrentTime, seconds
-    wall: float             # our wall clock, including `fdkeeper sipp`'s start-up
+    elapsed: float  # sipp's own StartTime -> last CurrentTime, seconds
+    wall: float  # our wall clock, including `fdkeeper sipp`'s start-up
     returncode: int | None
     retry: bool = False
-    measured: dict = field(default_factory=dict)   # whatever the bench's end_run() measured
+    measured: dict = field(default_factory=dict)  # whatever the bench's end_run() measured
 
     @property
     def achieved(self) -> float:
@@ -154,33 +169,51 @@ def elapsed_seconds(stats: dict[str, str]) -> float:
         return 0.0
 
 
-def caller_options(bench: "BenchBase", rate: float, duration: float, transport: str = "t1") -> dict:
+def caller_options(bench: BenchBase, rate: float, duration: float, transport: str = "t1") -> dict:
     """sut.sipp_command options for a caller run of `duration` seconds at `rate` calls/s."""
     calls = max(1, round(rate * duration))
-    return dict(
-        transport=transport, calls=calls, rate=rate, timeout=duration * 3 + 10, trace_messages=False,
+    return {
+        "transport": transport,
+        "calls": calls,
+        "rate": rate,
+        "timeout": duration * 3 + 10,
+        "trace_messages": False,
         # -l: at most one second's worth of calls open (five times what the 200 ms calls need),
         # so an overloaded run slows down (and fails "rate not kept") instead of piling up.
-        extra=["-s", CALLEE, "-key", "domain", bench.kamailio.domain,
-               "-l", str(max(100, round(rate))), "-recv_timeout", str(RECV_TIMEOUT_MS)],
-    )
+        "extra": [
+            "-s",
+            CALLEE,
+            "-key",
+            "domain",
+            bench.kamailio.domain,
+            "-l",
+            str(max(100, round(rate))),
+            "-recv_timeout",
+            str(RECV_TIMEOUT_MS),
+        ],
+    }
 
 
 # --------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------
 
+
 def table_header(width: int = 20, extra: str = "") -> str:
-    return (f"{'rate':>6}  {'configuration':<{width}} {'calls':>6} {'ok':>6} {'failed':>6} "
-            f"{'elapsed s':>9} {'calls/s':>8} {'ideal':>7} {'wall s':>7}  {extra}verdict")
+    return (
+        f"{'rate':>6}  {'configuration':<{width}} {'calls':>6} {'ok':>6} {'failed':>6} "
+        f"{'elapsed s':>9} {'calls/s':>8} {'ideal':>7} {'wall s':>7}  {extra}verdict"
+    )
 
 
 def format_run(run: Run, label: str, width: int = 20, extra: str = "") -> str:
     """One table line; `label` is the configuration's name, `extra` goes before the verdict."""
     label = f"({run.config}) {label}"
     verdict = ("retry: " if run.retry else "") + run.verdict
-    return (f"{run.rate:>6g}  {label:<{width}} {run.calls:>6} {run.successful:>6} {run.failed:>6} "
-            f"{run.elapsed:>9.3f} {run.achieved:>8.1f} {run.ideal:>7.1f} {run.wall:>7.2f}  {extra}{verdict}")
+    return (
+        f"{run.rate:>6g}  {label:<{width}} {run.calls:>6} {run.successful:>6} {run.failed:>6} "
+        f"{run.elapsed:>9.3f} {run.achieved:>8.1f} {run.ideal:>7.1f} {run.wall:>7.2f}  {extra}{verdict}"
+    )
 
 
 def command_version(cmd: list[str], pattern: str) -> str:
@@ -203,7 +236,7 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def uas_counts(bench: "BenchBase") -> str:
+def uas_counts(bench: BenchBase) -> str:
     stats = testbed.read_sipp_stats(bench.logs / "uas.stat.csv")
     return f"{stats.get('SuccessfulCall(C)', '?')} calls answered, {stats.get('FailedCall(C)', '?')} failed"
 
@@ -212,13 +245,15 @@ def uas_counts(bench: "BenchBase") -> str:
 # the bench: processes, runs, clean-up
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class BenchBase:
     """The SuT, the callee and the caller runs of one bench. Subclasses set CONFIGS and
     LABELS, and implement start_caller(); make_sut() may give the SuT options."""
-    CONFIGS = ()                    # configuration keys, in the order of the first step
-    LABELS = {}                     # key -> name in the tables
-    PROG = "cps"                    # prefix of our messages on stderr
+
+    CONFIGS: ClassVar[tuple[str, ...]] = ()  # configuration keys, in the order of the first step
+    LABELS: ClassVar[dict[str, str]] = {}  # key -> name in the tables
+    PROG = "cps"  # prefix of our messages on stderr
 
     workdir: Path
     sipp: str
@@ -226,7 +261,7 @@ class BenchBase:
     retries: int
     kamailio: testbed.Kamailio = field(init=False)
     runs: list[Run] = field(default_factory=list)
-    live: list[testbed.SippProcess] = field(default_factory=list)   # stopped by close()
+    live: list[testbed.SippProcess] = field(default_factory=list)  # stopped by close()
     uas: testbed.SippProcess | None = None
 
     def __post_init__(self) -> None:
@@ -261,16 +296,35 @@ class BenchBase:
 
     # -- processes --------------------------------------------------------
 
-    def start_plain(self, scenario: str | Path, name: str, remote: str | None = None, sipp: str | None = None,
-                    **options) -> testbed.SippProcess:
+    def start_plain(
+        self, scenario: str | Path, name: str, remote: str | None = None, sipp: str | None = None, **options
+    ) -> testbed.SippProcess:
         """sipp (the bench's, or ``sipp``) straight to the SuT, no fdkeeper; stopped by close()."""
-        return self._track(testbed.start_sipp(sipp or self.sipp, scenario, remote or self.kamailio.address,
-                                              log_dir=self.logs, name=name, local_ip=self.kamailio.host, **options))
+        return self._track(
+            testbed.start_sipp(
+                sipp or self.sipp,
+                scenario,
+                remote or self.kamailio.address,
+                log_dir=self.logs,
+                name=name,
+                local_ip=self.kamailio.host,
+                **options,
+            )
+        )
 
     def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
-        return self._track(start_through_fdkeeper(self.sipp, scenario, remote or self.kamailio.address,
-                                                  directory=self.keeper_dir, log_dir=self.logs, name=name,
-                                                  local_ip=self.kamailio.host, **options))
+        return self._track(
+            start_through_fdkeeper(
+                self.sipp,
+                scenario,
+                remote or self.kamailio.address,
+                directory=self.keeper_dir,
+                log_dir=self.logs,
+                name=name,
+                local_ip=self.kamailio.host,
+                **options,
+            )
+        )
 
     def _track(self, process: testbed.SippProcess) -> testbed.SippProcess:
         self.live.append(process)
@@ -285,8 +339,9 @@ class BenchBase:
         self.kamailio.start()
         port = testbed.free_port()
         register_callee(self, port)
-        self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
-                                    calls=None, trace_messages=False)
+        self.uas = self.start_plain(
+            write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
+        )
         self.warm_up()
 
     def warm_up(self) -> None:
@@ -306,8 +361,11 @@ class BenchBase:
             for process in self.live:
                 process.terminate(grace=3)
             self.live.clear()
-            subprocess.run([sys.executable, "-m", "fdkeeper", "stop", "--dir", os.fspath(self.keeper_dir)],
-                           capture_output=True, timeout=30)
+            subprocess.run(
+                [sys.executable, "-m", "fdkeeper", "stop", "--dir", os.fspath(self.keeper_dir)],
+                capture_output=True,
+                timeout=30,
+            )
         except subprocess.TimeoutExpired:
             print(f"{self.PROG}: `fdkeeper stop --dir {self.keeper_dir}` did not answer in 30 s", file=sys.stderr)
         finally:
@@ -318,15 +376,25 @@ class BenchBase:
 
     # -- runs -------------------------------------------------------------
 
-    def call(self, config: str, rate: float, *, name: str, duration: float | None = None) -> tuple[Run, testbed.SippResult]:
+    def call(
+        self, config: str, rate: float, *, name: str, duration: float | None = None
+    ) -> tuple[Run, testbed.SippResult]:
         """One caller run of `config` at `rate` calls/s."""
         options = self.caller_options(config, rate, duration or self.duration)
         token = self.begin_run(config)
         began = time.monotonic()
         result = self.wait_caller(config, self.start_caller(config, name, options), options["timeout"] + 20)
         wall = time.monotonic() - began
-        run = Run(config, rate, options["calls"], result.successful, result.failed, elapsed_seconds(result.stats),
-                  wall, result.returncode)
+        run = Run(
+            config,
+            rate,
+            options["calls"],
+            result.successful,
+            result.failed,
+            elapsed_seconds(result.stats),
+            wall,
+            result.returncode,
+        )
         run.measured = self.end_run(config, token, run)
         time.sleep(SETTLE_S)
         return run, result
@@ -347,14 +415,16 @@ class BenchBase:
 # the rate search
 # --------------------------------------------------------------------------
 
+
 @dataclass
 class Ascent:
     """One configuration's climb: coarse steps up to its first failure, then fine steps between
     its last coarse pass and that failure, up to its first fine failure. `best` is then the
     highest rate with no failed call, to the fine step."""
+
     config: str
-    rates: list[float]              # the rates still to try in the current phase
-    fine: float | None              # None: no fine phase (--steps)
+    rates: list[float]  # the rates still to try in the current phase
+    fine: float | None  # None: no fine phase (--steps)
     label: str = ""
     passes: list[Run] = field(default_factory=list)
     refining: bool = False
@@ -371,16 +441,20 @@ class Ascent:
         if run.passed:
             self.passes.append(run)
             if not self.rates and self.fine is not None and not self.refining:
-                print(f"-- ({self.config}) {self.label}: no failure up to {run.rate:g} calls/s "
-                      "(--max-rate)", flush=True)
+                print(
+                    f"-- ({self.config}) {self.label}: no failure up to {run.rate:g} calls/s (--max-rate)", flush=True
+                )
         elif self.fine is None or self.refining:
-            self.rates = []         # its first failure (after retries) ends the climb
+            self.rates = []  # its first failure (after retries) ends the climb
         else:
             low = self.best.rate if self.best else 0.0
             self.rates = list(rates_from(low + self.fine, self.fine, run.rate - self.fine / 2))
             self.refining = True
-            print(f"-- ({self.config}) {self.label}: fine steps of {self.fine:g} calls/s "
-                  f"between {low:g} and {run.rate:g}", flush=True)
+            print(
+                f"-- ({self.config}) {self.label}: fine steps of {self.fine:g} calls/s "
+                f"between {low:g} and {run.rate:g}",
+                flush=True,
+            )
 
 
 def process_tree(pid: int | None) -> list[psutil.Process]:
@@ -406,7 +480,7 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def print_footer(bench: "BenchBase", facts: list[str], seconds: float) -> None:
+def print_footer(bench: BenchBase, facts: list[str], seconds: float) -> None:
     """The closing lines every calls/s bench prints: the callee's counts, machine facts, time."""
     if bench.uas is not None and bench.uas.running():
         print(f"  callee (UAS) so far: {uas_counts(bench)}")
@@ -419,8 +493,11 @@ def print_best_rates(best: dict[str, Run | None], labels: dict[str, str], width:
     """One line per configuration with its highest passing rate; the achieved ratio b/a."""
     for config, label in labels.items():
         run = best[config]
-        figure = (f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
-                  if run else "no rate passed")
+        figure = (
+            f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
+            if run
+            else "no rate passed"
+        )
         print(f"  ({config}) {label:<{width}} {figure}")
     return best["b"].achieved / best["a"].achieved if best["a"] and best["b"] else None
 
@@ -429,9 +506,11 @@ def paired_ratios(runs: list[Run], configs: tuple[str, str] = ("a", "b")) -> lis
     """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
     first, second = configs
     last: dict[tuple[float, str], Run] = {(r.rate, r.config): r for r in runs}
-    return [last[(rate, second)].achieved / last[(rate, first)].achieved
-            for rate in sorted({r.rate for r in runs})
-            if all((rate, c) in last and last[(rate, c)].passed for c in configs)]
+    return [
+        last[(rate, second)].achieved / last[(rate, first)].achieved
+        for rate in sorted({r.rate for r in runs})
+        if all((rate, c) in last and last[(rate, c)].passed for c in configs)
+    ]
 
 
 def rates_from(start: float, step: float, limit: float) -> Iterator[float]:
@@ -456,31 +535,53 @@ def climb(bench: BenchBase, ascents: list[Ascent]) -> dict[str, Run | None]:
     raise AssertionError("unreachable")
 
 
-def ascents(bench: BenchBase, step: float, fine: float, limit: float, steps: list[float] | None,
-            start: dict[str, float] | None = None) -> list[Ascent]:
+def ascents(
+    bench: BenchBase,
+    step: float,
+    fine: float,
+    limit: float,
+    steps: list[float] | None,
+    start: dict[str, float] | None = None,
+) -> list[Ascent]:
     """--steps: exactly those rates; otherwise coarse steps from `step` (or the config's
     `start`, a multiple of step) up to `limit`."""
+
     def ladder(config: str) -> list[float]:
         if steps:
             return sorted(steps)
         return list(rates_from((start or {}).get(config, step), step, limit))
-    return [Ascent(config, ladder(config), None if steps else fine, bench.LABELS[config])
-            for config in bench.CONFIGS]
+
+    return [Ascent(config, ladder(config), None if steps else fine, bench.LABELS[config]) for config in bench.CONFIGS]
 
 
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
 
-def common_arguments(parser: argparse.ArgumentParser, *, quick: str, duration: float, quick_duration: float,
-                     step: float, quick_step: float, max_rate: float = 10000) -> None:
+
+def common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    quick: str,
+    duration: float,
+    quick_duration: float,
+    step: float,
+    quick_step: float,
+    max_rate: float = 10000,
+) -> None:
     parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--duration", type=float,
-                        help=f"seconds of calls per run (default {duration:g}; --quick {quick_duration:g})")
+    parser.add_argument(
+        "--duration", type=float, help=f"seconds of calls per run (default {duration:g}; --quick {quick_duration:g})"
+    )
     parser.add_argument("--steps", help="comma-separated rates to climb instead of the coarse/fine search")
-    parser.add_argument("--step", type=float, help=f"coarse rate step, calls/s (default {step:g}; --quick {quick_step:g})")
-    parser.add_argument("--fine", type=float,
-                        help=f"fine rate step, calls/s (default step/10, i.e. {step / 10:g}; --quick {quick_step / 5:g})")
+    parser.add_argument(
+        "--step", type=float, help=f"coarse rate step, calls/s (default {step:g}; --quick {quick_step:g})"
+    )
+    parser.add_argument(
+        "--fine",
+        type=float,
+        help=f"fine rate step, calls/s (default step/10, i.e. {step / 10:g}; --quick {quick_step / 5:g})",
+    )
     parser.add_argument("--max-rate", type=float, default=max_rate, help=f"never go above this (default {max_rate:g})")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a failed run before it counts (default 1)")
     parser.add_argument("--sipp", help="sipp binary (default: $FDKEEPER_SIPP or sipp on PATH)")
@@ -501,8 +602,12 @@ def raise_keyboard_interrupt(signum: int, _frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run_bench(prog: str, args: argparse.Namespace, make_bench: Callable[[Path, str], BenchBase],
-              body: Callable[[BenchBase, float], None]) -> int:
+def run_bench(
+    prog: str,
+    args: argparse.Namespace,
+    make_bench: Callable[[Path, str], BenchBase],
+    body: Callable[[BenchBase, float], None],
+) -> int:
     """Find sipp, make the temp dir and the bench, run `body(bench, began)`, and stop everything
     whatever happens (Ctrl-C, SIGTERM, SIGHUP, a failed set-up). Returns the exit status."""
     try:

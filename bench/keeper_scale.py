@@ -43,7 +43,7 @@ GOAL_TCP_KB, GOAL_TLS_KB, GOAL_HANDOFF_MS = 10, 100, 100
 
 
 def raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -76,22 +76,51 @@ def open_users(keeper: KeeperClient, port: int, transport: str, first: int, coun
     extra = {"tls_insecure": True} if transport == "tls" else {}
     started = time.monotonic()
     for index in range(first, first + count):
-        keeper.prepare(role="client", transport=transport, remote=("127.0.0.1", port), local="-", aor=f"sip:{transport}{index}@bench.test", **extra)
+        keeper.prepare(
+            role="client",
+            transport=transport,
+            remote=("127.0.0.1", port),
+            local="-",
+            aor=f"sip:{transport}{index}@bench.test",
+            **extra,
+        )
     return time.monotonic() - started
 
 
 def handoff_seconds(keeper: KeeperClient, tcp_port: int, expected: int, workdir: Path) -> float:
     """Start a server-mode sipp with the shim; time until all kept descriptors are in it."""
     args = [
-        "-sf", str(SCENARIOS_DIR / "uas-answer.xml"), "-t", "tn", "-i", "127.0.0.1", "-p", str(free_port()),
-        "-nostdin", "-max_socket", str(expected + 1000), "-timeout", "20s", f"127.0.0.1:{tcp_port}",
+        "-sf",
+        str(SCENARIOS_DIR / "uas-answer.xml"),
+        "-t",
+        "tn",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(free_port()),
+        "-nostdin",
+        "-max_socket",
+        str(expected + 1000),
+        "-timeout",
+        "20s",
+        f"127.0.0.1:{tcp_port}",
     ]
     request = HandoffRequest(
-        sipp=Path(shutil.which("sipp")), invocation=parse_sipp_args(args), control_socket=keeper.path, remote=("127.0.0.1", tcp_port)
+        sipp=Path(shutil.which("sipp")),
+        invocation=parse_sipp_args(args),
+        control_socket=keeper.path,
+        remote=("127.0.0.1", tcp_port),
     )
     handoff = PreloadMode().prepare(request)
     started = time.monotonic()
-    sipp = subprocess.Popen(handoff.argv, env={**os.environ, **handoff.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=workdir)
+    sipp = subprocess.Popen(
+        handoff.argv,
+        env={**os.environ, **handoff.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        cwd=workdir,
+    )
     try:
         fd_dir = f"/proc/{sipp.pid}/fd"
         while len(os.listdir(fd_dir)) < expected:
@@ -120,10 +149,16 @@ def sipp_startup_seconds(workdir: Path) -> float:
     started = time.monotonic()
     sipp = subprocess.Popen(
         ["sipp", "-sn", "uas", "-t", "t1", "-i", "127.0.0.1", "-p", str(port), "-nostdin", "-timeout", "5s"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        cwd=workdir,
     )
     try:
-        while not any(c.laddr and c.laddr.port == port and c.status == "LISTEN" for c in psutil.Process(sipp.pid).net_connections("tcp")):
+        while not any(
+            c.laddr and c.laddr.port == port and c.status == "LISTEN"
+            for c in psutil.Process(sipp.pid).net_connections("tcp")
+        ):
             time.sleep(0.001)
         return time.monotonic() - started
     finally:
@@ -143,7 +178,9 @@ def main() -> None:
     pki = make_test_pki(workdir / "pki")
     tcp_port, tls_port = free_port(), free_port()
     ready = multiprocessing.Event()
-    peer = multiprocessing.Process(target=serve, args=(tcp_port, tls_port, str(pki.server_cert), str(pki.server_key), ready), daemon=True)
+    peer = multiprocessing.Process(
+        target=serve, args=(tcp_port, tls_port, str(pki.server_cert), str(pki.server_key), ready), daemon=True
+    )
     peer.start()
     ready.wait(30)
     keeper = ensure_keeper(workdir / "keeper")
@@ -173,18 +210,26 @@ def report(options, base, after_tcp, after_tls, tcp_time, tls_time, handoffs, st
     tcp_kb = (after_tcp - base) / (options.tcp - 10) / 1024
     tls_kb = (after_tls - after_tcp) / (options.tls - 10) / 1024
     handoff_ms = statistics.median(handoffs) * 1000
-    print(f"keeper at scale: {options.tcp} TCP + {options.tls} TLS idle connections, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(
+        f"keeper at scale: {options.tcp} TCP + {options.tls} TLS idle connections, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
+    )
     print(f"  memory per idle TCP connection: {tcp_kb:6.1f} kB (opened {(options.tcp - 10) / tcp_time:,.0f}/s)")
-    print(f"  memory per idle TLS connection: {tls_kb:6.1f} kB (opened {(options.tls - 10) / tls_time:,.0f}/s, handshakes included)")
+    print(
+        f"  memory per idle TLS connection: {tls_kb:6.1f} kB (opened {(options.tls - 10) / tls_time:,.0f}/s, handshakes included)"
+    )
     print(f"  keeper RSS with all of them: {after_tls / 2**20:.0f} MiB")
-    print(f"  {options.tcp} descriptors into a server-mode sipp, from its start: median {handoff_ms:.0f} ms "
-          f"(runs: {', '.join(f'{s * 1000:.0f}' for s in handoffs)} ms); sipp's own start-up to listening: {startup * 1000:.0f} ms")
+    print(
+        f"  {options.tcp} descriptors into a server-mode sipp, from its start: median {handoff_ms:.0f} ms "
+        f"(runs: {', '.join(f'{s * 1000:.0f}' for s in handoffs)} ms); sipp's own start-up to listening: {startup * 1000:.0f} ms"
+    )
     for name, value, goal, unit in (
         ("TCP memory", tcp_kb, GOAL_TCP_KB, "kB"),
         ("TLS memory", tls_kb, GOAL_TLS_KB, "kB"),
         ("handoff of all descriptors", handoff_ms, GOAL_HANDOFF_MS, "ms"),
     ):
-        print(f"{name}: {value:.1f} {unit} (goal: under {goal} {unit}): {'goal met' if value < goal else 'goal missed'}")
+        print(
+            f"{name}: {value:.1f} {unit} (goal: under {goal} {unit}): {'goal met' if value < goal else 'goal missed'}"
+        )
 
 
 if __name__ == "__main__":

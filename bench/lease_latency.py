@@ -28,6 +28,7 @@ from fdkeeper.modes.preload import shim_path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "helpers"))
 from shimbuild import compile_program  # noqa: E402 - the shim's build flags, written once
+
 GOAL_MEDIAN_MS = 1.0
 
 
@@ -104,7 +105,9 @@ def report(leases: list[float], plain: list[float], options: argparse.Namespace)
     print(f"lease latency, {options.rounds} rounds x {options.count} connects each, {os.cpu_count()} CPUs")
     print(f"{'':28}{'median ms':>10}{'p99 ms':>10}{'mean ms':>10}")
     for name, values in (("lease from the keeper", leases), ("plain loopback TCP connect", plain)):
-        print(f"{name:28}{statistics.median(values):10.3f}{percentile(values, 0.99):10.3f}{statistics.mean(values):10.3f}")
+        print(
+            f"{name:28}{statistics.median(values):10.3f}{percentile(values, 0.99):10.3f}{statistics.mean(values):10.3f}"
+        )
     ratio = statistics.median(leases) / statistics.median(plain)
     print(f"ratio lease/plain connect (median): {ratio:.2f}")
     median = statistics.median(leases)

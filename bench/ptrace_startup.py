@@ -25,12 +25,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpslib import BenchBase, byte_compile_package, caller_options  # noqa: E402
+from cpslib import BenchBase, byte_compile_package, caller_options
 
-from fdkeeper import testbed  # noqa: E402
-from fdkeeper.client import KeeperClient  # noqa: E402
+from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_GOAL_MS, CPS_GOAL = 20.0, 0.98
@@ -71,7 +72,7 @@ def startup(workdir: Path, runs: int) -> tuple[float, float]:
 
 class Bench(BenchBase):
     CONFIGS = ("preload", "ptrace")
-    LABELS = {"preload": "--mode preload", "ptrace": "--mode ptrace"}
+    LABELS: ClassVar[dict[str, str]] = {"preload": "--mode preload", "ptrace": "--mode ptrace"}
     PROG = "ptrace_startup"
 
     def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
@@ -83,7 +84,7 @@ class Bench(BenchBase):
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
         return caller_options(self, rate, duration)
 
-    tracer_pids: list[int] = []
+    tracer_pids: ClassVar[list[int]] = []
 
     def _check_detached(self, process: testbed.SippProcess) -> None:
         """One second in, the traced sipp (the runner's child) must have no tracer."""
@@ -91,7 +92,9 @@ class Bench(BenchBase):
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
         for child in children.read_text().split() if children.exists() else ():
             status = Path(f"/proc/{child}/status").read_text()
-            Bench.tracer_pids.append(int(next(l for l in status.splitlines() if l.startswith("TracerPid:")).split()[1]))
+            Bench.tracer_pids.append(
+                int(next(line for line in status.splitlines() if line.startswith("TracerPid:")).split()[1])
+            )
 
 
 def cps(workdir: Path, rates: list[float], duration: float, pairs: int) -> list[float]:
@@ -124,15 +127,19 @@ def main() -> int:
         workdir = Path(tmp)
         preload, ptrace = startup(workdir, args.runs)
         extra = ptrace - preload
-        print(f"start-up, median of {args.runs}: preload {preload:.1f} ms, ptrace {ptrace:.1f} ms, "
-              f"extra {extra:.1f} ms (goal under {STARTUP_GOAL_MS:g} ms: {'met' if extra < STARTUP_GOAL_MS else 'MISSED'})")
+        print(
+            f"start-up, median of {args.runs}: preload {preload:.1f} ms, ptrace {ptrace:.1f} ms, "
+            f"extra {extra:.1f} ms (goal under {STARTUP_GOAL_MS:g} ms: {'met' if extra < STARTUP_GOAL_MS else 'MISSED'})"
+        )
         if not args.pairs:
             return 0
         ratios = cps(workdir, [float(r) for r in args.rates.split(",")], args.duration, args.pairs)
         if ratios:
             ratio = statistics.median(ratios)
-            print(f"calls/s ptrace/preload, median of {len(ratios)} paired runs: {ratio:.3f} "
-                  f"(goal at least {CPS_GOAL}: {'met' if ratio >= CPS_GOAL else 'MISSED'})")
+            print(
+                f"calls/s ptrace/preload, median of {len(ratios)} paired runs: {ratio:.3f} "
+                f"(goal at least {CPS_GOAL}: {'met' if ratio >= CPS_GOAL else 'MISSED'})"
+            )
         print(f"TracerPid of ptrace-mode sipp one second into its run: {sorted(set(Bench.tracer_pids))} (0: detached)")
     return 0
 

@@ -54,13 +54,17 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fdkeeper.client import KeeperClient, ensure_keeper  # noqa: E402
-from fdkeeper.statedir import connect_control_socket  # noqa: E402
-from fdkeeper.testbed.pki import make_test_pki  # noqa: E402
+import itertools
 
-REQUEST = (b"OPTIONS sip:soak@bench.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK%010d\r\n"
-           b"Max-Forwards: 70\r\nFrom: <sip:sut@bench.test>;tag=1\r\nTo: <sip:soak@bench.test>\r\n"
-           b"Call-ID: soak-%010d\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.statedir import connect_control_socket
+from fdkeeper.testbed.pki import make_test_pki
+
+REQUEST = (
+    b"OPTIONS sip:soak@bench.test SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1;branch=z9hG4bK%010d\r\n"
+    b"Max-Forwards: 70\r\nFrom: <sip:sut@bench.test>;tag=1\r\nTo: <sip:soak@bench.test>\r\n"
+    b"Call-ID: soak-%010d\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+)
 REQUEST_SIZE = len(REQUEST % (0, 0))
 SEQ = re.compile(rb"Call-ID: soak-(\d{10})")
 KILLED_SHARE = 0.05
@@ -79,8 +83,15 @@ def listener(port: int = 0) -> socket.socket:
     return sock
 
 
-def run_suts(numbered_listener: socket.socket, tls_listener: socket.socket, cert: str, key: str, restart_every: float,
-             stop, sent_out) -> None:
+def run_suts(
+    numbered_listener: socket.socket,
+    tls_listener: socket.socket,
+    cert: str,
+    key: str,
+    restart_every: float,
+    stop,
+    sent_out,
+) -> None:
     """The numbering SuT and the non-reading TLS SuT, on listeners the bench opened."""
     sent: list[int] = []
 
@@ -153,9 +164,10 @@ def one_run(keeper: KeeperClient, port: int, user: str, report, kill: bool, idle
     """A forked run: lease, maybe die at once, else read what is queued, report, exit."""
     started = time.monotonic()
     try:
-        [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=("127.0.0.1", port), local="-", aor=user,
-                                 reconnect=True)
-    except Exception as error:  # noqa: BLE001 - reported, the bench goes on
+        [(_, fd)] = keeper.lease(
+            role="client", transport="tcp", remote=("127.0.0.1", port), local="-", aor=user, reconnect=True
+        )
+    except Exception as error:
         report.send(("error", str(error)[:200]))
         os._exit(0)
     latency = time.monotonic() - started
@@ -166,8 +178,9 @@ def one_run(keeper: KeeperClient, port: int, user: str, report, kill: bool, idle
     os._exit(0)
 
 
-def quiet_probe(keepers: list[tuple[KeeperClient, str]], port: int, users: list[str], report,
-                rounds: int = PROBE_ROUNDS) -> None:
+def quiet_probe(
+    keepers: list[tuple[KeeperClient, str]], port: int, users: list[str], report, rounds: int = PROBE_ROUNDS
+) -> None:
     """No load: rounds of one run per user and keeper, one at a time, keepers taking turns (so
     that all see the same machine); the first round (it may open connections) is "warm"."""
     for round_ in range(rounds):
@@ -201,16 +214,25 @@ def flood_worker(directory: Path, tls_port: int, deadline: float, leases_done, r
     """Runs that write as fast as they can to the TLS SuT that never reads (until the leases end)."""
     keeper = KeeperClient(directory)
     body = b"x" * 4000
-    message = (b"MESSAGE sip:sut@bench.test SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKflood\r\n"
-               b"Max-Forwards: 70\r\nFrom: <sip:flood@bench.test>;tag=1\r\nTo: <sip:sut@bench.test>\r\n"
-               b"Call-ID: flood\r\nCSeq: 1 MESSAGE\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    message = (
+        b"MESSAGE sip:sut@bench.test SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bKflood\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:flood@bench.test>;tag=1\r\nTo: <sip:sut@bench.test>\r\n"
+        b"Call-ID: flood\r\nCSeq: 1 MESSAGE\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     chunk = message * 16  # whole SIP messages: the keeper relays them (it drops what is not SIP)
     while time.monotonic() < deadline and not leases_done.is_set():
         pid = os.fork()
         if pid == 0:
             try:
-                [(_, fd)] = keeper.lease(role="client", transport="tls", remote=("127.0.0.1", tls_port), local="-",
-                                         aor="sip:flood@bench.test", tls_insecure=True, reconnect=True)
+                [(_, fd)] = keeper.lease(
+                    role="client",
+                    transport="tls",
+                    remote=("127.0.0.1", tls_port),
+                    local="-",
+                    aor="sip:flood@bench.test",
+                    tls_insecure=True,
+                    reconnect=True,
+                )
                 os.set_blocking(fd, False)
                 written, until = 0, time.monotonic() + 0.5
                 while time.monotonic() < until and written < 64 << 20:
@@ -219,7 +241,7 @@ def flood_worker(directory: Path, tls_port: int, deadline: float, leases_done, r
                     except BlockingIOError:
                         time.sleep(0.01)
                 report.send(("flood", written))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 report.send(("error", "flood: " + str(error)[:200]))
             os._exit(0)
         os.waitpid(pid, 0)
@@ -257,8 +279,15 @@ def idle_clients(keeper: KeeperClient, stop: threading.Event, closed: list[int])
 def abusive_clients(keeper: KeeperClient, stop: threading.Event, sent: list[int]) -> None:
     """Garbage, oversized packets, and STATUS requests whose replies are never read."""
     rng = random.Random(7)
-    payloads = [b"LEASE role=client transport=tcp remote=" + b"9" * 5000, bytes(rng.randrange(256) for _ in range(300)),
-                b"STATUS", b"PREPARE role=client", b"\n\n\n", b"LEASE " + b"x=" * 2000, b"STATUS"]
+    payloads = [
+        b"LEASE role=client transport=tcp remote=" + b"9" * 5000,
+        bytes(rng.randrange(256) for _ in range(300)),
+        b"STATUS",
+        b"PREPARE role=client",
+        b"\n\n\n",
+        b"LEASE " + b"x=" * 2000,
+        b"STATUS",
+    ]
     unread: list[socket.socket] = []
     while not stop.is_set():
         try:
@@ -285,7 +314,7 @@ def sample_keeper(pid: int, keeper: KeeperClient, stop: threading.Event, samples
         started = time.monotonic()
         try:
             keeper.alive()
-        except Exception:  # noqa: BLE001 - a missed probe is a gap in the samples, no more
+        except Exception:
             continue
         ping = time.monotonic() - started
         cpu = process.cpu_times()
@@ -310,8 +339,13 @@ def main() -> int:
     parser.add_argument("--leases", type=int, default=10_000)
     parser.add_argument("--users", type=int, default=40)
     parser.add_argument("--restart-every", type=float, default=20.0)
-    parser.add_argument("--series", type=float, default=0, metavar="SECONDS",
-                        help="also print the figures per SECONDS-long slice of the run (to see a trend)")
+    parser.add_argument(
+        "--series",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also print the figures per SECONDS-long slice of the run (to see a trend)",
+    )
     options = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="fdk-soak-"))
@@ -321,8 +355,19 @@ def main() -> int:
     port, tls_port = numbered_listener.getsockname()[1], tls_listener.getsockname()[1]
     stop_sut = multiprocessing.Event()
     sent_in, sent_out = multiprocessing.Pipe(duplex=False)
-    sut = multiprocessing.Process(target=run_suts, args=(numbered_listener, tls_listener, str(pki.server_cert), str(pki.server_key),
-                                                         options.restart_every, stop_sut, sent_out), daemon=True)
+    sut = multiprocessing.Process(
+        target=run_suts,
+        args=(
+            numbered_listener,
+            tls_listener,
+            str(pki.server_cert),
+            str(pki.server_key),
+            options.restart_every,
+            stop_sut,
+            sent_out,
+        ),
+        daemon=True,
+    )
     sut.start()
     numbered_listener.close()
     tls_listener.close()
@@ -337,7 +382,9 @@ def main() -> int:
     received: list[int] = []
     errors: dict[str, int] = {}
     tally = {"flooded": 0, "killed": 0}
-    collector = threading.Thread(target=_collect, args=(report_in, leases, probes, received, errors, tally), daemon=True)
+    collector = threading.Thread(
+        target=_collect, args=(report_in, leases, probes, received, errors, tally), daemon=True
+    )
     collector.start()
     quiet_probe([(keeper, "before")], port, users, reporter)  # the keeper before the soak, nothing else running
     load_before = os.getloadavg()[0]
@@ -348,16 +395,21 @@ def main() -> int:
     stop = threading.Event()
     samples: list[tuple] = []
     idle_closed, abusive_sent = [0], [0]
-    threads = [threading.Thread(target=sample_keeper, args=(keeper_pid, keeper, stop, samples), daemon=True),
-               threading.Thread(target=idle_clients, args=(keeper, stop, idle_closed), daemon=True),
-               threading.Thread(target=abusive_clients, args=(keeper, stop, abusive_sent), daemon=True)]
+    threads = [
+        threading.Thread(target=sample_keeper, args=(keeper_pid, keeper, stop, samples), daemon=True),
+        threading.Thread(target=idle_clients, args=(keeper, stop, idle_closed), daemon=True),
+        threading.Thread(target=abusive_clients, args=(keeper, stop, abusive_sent), daemon=True),
+    ]
     for thread in threads:
         thread.start()
     workers = []
     for index in range(WORKERS):
         mine = users[index::WORKERS]
-        workers.append(multiprocessing.Process(target=lease_worker, args=(directory, port, mine, deadline,
-                                                                          options.leases // WORKERS, reporter)))
+        workers.append(
+            multiprocessing.Process(
+                target=lease_worker, args=(directory, port, mine, deadline, options.leases // WORKERS, reporter)
+            )
+        )
     leases_done = multiprocessing.Event()
     flooder = multiprocessing.Process(target=flood_worker, args=(directory, tls_port, deadline, leases_done, reporter))
     workers.append(flooder)
@@ -401,62 +453,95 @@ def main() -> int:
     rss = [(s[0], s[1]) for s in samples]
     fds = [(s[0], s[2]) for s in samples]
     pings = [(s[0], s[4]) for s in samples]
-    cpu = [(b[0], (b[3] - a[3]) / (b[0] - a[0])) for a, b in zip(samples, samples[1:])]
+    cpu = [(b[0], (b[3] - a[3]) / (b[0] - a[0])) for a, b in itertools.pairwise(samples)]
     lease_lat = leases[:lease_count]  # not the drain's
     results = {
-        "rss_start": median(window(rss, *start_window)), "rss_end": median(window(rss, *end_window)),
-        "fds_start": median(window(fds, *start_window)), "fds_end": median(window(fds, *end_window)),
-        "lat_start": median(window(lease_lat, *start_window)), "lat_end": median(window(lease_lat, *end_window)),
-        "probe_before": median([v for _, v in probes["before"]]), "probe_after": median([v for _, v in probes["after"]]),
+        "rss_start": median(window(rss, *start_window)),
+        "rss_end": median(window(rss, *end_window)),
+        "fds_start": median(window(fds, *start_window)),
+        "fds_end": median(window(fds, *end_window)),
+        "lat_start": median(window(lease_lat, *start_window)),
+        "lat_end": median(window(lease_lat, *end_window)),
+        "probe_before": median([v for _, v in probes["before"]]),
+        "probe_after": median([v for _, v in probes["after"]]),
         "probe_fresh": median([v for _, v in probes["fresh"]]),
-        "ping_start": median(window(pings, *start_window)), "ping_end": median(window(pings, *end_window)),
-        "cpu_start": median(window(cpu, *start_window)), "cpu_end": median(window(cpu, *end_window)),
+        "ping_start": median(window(pings, *start_window)),
+        "ping_end": median(window(pings, *end_window)),
+        "cpu_start": median(window(cpu, *start_window)),
+        "cpu_end": median(window(cpu, *end_window)),
         "rate_start": len(window(lease_lat, *start_window)) / (start_window[1] - start_window[0]),
         "rate_end": len(window(lease_lat, *end_window)) / (end_window[1] - end_window[0]),
     }
     lost = sorted(set(sent) - set(received))
     if options.series:
         _print_series(options.series, begin, load_end, rss, fds, lease_lat, pings, cpu)
-    print(f"soak: {duration:.0f} s of load ({end - begin:.0f} s with the drain), {lease_count} leases ({tally['killed']} "
-          f"SIGKILLed, {errors.get('lease', 0)} refused or failed), SuT restarts every {options.restart_every:g} s, "
-          f"{IDLE_CLIENTS} idle control clients ({idle_closed[0]} closed by the keeper), "
-          f"{abusive_sent[0]} abusive control requests, {tally['flooded'] / 1e6:.1f} MB written towards a non-reading TLS SuT")
-    print(f"  keeper RSS   start {results['rss_start'] / 1e6:7.1f} MB   end {results['rss_end'] / 1e6:7.1f} MB   "
-          f"{change(results['rss_start'], results['rss_end'])}")
-    print(f"  keeper fds   start {results['fds_start']:7.0f}      end {results['fds_end']:7.0f}      "
-          f"{change(results['fds_start'], results['fds_end'])}")
-    print(f"  lease, loaded start {results['lat_start'] * 1000:6.2f} ms   end {results['lat_end'] * 1000:7.2f} ms   "
-          f"{change(results['lat_start'], results['lat_end'])}   (median under the load: follows the machine's load)")
-    print(f"  lease, quiet  start {results['probe_before'] * 1000:6.2f} ms   end {results['probe_after'] * 1000:7.2f} ms   "
-          f"{change(results['probe_before'], results['probe_after'])}   (median, no load, one run at a time)")
-    print(f"  lease, side by side: fresh keeper {results['probe_fresh'] * 1000:.2f} ms, soaked keeper {results['probe_after'] * 1000:.2f} ms "
-          f"  {change(results['probe_fresh'], results['probe_after'])}   (the same, after the soak, taking turns: judged)")
-    print(f"  (context) PING round trip start {results['ping_start'] * 1000:.2f} ms end {results['ping_end'] * 1000:.2f} ms; "
-          f"keeper CPU start {results['cpu_start'] * 100:.0f} % end {results['cpu_end'] * 100:.0f} %; "
-          f"leases/s start {results['rate_start']:.0f} end {results['rate_end']:.0f}; machine: {os.cpu_count()} CPUs, "
-          f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {psutil.cpu_percent():.0f} % busy during the run")
-    print(f"  requests: {len(sent)} written by the SuT, {len(set(received))} reached a run, {len(lost)} lost"
-          + (f" (first: {lost[:5]})" if lost else "") + f"; duplicates {len(received) - len(set(received))}")
+    print(
+        f"soak: {duration:.0f} s of load ({end - begin:.0f} s with the drain), {lease_count} leases ({tally['killed']} "
+        f"SIGKILLed, {errors.get('lease', 0)} refused or failed), SuT restarts every {options.restart_every:g} s, "
+        f"{IDLE_CLIENTS} idle control clients ({idle_closed[0]} closed by the keeper), "
+        f"{abusive_sent[0]} abusive control requests, {tally['flooded'] / 1e6:.1f} MB written towards a non-reading TLS SuT"
+    )
+    print(
+        f"  keeper RSS   start {results['rss_start'] / 1e6:7.1f} MB   end {results['rss_end'] / 1e6:7.1f} MB   "
+        f"{change(results['rss_start'], results['rss_end'])}"
+    )
+    print(
+        f"  keeper fds   start {results['fds_start']:7.0f}      end {results['fds_end']:7.0f}      "
+        f"{change(results['fds_start'], results['fds_end'])}"
+    )
+    print(
+        f"  lease, loaded start {results['lat_start'] * 1000:6.2f} ms   end {results['lat_end'] * 1000:7.2f} ms   "
+        f"{change(results['lat_start'], results['lat_end'])}   (median under the load: follows the machine's load)"
+    )
+    print(
+        f"  lease, quiet  start {results['probe_before'] * 1000:6.2f} ms   end {results['probe_after'] * 1000:7.2f} ms   "
+        f"{change(results['probe_before'], results['probe_after'])}   (median, no load, one run at a time)"
+    )
+    print(
+        f"  lease, side by side: fresh keeper {results['probe_fresh'] * 1000:.2f} ms, soaked keeper {results['probe_after'] * 1000:.2f} ms "
+        f"  {change(results['probe_fresh'], results['probe_after'])}   (the same, after the soak, taking turns: judged)"
+    )
+    print(
+        f"  (context) PING round trip start {results['ping_start'] * 1000:.2f} ms end {results['ping_end'] * 1000:.2f} ms; "
+        f"keeper CPU start {results['cpu_start'] * 100:.0f} % end {results['cpu_end'] * 100:.0f} %; "
+        f"leases/s start {results['rate_start']:.0f} end {results['rate_end']:.0f}; machine: {os.cpu_count()} CPUs, "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {psutil.cpu_percent():.0f} % busy during the run"
+    )
+    print(
+        f"  requests: {len(sent)} written by the SuT, {len(set(received))} reached a run, {len(lost)} lost"
+        + (f" (first: {lost[:5]})" if lost else "")
+        + f"; duplicates {len(received) - len(set(received))}"
+    )
     log_size = (directory / "keeper.log").stat().st_size
-    print(f"  keeper.log: {log_size / 1e6:.1f} MB; keeper status at the end: {len(status['connections'])} connections; errors seen by runs: "
-          + (", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none"))
+    print(
+        f"  keeper.log: {log_size / 1e6:.1f} MB; keeper status at the end: {len(status['connections'])} connections; errors seen by runs: "
+        + (", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "none")
+    )
     results["side_by_side_start"], results["side_by_side_end"] = results["probe_fresh"], results["probe_after"]
-    flat = all(abs(results[f"{k}_end"] - results[f"{k}_start"]) <= 0.1 * results[f"{k}_start"]
-               for k in ("rss", "fds", "side_by_side"))
-    print(f"  goals: flat within 10 %: {'met' if flat else 'MISSED'}; zero lost requests: {'met' if not lost else 'MISSED'}")
+    flat = all(
+        abs(results[f"{k}_end"] - results[f"{k}_start"]) <= 0.1 * results[f"{k}_start"]
+        for k in ("rss", "fds", "side_by_side")
+    )
+    print(
+        f"  goals: flat within 10 %: {'met' if flat else 'MISSED'}; zero lost requests: {'met' if not lost else 'MISSED'}"
+    )
     sut.terminate()
     return 0
 
 
 def _print_series(step: float, begin: float, end: float, rss, fds, leases, pings, cpu) -> None:
-    print(f"  {'from s':>6} {'RSS MB':>7} {'fds':>5} {'leases':>6} {'lease ms':>8} {'p90 ms':>7} {'PING ms':>7} {'CPU %':>5}")
+    print(
+        f"  {'from s':>6} {'RSS MB':>7} {'fds':>5} {'leases':>6} {'lease ms':>8} {'p90 ms':>7} {'PING ms':>7} {'CPU %':>5}"
+    )
     at = begin
     while at < end:
         lat = sorted(window(leases, at, at + step))
         p90 = lat[int(0.9 * (len(lat) - 1))] if lat else float("nan")
-        print(f"  {at - begin:6.0f} {median(window(rss, at, at + step)) / 1e6:7.1f} {median(window(fds, at, at + step)):5.0f} "
-              f"{len(lat):6d} {median(lat) * 1000:8.2f} {p90 * 1000:7.2f} {median(window(pings, at, at + step)) * 1000:7.2f} "
-              f"{median(window(cpu, at, at + step)) * 100:5.0f}")
+        print(
+            f"  {at - begin:6.0f} {median(window(rss, at, at + step)) / 1e6:7.1f} {median(window(fds, at, at + step)):5.0f} "
+            f"{len(lat):6d} {median(lat) * 1000:8.2f} {p90 * 1000:7.2f} {median(window(pings, at, at + step)) * 1000:7.2f} "
+            f"{median(window(cpu, at, at + step)) * 100:5.0f}"
+        )
         at += step
 
 

@@ -57,9 +57,22 @@ from pathlib import Path
 
 # Run as a script: bench/ is sys.path[0], cpslib and cps_many_users are beside us.
 from cps_many_users import Bench as ManyUsersBench
-from cps_many_users import run_columns, user_names
-from cpslib import (print_best_rates, Run, byte_compile_package, ascents, climb, command_version, common_arguments, format_run, paired_ratios, print_footer,
-                    resolve_defaults, run_bench, table_header)
+from cps_many_users import run_columns
+from cpslib import (
+    Run,
+    ascents,
+    byte_compile_package,
+    climb,
+    command_version,
+    common_arguments,
+    format_run,
+    paired_ratios,
+    print_best_rates,
+    print_footer,
+    resolve_defaults,
+    run_bench,
+    table_header,
+)
 
 from fdkeeper import testbed
 from fdkeeper.demo import start_through_fdkeeper
@@ -89,18 +102,30 @@ class Bench(ManyUsersBench):
         return self.start_mode(sipp, mode, scenario, name, **options)
 
     def start_mode(self, sipp: str, mode: str, scenario: str | Path, name: str, **options) -> testbed.SippProcess:
-        return start_through_fdkeeper(sipp, scenario, self.kamailio.address, directory=self.keeper_dir,
-                                      log_dir=self.logs, name=name, local_ip=self.kamailio.host,
-                                      options=("--mode", mode), **options)
+        return start_through_fdkeeper(
+            sipp,
+            scenario,
+            self.kamailio.address,
+            directory=self.keeper_dir,
+            log_dir=self.logs,
+            name=name,
+            local_ip=self.kamailio.host,
+            options=("--mode", mode),
+            **options,
+        )
 
     def format_run(self, run: Run) -> str:
         return format_run(run, self.LABELS[run.config], WIDTH, run_columns(run))
 
 
 # kind -> (which sipp, mode or None for sipp straight to the SuT)
-STARTUP_KINDS = {"debian-plain": ("sipp", None), "debian-preload": ("sipp", "preload"),
-                 "debian-ptrace": ("sipp", "ptrace"), "static-plain": ("static", None),
-                 "static-ptrace": ("static", "ptrace")}
+STARTUP_KINDS = {
+    "debian-plain": ("sipp", None),
+    "debian-preload": ("sipp", "preload"),
+    "debian-ptrace": ("sipp", "ptrace"),
+    "static-plain": ("static", None),
+    "static-ptrace": ("static", "ptrace"),
+}
 STARTUP_USER = "startup"  # not a caller: the bench's calls never wait on its registrations
 
 
@@ -133,13 +158,25 @@ def timed_register(bench: Bench, kind: str, name: str, users_csv: Path) -> tuple
     """(wall ms, CPU ms) of one run of ``kind``."""
     which, mode = STARTUP_KINDS[kind]
     sipp = bench.sipp if which == "sipp" else bench.static_sipp
-    options = dict(transport="tn", calls=1, timeout=10, trace_messages=False,
-                   extra=["-inf", str(users_csv), "-max_socket", "100"])
+    options = {
+        "transport": "tn",
+        "calls": 1,
+        "timeout": 10,
+        "trace_messages": False,
+        "extra": ["-inf", str(users_csv), "-max_socket", "100"],
+    }
     cpu = children_cpu_ms()
     began = time.perf_counter()
     if mode is None:
-        process = testbed.start_sipp(sipp, "uac-register.xml", bench.kamailio.address, log_dir=bench.logs, name=name,
-                                     local_ip=bench.kamailio.host, **options)
+        process = testbed.start_sipp(
+            sipp,
+            "uac-register.xml",
+            bench.kamailio.address,
+            log_dir=bench.logs,
+            name=name,
+            local_ip=bench.kamailio.host,
+            **options,
+        )
     else:
         process = bench.start_mode(sipp, mode, "uac-register.xml", name, **options)
     elapsed = (exit_time(process) - began) * 1000
@@ -167,9 +204,13 @@ def startup_overheads(times: dict[str, list[float]]) -> dict[str, list[float]]:
     """Per round: the ptrace mode's overhead on Debian's sipp, the static path's overhead."""
     t = times
     return {
-        "mode": [p - q for p, q in zip(t["debian-ptrace"], t["debian-preload"])],
-        "static": [(sp - s0) - (dp - d0) for sp, s0, dp, d0 in
-                   zip(t["static-ptrace"], t["static-plain"], t["debian-preload"], t["debian-plain"])],
+        "mode": [p - q for p, q in zip(t["debian-ptrace"], t["debian-preload"], strict=False)],
+        "static": [
+            (sp - s0) - (dp - d0)
+            for sp, s0, dp, d0 in zip(
+                t["static-ptrace"], t["static-plain"], t["debian-preload"], t["debian-plain"], strict=False
+            )
+        ],
     }
 
 
@@ -188,8 +229,10 @@ def spread(values: list[float]) -> str:
     """median, its 95 % confidence interval, and the quartiles of ``values``."""
     low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
     ci_low, ci_high = median_interval(values)
-    return (f"median {statistics.median(values):+.1f} ms (95 % CI {ci_low:+.1f} to {ci_high:+.1f}; "
-            f"quartiles {low:+.1f}, {high:+.1f})")
+    return (
+        f"median {statistics.median(values):+.1f} ms (95 % CI {ci_low:+.1f} to {ci_high:+.1f}; "
+        f"quartiles {low:+.1f}, {high:+.1f})"
+    )
 
 
 def verdict(overheads: list[float]) -> str:
@@ -204,49 +247,71 @@ def verdict(overheads: list[float]) -> str:
 def report_startup(times: Timings) -> None:
     """Wall figures carry the goal; CPU figures (fdkeeper + sipp) barely move with the load."""
     rounds = len(times["wall"]["debian-plain"])
-    print(f"  start-up, one REGISTER over -t tn, {rounds} rounds (load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end):")
+    print(
+        f"  start-up, one REGISTER over -t tn, {rounds} rounds (load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end):"
+    )
     for measure in ("wall", "cpu"):
         medians = ", ".join(f"{kind} {statistics.median(values):.1f}" for kind, values in times[measure].items())
         print(f"    median {measure} ms: {medians}")
         # Interference only ever adds time: each kind's fastest round is its cleanest.
         best = {kind: min(values) for kind, values in times[measure].items()}
-        print(f"    fastest {measure} ms: " + ", ".join(f"{kind} {value:.1f}" for kind, value in best.items())
-              + f"; from those: ptrace mode {best['debian-ptrace'] - best['debian-preload']:+.1f}, static path "
-              f"{(best['static-ptrace'] - best['static-plain']) - (best['debian-preload'] - best['debian-plain']):+.1f}")
+        print(
+            f"    fastest {measure} ms: "
+            + ", ".join(f"{kind} {value:.1f}" for kind, value in best.items())
+            + f"; from those: ptrace mode {best['debian-ptrace'] - best['debian-preload']:+.1f}, static path "
+            f"{(best['static-ptrace'] - best['static-plain']) - (best['debian-preload'] - best['debian-plain']):+.1f}"
+        )
         overheads = startup_overheads(times[measure])
-        for key, label in (("mode", "ptrace mode's overhead (Debian sipp: ptrace - preload)"),
-                           ("static", "static path's overhead ((static ptrace - plain) - (Debian preload - plain))")):
+        for key, label in (
+            ("mode", "ptrace mode's overhead (Debian sipp: ptrace - preload)"),
+            ("static", "static path's overhead ((static ptrace - plain) - (Debian preload - plain))"),
+        ):
             goal = f" (goal under {STARTUP_GOAL_MS:g} ms: {verdict(overheads[key])})" if measure == "wall" else ""
             print(f"      {measure} {label}: {spread(overheads[key])}{goal}")
 
 
 def report(bench: Bench, best: dict[str, Run | None], started: Timings, seconds: float) -> None:
     print()
-    print(f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from user k "
-          "over -t tn through fdkeeper, callee over UDP):")
+    print(
+        f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from user k "
+        "over -t tn through fdkeeper, callee over UDP):"
+    )
     ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 21)
     verdict = "met" if ratio is not None and ratio >= CPS_GOAL else "MISSED"
-    print(f"  ratio b/a (achieved calls/s): {ratio:.3f} (goal at least {CPS_GOAL}: {verdict})" if ratio is not None
-          else "  ratio b/a: n/a")
+    print(
+        f"  ratio b/a (achieved calls/s): {ratio:.3f} (goal at least {CPS_GOAL}: {verdict})"
+        if ratio is not None
+        else "  ratio b/a: n/a"
+    )
     pairs = sorted(paired_ratios(bench.runs))
     if pairs:
-        print(f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-              f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}")
+        print(
+            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
+            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
+        )
     if started:
         report_startup(started)
     static = command_version([bench.static_sipp, "-v"], r"SIPp v\S+")
     debian = command_version([bench.sipp, "-v"], r"SIPp v\S+")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print_footer(bench, [f"(a) {debian} ({bench.sipp}); (b) {static} ({bench.static_sipp})",
-                         f"nproc {len(os.sched_getaffinity(0))}; load average now {load}"], seconds)
+    print_footer(
+        bench,
+        [
+            f"(a) {debian} ({bench.sipp}); (b) {static} ({bench.static_sipp})",
+            f"nproc {len(os.sched_getaffinity(0))}; load average now {load}",
+        ],
+        seconds,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, quick="2 s runs, coarse steps of 200", duration=4.0, quick_duration=2.0,
-                     step=100.0, quick_step=200.0)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common_arguments(
+        parser, quick="2 s runs, coarse steps of 200", duration=4.0, quick_duration=2.0, step=100.0, quick_step=200.0
+    )
     parser.add_argument("--users", type=int, default=USERS, help=f"registered users, callers (default {USERS})")
     parser.add_argument("--register-rate", type=float, default=500.0, help="REGISTERs per second (default 500)")
     parser.add_argument("--startup-runs", type=int, default=30, help="start-up rounds (default 30; 0: none)")
@@ -277,9 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         best = climb(bench, ascents(bench, args.step, args.fine, args.max_rate, steps))
         report(bench, best, started, time.monotonic() - began)
 
-    return run_bench("static_sipp", args,
-                     lambda workdir, sipp: Bench(workdir, sipp, args.duration, args.retries, users=args.users,
-                                                 register_rate=args.register_rate, static_sipp=args.static_sipp), body)
+    return run_bench(
+        "static_sipp",
+        args,
+        lambda workdir, sipp: Bench(
+            workdir,
+            sipp,
+            args.duration,
+            args.retries,
+            users=args.users,
+            register_rate=args.register_rate,
+            static_sipp=args.static_sipp,
+        ),
+        body,
+    )
 
 
 if __name__ == "__main__":

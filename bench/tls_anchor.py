@@ -44,16 +44,34 @@ from pathlib import Path
 
 import psutil
 
-from fdkeeper import testbed
-from fdkeeper.client import KeeperClient
-from fdkeeper.testbed.pki import make_test_pki
-
 # Run as a script (python3 bench/tls_anchor.py): bench/ is sys.path[0], the other benches are beside us.
 from cps_many_users import raise_open_file_limit, user_names, write_caller_scenario
 from cps_tls import children_cpu, sample_wrapper_cpu
-from cpslib import (CALLEE, SHM_MB, Ascent, BenchBase, Run, ascents, caller_options, climb, command_version, common_arguments,
-                    cpu_model, cpu_seconds, format_run, print_footer, register_callee, resolve_defaults, run_bench,
-                    table_header, write_uas_scenario)
+from cpslib import (
+    CALLEE,
+    SHM_MB,
+    Ascent,
+    BenchBase,
+    Run,
+    ascents,
+    caller_options,
+    climb,
+    command_version,
+    common_arguments,
+    cpu_model,
+    cpu_seconds,
+    format_run,
+    print_footer,
+    register_callee,
+    resolve_defaults,
+    run_bench,
+    table_header,
+    write_uas_scenario,
+)
+
+from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
+from fdkeeper.testbed.pki import make_test_pki
 
 CONFIGS = ("n1", "k1", "nn", "kn")
 LABELS = {"n1": "sipp 3.7.7 TLS -t l1", "k1": "fdkeeper -t l1", "nn": "sipp 3.7.7 TLS -t ln", "kn": "fdkeeper -t ln"}
@@ -88,18 +106,24 @@ class Bench(BenchBase):
     def make_sut(self) -> testbed.Kamailio:
         soft, _ = raise_open_file_limit(self.users)  # before Kamailio and the keeper inherit it
         self.pki = make_test_pki(self.workdir / "pki")
-        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB, tls=testbed.KamailioTls.server(self.pki),
-                                tcp_max_connections=min(self.users + 20000, soft - 1024))
+        return testbed.Kamailio(
+            self.workdir / "kamailio",
+            shm_mb=SHM_MB,
+            tls=testbed.KamailioTls.server(self.pki),
+            tcp_max_connections=min(self.users + 20000, soft - 1024),
+        )
 
     def setup(self) -> None:
-        self.users_csv = testbed.write_users_csv(self.workdir / "callers.csv", user_names(self.users),
-                                                 self.kamailio.domain)
+        self.users_csv = testbed.write_users_csv(
+            self.workdir / "callers.csv", user_names(self.users), self.kamailio.domain
+        )
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
         port = testbed.free_port()
         register_callee(self, port)
-        self.uas = self.start_plain(write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port,
-                                    calls=None, trace_messages=False)
+        self.uas = self.start_plain(
+            write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
+        )
         if any(config.endswith("n") for config in self.CONFIGS):
             self.register_users()
         self.warm_up()
@@ -109,14 +133,23 @@ class Bench(BenchBase):
         """One `fdkeeper sipp -t ln` run: the keeper opens and keeps one TLS connection per user."""
         began = time.monotonic()
         process = self.start_kept(
-            "uac-register.xml", "register", remote=self.kamailio.tls_address, options=self.tls_options,
-            transport="ln", calls=self.users, rate=REGISTER_RATE, timeout=self.users / 20 + 30, trace_messages=False,
-            extra=["-inf", str(self.users_csv), "-l", "200", "-max_socket", "1000", "-recv_timeout", "10000"])
+            "uac-register.xml",
+            "register",
+            remote=self.kamailio.tls_address,
+            options=self.tls_options,
+            transport="ln",
+            calls=self.users,
+            rate=REGISTER_RATE,
+            timeout=self.users / 20 + 30,
+            trace_messages=False,
+            extra=["-inf", str(self.users_csv), "-l", "200", "-max_socket", "1000", "-recv_timeout", "10000"],
+        )
         result = self.wait(process, self.users / 20 + 60)
         if not result.ok or result.successful != self.users:
             raise RuntimeError(f"registering {self.users} users over TLS failed:\n{result.summary()}")
-        print(f"registered {self.users} users over -t ln through fdkeeper in {time.monotonic() - began:.1f} s",
-              flush=True)
+        print(
+            f"registered {self.users} users over -t ln through fdkeeper in {time.monotonic() - began:.1f} s", flush=True
+        )
 
     @property
     def tls_options(self) -> tuple[str, ...]:
@@ -135,8 +168,9 @@ class Bench(BenchBase):
     def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         scenario = self.caller_scenario if config.endswith("n") else "uac-call.xml"
         if config.startswith("k"):
-            return self.start_kept(scenario, name, remote=self.kamailio.tls_address, options=self.tls_options,
-                                   **options)
+            return self.start_kept(
+                scenario, name, remote=self.kamailio.tls_address, options=self.tls_options, **options
+            )
         return self.start_plain(scenario, name, remote=self.kamailio.tls_address, sipp=self.native, **options)
 
     # -- CPU around every run ------------------------------------------------
@@ -163,6 +197,7 @@ class Bench(BenchBase):
 # output
 # --------------------------------------------------------------------------
 
+
 def ticks_per(run: Run, key: str) -> float | None:
     if run.successful == 0 or key not in run.measured:
         return None
@@ -172,8 +207,13 @@ def ticks_per(run: Run, key: str) -> float | None:
 def cpu_columns(run: Run) -> str:
     values = [ticks_per(run, "sipp"), ticks_per(run, "keeper")]
     total = None if None in values else sum(values)
-    return " ".join(f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
-                    for v, w in zip([*values, total], (9, 11, 8))) + "  "
+    return (
+        " ".join(
+            f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
+            for v, w in zip([*values, total], (9, 11, 8), strict=False)
+        )
+        + "  "
+    )
 
 
 class MachineLoad:
@@ -209,16 +249,20 @@ def cpu_report(rounds: list[Run]) -> list[str]:
         extra = f" + keeper {keeper:.0f} = {sipp + keeper:.0f}" if kept else ""
         wrapper = statistics.median(r.measured["wrapper"] for r in runs)
         wrapper_text = f"; `fdkeeper sipp` wrapper {wrapper:.2f} CPU-s per run, apart" if kept else ""
-        lines.append(f"({config}) {LABELS[config]:<{WIDTH - 5}} at {rate:g} calls/s: sipp {sipp:.0f}{extra} ticks "
-                     f"per {PER_CALLS} calls ({(sipp + keeper) / TICKS * 1000 / PER_CALLS:.3f} ms/call, "
-                     f"{len(runs)} runs){wrapper_text}")
+        lines.append(
+            f"({config}) {LABELS[config]:<{WIDTH - 5}} at {rate:g} calls/s: sipp {sipp:.0f}{extra} ticks "
+            f"per {PER_CALLS} calls ({(sipp + keeper) / TICKS * 1000 / PER_CALLS:.3f} ms/call, "
+            f"{len(runs)} runs){wrapper_text}"
+        )
     for (config, rate), total in medians.items():
         for kept, native in PAIRS:
             if config == kept and (native, rate) in medians:
                 ratio = total / medians[(native, rate)]
                 verdict = "met" if ratio <= GOAL_CPU else "missed"
-                lines.append(f"({kept})/({native}) CPU per call at {rate:g} calls/s, sipp + keeper vs sipp: "
-                             f"{ratio:.2f}  goal {verdict} (<= {GOAL_CPU:g})")
+                lines.append(
+                    f"({kept})/({native}) CPU per call at {rate:g} calls/s, sipp + keeper vs sipp: "
+                    f"{ratio:.2f}  goal {verdict} (<= {GOAL_CPU:g})"
+                )
     return lines
 
 
@@ -237,14 +281,18 @@ def rate_report(best: dict[str, Run | None], runs: list[Run]) -> list[str]:
     for kept, native in PAIRS:
         anchor = best.get(native) or answered_best(runs, native)
         if best.get(kept) and anchor is not None and best.get(native) is None:
-            lines.append(f"({native}) kept no rate it was run at; its best run that answered every call: "
-                         f"{anchor.rate:g} calls/s asked, {anchor.achieved:.1f} achieved")
+            lines.append(
+                f"({native}) kept no rate it was run at; its best run that answered every call: "
+                f"{anchor.rate:g} calls/s asked, {anchor.achieved:.1f} achieved"
+            )
             best = {**best, native: anchor}
         if best.get(kept) and best.get(native):
             ratio = best[kept].achieved / best[native].achieved
-            lines.append(f"({kept})/({native}) achieved calls/s: {best[kept].achieved:.1f} / "
-                         f"{best[native].achieved:.1f} = {ratio:.3f}  goal {'met' if ratio >= GOAL_RATE else 'missed'} "
-                         f"(>= {GOAL_RATE:g})")
+            lines.append(
+                f"({kept})/({native}) achieved calls/s: {best[kept].achieved:.1f} / "
+                f"{best[native].achieved:.1f} = {ratio:.3f}  goal {'met' if ratio >= GOAL_RATE else 'missed'} "
+                f"(>= {GOAL_RATE:g})"
+            )
         else:
             lines.append(f"({kept})/({native}): n/a, a configuration passed no rate")
     return lines
@@ -268,20 +316,37 @@ def machine_facts(bench: Bench, load: MachineLoad) -> list[str]:
 # main
 # --------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, quick="about 5 minutes: 3 s runs, coarse steps of 400, fine steps of 80",
-                     duration=5.0, quick_duration=3.0, step=200.0, quick_step=400.0, max_rate=3000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    common_arguments(
+        parser,
+        quick="about 5 minutes: 3 s runs, coarse steps of 400, fine steps of 80",
+        duration=5.0,
+        quick_duration=3.0,
+        step=200.0,
+        quick_step=400.0,
+        max_rate=3000,
+    )
     parser.add_argument("--users", type=int, default=USERS, help=f"callers for -t ln (default {USERS})")
     parser.add_argument("--cpu-rate", type=float, default=300, help="calls/s of the fixed-rate -t l1 runs (300)")
-    parser.add_argument("--cpu-rate-ln", type=float, default=CPU_RATE_LN,
-                        help=f"calls/s of the fixed-rate -t ln runs ({CPU_RATE_LN:g}: what sipp's own -t ln keeps)")
+    parser.add_argument(
+        "--cpu-rate-ln",
+        type=float,
+        default=CPU_RATE_LN,
+        help=f"calls/s of the fixed-rate -t ln runs ({CPU_RATE_LN:g}: what sipp's own -t ln keeps)",
+    )
     parser.add_argument("--ln-steps", default=LN_STEPS, help=f"the -t ln rates to climb ({LN_STEPS})")
     parser.add_argument("--only", help=f"comma-separated configurations to run (default all: {','.join(CONFIGS)})")
     parser.add_argument("--cpu-duration", type=float, default=10, help="seconds of each fixed-rate run (10)")
-    parser.add_argument("--idle-seconds", type=float, default=5,
-                        help="seconds each sipp (and the keeper) is watched doing nothing: the -t ln idle floor (5)")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5,
+        help="seconds each sipp (and the keeper) is watched doing nothing: the -t ln idle floor (5)",
+    )
     parser.add_argument("--cpu-rounds", type=int, default=2, help="fixed-rate runs of each configuration (2)")
     parser.add_argument("--native-sipp", help="the TLS sipp 3.7.7 (default: testbed.sipp_build('sipp-tls'))")
     return resolve_defaults(parser.parse_args(argv))
@@ -291,6 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class IdleFloor:
     """CPU per second of merely running, nothing to do: what a fixed-rate run pays for its length
     whatever its rate (sipp polls with a 1 ms timeout; the keeper holds the users' links)."""
+
     debian_sipp: float
     native_sipp: float
     keeper: float
@@ -303,8 +369,15 @@ class IdleFloor:
 
 def idle_cpu_per_second(bench: Bench, sipp: str, seconds: float) -> tuple[float, float]:
     """CPU-s per s of an idle sipp (a UAS nobody calls) and, alongside, of the idle keeper."""
-    process = bench.start_plain(write_uas_scenario(bench.workdir), f"idle-{Path(sipp).name}", sipp=sipp,
-                                transport="u1", local_port=testbed.free_port(), calls=None, trace_messages=False)
+    process = bench.start_plain(
+        write_uas_scenario(bench.workdir),
+        f"idle-{Path(sipp).name}",
+        sipp=sipp,
+        transport="u1",
+        local_port=testbed.free_port(),
+        calls=None,
+        trace_messages=False,
+    )
     try:
         time.sleep(0.5)  # past sipp's start-up
         watched = [psutil.Process(process.pid)]
@@ -328,11 +401,13 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[
         return []
     sipp = statistics.median(floor.ticks_per_calls(r, "debian_sipp") for r in runs)
     keeper = statistics.median(floor.ticks_per_calls(r, "keeper") for r in runs)
-    return [f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
-            f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links "
-            f"{floor.keeper * TICKS:.2f} ticks/s; over (kn)'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper "
-            f"{keeper:.0f} = {sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
-            f"((nn)'s sipp sleeps inside its blocking TLS connect instead)"]
+    return [
+        f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
+        f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links "
+        f"{floor.keeper * TICKS:.2f} ticks/s; over (kn)'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper "
+        f"{keeper:.0f} = {sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
+        f"((nn)'s sipp sleeps inside its blocking TLS connect instead)"
+    ]
 
 
 def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
@@ -342,8 +417,13 @@ def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
         for config in configs[shift:] + configs[:shift]:
             # fdkeeper's -t ln also at the -t l1 rate: its cost per call once the run's fixed
             # part (leasing every user's connection) is spread over as many calls.
-            rates = [args.cpu_rate_ln, args.cpu_rate] if config == "kn" else [args.cpu_rate_ln] if config == "nn" \
+            rates = (
+                [args.cpu_rate_ln, args.cpu_rate]
+                if config == "kn"
+                else [args.cpu_rate_ln]
+                if config == "nn"
                 else [args.cpu_rate]
+            )
             for rate in rates:
                 run, _ = bench.call(config, rate, name=f"cpu-{config}-{rate:g}-{number}", duration=args.cpu_duration)
                 runs.append(run)
@@ -375,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SuT Kamailio TLS on {bench.kamailio.tls_address}; callee {CALLEE} (sipp UAS over UDP); warm-up ok")
         print("t/3k = CPU clock ticks per 3,000 calls (sipp: the run minus the `fdkeeper sipp` wrapper)")
         print(table_header(WIDTH, CPU_HEADER), flush=True)
-        print(f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
-              f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds")
+        print(
+            f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
+            f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds"
+        )
         rounds = fixed_rate_rounds(bench, args)
         floor = measure_idle_floor(bench, args.idle_seconds) if "kn" in bench.CONFIGS else None
         print("-- rate search")

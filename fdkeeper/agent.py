@@ -65,8 +65,14 @@ def run_exec(command: list[str], options: ExecOptions) -> int:
         **(options.tls.as_fields() if options.tls and options.transport == "tls" and options.role == "client" else {}),
     )
     request = HandoffRequest(
-        program=program, args=list(command[1:]), role=options.role, control_socket=socket_path(directory),
-        remote=remote, transport=options.transport, reconnect=options.reconnect, debug=options.debug,
+        program=program,
+        args=list(command[1:]),
+        role=options.role,
+        control_socket=socket_path(directory),
+        remote=remote,
+        transport=options.transport,
+        reconnect=options.reconnect,
+        debug=options.debug,
     )
     handoff = mode.prepare(request, ModeOptions(ptrace=PtraceOptions(transfer=options.transfer or "scm")))
     handoff.env.update(options.extra_env)

@@ -74,41 +74,108 @@ def _apply(command, options: list):
 
 def tls_options(command):
     """The TLS options shared by `fdkeeper sipp`, `exec`, `keeper` and `convert`."""
-    return _apply(command, [
-        click.option("--tls-ca", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: verify the SuT's certificate against these CAs (PEM; default: the system's trust store)."),
-        click.option("--tls-insecure", is_flag=True, help="-t l1: do not verify the SuT's certificate (says so on stderr)."),
-        click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: client certificate (PEM) for SuTs that require one."),
-        click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: the client certificate's private key (default: in --tls-cert)."),
-        click.option("--tls-sni", metavar="NAME", help="-t l1: server name to send and verify (default: the remote host if it is a name)."),
-        click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), help="-t l1: lowest TLS version to accept (default 1.2)."),
-        click.option("--tls-keylog", metavar="FILE", type=click.Path(dir_okay=False), help="-t l1: append the TLS secrets of the connections to the SuT to FILE (SSLKEYLOGFILE format, created 0600, never through a link) so Wireshark decrypts them; sipp's -trace_msg shows the plain SIP."),
-    ])
+    return _apply(
+        command,
+        [
+            click.option(
+                "--tls-ca",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: verify the SuT's certificate against these CAs (PEM; default: the system's trust store).",
+            ),
+            click.option(
+                "--tls-insecure", is_flag=True, help="-t l1: do not verify the SuT's certificate (says so on stderr)."
+            ),
+            click.option(
+                "--tls-cert",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: client certificate (PEM) for SuTs that require one.",
+            ),
+            click.option(
+                "--tls-key",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: the client certificate's private key (default: in --tls-cert).",
+            ),
+            click.option(
+                "--tls-sni",
+                metavar="NAME",
+                help="-t l1: server name to send and verify (default: the remote host if it is a name).",
+            ),
+            click.option(
+                "--tls-min-version",
+                type=click.Choice(["1.2", "1.3"]),
+                help="-t l1: lowest TLS version to accept (default 1.2).",
+            ),
+            click.option(
+                "--tls-keylog",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: append the TLS secrets of the connections to the SuT to FILE (SSLKEYLOGFILE format, created 0600, never through a link) so Wireshark decrypts them; sipp's -trace_msg shows the plain SIP.",
+            ),
+        ],
+    )
 
 
 def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version, tls_keylog) -> TlsOptions:
     keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
     # Links resolved here, with the user's own view: the keeper follows none (statedir.open_named_file).
     ca, cert, key = (os.path.realpath(path) if path else None for path in (tls_ca, tls_cert, tls_key))
-    return TlsOptions(ca=ca, insecure=tls_insecure, cert=cert, key=key, sni=tls_sni, min_version=tls_min_version, keylog=keylog)
+    return TlsOptions(
+        ca=ca, insecure=tls_insecure, cert=cert, key=key, sni=tls_sni, min_version=tls_min_version, keylog=keylog
+    )
 
 
 def ready_options(command):
     """Readiness of a server run, for scripts (fdkeeper/readiness.py)."""
-    return _apply(command, [
-        click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), metavar="PATH", help="Write PATH (atomically; an old one is removed first) once this server run is ready to receive: the kept connections handed over and sipp's listening socket up."),
-        click.option("--ready-fd", type=click.IntRange(3), metavar="N", help="Write one line to descriptor N and close it once ready (e.g. 3>ready.pipe, a named pipe); closed without a line if the run never gets ready."),
-        click.option("--ready-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True, metavar="SECONDS", help="Give up waiting for readiness after this long (one line on stderr; sipp runs on)."),
-    ])
+    return _apply(
+        command,
+        [
+            click.option(
+                "--ready-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                metavar="PATH",
+                help="Write PATH (atomically; an old one is removed first) once this server run is ready to receive: the kept connections handed over and sipp's listening socket up.",
+            ),
+            click.option(
+                "--ready-fd",
+                type=click.IntRange(3),
+                metavar="N",
+                help="Write one line to descriptor N and close it once ready (e.g. 3>ready.pipe, a named pipe); closed without a line if the run never gets ready.",
+            ),
+            click.option(
+                "--ready-timeout",
+                type=click.FloatRange(0.1, 3600),
+                default=30.0,
+                show_default=True,
+                metavar="SECONDS",
+                help="Give up waiting for readiness after this long (one line on stderr; sipp runs on).",
+            ),
+        ],
+    )
 
 
 def handoff_options(command):
     """How a run gets its connection: shared by `fdkeeper sipp` and `fdkeeper exec`."""
-    return _apply(command, [
-        click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=MODE_HELP),
-        click.option("--transfer", type=click.Choice(["scm", "pidfd"]), envvar="FDKEEPER_TRANSFER", help="--mode ptrace: the descriptor reaches the program by SCM_RIGHTS (default) or by pidfd_getfd. Asking for one rules out the modes that cannot."),
-        click.option("--reconnect", is_flag=True, help="Replace a connection the SuT closed by a fresh one (registrations must then be redone)."),
-        click.option("--debug", is_flag=True, help="Say on stderr what is handed over, and when."),
-    ])
+    return _apply(
+        command,
+        [
+            click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=MODE_HELP),
+            click.option(
+                "--transfer",
+                type=click.Choice(["scm", "pidfd"]),
+                envvar="FDKEEPER_TRANSFER",
+                help="--mode ptrace: the descriptor reaches the program by SCM_RIGHTS (default) or by pidfd_getfd. Asking for one rules out the modes that cannot.",
+            ),
+            click.option(
+                "--reconnect",
+                is_flag=True,
+                help="Replace a connection the SuT closed by a fresh one (registrations must then be redone).",
+            ),
+            click.option("--debug", is_flag=True, help="Say on stderr what is handed over, and when."),
+        ],
+    )
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -131,17 +198,55 @@ def main() -> None:
 
 
 @main.command("sipp", context_settings=PASS_THROUGH)
-@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
+@click.option(
+    "--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH)."
+)
 @dir_option
 @handoff_options
-@click.option("--wait", type=click.FloatRange(0, 86400), default=0, metavar="SECONDS", help="Wait this long for a connection another run holds, instead of failing.")
-@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings on idle connections this often.")
-@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), metavar="SECONDS", help="When this run starts the keeper (or converter): how long a connect to the SuT may take (default 5).")
-@click.option("--answer-options", is_flag=True, help="When this run starts the keeper: it answers the SuT's OPTIONS pings while no run holds the connection.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 86400),
+    default=0,
+    metavar="SECONDS",
+    help="Wait this long for a connection another run holds, instead of failing.",
+)
+@click.option(
+    "--keepalive",
+    type=click.FloatRange(1, 86400),
+    metavar="SECONDS",
+    help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings on idle connections this often.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(0.1, 600),
+    metavar="SECONDS",
+    help="When this run starts the keeper (or converter): how long a connect to the SuT may take (default 5).",
+)
+@click.option(
+    "--answer-options",
+    is_flag=True,
+    help="When this run starts the keeper: it answers the SuT's OPTIONS pings while no run holds the connection.",
+)
 @ready_options
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
-def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, keepalive, connect_timeout, answer_options, ready_file, ready_fd, ready_timeout, sipp_args, **tls) -> None:
+def sipp_command(
+    sipp_path,
+    directory,
+    mode,
+    transfer,
+    reconnect,
+    debug,
+    wait,
+    keepalive,
+    connect_timeout,
+    answer_options,
+    ready_file,
+    ready_fd,
+    ready_timeout,
+    sipp_args,
+    **tls,
+) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
     fdkeeper's own options come first, sipp's arguments after them. With -t t1 a client
@@ -168,8 +273,16 @@ def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, k
       for i in $(seq 300); do [ -e answer.ready ] && break; sleep 0.1; done
     """
     options = RunOptions(
-        sipp=sipp_path, directory=directory, mode=mode, wait=wait, reconnect=reconnect, keepalive=keepalive,
-        connect_timeout=connect_timeout, debug=debug, transfer=transfer, tls=make_tls_options(**tls),
+        sipp=sipp_path,
+        directory=directory,
+        mode=mode,
+        wait=wait,
+        reconnect=reconnect,
+        keepalive=keepalive,
+        connect_timeout=connect_timeout,
+        debug=debug,
+        transfer=transfer,
+        tls=make_tls_options(**tls),
         answer_options=answer_options,
     )
     ready = ReadySignal(ready_file, ready_fd, ready_timeout) if ready_file or ready_fd is not None else None
@@ -180,9 +293,25 @@ def sipp_command(sipp_path, directory, mode, transfer, reconnect, debug, wait, k
 
 @main.command("exec", context_settings=PASS_THROUGH)
 @dir_option
-@click.option("--sut", metavar="IP:PORT", help="The SuT's address: the agent's connect() to it gets the kept connection (client); only connections to it are handed over (server).")
-@click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True, help="How the keeper speaks to the SuT; the agent always speaks plain TCP to its end.")
-@click.option("--role", type=click.Choice(["client", "server"]), default="client", show_default=True, help="client: hand over in connect(); server: hand the kept connections over as accepted ones on the first TCP listening socket.")
+@click.option(
+    "--sut",
+    metavar="IP:PORT",
+    help="The SuT's address: the agent's connect() to it gets the kept connection (client); only connections to it are handed over (server).",
+)
+@click.option(
+    "--transport",
+    type=click.Choice(["tcp", "tls"]),
+    default="tcp",
+    show_default=True,
+    help="How the keeper speaks to the SuT; the agent always speaks plain TCP to its end.",
+)
+@click.option(
+    "--role",
+    type=click.Choice(["client", "server"]),
+    default="client",
+    show_default=True,
+    help="client: hand over in connect(); server: hand the kept connections over as accepted ones on the first TCP listening socket.",
+)
 @handoff_options
 @tls_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -199,19 +328,46 @@ def exec_command(directory, sut, transport, role, mode, transfer, reconnect, deb
     from fdkeeper.agent import ExecOptions, run_exec
 
     options = ExecOptions(
-        sut=sut, transport=transport, role=role, mode=mode, transfer=transfer, directory=directory,
-        reconnect=reconnect, debug=debug, tls=make_tls_options(**tls),
+        sut=sut,
+        transport=transport,
+        role=role,
+        mode=mode,
+        transfer=transfer,
+        directory=directory,
+        reconnect=reconnect,
+        debug=debug,
+        tls=make_tls_options(**tls),
     )
     sys.exit(run_exec(list(command), options))
 
 
 @main.command("keeper")
 @dir_option
-@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="Send RFC 5626 CRLF pings on idle connections this often (off by default).")
-@click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS", help="How long a connect to the SuT may take.")
+@click.option(
+    "--keepalive",
+    type=click.FloatRange(1, 86400),
+    metavar="SECONDS",
+    help="Send RFC 5626 CRLF pings on idle connections this often (off by default).",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(0.1, 600),
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a connect to the SuT may take.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
-@click.option("--replace", is_flag=True, help="Take the kept TCP connections over from the running keeper, which then exits (TLS ones cannot move: listed as lost). Refused while runs hold leases.")
-@click.option("--answer-options", is_flag=True, help="While no run holds a connection, answer the SuT's OPTIONS pings with 200 OK (counted in status) instead of queueing them for the next run.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Take the kept TCP connections over from the running keeper, which then exits (TLS ones cannot move: listed as lost). Refused while runs hold leases.",
+)
+@click.option(
+    "--answer-options",
+    is_flag=True,
+    help="While no run holds a connection, answer the SuT's OPTIONS pings with 200 OK (counted in status) instead of queueing them for the next run.",
+)
 @tls_options
 def keeper_command(directory, keepalive, connect_timeout, log_level, replace, answer_options, **tls) -> None:
     """Run the keeper in the foreground (for service managers and CI).
@@ -221,7 +377,6 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, replace, an
     every kept connection.
     """
     from fdkeeper.keeper import Keeper
-
     from fdkeeper.textsafe import configure_logging
 
     configure_logging(log_level, "fdkeeper")  # one record a line, whatever an AoR holds
@@ -250,20 +405,66 @@ def _hostport(_ctx, _param, value):
 
 
 @main.command("convert")
-@click.option("--listen", required=True, metavar="IP:PORT", callback=_hostport, help="UDP address sipp sends to (port 0: any free port).")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="IP:PORT",
+    callback=_hostport,
+    help="UDP address sipp sends to (port 0: any free port).",
+)
 @click.option("--sut", required=True, metavar="HOST:PORT", callback=_hostport, help="The SuT's TCP or TLS address.")
 @click.option("--transport", type=click.Choice(["tcp", "tls"]), default="tcp", show_default=True)
-@click.option("--sipp-address", metavar="IP:PORT", callback=_hostport, help="Where the SuT's initial requests go (sipp's -i:-p).")
-@click.option("--local", metavar="IP:PORT", callback=_hostport, help="Connect to the SuT from this address (what plain sipp would bind: its -i/-p).")
+@click.option(
+    "--sipp-address", metavar="IP:PORT", callback=_hostport, help="Where the SuT's initial requests go (sipp's -i:-p)."
+)
+@click.option(
+    "--local",
+    metavar="IP:PORT",
+    callback=_hostport,
+    help="Connect to the SuT from this address (what plain sipp would bind: its -i/-p).",
+)
 @click.option("--hide-topology", is_flag=True, help="No Via or Record-Route of the converter on either side.")
-@click.option("--attached-only", is_flag=True, help="Take datagrams only from sipp addresses attached over --control (ATTACH IP:PORT); others are dropped and counted.")
-@click.option("--keepalive", type=click.FloatRange(1, 86400), metavar="SECONDS", help="RFC 5626 CRLFCRLF pings on idle connections.")
+@click.option(
+    "--attached-only",
+    is_flag=True,
+    help="Take datagrams only from sipp addresses attached over --control (ATTACH IP:PORT); others are dropped and counted.",
+)
+@click.option(
+    "--keepalive",
+    type=click.FloatRange(1, 86400),
+    metavar="SECONDS",
+    help="RFC 5626 CRLFCRLF pings on idle connections.",
+)
 @click.option("--connect-timeout", type=click.FloatRange(0.1, 600), default=5.0, show_default=True, metavar="SECONDS")
-@click.option("--control", type=click.Path(dir_okay=False), metavar="PATH", help="Unix socket for STATUS, SIPP IP:PORT, ATTACH IP:PORT [PID], DETACH IP:PORT, RECONNECT, STOP.")
-@click.option("--stats-file", type=click.Path(dir_okay=False), metavar="PATH", help="JSON counters, rewritten every second and on SIGUSR1.")
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="Unix socket for STATUS, SIPP IP:PORT, ATTACH IP:PORT [PID], DETACH IP:PORT, RECONNECT, STOP.",
+)
+@click.option(
+    "--stats-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="JSON counters, rewritten every second and on SIGUSR1.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
-def convert_command(listen, sut, transport, sipp_address, local, hide_topology, attached_only, keepalive, connect_timeout, control, stats_file, log_level, **tls) -> None:
+def convert_command(
+    listen,
+    sut,
+    transport,
+    sipp_address,
+    local,
+    hide_topology,
+    attached_only,
+    keepalive,
+    connect_timeout,
+    control,
+    stats_file,
+    log_level,
+    **tls,
+) -> None:
     """Run a stateless UDP <-> TCP/TLS converter in the foreground.
 
     sipp talks UDP to --listen; the converter holds one TCP or TLS connection to the SuT
@@ -277,12 +478,23 @@ def convert_command(listen, sut, transport, sipp_address, local, hide_topology, 
 
     from fdkeeper.convert import serve
 
-    sys.exit(serve(
-        listen, sut, transport, sipp_address, hide_topology=hide_topology, tls=make_tls_options(**tls),
-        connect_timeout=connect_timeout, keepalive=keepalive, control=Path(control) if control else None,
-        stats_file=Path(stats_file) if stats_file else None, log_level=log_level, attached_only=attached_only,
-        local=local,
-    ))
+    sys.exit(
+        serve(
+            listen,
+            sut,
+            transport,
+            sipp_address,
+            hide_topology=hide_topology,
+            tls=make_tls_options(**tls),
+            connect_timeout=connect_timeout,
+            keepalive=keepalive,
+            control=Path(control) if control else None,
+            stats_file=Path(stats_file) if stats_file else None,
+            log_level=log_level,
+            attached_only=attached_only,
+            local=local,
+        )
+    )
 
 
 @main.command("status")
@@ -332,7 +544,9 @@ def _internal_errors(status: dict) -> list[str]:
     if not count:
         return []
     log = escape_controls(str(Path(status["keeper"]["directory"]) / LOG_NAME))
-    return [f"keeper: {count} internal error{'s' if count != 1 else ''} caught, each ending only what it served; see {log}"]
+    return [
+        f"keeper: {count} internal error{'s' if count != 1 else ''} caught, each ending only what it served; see {log}"
+    ]
 
 
 def _remote_filter(text: str) -> str:
@@ -342,7 +556,9 @@ def _remote_filter(text: str) -> str:
     try:
         return format_address(parse_address(text))
     except ValueError as error:
-        raise FdkeeperError(f"fdkeeper: status --remote: {error}; give the SuT's IP:PORT, e.g. 127.0.0.1:5060") from None
+        raise FdkeeperError(
+            f"fdkeeper: status --remote: {error}; give the SuT's IP:PORT, e.g. 127.0.0.1:5060"
+        ) from None
 
 
 @main.command("stop")
@@ -364,8 +580,12 @@ def stop_command(directory) -> None:
 
 
 @main.command("demo")
-@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
-@click.option("--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is.")
+@click.option(
+    "--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH)."
+)
+@click.option(
+    "--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is."
+)
 def demo_command(sipp_path, keep_files) -> None:
     """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
 

@@ -162,7 +162,7 @@ class KeeperClient:
         The lease lasts until this process exits. Used by tests and by Python SIP agents.
         """
         leased = self.lease_connections(**fields)
-        return list(zip(leased.ids, leased.fds))
+        return list(zip(leased.ids, leased.fds, strict=False))
 
     def lease_connections(self, **fields: object) -> Leased:
         """One LEASE exchange: the connections' ids, descriptors (ours to close), peers, locals."""
@@ -207,7 +207,9 @@ class KeeperClient:
             # Said, not taken: the run that starts the next keeper says it again (and takes it).
             died = self._dead_keeper(take=False)
             raise FdkeeperError(
-                f"{died}; no keeper runs now" if died else f"fdkeeper: no keeper runs for {self.directory}"
+                f"{died}; no keeper runs now"
+                if died
+                else f"fdkeeper: no keeper runs for {self.directory}"
                 f"; start one with 'fdkeeper keeper --dir {self.directory}' or run a scenario through 'fdkeeper sipp'"
             ) from None
 

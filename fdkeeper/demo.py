@@ -16,12 +16,12 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fdkeeper import testbed
-from fdkeeper.report import format_status
 from fdkeeper.client import KeeperClient
+from fdkeeper.report import format_status
 from fdkeeper.sipp.runner import find_sipp
 
 USER = "alice"
@@ -30,11 +30,30 @@ PLAIN_USER = "bob"
 
 def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> list[str]:
     """Turn a sipp command line (sipp binary first) into the same run through `fdkeeper sipp`."""
-    return [sys.executable, "-m", "fdkeeper", "sipp", "--dir", os.fspath(directory), "--sipp", sipp_cmd[0], *options, *sipp_cmd[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "fdkeeper",
+        "sipp",
+        "--dir",
+        os.fspath(directory),
+        "--sipp",
+        sipp_cmd[0],
+        *options,
+        *sipp_cmd[1:],
+    ]
 
 
 def start_through_fdkeeper(
-    sipp: str, scenario: str, remote: str, *, directory: Path, log_dir: Path, name: str, options: tuple[str, ...] = (), **sipp_options
+    sipp: str,
+    scenario: str,
+    remote: str,
+    *,
+    directory: Path,
+    log_dir: Path,
+    name: str,
+    options: tuple[str, ...] = (),
+    **sipp_options,
 ) -> testbed.SippProcess:
     """Start a terminal-less sipp run (see testbed.sipp_command) through `fdkeeper sipp`."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -71,8 +90,16 @@ def _demo_steps(sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: P
     say(f"step 3: register {USER} over TCP through fdkeeper in one sipp run (which then exits)")
     users = testbed.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
     register = start_through_fdkeeper(
-        sipp, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="register",
-        transport="t1", calls=1, timeout=20, extra=["-inf", str(users)],
+        sipp,
+        "uac-register.xml",
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=logs,
+        name="register",
+        transport="t1",
+        calls=1,
+        timeout=20,
+        extra=["-inf", str(users)],
     ).wait(30)
     if not register.ok:
         say(f"  FAILED: the register run did not succeed\n{register.summary()}")
@@ -84,8 +111,16 @@ def _demo_steps(sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: P
     answer_port = testbed.free_port()
     say(f"step 4: start a second sipp run that answers calls (server mode, -p {answer_port})")
     answer = start_through_fdkeeper(
-        sipp, "uas-answer.xml", kamailio.address, directory=keeper_dir, log_dir=logs, name="answer",
-        transport="t1", local_port=answer_port, calls=1, timeout=30,
+        sipp,
+        "uas-answer.xml",
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=logs,
+        name="answer",
+        transport="t1",
+        local_port=answer_port,
+        calls=1,
+        timeout=30,
     )
 
     say(f"step 5: a third party calls sip:{USER}@{kamailio.domain} through Kamailio (sipp over UDP)")
@@ -106,8 +141,15 @@ def _without_fdkeeper(sipp: str, kamailio: testbed.Kamailio, logs: Path, workdir
     """The problem: once the register run's exit closed its connection, calls to the user fail."""
     users = testbed.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
     testbed.run_sipp(
-        sipp, "uac-register.xml", kamailio.address, log_dir=logs, name="plain-register",
-        transport="t1", calls=1, timeout=10, extra=["-inf", str(users)],
+        sipp,
+        "uac-register.xml",
+        kamailio.address,
+        log_dir=logs,
+        name="plain-register",
+        transport="t1",
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
     )
     call = testbed.place_calls(kamailio, PLAIN_USER, 1, sipp=sipp, timeout=10, log_dir=logs)
     final = re.search(r"SIP/2\.0 ([3-6]\d\d [^\r\n']*)", call.text("errors"))

@@ -23,9 +23,18 @@ from fdkeeper.textsafe import escape_controls
 OPTION = "--tls-keylog"
 _FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: to look at what an existing file holds
 # How every line of an SSLKEYLOGFILE starts (NSS's format: a label, or a comment).
-_KEYLOG_STARTS = (b"#", b"CLIENT_RANDOM ", b"CLIENT_EARLY_TRAFFIC_SECRET ", b"CLIENT_HANDSHAKE_TRAFFIC_SECRET ",
-                  b"SERVER_HANDSHAKE_TRAFFIC_SECRET ", b"CLIENT_TRAFFIC_SECRET_0 ", b"SERVER_TRAFFIC_SECRET_0 ",
-                  b"EXPORTER_SECRET ", b"EARLY_EXPORTER_SECRET ", b"RSA ")
+_KEYLOG_STARTS = (
+    b"#",
+    b"CLIENT_RANDOM ",
+    b"CLIENT_EARLY_TRAFFIC_SECRET ",
+    b"CLIENT_HANDSHAKE_TRAFFIC_SECRET ",
+    b"SERVER_HANDSHAKE_TRAFFIC_SECRET ",
+    b"CLIENT_TRAFFIC_SECRET_0 ",
+    b"SERVER_TRAFFIC_SECRET_0 ",
+    b"EXPORTER_SECRET ",
+    b"EARLY_EXPORTER_SECRET ",
+    b"RSA ",
+)
 
 
 def set_keylog(context: ssl.SSLContext, path: str) -> None:

@@ -18,7 +18,7 @@ import itertools
 import logging
 import select
 import time
-from typing import Callable
+from collections.abc import Callable
 
 EventHandler = Callable[[int], None]
 FaultHandler = Callable[[Exception], None]
@@ -35,7 +35,7 @@ COMPACT_AT_CANCELLED = 100
 class Timer:
     """A scheduled callback; ``cancel()`` keeps it from running (it is dropped lazily)."""
 
-    __slots__ = ("when", "callback", "on_fault", "cancelled", "_on_cancel")
+    __slots__ = ("_on_cancel", "callback", "cancelled", "on_fault", "when")
 
     def __init__(
         self,

@@ -6,8 +6,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.statedir import open_private_file
@@ -20,7 +21,10 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def spawn(argv: list[str], extra_env: dict[str, str]) -> int:
     """Run the program in the foreground, passing SIGINT/SIGTERM/SIGHUP on; return its status."""
     process = subprocess.Popen(argv, env={**os.environ, **extra_env})
-    forward: Callable[[int, object], None] = lambda signum, _frame: _send_signal(process, signum)
+
+    def forward(signum: int, _frame: object) -> None:
+        _send_signal(process, signum)
+
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
         while True:
@@ -42,7 +46,9 @@ def _send_signal(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def start_detached(command: list[str], log_path: Path, ready: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:
+def start_detached(
+    command: list[str], log_path: Path, ready: Callable[[], T | None], what: str, timeout: float = 10.0
+) -> T:
     """Start a long-lived helper (keeper, converter) and wait until ``ready()`` answers.
 
     It gets its own session, so a Ctrl-C or a CI timeout's SIGKILL sent to a run's process

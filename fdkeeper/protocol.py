@@ -14,11 +14,11 @@ import os
 import re
 import socket
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import quote, unquote
 
-from fdkeeper.address import Address, format_address, parse_address  # noqa: F401 - callers import them from here too
+from fdkeeper.address import Address, format_address, parse_address
 from fdkeeper.errors import FdkeeperError
 
 PROTOCOL_VERSION = 1
@@ -215,8 +215,13 @@ VERBS: dict[str, dict[str, Field]] = {
     "STOP": {},
     "HANDOVER": {},  # keeper --replace: the successor asks for every kept connection
     "LEASE": _LEASE_KEYS,
-    "PREPARE": {**_LEASE_KEYS, "wait": SECONDS, "per_call": FLAG, "users": _whole_number(0, MAX_COUNT),
-                "open_at_lease": FLAG},  # the identity is known only once sipp binds: open nothing yet
+    "PREPARE": {
+        **_LEASE_KEYS,
+        "wait": SECONDS,
+        "per_call": FLAG,
+        "users": _whole_number(0, MAX_COUNT),
+        "open_at_lease": FLAG,
+    },  # the identity is known only once sipp binds: open nothing yet
 }
 REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 

@@ -27,9 +27,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -121,23 +121,36 @@ class Sipp:
         self.log_dir = log_dir
         self.runs: list[SippRun] = []
 
-    def start(self, *args: object, name: str | None = None, options: tuple[str, ...] = (),
-              timeout: float = DEFAULT_TIMEOUT) -> SippRun:
+    def start(
+        self, *args: object, name: str | None = None, options: tuple[str, ...] = (), timeout: float = DEFAULT_TIMEOUT
+    ) -> SippRun:
         """Start sipp with ``args`` (a scenario name alone is one of fdkeeper's scenarios);
         ``options`` are fdkeeper sipp's own (e.g. --tls-ca)."""
         arguments = _with_shipped_scenarios([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
-        step = Step(name=name or f"sipp-{len(self.runs) + 1}", kind="sipp", args=arguments, options=list(options),
-                    timeout=timeout)
+        step = Step(
+            name=name or f"sipp-{len(self.runs) + 1}",
+            kind="sipp",
+            args=arguments,
+            options=list(options),
+            timeout=timeout,
+        )
         # sipp runs in the test's working directory: relative paths mean what they mean there.
-        context = StepContext(here=Path.cwd(), logs=self.log_dir, keeper_dir=self.keeper.directory,
-                              sipp=self.sipp_path, values={}, free_port=lambda _label: testbed.free_port(),
-                              substitute=False)
+        context = StepContext(
+            here=Path.cwd(),
+            logs=self.log_dir,
+            keeper_dir=self.keeper.directory,
+            sipp=self.sipp_path,
+            values={},
+            free_port=lambda _label: testbed.free_port(),
+            substitute=False,
+        )
         run = SippRun(StepRun(step, context), self.keeper)
         self.runs.append(run)
         return run
 
-    def run(self, *args: object, timeout: float = DEFAULT_TIMEOUT, name: str | None = None,
-            options: tuple[str, ...] = ()) -> StepResult:
+    def run(
+        self, *args: object, timeout: float = DEFAULT_TIMEOUT, name: str | None = None, options: tuple[str, ...] = ()
+    ) -> StepResult:
         return self.start(*args, name=name, options=options, timeout=timeout).wait()
 
     def stop_all(self) -> None:
@@ -158,6 +171,7 @@ def _with_shipped_scenarios(args: list[str]) -> list[str]:
 @dataclass
 class EmbeddedSut:
     """The ``kamailio_sut`` fixture's value."""
+
     kamailio: testbed.Kamailio
     pki: testbed.TestPki
     sipp_path: str
@@ -185,7 +199,9 @@ class EmbeddedSut:
 
     def call(self, user: str, count: int = 1, timeout: float = 30) -> testbed.SippResult:
         """A third party calls sip:USER@domain through the SuT (plain sipp over UDP)."""
-        return testbed.place_calls(self.kamailio, user, count, sipp=self.sipp_path, timeout=timeout, log_dir=self.log_dir)
+        return testbed.place_calls(
+            self.kamailio, user, count, sipp=self.sipp_path, timeout=timeout, log_dir=self.log_dir
+        )
 
 
 @pytest.fixture(scope="session")

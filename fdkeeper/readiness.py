@@ -17,10 +17,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 
@@ -97,6 +97,7 @@ def _is_zombie(pid: int) -> bool:
 @dataclass(frozen=True)
 class ReadySignal:
     """How `fdkeeper sipp --ready-file/--ready-fd` says that its run is ready to receive."""
+
     file: Path | None = None
     fd: int | None = None
     timeout: float = 30.0
@@ -110,7 +111,9 @@ class ReadySignal:
             try:
                 os.fstat(self.fd)
             except OSError:
-                raise FdkeeperError(f"fdkeeper: --ready-fd {self.fd} is not an open descriptor; open it in the shell, e.g. 3>answer.ready") from None
+                raise FdkeeperError(
+                    f"fdkeeper: --ready-fd {self.fd} is not an open descriptor; open it in the shell, e.g. 3>answer.ready"
+                ) from None
 
 
 @contextmanager
@@ -126,8 +129,9 @@ def announcing_readiness(signal: ReadySignal | None, keeper_dir: Path) -> Iterat
         return
     signal.check()
     ended, failed = threading.Event(), threading.Event()
-    waiter = threading.Thread(target=_announce_when_ready, args=(signal, keeper_dir, ended, failed), daemon=True,
-                              name="fdkeeper-readiness")
+    waiter = threading.Thread(
+        target=_announce_when_ready, args=(signal, keeper_dir, ended, failed), daemon=True, name="fdkeeper-readiness"
+    )
     waiter.start()
     try:
         yield
@@ -139,7 +143,9 @@ def announcing_readiness(signal: ReadySignal | None, keeper_dir: Path) -> Iterat
         waiter.join(timeout=5)
 
 
-def _announce_when_ready(signal: ReadySignal, keeper_dir: Path, ended: threading.Event, failed: threading.Event) -> None:
+def _announce_when_ready(
+    signal: ReadySignal, keeper_dir: Path, ended: threading.Event, failed: threading.Event
+) -> None:
     try:
         wait_ready(os.getpid(), keeper_dir, signal.timeout, ended)
     except (FdkeeperError, TimeoutError) as error:
@@ -147,9 +153,16 @@ def _announce_when_ready(signal: ReadySignal, keeper_dir: Path, ended: threading
             os.close(signal.fd)
         if failed.is_set():
             return
-        why = "ended before it was ready to receive" if isinstance(error, FdkeeperError) else (
-            f"was not ready to receive within {signal.timeout:g} s (no kept connection handed to it while it listens)")
-        named = " and ".join(option for option, given in (("--ready-file", signal.file), ("--ready-fd", signal.fd)) if given is not None)
+        why = (
+            "ended before it was ready to receive"
+            if isinstance(error, FdkeeperError)
+            else (
+                f"was not ready to receive within {signal.timeout:g} s (no kept connection handed to it while it listens)"
+            )
+        )
+        named = " and ".join(
+            option for option, given in (("--ready-file", signal.file), ("--ready-fd", signal.fd)) if given is not None
+        )
         print(f"fdkeeper: sipp {why}; {named} not signalled", file=sys.stderr, flush=True)
         return
     announce_ready(signal.file, signal.fd)

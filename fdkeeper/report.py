@@ -32,32 +32,52 @@ def select_connections(
 
 def format_status(status: dict) -> str:
     keeper = status["keeper"]
-    lines = [escape_controls(f"keeper pid {keeper['pid']}, up {_duration(keeper['uptime'])}, directory {keeper['directory']}")]
+    lines = [
+        escape_controls(
+            f"keeper pid {keeper['pid']}, up {_duration(keeper['uptime'])}, directory {keeper['directory']}"
+        )
+    ]
     connections = status["connections"]
     if not connections:
         lines.append("no kept connections (a client scenario run through 'fdkeeper sipp' opens one)")
         return "\n".join(lines)
-    header = ("ID", "TRANSPORT", "LOCAL", "REMOTE", "IDENTITY", "AOR", "STATE", "HOLDER", "HANDOFF", "AGE", "LEASES", "QUEUED")
+    header = (
+        "ID",
+        "TRANSPORT",
+        "LOCAL",
+        "REMOTE",
+        "IDENTITY",
+        "AOR",
+        "STATE",
+        "HOLDER",
+        "HANDOFF",
+        "AGE",
+        "LEASES",
+        "QUEUED",
+    )
     rows = [
-        tuple(escape_controls(cell) for cell in (
-            str(c["id"]),
-            c["transport"],
-            c["local"],
-            c["remote"],
-            c.get("identity") or ("per user" if c.get("aor") else "shared"),  # -i/-p; AOR; no -i/-p
-            c.get("aor") or "-",
-            c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
-            str(c["holder_pid"] or "-"),
-            f"{c['mode']}/{c['transfer']}" if c.get("mode") else "-",
-            _duration(c["age"]),
-            str(c["leases"]),
-            str(c["queued_bytes"]),
-        ))
+        tuple(
+            escape_controls(cell)
+            for cell in (
+                str(c["id"]),
+                c["transport"],
+                c["local"],
+                c["remote"],
+                c.get("identity") or ("per user" if c.get("aor") else "shared"),  # -i/-p; AOR; no -i/-p
+                c.get("aor") or "-",
+                c["state"] + (f" ({c['closed_reason']})" if c["closed_reason"] else ""),
+                str(c["holder_pid"] or "-"),
+                f"{c['mode']}/{c['transfer']}" if c.get("mode") else "-",
+                _duration(c["age"]),
+                str(c["leases"]),
+                str(c["queued_bytes"]),
+            )
+        )
         for c in connections
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines.append(_row(header, widths))
-    for row, connection in zip(rows, connections):
+    for row, connection in zip(rows, connections, strict=False):
         lines.append(_row(row, widths))
         if connection.get("tls"):
             lines.append(f"{'':{widths[0]}}  {escape_controls(_tls_line(connection['tls']))}")
@@ -67,7 +87,9 @@ def format_status(status: dict) -> str:
 def format_converter(status: dict) -> str:
     """One `--mode udp` converter: its link, attached runs, queue, drops."""
     counters = status.get("counters", {})
-    links = ", ".join(f"{l['local']}->{l['remote']}/{l['transport']} {l['state']}" for l in status.get("links", []))
+    links = ", ".join(
+        f"{link['local']}->{link['remote']}/{link['transport']} {link['state']}" for link in status.get("links", [])
+    )
     attached = ", ".join(status.get("attached", [])) or "none"
     return escape_controls(
         f"converter pid {status.get('pid')} udp:{status.get('listen')} {links}; runs attached: {attached}; "
@@ -77,7 +99,7 @@ def format_converter(status: dict) -> str:
 
 
 def _row(cells: tuple[str, ...], widths: list[int]) -> str:
-    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)).rstrip()
 
 
 def _tls_line(tls: dict) -> str:

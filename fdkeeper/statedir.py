@@ -192,8 +192,7 @@ def _check_socket_length(directory: Path) -> None:
     path = socket_path(directory)
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise FdkeeperError(
-            f"fdkeeper: the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
-            "pass a shorter --dir"
+            f"fdkeeper: the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; pass a shorter --dir"
         )
 
 
@@ -344,8 +343,14 @@ def check_named_file(path: str, option: str) -> None:
 
 def file_kind(mode: int) -> str:
     """What a file of this st_mode is, for a message ("a FIFO", "a directory", ...)."""
-    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
     return next((kind for test, kind in kinds if test(mode)), "not a regular file")
 
 

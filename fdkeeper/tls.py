@@ -13,9 +13,9 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
@@ -152,7 +152,7 @@ def _in_memory(data: bytes, name: str) -> Iterator[str]:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
@@ -338,5 +338,5 @@ def _peer_subject(tls: ssl.SSLSocket) -> str:
         from cryptography import x509
 
         return x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except Exception:  # noqa: BLE001 - a display nicety, never a failure
+    except Exception:
         return ""

@@ -7,9 +7,9 @@ fixtures here only wire it to pytest. Add new sections below, one per topic.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -35,6 +35,7 @@ if _plugin_needs_loading():
 # SuT: a fresh Kamailio per test
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def kamailio(tmp_path: Path) -> Iterator[testbed.Kamailio]:
     """A started Kamailio on a free loopback port, in tmp_path/kamailio.
@@ -57,6 +58,7 @@ def kamailio(tmp_path: Path) -> Iterator[testbed.Kamailio]:
 # --------------------------------------------------------------------------
 # TLS: test certificates and a TLS SuT
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> testbed.TestPki:
@@ -86,6 +88,7 @@ def kamailio_tls(tmp_path: Path, test_pki: testbed.TestPki) -> Iterator[testbed.
 # sipp
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def sipp_path(fdkeeper_sipp_path: str) -> str:
     """The sipp binary ($FDKEEPER_SIPP or PATH): the plugin's fixture, under the suite's name."""
@@ -95,6 +98,7 @@ def sipp_path(fdkeeper_sipp_path: str) -> str:
 # --------------------------------------------------------------------------
 # keeper
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture
 def keeper(tmp_path: Path) -> Iterator[KeeperClient]:

@@ -31,19 +31,37 @@ PINGS = 3
 def through_fdkeeper(sipp_path, kamailio, transport, keeper_dir, tmp_path, name, scenario, options, **sipp_options):
     remote = kamailio.tls_address if transport == "l1" else kamailio.address
     return start_through_fdkeeper(
-        sipp_path, scenario, remote, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
-        options=options, transport=transport, **sipp_options,
+        sipp_path,
+        scenario,
+        remote,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name=name,
+        options=options,
+        transport=transport,
+        **sipp_options,
     )
 
 
 @pytest.mark.parametrize("transport", ["t1", "l1"])
-def test_the_keeper_answers_the_sut_pings_between_runs(sipp_path, kamailio_tls, test_pki, keeper_dir, tmp_path, transport):
+def test_the_keeper_answers_the_sut_pings_between_runs(
+    sipp_path, kamailio_tls, test_pki, keeper_dir, tmp_path, transport
+):
     options = ("--tls-ca", str(test_pki.ca_cert)) if transport == "l1" else ()
     users = testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio_tls.domain)
     # The register run starts the keeper, and passes --answer-options on to it.
     registered = through_fdkeeper(
-        sipp_path, kamailio_tls, transport, keeper_dir, tmp_path, "register", "uac-register.xml",
-        ("--answer-options", *options), calls=1, timeout=15, extra=["-inf", str(users)],
+        sipp_path,
+        kamailio_tls,
+        transport,
+        keeper_dir,
+        tmp_path,
+        "register",
+        "uac-register.xml",
+        ("--answer-options", *options),
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
     ).wait(30)
     keeper = KeeperClient(keeper_dir)
     assert registered.ok, registered.summary()
@@ -56,8 +74,17 @@ def test_the_keeper_answers_the_sut_pings_between_runs(sipp_path, kamailio_tls, 
     assert keeper.status()["keeper"]["answer_options"] is True
 
     answer = through_fdkeeper(
-        sipp_path, kamailio_tls, transport, keeper_dir, tmp_path, "answer", "uas-answer.xml", options,
-        calls=1, timeout=30, local_port=testbed.free_port(),
+        sipp_path,
+        kamailio_tls,
+        transport,
+        keeper_dir,
+        tmp_path,
+        "answer",
+        "uas-answer.xml",
+        options,
+        calls=1,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
     caller = testbed.place_calls(kamailio_tls, USER, 1, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
     answered = answer.wait(30)
@@ -74,8 +101,12 @@ PING_EVERY = 6
 
 @pytest.fixture
 def pinging_sut(tmp_path, test_pki):
-    kamailio = PingingKamailio(tmp_path / "kamailio-pings", tls=testbed.KamailioTls.server(test_pki),
-                               ul_timer=PING_EVERY, ping_timeout=3 * PING_EVERY)
+    kamailio = PingingKamailio(
+        tmp_path / "kamailio-pings",
+        tls=testbed.KamailioTls.server(test_pki),
+        ul_timer=PING_EVERY,
+        ping_timeout=3 * PING_EVERY,
+    )
     kamailio.start()
     yield kamailio
     kamailio.stop()
@@ -93,19 +124,40 @@ class Pinged:
     pings_seen_by_runs: int = 0  # a ping landing while a run held the connection went to sipp
 
     def start(self, sipp_path, sut, keeper_dir, tmp_path, name, scenario, options=(), **sipp_options):
-        return through_fdkeeper(sipp_path, sut, self.transport, keeper_dir, tmp_path, f"{name}-{self.transport}",
-                                scenario, (*options, *self.options), local_port=self.port, **sipp_options)
+        return through_fdkeeper(
+            sipp_path,
+            sut,
+            self.transport,
+            keeper_dir,
+            tmp_path,
+            f"{name}-{self.transport}",
+            scenario,
+            (*options, *self.options),
+            local_port=self.port,
+            **sipp_options,
+        )
 
     def register(self, sipp_path, sut, keeper_dir, tmp_path) -> None:
         users = testbed.write_users_csv(tmp_path / f"{self.user}.csv", [self.user], sut.domain)
-        registered = self.start(sipp_path, sut, keeper_dir, tmp_path, "register", "uac-register.xml",
-                                options=("--answer-options",), calls=1, timeout=10, extra=["-inf", str(users)]).wait(30)
+        registered = self.start(
+            sipp_path,
+            sut,
+            keeper_dir,
+            tmp_path,
+            "register",
+            "uac-register.xml",
+            options=("--answer-options",),
+            calls=1,
+            timeout=10,
+            extra=["-inf", str(users)],
+        ).wait(30)
         assert registered.ok, registered.summary()
         self.pings_seen_by_runs += registered.text("messages").count("OPTIONS sip:")
 
     def connection(self, keeper_dir) -> dict:
-        [connection] = [c for c in KeeperClient(keeper_dir).status()["connections"]
-                        if c["identity"] == f"127.0.0.1:{self.port}"]
+        [connection] = [
+            c for c in KeeperClient(keeper_dir).status()["connections"] if c["identity"] == f"127.0.0.1:{self.port}"
+        ]
         return connection
 
 
@@ -116,8 +168,10 @@ def pings_settled(sut, keeper_dir, pinged: list[Pinged]) -> bool:
     for side in pinged:
         kamailio = counts.get(side.user, {"sent": 0, "answered": 0})
         connection = side.connection(keeper_dir)
-        if not (connection["options_answered"] == kamailio["sent"] - side.pings_seen_by_runs == kamailio["answered"] > 0
-                and connection["queued_bytes"] == 0):
+        if not (
+            connection["options_answered"] == kamailio["sent"] - side.pings_seen_by_runs == kamailio["answered"] > 0
+            and connection["queued_bytes"] == 0
+        ):
             return False
     return True
 
@@ -126,32 +180,59 @@ def answer_right_after_a_round_of_pings(sipp_path, sut, keeper_dir, tmp_path, pi
     """Each user's answer run and a call to it, started right after a round of pings so that no
     ping arrives while the runs hold the connections; their results, and pings sent meanwhile."""
     before = sut.contact_pings()
-    wait_until(lambda: all(sut.contact_pings()[side.user]["sent"] > before[side.user]["sent"] for side in pinged)
-               and pings_settled(sut, keeper_dir, pinged), timeout=PING_EVERY + 3, what="the next round of pings")
+    wait_until(
+        lambda: (
+            all(sut.contact_pings()[side.user]["sent"] > before[side.user]["sent"] for side in pinged)
+            and pings_settled(sut, keeper_dir, pinged)
+        ),
+        timeout=PING_EVERY + 3,
+        what="the next round of pings",
+    )
     round_done = sut.contact_pings()
-    answers = [side.start(sipp_path, sut, keeper_dir, tmp_path, "answer", "uas-answer.xml", calls=1, timeout=15)
-               for side in pinged]
-    wait_until(lambda: all(side.connection(keeper_dir)["state"] == "leased" for side in pinged), timeout=10,
-               what="the answer runs to hold the connections")
-    callers = [start_calls(sut, [side.user], log_dir=tmp_path / "logs", name=f"call-{side.transport}",
-                           sipp=sipp_path, local_port=testbed.free_port(), timeout=10) for side in pinged]
-    results = [(answer.wait(30), caller.wait(30)) for answer, caller in zip(answers, callers)]
+    answers = [
+        side.start(sipp_path, sut, keeper_dir, tmp_path, "answer", "uas-answer.xml", calls=1, timeout=15)
+        for side in pinged
+    ]
+    wait_until(
+        lambda: all(side.connection(keeper_dir)["state"] == "leased" for side in pinged),
+        timeout=10,
+        what="the answer runs to hold the connections",
+    )
+    callers = [
+        start_calls(
+            sut,
+            [side.user],
+            log_dir=tmp_path / "logs",
+            name=f"call-{side.transport}",
+            sipp=sipp_path,
+            local_port=testbed.free_port(),
+            timeout=10,
+        )
+        for side in pinged
+    ]
+    results = [(answer.wait(30), caller.wait(30)) for answer, caller in zip(answers, callers, strict=False)]
     meanwhile = {side.user: sut.contact_pings()[side.user]["sent"] - round_done[side.user]["sent"] for side in pinged}
     return results, meanwhile
 
 
 def test_pings_from_a_timer_over_a_60_s_gap_are_answered_tcp_and_tls_at_once(
-        sipp_path, pinging_sut, test_pki, keeper_dir, tmp_path):
+    sipp_path, pinging_sut, test_pki, keeper_dir, tmp_path
+):
     sut = pinging_sut
-    pinged = [Pinged("t1", "pinged-tcp", testbed.free_port(), ()),
-              Pinged("l1", "pinged-tls", testbed.free_port(), ("--tls-ca", str(test_pki.ca_cert)))]
+    pinged = [
+        Pinged("t1", "pinged-tcp", testbed.free_port(), ()),
+        Pinged("l1", "pinged-tls", testbed.free_port(), ("--tls-ca", str(test_pki.ca_cert))),
+    ]
     for side in pinged:
         side.register(sipp_path, sut, keeper_dir, tmp_path)
 
     time.sleep(GAP)  # the gap itself: no run holds either connection
 
-    wait_until(lambda: pings_settled(sut, keeper_dir, pinged), timeout=PING_EVERY,
-               what=f"every ping answered (kamailio: {sut.contact_pings()})")
+    wait_until(
+        lambda: pings_settled(sut, keeper_dir, pinged),
+        timeout=PING_EVERY,
+        what=f"every ping answered (kamailio: {sut.contact_pings()})",
+    )
     counts = sut.contact_pings()
     for side in pinged:
         assert counts[side.user]["sent"] >= GAP // PING_EVERY - 1, counts
@@ -186,8 +267,9 @@ def test_a_fault_on_one_parked_connection_costs_that_one_once_not_every_sweep():
         raise OSError("a descriptor gone under the keeper")
 
     def parked(fd: int, queued) -> SimpleNamespace:
-        return SimpleNamespace(id=fd, sock=object(), state=IDLE, ending="", ping_sent_at=None,
-                               queued_bytes=queued, fileno=lambda: fd)
+        return SimpleNamespace(
+            id=fd, sock=object(), state=IDLE, ending="", ping_sent_at=None, queued_bytes=queued, fileno=lambda: fd
+        )
 
     reactor = Sweeps()
     answerer = TcpOptionsAnswerer(reactor)

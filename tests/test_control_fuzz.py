@@ -41,8 +41,23 @@ ALWAYS_REFUSED = {
 # Absolute paths name only files that may be written: tls_keylog appends to (and makes 0600)
 # a file of the keeper's user, and the keeper may run as root.
 PATH_LIKE = ["../../etc/passwd", "./x", "~/x", "/proc/self/fd/0", "/dev/zero", "/dev/stdin", "/", "-"]
-NUMERIC = ["-1", "0", "1", str(2**64), str(2**31), "nan", "inf", "-inf", "1e309", "-0", "1.5", "0x10", "1_0", " 1",
-           "\u0661\u0662"]
+NUMERIC = [
+    "-1",
+    "0",
+    "1",
+    str(2**64),
+    str(2**31),
+    "nan",
+    "inf",
+    "-inf",
+    "1e309",
+    "-0",
+    "1.5",
+    "0x10",
+    "1_0",
+    " 1",
+    "\u0661\u0662",
+]
 
 
 def raw_values(fifo: Path, symlink: Path, dotted: Path) -> list[tuple[str, bytes]]:
@@ -50,7 +65,7 @@ def raw_values(fifo: Path, symlink: Path, dotted: Path) -> list[tuple[str, bytes
     values = [(name, value.encode()) for name, value in ALWAYS_REFUSED.items()]
     values += [("path-like", value.encode()) for value in [*PATH_LIKE, str(fifo), str(symlink), str(dotted)]]
     values += [("numeric", value.replace(" ", "%20").encode("ascii", "backslashreplace")) for value in NUMERIC[:-1]]
-    values += [("numeric", "%D9%A1%D9%A2".encode())]  # Arabic-Indic digits: int() would read them
+    values += [("numeric", b"%D9%A1%D9%A2")]  # Arabic-Indic digits: int() would read them
     values += [("raw byte not ASCII", b"\xff"), ("raw control character", b"a\x01b")]
     return values
 
@@ -149,7 +164,9 @@ def reply_complete(packets: list[bytes]) -> bool:
     if first.startswith(b"JSON "):  # STATUS: JSON packets, then END
         return packets[-1] == b"END"
     if first.startswith(b"OK count="):  # LEASE: OK, then FDS packets until count descriptors
-        return sum(len(p.split(b"ids=")[1].split(b" ")[0].split(b",")) for p in packets[1:]) >= int(first.split(b"=")[1])
+        return sum(len(p.split(b"ids=")[1].split(b" ")[0].split(b",")) for p in packets[1:]) >= int(
+            first.split(b"=")[1]
+        )
     return True
 
 
@@ -159,7 +176,9 @@ def assert_one_answer(verb: str, key: str, category: str, request: bytes, packet
         assert all(p.startswith(b"FDS ") for p in packets[1:]), shown  # a granted lease: OK, then its descriptors
         return
     if verb in ("STATUS", "?") and packets[0].startswith(b"JSON "):
-        assert packets[-1] == b"END" and all(p.startswith(b"JSON ") for p in packets[:-1]), shown  # the status: one reply
+        assert packets[-1] == b"END" and all(p.startswith(b"JSON ") for p in packets[:-1]), (
+            shown
+        )  # the status: one reply
         return
     assert len(packets) == 1, shown
     reply = packets[0]
@@ -201,7 +220,9 @@ def test_tls_sni_nul_is_refused_at_parse_time(keeper, sut):
 @given(data=st.data())
 def test_any_value_of_any_field_gets_one_line(keeper, sut, data):
     verb, key = data.draw(st.sampled_from(every_field()))
-    value = data.draw(st.one_of(st.binary(max_size=80), st.text(max_size=80).map(lambda t: t.encode("utf-8", "surrogatepass"))))
+    value = data.draw(
+        st.one_of(st.binary(max_size=80), st.text(max_size=80).map(lambda t: t.encode("utf-8", "surrogatepass")))
+    )
     encoded = b"".join(bytes([b]) if 0x21 <= b < 0x7F and b not in b"%= " else b"%%%02X" % b for b in value)
     # transport=tcp: arbitrary absolute paths are checked, never opened (a key log would be created there)
     request = b" ".join([*base_request(verb, key, sut, tls=False), key.encode() + b"=" + encoded])
@@ -210,11 +231,33 @@ def test_any_value_of_any_field_gets_one_line(keeper, sut, data):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(message=st.one_of(
-    st.binary(min_size=1, max_size=MAX_MESSAGE + 2),
-    st.lists(st.sampled_from([b"LEASE", b"PREPARE", b"STATUS", b"PING", b"role=client", b"transport=tcp", b"=", b"%",
-                              b"%00", b"tls_sni=", b"aor=", b"remote=", b"\xff", b" "]), min_size=1, max_size=12).map(b"".join),
-))
+@given(
+    message=st.one_of(
+        st.binary(min_size=1, max_size=MAX_MESSAGE + 2),
+        st.lists(
+            st.sampled_from(
+                [
+                    b"LEASE",
+                    b"PREPARE",
+                    b"STATUS",
+                    b"PING",
+                    b"role=client",
+                    b"transport=tcp",
+                    b"=",
+                    b"%",
+                    b"%00",
+                    b"tls_sni=",
+                    b"aor=",
+                    b"remote=",
+                    b"\xff",
+                    b" ",
+                ]
+            ),
+            min_size=1,
+            max_size=12,
+        ).map(b"".join),
+    )
+)
 def test_any_message_gets_one_line(keeper, message):
     if message.split(b" ")[0] in (b"STOP", b"HANDOVER"):
         return  # the two verbs that end this keeper on purpose

@@ -74,8 +74,16 @@ def open_users(client: KeeperClient, remote: str, users: range) -> None:
             for start in range(0, len(numbers), WINDOW):
                 batch = numbers[start : start + WINDOW]
                 for number in batch:
-                    sock.send(format_message("PREPARE", role="client", transport="tcp", remote=remote, local="-",
-                                             aor=f"sip:user{number}@example.test"))
+                    sock.send(
+                        format_message(
+                            "PREPARE",
+                            role="client",
+                            transport="tcp",
+                            remote=remote,
+                            local="-",
+                            aor=f"sip:user{number}@example.test",
+                        )
+                    )
                 for _ in batch:
                     reply = sock.recv(MAX_MESSAGE + 1)
                     if not reply.startswith(b"OK ids="):
@@ -201,6 +209,8 @@ def test_a_bad_status_filter_is_the_keepers_one_line_not_a_silent_local_filter(t
     try:
         result = fdkeeper("status", "--dir", str(client.directory), "--aor", "sip:" + "u" * 2000, "--count")
         assert result.returncode == 2 and result.stdout == "", result
-        assert result.stderr.startswith("fdkeeper: STATUS aor=sip:uuu") and "aor= must be" in result.stderr, result.stderr
+        assert result.stderr.startswith("fdkeeper: STATUS aor=sip:uuu") and "aor= must be" in result.stderr, (
+            result.stderr
+        )
     finally:
         client.stop()

@@ -39,9 +39,26 @@ class RunningConverter:
         self.log = workdir / "convert.log"
         self.sipp_port = sipp_port
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0", "--sut", sut_address,
-             "--transport", transport, "--sipp-address", f"127.0.0.1:{sipp_port}", "--control", str(self.control), *extra],
-            stderr=open(self.log, "wb"), start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "fdkeeper",
+                "convert",
+                "--listen",
+                "127.0.0.1:0",
+                "--sut",
+                sut_address,
+                "--transport",
+                transport,
+                "--sipp-address",
+                f"127.0.0.1:{sipp_port}",
+                "--control",
+                str(self.control),
+                *extra,
+            ],
+            stderr=open(self.log, "wb"),  # noqa: SIM115 - the child writes it
+            start_new_session=True,
+        )
         testbed.wait_until(lambda: self._status() or self.process.poll() is not None, 10, what="the converter")
         assert self.process.poll() is None, self.log.read_text()
         self.listen = self.status()["listen"]
@@ -71,15 +88,33 @@ def converters():
 
 def register(sipp_path, converter, kamailio, tmp_path, name="register", user=USER):
     users = testbed.write_users_csv(tmp_path / f"{name}.csv", [user], kamailio.domain)
-    result = testbed.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
-                              transport="u1", calls=1, timeout=10, extra=["-inf", str(users)])
+    result = testbed.run_sipp(
+        sipp_path,
+        "uac-register.xml",
+        converter.listen,
+        log_dir=tmp_path / "logs",
+        name=name,
+        transport="u1",
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
+    )
     assert result.ok, result.summary()
     return result
 
 
 def answer_calls(sipp_path, converter, kamailio, tmp_path, count=2, name="answer", user=USER):
-    answer = testbed.start_sipp(sipp_path, "uas-answer.xml", converter.listen, log_dir=tmp_path / "logs", name=name,
-                                transport="u1", local_port=converter.sipp_port, calls=count, timeout=20)
+    answer = testbed.start_sipp(
+        sipp_path,
+        "uas-answer.xml",
+        converter.listen,
+        log_dir=tmp_path / "logs",
+        name=name,
+        transport="u1",
+        local_port=converter.sipp_port,
+        calls=count,
+        timeout=20,
+    )
     caller = testbed.place_calls(kamailio, user, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
     answered = answer.wait(25)
     assert caller.ok and caller.successful == count, caller.summary()
@@ -125,7 +160,10 @@ def test_register_then_answer_over_the_kept_tcp_connection(sipp_path, kamailio, 
     # sipp's side: our Via (UDP) on top, two Record-Route entries, the UDP one (facing sipp) first.
     invite = first(answered.text("messages"), "received", "INVITE")
     assert headers(invite, "Via")[0].startswith(f"SIP/2.0/UDP {listen};branch=z9hG4bKfdk")
-    assert headers(invite, "Record-Route")[:2] == [f"<sip:{listen};transport=udp;lr>", f"<sip:{local};transport=tcp;lr>"]
+    assert headers(invite, "Record-Route")[:2] == [
+        f"<sip:{listen};transport=udp;lr>",
+        f"<sip:{local};transport=tcp;lr>",
+    ]
     # ACK and BYE followed the route set back through the converter, our entries removed on the way.
     for method in ("ACK", "BYE"):
         request = first(answered.text("messages"), "received", method)
@@ -140,11 +178,12 @@ def test_register_then_answer_over_the_kept_tcp_connection(sipp_path, kamailio, 
 
 
 def test_register_then_answer_over_tls(sipp_path, kamailio_tls, test_pki, tmp_path, converters):
-    converter = converters(tmp_path / "conv", kamailio_tls.tls_address, "tls", testbed.free_port(),
-                           "--tls-ca", str(test_pki.ca_cert))
+    converter = converters(
+        tmp_path / "conv", kamailio_tls.tls_address, "tls", testbed.free_port(), "--tls-ca", str(test_pki.ca_cert)
+    )
     register(sipp_path, converter, kamailio_tls, tmp_path)
     assert kamailio_tls.location()[0]["source"]["transport"] == "tls"
-    caller, answered = answer_calls(sipp_path, converter, kamailio_tls, tmp_path, count=2)
+    _caller, answered = answer_calls(sipp_path, converter, kamailio_tls, tmp_path, count=2)
     [connection] = kamailio_tls.tls_connections()
     [link] = converter.status()["links"]
     assert connection["remote"] == link["local"] and link["transport"] == "tls"
@@ -158,9 +197,17 @@ def test_closed_connection_is_reported_and_refused_until_reconnect(sipp_path, ka
     kamailio.close_connections()
     testbed.wait_until(lambda: converter.status()["links"][0]["state"] == "closed", 5, what="the closed link")
     assert "FIN" in converter.status()["links"][0]["closed_reason"]
-    refused = testbed.run_sipp(sipp_path, "uac-register.xml", converter.listen, log_dir=tmp_path / "logs", name="refused",
-                               transport="u1", calls=1, timeout=5,
-                               extra=["-inf", str(testbed.write_users_csv(tmp_path / "u.csv", [USER], kamailio.domain))])
+    refused = testbed.run_sipp(
+        sipp_path,
+        "uac-register.xml",
+        converter.listen,
+        log_dir=tmp_path / "logs",
+        name="refused",
+        transport="u1",
+        calls=1,
+        timeout=5,
+        extra=["-inf", str(testbed.write_users_csv(tmp_path / "u.csv", [USER], kamailio.domain))],
+    )
     assert not refused.ok and "503" in refused.text("messages")
     assert control_request(converter.control, "RECONNECT")["reconnected"]
     register(sipp_path, converter, kamailio, tmp_path, name="again")
@@ -198,8 +245,17 @@ def test_x_outbound_proxy_goes_to_a_second_sut(sipp_path, kamailio, tmp_path, co
         converter = converters(tmp_path / "conv", kamailio.address, "tcp", testbed.free_port())
         scenario = tmp_path / "options-xop.xml"
         scenario.write_text(OPTIONS_TO)
-        result = testbed.run_sipp(sipp_path, scenario, converter.listen, log_dir=tmp_path / "logs", name="xop",
-                                  transport="u1", calls=3, timeout=10, extra=["-key", "target", second.address])
+        result = testbed.run_sipp(
+            sipp_path,
+            scenario,
+            converter.listen,
+            log_dir=tmp_path / "logs",
+            name="xop",
+            transport="u1",
+            calls=3,
+            timeout=10,
+            extra=["-key", "target", second.address],
+        )
         assert result.ok and result.successful == 3, result.summary()
         links = {link["remote"]: link for link in converter.status()["links"]}
         assert links[second.address]["messages_out"] == 3 and links[kamailio.address]["messages_out"] == 0
@@ -224,12 +280,40 @@ def test_hide_topology_header_by_header(sipp_path, kamailio, tmp_path, converter
     # converter to bob, registered at Kamailio directly over UDP, shows what Kamailio got.
     bob_port = testbed.free_port()
     users = testbed.write_users_csv(tmp_path / "bob.csv", ["bob"], kamailio.domain)
-    assert testbed.run_sipp(sipp_path, "uac-register.xml", kamailio.address, log_dir=tmp_path / "logs", name="reg-bob",
-                            transport="u1", local_port=bob_port, calls=1, timeout=10, extra=["-inf", str(users)]).ok
-    bob = testbed.start_sipp(sipp_path, "uas-answer.xml", kamailio.address, log_dir=tmp_path / "logs", name="bob",
-                             transport="u1", local_port=bob_port, calls=1, timeout=15)
-    call = testbed.run_sipp(sipp_path, "uac-call.xml", converter.listen, log_dir=tmp_path / "logs", name="to-bob",
-                            transport="u1", calls=1, timeout=10, extra=["-s", "bob", "-key", "domain", kamailio.domain])
+    assert testbed.run_sipp(
+        sipp_path,
+        "uac-register.xml",
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name="reg-bob",
+        transport="u1",
+        local_port=bob_port,
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
+    ).ok
+    bob = testbed.start_sipp(
+        sipp_path,
+        "uas-answer.xml",
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name="bob",
+        transport="u1",
+        local_port=bob_port,
+        calls=1,
+        timeout=15,
+    )
+    call = testbed.run_sipp(
+        sipp_path,
+        "uac-call.xml",
+        converter.listen,
+        log_dir=tmp_path / "logs",
+        name="to-bob",
+        transport="u1",
+        calls=1,
+        timeout=10,
+        extra=["-s", "bob", "-key", "domain", kamailio.domain],
+    )
     bobs = bob.wait(15)
     assert call.ok and bobs.ok, call.summary() + bobs.summary()
     invite = first(bobs.text("messages"), "received", "INVITE")
@@ -250,60 +334,117 @@ class FakeSock:
 
 def unit_converter(hide: bool = False) -> tuple[Converter, Link, list]:
     sent: list = []
-    converter = Converter(("127.0.0.1", 5999), ("127.0.0.1", 5060, "tcp"), ("127.0.0.1", 6000), hide,
-                          lambda data, address: sent.append((data, address)), lambda key: (_ for _ in ()).throw(AssertionError(key)))
+    converter = Converter(
+        ("127.0.0.1", 5999),
+        ("127.0.0.1", 5060, "tcp"),
+        ("127.0.0.1", 6000),
+        hide,
+        lambda data, address: sent.append((data, address)),
+        lambda key: (_ for _ in ()).throw(AssertionError(key)),
+    )
     link = converter.add_link(Link(("127.0.0.1", 5060, "tcp"), FakeSock(), ("127.0.0.1", 40000), converter.listen_hp))
     return converter, link, sent
 
 
-INVITE = (b"INVITE sip:bob@example.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:6000;branch=z9hG4bK-1-1-0\r\n"
-          b"Max-Forwards: 70\r\nFrom: <sip:a@example.test>;tag=1\r\nTo: <sip:bob@example.test>\r\nCall-ID: c1@x\r\n"
-          b"CSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:6000>\r\nContent-Type: application/sdp\r\nContent-Length: 10\r\n\r\n0123456789")
-RESPONSE = (b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bKfdk-1-1-0;rport=40000;received=127.0.0.1\r\n"
-            b"Via: SIP/2.0/UDP 127.0.0.1:6000;branch=z9hG4bK-1-1-0\r\nFrom: <sip:a@example.test>;tag=1\r\n"
-            b"To: <sip:bob@example.test>;tag=2\r\nCall-ID: c1@x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n")
+INVITE = (
+    b"INVITE sip:bob@example.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:6000;branch=z9hG4bK-1-1-0\r\n"
+    b"Max-Forwards: 70\r\nFrom: <sip:a@example.test>;tag=1\r\nTo: <sip:bob@example.test>\r\nCall-ID: c1@x\r\n"
+    b"CSeq: 1 INVITE\r\nContact: <sip:a@127.0.0.1:6000>\r\nContent-Type: application/sdp\r\nContent-Length: 10\r\n\r\n0123456789"
+)
+RESPONSE = (
+    b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bKfdk-1-1-0;rport=40000;received=127.0.0.1\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:6000;branch=z9hG4bK-1-1-0\r\nFrom: <sip:a@example.test>;tag=1\r\n"
+    b"To: <sip:bob@example.test>;tag=2\r\nCall-ID: c1@x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+)
 
 
 def test_unit_forwarding_and_x_outbound_proxy_removed():
     converter, link, sent = unit_converter()
     opened = []
-    converter.connect = lambda key: opened.append(key) or Link(key, FakeSock(), ("127.0.0.1", 40001), converter.listen_hp)
-    converter.from_sipp(INVITE.replace(b"Max-Forwards", b"X-Outbound-Proxy: sip:10.0.0.9:5070;transport=tcp\r\nMax-Forwards"),
-                        ("127.0.0.1", 6000))
+    converter.connect = lambda key: (
+        opened.append(key) or Link(key, FakeSock(), ("127.0.0.1", 40001), converter.listen_hp)
+    )
+    converter.from_sipp(
+        INVITE.replace(b"Max-Forwards", b"X-Outbound-Proxy: sip:10.0.0.9:5070;transport=tcp\r\nMax-Forwards"),
+        ("127.0.0.1", 6000),
+    )
     assert opened == [("10.0.0.9", 5070, "tcp")]
     out = bytes(converter.links[opened[0]].out)
     assert b"X-Outbound-Proxy" not in out and b"Max-Forwards: 69" in out
-    assert out.startswith(b"INVITE sip:bob@example.test SIP/2.0\r\nRecord-Route: <sip:127.0.0.1:40001;transport=tcp;lr>, "
-                          b"<sip:127.0.0.1:5999;transport=udp;lr>\r\nVia: SIP/2.0/TCP 127.0.0.1:40001;branch=z9hG4bKfdk-1-1-0\r\n")
+    assert out.startswith(
+        b"INVITE sip:bob@example.test SIP/2.0\r\nRecord-Route: <sip:127.0.0.1:40001;transport=tcp;lr>, "
+        b"<sip:127.0.0.1:5999;transport=udp;lr>\r\nVia: SIP/2.0/TCP 127.0.0.1:40001;branch=z9hG4bKfdk-1-1-0\r\n"
+    )
     converter.from_stream(link, RESPONSE + b"\r\n\r\n")  # a response and a CRLFCRLF ping
     assert sent[-1][1] == ("127.0.0.1", 6000) and sent[-1][0].count(b"Via:") == 1
     assert bytes(link.out) == b"\r\n" and link.pings_answered == 1
 
 
-SIP_ALPHABET = st.sampled_from([b"\r\n", b"\r\n\r\n", b" ", b":", b";", b",", b"<", b">", b"Via", b"v", b"To", b"t",
-                                b"Route", b"Content-Length", b"l", b"Max-Forwards", b"X-Outbound-Proxy", b"SIP/2.0",
-                                b"SIP/2.0/UDP", b"INVITE", b"sip:", b"127.0.0.1", b":5060", b"branch=z9hG4bK", b"tag=",
-                                b"0", b"99999999", b"\x00", b"\xff", b"[::1]", b"=", b"@"])
-FUZZ = st.one_of(st.binary(max_size=400), st.lists(SIP_ALPHABET, max_size=60).map(b"".join),
-                 st.builds(lambda m, cut: m[:cut], st.sampled_from([INVITE, RESPONSE]), st.integers(0, 400)))
+SIP_ALPHABET = st.sampled_from(
+    [
+        b"\r\n",
+        b"\r\n\r\n",
+        b" ",
+        b":",
+        b";",
+        b",",
+        b"<",
+        b">",
+        b"Via",
+        b"v",
+        b"To",
+        b"t",
+        b"Route",
+        b"Content-Length",
+        b"l",
+        b"Max-Forwards",
+        b"X-Outbound-Proxy",
+        b"SIP/2.0",
+        b"SIP/2.0/UDP",
+        b"INVITE",
+        b"sip:",
+        b"127.0.0.1",
+        b":5060",
+        b"branch=z9hG4bK",
+        b"tag=",
+        b"0",
+        b"99999999",
+        b"\x00",
+        b"\xff",
+        b"[::1]",
+        b"=",
+        b"@",
+    ]
+)
+FUZZ = st.one_of(
+    st.binary(max_size=400),
+    st.lists(SIP_ALPHABET, max_size=60).map(b"".join),
+    st.builds(lambda m, cut: m[:cut], st.sampled_from([INVITE, RESPONSE]), st.integers(0, 400)),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(datagrams=st.lists(FUZZ, max_size=8), hide=st.booleans())
 def test_fuzzed_datagrams_never_crash_and_every_one_is_counted(datagrams, hide):
-    converter, link, sent = unit_converter(hide)
+    converter, _link, _sent = unit_converter(hide)
     for data in datagrams:
         converter.from_sipp(data, ("127.0.0.1", 6000))
     counters = converter.counters
-    handled = (counters["requests_to_stream"] + counters["responses_to_stream"] + counters["udp_keepalives"]
-               + counters["requests_refused"] + counters["too_many_hops"] + counters["responses_dropped_closed"])
+    handled = (
+        counters["requests_to_stream"]
+        + counters["responses_to_stream"]
+        + counters["udp_keepalives"]
+        + counters["requests_refused"]
+        + counters["too_many_hops"]
+        + counters["responses_dropped_closed"]
+    )
     assert counters["udp_in"] == len(datagrams) == handled + sum(converter.malformed.values())
 
 
 @settings(max_examples=300, deadline=None)
 @given(cut=st.integers(0, len(INVITE) - 1))
 def test_truncated_datagram_is_dropped_and_counted(cut):
-    converter, link, sent = unit_converter()
+    converter, link, _sent = unit_converter()
     converter.from_sipp(INVITE[:cut], ("127.0.0.1", 6000))
     assert not link.out and sum(converter.malformed.values()) + converter.counters["udp_keepalives"] == 1
 
@@ -314,13 +455,16 @@ def test_stream_split_anywhere_and_garbage(chunks, garbage, hide):
     converter, link, sent = unit_converter(hide)
     stream = RESPONSE + RESPONSE
     at = 0
-    for size in chunks + [len(stream)]:
-        converter.from_stream(link, stream[at:at + size])
+    for size in [*chunks, len(stream)]:
+        converter.from_stream(link, stream[at : at + size])
         at += size
     assert converter.counters["responses_to_udp"] == 2 and len(sent) == 2 and not converter.malformed
     converter.from_stream(link, garbage)  # whatever it is: no exception, counted if it was a message
     handled = sum(converter.counters[k] for k in ("responses_to_udp", "requests_to_udp", "too_many_hops"))
-    assert converter.counters["stream_in"] == handled + sum(converter.malformed.values()) + converter.counters["udp_too_large"]
+    assert (
+        converter.counters["stream_in"]
+        == handled + sum(converter.malformed.values()) + converter.counters["udp_too_large"]
+    )
 
 
 def test_oversize_towards_sipp_is_sent_and_counted():
@@ -352,7 +496,22 @@ def test_garbage_at_a_live_converter_is_counted_and_calls_still_work(sipp_path, 
 def test_udp_arguments_rewrite():
     invocation = parse_sipp_args(["-sf", "x.xml", "-t", "l1", "-key", "a", "b", "-m", "1", "sut.test:5061"])
     args = udp_arguments(invocation, "127.0.0.1:4000", "127.0.0.1", 5072)
-    assert args == ["-p", "5072", "-i", "127.0.0.1", "-sf", "x.xml", "-t", "u1", "-key", "a", "b", "-m", "1", "127.0.0.1:4000"]
+    assert args == [
+        "-p",
+        "5072",
+        "-i",
+        "127.0.0.1",
+        "-sf",
+        "x.xml",
+        "-t",
+        "u1",
+        "-key",
+        "a",
+        "b",
+        "-m",
+        "1",
+        "127.0.0.1:4000",
+    ]
 
 
 def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, tmp_path):
@@ -364,19 +523,48 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
     logs.mkdir()
 
     def run(args):
-        request = HandoffRequest(sipp=Path(sipp_path), invocation=parse_sipp_args(args), control_socket=directory / "control.sock",
-                                 remote=parse_sipp_args(args).remote_address(), transport="tcp")
+        request = HandoffRequest(
+            sipp=Path(sipp_path),
+            invocation=parse_sipp_args(args),
+            control_socket=directory / "control.sock",
+            remote=parse_sipp_args(args).remote_address(),
+            transport="tcp",
+        )
         handoff = mode.prepare(request)
-        return subprocess.Popen(handoff.argv, cwd=logs, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            handoff.argv, cwd=logs, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
 
     try:
         common = ["-t", "t1", "-i", "127.0.0.1", "-nostdin", "-timeout", "20s", "-timeout_error"]
-        assert run(["-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users), "-m", "1", *common,
-                    kamailio.address]).wait(20) == 0
+        assert (
+            run(
+                [
+                    "-sf",
+                    str(testbed.SCENARIOS_DIR / "uac-register.xml"),
+                    "-inf",
+                    str(users),
+                    "-m",
+                    "1",
+                    *common,
+                    kamailio.address,
+                ]
+            ).wait(20)
+            == 0
+        )
         first_pid = control_request(next(directory.glob("convert-*.sock")), "STATUS")["pid"]
-        answer = run(["-sf", str(testbed.SCENARIOS_DIR / "uas-answer.xml"), "-m", "1", "-p", str(testbed.free_port()), *common,
-                      kamailio.address])
+        answer = run(
+            [
+                "-sf",
+                str(testbed.SCENARIOS_DIR / "uas-answer.xml"),
+                "-m",
+                "1",
+                "-p",
+                str(testbed.free_port()),
+                *common,
+                kamailio.address,
+            ]
+        )
         caller = testbed.place_calls(kamailio, USER, 1, sipp=sipp_path, timeout=15, log_dir=logs)
         assert caller.ok, caller.summary()
         assert answer.wait(20) == 0
@@ -395,7 +583,9 @@ def test_a_via_host_that_is_not_text_is_dropped_not_fatal():
             return 99
 
     link = cv.Link(("127.0.0.1", 5060, "tcp"), Sock(), ("127.0.0.1", 40000), b"127.0.0.1:5070")
-    conv = cv.Converter(("127.0.0.1", 5070), ("127.0.0.1", 5060, "tcp"), ("127.0.0.1", 5080), False, lambda d, a: None, lambda k: link)
+    conv = cv.Converter(
+        ("127.0.0.1", 5070), ("127.0.0.1", 5060, "tcp"), ("127.0.0.1", 5080), False, lambda d, a: None, lambda k: link
+    )
     conv.add_link(link)
     response = (
         b"SIP/2.0 200 OK\r\nVia: SIP/2.0/TCP 127.0.0.1:40000;branch=z9hG4bKx\r\n"
@@ -467,15 +657,20 @@ def test_a_fault_handling_one_datagram_costs_that_datagram_not_the_converter():
         real_from_sipp(data, source)
 
     server.converter.from_sipp = fails_once
-    request = (b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK1\r\n"
-               b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: fault-1\r\n"
-               b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+    request = (
+        b"OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: fault-1\r\n"
+        b"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    )
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for _ in range(2):
             sender.sendto(request, server.udp.getsockname())
-            testbed.wait_until(lambda n=len(calls) + 1: server.reactor.run_once(0.05) or len(calls) >= n, 5,
-                               what="the converter to read the datagram")
+            testbed.wait_until(
+                lambda n=len(calls) + 1: server.reactor.run_once(0.05) or len(calls) >= n,  # noqa: B008 - bound now
+                5,
+                what="the converter to read the datagram",
+            )
         for _ in range(20):
             server.reactor.run_once(0.05)
             for link in list(server.converter.dirty):

@@ -44,8 +44,30 @@ MAX_SOCKET = ("-max_socket", 4000)
 
 def register_all(sipp, remote, users_csv, count, *, transport, options=(), name="register"):
     result = sipp.run(
-        "-sf", "uac-register.xml", "-inf", users_csv, "-t", transport, "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", count, "-r", 200,
-        "-l", count, "-timeout", 30, "-timeout_error", *MAX_SOCKET, remote, options=tuple(options), name=name, timeout=60,
+        "-sf",
+        "uac-register.xml",
+        "-inf",
+        users_csv,
+        "-t",
+        transport,
+        "-i",
+        "127.0.0.1",
+        "-p",
+        testbed.free_port(),
+        "-m",
+        count,
+        "-r",
+        200,
+        "-l",
+        count,
+        "-timeout",
+        30,
+        "-timeout_error",
+        *MAX_SOCKET,
+        remote,
+        options=tuple(options),
+        name=name,
+        timeout=60,
     )
     assert result.ok and result.successful == count, result.tail()
     return result
@@ -53,16 +75,38 @@ def register_all(sipp, remote, users_csv, count, *, transport, options=(), name=
 
 def start_answering(sipp, remote, count, *, transport, name="answer"):
     return sipp.start(
-        "-sf", "uas-answer.xml", "-t", transport, "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", count,
-        *MAX_SOCKET, remote, name=name, timeout=60,
+        "-sf",
+        "uas-answer.xml",
+        "-t",
+        transport,
+        "-i",
+        "127.0.0.1",
+        "-p",
+        testbed.free_port(),
+        "-m",
+        count,
+        *MAX_SOCKET,
+        remote,
+        name=name,
+        timeout=60,
     )
 
 
 def call_each(kamailio_sut, tmp_path, users_csv, count, name="calls"):
     kamailio = kamailio_sut.kamailio
     return testbed.run_sipp(
-        kamailio_sut.sipp_path, "uac-call-users.xml", kamailio.address, log_dir=tmp_path / "logs", name=name, wait=90,
-        transport="u1", local_ip=kamailio.host, calls=count, rate=50, timeout=60, extra=["-inf", str(users_csv)],
+        kamailio_sut.sipp_path,
+        "uac-call-users.xml",
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name=name,
+        wait=90,
+        transport="u1",
+        local_ip=kamailio.host,
+        calls=count,
+        rate=50,
+        timeout=60,
+        extra=["-inf", str(users_csv)],
     )
 
 
@@ -101,7 +145,8 @@ def test_two_hundred_tcp_users_each_on_its_own_connection(sipp, kamailio_sut, fd
 
     counted = subprocess.run(
         [sys.executable, "-m", "fdkeeper", "status", "--dir", str(keeper.directory), "--aor", "sip:user00*", "--count"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert counted.stdout.strip() == "99"  # user0001 .. user0099
 
@@ -140,7 +185,9 @@ def test_a_third_dropped_by_the_sut(sipp, kamailio_sut, fdkeeper_keeper, tmp_pat
 
     kept_names = [name for name in names if name not in dropped]
     answer = start_answering(sipp, kamailio.address, len(kept_names), transport="tn")
-    calls = call_each(kamailio_sut, tmp_path, kamailio_sut.users_csv(tmp_path / "kept.csv", kept_names), len(kept_names))
+    calls = call_each(
+        kamailio_sut, tmp_path, kamailio_sut.users_csv(tmp_path / "kept.csv", kept_names), len(kept_names)
+    )
     answered = answer.wait(60)
     assert calls.ok, calls.summary()
     assert answered.ok and answered.successful == len(kept_names), answered.tail()
@@ -149,12 +196,35 @@ def test_a_third_dropped_by_the_sut(sipp, kamailio_sut, fdkeeper_keeper, tmp_pat
     # The dropped users fail clearly in a client run, and --reconnect gives them fresh connections.
     dropped_csv = kamailio_sut.users_csv(tmp_path / "dropped.csv", dropped)
     failed = sipp.run(
-        "-sf", "uac-register.xml", "-inf", dropped_csv, "-t", "tn", "-i", "127.0.0.1", "-p", testbed.free_port(), "-m", len(dropped),
-        "-timeout", 10, "-timeout_error", *MAX_SOCKET, kamailio.address, name="failed", timeout=30,
+        "-sf",
+        "uac-register.xml",
+        "-inf",
+        dropped_csv,
+        "-t",
+        "tn",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        testbed.free_port(),
+        "-m",
+        len(dropped),
+        "-timeout",
+        10,
+        "-timeout_error",
+        *MAX_SOCKET,
+        kamailio.address,
+        name="failed",
+        timeout=30,
     )
     assert failed.successful == 0 and "was closed at" in failed.err.read_text()
     register_all(
-        sipp, kamailio.address, dropped_csv, len(dropped), transport="tn", options=("--reconnect",), name="reconnected",
+        sipp,
+        kamailio.address,
+        dropped_csv,
+        len(dropped),
+        transport="tn",
+        options=("--reconnect",),
+        name="reconnected",
     )
     assert sum(c["state"] != "closed" for c in keeper.connections()) == count
 
@@ -171,15 +241,38 @@ def test_too_many_users_for_the_open_file_limit_is_said_before_the_run(sipp_path
 
     keeper = subprocess.Popen(
         [sys.executable, "-m", "fdkeeper", "keeper", "--dir", str(directory)],
-        preexec_fn=small_limit, stderr=subprocess.DEVNULL,
+        preexec_fn=small_limit,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_until(lambda: KeeperClient(directory).alive() is not None, timeout=15)
         result = subprocess.run(
-            [sys.executable, "-m", "fdkeeper", "sipp", "--dir", str(directory), "--sipp", sipp_path,
-             "-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users_csv), "-t", "tn",
-             "-i", "127.0.0.1", "-m", "500", "-max_socket", "4000", kamailio.address],
-            capture_output=True, text=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "fdkeeper",
+                "sipp",
+                "--dir",
+                str(directory),
+                "--sipp",
+                sipp_path,
+                "-sf",
+                str(testbed.SCENARIOS_DIR / "uac-register.xml"),
+                "-inf",
+                str(users_csv),
+                "-t",
+                "tn",
+                "-i",
+                "127.0.0.1",
+                "-m",
+                "500",
+                "-max_socket",
+                "4000",
+                kamailio.address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert result.returncode == 2, result.stderr
         assert "open-file limit 256" in result.stderr and "raise the limit" in result.stderr

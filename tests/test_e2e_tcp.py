@@ -18,8 +18,8 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
-from fdkeeper.errors import FdkeeperError
 from fdkeeper.demo import fdkeeper_command, start_through_fdkeeper
+from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed import wait_until
 
 USER = "alice"
@@ -32,15 +32,31 @@ def users(tmp_path, kamailio):
 
 def start(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, *, options=(), **sipp_options):
     return start_through_fdkeeper(
-        sipp_path, scenario, kamailio.address, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
-        options=tuple(options), transport="t1", **sipp_options,
+        sipp_path,
+        scenario,
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name=name,
+        options=tuple(options),
+        transport="t1",
+        **sipp_options,
     )
 
 
 def register(sipp_path, kamailio, keeper_dir, tmp_path, users, name="register", options=(), **sipp_options):
     result = start(
-        sipp_path, kamailio, keeper_dir, tmp_path, name, "uac-register.xml",
-        options=options, calls=1, timeout=15, extra=["-inf", str(users)], **sipp_options,
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        name,
+        "uac-register.xml",
+        options=options,
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
+        **sipp_options,
     ).wait(30)
     assert result.ok, result.summary()
     return result
@@ -48,8 +64,16 @@ def register(sipp_path, kamailio, keeper_dir, tmp_path, users, name="register", 
 
 def start_answer(sipp_path, kamailio, keeper_dir, tmp_path, name="answer", calls=1, options=()):
     return start(
-        sipp_path, kamailio, keeper_dir, tmp_path, name, "uas-answer.xml",
-        options=options, calls=calls, timeout=30, local_port=testbed.free_port(),
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        name,
+        "uas-answer.xml",
+        options=options,
+        calls=calls,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
 
 
@@ -80,16 +104,31 @@ def test_register_then_answer_over_the_kept_connection(sipp, kamailio_sut, fdkee
     # A -p of its own: without one sipp takes 5060 if free, and two runs side by side (pytest -n)
     # race for it; with it, register and answer runs share one identity, as over UDP.
     port = testbed.free_port()
-    registered = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-p", port,
-                          "-m", 1, kamailio_sut.address, timeout=30)
+    registered = sipp.run(
+        "-sf",
+        "uac-register.xml",
+        "-inf",
+        users,
+        "-t",
+        "t1",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-m",
+        1,
+        kamailio_sut.address,
+        timeout=30,
+    )
     assert registered.ok, registered.tail()
     [connection] = fdkeeper_keeper.connections()
     assert connection["state"] == "idle"
     local_port = int(connection["local"].rsplit(":", 1)[1])
     assert registered_source_ports(kamailio_sut.kamailio) == {local_port}
 
-    answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", port, "-m", 3,
-                        kamailio_sut.address, timeout=30)
+    answer = sipp.start(
+        "-sf", "uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", port, "-m", 3, kamailio_sut.address, timeout=30
+    )
     caller = kamailio_sut.call(USER, count=3, timeout=15)
     answered = answer.wait(30)
     assert caller.ok and caller.successful == 3, caller.summary()
@@ -101,8 +140,16 @@ def test_register_then_answer_over_the_kept_connection(sipp, kamailio_sut, fdkee
 def test_without_a_run_holding_it_an_invite_waits_for_the_next_run(sipp_path, kamailio, keeper_dir, tmp_path, users):
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     caller = testbed.start_sipp(
-        sipp_path, "uac-call.xml", kamailio.address, log_dir=tmp_path / "logs", name="early-call",
-        transport="u1", local_ip=kamailio.host, calls=1, timeout=25, extra=["-s", USER, "-key", "domain", kamailio.domain],
+        sipp_path,
+        "uac-call.xml",
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name="early-call",
+        transport="u1",
+        local_ip=kamailio.host,
+        calls=1,
+        timeout=25,
+        extra=["-s", USER, "-key", "domain", kamailio.domain],
     )
     # The INVITE reaches the kept connection while no sipp holds it: it waits in the socket.
     wait_until(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0, timeout=10)
@@ -119,9 +166,20 @@ def test_register_run_killed_with_sigkill_the_next_run_still_answers(sipp_path, 
     text = (testbed.SCENARIOS_DIR / "uac-register.xml").read_text()
     holding.write_text(text.replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>'))
     run = start(
-        sipp_path, kamailio, keeper_dir, tmp_path, "register-hold", str(holding), calls=1, timeout=60, extra=["-inf", str(users)]
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        "register-hold",
+        str(holding),
+        calls=1,
+        timeout=60,
+        extra=["-inf", str(users)],
     )
-    wait_until(lambda: any(c["aor"].startswith(f"sip:{USER}@") or c["aor"].startswith(USER) for c in kamailio.location()), timeout=10)
+    wait_until(
+        lambda: any(c["aor"].startswith(f"sip:{USER}@") or c["aor"].startswith(USER) for c in kamailio.location()),
+        timeout=10,
+    )
     os.killpg(run.pid, signal.SIGKILL)  # the whole run, as a CI timeout does it
     run.wait(10)
     wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
@@ -163,7 +221,9 @@ def test_keepalive_pongs_never_reach_the_next_run(sipp_path, kamailio, keeper_di
     assert answered.ok, answered.summary()
 
 
-def test_the_kept_connection_leaves_from_the_address_and_port_sipp_binds(sipp_path, kamailio, keeper_dir, tmp_path, users):
+def test_the_kept_connection_leaves_from_the_address_and_port_sipp_binds(
+    sipp_path, kamailio, keeper_dir, tmp_path, users
+):
     port = testbed.free_port()
     register(sipp_path, kamailio, keeper_dir, tmp_path, users, local_port=port)
     assert kept(keeper_dir)[0]["local"] == f"127.0.0.1:{port}"
@@ -174,8 +234,15 @@ def test_a_server_run_without_remote_host_gets_every_kept_connection(sipp_path, 
     register(sipp_path, kamailio, keeper_dir, tmp_path, users)
     log_dir = tmp_path / "logs"
     cmd = testbed.sipp_command(
-        sipp_path, "uas-answer.xml", kamailio.address, log_dir=log_dir, name="answer-any", transport="t1",
-        local_port=testbed.free_port(), calls=1, timeout=30,
+        sipp_path,
+        "uas-answer.xml",
+        kamailio.address,
+        log_dir=log_dir,
+        name="answer-any",
+        transport="t1",
+        local_port=testbed.free_port(),
+        calls=1,
+        timeout=30,
     )[:-1]  # no remote host
     answer = testbed.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "answer-any")
     caller = call(kamailio, sipp_path, tmp_path)
@@ -188,17 +255,37 @@ def test_a_busy_connection_names_its_holder_and_wait_waits(sipp_path, kamailio, 
     holding = tmp_path / "register-and-hold.xml"
     text = (testbed.SCENARIOS_DIR / "uac-register.xml").read_text()
     holding.write_text(text.replace("</scenario>", '  <pause milliseconds="3000"/>\n</scenario>'))
-    first = start(sipp_path, kamailio, keeper_dir, tmp_path, "hold", str(holding), calls=1, timeout=20, extra=["-inf", str(users)])
+    first = start(
+        sipp_path, kamailio, keeper_dir, tmp_path, "hold", str(holding), calls=1, timeout=20, extra=["-inf", str(users)]
+    )
     wait_until(lambda: kept(keeper_dir) and kept(keeper_dir)[0]["state"] == "leased", timeout=10)
     holder = kept(keeper_dir)[0]["holder_pid"]
 
-    busy = start(sipp_path, kamailio, keeper_dir, tmp_path, "busy", "uac-register.xml", calls=1, timeout=10, extra=["-inf", str(users)]).wait(20)
+    busy = start(
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        "busy",
+        "uac-register.xml",
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
+    ).wait(20)
     assert busy.returncode == 2
     assert f"is leased by pid {holder} (sipp)" in busy.text("stderr") and "--wait" in busy.text("stderr")
 
     waited = start(
-        sipp_path, kamailio, keeper_dir, tmp_path, "waited", "uac-register.xml",
-        options=("--wait", "20"), calls=1, timeout=20, extra=["-inf", str(users)],
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        "waited",
+        "uac-register.xml",
+        options=("--wait", "20"),
+        calls=1,
+        timeout=20,
+        extra=["-inf", str(users)],
     ).wait(40)
     assert waited.ok, waited.summary()
     assert first.wait(20).ok
@@ -208,9 +295,15 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path, kamailio, users, keeper_di
     scenario = str(testbed.SCENARIOS_DIR / "uac-register.xml")
     base = ["sipp", "--dir", str(keeper_dir)]
     cases = {
-        "no sipp": (["--sipp", str(tmp_path / "no-such-sipp"), "-sf", scenario, "-t", "t1", kamailio.address], "sipp not found"),
+        "no sipp": (
+            ["--sipp", str(tmp_path / "no-such-sipp"), "-sf", scenario, "-t", "t1", kamailio.address],
+            "sipp not found",
+        ),
         "no remote": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1"], "needs the SuT's address"),
-        "refused": (["-sf", scenario, "-t", "t1", "-i", "127.0.0.1", "-inf", str(users), f"127.0.0.1:{testbed.free_port()}"], "refused the connection"),
+        "refused": (
+            ["-sf", scenario, "-t", "t1", "-i", "127.0.0.1", "-inf", str(users), f"127.0.0.1:{testbed.free_port()}"],
+            "refused the connection",
+        ),
         "sctp": (["-sf", scenario, "-t", "s1", kamailio.address], "-t s1 is not kept by fdkeeper"),
         "missing scenario": (["-sf", str(tmp_path / "nope.xml"), "-t", "t1", kamailio.address], "not found; check -sf"),
     }
@@ -229,7 +322,14 @@ def test_udp_passes_straight_through_with_a_notice(sipp_path, kamailio, keeper_d
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     cmd = testbed.sipp_command(
-        sipp_path, "uac-register.xml", kamailio.address, log_dir=log_dir, name="udp", transport="u1", calls=1, timeout=10,
+        sipp_path,
+        "uac-register.xml",
+        kamailio.address,
+        log_dir=log_dir,
+        name="udp",
+        transport="u1",
+        calls=1,
+        timeout=10,
         extra=["-inf", str(users)],
     )
     result = testbed.SippProcess(fdkeeper_command(cmd, keeper_dir), log_dir, "udp").wait(20)

@@ -52,21 +52,45 @@ def verified(pki) -> tuple[str, ...]:
 
 def start(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, *, options=(), **sipp_options):
     return start_through_fdkeeper(
-        sipp_path, scenario, kamailio.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
-        options=tuple(options), transport="l1", **sipp_options,
+        sipp_path,
+        scenario,
+        kamailio.tls_address,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name=name,
+        options=tuple(options),
+        transport="l1",
+        **sipp_options,
     )
 
 
 def register(sipp_path, kamailio, keeper_dir, tmp_path, users, *, options, name="register", local_port=None):
     return start(
-        sipp_path, kamailio, keeper_dir, tmp_path, name, "uac-register.xml",
-        options=options, calls=1, timeout=15, extra=["-inf", str(users)], local_port=local_port,
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        name,
+        "uac-register.xml",
+        options=options,
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
+        local_port=local_port,
     ).wait(30)
 
 
 def start_answer(sipp_path, kamailio, keeper_dir, tmp_path, name="answer", calls=1):
     return start(
-        sipp_path, kamailio, keeper_dir, tmp_path, name, "uas-answer.xml", calls=calls, timeout=30, local_port=testbed.free_port()
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        name,
+        "uas-answer.xml",
+        calls=calls,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
 
 
@@ -98,7 +122,9 @@ def test_register_then_answer_over_one_tls_session(sipp_path, kamailio_tls, keep
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     assert connection["transport"] == "tls" and connection["tls"]["peer_subject"].startswith("CN=sut.test")
-    table = subprocess.run([sys.executable, "-m", "fdkeeper", "status", "--dir", str(keeper_dir)], capture_output=True, text=True)
+    table = subprocess.run(
+        [sys.executable, "-m", "fdkeeper", "status", "--dir", str(keeper_dir)], capture_output=True, text=True
+    )
     assert "TLSv1.3" in table.stdout and "peer CN=sut.test" in table.stdout and "SNI sut.test" in table.stdout
     [contact] = kamailio_tls.location()
     assert "transport=TLS" in contact["contact"]  # [transport] said TLS, as a TLS sipp would
@@ -117,7 +143,12 @@ def test_register_then_answer_over_one_tls_session(sipp_path, kamailio_tls, keep
 
 def test_wrong_ca_is_one_clear_line(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
     result = register(
-        sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=("--tls-ca", str(pki.other_ca_cert), "--tls-sni", pki.server_name)
+        sipp_path,
+        kamailio_tls,
+        keeper_dir,
+        tmp_path,
+        users,
+        options=("--tls-ca", str(pki.other_ca_cert), "--tls-sni", pki.server_name),
     )
     assert result.returncode == 2
     [line] = result.text("stderr").strip().splitlines()
@@ -148,11 +179,21 @@ def test_mutual_tls(sipp_path, tmp_path, keeper_dir, users, pki):
 def test_register_run_sigkilled_the_next_run_answers(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
     holding = tmp_path / "register-and-hold.xml"
     holding.write_text(
-        (testbed.SCENARIOS_DIR / "uac-register.xml").read_text().replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>')
+        (testbed.SCENARIOS_DIR / "uac-register.xml")
+        .read_text()
+        .replace("</scenario>", '  <pause milliseconds="60000"/>\n</scenario>')
     )
     run = start(
-        sipp_path, kamailio_tls, keeper_dir, tmp_path, "hold", str(holding), options=verified(pki),
-        calls=1, timeout=60, extra=["-inf", str(users)],
+        sipp_path,
+        kamailio_tls,
+        keeper_dir,
+        tmp_path,
+        "hold",
+        str(holding),
+        options=verified(pki),
+        calls=1,
+        timeout=60,
+        extra=["-inf", str(users)],
     )
     wait_until(lambda: len(kamailio_tls.location()) == 1, timeout=10)
     import os
@@ -201,17 +242,29 @@ def test_a_run_killed_mid_write_leaves_the_sut_parsing(sipp_path, kamailio_tls, 
     wait_until(lambda: kept(keeper_dir)[0]["state"] == "idle", timeout=10)
     assert kept(keeper_dir)[0]["tls"]["dropped_bytes"] == len(half)
     # The SuT never saw the half message: the next run's REGISTER parses and succeeds.
-    again = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki), name="reregister", local_port=port)
+    again = register(
+        sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki), name="reregister", local_port=port
+    )
     assert again.ok, again.summary()
     answer_a_call(sipp_path, kamailio_tls, keeper_dir, tmp_path)
 
 
-def test_a_run_killed_mid_read_leaves_the_next_on_a_message_boundary(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki):
+def test_a_run_killed_mid_read_leaves_the_next_on_a_message_boundary(
+    sipp_path, kamailio_tls, keeper_dir, tmp_path, users, pki
+):
     registered = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=verified(pki))
     assert registered.ok, registered.summary()
     first = testbed.start_sipp(
-        sipp_path, "uac-call.xml", kamailio_tls.address, log_dir=tmp_path / "logs", name="lost-call",
-        transport="u1", local_ip=kamailio_tls.host, calls=1, timeout=10, extra=["-s", USER, "-key", "domain", testbed.DEFAULT_DOMAIN],
+        sipp_path,
+        "uac-call.xml",
+        kamailio_tls.address,
+        log_dir=tmp_path / "logs",
+        name="lost-call",
+        transport="u1",
+        local_ip=kamailio_tls.host,
+        calls=1,
+        timeout=10,
+        extra=["-s", USER, "-key", "domain", testbed.DEFAULT_DOMAIN],
     )
     wait_until(lambda: kept(keeper_dir)[0]["queued_bytes"] > 0, timeout=10)  # the INVITE waits for a run
     dying_run(keeper_dir, kamailio_tls, "read", "100")  # reads the start of it and dies
@@ -232,7 +285,9 @@ def test_sut_closing_the_tls_connection_between_runs(sipp_path, kamailio_tls, ke
     assert "closed" in status.stdout
     refused = start_answer(sipp_path, kamailio_tls, keeper_dir, tmp_path, name="refused").wait(15)
     assert refused.returncode == 2 and "--reconnect" in refused.text("stderr")
-    again = register(sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=(*verified(pki), "--reconnect"), name="again")
+    again = register(
+        sipp_path, kamailio_tls, keeper_dir, tmp_path, users, options=(*verified(pki), "--reconnect"), name="again"
+    )
     assert again.ok, again.summary()
     answer_a_call(sipp_path, kamailio_tls, keeper_dir, tmp_path)
 
@@ -242,12 +297,28 @@ def test_builtin_scenario_over_tls(sipp_path, kamailio_tls, keeper_dir, tmp_path
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
     cmd = [
-        sipp_path, "-sn", "uac", "-t", "l1", "-i", "127.0.0.1", "-m", "1", "-nostdin", "-timeout", "10s",
-        "-trace_msg", "-message_file", str(log_dir / "uac.messages.log"), kamailio_tls.tls_address,
+        sipp_path,
+        "-sn",
+        "uac",
+        "-t",
+        "l1",
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        "-nostdin",
+        "-timeout",
+        "10s",
+        "-trace_msg",
+        "-message_file",
+        str(log_dir / "uac.messages.log"),
+        kamailio_tls.tls_address,
     ]
     from fdkeeper.demo import fdkeeper_command
 
-    result = subprocess.run(fdkeeper_command(cmd, keeper_dir, *verified(pki)), capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        fdkeeper_command(cmd, keeper_dir, *verified(pki)), capture_output=True, text=True, timeout=30
+    )
     sent = (log_dir / "uac.messages.log").read_text()
     assert "SIP/2.0/TLS" in sent and "SIP/2.0/TCP" not in sent, result.stderr
     assert kept(keeper_dir)[0]["tls"]["messages_to_sut"] >= 1

@@ -24,6 +24,7 @@ USER = "alice"
 
 # ---------------------------------------------------------------- the identity itself (pure)
 
+
 def test_identity_is_the_bound_address_as_the_sut_sees_it():
     sut = ("127.0.0.1", 5060)
     assert identity_of(None, sut) is None  # no -i/-p: sipp binds an ephemeral port
@@ -35,8 +36,15 @@ def test_identity_is_the_bound_address_as_the_sut_sees_it():
 
 def test_a_server_run_naming_no_sut_finds_its_identity_by_each_connections_sut():
     def kept(identity, aor=None):
-        return KeptConnection(id=1, sock=None, transport="tcp", remote=("127.0.0.1", 5060),
-                              local=("127.0.0.1", 40000), aor=aor, identity=identity)
+        return KeptConnection(
+            id=1,
+            sock=None,
+            transport="tcp",
+            remote=("127.0.0.1", 5060),
+            local=("127.0.0.1", 40000),
+            aor=aor,
+            identity=identity,
+        )
 
     assert of_identity(kept(("127.0.0.1", 5063)), ("0.0.0.0", 5063))  # -p 5063, no remote host
     assert not of_identity(kept(("127.0.0.1", 5069)), ("0.0.0.0", 5063))
@@ -45,6 +53,7 @@ def test_a_server_run_naming_no_sut_finds_its_identity_by_each_connections_sut()
 
 
 # ---------------------------------------------------------------- end to end
+
 
 class Sut:
     """One SuT over one transport, and how `fdkeeper sipp` reaches it."""
@@ -57,8 +66,15 @@ class Sut:
 
     def start(self, keeper_dir, tmp_path, name, scenario, **sipp_options) -> testbed.SippProcess:
         return start_through_fdkeeper(
-            testbed.find_sipp(), scenario, self.address, directory=keeper_dir, log_dir=tmp_path / "logs",
-            name=name, options=self.options, transport=self.transport, **sipp_options,
+            testbed.find_sipp(),
+            scenario,
+            self.address,
+            directory=keeper_dir,
+            log_dir=tmp_path / "logs",
+            name=name,
+            options=self.options,
+            transport=self.transport,
+            **sipp_options,
         )
 
     def start_caller(self, keeper_dir, tmp_path, name, port) -> testbed.SippProcess:
@@ -75,7 +91,9 @@ def sut(request) -> Sut:
         mode = ("--mode", "ptrace") if request.param == "tcp-ptrace" else ()
         return Sut(request.getfixturevalue("kamailio"), "t1", mode)
     pki = request.getfixturevalue("test_pki")
-    return Sut(request.getfixturevalue("kamailio_tls"), "l1", ("--tls-ca", str(pki.ca_cert), "--tls-sni", pki.server_name))
+    return Sut(
+        request.getfixturevalue("kamailio_tls"), "l1", ("--tls-ca", str(pki.ca_cert), "--tls-sni", pki.server_name)
+    )
 
 
 @pytest.fixture
@@ -92,8 +110,18 @@ def ok(process: testbed.SippProcess, timeout: float = 40) -> testbed.SippResult:
 
 def test_caller_and_callee_through_fdkeeper_each_on_its_own_connection(sut, keeper_dir, tmp_path, users):
     callee, caller = testbed.free_port(), testbed.free_port()
-    ok(sut.start(keeper_dir, tmp_path, "register", "uac-register.xml", local_port=callee, calls=1, timeout=15,
-                 extra=["-inf", str(users)]))
+    ok(
+        sut.start(
+            keeper_dir,
+            tmp_path,
+            "register",
+            "uac-register.xml",
+            local_port=callee,
+            calls=1,
+            timeout=15,
+            extra=["-inf", str(users)],
+        )
+    )
 
     # A call in the gap: the caller's INVITE waits in the callee's kept connection for the answer run.
     in_the_gap = sut.start_caller(keeper_dir, tmp_path, "call-in-gap", caller)
@@ -122,8 +150,9 @@ def test_answer_run_of_another_identity_keeps_working_and_says_so(kamailio, keep
     sut = Sut(kamailio, "t1", ())
     ok(sut.start(keeper_dir, tmp_path, "register", "uac-register.xml", calls=1, timeout=15, extra=["-inf", str(users)]))
     [kept] = KeeperClient(keeper_dir).status()["connections"]
-    answer = sut.start(keeper_dir, tmp_path, "answer", "uas-answer.xml", local_port=testbed.free_port(), calls=1,
-                       timeout=30)
+    answer = sut.start(
+        keeper_dir, tmp_path, "answer", "uas-answer.xml", local_port=testbed.free_port(), calls=1, timeout=30
+    )
     called = testbed.place_calls(kamailio, USER, 1, sipp=testbed.find_sipp(), timeout=15, log_dir=tmp_path / "logs")
     answered = ok(answer)
     assert called.ok, called.summary()

@@ -60,16 +60,35 @@ def test_sdist_carries_the_c_sources_and_builds_them(tmp_path):
     for name in tracked:  # a copy, so that building leaves no egg-info in the checkout
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name, follow_symlinks=False)
-    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")], cwd=copy,
-                   capture_output=True, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
+        cwd=copy,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
     (sdist,) = (tmp_path / "dist").glob("fdkeeper-*.tar.gz")
     with tarfile.open(sdist) as archive:
         packed = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     missing = [name for name in tracked if name.startswith(("helpers/", "scenarios/")) and name not in packed]
     assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
-    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check",
-                            "--wheel-dir", str(tmp_path / "wheels"), str(sdist)], capture_output=True, text=True,
-                           timeout=300)
+    wheel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(sdist),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wheel.returncode == 0, wheel.stdout + wheel.stderr
     (built,) = (tmp_path / "wheels").glob("fdkeeper-*.whl")
     with zipfile.ZipFile(built) as archive:
@@ -80,6 +99,7 @@ def test_sdist_carries_the_c_sources_and_builds_them(tmp_path):
 # --------------------------------------------------------------------------
 # The README's two commands, from a clean copy, as on a stock machine
 # --------------------------------------------------------------------------
+
 
 def readme_commands() -> list[str]:
     """The shell blocks of the README's Quick start: the set-up and the test command."""
@@ -105,7 +125,9 @@ def copy_of_what_would_be_committed(destination: Path) -> None:
     clone of the next commit holds, without waiting for that commit."""
     listed = subprocess.run(
         ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for name in filter(None, listed.split("\0")):
         source = REPO / name
@@ -120,8 +142,9 @@ def run_stock(command: str, cwd: Path, bin_dir: Path, timeout: float) -> subproc
     """`command` under `env -i HOME=... PATH=<stock>`, linking `fdkeeper` into bin_dir so the
     real machine's /usr/local/bin and ~/.local/bin are left alone."""
     environment = {"HOME": os.environ.get("HOME", "/root"), "PATH": STOCK_PATH, "FDKEEPER_BIN_DIR": str(bin_dir)}
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_readme_commands_are_the_install_and_the_suite():

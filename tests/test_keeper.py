@@ -52,7 +52,7 @@ def lease_in_child(client: KeeperClient, remote, payload: bytes = b"", hold: flo
             if payload:
                 os.write(fd, payload)
             time.sleep(hold)
-        except BaseException as error:  # noqa: BLE001 - report anything to the parent
+        except BaseException as error:
             os.write(2, f"child: {error}\n".encode())
             status = 1
         os._exit(status)
@@ -102,7 +102,7 @@ def test_sigkilled_holder_frees_the_lease_and_the_connection_stays(keeper, peer)
 def test_wait_waits_for_the_holder(keeper, peer):
     remote = remote_of(peer)
     pid = lease_in_child(keeper, remote, hold=0.5)
-    sut_side, _ = peer.accept()  # keep it: a dropped socket would close
+    _sut_side, _ = peer.accept()  # keep it: a dropped socket would close
     wait_until(lambda: connection(keeper)["state"] == "leased")
     started = time.monotonic()
     reply = keeper.prepare(role="client", transport="tcp", remote=remote, local="-", wait=10)
@@ -114,7 +114,7 @@ def test_wait_waits_for_the_holder(keeper, peer):
 def test_wait_times_out_with_the_holder_named(keeper, peer):
     remote = remote_of(peer)
     pid = lease_in_child(keeper, remote, hold=10)
-    sut_side, _ = peer.accept()  # keep it: a dropped socket would close
+    _sut_side, _ = peer.accept()  # keep it: a dropped socket would close
     wait_until(lambda: connection(keeper)["state"] == "leased")
     with pytest.raises(FdkeeperError, match=rf"leased by pid {pid} .*waited 0.5 s"):
         keeper.prepare(role="client", transport="tcp", remote=remote, local="-", wait=0.5)
@@ -142,7 +142,7 @@ def test_sut_closing_is_seen_and_reconnect_replaces(keeper, peer):
     sut_side.close()
     wait_until(lambda: connection(keeper)["state"] == "closed")
     assert "FIN" in connection(keeper)["closed_reason"]
-    with pytest.raises(FdkeeperError, match="was closed at .*--reconnect") as closed:
+    with pytest.raises(FdkeeperError, match=r"was closed at .*--reconnect") as closed:
         keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
     assert closed.value.code == "closed"
     with pytest.raises(FdkeeperError, match="was closed"):
@@ -305,7 +305,7 @@ def test_a_second_keeper_for_the_same_directory_refuses(keeper):
 def test_unwritable_directory_is_one_clear_line(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("")
-    with pytest.raises(FdkeeperError, match="cannot create the state directory .* pass --dir"):
+    with pytest.raises(FdkeeperError, match=r"cannot create the state directory .* pass --dir"):
         ensure_keeper(blocked / "state")
 
 
@@ -420,10 +420,12 @@ def test_a_peer_of_another_uid_is_refused(open_keeper):
 
 def test_a_lease_for_another_pid_needs_to_be_its_tracer(keeper, peer):
     keeper.prepare(role="client", transport="tcp", remote=remote_of(peer), local="-")
-    sut_side, _ = peer.accept()
+    _sut_side, _ = peer.accept()
     child = subprocess.Popen(["sleep", "30"])
     try:
-        with pytest.raises(FdkeeperError, match=rf"may not lease for pid {child.pid}: only the process tracing it may") as denied:
+        with pytest.raises(
+            FdkeeperError, match=rf"may not lease for pid {child.pid}: only the process tracing it may"
+        ) as denied:
             keeper.lease(role="client", transport="tcp", remote=remote_of(peer), local="-", for_pid=child.pid)
         assert denied.value.code == "denied"
         assert connection(keeper)["state"] == "idle"
@@ -435,7 +437,7 @@ def test_a_lease_for_another_pid_needs_to_be_its_tracer(keeper, peer):
 def test_two_hundred_leases_keep_fds_and_memory_flat(keeper, peer):
     remote = remote_of(peer)
     keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
-    sut_side, _ = peer.accept()  # keep it: a dropped socket would close
+    _sut_side, _ = peer.accept()  # keep it: a dropped socket would close
     process = keeper_process(keeper)
 
     def run_leases(count: int) -> None:

@@ -15,16 +15,16 @@ import threading
 import time
 from pathlib import Path
 
+from test_keeper import peer, remote_of
+from test_keeper_datapath import FakeSut, lease, open_connection, pki
+from test_keeper_datapath import sip as datapath_sip
+
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper.diagnostics import ENV
 from fdkeeper.keeper.tlslink import BUFFER_LIMIT
 from fdkeeper.loop import COMPACT_AT_CANCELLED
 from fdkeeper.sip.framing import MAX_MESSAGE, SipFramer
 from fdkeeper.testbed import wait_until
-
-from test_keeper import peer, remote_of  # noqa: F401 - the fixture: a TCP listener standing in for the SuT
-from test_keeper_datapath import FakeSut, lease, open_connection, pki  # noqa: F401 - pki: fixture
-from test_keeper_datapath import sip as datapath_sip
 
 CYCLES = COMPACT_AT_CANCELLED + 50
 
@@ -36,7 +36,7 @@ def lease_with_reconnect(client: KeeperClient, remote) -> int:
         status = 0
         try:
             client.lease(role="client", transport="tcp", remote=remote, local="-", aor="sip:u@t", reconnect=True)
-        except BaseException as error:  # noqa: BLE001 - report anything to the parent
+        except BaseException as error:
             os.write(2, f"child: {error}\n".encode())
             status = 1
         os._exit(status)
@@ -50,7 +50,7 @@ def last_sizes(log: Path, after: int) -> dict[str, int] | None:
     return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", lines[-1])}
 
 
-def test_reconnect_cycles_leave_connections_and_timers_bounded(tmp_path, monkeypatch, peer):  # noqa: F811
+def test_reconnect_cycles_leave_connections_and_timers_bounded(tmp_path, monkeypatch, peer):
     monkeypatch.setenv(ENV, "0.2")
     # A long connect timeout: each open's cancelled timeout timer would stay in the heap for it.
     client = ensure_keeper(tmp_path / "state", connect_timeout=60)
@@ -93,7 +93,7 @@ def hold_in_child(client: KeeperClient, remote) -> int:
     return pid
 
 
-def test_requests_sent_before_a_fin_outlive_a_run_killed_while_holding_it(tmp_path, peer):  # noqa: F811
+def test_requests_sent_before_a_fin_outlive_a_run_killed_while_holding_it(tmp_path, peer):
     client = ensure_keeper(tmp_path / "state")
     remote = remote_of(peer)
     try:
@@ -104,8 +104,10 @@ def test_requests_sent_before_a_fin_outlive_a_run_killed_while_holding_it(tmp_pa
         requests = sip("one") + sip("two")
         sut_side.sendall(requests)
         sut_side.shutdown(socket.SHUT_WR)  # the SuT ends it while the run holds it
-        wait_until(lambda: only_connection(client)["ending"] or only_connection(client)["state"] == "closed",
-                   what="the FIN seen")
+        wait_until(
+            lambda: only_connection(client)["ending"] or only_connection(client)["state"] == "closed",
+            what="the FIN seen",
+        )
         os.kill(holder, signal.SIGKILL)  # a sipp killed before it read them
         os.waitpid(holder, 0)
         [(_, fd)] = client.lease(role="client", transport="tcp", remote=remote, local="-")
@@ -151,7 +153,7 @@ def flood_in_child(client: KeeperClient, sut: FakeSut, message: bytes) -> int:
         status = 0
         try:
             os.write(writer, str(flood_until_blocked(lease(client, sut, "tls"), message)).encode())
-        except BaseException as error:  # noqa: BLE001 - report anything to the parent
+        except BaseException as error:
             os.write(2, f"child: {error}\n".encode())
             status = 1
         os._exit(status)
@@ -161,7 +163,7 @@ def flood_in_child(client: KeeperClient, sut: FakeSut, message: bytes) -> int:
         return int(result.read())
 
 
-def test_runs_ending_against_a_sut_that_does_not_read_leave_the_keeper_bounded(tmp_path, monkeypatch, pki):  # noqa: F811
+def test_runs_ending_against_a_sut_that_does_not_read_leave_the_keeper_bounded(tmp_path, monkeypatch, pki):
     monkeypatch.setenv(ENV, "0.2")
     client = ensure_keeper(tmp_path / "state")
     log = tmp_path / "state" / "keeper.log"
@@ -181,7 +183,7 @@ def test_runs_ending_against_a_sut_that_does_not_read_leave_the_keeper_bounded(t
     assert sizes["tls_to_sut_bytes"] <= BUFFER_LIMIT + MAX_MESSAGE, sizes
 
 
-def test_an_ended_runs_unfinished_message_is_dropped_only_where_its_bytes_end(keeper, pki):  # noqa: F811
+def test_an_ended_runs_unfinished_message_is_dropped_only_where_its_bytes_end(keeper, pki):
     sut = FakeSut(pki)
     try:
         open_connection(keeper, sut, "tls", pki)
@@ -202,5 +204,7 @@ def test_an_ended_runs_unfinished_message_is_dropped_only_where_its_bytes_end(ke
         second.close()
     finally:
         sut.close()
-    assert [message for message in received if b"Call-ID: flood" in message] == [datapath_sip("flood", b"x" * 4000)] * whole
+    assert [message for message in received if b"Call-ID: flood" in message] == [
+        datapath_sip("flood", b"x" * 4000)
+    ] * whole
     assert received[-1] == datapath_sip("next") and framer.pending == 0

@@ -67,14 +67,15 @@ def watched_connection(reactor, listener) -> tuple[ConnectionHealth, KeptConnect
     health = ConnectionHealth(reactor, keepalive=None)
     sock = socket.create_connection(listener.getsockname()[:2])
     peer, _ = listener.accept()
-    connection = KeptConnection(id=1, sock=sock, transport="tcp", remote=peer.getsockname()[:2],
-                                local=sock.getsockname()[:2])
+    connection = KeptConnection(
+        id=1, sock=sock, transport="tcp", remote=peer.getsockname()[:2], local=sock.getsockname()[:2]
+    )
     health.watch(connection)
     return health, connection, peer
 
 
 def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reactor, listener):
-    health, connection, peer = watched_connection(reactor, listener)
+    _health, connection, peer = watched_connection(reactor, listener)
 
     def broken() -> bool:
         raise RuntimeError("a bug")

@@ -182,7 +182,7 @@ def test_a_port_that_never_speaks_tls_does_not_freeze_the_keeper(tmp_path, pki):
         try:
             open_connection(keeper, silent, "tls", pki)
             outcome.append(None)
-        except BaseException as error:  # noqa: BLE001 - the test reads it
+        except BaseException as error:
             outcome.append(error)
 
     try:
@@ -394,14 +394,33 @@ def test_sipp_reads_an_invite_queued_before_kamailio_closed_the_connection(sipp_
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
 
     def through_fdkeeper(name, scenario, **options):
-        return start_through_fdkeeper(sipp_path, scenario, kamailio.address, directory=keeper_dir, log_dir=logs,
-                                      name=name, transport="t1", **options)
+        return start_through_fdkeeper(
+            sipp_path,
+            scenario,
+            kamailio.address,
+            directory=keeper_dir,
+            log_dir=logs,
+            name=name,
+            transport="t1",
+            **options,
+        )
 
-    registered = through_fdkeeper("register", "uac-register.xml", calls=1, timeout=15, extra=["-inf", str(users)]).wait(30)
+    registered = through_fdkeeper("register", "uac-register.xml", calls=1, timeout=15, extra=["-inf", str(users)]).wait(
+        30
+    )
     assert registered.ok, registered.summary()
     keeper = KeeperClient(keeper_dir)
-    caller = testbed.start_sipp(sipp_path, "uac-call.xml", kamailio.address, log_dir=logs, name="caller",
-                                transport="u1", calls=1, timeout=10, extra=["-s", "alice", "-key", "domain", kamailio.domain])
+    caller = testbed.start_sipp(
+        sipp_path,
+        "uac-call.xml",
+        kamailio.address,
+        log_dir=logs,
+        name="caller",
+        transport="u1",
+        calls=1,
+        timeout=10,
+        extra=["-s", "alice", "-key", "domain", kamailio.domain],
+    )
     wait_until(lambda: keeper.status()["connections"][0]["queued_bytes"] > 0, timeout=10, what="the INVITE queued")
     kamailio.close_connections()
     wait_until(lambda: keeper.status()["connections"][0]["ending"], what="the FIN seen")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_keeper import peer
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.control import MAX_CLIENTS
 from fdkeeper.statedir import DIED_NAME, RECORD_NAME
 from fdkeeper.testbed import wait_until
-from test_keeper import peer  # noqa: F401 - the fixture: a TCP listener standing in for the SuT
 
 
 @pytest.fixture
@@ -226,7 +226,7 @@ def test_clients_that_never_read_their_replies_do_not_freeze_the_keeper(keeper, 
         try:
             keeper.lease(role="client", transport="tcp", remote=remote, local="-")
             os._exit(0)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             os._exit(1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert time.monotonic() - started < 1.0
@@ -270,7 +270,10 @@ def start_replacement(directory: Path) -> subprocess.Popen:
     log = open(directory / "replace.log", "ab")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
         [sys.executable, "-m", "fdkeeper", "keeper", "--dir", str(directory), "--replace"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+        start_new_session=True,
     )
 
 
@@ -287,8 +290,11 @@ def test_replace_hands_the_kept_connection_to_the_successor(keeper, peer):
     old_pid = answering_pid(keeper)
     successor = start_replacement(keeper.directory)
     wait_until(lambda: answering_pid(keeper) not in (None, old_pid), timeout=15, what="the successor")
-    wait_until(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
-               timeout=5, what="the old keeper's exit")
+    wait_until(
+        lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE,
+        timeout=5,
+        what="the old keeper's exit",
+    )
     [after] = keeper.status()["connections"]
     assert (after["id"], after["local"], after["state"]) == (before["id"], before["local"], "idle")
     sut_side.settimeout(0.2)
@@ -300,7 +306,7 @@ def test_replace_hands_the_kept_connection_to_the_successor(keeper, peer):
             [(_, fd)] = keeper.lease(role="client", transport="tcp", remote=remote, local="-")
             os.write(fd, b"still here")
             os._exit(0)
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             os._exit(1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     sut_side.settimeout(5)
@@ -330,8 +336,16 @@ def test_replace_keeps_the_registration_a_call_still_reaches_it(sipp_path, kamai
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
 
     def start(name, scenario, **options):
-        return start_through_fdkeeper(sipp_path, scenario, kamailio.address, directory=keeper_dir,
-                                      log_dir=tmp_path / "logs", name=name, transport="t1", **options)
+        return start_through_fdkeeper(
+            sipp_path,
+            scenario,
+            kamailio.address,
+            directory=keeper_dir,
+            log_dir=tmp_path / "logs",
+            name=name,
+            transport="t1",
+            **options,
+        )
 
     registered = start("register", "uac-register.xml", calls=1, timeout=15, extra=["-inf", str(users)]).wait(30)
     assert registered.ok, registered.summary()
@@ -352,8 +366,14 @@ def test_replace_keeps_the_registration_a_call_still_reaches_it(sipp_path, kamai
 def test_replace_names_the_tls_connections_it_cannot_move(kamailio_tls, test_pki, keeper_dir, peer):
     client = ensure_keeper(keeper_dir)
     client.prepare(role="client", transport="tcp", remote=peer.getsockname(), local="-")
-    client.prepare(role="client", transport="tls", remote=kamailio_tls.tls_address, local="-",
-                   tls_ca=str(test_pki.ca_cert), tls_sni=test_pki.server_name)
+    client.prepare(
+        role="client",
+        transport="tls",
+        remote=kamailio_tls.tls_address,
+        local="-",
+        tls_ca=str(test_pki.ca_cert),
+        tls_sni=test_pki.server_name,
+    )
     tls_label = next(c for c in client.status()["connections"] if c["transport"] == "tls")["local"]
     old_pid = answering_pid(client)
     start_replacement(keeper_dir)
@@ -439,7 +459,7 @@ def test_a_resumed_request_that_raises_is_answered_once_by_its_own_client(keeper
 def test_a_status_stream_that_faults_midway_ends_with_the_err_line(keeper_in_thread, monkeypatch):
     from fdkeeper.keeper import server
 
-    keeper, client = keeper_in_thread
+    _keeper, client = keeper_in_thread
 
     def batches_then_defect(_connections):
         yield [{"id": n, "padding": "x" * 100} for n in range(200)]  # several packets' worth
@@ -466,7 +486,7 @@ def test_a_defect_answering_one_waiting_prepare_costs_that_client_not_the_waiter
         return b"OK " + request["user"].encode()
 
     class Request(dict):
-        def get(self, key, default=None):  # noqa: D102 - the protocol Request's get
+        def get(self, key, default=None):
             return super().get(key, default)
 
     clients = [SimpleNamespace(waiting=True, sent=[]) for _ in range(3)]
@@ -475,7 +495,7 @@ def test_a_defect_answering_one_waiting_prepare_costs_that_client_not_the_waiter
     faulted = []
     reactor = Reactor()
     waiters = Waiters(answer, reactor, on_fault_of=lambda client: lambda _error: faulted.append(client))
-    for c, user in zip(clients, ["first", "broken", "last"]):
+    for c, user in zip(clients, ["first", "broken", "last"], strict=False):
         waiters.add(c, Request(user=user, wait=5.0))
     waiters.retry()
     for _ in range(3):

@@ -107,12 +107,27 @@ DRAIN_WAIT = 20.0  # the end: how long every required message has to reach the S
 
 def suite_settings() -> settings:
     if LONG_EXAMPLES:
-        return settings(max_examples=LONG_EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None,
-                        suppress_health_check=list(HealthCheck), print_blob=True, report_multiple_bugs=True)
+        return settings(
+            max_examples=LONG_EXAMPLES,
+            stateful_step_count=STEPS,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            print_blob=True,
+            report_multiple_bugs=True,
+        )
     # A fixed seed, few sequences, no shrinking (a failure's sequence is printed as it was found):
     # a few seconds per transport.
-    return settings(max_examples=SUITE_EXAMPLES, stateful_step_count=STEPS, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=list(HealthCheck), phases=[Phase.generate], report_multiple_bugs=False)
+    return settings(
+        max_examples=SUITE_EXAMPLES,
+        stateful_step_count=STEPS,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
+        report_multiple_bugs=False,
+    )
 
 
 # --------------------------------------------------------------------------- the model
@@ -141,7 +156,7 @@ class Link:
 
     @property
     def undelivered(self) -> list[str]:
-        return self.requests[self.delivered:]
+        return self.requests[self.delivered :]
 
     @property
     def sut_ended(self) -> str:
@@ -182,16 +197,23 @@ class KeeperMachine(RuleBasedStateMachine):
     def start(self, narrow: bool) -> None:
         """A keeper of our own and a SuT; ``narrow``: the SuT's small window (see ScriptedSut)."""
         tls = self.transport == "tls"
-        self.sut = ScriptedSut(self.pki.server_cert, self.pki.server_key, narrow=narrow) if tls else \
-            ScriptedSut(narrow=narrow)
+        self.sut = (
+            ScriptedSut(self.pki.server_cert, self.pki.server_key, narrow=narrow) if tls else ScriptedSut(narrow=narrow)
+        )
         self.keeper = ensure_keeper(self.base / "state")
         self.keeper_pid = int(self.keeper.alive().fields["pid"])
         self.open_link(reconnect=False)
 
     def open_link(self, reconnect: bool) -> None:
         extra = {"tls_ca": str(self.pki.ca_cert)} if self.transport == "tls" else {}
-        self.keeper.prepare(role="client", transport=self.transport, remote=self.sut.address, local="-",
-                            reconnect=reconnect or None, **extra)
+        self.keeper.prepare(
+            role="client",
+            transport=self.transport,
+            remote=self.sut.address,
+            local="-",
+            reconnect=reconnect or None,
+            **extra,
+        )
         known = {id(link.sut) for link in self.links}
         self.links.append(Link(self.sut.newest(lambda connection: id(connection) not in known)))
 
@@ -224,8 +246,10 @@ class KeeperMachine(RuleBasedStateMachine):
             self.open_link(reconnect=True)
         handle = ScriptedRun(self.base / "state", self.transport, self.sut.address)
         if handle.refused is None:
-            self.check(handle.local == self.link.sut.peer,
-                       f"the lease handed {handle.local}, the kept connection is {self.link.sut.peer}")
+            self.check(
+                handle.local == self.link.sut.peer,
+                f"the lease handed {handle.local}, the kept connection is {self.link.sut.peer}",
+            )
             self.run = RunModel(handle, self.link)
             self.runs.append(self.run)
             return True
@@ -233,8 +257,10 @@ class KeeperMachine(RuleBasedStateMachine):
         self.runs.append(RunModel(handle, None))
         self.check(code == "closed", f"a lease was refused: {text}")
         self.check(bool(self.link.sut_ended), f"a lease was refused as closed, the SuT never ended it: {text}")
-        self.check(not self.link.undelivered,
-                   f"a lease was refused as closed with requests {self.link.undelivered} never read: {text}")
+        self.check(
+            not self.link.undelivered,
+            f"a lease was refused as closed with requests {self.link.undelivered} never read: {text}",
+        )
         self.link.refused_closed = True
         return False
 
@@ -255,23 +281,28 @@ class KeeperMachine(RuleBasedStateMachine):
         stall = 0.3 if self.transport == "tls" else 10.0
         half_closed_before = link.sut_ended in ("fin", "close_notify")
         outcome = run.handle.write(call_ids, body_size, stall)
-        for index, call_id in enumerate(call_ids[:outcome.whole]):
+        for _index, call_id in enumerate(call_ids[: outcome.whole]):
             link.written.append(Written(call_id, body_size, run, whole=True))
         if outcome.partial:
             link.written.append(Written(call_ids[outcome.whole], body_size, run, whole=False))
             run.unfinished = True
             self.check(self.transport == "tls", "a TCP write stalled part-way: the test's budget is too large")
-        self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[:outcome.whole])
+        self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[: outcome.whole])
         if outcome.error:
             run.told = outcome.error
             if outcome.error == "ECONNRESET":  # the reset is reported once: to this send(), not to a later read
                 link.end_reported = True
             if half_closed_before:  # its side still takes what is sent: nothing to tell
-                self.known(HalfCloseReplyRefused(
-                    f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
-                    f"{outcome.error} ({outcome.whole} of {count} messages went out)"))
-            self.check(link.sut_ended == "rst",
-                       f"the run's send() failed with {outcome.error}, the SuT never ended the connection")
+                self.known(
+                    HalfCloseReplyRefused(
+                        f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
+                        f"{outcome.error} ({outcome.whole} of {count} messages went out)"
+                    )
+                )
+            self.check(
+                link.sut_ended == "rst",
+                f"the run's send() failed with {outcome.error}, the SuT never ended the connection",
+            )
 
     @rule()
     def run_reads(self) -> None:
@@ -283,7 +314,9 @@ class KeeperMachine(RuleBasedStateMachine):
         outcome = self.run.handle.read(expected, 2.0 if expected else 0.1)
         self.check_read(link, outcome)
 
-    @precondition(lambda self: self.transport == "tls")  # TCP is the kernel's stream: a next run starts mid-message, as without fdkeeper
+    @precondition(
+        lambda self: self.transport == "tls"
+    )  # TCP is the kernel's stream: a next run starts mid-message, as without fdkeeper
     @rule(size=st.sampled_from([1, 100, 1000]))
     def run_reads_part(self, size: int) -> None:
         """The run reads ``size`` bytes at most, maybe stopping inside a request; the next run
@@ -302,7 +335,7 @@ class KeeperMachine(RuleBasedStateMachine):
     def check_read(self, link: Link, outcome: ReadOutcome) -> None:
         corrupt = [call_id for call_id in outcome.call_ids if call_id.startswith("corrupt:")]
         self.check(not corrupt, f"requests reached the run altered: {corrupt}")
-        got, expected = outcome.call_ids, link.undelivered[:len(outcome.call_ids)]
+        got, expected = outcome.call_ids, link.undelivered[: len(outcome.call_ids)]
         self.check(got == expected, f"the run read {got}, the SuT's requests not read yet were {link.undelivered}")
         link.delivered += len(got)
         self.check(not outcome.partial, f"the run was left {outcome.partial} bytes into a request")
@@ -312,8 +345,9 @@ class KeeperMachine(RuleBasedStateMachine):
         if link.end_reported:  # a reset is reported once (to a read or a send); reads after it see end of file
             ending = "eof"
         self.check(ending is not None, f"the run read the connection's end ({outcome.end}); the SuT never ended it")
-        self.check(not link.undelivered,
-                   f"the run read the end ({outcome.end}) before the SuT's requests {link.undelivered}")
+        self.check(
+            not link.undelivered, f"the run read the end ({outcome.end}) before the SuT's requests {link.undelivered}"
+        )
         if (self.transport, link.sut_ended, outcome.end, link.end_reported) == ("tcp", "rst", "eof", False):
             self.known(ResetReadAsEof("after the SuT's RST the run read end of file, not ECONNRESET"))
         self.check(outcome.end == ending, f"after the SuT's {link.sut_ended} the run read {outcome.end}, not {ending}")
@@ -376,12 +410,16 @@ class KeeperMachine(RuleBasedStateMachine):
             return
         self.check(not self.sut.failure, self.sut.failure)
         reply = self.keeper.alive()
-        self.check(reply is not None and int(reply.fields["pid"]) == self.keeper_pid,
-                   f"the keeper (pid {self.keeper_pid}) no longer answers")
+        self.check(
+            reply is not None and int(reply.fields["pid"]) == self.keeper_pid,
+            f"the keeper (pid {self.keeper_pid}) no longer answers",
+        )
         for link in self.links:
             self.check(not link.sut.garbage, f"the SuT received {link.sut.garbage}")
-            self.check(not link.sut.keeper_ended or bool(link.sut_ended),
-                       f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did")
+            self.check(
+                not link.sut.keeper_ended or bool(link.sut_ended),
+                f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did",
+            )
             self.check_arrivals(link, final=False)
 
     def check_arrivals(self, link: Link, final: bool) -> None:
@@ -403,7 +441,9 @@ class KeeperMachine(RuleBasedStateMachine):
             return
         arrived = {call_id_of(message) for message in received}
         lost = [w.call_id for w in link.written if w.whole and not w.run.told and w.call_id not in arrived]
-        self.check(not lost, f"{len(lost)} whole messages never reached the SuT: {lost[:8]}{'...' if len(lost) > 8 else ''}")
+        self.check(
+            not lost, f"{len(lost)} whole messages never reached the SuT: {lost[:8]}{'...' if len(lost) > 8 else ''}"
+        )
 
     # ---------------------------------------------------------------- the end
 
@@ -429,15 +469,20 @@ class KeeperMachine(RuleBasedStateMachine):
             while time.monotonic() < deadline and not self.all_arrived(link):
                 time.sleep(0.05)
             self.check_arrivals(link, final=True)
-            self.check(not link.sut.keeper_ended or bool(link.sut_ended),
-                       f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did")
+            self.check(
+                not link.sut.keeper_ended or bool(link.sut_ended),
+                f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did",
+            )
         status = self.keeper.status()
         if os.environ.get("FDKEEPER_TLS_PUMP") == "0":  # the variant ran what it names
             relays = {(connection.get("tls") or {}).get("relay") for connection in status["connections"]}
             assert "pump" not in relays, f"FDKEEPER_TLS_PUMP=0, yet the keeper pumped: {relays}"
         status = status["keeper"]
         self.check(status.get("pid", self.keeper_pid) == self.keeper_pid, "the keeper was replaced")
-        self.check(not status.get("internal_errors"), f"the keeper's loop caught {status.get('internal_errors')} internal errors")
+        self.check(
+            not status.get("internal_errors"),
+            f"the keeper's loop caught {status.get('internal_errors')} internal errors",
+        )
 
     def drain_requests(self) -> None:
         """Runs read whatever the SuT sent that no run has read yet: all of it reaches one."""
@@ -447,8 +492,10 @@ class KeeperMachine(RuleBasedStateMachine):
                 break
             handle = ScriptedRun(self.base / "state", self.transport, self.sut.address)
             try:
-                self.check(handle.refused is None,
-                           f"requests {link.undelivered} never reached a run: the lease was refused: {handle.refused}")
+                self.check(
+                    handle.refused is None,
+                    f"requests {link.undelivered} never reached a run: the lease was refused: {handle.refused}",
+                )
                 self.check_read(link, handle.read(len(link.undelivered), 3.0))
             finally:
                 if handle.refused is None:
@@ -506,8 +553,9 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("transport, pump", VARIANTS)
-def test_the_keeper_keeps_its_promises(transport: str, pump: str, test_pki: TestPki,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_keeper_keeps_its_promises(
+    transport: str, pump: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)  # the keepers the machine starts inherit it
     machine = type(f"KeeperMachine_{transport}_{pump}", (KeeperMachine,), {"transport": transport, "pki": test_pki})
     run_state_machine_as_test(machine, settings=suite_settings())
@@ -574,25 +622,30 @@ SEAMS = [
 
 
 @pytest.mark.parametrize("transport, pump, how", SEAMS)
-def test_a_reply_after_the_suts_half_close_reaches_it(transport: str, pump: str, how: str, test_pki: TestPki,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_reply_after_the_suts_half_close_reaches_it(
+    transport: str, pump: str, how: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
     machine = type("KeeperMachineSeam", (KeeperMachine,), {"transport": transport, "pki": test_pki})
-    steps = [(name, {**arguments, "how": how} if "how" in arguments else arguments) for name, arguments in HALF_CLOSE_REPLY]
+    steps = [
+        (name, {**arguments, "how": how} if "how" in arguments else arguments) for name, arguments in HALF_CLOSE_REPLY
+    ]
     replay(machine, narrow=False, steps=steps)
 
 
 @pytest.mark.parametrize("transport, pump", VARIANTS)
-def test_back_to_back_runs_over_a_slow_sut_lose_nothing(transport: str, pump: str, test_pki: TestPki,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_back_to_back_runs_over_a_slow_sut_lose_nothing(
+    transport: str, pump: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
     machine = type("KeeperMachineSeam", (KeeperMachine,), {"transport": transport, "pki": test_pki})
     replay(machine, narrow=True, steps=SLOW_SUT_BACK_TO_BACK)
 
 
 @pytest.mark.parametrize("transport, pump", VARIANTS)
-def test_a_run_holding_the_connection_reads_the_suts_reset(transport: str, pump: str, test_pki: TestPki,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_holding_the_connection_reads_the_suts_reset(
+    transport: str, pump: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
     machine = type("KeeperMachineSeam", (KeeperMachine,), {"transport": transport, "pki": test_pki})
     replay(machine, narrow=False, steps=RESET_UNDER_A_RUN)

@@ -15,10 +15,7 @@ import subprocess
 import sys
 
 import pytest
-
-from fdkeeper.client import ensure_keeper
-from fdkeeper.testbed import wait_until
-from test_keeper_datapath import (  # noqa: F401 - pki is a fixture
+from test_keeper_datapath import (
     FakeSut,
     lease,
     open_connection,
@@ -26,6 +23,9 @@ from test_keeper_datapath import (  # noqa: F401 - pki is a fixture
     read_to_the_end,
     send_close_notify,
 )
+
+from fdkeeper.client import ensure_keeper
+from fdkeeper.testbed import wait_until
 
 INVITE = (
     b"INVITE sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK-half\r\n"

@@ -18,12 +18,12 @@ import time
 
 import psutil
 import pytest
+from test_keeper_datapath import lease, open_connection, pki
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes.ptrace.injection import pidfd_getfd
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed import wait_until
-from test_keeper_datapath import lease, open_connection, pki  # noqa: F401 - pki is a fixture
 
 READ_RATE = 80_000  # bytes a second the SuT reads
 BODY = b"b" * 2000
@@ -145,8 +145,9 @@ def test_runs_back_to_back_over_a_slow_sut_lose_nothing(tmp_path, pki, relay):
             for call_id in second:
                 run_b.sendall(sip(call_id))
             expected = first + second
-            wait_until(lambda: len(sut.call_ids) >= len(expected) or sut.ended, timeout=20,
-                       what="every message at the SuT")
+            wait_until(
+                lambda: len(sut.call_ids) >= len(expected) or sut.ended, timeout=20, what="every message at the SuT"
+            )
             assert sut.call_ids == expected and not sut.ended
             [connection] = keeper.status()["connections"]
             assert connection["state"] == "leased" and connection["tls"]["dropped_bytes"] == 0

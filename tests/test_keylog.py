@@ -21,8 +21,19 @@ def test_tls_register_run_writes_tls13_secrets_to_a_0600_file(sipp, kamailio_sut
     keylog = tmp_path / "keys.log"
     users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
     result = sipp.run(
-        "-sf", "uac-register.xml", "-inf", users, "-t", "l1", "-i", "127.0.0.1", "-m", "1", kamailio_sut.tls_address,
-        options=(*kamailio_sut.tls_options, "--tls-keylog", str(keylog)), timeout=30,
+        "-sf",
+        "uac-register.xml",
+        "-inf",
+        users,
+        "-t",
+        "l1",
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        kamailio_sut.tls_address,
+        options=(*kamailio_sut.tls_options, "--tls-keylog", str(keylog)),
+        timeout=30,
     )
     assert result.ok, result.tail()
     lines = keylog.read_text().splitlines()
@@ -36,8 +47,19 @@ def test_a_keylog_link_is_one_line_from_fdkeeper_sipp_and_exit_2(sipp, kamailio_
     link.symlink_to(tmp_path / "elsewhere")
     users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
     result = sipp.run(
-        "-sf", "uac-register.xml", "-inf", users, "-t", "l1", "-i", "127.0.0.1", "-m", "1", kamailio_sut.tls_address,
-        options=(*kamailio_sut.tls_options, "--tls-keylog", str(link)), timeout=30,
+        "-sf",
+        "uac-register.xml",
+        "-inf",
+        users,
+        "-t",
+        "l1",
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        kamailio_sut.tls_address,
+        options=(*kamailio_sut.tls_options, "--tls-keylog", str(link)),
+        timeout=30,
     )
     said = [line for line in result.err.read_text().splitlines() if line.startswith("fdkeeper:")]
     assert result.exit == 2 and len(said) == 1 and "symbolic link" in said[0], result.tail()

@@ -16,16 +16,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_keeper import peer
 
 from fdkeeper import testbed
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.textsafe import escape_controls
-from test_keeper import peer  # noqa: F401 (fixture: a TCP peer for the SuT; keeper: conftest)
 
 FORGED = "sip:a\nFAKE 9 tcp 1.2.3.4:5 sip:root@x idle\r2026-01-01 00:00:00,000 fdkeeper[1] forged\u2028x@example.test"
-FORGED_WITHOUT_CONTROLS = "sip:a\u2028FAKE 9 tcp 1.2.3.4:5 sip:root@x idle\u20292026-01-01 00:00:00,000 fdkeeper[1] forged@example.test"
+FORGED_WITHOUT_CONTROLS = (
+    "sip:a\u2028FAKE 9 tcp 1.2.3.4:5 sip:root@x idle\u20292026-01-01 00:00:00,000 fdkeeper[1] forged@example.test"
+)
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} fdkeeper\[\d+\] ")
 
 

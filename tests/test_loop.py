@@ -96,7 +96,7 @@ def test_a_watched_descriptor_calls_its_handler_with_the_mask(reactor, pipes):
 
 
 def test_rewatch_changes_the_events(reactor, pipes):
-    (read_end, write_end), _ = pipes
+    (_read_end, write_end), _ = pipes
     masks: list[int] = []
     reactor.watch(write_end, 0, masks.append)
     reactor.run_once(max_wait=0)

@@ -51,8 +51,9 @@ def cannot_run(name: str) -> str | None:
 @pytest.fixture(scope="module")
 def sut(tmp_path_factory, test_pki):
     """One Kamailio for the whole matrix (each cell has users of its own), TCP and TLS."""
-    kamailio = testbed.Kamailio(tmp_path_factory.mktemp("matrix") / "kamailio",
-                                tls=testbed.KamailioTls.server(test_pki))
+    kamailio = testbed.Kamailio(
+        tmp_path_factory.mktemp("matrix") / "kamailio", tls=testbed.KamailioTls.server(test_pki)
+    )
     kamailio.start()
     yield kamailio
     kamailio.stop()
@@ -84,9 +85,19 @@ class Cell:
     def start(self, name: str, scenario: str, calls: int, timeout: int, extra=()) -> testbed.SippProcess:
         extra = [*extra, *(PER_CALL_OPTIONS if self.per_call else ())]
         return start_through_fdkeeper(
-            str(self.sipp), scenario, self.remote, directory=self.keeper_dir, log_dir=self.log_dir, name=name,
-            options=self.options, transport=self.transport, local_port=self.port, calls=calls, rate=100,
-            timeout=timeout, extra=extra,
+            str(self.sipp),
+            scenario,
+            self.remote,
+            directory=self.keeper_dir,
+            log_dir=self.log_dir,
+            name=name,
+            options=self.options,
+            transport=self.transport,
+            local_port=self.port,
+            calls=calls,
+            rate=100,
+            timeout=timeout,
+            extra=extra,
         )
 
     def connections(self) -> list[dict]:
@@ -114,17 +125,22 @@ def cell(request, transport, sut, test_pki, keeper_dir, tmp_path) -> Cell:
         pytest.skip(reason)
     tls = transport in TLS_TRANSPORTS
     return Cell(
-        sipp=SIPPS[request.param][0], mode=SIPPS[request.param][1], transport=transport,
+        sipp=SIPPS[request.param][0],
+        mode=SIPPS[request.param][1],
+        transport=transport,
         users=[f"{request.param}-{transport}-u{index}" for index in range(1, USERS[transport] + 1)],
         remote=sut.tls_address if tls else sut.address,
         options=("--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name) if tls else (),
-        keeper_dir=keeper_dir, log_dir=tmp_path / "logs", port=testbed.free_port(),
+        keeper_dir=keeper_dir,
+        log_dir=tmp_path / "logs",
+        port=testbed.free_port(),
     )
 
 
 def calls_from_the_sut(sut, cell: Cell, users: list[str], name: str) -> testbed.SippProcess:
-    return start_calls(sut, users, log_dir=cell.log_dir, name=name, sipp=str(DEBIAN_SIPP),
-                       local_port=testbed.free_port(), timeout=15)
+    return start_calls(
+        sut, users, log_dir=cell.log_dir, name=name, sipp=str(DEBIAN_SIPP), local_port=testbed.free_port(), timeout=15
+    )
 
 
 def answered(process: testbed.SippProcess, count: int, timeout: float = 30) -> testbed.SippResult:
@@ -135,20 +151,28 @@ def answered(process: testbed.SippProcess, count: int, timeout: float = 30) -> t
 
 def test_register_a_call_in_the_gap_answer_a_call_during(cell, sut, tmp_path):
     users_csv = testbed.write_users_csv(tmp_path / "users.csv", cell.users, sut.domain)
-    answered(cell.start("register", "uac-register.xml", calls=len(cell.users), timeout=10, extra=["-inf", str(users_csv)]),
-             len(cell.users))
+    answered(
+        cell.start("register", "uac-register.xml", calls=len(cell.users), timeout=10, extra=["-inf", str(users_csv)]),
+        len(cell.users),
+    )
     assert len(cell.connections()) == len(cell.users)
 
     # The gap: no run holds the connection; the INVITE waits in it for the answer run.
     gap = calls_from_the_sut(sut, cell, cell.users[:1], "call-in-gap")
-    wait_until(lambda: cell.connection_of(cell.users[0])["queued_bytes"] > 0, timeout=10,
-               what="the INVITE in the gap to reach the kept connection")
+    wait_until(
+        lambda: cell.connection_of(cell.users[0])["queued_bytes"] > 0,
+        timeout=10,
+        what="the INVITE in the gap to reach the kept connection",
+    )
 
     # One call per user per run: -t tn/ln calls the other users during the run, -t t1/l1 the one user again.
     during_users = cell.users[1:] if cell.per_call else cell.users
     answer = cell.start("answer", "uas-answer.xml", calls=1 + len(during_users), timeout=20)
-    wait_until(lambda: all(c["state"] == "leased" for c in cell.connections()), timeout=10,
-               what="the answer run to hold the kept connections")
+    wait_until(
+        lambda: all(c["state"] == "leased" for c in cell.connections()),
+        timeout=10,
+        what="the answer run to hold the kept connections",
+    )
     during = calls_from_the_sut(sut, cell, during_users, "calls-during")
 
     answered(gap, 1)

@@ -40,7 +40,7 @@ class FakeMode(Mode):
     def unsupported_reason(self, program: Path) -> str | None:
         return self.reason
 
-    def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
+    def prepare(self, request: HandoffRequest, options: ModeOptions | None = None) -> Handoff:
         raise AssertionError("not called")
 
 
@@ -101,15 +101,20 @@ def test_a_named_mode_that_cannot_do_the_run_names_the_modes_that_can(fake_modes
         choose_mode("also", Path("/bin/true"), TN_CLIENT)
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["exec", "--mode", "udp", "--", "true"], "--mode udp cannot run a program other than sipp"),
-    (["sipp", "--mode", "udp", "-t", "tn", "-sn", "uac", "127.0.0.1:5060"],
-     "--mode udp cannot hand over per-call sockets (-t tn) in the client role; use --mode preload"),
-    (["sipp", "--mode", "preload", "--transfer", "pidfd", "-t", "t1", "127.0.0.1:5060"], "by pidfd"),
-    (["exec", "--mode", "nosuch", "--", "true"], "Invalid value for '--mode'"),
-    (["exec", "--sut", "localhost", "--", "true"], "--sut localhost: expected IP:PORT"),
-    (["sipp", "-t", "t1", "-p", "none", "127.0.0.1"], "-p 'none' is not a port number"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["exec", "--mode", "udp", "--", "true"], "--mode udp cannot run a program other than sipp"),
+        (
+            ["sipp", "--mode", "udp", "-t", "tn", "-sn", "uac", "127.0.0.1:5060"],
+            "--mode udp cannot hand over per-call sockets (-t tn) in the client role; use --mode preload",
+        ),
+        (["sipp", "--mode", "preload", "--transfer", "pidfd", "-t", "t1", "127.0.0.1:5060"], "by pidfd"),
+        (["exec", "--mode", "nosuch", "--", "true"], "Invalid value for '--mode'"),
+        (["exec", "--sut", "localhost", "--", "true"], "--sut localhost: expected IP:PORT"),
+        (["sipp", "-t", "t1", "-p", "none", "127.0.0.1"], "-p 'none' is not a port number"),
+    ],
+)
 def test_the_command_refuses_in_one_line(argv, says, tmp_path):
     result = CliRunner().invoke(main, argv, env={"FDKEEPER_DIR": str(tmp_path / "state")})
     assert result.exit_code == 2, result.output
@@ -144,17 +149,58 @@ def static_agent(tmp_path_factory) -> str:
 def command_for(run: str, mode: str, sut, agent: str, sipp: str, directory: Path, tmp_path: Path) -> list[str]:
     fdkeeper = [sys.executable, "-m", "fdkeeper"]
     if run == "exec":
-        return [*fdkeeper, "exec", "--dir", str(directory), "--mode", mode, "--sut", sut.address, "--",
-                agent, "register", sut.host, str(sut.port), USER, sut.domain]
+        return [
+            *fdkeeper,
+            "exec",
+            "--dir",
+            str(directory),
+            "--mode",
+            mode,
+            "--sut",
+            sut.address,
+            "--",
+            agent,
+            "register",
+            sut.host,
+            str(sut.port),
+            USER,
+            sut.domain,
+        ]
     users = testbed.write_users_csv(tmp_path / "users.csv", [USER], sut.domain)
-    return [*fdkeeper, "sipp", "--dir", str(directory), "--sipp", sipp, "--mode", mode,
-            "-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"), "-inf", str(users), "-t", run.split()[-1],
-            "-i", "127.0.0.1", "-m", "1", "-max_socket", "100", "-nostdin", "-timeout", "15s", "-timeout_error", sut.address]
+    return [
+        *fdkeeper,
+        "sipp",
+        "--dir",
+        str(directory),
+        "--sipp",
+        sipp,
+        "--mode",
+        mode,
+        "-sf",
+        str(testbed.SCENARIOS_DIR / "uac-register.xml"),
+        "-inf",
+        str(users),
+        "-t",
+        run.split()[-1],
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        "-max_socket",
+        "100",
+        "-nostdin",
+        "-timeout",
+        "15s",
+        "-timeout_error",
+        sut.address,
+    ]
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
 @pytest.mark.parametrize("run", RUNS)
-def test_every_run_under_every_mode_runs_or_is_refused_in_one_line(run, mode, sut, static_agent, sipp_path, keeper_dir, tmp_path):
+def test_every_run_under_every_mode_runs_or_is_refused_in_one_line(
+    run, mode, sut, static_agent, sipp_path, keeper_dir, tmp_path
+):
     command = command_for(run, mode, sut, static_agent, sipp_path, keeper_dir, tmp_path)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)

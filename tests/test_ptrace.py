@@ -47,8 +47,15 @@ def sipp_run(sipp_path, kamailio, keeper_dir, tmp_path, name, scenario, transfer
     os.environ["FDKEEPER_TRANSFER"] = transfer
     try:
         return start_through_fdkeeper(
-            sipp_path, scenario, kamailio.address, directory=keeper_dir, log_dir=tmp_path / "logs", name=name,
-            options=env_options, transport="t1", **sipp_options,
+            sipp_path,
+            scenario,
+            kamailio.address,
+            directory=keeper_dir,
+            log_dir=tmp_path / "logs",
+            name=name,
+            options=env_options,
+            transport="t1",
+            **sipp_options,
         )
     finally:
         del os.environ["FDKEEPER_TRANSFER"]
@@ -61,16 +68,32 @@ def call(kamailio, sipp_path, tmp_path, count=1):
 @pytest.mark.parametrize("transfer", ["scm", "pidfd"])
 def test_sipp_register_then_answer_in_ptrace_mode(sipp_path, kamailio, keeper_dir, tmp_path, users, transfer):
     register = sipp_run(
-        sipp_path, kamailio, keeper_dir, tmp_path, "register", "uac-register.xml", transfer,
-        calls=1, timeout=15, extra=["-inf", str(users)],
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        "register",
+        "uac-register.xml",
+        transfer,
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
     ).wait(30)
     assert register.ok, register.summary()
     [connection] = kept(keeper_dir)
     assert connection["state"] == "idle"
 
     answer = sipp_run(
-        sipp_path, kamailio, keeper_dir, tmp_path, "answer", "uas-answer.xml", transfer,
-        calls=2, timeout=30, local_port=testbed.free_port(),
+        sipp_path,
+        kamailio,
+        keeper_dir,
+        tmp_path,
+        "answer",
+        "uas-answer.xml",
+        transfer,
+        calls=2,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
     caller = call(kamailio, sipp_path, tmp_path, count=2)
     answered = answer.wait(30)
@@ -83,13 +106,16 @@ def test_sipp_register_then_answer_in_ptrace_mode(sipp_path, kamailio, keeper_di
 
 # ------------------------------------------------------------------ static agents through exec
 
+
 @pytest.fixture(scope="session")
 def sipagent(tmp_path_factory) -> str:
     """tests/ptrace/sipagent.c linked statically: a program LD_PRELOAD cannot reach."""
     if not Path("/usr/lib/x86_64-linux-gnu/libc.a").exists():
         pytest.fail("glibc's static library is missing: apt-get install libc6-dev", pytrace=False)
     binary = tmp_path_factory.mktemp("sipagent") / "sipagent"
-    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(binary), str(SOURCES / "sipagent.c")], check=True)
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(binary), str(SOURCES / "sipagent.c")], check=True
+    )
     return str(binary)
 
 
@@ -116,7 +142,7 @@ def finished(process, timeout=30) -> tuple[int, str, str]:
 
 def register_static(sipagent, kamailio, keeper_dir, how="plain", transfer="scm"):
     command = [sipagent, "register", kamailio.host, str(kamailio.port), USER, kamailio.domain, how]
-    status, out, err = finished(exec_agent(keeper_dir, command, sut_address=kamailio.address, transfer=transfer))
+    status, _out, err = finished(exec_agent(keeper_dir, command, sut_address=kamailio.address, transfer=transfer))
     assert status == 0, err
     assert "handed over kept connection" in err and "detached" in err, err
     return err
@@ -140,7 +166,9 @@ def test_static_agent_registers_then_another_answers(sipagent, sipp_path, kamail
 
 
 @pytest.mark.parametrize("how", ["thread", "fork"])
-def test_connect_in_a_thread_or_forked_child_among_busy_threads(sipagent, sipp_path, kamailio, keeper_dir, tmp_path, how):
+def test_connect_in_a_thread_or_forked_child_among_busy_threads(
+    sipagent, sipp_path, kamailio, keeper_dir, tmp_path, how
+):
     register_static(sipagent, kamailio, keeper_dir, how=how)
     assert [c["state"] for c in kept(keeper_dir)] == ["idle"]
     answer = exec_agent(keeper_dir, [sipagent, "answer"], role="server")
@@ -186,17 +214,36 @@ def test_ptrace_refused_gives_one_line_and_leaves_the_connection(sipagent, kamai
 
 # ------------------------------------------------------------------ TLS: the descriptor is a socketpair end
 
+
 def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir, tmp_path, test_pki):
     users = testbed.write_users_csv(tmp_path / "users-tls.csv", [USER], kamailio_tls.domain)
     options = ("--mode", "ptrace", "--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name)
     register = start_through_fdkeeper(
-        sipp_path, "uac-register.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
-        name="register", options=options, transport="l1", calls=1, timeout=15, extra=["-inf", str(users)],
+        sipp_path,
+        "uac-register.xml",
+        kamailio_tls.tls_address,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name="register",
+        options=options,
+        transport="l1",
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
     ).wait(30)
     assert register.ok, register.summary()
     answer = start_through_fdkeeper(
-        sipp_path, "uas-answer.xml", kamailio_tls.tls_address, directory=keeper_dir, log_dir=tmp_path / "logs",
-        name="answer", options=("--mode", "ptrace"), transport="l1", calls=1, timeout=30, local_port=testbed.free_port(),
+        sipp_path,
+        "uas-answer.xml",
+        kamailio_tls.tls_address,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name="answer",
+        options=("--mode", "ptrace"),
+        transport="l1",
+        calls=1,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
     caller = call(kamailio_tls, sipp_path, tmp_path)
     answered = answer.wait(30)
@@ -207,6 +254,7 @@ def test_tls_register_then_answer_with_sipp(sipp_path, kamailio_tls, keeper_dir,
 
 
 # ------------------------------------------------------------------ per-call runs: epoll registrations (no SuT)
+
 
 def test_registrations_noted_are_handed_out_for_that_socket_only():
     book = Registrations()

@@ -20,7 +20,7 @@ import pytest
 
 from fdkeeper import readiness, testbed
 
-DRIVER = '''
+DRIVER = """
 import sys, pysipp
 prefix, host, port, users, logdir, answer_port, scenarios = sys.argv[1:8]
 # (no logdir=: pysipp 0.1.0 cannot set it; sipp writes its files in the working directory)
@@ -33,7 +33,7 @@ finalize = answer(block=False, timeout=30)
 sys.stdin.readline()  # the test placed its call
 finalize(timeout=30)
 print("answered", flush=True)
-'''
+"""
 
 
 # The package index may be unreachable (an offline CI runner): then skip, quickly.
@@ -47,9 +47,26 @@ def pysipp_dir(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("pysipp")
     try:
         install = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--timeout", "5", "--retries", "1", "--target", str(target), "pysipp==0.1.0", "pluggy<1.0"],
-            capture_output=True, text=True, timeout=INSTALL_TIMEOUT,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--timeout",
+                "5",
+                "--retries",
+                "1",
+                "--target",
+                str(target),
+                "pysipp==0.1.0",
+                "pluggy<1.0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=INSTALL_TIMEOUT,
         )
     except subprocess.TimeoutExpired:
         pytest.skip(f"pysipp could not be installed from the package index within {INSTALL_TIMEOUT} s")
@@ -70,20 +87,40 @@ def fdkeeper_sipp_prefix(tmp_path, keeper_dir) -> str:
     return str(bin_dir)
 
 
-def test_pysipp_registers_and_answers_through_fdkeeper(pysipp_dir, fdkeeper_sipp_prefix, sipp_path, kamailio, keeper_dir, tmp_path):
+def test_pysipp_registers_and_answers_through_fdkeeper(
+    pysipp_dir, fdkeeper_sipp_prefix, sipp_path, kamailio, keeper_dir, tmp_path
+):
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
     logs = tmp_path / "logs"
     logs.mkdir()
     # pysipp 0.1.0 renders the prefix as ONE single-quoted word ('{prefix}'): a one-word
     # command, `fdkeeper-sipp`, which is `fdkeeper sipp --sipp` (pysipp's sipp path follows).
     prefix = "fdkeeper-sipp"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pysipp_dir), os.environ.get("PYTHONPATH")])),
-           "PATH": os.pathsep.join([fdkeeper_sipp_prefix, os.path.dirname(sipp_path), os.environ.get("PATH", "")]),
-           "FDKEEPER_DIR": str(keeper_dir)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(pysipp_dir), os.environ.get("PYTHONPATH")])),
+        "PATH": os.pathsep.join([fdkeeper_sipp_prefix, os.path.dirname(sipp_path), os.environ.get("PATH", "")]),
+        "FDKEEPER_DIR": str(keeper_dir),
+    }
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, prefix, kamailio.host, str(kamailio.port), str(users), str(logs),
-         str(testbed.free_port()), str(testbed.SCENARIOS_DIR)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=logs,
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            prefix,
+            kamailio.host,
+            str(kamailio.port),
+            str(users),
+            str(logs),
+            str(testbed.free_port()),
+            str(testbed.SCENARIOS_DIR),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=logs,
     )
     try:
         assert driver.stdout.readline() == "registered\n", driver.stderr.read() if driver.poll() is not None else ""

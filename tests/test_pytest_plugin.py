@@ -12,7 +12,7 @@ pytest_plugins = ["pytester"]
 
 PLUGIN = "fdkeeper.pytest_plugin"
 
-REGISTER_ANSWER = '''
+REGISTER_ANSWER = """
 import pytest
 from fdkeeper.testbed import free_port
 
@@ -53,9 +53,9 @@ def test_many_users_each_on_a_kept_connection(sipp, kamailio_sut, fdkeeper_keepe
     answered = answer.wait(60)
     assert calls.ok and calls.successful == 50, calls.tail()
     assert answered.ok and answered.successful == 50, answered.tail()
-'''
+"""
 
-FAILING = '''
+FAILING = """
 def test_fails_after_a_run(sipp, kamailio_sut, tmp_path):
     users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
     assert sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-i", "127.0.0.1", "-m", "1", kamailio_sut.address).ok
@@ -63,7 +63,7 @@ def test_fails_after_a_run(sipp, kamailio_sut, tmp_path):
 
 def test_passes_with_a_keeper(fdkeeper_keeper):
     assert fdkeeper_keeper.directory.name == "keeper"
-'''
+"""
 
 
 def plugin_options() -> list[str]:
@@ -106,10 +106,23 @@ def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
     pytest.importorskip("xdist")
     tests = Path(__file__).resolve().parent
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
-         f"{tests}/test_e2e_tcp.py::test_register_then_answer_over_the_kept_connection",
-         f"{tests}/test_e2e_many_users.py::test_fifty_tls_users_each_on_its_own_connection",
-         f"{tests}/test_e2e_many_users.py::test_a_third_dropped_by_the_sut"],
-        capture_output=True, text=True, timeout=300, cwd=tests.parent)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n",
+            "2",
+            "-p",
+            "no:cacheprovider",
+            f"{tests}/test_e2e_tcp.py::test_register_then_answer_over_the_kept_connection",
+            f"{tests}/test_e2e_many_users.py::test_fifty_tls_users_each_on_its_own_connection",
+            f"{tests}/test_e2e_many_users.py::test_a_third_dropped_by_the_sut",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tests.parent,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout

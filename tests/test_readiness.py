@@ -38,7 +38,7 @@ def test_a_run_that_ends_first_is_never_ready(tmp_path):
 def test_a_run_without_a_lease_times_out(tmp_path):
     process = subprocess.Popen(["tail", "-f", "/dev/null"])
     try:
-        with pytest.raises(TimeoutError, match="not ready to receive within 0.3 s"):
+        with pytest.raises(TimeoutError, match=r"not ready to receive within 0\.3 s"):
             readiness.wait_ready(process.pid, tmp_path / "keeper", timeout=0.3)
     finally:
         process.kill()
@@ -48,11 +48,31 @@ def test_a_run_without_a_lease_times_out(tmp_path):
 def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, kamailio, keeper_dir, tmp_path):
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
     logs = tmp_path / "logs"
-    register = start_through_fdkeeper(sipp_path, "uac-register.xml", kamailio.address, directory=keeper_dir, log_dir=logs,
-                                      name="register", transport="t1", calls=1, timeout=15, extra=["-inf", str(users)]).wait(30)
+    register = start_through_fdkeeper(
+        sipp_path,
+        "uac-register.xml",
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=logs,
+        name="register",
+        transport="t1",
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users)],
+    ).wait(30)
     assert register.ok, register.summary()
-    answer = start_through_fdkeeper(sipp_path, "uas-answer.xml", kamailio.address, directory=keeper_dir, log_dir=logs,
-                                    name="answer", transport="t1", calls=1, timeout=30, local_port=testbed.free_port())
+    answer = start_through_fdkeeper(
+        sipp_path,
+        "uas-answer.xml",
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=logs,
+        name="answer",
+        transport="t1",
+        calls=1,
+        timeout=30,
+        local_port=testbed.free_port(),
+    )
     readiness.wait_ready(answer.pid, keeper_dir, timeout=15)  # answer.pid is `fdkeeper sipp`; sipp is its child
 
     [connection] = KeeperClient(keeper_dir).status()["connections"]
@@ -68,15 +88,25 @@ def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, k
 SHELL_PATTERN = Path(__file__).resolve().parent.parent / "docs" / "ci" / "register-answer.sh"
 
 
-def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(sipp_path, kamailio, keeper_dir, tmp_path):
+def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(
+    sipp_path, kamailio, keeper_dir, tmp_path
+):
     """docs/ci/register-answer.sh, as documented: no sleep, the answer run's --ready-file."""
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
-    caller = (f"{sipp_path} -sf {testbed.SCENARIOS_DIR}/uac-call.xml -s alice -key domain {kamailio.domain} "
-              f"-t u1 -i 127.0.0.1 -m 1 -timeout 15 -timeout_error -nostdin {kamailio.address}")
+    caller = (
+        f"{sipp_path} -sf {testbed.SCENARIOS_DIR}/uac-call.xml -s alice -key domain {kamailio.domain} "
+        f"-t u1 -i 127.0.0.1 -m 1 -timeout 15 -timeout_error -nostdin {kamailio.address}"
+    )
     env = {
-        **os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "FDKEEPER_DIR": str(keeper_dir),
-        "FDKEEPER_SIPP": sipp_path, "SUT": kamailio.address, "USERS": str(users), "CALLER": caller,
-        "SCENARIOS": str(testbed.SCENARIOS_DIR), "ANSWER_PORT": str(testbed.free_port()),
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "FDKEEPER_DIR": str(keeper_dir),
+        "FDKEEPER_SIPP": sipp_path,
+        "SUT": kamailio.address,
+        "USERS": str(users),
+        "CALLER": caller,
+        "SCENARIOS": str(testbed.SCENARIOS_DIR),
+        "ANSWER_PORT": str(testbed.free_port()),
     }
     done = subprocess.run(["sh", str(SHELL_PATTERN)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
@@ -88,11 +118,38 @@ def run_with_ready_fd(sipp_path, keeper_dir, tmp_path, users, transport, address
     """`fdkeeper sipp --ready-fd N` registering alice: what came through N, and stderr."""
     read_end, write_end = os.pipe()
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "fdkeeper"), "sipp", "--sipp", sipp_path, "--dir", str(keeper_dir),
-         "--ready-fd", str(write_end), "--ready-timeout", "5", "-sf", str(testbed.SCENARIOS_DIR / "uac-register.xml"),
-         "-inf", str(users), "-t", transport, "-i", "127.0.0.1", "-m", "1", "-timeout", "10", "-timeout_error",
-         "-nostdin", address],
-        pass_fds=[write_end], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [
+            str(Path(sys.executable).parent / "fdkeeper"),
+            "sipp",
+            "--sipp",
+            sipp_path,
+            "--dir",
+            str(keeper_dir),
+            "--ready-fd",
+            str(write_end),
+            "--ready-timeout",
+            "5",
+            "-sf",
+            str(testbed.SCENARIOS_DIR / "uac-register.xml"),
+            "-inf",
+            str(users),
+            "-t",
+            transport,
+            "-i",
+            "127.0.0.1",
+            "-m",
+            "1",
+            "-timeout",
+            "10",
+            "-timeout_error",
+            "-nostdin",
+            address,
+        ],
+        pass_fds=[write_end],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     os.close(write_end)
     said = os.read(read_end, 100)
@@ -109,4 +166,5 @@ def test_ready_fd_says_ready_in_one_line_or_closes_it_and_says_why(sipp_path, ka
     said, stderr = run_with_ready_fd(sipp_path, keeper_dir, tmp_path, users, "u1", kamailio.address)
     assert said == b""  # closed without a line: a reader is not left waiting
     assert [line for line in stderr.splitlines() if "not signalled" in line] == [
-        "fdkeeper: sipp ended before it was ready to receive; --ready-fd not signalled"]
+        "fdkeeper: sipp ended before it was ready to receive; --ready-fd not signalled"
+    ]

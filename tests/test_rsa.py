@@ -55,8 +55,18 @@ def nobody_listens() -> str:
 
 
 def answer_one_call(sipp, kamailio, keeper_dir, tmp_path, *, remote=None, extra=()):
-    answer = run(sipp, keeper_dir, tmp_path, "answer", "uas-answer.xml", remote, wait=False,
-                 timeout=30, local_port=testbed.free_port(), extra=list(extra))
+    answer = run(
+        sipp,
+        keeper_dir,
+        tmp_path,
+        "answer",
+        "uas-answer.xml",
+        remote,
+        wait=False,
+        timeout=30,
+        local_port=testbed.free_port(),
+        extra=list(extra),
+    )
     caller = testbed.place_calls(kamailio, USER, 1, sipp=sipp, timeout=15, log_dir=tmp_path / "logs")
     answered = answer.wait(30)
     assert caller.ok, caller.summary()
@@ -66,8 +76,9 @@ def answer_one_call(sipp, kamailio, keeper_dir, tmp_path, *, remote=None, extra=
 def test_rsa_is_where_register_and_answer_go(sipp_path, kamailio, keeper_dir, tmp_path, users):
     remote = nobody_listens()
     rsa = ["-rsa", kamailio.address]
-    registered = run(sipp_path, keeper_dir, tmp_path, "register", "uac-register.xml", remote,
-                     extra=["-inf", str(users), *rsa])
+    registered = run(
+        sipp_path, keeper_dir, tmp_path, "register", "uac-register.xml", remote, extra=["-inf", str(users), *rsa]
+    )
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     assert connection["remote"] == kamailio.address
@@ -78,8 +89,9 @@ def test_rsa_is_where_register_and_answer_go(sipp_path, kamailio, keeper_dir, tm
 
 def test_remote_host_that_does_not_resolve_is_refused_as_sipp_refuses_it(sipp_path, kamailio, keeper_dir, tmp_path):
     # sipp resolves its remote host even with -rsa ("Unknown remote host"): one line before any connection.
-    command = fdkeeper_command([sipp_path, "-sn", "uac", "-t", "t1", "-m", "1", "-rsa", kamailio.address, "sut.invalid"],
-                               keeper_dir)
+    command = fdkeeper_command(
+        [sipp_path, "-sn", "uac", "-t", "t1", "-m", "1", "-rsa", kamailio.address, "sut.invalid"], keeper_dir
+    )
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -92,13 +104,29 @@ def test_remote_host_that_does_not_resolve_is_refused_as_sipp_refuses_it(sipp_pa
 def test_sipp_377_flag_before_the_remote_host_and_mixed_mode(kamailio, keeper_dir, tmp_path, users, sipp_path):
     sipp, local_port = str(SIPP_377), testbed.free_port()  # one identity for both runs
     # -rfc3339 takes no value in 3.7.5+: read as 3.6.1 reads options, it would swallow the remote host.
-    registered = run(sipp, keeper_dir, tmp_path, "register", "uac-register.xml", kamailio.address,
-                     local_port=local_port, extra=["-inf", str(users), "-rfc3339"])
+    registered = run(
+        sipp,
+        keeper_dir,
+        tmp_path,
+        "register",
+        "uac-register.xml",
+        kamailio.address,
+        local_port=local_port,
+        extra=["-inf", str(users), "-rfc3339"],
+    )
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     # A mixed-mode run (-rxsf: a server scenario for what arrives) keeps its connection like a client run.
-    mixed = run(sipp, keeper_dir, tmp_path, "mixed", "uac-register.xml", kamailio.address, local_port=local_port,
-                extra=["-inf", str(users), "-rxsf", str(testbed.SCENARIOS_DIR / "uas-answer.xml")])
+    mixed = run(
+        sipp,
+        keeper_dir,
+        tmp_path,
+        "mixed",
+        "uac-register.xml",
+        kamailio.address,
+        local_port=local_port,
+        extra=["-inf", str(users), "-rxsf", str(testbed.SCENARIOS_DIR / "uas-answer.xml")],
+    )
     assert mixed.ok, mixed.summary()
     assert [c["id"] for c in kept(keeper_dir)] == [connection["id"]]
     answer_one_call(sipp_path, kamailio, keeper_dir, tmp_path)
@@ -115,7 +143,9 @@ def test_sipp_36_refuses_a_37_flag_in_one_line(sipp_path, kamailio, keeper_dir):
 
 @pytest.fixture
 def mutual_tls_kamailio(tmp_path, test_pki):
-    instance = testbed.Kamailio(tmp_path / "kamailio-mtls", tls=testbed.KamailioTls.server(test_pki, require_client_cert=True))
+    instance = testbed.Kamailio(
+        tmp_path / "kamailio-mtls", tls=testbed.KamailioTls.server(test_pki, require_client_cert=True)
+    )
     instance.start()
     yield instance
     instance.stop()
@@ -126,9 +156,24 @@ def test_sipps_own_tls_options_give_mutual_tls(sipp_path, mutual_tls_kamailio, k
     """Debian's sipp has no TLS and refuses -tls_*: fdkeeper uses them and passes them on to nobody."""
     kamailio = mutual_tls_kamailio
     users = testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
-    own_tls = ["-tls_ca", str(test_pki.ca_cert), "-tls_cert", str(test_pki.client_cert), "-tls_key", str(test_pki.client_key)]
-    registered = run(sipp_path, keeper_dir, tmp_path, "register", "uac-register.xml", kamailio.tls_address,
-                     transport="l1", extra=["-inf", str(users), *own_tls])
+    own_tls = [
+        "-tls_ca",
+        str(test_pki.ca_cert),
+        "-tls_cert",
+        str(test_pki.client_cert),
+        "-tls_key",
+        str(test_pki.client_key),
+    ]
+    registered = run(
+        sipp_path,
+        keeper_dir,
+        tmp_path,
+        "register",
+        "uac-register.xml",
+        kamailio.tls_address,
+        transport="l1",
+        extra=["-inf", str(users), *own_tls],
+    )
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     assert connection["transport"] == "tls"
@@ -138,7 +183,8 @@ def test_sipps_own_tls_options_give_mutual_tls(sipp_path, mutual_tls_kamailio, k
 
 def test_without_sipps_ca_the_error_says_sipp_would_not_have_verified(sipp_path, kamailio_tls, keeper_dir, tmp_path):
     command = fdkeeper_command(
-        [sipp_path, "-sn", "uac", "-t", "l1", "-m", "1", format_address(("127.0.0.1", kamailio_tls.tls_port))], keeper_dir
+        [sipp_path, "-sn", "uac", "-t", "l1", "-m", "1", format_address(("127.0.0.1", kamailio_tls.tls_port))],
+        keeper_dir,
     )
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
@@ -149,12 +195,19 @@ def test_without_sipps_ca_the_error_says_sipp_would_not_have_verified(sipp_path,
 def test_tls_options_reach_the_keeper_not_sipp(sipp_path, kamailio_tls, keeper_dir, tmp_path, test_pki):
     kamailio = kamailio_tls
     users = testbed.write_users_csv(tmp_path / "users.csv", [USER], kamailio.domain)
-    registered = run(sipp_path, keeper_dir, tmp_path, "register", "uac-register.xml", kamailio.tls_address,
-                     transport="l1", extra=["-inf", str(users), "-tls_ca", str(test_pki.ca_cert), "-tls_version", "1.2"])
+    registered = run(
+        sipp_path,
+        keeper_dir,
+        tmp_path,
+        "register",
+        "uac-register.xml",
+        kamailio.tls_address,
+        transport="l1",
+        extra=["-inf", str(users), "-tls_ca", str(test_pki.ca_cert), "-tls_version", "1.2"],
+    )
     assert registered.ok, registered.summary()
     [connection] = kept(keeper_dir)
     assert connection["tls"]["version"] == "TLSv1.2"  # -tls_version 1.2 pins the version, as in sipp
-
 
 
 @pytest.mark.parametrize(
@@ -169,7 +222,10 @@ def test_tls_options_reach_the_keeper_not_sipp(sipp_path, kamailio_tls, keeper_d
         (["-sn", "uac", "-t", "t1", "-rsa", "sbc.invalid:5060", "127.0.0.1"], "cannot resolve 'sbc.invalid' (-rsa)"),
         (["-sn", "uac", "-t", "t1", "sut.invalid"], "cannot resolve 'sut.invalid' (sipp's remote host)"),
         (["-sn", "uac", "-t", "l1", "-tls_version", "1.1", "127.0.0.1"], "fdkeeper speaks TLS 1.2 and 1.3 only"),
-        (["-sn", "uac", "-t", "l1", "-tls_cert", "/nonexistent.pem", "127.0.0.1"], "-tls_cert file /nonexistent.pem not found"),
+        (
+            ["-sn", "uac", "-t", "l1", "-tls_cert", "/nonexistent.pem", "127.0.0.1"],
+            "-tls_cert file /nonexistent.pem not found",
+        ),
         (["-sn", "uac", "-t", "t1", "-m"], "sipp option -m needs a value"),
     ],
 )

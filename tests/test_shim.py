@@ -8,6 +8,7 @@ the test owns (the "SuT"), or, for transport=tls, with one end of a
 socketpair(AF_UNIX, SOCK_STREAM) whose other end the test uses as the SuT
 (standing in for the keeper's TLS relay).
 """
+
 from __future__ import annotations
 
 import os
@@ -99,26 +100,34 @@ class FakeKeeper:
     packets carry peers=/locals= too (the real addresses). fds_extra replaces the
     peers=/locals= part of every FDS packet."""
 
-    def __init__(self, path: Path, sut: Sut, error: str | None = None, pairs: bool = False,
-                 addrs: bool = False, peer_addr: str | None = None,
-                 local_addr: str = "192.0.2.55:40312", fds_extra: str | None = None):
+    def __init__(
+        self,
+        path: Path,
+        sut: Sut,
+        error: str | None = None,
+        pairs: bool = False,
+        addrs: bool = False,
+        peer_addr: str | None = None,
+        local_addr: str = "192.0.2.55:40312",
+        fds_extra: str | None = None,
+    ):
         self.path = str(path)
         self.sut = sut
-        self.error = error                       # "code text" -> ERR reply
+        self.error = error  # "code text" -> ERR reply
         self.pairs = pairs
         self.addrs = addrs or pairs
         self.peer_addr = peer_addr or sut.addr
         self.local_addr = local_addr
-        self.fds_extra = fds_extra               # replaces peers=/locals= when set
-        self.server_conns: list[socket.socket] = []   # kept for server leases
+        self.fds_extra = fds_extra  # replaces peers=/locals= when set
+        self.server_conns: list[socket.socket] = []  # kept for server leases
         self.server_addrs: list[tuple[str, str]] = []  # their (peer, local)
-        self.kept: list[socket.socket] = []      # keeper's copies handed out
+        self.kept: list[socket.socket] = []  # keeper's copies handed out
         self.kept_addrs: list[tuple[str, str]] = []
-        self.by_aor: dict[str, int] = {}         # aor= -> index in kept (one connection per user)
-        self.leased: list[int] = []              # index in kept of each client lease
+        self.by_aor: dict[str, int] = {}  # aor= -> index in kept (one connection per user)
+        self.leased: list[int] = []  # index in kept of each client lease
         self.sut_side: list[socket.socket] = []  # the SuT's end of each kept copy
         self.requests: list[str] = []
-        self.packets: list[str] = []             # FDS packets sent
+        self.packets: list[str] = []  # FDS packets sent
         self.peer_pids: list[int] = []
         self.pair_ends: list[socket.socket] = []  # the test's ends of socketpairs
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -147,9 +156,9 @@ class FakeKeeper:
             self.server_addrs.append((peer, local))
             self.sut_side.append(b)
 
-    def _send_fds(self, conn, first_id: int, socks: list[socket.socket],
-                  addrs: list[tuple[str, str]]):
+    def _send_fds(self, conn, first_id: int, socks: list[socket.socket], addrs: list[tuple[str, str]]):
         """FDS packets of at most 250 descriptors and 4096 bytes each."""
+
         def message(start, end):
             msg = "FDS ids=" + ",".join(str(first_id + i) for i in range(start, end))
             if self.fds_extra is not None:
@@ -174,7 +183,7 @@ class FakeKeeper:
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -195,7 +204,7 @@ class FakeKeeper:
             return
         aor = next((unquote(w[4:]) for w in words if w.startswith("aor=")), None)
         if words[:2] == ["LEASE", "role=client"] and aor in self.by_aor:
-            i = self.by_aor[aor]                 # this user's own connection again
+            i = self.by_aor[aor]  # this user's own connection again
             self.leased.append(i)
             conn.send(b"OK count=1")
             self._send_fds(conn, i + 1, [self.kept[i]], [self.kept_addrs[i]])
@@ -269,8 +278,7 @@ def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extr
 
 
 def run(build, args, env, timeout=20):
-    return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def parse(out: str) -> dict[str, str]:
@@ -288,7 +296,7 @@ def still_open(keeper_end: socket.socket, sut_end: socket.socket, tag: bytes = b
     sut_end.settimeout(0.3)
     try:
         data = sut_end.recv(100)
-    except socket.timeout:
+    except TimeoutError:
         data = None
     assert data is None, f"SuT side got {data!r} (b'' means the connection was ended)"
     sut_end.settimeout(5)
@@ -323,8 +331,13 @@ def test_client_handoff(build, keeper, sut):
     """connect() to the SuT becomes the kept connection: data, peer, epoll,
     setsockopt replay; shutdown and SO_LINGER{1,0} do not end it."""
     env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
-    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: keeper.sut_side, timeout=10), "the keeper got no lease"
         peer = keeper.sut_side[0]
@@ -336,8 +349,7 @@ def test_client_handoff(build, keeper, sut):
             p.kill()
     assert p.returncode == 0, out + err
     kv = parse(out)
-    assert keeper.requests == [
-        f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"]
+    assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"]
     assert keeper.peer_pids == [p.pid]
     assert kv["connected"] != "-1" and kv["errno"] == "0"
     assert kv["domain"] == "inet"
@@ -346,7 +358,7 @@ def test_client_handoff(build, keeper, sut):
     assert kv["nodelay"] == "0"
     # The program's fd is the keeper's connection (same local address).
     kept = keeper.kept[0]
-    assert kv["local"] == "%s:%d" % kept.getsockname()
+    assert kv["local"] == "{}:{}".format(*kept.getsockname())
     assert kv["cloexec"] == "1" and kv["nonblock"] == "0"
     # Its epoll registration (data 7) survived the dup3.
     assert kv["events"] == "1" and kv["data"] == "7"
@@ -365,16 +377,20 @@ def test_client_handoff(build, keeper, sut):
 
 def test_reconnect_flag_and_no_bind(build, keeper, sut):
     env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_RECONNECT="1")
-    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_until(lambda: keeper.sut_side, timeout=10)
     recv_until(keeper.sut_side[0], b"hello\n")
     keeper.sut_side[0].sendall(b"x\n")
     out, err = p.communicate(timeout=10)
     assert p.returncode == 0, out + err
     assert err == ""
-    assert keeper.requests == [
-        f"LEASE role=client transport=tcp remote={sut.addr} local=- reconnect=1"]
+    assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=- reconnect=1"]
 
 
 def test_udp_and_other_connect_untouched(build, keeper, sut):
@@ -384,8 +400,7 @@ def test_udp_and_other_connect_untouched(build, keeper, sut):
     udp.settimeout(5)
     try:
         env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
-        r = run(build, ["untouched", "127.0.0.1", str(sut.port), str(other.port),
-                        str(udp.getsockname()[1])], env)
+        r = run(build, ["untouched", "127.0.0.1", str(sut.port), str(other.port), str(udp.getsockname()[1])], env)
         assert r.returncode == 0, r.stdout + r.stderr
         kv = parse(r.stdout)
         assert keeper.requests == []
@@ -395,7 +410,7 @@ def test_udp_and_other_connect_untouched(build, keeper, sut):
         assert kv["other_connect"] == "0" and kv["other_send"] == "6"
         conn = other.accept()
         assert recv_until(conn, b"other\n") == b"other\n"
-        assert conn.recv(100) == b""          # the real shutdown reached the peer
+        assert conn.recv(100) == b""  # the real shutdown reached the peer
         assert kv["other_shutdown"] == "0"
         assert "not the SuT" in r.stderr
     finally:
@@ -442,16 +457,22 @@ def test_fork_child_keeps_table(build, keeper, sut):
     still_open(keeper.kept[0], peer)
 
 
-@pytest.mark.parametrize("code,errname", [
-    ("busy", "EBUSY"), ("timeout", "ETIMEDOUT"), ("closed", "ECONNREFUSED"),
-    ("refused", "ECONNREFUSED"), ("none", "ECONNREFUSED"), ("internal", "ECONNREFUSED"),
-])
+@pytest.mark.parametrize(
+    "code,errname",
+    [
+        ("busy", "EBUSY"),
+        ("timeout", "ETIMEDOUT"),
+        ("closed", "ECONNREFUSED"),
+        ("refused", "ECONNREFUSED"),
+        ("none", "ECONNREFUSED"),
+        ("internal", "ECONNREFUSED"),
+    ],
+)
 def test_error_reply(build, keeper_dir, sut, code, errname):
     text = f"fdkeeper: kept connection to {sut.addr}/tcp: {code} (test)"
     k = FakeKeeper(keeper_dir / "control.sock", sut, error=f"{code} {text}")
     try:
-        r = run(build, ["connect", "127.0.0.1", str(sut.port)],
-                shim_env(build, k.path, remote=sut.addr))
+        r = run(build, ["connect", "127.0.0.1", str(sut.port)], shim_env(build, k.path, remote=sut.addr))
         kv = parse(r.stdout)
         assert kv == {"rc": "-1", "errno": errname}
         assert r.stderr == text + "\n"
@@ -464,18 +485,24 @@ def test_keeper_not_running(build, keeper_dir, sut):
     path = keeper_dir / "control.sock"
     r = run(build, ["connect", "127.0.0.1", str(sut.port)], shim_env(build, path, remote=sut.addr))
     assert parse(r.stdout) == {"rc": "-1", "errno": "ECONNREFUSED"}
-    assert r.stderr == (f"fdkeeper: cannot reach the keeper at {path}: No such file or directory; "
-                        "start it with 'fdkeeper keeper' or run through 'fdkeeper sipp'\n")
+    assert r.stderr == (
+        f"fdkeeper: cannot reach the keeper at {path}: No such file or directory; "
+        "start it with 'fdkeeper keeper' or run through 'fdkeeper sipp'\n"
+    )
 
 
 def test_inert_without_socket(build, keeper, sut):
     """FDKEEPER_SOCKET unset: the program's own connection, a real shutdown."""
-    env = shim_env(build, None, FDKEEPER_ROLE="client", FDKEEPER_REMOTE=sut.addr,
-                   FDKEEPER_DEBUG="1")
-    p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = shim_env(build, None, FDKEEPER_ROLE="client", FDKEEPER_REMOTE=sut.addr, FDKEEPER_DEBUG="1")
+    p = subprocess.Popen(
+        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     conn = sut.accept()
-    program_end = "%s:%d" % conn.getpeername()
+    program_end = "{}:{}".format(*conn.getpeername())
     assert recv_until(conn, b"hello\n") == b"hello\n"
     conn.sendall(b"pong\n")
     out, err = p.communicate(timeout=10)
@@ -495,13 +522,17 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
     """transport=tls: the program's TCP fd becomes a socketpair end; its names are
     the TLS connection's, TCP options are accepted, data flows both ways, and
     shutdown/close leave the keeper's end alone."""
-    remote = "127.0.0.1:%d" % free_port()      # nothing listens there
-    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
-                   local_addr="127.0.0.1:40312")
+    remote = f"127.0.0.1:{free_port()}"  # nothing listens there
+    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, local_addr="127.0.0.1:40312")
     try:
         env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_TRANSPORT="tls")
-        p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":"), "127.0.0.1"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [*WRAPPER, build["prog"], "client", *remote.split(":"), "127.0.0.1"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert wait_until(lambda: k.sut_side, timeout=10), "the keeper got no lease"
             peer = k.sut_side[0]
@@ -513,8 +544,7 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
                 p.kill()
         assert p.returncode == 0, out + err
         kv = parse(out)
-        assert k.requests == [
-            f"LEASE role=client transport=tls remote={remote} local=127.0.0.1:0"]
+        assert k.requests == [f"LEASE role=client transport=tls remote={remote} local=127.0.0.1:0"]
         assert k.packets == [f"FDS ids=1 peers={remote} locals=127.0.0.1:40312"]
         assert kv["connected"] != "-1" and kv["errno"] == "0"
         assert kv["domain"] == "unix"
@@ -540,13 +570,15 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
 
 def test_client_tcp_with_fds_addresses(build, keeper_dir, sut):
     """A real TCP kept socket: peers=/locals= are parsed but the kernel answers."""
-    k = FakeKeeper(keeper_dir / "control.sock", sut,
-                   fds_extra=" peers=192.0.2.1:5060 locals=[2001:db8::1]:4000")
+    k = FakeKeeper(keeper_dir / "control.sock", sut, fds_extra=" peers=192.0.2.1:5060 locals=[2001:db8::1]:4000")
     try:
         p = subprocess.Popen(
             [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
-            env=shim_env(build, k.path, remote=sut.addr), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+            env=shim_env(build, k.path, remote=sut.addr),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert wait_until(lambda: k.sut_side, timeout=10)
         recv_until(k.sut_side[0], b"hello\n")
         k.sut_side[0].sendall(b"pong\n")
@@ -561,20 +593,23 @@ def test_client_tcp_with_fds_addresses(build, keeper_dir, sut):
         k.close()
 
 
-@pytest.mark.parametrize("extra", [
-    " peers=192.0.2.1:5060,192.0.2.2:5060 locals=127.0.0.1:1",   # two peers for one id
-    " peers=192.0.2.1 locals=127.0.0.1:1",                      # no port
-    " peers=192.0.2.1:5060 locals=",                            # empty list
-    " peers=[2001:db8::1:5060 locals=127.0.0.1:1",              # bad IPv6 form
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        " peers=192.0.2.1:5060,192.0.2.2:5060 locals=127.0.0.1:1",  # two peers for one id
+        " peers=192.0.2.1 locals=127.0.0.1:1",  # no port
+        " peers=192.0.2.1:5060 locals=",  # empty list
+        " peers=[2001:db8::1:5060 locals=127.0.0.1:1",  # bad IPv6 form
+    ],
+)
 def test_bad_fds_addresses(build, keeper_dir, sut, extra):
     k = FakeKeeper(keeper_dir / "control.sock", sut, fds_extra=extra)
     try:
-        r = run(build, ["connect", "127.0.0.1", str(sut.port)],
-                shim_env(build, k.path, remote=sut.addr))
+        r = run(build, ["connect", "127.0.0.1", str(sut.port)], shim_env(build, k.path, remote=sut.addr))
         assert parse(r.stdout) == {"rc": "-1", "errno": "ECONNREFUSED"}
-        assert r.stderr.startswith(f"fdkeeper: unexpected reply from the keeper at {k.path}: "
-                                   "packet 'FDS ids=1"), r.stderr
+        assert r.stderr.startswith(f"fdkeeper: unexpected reply from the keeper at {k.path}: packet 'FDS ids=1"), (
+            r.stderr
+        )
         assert "address for each id" in r.stderr and r.stderr.count("\n") == 1
     finally:
         k.close()
@@ -582,13 +617,18 @@ def test_bad_fds_addresses(build, keeper_dir, sut, extra):
 
 def test_fds_unknown_address_dash(build, keeper_dir, sut):
     """'-' in peers=/locals= means unknown: the kernel's answer (AF_UNIX) stays."""
-    remote = "127.0.0.1:%d" % free_port()
-    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
-                   fds_extra=f" peers={remote} locals=-")
+    remote = f"127.0.0.1:{free_port()}"
+    k = FakeKeeper(
+        keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, fds_extra=f" peers={remote} locals=-"
+    )
     try:
-        p = subprocess.Popen([*WRAPPER, build["prog"], "client", *remote.split(":")],
-                             env=shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [*WRAPPER, build["prog"], "client", *remote.split(":")],
+            env=shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert wait_until(lambda: k.sut_side, timeout=10)
         recv_until(k.sut_side[0], b"hello\n")
         k.sut_side[0].sendall(b"pong\n")
@@ -596,7 +636,7 @@ def test_fds_unknown_address_dash(build, keeper_dir, sut):
         assert p.returncode == 0 and err == "", out + err
         kv = parse(out)
         assert kv["peer"] == remote
-        assert kv["local"] == "family1/len2"     # an unnamed AF_UNIX socket
+        assert kv["local"] == "family1/len2"  # an unnamed AF_UNIX socket
     finally:
         k.close()
 
@@ -607,9 +647,14 @@ def test_bad_transport(build, keeper, sut, role):
     the program's own calls go ahead."""
     env = shim_env(build, keeper.path, role=role, remote=sut.addr, FDKEEPER_TRANSPORT="udp")
     if role == "client":
-        p = subprocess.Popen([*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        conn = sut.accept()                      # the program's own connection
+        p = subprocess.Popen(
+            [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        conn = sut.accept()  # the program's own connection
         assert recv_until(conn, b"hello\n") == b"hello\n"
         conn.sendall(b"pong\n")
         out, err = p.communicate(timeout=10)
@@ -621,10 +666,12 @@ def test_bad_transport(build, keeper, sut, role):
         assert parse(out)["accepted"] == "0"
         what = r"listen\(fd \d+\)"
     assert keeper.requests == []
-    assert re.fullmatch("fdkeeper: FDKEEPER_TRANSPORT 'udp' is neither 'tcp' nor 'tls'; "
-                        f"{what} goes ahead without the keeper "
-                        r"\(no kept connection is handed over\)\n", err), err
-
+    assert re.fullmatch(
+        "fdkeeper: FDKEEPER_TRANSPORT 'udp' is neither 'tcp' nor 'tls'; "
+        f"{what} goes ahead without the keeper "
+        r"\(no kept connection is handed over\)\n",
+        err,
+    ), err
 
 
 # --------------------------------------------------------------------------- server role
@@ -645,7 +692,7 @@ def test_server_handoff_300(build, keeper, sut, addrs):
     assert kv["addr_ok"] == str(n)
     assert kv["blocking"] == str(n) and kv["cloexec"] == str(n)
     assert r.stderr == ""
-    for i in range(n):     # the kernel's addresses
+    for i in range(n):  # the kernel's addresses
         peer, local = keeper.server_addrs[i]
         assert kv[f"acc{i}"] == f"{peer},{local},inet"
     # 250 descriptors per packet; with addresses the 4096-byte limit cuts first.
@@ -721,7 +768,6 @@ def test_server_tls_socketpairs(build, keeper_dir, sut):
         k.close()
 
 
-
 # --------------------------------------------------------------------------- real sipp
 
 
@@ -746,19 +792,18 @@ class SipReader:
                     self.buf = rest[length:]
                     return head + b"\r\n\r\n" + rest[:length]
             chunk = self.sock.recv(65536)
-            assert chunk, "connection ended; got %r" % self.buf
+            assert chunk, f"connection ended; got {self.buf!r}"
             self.buf += chunk
 
 
 def sip_response(request: bytes, code: str) -> bytes:
     head = request.split(b"\r\n\r\n", 1)[0].decode()
     lines = head.split("\r\n")
-    keep = [ln for ln in lines[1:]
-            if ln.split(":", 1)[0].strip().lower() in ("via", "from", "to", "call-id", "cseq")]
-    keep = [ln + ";tag=sut1" if ln.lower().startswith("to:") and "tag=" not in ln else ln
-            for ln in keep]
-    return ("SIP/2.0 %s\r\n" % code + "\r\n".join(keep) +
-            "\r\nContact: <sip:sut@127.0.0.1>\r\nContent-Length: 0\r\n\r\n").encode()
+    keep = [ln for ln in lines[1:] if ln.split(":", 1)[0].strip().lower() in ("via", "from", "to", "call-id", "cseq")]
+    keep = [ln + ";tag=sut1" if ln.lower().startswith("to:") and "tag=" not in ln else ln for ln in keep]
+    return (
+        f"SIP/2.0 {code}\r\n" + "\r\n".join(keep) + "\r\nContact: <sip:sut@127.0.0.1>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
 @pytest.fixture(params=["tcp", "tls"])
@@ -770,9 +815,8 @@ def transport_keeper(request, keeper_dir, sut):
         k = FakeKeeper(keeper_dir / "control.sock", sut)
         remote = sut.addr
     else:
-        remote = "127.0.0.1:%d" % free_port()
-        k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
-                       local_addr="127.0.0.1:40999")
+        remote = f"127.0.0.1:{free_port()}"
+        k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, local_addr="127.0.0.1:40999")
     yield request.param, k, remote
     k.close()
 
@@ -784,13 +828,33 @@ def test_real_sipp_uac(build, transport_keeper, tmp_path):
     transport, keeper, remote = transport_keeper
     env = shim_env(build, keeper.path, remote=remote, debug=True, FDKEEPER_TRANSPORT=transport)
     p = subprocess.Popen(
-        [SIPP, "-sn", "uac", "-t", "t1", "-m", "1", "-l", "1", "-nostdin", "-i", "127.0.0.1",
-         "-timeout", "20s", "-trace_err", remote],
-        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        [
+            SIPP,
+            "-sn",
+            "uac",
+            "-t",
+            "t1",
+            "-m",
+            "1",
+            "-l",
+            "1",
+            "-nostdin",
+            "-i",
+            "127.0.0.1",
+            "-timeout",
+            "20s",
+            "-trace_err",
+            remote,
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_until(lambda: keeper.sut_side or p.poll() is not None, timeout=15)
-        assert keeper.sut_side, "sipp did not lease: %r" % (p.communicate(timeout=5),)
+        assert keeper.sut_side, f"sipp did not lease: {p.communicate(timeout=5)!r}"
         peer = keeper.sut_side[0]
         sip = SipReader(peer)
         invite = sip.next()
@@ -825,35 +889,53 @@ def test_real_sipp_uas(build, transport_keeper, tmp_path):
         keeper.open_server_pairs([(remote, "127.0.0.1:40999")])
     kept, peer = keeper.server_conns[0], keeper.sut_side[0]
     port = free_port()
-    env = shim_env(build, keeper.path, role="server", remote=remote, debug=True,
-                   FDKEEPER_TRANSPORT=transport)
+    env = shim_env(build, keeper.path, role="server", remote=remote, debug=True, FDKEEPER_TRANSPORT=transport)
     p = subprocess.Popen(
-        [SIPP, "-sn", "uas", "-t", "t1", "-m", "1", "-nostdin", "-i", "127.0.0.1",
-         "-p", str(port), "-timeout", "20s"],
-        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        [SIPP, "-sn", "uas", "-t", "t1", "-m", "1", "-nostdin", "-i", "127.0.0.1", "-p", str(port), "-timeout", "20s"],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_until(lambda: keeper.requests or p.poll() is not None, timeout=15)
         assert keeper.requests == [f"LEASE role=server transport={transport} remote={remote}"]
         local = remote
-        common = (f"Via: SIP/2.0/TCP {local};branch=z9hG4bK-t1\r\n"
-                  f"From: <sip:sut@{local}>;tag=sut1\r\n"
-                  f"To: <sip:sipp@127.0.0.1:{port}>\r\n"
-                  "Call-ID: fdkeeper-test-1@127.0.0.1\r\n")
-        peer.sendall((f"INVITE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" + common +
-                      f"CSeq: 1 INVITE\r\nContact: <sip:sut@{local};transport=tcp>\r\n"
-                      "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
+        common = (
+            f"Via: SIP/2.0/TCP {local};branch=z9hG4bK-t1\r\n"
+            f"From: <sip:sut@{local}>;tag=sut1\r\n"
+            f"To: <sip:sipp@127.0.0.1:{port}>\r\n"
+            "Call-ID: fdkeeper-test-1@127.0.0.1\r\n"
+        )
+        peer.sendall(
+            (
+                f"INVITE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n"
+                + common
+                + f"CSeq: 1 INVITE\r\nContact: <sip:sut@{local};transport=tcp>\r\n"
+                "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+        )
         sip = SipReader(peer)
         assert sip.next().startswith(b"SIP/2.0 180")
         ok = sip.next()
         assert ok.startswith(b"SIP/2.0 200")
-        to = [ln for ln in ok.split(b"\r\n") if ln.lower().startswith(b"to:")][0].decode()
+        to = next(ln for ln in ok.split(b"\r\n") if ln.lower().startswith(b"to:")).decode()
         common = common.replace(f"To: <sip:sipp@127.0.0.1:{port}>", to.replace("to:", "To:", 1))
-        peer.sendall((f"ACK sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" + common +
-                      "CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
-        peer.sendall((f"BYE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n" +
-                      common.replace("z9hG4bK-t1", "z9hG4bK-t2") +
-                      "CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n").encode())
+        peer.sendall(
+            (
+                f"ACK sip:sipp@127.0.0.1:{port} SIP/2.0\r\n"
+                + common
+                + "CSeq: 1 ACK\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+        )
+        peer.sendall(
+            (
+                f"BYE sip:sipp@127.0.0.1:{port} SIP/2.0\r\n"
+                + common.replace("z9hG4bK-t1", "z9hG4bK-t2")
+                + "CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+        )
         assert sip.next().startswith(b"SIP/2.0 200")
         out, err = p.communicate(timeout=20)
     finally:
@@ -877,7 +959,7 @@ class SutResponder:
         self.keeper = keeper
         self.mode = mode
         self.bufs: dict[int, bytes] = {}
-        self.log: list[tuple[int, str, str]] = []    # (index, method, Call-ID)
+        self.log: list[tuple[int, str, str]] = []  # (index, method, Call-ID)
         self._stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -902,8 +984,14 @@ class SutResponder:
     def _answer(self, i: int, sock: socket.socket, msg: bytes):
         head = msg.split(b"\r\n\r\n", 1)[0].decode()
         method = head.split(" ", 1)[0]
-        callid = next((ln.split(":", 1)[1].strip() for ln in head.split("\r\n")[1:]
-                       if ln.split(":", 1)[0].strip().lower() in ("call-id", "i")), "")
+        callid = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in head.split("\r\n")[1:]
+                if ln.split(":", 1)[0].strip().lower() in ("call-id", "i")
+            ),
+            "",
+        )
         self.log.append((i, method, callid))
         if self.mode == "tag":
             sock.sendall(f"{i}:{callid}\r\n".encode())
@@ -912,6 +1000,7 @@ class SutResponder:
 
     def _run(self):
         import select
+
         while not self._stop:
             socks = list(self.keeper.sut_side)
             if not socks:
@@ -937,12 +1026,14 @@ class SutResponder:
 
 PERCALL_CALLS = [
     # (how the program sends, its From header line, the AoR the LEASE must name)
-    ("send", 'From: "Alice" <sip:alice@fdkeeper.test;transport=tcp>;tag=a1',
-     "sip:alice@fdkeeper.test"),
+    ("send", 'From: "Alice" <sip:alice@fdkeeper.test;transport=tcp>;tag=a1', "sip:alice@fdkeeper.test"),
     ("sendto", "f:sip:bob@fdkeeper.test;tag=b1", "sip:bob@fdkeeper.test"),
     ("writev", "FROM : <sip:alice@fdkeeper.test>;tag=a2", "sip:alice@fdkeeper.test"),
-    ("sendmsg", 'from:  "Carol <c>" <sips:+4930123;npdi@fdkeeper.test;user=phone?x=1>',
-     "sips:+4930123;npdi@fdkeeper.test"),
+    (
+        "sendmsg",
+        'from:  "Carol <c>" <sips:+4930123;npdi@fdkeeper.test;user=phone?x=1>',
+        "sips:+4930123;npdi@fdkeeper.test",
+    ),
     ("write", "From: <sip:dave%20d@fdkeeper.test>", "sip:dave%2520d@fdkeeper.test"),
     ("dup", "f: sip:bob@fdkeeper.test", "sip:bob@fdkeeper.test"),
 ]
@@ -953,9 +1044,10 @@ def percall_keeper(keeper_dir, sut, transport):
     (socketpair ends; nothing listens at the remote address)."""
     if transport == "tcp":
         return FakeKeeper(keeper_dir / "control.sock", sut), sut.addr
-    remote = "127.0.0.1:%d" % free_port()
-    return FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote,
-                      local_addr="127.0.0.1:40999"), remote
+    remote = f"127.0.0.1:{free_port()}"
+    return FakeKeeper(
+        keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, local_addr="127.0.0.1:40999"
+    ), remote
 
 
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
@@ -967,10 +1059,12 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
     k, remote = percall_keeper(keeper_dir, sut, transport)
     responder = SutResponder(k)
     try:
-        env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_PER_CALL="1",
-                       FDKEEPER_TRANSPORT=transport)
-        r = run(build, ["percall", *remote.split(":"), "127.0.0.1",
-                        *(f"{how}|{line}" for how, line, _ in PERCALL_CALLS)], env)
+        env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_PER_CALL="1", FDKEEPER_TRANSPORT=transport)
+        r = run(
+            build,
+            ["percall", *remote.split(":"), "127.0.0.1", *(f"{how}|{line}" for how, line, _ in PERCALL_CALLS)],
+            env,
+        )
     finally:
         responder.stop()
     try:
@@ -978,7 +1072,8 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
         kv = parse(r.stdout)
         assert k.requests == [
             f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 aor={aor}"
-            for _, _, aor in PERCALL_CALLS]
+            for _, _, aor in PERCALL_CALLS
+        ]
         assert k.peer_pids == [k.peer_pids[0]] * len(PERCALL_CALLS)
         # alice, bob, alice, carol, dave, bob: four users, four connections.
         assert k.leased == [0, 1, 0, 2, 3, 1]
@@ -1000,15 +1095,15 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
         # Every placeholder end and every kept fd is closed again.
         assert kv["fds_end"] == kv["fds_base"]
         assert [(i, cid) for i, _, cid in responder.log] == [
-            (k.leased[c], f"call-{c}") for c in range(len(PERCALL_CALLS))]
+            (k.leased[c], f"call-{c}") for c in range(len(PERCALL_CALLS))
+        ]
         lines = [ln for ln in r.stderr.splitlines() if ln]
         assert all(ln.startswith("fdkeeper-shim: ") for ln in lines), r.stderr
         assert sum("leased at its first send" in ln for ln in lines) == len(PERCALL_CALLS)
-        assert sum("handed over the kept connection" in ln and " of sip" in ln
-                   for ln in lines) == len(PERCALL_CALLS)
-        for i in range(len(k.kept)):      # the program's closes ended nothing
+        assert sum("handed over the kept connection" in ln and " of sip" in ln for ln in lines) == len(PERCALL_CALLS)
+        for i in range(len(k.kept)):  # the program's closes ended nothing
             still_open(k.kept[i], k.sut_side[i], tag=b"p%d" % i)
-        if transport == "tcp":            # TCP_NODELAY set before connect() was replayed
+        if transport == "tcp":  # TCP_NODELAY set before connect() was replayed
             assert k.kept[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         k.close()
@@ -1018,8 +1113,11 @@ def test_per_call_no_from_header(build, keeper, sut):
     """A first message without a From header: no lease, one line, ECONNREFUSED;
     close() still releases the placeholder."""
     env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_PER_CALL="1")
-    r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", "send|-",
-                    "send|X-From: <sip:alice@fdkeeper.test>"], env)
+    r = run(
+        build,
+        ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", "send|-", "send|X-From: <sip:alice@fdkeeper.test>"],
+        env,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     kv = parse(r.stdout)
     assert keeper.requests == []
@@ -1033,7 +1131,9 @@ def test_per_call_no_from_header(build, keeper, sut):
         r"fdkeeper: send\(fd \d+\) to " + re.escape(sut.addr) + r": the first message on this "
         r"per-call connection has no From header \(is it SIP\?\); with FDKEEPER_PER_CALL=1 "
         r"each connection is leased for the user \(AoR\) in the From header of the first SIP "
-        r"message sent on it", lines[0]), lines[0]
+        r"message sent on it",
+        lines[0],
+    ), lines[0]
 
 
 def test_per_call_keeper_error(build, keeper_dir, sut):
@@ -1041,15 +1141,18 @@ def test_per_call_keeper_error(build, keeper_dir, sut):
     text = f"fdkeeper: kept connection to {sut.addr}/tcp for sip:alice@fdkeeper.test is busy (test)"
     k = FakeKeeper(keeper_dir / "control.sock", sut, error=f"busy {text}")
     try:
-        r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1",
-                        "send|From: <sip:alice@fdkeeper.test>;tag=1"],
-                shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1"))
+        r = run(
+            build,
+            ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", "send|From: <sip:alice@fdkeeper.test>;tag=1"],
+            shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1"),
+        )
         kv = parse(r.stdout)
         assert kv["c0_connect"] == "0"
         assert kv["c0_send"] == "-1" and kv["c0_send_errno"] == "EBUSY"
         assert r.stderr == text + "\n"
-        assert k.requests == [f"LEASE role=client transport=tcp remote={sut.addr} "
-                              "local=127.0.0.1:0 aor=sip:alice@fdkeeper.test"]
+        assert k.requests == [
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 aor=sip:alice@fdkeeper.test"
+        ]
         assert kv["fds_end"] == kv["fds_base"]
     finally:
         k.close()
@@ -1060,17 +1163,26 @@ def test_per_call_unset_is_t1(build, keeper, sut):
     responder = SutResponder(keeper)
     try:
         env = shim_env(build, keeper.path, remote=sut.addr)
-        r = run(build, ["percall", "127.0.0.1", str(sut.port), "127.0.0.1",
-                        "send|From: <sip:alice@fdkeeper.test>", "writev|From: <sip:bob@x>"], env)
+        r = run(
+            build,
+            [
+                "percall",
+                "127.0.0.1",
+                str(sut.port),
+                "127.0.0.1",
+                "send|From: <sip:alice@fdkeeper.test>",
+                "writev|From: <sip:bob@x>",
+            ],
+            env,
+        )
     finally:
         responder.stop()
     assert r.returncode == 0, r.stdout + r.stderr
     kv = parse(r.stdout)
-    assert keeper.requests == [
-        f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"] * 2
+    assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"] * 2
     base = int(kv["fds_base"])
     for c in (0, 1):
-        assert int(kv[f"c{c}_fds"]) == base + 1          # no placeholder
+        assert int(kv[f"c{c}_fds"]) == base + 1  # no placeholder
         assert kv[f"c{c}_got"] == f"{c}:call-{c}" and kv[f"c{c}_domain"] == "inet"
     assert r.stderr == ""
 
@@ -1135,24 +1247,54 @@ def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
     try:
         env = shim_env(build, k.path, remote=sut.addr, debug=True, FDKEEPER_PER_CALL="1")
         p = subprocess.run(
-            [SIPP, "-sf", "uac.xml", "-inf", "users.csv", "-t", "tn", "-max_socket", "100", "-m", "3", "-l", "1",
-             "-nostdin", "-i", "127.0.0.1", "-timeout", "20s", "-trace_err", sut.addr],
-            env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, timeout=40)
+            [
+                SIPP,
+                "-sf",
+                "uac.xml",
+                "-inf",
+                "users.csv",
+                "-t",
+                "tn",
+                "-max_socket",
+                "100",
+                "-m",
+                "3",
+                "-l",
+                "1",
+                "-nostdin",
+                "-i",
+                "127.0.0.1",
+                "-timeout",
+                "20s",
+                "-trace_err",
+                sut.addr,
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=40,
+        )
     finally:
         responder.stop()
     try:
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
         assert k.requests == [
-            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 "
-            f"aor=sip:{user}@fdkeeper.test" for user in ("alice", "bob", "alice")]
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 aor=sip:{user}@fdkeeper.test"
+            for user in ("alice", "bob", "alice")
+        ]
         assert k.leased == [0, 1, 0]
         assert k.peer_pids == [k.peer_pids[0]] * 3
         calls = {}
         for i, method, callid in responder.log:
             calls.setdefault(callid, []).append((i, method))
-        assert sorted(calls.values()) == sorted([
-            [(0, "INVITE"), (0, "ACK"), (0, "BYE")], [(1, "INVITE"), (1, "ACK"), (1, "BYE")],
-            [(0, "INVITE"), (0, "ACK"), (0, "BYE")]]), responder.log
+        assert sorted(calls.values()) == sorted(
+            [
+                [(0, "INVITE"), (0, "ACK"), (0, "BYE")],
+                [(1, "INVITE"), (1, "ACK"), (1, "BYE")],
+                [(0, "INVITE"), (0, "ACK"), (0, "BYE")],
+            ]
+        ), responder.log
         assert p.stderr.count(b"leased at its first send") == 3
         for i in range(2):
             still_open(k.kept[i], k.sut_side[i], tag=b"p%d" % i)

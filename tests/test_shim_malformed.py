@@ -17,8 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from test_shim import WRAPPER, Sut, build, parse, shim_env  # noqa: F401 (build is a fixture)
+from test_shim import WRAPPER, Sut, build, parse, shim_env
 
 Packet = tuple[bytes, int]  # the bytes, and how many descriptors go with them (pipe ends)
 
@@ -100,10 +99,20 @@ def sut():
 def test_malformed_keeper_reply_never_crashes_the_program(build, tmp_path, sut, name):
     keeper = ScriptedKeeper(tmp_path / "control.sock", CASES[name])
     try:
-        client = subprocess.run([*WRAPPER, build["prog"], "connect", "127.0.0.1", str(sut.port)], capture_output=True,
-                                text=True, timeout=20, env=shim_env(build, keeper.path, remote=sut.addr))
-        server = subprocess.run([*WRAPPER, build["prog"], "server", "0"], capture_output=True, text=True, timeout=20,
-                                env=shim_env(build, keeper.path, role="server"))
+        client = subprocess.run(
+            [*WRAPPER, build["prog"], "connect", "127.0.0.1", str(sut.port)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=shim_env(build, keeper.path, remote=sut.addr),
+        )
+        server = subprocess.run(
+            [*WRAPPER, build["prog"], "server", "0"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env=shim_env(build, keeper.path, role="server"),
+        )
     finally:
         keeper.close()
     for result in (client, server):

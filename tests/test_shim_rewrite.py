@@ -19,9 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from test_shim import (  # noqa: F401 (build is a fixture)
-    EXTRA_CFLAGS, ROOT, FakeKeeper, Sut, build, compile_program, free_port, parse, run, shim_env)
+from test_shim import EXTRA_CFLAGS, ROOT, FakeKeeper, Sut, build, compile_program, free_port, parse, run, shim_env
 
 HELPERS = ROOT / "helpers"
 REWRITE_TEST_SRC = ROOT / "tests" / "shim" / "rewrite_test.c"
@@ -51,12 +49,14 @@ def reference(message: bytes, old: str = PH, new: str = KEPT) -> bytes:
 
 
 def sip_message(via: str, body: bytes = b"", extra: str = "") -> bytes:
-    head = (f"INVITE sip:service@127.0.0.1:5060 SIP/2.0\r\n"
-            f"Via: SIP/2.0/TCP {via};branch=z9hG4bK-1\r\n"
-            f"From: <sip:alice@fdkeeper.test>;tag=1\r\nTo: <sip:service@127.0.0.1:5060>\r\n"
-            f"Call-ID: 1-42@127.0.0.1\r\nCSeq: 1 INVITE\r\n"
-            f"Contact: <sip:alice@{via};transport=tcp>\r\n{extra}"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"INVITE sip:service@127.0.0.1:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/TCP {via};branch=z9hG4bK-1\r\n"
+        f"From: <sip:alice@fdkeeper.test>;tag=1\r\nTo: <sip:service@127.0.0.1:5060>\r\n"
+        f"Call-ID: 1-42@127.0.0.1\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:alice@{via};transport=tcp>\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -66,18 +66,24 @@ def sip_message(via: str, body: bytes = b"", extra: str = "") -> bytes:
 def test_via_and_contact_rewritten_body_untouched(rewrite_test):
     message = sip_message(PH, body=f"v=0\r\nc=IN IP4 {PH}\r\n".encode())
     counts, out = apply(rewrite_test, message)
-    assert counts == f"end={message.index(b';transport') } count=2"
+    assert counts == f"end={message.index(b';transport')} count=2"
     assert out == reference(message)
     assert out.count(KEPT.encode()) == 2 and out.count(PH.encode()) == 1  # the body's
     assert len(out) == len(message)
 
 
-@pytest.mark.parametrize("text", [
-    f"{PH}0",          # a longer port
-    f"1{PH}",          # a longer address
-    f"a{PH}", f"x.{PH}", f":{PH}", f"-{PH}",
-    "127.0.0.1:4688",  # a prefix
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{PH}0",  # a longer port
+        f"1{PH}",  # a longer address
+        f"a{PH}",
+        f"x.{PH}",
+        f":{PH}",
+        f"-{PH}",
+        "127.0.0.1:4688",  # a prefix
+    ],
+)
 def test_only_whole_addresses(rewrite_test, text):
     message = sip_message("127.0.0.1:5060", extra=f"X-Test: {text};x\r\n")
     counts, out = apply(rewrite_test, message)
@@ -113,8 +119,9 @@ def test_partial_sends_never_send_half_old(rewrite_test, seed):
         via = PH if i % 4 else "127.0.0.1:5060"
         body = f"{PH} in the body {i}\r\n".encode() * rng.randrange(0, 3)
         messages.append(sip_message(via, body, fillers))
-    result = subprocess.run([rewrite_test, "stream", PH, KEPT, str(seed)], input=b"\0".join(messages),
-                            capture_output=True, timeout=20)
+    result = subprocess.run(
+        [rewrite_test, "stream", PH, KEPT, str(seed)], input=b"\0".join(messages), capture_output=True, timeout=20
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"".join(reference(m) for m in messages)
     sends, partial = (int(v) for v in re.findall(rb"=(\d+)", result.stderr))
@@ -173,15 +180,27 @@ def run_percallvia(build, transport: str, per_call: bool, sndbuf: int, fillers: 
     sut.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by the kept one
     remote = sut.addr if transport == "tcp" else f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="fdk-via-") as tmp:
-        keeper = FakeKeeper(Path(tmp) / "control.sock", sut, pairs=transport == "tls", peer_addr=remote,
-                            local_addr="127.0.0.1:40999")
+        keeper = FakeKeeper(
+            Path(tmp) / "control.sock", sut, pairs=transport == "tls", peer_addr=remote, local_addr="127.0.0.1:40999"
+        )
         slow = SlowSut(keeper)
         try:
             extra = {"FDKEEPER_PER_CALL": "1"} if per_call else {}
             env = shim_env(build, keeper.path, remote=remote, FDKEEPER_TRANSPORT=transport, **extra)
-            r = run(build, ["percallvia", *remote.split(":"), "127.0.0.1",
-                            "From: <sip:alice@fdkeeper.test>;tag=1", str(sndbuf), str(fillers), str(calls)],
-                    env, timeout=60)
+            r = run(
+                build,
+                [
+                    "percallvia",
+                    *remote.split(":"),
+                    "127.0.0.1",
+                    "From: <sip:alice@fdkeeper.test>;tag=1",
+                    str(sndbuf),
+                    str(fillers),
+                    str(calls),
+                ],
+                env,
+                timeout=60,
+            )
         finally:
             slow.stop()
             keeper.close()

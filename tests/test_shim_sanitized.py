@@ -19,16 +19,21 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "helpers"))
-from shimbuild import asan_runtime  # noqa: E402
+from shimbuild import asan_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
-SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:", "SUMMARY: UndefinedBehaviorSanitizer")
+SANITIZER_REPORTS = (
+    "ERROR: AddressSanitizer",
+    "ERROR: LeakSanitizer",
+    "runtime error:",
+    "SUMMARY: UndefinedBehaviorSanitizer",
+)
 
 
 def _asan_available() -> bool:
     try:
         return bool(asan_runtime())
-    except Exception:  # noqa: BLE001 - no gcc or no libasan: nothing to run under
+    except Exception:
         return False
 
 
@@ -42,9 +47,26 @@ def test_shim_tests_pass_under_asan_and_ubsan():
     }
     basetemp = tempfile.mkdtemp(prefix="fdk-san-")  # short: the tests bind unix sockets under it
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", basetemp,
-         "tests/test_shim.py", "tests/test_shim_malformed.py", "tests/test_shim_rewrite.py", "-k", "not real_sipp"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            basetemp,
+            "tests/test_shim.py",
+            "tests/test_shim_malformed.py",
+            "tests/test_shim_rewrite.py",
+            "-k",
+            "not real_sipp",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     shutil.rmtree(basetemp, ignore_errors=True)
     output = result.stdout + result.stderr

@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import pytest
 
-from fdkeeper.sip.message import CALL_ID, ROUTE, VIA, Edits, Malformed, Message, end_of_element, make_reply, remove_element
+from fdkeeper.sip.message import (
+    CALL_ID,
+    ROUTE,
+    VIA,
+    Edits,
+    Malformed,
+    Message,
+    end_of_element,
+    make_reply,
+    remove_element,
+)
 from fdkeeper.sip.uri import uri_hostport, uri_ip_address, via_param, via_parts, via_reply_address
 
-REQUEST = (b"OPTIONS sip:bob@example.test SIP/2.0\r\n"
-           b"v: SIP/2.0/UDP 10.0.0.1:5080;branch=z9hG4bK1, SIP/2.0/TCP 10.0.0.2;branch=z9hG4bK2\r\n"
-           b"VIA : SIP/2.0/UDP 10.0.0.3:5090;received=10.9.9.9;rport=6000\r\n"
-           b"Route: <sip:a.test;lr>,\r\n <sip:b.test;lr>\r\n"
-           b"From: <sip:a@example.test>;tag=1\r\nTo: \"Bob, B\" <sip:bob@example.test>\r\nCall-ID: x@y\r\n"
-           b"CSeq: 1 OPTIONS\r\nContent-Length: 4\r\n\r\nbody")
+REQUEST = (
+    b"OPTIONS sip:bob@example.test SIP/2.0\r\n"
+    b"v: SIP/2.0/UDP 10.0.0.1:5080;branch=z9hG4bK1, SIP/2.0/TCP 10.0.0.2;branch=z9hG4bK2\r\n"
+    b"VIA : SIP/2.0/UDP 10.0.0.3:5090;received=10.9.9.9;rport=6000\r\n"
+    b"Route: <sip:a.test;lr>,\r\n <sip:b.test;lr>\r\n"
+    b'From: <sip:a@example.test>;tag=1\r\nTo: "Bob, B" <sip:bob@example.test>\r\nCall-ID: x@y\r\n'
+    b"CSeq: 1 OPTIONS\r\nContent-Length: 4\r\n\r\nbody"
+)
 
 
 def test_headers_are_found_in_any_case_and_compact_form_and_folded_lines_belong_to_them():
@@ -30,7 +42,7 @@ def test_headers_are_found_in_any_case_and_compact_form_and_folded_lines_belong_
 
 def test_elements_end_at_a_comma_outside_brackets_and_quotes():
     value = b'"Bob, B" <sip:b@x;a=1,2>, <sip:c@y>'
-    assert value[:end_of_element(value, 0, len(value))] == b'"Bob, B" <sip:b@x;a=1,2>'
+    assert value[: end_of_element(value, 0, len(value))] == b'"Bob, B" <sip:b@x;a=1,2>'
     unclosed = b"<sip:b@x, <sip:c@y>"
     assert end_of_element(unclosed, 0, len(unclosed)) == len(unclosed)
 
@@ -50,14 +62,17 @@ def test_edits_apply_in_position_order_insertions_keeping_theirs():
     assert Edits().apply(b"same") == b"same"
 
 
-@pytest.mark.parametrize("data, kind", [
-    (b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 0\r\n", "no end of headers"),
-    (b"SIP/2.0 2000 OK\r\n\r\n", "bad status line"),
-    (b"OPTIONS  sip:a SIP/2.0\r\n\r\n", "bad request line"),
-    (b"OPT:IONS sip:a SIP/2.0\r\n\r\n", "bad request line"),
-    (b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n", "bad Content-Length"),
-    (b"OPTIONS sip:a SIP/2.0\r\nl: 5\r\n\r\nabc", "truncated body"),
-])
+@pytest.mark.parametrize(
+    "data, kind",
+    [
+        (b"OPTIONS sip:a SIP/2.0\r\nContent-Length: 0\r\n", "no end of headers"),
+        (b"SIP/2.0 2000 OK\r\n\r\n", "bad status line"),
+        (b"OPTIONS  sip:a SIP/2.0\r\n\r\n", "bad request line"),
+        (b"OPT:IONS sip:a SIP/2.0\r\n\r\n", "bad request line"),
+        (b"OPTIONS sip:a SIP/2.0\r\nl: x\r\n\r\n", "bad Content-Length"),
+        (b"OPTIONS sip:a SIP/2.0\r\nl: 5\r\n\r\nabc", "truncated body"),
+    ],
+)
 def test_malformed_messages_name_their_kind(data, kind):
     with pytest.raises(Malformed) as raised:
         Message(data, datagram=True)
@@ -78,19 +93,24 @@ def test_reply_keeps_the_transaction_headers_and_tags_the_to():
     head = reply.split(b"\r\n")
     assert head[0] == b"SIP/2.0 503 Service Unavailable"
     assert [line.split(b":")[0] for line in head[1:7]] == [b"v", b"VIA ", b"From", b"To", b"Call-ID", b"CSeq"]
-    assert head[4].startswith(b'To: "Bob, B" <sip:bob@example.test>;tag=fdk') and reply.endswith(b"Content-Length: 0\r\n\r\n")
+    assert head[4].startswith(b'To: "Bob, B" <sip:bob@example.test>;tag=fdk') and reply.endswith(
+        b"Content-Length: 0\r\n\r\n"
+    )
 
 
-@pytest.mark.parametrize("text, expected", [
-    (b"sip:bob@Example.TEST", (b"example.test", 5060, b"")),
-    (b"<sips:bob@example.test:5071>", (b"example.test", 5071, b"tls")),
-    (b"\"B\" <sip:[::1]:5070;transport=TCP;lr>", (b"::1", 5070, b"tcp")),
-    (b"sip:10.0.0.1;lr?h=1", (b"10.0.0.1", 5060, b"")),
-    (b"10.0.0.9:5070", (b"10.0.0.9", 5070, b"")),
-    (b"sip:a@host:99999", None),
-    (b"sip:a@:5060", None),
-    (b"sip:a@[::1", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (b"sip:bob@Example.TEST", (b"example.test", 5060, b"")),
+        (b"<sips:bob@example.test:5071>", (b"example.test", 5071, b"tls")),
+        (b'"B" <sip:[::1]:5070;transport=TCP;lr>', (b"::1", 5070, b"tcp")),
+        (b"sip:10.0.0.1;lr?h=1", (b"10.0.0.1", 5060, b"")),
+        (b"10.0.0.9:5070", (b"10.0.0.9", 5070, b"")),
+        (b"sip:a@host:99999", None),
+        (b"sip:a@:5060", None),
+        (b"sip:a@[::1", None),
+    ],
+)
 def test_uri_host_port_and_transport(text, expected):
     assert uri_hostport(text) == expected
     assert uri_hostport(text) == expected  # the memoized answer is the same

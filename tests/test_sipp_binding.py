@@ -24,6 +24,7 @@ V361, V377 = (3, 6, 1), (3, 7, 7)
 
 # ---------------------------------------------------------------- the rule, release by release
 
+
 def test_sipp_3_6_binds_its_client_connection_to_p_else_an_ephemeral_port():
     assert sipp_binding(V361, None, None) == Binding(None)  # the shared connection
     assert sipp_binding(V361, "127.0.0.1", None) == Binding(("127.0.0.1", 0))  # ephemeral all the same
@@ -65,6 +66,7 @@ def test_the_invocation_reads_the_binding_with_its_own_release():
 
 # ---------------------------------------------------------------- the keeper opens nothing early
 
+
 @pytest.fixture
 def peer():
     listener = socket.create_server(("127.0.0.1", 0))
@@ -80,7 +82,7 @@ def lease_in_child(keeper, remote, local) -> int:
         try:
             keeper.lease(role="client", transport="tcp", remote=remote, local=local)
             os._exit(0)
-        except BaseException as error:  # noqa: BLE001 - reported by the parent's assert
+        except BaseException as error:
             os.write(2, f"child: {error}\n".encode())
             os._exit(1)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -134,7 +136,10 @@ def test_a_converter_per_identity_named_to_fit_a_unix_socket():
     sut, directory = ("127.0.0.1", 5060), Path("/run/user/1000/fdkeeper")  # names only: nothing is created
     shared = converter_files(directory, sut, "tcp")[0]
     own = converter_files(directory, sut, "tcp", ("127.0.0.1", 5063))[0]
-    assert shared.name == "convert-127.0.0.1_5060_tcp.sock" and own.name == "convert-127.0.0.1_5060_tcp-from-127.0.0.1_5063.sock"
+    assert (
+        shared.name == "convert-127.0.0.1_5060_tcp.sock"
+        and own.name == "convert-127.0.0.1_5060_tcp-from-127.0.0.1_5063.sock"
+    )
     deep = directory / ("d" * 40)
     short = converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert len(bytes(short)) <= MAX_UNIX_PATH and short == converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
@@ -144,4 +149,4 @@ def test_a_converter_per_identity_named_to_fit_a_unix_socket():
 def test_without_i_the_wildcard_is_of_the_suts_family():
     assert sipp_binding(V361, None, 5070, ("::1", 5060)) == Binding(("::", 5070))
     assert sipp_binding(V377, None, 5070, ("127.0.0.1", 5060)) == Binding(("0.0.0.0", 5070))
-    assert likely_main_port("::1", range(0, 0)) == ("::1", 0)
+    assert likely_main_port("::1", range(0)) == ("::1", 0)

@@ -30,7 +30,14 @@ def test_versions_as_sipp_v_prints_them():
 
 @pytest.mark.parametrize(
     "version, table",
-    [((3, 6, 1), SIPP_3_6), ((3, 7, 0), SIPP_3_7_0), ((3, 7, 4), SIPP_3_7_3), ((3, 7, 7), SIPP_3_7_5), ((3, 8, 0), None), ((3, 5, 0), None)],
+    [
+        ((3, 6, 1), SIPP_3_6),
+        ((3, 7, 0), SIPP_3_7_0),
+        ((3, 7, 4), SIPP_3_7_3),
+        ((3, 7, 7), SIPP_3_7_5),
+        ((3, 8, 0), None),
+        ((3, 5, 0), None),
+    ],
 )
 def test_each_release_has_its_table(version, table):
     assert table_for(version) == table
@@ -96,11 +103,24 @@ def test_sipps_tls_options_mean_the_same_for_the_keeper(tmp_path):
     files = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key", "crl")}
     for path in files.values():
         path.write_text("x")
-    options = keeper_tls_options(TlsOptions(), tls_invocation(
-        "-tls_ca", str(files["ca"]), "-tls_cert", str(files["cert"]), "-tls_key", str(files["key"]),
-        "-tls_crl", str(files["crl"]), "-tls_version", "1.2",
-    ))
-    assert (options.ca, options.cert, options.key, options.crl) == tuple(str(files[n]) for n in ("ca", "cert", "key", "crl"))
+    options = keeper_tls_options(
+        TlsOptions(),
+        tls_invocation(
+            "-tls_ca",
+            str(files["ca"]),
+            "-tls_cert",
+            str(files["cert"]),
+            "-tls_key",
+            str(files["key"]),
+            "-tls_crl",
+            str(files["crl"]),
+            "-tls_version",
+            "1.2",
+        ),
+    )
+    assert (options.ca, options.cert, options.key, options.crl) == tuple(
+        str(files[n]) for n in ("ca", "cert", "key", "crl")
+    )
     assert (options.min_version, options.max_version, options.sni) == ("1.2", "1.2", "sut.test")
     assert keeper_tls_options(TlsOptions(), tls_invocation("-tls_version", "1.3")).min_version == "1.3"
     assert keeper_tls_options(TlsOptions(), tls_invocation("-tls_version", "0")).max_version is None

@@ -8,14 +8,27 @@ from pathlib import Path
 import pytest
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.sipp.args import parse_sipp_args, sipp_host_port as split_host_port
+from fdkeeper.sipp.args import parse_sipp_args
+from fdkeeper.sipp.args import sipp_host_port as split_host_port
 from fdkeeper.sipp.scenario import scenario_role
 
 SCENARIOS = "scenarios"
 
 
 def test_register_command_line():
-    args = "-sf scenarios/uac-register.xml -inf users.csv -t t1 -i 127.0.0.1 -m 1 127.0.0.1:5070".split()
+    args = [
+        "-sf",
+        "scenarios/uac-register.xml",
+        "-inf",
+        "users.csv",
+        "-t",
+        "t1",
+        "-i",
+        "127.0.0.1",
+        "-m",
+        "1",
+        "127.0.0.1:5070",
+    ]
     invocation = parse_sipp_args(args)
     assert invocation.transport == "tcp" and not invocation.per_call_sockets
     assert invocation.role == "client"
@@ -25,14 +38,18 @@ def test_register_command_line():
 
 
 def test_answer_command_line_without_remote():
-    invocation = parse_sipp_args("-sf scenarios/uas-answer.xml -t t1 -i 127.0.0.1 -p 5070 -m 5".split())
+    invocation = parse_sipp_args(
+        ["-sf", "scenarios/uas-answer.xml", "-t", "t1", "-i", "127.0.0.1", "-p", "5070", "-m", "5"]
+    )
     assert invocation.role == "server"
     assert invocation.remote_address() is None
     assert invocation.local_bind() == ("127.0.0.1", 5070)
 
 
 def test_flags_and_pairs_do_not_swallow_the_remote_host():
-    invocation = parse_sipp_args(["-bg", "-trace_err", "-set", "a", "b", "-key", "k", "v", "-nostdin", "sut.example:5080"])
+    invocation = parse_sipp_args(
+        ["-bg", "-trace_err", "-set", "a", "b", "-key", "k", "v", "-nostdin", "sut.example:5080"]
+    )
     assert invocation.remote_host == "sut.example:5080"
     assert invocation.options["set"] == ["a", "b"]
 
@@ -48,7 +65,12 @@ def test_builtin_scenarios_and_defaults():
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("10.0.0.5", ("10.0.0.5", 5060)), ("10.0.0.5:5070", ("10.0.0.5", 5070)), ("[::1]:5062", ("::1", 5062)), ("::1", ("::1", 5060))],
+    [
+        ("10.0.0.5", ("10.0.0.5", 5060)),
+        ("10.0.0.5:5070", ("10.0.0.5", 5070)),
+        ("[::1]:5062", ("::1", 5062)),
+        ("::1", ("::1", 5060)),
+    ],
 )
 def test_remote_host_port(text, expected):
     assert split_host_port(text) == expected
@@ -74,8 +96,25 @@ def test_scenario_errors_name_the_file(tmp_path):
 
 
 def test_sipps_tls_options_are_taken_out_for_the_keeper():
-    given = ["-sf", "x.xml", "-tls_cert", "c.pem", "-t", "l1", "-tls_key", "k.pem", "-tls_ca", "ca.pem",
-             "-tls_crl", "crl.pem", "-tls_version", "1.2", "-m", "1", "sut.test:5061"]
+    given = [
+        "-sf",
+        "x.xml",
+        "-tls_cert",
+        "c.pem",
+        "-t",
+        "l1",
+        "-tls_key",
+        "k.pem",
+        "-tls_ca",
+        "ca.pem",
+        "-tls_crl",
+        "crl.pem",
+        "-tls_version",
+        "1.2",
+        "-m",
+        "1",
+        "sut.test:5061",
+    ]
     invocation = parse_sipp_args(given)
     assert invocation.tls == {"cert": "c.pem", "key": "k.pem", "ca": "ca.pem", "crl": "crl.pem", "version": "1.2"}
     assert invocation.args == ["-sf", "x.xml", "-t", "l1", "-m", "1", "sut.test:5061"]
@@ -136,8 +175,12 @@ def test_tls_run_copies_the_mixed_mode_scenario_too(tmp_path):
     from fdkeeper.sipp.scenario import tls_arguments
 
     rx = tmp_path / "rx.xml"
-    rx.write_text('<scenario><recv request="INVITE"/><send><![CDATA[SIP/2.0 200 OK\nVia: [last_Via:]\n;transport=[transport]]]></send></scenario>')
-    invocation = parse_sipp_args(["-sf", f"{SCENARIOS}/uac-register.xml", "-rxsf", str(rx), "-t", "l1", "127.0.0.1:5061"])
+    rx.write_text(
+        '<scenario><recv request="INVITE"/><send><![CDATA[SIP/2.0 200 OK\nVia: [last_Via:]\n;transport=[transport]]]></send></scenario>'
+    )
+    invocation = parse_sipp_args(
+        ["-sf", f"{SCENARIOS}/uac-register.xml", "-rxsf", str(rx), "-t", "l1", "127.0.0.1:5061"]
+    )
     args, copies = tls_arguments(invocation, Path("sipp"), tmp_path)
     try:
         assert args[args.index("-t") + 1] == "t1"

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -77,7 +77,10 @@ class FakeKeeper:
         extra = [str(inherited.fileno())] if inherited else []
         self.process = subprocess.Popen(
             [*as_user(user), sys.executable, "-c", FAKE_KEEPER, str(path), *extra],
-            stdout=subprocess.PIPE, text=True, cwd="/", pass_fds=[inherited.fileno()] if inherited else [],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            pass_fds=[inherited.fileno()] if inherited else [],
         )
         assert self.process.stdout.readline().strip() == "ready"
 
@@ -121,7 +124,9 @@ def squatted() -> Iterator[tuple[Path, FakeKeeper]]:
 # ---------------------------------------------------------------- 1. squatted directory
 
 
-@pytest.mark.parametrize("command", [["status"], ["stop"], ["keeper"], ["sipp", "-sn", "uac", "-t", "t1", "-m", "1", "127.0.0.1:9"]])
+@pytest.mark.parametrize(
+    "command", [["status"], ["stop"], ["keeper"], ["sipp", "-sn", "uac", "-t", "t1", "-m", "1", "127.0.0.1:9"]]
+)
 def test_a_squatted_directory_is_refused_before_its_socket_is_touched(squatted, command):
     directory, fake = squatted
     result = fdkeeper(*command, env={"FDKEEPER_DIR": str(directory)})
@@ -169,8 +174,14 @@ def test_the_default_directory_is_one_others_cannot_create(monkeypatch, tmp_path
     ours.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(ours))
     assert default_directory() == ours / "fdkeeper"
-    shown = subprocess.run([*as_user(NOBODY), sys.executable, "-c", "from fdkeeper.statedir import default_directory as d; print(d())"],
-                           capture_output=True, text=True, cwd="/", env={**os.environ, "XDG_RUNTIME_DIR": ""}, check=True)
+    shown = subprocess.run(
+        [*as_user(NOBODY), sys.executable, "-c", "from fdkeeper.statedir import default_directory as d; print(d())"],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env={**os.environ, "XDG_RUNTIME_DIR": ""},
+        check=True,
+    )
     assert shown.stdout.strip() == "/tmp/fdkeeper-65534"  # checked like any other when used
 
 
@@ -257,7 +268,9 @@ def test_a_file_as_directory_is_one_line(tmp_path):
 def test_a_directory_too_long_for_a_unix_socket_is_one_line(tmp_path):
     long = tmp_path / ("d" * (MAX_SOCKET_PATH - len(str(tmp_path))))
     for command in ("status", "stop"):
-        assert_one_line_refusal(fdkeeper(command, "--dir", str(long)), f"longer than {MAX_SOCKET_PATH} bytes", "shorter --dir")
+        assert_one_line_refusal(
+            fdkeeper(command, "--dir", str(long)), f"longer than {MAX_SOCKET_PATH} bytes", "shorter --dir"
+        )
     long.mkdir()
     assert_one_line_refusal(fdkeeper("status", "--dir", str(long)), "shorter --dir")
 

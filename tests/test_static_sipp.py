@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 
 from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.modes import MODES, RunNeeds, choose_mode
 from fdkeeper.modes.ptrace import PtraceMode
 from fdkeeper.modes.ptrace.percall import from_aor
-from fdkeeper.client import KeeperClient
 
 STATIC_SIPP = testbed.sipp_build("sipp-static")
 USERS = 12
 STOPS_BESIDE_HANDOFFS = 24  # start-up (exec, the first handoff call by call, the code mapped), exit
+
 
 def user_names(count: int) -> list[str]:
     return [f"user{index:04d}" for index in range(1, count + 1)]
@@ -45,20 +46,41 @@ def source_port_by_aor(kamailio, names: list[str]) -> dict[str, int]:
 
 def local_port_by_aor(keeper_dir) -> dict[str, int]:
     """The keeper's view: the local port of each user's kept connection."""
-    return {user_of(c["aor"]): int(c["local"].rsplit(":", 1)[1]) for c in kept(keeper_dir)
-            if c["aor"] and c["state"] != "closed"}
+    return {
+        user_of(c["aor"]): int(c["local"].rsplit(":", 1)[1])
+        for c in kept(keeper_dir)
+        if c["aor"] and c["state"] != "closed"
+    }
 
 
 def through_fdkeeper(scenario, remote, keeper_dir, tmp_path, name, *, transport, options=(), **sipp_options):
-    return start_through_fdkeeper(str(STATIC_SIPP), scenario, remote, directory=keeper_dir, log_dir=tmp_path / "logs",
-                                  name=name, options=tuple(options), transport=transport, **sipp_options)
+    return start_through_fdkeeper(
+        str(STATIC_SIPP),
+        scenario,
+        remote,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name=name,
+        options=tuple(options),
+        transport=transport,
+        **sipp_options,
+    )
 
 
 def static_sipp_calls(kamailio, tmp_path, users_csv, count, name):
     """A plain static sipp over UDP calling each user of the CSV through Kamailio."""
     command = testbed.sipp_command(
-        str(STATIC_SIPP), "uac-call-users.xml", kamailio.address, log_dir=tmp_path / "logs", name=name,
-        transport="u1", local_ip=kamailio.host, calls=count, rate=50, timeout=30, extra=["-inf", str(users_csv)],
+        str(STATIC_SIPP),
+        "uac-call-users.xml",
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name=name,
+        transport="u1",
+        local_ip=kamailio.host,
+        calls=count,
+        rate=50,
+        timeout=30,
+        extra=["-inf", str(users_csv)],
     )
     (tmp_path / "logs").mkdir(parents=True, exist_ok=True)
     return testbed.SippProcess(command, tmp_path / "logs", name)
@@ -78,13 +100,19 @@ def test_auto_picks_ptrace_for_a_static_per_call_client():
     assert choose_mode("ptrace", STATIC_SIPP, needs) is MODES["ptrace"]
 
 
-@pytest.mark.parametrize("message, aor", [
-    (b"REGISTER sip:d SIP/2.0\r\nVia: x\r\nFrom: \"A <b>;c\" <sip:alice@d;transport=tcp>;tag=1\r\n\r\n", "sip:alice@d"),
-    (b"INVITE sip:bob@d SIP/2.0\r\nf: sip:u@h;tag=2\r\n\r\n", "sip:u@h"),
-    (b"INVITE sip:bob@d SIP/2.0\r\nFROM : <sip:u;x@h;lr?h=1>;tag=2\r\n\r\n", "sip:u;x@h"),
-    (b"INVITE sip:bob@d SIP/2.0\r\nTo: <sip:bob@d>\r\n\r\nFrom: <sip:body@d>", None),
-    (b"INVITE sip:bob@d SIP/2.0\r\nFrom: <sip:open@d\r\n\r\n", None),
-])
+@pytest.mark.parametrize(
+    "message, aor",
+    [
+        (
+            b'REGISTER sip:d SIP/2.0\r\nVia: x\r\nFrom: "A <b>;c" <sip:alice@d;transport=tcp>;tag=1\r\n\r\n',
+            "sip:alice@d",
+        ),
+        (b"INVITE sip:bob@d SIP/2.0\r\nf: sip:u@h;tag=2\r\n\r\n", "sip:u@h"),
+        (b"INVITE sip:bob@d SIP/2.0\r\nFROM : <sip:u;x@h;lr?h=1>;tag=2\r\n\r\n", "sip:u;x@h"),
+        (b"INVITE sip:bob@d SIP/2.0\r\nTo: <sip:bob@d>\r\n\r\nFrom: <sip:body@d>", None),
+        (b"INVITE sip:bob@d SIP/2.0\r\nFrom: <sip:open@d\r\n\r\n", None),
+    ],
+)
 def test_the_aor_is_read_as_the_shim_reads_it(message, aor):
     assert from_aor(message) == aor
 
@@ -94,8 +122,17 @@ def register_gap_answer(kamailio, remote, keeper_dir, tmp_path, transport, optio
     names = user_names(USERS)
     users_csv = testbed.write_users_csv(tmp_path / "users.csv", names, kamailio.domain)
     register = through_fdkeeper(
-        "uac-register.xml", remote, keeper_dir, tmp_path, "register", transport=transport, options=(*options, "--debug"),
-        calls=USERS, rate=200, timeout=30, extra=["-inf", str(users_csv), "-l", str(USERS), "-max_socket", "400"],
+        "uac-register.xml",
+        remote,
+        keeper_dir,
+        tmp_path,
+        "register",
+        transport=transport,
+        options=(*options, "--debug"),
+        calls=USERS,
+        rate=200,
+        timeout=30,
+        extra=["-inf", str(users_csv), "-l", str(USERS), "-max_socket", "400"],
     ).wait(60)
     assert register.ok and register.successful == USERS, register.summary()
     assert register.text("stderr").count("fdkeeper-ptrace: send(fd ") == USERS  # a ptrace handoff per user
@@ -109,7 +146,9 @@ def register_gap_answer(kamailio, remote, keeper_dir, tmp_path, transport, optio
     # sipp waits on the tracer at each ptrace stop: per handoff its epoll_ctl(ADD), connect(),
     # fcntl(F_SETFL) (emulated) and send (7 before: connect's exit, fcntl's entry and exit, and
     # the int3 of a handoff code that did not jump back); the first handoff and start-up add a few.
-    stops, handoffs = map(int, re.search(r"(\d+) ptrace stops for (\d+) per-call handoff", register.text("stderr")).groups())
+    stops, handoffs = map(
+        int, re.search(r"(\d+) ptrace stops for (\d+) per-call handoff", register.text("stderr")).groups()
+    )
     assert handoffs == USERS and stops <= 4 * USERS + STOPS_BESIDE_HANDOFFS, stops
 
     connections = kept(keeper_dir)
@@ -120,10 +159,21 @@ def register_gap_answer(kamailio, remote, keeper_dir, tmp_path, transport, optio
     assert len(set(registered.values())) == USERS
 
     # A call in the gap (no run attached) waits in the keeper for the answer run.
-    gap = static_sipp_calls(kamailio, tmp_path, testbed.write_users_csv(tmp_path / "gap.csv", names[:1], kamailio.domain), 1, "gap")
+    gap = static_sipp_calls(
+        kamailio, tmp_path, testbed.write_users_csv(tmp_path / "gap.csv", names[:1], kamailio.domain), 1, "gap"
+    )
     answer = through_fdkeeper(
-        "uas-answer.xml", remote, keeper_dir, tmp_path, "answer", transport=transport, options=options,
-        calls=USERS + 1, timeout=60, local_port=testbed.free_port(), extra=["-max_socket", "400"],
+        "uas-answer.xml",
+        remote,
+        keeper_dir,
+        tmp_path,
+        "answer",
+        transport=transport,
+        options=options,
+        calls=USERS + 1,
+        timeout=60,
+        local_port=testbed.free_port(),
+        extra=["-max_socket", "400"],
     )
     during = static_sipp_calls(kamailio, tmp_path, users_csv, USERS, "during").wait(60)
     answered = answer.wait(60)
@@ -153,13 +203,31 @@ def test_single_connection_static_sipp_still_works(kamailio_tls, test_pki, keepe
     options = ("--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name) if tls else ()
     users_csv = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio_tls.domain)
     register = start_through_fdkeeper(
-        str(STATIC_SIPP), "uac-register.xml", remote, directory=keeper_dir, log_dir=tmp_path / "logs", name="register",
-        options=options, transport=transport, calls=1, timeout=15, extra=["-inf", str(users_csv)],
+        str(STATIC_SIPP),
+        "uac-register.xml",
+        remote,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name="register",
+        options=options,
+        transport=transport,
+        calls=1,
+        timeout=15,
+        extra=["-inf", str(users_csv)],
     ).wait(30)
     assert register.ok, register.summary()
     answer = start_through_fdkeeper(
-        str(STATIC_SIPP), "uas-answer.xml", remote, directory=keeper_dir, log_dir=tmp_path / "logs", name="answer",
-        options=options, transport=transport, calls=1, timeout=30, local_port=testbed.free_port(),
+        str(STATIC_SIPP),
+        "uas-answer.xml",
+        remote,
+        directory=keeper_dir,
+        log_dir=tmp_path / "logs",
+        name="answer",
+        options=options,
+        transport=transport,
+        calls=1,
+        timeout=30,
+        local_port=testbed.free_port(),
     )
     caller = testbed.place_calls(kamailio_tls, "alice", 1, sipp=str(STATIC_SIPP), timeout=15, log_dir=tmp_path / "logs")
     answered = answer.wait(30)

@@ -54,6 +54,7 @@ def mode_of(name: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------- a registrar that counts connections
 
+
 @dataclass
 class Registrar:
     """A TCP SuT on loopback: answers 200 to every REGISTER, notes each connection's source.
@@ -70,7 +71,7 @@ class Registrar:
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(8)
-        self.address = "%s:%d" % self._listener.getsockname()
+        self.address = "{}:{}".format(*self._listener.getsockname())
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._closing = False
@@ -115,7 +116,9 @@ class Registrar:
 def _ok(request: bytes) -> bytes:
     """200 OK to ``request``: its Via, From, To, Call-ID and CSeq, a To tag."""
     head = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
-    copied = [line for line in head if line.split(b":", 1)[0].strip().lower() in (b"via", b"from", b"to", b"call-id", b"cseq")]
+    copied = [
+        line for line in head if line.split(b":", 1)[0].strip().lower() in (b"via", b"from", b"to", b"call-id", b"cseq")
+    ]
     copied = [line + b";tag=registrar" if line.lower().startswith(b"to:") else line for line in copied]
     return b"SIP/2.0 200 OK\r\n" + b"\r\n".join(copied) + b"\r\nContent-Length: 0\r\n\r\n"
 
@@ -145,13 +148,31 @@ def users(tmp_path):
     return testbed.write_users_csv(tmp_path / "users.csv", [USER], testbed.DEFAULT_DOMAIN)
 
 
-def register_command(sipp: Path, remote: str, tmp_path: Path, name: str, users: Path | None, port: int | None,
-                     transport: str = "t1", scenario: str = "uac-register.xml") -> tuple[list[str], Path]:
+def register_command(
+    sipp: Path,
+    remote: str,
+    tmp_path: Path,
+    name: str,
+    users: Path | None,
+    port: int | None,
+    transport: str = "t1",
+    scenario: str = "uac-register.xml",
+) -> tuple[list[str], Path]:
     log_dir = tmp_path / "logs"
     log_dir.mkdir(exist_ok=True)
     extra = ["-inf", str(users)] if users else []
-    return testbed.sipp_command(str(sipp), scenario, remote, log_dir=log_dir, name=name, transport=transport,
-                                local_port=port, calls=1, timeout=15 if users else 30, extra=extra), log_dir
+    return testbed.sipp_command(
+        str(sipp),
+        scenario,
+        remote,
+        log_dir=log_dir,
+        name=name,
+        transport=transport,
+        local_port=port,
+        calls=1,
+        timeout=15 if users else 30,
+        extra=extra,
+    ), log_dir
 
 
 def run_plain(sipp: Path, remote: str, tmp_path: Path, users: Path, port: int | None) -> testbed.SippResult:
@@ -159,8 +180,17 @@ def run_plain(sipp: Path, remote: str, tmp_path: Path, users: Path, port: int | 
     return testbed.SippProcess(command, log_dir, "plain").wait(30)
 
 
-def run_kept(sipp: Path, remote: str, tmp_path: Path, users: Path, port: int | None, keeper_dir: Path,
-             name: str = "kept", transport: str = "t1", options: tuple[str, ...] = ()) -> testbed.SippResult:
+def run_kept(
+    sipp: Path,
+    remote: str,
+    tmp_path: Path,
+    users: Path,
+    port: int | None,
+    keeper_dir: Path,
+    name: str = "kept",
+    transport: str = "t1",
+    options: tuple[str, ...] = (),
+) -> testbed.SippResult:
     command, log_dir = register_command(sipp, remote, tmp_path, name, users, port, transport)
     return testbed.SippProcess(fdkeeper_command(command, keeper_dir, *options), log_dir, name).wait(30)
 
@@ -182,6 +212,7 @@ def check_source(name: str, port: int | None, peer: tuple[str, int], register: b
 
 
 # ---------------------------------------------------------------- the cases
+
 
 @pytest.mark.parametrize("with_port", [False, True], ids=["no-p", "with-p"])
 @pytest.mark.parametrize("name", list(SIPPS))
@@ -214,7 +245,9 @@ def test_the_sut_sees_the_connections_plain_sipp_opens(name, with_port, registra
     [_, (peer_again, register_again)] = kept_sut.registers
     check_source(name, port, peer_again, register_again)
     moved = peer_again[1] != peer[1]
-    assert not moved or (SIPPS[name][2] and port is None), f"{name}: the kept connection was not reused: {kept_sut.peers}"
+    assert not moved or (SIPPS[name][2] and port is None), (
+        f"{name}: the kept connection was not reused: {kept_sut.peers}"
+    )
     assert kept_sut.peers == ([peer, peer_again] if moved else [peer])
 
 
@@ -233,8 +266,9 @@ def test_a_sut_that_accepts_one_connection_gets_the_registration(name, registrar
 
 
 @pytest.mark.parametrize("with_port", [False, True], ids=["no-p", "with-p"])
-def test_tls_through_the_keeper_opens_one_connection_from_sipps_port(with_port, kamailio_tls, test_pki, users,
-                                                                       tmp_path, keeper_dir):
+def test_tls_through_the_keeper_opens_one_connection_from_sipps_port(
+    with_port, kamailio_tls, test_pki, users, tmp_path, keeper_dir
+):
     """sipp 3.7.7 with TLS, -t l1: Kamailio sees one TLS connection, from the port sipp binds."""
     name = "3.7.7-tls"
     reason = cannot_run(name)
@@ -242,17 +276,17 @@ def test_tls_through_the_keeper_opens_one_connection_from_sipps_port(with_port, 
         pytest.skip(reason)
     port = testbed.free_port() if with_port else None
     options = ("--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name)
-    result = run_kept(SIPPS[name][0], kamailio_tls.tls_address, tmp_path, users, port, keeper_dir, transport="l1",
-                      options=options)
+    result = run_kept(
+        SIPPS[name][0], kamailio_tls.tls_address, tmp_path, users, port, keeper_dir, transport="l1", options=options
+    )
     assert result.ok, result.summary() + result.text("stderr")
     seen = kamailio_tls.tcp_connections()
     assert len(seen) == 1, f"Kamailio saw {seen}; plain sipp opens one connection"
     register = (tmp_path / "logs" / "kept.messages.log").read_bytes()
-    assert seen[0]["remote_port"] == (port or via_port(register[register.index(b"REGISTER "):]))
+    assert seen[0]["remote_port"] == (port or via_port(register[register.index(b"REGISTER ") :]))
 
 
-def test_sipp_3_7_finding_5060_taken_connects_from_the_port_it_falls_back_to(registrars, users, tmp_path,
-                                                                             keeper_dir):
+def test_sipp_3_7_finding_5060_taken_connects_from_the_port_it_falls_back_to(registrars, users, tmp_path, keeper_dir):
     """sipp 3.7 without -p takes the next free port of 5060-5119 when a process listens on 5060:
     the one connection the SuT sees comes from there (the runner's guess is only a guess)."""
     name = "3.7.7-tls"
@@ -290,8 +324,9 @@ def test_udp_mode_the_converter_opens_one_connection_for_the_runs(name, registra
     sut = registrars()
     try:
         for run in ("first", "second"):
-            result = run_kept(SIPPS[name][0], sut.address, tmp_path, users, None, keeper_dir, name=run,
-                              options=("--mode", "udp"))
+            result = run_kept(
+                SIPPS[name][0], sut.address, tmp_path, users, None, keeper_dir, name=run, options=("--mode", "udp")
+            )
             assert result.ok, result.summary() + result.text("stderr")
     finally:
         stop_converters(keeper_dir)
@@ -306,36 +341,40 @@ def test_sipp_3_7_register_and_answer_without_p_are_one_identity(name, kamailio,
     if reason:
         pytest.skip(reason)
     sipp = SIPPS[name][0]
-    registered = run_kept(sipp, kamailio.address, tmp_path, users, None, keeper_dir, name="register",
-                          options=mode_of(name))
+    registered = run_kept(
+        sipp, kamailio.address, tmp_path, users, None, keeper_dir, name="register", options=mode_of(name)
+    )
     assert registered.ok, registered.summary() + registered.text("stderr")
     register_port = via_port(_first(tmp_path / "logs" / "register.messages.log", b"REGISTER "))
     [seen] = kamailio.tcp_connections()
     assert seen["remote_port"] == register_port
 
-    command, log_dir = register_command(sipp, kamailio.address, tmp_path, "answer", None, None, scenario="uas-answer.xml")
+    command, log_dir = register_command(
+        sipp, kamailio.address, tmp_path, "answer", None, None, scenario="uas-answer.xml"
+    )
     answer = testbed.SippProcess(fdkeeper_command(command, keeper_dir, *mode_of(name)), log_dir, "answer")
     testbed.wait_until(lambda: _leased(keeper_dir), timeout=15, what="the answer run's lease")
     called = testbed.place_calls(kamailio, USER, 1, sipp=str(DEBIAN_SIPP), timeout=15, log_dir=tmp_path / "calls")
     answered = answer.wait(30)
     assert called.ok and answered.ok, called.summary() + answered.summary() + answered.text("stderr")
     assert [c["remote_port"] for c in kamailio.tcp_connections()] == [register_port]
-    answer_port = int(re.search(rb"Contact: <sip:[^:>]+:(\d+)", _first(log_dir / "answer.messages.log", b"SIP/2.0 200")).group(1))
+    answer_port = int(
+        re.search(rb"Contact: <sip:[^:>]+:(\d+)", _first(log_dir / "answer.messages.log", b"SIP/2.0 200")).group(1)
+    )
     if answer_port == register_port:  # else another test's sipp moved it: a borrowed one, and said so
         assert "no kept connection has this run's" not in answered.text("stderr")
 
 
 def _first(log: Path, start: bytes) -> bytes:
     text = log.read_bytes()
-    return text[text.index(start):]
+    return text[text.index(start) :]
 
 
 def _leased(keeper_dir: Path) -> bool:
     return any(c["state"] == "leased" for c in KeeperClient(keeper_dir).status()["connections"])
 
 
-def test_udp_mode_runs_of_different_p_get_connections_of_their_own_from_there(registrars, users, tmp_path,
-                                                                                keeper_dir):
+def test_udp_mode_runs_of_different_p_get_connections_of_their_own_from_there(registrars, users, tmp_path, keeper_dir):
     """--mode udp keeps identities apart as the keeper does: one converter per -i/-p, its
     connection from that port as plain sipp's would be; the same -p again shares it."""
     from fdkeeper.modes.udp import stop_converters
@@ -357,8 +396,9 @@ def test_udp_mode_a_server_run_with_no_converter_opens_nothing(registrars, tmp_p
     """A server scenario never connects: with no converter for its SuT it is refused in one
     line (as through the keeper), rather than starting one the SuT would see connect."""
     sut = registrars()
-    command, log_dir = register_command(DEBIAN_SIPP, sut.address, tmp_path, "answer", None, testbed.free_port(),
-                                        scenario="uas-answer.xml")
+    command, log_dir = register_command(
+        DEBIAN_SIPP, sut.address, tmp_path, "answer", None, testbed.free_port(), scenario="uas-answer.xml"
+    )
     result = testbed.SippProcess(fdkeeper_command(command, keeper_dir, "--mode", "udp"), log_dir, "answer").wait(30)
     assert result.returncode == 2 and "no converter runs for" in result.text("stderr"), result.text("stderr")
     assert sut.peers == []

@@ -33,10 +33,10 @@ from fdkeeper.address import format_address
 from fdkeeper.testbed import kamcmd, process
 from fdkeeper.testbed.pki import CLIENT_COMMON_NAME, SERVER_DNS_NAME
 
-
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
 
 def contacts_of(kamailio: testbed.Kamailio, user: str) -> list[dict]:
     return [c for c in kamailio.location() if c["aor"] == user]
@@ -44,8 +44,7 @@ def contacts_of(kamailio: testbed.Kamailio, user: str) -> list[dict]:
 
 def tcp_listening(port: int) -> bool:
     """Is something listening on 127.0.0.1:port (TCP)? (sipp's readiness)"""
-    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-               for c in psutil.net_connections("tcp4"))
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp4"))
 
 
 def start_register_then_answer(kamailio, sipp_path, tmp_path: Path, user: str):
@@ -56,13 +55,19 @@ def start_register_then_answer(kamailio, sipp_path, tmp_path: Path, user: str):
     """
     call_id = f"fdk-validate-{user}-{uuid.uuid4().hex[:8]}@{kamailio.domain}"
     users = testbed.write_users_csv(tmp_path / f"{user}.csv", [user], kamailio.domain)
-    proc = testbed.start_sipp(sipp_path, "uac-register-then-answer.xml", kamailio.address,
-                              log_dir=tmp_path / "sipp", name=f"register-answer-{user}",
-                              transport="t1", calls=1, timeout=20,
-                              extra=["-inf", str(users), "-cid_str", call_id])
+    proc = testbed.start_sipp(
+        sipp_path,
+        "uac-register-then-answer.xml",
+        kamailio.address,
+        log_dir=tmp_path / "sipp",
+        name=f"register-answer-{user}",
+        transport="t1",
+        calls=1,
+        timeout=20,
+        extra=["-inf", str(users), "-cid_str", call_id],
+    )
     try:
-        testbed.wait_until(lambda: contacts_of(kamailio, user), timeout=5,
-                           what=f"{user} in the location table")
+        testbed.wait_until(lambda: contacts_of(kamailio, user), timeout=5, what=f"{user} in the location table")
     except TimeoutError:
         pytest.fail(proc.terminate().summary(), pytrace=False)
     return proc, call_id
@@ -72,17 +77,18 @@ def start_register_then_answer(kamailio, sipp_path, tmp_path: Path, user: str):
 # tests
 # --------------------------------------------------------------------------
 
+
 def test_registered_user_gets_the_call_over_its_connection(kamailio, sipp_path, tmp_path):
     registrant, call_id = start_register_then_answer(kamailio, sipp_path, tmp_path, "alice")
     try:
         [contact] = contacts_of(kamailio, "alice")
         # The SuT remembers the connection's source port, not the Contact's.
         [conn] = kamailio.tcp_connections()
-        assert contact["source"] == {"host": "127.0.0.1", "port": conn["remote_port"],
-                                     "transport": "tcp"}
+        assert contact["source"] == {"host": "127.0.0.1", "port": conn["remote_port"], "transport": "tcp"}
 
-        call = testbed.place_calls(kamailio, "alice", sipp=sipp_path, call_id=call_id,
-                                   timeout=15, log_dir=tmp_path / "sipp")
+        call = testbed.place_calls(
+            kamailio, "alice", sipp=sipp_path, call_id=call_id, timeout=15, log_dir=tmp_path / "sipp"
+        )
         assert call.ok, call.summary()
     finally:
         answered = registrant.wait(10)
@@ -97,8 +103,9 @@ def assert_answered_over(answered: testbed.SippResult, transport: str) -> None:
     assert answered.ok, answered.summary()
     received = answered.text("messages")
     for method in ("INVITE", "ACK", "BYE"):
-        assert re.search(rf"{transport} message received \[\d+\] bytes :\s+{method} sip:", received), \
+        assert re.search(rf"{transport} message received \[\d+\] bytes :\s+{method} sip:", received), (
             f"{method} not received over {transport}; see {answered.file('messages')}"
+        )
 
 
 def register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path: Path, user: str):
@@ -112,24 +119,39 @@ def register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path: Path, use
     """
     port = testbed.free_port()
     users = testbed.write_users_csv(tmp_path / f"{user}.csv", [user], kamailio.domain)
-    register = testbed.run_sipp(sipp_path, "uac-register.xml", kamailio.address,
-                                log_dir=tmp_path / "sipp", name=f"register-{user}",
-                                transport="t1", local_port=port, calls=1, timeout=10,
-                                extra=["-inf", str(users)])
+    register = testbed.run_sipp(
+        sipp_path,
+        "uac-register.xml",
+        kamailio.address,
+        log_dir=tmp_path / "sipp",
+        name=f"register-{user}",
+        transport="t1",
+        local_port=port,
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
+    )
     assert register.ok, register.summary()
     [contact] = contacts_of(kamailio, user)
     assert contact["source"]["port"] == port
     assert f":{port};" in contact["contact"]
 
-    answerer = testbed.start_sipp(sipp_path, "uas-answer.xml", kamailio.address,
-                                  log_dir=tmp_path / "sipp", name=f"answer-{user}",
-                                  transport="t1", local_port=port, calls=1)
+    answerer = testbed.start_sipp(
+        sipp_path,
+        "uas-answer.xml",
+        kamailio.address,
+        log_dir=tmp_path / "sipp",
+        name=f"answer-{user}",
+        transport="t1",
+        local_port=port,
+        calls=1,
+    )
     try:
-        testbed.wait_until(lambda: tcp_listening(port) or not answerer.running(), timeout=5,
-                           what=f"sipp listening on {port}")
+        testbed.wait_until(
+            lambda: tcp_listening(port) or not answerer.running(), timeout=5, what=f"sipp listening on {port}"
+        )
         assert answerer.running(), answerer.terminate().summary()
-        call = testbed.place_calls(kamailio, user, sipp=sipp_path, timeout=10,
-                                   log_dir=tmp_path / "sipp")
+        call = testbed.place_calls(kamailio, user, sipp=sipp_path, timeout=10, log_dir=tmp_path / "sipp")
         # No connection was opened towards the user.
         assert all(c["remote_port"] != port for c in kamailio.tcp_connections())
     finally:
@@ -149,16 +171,16 @@ def test_calls_fail_once_the_register_run_has_exited(kamailio, sipp_path, tmp_pa
     call, _, _ = register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path, "bob")
     assert "SIP/2.0 404" in call.text("errors"), call.summary()
     assert "fdkeeper-sut: no contact for bob" in kamailio.log_text(), kamailio.log_tail()
-    testbed.wait_until(lambda: not contacts_of(kamailio, "bob"), timeout=kamailio.ul_timer + 3,
-                       what="bob's contact to be dropped")
+    testbed.wait_until(
+        lambda: not contacts_of(kamailio, "bob"), timeout=kamailio.ul_timer + 3, what="bob's contact to be dropped"
+    )
 
 
 def test_a_dead_contact_is_never_dialled(sipp_path, tmp_path):
     """Even when lookup() returns the dead contact (handle_lost_tcp off), the
     SuT refuses to open a connection to it (set_forward_no_connect): 480."""
     with testbed.Kamailio(tmp_path / "kamailio", handle_lost_tcp=False) as kamailio:
-        call, _, port = register_then_call_in_separate_runs(
-            kamailio, sipp_path, tmp_path, "dave")
+        call, _, port = register_then_call_in_separate_runs(kamailio, sipp_path, tmp_path, "dave")
         assert "SIP/2.0 480" in call.text("errors"), call.summary()
         assert "no open connection to the user" in kamailio.log_text(), kamailio.log_tail()
         [contact] = contacts_of(kamailio, "dave")
@@ -178,7 +200,7 @@ def test_restart_keeps_the_port_and_rpc_reports_state(kamailio, sipp_path, tmp_p
         assert conn["type"] == "TCP" and conn["state"] == "CONN_OK"
         assert conn["local"] == f"127.0.0.1:{port}"
         assert conn["remote_port"] == contact["source"]["port"]
-        assert int(conn["lifetime"]) >= 3600   # outlives any test run
+        assert int(conn["lifetime"]) >= 3600  # outlives any test run
 
         kamailio.restart()
         assert kamailio.port == port and kamailio.running
@@ -190,9 +212,17 @@ def test_restart_keeps_the_port_and_rpc_reports_state(kamailio, sipp_path, tmp_p
         registrant.terminate()
 
     users = testbed.write_users_csv(tmp_path / "again.csv", ["carol"], kamailio.domain)
-    again = testbed.run_sipp(sipp_path, "uac-register.xml", kamailio.address,
-                             log_dir=tmp_path / "sipp", name="register-again", transport="t1",
-                             calls=1, timeout=10, extra=["-inf", str(users)])
+    again = testbed.run_sipp(
+        sipp_path,
+        "uac-register.xml",
+        kamailio.address,
+        log_dir=tmp_path / "sipp",
+        name="register-again",
+        transport="t1",
+        calls=1,
+        timeout=10,
+        extra=["-inf", str(users)],
+    )
     assert again.ok, again.summary()
     # One log across restarts, each start marked.
     assert kamailio.log_text().count("===== fdkeeper.sut:") == 2
@@ -251,8 +281,7 @@ def test_parse_kamcmd_keeps_repeated_members():
     [tree] = testbed.parse_kamcmd(text)
     infos = tree["Domains"]["Domain"]["AoRs"]["Info"]
     assert [i["AoR"] for i in infos] == ["a", "b"]
-    contacts = [kamcmd.contact_dict(i["AoR"], c)
-                for i in infos for c in kamcmd.as_list(i["Contacts"]["Contact"])]
+    contacts = [kamcmd.contact_dict(i["AoR"], c) for i in infos for c in kamcmd.as_list(i["Contacts"]["Contact"])]
     assert [c["source"] for c in contacts] == [
         {"host": "127.0.0.1", "port": 4000, "transport": "tcp"},
         {"host": "127.0.0.1", "port": 5070, "transport": "udp"},
@@ -264,8 +293,10 @@ def test_parse_kamcmd_keeps_repeated_members():
 # TLS, close_connections(), the converter
 # --------------------------------------------------------------------------
 
-def tls_context(pki: testbed.TestPki, *, ca: Path | None = None,
-                cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+
+def tls_context(
+    pki: testbed.TestPki, *, ca: Path | None = None, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     """A client context verifying the server against `ca` (the test CA)."""
     context = ssl.create_default_context(cafile=str(ca or pki.ca_cert))
     # Debian's Python sets this by default; the tests tell close_notify from a bare close.
@@ -275,13 +306,13 @@ def tls_context(pki: testbed.TestPki, *, ca: Path | None = None,
     return context
 
 
-def tls_connect(kamailio: testbed.Kamailio, context: ssl.SSLContext,
-                server_hostname: str = SERVER_DNS_NAME) -> ssl.SSLSocket:
+def tls_connect(
+    kamailio: testbed.Kamailio, context: ssl.SSLContext, server_hostname: str = SERVER_DNS_NAME
+) -> ssl.SSLSocket:
     """A TLS connection to the SuT. suppress_ragged_eofs=False: a close
     without close_notify raises SSLEOFError instead of reading as b''."""
     raw = socket.create_connection((kamailio.host, kamailio.tls_port), timeout=5)
-    return context.wrap_socket(raw, server_hostname=server_hostname,
-                               suppress_ragged_eofs=False)
+    return context.wrap_socket(raw, server_hostname=server_hostname, suppress_ragged_eofs=False)
 
 
 def options_over(sock: socket.socket, target: str, proto: str) -> bytes:
@@ -300,8 +331,7 @@ def udp_exchange(port: int, message_for) -> bytes:
         return sock.recvfrom(65535)[0]
 
 
-def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext,
-                        server_hostname: str) -> None:
+def handshake_in_memory(server: ssl.SSLContext, client: ssl.SSLContext, server_hostname: str) -> None:
     """A full TLS handshake between two contexts through memory BIOs (no
     sockets); raises the ssl error of whichever side fails."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
@@ -340,8 +370,8 @@ def test_pki_certificates_verify_as_documented(test_pki):
         handshake_in_memory(good, tls_context(test_pki), name)
     with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
         handshake_in_memory(
-            server_context(test_pki.expired_server_cert, test_pki.expired_server_key),
-            tls_context(test_pki), "sut.test")
+            server_context(test_pki.expired_server_cert, test_pki.expired_server_key), tls_context(test_pki), "sut.test"
+        )
     wrong = server_context(test_pki.wrong_name_server_cert, test_pki.wrong_name_server_key)
     handshake_in_memory(wrong, tls_context(test_pki), "other.test")
     with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
@@ -354,11 +384,13 @@ def test_pki_certificates_verify_as_documented(test_pki):
     mutual = server_context(test_pki.server_cert, test_pki.server_key)
     mutual.verify_mode = ssl.CERT_REQUIRED
     mutual.load_verify_locations(str(test_pki.ca_cert))
-    handshake_in_memory(mutual, tls_context(test_pki, cert=test_pki.client_cert,
-                                            key=test_pki.client_key), "sut.test")
+    handshake_in_memory(mutual, tls_context(test_pki, cert=test_pki.client_cert, key=test_pki.client_key), "sut.test")
     with pytest.raises(ssl.SSLError):
-        handshake_in_memory(mutual, tls_context(test_pki, cert=test_pki.other_ca_client_cert,
-                                                key=test_pki.other_ca_client_key), "sut.test")
+        handshake_in_memory(
+            mutual,
+            tls_context(test_pki, cert=test_pki.other_ca_client_cert, key=test_pki.other_ca_client_key),
+            "sut.test",
+        )
 
 
 def test_tls_options_answered_over_a_verified_connection(kamailio_tls, test_pki):
@@ -390,18 +422,17 @@ def test_mutual_tls_requires_a_client_certificate_of_the_ca(tmp_path, test_pki):
     tls = testbed.KamailioTls.server(test_pki, require_client_cert=True)
     assert "require_certificate = yes" in tls.config_text()
     with testbed.Kamailio(tmp_path / "kamailio", tls=tls) as kamailio:
+
         def attempt(context: ssl.SSLContext) -> bytes:
             with tls_connect(kamailio, context) as conn:
                 return options_over(conn, kamailio.tls_address, "TLS")
 
         # TLS 1.3 reports the refusal on the first read, 1.2 in the handshake.
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED|HANDSHAKE_FAILURE"):
+        with pytest.raises(ssl.SSLError, match=r"CERTIFICATE_REQUIRED|HANDSHAKE_FAILURE"):
             attempt(tls_context(test_pki))
         with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
-            attempt(tls_context(test_pki, cert=test_pki.other_ca_client_cert,
-                                key=test_pki.other_ca_client_key))
-        reply = attempt(tls_context(test_pki, cert=test_pki.client_cert,
-                                    key=test_pki.client_key))
+            attempt(tls_context(test_pki, cert=test_pki.other_ca_client_cert, key=test_pki.other_ca_client_key))
+        reply = attempt(tls_context(test_pki, cert=test_pki.client_cert, key=test_pki.client_key))
         assert reply.startswith(b"SIP/2.0 200"), reply
         [handshake] = kamailio.tls_handshakes()
         assert handshake["client_cert"] is True
@@ -419,7 +450,7 @@ def test_close_connections_sends_fin_and_close_notify(kamailio_tls, test_pki):
 
         [closed] = kamailio_tls.close_connections(remote_port=tcp.getsockname()[1])
         assert closed["type"] == "TCP"
-        assert tcp.recv(100) == b""            # a FIN: EOF, not a reset
+        assert tcp.recv(100) == b""  # a FIN: EOF, not a reset
         # The TLS connection is untouched.
         assert options_over(tls, kamailio_tls.tls_address, "TLS").startswith(b"SIP/2.0 200")
 
@@ -447,12 +478,12 @@ def test_close_connections_sends_fin_and_close_notify(kamailio_tls, test_pki):
 @pytest.mark.parametrize("transport", ["tcp", "tls"])
 def test_converter_forwards_udp_options_to_the_sut(kamailio_tls, test_pki, tmp_path, transport):
     tls = testbed.KamailioTls.client(test_pki) if transport == "tls" else None
-    with testbed.KamailioConverter.for_sut(tmp_path / "converter", kamailio_tls, transport,
-                                           tls=tls) as converter:
-        assert converter.options_ping()       # answered by the converter itself
+    with testbed.KamailioConverter.for_sut(tmp_path / "converter", kamailio_tls, transport, tls=tls) as converter:
+        assert converter.options_ping()  # answered by the converter itself
         for _ in range(3):
-            reply = udp_exchange(converter.port, lambda me: testbed.options_request(
-                f"sip:{kamailio_tls.address}", f"SIP/2.0/UDP {me}"))
+            reply = udp_exchange(
+                converter.port, lambda me: testbed.options_request(f"sip:{kamailio_tls.address}", f"SIP/2.0/UDP {me}")
+            )
             assert reply.startswith(b"SIP/2.0 200"), reply
             assert b"Server: fdkeeper-sut" in reply
         # One connection, from the converter's own listen socket.
@@ -465,38 +496,51 @@ def test_converter_forwards_udp_options_to_the_sut(kamailio_tls, test_pki, tmp_p
             assert out["peer_subject"].endswith("CN=sut.test")
 
 
-def test_call_reaches_a_udp_sipp_registered_through_the_tls_converter(
-        tmp_path, test_pki, sipp_path):
+def test_call_reaches_a_udp_sipp_registered_through_the_tls_converter(tmp_path, test_pki, sipp_path):
     """sipp (UDP) -> converter -> SuT over mutual TLS: REGISTER, then a third
     party's call (INVITE, ACK, BYE) reaches sipp over that one TLS connection."""
     sipp_port = testbed.free_port()
     server_tls = testbed.KamailioTls.server(test_pki, require_client_cert=True)
-    with testbed.Kamailio(tmp_path / "kamailio", tls=server_tls) as kamailio, \
-            testbed.KamailioConverter.for_sut(tmp_path / "converter", kamailio, "tls",
-                                              tls=testbed.KamailioTls.client(test_pki),
-                                              sipp_address=f"127.0.0.1:{sipp_port}") as converter:
+    with (
+        testbed.Kamailio(tmp_path / "kamailio", tls=server_tls) as kamailio,
+        testbed.KamailioConverter.for_sut(
+            tmp_path / "converter",
+            kamailio,
+            "tls",
+            tls=testbed.KamailioTls.client(test_pki),
+            sipp_address=f"127.0.0.1:{sipp_port}",
+        ) as converter,
+    ):
         call_id = f"fdk-conv-{uuid.uuid4().hex[:8]}@{kamailio.domain}"
         users = testbed.write_users_csv(tmp_path / "alice.csv", ["alice"], kamailio.domain)
-        registrant = testbed.start_sipp(sipp_path, "uac-register-then-answer.xml",
-                                        converter.address, log_dir=tmp_path / "sipp",
-                                        name="register-answer-via-converter", transport="u1",
-                                        local_port=sipp_port, calls=1, timeout=20,
-                                        extra=["-inf", str(users), "-cid_str", call_id])
+        registrant = testbed.start_sipp(
+            sipp_path,
+            "uac-register-then-answer.xml",
+            converter.address,
+            log_dir=tmp_path / "sipp",
+            name="register-answer-via-converter",
+            transport="u1",
+            local_port=sipp_port,
+            calls=1,
+            timeout=20,
+            extra=["-inf", str(users), "-cid_str", call_id],
+        )
         try:
             try:
-                [contact] = testbed.wait_until(lambda: contacts_of(kamailio, "alice"), timeout=5,
-                                               what="alice in the location table")
+                [contact] = testbed.wait_until(
+                    lambda: contacts_of(kamailio, "alice"), timeout=5, what="alice in the location table"
+                )
             except TimeoutError:
                 pytest.fail(registrant.terminate().summary(), pytrace=False)
             [conn] = kamailio.tcp_connections()
             assert conn["type"] == "TLS"
             assert f"tls:{conn['remote']}" == converter.send_socket
-            assert contact["source"] == {"host": "127.0.0.1", "port": converter.tls_port,
-                                         "transport": "tls"}
+            assert contact["source"] == {"host": "127.0.0.1", "port": converter.tls_port, "transport": "tls"}
             assert contact["contact"].startswith(f"sip:alice@127.0.0.1:{sipp_port}")
 
-            call = testbed.place_calls(kamailio, "alice", sipp=sipp_path, call_id=call_id,
-                                       timeout=15, log_dir=tmp_path / "sipp")
+            call = testbed.place_calls(
+                kamailio, "alice", sipp=sipp_path, call_id=call_id, timeout=15, log_dir=tmp_path / "sipp"
+            )
             assert call.ok, call.summary()
         finally:
             answered = registrant.wait(10)

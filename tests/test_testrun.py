@@ -82,23 +82,41 @@ def test_a_good_file_reads_into_steps(tmp_path):
     assert answer.after == ("register",) and answer.timeout == 30.0 and answer.expect.exit == 0
 
 
-@pytest.mark.parametrize("text, where", [
-    ("steps: []", "field 'steps': expected a list of steps"),
-    ("stepz: []", "field 'stepz': unknown field"),
-    ("steps:\n  - {name: a, sipp: -v, after: b}", "step 'a': field 'after': no step named 'b'"),
-    ("steps:\n  - {name: a, sipp: -v, after: b}\n  - {name: b, sipp: -v, ready: a}", "step 'a': field 'after': the steps wait for each other"),
-    ("steps:\n  - {name: a, command: ls, expect: {successful: 1}}", "step 'a': field 'expect': call counts are read from sipp"),
-    ("steps:\n  - {name: a, command: ls}\n  - {name: b, sipp: -v, ready: a}", "step 'b': field 'ready': 'a' is a command"),
-    ("steps:\n  - {name: a, sipp: '-v ${nope}'}", "step 'a': field 'sipp': unknown variable ${nope}"),
-    ("steps:\n  - {name: a, sipp: '-v ${sut}'}", "step 'a': field 'sipp': unknown variable ${sut}"),
-    ("steps:\n  - {name: a}", "step 'a': field 'sipp': expected exactly one of"),
-    ("steps:\n  - {name: a, sipp: -v, expect: {failed: -1}}", "step 'a': field 'expect.failed': expected a whole number"),
-    ("steps:\n  - {name: a, sipp: -v, wait: -2}", "step 'a': field 'wait': expected seconds (0 or more)"),
-    ("steps:\n  - {name: a/b, sipp: -v}", "step 'a/b': field 'name': expected letters"),
-    ("sut: nowhere\nsteps:\n  - {name: a, sipp: -v}", "field 'sut': expected 'embedded' or HOST:PORT"),
-    ("sut: 10.0.0.1:5060\ntransport: tls\nsteps:\n  - {name: a, sipp: -v}", "field 'transport': only an embedded SuT"),
-    ("steps:\n  - {name: a, sipp: -v\n", "line 3: not valid YAML: expected ',' or '}'"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("steps: []", "field 'steps': expected a list of steps"),
+        ("stepz: []", "field 'stepz': unknown field"),
+        ("steps:\n  - {name: a, sipp: -v, after: b}", "step 'a': field 'after': no step named 'b'"),
+        (
+            "steps:\n  - {name: a, sipp: -v, after: b}\n  - {name: b, sipp: -v, ready: a}",
+            "step 'a': field 'after': the steps wait for each other",
+        ),
+        (
+            "steps:\n  - {name: a, command: ls, expect: {successful: 1}}",
+            "step 'a': field 'expect': call counts are read from sipp",
+        ),
+        (
+            "steps:\n  - {name: a, command: ls}\n  - {name: b, sipp: -v, ready: a}",
+            "step 'b': field 'ready': 'a' is a command",
+        ),
+        ("steps:\n  - {name: a, sipp: '-v ${nope}'}", "step 'a': field 'sipp': unknown variable ${nope}"),
+        ("steps:\n  - {name: a, sipp: '-v ${sut}'}", "step 'a': field 'sipp': unknown variable ${sut}"),
+        ("steps:\n  - {name: a}", "step 'a': field 'sipp': expected exactly one of"),
+        (
+            "steps:\n  - {name: a, sipp: -v, expect: {failed: -1}}",
+            "step 'a': field 'expect.failed': expected a whole number",
+        ),
+        ("steps:\n  - {name: a, sipp: -v, wait: -2}", "step 'a': field 'wait': expected seconds (0 or more)"),
+        ("steps:\n  - {name: a/b, sipp: -v}", "step 'a/b': field 'name': expected letters"),
+        ("sut: nowhere\nsteps:\n  - {name: a, sipp: -v}", "field 'sut': expected 'embedded' or HOST:PORT"),
+        (
+            "sut: 10.0.0.1:5060\ntransport: tls\nsteps:\n  - {name: a, sipp: -v}",
+            "field 'transport': only an embedded SuT",
+        ),
+        ("steps:\n  - {name: a, sipp: -v\n", "line 3: not valid YAML: expected ',' or '}'"),
+    ],
+)
 def test_bad_files_say_where_in_one_line(tmp_path, text, where):
     path = write(tmp_path, text)
     with pytest.raises(TestFileError) as error:
@@ -129,6 +147,7 @@ def test_variables_and_free_ports():
 # steps: sipp's traces and counts
 # --------------------------------------------------------------------------
 
+
 def test_trace_options_keep_what_the_step_gives(tmp_path):
     added, files = trace_options(["-sf", "a.xml", "-stf", "mine.csv"], tmp_path, "s")
     assert files["stat"] == Path("mine.csv") and files["screen"] == tmp_path / "s.screen.log"
@@ -136,20 +155,27 @@ def test_trace_options_keep_what_the_step_gives(tmp_path):
 
 
 def test_counts_from_the_final_screen_when_there_is_no_statistics_file():
-    screen = ("  Successful call        |        0                  |        7                 \n"
-              "  Failed call            |        1                  |        2                 \n")
+    screen = (
+        "  Successful call        |        0                  |        7                 \n"
+        "  Failed call            |        1                  |        2                 \n"
+    )
     assert screen_counts(screen) == (7, 2)
     assert screen_counts("nothing") == (None, None)
 
 
 def test_commands_run_in_order_and_a_timeout_kills_and_fails(tmp_path):
-    test = write(tmp_path, """
+    test = write(
+        tmp_path,
+        """
 steps:
   - {name: first, command: "sh -c 'echo one > order'"}
   - {name: second, after: first, command: "sh -c 'echo two >> order; exec tail -f /dev/null'", timeout: 1}
   - {name: never, after: second, command: "touch never"}
-""")
-    result = CliRunner().invoke(run_command, [str(test), "--logs", str(tmp_path / "logs"), "--junit", str(tmp_path / "r.xml")])
+""",
+    )
+    result = CliRunner().invoke(
+        run_command, [str(test), "--logs", str(tmp_path / "logs"), "--junit", str(tmp_path / "r.xml")]
+    )
     assert result.exit_code == 1, result.output
     assert (tmp_path / "order").read_text() == "one\ntwo\n" and not (tmp_path / "never").exists()
     assert "second: FAIL" in result.output and "timed out after 1 s (killed)" in result.output
@@ -161,24 +187,30 @@ steps:
 def test_started_lets_a_step_run_beside_the_one_it_waits_for(tmp_path):
     # 'first' ends as soon as 'second' has run, so 'second' must start while 'first' runs.
     wait_for_second = "import os, time\nfor _ in range(200):\n    if os.path.exists('second-ran'): break\n    time.sleep(0.05)\nelse: raise SystemExit(3)"
-    test = write(tmp_path, f"""
+    test = write(
+        tmp_path,
+        f"""
 steps:
   - name: first
     command: [{sys.executable!r}, -c, {wait_for_second!r}]
   - {{name: second, started: first, command: "touch second-ran"}}
   - {{name: third, after: first, wait: 0.2, command: "touch third-ran"}}
-""")
+""",
+    )
     result = CliRunner().invoke(run_command, [str(test), "--logs", str(tmp_path / "logs")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "third-ran").exists()
 
 
 def test_a_step_waiting_for_a_run_that_never_became_ready_is_skipped(tmp_path):
-    test = write(tmp_path, """
+    test = write(
+        tmp_path,
+        """
 steps:
   - {name: server, sipp: -v, expect: {exit: 99}}     # sipp -v prints its version, exits 99
   - {name: client, ready: server, command: "touch ran"}
-""")
+""",
+    )
     result = CliRunner().invoke(run_command, [str(test), "--logs", str(tmp_path / "logs")])
     assert result.exit_code == 1, result.output
     assert "'server' ended before it was ready to receive" in result.output and not (tmp_path / "ran").exists()
@@ -199,8 +231,9 @@ def check_junit_schema(path: Path) -> None:
     """Fail unless the file meets both junit-10.xsd (Jenkins) and Ant's JUnit.xsd: validated
     for real against docs/ci/junit.xsd when xmllint is here, and checked by structure."""
     if shutil.which("xmllint"):
-        checked = subprocess.run(["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(path)],
-                                 capture_output=True, text=True, timeout=30)
+        checked = subprocess.run(
+            ["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(path)], capture_output=True, text=True, timeout=30
+        )
         assert checked.returncode == 0, checked.stderr
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
@@ -222,7 +255,7 @@ def check_junit_schema(path: Path) -> None:
         outcomes = [[child.tag for child in case] for case in cases]
         assert int(suite.get("failures")) == sum(o == ["failure"] for o in outcomes)
         assert int(suite.get("errors")) == sum(o == ["error"] for o in outcomes)
-        for case, outcome in zip(cases, outcomes):
+        for case, outcome in zip(cases, outcomes, strict=False):
             assert case.get("name") and case.get("classname") and _DECIMAL.match(case.get("time"))
             assert outcome in ([], ["failure"], ["error"], ["skipped"]), outcome  # Ant: one at most
             for child in case:
@@ -232,7 +265,16 @@ def check_junit_schema(path: Path) -> None:
 def test_junit_report_meets_the_schemas_rules(tmp_path):
     out = tmp_path / "step.out"
     out.write_text("line\n\x1b[2Jescape and a \x00 nul\n")
-    failing = StepResult("call", FAILED, ["1 successful calls, expected 3"], exit=0, successful=1, failed=0, out=out, err=tmp_path / "none")
+    failing = StepResult(
+        "call",
+        FAILED,
+        ["1 successful calls, expected 3"],
+        exit=0,
+        successful=1,
+        failed=0,
+        out=out,
+        err=tmp_path / "none",
+    )
     results = [
         TestResult("good", Path("docs/examples/good.yaml"), PASSED, tmp_path, [StepResult("a", PASSED)], 1.5),
         TestResult("bad", Path("bad.yaml"), FAILED, tmp_path, [failing], 2.0),
@@ -252,10 +294,14 @@ def test_junit_report_meets_the_schemas_rules(tmp_path):
 @pytest.mark.skipif(not shutil.which("xmllint"), reason="xmllint (libxml2-utils) is not installed")
 def test_the_junit_schema_refuses_what_ci_systems_refuse(tmp_path):
     bad = tmp_path / "bad.xml"
-    bad.write_text('<testsuites><testsuite name="s" tests="1" failures="0" errors="0" time="1" '
-                   'timestamp="2026-11-30T18:59:17" hostname="h"><testcase name="c" classname="c" time="1">'
-                   '<failure type="t"/><skipped/></testcase></testsuite></testsuites>')  # two outcomes
-    checked = subprocess.run(["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(bad)], capture_output=True, text=True)
+    bad.write_text(
+        '<testsuites><testsuite name="s" tests="1" failures="0" errors="0" time="1" '
+        'timestamp="2026-11-30T18:59:17" hostname="h"><testcase name="c" classname="c" time="1">'
+        '<failure type="t"/><skipped/></testcase></testsuite></testsuites>'
+    )  # two outcomes
+    checked = subprocess.run(
+        ["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(bad)], capture_output=True, text=True
+    )
     assert checked.returncode != 0 and "skipped" in checked.stderr
 
 
@@ -267,9 +313,27 @@ def jenkins_junit_xsd(directory: Path) -> Path:
 
     version = importlib.metadata.version("pytest")
     fetched = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         "--timeout", "5", "--retries", "1", "-d", str(directory), f"pytest=={version}"],
-        capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--timeout",
+            "5",
+            "--retries",
+            "1",
+            "-d",
+            str(directory),
+            f"pytest=={version}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     archives = list(directory.glob("pytest-*.tar.gz"))
     if fetched.returncode != 0 or not archives:
         pytest.skip(f"pytest's source distribution (for junit-10.xsd) could not be fetched: {fetched.stderr[-200:]}")
@@ -287,13 +351,28 @@ def test_the_report_validates_against_jenkins_junit_10_xsd(tmp_path):
     xsd = jenkins_junit_xsd(tmp_path)
     out = tmp_path / "step.out"
     out.write_text("last lines\n")
-    failing = StepResult("call", FAILED, ["1 successful calls, expected 3"], exit=0, successful=1, failed=0, out=out, err=tmp_path / "none")
+    failing = StepResult(
+        "call",
+        FAILED,
+        ["1 successful calls, expected 3"],
+        exit=0,
+        successful=1,
+        failed=0,
+        out=out,
+        err=tmp_path / "none",
+    )
     report = tmp_path / "report.xml"
-    write_junit(report, [TestResult("good", Path("good.yaml"), PASSED, tmp_path, [StepResult("a", PASSED)], 1.5),
-                         TestResult("bad", Path("bad.yaml"), FAILED, tmp_path, [failing], 2.0),
-                         TestResult("broken", Path("broken.yaml"), ERROR, tmp_path, error="could not run"),
-                         TestResult("known", Path("known.yaml"), XFAILED, tmp_path, [failing], xfail="why")],
-                1796062593.8, 5.5)
+    write_junit(
+        report,
+        [
+            TestResult("good", Path("good.yaml"), PASSED, tmp_path, [StepResult("a", PASSED)], 1.5),
+            TestResult("bad", Path("bad.yaml"), FAILED, tmp_path, [failing], 2.0),
+            TestResult("broken", Path("broken.yaml"), ERROR, tmp_path, error="could not run"),
+            TestResult("known", Path("known.yaml"), XFAILED, tmp_path, [failing], xfail="why"),
+        ],
+        1796062593.8,
+        5.5,
+    )
     checked = subprocess.run(["xmllint", "--noout", "--schema", str(xsd), str(report)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -302,12 +381,15 @@ def test_the_report_validates_against_jenkins_junit_10_xsd(tmp_path):
 # the shipped examples and the CI recipes (end to end)
 # --------------------------------------------------------------------------
 
+
 def ci_run_commands() -> dict[str, list[str]]:
     """Every shell command the CI recipes run, by file."""
     github = yaml.safe_load((CI_DIR / "github-actions.yml").read_text())
     gitlab = yaml.safe_load((CI_DIR / "gitlab-ci.yml").read_text())
     github_runs = [step["run"] for job in github["jobs"].values() for step in job["steps"] if "run" in step]
-    gitlab_runs = [line for job in gitlab.values() if isinstance(job, dict) and "script" in job for line in job["script"]]
+    gitlab_runs = [
+        line for job in gitlab.values() if isinstance(job, dict) and "script" in job for line in job["script"]
+    ]
     return {"github": github_runs, "gitlab": gitlab_runs}
 
 
@@ -356,8 +438,14 @@ def test_no_example_sleeps():
 
 def test_a_wrong_call_count_fails_naming_the_step(tmp_path):
     report = tmp_path / "report.xml"
-    result = fdkeeper_run(os.fspath(EXAMPLES / "failing" / "wrong-count.yaml"), "--junit", str(report),
-                          "--logs", str(tmp_path / "logs"), cwd=tmp_path)
+    result = fdkeeper_run(
+        os.fspath(EXAMPLES / "failing" / "wrong-count.yaml"),
+        "--junit",
+        str(report),
+        "--logs",
+        str(tmp_path / "logs"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED   wrong-count: step 'call': 1 successful calls, expected 3" in result.stdout
     check_junit_schema(report)

@@ -22,8 +22,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from cryptography import x509
@@ -38,11 +38,20 @@ from fdkeeper.testbed.pki import make_test_pki
 from fdkeeper.tls import MAX_TLS_FILE, TlsOptions, client_context, handshake
 
 # The option each request field is spelled as in the one-line error (fdkeeper's, or sipp's).
-OPTION = {"tls_ca": "--tls-ca", "tls_cert": "--tls-cert", "tls_key": "--tls-key", "tls_crl": "-tls_crl",
-          "tls_keylog": "--tls-keylog"}
+OPTION = {
+    "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+    "tls_crl": "-tls_crl",
+    "tls_keylog": "--tls-keylog",
+}
 KINDS = ("fifo", "symlink", "directory", "device")
-SAYS = {"fifo": "is a FIFO", "symlink": "is a symbolic link", "directory": "is a directory",
-        "device": "is a character device"}
+SAYS = {
+    "fifo": "is a FIFO",
+    "symlink": "is a symbolic link",
+    "directory": "is a directory",
+    "device": "is a character device",
+}
 ANSWER_AT_ONCE = 1.0  # seconds for a PING (about 1 ms when idle); a blocked loop answers never
 
 
@@ -56,12 +65,20 @@ def make_crl(pki, path: Path, revoked: Path | None = None) -> Path:
     ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
-               .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=1)))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=1))
+    )
     if revoked is not None:
         serial = x509.load_pem_x509_certificate(revoked.read_bytes()).serial_number
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - datetime.timedelta(minutes=1)).build())
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - datetime.timedelta(minutes=1))
+            .build()
+        )
     path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     return path
 
@@ -87,8 +104,13 @@ def odd_file(kind: str, where: Path, good: Path) -> Path:
 
 
 def good_fields(pki, crl: Path, keylog: Path) -> dict[str, str]:
-    return {"tls_ca": str(pki.ca_cert), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key),
-            "tls_crl": str(crl), "tls_keylog": str(keylog)}
+    return {
+        "tls_ca": str(pki.ca_cert),
+        "tls_cert": str(pki.client_cert),
+        "tls_key": str(pki.client_key),
+        "tls_crl": str(crl),
+        "tls_keylog": str(keylog),
+    }
 
 
 @pytest.fixture
@@ -144,8 +166,14 @@ def test_good_files_still_open_a_verified_mutual_tls_connection(keeper, pki, crl
     """Every file read the safe way still means what it meant: CA, CRL, client certificate, key log."""
     keylog = tmp_path / "keys.log"
     with MutualTlsPeer(pki) as peer:
-        keeper.prepare(role="client", transport="tls", remote=peer.address, local="-",
-                       tls_sni=pki.server_name, **good_fields(pki, crl, keylog))
+        keeper.prepare(
+            role="client",
+            transport="tls",
+            remote=peer.address,
+            local="-",
+            tls_sni=pki.server_name,
+            **good_fields(pki, crl, keylog),
+        )
         [connection] = keeper.status()["connections"]
         assert "CN=sut.test" in connection["tls"]["peer_subject"] and connection["tls"]["verified"]
         assert peer.client_subject and "alice.fdkeeper.test" in peer.client_subject
@@ -154,10 +182,14 @@ def test_good_files_still_open_a_verified_mutual_tls_connection(keeper, pki, crl
 
 def test_a_crl_read_from_memory_still_revokes(keeper, pki, crl, tmp_path):
     revoking = make_crl(pki, tmp_path / "revoking.crl", revoked=pki.server_cert)
-    with MutualTlsPeer(pki) as peer:
-        with pytest.raises(FdkeeperError, match="certificate revoked"):
-            keeper.prepare(role="client", transport="tls", remote=peer.address, local="-",
-                           **{**good_fields(pki, crl, tmp_path / "keys.log"), "tls_crl": str(revoking)})
+    with MutualTlsPeer(pki) as peer, pytest.raises(FdkeeperError, match="certificate revoked"):
+        keeper.prepare(
+            role="client",
+            transport="tls",
+            remote=peer.address,
+            local="-",
+            **{**good_fields(pki, crl, tmp_path / "keys.log"), "tls_crl": str(revoking)},
+        )
     assert keeper.status()["connections"] == []
 
 
@@ -178,8 +210,13 @@ def test_a_nul_in_a_path_names_its_option_not_the_server_name(keeper, listener, 
 def context_options(pki, crl: Path, tmp_path: Path, field: str, path: str) -> TlsOptions:
     good = good_fields(pki, crl, tmp_path / "keys.log")
     fields = {**good, field: path}
-    return TlsOptions(ca=fields["tls_ca"], cert=fields["tls_cert"], key=fields["tls_key"], crl=fields["tls_crl"],
-                      keylog=fields["tls_keylog"])
+    return TlsOptions(
+        ca=fields["tls_ca"],
+        cert=fields["tls_cert"],
+        key=fields["tls_key"],
+        crl=fields["tls_crl"],
+        keylog=fields["tls_keylog"],
+    )
 
 
 def within(seconds: float, call: Callable[[], object], fifo: Path | None = None) -> BaseException | None:
@@ -191,7 +228,7 @@ def within(seconds: float, call: Callable[[], object], fifo: Path | None = None)
         try:
             call()
             outcome.append(None)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
+        except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -210,8 +247,11 @@ def within(seconds: float, call: Callable[[], object], fifo: Path | None = None)
 @pytest.mark.parametrize("field", sorted(OPTION))
 def test_client_context_refuses_anything_but_a_regular_file(pki, crl, tmp_path, field, kind):
     path = odd_file(kind, tmp_path, Path(good_fields(pki, crl, tmp_path / "k.log")[field]))
-    error = within(2, lambda: client_context(context_options(pki, crl, tmp_path, field, str(path))),
-                   path if kind == "fifo" else None)
+    error = within(
+        2,
+        lambda: client_context(context_options(pki, crl, tmp_path, field, str(path))),
+        path if kind == "fifo" else None,
+    )
     assert isinstance(error, FdkeeperError), error
     text = str(error)
     assert re.match(rf"fdkeeper: {re.escape(OPTION[field])}\b", text) and SAYS[kind] in text, text
@@ -296,8 +336,13 @@ def test_an_encrypted_key_is_refused_rather_than_asked_for(pki, crl, tmp_path):
     """OpenSSL would ask for the passphrase on the keeper's terminal, on its loop."""
     key = serialization.load_pem_private_key(pki.client_key.read_bytes(), None)
     encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(b"secret")))
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     error = within(2, lambda: client_context(context_options(pki, crl, tmp_path, "tls_key", str(encrypted))))
     assert isinstance(error, FdkeeperError) and "--tls-key" in str(error) and "encrypted" in str(error), error
 
@@ -350,11 +395,24 @@ def test_another_users_fifo_in_a_sticky_directory_costs_root_one_line(keeper, li
     try:
         shared.chmod(0o1777)
         fifo = shared / "keys.log"
-        subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
-                        sys.executable, "-c", f"import os; os.mkfifo({str(fifo)!r}, 0o666)"], check=True, timeout=10)
+        subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={nobody.pw_uid}",
+                f"--regid={nobody.pw_gid}",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                f"import os; os.mkfifo({str(fifo)!r}, 0o666)",
+            ],
+            check=True,
+            timeout=10,
+        )
         for field in ("tls_keylog", "tls_ca"):
             fields = {**good_fields(pki, crl, shared / "unused.log"), field: str(fifo)}
-            with pytest.raises(FdkeeperError, match=rf"^fdkeeper: {re.escape(OPTION[field])}\b.* is a FIFO; name a regular file$"):
+            with pytest.raises(
+                FdkeeperError, match=rf"^fdkeeper: {re.escape(OPTION[field])}\b.* is a FIFO; name a regular file$"
+            ):
                 keeper.prepare(role="client", transport="tls", remote=listener, local="-", **fields)
             answers_at_once(keeper)
     finally:

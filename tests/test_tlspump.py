@@ -18,11 +18,7 @@ import threading
 import time
 
 import pytest
-
-from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.keeper import tlspump
-from fdkeeper.testbed import wait_until
-from test_keeper_datapath import (  # noqa: F401 - pki is a fixture
+from test_keeper_datapath import (
     FakeSut,
     end_connection,
     keeper_rss,
@@ -32,6 +28,10 @@ from test_keeper_datapath import (  # noqa: F401 - pki is a fixture
     read_to_the_end,
     sip,
 )
+
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.keeper import tlspump
+from fdkeeper.testbed import wait_until
 
 pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 

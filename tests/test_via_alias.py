@@ -33,7 +33,9 @@ USERS = 4
 # call per user and run.
 CALLS = {"3.6.1-preload": (6, 2), "3.7.7-preload": (1, 3), "3.7.7-static-ptrace": (1, 3)}
 MAX_SOCKET = ("-max_socket", 4000)
-STOPS_BESIDE_HANDOFFS = 24  # as tests/test_static_sipp.py: start-up and exit  # sipp -t tn refuses a -max_socket above the open-file limit
+STOPS_BESIDE_HANDOFFS = (
+    24  # as tests/test_static_sipp.py: start-up and exit  # sipp -t tn refuses a -max_socket above the open-file limit
+)
 STATIC_SIPP = testbed.sipp_build("sipp-static")
 DYNAMIC_SIPP = testbed.sipp_build("sipp-tls")
 
@@ -53,9 +55,11 @@ def kept_local_by_user(keeper) -> dict[str, str]:
 def calls_to_callee(tmp_path: Path) -> Path:
     """uac-call-users.xml turned round: each CSV user calls sip:callee@domain."""
     text = (testbed.SCENARIOS_DIR / "uac-call-users.xml").read_text()
-    text = (text.replace("INVITE sip:[field0]@[field1]", "INVITE sip:callee@[field1]")
-                .replace("To: <sip:[field0]@[field1]>", "To: <sip:callee@[field1]>")
-                .replace("<sip:caller@", "<sip:[field0]@"))
+    text = (
+        text.replace("INVITE sip:[field0]@[field1]", "INVITE sip:callee@[field1]")
+        .replace("To: <sip:[field0]@[field1]>", "To: <sip:callee@[field1]>")
+        .replace("<sip:caller@", "<sip:[field0]@")
+    )
     path = tmp_path / "uac-user-calls-callee.xml"
     path.write_text(text)
     return path
@@ -67,8 +71,9 @@ def callee_scenario(tmp_path: Path) -> Path:
     (bench/cpslib.py adapts the callee the same way)."""
     text = (testbed.SCENARIOS_DIR / "uas-answer.xml").read_text()
     text, dropped = re.subn(r"\n  <send>\s*<!\[CDATA\[\s*SIP/2.0 180 Ringing.*?</send>\n", "\n", text, flags=re.S)
-    text, relaxed = re.subn(r'<recv request="ACK"[^>]*/>',
-                            '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text)
+    text, relaxed = re.subn(
+        r'<recv request="ACK"[^>]*/>', '<recv request="ACK" optional="global" advance_state="false" crlf="true"/>', text
+    )
     assert (dropped, relaxed) == (1, 1), "scenarios/uas-answer.xml changed: no 180 to drop, no ACK to relax"
     path = tmp_path / "uas-answer-no-180.xml"
     path.write_text(text)
@@ -109,34 +114,93 @@ def test_a_users_requests_name_its_kept_connection(build, fdkeeper_keeper, fdkee
     per_run, runs = CALLS[build]
     calls = USERS * per_run
     callee_port = testbed.free_port()
-    callee = testbed.start_sipp(fdkeeper_sipp_path, callee_scenario(tmp_path), kamailio.address, log_dir=tmp_path / "logs",
-                                name="callee", transport="u1", local_port=callee_port, calls=runs * calls, timeout=90)
+    callee = testbed.start_sipp(
+        fdkeeper_sipp_path,
+        callee_scenario(tmp_path),
+        kamailio.address,
+        log_dir=tmp_path / "logs",
+        name="callee",
+        transport="u1",
+        local_port=callee_port,
+        calls=runs * calls,
+        timeout=90,
+    )
     try:
-        kamailio.rpc("ul.add", "location", "callee", f"sip:callee@127.0.0.1:{callee_port}", "3600", "1.0", "s:",
-                     "0", "0", "0")
+        kamailio.rpc(
+            "ul.add", "location", "callee", f"sip:callee@127.0.0.1:{callee_port}", "3600", "1.0", "s:", "0", "0", "0"
+        )
         common = ("-t", "tn", "-i", "127.0.0.1", "-timeout", 40, "-timeout_error", *MAX_SOCKET)
-        registered = sipp.run("-sf", "uac-register.xml", "-inf", users_csv, "-m", USERS, "-p", testbed.free_port(),
-                              *common, kamailio.address, name="register", timeout=60)
+        registered = sipp.run(
+            "-sf",
+            "uac-register.xml",
+            "-inf",
+            users_csv,
+            "-m",
+            USERS,
+            "-p",
+            testbed.free_port(),
+            *common,
+            kamailio.address,
+            name="register",
+            timeout=60,
+        )
         assert registered.ok, registered.tail()
         scenario = calls_to_callee(tmp_path)
         for run in range(1, runs + 1):
-            made = sipp.run("-sf", scenario, "-inf", users_csv, "-m", calls, "-r", 20, "-l", 2,
-                            "-p", testbed.free_port(), *common, kamailio.address, name=f"calls{run}", timeout=60,
-                            options=("--debug",) if "ptrace" in build else ())  # --debug: the stop count
+            made = sipp.run(
+                "-sf",
+                scenario,
+                "-inf",
+                users_csv,
+                "-m",
+                calls,
+                "-r",
+                20,
+                "-l",
+                2,
+                "-p",
+                testbed.free_port(),
+                *common,
+                kamailio.address,
+                name=f"calls{run}",
+                timeout=60,
+                options=("--debug",) if "ptrace" in build else (),
+            )  # --debug: the stop count
             assert made.ok, made.tail()
             if "ptrace" in build:  # stops: 4 per handoff, one per later send (ACK, BYE), start-up and exit
-                stops, handoffs, rewritten = map(int, re.search(
-                    r"(\d+) ptrace stops for (\d+) per-call handoff\(s\); (\d+) message", made.err.read_text()).groups())
+                stops, handoffs, rewritten = map(
+                    int,
+                    re.search(
+                        r"(\d+) ptrace stops for (\d+) per-call handoff\(s\); (\d+) message", made.err.read_text()
+                    ).groups(),
+                )
                 assert handoffs == calls and stops <= 6 * calls + STOPS_BESIDE_HANDOFFS, stops
                 assert rewritten == 3 * calls  # INVITE, ACK, BYE
         answered_by_callee = callee.wait(30)
         assert answered_by_callee.successful == runs * calls, answered_by_callee.summary()
 
-        answer = sipp.start("-sf", "uas-answer.xml", "-m", USERS, "-p", testbed.free_port(), *common,
-                            kamailio.address, name="answer", timeout=60)
+        answer = sipp.start(
+            "-sf",
+            "uas-answer.xml",
+            "-m",
+            USERS,
+            "-p",
+            testbed.free_port(),
+            *common,
+            kamailio.address,
+            name="answer",
+            timeout=60,
+        )
         answer.wait_ready()
-        incoming = start_calls(kamailio, names, log_dir=tmp_path / "logs", name="incoming",
-                                       sipp=fdkeeper_sipp_path, local_port=testbed.free_port(), rate=20)
+        incoming = start_calls(
+            kamailio,
+            names,
+            log_dir=tmp_path / "logs",
+            name="incoming",
+            sipp=fdkeeper_sipp_path,
+            local_port=testbed.free_port(),
+            rate=20,
+        )
         assert incoming.wait(40).successful == USERS
         assert answer.wait(40).ok
     finally:

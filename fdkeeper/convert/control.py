@@ -18,9 +18,9 @@ from typing import Protocol
 
 from fdkeeper.address import Address, is_ip, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
 from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.uri import SIP_PORT
+from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
 
 
 class Controlled(Protocol):
@@ -114,8 +114,12 @@ class ControlSocket:
             return
         pending = _Pending(connection, self.reactor.call_later(REQUEST_SECONDS, lambda: self._end(connection)))
         self._pending[connection.fileno()] = pending
-        self.reactor.watch(connection.fileno(), select.EPOLLIN, lambda _mask: self._read(pending),
-                           on_fault=lambda _error: self._end(connection))
+        self.reactor.watch(
+            connection.fileno(),
+            select.EPOLLIN,
+            lambda _mask: self._read(pending),
+            on_fault=lambda _error: self._end(connection),
+        )
 
     def _read(self, pending: _Pending) -> None:
         try:
@@ -154,7 +158,7 @@ class ControlSocket:
 class _Pending:
     """A control client whose request line is still being read."""
 
-    __slots__ = ("connection", "timer", "request")
+    __slots__ = ("connection", "request", "timer")
 
     def __init__(self, connection: socket.socket, timer: Timer) -> None:
         self.connection = connection

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.pidcheck import process_exists
@@ -100,8 +100,9 @@ class UdpDelivery:
 
     # -- requests towards sipp
 
-    def send_request(self, data: bytes, branch: bytes | None, invite: bool, destination: Address | None,
-                     now: float) -> None:
+    def send_request(
+        self, data: bytes, branch: bytes | None, invite: bool, destination: Address | None, now: float
+    ) -> None:
         """Send a request to sipp (tracked for retransmission), or queue it when ``destination`` is None."""
         if destination is None:
             self._enqueue(Queued(data, branch, invite, now + TIMEOUT))
@@ -146,5 +147,7 @@ class UdpDelivery:
     def as_dict(self) -> dict:
         return {
             "attached": [format_address(address) for address in self.attached],
-            "queued": len(self.queue), "queued_bytes": self.queued_bytes, "unanswered": len(self.pending),
+            "queued": len(self.queue),
+            "queued_bytes": self.queued_bytes,
+            "unanswered": len(self.pending),
         }

@@ -35,8 +35,16 @@ class Link:
         self.via_value = self.via[5:]
         self.local_host = local[0].lower().encode()
         self.via_udp = b"Via: SIP/2.0/UDP " + listen + b";branch=" + OWN_BRANCH
-        self.rr_to_stream = b"Record-Route: <sip:%s;transport=%s;lr>, <sip:%s;transport=udp;lr>\r\n" % (self.local_hp, lower, listen)
-        self.rr_to_udp = b"Record-Route: <sip:%s;transport=udp;lr>, <sip:%s;transport=%s;lr>\r\n" % (listen, self.local_hp, lower)
+        self.rr_to_stream = b"Record-Route: <sip:%s;transport=%s;lr>, <sip:%s;transport=udp;lr>\r\n" % (
+            self.local_hp,
+            lower,
+            listen,
+        )
+        self.rr_to_udp = b"Record-Route: <sip:%s;transport=udp;lr>, <sip:%s;transport=%s;lr>\r\n" % (
+            listen,
+            self.local_hp,
+            lower,
+        )
         self.framer = SipFramer()
         self.out = bytearray()
         self.want_out = False  # EPOLLOUT watched
@@ -76,16 +84,23 @@ class Link:
 
     def as_dict(self) -> dict:
         return {
-            "remote": self.remote_hp.decode(), "transport": self.transport, "local": self.local_hp.decode(),
-            "state": "closed" if self.closed else "open", "closed_reason": self.closed_reason,
-            "age": round(time.time() - self.opened_at, 3), "messages_out": self.messages_out,
-            "messages_in": self.messages_in, "keepalives_in": self.framer.keepalives,
-            "pings_answered": self.pings_answered, "queued_bytes": len(self.out),
+            "remote": self.remote_hp.decode(),
+            "transport": self.transport,
+            "local": self.local_hp.decode(),
+            "state": "closed" if self.closed else "open",
+            "closed_reason": self.closed_reason,
+            "age": round(time.time() - self.opened_at, 3),
+            "messages_out": self.messages_out,
+            "messages_in": self.messages_in,
+            "keepalives_in": self.framer.keepalives,
+            "pings_answered": self.pings_answered,
+            "queued_bytes": len(self.out),
         }
 
 
-def open_link(key: LinkKey, listen: bytes, tls_options: TlsOptions | None, timeout: float,
-              local: Address | None = None) -> Link:
+def open_link(
+    key: LinkKey, listen: bytes, tls_options: TlsOptions | None, timeout: float, local: Address | None = None
+) -> Link:
     """Connect (and for TLS hand-shake) to a destination, from ``local`` when given (the address
     plain sipp would connect from: the run's identity); FdkeeperError with one line if not."""
     host, port, transport = key

@@ -32,15 +32,26 @@ import collections
 import hashlib
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.convert.delivery import UdpDelivery
 from fdkeeper.convert.links import OWN_BRANCH, Link, LinkKey
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sip.framing import FramingError
-from fdkeeper.sip.message import OUTBOUND, ROUTE, Edits, Malformed, Message, Span, count_hop, end_of_element, make_reply, \
-    next_element, remove_element
+from fdkeeper.sip.message import (
+    OUTBOUND,
+    ROUTE,
+    Edits,
+    Malformed,
+    Message,
+    Span,
+    count_hop,
+    end_of_element,
+    make_reply,
+    next_element,
+    remove_element,
+)
 from fdkeeper.sip.uri import HostPort, UriTarget, uri_hostport, uri_ip_address, via_param, via_parts, via_reply_address
 
 log = logging.getLogger("fdkeeper.converter")
@@ -95,7 +106,7 @@ def own_branch_tail(branch: bytes | None, data: bytes, via_span: Span) -> bytes:
     a non-2xx ACK gets the branch of its INVITE), else a hash of the incoming Via line."""
     if branch and branch.startswith(b"z9hG4bK"):
         return branch[7:]
-    return hashlib.md5(data[via_span[1]:via_span[2]]).hexdigest().encode()
+    return hashlib.md5(data[via_span[1] : via_span[2]]).hexdigest().encode()
 
 
 def strip_own_routes(message: Message, edits: Edits, own: set[HostPort]) -> UriTarget | None:
@@ -139,9 +150,16 @@ class Converter:
     ``send_udp(data, address)`` and ``Link.out`` (links with output are in ``dirty``);
     ``connect(key)`` opens a link."""
 
-    def __init__(self, listen: Address, default_key: LinkKey, sipp_address: Address | None,
-                 hide_topology: bool, send_udp: Callable[[bytes, Address], None],
-                 connect: Callable[[LinkKey], Link], attached_only: bool = False) -> None:
+    def __init__(
+        self,
+        listen: Address,
+        default_key: LinkKey,
+        sipp_address: Address | None,
+        hide_topology: bool,
+        send_udp: Callable[[bytes, Address], None],
+        connect: Callable[[LinkKey], Link],
+        attached_only: bool = False,
+    ) -> None:
         self.listen = listen
         self.listen_hp = format_address(listen).encode()
         self.default_key = default_key
@@ -222,8 +240,11 @@ class Converter:
         self.counters["udp_in"] += 1
         if self.attached_only and not self.delivery.is_attached(source):
             self.counters["udp_dropped_unattached"] += 1
-            self.warn_once("unattached", f"dropped a datagram from {format_address(source)}: no run of ours is "
-                           "attached there (counted as udp_dropped_unattached)")
+            self.warn_once(
+                "unattached",
+                f"dropped a datagram from {format_address(source)}: no run of ours is "
+                "attached there (counted as udp_dropped_unattached)",
+            )
             return
         # A CRLF keep-alive (or nothing but padding): the first byte tells without a stripped copy.
         if data[:1] in b"\r\n\x00 " and not data.strip(b"\r\n\x00 "):
@@ -302,7 +323,7 @@ class Converter:
     def _response_from_sipp(self, message: Message) -> None:
         data, edits = message.data, Edits()
         via_span, via_end = message.top_via()
-        protocol, host, port, params = via_parts(data[via_span[1]:via_end])
+        _protocol, host, port, params = via_parts(data[via_span[1] : via_end])
         self.delivery.answered(via_param(params, b"branch"))
         if self.hide:
             link = self.transactions.get(via_param(params, b"branch") or b"")
@@ -350,7 +371,7 @@ class Converter:
         data, edits = message.data, Edits()
         via_span, via_end = message.top_via()
         if self.hide:
-            _, host, port, params = via_parts(data[via_span[1]:via_end])
+            _, host, port, params = via_parts(data[via_span[1] : via_end])
             destination = self.transactions.get(via_param(params, b"branch") or b"")
             if not isinstance(destination, tuple):
                 destination = (host.decode().strip("[]"), port)  # sipp's own Via (not the SuT's rport)
@@ -358,15 +379,22 @@ class Converter:
             if data.startswith(link.via_value, via_span[1]):
                 host, port = link.local_host, link.local[1]  # our own Via, as we wrote it: no parsing
             else:
-                _, host, port, _ = via_parts(data[via_span[1]:via_end])
+                _, host, port, _ = via_parts(data[via_span[1] : via_end])
             if (host, port) not in self.own:
                 raise Malformed("response not via us")
             remove_element(message, via_span, via_end, edits)
             destination = via_reply_address(message.next_via(via_span, via_end))
         self._to_udp(message, edits, destination, None, "responses_to_udp")
 
-    def _to_udp(self, message: Message, edits: Edits, destination: Address | None, link: Link | None, counter: str,
-                branch: bytes | None = None) -> None:
+    def _to_udp(
+        self,
+        message: Message,
+        edits: Edits,
+        destination: Address | None,
+        link: Link | None,
+        counter: str,
+        branch: bytes | None = None,
+    ) -> None:
         """Send to sipp: over 1300 bytes counted and warned of once, over 65,507 not sent
         (a request from ``link`` answered 513). A request from a link goes through the delivery
         (queued while ``destination`` is None, resent until answered, by ``branch``)."""
@@ -380,8 +408,11 @@ class Converter:
                 return
             # RFC 3261 §18.1.1 would switch a request to TCP; sipp listens on UDP only.
             self.counters["udp_oversize_sent"] += 1
-            self.warn_once("oversize", f"sent a {size}-byte message to sipp over UDP (over the {UDP_SOFT_LIMIT}-byte "
-                           "limit of RFC 3261 §18.1.1; sipp listens on UDP only); counted as udp_oversize_sent")
+            self.warn_once(
+                "oversize",
+                f"sent a {size}-byte message to sipp over UDP (over the {UDP_SOFT_LIMIT}-byte "
+                "limit of RFC 3261 §18.1.1; sipp listens on UDP only); counted as udp_oversize_sent",
+            )
         if link is not None and message.is_request:
             self.delivery.send_request(out, branch, message.method == b"INVITE", destination, self.now)
         else:
@@ -390,15 +421,16 @@ class Converter:
 
     # -- shared
 
-    def _own_via(self, message: Message, edits: Edits, back: Address | Link, via: bytes,
-                 record_route: bytes) -> tuple[int, bytes, bytes, bytes | None]:
+    def _own_via(
+        self, message: Message, edits: Edits, back: Address | Link, via: bytes, record_route: bytes
+    ) -> tuple[int, bytes, bytes, bytes | None]:
         """Put our ``via`` on top (``record_route`` above it), its branch following the
         incoming one; with hidden topology remember instead where responses go ``back`` to.
         Returns the incoming top Via element's end, sent-by host and parameters, and the branch
         the next hop sees on top."""
         data = message.data
         via_span, via_end = message.top_via()
-        _, host, _, params = via_parts(data[via_span[1]:via_end])
+        _, host, _, params = via_parts(data[via_span[1] : via_end])
         branch = via_param(params, b"branch")
         if self.hide:
             if branch:

@@ -29,8 +29,8 @@ from fdkeeper.convert.links import SOCKET_BUFFER, Link, LinkKey, open_link
 from fdkeeper.convert.routing import Converter, log
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor
-from fdkeeper.textsafe import configure_logging
 from fdkeeper.sip.framing import PING
+from fdkeeper.textsafe import configure_logging
 from fdkeeper.tls import TlsOptions
 
 READ_CHUNK = 256 * 1024
@@ -54,7 +54,9 @@ def bind_udp(listen: Address) -> socket.socket:
         sock.bind(listen)
     except OSError as error:
         sock.close()
-        raise FdkeeperError(f"fdkeeper: cannot listen on udp:{format_address(listen)}: {error.strerror}; pick another --listen") from None
+        raise FdkeeperError(
+            f"fdkeeper: cannot listen on udp:{format_address(listen)}: {error.strerror}; pick another --listen"
+        ) from None
     sock.setblocking(False)
     return sock
 
@@ -63,10 +65,22 @@ class ConverterServer:
     """The converter process: sipp's UDP socket, the links and the control socket on one
     reactor. What goes where is the Converter's (routing.py); this moves the bytes."""
 
-    def __init__(self, listen: Address, sut: Address, transport: str, sipp_address: Address | None, *,
-                 hide_topology: bool = False, tls: TlsOptions | None = None, connect_timeout: float = 5.0,
-                 keepalive: float | None = None, control: Path | None = None, stats_file: Path | None = None,
-                 attached_only: bool = False, local: Address | None = None) -> None:
+    def __init__(
+        self,
+        listen: Address,
+        sut: Address,
+        transport: str,
+        sipp_address: Address | None,
+        *,
+        hide_topology: bool = False,
+        tls: TlsOptions | None = None,
+        connect_timeout: float = 5.0,
+        keepalive: float | None = None,
+        control: Path | None = None,
+        stats_file: Path | None = None,
+        attached_only: bool = False,
+        local: Address | None = None,
+    ) -> None:
         self.tls = tls
         self.local = local  # --local: the SuT's connection comes from here (sipp's own -i/-p)
         self.connect_timeout = connect_timeout
@@ -74,8 +88,15 @@ class ConverterServer:
         self.stats_file = stats_file
         self.udp = bind_udp(listen)
         self.reactor = Reactor()
-        self.converter = Converter(self.udp.getsockname()[:2], (sut[0], sut[1], transport), sipp_address, hide_topology,
-                                   self._send_udp, self._connect, attached_only)
+        self.converter = Converter(
+            self.udp.getsockname()[:2],
+            (sut[0], sut[1], transport),
+            sipp_address,
+            hide_topology,
+            self._send_udp,
+            self._connect,
+            attached_only,
+        )
         try:
             self.converter.add_link(self._connect(self.converter.default_key))
         except FdkeeperError:
@@ -96,13 +117,17 @@ class ConverterServer:
             self.udp.sendto(data, address)
         except OSError as error:
             self.converter.counters["udp_send_errors"] += 1
-            self.converter.warn_once(f"udp send {error.errno}", f"UDP send to {format_address(address)} failed: {error.strerror}")
+            self.converter.warn_once(
+                f"udp send {error.errno}", f"UDP send to {format_address(address)} failed: {error.strerror}"
+            )
 
     def _connect(self, key: LinkKey) -> Link:
         local = self.local if key == self.converter.default_key else None
         link = open_link(key, self.converter.listen_hp, self.tls, self.connect_timeout, local)
         self.reactor.watch(
-            link.fd, LINK_EVENTS, lambda mask: self._on_link(link, mask),
+            link.fd,
+            LINK_EVENTS,
+            lambda mask: self._on_link(link, mask),
             on_fault=lambda error: self._closed(link, f"internal error: {error!r}; see the converter log"),
         )
         log.info("connected to %s", link.label())
@@ -185,7 +210,9 @@ class ConverterServer:
         link.closed_reason = reason
         link.closed_at = time.time()
         self.converter.counters["connections_closed"] += 1
-        log.warning("connection %s closed: %s; requests to it are refused (503) until a reconnect", link.label(), reason)
+        log.warning(
+            "connection %s closed: %s; requests to it are refused (503) until a reconnect", link.label(), reason
+        )
         self._close_socket(link)
         link.out.clear()
 
@@ -207,7 +234,12 @@ class ConverterServer:
         self.converter.expire()
         if self.keepalive:
             for link in self.converter.links.values():
-                if not link.closed and link.ping_sent_at is None and now - link.last_activity >= self.keepalive and not link.out:
+                if (
+                    not link.closed
+                    and link.ping_sent_at is None
+                    and now - link.last_activity >= self.keepalive
+                    and not link.out
+                ):
                     link.out += PING
                     link.ping_sent_at = now
                     self._flush(link)
@@ -230,8 +262,12 @@ class ConverterServer:
     def attach(self, address: Address, pid: int | None) -> int:
         self.converter.now = time.monotonic()
         sent = self.converter.attach(address, pid)
-        log.info("run attached at udp:%s (pid %s)%s", format_address(address), pid,
-                 f"; {sent} queued request(s) sent to it" if sent else "")
+        log.info(
+            "run attached at udp:%s (pid %s)%s",
+            format_address(address),
+            pid,
+            f"; {sent} queued request(s) sent to it" if sent else "",
+        )
         return sent
 
     def detach(self, address: Address) -> None:
@@ -242,11 +278,16 @@ class ConverterServer:
         converter = self.converter
         sipp_address = converter.sipp_address
         return {
-            "pid": os.getpid(), "listen": converter.listen_hp.decode(),
+            "pid": os.getpid(),
+            "listen": converter.listen_hp.decode(),
             "sipp_address": format_address(sipp_address) if sipp_address else None,
-            "hide_topology": converter.hide, "attached_only": converter.attached_only, **converter.delivery.as_dict(),
-            "counters": dict(converter.counters), "malformed": dict(converter.malformed),
-            "transactions": len(converter.transactions), "dialogs": len(converter.dialogs),
+            "hide_topology": converter.hide,
+            "attached_only": converter.attached_only,
+            **converter.delivery.as_dict(),
+            "counters": dict(converter.counters),
+            "malformed": dict(converter.malformed),
+            "transactions": len(converter.transactions),
+            "dialogs": len(converter.dialogs),
             "evicted": converter.transactions.evicted + converter.dialogs.evicted,
             "links": [link.as_dict() for link in converter.links.values()],
         }
@@ -257,7 +298,9 @@ class ConverterServer:
         s = self.stats()
         counters = " ".join(f"{k}={v}" for k, v in sorted(s["counters"].items()))
         malformed = sum(s["malformed"].values())
-        links = ", ".join(f"{l['local']}->{l['remote']}/{l['transport']} {l['state']}" for l in s["links"])
+        links = ", ".join(
+            f"{link['local']}->{link['remote']}/{link['transport']} {link['state']}" for link in s["links"]
+        )
         return f"fdkeeper convert: {counters} malformed={malformed} transactions={s['transactions']} dialogs={s['dialogs']} links: {links}"
 
     def write_stats(self) -> None:
@@ -306,17 +349,32 @@ def serve(
     """Run a converter in the foreground until STOP or SIGTERM; the exit status."""
     configure_logging(log_level, "fdkeeper-convert")
     try:
-        server = ConverterServer(listen, sut, transport, sipp_address, hide_topology=hide_topology,
-                                 tls=tls or TlsOptions(), connect_timeout=connect_timeout, keepalive=keepalive,
-                                 control=control, stats_file=stats_file, attached_only=attached_only,
-                                 local=local)
+        server = ConverterServer(
+            listen,
+            sut,
+            transport,
+            sipp_address,
+            hide_topology=hide_topology,
+            tls=tls or TlsOptions(),
+            connect_timeout=connect_timeout,
+            keepalive=keepalive,
+            control=control,
+            stats_file=stats_file,
+            attached_only=attached_only,
+            local=local,
+        )
     except FdkeeperError as error:
         print(str(error), file=sys.stderr, flush=True)
         return error.exit_status
     server.install_signal_handlers()
     default = server.converter.links[server.converter.default_key]
-    log.info("listening on udp:%s, SuT over %s; sipp address %s%s", server.converter.listen_hp.decode(), default.label(),
-             sipp_address and format_address(sipp_address), ", topology hidden" if hide_topology else "")
+    log.info(
+        "listening on udp:%s, SuT over %s; sipp address %s%s",
+        server.converter.listen_hp.decode(),
+        default.label(),
+        sipp_address and format_address(sipp_address),
+        ", topology hidden" if hide_topology else "",
+    )
     server.write_stats()
     server.serve_forever()
     return 0

@@ -13,8 +13,9 @@ import fcntl
 import socket
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from fdkeeper.address import Address, family_of, format_address
 from fdkeeper.errors import FdkeeperError

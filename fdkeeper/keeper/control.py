@@ -29,7 +29,7 @@ import select
 import socket
 import time
 from collections import deque
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor
@@ -197,7 +197,13 @@ class ControlClient:
 class ControlClients:
     """Accepts on the control socket and keeps the set of clients bounded."""
 
-    def __init__(self, reactor: Reactor, listener: socket.socket, serve: Callable[[ControlClient, int], None], forget: Callable[[ControlClient], None]) -> None:
+    def __init__(
+        self,
+        reactor: Reactor,
+        listener: socket.socket,
+        serve: Callable[[ControlClient, int], None],
+        forget: Callable[[ControlClient], None],
+    ) -> None:
         self.reactor = reactor
         self.listener = listener
         self.serve = serve  # called with (client, epoll mask) when a client is readable or hung up
@@ -210,7 +216,9 @@ class ControlClients:
 
     def _watch_listener(self) -> None:
         # A fault while accepting must not end accepting for good: pause, then take clients again.
-        self.reactor.watch(self.listener.fileno(), select.EPOLLIN, self._accept, on_fault=lambda _error: self._pause_accepting())
+        self.reactor.watch(
+            self.listener.fileno(), select.EPOLLIN, self._accept, on_fault=lambda _error: self._pause_accepting()
+        )
 
     def _accept(self, _mask: int) -> None:
         while True:
@@ -236,14 +244,21 @@ class ControlClients:
         if len(self.clients) >= MAX_CLIENTS and not self._evict_longest_idle():
             self.refused += 1
             log.warning("%d control clients, all busy: refused pid %d", len(self.clients), pid)
-            _tell_and_close(sock, format_error(
-                "limit", f"fdkeeper: the keeper has {len(self.clients)} control clients, none idle; try again shortly"
-            ))
+            _tell_and_close(
+                sock,
+                format_error(
+                    "limit",
+                    f"fdkeeper: the keeper has {len(self.clients)} control clients, none idle; try again shortly",
+                ),
+            )
             return
         client = ControlClient(sock, pid, uid, self.reactor)
         self.clients[client.fileno()] = client
         self.reactor.watch(
-            client.fileno(), select.EPOLLIN, lambda mask, c=client: self._ready(c, mask), on_fault=self.on_fault_of(client)
+            client.fileno(),
+            select.EPOLLIN,
+            lambda mask, c=client: self._ready(c, mask),
+            on_fault=self.on_fault_of(client),
         )
 
     def on_fault_of(self, client: ControlClient) -> Callable[[Exception], None]:
@@ -332,7 +347,12 @@ class ControlClients:
             self._reserve = None
 
     def as_dict(self) -> dict:
-        return {"clients": len(self.clients), "max": MAX_CLIENTS, "refused": self.refused, "dropped_idle": self.dropped_idle}
+        return {
+            "clients": len(self.clients),
+            "max": MAX_CLIENTS,
+            "refused": self.refused,
+            "dropped_idle": self.dropped_idle,
+        }
 
 
 def _open_reserve() -> int | None:

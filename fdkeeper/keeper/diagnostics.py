@@ -15,7 +15,8 @@ import logging
 import os
 import time
 import tracemalloc
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.control import ControlClient
@@ -40,12 +41,12 @@ def structure_sizes(keeper: Keeper) -> dict[str, int]:
         "holders": len(keeper.leases.holders),
         "waiters": len(keeper.waiters.waiting),
         "clients": len(clients.clients),
-        "queued_replies": sum(len(c._queue) for c in clients.clients.values()),  # noqa: SLF001
+        "queued_replies": sum(len(c._queue) for c in clients.clients.values()),
         "timers": reactor.pending_timers(),
-        "timers_cancelled": reactor._cancelled_in_heap,  # noqa: SLF001 - a diagnostic looks inside
-        "watched_fds": len(reactor._handlers),  # noqa: SLF001
-        "settling": len(keeper.health._settling),  # noqa: SLF001
-        "gave_up": len(keeper.health._gave_up),  # noqa: SLF001
+        "timers_cancelled": reactor._cancelled_in_heap,
+        "watched_fds": len(reactor._handlers),
+        "settling": len(keeper.health._settling),
+        "gave_up": len(keeper.health._gave_up),
         "tls_to_sut_bytes": sum(c.io.buffered()[0] for c in keeper.connections.values()),
         "tls_to_sipp_bytes": sum(c.io.buffered()[1] for c in keeper.connections.values()),
         "log_handlers": len(logging.getLogger().handlers) + len(log.handlers),
@@ -74,8 +75,13 @@ def install(keeper: Keeper, every: Callable[[float, Callable[[], None]], None]) 
         for verb, times in verb_times.items():
             if times:
                 times.sort()
-                log.warning("  %s: %d served, median %.3f ms, p90 %.3f ms in the keeper", verb, len(times),
-                            times[len(times) // 2] * 1000, times[int(0.9 * (len(times) - 1))] * 1000)
+                log.warning(
+                    "  %s: %d served, median %.3f ms, p90 %.3f ms in the keeper",
+                    verb,
+                    len(times),
+                    times[len(times) // 2] * 1000,
+                    times[int(0.9 * (len(times) - 1))] * 1000,
+                )
                 times.clear()
         if not baseline:
             baseline.append(snapshot)
@@ -90,18 +96,23 @@ def install(keeper: Keeper, every: Callable[[float, Callable[[], None]], None]) 
 def _time_verbs(keeper: Keeper) -> dict[str, list[float]]:
     """Wrap each verb handler to record how long the keeper spends on it (Pending included)."""
     times: dict[str, list[float]] = {}
-    for verb, handler in keeper._verbs.items():  # noqa: SLF001
+    for verb, handler in keeper._verbs.items():
         times[verb] = []
 
-        def timed(client: ControlClient, pid: int, request: Request, handler: VerbHandler = handler,
-                  record: Callable[[float], None] = times[verb].append) -> None:
+        def timed(
+            client: ControlClient,
+            pid: int,
+            request: Request,
+            handler: VerbHandler = handler,
+            record: Callable[[float], None] = times[verb].append,
+        ) -> None:
             started = time.perf_counter()
             try:
                 handler(client, pid, request)
             finally:
                 record(time.perf_counter() - started)
 
-        keeper._verbs[verb] = timed  # noqa: SLF001
+        keeper._verbs[verb] = timed
     return times
 
 

@@ -35,7 +35,9 @@ SEND_TIMEOUT = 10.0
 
 def refuse_unless_handover_possible(connections: list[KeptConnection], uid: int) -> None:
     if uid != os.getuid():
-        raise FdkeeperError(f"fdkeeper: only a keeper of uid {os.getuid()} may take over this one (not uid {uid})", "denied")
+        raise FdkeeperError(
+            f"fdkeeper: only a keeper of uid {os.getuid()} may take over this one (not uid {uid})", "denied"
+        )
     leased = [c for c in connections if c.state == LEASED]
     if leased:
         holders = sorted({str(c.holder_pid) for c in leased})
@@ -97,15 +99,17 @@ def adopt(fields: dict[str, str], fds: list[int]) -> list[KeptConnection]:
     adopted = []
     for index, fd in enumerate(fds):
         aor = unquote(aors[index])
-        adopted.append(KeptConnection(
-            id=ids[index],
-            sock=socket.socket(fileno=fd),
-            transport="tcp",
-            remote=parse_address(peers[index]),
-            local=parse_address(locals_[index]),
-            opened_at=float(opened[index]),
-            aor=None if aor == "-" else aor,
-        ))
+        adopted.append(
+            KeptConnection(
+                id=ids[index],
+                sock=socket.socket(fileno=fd),
+                transport="tcp",
+                remote=parse_address(peers[index]),
+                local=parse_address(locals_[index]),
+                opened_at=float(opened[index]),
+                aor=None if aor == "-" else aor,
+            )
+        )
     return adopted
 
 
@@ -139,6 +143,8 @@ def take_over(client: KeeperClient) -> list[KeptConnection]:
         log.warning(
             "lost %d TLS connection(s) that cannot move between processes (closed cleanly by the previous "
             "keeper; runs over them open new ones and must register again): %s%s",
-            lost_count, ", ".join(lost), more,
+            lost_count,
+            ", ".join(lost),
+            more,
         )
     return taken

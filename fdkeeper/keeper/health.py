@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from fdkeeper.keeper import tlspump
 from fdkeeper.keeper.connection import IDLE, KeptConnection
@@ -78,8 +78,12 @@ class ConnectionHealth:
         self._finishing[connection.id] = connection
         if self._pump_wakeup < 0:
             self._pump_wakeup = tlspump.wakeup_fd()
-            self.reactor.watch(self._pump_wakeup, select.EPOLLIN, lambda _mask: self._on_pump_wakeup(),
-                               on_fault=self._pump_wakeup_fault)
+            self.reactor.watch(
+                self._pump_wakeup,
+                select.EPOLLIN,
+                lambda _mask: self._on_pump_wakeup(),
+                on_fault=self._pump_wakeup_fault,
+            )
 
     def _on_pump_wakeup(self) -> None:
         tlspump.clear_wakeup(self._pump_wakeup)
@@ -109,8 +113,9 @@ class ConnectionHealth:
         if not connection.ending:
             log.info("%s: %s; %d bytes it sent before are kept for the next run", connection.label(), reason, queued)
         connection.ending = reason
-        self.reactor.call_later(DELIVERY_CHECK, lambda: self.close_when_delivered(connection, reason),
-                                on_fault=self.fault_ends(connection))
+        self.reactor.call_later(
+            DELIVERY_CHECK, lambda: self.close_when_delivered(connection, reason), on_fault=self.fault_ends(connection)
+        )
 
     # ---------------------------------------------------------------- keep-alive
 
@@ -130,8 +135,9 @@ class ConnectionHealth:
         waiting = self._settling.get(connection.id)
         if waiting is None:
             pending = Pending(f"the keep-alive pong of {connection.label()}")
-            timer = self.reactor.call_later(PONG_SETTLE, lambda: self.stop_settling(connection, gave_up=True),
-                                            on_fault=self.fault_ends(connection))  # closing it answers the lease
+            timer = self.reactor.call_later(
+                PONG_SETTLE, lambda: self.stop_settling(connection, gave_up=True), on_fault=self.fault_ends(connection)
+            )  # closing it answers the lease
             waiting = self._settling[connection.id] = (pending, timer)
         raise waiting[0]
 

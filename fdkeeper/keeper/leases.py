@@ -11,9 +11,9 @@ import logging
 import os
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.connection import CLOSED, KeptConnection
@@ -103,7 +103,9 @@ class Leases:
             raise FdkeeperError(f"fdkeeper: process {pid} ended before its lease was granted", "internal") from None
         holder = Holder(pid, pidfd)
         self.holders[pid] = holder
-        self.reactor.watch(pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(holder))
+        self.reactor.watch(
+            pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(holder)
+        )
         return holder
 
     def _close_pidfd(self, holder: Holder) -> None:
@@ -123,7 +125,11 @@ class Leases:
             self._close_pidfd(holder)
             for connection_id in holder.connection_ids:
                 connection = self.connections.get(connection_id)
-                if connection is not None and connection.sock is not None and connection.holder_pid in (holder.pid, None):
+                if (
+                    connection is not None
+                    and connection.sock is not None
+                    and connection.holder_pid in (holder.pid, None)
+                ):
                     self.health.fault_ends(connection)(error)
             self.on_release()
 
@@ -161,8 +167,12 @@ class Waiters:
     (``on_fault_of``: ControlClients.on_fault_of), never the waiters after it in the same sweep.
     """
 
-    def __init__(self, answer: Callable[[Request], bytes], reactor: Reactor,
-                 on_fault_of: Callable[[ControlClient], Callable[[Exception], None]]) -> None:
+    def __init__(
+        self,
+        answer: Callable[[Request], bytes],
+        reactor: Reactor,
+        on_fault_of: Callable[[ControlClient], Callable[[Exception], None]],
+    ) -> None:
         self.answer = answer
         self.reactor = reactor
         self.on_fault_of = on_fault_of

@@ -16,7 +16,8 @@ import os
 import select
 import socket
 import ssl
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
@@ -192,9 +193,11 @@ class Opening:
                 self._fail(handshake_error(self.remote, error, self.options))
                 return
             if not data:
-                self._fail(handshake_error(
-                    self.remote, ConnectionResetError("the SuT closed it right after the handshake"), self.options
-                ))
+                self._fail(
+                    handshake_error(
+                        self.remote, ConnectionResetError("the SuT closed it right after the handshake"), self.options
+                    )
+                )
                 return
             self.received += data
             if past_our_finished(self.received):
@@ -235,11 +238,13 @@ class Opening:
     def _on_fault(self, error: Exception) -> None:
         """A defect in a step or in keeping the opened connection (the Reactor logged it): this
         open fails with its reason named, its request is answered, the keeper goes on."""
-        self._fail(FdkeeperError(
-            f"fdkeeper: internal error opening the connection to {format_address(self.remote)} "
-            f"({type(error).__name__}); see the keeper log",
-            "internal",
-        ))
+        self._fail(
+            FdkeeperError(
+                f"fdkeeper: internal error opening the connection to {format_address(self.remote)} "
+                f"({type(error).__name__}); see the keeper log",
+                "internal",
+            )
+        )
 
 
 def _strerror(code: int) -> str:

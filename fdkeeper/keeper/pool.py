@@ -10,11 +10,10 @@ the request that needs a new connection stays pending until it is kept.
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import logging
 import os
 import resource
+from typing import NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError

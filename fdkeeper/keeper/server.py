@@ -19,8 +19,8 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from fdkeeper import __version__
 from fdkeeper.address import format_address
@@ -87,7 +87,9 @@ class Keeper:
         self.reactor = Reactor()
         self.connections: dict[int, KeptConnection] = {}
         self.health = ConnectionHealth(self.reactor, keepalive, answer_options)
-        self.waiters = Waiters(self._answer_prepare, self.reactor, on_fault_of=lambda client: self.clients.on_fault_of(client))
+        self.waiters = Waiters(
+            self._answer_prepare, self.reactor, on_fault_of=lambda client: self.clients.on_fault_of(client)
+        )
         self.leases = Leases(self.reactor, self.connections, self.health, on_release=self.waiters.retry)
         self.pool = ConnectionPool(
             self.connections, self.health, self.leases, connect_timeout=connect_timeout, tls_defaults=self.tls_defaults
@@ -335,7 +337,9 @@ class Keeper:
         # A connection no run has used yet that replaced a closed one: the runner says so.
         replaced = ",".join(str(c.replaces) for c in connections if c.replaces and not c.leases) or None
         # A server run handed connections of another identity (keeper/identity.py): the runner says so.
-        borrowed = ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
+        borrowed = (
+            ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
+        )
         return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed)
 
 
@@ -387,7 +391,9 @@ def _fds_batches(
     size = 0
     for connection in connections:
         # id, peer and local address with their separators; the verb and keys take the rest.
-        cost = len(str(connection.id)) + len(format_address(connection.remote)) + len(format_address(connection.local)) + 3
+        cost = (
+            len(str(connection.id)) + len(format_address(connection.remote)) + len(format_address(connection.local)) + 3
+        )
         cost += extra_cost(connection)
         if not batches or len(batches[-1]) >= MAX_FDS_PER_PACKET or size + cost > MAX_MESSAGE - 64:
             batches.append([])

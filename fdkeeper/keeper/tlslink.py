@@ -33,15 +33,15 @@ socket, never read through OpenSSL (``_next_in_socket``).
 
 from __future__ import annotations
 
+import _socket
 import collections
 import errno
 import logging
 import select
-import _socket
 import socket
 import ssl
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fdkeeper.keeper.connection import new_descriptors, queued_bytes
 from fdkeeper.keeper.pings import options_reply

@@ -187,8 +187,14 @@ class PumpedLink:
         handle = lib.tlspump_new()
         return cls(lib, handle, address) if handle else None
 
-    def attach(self, fds: tuple[int, int, int], to_sut: bytes, to_sipp: bytes, partials: tuple[bytes, bytes],
-               unread_lengths: list[int]) -> bool:
+    def attach(
+        self,
+        fds: tuple[int, int, int],
+        to_sut: bytes,
+        to_sipp: bytes,
+        partials: tuple[bytes, bytes],
+        unread_lengths: list[int],
+    ) -> bool:
         """Hand the link (TLS fd, keeper's pair end, sipp's pair end) and Python's state over."""
         lengths = (ctypes.c_uint32 * len(unread_lengths))(*unread_lengths)
         from_sut, from_sipp = partials

@@ -84,8 +84,12 @@ class TcpTransport:
 
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         self._fd = connection.fileno()
-        health.reactor.watch(self._fd, health.idle_events, lambda mask: self._on_event(health, connection, mask),
-                             on_fault=health.fault_ends(connection))
+        health.reactor.watch(
+            self._fd,
+            health.idle_events,
+            lambda mask: self._on_event(health, connection, mask),
+            on_fault=health.fault_ends(connection),
+        )
 
     def unwatch(self, reactor: Reactor) -> None:
         if self._fd >= 0:
@@ -173,7 +177,9 @@ class TlsTransport:
             self.after_event(health, connection)
 
         health.reactor.watch(link.tls.fileno(), link.watched_tls, on_tls, on_fault=health.fault_ends(connection))
-        health.reactor.watch(link.keeper_end.fileno(), link.watched_pair, on_pair, on_fault=health.fault_ends(connection))
+        health.reactor.watch(
+            link.keeper_end.fileno(), link.watched_pair, on_pair, on_fault=health.fault_ends(connection)
+        )
 
     def unwatch(self, reactor: Reactor) -> None:
         for sock in (self.link.tls, self.link.keeper_end):
@@ -268,4 +274,3 @@ class TlsTransport:
 
     def close(self) -> None:
         self.link.close()
-

@@ -13,7 +13,14 @@ from pathlib import Path
 from fdkeeper.address import Address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import (
-    Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions,
+    Capabilities,
+    Handoff,
+    HandoffRequest,
+    Mode,
+    ModeOptions,
+    PtraceOptions,
+    RunNeeds,
+    UdpOptions,
 )
 from fdkeeper.modes.preload import PreloadMode
 from fdkeeper.modes.ptrace import PtraceMode
@@ -56,12 +63,27 @@ def sipp_request(
 ) -> HandoffRequest:
     """A request for sipp run with its arguments as given (library users, tests, benches)."""
     return HandoffRequest(
-        program=sipp, args=list(invocation.args), role=invocation.role, control_socket=control_socket,
-        remote=remote, transport=transport, per_call=invocation.per_call_client,
+        program=sipp,
+        args=list(invocation.args),
+        role=invocation.role,
+        control_socket=control_socket,
+        remote=remote,
+        transport=transport,
+        per_call=invocation.per_call_client,
     )
 
 
 __all__ = [
-    "MODES", "MODE_NAMES", "Capabilities", "Handoff", "HandoffRequest", "Mode", "ModeOptions", "PtraceOptions",
-    "RunNeeds", "UdpOptions", "choose_mode", "sipp_request",
+    "MODES",
+    "MODE_NAMES",
+    "Capabilities",
+    "Handoff",
+    "HandoffRequest",
+    "Mode",
+    "ModeOptions",
+    "PtraceOptions",
+    "RunNeeds",
+    "UdpOptions",
+    "choose_mode",
+    "sipp_request",
 ]

@@ -35,14 +35,14 @@ def is_dynamic_elf(path: Path) -> bool:
         is_64 = header[4] == 2
         order = "<" if header[5] == 1 else ">"
         if is_64:
-            phoff, = struct.unpack_from(order + "Q", header, 0x20)
+            (phoff,) = struct.unpack_from(order + "Q", header, 0x20)
             phentsize, phnum = struct.unpack_from(order + "HH", header, 0x36)
         else:
-            phoff, = struct.unpack_from(order + "I", header, 0x1C)
+            (phoff,) = struct.unpack_from(order + "I", header, 0x1C)
             phentsize, phnum = struct.unpack_from(order + "HH", header, 0x2A)
         for index in range(phnum):
             f.seek(phoff + index * phentsize)
-            p_type, = struct.unpack(order + "I", f.read(4))
+            (p_type,) = struct.unpack(order + "I", f.read(4))
             if p_type == PT_INTERP:
                 return True
     return False

@@ -33,8 +33,9 @@ START_TIMEOUT = 15.0
 MAX_UNIX_PATH = 107  # bytes in sun_path, less its terminating NUL
 
 
-def converter_files(directory: Path, sut: tuple[str, int], transport: str,
-                    identity: Address | None = None) -> tuple[Path, Path, Path]:
+def converter_files(
+    directory: Path, sut: tuple[str, int], transport: str, identity: Address | None = None
+) -> tuple[Path, Path, Path]:
     """(control socket, log, stats file) of the converter for this SuT, transport and identity
     (keeper/identity.py; None: the shared converter of runs without -p)."""
     name = "convert-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{sut[0]}-{sut[1]}-{transport}")
@@ -58,8 +59,9 @@ def converter_statuses(directory: Path) -> list[dict]:
     return [status for status in map(_status, running_converters(directory)) if status is not None]
 
 
-def ensure_converter(directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions(),
-                     local: Address | None = None) -> dict:
+def ensure_converter(
+    directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions(), local: Address | None = None
+) -> dict:
     """The status of the converter for this SuT and the identity of ``local`` (what plain sipp
     would bind, keeper/identity.py), starting a detached one if none answers. Its connection
     comes from ``local``, as plain sipp's would; runs without an identity share one."""
@@ -69,13 +71,28 @@ def ensure_converter(directory: Path, sut: Address, transport: str, options: Udp
     status = _status(control)
     if status is not None:
         return status
-    command = [sys.executable, "-m", "fdkeeper", "convert", "--listen", "127.0.0.1:0",
-               "--sut", format_address(sut), "--transport", transport, "--control", os.fspath(control),
-               "--stats-file", os.fspath(stats), "--attached-only"]
+    command = [
+        sys.executable,
+        "-m",
+        "fdkeeper",
+        "convert",
+        "--listen",
+        "127.0.0.1:0",
+        "--sut",
+        format_address(sut),
+        "--transport",
+        transport,
+        "--control",
+        os.fspath(control),
+        "--stats-file",
+        os.fspath(stats),
+        "--attached-only",
+    ]
     if identity is not None and local is not None:
         command += ["--local", format_address(local)]
-    return start_detached(command + _converter_options(options), log_path, lambda: _status(control), "converter",
-                          START_TIMEOUT)
+    return start_detached(
+        command + _converter_options(options), log_path, lambda: _status(control), "converter", START_TIMEOUT
+    )
 
 
 def _converter_options(options: UdpOptions) -> list[str]:
@@ -89,8 +106,13 @@ def _converter_options(options: UdpOptions) -> list[str]:
         command.append("--hide-topology")
     tls = options.tls
     if tls is not None:
-        for option, value in (("--tls-ca", tls.ca), ("--tls-cert", tls.cert), ("--tls-key", tls.key),
-                              ("--tls-sni", tls.sni), ("--tls-min-version", tls.min_version)):
+        for option, value in (
+            ("--tls-ca", tls.ca),
+            ("--tls-cert", tls.cert),
+            ("--tls-key", tls.key),
+            ("--tls-sni", tls.sni),
+            ("--tls-min-version", tls.min_version),
+        ):
             if value:
                 command += [option, str(value)]
         if tls.insecure:
@@ -188,13 +210,16 @@ class UdpMode(Mode):
         # the converter drop the attachment when this process dies without detaching.
         reply = _control(control, f"ATTACH {format_address((sipp_ip, sipp_port))} {os.getpid()}")
         if not reply.get("ok") and "unknown control request" in reply.get("error", ""):
-            raise FdkeeperError(f"fdkeeper: the converter running for {format_address(remote)} (pid {status['pid']}) is "
-                                "from an older fdkeeper that cannot attach runs; run 'fdkeeper stop' to replace it")
+            raise FdkeeperError(
+                f"fdkeeper: the converter running for {format_address(remote)} (pid {status['pid']}) is "
+                "from an older fdkeeper that cannot attach runs; run 'fdkeeper stop' to replace it"
+            )
         if not reply.get("ok"):
             raise FdkeeperError(reply.get("error") or "fdkeeper: the converter refused the sipp address")
         args = udp_arguments(invocation, status["listen"], sipp_ip, sipp_port)
-        return UdpHandoff(argv=[os.fspath(request.program), *args], env={}, control=control,
-                          sipp_address=(sipp_ip, sipp_port))
+        return UdpHandoff(
+            argv=[os.fspath(request.program), *args], env={}, control=control, sipp_address=(sipp_ip, sipp_port)
+        )
 
     def run(self, handoff: Handoff) -> int:
         """Run sipp; then detach its address (requests arriving from then on wait for the next run)."""
@@ -219,9 +244,12 @@ class UdpMode(Mode):
         reply = _control(control, "RECONNECT")
         if not reply.get("ok"):
             raise FdkeeperError(reply.get("error") or "fdkeeper: the converter could not reconnect")
-        print(f"fdkeeper: the converter's connection to {format_address(remote)}/{request.transport} was closed; "
-              "opened a fresh one (--reconnect): registrations made over the old one must be redone",
-              file=sys.stderr, flush=True)
+        print(
+            f"fdkeeper: the converter's connection to {format_address(remote)}/{request.transport} was closed; "
+            "opened a fresh one (--reconnect): registrations made over the old one must be redone",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @classmethod
     def _converter(cls, request: HandoffRequest, remote: Address, options: UdpOptions) -> tuple[Path, dict]:
@@ -259,9 +287,12 @@ class UdpMode(Mode):
                 others.append((control, status))
         if len(others) != 1:
             return None
-        print(f"fdkeeper: no converter has this run's -i/-p; answering through the one connected from "
-              f"{others[0][1]['links'][0]['local']} (give the register run the same -i/-p to make it this run's)",
-              file=sys.stderr, flush=True)
+        print(
+            f"fdkeeper: no converter has this run's -i/-p; answering through the one connected from "
+            f"{others[0][1]['links'][0]['local']} (give the register run the same -i/-p to make it this run's)",
+            file=sys.stderr,
+            flush=True,
+        )
         return others[0]
 
     @staticmethod

@@ -29,7 +29,9 @@ class FramingError(ValueError):
     are good SIP and must still be delivered.
     """
 
-    messages: list[bytes] = []
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.messages: list[bytes] = []  # filled in by the read that met the bad part
 
 
 class SipFramer:

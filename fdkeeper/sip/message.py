@@ -15,8 +15,24 @@ Span = tuple[int, int, int]  # (line start, value start, line end) of one header
 
 TAG = re.compile(rb";[ \t]*tag[ \t]*=", re.IGNORECASE)
 _HEADER_NAME = re.compile(rb"[!-9;-~]+")
-_METHODS = frozenset({b"INVITE", b"ACK", b"BYE", b"CANCEL", b"OPTIONS", b"REGISTER", b"SUBSCRIBE", b"NOTIFY",
-                      b"REFER", b"MESSAGE", b"INFO", b"PRACK", b"UPDATE", b"PUBLISH"})
+_METHODS = frozenset(
+    {
+        b"INVITE",
+        b"ACK",
+        b"BYE",
+        b"CANCEL",
+        b"OPTIONS",
+        b"REGISTER",
+        b"SUBSCRIBE",
+        b"NOTIFY",
+        b"REFER",
+        b"MESSAGE",
+        b"INFO",
+        b"PRACK",
+        b"UPDATE",
+        b"PUBLISH",
+    }
+)
 _LINEAR_SPACE = (b" ", b"\t", b"\r", b"\n")
 
 
@@ -65,7 +81,7 @@ def end_of_element(data: bytes, at: int, end: int) -> int:
 def next_element(data: bytes, element_end: int) -> int:
     """Where the element after the comma at ``element_end`` starts (past linear white space)."""
     at = element_end + 1
-    while data[at:at + 1] in _LINEAR_SPACE:
+    while data[at : at + 1] in _LINEAR_SPACE:
         at += 1
     return at
 
@@ -79,7 +95,7 @@ class Message:
     """One SIP message: start line, head (searched up to ``limit``: just past the CRLF of its
     last header), body length."""
 
-    __slots__ = ("data", "head_end", "limit", "is_request", "method", "start_end", "body_length", "has_length")
+    __slots__ = ("body_length", "data", "has_length", "head_end", "is_request", "limit", "method", "start_end")
 
     def __init__(self, data: bytes, datagram: bool) -> None:
         head_end = data.find(b"\r\n\r\n")
@@ -107,14 +123,14 @@ class Message:
                 raise Malformed("no Content-Length")  # the framer never gives us this
             self.has_length, length = False, body
         else:
-            text = data[span[1]:span[2]].strip()
+            text = data[span[1] : span[2]].strip()
             if not text.isdigit():
                 raise Malformed("bad Content-Length")
             self.has_length, length = True, int(text)
             if length > body:
                 raise Malformed("truncated body")
             if length < body:  # RFC 3261 §18.3: bytes past Content-Length are discarded
-                self.data = data[:head_end + 4 + length]
+                self.data = data[: head_end + 4 + length]
         self.head_end, self.start_end, self.body_length = head_end, start_end, length
 
     def header(self, pattern: re.Pattern, start: int = 0) -> Span | None:
@@ -132,10 +148,10 @@ class Message:
         return match.start() + 1, value, end
 
     def value(self, span: Span) -> bytes:
-        return self.data[span[1]:span[2]]
+        return self.data[span[1] : span[2]]
 
     def request_uri(self) -> bytes:
-        return self.data[:self.start_end].split(b" ")[1]
+        return self.data[: self.start_end].split(b" ")[1]
 
     def top_via(self) -> tuple[Span, int]:
         """The top Via header's span and where its first element ends (absolute)."""
@@ -149,11 +165,11 @@ class Message:
         data = self.data
         if element_end < span[2]:
             at = next_element(data, element_end)
-            return data[at:end_of_element(data, at, span[2])]
+            return data[at : end_of_element(data, at, span[2])]
         following = self.header(VIA, span[2])
         if following is None:
             raise Malformed("response with no Via after ours")
-        return data[following[1]:end_of_element(data, following[1], following[2])]
+        return data[following[1] : end_of_element(data, following[1], following[2])]
 
     def has_to_tag(self) -> bool:
         span = self.header(TO)
@@ -163,7 +179,7 @@ class Message:
 
     def call_id(self) -> bytes:
         span = self.header(CALL_ID)
-        return self.data[span[1]:span[2]].strip() if span else b""
+        return self.data[span[1] : span[2]].strip() if span else b""
 
 
 # --------------------------------------------------------------------------
@@ -224,12 +240,17 @@ def count_hop(message: Message, edits: Edits) -> bool:
 def make_reply(message: Message, code: int, reason: str) -> bytes:
     """A stateless reply to a request: its Via, From, To (with a tag), Call-ID and CSeq."""
     keep = []
-    head = message.data[message.start_end + 2:message.head_end + 2]
+    head = message.data[message.start_end + 2 : message.head_end + 2]
     for line in head.split(b"\r\n"):
         name = line.split(b":", 1)[0].strip().lower()
         if name in (b"via", b"v", b"from", b"f", b"call-id", b"i", b"cseq"):
             keep.append(line)
         elif name in (b"to", b"t"):
-            keep.append(line if TAG.search(line) else line + b";tag=fdk" + hashlib.md5(message.data).hexdigest()[:10].encode())
+            keep.append(
+                line if TAG.search(line) else line + b";tag=fdk" + hashlib.md5(message.data).hexdigest()[:10].encode()
+            )
     return b"SIP/2.0 %d %s\r\n%s\r\nServer: fdkeeper-converter\r\nContent-Length: 0\r\n\r\n" % (
-        code, reason.encode(), b"\r\n".join(keep))
+        code,
+        reason.encode(),
+        b"\r\n".join(keep),
+    )

@@ -39,7 +39,7 @@ def uri_hostport(text: bytes) -> UriTarget | None:
 def _parse_uri(text: bytes) -> UriTarget | None:
     text = text.strip()
     if b"<" in text:
-        text = text[text.index(b"<") + 1:]
+        text = text[text.index(b"<") + 1 :]
         text = text.split(b">", 1)[0]
     lower = text.lower()
     if lower.startswith(b"sip:"):
@@ -82,8 +82,11 @@ def uri_ip_address(text: bytes) -> Address | None:
 # --------------------------------------------------------------------------
 
 
-_VIA = re.compile(rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*[A-Za-z]+[ \t]+(\[[0-9A-Fa-f:.]+\]|[^\[\]:;, \t\r\n]+)"
-                  rb"(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*(.*)", re.IGNORECASE | re.DOTALL)
+_VIA = re.compile(
+    rb"SIP[ \t]*/[ \t]*2\.0[ \t]*/[ \t]*[A-Za-z]+[ \t]+(\[[0-9A-Fa-f:.]+\]|[^\[\]:;, \t\r\n]+)"
+    rb"(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*(.*)",
+    re.IGNORECASE | re.DOTALL,
+)
 _PARAM_CACHE: dict[bytes, re.Pattern] = {}
 
 
@@ -107,7 +110,9 @@ def via_param(params: bytes, name: bytes) -> bytes | None:
     """A Via parameter's value (b"" for a bare one like rport); None if absent."""
     pattern = _PARAM_CACHE.get(name)
     if pattern is None:
-        pattern = _PARAM_CACHE[name] = re.compile(rb";[ \t]*" + name + rb"[ \t]*(?:=[ \t]*([^;, \t\r\n]*))?(?=[;, \t\r\n]|$)", re.IGNORECASE)
+        pattern = _PARAM_CACHE[name] = re.compile(
+            rb";[ \t]*" + name + rb"[ \t]*(?:=[ \t]*([^;, \t\r\n]*))?(?=[;, \t\r\n]|$)", re.IGNORECASE
+        )
     match = pattern.search(params)
     if match is None:
         return None

@@ -12,9 +12,9 @@ fdkeeper/address.py, as everywhere else.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from fdkeeper.address import Address, is_ip, parse_port, resolve, split_host_port
 from fdkeeper.errors import FdkeeperError
@@ -198,7 +198,11 @@ def _arity(table: OptionTable, name: str, word: str) -> int:
     if broken:
         raise FdkeeperError(f"fdkeeper: {word}: {BROKEN[name]}")
     first = first_release_with(name)
-    since = f" (sipp {first.label} and later have it: pass --sipp PATH to one)" if first and first.release > table.release else ""
+    since = (
+        f" (sipp {first.label} and later have it: pass --sipp PATH to one)"
+        if first and first.release > table.release
+        else ""
+    )
     raise FdkeeperError(f"fdkeeper: sipp {table.label} has no option {word}{since}; see 'sipp -h'")
 
 

@@ -38,8 +38,9 @@ class Binding:
     known: bool = True
 
 
-def sipp_binding(release: tuple[int, int, int], local_ip: str | None, local_port: int | None,
-                 remote: Address | None = None) -> Binding:
+def sipp_binding(
+    release: tuple[int, int, int], local_ip: str | None, local_port: int | None, remote: Address | None = None
+) -> Binding:
     """Where sipp ``release`` binds, given -i and -p: its -t t1/l1 client connection, and for a
     server run the address it listens on, which is the same rule. Without -i the address is
     the wildcard of the SuT's family (sipp takes its family from the SuT's).

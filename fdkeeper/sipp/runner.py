@@ -84,9 +84,17 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
     binding = invocation.binding(remote)
     request = HandoffRequest(
-        program=sipp, args=invocation.args, role=invocation.role, control_socket=socket_path(directory),
-        remote=remote, transport=invocation.transport, reconnect=options.reconnect, debug=options.debug,
-        per_call=invocation.per_call_client, local=binding.local, local_known=binding.known,
+        program=sipp,
+        args=invocation.args,
+        role=invocation.role,
+        control_socket=socket_path(directory),
+        remote=remote,
+        transport=invocation.transport,
+        reconnect=options.reconnect,
+        debug=options.debug,
+        per_call=invocation.per_call_client,
+        local=binding.local,
+        local_known=binding.known,
     )
     mode_options = ModeOptions(
         ptrace=PtraceOptions(transfer=options.transfer or "scm"),
@@ -117,8 +125,15 @@ def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNe
     )
 
 
-def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOptions, invocation: SippInvocation,
-                     options: RunOptions, tls: TlsOptions | None, binding: Binding) -> int:
+def _run_with_keeper(
+    mode: Mode,
+    request: HandoffRequest,
+    mode_options: ModeOptions,
+    invocation: SippInvocation,
+    options: RunOptions,
+    tls: TlsOptions | None,
+    binding: Binding,
+) -> int:
     """The keeper holds the connections: open (or check) them first, so errors are one line here.
 
     Only a connection sipp itself will ask for is opened: one of the identity it binds. When that
@@ -127,7 +142,9 @@ def _run_with_keeper(mode: Mode, request: HandoffRequest, mode_options: ModeOpti
     from the address sipp bound, as plain sipp would connect.
     """
     keeper = ensure_keeper(
-        request.directory, keepalive=options.keepalive, connect_timeout=options.connect_timeout,
+        request.directory,
+        keepalive=options.keepalive,
+        connect_timeout=options.connect_timeout,
         answer_options=options.answer_options,
     )
     _warn_if_keeper_differs(keeper, options)

@@ -112,7 +112,9 @@ def _scenario_text(path: Path, option: str) -> str:
 
 
 def _tls_copy(text: str, stem: str, directory: Path) -> Path:
-    copy_fd, copy_name = tempfile.mkstemp(prefix=f"{stem}.pid{os.getpid()}.", suffix=TLS_COPY_SUFFIX, dir=directory)  # O_EXCL|O_NOFOLLOW, 0600
+    copy_fd, copy_name = tempfile.mkstemp(
+        prefix=f"{stem}.pid{os.getpid()}.", suffix=TLS_COPY_SUFFIX, dir=directory
+    )  # O_EXCL|O_NOFOLLOW, 0600
     with open(copy_fd, "w", encoding="iso-8859-1") as out:  # through that descriptor: the name is never reopened
         out.write(text.replace("[transport]", "TLS"))
     return Path(copy_name)

@@ -58,8 +58,9 @@ class OptionTable:
             return 1
         return 2 if name in self.pairs else None
 
-    def changed(self, release: tuple[int, int, int], *, flags: str = "", valued: str = "",
-                removed: str = "") -> OptionTable:
+    def changed(
+        self, release: tuple[int, int, int], *, flags: str = "", valued: str = "", removed: str = ""
+    ) -> OptionTable:
         gone = frozenset(removed.split())
         return OptionTable(
             release=release,
@@ -69,10 +70,14 @@ class OptionTable:
         )
 
 
-SIPP_3_6 = OptionTable((3, 6, 0), frozenset(_FLAGS_3_6.split()), frozenset(_VALUED_3_6.split()), frozenset(_PAIRS.split()))
+SIPP_3_6 = OptionTable(
+    (3, 6, 0), frozenset(_FLAGS_3_6.split()), frozenset(_VALUED_3_6.split()), frozenset(_PAIRS.split())
+)
 SIPP_3_7_0 = SIPP_3_6.changed(
-    (3, 7, 0), flags="rtpcheck_debug srtpcheck_debug",
-    valued="min_rtp_port max_rtp_port audiotolerance videotolerance", removed="mp",
+    (3, 7, 0),
+    flags="rtpcheck_debug srtpcheck_debug",
+    valued="min_rtp_port max_rtp_port audiotolerance videotolerance",
+    removed="mp",
 )
 SIPP_3_7_3 = SIPP_3_7_0.changed((3, 7, 3), valued="bind_to_device mp")
 # 3.7.5 lists the mixed-mode options as -rxsf and -rxrn, but its parser only knows -rxsf and
@@ -88,9 +93,9 @@ NEWEST_CHECKED = (3, 7, 7)
 BROKEN_SINCE = SIPP_3_7_5.release
 BROKEN = {
     "rxsn": "sipp 3.7.5-3.7.7 rejects -rxsn (its option table calls it -rxrn, which fails too); "
-            "use -rxsf FILE (sipp -sd uas > uas.xml writes the embedded one)",
+    "use -rxsf FILE (sipp -sd uas > uas.xml writes the embedded one)",
     "rxrn": "sipp 3.7.5-3.7.7 stops at -rxrn with an internal error; use -rxsf FILE "
-            "(sipp -sd uas > uas.xml writes the embedded one)",
+    "(sipp -sd uas > uas.xml writes the embedded one)",
 }
 
 

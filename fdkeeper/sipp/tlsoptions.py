@@ -25,8 +25,12 @@ from fdkeeper.statedir import check_named_file
 from fdkeeper.tls import TlsOptions
 
 # TlsOptions field -> (fdkeeper's option, sipp's option), for messages.
-_SPELLINGS = {"ca": ("--tls-ca", "-tls_ca"), "cert": ("--tls-cert", "-tls_cert"), "key": ("--tls-key", "-tls_key"),
-              "crl": (None, "-tls_crl")}
+_SPELLINGS = {
+    "ca": ("--tls-ca", "-tls_ca"),
+    "cert": ("--tls-cert", "-tls_cert"),
+    "key": ("--tls-key", "-tls_key"),
+    "crl": (None, "-tls_crl"),
+}
 
 
 def keeper_tls_options(given: TlsOptions, invocation: SippInvocation) -> TlsOptions:
@@ -34,17 +38,29 @@ def keeper_tls_options(given: TlsOptions, invocation: SippInvocation) -> TlsOpti
     files = {name: _merged(name, getattr(given, name, None), invocation.tls.get(name)) for name in _SPELLINGS}
     resolved = {name: _readable_file(path, _spelled(name, given)) if path else None for name, path in files.items()}
     if files["key"] and not files["cert"]:
-        raise FdkeeperError("fdkeeper: --tls-key (-tls_key) needs --tls-cert (-tls_cert), the client certificate it belongs to")
+        raise FdkeeperError(
+            "fdkeeper: --tls-key (-tls_key) needs --tls-cert (-tls_cert), the client certificate it belongs to"
+        )
     if given.insecure:
-        print("fdkeeper: warning: --tls-insecure: the SuT's certificate is not verified; anyone on the path can pose as it",
-              file=sys.stderr, flush=True)
+        print(
+            "fdkeeper: warning: --tls-insecure: the SuT's certificate is not verified; anyone on the path can pose as it",
+            file=sys.stderr,
+            flush=True,
+        )
     minimum, maximum = _versions(given.min_version, invocation.tls.get("version"))
     keylog = str(Path(given.keylog).absolute()) if given.keylog else None
     if keylog:
         check_named_file(keylog, "--tls-keylog")  # a link is never followed for a file of secrets
     return TlsOptions(
-        ca=resolved["ca"], insecure=given.insecure, cert=resolved["cert"], key=resolved["key"], crl=resolved["crl"],
-        sni=given.sni or remote_is_name(invocation), min_version=minimum, max_version=maximum, keylog=keylog,
+        ca=resolved["ca"],
+        insecure=given.insecure,
+        cert=resolved["cert"],
+        key=resolved["key"],
+        crl=resolved["crl"],
+        sni=given.sni or remote_is_name(invocation),
+        min_version=minimum,
+        max_version=maximum,
+        keylog=keylog,
     )
 
 
@@ -61,7 +77,9 @@ def _readable_file(path: str, option: str) -> str:
 def _merged(name: str, ours: str | None, sipps: str | None) -> str | None:
     if ours and sipps and os.path.realpath(ours) != os.path.realpath(sipps):
         ours_option, sipp_option = _SPELLINGS[name]
-        raise FdkeeperError(f"fdkeeper: {ours_option} {ours} and sipp's {sipp_option} {sipps} disagree; give one of them")
+        raise FdkeeperError(
+            f"fdkeeper: {ours_option} {ours} and sipp's {sipp_option} {sipps} disagree; give one of them"
+        )
     return ours or sipps
 
 
@@ -81,9 +99,13 @@ def _versions(min_version: str | None, sipp_version: str | None) -> tuple[str | 
     if number == 0.0:
         return min_version, None
     if number not in (1.0, 1.1, 1.2, 1.3):
-        raise FdkeeperError(f"fdkeeper: -tls_version {sipp_version}: use 1.2 or 1.3 (or 0 to negotiate), as sipp takes it")
+        raise FdkeeperError(
+            f"fdkeeper: -tls_version {sipp_version}: use 1.2 or 1.3 (or 0 to negotiate), as sipp takes it"
+        )
     if number < 1.2:
-        raise FdkeeperError(f"fdkeeper: -tls_version {sipp_version}: fdkeeper speaks TLS 1.2 and 1.3 only; use 1.2 or 1.3")
+        raise FdkeeperError(
+            f"fdkeeper: -tls_version {sipp_version}: fdkeeper speaks TLS 1.2 and 1.3 only; use 1.2 or 1.3"
+        )
     pinned = f"{number:.1f}"
     if min_version == "1.3" and pinned == "1.2":
         raise FdkeeperError("fdkeeper: --tls-min-version 1.3 and sipp's -tls_version 1.2 disagree; give one of them")

@@ -71,8 +71,14 @@ def sipp_version(sipp: Path, state_directory: Path | None = None) -> SippVersion
 
 def ask_sipp(sipp: Path) -> SippVersion:
     try:
-        done = subprocess.run([os.fspath(sipp), "-v"], capture_output=True, text=True, errors="replace",
-                              timeout=VERSION_TIMEOUT, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [os.fspath(sipp), "-v"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=VERSION_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return SippVersion(None, "")
     return parse_version(done.stdout + done.stderr)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from fdkeeper.address import format_address
 from fdkeeper.testbed import configs, kamcmd
@@ -44,8 +44,7 @@ _TM_MODULES = 'loadmodule "tm.so"\nloadmodule "tmx.so"'
 
 def control_route() -> str:
     """The test-control block both configurations start their request_route with."""
-    return configs.render("control-route.cfg", user=CLOSE_CONNECTION_USER,
-                          header=_CLOSE_CONNECTION_HEADER, tag=LOG_TAG)
+    return configs.render("control-route.cfg", user=CLOSE_CONNECTION_USER, header=_CLOSE_CONNECTION_HEADER, tag=LOG_TAG)
 
 
 class KamailioInstance(KamailioProcess):
@@ -82,8 +81,8 @@ class KamailioInstance(KamailioProcess):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(
-                f"kamcmd {' '.join(args)} failed ({proc.returncode}): "
-                f"{proc.stderr.strip() or proc.stdout.strip()}")
+                f"kamcmd {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+            )
         return proc.stdout
 
     def tcp_connections(self) -> list[dict]:
@@ -98,9 +97,9 @@ class KamailioInstance(KamailioProcess):
         """The TLS ones of tcp_connections()."""
         return [c for c in self.tcp_connections() if str(c.get("type")).upper() == "TLS"]
 
-    def close_connections(self, conids: Iterable[int] | None = None, *,
-                          remote_port: int | None = None,
-                          timeout: float = 10.0) -> list[dict]:
+    def close_connections(
+        self, conids: Iterable[int] | None = None, *, remote_port: int | None = None, timeout: float = 10.0
+    ) -> list[dict]:
         """Make Kamailio close TCP/TLS connections itself; return the ones closed.
 
         All of them by default, or those with an id in `conids`, or the one
@@ -118,20 +117,25 @@ class KamailioInstance(KamailioProcess):
         longer shows the connections. restart() is the heavy alternative.
         """
         wanted = None if conids is None else {int(c) for c in conids}
-        targets = [c for c in self.tcp_connections()
-                   if (wanted is None or int(c["id"]) in wanted)
-                   and (remote_port is None or c["remote_port"] == remote_port)]
+        targets = [
+            c
+            for c in self.tcp_connections()
+            if (wanted is None or int(c["id"]) in wanted) and (remote_port is None or c["remote_port"] == remote_port)
+        ]
         for conn in targets:
-            reply = self.udp_request(CLOSE_CONNECTION_USER,
-                                     [f"{_CLOSE_CONNECTION_HEADER}: {conn['id']}"], wait=2.0)
+            reply = self.udp_request(CLOSE_CONNECTION_USER, [f"{_CLOSE_CONNECTION_HEADER}: {conn['id']}"], wait=2.0)
             if reply is None or not reply.startswith((b"SIP/2.0 200", b"SIP/2.0 404")):
-                raise RuntimeError(f"close of connection {conn['id']} not acknowledged: "
-                                   f"{reply!r}; log:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"close of connection {conn['id']} not acknowledged: {reply!r}; log:\n{self.log_tail()}"
+                )
         ids = {c["id"] for c in targets}
         if ids:
-            wait_until(lambda: not ids & {c["id"] for c in self.tcp_connections()},
-                       timeout=timeout, interval=0.1,
-                       what=f"connections {sorted(ids)} to close")
+            wait_until(
+                lambda: not ids & {c["id"] for c in self.tcp_connections()},
+                timeout=timeout,
+                interval=0.1,
+                what=f"connections {sorted(ids)} to close",
+            )
         return targets
 
 
@@ -159,24 +163,46 @@ class Kamailio(KamailioInstance):
     restarts), kamailio.pid, run/ (runtime dir and ctl socket).
     """
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1",
-                 port: int | None = None, domain: str = DEFAULT_DOMAIN, *,
-                 children: int = 2, tcp_lifetime: int = 3600,
-                 tcp_max_connections: int = 4096, ul_timer: int = 5,
-                 handle_lost_tcp: bool = True, tls: KamailioTls | None = None,
-                 tls_port: int | None = None, shm_mb: int | None = None,
-                 alias_every_request: bool = False) -> None:
-        super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
-                         tcp_max_connections=tcp_max_connections, tls=tls,
-                         tls_port=tls_port, shm_mb=shm_mb)
+    def __init__(
+        self,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        domain: str = DEFAULT_DOMAIN,
+        *,
+        children: int = 2,
+        tcp_lifetime: int = 3600,
+        tcp_max_connections: int = 4096,
+        ul_timer: int = 5,
+        handle_lost_tcp: bool = True,
+        tls: KamailioTls | None = None,
+        tls_port: int | None = None,
+        shm_mb: int | None = None,
+        alias_every_request: bool = False,
+    ) -> None:
+        super().__init__(
+            workdir,
+            host,
+            port,
+            children=children,
+            tcp_lifetime=tcp_lifetime,
+            tcp_max_connections=tcp_max_connections,
+            tls=tls,
+            tls_port=tls_port,
+            shm_mb=shm_mb,
+        )
         self.domain = domain
         self.alias_every_request = alias_every_request
         self.ul_timer = ul_timer
         self.handle_lost_tcp = handle_lost_tcp
 
     def __repr__(self) -> str:
-        return super().__repr__().replace(" running", f" {self.domain} running").replace(
-            " stopped", f" {self.domain} stopped")
+        return (
+            super()
+            .__repr__()
+            .replace(" running", f" {self.domain} running")
+            .replace(" stopped", f" {self.domain} stopped")
+        )
 
     @property
     def uri(self) -> str:
@@ -184,17 +210,23 @@ class Kamailio(KamailioInstance):
 
     def config_text(self) -> str:
         return configs.render(
-            "sut.cfg", domain=self.domain, ul_timer=self.ul_timer,
-            handle_lost_tcp=int(self.handle_lost_tcp), tag=LOG_TAG,
+            "sut.cfg",
+            domain=self.domain,
+            ul_timer=self.ul_timer,
+            handle_lost_tcp=int(self.handle_lost_tcp),
+            tag=LOG_TAG,
             control_route=control_route(),
             alias_every_request=_ALIAS_EVERY_REQUEST if self.alias_every_request else "",
-            global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES))
+            global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES),
+        )
 
     def request_vias(self) -> list[dict]:
         """With `alias_every_request`: each request a TCP/TLS peer sent, in order, as
         {method, user (From), source "ip:port", sent_by "ip:port" of its top Via}."""
-        return [{"method": m, "user": u, "source": src, "sent_by": via}
-                for m, u, src, via in _REQUEST_VIA.findall(self.log_text())]
+        return [
+            {"method": m, "user": u, "source": src, "sent_by": via}
+            for m, u, src, via in _REQUEST_VIA.findall(self.log_text())
+        ]
 
     def alias_failures(self) -> int:
         """With `alias_every_request`: how often Kamailio could not alias a Via port onto a
@@ -241,8 +273,7 @@ _ALIAS_EVERY_REQUEST = f"""    # Every request over TCP/TLS aliases its Via port
             exit;
         }}
     }}"""
-_REQUEST_VIA = re.compile(
-    re.escape(LOG_TAG) + r" request (\S+) from (\S*) source (\S+) via SIP/2\.0/\w+ ([^;\s]+)")
+_REQUEST_VIA = re.compile(re.escape(LOG_TAG) + r" request (\S+) from (\S*) source (\S+) via SIP/2\.0/\w+ ([^;\s]+)")
 
 
 # The pings PingingKamailio sends (usrloc's debug line, then the request line) and the replies it
@@ -264,7 +295,8 @@ class PingingKamailio(Kamailio):
     def config_text(self) -> str:
         # Appended: its modparams need usrloc, which sut.cfg loads after the global section.
         return super().config_text() + configs.render(
-            "contact-pings.cfg", domain=self.domain, ka_timeout=self.ping_timeout, tag=LOG_TAG)
+            "contact-pings.cfg", domain=self.domain, ka_timeout=self.ping_timeout, tag=LOG_TAG
+        )
 
     def contact_pings(self) -> dict[str, dict[str, int]]:
         """{user: {"sent": pings sent to the user's contact, "answered": replies matched to them}}."""
@@ -297,29 +329,44 @@ class KamailioConverter(KamailioInstance):
     at a live SuT only.
     """
 
-    def __init__(self, workdir: Path, sut_host: str, sut_port: int,
-                 transport: str = "tcp", *, host: str = "127.0.0.1",
-                 port: int | None = None, sipp_address: str | None = None,
-                 tls: KamailioTls | None = None, tls_port: int | None = None,
-                 children: int = 2, tcp_lifetime: int = 3600,
-                 tcp_max_connections: int = 4096) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sut_host: str,
+        sut_port: int,
+        transport: str = "tcp",
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        sipp_address: str | None = None,
+        tls: KamailioTls | None = None,
+        tls_port: int | None = None,
+        children: int = 2,
+        tcp_lifetime: int = 3600,
+        tcp_max_connections: int = 4096,
+    ) -> None:
         transport = transport.lower()
         if transport not in ("tcp", "tls"):
             raise ValueError(f"transport must be 'tcp' or 'tls', not {transport!r}")
         if transport == "tls" and tls is None:
-            raise ValueError("a TLS converter needs tls=KamailioTls(...) "
-                             "(e.g. KamailioTls.client(pki))")
-        super().__init__(workdir, host, port, children=children, tcp_lifetime=tcp_lifetime,
-                         tcp_max_connections=tcp_max_connections, tls=tls,
-                         tls_port=tls_port)
+            raise ValueError("a TLS converter needs tls=KamailioTls(...) (e.g. KamailioTls.client(pki))")
+        super().__init__(
+            workdir,
+            host,
+            port,
+            children=children,
+            tcp_lifetime=tcp_lifetime,
+            tcp_max_connections=tcp_max_connections,
+            tls=tls,
+            tls_port=tls_port,
+        )
         self.sut_host = sut_host
         self.sut_port = sut_port
         self.transport = transport
         self.sipp_address = sipp_address
 
     @classmethod
-    def for_sut(cls, workdir: Path, sut: Kamailio, transport: str = "tcp",
-                **options) -> "KamailioConverter":
+    def for_sut(cls, workdir: Path, sut: Kamailio, transport: str = "tcp", **options) -> KamailioConverter:
         """A converter towards `sut`'s TCP port or (transport="tls") TLS port."""
         if transport == "tls" and sut.tls_port is None:
             raise ValueError(f"{sut} has no TLS listener")
@@ -343,7 +390,12 @@ class KamailioConverter(KamailioInstance):
         else:
             to_sipp = "$du = $null;  # by R-URI: the Contact that sipp registered"
         return configs.render(
-            "converter.cfg", transport_upper=self.transport.upper(), sut_uri=self.sut_uri,
-            to_sipp=to_sipp, send_socket=self.send_socket, tag=LOG_TAG,
+            "converter.cfg",
+            transport_upper=self.transport.upper(),
+            sut_uri=self.sut_uri,
+            to_sipp=to_sipp,
+            send_socket=self.send_socket,
+            tag=LOG_TAG,
             control_route=control_route(),
-            global_section=self.global_config("fdkeeper-converter", early_modules=""))
+            global_section=self.global_config("fdkeeper-converter", early_modules=""),
+        )

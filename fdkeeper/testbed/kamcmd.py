@@ -77,7 +77,8 @@ def dig(node, *keys):
 
 _SIP_HOSTPORT = re.compile(
     r"^(?:sips?:)?(?:[^@;>]*@)?(?P<host>\[[^\]]+\]|[^:;>]+)(?::(?P<port>\d+))?"
-    r"(?P<params>[^>]*)")
+    r"(?P<params>[^>]*)"
+)
 
 
 def parse_sip_target(uri: str) -> dict:
@@ -121,18 +122,24 @@ def contact_dict(aor: str | None, contact: dict) -> dict:
 
 def dump_contacts(tree: list) -> list[dict]:
     """Every contact of a parsed `ul.dump`."""
-    return [contact_dict(info.get("AoR"), contact)
-            for top in tree if isinstance(top, dict)
-            for domain in as_list(dig(top, "Domains", "Domain"))
-            for info in as_list(dig(domain, "AoRs", "Info"))
-            for contact in as_list(dig(info, "Contacts", "Contact"))]
+    return [
+        contact_dict(info.get("AoR"), contact)
+        for top in tree
+        if isinstance(top, dict)
+        for domain in as_list(dig(top, "Domains", "Domain"))
+        for info in as_list(dig(domain, "AoRs", "Info"))
+        for contact in as_list(dig(info, "Contacts", "Contact"))
+    ]
 
 
 def lookup_contacts(tree: list) -> list[dict]:
     """The contacts of a parsed `ul.lookup location AOR`."""
-    return [contact_dict(top.get("AoR"), contact)
-            for top in tree if isinstance(top, dict) and "AoR" in top
-            for contact in as_list(dig(top, "Contacts", "Contact"))]
+    return [
+        contact_dict(top.get("AoR"), contact)
+        for top in tree
+        if isinstance(top, dict) and "AoR" in top
+        for contact in as_list(dig(top, "Contacts", "Contact"))
+    ]
 
 
 def tcp_connections(tree: list) -> list[dict]:

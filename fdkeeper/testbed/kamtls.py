@@ -50,44 +50,50 @@ class KamailioTls:
     method: str = "TLSv1.2+"
 
     @classmethod
-    def server(cls, pki: TestPki, *, require_client_cert: bool = False,
-               **options) -> "KamailioTls":
+    def server(cls, pki: TestPki, *, require_client_cert: bool = False, **options) -> KamailioTls:
         """The SuT's side of a fdkeeper.testbed.pki.TestPki."""
-        return cls(cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert,
-                   require_client_cert=require_client_cert, **options)
+        return cls(
+            cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert, require_client_cert=require_client_cert, **options
+        )
 
     @classmethod
-    def client(cls, pki: TestPki, *, verify_server_cert: bool = True,
-               **options) -> "KamailioTls":
+    def client(cls, pki: TestPki, *, verify_server_cert: bool = True, **options) -> KamailioTls:
         """A client of the SuT (the converter) with the TestPki's client cert."""
-        return cls(cert=pki.client_cert, key=pki.client_key, ca=pki.ca_cert,
-                   verify_server_cert=verify_server_cert, **options)
+        return cls(
+            cert=pki.client_cert, key=pki.client_key, ca=pki.ca_cert, verify_server_cert=verify_server_cert, **options
+        )
 
     def __post_init__(self) -> None:
-        wants_ca = (self.require_client_cert or self.verify_client_cert
-                    or self.verify_server_cert)
+        wants_ca = self.require_client_cert or self.verify_client_cert or self.verify_server_cert
         if wants_ca and self.ca is None:
             raise ValueError("KamailioTls: verifying peers needs ca=")
 
     def config_text(self) -> str:
         """The tls.cfg (Kamailio's own INI-like format)."""
-        verify_client = (self.require_client_cert if self.verify_client_cert is None
-                         else self.verify_client_cert)
+        verify_client = self.require_client_cert if self.verify_client_cert is None else self.verify_client_cert
         return configs.render(
-            "tls-profiles.cfg", method=self.method,
+            "tls-profiles.cfg",
+            method=self.method,
             verify_client_cert=_yes(verify_client),
             require_client_cert=_yes(self.require_client_cert),
             verify_server_cert=_yes(self.verify_server_cert),
-            cert=_absolute(self.cert), key=_absolute(self.key),
+            cert=_absolute(self.cert),
+            key=_absolute(self.key),
             client_cert=_absolute(self.client_cert or self.cert),
             client_key=_absolute(self.client_key or self.key),
-            ca_line=f"ca_list = {_absolute(self.ca)}" if self.ca else "")
+            ca_line=f"ca_list = {_absolute(self.ca)}" if self.ca else "",
+        )
 
     def listen_config(self, cfg_host: str, tls_port: int, tls_cfg: Path, lifetime: int) -> str:
         """The global-section lines of a TLS listener that uses tls.cfg at `tls_cfg`."""
         return configs.render(
-            "tls-listen.cfg", host=cfg_host, tls_port=tls_port, tls_cfg=tls_cfg,
-            send_close_notify=int(self.send_close_notify), tcp_lifetime=lifetime)
+            "tls-listen.cfg",
+            host=cfg_host,
+            tls_port=tls_port,
+            tls_cfg=tls_cfg,
+            send_close_notify=int(self.send_close_notify),
+            tcp_lifetime=lifetime,
+        )
 
 
 def _yes(flag: bool | None) -> str:
@@ -100,9 +106,12 @@ def _absolute(path: Path) -> Path:
 
 _HANDSHAKE = re.compile(
     r"tls_(?P<dir>accept|connect): new connection (?:from|to) (?P<peer>\S+) using "
-    r"(?P<version>\S+) (?P<cipher>\S+)")
-_PEER_SUBJECT = re.compile(r"tls_(?:accept|connect): (?:client|server) "
-                           r"certificate subject:\s*(.*)$")
+    r"(?P<version>\S+) (?P<cipher>\S+)"
+)
+_PEER_SUBJECT = re.compile(
+    r"tls_(?:accept|connect): (?:client|server) "
+    r"certificate subject:\s*(.*)$"
+)
 _TLS_ERROR = re.compile(r"tls_err_ret\(\): (.*)$", re.M)
 
 
@@ -119,15 +128,17 @@ def parse_tls_handshakes(log_text: str) -> list[dict]:
     for line in log_text.splitlines():
         match = _HANDSHAKE.search(line)
         if match:
-            result.append({
-                "direction": "in" if match.group("dir") == "accept" else "out",
-                "peer": match.group("peer"),
-                "peer_port": int(match.group("peer").rsplit(":", 1)[1]),
-                "version": match.group("version"),
-                "cipher": match.group("cipher"),
-                "client_cert": None,
-                "peer_subject": None,
-            })
+            result.append(
+                {
+                    "direction": "in" if match.group("dir") == "accept" else "out",
+                    "peer": match.group("peer"),
+                    "peer_port": int(match.group("peer").rsplit(":", 1)[1]),
+                    "version": match.group("version"),
+                    "cipher": match.group("cipher"),
+                    "client_cert": None,
+                    "peer_subject": None,
+                }
+            )
         elif result:
             _note_peer_certificate(result[-1], line)
     return result

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from fdkeeper.address import family_of
 
@@ -40,8 +41,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no port free for both TCP and UDP on {host}")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.05,
-               what: str = "condition") -> T:
+def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.05, what: str = "condition") -> T:
     """Poll `predicate` until it returns something truthy; return that value.
 
     Raises TimeoutError naming `what` once `timeout` seconds have passed.

@@ -15,8 +15,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fdkeeper.address import format_address
 from fdkeeper.testbed import configs
@@ -31,10 +31,13 @@ _SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 # sun_path is 108 bytes; pytest's tmp_path can be longer than that.
 _MAX_UNIX_PATH = 100
 
-_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/kamailio/modules",
-                "/usr/lib/aarch64-linux-gnu/kamailio/modules",
-                "/usr/lib64/kamailio/modules", "/usr/lib/kamailio/modules",
-                "/usr/local/lib64/kamailio/modules")
+_MODULE_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/kamailio/modules",
+    "/usr/lib/aarch64-linux-gnu/kamailio/modules",
+    "/usr/lib64/kamailio/modules",
+    "/usr/lib/kamailio/modules",
+    "/usr/local/lib64/kamailio/modules",
+)
 
 
 def find_program(name: str, package: str) -> str:
@@ -43,7 +46,8 @@ def find_program(name: str, package: str) -> str:
     if path is None:
         raise RuntimeError(
             f"{name} not found (looked in PATH and {', '.join(_SBIN_DIRS)}); "
-            f"install the Debian package '{package}' (apt-get install {package})")
+            f"install the Debian package '{package}' (apt-get install {package})"
+        )
     return path
 
 
@@ -66,11 +70,19 @@ class KamailioProcess:
     (appended across restarts), kamailio.pid, run/ (runtime dir, ctl socket).
     """
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1",
-                 port: int | None = None, *, children: int = 2,
-                 tcp_lifetime: int = 3600, tcp_max_connections: int = 4096,
-                 tls: KamailioTls | None = None, tls_port: int | None = None,
-                 shm_mb: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        children: int = 2,
+        tcp_lifetime: int = 3600,
+        tcp_max_connections: int = 4096,
+        tls: KamailioTls | None = None,
+        tls_port: int | None = None,
+        shm_mb: int | None = None,
+    ) -> None:
         self.workdir = Path(workdir).resolve()
         # Shared memory: small by default so instances run side by side; load benches
         # need more (at a few hundred calls/s 64 MB runs out). OpenSSL wants ~61 kB per
@@ -114,8 +126,7 @@ class KamailioProcess:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         tls = f" tls:{self.tls_port}" if self.tls else ""
-        return (f"<{type(self).__name__} {self.host}:{self.port}{tls} {state} "
-                f"in {self.workdir}>")
+        return f"<{type(self).__name__} {self.host}:{self.port}{tls} {state} in {self.workdir}>"
 
     @property
     def running(self) -> bool:
@@ -145,14 +156,21 @@ class KamailioProcess:
         `early_modules` the loadmodule lines that must come before the shared ones."""
         tls = ""
         if self.tls is not None and self.tls_port is not None:
-            tls = self.tls.listen_config(self._cfg_host, self.tls_port, self.tls_cfg_path,
-                                         self.tcp_lifetime)
+            tls = self.tls.listen_config(self._cfg_host, self.tls_port, self.tls_cfg_path, self.tcp_lifetime)
         return configs.render(
-            "global.cfg", name=name, host=self._cfg_host, port=self.port,
-            children=self.children, tcp_lifetime=self.tcp_lifetime,
+            "global.cfg",
+            name=name,
+            host=self._cfg_host,
+            port=self.port,
+            children=self.children,
+            tcp_lifetime=self.tcp_lifetime,
             tcp_max_connections=self.tcp_max_connections,
-            open_files_limit=self._open_files_limit(), mpath=module_path(),
-            ctl_path=self.ctl_path, early_modules=early_modules, tls=tls)
+            open_files_limit=self._open_files_limit(),
+            mpath=module_path(),
+            ctl_path=self.ctl_path,
+            early_modules=early_modules,
+            tls=tls,
+        )
 
     @property
     def _cfg_host(self) -> str:
@@ -182,14 +200,22 @@ class KamailioProcess:
     def command(self) -> list[str]:
         return [
             find_program("kamailio", "kamailio"),
-            "-f", str(self.cfg_path),
-            "-DD",                      # stay in the foreground: we own the process
-            "-E",                       # log to stderr, which goes to log_path
-            "-P", str(self.pid_path),
-            "-w", str(self.workdir),    # core files etc. land here
-            "-Y", str(self.runtime_dir),  # not the shared /run/kamailio
-            "-m", str(self.shm_mb), "-M", "8",    # shm/pkg MB
-            "-a", "no",
+            "-f",
+            str(self.cfg_path),
+            "-DD",  # stay in the foreground: we own the process
+            "-E",  # log to stderr, which goes to log_path
+            "-P",
+            str(self.pid_path),
+            "-w",
+            str(self.workdir),  # core files etc. land here
+            "-Y",
+            str(self.runtime_dir),  # not the shared /run/kamailio
+            "-m",
+            str(self.shm_mb),
+            "-M",
+            "8",  # shm/pkg MB
+            "-a",
+            "no",
         ]
 
     def start(self, timeout: float = 10.0) -> None:
@@ -223,17 +249,21 @@ class KamailioProcess:
         for stale in (self.pid_path, Path(self.ctl_path)):
             stale.unlink(missing_ok=True)
         cmd = self.command()
-        self._log_file = open(self.log_path, "ab")
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process is stopped
         # The marker tests count: one per start, in the log kept across restarts.
-        self._log_file.write(
-            f"===== fdkeeper.sut: {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+        self._log_file.write(f"===== fdkeeper.sut: {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
         self._log_file.flush()
         try:
             # Own session: a Ctrl-C aimed at pytest does not hit Kamailio
             # halfway, and stop() can kill the whole process group.
             self._proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         except OSError as exc:
             self._close_log()
             raise RuntimeError(f"cannot run kamailio: {exc}") from exc
@@ -250,17 +280,18 @@ class KamailioProcess:
                 raise RuntimeError(
                     f"kamailio exited with status {self._proc.returncode} during start "
                     f"(port {self.port} busy? bad config {self.cfg_path}?); "
-                    f"log {self.log_path}:\n{tail(self.log_path)}")
+                    f"log {self.log_path}:\n{tail(self.log_path)}"
+                )
             if self.options_ping(wait=0.2) and os.path.exists(self.ctl_path):
                 return
             time.sleep(0.05)  # an ICMP "refused" returns at once: do not spin
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"kamailio did not answer OPTIONS on udp:{self.address} within "
-                    f"{timeout:.0f} s; log {self.log_path}:\n{tail(self.log_path)}")
+                    f"{timeout:.0f} s; log {self.log_path}:\n{tail(self.log_path)}"
+                )
 
-    def udp_request(self, user: str | None = None, headers: Sequence[str] = (),
-                    wait: float = 1.0) -> bytes | None:
+    def udp_request(self, user: str | None = None, headers: Sequence[str] = (), wait: float = 1.0) -> bytes | None:
         """One OPTIONS over UDP to this instance (see sipmsg.udp_options)."""
         return udp_options(self.host, self.port, user, headers, wait)
 

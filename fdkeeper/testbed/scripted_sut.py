@@ -35,9 +35,10 @@ import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fdkeeper.address import format_address
 from fdkeeper.sip.framing import SipFramer
@@ -138,7 +139,9 @@ class ScriptedSut:
 
     def connection(self, peer: str, timeout: float = 5.0) -> SutConnection:
         """The connection whose keeper side is ``peer`` (IP:PORT), once accepted and handshaken."""
-        return wait_until(lambda: self._find(peer), timeout=timeout, interval=0.01, what=f"the SuT's connection from {peer}")
+        return wait_until(
+            lambda: self._find(peer), timeout=timeout, interval=0.01, what=f"the SuT's connection from {peer}"
+        )
 
     def _find(self, peer: str) -> SutConnection | None:
         for connection in list(self.connections):
@@ -146,18 +149,23 @@ class ScriptedSut:
                 return connection
         return None
 
-    def newest(self, wanted: Callable[[SutConnection], bool] = lambda connection: True,
-               timeout: float = 5.0) -> SutConnection:
+    def newest(
+        self, wanted: Callable[[SutConnection], bool] = lambda connection: True, timeout: float = 5.0
+    ) -> SutConnection:
         """The connection accepted last, once handshaken and ``wanted`` (e.g. not one seen before)."""
+
         def found() -> SutConnection | None:
             newest = self.connections[-1] if self.connections else None
             return newest if newest is not None and newest.ready and wanted(newest) else None
+
         return wait_until(found, timeout=timeout, interval=0.01, what="the keeper's new connection")
 
     def set_rate(self, connection: SutConnection, rate: float | None) -> None:
         """Bytes per second the SuT reads (raw, TLS records included); FULL_SPEED or PAUSED."""
+
         def action() -> None:
             connection.rate, connection.allowance = rate, 0.0
+
         self.call(action)
 
     def send(self, connection: SutConnection, message: bytes) -> None:
@@ -165,14 +173,17 @@ class ScriptedSut:
 
     def fin(self, connection: SutConnection) -> None:
         """End the SuT's sending side with a TCP FIN (over TLS: no close_notify); go on reading."""
+
         def action() -> None:
             self._flush(connection, wait=True)
             connection.raw.shutdown(socket.SHUT_WR)
             connection.sut_ended = "fin"
+
         self.call(action)
 
     def close_notify(self, connection: SutConnection) -> None:
         """Send a TLS close_notify and go on reading (TLS 1.3 half-close)."""
+
         def action() -> None:
             try:
                 connection.tls.unwrap()
@@ -180,16 +191,19 @@ class ScriptedSut:
                 pass  # sent; the keeper's close_notify is not waited for
             self._flush(connection, wait=True)
             connection.sut_ended = "close_notify"
+
         self.call(action)
 
     def reset(self, connection: SutConnection) -> None:
         """Close with SO_LINGER 0 once what the SuT wrote has left it: the keeper gets an RST."""
+
         def action() -> None:
             self._flush(connection, wait=True)
             connection.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             connection.raw.close()
             connection.sut_ended = "rst"
             connection.reading = False
+
         self.call(action)
 
     def received_ids(self, connection: SutConnection) -> list[str]:
@@ -216,7 +230,7 @@ class ScriptedSut:
                         self._pump(connection, now - last)
                 last = now
                 self._wait()
-        except Exception as error:  # noqa: BLE001 - reported to the test by ``failure``
+        except Exception as error:
             self.failure = f"the scripted SuT's thread failed: {error!r}"
             raise
 
@@ -229,7 +243,9 @@ class ScriptedSut:
         for connection in self.connections:
             if not connection.reading:
                 continue
-            events = (select.POLLIN if connection.rate is FULL_SPEED else 0) | (select.POLLOUT if connection.to_send else 0)
+            events = (select.POLLIN if connection.rate is FULL_SPEED else 0) | (
+                select.POLLOUT if connection.to_send else 0
+            )
             if events:
                 poller.register(connection.raw, events)
         poller.poll(TICK * 1000)
@@ -242,7 +258,7 @@ class ScriptedSut:
                 return
             try:
                 answer.put((True, action()))
-            except Exception as error:  # noqa: BLE001 - handed to the caller
+            except Exception as error:
                 answer.put((False, error))
 
     def _accept(self) -> None:
@@ -394,25 +410,26 @@ def _errno_name(error: OSError) -> str:
     return errno.errorcode.get(error.errno, str(error)) if error.errno else type(error).__name__
 
 
-def _run_main(commands: multiprocessing.connection.Connection, directory: str, transport: str,
-              remote: tuple[str, int]) -> None:
+def _run_main(
+    commands: multiprocessing.connection.Connection, directory: str, transport: str, remote: tuple[str, int]
+) -> None:
     """A run: lease, then obey until told to exit (or SIGKILLed)."""
     from fdkeeper.client import KeeperClient
     from fdkeeper.errors import FdkeeperError
 
     try:
-        leased = KeeperClient(Path(directory)).lease_connections(role="client", transport=transport, remote=remote,
-                                                                  local="-")
+        leased = KeeperClient(Path(directory)).lease_connections(
+            role="client", transport=transport, remote=remote, local="-"
+        )
     except FdkeeperError as error:
         commands.send(("refused", error.code, str(error)))
         os._exit(0)
     sock = socket.socket(fileno=leased.fds[0])
     commands.send(("leased", leased.locals[0]))
-    pending = b""  # the unsent rest of a message a write left unfinished
     while True:
         command, *arguments = commands.recv()
         if command == "write":
-            outcome, pending = _write(sock, *arguments)
+            outcome, _unsent = _write(sock, *arguments)
             commands.send(outcome)
         elif command == "read":
             commands.send(_read(sock, *arguments))
@@ -498,8 +515,9 @@ class ScriptedRun:
     def __init__(self, directory: Path, transport: str, remote: tuple[str, int], timeout: float = 10.0) -> None:
         context = self._forkserver()
         self.commands, child_end = context.Pipe()
-        self.process = context.Process(target=_run_main, args=(child_end, str(directory), transport, remote),
-                                       daemon=True)
+        self.process = context.Process(
+            target=_run_main, args=(child_end, str(directory), transport, remote), daemon=True
+        )
         self.process.start()
         self.pid = self.process.pid  # kept: a closed Process no longer says it
         child_end.close()

@@ -6,15 +6,14 @@ from __future__ import annotations
 import re
 import socket
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 from fdkeeper.address import family_of, format_address
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed.net import DEFAULT_DOMAIN
 
 
-def options_request(ruri: str, via: str, *, headers: Sequence[str] = (),
-                    from_domain: str = DEFAULT_DOMAIN) -> bytes:
+def options_request(ruri: str, via: str, *, headers: Sequence[str] = (), from_domain: str = DEFAULT_DOMAIN) -> bytes:
     """An OPTIONS request as bytes (for UDP, TCP or TLS; Content-Length 0).
 
     `via` is the Via value without branch, e.g. "SIP/2.0/TLS 127.0.0.1:5061".
@@ -31,7 +30,8 @@ def options_request(ruri: str, via: str, *, headers: Sequence[str] = (),
         f"Call-ID: {uuid.uuid4().hex}@fdkeeper-probe\r\n"
         f"CSeq: 1 OPTIONS\r\n"
         f"{extra}"
-        f"Content-Length: 0\r\n\r\n").encode()
+        f"Content-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def read_sip_message(sock: socket.socket, timeout: float = 5.0) -> bytes:
@@ -50,8 +50,9 @@ def read_sip_message(sock: socket.socket, timeout: float = 5.0) -> bytes:
             return messages[0]
 
 
-def udp_options(host: str, port: int, user: str | None = None, headers: Sequence[str] = (),
-                wait: float = 1.0) -> bytes | None:
+def udp_options(
+    host: str, port: int, user: str | None = None, headers: Sequence[str] = (), wait: float = 1.0
+) -> bytes | None:
     """Send one OPTIONS over UDP to host:port, R-URI = that address (with `user`
     if given); return the response, None on timeout or error."""
     target = format_address((host, port))

@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed.net import DEFAULT_DOMAIN
@@ -54,9 +55,10 @@ def find_sipp(sipp: str | None = None) -> str:
 @dataclass
 class SippResult:
     """What a finished sipp run left behind (counts from its -trace_stat file)."""
-    returncode: int | None          # sipp's exit status (negative: killed by signal)
-    successful: int                 # SuccessfulCall(C)
-    failed: int                     # FailedCall(C)
+
+    returncode: int | None  # sipp's exit status (negative: killed by signal)
+    successful: int  # SuccessfulCall(C)
+    failed: int  # FailedCall(C)
     log_dir: Path
     name: str
     command: list[str] = field(default_factory=list)
@@ -86,9 +88,11 @@ class SippResult:
 
     def summary(self, lines: int = 30) -> str:
         """A block for assertion messages: status, counts, and log tails."""
-        parts = [f"sipp {self.name}: exit {self.returncode}, successful {self.successful}, "
-                 f"failed {self.failed}; logs in {self.log_dir}",
-                 "command: " + " ".join(self.command)]
+        parts = [
+            f"sipp {self.name}: exit {self.returncode}, successful {self.successful}, "
+            f"failed {self.failed}; logs in {self.log_dir}",
+            "command: " + " ".join(self.command),
+        ]
         for kind in ("stderr", "errors", "screen"):
             text = self.text(kind).strip()
             if text:
@@ -108,11 +112,22 @@ SIPP_EXIT_OK = 0
 SIPP_EXIT_FAILED = 1
 
 
-def sipp_command(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path, name: str,
-                 transport: str = "u1", local_ip: str = "127.0.0.1",
-                 local_port: int | None = None, calls: int | None = 1,
-                 rate: float | None = None, timeout: float | None = None,
-                 trace_messages: bool = True, extra: Sequence[str] = ()) -> list[str]:
+def sipp_command(
+    sipp: str,
+    scenario: str | Path,
+    remote: str,
+    *,
+    log_dir: Path,
+    name: str,
+    transport: str = "u1",
+    local_ip: str = "127.0.0.1",
+    local_port: int | None = None,
+    calls: int | None = 1,
+    rate: float | None = None,
+    timeout: float | None = None,
+    trace_messages: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """Build a sipp command line that runs without a terminal.
 
     Terminal-less: sipp 3.6.1 draws no curses screen when stdout is not a
@@ -128,11 +143,27 @@ def sipp_command(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
     scenario = Path(scenario)
     if not scenario.is_absolute() and not scenario.exists():
         scenario = SCENARIOS_DIR / scenario
-    cmd = [sipp, "-sf", str(scenario), "-t", transport, "-i", local_ip,
-           "-nostdin",
-           "-trace_stat", "-stf", str(log_dir / f"{name}.stat.csv"), "-fd", "1",
-           "-trace_screen", "-screen_file", str(log_dir / f"{name}.screen.log"),
-           "-trace_err", "-error_file", str(log_dir / f"{name}.errors.log")]
+    cmd = [
+        sipp,
+        "-sf",
+        str(scenario),
+        "-t",
+        transport,
+        "-i",
+        local_ip,
+        "-nostdin",
+        "-trace_stat",
+        "-stf",
+        str(log_dir / f"{name}.stat.csv"),
+        "-fd",
+        "1",
+        "-trace_screen",
+        "-screen_file",
+        str(log_dir / f"{name}.screen.log"),
+        "-trace_err",
+        "-error_file",
+        str(log_dir / f"{name}.errors.log"),
+    ]
     if trace_messages:
         cmd += ["-trace_msg", "-message_file", str(log_dir / f"{name}.messages.log")]
     if local_port is not None:
@@ -152,16 +183,21 @@ def sipp_command(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
 class SippProcess:
     """A sipp run in the background (e.g. a UAS waiting for calls)."""
 
-    def __init__(self, cmd: list[str], log_dir: Path, name: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, cmd: list[str], log_dir: Path, name: str, env: dict[str, str] | None = None) -> None:
         self.cmd = cmd
         self.log_dir = log_dir
         self.name = name
-        self._stdout = open(log_dir / f"{name}.stdout.log", "wb")
-        self._stderr = open(log_dir / f"{name}.stderr.log", "wb")
+        self._stdout = open(log_dir / f"{name}.stdout.log", "wb")  # noqa: SIM115 - closed in wait()
+        self._stderr = open(log_dir / f"{name}.stderr.log", "wb")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._stdout, stderr=self._stderr,
-            cwd=log_dir, env=env, start_new_session=True)
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            cwd=log_dir,
+            env=env,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -195,16 +231,22 @@ class SippProcess:
         for handle in (self._stdout, self._stderr):
             handle.close()
         stats = read_sipp_stats(self.log_dir / f"{self.name}.stat.csv")
-        result = SippResult(self.proc.returncode, 0, 0, self.log_dir, self.name,
-                            self.cmd, stats)
+        result = SippResult(self.proc.returncode, 0, 0, self.log_dir, self.name, self.cmd, stats)
         result.successful = result.count("SuccessfulCall(C)")
         result.failed = result.count("FailedCall(C)")
         return result
 
 
-def start_sipp(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
-               name: str | None = None, env: dict[str, str] | None = None,
-               **options) -> SippProcess:
+def start_sipp(
+    sipp: str,
+    scenario: str | Path,
+    remote: str,
+    *,
+    log_dir: Path,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+    **options,
+) -> SippProcess:
     """Start sipp in the background with terminal-less flags (see sipp_command)."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -213,12 +255,19 @@ def start_sipp(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
     return SippProcess(cmd, log_dir, name, env)
 
 
-def run_sipp(sipp: str, scenario: str | Path, remote: str, *, log_dir: Path,
-             name: str | None = None, wait: float = 30.0,
-             env: dict[str, str] | None = None, **options) -> SippResult:
+def run_sipp(
+    sipp: str,
+    scenario: str | Path,
+    remote: str,
+    *,
+    log_dir: Path,
+    name: str | None = None,
+    wait: float = 30.0,
+    env: dict[str, str] | None = None,
+    **options,
+) -> SippResult:
     """Run sipp to completion (at most `wait` seconds) and return its result."""
-    return start_sipp(sipp, scenario, remote, log_dir=log_dir, name=name, env=env,
-                      **options).wait(wait)
+    return start_sipp(sipp, scenario, remote, log_dir=log_dir, name=name, env=env, **options).wait(wait)
 
 
 def read_sipp_stats(stat_file: Path) -> dict[str, str]:
@@ -235,7 +284,7 @@ def read_sipp_stats(stat_file: Path) -> dict[str, str]:
         return {}
     if len(rows) < 2:
         return {}
-    return dict(zip(rows[0], rows[-1]))
+    return dict(zip(rows[0], rows[-1], strict=False))
 
 
 def write_users_csv(path: Path, users: Iterable[str], domain: str = DEFAULT_DOMAIN) -> Path:
@@ -245,9 +294,17 @@ def write_users_csv(path: Path, users: Iterable[str], domain: str = DEFAULT_DOMA
     return path
 
 
-def place_calls(sut: Kamailio, user: str, count: int = 1, *, sipp: str = "sipp",
-                rate: float | None = None, timeout: float = 30,
-                log_dir: Path | None = None, call_id: str | None = None) -> CallResult:
+def place_calls(
+    sut: Kamailio,
+    user: str,
+    count: int = 1,
+    *,
+    sipp: str = "sipp",
+    rate: float | None = None,
+    timeout: float = 30,
+    log_dir: Path | None = None,
+    call_id: str | None = None,
+) -> CallResult:
     """Call sip:USER@domain `count` times through the SuT, as a third party.
 
     Runs a plain sipp over UDP (no fdkeeper on this side) with
@@ -260,25 +317,54 @@ def place_calls(sut: Kamailio, user: str, count: int = 1, *, sipp: str = "sipp",
     extra = ["-s", user, "-key", "domain", sut.domain]
     if call_id is not None:
         extra += ["-cid_str", call_id]
-    return run_sipp(sipp, "uac-call.xml", sut.address, log_dir=log_dir,
-                    name=f"call-{user}-{uuid.uuid4().hex[:6]}", wait=timeout + 10,
-                    transport="u1", local_ip=sut.host, calls=count, rate=rate,
-                    timeout=timeout, trace_messages=count <= 50, extra=extra)
+    return run_sipp(
+        sipp,
+        "uac-call.xml",
+        sut.address,
+        log_dir=log_dir,
+        name=f"call-{user}-{uuid.uuid4().hex[:6]}",
+        wait=timeout + 10,
+        transport="u1",
+        local_ip=sut.host,
+        calls=count,
+        rate=rate,
+        timeout=timeout,
+        trace_messages=count <= 50,
+        extra=extra,
+    )
 
 
-def start_calls(sut: Kamailio, users: Sequence[str], *, log_dir: Path, name: str,
-                sipp: str = "sipp", local_port: int | None = None, rate: float = 50,
-                timeout: float = 30) -> SippProcess:
+def start_calls(
+    sut: Kamailio,
+    users: Sequence[str],
+    *,
+    log_dir: Path,
+    name: str,
+    sipp: str = "sipp",
+    local_port: int | None = None,
+    rate: float = 50,
+    timeout: float = 30,
+) -> SippProcess:
     """Call each of `users` once through the SuT, as a third party, in the background: a plain
     sipp over UDP (scenarios/uac-call-users.xml, one call per user, in order). `local_port`
     is its -p (sipps side by side race for sipp's default 5060 without one)."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     users_csv = write_users_csv(log_dir / f"{name}.users.csv", users, sut.domain)
-    return start_sipp(sipp, "uac-call-users.xml", sut.address, log_dir=log_dir, name=name,
-                      transport="u1", local_ip=sut.host, local_port=local_port,
-                      calls=len(users), rate=rate, timeout=timeout,
-                      extra=["-inf", str(users_csv)])
+    return start_sipp(
+        sipp,
+        "uac-call-users.xml",
+        sut.address,
+        log_dir=log_dir,
+        name=name,
+        transport="u1",
+        local_ip=sut.host,
+        local_port=local_port,
+        calls=len(users),
+        rate=rate,
+        timeout=timeout,
+        extra=["-inf", str(users_csv)],
+    )
 
 
 def sipp_build(name: str) -> Path:

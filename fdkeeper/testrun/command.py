@@ -42,8 +42,9 @@ def load_tests(paths: list[Path], selection: str | None) -> list[TestSpec]:
     return specs
 
 
-def run_tests(specs: list[TestSpec], logs_base: Path, sipp: str, keep_logs: bool, junit: Path | None,
-              console: Console) -> list[TestResult]:
+def run_tests(
+    specs: list[TestSpec], logs_base: Path, sipp: str, keep_logs: bool, junit: Path | None, console: Console
+) -> list[TestResult]:
     run_dir = logs.new_run_dir(logs_base, keep_all=keep_logs)
     console.say(f"fdkeeper run: {len(specs)} test(s); logs in {run_dir}")
     started, clock = time.time(), time.monotonic()
@@ -57,9 +58,24 @@ def run_tests(specs: list[TestSpec], logs_base: Path, sipp: str, keep_logs: bool
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("tests", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--junit", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE", help="Write a JUnit XML report: one test case per test.")
-@click.option("--logs", "logs_base", type=click.Path(path_type=Path, file_okay=False), default=Path("fdkeeper-logs"), show_default=True, metavar="DIR", help="Log folders: DIR/<timestamp>/<test>/, DIR/latest is the newest.")
-@click.option("--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH).")
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Write a JUnit XML report: one test case per test.",
+)
+@click.option(
+    "--logs",
+    "logs_base",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("fdkeeper-logs"),
+    show_default=True,
+    metavar="DIR",
+    help="Log folders: DIR/<timestamp>/<test>/, DIR/latest is the newest.",
+)
+@click.option(
+    "--sipp", "sipp_path", metavar="PATH", envvar="FDKEEPER_SIPP", help="sipp binary (default: sipp on PATH)."
+)
 @click.option("--keep-logs", is_flag=True, help=f"Keep every earlier run's logs (default: the last {logs.KEEP_RUNS}).")
 @click.option("-k", "--filter", "selection", metavar="TEXT", help="Only tests whose name or path contains TEXT.")
 def run_command(tests, junit, logs_base, sipp_path, keep_logs, selection) -> None:

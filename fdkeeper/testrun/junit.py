@@ -35,16 +35,26 @@ def junit_tree(results: list[TestResult], started: float, duration: float) -> ET
     failures = sum(r.status == FAILED for r in results)
     errors = sum(r.status == ERROR for r in results)
     skipped = sum(r.status == XFAILED for r in results)
-    counts = {"tests": len(results), "failures": failures, "errors": errors, "skipped": skipped, "time": _seconds(duration)}
+    counts = {
+        "tests": len(results),
+        "failures": failures,
+        "errors": errors,
+        "skipped": skipped,
+        "time": _seconds(duration),
+    }
     root = ET.Element("testsuites", {"name": SUITE_NAME, **{k: str(v) for k, v in counts.items() if k != "skipped"}})
-    suite = ET.SubElement(root, "testsuite", {
-        "name": SUITE_NAME,
-        "id": "0",
-        "package": "fdkeeper",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "hostname": socket.gethostname() or "localhost",
-        **{k: str(v) for k, v in counts.items()},
-    })
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        {
+            "name": SUITE_NAME,
+            "id": "0",
+            "package": "fdkeeper",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "hostname": socket.gethostname() or "localhost",
+            **{k: str(v) for k, v in counts.items()},
+        },
+    )
     ET.SubElement(suite, "properties")
     for result in results:
         suite.append(_testcase(result))
@@ -55,11 +65,14 @@ def junit_tree(results: list[TestResult], started: float, duration: float) -> ET
 
 
 def _testcase(result: TestResult) -> ET.Element:
-    case = ET.Element("testcase", {
-        "name": xml_text(result.name),
-        "classname": _classname(result.path),
-        "time": _seconds(result.duration),
-    })
+    case = ET.Element(
+        "testcase",
+        {
+            "name": xml_text(result.name),
+            "classname": _classname(result.path),
+            "time": _seconds(result.duration),
+        },
+    )
     if result.status == FAILED:
         failure = ET.SubElement(case, "failure", {"message": xml_text(result.message()), "type": "StepFailed"})
         failure.text = xml_text(_failing_steps_text(result))

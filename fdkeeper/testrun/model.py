@@ -57,8 +57,8 @@ class Expect:
 @dataclass
 class Step:
     name: str
-    kind: str                      # "sipp" or "command"
-    args: list[str]                # tokens, ${name}s not yet replaced
+    kind: str  # "sipp" or "command"
+    args: list[str]  # tokens, ${name}s not yet replaced
     options: list[str] = field(default_factory=list)
     after: tuple[str, ...] = ()
     started: tuple[str, ...] = ()
@@ -76,7 +76,7 @@ class TestSpec:
     path: Path
     name: str
     steps: list[Step]
-    sut: str | None = None         # "embedded" or HOST:PORT
+    sut: str | None = None  # "embedded" or HOST:PORT
     transport: str = "tcp"
     vars: dict[str, str] = field(default_factory=dict)
     xfail: str | None = None
@@ -128,7 +128,10 @@ def load_test(path: Path) -> TestSpec:
         description=_optional_text(document.get("description"), "description", where) or "",
     )
     if spec.transport == "tls" and spec.sut != "embedded":
-        raise where.error("transport", "only an embedded SuT ('sut: embedded') is started with TLS; for your own SuT pass --tls-* in the steps' options")
+        raise where.error(
+            "transport",
+            "only an embedded SuT ('sut: embedded') is started with TLS; for your own SuT pass --tls-* in the steps' options",
+        )
     spec.steps = _steps(document.get("steps"), where)
     _check_variables(spec, where)
     return spec
@@ -138,7 +141,9 @@ def _read_yaml(path: Path, where: _Where) -> Any:
     try:
         import yaml  # here: the pytest plugin imports this module, and must load without PyYAML
     except ImportError:
-        raise where.error(None, "reading test files needs PyYAML, which is not installed (pip install pyyaml)") from None
+        raise where.error(
+            None, "reading test files needs PyYAML, which is not installed (pip install pyyaml)"
+        ) from None
     try:
         text = path.read_text()
     except OSError as error:
@@ -205,7 +210,9 @@ def _check_orderings(steps: list[Step], where: _Where) -> None:
                 if other not in by_name:
                     raise step_where.error(ordering, f"no step named '{other}' (steps: {', '.join(by_name)})")
                 if ordering == "ready" and by_name[other].kind != "sipp":
-                    raise step_where.error(ordering, f"'{other}' is a command; only a sipp step can be ready to receive")
+                    raise step_where.error(
+                        ordering, f"'{other}' is a command; only a sipp step can be ready to receive"
+                    )
     _refuse_cycles(by_name, where)
 
 
@@ -216,11 +223,11 @@ def _refuse_cycles(by_name: dict[str, Step], where: _Where) -> None:
         if state.get(name) == "done":
             return
         if state.get(name) == "visiting":
-            cycle = " -> ".join(chain[chain.index(name):] + [name])
+            cycle = " -> ".join([*chain[chain.index(name) :], name])
             raise _Where(where.path, name).error("after", f"the steps wait for each other: {cycle}")
         state[name] = "visiting"
         for other in sorted(by_name[name].waits_for()):
-            visit(other, chain + [name])
+            visit(other, [*chain, name])
         state[name] = "done"
 
     for name in by_name:
@@ -329,7 +336,9 @@ def _seconds(value: Any, field_name: str, where: _Where, allow_zero: bool = Fals
     except ValueError:
         raise where.error(field_name, f"expected seconds, got {_kind(value)}") from None
     if isinstance(value, bool) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds:
-        raise where.error(field_name, f"expected seconds{' (0 or more)' if allow_zero else ' above 0'}, got {_kind(value)}")
+        raise where.error(
+            field_name, f"expected seconds{' (0 or more)' if allow_zero else ' above 0'}, got {_kind(value)}"
+        )
     return seconds
 
 

@@ -51,7 +51,11 @@ class Scheduler:
 
     def _watch_running(self) -> None:
         for name, run in list(self.running.items()):
-            if name in self.awaited_ready and name not in self.ready and readiness.is_ready(run.pid, self.context.keeper_dir):
+            if (
+                name in self.awaited_ready
+                and name not in self.ready
+                and readiness.is_ready(run.pid, self.context.keeper_dir)
+            ):
                 self.ready.add(name)
                 self.console.step_ready(self.spec.name, name)
             run.check_timeout()

@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from fdkeeper.testbed import read_sipp_stats
 from fdkeeper.testrun import variables
@@ -30,13 +30,14 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 @dataclass
 class StepContext:
     """What every step of one test shares."""
-    here: Path                     # the test file's directory: the steps' working directory
-    logs: Path                     # the test's log folder
+
+    here: Path  # the test file's directory: the steps' working directory
+    logs: Path  # the test's log folder
     keeper_dir: Path
     sipp: str
     values: dict[str, str]
     free_port: Callable[[str], int]
-    substitute: bool = True        # False: arguments are taken literally (the pytest plugin)
+    substitute: bool = True  # False: arguments are taken literally (the pytest plugin)
 
     def expand(self, tokens: list[str]) -> list[str]:
         if not self.substitute:
@@ -47,7 +48,7 @@ class StepContext:
 @dataclass
 class StepResult:
     name: str
-    status: str                    # passed, failed or skipped
+    status: str  # passed, failed or skipped
     reasons: list[str] = field(default_factory=list)
     exit: int | None = None
     successful: int | None = None
@@ -97,8 +98,13 @@ class StepRun:
         self.started_at = time.monotonic()
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.process = subprocess.Popen(
-                self.command, cwd=context.here, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                env=_environment(context), start_new_session=True,
+                self.command,
+                cwd=context.here,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=_environment(context),
+                start_new_session=True,
             )
 
     @property
@@ -112,8 +118,17 @@ class StepRun:
         trace, files = trace_options(args, context.logs, self.step.name)
         self.files = {kind: context.here / path for kind, path in files.items()}  # sipp runs in `here`
         return [
-            sys.executable, "-m", "fdkeeper", "sipp", "--dir", os.fspath(context.keeper_dir), "--sipp", context.sipp,
-            *context.expand(self.step.options), *trace, *args,
+            sys.executable,
+            "-m",
+            "fdkeeper",
+            "sipp",
+            "--dir",
+            os.fspath(context.keeper_dir),
+            "--sipp",
+            context.sipp,
+            *context.expand(self.step.options),
+            *trace,
+            *args,
         ]
 
     def elapsed(self) -> float:
@@ -155,8 +170,16 @@ class StepRun:
     def result(self) -> StepResult:
         """The verdict of a finished step against what it expects."""
         status = self.process.wait()
-        result = StepResult(self.step.name, PASSED, exit=status, duration=self.elapsed(), out=self.out,
-                            err=self.err, command=self.command, files=dict(self.files))
+        result = StepResult(
+            self.step.name,
+            PASSED,
+            exit=status,
+            duration=self.elapsed(),
+            out=self.out,
+            err=self.err,
+            command=self.command,
+            files=dict(self.files),
+        )
         if self.step.kind == "sipp":
             result.successful, result.failed = sipp_counts(self.files.get("stat"), self.files.get("screen"))
         result.reasons = self._failures(result)
@@ -176,7 +199,9 @@ class StepRun:
         if checked and result.successful is None:
             reasons.append("no call statistics from sipp (neither its -trace_stat file nor its screen)")
             return reasons
-        reasons += [f"{got[label]} {label} calls, expected {count}" for label, count in checked.items() if got[label] != count]
+        reasons += [
+            f"{got[label]} {label} calls, expected {count}" for label, count in checked.items() if got[label] != count
+        ]
         return reasons
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fdkeeper import testbed
 from fdkeeper.address import split_host_port
@@ -41,7 +41,9 @@ def sut_variables(sut: str | None, transport: str, workdir: Path, logs: Path) ->
 
 
 @contextlib.contextmanager
-def embedded_kamailio(transport: str, workdir: Path, logs: Path) -> Iterator[tuple[testbed.Kamailio, testbed.TestPki | None]]:
+def embedded_kamailio(
+    transport: str, workdir: Path, logs: Path
+) -> Iterator[tuple[testbed.Kamailio, testbed.TestPki | None]]:
     """A started Kamailio (TLS too with transport 'tls') and its PKI; stopped at the end."""
     pki = testbed.make_test_pki(workdir / "pki") if transport == "tls" else None
     tls = testbed.KamailioTls.server(pki) if pki is not None else None

@@ -38,7 +38,7 @@ class TestResult:
     log_dir: Path
     steps: list[StepResult] = field(default_factory=list)
     duration: float = 0.0
-    error: str | None = None       # why the test could not run
+    error: str | None = None  # why the test could not run
     xfail: str | None = None
 
     __test__ = False
@@ -55,7 +55,9 @@ class TestResult:
         if self.error:
             return self.error
         failing = [f"step '{s.name}': {'; '.join(s.reasons)}" for s in self.failed_steps()]
-        failing = failing or [f"step '{s.name}' skipped: {'; '.join(s.reasons)}" for s in self.steps if s.status != PASSED]
+        failing = failing or [
+            f"step '{s.name}' skipped: {'; '.join(s.reasons)}" for s in self.steps if s.status != PASSED
+        ]
         text = "; ".join(failing)
         return f"expected failure ({self.xfail}): {text}" if self.status == XFAILED else text
 
@@ -102,8 +104,12 @@ def _run_steps(spec: TestSpec, log_dir: Path, workdir: Path, sipp: str, console:
         }
         variables.resolve_declared(spec.vars, values, port_for)
         context = StepContext(
-            here=spec.path.resolve().parent, logs=log_dir.resolve(), keeper_dir=workdir / "keeper",
-            sipp=sipp, values=values, free_port=port_for,
+            here=spec.path.resolve().parent,
+            logs=log_dir.resolve(),
+            keeper_dir=workdir / "keeper",
+            sipp=sipp,
+            values=values,
+            free_port=port_for,
         )
         return Scheduler(spec, context, console).run()
 
@@ -111,8 +117,12 @@ def _run_steps(spec: TestSpec, log_dir: Path, workdir: Path, sipp: str, console:
 def stop_keeper(keeper_dir: Path, kept_log: Path) -> None:
     """`fdkeeper stop --dir` (also ends converters), then keep the keeper's log at ``kept_log``."""
     if keeper_dir.exists():
-        subprocess.run([sys.executable, "-m", "fdkeeper", "stop", "--dir", os.fspath(keeper_dir)],
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        subprocess.run(
+            [sys.executable, "-m", "fdkeeper", "stop", "--dir", os.fspath(keeper_dir)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
         try:
             shutil.copyfile(keeper_dir / LOG_NAME, kept_log)
         except OSError:

@@ -10,7 +10,7 @@ registering and later answering on one port), so tests run side by side never co
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 # Always set by the runner.
 BUILTIN = {
@@ -67,7 +67,9 @@ def substitute(text: str, values: Mapping[str, str], free_port: Callable[[str], 
     return _REFERENCE.sub(replace, text)
 
 
-def resolve_declared(declared: Mapping[str, str], values: dict[str, str], free_port: Callable[[str], int]) -> dict[str, str]:
+def resolve_declared(
+    declared: Mapping[str, str], values: dict[str, str], free_port: Callable[[str], int]
+) -> dict[str, str]:
     """Add the test's ``vars:`` to ``values``, in order: a var may use earlier ones."""
     for name, text in declared.items():
         values[name] = substitute(text, values, free_port)

@@ -33,7 +33,9 @@ class Registrations:
     program, registered where we did not look, never passes for it)."""
 
     def __init__(self) -> None:
-        self.by_fd: dict[tuple[int, int], tuple[int, dict[int, tuple[int, int]]]] = {}  # -> (inode, {epfd: (events, data)})
+        self.by_fd: dict[
+            tuple[int, int], tuple[int, dict[int, tuple[int, int]]]
+        ] = {}  # -> (inode, {epfd: (events, data)})
 
     def added(self, key: tuple[int, int], ino: int, epfd: int, events: int, data: int) -> None:
         known = self.by_fd.get(key)

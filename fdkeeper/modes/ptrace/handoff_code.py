@@ -36,12 +36,36 @@ from fdkeeper.modes.ptrace.injection import Injection, Tracer, signed
 #     restore: mov rdi, [r15+8]; mov rsi, [r15+16]; mov rdx, [r15+24]; mov r15, [r15+40]; jmp rcx
 # rcx and r11 are clobbered, as the `syscall` instruction the program was at clobbers them.
 HANDOFF_CODE = bytes.fromhex(
-    "b8b6010000" "31d2" "0f05" "4885c0" "783e"
-    "49894738" "4889c7" "498b7730" "ba00000800" "b824010000" "0f05"
-    "4889c6" "498b7f38" "b803000000" "0f05" "4889f0" "4885c0" "7811"
-    "49c7473800000000" "498b4f20" "498b07" "eb0c"
-    "49894738" "498b4f20" "4883c102"
-    "498b7f08" "498b7710" "498b5718" "4d8b7f28" "ffe1"
+    "b8b6010000"
+    "31d2"
+    "0f05"
+    "4885c0"
+    "783e"
+    "49894738"
+    "4889c7"
+    "498b7730"
+    "ba00000800"
+    "b824010000"
+    "0f05"
+    "4889c6"
+    "498b7f38"
+    "b803000000"
+    "0f05"
+    "4889f0"
+    "4885c0"
+    "7811"
+    "49c7473800000000"
+    "498b4f20"
+    "498b07"
+    "eb0c"
+    "49894738"
+    "498b4f20"
+    "4883c102"
+    "498b7f08"
+    "498b7710"
+    "498b5718"
+    "4d8b7f28"
+    "ffe1"
 )
 PROT_READ_WRITE, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS = 3, 5, 0x22
 PAGE = 4096
@@ -53,7 +77,7 @@ RUNNING = 1  # a slot's result before the code ran
 class ProcessCode:
     """The code and slot page in one process, and what its threads' handoffs left to check."""
 
-    __slots__ = ("code_at", "slots_at", "slot_of", "kept")
+    __slots__ = ("code_at", "kept", "slot_of", "slots_at")
 
     def __init__(self, code_at: int, slots_at: int) -> None:
         self.code_at = code_at
@@ -100,8 +124,11 @@ class HandoffCode:
                 return False
             slot = process.slot_of[tid] = process.slots_at + SLOT.size * len(process.slot_of)
         saved = injection.saved
-        self.tracer.write(tid, slot, SLOT.pack(saved.orig_rax, saved.rdi, saved.rsi, saved.rdx, injection.syscall_ip,
-                                               saved.r15, fd, RUNNING))
+        self.tracer.write(
+            tid,
+            slot,
+            SLOT.pack(saved.orig_rax, saved.rdi, saved.rsi, saved.rdx, injection.syscall_ip, saved.r15, fd, RUNNING),
+        )
         ours = os.dup(kept_fd)  # stays open until the thread is seen again: the number names this file
         process.kept[tid] = ours
         injection.jump(process.code_at, rdi=pidfd, rsi=ours, r15=slot, r10=injection.saved.r10)
@@ -120,8 +147,12 @@ class HandoffCode:
         except OSError:
             return 0
         if result < 0:
-            print(f"fdkeeper: handing a kept connection to process {tgid} failed in it ({os.strerror(-result)}); "
-                  "that call's send failed with it", file=sys.stderr, flush=True)
+            print(
+                f"fdkeeper: handing a kept connection to process {tgid} failed in it ({os.strerror(-result)}); "
+                "that call's send failed with it",
+                file=sys.stderr,
+                flush=True,
+            )
         return min(result, 0)
 
     def forget(self, tgid: int) -> None:
@@ -140,4 +171,3 @@ class HandoffCode:
             return self.tracer.read(tid, process.code_at, len(HANDOFF_CODE)) == HANDOFF_CODE
         except OSError:
             return False
-

@@ -14,17 +14,39 @@ import errno
 import os
 import signal
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from fdkeeper.modes.ptrace import raw as pt
 from fdkeeper.modes.ptrace.raw import libc
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 SYS = {
-    "write": 1, "close": 3, "mmap": 9, "writev": 20, "sendto": 44, "sendmsg": 46, "munmap": 11, "getpid": 39, "socket": 41, "connect": 42, "accept": 43, "bind": 49,
-    "recvmsg": 47, "shutdown": 48, "listen": 50, "setsockopt": 54, "fcntl": 72, "prctl": 157,
-    "epoll_wait": 232, "epoll_ctl": 233, "epoll_pwait": 281, "accept4": 288, "dup3": 292,
-    "seccomp": 317, "pidfd_open": 434, "pidfd_getfd": 438,
+    "write": 1,
+    "close": 3,
+    "mmap": 9,
+    "writev": 20,
+    "sendto": 44,
+    "sendmsg": 46,
+    "munmap": 11,
+    "getpid": 39,
+    "socket": 41,
+    "connect": 42,
+    "accept": 43,
+    "bind": 49,
+    "recvmsg": 47,
+    "shutdown": 48,
+    "listen": 50,
+    "setsockopt": 54,
+    "fcntl": 72,
+    "prctl": 157,
+    "epoll_wait": 232,
+    "epoll_ctl": 233,
+    "epoll_pwait": 281,
+    "accept4": 288,
+    "dup3": 292,
+    "seccomp": 317,
+    "pidfd_open": 434,
+    "pidfd_getfd": 438,
 }
 SYSCALL_INSN = b"\x0f\x05"
 
@@ -38,7 +60,10 @@ PTRACE_SYSEMU = 31
 PTRACE_O_TRACESECCOMP = 0x80
 OPTIONS = (
     PTRACE_O_TRACESECCOMP  # stops at the calls a SECCOMP_RET_TRACE filter names (per-call runs)
-    | pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACEFORK | pt.PTRACE_O_TRACEVFORK | pt.PTRACE_O_TRACECLONE
+    | pt.PTRACE_O_TRACESYSGOOD
+    | pt.PTRACE_O_TRACEFORK
+    | pt.PTRACE_O_TRACEVFORK
+    | pt.PTRACE_O_TRACECLONE
     | pt.PTRACE_O_TRACEEXEC
     | 0x00100000  # PTRACE_O_EXITKILL: a tracer that dies mid-handoff must not leave a half-changed program
 )
@@ -64,10 +89,18 @@ class TraceeGone(Exception):
 # Plain classes, not dataclasses: a dataclass compiles code at import, and this module is
 # imported on every --mode ptrace start-up, where each millisecond counts.
 class SyscallStop:
-    __slots__ = ("tid", "entry", "nr", "args", "rval", "seccomp", "emulated")
+    __slots__ = ("args", "emulated", "entry", "nr", "rval", "seccomp", "tid")
 
-    def __init__(self, tid: int, entry: bool, nr: int = -1, args: tuple[int, ...] = (), rval: int = 0,
-                 seccomp: bool = False, emulated: bool = False) -> None:
+    def __init__(
+        self,
+        tid: int,
+        entry: bool,
+        nr: int = -1,
+        args: tuple[int, ...] = (),
+        rval: int = 0,
+        seccomp: bool = False,
+        emulated: bool = False,
+    ) -> None:
         self.tid = tid
         self.entry = entry
         self.seccomp = seccomp  # a SECCOMP_RET_TRACE stop (before the call runs), not a syscall-entry stop
@@ -80,7 +113,7 @@ class SyscallStop:
 
 
 class Task:
-    __slots__ = ("tid", "in_syscall_args", "signals")
+    __slots__ = ("in_syscall_args", "signals", "tid")
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
@@ -129,7 +162,7 @@ class Tracer:
     # ------------------------------------------------------------ start and stop
 
     @classmethod
-    def start(cls, argv: list[str], env: dict[str, str], seccomp_filter: bytes = b"") -> "Tracer":
+    def start(cls, argv: list[str], env: dict[str, str], seccomp_filter: bytes = b"") -> Tracer:
         """Fork, seize the child while it waits on a pipe, then let it exec the program.
 
         With ``seccomp_filter`` the child installs it before its exec and the tracer runs
@@ -145,7 +178,7 @@ class Tracer:
                 if fprog is not None:
                     _install_filter_here(fprog)
                 os.execve(argv[0], argv, env)
-            except BaseException as error:  # noqa: BLE001 - nothing may escape a forked child
+            except BaseException as error:
                 os.write(2, f"fdkeeper: cannot run {argv[0]}: {error}\n".encode())
             os._exit(127)
         os.close(ready_r)
@@ -304,7 +337,7 @@ class Tracer:
             if emulated:
                 self._emulated_at.add(tid)
             return SyscallStop(tid, True, nr, tuple(args), seccomp=op == 3, emulated=emulated)
-        rval, = struct.unpack_from("<q", buf.raw, 24)
+        (rval,) = struct.unpack_from("<q", buf.raw, 24)
         if tid in self._rerunning:
             self._rerunning.discard(tid)
             if tid in self.stepping:
@@ -357,7 +390,10 @@ def _filter_program(code: bytes) -> tuple[ctypes.Array, ctypes.Array]:
 
 def _install_filter_here(fprog: tuple[ctypes.Array, ctypes.Array]) -> None:
     """In the forked child: no_new_privs (needed without CAP_SYS_ADMIN), then the filter."""
-    if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.syscall(SYS["seccomp"], 1, 0, ctypes.c_void_p(ctypes.addressof(fprog[0]))) != 0:
+    if (
+        libc.prctl(38, 1, 0, 0, 0) != 0
+        or libc.syscall(SYS["seccomp"], 1, 0, ctypes.c_void_p(ctypes.addressof(fprog[0]))) != 0
+    ):
         raise OSError(ctypes.get_errno(), "installing the seccomp filter: " + os.strerror(ctypes.get_errno()))
 
 
@@ -387,7 +423,7 @@ class Injection:
             regs.orig_rax = SYS[name]
         else:
             regs.rip, regs.rax = self.syscall_ip, SYS[name]
-        for reg, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args):
+        for reg, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
             setattr(regs, reg, unsigned(value))
         pt.ptrace_setregs(self.tid, regs)
         if not self.at_entry:

@@ -38,7 +38,7 @@ class PtraceMode(Mode):
     # attached under a seccomp filter that stops only connect(), epoll_ctl(ADD) and sendto() without
     # an address, a handoff per user.
     capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
-    _probe: str | None | bool = False  # False: not probed yet
+    _probe: str | bool | None = False  # False: not probed yet
 
     def unsupported_reason(self, program: Path) -> str | None:
         reason = self._static_reason(program)
@@ -65,8 +65,9 @@ class PtraceMode(Mode):
     def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
         if options.ptrace.transfer not in TRANSFERS:
             raise FdkeeperError(f"fdkeeper: --transfer {options.ptrace.transfer}: use scm or pidfd")
-        return PtraceHandoff(argv=[os.fspath(request.program), *request.args], env={}, request=request,
-                             options=options.ptrace)
+        return PtraceHandoff(
+            argv=[os.fspath(request.program), *request.args], env={}, request=request, options=options.ptrace
+        )
 
     def run(self, handoff: Handoff) -> int:
         if not isinstance(handoff, PtraceHandoff) or handoff.request is None:

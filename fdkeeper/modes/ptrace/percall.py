@@ -162,7 +162,10 @@ class PerCallClient:
             return
         self.rewrites.pop((tgid, fd), None)  # a new socket on that number
         with session.copy(tgid, fd) as program_socket:
-            if program_socket.family not in (socket.AF_INET, socket.AF_INET6) or program_socket.type != socket.SOCK_STREAM:
+            if (
+                program_socket.family not in (socket.AF_INET, socket.AF_INET6)
+                or program_socket.type != socket.SOCK_STREAM
+            ):
                 return  # e.g. sipp's UDP probe for its own address
             self.pending[(tgid, fd)] = os.fstat(program_socket.fileno()).st_ino
         self.waiting.setdefault(stop.tid, set()).add(fd)
@@ -202,9 +205,13 @@ class PerCallClient:
         injection = Injection(session.tracer, tid, at_entry=not stop.emulated)
         aor = from_aor(message)
         if aor is None:
-            print(f"fdkeeper: send(fd {fd}) to the SuT: the first message on a per-call connection has no From "
-                  "header (is it SIP?); each connection is leased for the user (AoR) in the From header of "
-                  "the first SIP message sent on it", file=sys.stderr, flush=True)
+            print(
+                f"fdkeeper: send(fd {fd}) to the SuT: the first message on a per-call connection has no From "
+                "header (is it SIP?); each connection is leased for the user (AoR) in the From header of "
+                "the first SIP message sent on it",
+                file=sys.stderr,
+                flush=True,
+            )
             injection.finish(-errno.ECONNREFUSED)
             return
         kept = session.client_lease(injection, tgid, local="-", aor=aor)  # the user is the identity
@@ -217,7 +224,9 @@ class PerCallClient:
         try:
             epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code)
         except OSError as error:
-            print(f"fdkeeper: cannot hand {aor}'s kept connection to process {tgid}: {error}", file=sys.stderr, flush=True)
+            print(
+                f"fdkeeper: cannot hand {aor}'s kept connection to process {tgid}: {error}", file=sys.stderr, flush=True
+            )
             injection.finish(-(error.errno or errno.EIO))
             return
         self.handoffs += 1
@@ -287,9 +296,13 @@ class PerCallClient:
     def _warn_length(self, placeholder: tuple, kept: tuple) -> None:
         if not self.warned_length:
             self.warned_length = True
-            print(f"fdkeeper: the kept connection's address {kept[0]}:{kept[1]} and the per-call socket's port "
-                  f"{placeholder[1]} differ in length; messages keep the per-call socket's port (a SuT that "
-                  "aliases Via ports to connections sees a new one per call)", file=sys.stderr, flush=True)
+            print(
+                f"fdkeeper: the kept connection's address {kept[0]}:{kept[1]} and the per-call socket's port "
+                f"{placeholder[1]} differ in length; messages keep the per-call socket's port (a SuT that "
+                "aliases Via ports to connections sees a new one per call)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""
@@ -319,9 +332,13 @@ class PerCallClient:
             # By code (HANDOFF_CODE), the registrations first: made from outside on the kept
             # connection under the number ``fd``, they are the ones the program's fd will have
             # once the code's dup3 ran (epoll keys on file and number, not on whose table).
-            if (by_code and pidfd is not None and self.code.usable(injection.tid, tgid, pidfd)
-                    and add_from_outside(session.pidfd(tgid), fd, kept_fd, registrations)
-                    and self.code.start(injection, tgid, pidfd, kept_fd, fd)):
+            if (
+                by_code
+                and pidfd is not None
+                and self.code.usable(injection.tid, tgid, pidfd)
+                and add_from_outside(session.pidfd(tgid), fd, kept_fd, registrations)
+                and self.code.start(injection, tgid, pidfd, kept_fd, fd)
+            ):
                 return f"in one stop; {len(registrations)} epoll registration(s) {found}, re-added from outside"
             new = session.transfer.one_into(injection, tgid, kept_fd)
             injection.check("dup3", new, fd, SOCK_CLOEXEC)

@@ -37,7 +37,7 @@ def epoll_registrations(tgid: int, fd: int, ino: int, epfds: list[int] | None = 
             words = line.split()
             if words[:1] != ["tfd:"]:
                 continue
-            fields = dict(zip(words[::2], words[1::2]))
+            fields = dict(zip(words[::2], words[1::2], strict=False))
             extra = dict(w.split(":", 1) for w in words if ":" in w and not w.endswith(":"))
             if int(fields["tfd:"]) == fd and int(extra.get("ino", "0"), 16) == ino:
                 found.append((int(name), int(fields["events:"], 16), int(fields["data:"], 16)))
@@ -73,7 +73,12 @@ def peer_sockaddr(sock: socket.socket, peer: str) -> bytes:
     else:
         return b""
     if ":" in host:
-        return struct.pack("<H", socket.AF_INET6) + struct.pack(">HI", port, 0) + socket.inet_pton(socket.AF_INET6, host) + b"\0" * 4
+        return (
+            struct.pack("<H", socket.AF_INET6)
+            + struct.pack(">HI", port, 0)
+            + socket.inet_pton(socket.AF_INET6, host)
+            + b"\0" * 4
+        )
     return struct.pack("<H", socket.AF_INET) + struct.pack(">H", port) + socket.inet_aton(host) + b"\0" * 8
 
 

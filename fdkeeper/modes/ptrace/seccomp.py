@@ -91,19 +91,30 @@ def percall_filter() -> bytes:
     SIGPIPE anyway. Everything else runs at full speed, untraced.
     """
     program: list[Instruction] = [
-        (_LD_ABS_W, 0, 0, 4), (_JEQ_K, 0, "allow", AUDIT_ARCH_X86_64),
-        (_LD_ABS_W, 0, 0, 0), (_JEQ_K, "trace", 0, SYS["connect"]), (_JEQ_K, "neutral", 0, SYS["shutdown"]),
+        (_LD_ABS_W, 0, 0, 4),
+        (_JEQ_K, 0, "allow", AUDIT_ARCH_X86_64),
+        (_LD_ABS_W, 0, 0, 0),
+        (_JEQ_K, "trace", 0, SYS["connect"]),
+        (_JEQ_K, "neutral", 0, SYS["shutdown"]),
         (_JEQ_K, "sendto", 0, SYS["sendto"]),
-        (_JEQ_K, "epoll_ctl", 0, SYS["epoll_ctl"]), (_JEQ_K, 0, "allow", SYS["setsockopt"]),
-        (_LD_ABS_W, 0, 0, 24), (_JEQ_K, "neutral", 0, IPPROTO_TCP), (_JEQ_K, 0, "allow", SOL_SOCKET),
-        (_LD_ABS_W, 0, 0, 32), (_JEQ_K, "neutral", "allow", SO_LINGER),
+        (_JEQ_K, "epoll_ctl", 0, SYS["epoll_ctl"]),
+        (_JEQ_K, 0, "allow", SYS["setsockopt"]),
+        (_LD_ABS_W, 0, 0, 24),
+        (_JEQ_K, "neutral", 0, IPPROTO_TCP),
+        (_JEQ_K, 0, "allow", SOL_SOCKET),
+        (_LD_ABS_W, 0, 0, 32),
+        (_JEQ_K, "neutral", "allow", SO_LINGER),
     ]
     labels = {"epoll_ctl": len(program)}
     program += [(_LD_ABS_W, 0, 0, 24), (_JEQ_K, "trace", "allow", EPOLL_CTL_ADD)]  # op: low word of args[1]
     labels["sendto"] = len(program)
     program += [
-        (_LD_ABS_W, 0, 0, 48), (_JEQ_K, 0, "allow", 0), (_LD_ABS_W, 0, 0, 52), (_JEQ_K, 0, "allow", 0),  # no address
-        (_LD_ABS_W, 0, 0, 40), (_JSET_K, "allow", "trace", MSG_NOSIGNAL),  # flags: low word of args[3]
+        (_LD_ABS_W, 0, 0, 48),
+        (_JEQ_K, 0, "allow", 0),
+        (_LD_ABS_W, 0, 0, 52),
+        (_JEQ_K, 0, "allow", 0),  # no address
+        (_LD_ABS_W, 0, 0, 40),
+        (_JSET_K, "allow", "trace", MSG_NOSIGNAL),  # flags: low word of args[3]
     ]
     for label, action in (("allow", SECCOMP_RET_ALLOW), ("trace", SECCOMP_RET_TRACE), ("neutral", SECCOMP_RET_ERRNO_0)):
         labels[label] = len(program)
@@ -138,4 +149,7 @@ def install_protection(injection: Injection, kept: list[int], pairs: list[int]) 
             injection.check("prctl", 38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
             result = injection.call("seccomp", 1, 1, base + 4032)
         if result != 0:
-            raise OSError(-result if result < 0 else errno.EBUSY, "installing the seccomp filter that keeps shutdown() off the kept connection")
+            raise OSError(
+                -result if result < 0 else errno.EBUSY,
+                "installing the seccomp filter that keeps shutdown() off the kept connection",
+            )

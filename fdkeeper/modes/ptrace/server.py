@@ -48,7 +48,9 @@ class ServerHandoff:
             regs = pt.ptrace_getregs(stop.tid)
             regs.r10 = 0  # never block while a kept connection waits to be accepted
             pt.ptrace_setregs(stop.tid, regs)
-        elif nr in (SYS["accept"], SYS["accept4"]) and self._serving(stop.tid) and args[0] & 0xFFFFFFFF == self.listener:
+        elif (
+            nr in (SYS["accept"], SYS["accept4"]) and self._serving(stop.tid) and args[0] & 0xFFFFFFFF == self.listener
+        ):
             self._accept(stop)
 
     def on_exit(self, stop: SyscallStop, nr: int, args: tuple[int, ...]) -> None:
@@ -64,7 +66,9 @@ class ServerHandoff:
         tgid = session.tgid(stop.tid)
         injection = Injection(session.tracer, stop.tid, at_entry=False)
         try:
-            kept = session.lease(tgid, role="server", remote=session.request.remote, local=self._identity(tgid, listener))
+            kept = session.lease(
+                tgid, role="server", remote=session.request.remote, local=self._identity(tgid, listener)
+            )
         except FdkeeperError as error:
             print(str(error), file=sys.stderr, flush=True)
             session.done = True
@@ -72,10 +76,12 @@ class ServerHandoff:
             return
         try:
             sockets = [socket.socket(fileno=fd) for fd in kept.fds]
-            addresses = [procfs.peer_sockaddr(s, peer) for s, peer in zip(sockets, kept.peers)]
+            addresses = [procfs.peer_sockaddr(s, peer) for s, peer in zip(sockets, kept.peers, strict=False)]
             new = session.transfer.into(injection, tgid, kept.fds)
-            install_protection(injection, new, [n for n, s in zip(new, sockets) if s.family == socket.AF_UNIX])
-            self.pending.extend(zip(new, addresses))
+            install_protection(
+                injection, new, [n for n, s in zip(new, sockets, strict=False) if s.family == socket.AF_UNIX]
+            )
+            self.pending.extend(zip(new, addresses, strict=False))
             for s in sockets:
                 s.close()
         except OSError as error:
@@ -137,7 +143,7 @@ class ServerHandoff:
         with session.copy(self.tgid, fd) as copy:
             copy.setblocking(not flags & SOCK_NONBLOCK)  # what a real accept4() gives
         if address and length_at:
-            room, = struct.unpack("<I", tracer.read(stop.tid, length_at, 4))
+            (room,) = struct.unpack("<I", tracer.read(stop.tid, length_at, 4))
             tracer.write(stop.tid, address, sockaddr[: min(room, len(sockaddr))])
             tracer.write(stop.tid, length_at, struct.pack("<I", len(sockaddr)))
         session.say(f"accept(fd {self.listener}): handed over kept connection as fd {fd}")

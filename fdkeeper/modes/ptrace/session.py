@@ -28,7 +28,11 @@ from fdkeeper.modes.ptrace.transfer import Transfer, lease_for
 SO_REUSEPORT = 15
 SOCK_CLOEXEC = 0o2000000
 # Options not replayed onto the kept connection: they concern the program's own socket's life.
-NOT_REPLAYED = {(socket.SOL_SOCKET, socket.SO_LINGER), (socket.SOL_SOCKET, socket.SO_REUSEADDR), (socket.SOL_SOCKET, SO_REUSEPORT)}
+NOT_REPLAYED = {
+    (socket.SOL_SOCKET, socket.SO_LINGER),
+    (socket.SOL_SOCKET, socket.SO_REUSEADDR),
+    (socket.SOL_SOCKET, SO_REUSEPORT),
+}
 
 
 class Session:
@@ -85,8 +89,10 @@ class Session:
             if tracer.tasks:
                 tracer.detach_all()
             if self.percall is not None:
-                self.say(f"{tracer.stops} ptrace stops for {self.percall.handoffs} per-call handoff(s); "
-                         f"{self.percall.rewritten} message(s) given the kept connection's address")
+                self.say(
+                    f"{tracer.stops} ptrace stops for {self.percall.handoffs} per-call handoff(s); "
+                    f"{self.percall.rewritten} message(s) given the kept connection's address"
+                )
             self._close()
         if tracer.root_status is not None:
             return tracer.root_status
@@ -135,7 +141,10 @@ class Session:
             return
         tgid = self.tgid(stop.tid)
         with self.copy(tgid, fd) as program_socket:
-            if program_socket.family not in (socket.AF_INET, socket.AF_INET6) or program_socket.type != socket.SOCK_STREAM:
+            if (
+                program_socket.family not in (socket.AF_INET, socket.AF_INET6)
+                or program_socket.type != socket.SOCK_STREAM
+            ):
                 return  # e.g. sipp's UDP probe for its own address
             self.done = True  # one handoff per run (t1), whatever happens next
             injection = Injection(self.tracer, stop.tid, at_entry=True)
@@ -146,7 +155,9 @@ class Session:
                 self._hand_over(injection, tgid, fd, program_socket, kept.fds[0], kept.ids[0])
                 injection.finish(0)
             except OSError as error:
-                print(f"fdkeeper: cannot hand the kept connection to process {tgid}: {error}", file=sys.stderr, flush=True)
+                print(
+                    f"fdkeeper: cannot hand the kept connection to process {tgid}: {error}", file=sys.stderr, flush=True
+                )
                 injection.finish(-(error.errno or errno.EIO))
 
     def _note_bind(self, tid: int, args: tuple[int, ...]) -> None:
@@ -156,8 +167,9 @@ class Session:
         if address is not None:
             self.binds[(self.tgid(tid), args[0] & 0xFFFFFFFF)] = address
 
-    def _hand_over(self, injection: Injection, tgid: int, fd: int, program_socket: socket.socket, kept_fd: int,
-                   kept_id: int) -> None:
+    def _hand_over(
+        self, injection: Injection, tgid: int, fd: int, program_socket: socket.socket, kept_fd: int, kept_id: int
+    ) -> None:
         """Put the kept connection in the place of the program's socket ``fd``, as it had set it up."""
         with socket.socket(fileno=kept_fd) as kept_socket:
             pair = kept_socket.family == socket.AF_UNIX
@@ -172,11 +184,14 @@ class Session:
             injection.call("close", new)
             self.restore_epoll(injection, fd, registrations)
         assert self.request.remote is not None  # a client handoff happens only at connect() to it
-        self.say(f"connect(fd {fd}) to {format_address(self.request.remote)}: handed over kept connection "
-                 f"{kept_id} by {self.transfer.how}{' (a socketpair end the keeper relays)' if pair else ''}")
+        self.say(
+            f"connect(fd {fd}) to {format_address(self.request.remote)}: handed over kept connection "
+            f"{kept_id} by {self.transfer.how}{' (a socketpair end the keeper relays)' if pair else ''}"
+        )
 
-    def restore_epoll(self, injection: Injection, fd: int, registrations: list[tuple[int, int, int]],
-                      base: int | None = None) -> None:
+    def restore_epoll(
+        self, injection: Injection, fd: int, registrations: list[tuple[int, int, int]], base: int | None = None
+    ) -> None:
         base = injection.scratch_area() + 2048 if base is None else base
         for epfd, events, data in registrations:
             self.tracer.write(injection.tid, base, struct.pack("<IQ", events, data))
@@ -191,8 +206,9 @@ class Session:
     def client_lease(self, injection: Injection, tgid: int, **fields: object) -> Leased | None:
         """A client lease for the held call; on refusal one line on stderr, and the call fails."""
         try:
-            return self.lease(tgid, role="client", remote=self.request.remote,
-                              reconnect=self.request.reconnect or None, **fields)
+            return self.lease(
+                tgid, role="client", remote=self.request.remote, reconnect=self.request.reconnect or None, **fields
+            )
         except FdkeeperError as error:
             print(str(error), file=sys.stderr, flush=True)
             injection.finish(-(errno.EBUSY if error.code == "busy" else errno.ECONNREFUSED))

@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from fdkeeper.client import KeeperClient, Leased
 from fdkeeper.errors import FdkeeperError
@@ -25,7 +25,9 @@ SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
 PR_SET_PTRACER = 0x59616D61
 
 
-def lease_for(request: HandoffRequest, tgid: int, transfer: str, say: Callable[[str], None], **fields: object) -> Leased:
+def lease_for(
+    request: HandoffRequest, tgid: int, transfer: str, say: Callable[[str], None], **fields: object
+) -> Leased:
     """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid)."""
     keeper = KeeperClient(request.directory)
     base = {k: v for k, v in fields.items() if v is not None}

@@ -23,7 +23,7 @@ MAX_HEADERS = 64 * 1024  # bytes of a message looked at (sipp's largest message)
 class Rewrite:
     """One fd's pair: the placeholder's "IP:PORT" and the kept connection's, same length."""
 
-    __slots__ = ("old", "new", "_token")
+    __slots__ = ("_token", "new", "old")
 
     def __init__(self, old: bytes, new: bytes) -> None:
         if len(old) != len(new) or not old:

@@ -27,6 +27,7 @@ def template(name: str) -> str:
 
 def render(name: str, /, **values: object) -> str:
     """Template `name` with every ``{{key}}`` replaced by ``str(values[key])``."""
+
     def value_of(match: re.Match) -> str:
         key = match.group(1)
         if key not in values:
