@@ -1,0 +1,35 @@
+"""The project's static checks (lint, format, types, import contracts, C warnings and cppcheck)
+run with the suite, one test per check, so the README's test command and CI's .ci/run fail when
+one does. Each test calls `.ci/check NAME`, the one place that says how a check is run, and fails
+with what the check's tool printed."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECK = REPO / ".ci" / "check"
+# The names .ci/check knows; a check added there is added here too.
+CHECKS = ["ruff", "format", "types", "imports", "c"]
+# mypy over the whole package, gcc and cppcheck: far below this on a slow machine.
+TIMEOUT_S = 600
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_check_passes(name: str) -> None:
+    run = subprocess.run(
+        ["bash", str(CHECK), name], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
+    if run.returncode != 0:
+        pytest.fail(f"bash .ci/check {name} failed:\n{run.stdout}{run.stderr}", pytrace=False)
+
+
+def test_every_check_has_a_test() -> None:
+    """.ci/check's own list of checks (an unknown name makes it print them) is the one tested."""
+    run = subprocess.run(["bash", str(CHECK), "--no-such-check"], capture_output=True, text=True, check=False)
+    assert run.returncode == 2, run.stdout + run.stderr
+    listed = run.stderr.rsplit("the checks:", 1)[-1].split()
+    assert listed == CHECKS, f".ci/check knows {listed}; tests/habits/test_checks.py tests {CHECKS}"
