@@ -8,8 +8,8 @@ import ssl
 import time
 
 from fdkeeper.address import Address, format_address, is_ip
-from fdkeeper.keeper.connection import open_tcp
 from fdkeeper.sip.framing import PONG, SipFramer
+from fdkeeper.tcp import open_tcp
 from fdkeeper.tls import TlsOptions, handshake
 
 LinkKey = tuple[str, int, str]  # (host, port, transport) of a destination

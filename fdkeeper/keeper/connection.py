@@ -1,4 +1,4 @@
-"""Kept connections: opening them towards the SuT and the state the keeper tracks for each.
+"""Kept connections: the state the keeper tracks for each (opening one: keeper/opening.py over tcp.py).
 
 The keeper never reads SIP bytes from a kept connection: requests the SuT sends while no
 run holds it stay in the kernel's receive queue and are read, whole, by the next run. The
@@ -8,19 +8,17 @@ SuT's FIN or RST.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import socket
-import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from fdkeeper.address import Address, family_of, format_address
-from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.control import limit_error, out_of_descriptors
+from fdkeeper.address import Address, format_address
+from fdkeeper.errors import FdkeeperError, out_of_descriptors
+from fdkeeper.keeper.control import limit_error
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
+from fdkeeper.tcp import queued_bytes
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.transports import Transport
@@ -41,13 +39,6 @@ def new_descriptors(what: str, make: Callable[[], T]) -> T:
         if out_of_descriptors(error):
             raise limit_error(what, error) from None
         raise
-
-
-def queued_bytes(sock: socket.socket) -> int:
-    """Bytes waiting in ``sock``'s receive queue (FIONREAD), read without consuming them."""
-    buffer = bytearray(4)
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
-    return int.from_bytes(buffer, "little", signed=True)
 
 
 @dataclass
@@ -201,60 +192,3 @@ def _plain_tcp() -> Transport:
     from fdkeeper.keeper.transports import TcpTransport  # transports.py builds on this module
 
     return TcpTransport()
-
-
-def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.socket:
-    """Connect to the SuT, bound to ``local`` when given; raise FdkeeperError on failure (blocks:
-    the converter's; the keeper connects from events, keeper/opening.py).
-
-    The socket is left in blocking mode, like a freshly accepted one: sipp sets the file
-    status flags it wants, and the keeper itself only ever uses MSG_DONTWAIT calls.
-    """
-    sock = new_tcp_socket(remote, local)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(remote)
-        sock.settimeout(None)
-        return sock
-    except OSError as error:
-        sock.close()
-        raise connect_error(remote, local, timeout, error) from None
-
-
-def new_tcp_socket(remote: Address, local: Address | None) -> socket.socket:
-    """A TCP socket for ``remote``, bound to ``local`` when given; FdkeeperError if it cannot bind."""
-    sock = new_descriptors(
-        f"open a socket for {format_address(remote)}", lambda: socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
-    )
-    try:
-        # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if local is not None:
-            sock.bind(local)
-    except OSError as error:
-        sock.close()
-        raise connect_error(remote, local, 0, error) from None
-    return sock
-
-
-def connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
-    target = f"{format_address(remote)}/tcp"
-    if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
-        return FdkeeperError(
-            f"fdkeeper: the SuT at {target} did not answer within {timeout:g} s; "
-            "check the address and that it listens on TCP (or raise --connect-timeout)",
-            "timeout",
-        )
-    if error.errno == errno.ECONNREFUSED:
-        return FdkeeperError(
-            f"fdkeeper: the SuT at {target} refused the connection; is it running and listening on TCP there?",
-            "refused",
-        )
-    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) and local is not None:
-        return FdkeeperError(
-            f"fdkeeper: cannot bind the connection to {target} to local address {format_address(local)}: "
-            f"{error.strerror}; check -i / -p",
-            "refused",
-        )
-    return FdkeeperError(f"fdkeeper: cannot connect to the SuT at {target}: {error.strerror or error}", "refused")

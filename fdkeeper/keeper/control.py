@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from fdkeeper.errors import FdkeeperError
+from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.loop import Reactor
 from fdkeeper.protocol import MAX_MESSAGE, format_error, format_failure, send_packet
 from fdkeeper.statedir import peer_credentials
@@ -46,12 +46,7 @@ MAX_QUEUED_PACKETS = 1024  # a LEASE of 256,000 connections; a STATUS of 3 MB
 MAX_QUEUED_BYTES = 4 * 1024 * 1024
 # After an accept failed even with the reserve released, pause accepting this long.
 ACCEPT_PAUSE = 0.1
-DESCRIPTOR_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 INTERNAL_ERROR_TEXT = "fdkeeper: internal error; see the keeper log"
-
-
-def out_of_descriptors(error: OSError) -> bool:
-    return error.errno in DESCRIPTOR_ERRORS
 
 
 def limit_error(what: str, error: OSError) -> FdkeeperError:

@@ -21,9 +21,10 @@ from typing import NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import connect_error, new_tcp_socket
+from fdkeeper.keeper.connection import new_descriptors
 from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.framing import PING
+from fdkeeper.tcp import connect_error, new_tcp_socket
 from fdkeeper.tls import ALERT_GRACE, READ_CHUNK, TlsOptions, handshake_error, past_our_finished, wrap_client
 
 log = logging.getLogger("fdkeeper.keeper")
@@ -124,7 +125,9 @@ class Opening:
 
     def start(self) -> None:
         try:
-            self.sock = new_tcp_socket(self.remote, self.local)
+            self.sock = new_descriptors(
+                f"open a socket for {format_address(self.remote)}", lambda: new_tcp_socket(self.remote, self.local)
+            )
         except FdkeeperError as error:
             self.done(None, b"", error)
             return

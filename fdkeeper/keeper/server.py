@@ -25,10 +25,10 @@ from pathlib import Path
 from fdkeeper import __version__
 from fdkeeper.address import format_address
 from fdkeeper.client import KeeperClient
-from fdkeeper.errors import FdkeeperError
+from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.keeper import diagnostics
 from fdkeeper.keeper.connection import KeptConnection
-from fdkeeper.keeper.control import ControlClient, ControlClients, limit_error, out_of_descriptors
+from fdkeeper.keeper.control import ControlClient, ControlClients, limit_error
 from fdkeeper.keeper.handover import adopt_into, hand_over, refuse_unless_handover_possible, take_over
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.keeper.leases import Leases, Waiters, lease_holder

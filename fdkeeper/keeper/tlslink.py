@@ -43,7 +43,7 @@ import ssl
 import time
 from collections.abc import Callable
 
-from fdkeeper.keeper.connection import new_descriptors, queued_bytes
+from fdkeeper.keeper.connection import new_descriptors
 from fdkeeper.keeper.pings import options_reply
 from fdkeeper.keeper.tlspump import (
     END_CLOSE_NOTIFY,
@@ -55,6 +55,7 @@ from fdkeeper.keeper.tlspump import (
     PumpedLink,
 )
 from fdkeeper.sip.framing import PING, FramingError, SipFramer
+from fdkeeper.tcp import queued_bytes
 from fdkeeper.tls import READ_CHUNK, TlsOptions, describe
 
 log = logging.getLogger("fdkeeper.tls")

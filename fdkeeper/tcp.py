@@ -1,0 +1,90 @@
+"""TCP sockets to the SuT: open, connect errors named, bytes queued.
+
+Ground shared by the keeper (which connects from events, keeper/opening.py) and the converter
+(which connects blocking, convert/links.py), so that neither imports the other for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import termios
+
+from fdkeeper.address import Address, family_of, format_address
+from fdkeeper.errors import FdkeeperError, out_of_descriptors
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (FIONREAD), read without consuming them."""
+    buffer = bytearray(4)
+    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
+    return int.from_bytes(buffer, "little", signed=True)
+
+
+def open_tcp(remote: Address, local: Address | None, timeout: float) -> socket.socket:
+    """Connect to the SuT, bound to ``local`` when given; raise FdkeeperError on failure (blocks:
+    the converter's; the keeper connects from events, keeper/opening.py).
+
+    The socket is left in blocking mode, like a freshly accepted one: sipp sets the file
+    status flags it wants, and the keeper itself only ever uses MSG_DONTWAIT calls.
+    """
+    try:
+        sock = new_tcp_socket(remote, local)
+    except OSError as error:
+        if not out_of_descriptors(error):
+            raise
+        raise FdkeeperError(
+            f"fdkeeper: cannot open a socket for {format_address(remote)}/tcp: {error.strerror}; "
+            "raise RLIMIT_NOFILE (ulimit -n) or hold fewer connections",
+            "limit",
+        ) from None
+    try:
+        sock.settimeout(timeout)
+        sock.connect(remote)
+        sock.settimeout(None)
+        return sock
+    except OSError as error:
+        sock.close()
+        raise connect_error(remote, local, timeout, error) from None
+
+
+def new_tcp_socket(remote: Address, local: Address | None) -> socket.socket:
+    """A TCP socket for ``remote``, bound to ``local`` when given; FdkeeperError if it cannot bind.
+
+    OSError if the socket itself cannot be made (out of descriptors, say): the caller names that
+    limit in its own words (the keeper's is keeper/connection.py: new_descriptors)."""
+    sock = socket.socket(family_of(remote[0]), socket.SOCK_STREAM)
+    try:
+        # sipp binds its own sockets to the same port with SO_REUSEADDR (-p with -t t1).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if local is not None:
+            sock.bind(local)
+    except OSError as error:
+        sock.close()
+        raise connect_error(remote, local, 0, error) from None
+    return sock
+
+
+def connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
+    """The one line for a connect (or bind) to the SuT that failed with ``error``: what, and what to check."""
+    target = f"{format_address(remote)}/tcp"
+    if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
+        return FdkeeperError(
+            f"fdkeeper: the SuT at {target} did not answer within {timeout:g} s; "
+            "check the address and that it listens on TCP (or raise --connect-timeout)",
+            "timeout",
+        )
+    if error.errno == errno.ECONNREFUSED:
+        return FdkeeperError(
+            f"fdkeeper: the SuT at {target} refused the connection; is it running and listening on TCP there?",
+            "refused",
+        )
+    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) and local is not None:
+        return FdkeeperError(
+            f"fdkeeper: cannot bind the connection to {target} to local address {format_address(local)}: "
+            f"{error.strerror}; check -i / -p",
+            "refused",
+        )
+    return FdkeeperError(f"fdkeeper: cannot connect to the SuT at {target}: {error.strerror or error}", "refused")
