@@ -11,10 +11,10 @@ import subprocess
 import time
 
 import pytest
-from test_keeper_datapath import FakeSut, pki
-from test_keeper_faults import keeper, keeper_process, limit_with_free_slots
 
 from fdkeeper.errors import FdkeeperError
+from tests.keeper.test_keeper_datapath import FakeSut, pki
+from tests.keeper.test_keeper_faults import keeper, keeper_process, limit_with_free_slots
 
 
 @pytest.mark.parametrize("free", [2, 3])  # room for the control client and the TCP socket, not the pair

@@ -17,7 +17,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_shim import WRAPPER, Sut, build, parse, shim_env
+
+from tests.shim.test_shim import WRAPPER, Sut, build, parse, shim_env
 
 Packet = tuple[bytes, int]  # the bytes, and how many descriptors go with them (pipe ends)
 

@@ -18,7 +18,11 @@ import threading
 import time
 
 import pytest
-from test_keeper_datapath import (
+
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.keeper import tlspump
+from fdkeeper.testbed import wait_until
+from tests.keeper.test_keeper_datapath import (
     FakeSut,
     end_connection,
     keeper_rss,
@@ -28,10 +32,6 @@ from test_keeper_datapath import (
     read_to_the_end,
     sip,
 )
-
-from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.keeper import tlspump
-from fdkeeper.testbed import wait_until
 
 pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 

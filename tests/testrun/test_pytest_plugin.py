@@ -104,7 +104,8 @@ def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
     from pathlib import Path
 
     pytest.importorskip("xdist")
-    tests = Path(__file__).resolve().parent
+    repo = Path(__file__).resolve().parents[2]
+    e2e = repo / "tests" / "e2e"
     result = subprocess.run(
         [
             sys.executable,
@@ -115,14 +116,14 @@ def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
             "2",
             "-p",
             "no:cacheprovider",
-            f"{tests}/test_e2e_tcp.py::test_register_then_answer_over_the_kept_connection",
-            f"{tests}/test_e2e_many_users.py::test_fifty_tls_users_each_on_its_own_connection",
-            f"{tests}/test_e2e_many_users.py::test_a_third_dropped_by_the_sut",
+            f"{e2e}/test_e2e_tcp.py::test_register_then_answer_over_the_kept_connection",
+            f"{e2e}/test_e2e_many_users.py::test_fifty_tls_users_each_on_its_own_connection",
+            f"{e2e}/test_e2e_many_users.py::test_a_third_dropped_by_the_sut",
         ],
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=tests.parent,
+        cwd=repo,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout

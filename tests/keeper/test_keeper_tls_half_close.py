@@ -15,7 +15,10 @@ import subprocess
 import sys
 
 import pytest
-from test_keeper_datapath import (
+
+from fdkeeper.client import ensure_keeper
+from fdkeeper.testbed import wait_until
+from tests.keeper.test_keeper_datapath import (
     FakeSut,
     lease,
     open_connection,
@@ -23,9 +26,6 @@ from test_keeper_datapath import (
     read_to_the_end,
     send_close_notify,
 )
-
-from fdkeeper.client import ensure_keeper
-from fdkeeper.testbed import wait_until
 
 INVITE = (
     b"INVITE sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK-half\r\n"

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 USER = "alice"
-SOURCES = Path(__file__).parent / "ptrace"
+SOURCES = Path(__file__).resolve().parent
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 
 from fdkeeper.testbed import wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "helpers"))
 from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim  # noqa: E402
 

@@ -18,12 +18,12 @@ import time
 
 import psutil
 import pytest
-from test_keeper_datapath import lease, open_connection, pki
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes.ptrace.injection import pidfd_getfd
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed import wait_until
+from tests.keeper.test_keeper_datapath import lease, open_connection, pki
 
 READ_RATE = 80_000  # bytes a second the SuT reads
 BODY = b"b" * 2000

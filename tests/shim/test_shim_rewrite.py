@@ -19,7 +19,19 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_shim import EXTRA_CFLAGS, ROOT, FakeKeeper, Sut, build, compile_program, free_port, parse, run, shim_env
+
+from tests.shim.test_shim import (
+    EXTRA_CFLAGS,
+    ROOT,
+    FakeKeeper,
+    Sut,
+    build,
+    compile_program,
+    free_port,
+    parse,
+    run,
+    shim_env,
+)
 
 HELPERS = ROOT / "helpers"
 REWRITE_TEST_SRC = ROOT / "tests" / "shim" / "rewrite_test.c"

@@ -22,7 +22,7 @@ from fdkeeper.modes import Capabilities, Handoff, HandoffRequest, Mode, ModeOpti
 from fdkeeper.modes.udp import stop_converters
 
 USER = "alice"
-AGENT_SOURCE = Path(__file__).parent / "ptrace" / "sipagent.c"
+AGENT_SOURCE = Path(__file__).resolve().parents[1] / "ptrace" / "sipagent.c"
 
 # ------------------------------------------------------------------ capability filtering (no processes)
 

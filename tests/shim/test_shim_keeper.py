@@ -11,9 +11,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-from test_shim import Sut, build, parse, recv_until, run, shim_env, sut
 
 from fdkeeper.client import KeeperClient
+from tests.shim.test_shim import Sut, build, parse, recv_until, run, shim_env, sut
 
 
 def kept_connection(keeper: KeeperClient, sut: Sut) -> socket.socket:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "helpers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
 from shimbuild import asan_runtime
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SANITIZER_REPORTS = (
     "ERROR: AddressSanitizer",
     "ERROR: LeakSanitizer",
@@ -56,9 +56,9 @@ def test_shim_tests_pass_under_asan_and_ubsan():
             "no:cacheprovider",
             "--basetemp",
             basetemp,
-            "tests/test_shim.py",
-            "tests/test_shim_malformed.py",
-            "tests/test_shim_rewrite.py",
+            "tests/shim/test_shim.py",
+            "tests/shim/test_shim_malformed.py",
+            "tests/shim/test_shim_rewrite.py",
             "-k",
             "not real_sipp",
         ],

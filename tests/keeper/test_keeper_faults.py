@@ -15,13 +15,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_keeper import peer
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.control import MAX_CLIENTS
 from fdkeeper.statedir import DIED_NAME, RECORD_NAME
 from fdkeeper.testbed import wait_until
+from tests.keeper.test_keeper import peer
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_keeper import peer
 
 from fdkeeper import testbed
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.textsafe import escape_controls
+from tests.keeper.test_keeper import peer
 
 FORGED = "sip:a\nFAKE 9 tcp 1.2.3.4:5 sip:root@x idle\r2026-01-01 00:00:00,000 fdkeeper[1] forged\u2028x@example.test"
 FORGED_WITHOUT_CONTROLS = (

@@ -15,16 +15,15 @@ import threading
 import time
 from pathlib import Path
 
-from test_keeper import peer, remote_of
-from test_keeper_datapath import FakeSut, lease, open_connection, pki
-from test_keeper_datapath import sip as datapath_sip
-
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper.diagnostics import ENV
 from fdkeeper.keeper.tlslink import BUFFER_LIMIT
 from fdkeeper.loop import COMPACT_AT_CANCELLED
 from fdkeeper.sip.framing import MAX_MESSAGE, SipFramer
 from fdkeeper.testbed import wait_until
+from tests.keeper.test_keeper import peer, remote_of
+from tests.keeper.test_keeper_datapath import FakeSut, lease, open_connection, pki
+from tests.keeper.test_keeper_datapath import sip as datapath_sip
 
 CYCLES = COMPACT_AT_CANCELLED + 50
 

@@ -85,7 +85,7 @@ def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, k
     assert answered.ok, answered.summary()
 
 
-SHELL_PATTERN = Path(__file__).resolve().parent.parent / "docs" / "ci" / "register-answer.sh"
+SHELL_PATTERN = Path(__file__).resolve().parents[2] / "docs" / "ci" / "register-answer.sh"
 
 
 def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(

@@ -29,7 +29,7 @@ from fdkeeper.testrun.model import TestFileError, load_test
 from fdkeeper.testrun.steps import FAILED, PASSED, StepResult, screen_counts, trace_options
 from fdkeeper.testrun.testcase import ERROR, XFAILED, TestResult
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 CI_DIR = REPO / "docs" / "ci"
 # What the CI recipes run, and what test_shipped_examples_pass runs (from the repo root).
