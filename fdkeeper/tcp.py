@@ -17,8 +17,17 @@ from fdkeeper.errors import FdkeeperError, out_of_descriptors
 
 def queued_bytes(sock: socket.socket) -> int:
     """Bytes waiting in ``sock``'s receive queue (FIONREAD), read without consuming them."""
+    return _queue_length(sock, termios.FIONREAD)
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue the peer has not acknowledged yet (SIOCOUTQ)."""
+    return _queue_length(sock, termios.TIOCOUTQ)  # SIOCOUTQ has TIOCOUTQ's number
+
+
+def _queue_length(sock: socket.socket, request: int) -> int:
     buffer = bytearray(4)
-    fcntl.ioctl(sock.fileno(), termios.FIONREAD, buffer)
+    fcntl.ioctl(sock.fileno(), request, buffer)
     return int.from_bytes(buffer, "little", signed=True)
 
 

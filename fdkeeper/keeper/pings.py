@@ -10,32 +10,20 @@ wants to see the SuT's OPTIONS keeps seeing them.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import select
 import socket
-import termios
 import time
 
 from fdkeeper.keeper.connection import IDLE, KeptConnection
 from fdkeeper.loop import Reactor
 from fdkeeper.sip.framing import FramingError, SipFramer
-from fdkeeper.sip.message import Malformed, Message, make_reply
+from fdkeeper.sip.options import options_reply
+from fdkeeper.tcp import unsent_bytes
 
 log = logging.getLogger("fdkeeper.keeper")
 
 MAX_PEEK = 65536  # one SIP message at most (sipp's own limit)
-
-
-def options_reply(message: bytes) -> bytes | None:
-    """The 200 OK for ``message`` if it is an OPTIONS request, else None."""
-    if not message.startswith(b"OPTIONS "):
-        return None
-    try:
-        request = Message(message, datagram=False)
-    except Malformed:
-        return None
-    return make_reply(request, 200, "OK")
 
 
 def answer_queued_options(sock: socket.socket) -> tuple[int, bool]:
@@ -61,7 +49,7 @@ def answer_queued_options(sock: socket.socket) -> tuple[int, bool]:
         except FramingError:
             return answered, True
         reply = options_reply(messages[0]) if messages else None
-        if reply is None or _unsent_bytes(sock):
+        if reply is None or unsent_bytes(sock):
             return answered, True
         sock.recv(len(messages[0]), socket.MSG_DONTWAIT)
         try:
@@ -69,12 +57,6 @@ def answer_queued_options(sock: socket.socket) -> tuple[int, bool]:
         except OSError:
             return answered, True
         answered += 1
-
-
-def _unsent_bytes(sock: socket.socket) -> int:
-    buffer = bytearray(4)
-    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buffer)  # SIOCOUTQ
-    return int.from_bytes(buffer, "little", signed=True)
 
 
 class TcpOptionsAnswerer:

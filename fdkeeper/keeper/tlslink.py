@@ -44,7 +44,6 @@ import time
 from collections.abc import Callable
 
 from fdkeeper.keeper.connection import new_descriptors
-from fdkeeper.keeper.pings import options_reply
 from fdkeeper.keeper.tlspump import (
     END_CLOSE_NOTIFY,
     END_EOF,
@@ -55,6 +54,7 @@ from fdkeeper.keeper.tlspump import (
     PumpedLink,
 )
 from fdkeeper.sip.framing import PING, FramingError, SipFramer
+from fdkeeper.sip.options import options_reply
 from fdkeeper.tcp import queued_bytes
 from fdkeeper.tls import READ_CHUNK, TlsOptions, describe
 
