@@ -24,12 +24,16 @@ descriptors, then detaches: from then on the program runs untraced at full speed
 its exit-time shutdown never reaches the kernel even if fdkeeper is gone.
 
 Modules: mode (the contract; imported on every start-up, so light), permission (may we
-trace here, and why not), session (one traced run, client role), server (server role),
-percall (per-call client role), viarewrite (the kept connection's address in what a per-call
-fd sends), epoll (the program's epoll registrations, noted and re-added),
-transfer (leases and getting descriptors into the program), procfs (what /proc and raw
-socket addresses tell), injection (ptrace mechanics), raw (ptrace(2) by ctypes), seccomp
-(the filters).
+trace here, and why not); session (the syscall loop of one traced run, and its table of
+roles), whose roles are client (t1/l1 client: the handoff at connect()), percall (per-call
+client) and server (server role), each working through services (what every role calls on:
+leases, the program's sockets, handing a descriptor over, the options not replayed, saying);
+aor (the From AoR a per-call connection is leased by), rewrites and viarewrite (the kept
+connection's address in what a per-call fd sends), epoll (the program's epoll registrations,
+noted and re-added), handoff_code (a per-call handoff run by the program itself), transfer
+(getting descriptors into the program), procfs (what /proc and raw socket addresses tell),
+seccomp (the filters); injection (syscalls run inside a held thread) on tracer (the traced
+program's tasks and their syscall stops) on raw (ptrace(2) and x86_64's syscalls by ctypes).
 The run-time modules use plain classes, not dataclasses: a dataclass compiles code at
 import, and they are imported on every --mode ptrace start-up, where each millisecond counts.
 """

@@ -22,7 +22,7 @@ import fcntl
 import os
 import struct
 
-from fdkeeper.modes.ptrace.injection import SYS, libc, pidfd_getfd
+from fdkeeper.modes.ptrace.raw import SYS, libc, pidfd_getfd
 
 EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
 

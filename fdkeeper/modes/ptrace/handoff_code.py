@@ -23,7 +23,9 @@ import os
 import struct
 import sys
 
-from fdkeeper.modes.ptrace.injection import Injection, Tracer, signed
+from fdkeeper.modes.ptrace.injection import Injection
+from fdkeeper.modes.ptrace.raw import signed
+from fdkeeper.modes.ptrace.tracer import Tracer
 
 # In: rdi = fdkeeper's pidfd in the program, rsi = the kept connection's fd in fdkeeper,
 # r15 = the thread's slot: [0] the send's number, [8] rdi, [16] rsi, [24] rdx, [32] address of

@@ -57,7 +57,7 @@ def ptrace_in_doubt() -> bool:
 
 def probe_ptrace() -> str | None:
     """Try PTRACE_SEIZE on a throw-away child: the one check that answers for every policy."""
-    from fdkeeper.modes.ptrace.injection import PTRACE_SEIZE, pt
+    from fdkeeper.modes.ptrace import raw as pt
 
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -67,7 +67,7 @@ def probe_ptrace() -> str | None:
         os._exit(0)
     os.close(ready_r)
     try:
-        pt.ptrace(PTRACE_SEIZE, pid, 0, 0)
+        pt.ptrace(pt.PTRACE_SEIZE, pid, 0, 0)
         reason = None
     except pt.PtraceError as error:
         reason = f"ptrace refused ({os.strerror(error.errno or errno.EPERM)}): {refusal_cause()}"

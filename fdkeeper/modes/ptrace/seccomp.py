@@ -10,7 +10,8 @@ from __future__ import annotations
 import errno
 import struct
 
-from fdkeeper.modes.ptrace.injection import SYS, Injection
+from fdkeeper.modes.ptrace.injection import Injection
+from fdkeeper.modes.ptrace.raw import SYS
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 

@@ -3,7 +3,7 @@
 After the program's first successful listen() on a TCP socket, the kept connections are
 leased and put into the program; epoll_wait() is made to report the listener readable
 (its timeout cut to 0 meanwhile) and accept() on it returns them one by one, with their
-peer addresses. When the last one is accepted, the session detaches.
+peer addresses. When the last one is accepted, the role is done and the loop detaches.
 """
 
 from __future__ import annotations
@@ -13,26 +13,28 @@ import errno
 import os
 import socket
 import struct
-import sys
-from typing import TYPE_CHECKING
 
 from fdkeeper.address import Address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.ptrace import procfs
-from fdkeeper.modes.ptrace.injection import SYS, Injection, SyscallStop, pt
+from fdkeeper.modes.ptrace import raw as pt
+from fdkeeper.modes.ptrace.injection import Injection
+from fdkeeper.modes.ptrace.raw import LOW, SYS
 from fdkeeper.modes.ptrace.seccomp import install_protection
-
-if TYPE_CHECKING:
-    from fdkeeper.modes.ptrace.session import Session
+from fdkeeper.modes.ptrace.services import Services
+from fdkeeper.modes.ptrace.tracer import SyscallStop
 
 EPOLLIN = 0x001
 SOCK_NONBLOCK = 0o4000
 EPOLL_WAITS = (SYS["epoll_wait"], SYS["epoll_pwait"])
 
 
-class ServerHandoff:
-    def __init__(self, session: Session) -> None:
-        self.session = session
+class ServerRole:
+    """Kept connections handed over as the accept()s after the program's first listen()."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.done = False
         self.tgid = 0
         self.listener = -1  # the program's listening fd, once handed over
         self.listening: dict[int, int] = {}  # tid -> fd whose listen() we wait to see succeed
@@ -42,15 +44,13 @@ class ServerHandoff:
     def on_entry(self, stop: SyscallStop) -> None:
         nr, args = stop.nr, stop.args
         if nr == SYS["listen"] and self.listener < 0:
-            if self.session.is_tcp(stop.tid, args[0]):
-                self.listening[stop.tid] = args[0] & 0xFFFFFFFF
+            if self.services.is_tcp(stop.tid, args[0]):
+                self.listening[stop.tid] = args[0] & LOW
         elif nr in EPOLL_WAITS and self._serving(stop.tid):
             regs = pt.ptrace_getregs(stop.tid)
             regs.r10 = 0  # never block while a kept connection waits to be accepted
             pt.ptrace_setregs(stop.tid, regs)
-        elif (
-            nr in (SYS["accept"], SYS["accept4"]) and self._serving(stop.tid) and args[0] & 0xFFFFFFFF == self.listener
-        ):
+        elif nr in (SYS["accept"], SYS["accept4"]) and self._serving(stop.tid) and args[0] & LOW == self.listener:
             self._accept(stop)
 
     def on_exit(self, stop: SyscallStop, nr: int, args: tuple[int, ...]) -> None:
@@ -61,23 +61,29 @@ class ServerHandoff:
         elif nr in EPOLL_WAITS and self._serving(stop.tid) and stop.rval >= 0:
             self._report_listener(stop, args)
 
+    def on_exec(self, pid: int) -> None:
+        pass  # not followed: the handoff is at the first listen() of whichever program listens
+
+    def close(self) -> None:
+        pass
+
     def _hand_over(self, stop: SyscallStop, listener: int) -> None:
-        session = self.session
-        tgid = session.tgid(stop.tid)
-        injection = Injection(session.tracer, stop.tid, at_entry=False)
+        services = self.services
+        tgid = services.tgid(stop.tid)
+        injection = Injection(services.tracer, stop.tid, at_entry=False)
         try:
-            kept = session.lease(
-                tgid, role="server", remote=session.request.remote, local=self._identity(tgid, listener)
+            kept = services.lease(
+                tgid, role="server", remote=services.request.remote, local=self._identity(tgid, listener)
             )
         except FdkeeperError as error:
-            print(str(error), file=sys.stderr, flush=True)
-            session.done = True
+            services.tell(str(error))
+            self.done = True
             injection.finish(-errno.ECONNREFUSED)
             return
         try:
             sockets = [socket.socket(fileno=fd) for fd in kept.fds]
             addresses = [procfs.peer_sockaddr(s, peer) for s, peer in zip(sockets, kept.peers, strict=False)]
-            new = session.transfer.into(injection, tgid, kept.fds)
+            new = services.transfer.into(injection, tgid, kept.fds)
             install_protection(
                 injection, new, [n for n, s in zip(new, sockets, strict=False) if s.family == socket.AF_UNIX]
             )
@@ -85,41 +91,41 @@ class ServerHandoff:
             for s in sockets:
                 s.close()
         except OSError as error:
-            print(f"fdkeeper: cannot hand the kept connections to process {tgid}: {error}", file=sys.stderr, flush=True)
-            session.done = True
+            services.tell(f"fdkeeper: cannot hand the kept connections to process {tgid}: {error}")
+            self.done = True
             injection.finish(-(error.errno or errno.EIO))
             return
         self.tgid, self.listener = tgid, listener
         self._refresh_registrations()
-        session.say(f"listen(fd {listener}): {len(new)} kept connection(s) pending as accepts (fds {new})")
+        services.say(f"listen(fd {listener}): {len(new)} kept connection(s) pending as accepts (fds {new})")
         injection.finish(0)
         if not self.pending:
-            session.done = True
+            self.done = True
 
     def _identity(self, tgid: int, listener: int) -> Address | None:
         """The run's identity: its -i/-p, or where the runner could only guess (sipp 3.7 without
         -p takes the first free port of 5060-5119), the port the program's listener did get."""
-        request = self.session.request
+        request = self.services.request
         if request.local_known:
             return request.local
         try:
-            with self.session.copy(tgid, listener) as sock:
+            with self.services.copy(tgid, listener) as sock:
                 return procfs.normal(sock.getsockname()[:2])
         except OSError:
             return request.local
 
     def _serving(self, tid: int) -> bool:
-        return self.listener >= 0 and bool(self.pending) and self.session.tgid(tid) == self.tgid
+        return self.listener >= 0 and bool(self.pending) and self.services.tgid(tid) == self.tgid
 
     def _refresh_registrations(self) -> None:
-        with self.session.copy(self.tgid, self.listener) as listener:
+        with self.services.copy(self.tgid, self.listener) as listener:
             found = procfs.epoll_registrations(self.tgid, self.listener, os.fstat(listener.fileno()).st_ino)
         self.registrations = {epfd: data for epfd, _events, data in found}
 
     def _report_listener(self, stop: SyscallStop, args: tuple[int, ...]) -> None:
         """At epoll_wait()'s return, add the listener's EPOLLIN if the kernel did not."""
-        tracer = self.session.tracer
-        epfd, events, maxevents = args[0] & 0xFFFFFFFF, args[1], args[2] & 0xFFFFFFFF
+        tracer = self.services.tracer
+        epfd, events, maxevents = args[0] & LOW, args[1], args[2] & LOW
         if epfd not in self.registrations:
             self._refresh_registrations()
         data = self.registrations.get(epfd)
@@ -135,18 +141,18 @@ class ServerHandoff:
         pt.ptrace_setregs(stop.tid, regs)
 
     def _accept(self, stop: SyscallStop) -> None:
-        session, tracer = self.session, self.session.tracer
+        services, tracer = self.services, self.services.tracer
         fd, sockaddr = self.pending.popleft()
         address, length_at = stop.args[1], stop.args[2]
-        flags = stop.args[3] & 0xFFFFFFFF if stop.nr == SYS["accept4"] else 0
+        flags = stop.args[3] & LOW if stop.nr == SYS["accept4"] else 0
         injection = Injection(tracer, stop.tid, at_entry=True)
-        with session.copy(self.tgid, fd) as copy:
+        with services.copy(self.tgid, fd) as copy:
             copy.setblocking(not flags & SOCK_NONBLOCK)  # what a real accept4() gives
         if address and length_at:
             (room,) = struct.unpack("<I", tracer.read(stop.tid, length_at, 4))
             tracer.write(stop.tid, address, sockaddr[: min(room, len(sockaddr))])
             tracer.write(stop.tid, length_at, struct.pack("<I", len(sockaddr)))
-        session.say(f"accept(fd {self.listener}): handed over kept connection as fd {fd}")
+        services.say(f"accept(fd {self.listener}): handed over kept connection as fd {fd}")
         injection.finish(fd)
         if not self.pending:
-            session.done = True
+            self.done = True

@@ -1,8 +1,8 @@
-"""Leasing kept connections for the traced program, and getting them into it.
+"""Getting fdkeeper's descriptors (the kept connections it leased) into the traced program.
 
-The lease is made for the program (for_pid=, which the keeper checks against its
-TracerPid); the descriptors then reach the program by SCM_RIGHTS (a recvmsg() injected
-into it) or by pidfd_getfd() (injected, on a pidfd of fdkeeper).
+They reach the program by SCM_RIGHTS (a recvmsg() injected into it, from an abstract socket
+only the program's process may take them from) or by pidfd_getfd() (injected, on a pidfd of
+fdkeeper); the lease itself is services.py's.
 """
 
 from __future__ import annotations
@@ -12,35 +12,15 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable
 
-from fdkeeper.client import KeeperClient, Leased
-from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes.base import HandoffRequest
-from fdkeeper.modes.ptrace.injection import Injection, Tracer, libc
+from fdkeeper.modes.ptrace.injection import Injection
+from fdkeeper.modes.ptrace.raw import libc
+from fdkeeper.modes.ptrace.tracer import Tracer
 from fdkeeper.protocol import MAX_FDS_PER_PACKET
 from fdkeeper.statedir import peer_credentials
 
 SOCK_CLOEXEC, MSG_CMSG_CLOEXEC = 0o2000000, 0x40000000
 PR_SET_PTRACER = 0x59616D61
-
-
-def lease_for(
-    request: HandoffRequest, tgid: int, transfer: str, say: Callable[[str], None], **fields: object
-) -> Leased:
-    """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid)."""
-    keeper = KeeperClient(request.directory)
-    base = {k: v for k, v in fields.items() if v is not None}
-    base["transport"] = request.transport
-    try:
-        return keeper.lease_connections(**base, for_pid=tgid, mode="ptrace", transfer=transfer)
-    except FdkeeperError as error:
-        if error.code != "badrequest" or "for_pid" not in str(error):
-            raise
-    # A keeper without for_pid: the lease is this fdkeeper process's, which lives exactly
-    # as long as the traced program (it waits for it), so it ends with it all the same.
-    say("the keeper does not know for_pid=; the lease is held by fdkeeper itself")
-    return keeper.lease_connections(**base)
 
 
 class Transfer:
