@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdkeeper.address import Address, resolve, split_host_port
-from fdkeeper.client import ensure_keeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, RunNeeds, choose_mode
+from fdkeeper.handoff import Plan, Run, run_handed_over
+from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, RunNeeds
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
 
@@ -28,7 +28,7 @@ class ExecOptions:
     role: str = "client"
     mode: str = "auto"
     transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
-    directory: str | os.PathLike | None = None
+    directory: str | os.PathLike[str] | None = None
     reconnect: bool = False
     debug: bool = False
     tls: TlsOptions | None = None  # client role over TLS: how the keeper verifies the SuT
@@ -46,37 +46,52 @@ def run_exec(command: list[str], options: ExecOptions) -> int:
         raise FdkeeperError(f"fdkeeper: --role {options.role}: use client or server")
     if options.transport not in ("tcp", "tls"):
         raise FdkeeperError(f"fdkeeper: --transport {options.transport}: use tcp or tls")
-    mode = choose_mode(options.mode, program, options.needs())
-    remote = _sut_address(options.sut)
-    if options.role == "client" and remote is None:
-        raise FdkeeperError("fdkeeper: a client agent needs --sut HOST:PORT (the SuT address its connect() uses)")
-    directory = resolve_directory(options.directory)
-    keeper = ensure_keeper(directory)
-    # Check the keeper (and its TLS options) before the agent starts: errors are one line here.
-    # The connection itself is opened at the agent's connect(), from the address the agent
-    # binds (its identity, keeper/identity.py): opened now, it would be one the agent never uses.
-    keeper.prepare(
-        role=options.role,
-        transport=options.transport,
-        remote=remote,
-        local="-" if options.role == "client" else None,
-        open_at_lease=True if options.role == "client" else None,
-        reconnect=options.reconnect or None,
-        **(options.tls.as_fields() if options.tls and options.transport == "tls" and options.role == "client" else {}),
-    )
-    request = HandoffRequest(
-        program=program,
-        args=list(command[1:]),
-        role=options.role,
-        control_socket=socket_path(directory),
-        remote=remote,
-        transport=options.transport,
-        reconnect=options.reconnect,
-        debug=options.debug,
-    )
-    handoff = mode.prepare(request, ModeOptions(ptrace=PtraceOptions(transfer=options.transfer or "scm")))
-    handoff.env.update(options.extra_env)
-    return mode.run(handoff)
+    return run_handed_over(ExecRun(command, program, options))
+
+
+class ExecRun(Run):
+    """Any program's part of the pipeline (fdkeeper/handoff.py): its arguments as given.
+
+    PREPARE checks the keeper (and its TLS options) before the agent starts, so errors are one
+    line here. The connection itself is opened at the agent's connect(), from the address the
+    agent binds (its identity, keeper/identity.py): opened now, it would be one the agent never uses.
+    """
+
+    def __init__(self, command: list[str], program: Path, options: ExecOptions) -> None:
+        super().__init__(mode=options.mode, program=program, needs=options.needs(), extra_env=options.extra_env)
+        self.command, self.options = command, options
+
+    def plan(self) -> Plan:
+        options = self.options
+        remote = _sut_address(options.sut)
+        if options.role == "client" and remote is None:
+            raise FdkeeperError("fdkeeper: a client agent needs --sut HOST:PORT (the SuT address its connect() uses)")
+        directory = resolve_directory(options.directory)
+        request = HandoffRequest(
+            program=self.program,
+            args=list(self.command[1:]),
+            role=options.role,
+            control_socket=socket_path(directory),
+            remote=remote,
+            transport=options.transport,
+            reconnect=options.reconnect,
+            debug=options.debug,
+        )
+        client = options.role == "client"
+        tls = options.tls if options.tls and options.transport == "tls" and client else None
+        prepare = dict(
+            role=options.role,
+            transport=options.transport,
+            remote=remote,
+            local="-" if client else None,
+            open_at_lease=True if client else None,
+            reconnect=options.reconnect or None,
+            **(tls.as_fields() if tls else {}),
+        )
+        return Plan(request, ModeOptions(ptrace=PtraceOptions(transfer=options.transfer or "scm")), prepare)
+
+    def prepared(self, fields: dict[str, str], request: HandoffRequest) -> None:
+        """Nothing to say: PREPARE opened nothing for an agent, and it has no -i/-p to name."""
 
 
 def _program(command: list[str]) -> Path:

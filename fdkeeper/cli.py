@@ -12,12 +12,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypedDict, TypeVar
 
 import click
 
 from fdkeeper import __version__
+from fdkeeper.address import Address
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES, MODES
@@ -29,13 +31,20 @@ from fdkeeper.testrun.command import run_command
 from fdkeeper.textsafe import escape_controls
 from fdkeeper.tls import TlsOptions
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11
+
 DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
 MODE_HELP = (
     "How the connection gets into the program. auto: the first that can do this run here, in this order: "
     + "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values())
     + ". A mode that cannot do the run says so and names the one to use."
 )
-PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False, "help_option_names": ["--help"]}
+PASS_THROUGH: dict[str, Any] = {
+    "ignore_unknown_options": True,
+    "allow_interspersed_args": False,
+    "help_option_names": ["--help"],
+}
 
 
 class Commands(click.Group):
@@ -62,17 +71,32 @@ class Commands(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-def dir_option(command):
+Command = TypeVar("Command", bound=Callable[..., Any])  # a command function, before or after click's decorators
+
+
+class TlsFlags(TypedDict):
+    """The values of tls_options, as click passes them to a command."""
+
+    tls_ca: str | None
+    tls_insecure: bool
+    tls_cert: str | None
+    tls_key: str | None
+    tls_sni: str | None
+    tls_min_version: str | None
+    tls_keylog: str | None
+
+
+def dir_option(command: Command) -> Command:
     return click.option("--dir", "directory", metavar="DIR", envvar="FDKEEPER_DIR", help=DIR_HELP)(command)
 
 
-def _apply(command, options: list):
+def _apply(command: Command, options: list[Callable[[Command], Command]]) -> Command:
     for option in reversed(options):
         command = option(command)
     return command
 
 
-def tls_options(command):
+def tls_options(command: Command) -> Command:
     """The TLS options shared by `fdkeeper sipp`, `exec`, `keeper` and `convert`."""
     return _apply(
         command,
@@ -118,7 +142,15 @@ def tls_options(command):
     )
 
 
-def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_version, tls_keylog) -> TlsOptions:
+def make_tls_options(
+    tls_ca: str | None,
+    tls_insecure: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_sni: str | None,
+    tls_min_version: str | None,
+    tls_keylog: str | None,
+) -> TlsOptions:
     keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
     # Links resolved here, with the user's own view: the keeper follows none (statedir.open_named_file).
     ca, cert, key = (os.path.realpath(path) if path else None for path in (tls_ca, tls_cert, tls_key))
@@ -127,7 +159,7 @@ def make_tls_options(tls_ca, tls_insecure, tls_cert, tls_key, tls_sni, tls_min_v
     )
 
 
-def ready_options(command):
+def ready_options(command: Command) -> Command:
     """Readiness of a server run, for scripts (fdkeeper/readiness.py)."""
     return _apply(
         command,
@@ -156,7 +188,7 @@ def ready_options(command):
     )
 
 
-def handoff_options(command):
+def handoff_options(command: Command) -> Command:
     """How a run gets its connection: shared by `fdkeeper sipp` and `fdkeeper exec`."""
     return _apply(
         command,
@@ -231,21 +263,21 @@ def main() -> None:
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
 def sipp_command(
-    sipp_path,
-    directory,
-    mode,
-    transfer,
-    reconnect,
-    debug,
-    wait,
-    keepalive,
-    connect_timeout,
-    answer_options,
-    ready_file,
-    ready_fd,
-    ready_timeout,
-    sipp_args,
-    **tls,
+    sipp_path: str | None,
+    directory: str | None,
+    mode: str,
+    transfer: str | None,
+    reconnect: bool,
+    debug: bool,
+    wait: float,
+    keepalive: float | None,
+    connect_timeout: float | None,
+    answer_options: bool,
+    ready_file: Path | None,
+    ready_fd: int | None,
+    ready_timeout: float,
+    sipp_args: tuple[str, ...],
+    **tls: Unpack[TlsFlags],
 ) -> None:
     """Run sipp with SIPP_ARGS unchanged, over a kept connection.
 
@@ -315,7 +347,18 @@ def sipp_command(
 @handoff_options
 @tls_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_command(directory, sut, transport, role, mode, transfer, reconnect, debug, command, **tls) -> None:
+def exec_command(
+    directory: str | None,
+    sut: str | None,
+    transport: str,
+    role: str,
+    mode: str,
+    transfer: str | None,
+    reconnect: bool,
+    debug: bool,
+    command: tuple[str, ...],
+    **tls: Unpack[TlsFlags],
+) -> None:
     """Run COMMAND (any SIP agent: baresip, pjsua, a test's own client) over the kept connection.
 
     \b
@@ -369,14 +412,22 @@ def exec_command(directory, sut, transport, role, mode, transfer, reconnect, deb
     help="While no run holds a connection, answer the SuT's OPTIONS pings with 200 OK (counted in status) instead of queueing them for the next run.",
 )
 @tls_options
-def keeper_command(directory, keepalive, connect_timeout, log_level, replace, answer_options, **tls) -> None:
+def keeper_command(
+    directory: str | None,
+    keepalive: float | None,
+    connect_timeout: float,
+    log_level: str,
+    replace: bool,
+    answer_options: bool,
+    **tls: Unpack[TlsFlags],
+) -> None:
     """Run the keeper in the foreground (for service managers and CI).
 
     'fdkeeper sipp' starts one by itself when none answers; run it yourself to choose its
     options or to see its log. It stops on SIGTERM, Ctrl-C or 'fdkeeper stop', closing
     every kept connection.
     """
-    from fdkeeper.keeper import Keeper
+    from fdkeeper.keeper.server import Keeper
     from fdkeeper.textsafe import configure_logging
 
     configure_logging(log_level, "fdkeeper")  # one record a line, whatever an AoR holds
@@ -392,7 +443,7 @@ def keeper_command(directory, keepalive, connect_timeout, log_level, replace, an
     keeper.serve_forever()
 
 
-def _hostport(_ctx, _param, value):
+def _hostport(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Address | None:
     """click callback: HOST:PORT into an address."""
     if value is None:
         return None
@@ -451,19 +502,19 @@ def _hostport(_ctx, _param, value):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="info", show_default=True)
 @tls_options
 def convert_command(
-    listen,
-    sut,
-    transport,
-    sipp_address,
-    local,
-    hide_topology,
-    attached_only,
-    keepalive,
-    connect_timeout,
-    control,
-    stats_file,
-    log_level,
-    **tls,
+    listen: Address,
+    sut: Address,
+    transport: str,
+    sipp_address: Address | None,
+    local: Address | None,
+    hide_topology: bool,
+    attached_only: bool,
+    keepalive: float | None,
+    connect_timeout: float,
+    control: str | None,
+    stats_file: str | None,
+    log_level: str,
+    **tls: Unpack[TlsFlags],
 ) -> None:
     """Run a stateless UDP <-> TCP/TLS converter in the foreground.
 
@@ -505,7 +556,15 @@ def convert_command(
 @click.option("--remote", metavar="IP:PORT", help="Only connections to this SuT address.")
 @click.option("--transport", type=click.Choice(["tcp", "tls"]), help="Only connections of this transport.")
 @click.option("--count", is_flag=True, help="Print only how many connections match.")
-def status_command(directory, as_json, aor, state, remote, transport, count) -> None:
+def status_command(
+    directory: str | None,
+    as_json: bool,
+    aor: str | None,
+    state: str | None,
+    remote: str | None,
+    transport: str | None,
+    count: bool,
+) -> None:
     """List the kept connections: id, transport, addresses, user (AoR), state, holder, age.
 
     \b
@@ -538,7 +597,7 @@ def status_command(directory, as_json, aor, state, remote, transport, count) -> 
         click.echo("\n".join([format_status(status), *_internal_errors(status), *map(format_converter, converters)]))
 
 
-def _internal_errors(status: dict) -> list[str]:
+def _internal_errors(status: dict[str, Any]) -> list[str]:
     """A line when the keeper caught defects in its own code (each cost one client or connection)."""
     count = status["keeper"].get("internal_errors") or 0
     if not count:
@@ -563,7 +622,7 @@ def _remote_filter(text: str) -> str:
 
 @main.command("stop")
 @dir_option
-def stop_command(directory) -> None:
+def stop_command(directory: str | None) -> None:
     """Close every kept connection, end the keeper and remove its socket."""
     path = resolve_directory(directory)
     from fdkeeper.modes.udp import stop_converters
@@ -586,7 +645,7 @@ def stop_command(directory) -> None:
 @click.option(
     "--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is."
 )
-def demo_command(sipp_path, keep_files) -> None:
+def demo_command(sipp_path: str | None, keep_files: bool) -> None:
     """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
 
     Starts Kamailio on a free loopback port with its own configuration (the embedded
@@ -606,4 +665,4 @@ main.add_command(run_command)  # `fdkeeper run TEST...`: its exit status (0/1/2)
 def sipp_main() -> NoReturn:
     """`fdkeeper-sipp SIPP_PATH SIPP_ARGS...`: `fdkeeper sipp --sipp SIPP_PATH SIPP_ARGS...` as
     one word, for launchers that put a one-word prefix before sipp's path (pysipp's `prefix`)."""
-    main(args=["sipp", "--sipp", *sys.argv[1:]], prog_name="fdkeeper")
+    main.main(args=["sipp", "--sipp", *sys.argv[1:]], prog_name="fdkeeper")

@@ -4,16 +4,20 @@
 capabilities against the run's needs), then asks the rest whether they can run here:
 ``--mode auto`` never picks a mode that cannot do the run, and ``--mode X`` for such a run
 is one line naming the modes that can.
+
+Modes serve any program: they import nothing of sipp/. What a run needs of sipp's arguments
+is read above them (sipp/request.py) and handed over in the ``HandoffRequest``; the pipeline
+that chooses a mode and runs its handoff is fdkeeper/handoff.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fdkeeper.address import Address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import (
     Capabilities,
+    ConverterArguments,
     Handoff,
     HandoffRequest,
     Mode,
@@ -25,7 +29,6 @@ from fdkeeper.modes.base import (
 from fdkeeper.modes.preload import PreloadMode
 from fdkeeper.modes.ptrace import PtraceMode
 from fdkeeper.modes.udp import UdpMode
-from fdkeeper.sipp.args import SippInvocation
 
 # In the order --mode auto tries them.
 MODES: dict[str, Mode] = {mode.name: mode for mode in (PreloadMode(), PtraceMode(), UdpMode())}
@@ -58,25 +61,11 @@ def _checked(mode: Mode, program: Path, needs: RunNeeds) -> Mode:
     return mode
 
 
-def sipp_request(
-    sipp: Path, invocation: SippInvocation, control_socket: Path, remote: Address | None, transport: str = "tcp"
-) -> HandoffRequest:
-    """A request for sipp run with its arguments as given (library users, tests, benches)."""
-    return HandoffRequest(
-        program=sipp,
-        args=list(invocation.args),
-        role=invocation.role,
-        control_socket=control_socket,
-        remote=remote,
-        transport=transport,
-        per_call=invocation.per_call_client,
-    )
-
-
 __all__ = [
     "MODES",
     "MODE_NAMES",
     "Capabilities",
+    "ConverterArguments",
     "Handoff",
     "HandoffRequest",
     "Mode",
@@ -85,5 +74,4 @@ __all__ = [
     "RunNeeds",
     "UdpOptions",
     "choose_mode",
-    "sipp_request",
 ]

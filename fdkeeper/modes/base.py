@@ -5,6 +5,11 @@ it, ptrace injection from outside it, or a UDP converter in front of it. Each mo
 its ``Capabilities``; a run states its ``RunNeeds``; ``choose_mode`` (modes/__init__.py)
 refuses a run a mode cannot do before asking whether the mode can run here at all
 (``unsupported_reason``), as sshuttle's methods check their features before they start.
+``prepare`` turns a ``HandoffRequest`` into a ``Handoff`` that runs itself.
+
+Modes know no program's options: what a run needs of sipp's arguments is decided in sipp/
+and handed here as plain data (``HandoffRequest.args``, ``ConverterArguments``), so every
+mode that can serves any program (`fdkeeper exec`).
 """
 
 from __future__ import annotations
@@ -60,6 +65,33 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class ConverterArguments:
+    """A program's arguments for a run through a converter (--mode udp), from the caller that
+    knows the program's options (sipp: sipp/request.py), as plain data: the mode fills in only
+    what it learns itself, the converter's address and, where the caller left it open, the port
+    the program sends from."""
+
+    args: tuple[str, ...]  # the transport already UDP; placeholders at the indexes below
+    converter_index: int | None  # becomes the converter's IP:PORT; None: nothing names it (a server run)
+    local_ip: str  # where the program sends from: the address attached at the converter
+    local_port: int = 0  # 0: the mode picks a free port and writes it at port_index
+    port_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.local_port == 0) != (self.port_index is not None):
+            raise ValueError("ConverterArguments: a port_index goes with local_port 0 (the mode picks it), only then")
+
+    def filled(self, converter: str, local_port: int) -> list[str]:
+        """The program's arguments towards the converter at ``converter``, sending from ``local_port``."""
+        args = list(self.args)
+        if self.converter_index is not None:
+            args[self.converter_index] = converter
+        if self.port_index is not None:
+            args[self.port_index] = str(local_port)
+        return args
+
+
+@dataclass(frozen=True)
 class HandoffRequest:
     """The facts about one run that every mode needs."""
 
@@ -74,6 +106,7 @@ class HandoffRequest:
     debug: bool = False
     local: Address | None = None  # what sipp binds (-i/-p): the run's identity (keeper/identity.py)
     local_known: bool = True  # False: ``local`` is only the likely one (sipp 3.7 without -p, sipp/binding.py)
+    converter: ConverterArguments | None = None  # --mode udp's arguments; None: nobody can rewrite them
 
     @property
     def directory(self) -> Path:
@@ -105,13 +138,22 @@ class ModeOptions:
 
 @dataclass
 class Handoff:
-    """What it takes to start the program under a mode: the command line and environment."""
+    """A prepared run: the command line and environment that start the program with the handoff
+    in place. ``run`` starts it and sees it through; a mode that does more around the program
+    (ptrace: the tracer; udp: the converter's attachment) returns a Handoff of its own that does."""
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
+    def run(self) -> int:
+        """Start the program, wait for it, return its exit status (128+N if signal N ended it)."""
+        return spawn(self.argv, self.env)
+
 
 class Mode(ABC):
+    """One way of getting a kept connection into a program: what it can do, whether it can run
+    here, and the handoff it prepares for a run."""
+
     name: str = ""
     summary: str = ""
     suits: str = ""  # for whom, in a hint naming this mode: "dynamically linked programs"
@@ -127,14 +169,7 @@ class Mode(ABC):
 
     @abstractmethod
     def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
-        """The command and environment that start the program with the handoff in place."""
-
-    def run(self, handoff: Handoff) -> int:
-        """Start the prepared program, see it through, return its exit status.
-
-        Modes that hand connections over from outside the program (ptrace) override this.
-        """
-        return spawn(handoff.argv, handoff.env)
+        """The handoff that starts the program with the connection handed over: ``.run()`` it."""
 
     def hint(self) -> str:
         """'--mode NAME (for whom)', for a message that sends the user here."""

@@ -12,9 +12,11 @@ import struct
 from pathlib import Path
 
 from fdkeeper.address import format_address
+from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import Capabilities, Handoff, HandoffRequest, Mode, ModeOptions
 
 PT_INTERP = 3
+NOT_BUILT = "the preload shim is not built; reinstall fdkeeper with 'pip install .' (it needs gcc)"
 
 
 def shim_path() -> Path | None:
@@ -57,7 +59,7 @@ class PreloadMode(Mode):
     def unsupported_reason(self, sipp: Path) -> str | None:
         shim = shim_path()
         if shim is None or not shim.exists():
-            return "the preload shim is not built; reinstall fdkeeper with 'pip install .' (it needs gcc)"
+            return NOT_BUILT
         try:
             dynamic = is_dynamic_elf(sipp)
         except OSError as error:
@@ -70,7 +72,10 @@ class PreloadMode(Mode):
         return None
 
     def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
-        preload = os.fspath(shim_path())
+        shim = shim_path()
+        if shim is None:  # chosen by name without unsupported_reason (a library caller)
+            raise FdkeeperError(f"fdkeeper: --mode preload: {NOT_BUILT}")
+        preload = os.fspath(shim)
         inherited = os.environ.get("LD_PRELOAD")
         env = {
             "LD_PRELOAD": f"{preload} {inherited}" if inherited else preload,

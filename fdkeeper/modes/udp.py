@@ -9,7 +9,9 @@ address (-i:-p) before sipp starts and detaches it when sipp ends: the converter
 datagrams only from attached runs (--attached-only: no other local user reaches the SuT
 through our session), sends the SuT's initial requests to the run attached last, and keeps
 those arriving while none is attached for the next one. The mode keeps its connection itself
-(no keeper) and rewrites sipp's arguments, so it runs sipp only: see its capabilities.
+(no keeper) and needs the program's arguments rewritten towards the converter, which only the
+caller that knows them can do (``HandoffRequest.converter``, for sipp from sipp/request.py),
+so it runs sipp only: see its capabilities.
 """
 
 from __future__ import annotations
@@ -21,16 +23,27 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fdkeeper.address import Address, family_of, format_address, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes.base import Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, UdpOptions
-from fdkeeper.process import spawn, start_detached
-from fdkeeper.sipp.args import SippInvocation, parse_sipp_args, positional_indexes
+from fdkeeper.modes.base import (
+    Capabilities,
+    ConverterArguments,
+    Handoff,
+    HandoffRequest,
+    Mode,
+    ModeOptions,
+    UdpOptions,
+)
+from fdkeeper.process import start_detached
 from fdkeeper.statedir import check_private_directory, ensure_private_directory
 
 START_TIMEOUT = 15.0
 MAX_UNIX_PATH = 107  # bytes in sun_path, less its terminating NUL
+
+# A converter's JSON reply (STATUS, ATTACH...) or an object in one (a link), as convert/control.py writes it.
+JsonObject = dict[str, Any]
 
 
 def converter_files(
@@ -54,14 +67,14 @@ def running_converters(directory: Path) -> list[Path]:
     return sorted(directory.glob("convert-*.sock"))
 
 
-def converter_statuses(directory: Path) -> list[dict]:
+def converter_statuses(directory: Path) -> list[JsonObject]:
     """The STATUS of every converter of this state directory that answers."""
     return [status for status in map(_status, running_converters(directory)) if status is not None]
 
 
 def ensure_converter(
     directory: Path, sut: Address, transport: str, options: UdpOptions = UdpOptions(), local: Address | None = None
-) -> dict:
+) -> JsonObject:
     """The status of the converter for this SuT and the identity of ``local`` (what plain sipp
     would bind, keeper/identity.py), starting a detached one if none answers. Its connection
     comes from ``local``, as plain sipp's would; runs without an identity share one."""
@@ -132,7 +145,7 @@ def stop_converters(directory: Path) -> int:
     return stopped
 
 
-def _control(path: Path, request: str, timeout: float = 5.0) -> dict:
+def _control(path: Path, request: str, timeout: float = 5.0) -> JsonObject:
     """One exchange with a converter. The converter package is imported on use: every run
     imports this module (the mode table), whatever its mode, and only udp runs need it."""
     from fdkeeper.convert import control_request
@@ -140,7 +153,7 @@ def _control(path: Path, request: str, timeout: float = 5.0) -> dict:
     return control_request(path, request, timeout)
 
 
-def _status(control: Path) -> dict | None:
+def _status(control: Path) -> JsonObject | None:
     try:
         reply = _control(control, "STATUS", timeout=2.0)
     except (OSError, ValueError):
@@ -158,34 +171,26 @@ def identity_of(local: Address | None, sut: Address) -> Address | None:
 def _free_udp_port(host: str) -> int:
     with socket.socket(family_of(host), socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
-def udp_arguments(invocation: SippInvocation, listen: str, sipp_ip: str, sipp_port: int) -> list[str]:
-    """sipp's arguments for -t u1 towards the converter: -t, the remote host, and -i/-p when missing."""
-    args = list(invocation.args)
-    if invocation.transport_index is not None:
-        args[invocation.transport_index + 1] = "u1"
-    else:
-        args[:0] = ["-t", "u1"]
-    positions = positional_indexes(args)
-    if positions:
-        args[positions[-1]] = listen
-    elif invocation.role == "client":
-        args.append(listen)
-    if invocation.local_ip is None:
-        args[:0] = ["-i", sipp_ip]
-    if invocation.local_port is None:
-        args[:0] = ["-p", str(sipp_port)]
-    return args
-
-
-@dataclass
+@dataclass(kw_only=True)
 class UdpHandoff(Handoff):
-    """A udp run's handoff: also the converter it attached to, and the address it attached."""
+    """A udp run: the program, then its address detached from the converter it was attached to
+    (requests arriving from then on wait for the next run)."""
 
-    control: Path | None = None
-    sipp_address: Address | None = None
+    control: Path
+    sipp_address: Address
+
+    def run(self) -> int:
+        try:
+            return super().run()
+        finally:
+            try:
+                _control(self.control, f"DETACH {format_address(self.sipp_address)}")
+            except (OSError, ValueError):
+                pass  # the converter is gone: nothing stays attached
 
 
 class UdpMode(Mode):
@@ -199,13 +204,13 @@ class UdpMode(Mode):
         return None  # UDP needs nothing of sipp's build
 
     def prepare(self, request: HandoffRequest, options: ModeOptions = ModeOptions()) -> Handoff:
-        invocation = parse_sipp_args(request.args)
+        arguments = self._arguments(request)
         remote = request.remote or self._only_converter_sut(request.directory, request.transport)
         control, status = self._converter(request, remote, options.udp)
         if status["links"][0]["state"] == "closed":
             self._reconnect(control, status["links"][0], remote, request)
-        sipp_ip = invocation.local_ip or "127.0.0.1"
-        sipp_port = invocation.local_port or _free_udp_port(sipp_ip)
+        sipp_ip = arguments.local_ip
+        sipp_port = arguments.local_port or _free_udp_port(sipp_ip)
         # Attached before sipp starts, so the converter takes its first datagram; the pid lets
         # the converter drop the attachment when this process dies without detaching.
         reply = _control(control, f"ATTACH {format_address((sipp_ip, sipp_port))} {os.getpid()}")
@@ -216,24 +221,24 @@ class UdpMode(Mode):
             )
         if not reply.get("ok"):
             raise FdkeeperError(reply.get("error") or "fdkeeper: the converter refused the sipp address")
-        args = udp_arguments(invocation, status["listen"], sipp_ip, sipp_port)
+        args = arguments.filled(status["listen"], sipp_port)
         return UdpHandoff(
             argv=[os.fspath(request.program), *args], env={}, control=control, sipp_address=(sipp_ip, sipp_port)
         )
 
-    def run(self, handoff: Handoff) -> int:
-        """Run sipp; then detach its address (requests arriving from then on wait for the next run)."""
-        try:
-            return spawn(handoff.argv, handoff.env)
-        finally:
-            if isinstance(handoff, UdpHandoff) and handoff.control is not None and handoff.sipp_address:
-                try:
-                    _control(handoff.control, f"DETACH {format_address(handoff.sipp_address)}")
-                except (OSError, ValueError):
-                    pass  # the converter is gone: nothing stays attached
+    @staticmethod
+    def _arguments(request: HandoffRequest) -> ConverterArguments:
+        """The caller's rewrite of the program's arguments towards a converter (capabilities refuse
+        a run without one before this, unless a library caller forgot it)."""
+        if request.converter is None:
+            raise FdkeeperError(
+                f"fdkeeper: --mode udp needs {request.program}'s arguments rewritten for UDP "
+                "(HandoffRequest.converter; for sipp, fdkeeper.sipp.request.sipp_request builds it)"
+            )
+        return request.converter
 
     @staticmethod
-    def _reconnect(control: Path, link: dict, remote: Address, request: HandoffRequest) -> None:
+    def _reconnect(control: Path, link: JsonObject, remote: Address, request: HandoffRequest) -> None:
         """The converter's connection was closed: a fresh one with --reconnect, else one clear line."""
         if not request.reconnect:
             raise FdkeeperError(
@@ -252,7 +257,7 @@ class UdpMode(Mode):
         )
 
     @classmethod
-    def _converter(cls, request: HandoffRequest, remote: Address, options: UdpOptions) -> tuple[Path, dict]:
+    def _converter(cls, request: HandoffRequest, remote: Address, options: UdpOptions) -> tuple[Path, JsonObject]:
         """The converter of this run's identity (what plain sipp would bind: its connection comes
         from there), started if need be. A server run, which never connects, only uses one that
         runs: its own, else one running for its SuT, as the keeper hands such a run the
@@ -273,17 +278,17 @@ class UdpMode(Mode):
         return own, ensure_converter(request.directory, remote, request.transport, options, local)
 
     @staticmethod
-    def _running_for(directory: Path, remote: Address, transport: str, own: Path) -> tuple[Path, dict] | None:
+    def _running_for(directory: Path, remote: Address, transport: str, own: Path) -> tuple[Path, JsonObject] | None:
         """A running converter for a server run: its own, the shared one, else the only one there is."""
         for control in dict.fromkeys((own, converter_files(directory, remote, transport)[0])):
             status = _status(control)
             if status is not None:
                 return control, status
-        others = []
+        others: list[tuple[Path, JsonObject]] = []
         for control in running_converters(directory):
             status = _status(control)
             link = status["links"][0] if status else None
-            if link and link["transport"] == transport and split_host_port(link["remote"]) == remote:
+            if status and link and link["transport"] == transport and split_host_port(link["remote"]) == remote:
                 others.append((control, status))
         if len(others) != 1:
             return None

@@ -71,8 +71,10 @@ class SippInvocation:
     info_only: bool = False
     options: dict[str, list[str]] = field(default_factory=dict)
     tls: dict[str, str] = field(default_factory=dict)  # sipp's -tls_* options, by SIPP_TLS_OPTIONS field
-    # Where the last -t, -sf/-sn, -rxsf and -rsa stand in args, so runs can swap them (tls_arguments, udp).
+    # Where the last -t, -sf/-sn, -rxsf and -rsa and the remote host stand in args, as this sipp
+    # reads them, so runs can swap them (scenario.tls_arguments, request.converter_arguments).
     transport_index: int | None = None
+    remote_index: int | None = None
     scenario_index: int | None = None
     rx_scenario_index: int | None = None
     sending_index: int | None = None
@@ -152,6 +154,7 @@ def parse_sipp_args(args: list[str], table: OptionTable = NEWEST) -> SippInvocat
     for name, words in _walk(args, table):
         if name is None:
             _set_remote_host(invocation, words[0])
+            invocation.remote_index = len(invocation.args)
         elif name in SIPP_TLS_OPTIONS:
             invocation.tls[SIPP_TLS_OPTIONS[name]] = words[1]
             continue  # the keeper does the TLS: sipp never sees these
@@ -160,16 +163,6 @@ def parse_sipp_args(args: list[str], table: OptionTable = NEWEST) -> SippInvocat
             _apply_option(invocation, name, words[1:], index=len(invocation.args))
         invocation.args.extend(words)
     return invocation
-
-
-def positional_indexes(args: list[str], table: OptionTable = NEWEST) -> list[int]:
-    """Where sipp's positional arguments (the remote host) stand."""
-    indexes, index = [], 0
-    for name, words in _walk(args, table):
-        if name is None:
-            indexes.append(index)
-        index += len(words)
-    return indexes
 
 
 def _walk(args: list[str], table: OptionTable) -> Iterator[tuple[str | None, list[str]]]:

@@ -13,17 +13,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fdkeeper.address import Address, format_address
-from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import HandoffRequest, Mode, ModeOptions, PtraceOptions, RunNeeds, UdpOptions, choose_mode
+from fdkeeper.handoff import KeeperSettings, Plan, Run, notice, run_handed_over
+from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, UdpOptions
 from fdkeeper.process import spawn
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
-from fdkeeper.sipp.binding import Binding
+from fdkeeper.sipp.request import sipp_needs, sipp_request
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
 from fdkeeper.sipp.versions import sipp_version
@@ -34,7 +35,7 @@ from fdkeeper.tls import TlsOptions
 @dataclass
 class RunOptions:
     sipp: str | None = None
-    directory: str | os.PathLike | None = None
+    directory: str | os.PathLike[str] | None = None
     mode: str = "auto"
     wait: float = 0.0
     reconnect: bool = False
@@ -59,10 +60,6 @@ def find_sipp(option: str | None) -> Path:
     return Path(found)
 
 
-def notice(text: str) -> None:
-    print(f"fdkeeper: {text}", file=sys.stderr, flush=True)
-
-
 def run_sipp(args: list[str], options: RunOptions) -> int:
     """Run one sipp; return its exit status (128+N if a signal N ended it)."""
     sipp = find_sipp(options.sipp)
@@ -80,29 +77,91 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             f"fdkeeper: the client scenario {_scenario_label(invocation)} sends first, so it needs the SuT's "
             "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
         )
-    mode = choose_mode(options.mode, sipp, sipp_needs(invocation, options.transfer))
-    tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
-    binding = invocation.binding(remote)
-    request = HandoffRequest(
-        program=sipp,
-        args=invocation.args,
-        role=invocation.role,
-        control_socket=socket_path(directory),
-        remote=remote,
-        transport=invocation.transport,
-        reconnect=options.reconnect,
-        debug=options.debug,
-        per_call=invocation.per_call_client,
-        local=binding.local,
-        local_known=binding.known,
-    )
-    mode_options = ModeOptions(
-        ptrace=PtraceOptions(transfer=options.transfer or "scm"),
-        udp=UdpOptions(tls=tls, keepalive=options.keepalive, connect_timeout=options.connect_timeout),
-    )
-    if not mode.capabilities.uses_keeper:  # e.g. sipp on -t u1 through a kept converter
-        return mode.run(mode.prepare(request, mode_options))
-    return _run_with_keeper(mode, request, mode_options, invocation, options, tls, binding)
+    return run_handed_over(SippRun(sipp, invocation, remote, directory, options))
+
+
+class SippRun(Run):
+    """A sipp run's part of the pipeline (fdkeeper/handoff.py).
+
+    The keeper holds the connections: PREPARE opens (or checks) them first, so errors are one
+    line here. Only a connection sipp itself will ask for is opened: one of the identity it
+    binds. When that is known only once sipp binds (sipp 3.7 without -p), PREPARE opens nothing
+    and checks what it can (the keeper, the kept connection of the likely identity); the lease
+    opens the connection from the address sipp bound, as plain sipp would connect.
+    """
+
+    def __init__(
+        self, sipp: Path, invocation: SippInvocation, remote: Address | None, directory: Path, options: RunOptions
+    ) -> None:
+        super().__init__(
+            mode=options.mode,
+            program=sipp,
+            needs=sipp_needs(invocation, options.transfer),
+            keeper=KeeperSettings(options.keepalive, options.connect_timeout, options.answer_options),
+        )
+        self.invocation, self.remote, self.directory, self.options = invocation, remote, directory, options
+
+    def plan(self) -> Plan:
+        invocation, options = self.invocation, self.options
+        tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
+        binding = invocation.binding(self.remote)
+        request = sipp_request(
+            self.program,
+            invocation,
+            socket_path(self.directory),
+            self.remote,
+            invocation.transport,
+            reconnect=options.reconnect,
+            debug=options.debug,
+            binding=binding,
+        )
+        mode_options = ModeOptions(
+            ptrace=PtraceOptions(transfer=options.transfer or "scm"),
+            udp=UdpOptions(tls=tls, keepalive=options.keepalive, connect_timeout=options.connect_timeout),
+        )
+        prepare = dict(
+            role=request.role,
+            transport=request.transport,
+            remote=request.remote,
+            local=binding.local or "-",  # the run's identity (keeper/identity.py), or its likely one
+            open_at_lease=None if binding.known or request.role != "client" else True,
+            reconnect=options.reconnect,
+            wait=options.wait or None,
+            per_call=request.per_call or None,
+            users=invocation.user_count() if request.per_call else None,
+            **(tls.as_fields() if tls and request.role == "client" else {}),
+        )
+        return Plan(request, mode_options, prepare)
+
+    def prepared(self, fields: dict[str, str], request: HandoffRequest) -> None:
+        if fields.get("borrowed"):
+            named = ", ".join(f"#{item.replace('@', ' from ', 1)}" for item in fields["borrowed"].split(","))
+            notice(
+                f"no kept connection has this run's -i/-p; answering on the idle one(s) no run holds: {named} "
+                "(give the register run the same -i/-p to make them this run's)"
+            )
+        if fields.get("replaced") and request.remote:  # only a client run opens a connection
+            notice(
+                f"the kept connection to {format_address(request.remote)}/{request.transport} was closed; "
+                "opened a fresh one (--reconnect): registrations made over the old one must be redone"
+            )
+        if fields.get("closed") and fields.get("ids"):
+            count = len(fields["closed"].split(","))
+            notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
+
+    @contextmanager
+    def for_keeper(self, request: HandoffRequest) -> Iterator[HandoffRequest]:
+        """Over TLS sipp speaks TCP to the keeper and the scenario says TLS: copies of the
+        scenarios for the run, removed after it."""
+        if self.invocation.transport != "tls":
+            yield request
+            return
+        args, scenario_copies = tls_arguments(self.invocation, request.program, request.directory)
+        try:
+            yield dataclasses.replace(request, args=args)
+        finally:
+            for copy in scenario_copies:
+                copy.unlink(missing_ok=True)
 
 
 def read_arguments(sipp: Path, args: list[str], directory: Path) -> SippInvocation:
@@ -112,76 +171,6 @@ def read_arguments(sipp: Path, args: list[str], directory: Path) -> SippInvocati
     if unknown:
         notice(unknown)
     return parse_sipp_args(args, version.table)
-
-
-def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNeeds:
-    """What a sipp run asks of a handoff mode."""
-    return RunNeeds(
-        role=invocation.role,
-        per_call_option=f"-t {invocation.transport_option}" if invocation.per_call_sockets else None,
-        tls=invocation.transport == "tls",
-        sipp=True,
-        transfer=transfer,
-    )
-
-
-def _run_with_keeper(
-    mode: Mode,
-    request: HandoffRequest,
-    mode_options: ModeOptions,
-    invocation: SippInvocation,
-    options: RunOptions,
-    tls: TlsOptions | None,
-    binding: Binding,
-) -> int:
-    """The keeper holds the connections: open (or check) them first, so errors are one line here.
-
-    Only a connection sipp itself will ask for is opened: one of the identity it binds. When that
-    is known only once sipp binds (sipp 3.7 without -p), PREPARE opens nothing and checks what it
-    can (the keeper, the kept connection of the likely identity); the lease opens the connection
-    from the address sipp bound, as plain sipp would connect.
-    """
-    keeper = ensure_keeper(
-        request.directory,
-        keepalive=options.keepalive,
-        connect_timeout=options.connect_timeout,
-        answer_options=options.answer_options,
-    )
-    _warn_if_keeper_differs(keeper, options)
-    reply = keeper.prepare(
-        role=request.role,
-        transport=request.transport,
-        remote=request.remote,
-        local=binding.local or "-",  # the run's identity (keeper/identity.py), or its likely one
-        open_at_lease=None if binding.known or request.role != "client" else True,
-        reconnect=options.reconnect,
-        wait=options.wait or None,
-        per_call=request.per_call or None,
-        users=invocation.user_count() if request.per_call else None,
-        **(tls.as_fields() if tls and request.role == "client" else {}),
-    )
-    _report_prepared(reply.fields, request.remote, request.transport)
-    scenario_copies: list[Path] = []
-    if tls:  # sipp speaks TCP to the keeper, the scenario says TLS
-        args, scenario_copies = tls_arguments(invocation, request.program, request.directory)
-        request = dataclasses.replace(request, args=args)
-    try:
-        return mode.run(mode.prepare(request, mode_options))
-    finally:
-        for copy in scenario_copies:
-            copy.unlink(missing_ok=True)
-
-
-def _warn_if_keeper_differs(keeper: KeeperClient, options: RunOptions) -> None:
-    """--keepalive is the keeper's setting: say so when a running keeper has another one."""
-    if options.keepalive is None:
-        return
-    running = keeper.status()["keeper"]["keepalive"]
-    if running != options.keepalive:
-        notice(
-            f"the keeper for {keeper.directory} already runs with keepalive {running or 'off'}; "
-            "--keepalive applies when a run starts the keeper ('fdkeeper stop' first to change it)"
-        )
 
 
 def _refuse_unsupported_transport(invocation: SippInvocation) -> None:
@@ -194,20 +183,3 @@ def _refuse_unsupported_transport(invocation: SippInvocation) -> None:
 
 def _scenario_label(invocation: SippInvocation) -> str:
     return str(invocation.scenario_file) if invocation.scenario_file else f"-sn {invocation.scenario_name}"
-
-
-def _report_prepared(fields: dict[str, str], remote: Address | None, transport: str) -> None:
-    if fields.get("borrowed"):
-        named = ", ".join(f"#{item.replace('@', ' from ', 1)}" for item in fields["borrowed"].split(","))
-        notice(
-            f"no kept connection has this run's -i/-p; answering on the idle one(s) no run holds: {named} "
-            "(give the register run the same -i/-p to make them this run's)"
-        )
-    if fields.get("replaced"):
-        notice(
-            f"the kept connection to {format_address(remote)}/{transport} was closed; opened a fresh one "
-            "(--reconnect): registrations made over the old one must be redone"
-        )
-    if fields.get("closed") and fields.get("ids"):
-        count = len(fields["closed"].split(","))
-        notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")

@@ -19,6 +19,9 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.tables import NEWEST, OptionTable, table_for
 from fdkeeper.statedir import check_private_directory, open_private_file
 
+# The cache as JSON: by binary (path, mtime, size), what `sipp -v` said of it.
+CacheEntries = dict[str, dict[str, object]]
+
 CACHE_NAME = "sipp-versions.json"
 CACHE_ENTRIES = 16  # binaries remembered; the oldest answer goes first
 VERSION_TIMEOUT = 5.0
@@ -99,7 +102,7 @@ def _as_number(value: object) -> tuple[int, int, int] | None:
     return None
 
 
-def _read_cache(directory: Path | None) -> dict[str, dict]:
+def _read_cache(directory: Path | None) -> CacheEntries:
     """The cache if the state directory already exists (a first run does not create it for this)."""
     if directory is None or not directory.is_dir():
         return {}
@@ -112,7 +115,7 @@ def _read_cache(directory: Path | None) -> dict[str, dict]:
     return {key: value for key, value in data.items() if isinstance(value, dict)} if isinstance(data, dict) else {}
 
 
-def _write_cache(directory: Path | None, cache: dict[str, dict]) -> None:
+def _write_cache(directory: Path | None, cache: CacheEntries) -> None:
     if directory is None or not directory.is_dir():
         return
     try:

@@ -20,9 +20,10 @@ from fdkeeper import testbed
 from fdkeeper.convert import Converter, ExpiringMap, Link, control_request
 from fdkeeper.convert.control import answer
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import sipp_request as HandoffRequest  # builds the common request from a sipp invocation
-from fdkeeper.modes.udp import UdpMode, stop_converters, udp_arguments
+from fdkeeper.modes.udp import UdpMode, stop_converters
 from fdkeeper.sipp.args import parse_sipp_args
+from fdkeeper.sipp.request import converter_arguments, sipp_request
+from fdkeeper.sipp.tables import SIPP_3_6, OptionTable
 
 USER = "alice"
 
@@ -495,7 +496,9 @@ def test_garbage_at_a_live_converter_is_counted_and_calls_still_work(sipp_path, 
 
 def test_udp_arguments_rewrite():
     invocation = parse_sipp_args(["-sf", "x.xml", "-t", "l1", "-key", "a", "b", "-m", "1", "sut.test:5061"])
-    args = udp_arguments(invocation, "127.0.0.1:4000", "127.0.0.1", 5072)
+    arguments = converter_arguments(invocation)
+    assert (arguments.local_ip, arguments.local_port) == ("127.0.0.1", 0)  # the mode picks the port
+    args = arguments.filled("127.0.0.1:4000", 5072)
     assert args == [
         "-p",
         "5072",
@@ -514,6 +517,37 @@ def test_udp_arguments_rewrite():
     ]
 
 
+def test_udp_arguments_follow_the_option_table_of_the_sipp_run():
+    """The remote host is found as the sipp being run reads its arguments, not as the newest does:
+    here an option only this (made-up) release has, taking a value the newest would read as the host."""
+    release = OptionTable(SIPP_3_6.release, SIPP_3_6.flags, SIPP_3_6.valued | {"only_here"}, SIPP_3_6.pairs)
+    invocation = parse_sipp_args(["-sn", "uac", "-t", "t1", "-only_here", "x", "-p", "5072", "sut.test"], release)
+    assert converter_arguments(invocation).filled("127.0.0.1:4000", 5072) == [
+        "-i",
+        "127.0.0.1",
+        "-sn",
+        "uac",
+        "-t",
+        "u1",
+        "-only_here",
+        "x",
+        "-p",
+        "5072",
+        "127.0.0.1:4000",
+    ]
+    server = parse_sipp_args(["-sn", "uas", "-t", "t1", "-i", "127.0.0.2"])  # no remote host: none is added
+    assert converter_arguments(server).filled("127.0.0.1:4000", 5073) == [
+        "-p",
+        "5073",
+        "-sn",
+        "uas",
+        "-t",
+        "u1",
+        "-i",
+        "127.0.0.2",
+    ]
+
+
 def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, tmp_path):
     directory = tmp_path / "state"
     directory.mkdir(mode=0o700)
@@ -523,7 +557,7 @@ def test_mode_udp_register_then_answer_with_one_converter(sipp_path, kamailio, t
     logs.mkdir()
 
     def run(args):
-        request = HandoffRequest(
+        request = sipp_request(
             sipp=Path(sipp_path),
             invocation=parse_sipp_args(args),
             control_socket=directory / "control.sock",

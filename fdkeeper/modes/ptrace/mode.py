@@ -1,4 +1,5 @@
-"""The ptrace mode's side of the contract: what it can do, whether it can run here, a run.
+"""The ptrace mode's side of the contract: what it can do, whether it can run here, and its
+handoff, which runs the program traced and hands the connection over from outside it.
 
 Imported on every start-up of every mode (the mode table), so it stays light: the session,
 the injection machinery (ctypes) is imported only when a traced run starts.
@@ -7,6 +8,7 @@ the injection machinery (ctypes) is imported only when a traced run starts.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import platform
 import signal
@@ -22,12 +24,38 @@ from fdkeeper.process import FORWARDED_SIGNALS
 EM_X86_64 = 62
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PtraceHandoff(Handoff):
-    """The command line plus what the tracer needs to do the handoff."""
+    """A traced run: the command line plus what the tracer needs to do the handoff."""
 
-    request: HandoffRequest | None = None
+    request: HandoffRequest
     options: PtraceOptions = PtraceOptions()
+
+    def run(self) -> int:
+        """Start the program traced, hand over at its connect() or listen(), return its exit status."""
+        from fdkeeper.modes.ptrace.injection import PtraceRefused, Tracer
+        from fdkeeper.modes.ptrace.seccomp import percall_filter
+        from fdkeeper.modes.ptrace.session import Session
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
+        per_call_client = self.request.per_call and self.request.role == "client"
+        try:
+            tracer = Tracer.start(self.argv, {**env, **self.env}, percall_filter() if per_call_client else b"")
+        except PtraceRefused as error:
+            raise FdkeeperError(
+                f"fdkeeper: ptrace refused for {self.argv[0]} ({error}): {permission.refusal_cause()}; "
+                "nothing was handed over" + _other_mode_hint(Path(self.argv[0]))
+            ) from None
+        session = Session(tracer, self.request, self.options.transfer)
+        forward = lambda signum, _frame: _kill_quietly(tracer.root, signum)  # noqa: E731
+        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+        try:
+            status = session.run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        code = os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else 128 - code
 
 
 class PtraceMode(Mode):
@@ -38,14 +66,11 @@ class PtraceMode(Mode):
     # attached under a seccomp filter that stops only connect(), epoll_ctl(ADD) and sendto() without
     # an address, a handoff per user.
     capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
-    _probe: str | bool | None = False  # False: not probed yet
 
     def unsupported_reason(self, program: Path) -> str | None:
         reason = self._static_reason(program)
         if reason is None and permission.ptrace_in_doubt():
-            if PtraceMode._probe is False:
-                PtraceMode._probe = permission.probe_ptrace()
-            reason = PtraceMode._probe
+            reason = _probed_reason()
         return None if reason is None else reason + _other_mode_hint(program)
 
     def _static_reason(self, program: Path) -> str | None:
@@ -69,33 +94,11 @@ class PtraceMode(Mode):
             argv=[os.fspath(request.program), *request.args], env={}, request=request, options=options.ptrace
         )
 
-    def run(self, handoff: Handoff) -> int:
-        if not isinstance(handoff, PtraceHandoff) or handoff.request is None:
-            raise TypeError("the ptrace mode runs only what its own prepare() made")
-        from fdkeeper.modes.ptrace.injection import PtraceRefused, Tracer
-        from fdkeeper.modes.ptrace.seccomp import percall_filter
-        from fdkeeper.modes.ptrace.session import Session
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
-        request = handoff.request
-        per_call_client = request.per_call and request.role == "client"
-        try:
-            tracer = Tracer.start(handoff.argv, {**env, **handoff.env}, percall_filter() if per_call_client else b"")
-        except PtraceRefused as error:
-            raise FdkeeperError(
-                f"fdkeeper: ptrace refused for {handoff.argv[0]} ({error}): {permission.refusal_cause()}; "
-                "nothing was handed over" + _other_mode_hint(Path(handoff.argv[0]))
-            ) from None
-        session = Session(tracer, handoff.request, handoff.options.transfer)
-        forward = lambda signum, _frame: _kill_quietly(tracer.root, signum)  # noqa: E731
-        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-        try:
-            status = session.run()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        code = os.waitstatus_to_exitcode(status)
-        return code if code >= 0 else 128 - code
+@functools.lru_cache(maxsize=1)
+def _probed_reason() -> str | None:
+    """permission.probe_ptrace's answer, asked once a process: it starts a throw-away child."""
+    return permission.probe_ptrace()
 
 
 def _program_reason(program: Path) -> str | None:
