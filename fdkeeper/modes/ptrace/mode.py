@@ -33,9 +33,9 @@ class PtraceHandoff(Handoff):
 
     def run(self) -> int:
         """Start the program traced, hand over at its connect() or listen(), return its exit status."""
-        from fdkeeper.modes.ptrace.injection import PtraceRefused, Tracer
         from fdkeeper.modes.ptrace.seccomp import percall_filter
         from fdkeeper.modes.ptrace.session import Session
+        from fdkeeper.modes.ptrace.tracer import PtraceRefused, Tracer
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
         per_call_client = self.request.per_call and self.request.role == "client"
@@ -120,7 +120,7 @@ def _program_reason(program: Path) -> str | None:
 def _pidfd_getfd_reason() -> str | None:
     pidfd = os.pidfd_open(os.getpid())
     try:
-        from fdkeeper.modes.ptrace.injection import pidfd_getfd
+        from fdkeeper.modes.ptrace.raw import pidfd_getfd
 
         os.close(pidfd_getfd(pidfd, pidfd))
     except OSError as error:
