@@ -27,10 +27,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import pluggy
 import pytest
 
 from fdkeeper import readiness, testbed
@@ -38,7 +40,8 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.statedir import LOG_NAME
 from fdkeeper.testrun.model import DEFAULT_TIMEOUT, Step
-from fdkeeper.testrun.steps import StepContext, StepResult, StepRun
+from fdkeeper.testrun.results import StepResult
+from fdkeeper.testrun.steps import StepContext, StepRun
 from fdkeeper.testrun.sut import embedded_kamailio
 from fdkeeper.testrun.testcase import stop_keeper
 
@@ -65,11 +68,13 @@ class Keeper:
                 continue
         return ""
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
+        """The keeper's STATUS reply, as JSON decodes it."""
         return KeeperClient(self.directory).status()
 
-    def connections(self) -> list[dict]:
-        return self.status()["connections"]
+    def connections(self) -> list[dict[str, Any]]:
+        connections: list[dict[str, Any]] = self.status()["connections"]
+        return connections
 
     def stop(self) -> None:
         stop_keeper(self.directory, self.kept_log)
@@ -183,7 +188,10 @@ class EmbeddedSut:
 
     @property
     def tls_address(self) -> str:
-        return self.kamailio.tls_address
+        address = self.kamailio.tls_address
+        if address is None:  # not met: the fixture's SuT is made with TLS
+            raise RuntimeError(f"{self.kamailio} has no TLS listener")
+        return address
 
     @property
     def domain(self) -> str:
@@ -242,13 +250,17 @@ def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSu
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
     try:
         with embedded_kamailio("tls", workdir, tmp_path) as (kamailio, pki):
+            if pki is None:  # not met: transport "tls" makes a PKI
+                raise RuntimeError("the embedded TLS SuT came without its test PKI")
             yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     """A failing test that used a keeper gets the keeper's log in its report."""
     outcome = yield
     report = outcome.get_result()

@@ -19,7 +19,8 @@ from fdkeeper.testrun import logs
 from fdkeeper.testrun.console import Console
 from fdkeeper.testrun.junit import write_junit
 from fdkeeper.testrun.model import TestFileError, TestSpec, load_test
-from fdkeeper.testrun.testcase import TestResult, run_test
+from fdkeeper.testrun.results import TestResult
+from fdkeeper.testrun.testcase import run_test
 
 EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
@@ -78,7 +79,14 @@ def run_tests(
 )
 @click.option("--keep-logs", is_flag=True, help=f"Keep every earlier run's logs (default: the last {logs.KEEP_RUNS}).")
 @click.option("-k", "--filter", "selection", metavar="TEXT", help="Only tests whose name or path contains TEXT.")
-def run_command(tests, junit, logs_base, sipp_path, keep_logs, selection) -> None:
+def run_command(
+    tests: tuple[Path, ...],
+    junit: Path | None,
+    logs_base: Path,
+    sipp_path: str | None,
+    keep_logs: bool,
+    selection: str | None,
+) -> None:
     """Run test files (YAML): each test gets a keeper of its own (and, with `sut: embedded`,
     a local Kamailio), runs its steps in order and checks exit statuses and call counts.
 

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
-from fdkeeper.testrun.steps import FAILED, PASSED, StepResult, StepRun
+from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, XPASSED, StepResult, TestResult
+from fdkeeper.testrun.steps import StepRun
 
-if TYPE_CHECKING:
-    from fdkeeper.testrun.testcase import TestResult
-
-_MARKS = {PASSED: "ok", FAILED: "FAIL", "skipped": "skip"}
+_MARKS = {PASSED: "ok", FAILED: "FAIL", SKIPPED: "skip"}
 REFRESH = 0.5
 
 
@@ -41,7 +39,7 @@ class Console:
         details = [f"exit {result.exit}"] if result.exit is not None else []
         if result.counts():
             details.append(result.counts())
-        if result.status != "skipped":
+        if result.status != SKIPPED:
             details.append(f"{result.duration:.1f} s")
         line = f"  {result.name}: {_MARKS[result.status]}" + (f" ({', '.join(details)})" if details else "")
         self.say(line + "".join(f"\n    {reason}" for reason in result.reasons))
@@ -69,7 +67,7 @@ class Console:
     def summary(self, results: list[TestResult]) -> None:
         self.say("")
         for result in results:
-            why = f": {result.message()}" if result.status not in (PASSED, "xpassed") else ""
+            why = f": {result.message()}" if result.status not in (PASSED, XPASSED) else ""
             self.say(f"{result.status.upper():8} {result.name}{why}")
         counts: dict[str, int] = {}
         for result in results:

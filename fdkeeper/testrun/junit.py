@@ -18,8 +18,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fdkeeper.testrun.steps import FAILED
-from fdkeeper.testrun.testcase import ERROR, XFAILED, TestResult
+from fdkeeper.testrun.results import ERROR, FAILED, XFAILED, TestResult
 
 SUITE_NAME = "fdkeeper run"
 TAIL_LINES = 20

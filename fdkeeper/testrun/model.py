@@ -171,7 +171,7 @@ def _steps(raw: Any, where: _Where) -> list[Step]:
     return steps
 
 
-def _step(item: dict, where: _Where) -> Step:
+def _step(item: dict[str, Any], where: _Where) -> Step:
     _no_unknown(item, STEP_FIELDS, where)
     name = _text(item.get("name"), "name", where)
     if not _STEP_NAME.match(name):
@@ -260,7 +260,7 @@ def _kind(value: Any) -> str:
     return {type(None): "nothing", dict: "a mapping", list: "a list", str: f"{value!r}"}.get(type(value), f"'{value}'")
 
 
-def _no_unknown(item: dict, allowed: set[str], where: _Where) -> None:
+def _no_unknown(item: dict[str, Any], allowed: set[str], where: _Where) -> None:
     for key in item:
         if key not in allowed:
             raise where.error(str(key), f"unknown field (known: {', '.join(sorted(allowed))})")
@@ -277,14 +277,16 @@ def _optional_text(value: Any, field_name: str, where: _Where) -> str | None:
 
 
 def _choice(value: Any, choices: tuple[str, ...], field_name: str, where: _Where) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise where.error(field_name, f"expected {' or '.join(choices)}, got {_kind(value)}")
     return value
 
 
 def _sut(value: Any, where: _Where) -> str | None:
-    if value is None or value == "embedded":
-        return value
+    if value is None:
+        return None
+    if value == "embedded":
+        return "embedded"
     text = _text(value, "sut", where)
     try:
         split_host_port(text)

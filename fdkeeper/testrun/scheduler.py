@@ -19,7 +19,8 @@ import time
 from fdkeeper import readiness
 from fdkeeper.testrun.console import Console
 from fdkeeper.testrun.model import Step, TestSpec
-from fdkeeper.testrun.steps import FAILED, PASSED, SKIPPED, StepContext, StepResult, StepRun
+from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, StepResult
+from fdkeeper.testrun.steps import StepContext, StepRun
 
 POLL = 0.05
 

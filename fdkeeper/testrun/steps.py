@@ -16,15 +16,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fdkeeper.testbed import read_sipp_stats
 from fdkeeper.testrun import variables
 from fdkeeper.testrun.model import Step
+from fdkeeper.testrun.results import FAILED, PASSED, StepResult, read_text
 
 STOP_GRACE = 5.0  # seconds between SIGTERM (sipp still writes its statistics) and SIGKILL
-PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
 
 @dataclass
@@ -43,46 +43,6 @@ class StepContext:
         if not self.substitute:
             return list(tokens)
         return [variables.substitute(token, self.values, self.free_port) for token in tokens]
-
-
-@dataclass
-class StepResult:
-    name: str
-    status: str  # passed, failed or skipped
-    reasons: list[str] = field(default_factory=list)
-    exit: int | None = None
-    successful: int | None = None
-    failed: int | None = None
-    duration: float = 0.0
-    out: Path | None = None
-    err: Path | None = None
-    command: list[str] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)  # sipp's traces: stat, screen, errors, messages
-
-    @property
-    def ok(self) -> bool:
-        return self.status == PASSED
-
-    def tail(self, lines: int = 20) -> str:
-        """The last lines of the step's stdout and stderr, for reports."""
-        parts = []
-        for label, path in (("stdout", self.out), ("stderr", self.err)):
-            text = _read(path).rstrip()
-            if text:
-                parts.append(f"--- {label} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
-        return "\n".join(parts) or "(no output)"
-
-    def counts(self) -> str:
-        if self.successful is None:
-            return ""
-        return f"{self.successful} successful, {self.failed} failed"
-
-
-def _read(path: Path | None) -> str:
-    try:
-        return path.read_text(errors="replace") if path else ""
-    except OSError:
-        return ""
 
 
 class StepRun:
@@ -259,7 +219,7 @@ def sipp_counts(stat_file: Path | None, screen_file: Path | None) -> tuple[int |
             return int(stats.get("SuccessfulCall(C)") or 0), int(stats.get("FailedCall(C)") or 0)
         except ValueError:
             pass
-    return screen_counts(_read(screen_file))
+    return screen_counts(read_text(screen_file))
 
 
 _SCREEN_LINE = re.compile(r"^\s*(Successful|Failed) call\s*\|.*\|\s*(\d+)\s*$", re.MULTILINE)

@@ -35,7 +35,7 @@ def sut_variables(sut: str | None, transport: str, workdir: Path, logs: Path) ->
             "sut_port": str(kamailio.port),
             "domain": kamailio.domain,
         }
-        if pki is not None:
+        if pki is not None and kamailio.tls_address is not None:  # with a TestPki, the SuT listens for TLS
             values.update(sut_tls=kamailio.tls_address, tls_ca=str(pki.ca_cert), tls_sni=pki.server_name)
         yield values
 

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fdkeeper.statedir import LOG_NAME
@@ -21,45 +20,10 @@ from fdkeeper.testbed import SCENARIOS_DIR, free_port
 from fdkeeper.testrun import logs, variables
 from fdkeeper.testrun.console import Console
 from fdkeeper.testrun.model import TestSpec
+from fdkeeper.testrun.results import ERROR, FAILED, PASSED, XFAILED, XPASSED, StepResult, TestResult
 from fdkeeper.testrun.scheduler import Scheduler
-from fdkeeper.testrun.steps import FAILED, PASSED, StepContext, StepResult
+from fdkeeper.testrun.steps import StepContext
 from fdkeeper.testrun.sut import sut_variables
-
-# A test's status: passed, failed, error (could not run: e.g. the SuT did not start),
-# xfailed (failed, as its `xfail:` said it would), xpassed (passed despite `xfail:`).
-ERROR, XFAILED, XPASSED = "error", "xfailed", "xpassed"
-
-
-@dataclass
-class TestResult:
-    name: str
-    path: Path
-    status: str
-    log_dir: Path
-    steps: list[StepResult] = field(default_factory=list)
-    duration: float = 0.0
-    error: str | None = None  # why the test could not run
-    xfail: str | None = None
-
-    __test__ = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (PASSED, XFAILED, XPASSED)
-
-    def failed_steps(self) -> list[StepResult]:
-        return [step for step in self.steps if step.status == FAILED]
-
-    def message(self) -> str:
-        """One line: why the test did not pass."""
-        if self.error:
-            return self.error
-        failing = [f"step '{s.name}': {'; '.join(s.reasons)}" for s in self.failed_steps()]
-        failing = failing or [
-            f"step '{s.name}' skipped: {'; '.join(s.reasons)}" for s in self.steps if s.status != PASSED
-        ]
-        text = "; ".join(failing)
-        return f"expected failure ({self.xfail}): {text}" if self.status == XFAILED else text
 
 
 def run_test(spec: TestSpec, run_dir: Path, sipp: str, console: Console) -> TestResult:

@@ -54,7 +54,7 @@ def check_known(text: str, known: Iterable[str]) -> None:
 def substitute(text: str, values: Mapping[str, str], free_port: Callable[[str], int]) -> str:
     """``text`` with every ${name} replaced; ${free_port:LABEL} asks ``free_port(LABEL)``."""
 
-    def replace(match: re.Match) -> str:
+    def replace(match: re.Match[str]) -> str:
         if match.group(1) == "$":
             return "$"
         name, label = match.group(2), match.group(3)

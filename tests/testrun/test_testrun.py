@@ -26,8 +26,8 @@ from fdkeeper.testrun import variables
 from fdkeeper.testrun.command import run_command
 from fdkeeper.testrun.junit import write_junit
 from fdkeeper.testrun.model import TestFileError, load_test
-from fdkeeper.testrun.steps import FAILED, PASSED, StepResult, screen_counts, trace_options
-from fdkeeper.testrun.testcase import ERROR, XFAILED, TestResult
+from fdkeeper.testrun.results import ERROR, FAILED, PASSED, XFAILED, StepResult, TestResult
+from fdkeeper.testrun.steps import screen_counts, trace_options
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
