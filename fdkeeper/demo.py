@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
@@ -53,9 +54,10 @@ def start_through_fdkeeper(
     log_dir: Path,
     name: str,
     options: tuple[str, ...] = (),
-    **sipp_options,
+    **sipp_options: Any,
 ) -> testbed.SippProcess:
-    """Start a terminal-less sipp run (see testbed.sipp_command) through `fdkeeper sipp`."""
+    """Start a terminal-less sipp run (see testbed.sipp_command, whose options sipp_options are)
+    through `fdkeeper sipp`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = testbed.sipp_command(sipp, scenario, remote, log_dir=log_dir, name=name, **sipp_options)
     return testbed.SippProcess(fdkeeper_command(cmd, directory, *options), log_dir, name)
@@ -78,7 +80,9 @@ def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[s
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _demo_steps(sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: Path, workdir: Path, say) -> bool:
+def _demo_steps(
+    sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: Path, workdir: Path, say: Callable[[str], None]
+) -> bool:
     say("step 1: start the SuT")
     kamailio.start()
     say(f"  Kamailio listens on {kamailio.address} (UDP and TCP); it reaches a user only over")
@@ -137,7 +141,9 @@ def _demo_steps(sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: P
     return ok
 
 
-def _without_fdkeeper(sipp: str, kamailio: testbed.Kamailio, logs: Path, workdir: Path, say) -> None:
+def _without_fdkeeper(
+    sipp: str, kamailio: testbed.Kamailio, logs: Path, workdir: Path, say: Callable[[str], None]
+) -> None:
     """The problem: once the register run's exit closed its connection, calls to the user fail."""
     users = testbed.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
     testbed.run_sipp(

@@ -168,7 +168,7 @@ def _announce_when_ready(
     announce_ready(signal.file, signal.fd)
 
 
-def announce_ready(ready_file: str | os.PathLike | None = None, ready_fd: int | None = None) -> None:
+def announce_ready(ready_file: str | os.PathLike[str] | None = None, ready_fd: int | None = None) -> None:
     """Say "ready": write the file atomically (a reader never sees it half-written) and/or
     write one line to the descriptor and close it (a reader's read returns at once)."""
     if ready_file is not None:

@@ -22,11 +22,13 @@ import re
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from fdkeeper.address import format_address
 from fdkeeper.testbed import configs, kamcmd
 from fdkeeper.testbed.configs import LOG_TAG
-from fdkeeper.testbed.kamtls import KamailioTls, parse_tls_errors, parse_tls_handshakes
+from fdkeeper.testbed.kamcmd import KamRow
+from fdkeeper.testbed.kamtls import KamailioTls, TlsHandshake, parse_tls_errors, parse_tls_handshakes
 from fdkeeper.testbed.net import DEFAULT_DOMAIN, tail, wait_until
 from fdkeeper.testbed.process import KamailioProcess, find_program
 from fdkeeper.testbed.sipmsg import udp_options
@@ -62,7 +64,7 @@ class KamailioInstance(KamailioProcess):
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines)
 
-    def tls_handshakes(self) -> list[dict]:
+    def tls_handshakes(self) -> list[TlsHandshake]:
         """TLS handshakes this instance completed, from its log (see
         kamtls.parse_tls_handshakes). A failed one is not listed: see tls_errors()."""
         return parse_tls_handshakes(self.log_text())
@@ -85,7 +87,7 @@ class KamailioInstance(KamailioProcess):
             )
         return proc.stdout
 
-    def tcp_connections(self) -> list[dict]:
+    def tcp_connections(self) -> list[KamRow]:
         """Kamailio's TCP and TLS connections (kamcmd core.tcp_list).
 
         Keys: id, type ("TCP" or "TLS"), state, local/remote as "ip:port"
@@ -93,13 +95,13 @@ class KamailioInstance(KamailioProcess):
         """
         return kamcmd.tcp_connections(kamcmd.parse_kamcmd(self.rpc("core.tcp_list")))
 
-    def tls_connections(self) -> list[dict]:
+    def tls_connections(self) -> list[KamRow]:
         """The TLS ones of tcp_connections()."""
         return [c for c in self.tcp_connections() if str(c.get("type")).upper() == "TLS"]
 
     def close_connections(
         self, conids: Iterable[int] | None = None, *, remote_port: int | None = None, timeout: float = 10.0
-    ) -> list[dict]:
+    ) -> list[KamRow]:
         """Make Kamailio close TCP/TLS connections itself; return the ones closed.
 
         All of them by default, or those with an id in `conids`, or the one
@@ -220,7 +222,7 @@ class Kamailio(KamailioInstance):
             global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES),
         )
 
-    def request_vias(self) -> list[dict]:
+    def request_vias(self) -> list[dict[str, str]]:
         """With `alias_every_request`: each request a TCP/TLS peer sent, in order, as
         {method, user (From), source "ip:port", sent_by "ip:port" of its top Via}."""
         return [
@@ -239,7 +241,7 @@ class Kamailio(KamailioInstance):
         kept one). Returns the user's response as relayed back, None if none came in time."""
         return udp_options(self.host, self.port, user, wait=wait)
 
-    def location(self, aors: Iterable[str] | None = None) -> list[dict]:
+    def location(self, aors: Iterable[str] | None = None) -> list[KamRow]:
         """The registrar's contacts, one dict per contact.
 
         Keys: aor, contact, received, socket, expires, callid, cseq,
@@ -254,7 +256,7 @@ class Kamailio(KamailioInstance):
             return [contact for aor in aors for contact in self._lookup(aor)]
         return kamcmd.dump_contacts(kamcmd.parse_kamcmd(self.rpc("ul.dump")))
 
-    def _lookup(self, aor: str) -> list[dict]:
+    def _lookup(self, aor: str) -> list[KamRow]:
         try:
             text = self.rpc("ul.lookup", "location", aor)
         except RuntimeError:
@@ -288,7 +290,7 @@ class PingingKamailio(Kamailio):
     configs/contact-pings.cfg). A contact that answers no ping for `ping_timeout` s is
     expired. `contact_pings()` counts what was sent and answered, from the log."""
 
-    def __init__(self, workdir: Path, *, ping_timeout: int = 30, **options) -> None:
+    def __init__(self, workdir: Path, *, ping_timeout: int = 30, **options: Any) -> None:  # options: Kamailio's
         super().__init__(workdir, **options)
         self.ping_timeout = ping_timeout
 
@@ -366,11 +368,11 @@ class KamailioConverter(KamailioInstance):
         self.sipp_address = sipp_address
 
     @classmethod
-    def for_sut(cls, workdir: Path, sut: Kamailio, transport: str = "tcp", **options) -> KamailioConverter:
-        """A converter towards `sut`'s TCP port or (transport="tls") TLS port."""
-        if transport == "tls" and sut.tls_port is None:
-            raise ValueError(f"{sut} has no TLS listener")
+    def for_sut(cls, workdir: Path, sut: Kamailio, transport: str = "tcp", **options: Any) -> KamailioConverter:
+        """A converter towards `sut`'s TCP port or (transport="tls") TLS port; options: __init__'s."""
         port = sut.tls_port if transport == "tls" else sut.port
+        if port is None:
+            raise ValueError(f"{sut} has no TLS listener")
         return cls(workdir, sut.host, port, transport, **options)
 
     @property
@@ -382,6 +384,8 @@ class KamailioConverter(KamailioInstance):
         """The converter's own socket towards the SuT, proto:ip:port: the
         source address of its one connection to the SuT."""
         port = self.tls_port if self.transport == "tls" else self.port
+        if port is None:  # not met: a TLS converter is made with tls=, so it listens for TLS
+            raise RuntimeError(f"{self} has no TLS listener")
         return f"{self.transport}:{format_address((self.host, port))}"
 
     def config_text(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from fdkeeper.testbed import configs
 
@@ -50,14 +50,14 @@ class KamailioTls:
     method: str = "TLSv1.2+"
 
     @classmethod
-    def server(cls, pki: TestPki, *, require_client_cert: bool = False, **options) -> KamailioTls:
+    def server(cls, pki: TestPki, *, require_client_cert: bool = False, **options: Any) -> KamailioTls:
         """The SuT's side of a fdkeeper.testbed.pki.TestPki."""
         return cls(
             cert=pki.server_cert, key=pki.server_key, ca=pki.ca_cert, require_client_cert=require_client_cert, **options
         )
 
     @classmethod
-    def client(cls, pki: TestPki, *, verify_server_cert: bool = True, **options) -> KamailioTls:
+    def client(cls, pki: TestPki, *, verify_server_cert: bool = True, **options: Any) -> KamailioTls:
         """A client of the SuT (the converter) with the TestPki's client cert."""
         return cls(
             cert=pki.client_cert, key=pki.client_key, ca=pki.ca_cert, verify_server_cert=verify_server_cert, **options
@@ -115,7 +115,19 @@ _PEER_SUBJECT = re.compile(
 _TLS_ERROR = re.compile(r"tls_err_ret\(\): (.*)$", re.M)
 
 
-def parse_tls_handshakes(log_text: str) -> list[dict]:
+class TlsHandshake(TypedDict):
+    """One TLS handshake a Kamailio log reports: see parse_tls_handshakes."""
+
+    direction: str
+    peer: str
+    peer_port: int
+    version: str
+    cipher: str
+    client_cert: bool | None
+    peer_subject: str | None
+
+
+def parse_tls_handshakes(log_text: str) -> list[TlsHandshake]:
     """The TLS handshakes a Kamailio log (tls_log=2) reports, oldest first.
 
     One dict per handshake: direction ("in": a client connected to us, "out":
@@ -124,7 +136,7 @@ def parse_tls_handshakes(log_text: str) -> list[dict]:
     certificate, False when not) and peer_subject (the peer certificate's
     subject, e.g. "/O=fdkeeper tests/CN=alice.fdkeeper.test", or None).
     """
-    result: list[dict] = []
+    result: list[TlsHandshake] = []
     for line in log_text.splitlines():
         match = _HANDSHAKE.search(line)
         if match:
@@ -144,7 +156,7 @@ def parse_tls_handshakes(log_text: str) -> list[dict]:
     return result
 
 
-def _note_peer_certificate(handshake: dict, line: str) -> None:
+def _note_peer_certificate(handshake: TlsHandshake, line: str) -> None:
     """Fold a log line that follows a handshake line into its dict."""
     if "client did not present a certificate" in line:
         handshake["client_cert"] = False

@@ -31,7 +31,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     for _ in range(50):
         with socket.socket(family, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
+            port: int = tcp.getsockname()[1]
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as udp:
                     udp.bind((host, port))
@@ -41,7 +41,9 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no port free for both TCP and UDP on {host}")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 5.0, interval: float = 0.05, what: str = "condition") -> T:
+def wait_until(
+    predicate: Callable[[], T | None], timeout: float = 5.0, interval: float = 0.05, what: str = "condition"
+) -> T:
     """Poll `predicate` until it returns something truthy; return that value.
 
     Raises TimeoutError naming `what` once `timeout` seconds have passed.

@@ -29,6 +29,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,6 +52,11 @@ SERVER_IPS = ("127.0.0.1", "::1")
 # Valid from a little in the past (clock skew between cert and check).
 _BACKDATE = datetime.timedelta(minutes=5)
 _LIFETIME = datetime.timedelta(days=3650)
+
+
+class _Validity(TypedDict):
+    not_before: datetime.datetime
+    not_after: datetime.datetime
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def make_test_pki(directory: Path) -> TestPki:
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
-    valid = {"not_before": now - _BACKDATE, "not_after": now + _LIFETIME}
+    valid: _Validity = {"not_before": now - _BACKDATE, "not_after": now + _LIFETIME}
 
     ca, ca_key = _ca("fdkeeper test CA", now)
     other_ca, other_ca_key = _ca("fdkeeper unrelated test CA", now)

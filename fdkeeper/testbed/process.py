@@ -17,12 +17,16 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, TypeVar
 
 from fdkeeper.address import format_address
 from fdkeeper.testbed import configs
 from fdkeeper.testbed.kamtls import KamailioTls
 from fdkeeper.testbed.net import free_port, tail
 from fdkeeper.testbed.sipmsg import udp_options
+
+_Instance = TypeVar("_Instance", bound="KamailioProcess")
 
 # Debian installs kamailio and kamcmd in /usr/sbin, which is not on a normal
 # user's PATH: look there too before telling the user to install the package.
@@ -106,8 +110,8 @@ class KamailioProcess:
         self.pid_path = self.workdir / "kamailio.pid"
         self.runtime_dir = self.workdir / "run"
         self._short_dir: Path | None = None  # see ctl_path
-        self._proc: subprocess.Popen | None = None
-        self._log_file = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: BinaryIO | None = None
 
     def _other_free_port(self) -> int:
         """A free port that is not self.port (the TLS listen port)."""
@@ -116,11 +120,13 @@ class KamailioProcess:
             if port != self.port:
                 return port
 
-    def __enter__(self):
+    def __enter__(self: _Instance) -> _Instance:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -249,10 +255,10 @@ class KamailioProcess:
         for stale in (self.pid_path, Path(self.ctl_path)):
             stale.unlink(missing_ok=True)
         cmd = self.command()
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process is stopped
+        self._log_file = log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process is stopped
         # The marker tests count: one per start, in the log kept across restarts.
-        self._log_file.write(f"===== fdkeeper.sut: {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
-        self._log_file.flush()
+        log_file.write(f"===== fdkeeper.sut: {time.strftime('%H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+        log_file.flush()
         try:
             # Own session: a Ctrl-C aimed at pytest does not hit Kamailio
             # halfway, and stop() can kill the whole process group.

@@ -38,11 +38,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from fdkeeper.address import format_address
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed.net import wait_until
+
+_Value = TypeVar("_Value")
+_Outcome = TypeVar("_Outcome", "WriteOutcome", "ReadOutcome")
 
 CALL_ID = re.compile(rb"\r\nCall-ID: ([^\r\n]+)\r\n")
 TICK = 0.005  # the SuT thread's longest sleep: command latency and rate-limit granularity
@@ -66,7 +69,8 @@ def call_id_of(message: bytes) -> str:
 
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes in the socket's send queue not yet acknowledged by the peer (SIOCOUTQ)."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+    return int(queued)
 
 
 # --------------------------------------------------------------------------- the SuT
@@ -122,20 +126,21 @@ class ScriptedSut:
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.connections: list[SutConnection] = []
         self.failure = ""  # an exception in the SuT's own thread: the test reports it
-        self._commands: queue.Queue[tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
+        # An action for the SuT's thread, and where its answer goes: (True, value) or (False, exception).
+        self._commands: queue.Queue[tuple[Callable[[], Any], queue.Queue[tuple[bool, Any]]]] = queue.Queue()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="scripted-sut", daemon=True)
         self._thread.start()
 
     # -- the test's side: commands run in the SuT's thread, answered within a bound
 
-    def call(self, action: Callable[[], Any], timeout: float = 5.0) -> Any:
-        answer: queue.Queue = queue.Queue()
+    def call(self, action: Callable[[], _Value], timeout: float = 5.0) -> _Value:
+        answer: queue.Queue[tuple[bool, Any]] = queue.Queue()
         self._commands.put((action, answer))
         ok, value = answer.get(timeout=timeout)
         if not ok:
             raise value
-        return value
+        return cast(_Value, value)  # what action returned, passed through the SuT's thread
 
     def connection(self, peer: str, timeout: float = 5.0) -> SutConnection:
         """The connection whose keeper side is ``peer`` (IP:PORT), once accepted and handshaken."""
@@ -184,9 +189,13 @@ class ScriptedSut:
     def close_notify(self, connection: SutConnection) -> None:
         """Send a TLS close_notify and go on reading (TLS 1.3 half-close)."""
 
+        tls = connection.tls
+        if tls is None:
+            raise ValueError(f"close_notify: the connection from {connection.peer} is TCP, not TLS")
+
         def action() -> None:
             try:
-                connection.tls.unwrap()
+                tls.unwrap()
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 pass  # sent; the keeper's close_notify is not waited for
             self._flush(connection, wait=True)
@@ -285,7 +294,7 @@ class ScriptedSut:
                 self._keeper_ended(connection, "reset")
                 return
             except OSError as error:
-                self._keeper_ended(connection, errno.errorcode.get(error.errno, str(error)))
+                self._keeper_ended(connection, _errno_name(error))
                 return
             if not data:
                 self._keeper_ended(connection, "eof")
@@ -305,13 +314,14 @@ class ScriptedSut:
         return int(connection.allowance)
 
     def _take(self, connection: SutConnection, data: bytes) -> None:
-        if connection.tls is None:
+        tls, incoming = connection.tls, connection.incoming
+        if tls is None or incoming is None:  # TCP (the two are set together, for TLS)
             self._frame(connection, data)
             return
-        connection.incoming.write(data)
+        incoming.write(data)
         if not connection.handshaken:
             try:
-                connection.tls.do_handshake()
+                tls.do_handshake()
                 connection.handshaken = True
             except ssl.SSLWantReadError:
                 return
@@ -321,7 +331,7 @@ class ScriptedSut:
                 return
         while True:
             try:
-                plain = connection.tls.read(65536)
+                plain = tls.read(65536)
             except ssl.SSLWantReadError:
                 return
             except ssl.SSLZeroReturnError:
@@ -458,7 +468,8 @@ def _write(sock: socket.socket, call_ids: list[str], body_size: int, stall: floa
 def _read(sock: socket.socket, expected: int, wait: float) -> ReadOutcome:
     """Read until ``expected`` whole messages came, the stream ended, or ``wait`` s passed; then
     finish a message begun (a run never stops mid-message: the next one would start there)."""
-    framer, ids, end = SipFramer(), [], None
+    framer, end = SipFramer(), None
+    ids: list[str] = []
     deadline = time.monotonic() + wait
     while end is None:
         left = deadline - time.monotonic()
@@ -510,7 +521,7 @@ def _checked_call_id(message: bytes) -> str:
 class ScriptedRun:
     """The test's handle on one run process; every wait is bounded."""
 
-    _context = None
+    _context: multiprocessing.context.ForkServerContext | None = None
 
     def __init__(self, directory: Path, transport: str, remote: tuple[str, int], timeout: float = 10.0) -> None:
         context = self._forkserver()
@@ -519,7 +530,9 @@ class ScriptedRun:
             target=_run_main, args=(child_end, str(directory), transport, remote), daemon=True
         )
         self.process.start()
-        self.pid = self.process.pid  # kept: a closed Process no longer says it
+        if self.process.pid is None:  # not met: start() returns once the process exists
+            raise RuntimeError("a scripted run's process did not start")
+        self.pid: int = self.process.pid  # kept: a closed Process no longer says it
         child_end.close()
         self.timeout = timeout
         answer = self._answer(timeout)
@@ -532,7 +545,7 @@ class ScriptedRun:
             self.local = answer[1]
 
     @classmethod
-    def _forkserver(cls):
+    def _forkserver(cls) -> multiprocessing.context.ForkServerContext:
         if cls._context is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["fdkeeper.testbed.scripted_sut", "fdkeeper.client"])
@@ -549,17 +562,23 @@ class ScriptedRun:
             self.process.join(self.timeout)
             raise RuntimeError(f"run {self.pid} ended unasked (exit code {self.process.exitcode})") from None
 
+    def _outcome(self, kind: type[_Outcome], timeout: float) -> _Outcome:
+        answer = self._answer(timeout)
+        if not isinstance(answer, kind):
+            raise RuntimeError(f"run {self.pid} answered {answer!r}, not a {kind.__name__}")
+        return answer
+
     def write(self, call_ids: list[str], body_size: int, stall: float) -> WriteOutcome:
         self.commands.send(("write", call_ids, body_size, stall))
-        return self._answer(self.timeout + stall * 2)
+        return self._outcome(WriteOutcome, self.timeout + stall * 2)
 
     def read(self, expected: int, wait: float) -> ReadOutcome:
         self.commands.send(("read", expected, wait))
-        return self._answer(self.timeout + wait)
+        return self._outcome(ReadOutcome, self.timeout + wait)
 
     def read_part(self, size: int, wait: float) -> ReadOutcome:
         self.commands.send(("read_part", size, wait))
-        return self._answer(self.timeout + wait)
+        return self._outcome(ReadOutcome, self.timeout + wait)
 
     def exit(self) -> None:
         self.commands.send(("exit",))
@@ -572,7 +591,8 @@ class ScriptedRun:
 
     @property
     def ended(self) -> bool:
-        return self.commands.closed
+        closed: bool = self.commands.closed
+        return closed
 
     def _reap(self) -> None:
         """Wait for the process and release its pipe and sentinel (a long test makes thousands of runs)."""

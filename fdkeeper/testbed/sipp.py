@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed.net import DEFAULT_DOMAIN
@@ -245,9 +245,9 @@ def start_sipp(
     log_dir: Path,
     name: str | None = None,
     env: dict[str, str] | None = None,
-    **options,
+    **options: Any,
 ) -> SippProcess:
-    """Start sipp in the background with terminal-less flags (see sipp_command)."""
+    """Start sipp in the background with terminal-less flags (see sipp_command; options are its)."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     name = name or f"{Path(scenario).stem}-{uuid.uuid4().hex[:6]}"
@@ -264,7 +264,7 @@ def run_sipp(
     name: str | None = None,
     wait: float = 30.0,
     env: dict[str, str] | None = None,
-    **options,
+    **options: Any,
 ) -> SippResult:
     """Run sipp to completion (at most `wait` seconds) and return its result."""
     return start_sipp(sipp, scenario, remote, log_dir=log_dir, name=name, env=env, **options).wait(wait)

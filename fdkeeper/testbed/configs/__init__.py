@@ -28,7 +28,7 @@ def template(name: str) -> str:
 def render(name: str, /, **values: object) -> str:
     """Template `name` with every ``{{key}}`` replaced by ``str(values[key])``."""
 
-    def value_of(match: re.Match) -> str:
+    def value_of(match: re.Match[str]) -> str:
         key = match.group(1)
         if key not in values:
             raise KeyError(f"{name}: no value for {{{{{key}}}}}")
