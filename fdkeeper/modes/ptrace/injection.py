@@ -13,11 +13,10 @@ import os
 
 from fdkeeper.modes.ptrace import raw as pt
 from fdkeeper.modes.ptrace.raw import SYS, pidfd_getfd, signed, unsigned
-from fdkeeper.modes.ptrace.tracer import PtraceRefused, Tracer
+from fdkeeper.modes.ptrace.tracer import Tracer
 
-# Tracer, PtraceRefused and pidfd_getfd are imported from here by mode.py and
-# tests/keeper/test_keeper_tls_slow_sut.py; their homes are tracer.py and raw.py.
-__all__ = ["Injection", "PtraceRefused", "Tracer", "pidfd_getfd"]
+# pidfd_getfd's home is raw.py; tests/keeper/test_keeper_tls_slow_sut.py imports it from here.
+__all__ = ["Injection", "pidfd_getfd"]
 
 SYSCALL_INSN = b"\x0f\x05"
 SCRATCH_SIZE = 8192

@@ -30,7 +30,7 @@ from fdkeeper.modes.ptrace.transfer import Transfer
 
 SO_REUSEPORT = 15
 # Options not replayed onto the kept connection: they concern the program's own socket's life.
-# Python twin of helpers/client.c's list (the shim replays the same ones).
+# Python twin of the shim's list (helpers/replay.c).
 NOT_REPLAYED = {
     (socket.SOL_SOCKET, socket.SO_LINGER),
     (socket.SOL_SOCKET, socket.SO_REUSEADDR),
@@ -140,11 +140,11 @@ class Services:
 
     @staticmethod
     def replay_options(kept: socket.socket, options: list[tuple[int, int, bytes]]) -> None:
-        """The program's setsockopt() calls on its own socket, made again on the kept connection:
-        all but NOT_REPLAYED, and no TCP option on a socketpair end (TLS: the keeper relays)."""
+        """The program's setsockopt() calls on its own socket, made again on the kept connection
+        (those replays_option lets through)."""
         pair = kept.family == socket.AF_UNIX
         for level, name, value in options:
-            if (level, name) not in NOT_REPLAYED and not (pair and level == socket.IPPROTO_TCP):
+            if replays_option(level, name, pair):
                 procfs.setsockopt_quietly(kept, level, name, value)
 
     def restore_epoll(
@@ -169,6 +169,13 @@ class Services:
             os.close(pidfd)
         self._pidfds.clear()
         self.transfer.close()
+
+
+def replays_option(level: int, name: int, pair: bool) -> bool:
+    """Whether an option the program set on its socket is set again on the kept connection: all
+    but NOT_REPLAYED, and no TCP option on a socketpair end (``pair``: TLS, the keeper relays).
+    Python twin of helpers/replay.c (handoff_replays_option)."""
+    return (level, name) not in NOT_REPLAYED and not (pair and level == socket.IPPROTO_TCP)
 
 
 def is_tcp_socket(sock: socket.socket) -> bool:
