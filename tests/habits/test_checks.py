@@ -5,6 +5,7 @@ with what the check's tool printed."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,6 +17,8 @@ CHECK = REPO / ".ci" / "check"
 CHECKS = ["ruff", "format", "types", "imports", "c"]
 # mypy over the whole package, gcc and cppcheck: far below this on a slow machine.
 TIMEOUT_S = 600
+# The Python tools .ci/check runs from .venv/bin, by the distribution that installs each.
+TOOL_DISTRIBUTIONS = ["ruff", "mypy", "import-linter"]
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -33,3 +36,12 @@ def test_every_check_has_a_test() -> None:
     assert run.returncode == 2, run.stdout + run.stderr
     listed = run.stderr.rsplit("the checks:", 1)[-1].split()
     assert listed == CHECKS, f".ci/check knows {listed}; tests/habits/test_checks.py tests {CHECKS}"
+
+
+def test_the_test_extra_installs_the_checks_tools() -> None:
+    """.ci/install installs `.[test]` into a fresh .venv: that extra must name every tool."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    named = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in extras}
+    missing = [tool for tool in TOOL_DISTRIBUTIONS if tool not in named]
+    assert not missing, f"pyproject.toml's test extra lacks {missing}, which .ci/check runs"
