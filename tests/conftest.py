@@ -7,6 +7,7 @@ fixtures here only wire it to pytest. Add new sections below, one per topic.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
+from tests.support.keeper import keeper_process
 
 
 def _plugin_needs_loading() -> bool:
@@ -106,7 +108,19 @@ def keeper(tmp_path: Path) -> Iterator[KeeperClient]:
     stopped after; modules that need another kind (a fake, one with a defect) define their own."""
     client = ensure_keeper(tmp_path / "state")
     yield client
+    process = keeper_process(client)
+    if process is not None:
+        process.resume()  # a test may have SIGSTOPped it: a stopped keeper cannot answer STOP
     client.stop()
+
+
+@pytest.fixture
+def peer() -> Iterator[socket.socket]:
+    """A TCP listener standing in for the SuT; accept() gives the SuT's side."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    yield listener
+    listener.close()
 
 
 @pytest.fixture

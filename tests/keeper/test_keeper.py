@@ -23,23 +23,11 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import MAX_MESSAGE, parse_reply
 from fdkeeper.statedir import socket_path
 from fdkeeper.testbed import wait_until
-
-
-@pytest.fixture
-def peer():
-    """A TCP listener standing in for the SuT; accept() gives the SuT's side."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
-    yield listener
-    listener.close()
+from tests.support.keeper import remote_of
 
 
 def keeper_process(client: KeeperClient) -> psutil.Process:
     return psutil.Process(int(client.alive().fields["pid"]))
-
-
-def remote_of(listener: socket.socket) -> tuple[str, int]:
-    return listener.getsockname()[:2]
 
 
 def lease_in_child(client: KeeperClient, remote, payload: bytes = b"", hold: float = 0.0) -> int:

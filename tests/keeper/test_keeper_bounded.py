@@ -21,9 +21,9 @@ from fdkeeper.keeper.tlslink import BUFFER_LIMIT
 from fdkeeper.loop import COMPACT_AT_CANCELLED
 from fdkeeper.sip.framing import MAX_MESSAGE, SipFramer
 from fdkeeper.testbed import wait_until
-from tests.keeper.test_keeper import peer, remote_of
-from tests.keeper.test_keeper_datapath import FakeSut, lease, open_connection, pki
-from tests.keeper.test_keeper_datapath import sip as datapath_sip
+from tests.support.fake_sut import FakeSut
+from tests.support.fake_sut import sip as datapath_sip
+from tests.support.keeper import lease, open_connection, remote_of
 
 CYCLES = COMPACT_AT_CANCELLED + 50
 

@@ -8,130 +8,16 @@ drive byte-exact faults; SIP behaviour with sipp and Kamailio is in the e2e test
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
-import ssl
-import struct
 import threading
 import time
 
-import psutil
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.testbed import wait_until
-from fdkeeper.testbed.pki import make_test_pki
-
-
-def sip(call_id: str, body: bytes = b"") -> bytes:
-    return f"MESSAGE sip:a@b SIP/2.0\r\nCall-ID: {call_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
-
-
-class FakeSut:
-    """A loopback server that accepts connections and does only what the test tells it to.
-
-    With ``pki`` it speaks TLS (server side); ``tls_handshake=False`` accepts TCP and never
-    speaks at all. Accepted connections are in ``accepted`` (TLS-wrapped when TLS is on).
-    """
-
-    def __init__(self, pki=None, *, handshake: bool = True, pong: bool = False, strict_eof: bool = False) -> None:
-        self.pong = pong
-        self.strict_eof = strict_eof  # TLS: an end without close_notify raises SSLEOFError, not b""
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
-        self.context = None
-        if pki is not None and handshake:
-            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self.context.load_cert_chain(pki.server_cert, pki.server_key)
-        self.accepted: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.context is not None:
-                try:
-                    raw = self.context.wrap_socket(raw, server_side=True, suppress_ragged_eofs=not self.strict_eof)
-                    # The keeper pings right after the handshake (tls.past_our_finished): pong.
-                    raw.settimeout(5)
-                    if raw.recv(4) == b"\r\n\r\n":
-                        raw.sendall(b"\r\n")
-                    raw.settimeout(None)
-                except (ssl.SSLError, OSError):
-                    raw.close()
-                    continue
-            self.accepted.append(raw)
-            if self.pong:
-                threading.Thread(target=self._answer_pings, args=(raw,), daemon=True).start()
-
-    @staticmethod
-    def _answer_pings(sock: socket.socket) -> None:
-        """Answer each RFC 5626 ping with a pong, as Kamailio does."""
-        while True:
-            try:
-                data = sock.recv(4096)
-            except OSError:
-                return
-            if not data:
-                return
-            for _ in range(data.count(b"\r\n\r\n")):
-                sock.sendall(b"\r\n")
-
-    def connection(self) -> socket.socket:
-        return wait_until(lambda: self.accepted and self.accepted[-1], what="the keeper's connection")
-
-    def close(self) -> None:
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        self._thread.join(5)
-        for sock in self.accepted:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the peer gets an RST instead of a FIN."""
-    raw = sock if not isinstance(sock, ssl.SSLSocket) else socket.socket(fileno=os.dup(sock.fileno()))
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    if raw is not sock:
-        raw.close()
-    sock.close()
-
-
-def tls_fields(pki) -> dict:
-    return {"tls_ca": str(pki.ca_cert)}
-
-
-def open_connection(keeper: KeeperClient, sut: FakeSut, transport: str, pki) -> None:
-    extra = tls_fields(pki) if transport == "tls" else {}
-    keeper.prepare(role="client", transport=transport, remote=sut.address, local="-", **extra)
-
-
-def lease(keeper: KeeperClient, sut: FakeSut, transport: str) -> socket.socket:
-    [(_, fd)] = keeper.lease(role="client", transport=transport, remote=sut.address, local="-")
-    leased = socket.socket(fileno=fd)
-    leased.settimeout(3)
-    return leased
-
-
-def keeper_rss(keeper: KeeperClient) -> int:
-    return psutil.Process(keeper.status()["keeper"]["pid"]).memory_info().rss
-
+from tests.support.fake_sut import FakeSut, end_connection, reset, sip
+from tests.support.keeper import keeper_rss, lease, open_connection, read_to_the_end
 
 # ---------------------------------------------------------------- item 3: bounded memory
 
@@ -232,47 +118,6 @@ def test_a_sut_that_never_pongs_delays_only_its_own_lease(tmp_path):
 # ---------------------------------------------------------------- item 8: nothing lost on close
 
 REQUESTS = sip("one") + sip("two", b"body")
-
-
-def end_connection(peer: socket.socket, how: str) -> None:
-    if how == "fin":
-        if isinstance(peer, ssl.SSLSocket):  # no close_notify: the socket underneath ends
-            socket.socket(fileno=os.dup(peer.fileno())).shutdown(socket.SHUT_RDWR)
-        else:
-            peer.shutdown(socket.SHUT_WR)
-    elif how == "close_notify":
-        send_close_notify(peer)
-    elif how == "rst":
-        reset(peer)
-    elif how == "bad record":  # an application-data record whose MAC cannot check out
-        with socket.socket(fileno=os.dup(peer.fileno())) as raw:
-            raw.sendall(bytes([0x17, 0x03, 0x03, 0x00, 0x20]) + b"x" * 0x20)
-
-
-def send_close_notify(peer: ssl.SSLSocket) -> None:
-    """End the SuT's sending side with close_notify and go on reading, as a SuT does that closes
-    (Kamailio does not wait for the keeper's close_notify: the keeper sends one only when it is
-    done sending too, as over a half-closed TCP connection)."""
-    timeout = peer.gettimeout()
-    peer.settimeout(0.3)
-    try:
-        peer.unwrap()  # sends close_notify, then waits for the keeper's, which does not come yet
-    except (TimeoutError, ssl.SSLError):
-        pass
-    peer.settimeout(timeout)
-
-
-def read_to_the_end(leased: socket.socket) -> tuple[bytes, str]:
-    """Everything the run reads, and how the stream ended: "eof" or the errno name."""
-    data = b""
-    while True:
-        try:
-            chunk = leased.recv(65536)
-        except OSError as error:
-            return data, errno.errorcode.get(error.errno, str(error))
-        if not chunk:
-            return data, "eof"
-        data += chunk
 
 
 CLOSE_CASES = [

@@ -5,7 +5,6 @@ a SIGKILLed keeper. Real keeper processes over their real control socket; plain 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,34 +20,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.control import MAX_CLIENTS
 from fdkeeper.statedir import DIED_NAME, RECORD_NAME
 from fdkeeper.testbed import wait_until
-from tests.keeper.test_keeper import peer
-
-
-@pytest.fixture
-def keeper(tmp_path):
-    client = ensure_keeper(tmp_path / "state")
-    yield client
-    process = keeper_process(client)
-    if process is not None:
-        process.resume()
-        client.stop()
-
-
-def keeper_process(client: KeeperClient) -> psutil.Process | None:
-    try:
-        return psutil.Process(int((client.directory / "keeper.lock").read_text()))
-    except (OSError, ValueError, psutil.NoSuchProcess):
-        return None
-
-
-def limit_with_free_slots(process: psutil.Process, free: int) -> int:
-    """The RLIMIT_NOFILE that leaves exactly ``free`` descriptor numbers to ``process`` (the
-    limit caps numbers, not counts: holes below the highest open descriptor count as room)."""
-    used = {int(name) for name in os.listdir(f"/proc/{process.pid}/fd")}
-    limit = 0
-    while limit - len([fd for fd in used if fd < limit]) < free:
-        limit += 1
-    return limit
+from tests.support.keeper import keeper_process, limit_with_free_slots
 
 
 def idle_clients(client: KeeperClient, count: int) -> list[socket.socket]:

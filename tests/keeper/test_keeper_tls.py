@@ -14,23 +14,13 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed import wait_until
-from fdkeeper.testbed.pki import make_test_pki
-
-
-def sip(call_id: str, body: bytes = b"") -> bytes:
-    return f"MESSAGE sip:a@b SIP/2.0\r\nCall-ID: {call_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
+from tests.support.fake_sut import sip
 
 
 class TlsPeer:

@@ -18,14 +18,8 @@ import pytest
 
 from fdkeeper.client import ensure_keeper
 from fdkeeper.testbed import wait_until
-from tests.keeper.test_keeper_datapath import (
-    FakeSut,
-    lease,
-    open_connection,
-    pki,
-    read_to_the_end,
-    send_close_notify,
-)
+from tests.support.fake_sut import FakeSut, send_close_notify
+from tests.support.keeper import lease, open_connection, read_to_the_end
 
 INVITE = (
     b"INVITE sip:alice@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK-half\r\n"

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from fdkeeper.errors import FdkeeperError
-from tests.keeper.test_keeper_datapath import FakeSut, pki
-from tests.keeper.test_keeper_faults import keeper, keeper_process, limit_with_free_slots
+from tests.support.fake_sut import FakeSut
+from tests.support.keeper import keeper_process, limit_with_free_slots
 
 
 @pytest.mark.parametrize("free", [2, 3])  # room for the control client and the TCP socket, not the pair

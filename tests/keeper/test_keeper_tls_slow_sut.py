@@ -23,7 +23,7 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes.ptrace.injection import pidfd_getfd
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed import wait_until
-from tests.keeper.test_keeper_datapath import lease, open_connection, pki
+from tests.support.keeper import lease, open_connection
 
 READ_RATE = 80_000  # bytes a second the SuT reads
 BODY = b"b" * 2000

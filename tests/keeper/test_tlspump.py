@@ -22,16 +22,8 @@ import pytest
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper import tlspump
 from fdkeeper.testbed import wait_until
-from tests.keeper.test_keeper_datapath import (
-    FakeSut,
-    end_connection,
-    keeper_rss,
-    lease,
-    open_connection,
-    pki,
-    read_to_the_end,
-    sip,
-)
+from tests.support.fake_sut import FakeSut, end_connection, sip
+from tests.support.keeper import keeper_rss, lease, open_connection, read_to_the_end
 
 pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.scenario import tls_arguments
 from fdkeeper.textsafe import escape_controls
-from tests.keeper.test_keeper import peer
 
 FORGED = "sip:a\nFAKE 9 tcp 1.2.3.4:5 sip:root@x idle\r2026-01-01 00:00:00,000 fdkeeper[1] forged\u2028x@example.test"
 FORGED_WITHOUT_CONTROLS = (
