@@ -55,6 +55,8 @@ class TraceeGone(Exception):
 # Plain classes, not dataclasses: a dataclass compiles code at import, and this module is
 # imported on every --mode ptrace start-up, where each millisecond counts.
 class SyscallStop:
+    """A task held at a syscall's entry or exit (or a seccomp stop): what the tracer reports."""
+
     __slots__ = ("args", "emulated", "entry", "nr", "rval", "seccomp", "tid")
 
     def __init__(
@@ -79,11 +81,12 @@ class SyscallStop:
 
 
 class Task:
-    __slots__ = ("in_syscall_args", "signals", "tid")
+    """One traced thread, and the signals it got while held by us."""
+
+    __slots__ = ("signals", "tid")
 
     def __init__(self, tid: int) -> None:
         self.tid = tid
-        self.in_syscall_args: tuple[int, int, tuple[int, ...]] | None = None  # (nr, ...) of the call in progress
         self.signals: list[int] = []  # signals held back during an injection
 
 
