@@ -2,7 +2,8 @@
 
 The shim is compiled as the extension module fdkeeper._shim only so that setuptools builds
 and installs it with the package; it is never imported, only preloaded into sipp. Its sources
-and flags come from helpers/shimbuild.py, as for the tests and benches.
+and flags come from helpers/shimbuild.py, as for the tests and benches; without -Werror, which
+the project's own check and tests add (a newer compiler's new warning must not fail an install).
 """
 
 import sys

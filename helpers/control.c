@@ -21,8 +21,6 @@ static void proto_error(struct ctl_result *res, const char *fmt, const char *arg
     snprintf(res->text, sizeof res->text, fmt, arg);
 }
 
-/* Receive one packet; its SCM_RIGHTS descriptors are appended to *fds.
- * Returns the length, 0 on EOF, -1 on error (errno). */
 /* A failed send/recv on the control socket: the keeper was too slow (timeout) or went away. */
 static void socket_failure(struct ctl_result *res)
 {
@@ -30,6 +28,8 @@ static void socket_failure(struct ctl_result *res)
     res->sys_errno = errno;
 }
 
+/* Receive one packet; its SCM_RIGHTS descriptors are appended to *fds.
+ * Returns the length, 0 on EOF, -1 on error (errno). */
 static ssize_t recv_packet(int s, char *buf, int **fds, int *nfds, int *truncated)
 {
     union {
@@ -98,27 +98,6 @@ static int parse_err(const char *buf, struct ctl_result *res)
     return 1;
 }
 
-/* Value of token key= in a "VERB k=v k=v" packet, copied to out. */
-static int token(const char *buf, const char *key, char *out, size_t outlen)
-{
-    size_t kl = strlen(key);
-    const char *p = strchr(buf, ' ');
-
-    while (p) {
-        p++;
-        if (strncmp(p, key, kl) == 0 && p[kl] == '=') {
-            size_t vl = strcspn(p + kl + 1, " ");
-            if (vl >= outlen)
-                return -1;
-            memcpy(out, p + kl + 1, vl);
-            out[vl] = 0;
-            return 0;
-        }
-        p = strchr(p, ' ');
-    }
-    return -1;
-}
-
 /* Where the value of token key= starts in a "VERB k=v k=v" packet (its length
  * in *vlen), or NULL. */
 static const char *find_value(const char *buf, const char *key, size_t *vlen)
@@ -137,16 +116,30 @@ static const char *find_value(const char *buf, const char *key, size_t *vlen)
     return NULL;
 }
 
+/* Value of token key= in a "VERB k=v k=v" packet, copied to out. 0 or -1. */
+static int token(const char *buf, const char *key, char *out, size_t outlen)
+{
+    size_t vl = 0;
+    const char *v = find_value(buf, key, &vl);
+
+    if (!v || vl >= outlen)
+        return -1;
+    memcpy(out, v, vl);
+    out[vl] = 0;
+    return 0;
+}
+
 /* "A,A,..." with exactly n addresses (IP:PORT, [IP]:PORT or -) into out;
  * no list at all (v NULL): every address unknown. 0 or -1. */
 static int parse_addr_list(const char *v, size_t vlen, struct shim_inaddr *out, int n)
 {
-    const char *end = v + vlen;
+    const char *end;
 
     if (!v) {
         memset(out, 0, (size_t)n * sizeof *out);
         return 0;
     }
+    end = v + vlen;
     for (int i = 0; i < n; i++) {
         const char *c = memchr(v, ',', (size_t)(end - v));
         if (shim_parse_inaddr(v, (size_t)((c ? c : end) - v), &out[i]) != 0)
@@ -204,114 +197,144 @@ static int parse_count(const char *s, long max)
     return (int)v;
 }
 
-void ctl_lease(const char *path, const char *request, struct ctl_result *res)
+static void close_keeping_errno(int s)
+{
+    int saved = errno;
+
+    REAL(close)(s);
+    errno = saved;
+}
+
+/* A fresh control connection to the keeper at path, with the reply timeout
+ * set; the socket, or -1 with res telling why. */
+static int open_control(const char *path, struct ctl_result *res)
 {
     struct sockaddr_un sun;
     struct timeval tv = { CTL_TIMEOUT_SECONDS, 0 };
-    char buf[MAX_PACKET + 2];
-    int s, want, truncated;
-    ssize_t n;
+    int s;
 
-    memset(res, 0, sizeof *res);
     memset(&sun, 0, sizeof sun);
     sun.sun_family = AF_UNIX;
     if (strlen(path) >= sizeof sun.sun_path) {
         res->status = CTL_UNREACHABLE;
         res->sys_errno = ENAMETOOLONG;
-        return;
+        return -1;
     }
     strcpy(sun.sun_path, path);
-
     s = REAL(socket)(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (s < 0) {
         res->status = CTL_UNREACHABLE;
         res->sys_errno = errno;
-        return;
+        return -1;
     }
     REAL(setsockopt)(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     REAL(setsockopt)(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     if (REAL(connect)(s, (struct sockaddr *)&sun, sizeof sun) != 0) {
         res->status = CTL_UNREACHABLE;
         res->sys_errno = errno;
-        goto out;
+        close_keeping_errno(s);
+        return -1;
     }
+    return s;
+}
+
+static int send_request(int s, const char *request, struct ctl_result *res)
+{
+    ssize_t n;
+
     do
         n = REAL(send)(s, request, strlen(request), MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        res->status = errno == EAGAIN ? CTL_TIMEOUT : CTL_UNREACHABLE;
-        res->sys_errno = errno;
-        goto out;
-    }
+    if (n >= 0)
+        return 0;
+    res->status = errno == EAGAIN ? CTL_TIMEOUT : CTL_UNREACHABLE;
+    res->sys_errno = errno;
+    return -1;
+}
 
-    /* First packet: OK count=N or ERR. */
-    n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
+/* The next packet of the reply into buf (its descriptors appended to res);
+ * 0, or -1 with res telling why (when: where in the reply the keeper hung up). */
+static int next_packet(int s, char *buf, struct ctl_result *res, int *truncated, const char *when)
+{
+    ssize_t n = recv_packet(s, buf, &res->fds, &res->nfds, truncated);
+
     if (n < 0) {
         socket_failure(res);
-        goto out;
+        return -1;
     }
     if (n == 0) {
-        proto_error(res, "%s", "the keeper closed the control connection without an answer");
-        goto out;
+        proto_error(res, "the keeper closed the control connection %s", when);
+        return -1;
     }
+    return 0;
+}
+
+/* The first packet: OK count=N (N in *want) or ERR (res says so). 0 or -1. */
+static int read_count(int s, char *buf, struct ctl_result *res, int *want)
+{
+    char v[16];
+    int truncated;
+
+    if (next_packet(s, buf, res, &truncated, "without an answer") != 0)
+        return -1;
     if (res->nfds) { /* descriptors on the OK packet: not in the protocol */
         proto_error(res, "%s", "the keeper sent descriptors with its first reply");
-        goto out;
+        return -1;
     }
     if (parse_err(buf, res))
-        goto out;
-    {
-        char v[16];
-        if (strncmp(buf, "OK ", 3) != 0 || token(buf, "count", v, sizeof v) != 0 ||
-            (want = parse_count(v, 1 << 20)) < 0) {
-            proto_error(res, "unexpected reply '%.200s'", buf);
-            goto out;
-        }
+        return -1;
+    if (strncmp(buf, "OK ", 3) != 0 || token(buf, "count", v, sizeof v) != 0 ||
+        (*want = parse_count(v, 1 << 20)) < 0) {
+        proto_error(res, "unexpected reply '%.200s'", buf);
+        return -1;
     }
+    return 0;
+}
 
-    /* Then FDS ids=... packets until N descriptors arrived. */
-    while (res->nfds < want) {
-        int before = res->nfds, ids = 1;
-        char *v;
+/* One FDS ids=... packet: its descriptors and addresses appended to res, at
+ * most want in all. 0 or -1 (res says why). */
+static int read_fds(int s, char *buf, struct ctl_result *res, int want)
+{
+    int before = res->nfds, ids = 1, truncated;
+    const char *v;
 
-        n = recv_packet(s, buf, &res->fds, &res->nfds, &truncated);
-        if (n < 0) {
-            socket_failure(res);
-            goto out;
-        }
-        if (n == 0) {
-            proto_error(res, "%s", "the keeper closed the control connection in the middle of a reply");
-            goto out;
-        }
-        if (truncated) {
-            proto_error(res, "%s", "descriptors were lost in transit (too many in one packet, "
-                                   "or the file descriptor limit was reached)");
-            goto out;
-        }
-        if (parse_err(buf, res))
-            goto out;
-        if (strncmp(buf, "FDS ", 4) != 0 || !(v = strstr(buf, " ids=")) || !v[5]) {
-            proto_error(res, "unexpected packet '%.200s'", buf);
-            goto out;
-        }
-        for (const char *p = v + 5; *p && *p != ' '; p++)
-            ids += *p == ',';
-        if (res->nfds - before != ids || res->nfds > want) {
-            proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);
-            goto out;
-        }
-        if (parse_addrs(buf, res, before) != 0)
-            goto out;
+    if (next_packet(s, buf, res, &truncated, "in the middle of a reply") != 0)
+        return -1;
+    if (truncated) {
+        proto_error(res, "%s", "descriptors were lost in transit (too many in one packet, "
+                               "or the file descriptor limit was reached)");
+        return -1;
     }
-    res->status = CTL_OK;
-out:
+    if (parse_err(buf, res))
+        return -1;
+    if (strncmp(buf, "FDS ", 4) != 0 || !(v = strstr(buf, " ids=")) || !v[5]) {
+        proto_error(res, "unexpected packet '%.200s'", buf);
+        return -1;
+    }
+    for (const char *p = v + 5; *p && *p != ' '; p++)
+        ids += *p == ',';
+    if (res->nfds - before != ids || res->nfds > want) {
+        proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);
+        return -1;
+    }
+    return parse_addrs(buf, res, before);
+}
+
+void ctl_lease(const char *path, const char *request, struct ctl_result *res)
+{
+    char buf[MAX_PACKET + 2];
+    int s, want = 0;
+
+    memset(res, 0, sizeof *res);
+    if ((s = open_control(path, res)) < 0)
+        return;
+    if (send_request(s, request, res) == 0 && read_count(s, buf, res, &want) == 0)
+        while (res->nfds < want && read_fds(s, buf, res, want) == 0)
+            ;
+    /* Every step that failed set res->status; CTL_OK (0, from the memset) otherwise. */
     if (res->status != CTL_OK)
         ctl_result_free(res, 1);
-    {
-        int saved = errno;
-        REAL(close)(s);
-        errno = saved;
-    }
+    close_keeping_errno(s);
 }
 
 void ctl_result_free(struct ctl_result *res, int close_them)

@@ -106,9 +106,10 @@ int kept_setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 int kept_getname(int fd, struct sockaddr *addr, socklen_t *len, int peer)
 {
     struct fde snap;
-    const struct shim_inaddr *a = peer ? &snap.peer : &snap.local;
+    const struct shim_inaddr *a;
 
-    if (!SHIM_ACTIVE() || !fdt_lookup(fd, FDE_PAIR | FDE_PENDING, &snap) || a->len == 0)
+    if (!SHIM_ACTIVE() || !fdt_lookup(fd, FDE_PAIR | FDE_PENDING, &snap) ||
+        (a = peer ? &snap.peer : &snap.local)->len == 0)
         return peer ? REAL(getpeername)(fd, addr, len) : REAL(getsockname)(fd, addr, len);
     /* The kernel's semantics: copy at most *len bytes, report the full size. */
     if (!len) {

@@ -620,6 +620,7 @@ static int cmd_percallvia(int argc, char **argv)
     size_t cap = 4096 + (size_t)fillers * 128;
     char *msg = malloc(cap);
 
+    (void)argc;
     sipp_sndbuf = atoi(argv[6]);
     if (!msg)
         die("malloc");

@@ -1,0 +1,165 @@
+/* The handoff recipe of the client role (see handoff.h): the LEASE request,
+ * the kept connection dup3'ed onto the program's fd, its epoll registrations
+ * and socket options carried over, its entry marked kept. client.c and
+ * percall.c keep only what is their own: when to hand over, and for whom. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <unistd.h>
+
+#include "handoff.h"
+#include "kept.h"
+#include "lease.h"
+#include "real.h"
+#include "replay.h"
+
+void handoff_restore_epoll(int fd, const struct fde *snap)
+{
+    for (int i = 0; i < snap->nregs; i++) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = snap->regs[i].events;
+        ev.data = snap->regs[i].data;
+        if (REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
+            (errno != EEXIST || REAL(epoll_ctl)(snap->regs[i].epfd, EPOLL_CTL_MOD, fd, &ev) != 0))
+            shim_debug("fd %d: could not restore its epoll registration in epoll fd %d: %s", fd,
+                       snap->regs[i].epfd, strerror(errno));
+    }
+}
+
+/* The options the program set on its socket, as far as they concern the
+ * connection (replay.h). */
+static void replay_options(int fd, const struct fde *snap, int pair)
+{
+    for (int i = 0; i < snap->nopts; i++) {
+        const struct fde_opt *o = &snap->opts[i];
+        if (handoff_replays_option(o->level, o->name, pair))
+            REAL(setsockopt)(fd, o->level, o->name, o->val, o->len);
+    }
+}
+
+int handoff_dup_onto(int src, int fd)
+{
+    int pfl = REAL(fcntl)(fd, F_GETFL);
+    int sfl = REAL(fcntl)(src, F_GETFL);
+    int err;
+
+    if (pfl >= 0 && sfl >= 0 && ((pfl ^ sfl) & O_NONBLOCK))
+        REAL(fcntl)(src, F_SETFL, (sfl & ~O_NONBLOCK) | (pfl & O_NONBLOCK));
+    if (REAL(dup3)(src, fd, O_CLOEXEC) >= 0) {
+        REAL(close)(src);
+        return 0;
+    }
+    err = errno;
+    REAL(close)(src);
+    errno = err;
+    return -1;
+}
+
+/* The kept connection replaces fd; 0 or -1 (said, errno set). */
+static int put_on_fd(int kept, int fd)
+{
+    char ebuf[128];
+    int err;
+
+    if (handoff_dup_onto(kept, fd) == 0)
+        return 0;
+    err = errno;
+    shim_say("fdkeeper: cannot put the kept connection on fd %d: %s", fd,
+             strerror_r(err, ebuf, sizeof ebuf));
+    errno = err;
+    return -1;
+}
+
+/* fd now holds the kept connection: its entry says so (a PENDING fd's
+ * placeholder and, with its last copy, the placeholder's other end go). */
+static void mark_kept(int fd, const struct fde *snap, const struct shim_inaddr *peer,
+                      const struct shim_inaddr *local, int pair)
+{
+    int *cl = NULL, ncl = 0;
+
+    fdt_lock();
+    struct fde *e = fdt_get(fd);
+    if (!e && (e = fdt_create(fd)))
+        e->family = snap->family;
+    if (e) {
+        fdt_clear_pending(e, &cl, &ncl);
+        e->flags |= FDE_CANDIDATE | FDE_KEPT | (pair ? FDE_PAIR : 0);
+        e->nregs = snap->nregs;
+        memcpy(e->regs, snap->regs, sizeof e->regs);
+        e->peer = *peer;
+        e->local = *local;
+        fde_set_identity(fd, e);
+    }
+    fdt_unlock();
+    fdt_close_list(cl, ncl);
+}
+
+static void say_handed_over(int fd, const char *what, const char *aor, int pair)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    char got[64];
+
+    if (!shim_config()->debug)
+        return;
+    if (kept_getname(fd, (struct sockaddr *)&ss, &sl, 0) == 0)
+        shim_format_addr((struct sockaddr *)&ss, got, sizeof got);
+    else
+        strcpy(got, "?");
+    shim_debug("%s: handed over the kept connection %s->%s%s%s%s", what, got,
+               shim_config()->remote_str, aor ? " of " : "", aor ? aor : "",
+               pair ? " (a socketpair end the keeper relays)" : "");
+}
+
+/* Ask the keeper for the client connection; its descriptor and addresses. 0
+ * or -1 (said, errno set). */
+static int lease_one(const struct fde *snap, const char *transport, const char *what,
+                     const char *aor, int *kept, struct shim_inaddr *peer, struct shim_inaddr *local)
+{
+    const struct shim_config *cfg = shim_config();
+    char bound[64], req[4096];
+    struct ctl_result res;
+
+    if (snap->has_bind)
+        shim_format_addr((const struct sockaddr *)&snap->bind_addr, bound, sizeof bound);
+    else
+        strcpy(bound, "-");
+    snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s%s%s", transport,
+             cfg->remote_str, bound, cfg->reconnect ? " reconnect=1" : "", aor ? " aor=" : "",
+             aor ? aor : "");
+    if (lease_request(req, &res, what) != 0)
+        return -1;
+    if (res.nfds != 1) {
+        char why[64];
+        snprintf(why, sizeof why, "a client lease carried %d descriptors, not 1", res.nfds);
+        return lease_bad_reply(&res, why, what);
+    }
+    *kept = res.fds[0];
+    *peer = res.peers[0];
+    *local = res.locals[0];
+    ctl_result_free(&res, 0);
+    return 0;
+}
+
+int handoff_lease(int fd, const struct fde *snap, const char *transport, const char *what,
+                  int saved_errno, const char *aor)
+{
+    struct shim_inaddr kpeer, klocal;
+    int kept, pair;
+
+    if (lease_one(snap, transport, what, aor, &kept, &kpeer, &klocal) != 0)
+        return -1;
+    pair = lease_is_pair(kept);
+    if (put_on_fd(kept, fd) != 0)
+        return -1;
+    handoff_restore_epoll(fd, snap);
+    replay_options(fd, snap, pair);
+    mark_kept(fd, snap, &kpeer, &klocal, pair);
+    say_handed_over(fd, what, aor, pair);
+    errno = saved_errno;
+    return 0;
+}
