@@ -11,12 +11,31 @@
 
 static int is_ws(char c) { return c == ' ' || c == '\t'; }
 
+/* Whitespace around a header name: as Python's bytes.strip(), so that the ptrace mode's twin
+ * (from_aor in fdkeeper/modes/ptrace/) finds the same header (tests/parity/). */
+static int is_space(char c) { return is_ws(c) || c == '\r' || c == '\n' || c == '\v' || c == '\f'; }
+
 /* Is [name, name+n) the header name From or its compact form f? */
 static int is_from(const char *name, size_t n)
 {
-    while (n && is_ws(name[n - 1]))
+    while (n && is_space(name[n - 1]))
         n--;
+    while (n && is_space(*name)) {
+        name++;
+        n--;
+    }
     return (n == 4 && strncasecmp(name, "from", 4) == 0) || (n == 1 && (name[0] | 0x20) == 'f');
+}
+
+/* Where the header part of msg ends: at its first CRLFCRLF, or LFLF if one comes first (the
+ * body may hold a From line too). */
+static const char *header_end(const char *msg, size_t len)
+{
+    const char *crlf = memmem(msg, len, "\r\n\r\n", 4), *lf = memmem(msg, len, "\n\n", 2);
+
+    if (!crlf)
+        return lf ? lf : msg + len;
+    return lf && lf < crlf ? lf : crlf;
 }
 
 /* The URI of a From header value [v, end): inside <...> when there is one
@@ -65,19 +84,17 @@ static int from_uri(const char *v, const char *end, const char **uri, size_t *ul
 
 int shim_from_aor(const char *msg, size_t len, char *out, size_t outlen)
 {
-    const char *end = msg + len, *line, *uri = NULL;
+    const char *end = header_end(msg, len), *line, *uri = NULL;
     size_t ulen = 0, o = 0;
 
-    /* Skip the start line; then one header per line until the empty line. */
-    line = memchr(msg, '\n', len);
+    /* Skip the start line; then one header per line (folded lines skipped). */
+    line = memchr(msg, '\n', (size_t)(end - msg));
     while (line && ++line < end) {
         const char *eol = memchr(line, '\n', (size_t)(end - line));
         const char *lend = eol ? eol : end, *colon;
-        if (lend > line && lend[-1] == '\r')
+        while (lend > line && lend[-1] == '\r')
             lend--;
-        if (lend == line)
-            break; /* end of the headers */
-        if (!is_ws(*line) && (colon = memchr(line, ':', (size_t)(lend - line))) &&
+        if (lend > line && !is_ws(*line) && (colon = memchr(line, ':', (size_t)(lend - line))) &&
             is_from(line, (size_t)(colon - line))) {
             if (from_uri(colon + 1, lend, &uri, &ulen) != 0)
                 return 0;
