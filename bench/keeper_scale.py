@@ -33,9 +33,9 @@ from pathlib import Path
 import psutil
 
 from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.modes import sipp_request as HandoffRequest  # builds the common request from a sipp invocation
 from fdkeeper.modes.preload import PreloadMode
 from fdkeeper.sipp.args import parse_sipp_args
+from fdkeeper.sipp.request import sipp_request
 from fdkeeper.testbed import SCENARIOS_DIR, free_port
 from fdkeeper.testbed.pki import make_test_pki
 
@@ -105,7 +105,7 @@ def handoff_seconds(keeper: KeeperClient, tcp_port: int, expected: int, workdir:
         "20s",
         f"127.0.0.1:{tcp_port}",
     ]
-    request = HandoffRequest(
+    request = sipp_request(
         sipp=Path(shutil.which("sipp")),
         invocation=parse_sipp_args(args),
         control_socket=keeper.path,
