@@ -1,4 +1,4 @@
-"""Builds the LD_PRELOAD shim (helpers/*.c) and the keeper's TLS pump (helpers/tlspump/) from source as part of `pip install .`.
+"""Builds the LD_PRELOAD shim (helpers/shim/) and the keeper's TLS pump (helpers/tlspump/) from source as part of `pip install .`.
 
 The shim is compiled as the extension module fdkeeper._shim only so that setuptools builds
 and installs it with the package; it is never imported, only preloaded into sipp. Its sources

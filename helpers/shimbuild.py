@@ -1,4 +1,5 @@
-"""How the LD_PRELOAD shim, the keeper's TLS pump and the C test programs are compiled: written once.
+"""How the LD_PRELOAD shim (helpers/shim/), the keeper's TLS pump (helpers/tlspump/) and the C test
+programs are compiled: written once, the one build script for both libraries.
 
 setup.py (the package build), the tests, bench/lease_latency.py and the static check all take
 their sources and flags from here. By hand:
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HELPERS = Path(__file__).resolve().parent
+SHIM = HELPERS / "shim"  # the shim's own sources: every *.c there is compiled into it
 ROOT = HELPERS.parent
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
 # Added wherever the project itself compiles (tests, benches, --check); not in setup.py.
@@ -34,14 +36,14 @@ LIBRARIES = ["dl", "pthread"]
 SANITIZE_CFLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
 PROGRAM_CFLAGS = ["-O2", "-Wall", "-Wextra", *WERROR, "-pthread"]
 # The keeper's TLS pump (fdkeeper/keeper/tlspump.py loads it with ctypes): not part of the shim,
-# so it lives in its own directory, out of the shim's *.c glob; linked to the libssl of _ssl.
+# so it lives in its own directory beside shim/; linked to the libssl of _ssl.
 TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c"]
 TLSPUMP_HEADERS = ["tlspump/sipframe.h"]
 TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file name: no libssl-dev needed
 # The C test programs, checked with the rest (each compiled on its own, as the tests do).
 TEST_PROGRAMS = ["tests/shim/shimprog.c", "tests/ptrace/sipagent.c", "bench/lease_latency.c"]
 # Compiled with a helpers file next to it (tests/shim/rewrite_test.c links rewrite.c alone).
-TEST_PROGRAMS_WITH = {"tests/shim/rewrite_test.c": ["rewrite.c"]}
+TEST_PROGRAMS_WITH = {"tests/shim/rewrite_test.c": ["shim/rewrite.c"]}
 CPPCHECK = [
     "cppcheck",
     "--enable=warning,style,performance,portability",
@@ -56,7 +58,7 @@ CPPCHECK = [
 
 def sources(relative_to: Path | None = None) -> list[str]:
     """The shim's C files, sorted; relative to a directory when given (setup.py wants that)."""
-    return _named(sorted(HELPERS.glob("*.c")), relative_to)
+    return _named(sorted(SHIM.glob("*.c")), relative_to)
 
 
 def compile_shim(output: Path, extra_cflags: Sequence[str] = ()) -> str:
@@ -91,7 +93,7 @@ def compile_twin(output: Path, names: Sequence[str]) -> str:
     """
     paths = [str(HELPERS / name) for name in names]
     include = sorted({f"-I{(HELPERS / name).parent}" for name in names})
-    flags = ["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", *WERROR, "-DSHIM_HIDDEN=", f"-I{HELPERS}", *include]
+    flags = ["-shared", "-fPIC", "-O2", "-Wall", "-Wextra", *WERROR, "-DSHIM_HIDDEN=", *include]
     return _gcc([*flags, "-o", str(output), *paths])
 
 
@@ -132,7 +134,7 @@ def check() -> list[str]:
         for program in TEST_PROGRAMS:
             compiles[program] = _program_compile(program, out)
         for program, companions in TEST_PROGRAMS_WITH.items():
-            extra = [f"-I{HELPERS}", *(str(HELPERS / name) for name in companions)]
+            extra = [f"-I{SHIM}", *(str(HELPERS / name) for name in companions)]
             compiles[program] = _program_compile(program, out, extra)
         for name, compile_it in compiles.items():
             try:

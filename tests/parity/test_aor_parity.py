@@ -1,5 +1,5 @@
 """The AoR of a SIP message (the URI of its From header): the ptrace mode's from_aor
-(fdkeeper/modes/ptrace/aor.py) against the shim's shim_from_aor (helpers/aor.c), on the
+(fdkeeper/modes/ptrace/aor.py) against the shim's shim_from_aor (helpers/shim/aor.c), on the
 same messages. Both lease by this key: one user must get one connection whichever mode runs.
 
 The shim percent-encodes the AoR for the control protocol; the keeper decodes it, so the
@@ -36,7 +36,7 @@ ShimAor = Callable[[bytes], bytes | None]
 
 @pytest.fixture(scope="module")
 def shim_aor(twin_library: Callable[[str, list[str]], ctypes.CDLL]) -> ShimAor:
-    function = twin_library("aor", ["aor.c"]).shim_from_aor
+    function = twin_library("aor", ["shim/aor.c"]).shim_from_aor
     function.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
     function.restype = ctypes.c_int
 

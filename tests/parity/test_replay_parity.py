@@ -1,5 +1,5 @@
 """The options replayed onto a kept connection: the ptrace mode's replays_option (NOT_REPLAYED,
-fdkeeper/modes/ptrace/services.py) against the shim's handoff_replays_option (helpers/replay.c),
+fdkeeper/modes/ptrace/services.py) against the shim's handoff_replays_option (helpers/shim/replay.c),
 on the same options."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ Replays = Callable[[int, int, bool], bool]
 
 @pytest.fixture(scope="module")
 def replays(twin_library: Callable[[str, list[str]], ctypes.CDLL]) -> Replays:
-    function = twin_library("replay", ["replay.c"]).handoff_replays_option
+    function = twin_library("replay", ["shim/replay.c"]).handoff_replays_option
     function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     function.restype = ctypes.c_int
     return lambda level, name, pair: bool(function(level, name, int(pair)))

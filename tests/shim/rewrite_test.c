@@ -1,4 +1,4 @@
-/* Unit test driver of helpers/rewrite.c (tests/test_shim_rewrite.py), linked
+/* Unit test driver of helpers/shim/rewrite.c (tests/shim/test_shim_rewrite.py), linked
  * with it directly: no shim, no sockets.
  *
  *   rewrite_test apply FROM TO          stdin: one message; prints "end=E count=C",

@@ -33,7 +33,7 @@ from tests.shim.test_shim import (
     shim_env,
 )
 
-HELPERS = ROOT / "helpers"
+HELPERS = ROOT / "helpers" / "shim"
 REWRITE_TEST_SRC = ROOT / "tests" / "shim" / "rewrite_test.c"
 PH, KEPT = "127.0.0.1:46883", "127.0.0.1:33697"
 
