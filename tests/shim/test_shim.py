@@ -11,241 +11,23 @@ socketpair(AF_UNIX, SOCK_STREAM) whose other end the test uses as the SuT
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
 
 from fdkeeper.testbed import wait_until
+from tests.support.fake_keeper import FakeKeeper, fmt_addr
+from tests.support.shim import WRAPPER, Sut, free_port, parse, recv_until, run, shim_env
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helpers"))
-from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim  # noqa: E402
-
-SHIMPROG_SRC = ROOT / "tests" / "shim" / "shimprog.c"
 SIPP = shutil.which("sipp")
-# e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.
-WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
-# SHIM_TEST_SANITIZE=1: the shim built with AddressSanitizer + UBSan, the ASan runtime
-# preloaded first (a program built without it cannot load an ASan shim otherwise).
-# By hand: SHIM_TEST_CFLAGS="-fsanitize=..." with SHIM_TEST_PRELOAD_FIRST=/path/libasan.so.
-SANITIZE = os.environ.get("SHIM_TEST_SANITIZE", "") == "1"
-EXTRA_CFLAGS = [*os.environ.get("SHIM_TEST_CFLAGS", "").split(), *(SANITIZE_CFLAGS if SANITIZE else [])]
-PRELOAD_FIRST = asan_runtime() if SANITIZE else os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
-
-
-# --------------------------------------------------------------------------- build
-
-
-def build_shim_and_program(out: Path) -> dict[str, str]:
-    """The shim exactly as the package build compiles it (plus EXTRA_CFLAGS), and shimprog."""
-    lib, prog = out / "libfdkeeper_shim.so", out / "shimprog"
-    warnings = compile_shim(lib, EXTRA_CFLAGS)
-    assert warnings == "", "the shim must compile without warnings:\n" + warnings
-    compile_program(SHIMPROG_SRC, prog)
-    return {"lib": str(lib), "prog": str(prog)}
-
-
-@pytest.fixture(scope="session")
-def build(tmp_path_factory):
-    return build_shim_and_program(tmp_path_factory.mktemp("shim-build"))
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Sut:
-    """A TCP listener on 127.0.0.1 standing in for the SIP server."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.sock.settimeout(10)
-        self.port = self.sock.getsockname()[1]
-        self.addr = f"127.0.0.1:{self.port}"
-        self.peers: list[socket.socket] = []
-
-    def accept(self) -> socket.socket:
-        conn, _ = self.sock.accept()
-        conn.settimeout(10)
-        self.peers.append(conn)
-        return conn
-
-    def close(self):
-        for p in self.peers:
-            p.close()
-        self.sock.close()
-
-
-def fmt_addr(addr) -> str:
-    host, port = addr[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class FakeKeeper:
-    """SEQPACKET control socket answering LEASE the way docs/protocol.md says.
-
-    pairs=True: client leases hand one end of a fresh socketpair (the keeper keeps
-    a copy of it, like it keeps a TCP socket; the test plays the SuT on the other
-    end) with peers=/locals= set to peer_addr/local_addr. addrs=True: TCP FDS
-    packets carry peers=/locals= too (the real addresses). fds_extra replaces the
-    peers=/locals= part of every FDS packet."""
-
-    def __init__(
-        self,
-        path: Path,
-        sut: Sut,
-        error: str | None = None,
-        pairs: bool = False,
-        addrs: bool = False,
-        peer_addr: str | None = None,
-        local_addr: str = "192.0.2.55:40312",
-        fds_extra: str | None = None,
-    ):
-        self.path = str(path)
-        self.sut = sut
-        self.error = error  # "code text" -> ERR reply
-        self.pairs = pairs
-        self.addrs = addrs or pairs
-        self.peer_addr = peer_addr or sut.addr
-        self.local_addr = local_addr
-        self.fds_extra = fds_extra  # replaces peers=/locals= when set
-        self.server_conns: list[socket.socket] = []  # kept for server leases
-        self.server_addrs: list[tuple[str, str]] = []  # their (peer, local)
-        self.kept: list[socket.socket] = []  # keeper's copies handed out
-        self.kept_addrs: list[tuple[str, str]] = []
-        self.by_aor: dict[str, int] = {}  # aor= -> index in kept (one connection per user)
-        self.leased: list[int] = []  # index in kept of each client lease
-        self.sut_side: list[socket.socket] = []  # the SuT's end of each kept copy
-        self.requests: list[str] = []
-        self.packets: list[str] = []  # FDS packets sent
-        self.peer_pids: list[int] = []
-        self.pair_ends: list[socket.socket] = []  # the test's ends of socketpairs
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.bind(self.path)
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self._stop = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def open_server_conns(self, n: int):
-        """Kept connections for a server lease (keeper end + SuT end)."""
-        for _ in range(n):
-            c = socket.create_connection(("127.0.0.1", self.sut.port))
-            self.server_conns.append(c)
-            self.server_addrs.append((fmt_addr(c.getpeername()), fmt_addr(c.getsockname())))
-            self.sut_side.append(self.sut.accept())
-
-    def open_server_pairs(self, addrs: list[tuple[str, str]]):
-        """TLS-style kept connections: socketpair ends with (peer, local) addresses."""
-        for peer, local in addrs:
-            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            b.settimeout(10)
-            self.pair_ends.append(b)
-            self.server_conns.append(a)
-            self.server_addrs.append((peer, local))
-            self.sut_side.append(b)
-
-    def _send_fds(self, conn, first_id: int, socks: list[socket.socket], addrs: list[tuple[str, str]]):
-        """FDS packets of at most 250 descriptors and 4096 bytes each."""
-
-        def message(start, end):
-            msg = "FDS ids=" + ",".join(str(first_id + i) for i in range(start, end))
-            if self.fds_extra is not None:
-                msg += self.fds_extra
-            elif self.addrs:
-                msg += " peers=" + ",".join(a[0] for a in addrs[start:end])
-                msg += " locals=" + ",".join(a[1] for a in addrs[start:end])
-            return msg
-
-        start = 0
-        while start < len(socks):
-            end = start + 1
-            while end < len(socks) and end - start < 250 and len(message(start, end + 1)) <= 4096:
-                end += 1
-            msg = message(start, end)
-            assert len(msg) <= 4096
-            self.packets.append(msg)
-            socket.send_fds(conn, [msg.encode()], [c.fileno() for c in socks[start:end]])
-            start = end
-
-    def _serve(self):
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                try:
-                    self._one(conn)
-                except OSError:
-                    pass
-
-    def _one(self, conn):
-        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        self.peer_pids.append(int.from_bytes(cred[:4], "little"))
-        req = conn.recv(4097).decode()
-        self.requests.append(req)
-        words = req.split()
-        if self.error:
-            conn.send(f"ERR {self.error}".encode())
-            return
-        aor = next((unquote(w[4:]) for w in words if w.startswith("aor=")), None)
-        if words[:2] == ["LEASE", "role=client"] and aor in self.by_aor:
-            i = self.by_aor[aor]  # this user's own connection again
-            self.leased.append(i)
-            conn.send(b"OK count=1")
-            self._send_fds(conn, i + 1, [self.kept[i]], [self.kept_addrs[i]])
-        elif words[:2] == ["LEASE", "role=client"]:
-            if self.pairs:
-                s, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                other.settimeout(10)
-                self.pair_ends.append(other)
-                self.sut_side.append(other)
-                addrs = (self.peer_addr, self.local_addr)
-            else:
-                s = socket.create_connection(("127.0.0.1", self.sut.port))
-                self.sut_side.append(self.sut.accept())
-                addrs = (fmt_addr(s.getpeername()), fmt_addr(s.getsockname()))
-            self.kept.append(s)
-            self.kept_addrs.append(addrs)
-            self.leased.append(len(self.kept) - 1)
-            if aor is not None:
-                self.by_aor[aor] = len(self.kept) - 1
-            conn.send(b"OK count=1")
-            self._send_fds(conn, len(self.kept), [s], [addrs])
-        elif words[:2] == ["LEASE", "role=server"]:
-            conns = self.server_conns
-            conn.send(f"OK count={len(conns)}".encode())
-            self._send_fds(conn, 1, conns, self.server_addrs)
-        else:
-            conn.send(b"ERR badrequest fdkeeper: unknown request")
-
-    def close(self):
-        self._stop = True
-        self.thread.join(2)
-        self.sock.close()
-        for s in self.kept + self.server_conns + self.pair_ends:
-            s.close()
-
-
-@pytest.fixture
-def sut():
-    s = Sut()
-    yield s
-    s.close()
 
 
 @pytest.fixture
@@ -262,35 +44,6 @@ def keeper(keeper_dir, sut):
     k.close()
 
 
-def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
-    env["LD_PRELOAD"] = (PRELOAD_FIRST + " " + build["lib"]).strip()
-    if keeper_path is not None:
-        env["FDKEEPER_SOCKET"] = str(keeper_path)
-        env["FDKEEPER_ROLE"] = role
-        env["FDKEEPER_TRANSPORT"] = "tcp"
-        if remote is not None:
-            env["FDKEEPER_REMOTE"] = remote
-    if debug:
-        env["FDKEEPER_DEBUG"] = "1"
-    env.update(extra)
-    return env
-
-
-def run(build, args, env, timeout=20):
-    return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def parse(out: str) -> dict[str, str]:
-    kv = {}
-    for line in out.splitlines():
-        for tok in line.split():
-            if "=" in tok:
-                k, v = tok.split("=", 1)
-                kv[k] = v
-    return kv
-
-
 def still_open(keeper_end: socket.socket, sut_end: socket.socket, tag: bytes = b"ping"):
     """The connection works both ways through the keeper's copy, and the SuT saw no EOF."""
     sut_end.settimeout(0.3)
@@ -305,23 +58,6 @@ def still_open(keeper_end: socket.socket, sut_end: socket.socket, tag: bytes = b
     assert sut_end.recv(100) == tag + b"-k\n"
     sut_end.sendall(tag + b"-s\n")
     assert keeper_end.recv(100) == tag + b"-s\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
-    sock.settimeout(timeout)
-    buf = b""
-    while needle not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
 
 
 # --------------------------------------------------------------------------- client role

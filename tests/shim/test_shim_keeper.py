@@ -13,7 +13,7 @@ import socket
 import pytest
 
 from fdkeeper.client import KeeperClient
-from tests.shim.test_shim import Sut, build, parse, recv_until, run, shim_env, sut
+from tests.support.shim import Sut, parse, recv_until, run, shim_env
 
 
 def kept_connection(keeper: KeeperClient, sut: Sut) -> socket.socket:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.shim.test_shim import WRAPPER, Sut, build, parse, shim_env
+from tests.support.shim import WRAPPER, parse, shim_env
 
 Packet = tuple[bytes, int]  # the bytes, and how many descriptors go with them (pipe ends)
 
@@ -87,13 +87,6 @@ class ScriptedKeeper:
         self.running = False
         self.thread.join(2)
         self.sock.close()
-
-
-@pytest.fixture
-def sut():
-    s = Sut()
-    yield s
-    s.close()
 
 
 @pytest.mark.parametrize("name", list(CASES))

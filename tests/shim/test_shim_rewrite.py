@@ -20,18 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.shim.test_shim import (
-    EXTRA_CFLAGS,
-    ROOT,
-    FakeKeeper,
-    Sut,
-    build,
-    compile_program,
-    free_port,
-    parse,
-    run,
-    shim_env,
-)
+from tests.support.fake_keeper import FakeKeeper
+from tests.support.shim import EXTRA_CFLAGS, ROOT, Sut, compile_program, free_port, parse, run, shim_env
 
 HELPERS = ROOT / "helpers" / "shim"
 REWRITE_TEST_SRC = ROOT / "tests" / "shim" / "rewrite_test.c"

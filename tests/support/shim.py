@@ -1,0 +1,104 @@
+"""Building the shim and running the C test program (tests/shim/shimprog.c) under it: the
+compile exactly as the package build does it, the environment a run's shim reads, and a TCP
+listener standing in for the SuT. Environment knobs (SHIM_TEST_*) are described below."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "helpers"))  # helpers/shimbuild.py: the package build's compile flags
+from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim  # noqa: E402
+
+SHIMPROG_SRC = ROOT / "tests" / "shim" / "shimprog.c"
+# e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.
+WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
+# SHIM_TEST_SANITIZE=1: the shim built with AddressSanitizer + UBSan, the ASan runtime
+# preloaded first (a program built without it cannot load an ASan shim otherwise).
+# By hand: SHIM_TEST_CFLAGS="-fsanitize=..." with SHIM_TEST_PRELOAD_FIRST=/path/libasan.so.
+SANITIZE = os.environ.get("SHIM_TEST_SANITIZE", "") == "1"
+EXTRA_CFLAGS = [*os.environ.get("SHIM_TEST_CFLAGS", "").split(), *(SANITIZE_CFLAGS if SANITIZE else [])]
+PRELOAD_FIRST = asan_runtime() if SANITIZE else os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
+
+
+def build_shim_and_program(out: Path) -> dict[str, str]:
+    """The shim exactly as the package build compiles it (plus EXTRA_CFLAGS), and shimprog."""
+    lib, prog = out / "libfdkeeper_shim.so", out / "shimprog"
+    warnings = compile_shim(lib, EXTRA_CFLAGS)
+    assert warnings == "", "the shim must compile without warnings:\n" + warnings
+    compile_program(SHIMPROG_SRC, prog)
+    return {"lib": str(lib), "prog": str(prog)}
+
+
+class Sut:
+    """A TCP listener on 127.0.0.1 standing in for the SIP server."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.addr = f"127.0.0.1:{self.port}"
+        self.peers: list[socket.socket] = []
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        self.peers.append(conn)
+        return conn
+
+    def close(self):
+        for p in self.peers:
+            p.close()
+        self.sock.close()
+
+
+def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
+    env["LD_PRELOAD"] = (PRELOAD_FIRST + " " + build["lib"]).strip()
+    if keeper_path is not None:
+        env["FDKEEPER_SOCKET"] = str(keeper_path)
+        env["FDKEEPER_ROLE"] = role
+        env["FDKEEPER_TRANSPORT"] = "tcp"
+        if remote is not None:
+            env["FDKEEPER_REMOTE"] = remote
+    if debug:
+        env["FDKEEPER_DEBUG"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(build, args, env, timeout=20):
+    return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def parse(out: str) -> dict[str, str]:
+    kv = {}
+    for line in out.splitlines():
+        for tok in line.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                kv[k] = v
+    return kv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
+    sock.settimeout(timeout)
+    buf = b""
+    while needle not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
