@@ -76,5 +76,7 @@ def family_of(host: str) -> socket.AddressFamily:
 def resolve(host: str, port: int) -> Address:
     """The first stream address of ``host`` (as sipp resolves its remote host); OSError if none."""
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    address = info[0][4]
-    return address[0], address[1]
+    sockaddr = info[0][4]
+    ip, number = sockaddr[0], sockaddr[1]
+    assert isinstance(ip, str) and isinstance(number, int)  # an IP address, not the raw form of another family
+    return ip, number

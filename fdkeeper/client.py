@@ -7,11 +7,13 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import start_detached
-from fdkeeper.protocol import Reply, format_message, parse_reply, receive_packet
+from fdkeeper.protocol import ReceivedJson, Reply, format_message, parse_reply, receive_packet
 from fdkeeper.statedir import (
     LOCK_NAME,
     LOG_NAME,
@@ -26,6 +28,7 @@ from fdkeeper.statedir import (
 START_TIMEOUT = 10.0
 PING_TIMEOUT = 2.0
 STOP_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 class Leased:
@@ -111,7 +114,7 @@ class KeeperClient:
         except OSError:
             return None
 
-    def status(self, **filters: object) -> dict:
+    def status(self, **filters: object) -> ReceivedJson:
         """The keeper's status; ``filters`` (state=, aor=, remote=, transport=, count=True) are
         applied by the keeper, so a count of 10,000 connections is one short reply.
 
@@ -125,12 +128,13 @@ class KeeperClient:
                 return self._status(b"STATUS")
             raise
 
-    def _status(self, message: bytes) -> dict:
+    def _status(self, message: bytes) -> ReceivedJson:
         packets = self._require_running(lambda: self.exchange(message))
         reply = parse_reply(packets[-1])
         if packets[-1] != b"END":  # ERR limit at the client cap, say: the keeper's own line
             raise FdkeeperError(reply.text or f"fdkeeper: keeper error {reply.code}", reply.code or "internal")
-        return json.loads(b"".join(p[5:] for p in packets if p.startswith(b"JSON ")))
+        status: ReceivedJson = json.loads(b"".join(p[5:] for p in packets if p.startswith(b"JSON ")))
+        return status
 
     def stop(self) -> bool:
         """Ask the keeper to close everything and exit; False if none was running.
@@ -152,9 +156,10 @@ class KeeperClient:
         return True
 
     def prepare(self, **fields: object) -> Reply:
-        wait = float(fields.get("wait") or 0)
+        wait = fields.get("wait")
+        seconds = float(wait) if isinstance(wait, (int, float, str)) and wait else 0.0
         message = format_message("PREPARE", **fields)
-        return self._require_running(lambda: self.request(message, timeout=self.timeout + wait))
+        return self._require_running(lambda: self.request(message, timeout=self.timeout + seconds))
 
     def lease(self, **fields: object) -> list[tuple[int, int]]:
         """Lease connections to this process, as the shim does; return (id, descriptor) pairs.
@@ -196,7 +201,8 @@ class KeeperClient:
                 received += len(fds)
             return reply, packets
 
-    def _require_running(self, call):
+    def _require_running(self, call: Callable[[], T]) -> T:
+        """``call()``, with a keeper that is not running (or not answering) said in one line."""
         try:
             return call()
         except TimeoutError:

@@ -39,7 +39,7 @@ def spawn(argv: list[str], extra_env: dict[str, str]) -> int:
     return status if status >= 0 else 128 - status
 
 
-def _send_signal(process: subprocess.Popen, signum: int) -> None:
+def _send_signal(process: subprocess.Popen[bytes], signum: int) -> None:
     try:
         process.send_signal(signum)
     except ProcessLookupError:

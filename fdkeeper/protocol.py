@@ -16,6 +16,7 @@ import socket
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, unquote
 
 from fdkeeper.address import Address, format_address, parse_address
@@ -27,6 +28,12 @@ MAX_MESSAGE = 4096
 MAX_FDS_PER_PACKET = 250
 # STATUS replies are cut into JSON packets of this size.
 JSON_CHUNK = 3000
+# One JSON object of a STATUS reply (the keeper's, a connection's, a converter's): its readers
+# check each value where they use it, as for anything read back from JSON.
+JsonObject = dict[str, object]
+# The same as a client reads it back (json.loads): read by key, each field as docs/protocol.md
+# describes it (a value's type is the keeper's promise there, not checked again on every read).
+ReceivedJson = dict[str, Any]
 
 ERROR_CODES = frozenset(
     {"busy", "closed", "refused", "timeout", "none", "denied", "toolarge", "badrequest", "limit", "internal"}
@@ -64,12 +71,12 @@ class Field:
     """One key of a verb: ``parse(value)`` returns the value checked and converted, or raises
     ValueError saying what the value must be."""
 
-    def __init__(self, parse: Callable[[str], object], max_length: int, what: str) -> None:
+    def __init__(self, parse: Callable[[str], FieldValue], max_length: int, what: str) -> None:
         self.parse = parse
         self.max_length = max_length
         self.what = what  # what a value must be, for the error line
 
-    def __call__(self, value: str) -> object:
+    def __call__(self, value: str) -> FieldValue:
         return self.parse(value)
 
 
@@ -226,7 +233,7 @@ VERBS: dict[str, dict[str, Field]] = {
 REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 
 
-def parse_field(verb: str, key: str, raw: str) -> object:
+def parse_field(verb: str, key: str, raw: str) -> FieldValue:
     """One ``key=raw`` of ``verb``, percent-decoded and checked; ProtocolError naming the field."""
     spec = VERBS[verb][key]
     try:
@@ -245,13 +252,67 @@ def _bad_field(verb: str, key: str, spec: Field, raw: str, problem: str) -> Prot
     return ProtocolError("badrequest", f"fdkeeper: {verb} {key}={shown} {problem}; {key}= must be {spec.what}")
 
 
+# A field's value once parsed by its Field: text, a whole number, seconds, a flag, an address
+# (None for "-"). Which one a key holds is fixed by VERBS; the accessors of Request check it.
+FieldValue = str | int | float | bool | Address | None
+
+
 @dataclass
 class Request:
-    verb: str
-    fields: dict = field(default_factory=dict)
+    """One request as parsed: its verb and its fields, each already checked against VERBS."""
 
-    def get(self, key: str, default=None):
+    verb: str
+    fields: dict[str, FieldValue] = field(default_factory=dict)
+
+    def get(self, key: str, default: FieldValue = None) -> FieldValue:
         return self.fields.get(key, default)
+
+    def text(self, key: str) -> str | None:
+        """A text field (a choice, a path, an AoR, a server name); None if absent."""
+        value = self.fields.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise _wrong_kind(key, value, "text")
+
+    def required_text(self, key: str) -> str:
+        """A text field REQUIRED has made sure of (LEASE's and PREPARE's transport=, say)."""
+        value = self.text(key)
+        if value is None:
+            raise ProtocolError("badrequest", f"fdkeeper: {self.verb} needs {key}=")
+        return value
+
+    def number(self, key: str) -> int | None:
+        """A whole-number field; None if absent."""
+        value = self.fields.get(key)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise _wrong_kind(key, value, "a whole number")
+
+    def seconds(self, key: str) -> float | None:
+        """A SECONDS field; None if absent."""
+        value = self.fields.get(key)
+        if value is None or isinstance(value, float):
+            return value
+        raise _wrong_kind(key, value, "seconds")
+
+    def flag(self, key: str) -> bool:
+        """A FLAG field; False if absent."""
+        value = self.fields.get(key, False)
+        if isinstance(value, bool):
+            return value
+        raise _wrong_kind(key, value, "a flag")
+
+    def address(self, key: str) -> Address | None:
+        """An address field; None if absent or "-"."""
+        value = self.fields.get(key)
+        if value is None or isinstance(value, tuple):
+            return value
+        raise _wrong_kind(key, value, "an address")
+
+
+def _wrong_kind(key: str, value: FieldValue, kind: str) -> TypeError:
+    """A defect: code asked for ``key`` as a kind VERBS does not give it."""
+    return TypeError(f"request field {key}={value!r} is not {kind}; see protocol.VERBS for its kind")
 
 
 def parse_request(data: bytes) -> Request:
@@ -269,7 +330,7 @@ def parse_request(data: bytes) -> Request:
     schema = VERBS.get(verb)
     if schema is None:
         raise ProtocolError("badrequest", f"fdkeeper: unknown control verb {verb[:32]!r}")
-    fields = {}
+    fields: dict[str, FieldValue] = {}
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or key not in schema or key in fields:

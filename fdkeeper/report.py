@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import fnmatch
 
+from fdkeeper.protocol import ReceivedJson
 from fdkeeper.textsafe import escape_controls
 
 
 def select_connections(
-    connections: list[dict],
+    connections: list[ReceivedJson],
     *,
     aor: str | None = None,
     state: str | None = None,
     remote: str | None = None,
     transport: str | None = None,
-) -> list[dict]:
+) -> list[ReceivedJson]:
     """The connections matching every filter given; ``aor`` is a shell-style pattern."""
     return [
         c
@@ -30,7 +31,7 @@ def select_connections(
     ]
 
 
-def format_status(status: dict) -> str:
+def format_status(status: ReceivedJson) -> str:
     keeper = status["keeper"]
     lines = [
         escape_controls(
@@ -84,7 +85,7 @@ def format_status(status: dict) -> str:
     return "\n".join(lines)
 
 
-def format_converter(status: dict) -> str:
+def format_converter(status: ReceivedJson) -> str:
     """One `--mode udp` converter: its link, attached runs, queue, drops."""
     counters = status.get("counters", {})
     links = ", ".join(
@@ -102,7 +103,7 @@ def _row(cells: tuple[str, ...], widths: list[int]) -> str:
     return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=False)).rstrip()
 
 
-def _tls_line(tls: dict) -> str:
+def _tls_line(tls: ReceivedJson) -> str:
     """Protocol, cipher, peer certificate subject and SNI of a TLS connection."""
     verified = "verified" if tls["verified"] else "NOT verified (--tls-insecure)"
     sni = tls["sni"] or "none"

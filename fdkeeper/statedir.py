@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +39,8 @@ LOG_NAME = "keeper.log"
 # once that has been said.
 RECORD_NAME = "keeper.state"
 DIED_NAME = "keeper.died"
+# A keeper's record as read back: JSON a dead keeper left, so every value is checked where it is used.
+LeftRecord = dict[str, object]
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
@@ -84,7 +87,7 @@ def _is_safe_directory_of(path: str, uid: int) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & WRITABLE_BY_OTHERS
 
 
-def resolve_directory(option: str | os.PathLike | None) -> Path:
+def resolve_directory(option: str | os.PathLike[str] | None) -> Path:
     """The state directory as an absolute path whose parents are links resolved once, here.
 
     The directory itself is left as named, so a link there is seen (and refused) by the checks.
@@ -393,7 +396,7 @@ def keeper_runs(directory: Path) -> bool:
         return False  # closing the file releases our shared lock at once
 
 
-def write_keeper_record(directory: Path, record: dict) -> None:
+def write_keeper_record(directory: Path, record: Mapping[str, object]) -> None:
     """Replace the keeper's record atomically (a reader never sees half of it)."""
     with open_private_file(directory, RECORD_NAME + ".new", "w") as new:
         json.dump(record, new)
@@ -421,7 +424,7 @@ def dead_keeper_notice(directory: Path, take: bool = True) -> str | None:
     return None if record is None else describe_dead_keeper(directory, record)
 
 
-def take_keeper_record(directory: Path) -> dict | None:
+def take_keeper_record(directory: Path) -> LeftRecord | None:
     """Read a left record and move it aside to keeper.died; None if there was none (or another
     process took it first). Only for a record no running keeper owns."""
     if not os.path.lexists(directory / RECORD_NAME):
@@ -438,7 +441,7 @@ def take_keeper_record(directory: Path) -> dict | None:
     return record
 
 
-def _read_record(directory: Path) -> dict:
+def _read_record(directory: Path) -> LeftRecord:
     try:
         with open_private_file(directory, RECORD_NAME, "r") as file:
             record = json.load(file)
@@ -447,7 +450,7 @@ def _read_record(directory: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def describe_dead_keeper(directory: Path, record: dict) -> str:
+def describe_dead_keeper(directory: Path, record: LeftRecord) -> str:
     pid = record.get("pid", "?")
     started = _when(record.get("started"))
     alive = _when(record.get("alive"))

@@ -19,7 +19,7 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(_escape, text)
 
 
-def _escape(match: re.Match) -> str:
+def _escape(match: re.Match[str]) -> str:
     char = match.group()
     named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
     if named:

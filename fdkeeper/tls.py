@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keylog import set_keylog
+from fdkeeper.protocol import Request
 from fdkeeper.sip.framing import HEADER_END, PING
 from fdkeeper.statedir import open_named_file
 from fdkeeper.textsafe import escape_controls
@@ -50,22 +52,28 @@ class TlsOptions:
     keylog: str | None = None  # append the TLS secrets here (SSLKEYLOGFILE format), for Wireshark
 
     @classmethod
-    def from_fields(cls, fields: dict, defaults: TlsOptions | None = None) -> TlsOptions:
+    def from_request(cls, request: Request, defaults: TlsOptions | None = None) -> TlsOptions:
         """Options from a request's tls_* fields, each falling back to the keeper's defaults."""
         base = defaults or cls()
+
+        def text(key: str, default: str | None) -> str | None:
+            value = request.text(key)
+            return default if value is None else value
+
         return cls(
-            ca=fields.get("tls_ca", base.ca),
-            insecure=fields.get("tls_insecure", base.insecure),
-            cert=fields.get("tls_cert", base.cert),
-            key=fields.get("tls_key", base.key),
-            sni=fields.get("tls_sni", base.sni),
-            min_version=fields.get("tls_min", base.min_version),
-            max_version=fields.get("tls_max", base.max_version),
-            crl=fields.get("tls_crl", base.crl),
-            keylog=fields.get("tls_keylog", base.keylog),
+            ca=text("tls_ca", base.ca),
+            insecure=request.flag("tls_insecure") if "tls_insecure" in request.fields else base.insecure,
+            cert=text("tls_cert", base.cert),
+            key=text("tls_key", base.key),
+            sni=text("tls_sni", base.sni),
+            min_version=text("tls_min", base.min_version),
+            max_version=text("tls_max", base.max_version),
+            crl=text("tls_crl", base.crl),
+            keylog=text("tls_keylog", base.keylog),
         )
 
-    def as_fields(self) -> dict:
+    def as_fields(self) -> dict[str, object]:
+        """The request fields (protocol.TLS_KEYS) that give these options; None: not given."""
         return {
             "tls_ca": self.ca,
             "tls_insecure": self.insecure or None,
@@ -319,7 +327,17 @@ _SIPP_DOES_NOT_VERIFY = (
 )
 
 
-def describe(tls: ssl.SSLSocket, options: TlsOptions) -> dict:
+class TlsInfo(TypedDict):
+    """What `fdkeeper status` shows of a TLS session."""
+
+    version: str | None
+    cipher: str
+    peer_subject: str
+    sni: str | None
+    verified: bool
+
+
+def describe(tls: ssl.SSLSocket, options: TlsOptions) -> TlsInfo:
     """What `fdkeeper status` shows of a TLS connection."""
     return {
         "version": tls.version(),

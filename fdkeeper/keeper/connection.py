@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.keeper.control import limit_error
+from fdkeeper.protocol import JsonObject
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 from fdkeeper.tcp import queued_bytes
 
@@ -39,6 +40,10 @@ def new_descriptors(what: str, make: Callable[[], T]) -> T:
         if out_of_descriptors(error):
             raise limit_error(what, error) from None
         raise
+
+
+# What a lease asks for: this SuT, this transport, this user (or the shared one), this identity.
+ConnectionKey = tuple[Address, str, str | None, Address | None]
 
 
 @dataclass
@@ -75,8 +80,8 @@ class KeptConnection:
     options_answered: int = 0  # --answer-options: the SuT's OPTIONS the keeper answered (TCP)
 
     @property
-    def key(self) -> tuple[Address, str, str | None, Address | None]:
-        """What a lease asks for: this SuT, this transport, this user (or the shared one), this identity."""
+    def key(self) -> ConnectionKey:
+        """The key the pool finds this connection by (ConnectionKey)."""
         return self.remote, self.transport, self.aor, self.identity
 
     @property
@@ -90,12 +95,16 @@ class KeptConnection:
         return f"{format_address(self.local)}->{format_address(self.remote)}/{self.transport}{user}"
 
     def fileno(self) -> int:
-        assert self.sock is not None
-        return self.sock.fileno()
+        return self.live_socket().fileno()
+
+    def live_socket(self) -> socket.socket:
+        """``sock`` of a connection not closed: asking a closed one's is a defect of the caller."""
+        assert self.sock is not None, f"kept connection {self.id} is closed ({self.closed_reason})"
+        return self.sock
 
     def queued_bytes(self) -> int:
         """Bytes the SuT sent that no run has read yet (they wait for the next run)."""
-        return queued_bytes(self.sock)
+        return queued_bytes(self.live_socket())
 
     def holds_whole_message(self) -> bool:
         """Whether the receive queue holds at least one complete SIP message (peeked, not read)."""
@@ -103,7 +112,7 @@ class KeptConnection:
         if not queued:
             return False
         try:
-            head = self.sock.recv(min(queued, MAX_PEEK), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            head = self.live_socket().recv(min(queued, MAX_PEEK), socket.MSG_PEEK | socket.MSG_DONTWAIT)
             return bool(SipFramer().feed(head))
         except FramingError as error:
             return bool(error.messages)
@@ -125,7 +134,7 @@ class KeptConnection:
         if self.queued_bytes():
             return False
         try:
-            sent = self.sock.send(PING, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sent = self.live_socket().send(PING, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except OSError:
             return False
         if sent != len(PING):
@@ -137,11 +146,11 @@ class KeptConnection:
     def take_pong(self) -> bool:
         """Consume a CRLF pong at the head of the receive queue, never anything else."""
         try:
-            head = self.sock.recv(len(PING), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            head = self.live_socket().recv(len(PING), socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         if head.startswith(PONG) and not head.startswith(PING):
-            self.sock.recv(len(PONG), socket.MSG_DONTWAIT)
+            self.live_socket().recv(len(PONG), socket.MSG_DONTWAIT)
             self.ping_sent_at = None
             self.pongs += 1
             return True
@@ -162,11 +171,11 @@ class KeptConnection:
         clear it, and the run would read end of file where sipp alone reads ECONNRESET).
         ``reported_error``: epoll reported EPOLLERR; else the TCP state tells an RST (CLOSE)
         from a FIN (CLOSE_WAIT)."""
-        if reported_error or self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE:
+        if reported_error or self.live_socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE:
             return "the SuT reset it: ECONNRESET"
         return "the SuT closed it: FIN"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> JsonObject:
         now = time.time()
         return {
             "id": self.id,

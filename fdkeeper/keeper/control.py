@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.loop import Reactor
-from fdkeeper.protocol import MAX_MESSAGE, format_error, format_failure, send_packet
+from fdkeeper.protocol import MAX_MESSAGE, JsonObject, format_error, format_failure, send_packet
 from fdkeeper.statedir import peer_credentials
 
 log = logging.getLogger("fdkeeper.keeper")
@@ -151,7 +151,7 @@ class ControlClient:
         while self._queue:
             head = self._queue[0]
             if isinstance(head, ReplyStream):
-                message, fds = head.peek(), []
+                message, fds = head.peek(), list[int]()
                 if message is None:  # that reply is complete
                     self._queue.popleft()
                     continue
@@ -252,7 +252,7 @@ class ControlClients:
         self.reactor.watch(
             client.fileno(),
             select.EPOLLIN,
-            lambda mask, c=client: self._ready(c, mask),
+            lambda mask: self._ready(client, mask),
             on_fault=self.on_fault_of(client),
         )
 
@@ -341,7 +341,7 @@ class ControlClients:
             os.close(self._reserve)
             self._reserve = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> JsonObject:
         return {
             "clients": len(self.clients),
             "max": MAX_CLIENTS,

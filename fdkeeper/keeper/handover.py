@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from urllib.parse import quote, unquote
 
 from fdkeeper.address import format_address, parse_address
@@ -48,7 +49,12 @@ def refuse_unless_handover_possible(connections: list[KeptConnection], uid: int)
         )
 
 
-def hand_over(sock: socket.socket, connections: list[KeptConnection], batches) -> list[KeptConnection]:
+# Cuts connections into HANDED packets, each connection costing its share of MAX_MESSAGE plus the
+# given extra (keeper/server.py: _fds_batches, shared with LEASE's FDS packets).
+Batches = Callable[[list[KeptConnection], Callable[[KeptConnection], int]], list[list[KeptConnection]]]
+
+
+def hand_over(sock: socket.socket, connections: list[KeptConnection], batches: Batches) -> list[KeptConnection]:
     """Send every idle TCP connection to the successor on ``sock``; return the TLS ones left behind."""
     movable = [c for c in connections if c.state == IDLE and c.io.movable]
     lost = [c for c in connections if c.state == IDLE and not c.io.movable]

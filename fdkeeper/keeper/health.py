@@ -121,10 +121,13 @@ class ConnectionHealth:
 
     def keep_alive(self, connections: Iterable[KeptConnection]) -> None:
         """Ping idle connections quiet for ``keepalive`` s; close those whose pong is overdue."""
+        interval = self.keepalive
+        if interval is None:  # no keep-alive asked for
+            return
         now = time.monotonic()
         for connection in list(connections):
             if connection.state == IDLE and not connection.ending:
-                connection.io.keep_alive(self, connection, now)
+                connection.io.keep_alive(self, connection, now, interval)
 
     def settle_pong(self, connection: KeptConnection) -> None:
         """Before a lease, let an outstanding pong arrive so it never reaches sipp, without

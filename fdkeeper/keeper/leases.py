@@ -103,9 +103,7 @@ class Leases:
             raise FdkeeperError(f"fdkeeper: process {pid} ended before its lease was granted", "internal") from None
         holder = Holder(pid, pidfd)
         self.holders[pid] = holder
-        self.reactor.watch(
-            pidfd, select.EPOLLIN, lambda mask, p=pid: self.release(p), on_fault=self._fault_ends(holder)
-        )
+        self.reactor.watch(pidfd, select.EPOLLIN, lambda _mask: self.release(pid), on_fault=self._fault_ends(holder))
         return holder
 
     def _close_pidfd(self, holder: Holder) -> None:
@@ -179,7 +177,10 @@ class Waiters:
         self.waiting: list[Waiter] = []
 
     def add(self, client: ControlClient, request: Request) -> None:
-        self.waiting.append(Waiter(client, request, time.monotonic() + request.get("wait")))
+        """``request`` waits up to its wait= seconds for the connections it asked for."""
+        wait = request.get("wait")
+        assert isinstance(wait, float), "only a request with wait= waits"
+        self.waiting.append(Waiter(client, request, time.monotonic() + wait))
 
     def forget_client(self, client: ControlClient) -> None:
         self.waiting = [w for w in self.waiting if w.client is not client]

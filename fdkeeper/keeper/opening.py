@@ -21,7 +21,8 @@ from typing import NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import new_descriptors
+from fdkeeper.keeper.connection import ConnectionKey, new_descriptors
+from fdkeeper.keeper.control import ControlClient
 from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.framing import PING
 from fdkeeper.tcp import connect_error, new_tcp_socket
@@ -30,7 +31,8 @@ from fdkeeper.tls import ALERT_GRACE, READ_CHUNK, TlsOptions, handshake_error, p
 log = logging.getLogger("fdkeeper.keeper")
 
 Resume = Callable[[FdkeeperError | None], None]  # None: ready, ask again; else the failure
-Opened = Callable[[socket.socket, bytes], None]  # the connected (TLS) socket, bytes already read
+# Keeps the connected (TLS) socket and the bytes already read from it; what it returns is not used.
+Opened = Callable[[socket.socket, bytes], object]
 
 
 class Pending(FdkeeperError):
@@ -54,7 +56,7 @@ class Pending(FdkeeperError):
             resume(error)
 
 
-def resume_request(client: socket.socket, retry: Callable[[], None], fail: Callable[[FdkeeperError], None]) -> Resume:
+def resume_request(client: ControlClient, retry: Callable[[], None], fail: Callable[[FdkeeperError], None]) -> Resume:
     """What a pending control request does when it is ready: ask again, or report the failure.
 
     A client that went away meanwhile is skipped: its descriptor number may be another's now.
@@ -77,9 +79,9 @@ class Opener:
     def __init__(self, reactor: Reactor, timeout: float) -> None:
         self.reactor = reactor
         self.timeout = timeout
-        self.in_progress: dict[tuple, Pending] = {}
+        self.in_progress: dict[ConnectionKey, Pending] = {}
 
-    def open(self, key: tuple, local: Address | None, options: TlsOptions | None, opened: Opened) -> NoReturn:
+    def open(self, key: ConnectionKey, local: Address | None, options: TlsOptions | None, opened: Opened) -> NoReturn:
         """Start opening ``key``'s connection (or join its open); always raises Pending."""
         pending = self.in_progress.get(key)
         if pending is None:
@@ -89,7 +91,7 @@ class Opener:
 
             def done(sock: socket.socket | None, early: bytes, error: FdkeeperError | None) -> None:
                 self.in_progress.pop(key, None)  # twice when keeping it faulted (Opening._on_fault)
-                if error is None:
+                if sock is not None:  # done gives a socket or an error, never both
                     try:
                         opened(sock, early)
                     except FdkeeperError as failure:  # out of descriptors for its socketpair, say
@@ -125,80 +127,84 @@ class Opening:
 
     def start(self) -> None:
         try:
-            self.sock = new_descriptors(
+            sock = new_descriptors(
                 f"open a socket for {format_address(self.remote)}", lambda: new_tcp_socket(self.remote, self.local)
             )
         except FdkeeperError as error:
             self.done(None, b"", error)
             return
-        self.sock.setblocking(False)
-        code = self.sock.connect_ex(self.remote)
+        self.sock = sock
+        sock.setblocking(False)
+        code = sock.connect_ex(self.remote)
         if code not in (0, errno.EINPROGRESS):
             self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
             return
-        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
+        self.reactor.watch(sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
         self._deadline(self.timeout, self._connect_timed_out)
 
     # ---------------------------------------------------------------- steps
 
     def _connected(self, _mask: int) -> None:
-        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        sock = self._socket()
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
             return
         if self.options is None:
-            self.sock.setblocking(True)  # as a fresh socket: sipp sets the flags it wants
+            sock.setblocking(True)  # as a fresh socket: sipp sets the flags it wants
             self._finish()
             return
-        fd = self.sock.fileno()
-        self.reactor.unwatch(fd)
+        self.reactor.unwatch(sock.fileno())
         try:
-            self.sock = wrap_client(self.sock, self.remote, self.options)
+            tls = wrap_client(sock, self.remote, self.options)
         except FdkeeperError as error:
             self.sock = None
             self._fail(error)
             return
-        self.reactor.watch(self.sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
+        self.sock = tls
+        self.reactor.watch(tls.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
         self.step = self._handshake
         self._deadline(self.timeout, self._handshake_timed_out)
         self._handshake(0)
 
     def _handshake(self, _mask: int) -> None:
+        tls, options = self._tls()
         try:
-            self.sock.do_handshake()
+            tls.do_handshake()
         except ssl.SSLWantReadError:
-            self.reactor.rewatch(self.sock.fileno(), select.EPOLLIN)
+            self.reactor.rewatch(tls.fileno(), select.EPOLLIN)
             return
         except ssl.SSLWantWriteError:
-            self.reactor.rewatch(self.sock.fileno(), select.EPOLLOUT)
+            self.reactor.rewatch(tls.fileno(), select.EPOLLOUT)
             return
         except (ssl.SSLError, OSError) as error:
-            self._fail(handshake_error(self.remote, error, self.options))
+            self._fail(handshake_error(self.remote, error, options))
             return
         # A TLS 1.3 server rejects our certificate after its Finished: ping and wait briefly for
         # the pong (or an alert) so that the rejection surfaces now (see tls._catch_late_alert).
         try:
-            self.sock.send(PING)
+            tls.send(PING)
         except (ssl.SSLError, OSError) as error:
-            self._fail(handshake_error(self.remote, error, self.options))
+            self._fail(handshake_error(self.remote, error, options))
             return
         self.step = self._after_handshake
-        self.reactor.rewatch(self.sock.fileno(), select.EPOLLIN)
+        self.reactor.rewatch(tls.fileno(), select.EPOLLIN)
         self._deadline(ALERT_GRACE, self._finish)
 
     def _after_handshake(self, _mask: int) -> None:
+        tls, options = self._tls()
         while True:
             try:
-                data = self.sock.recv(READ_CHUNK)
+                data = tls.recv(READ_CHUNK)
             except ssl.SSLWantReadError:
                 return  # a session ticket, say: nothing for us yet
             except (ssl.SSLError, OSError) as error:
-                self._fail(handshake_error(self.remote, error, self.options))
+                self._fail(handshake_error(self.remote, error, options))
                 return
             if not data:
                 self._fail(
                     handshake_error(
-                        self.remote, ConnectionResetError("the SuT closed it right after the handshake"), self.options
+                        self.remote, ConnectionResetError("the SuT closed it right after the handshake"), options
                     )
                 )
                 return
@@ -213,7 +219,18 @@ class Opening:
         self._fail(connect_error(self.remote, self.local, self.timeout, TimeoutError()))
 
     def _handshake_timed_out(self) -> None:
-        self._fail(handshake_error(self.remote, TimeoutError(), self.options))
+        self._fail(handshake_error(self.remote, TimeoutError(), self._tls()[1]))
+
+    def _socket(self) -> socket.socket:
+        """The socket being connected; only steps run, and they run only while there is one."""
+        assert self.sock is not None, "an Opening step ran after its open ended"
+        return self.sock
+
+    def _tls(self) -> tuple[ssl.SSLSocket, TlsOptions]:
+        """The TLS socket being hand-shaken and its options: the TLS steps' own."""
+        sock = self._socket()
+        assert isinstance(sock, ssl.SSLSocket) and self.options is not None, "a TLS step ran on a TCP open"
+        return sock, self.options
 
     def _deadline(self, delay: float, callback: Callable[[], None]) -> None:
         if self.timer is not None:

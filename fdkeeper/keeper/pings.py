@@ -79,7 +79,7 @@ class TcpOptionsAnswerer:
         if connection.state != IDLE or connection.ending:
             self._park(connection, -1)  # a run holds it: the queue is the run's
             return
-        answered, park = answer_queued_options(connection.sock)
+        answered, park = answer_queued_options(connection.live_socket())
         if answered:
             connection.options_answered += answered
             connection.last_activity = time.monotonic()

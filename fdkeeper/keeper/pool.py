@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import socket
 from typing import NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import CLOSED, KeptConnection
+from fdkeeper.keeper.connection import CLOSED, ConnectionKey, KeptConnection
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.keeper.identity import identity_of
 from fdkeeper.keeper.leases import Leases
@@ -45,7 +46,7 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.tls_defaults = tls_defaults
         # The current connection for each (SuT, transport, AoR, identity): O(1) per lease with 10,000 users.
-        self.by_key: dict[tuple, KeptConnection] = {}
+        self.by_key: dict[ConnectionKey, KeptConnection] = {}
         # TLS options a PREPARE gave for a SuT, for the per-user connections leases open later.
         self.tls_profiles: dict[Address, TlsOptions] = {}
         self._next_id = 1
@@ -53,29 +54,29 @@ class ConnectionPool:
 
     def select(self, request: Request, pid: int | None) -> list[KeptConnection]:
         """The connections ``request`` asks for, opened if need be; FdkeeperError if not to be had."""
-        if request.get("per_call"):
+        if request.flag("per_call"):
             self._remember_tls_profile(request)
             self._check_room(request)
             return []
-        if request.get("role") == "client" and request.get("open_at_lease"):
+        if request.text("role") == "client" and request.flag("open_at_lease"):
             return self._check_without_opening(request, pid)
-        if request.get("role") == "client":
+        if request.text("role") == "client":
             return [self._client_connection(request, pid)]
         return self._server_connections(request, pid)
 
     def closed_matching(self, request: Request) -> list[KeptConnection]:
-        remote = request.get("remote")
+        remote = request.address("remote")
         return [
             c
             for c in self.connections.values()
-            if c.state == CLOSED and c.transport == request.get("transport") and remote in (None, c.remote)
+            if c.state == CLOSED and c.transport == request.text("transport") and remote in (None, c.remote)
         ]
 
     def borrowed(self, request: Request, connections: list[KeptConnection]) -> list[KeptConnection]:
         """Those of ``connections`` a server run is handed although they are not of its identity."""
-        if request.get("role") != "server":
+        if request.text("role") != "server":
             return []
-        return [c for c in connections if not of_identity(c, request.get("local"))]
+        return [c for c in connections if not of_identity(c, request.address("local"))]
 
     def close(self, reason: str) -> None:
         for connection in self.connections.values():
@@ -85,26 +86,27 @@ class ConnectionPool:
     # ---------------------------------------------------------------- choosing
 
     def _remember_tls_profile(self, request: Request) -> None:
-        if request.get("transport") == "tls" and request.get("remote"):
-            self.tls_profiles[request.get("remote")] = TlsOptions.from_fields(request.fields, self.tls_defaults)
+        remote = request.address("remote")
+        if request.text("transport") == "tls" and remote:
+            self.tls_profiles[remote] = TlsOptions.from_request(request, self.tls_defaults)
 
     def _client_connection(self, request: Request, pid: int | None) -> KeptConnection:
-        remote: Address | None = request.get("remote")
+        remote: Address | None = request.address("remote")
         if remote is None:
             raise ProtocolError("badrequest", "fdkeeper: a client lease needs remote=")
-        identity = identity_of(request.get("local"), remote)
-        connection = self.by_key.get((remote, request.get("transport"), request.get("aor"), identity))
+        identity = identity_of(request.address("local"), remote)
+        connection = self.by_key.get((remote, request.required_text("transport"), request.text("aor"), identity))
         if connection is not None and connection.state == CLOSED:
-            if not request.get("reconnect"):
+            if not request.flag("reconnect"):
                 raise connection.closed_error()
             log.info("replacing closed %s (--reconnect)", connection.label())
             # Kept until the new one is open: a refused connect (the SuT restarting) must leave
             # the closed one in place for the next try, not a half-forgotten key.
-            return self._open(request)  # _keep_opened records which connection it replaces
+            return self._open(request, remote)  # _keep_opened records which connection it replaces
         if connection is not None:
             self.leases.refuse_if_held_by_other(connection, pid)
             return connection
-        return self._open(request)
+        return self._open(request, remote)
 
     def _check_without_opening(self, request: Request, pid: int | None) -> list[KeptConnection]:
         """A PREPARE whose identity only sipp's own bind will tell (sipp 3.7 without -p): open
@@ -112,23 +114,23 @@ class ConnectionPool:
         kept for the lease that opens the connection; the kept connection of the identity the
         run will most likely bind (``local=``), if there is one, is checked as its lease would be."""
         self._remember_tls_profile(request)
-        remote = request.get("remote")
+        remote = request.address("remote")
         if remote is None:
             raise ProtocolError("badrequest", "fdkeeper: a client PREPARE needs remote=")
-        identity = identity_of(request.get("local"), remote)
-        connection = self.by_key.get((remote, request.get("transport"), request.get("aor"), identity))
+        identity = identity_of(request.address("local"), remote)
+        connection = self.by_key.get((remote, request.required_text("transport"), request.text("aor"), identity))
         if connection is None:
             return []
         if connection.state == CLOSED:
-            if request.get("reconnect"):
+            if request.flag("reconnect"):
                 return []  # its lease replaces it
             raise connection.closed_error()
         self.leases.refuse_if_held_by_other(connection, pid)
         return [connection]
 
     def _server_connections(self, request: Request, pid: int | None) -> list[KeptConnection]:
-        remote: Address | None = request.get("remote")
-        transport = request.get("transport")
+        remote: Address | None = request.address("remote")
+        transport = request.text("transport")
         matching = [c for c in self.connections.values() if c.transport == transport and remote in (None, c.remote)]
         target = f"{format_address(remote)}/{transport}" if remote else f"any SuT over {transport}"
         if not matching:
@@ -140,7 +142,7 @@ class ConnectionPool:
         alive = [c for c in matching if c.state != CLOSED]
         if not alive:
             raise matching[-1].closed_error()
-        own = [c for c in alive if of_identity(c, request.get("local"))] or self._unheld(alive, pid)
+        own = [c for c in alive if of_identity(c, request.address("local"))] or self._unheld(alive, pid)
         for connection in own or alive:  # none to be had: busy, naming a holder (--wait waits)
             self.leases.refuse_if_held_by_other(connection, pid)
         return own
@@ -159,15 +161,15 @@ class ConnectionPool:
 
     def _check_room(self, request: Request) -> None:
         """A per-user run: say now, not at user 5,000, when the users would not fit."""
-        users = request.get("users") or 0
-        per_connection = 3 if request.get("transport") == "tls" else 1  # TLS: socket + socketpair
+        users = request.number("users") or 0
+        per_connection = 3 if request.text("transport") == "tls" else 1  # TLS: socket + socketpair
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         in_use = len(os.listdir("/proc/self/fd"))
         room = (soft - in_use - 64) // per_connection
         new_users = users - sum(1 for c in self.connections.values() if c.aor and c.state != CLOSED)
         if new_users > room:
             raise FdkeeperError(
-                f"fdkeeper: the keeper can hold {max(room, 0)} more {request.get('transport')} connections "
+                f"fdkeeper: the keeper can hold {max(room, 0)} more {request.text('transport')} connections "
                 f"(open-file limit {soft}, hard limit {hard}, {in_use} in use) but this run may need {new_users}; "
                 "raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, "
                 "then 'fdkeeper stop' and run again",
@@ -176,28 +178,33 @@ class ConnectionPool:
 
     # ---------------------------------------------------------------- opening
 
-    def _open(self, request: Request) -> NoReturn:
-        """Start connecting (and handshaking) off the loop: raises Pending (keeper/opening.py),
-        and the request is asked again once the connection is kept (or told why it failed)."""
-        remote, transport, local = request.get("remote"), request.get("transport"), request.get("local")
+    def _open(self, request: Request, remote: Address) -> NoReturn:
+        """Start connecting (and handshaking) to ``remote`` off the loop: raises Pending
+        (keeper/opening.py), and the request is asked again once the connection is kept (or
+        told why it failed)."""
+        transport, local = request.required_text("transport"), request.address("local")
         options = None
         if transport == "tls":
-            options = TlsOptions.from_fields(request.fields, self.tls_profiles.get(remote, self.tls_defaults))
-        key = (remote, transport, request.get("aor"), local)
-        self.opener.open(key, local, options, lambda sock, early: self._keep_opened(request, options, sock, early))
+            options = TlsOptions.from_request(request, self.tls_profiles.get(remote, self.tls_defaults))
+        key = (remote, transport, request.text("aor"), local)
+        self.opener.open(
+            key, local, options, lambda sock, early: self._keep_opened(request, remote, options, sock, early)
+        )
 
-    def _keep_opened(self, request: Request, options: TlsOptions | None, sock, early: bytes) -> KeptConnection:
-        remote, transport = request.get("remote"), request.get("transport")
+    def _keep_opened(
+        self, request: Request, remote: Address, options: TlsOptions | None, sock: socket.socket, early: bytes
+    ) -> KeptConnection:
         io = transport_for(sock, options, early)
+        local_ip, local_port = sock.getsockname()[:2]
         connection = KeptConnection(
             id=self._next_id,
             sock=io.leased_socket(sock),
-            transport=transport,
+            transport=request.required_text("transport"),
             remote=remote,
-            local=sock.getsockname()[:2],
+            local=(local_ip, local_port),
             io=io,
-            aor=request.get("aor"),
-            identity=identity_of(request.get("local"), remote),
+            aor=request.text("aor"),
+            identity=identity_of(request.address("local"), remote),
         )
         self._next_id += 1
         replaced = self.by_key.get(connection.key)

@@ -41,6 +41,7 @@ from fdkeeper.protocol import (
     MAX_FDS_PER_PACKET,
     MAX_MESSAGE,
     VERBS,
+    JsonObject,
     ProtocolError,
     Request,
     format_error,
@@ -262,17 +263,17 @@ class Keeper:
         connections = list(self.connections.values())  # the dict may change while the reply drains
         wanted = status_filters(request)
         keeper = json.dumps({"keeper": self._keeper_status()})[:-1]  # '{"keeper": {...}' still open
-        if request.get("count"):
+        if request.flag("count"):
             count = sum(len(select_connections(batch, **wanted)) for batch in _as_dicts(connections))
             client.send_stream(_json_packets([keeper, f', "count": {count}}}']))
             return
         matching = (json.dumps(c) for batch in _as_dicts(connections) for c in select_connections(batch, **wanted))
         client.send_stream(_json_packets(itertools.chain([keeper, ', "connections": ['], _joined(matching), ["]}"])))
 
-    def status(self) -> dict:
+    def status(self) -> JsonObject:
         return {"keeper": self._keeper_status(), "connections": [c.as_dict() for c in self.connections.values()]}
 
-    def _keeper_status(self) -> dict:
+    def _keeper_status(self) -> JsonObject:
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -286,12 +287,12 @@ class Keeper:
         }
 
     def _lease(self, client: ControlClient, pid: int, request: Request) -> None:
-        pid = lease_holder(pid, request.get("for_pid"))
+        pid = lease_holder(pid, request.number("for_pid"))
         connections = self.pool.select(request, pid)
         for connection in connections:
             self.leases.grant(connection, pid)
-            connection.lease_mode = request.get("mode") or "preload"
-            connection.lease_transfer = request.get("transfer") or "scm"
+            connection.lease_mode = request.text("mode") or "preload"
+            connection.lease_transfer = request.text("transfer") or "scm"
         client.send(format_message("OK", count=len(connections)))
         for batch in _fds_batches(connections):
             packet = format_message(
@@ -317,7 +318,7 @@ class Keeper:
         try:
             connections = self.pool.select(request, pid)
         except FdkeeperError as error:
-            if error.code == "busy" and request.get("wait"):
+            if error.code == "busy" and request.seconds("wait"):
                 self.waiters.add(client, request)
                 client.waiting = True
                 return
@@ -332,7 +333,7 @@ class Keeper:
         ids = ",".join(str(c.id) for c in connections) or None
         # Only a server run is handed "all of them" and so told which were left out (and a
         # scan per client PREPARE would make opening 10,000 users quadratic).
-        closed_matching = self.pool.closed_matching(request) if request.get("role") == "server" else []
+        closed_matching = self.pool.closed_matching(request) if request.text("role") == "server" else []
         closed = ",".join(str(c.id) for c in closed_matching) or None
         # A connection no run has used yet that replaced a closed one: the runner says so.
         replaced = ",".join(str(c.replaces) for c in connections if c.replaces and not c.leases) or None
@@ -346,19 +347,19 @@ class Keeper:
 STATUS_BATCH = 256  # connections serialised per step of a status stream
 
 
-def status_filters(request: Request) -> dict:
+def status_filters(request: Request) -> dict[str, str]:
     """STATUS's filters as report.select_connections takes them (the CLI's --state, --aor ...)."""
-    remote = request.get("remote")
-    wanted = {
-        "aor": request.get("aor"),
-        "state": request.get("state"),
+    remote = request.address("remote")
+    wanted: dict[str, str | None] = {
+        "aor": request.text("aor"),
+        "state": request.text("state"),
         "remote": format_address(remote) if remote else None,
-        "transport": request.get("transport"),
+        "transport": request.text("transport"),
     }
     return {key: value for key, value in wanted.items() if value is not None}
 
 
-def _as_dicts(connections: list[KeptConnection]) -> Iterator[list[dict]]:
+def _as_dicts(connections: list[KeptConnection]) -> Iterator[list[JsonObject]]:
     for start in range(0, len(connections), STATUS_BATCH):
         yield [c.as_dict() for c in connections[start : start + STATUS_BATCH]]
 

@@ -42,6 +42,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fdkeeper.keeper.connection import new_descriptors
 from fdkeeper.keeper.tlspump import (
@@ -88,6 +89,34 @@ class PumpHandover:
     _pump_tried: bool
     write_pending: bool  # Python's last SSL write returned WANT_*: it alone may retry it
     ssl_with_pump: bool  # released with a write of the pump's pending: the SSL object is still its
+    relay: str  # who relays while a run holds it, for status: "python", or "pump" once it took it
+
+    # The link's state and relay, which the hand-over reads and calls back into: TlsLink's.
+    tls: ssl.SSLSocket
+    sipp_end: socket.socket
+    keeper_end: socket.socket
+    from_sut: SipFramer
+    from_sipp: SipFramer
+    to_sut: bytearray
+    to_sipp: bytearray
+    unread_lengths: collections.deque[int]
+    ended_runs: collections.deque[int]
+    closed_reason: str
+    sut_ended: str
+    reset: bool
+    is_held: Callable[[], bool]
+    ping_sent_at: float | None
+    last_activity: float
+
+    if TYPE_CHECKING:  # TlsLink's relay methods (declared for the type checker only)
+
+        def _fail(self, reason: str) -> None: ...
+        def _ended(self, reason: str) -> None: ...
+        def _ended_cleanly(self, reason: str) -> None: ...
+        def _flush_to_sut(self) -> None: ...
+        def _read_tls(self) -> None: ...
+        def _queue_to_sipp(self, messages: list[bytes]) -> None: ...
+        def _read_pair_data(self, data: bytes) -> None: ...
 
     @property
     def pumped(self) -> bool:
@@ -102,7 +131,7 @@ class PumpHandover:
         if not self._pump_tried:
             self._pump_tried = True
             self.pump = PumpedLink.create(self.tls)
-            self.info["relay"] = "pump" if self.pump else "python"
+            self.relay = "pump" if self.pump else "python"
         if self.pump is None:
             return False
         partials = (self.from_sut.discard(), self.from_sipp.discard())
@@ -118,7 +147,7 @@ class PumpHandover:
     def _take_back(self) -> None:
         """The pump stops; its buffers, counters and how the SuT ended come back here (the SSL
         object and the bytes for the SuT too, unless a write of the pump's is pending)."""
-        if not self.pumped:
+        if self.pump is None or not self.pump.attached:
             return
         back = self.pump.release()
         self.ssl_with_pump = back.finishing
@@ -142,8 +171,8 @@ class PumpHandover:
         """Once the pump's last write is done: the SSL object and the unsent bytes are Python's
         again, ahead of what runs wrote meanwhile. Whether the SSL object is Python's now (False:
         that write is not done yet)."""
-        if not self.ssl_with_pump:
-            return True  # taken back already, or the link closed meanwhile
+        if not self.ssl_with_pump or self.pump is None:
+            return True  # taken back already, or the link closed meanwhile (_free_pump)
         if not self.pump.finished():
             return False
         rest, failure = self.pump.take_rest()
@@ -208,7 +237,7 @@ class TlsLink(PumpHandover):
         # each run's end in the stream that run's unfinished message is dropped.
         self.ended_runs: collections.deque[int] = collections.deque()
         self.info = describe(tls, options)
-        self.info["relay"] = "python"  # "pump" once the C pump has taken it for a run
+        self.relay = "python"
         self.closed_reason = ""  # the link is over: nothing more goes either way
         # The SuT ended its side cleanly (FIN, close_notify): as a half-closed TCP socket, the
         # run reads what came before, then end of file, and what it writes still goes out.

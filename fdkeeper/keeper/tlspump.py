@@ -117,8 +117,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     pointer, buffer = ctypes.c_void_p, ctypes.c_char_p
     lib.tlspump_validate.argtypes, lib.tlspump_validate.restype = [pointer, ctypes.c_int], ctypes.c_int
     lib.tlspump_new.argtypes, lib.tlspump_new.restype = [], pointer
-    lib.tlspump_attach.argtypes = [pointer, pointer, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.tlspump_attach.argtypes += [buffer, size] * 4 + [ctypes.POINTER(ctypes.c_uint32), size]
+    fd = ctypes.c_int
+    # the pump's link, the SSL*, three descriptors, four (bytes, length) states, the unread lengths
+    lib.tlspump_attach.argtypes = [pointer, pointer, fd, fd, fd, buffer, size, buffer, size, buffer, size]
+    lib.tlspump_attach.argtypes += [buffer, size, ctypes.POINTER(ctypes.c_uint32), size]
     lib.tlspump_attach.restype = ctypes.c_int
     lib.tlspump_release.argtypes, lib.tlspump_release.restype = [pointer], ctypes.c_int
     lib.tlspump_finished.argtypes, lib.tlspump_finished.restype = [pointer], ctypes.c_int
@@ -157,7 +159,8 @@ class LiveCounter:
             return self  # type: ignore[return-value]
         pump = link.pump  # type: ignore[attr-defined]
         live = getattr(pump.live_state(), self.name) if pump is not None and pump.attached else 0
-        return getattr(link, self.stored) + live
+        stored: int = getattr(link, self.stored)
+        return stored + live
 
     def __set__(self, link: object, value: int) -> None:
         setattr(link, self.stored, value)

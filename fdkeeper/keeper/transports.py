@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from fdkeeper.keeper.health import PONG_TIMEOUT
 from fdkeeper.keeper.tlslink import TlsLink
-from fdkeeper.tls import TlsOptions
+from fdkeeper.tls import TlsInfo, TlsOptions
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.connection import KeptConnection
@@ -33,6 +34,23 @@ _PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 FLUSH_GRACE = 2.0
 
 
+class TlsStats(TlsInfo):
+    """A TLS link's part of `fdkeeper status`: the session (tls.describe) and what went through."""
+
+    relay: str
+    messages_to_sut: int
+    messages_to_sipp: int
+    dropped_bytes: int
+
+
+class TransportStats(TypedDict):
+    """A transport's part of a connection in `fdkeeper status`."""
+
+    options_answered: int
+    pongs: int
+    tls: TlsStats | None
+
+
 class Transport(Protocol):
     movable: bool  # --replace can hand it to a new keeper: all its state is the kernel's
 
@@ -45,8 +63,8 @@ class Transport(Protocol):
     def unwatch(self, reactor: Reactor) -> None:
         """Stop watching every descriptor of it (before it is closed)."""
 
-    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
-        """An idle connection: ping it when quiet for --keepalive s, close it when the pong is overdue."""
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float, interval: float) -> None:
+        """An idle connection: ping it when quiet for ``interval`` s (--keepalive), close it when the pong is overdue."""
 
     def end_of_lease(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         """The run holding it ended: what the keeper does with what that run left."""
@@ -54,8 +72,11 @@ class Transport(Protocol):
     def still_sending(self, connection: KeptConnection) -> bool:
         """After the SuT ended it: whether it still carries what a run writes (keep it open)."""
 
-    def stats(self, connection: KeptConnection) -> dict:
+    def stats(self, connection: KeptConnection) -> TransportStats:
         """Its part of `fdkeeper status`: keep-alive pongs, OPTIONS answered, TLS details."""
+
+    def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
+        """The TLS pump's wake-up fired: whether this connection waits for the pump no more."""
 
     def buffered(self) -> tuple[int, int]:
         """Bytes the keeper holds towards the SuT and towards runs (diagnostics)."""
@@ -66,7 +87,10 @@ class Transport(Protocol):
 
 def transport_for(opened: socket.socket, options: TlsOptions | None, early: bytes) -> Transport:
     """The transport of a connection the keeper just opened (TLS: handshake done, ``early`` read)."""
-    return TlsTransport(TlsLink(opened, options, early)) if options is not None else TcpTransport()
+    if options is None:
+        return TcpTransport()
+    assert isinstance(opened, ssl.SSLSocket), "a TLS connection opened without its TLS socket"
+    return TlsTransport(TlsLink(opened, options, early))
 
 
 class TcpTransport:
@@ -114,11 +138,11 @@ class TcpTransport:
         elif mask & select.EPOLLIN and health.options is not None:
             health.options.on_readable(connection)
 
-    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float, interval: float) -> None:
         if connection.ping_sent_at is not None:
             if now - connection.ping_sent_at > PONG_TIMEOUT:
                 health.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
-        elif now - connection.last_activity >= health.keepalive and connection.send_ping():
+        elif now - connection.last_activity >= interval and connection.send_ping():
             # Watch for the pong now; queued data was checked to be empty before the ping.
             health.reactor.rewatch(connection.fileno(), select.EPOLLRDHUP | select.EPOLLIN)
 
@@ -140,8 +164,11 @@ class TcpTransport:
     def still_sending(self, connection: KeptConnection) -> bool:
         return False  # a half-closed TCP socket is the run's own: it needs no keeper to send
 
-    def stats(self, connection: KeptConnection) -> dict:
+    def stats(self, connection: KeptConnection) -> TransportStats:
         return {"options_answered": connection.options_answered, "pongs": connection.pongs, "tls": None}
+
+    def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
+        return True  # no TLS session, no pump: never waits for it
 
     def buffered(self) -> tuple[int, int]:
         return 0, 0
@@ -233,13 +260,13 @@ class TlsTransport:
         if not connection.ending:  # else the check it started goes on
             health.close_when_delivered(connection, link.closed_reason)
 
-    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float) -> None:
+    def keep_alive(self, health: ConnectionHealth, connection: KeptConnection, now: float, interval: float) -> None:
         """Pongs are taken out of the stream by the link's framer, so only timing is left here."""
         link = self.link
         if link.ping_sent_at is not None:
             if now - link.ping_sent_at > PONG_TIMEOUT:
                 health.close_connection(connection, f"no keep-alive pong within {PONG_TIMEOUT:g} s")
-        elif now - max(link.last_activity, connection.last_activity) >= health.keepalive and link.idle():
+        elif now - max(link.last_activity, connection.last_activity) >= interval and link.idle():
             link.send_ping()
             self.after_event(health, connection)
 
@@ -256,13 +283,14 @@ class TlsTransport:
             return True
         return bool(link.to_sut or link.ssl_with_pump) and time.monotonic() - connection.last_activity < FLUSH_GRACE
 
-    def stats(self, connection: KeptConnection) -> dict:
+    def stats(self, connection: KeptConnection) -> TransportStats:
         link = self.link
         return {
             "options_answered": link.options_answered,
             "pongs": link.from_sut.keepalives,
             "tls": {
                 **link.info,
+                "relay": link.relay,
                 "messages_to_sut": link.messages_to_sut,
                 "messages_to_sipp": link.messages_to_sipp,
                 "dropped_bytes": link.dropped_bytes,

@@ -49,7 +49,7 @@ class Malformed(ValueError):
 # --------------------------------------------------------------------------
 
 
-def header_pattern(*names: bytes) -> re.Pattern:
+def header_pattern(*names: bytes) -> re.Pattern[bytes]:
     """A header line with one of these names, any case: "\\nname :" . Case-insensitive
     matching of the message itself spares a lowered copy of every head."""
     return re.compile(rb"\n(?:" + b"|".join(re.escape(n) for n in names) + rb")[ \t]*:[ \t]*", re.IGNORECASE)
@@ -72,7 +72,9 @@ _ELEMENT = re.compile(rb'(?:[^,<"]+|<[^>]*>|"[^"]*")*')
 def end_of_element(data: bytes, at: int, end: int) -> int:
     """Where the first comma-separated element of the header value data[at:end] ends
     (absolute); an unclosed < or " runs to the end of the value."""
-    stop = _ELEMENT.match(data, at, end).end()
+    element = _ELEMENT.match(data, at, end)
+    assert element is not None  # the pattern matches the empty string too
+    stop = element.end()
     if stop < end and data[stop] != 0x2C:  # not a comma: an unclosed < or "
         return end
     return stop
@@ -133,7 +135,7 @@ class Message:
                 self.data = data[: head_end + 4 + length]
         self.head_end, self.start_end, self.body_length = head_end, start_end, length
 
-    def header(self, pattern: re.Pattern, start: int = 0) -> Span | None:
+    def header(self, pattern: re.Pattern[bytes], start: int = 0) -> Span | None:
         """The first header line (at or after ``start``) that ``pattern`` (header_pattern) finds
         in the head: (line start, value start, line end); line end is that line's CRLF (folded
         lines included). The hottest function of the converter: kept to one call."""
@@ -190,7 +192,7 @@ class Message:
 _START = operator.itemgetter(0)
 
 
-class Edits(list):
+class Edits(list[tuple[int, int, bytes]]):
     """Replacements on a message's bytes, applied in one join: append((start, end, text)).
     A plain list underneath: adding an edit is a C call, not a Python one."""
 

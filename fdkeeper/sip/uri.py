@@ -26,13 +26,15 @@ def uri_hostport(text: bytes) -> UriTarget | None:
     """(host lowered, port, transport lowered) of a SIP URI or name-addr; None if not one.
     Memoized: Route entries (ours and the SuT's Record-Route) and Request-URIs repeat call
     after call, and parsing one is several microseconds of Python."""
-    result = _URI_CACHE.get(text, _URI_CACHE)
-    if result is _URI_CACHE:
-        result = _parse_uri(text)
-        if len(text) <= _URI_CACHE_TEXT:
-            if len(_URI_CACHE) >= _URI_CACHE_LIMIT:
-                _URI_CACHE.clear()
-            _URI_CACHE[text] = result
+    try:
+        return _URI_CACHE[text]
+    except KeyError:  # free in the usual case, a hit: no second lookup, no sentinel
+        pass
+    result = _parse_uri(text)
+    if len(text) <= _URI_CACHE_TEXT:
+        if len(_URI_CACHE) >= _URI_CACHE_LIMIT:
+            _URI_CACHE.clear()
+        _URI_CACHE[text] = result
     return result
 
 
@@ -87,7 +89,7 @@ _VIA = re.compile(
     rb"(?:[ \t]*:[ \t]*([0-9]{1,5}))?[ \t]*(.*)",
     re.IGNORECASE | re.DOTALL,
 )
-_PARAM_CACHE: dict[bytes, re.Pattern] = {}
+_PARAM_CACHE: dict[bytes, re.Pattern[bytes]] = {}
 
 
 def via_parts(value: bytes) -> tuple[bytes, bytes, int, bytes]:
