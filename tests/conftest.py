@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
+from tests.support.converter import RunningConverter
 from tests.support.keeper import keeper_process
 
 
@@ -129,3 +130,19 @@ def keeper_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "keeper"
     yield directory
     KeeperClient(directory).stop()
+
+
+# --------------------------------------------------------------------------
+# converter (convert and modes/udp)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def converters() -> Iterator[Callable[..., RunningConverter]]:
+    """Start converters with ``converters(workdir, sut_address, transport, sipp_port, *extra)``;
+    each is stopped after the test and its log tail printed (shown when the test fails)."""
+    started: list[RunningConverter] = []
+    yield lambda *args: started.append(RunningConverter(*args)) or started[-1]
+    for converter in started:
+        converter.stop()
+        print(f"--- converter log ---\n{converter.log.read_text()[-3000:]}")

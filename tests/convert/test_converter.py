@@ -9,10 +9,8 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,103 +22,11 @@ from fdkeeper.modes.udp import UdpMode, stop_converters
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.request import converter_arguments, sipp_request
 from fdkeeper.sipp.tables import SIPP_3_6, OptionTable
-
-USER = "alice"
-
+from tests.support.converter import USER, FakeSock, answer_calls, register
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-class RunningConverter:
-    def __init__(self, workdir: Path, sut_address: str, transport: str, sipp_port: int, *extra: str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.control = workdir / "convert.sock"
-        self.log = workdir / "convert.log"
-        self.sipp_port = sipp_port
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fdkeeper",
-                "convert",
-                "--listen",
-                "127.0.0.1:0",
-                "--sut",
-                sut_address,
-                "--transport",
-                transport,
-                "--sipp-address",
-                f"127.0.0.1:{sipp_port}",
-                "--control",
-                str(self.control),
-                *extra,
-            ],
-            stderr=open(self.log, "wb"),  # noqa: SIM115 - the child writes it
-            start_new_session=True,
-        )
-        testbed.wait_until(lambda: self._status() or self.process.poll() is not None, 10, what="the converter")
-        assert self.process.poll() is None, self.log.read_text()
-        self.listen = self.status()["listen"]
-
-    def _status(self) -> dict | None:
-        try:
-            return self.status()
-        except OSError:
-            return None
-
-    def status(self) -> dict:
-        return control_request(self.control, "STATUS")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-@pytest.fixture
-def converters():
-    started: list[RunningConverter] = []
-    yield lambda *args: started.append(RunningConverter(*args)) or started[-1]
-    for converter in started:
-        converter.stop()
-        print(f"--- converter log ---\n{converter.log.read_text()[-3000:]}")
-
-
-def register(sipp_path, converter, kamailio, tmp_path, name="register", user=USER):
-    users = testbed.write_users_csv(tmp_path / f"{name}.csv", [user], kamailio.domain)
-    result = testbed.run_sipp(
-        sipp_path,
-        "uac-register.xml",
-        converter.listen,
-        log_dir=tmp_path / "logs",
-        name=name,
-        transport="u1",
-        calls=1,
-        timeout=10,
-        extra=["-inf", str(users)],
-    )
-    assert result.ok, result.summary()
-    return result
-
-
-def answer_calls(sipp_path, converter, kamailio, tmp_path, count=2, name="answer", user=USER):
-    answer = testbed.start_sipp(
-        sipp_path,
-        "uas-answer.xml",
-        converter.listen,
-        log_dir=tmp_path / "logs",
-        name=name,
-        transport="u1",
-        local_port=converter.sipp_port,
-        calls=count,
-        timeout=20,
-    )
-    caller = testbed.place_calls(kamailio, user, count, sipp=sipp_path, timeout=15, log_dir=tmp_path / "logs")
-    answered = answer.wait(25)
-    assert caller.ok and caller.successful == count, caller.summary()
-    assert answered.ok and answered.successful == count, answered.summary()
-    return caller, answered
 
 
 def messages(log: str) -> list[tuple[str, str]]:
@@ -326,11 +232,6 @@ def test_hide_topology_header_by_header(sipp_path, kamailio, tmp_path, converter
 # --------------------------------------------------------------------------
 # fuzzed and truncated SIP: unit level, and garbage at a live converter
 # --------------------------------------------------------------------------
-
-
-class FakeSock:
-    def fileno(self) -> int:
-        return 99
 
 
 def unit_converter(hide: bool = False) -> tuple[Converter, Link, list]:

@@ -17,7 +17,7 @@ from fdkeeper import testbed
 from fdkeeper.convert import Converter, Link, control_request
 from fdkeeper.convert.delivery import T1, TIMEOUT
 from fdkeeper.modes.udp import stop_converters
-from tests.convert.test_converter import USER, FakeSock, answer_calls, converters
+from tests.support.converter import USER, FakeSock, answer_calls
 
 SIPP = ("127.0.0.1", 6100)
 SUT_INVITE = (
