@@ -10,7 +10,6 @@ that no longer does the TLS.
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
