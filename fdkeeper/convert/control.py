@@ -13,12 +13,14 @@ import json
 import os
 import select
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from fdkeeper.address import Address, is_ip, split_host_port
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor, Timer
+from fdkeeper.protocol import JsonObject, ReceivedJson
 from fdkeeper.sip.uri import SIP_PORT
 from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
 
@@ -26,7 +28,7 @@ from fdkeeper.statedir import peer_credentials, trusted_uid, verify_peer
 class Controlled(Protocol):
     """What the control requests act on (the converter server)."""
 
-    def stats(self) -> dict: ...
+    def stats(self) -> JsonObject: ...
 
     def set_sipp_address(self, address: Address) -> None: ...
 
@@ -39,7 +41,7 @@ class Controlled(Protocol):
     def stop(self) -> None: ...
 
 
-def answer(target: Controlled, request: str) -> dict:
+def answer(target: Controlled, request: str) -> JsonObject:
     """The reply to one control request."""
     word, _, argument = request.partition(" ")
     try:
@@ -61,7 +63,7 @@ def answer(target: Controlled, request: str) -> dict:
     return {"ok": False, "error": f"fdkeeper: unknown control request {word!r}"}
 
 
-def _with_address(argument: str, action) -> dict:
+def _with_address(argument: str, action: Callable[[Address], None]) -> JsonObject:
     """Call ``action`` with the sipp address ``argument`` names (IP:PORT)."""
     try:
         host, port = split_host_port(argument, SIP_PORT)
@@ -73,7 +75,7 @@ def _with_address(argument: str, action) -> dict:
     return {"ok": True}
 
 
-def _attach(target: Controlled, argument: str) -> dict:
+def _attach(target: Controlled, argument: str) -> JsonObject:
     address, _, pid = argument.partition(" ")
     if pid and not pid.isdigit():
         return {"ok": False, "error": f"fdkeeper: bad pid {pid!r} in ATTACH; give ATTACH IP:PORT [PID]"}
@@ -171,7 +173,7 @@ def _peer_is_ours(connection: socket.socket) -> bool:
     return trusted_uid(uid)
 
 
-def control_request(path: Path, request: str, timeout: float = 5.0) -> dict:
+def control_request(path: Path, request: str, timeout: float = 5.0) -> ReceivedJson:
     """Send one control request to a running converter; its JSON reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -184,4 +186,5 @@ def control_request(path: Path, request: str, timeout: float = 5.0) -> dict:
             if not chunk:
                 break
             data += chunk
-    return json.loads(data)
+    reply: ReceivedJson = json.loads(data)
+    return reply

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.pidcheck import process_exists
+from fdkeeper.protocol import JsonObject
 
 T1, T2 = 0.5, 4.0
 TIMEOUT = 64 * T1
@@ -54,7 +55,7 @@ class UdpDelivery:
     """Attachments, the gap queue and retransmissions. I/O through ``send_udp``; counts in
     ``counters`` (the converter's)."""
 
-    def __init__(self, send_udp: Callable[[bytes, Address], None], counters: collections.Counter) -> None:
+    def __init__(self, send_udp: Callable[[bytes, Address], None], counters: collections.Counter[str]) -> None:
         self.send_udp = send_udp
         self.counters = counters
         self.attached: dict[Address, int | None] = {}  # address -> pid of the run's fdkeeper
@@ -144,7 +145,7 @@ class UdpDelivery:
             self.queued_bytes -= len(self.queue.popleft().data)
             self.counters["queue_expired"] += 1
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> JsonObject:
         return {
             "attached": [format_address(address) for address in self.attached],
             "queued": len(self.queue),

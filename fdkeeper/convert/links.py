@@ -8,6 +8,7 @@ import ssl
 import time
 
 from fdkeeper.address import Address, format_address, is_ip
+from fdkeeper.protocol import JsonObject
 from fdkeeper.sip.framing import PONG, SipFramer
 from fdkeeper.tcp import open_tcp
 from fdkeeper.tls import TlsOptions, handshake
@@ -21,7 +22,7 @@ class Link:
     """One TCP or TLS connection to a destination, with its framer, output buffer and the
     header lines the converter writes for it (built once here, not per message)."""
 
-    def __init__(self, key: LinkKey, sock, local: Address, listen: bytes, early: bytes = b"") -> None:
+    def __init__(self, key: LinkKey, sock: socket.socket, local: Address, listen: bytes, early: bytes = b"") -> None:
         self.key = key
         self.host, self.port, self.transport = key
         self.sock = sock
@@ -79,15 +80,19 @@ class Link:
     def closed(self) -> bool:
         return bool(self.closed_reason)
 
+    @property
+    def state(self) -> str:
+        return "closed" if self.closed else "open"
+
     def label(self) -> str:
         return f"{self.local_hp.decode()}->{self.remote_hp.decode()}/{self.transport}"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> JsonObject:
         return {
             "remote": self.remote_hp.decode(),
             "transport": self.transport,
             "local": self.local_hp.decode(),
-            "state": "closed" if self.closed else "open",
+            "state": self.state,
             "closed_reason": self.closed_reason,
             "age": round(time.time() - self.opened_at, 3),
             "messages_out": self.messages_out,

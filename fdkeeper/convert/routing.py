@@ -32,7 +32,8 @@ import collections
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.convert.delivery import UdpDelivery
@@ -64,15 +65,19 @@ MAP_LIMIT = 200_000
 DIALOG_CREATING = frozenset({b"INVITE", b"SUBSCRIBE", b"REFER"})
 
 
-class ExpiringMap:
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class ExpiringMap(Generic[K, V]):
     """key -> value with a time to live and a size bound; oldest entries go first."""
 
     def __init__(self, ttl: float, limit: int = MAP_LIMIT) -> None:
         self.ttl, self.limit = ttl, limit
-        self.entries: dict = {}
+        self.entries: dict[K, tuple[float, V]] = {}  # key -> (expiry, value), oldest first
         self.evicted = 0
 
-    def put(self, key, value, now: float) -> None:
+    def put(self, key: K, value: V, now: float) -> None:
         entries = self.entries
         if key in entries:
             del entries[key]  # move to the young end
@@ -81,7 +86,7 @@ class ExpiringMap:
             self.evicted += 1
         entries[key] = (now + self.ttl, value)
 
-    def get(self, key):
+    def get(self, key: K) -> V | None:
         found = self.entries.get(key)
         return found[1] if found else None
 
@@ -171,8 +176,9 @@ class Converter:
         self.by_hostport: dict[HostPort, Link] = {}
         self.own: set[HostPort] = {_own_key(listen)}
         self.dirty: set[Link] = set()
-        self.transactions = ExpiringMap(TRANSACTION_TTL)
-        self.dialogs = ExpiringMap(DIALOG_TTL)
+        # hidden topology: a forwarded request's branch -> where its responses go back to
+        self.transactions: ExpiringMap[bytes, Address | Link] = ExpiringMap(TRANSACTION_TTL)
+        self.dialogs: ExpiringMap[bytes, LinkKey] = ExpiringMap(DIALOG_TTL)  # Call-ID -> its link
         self.counters: collections.Counter[str] = collections.Counter()
         self.malformed: collections.Counter[str] = collections.Counter()
         self.warned: set[str] = set()
@@ -250,7 +256,7 @@ class Converter:
         if data[:1] in b"\r\n\x00 " and not data.strip(b"\r\n\x00 "):
             self.counters["udp_keepalives"] += 1
             return
-        self._handle(data, source, True)
+        self._handle(data, source)
 
     def from_stream(self, link: Link, data: bytes) -> None:
         try:
@@ -264,23 +270,25 @@ class Converter:
         for raw in messages:
             link.messages_in += 1
             self.counters["stream_in"] += 1
-            self._handle(raw, link, False)
+            self._handle(raw, link)
 
-    def _handle(self, raw: bytes, peer: Address | Link, datagram: bool) -> None:
-        """One message from sipp (a ``datagram``, ``peer`` its address) or from a link (the
+    def _handle(self, raw: bytes, peer: Address | Link) -> None:
+        """One message from sipp (a datagram, ``peer`` its address) or from a link (the
         ``peer``): whatever it holds, it is forwarded, answered, or counted and dropped; never
         an exception."""
         try:
-            message = Message(raw, datagram)
-            if not datagram:
+            if isinstance(peer, Link):
+                message = Message(raw, datagram=False)
                 if message.is_request:
                     self._request_from_stream(peer, message)
                 else:
                     self._response_from_stream(peer, message)
-            elif message.is_request:
-                self._request_from_sipp(message, peer)
             else:
-                self._response_from_sipp(message)
+                message = Message(raw, datagram=True)
+                if message.is_request:
+                    self._request_from_sipp(message, peer)
+                else:
+                    self._response_from_sipp(message)
         except Malformed as error:
             self.drop(error.kind, raw)
         except UnicodeDecodeError:  # a host or address that is not text: malformed, never fatal
@@ -416,6 +424,7 @@ class Converter:
         if link is not None and message.is_request:
             self.delivery.send_request(out, branch, message.method == b"INVITE", destination, self.now)
         else:
+            assert destination is not None, "only a request from a link waits for a run (the delivery queues it)"
             self.send_udp(out, destination)
         self.counters[counter] += 1
 

@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 from fdkeeper.address import Address, family_of, format_address
 from fdkeeper.convert.control import ControlSocket
@@ -29,6 +30,7 @@ from fdkeeper.convert.links import SOCKET_BUFFER, Link, LinkKey, open_link
 from fdkeeper.convert.routing import Converter, log
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.loop import Reactor
+from fdkeeper.protocol import JsonObject
 from fdkeeper.sip.framing import PING
 from fdkeeper.textsafe import configure_logging
 from fdkeeper.tls import TlsOptions
@@ -274,7 +276,7 @@ class ConverterServer:
         self.converter.detach(address)
         log.info("run detached from udp:%s", format_address(address))
 
-    def stats(self) -> dict:
+    def stats(self) -> JsonObject:
         converter = self.converter
         sipp_address = converter.sipp_address
         return {
@@ -295,13 +297,14 @@ class ConverterServer:
     # -- status
 
     def stats_line(self) -> str:
-        s = self.stats()
-        counters = " ".join(f"{k}={v}" for k, v in sorted(s["counters"].items()))
-        malformed = sum(s["malformed"].values())
-        links = ", ".join(
-            f"{link['local']}->{link['remote']}/{link['transport']} {link['state']}" for link in s["links"]
+        converter = self.converter
+        counters = " ".join(f"{k}={v}" for k, v in sorted(converter.counters.items()))
+        malformed = sum(converter.malformed.values())
+        links = ", ".join(f"{link.label()} {link.state}" for link in converter.links.values())
+        return (
+            f"fdkeeper convert: {counters} malformed={malformed} transactions={len(converter.transactions)} "
+            f"dialogs={len(converter.dialogs)} links: {links}"
         )
-        return f"fdkeeper convert: {counters} malformed={malformed} transactions={s['transactions']} dialogs={s['dialogs']} links: {links}"
 
     def write_stats(self) -> None:
         if self.stats_file is None:
@@ -311,7 +314,7 @@ class ConverterServer:
         temporary.replace(self.stats_file)
 
     def install_signal_handlers(self) -> None:
-        def report(_signum, _frame):
+        def report(_signum: int, _frame: FrameType | None) -> None:
             print(self.stats_line(), file=sys.stderr, flush=True)
             self.write_stats()
 
