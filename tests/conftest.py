@@ -70,6 +70,13 @@ def test_pki(tmp_path_factory: pytest.TempPathFactory) -> testbed.TestPki:
     return testbed.make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> testbed.TestPki:
+    """A test PKI per module, like `test_pki` (which is one per session): for modules that
+    want certificates of their own."""
+    return testbed.make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
 def kamailio_tls(tmp_path: Path, test_pki: testbed.TestPki) -> Iterator[testbed.Kamailio]:
     """A started Kamailio like `kamailio`, also listening for TLS on

@@ -34,7 +34,6 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.args import parse_sipp_args
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
-from fdkeeper.testbed.pki import make_test_pki
 from fdkeeper.tls import MAX_TLS_FILE, TlsOptions, client_context, handshake
 
 # The option each request field is spelled as in the one-line error (fdkeeper's, or sipp's).
@@ -53,11 +52,6 @@ SAYS = {
     "device": "is a character device",
 }
 ANSWER_AT_ONCE = 1.0  # seconds for a PING (about 1 ms when idle); a blocked loop answers never
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def make_crl(pki, path: Path, revoked: Path | None = None) -> Path:

@@ -16,14 +16,8 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testbed import wait_until
-from fdkeeper.testbed.pki import make_test_pki
 
 USER = "alice"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 def start_kamailio(tmp_path: Path, pki, **tls):
