@@ -16,7 +16,7 @@ import socket
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
 from fdkeeper.address import Address, format_address, parse_address
@@ -255,6 +255,7 @@ def _bad_field(verb: str, key: str, spec: Field, raw: str, problem: str) -> Prot
 # A field's value once parsed by its Field: text, a whole number, seconds, a flag, an address
 # (None for "-"). Which one a key holds is fixed by VERBS; the accessors of Request check it.
 FieldValue = str | int | float | bool | Address | None
+T = TypeVar("T")
 
 
 @dataclass
@@ -269,10 +270,7 @@ class Request:
 
     def text(self, key: str) -> str | None:
         """A text field (a choice, a path, an AoR, a server name); None if absent."""
-        value = self.fields.get(key)
-        if value is None or isinstance(value, str):
-            return value
-        raise _wrong_kind(key, value, "text")
+        return self._of(key, str, "text")
 
     def required_text(self, key: str) -> str:
         """A text field REQUIRED has made sure of (LEASE's and PREPARE's transport=, say)."""
@@ -283,36 +281,29 @@ class Request:
 
     def number(self, key: str) -> int | None:
         """A whole-number field; None if absent."""
-        value = self.fields.get(key)
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        raise _wrong_kind(key, value, "a whole number")
+        return self._of(key, int, "a whole number")
 
     def seconds(self, key: str) -> float | None:
         """A SECONDS field; None if absent."""
-        value = self.fields.get(key)
-        if value is None or isinstance(value, float):
-            return value
-        raise _wrong_kind(key, value, "seconds")
+        return self._of(key, float, "seconds")
 
     def flag(self, key: str) -> bool:
         """A FLAG field; False if absent."""
-        value = self.fields.get(key, False)
-        if isinstance(value, bool):
-            return value
-        raise _wrong_kind(key, value, "a flag")
+        return self._of(key, bool, "a flag") or False
 
     def address(self, key: str) -> Address | None:
         """An address field; None if absent or "-"."""
+        return self._of(key, tuple, "an address")
+
+    def _of(self, key: str, kind: type[T], what: str) -> T | None:
+        """``key``'s value, None if absent; TypeError if VERBS does not give it that kind."""
         value = self.fields.get(key)
-        if value is None or isinstance(value, tuple):
+        if value is None:
+            return None
+        # A flag is an int to isinstance, and never a whole number.
+        if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
             return value
-        raise _wrong_kind(key, value, "an address")
-
-
-def _wrong_kind(key: str, value: FieldValue, kind: str) -> TypeError:
-    """A defect: code asked for ``key`` as a kind VERBS does not give it."""
-    return TypeError(f"request field {key}={value!r} is not {kind}; see protocol.VERBS for its kind")
+        raise TypeError(f"request field {key}={value!r} is not {what}; see protocol.VERBS for its kind")
 
 
 def parse_request(data: bytes) -> Request:
