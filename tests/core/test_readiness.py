@@ -16,6 +16,7 @@ from fdkeeper import readiness, testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
+from tests.support.paths import REPO
 
 
 def test_announce_ready_writes_the_file_whole_and_the_descriptor(tmp_path):
@@ -85,7 +86,7 @@ def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, k
     assert answered.ok, answered.summary()
 
 
-SHELL_PATTERN = Path(__file__).resolve().parents[2] / "docs" / "ci" / "register-answer.sh"
+SHELL_PATTERN = REPO / "docs" / "ci" / "register-answer.sh"
 
 
 def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(

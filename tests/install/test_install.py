@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 # What a stock machine's login shell has, without pyenv, ~/.local/bin or /usr/local/bin.
 STOCK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -20,9 +20,10 @@ from fdkeeper.cli import main
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import Capabilities, Handoff, HandoffRequest, Mode, ModeOptions, RunNeeds, choose_mode
 from fdkeeper.modes.udp import stop_converters
+from tests.support.paths import TESTS
 
 USER = "alice"
-AGENT_SOURCE = Path(__file__).resolve().parents[1] / "ptrace" / "sipagent.c"
+AGENT_SOURCE = TESTS / "ptrace" / "sipagent.c"
 
 # ------------------------------------------------------------------ capability filtering (no processes)
 

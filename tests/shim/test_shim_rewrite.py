@@ -21,17 +21,20 @@ from pathlib import Path
 import pytest
 
 from tests.support.fake_keeper import FakeKeeper
-from tests.support.shim import EXTRA_CFLAGS, ROOT, Sut, compile_program, free_port, parse, run, shim_env
+from tests.support.paths import HELPERS, TESTS
+from tests.support.shim import EXTRA_CFLAGS, Sut, compile_program, free_port, parse, run, shim_env
 
-HELPERS = ROOT / "helpers" / "shim"
-REWRITE_TEST_SRC = ROOT / "tests" / "shim" / "rewrite_test.c"
+SHIM_SOURCES = HELPERS / "shim"
+REWRITE_TEST_SRC = TESTS / "shim" / "rewrite_test.c"
 PH, KEPT = "127.0.0.1:46883", "127.0.0.1:33697"
 
 
 @pytest.fixture(scope="session")
 def rewrite_test(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("rewrite-build") / "rewrite_test"
-    compile_program(REWRITE_TEST_SRC, out, [*EXTRA_CFLAGS, "-Wextra", f"-I{HELPERS}", str(HELPERS / "rewrite.c")])
+    compile_program(
+        REWRITE_TEST_SRC, out, [*EXTRA_CFLAGS, "-Wextra", f"-I{SHIM_SOURCES}", str(SHIM_SOURCES / "rewrite.c")]
+    )
     return str(out)
 
 

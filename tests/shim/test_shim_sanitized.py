@@ -14,14 +14,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "helpers"))
-from shimbuild import asan_runtime
+from tests.support.paths import REPO
+from tests.support.shim import asan_runtime
 
-ROOT = Path(__file__).resolve().parents[2]
 SANITIZER_REPORTS = (
     "ERROR: AddressSanitizer",
     "ERROR: LeakSanitizer",
@@ -62,7 +60,7 @@ def test_shim_tests_pass_under_asan_and_ubsan():
             "-k",
             "not real_sipp",
         ],
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

@@ -10,11 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "helpers"))  # helpers/shimbuild.py: the package build's compile flags
-from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim  # noqa: E402
+from tests.support.paths import HELPERS, TESTS
 
-SHIMPROG_SRC = ROOT / "tests" / "shim" / "shimprog.c"
+sys.path.insert(0, str(HELPERS))  # helpers/shimbuild.py: the package build's compile flags
+from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim
+
+SHIMPROG_SRC = TESTS / "shim" / "shimprog.c"
 # e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.
 WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
 # SHIM_TEST_SANITIZE=1: the shim built with AddressSanitizer + UBSan, the ASan runtime

@@ -8,6 +8,8 @@ import importlib.util
 
 import pytest
 
+from tests.support.paths import REPO, TESTS
+
 pytest_plugins = ["pytester"]
 
 PLUGIN = "fdkeeper.pytest_plugin"
@@ -101,11 +103,9 @@ def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
     every worker has its own keeper, state directory and Kamailio ports."""
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("xdist")
-    repo = Path(__file__).resolve().parents[2]
-    e2e = repo / "tests" / "e2e"
+    e2e = TESTS / "e2e"
     result = subprocess.run(
         [
             sys.executable,
@@ -123,7 +123,7 @@ def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=repo,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout

@@ -28,8 +28,8 @@ from fdkeeper.testrun.junit import write_junit
 from fdkeeper.testrun.model import TestFileError, load_test
 from fdkeeper.testrun.results import ERROR, FAILED, PASSED, XFAILED, StepResult, TestResult
 from fdkeeper.testrun.steps import screen_counts, trace_options
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 CI_DIR = REPO / "docs" / "ci"
 # What the CI recipes run, and what test_shipped_examples_pass runs (from the repo root).
