@@ -30,7 +30,7 @@ The suite runs a fixed seed, 8 sequences of 14 steps per transport (5-10 s each)
 replays the known seams as fixed step sequences (a reply after the SuT's half-close, back-to-back
 runs over a slow SuT, a reset under a run). Longer runs:
 
-    FDKEEPER_STATEFUL_EXAMPLES=500 .venv/bin/python -m pytest -q tests/test_keeper_stateful.py -k promises
+    FDKEEPER_STATEFUL_EXAMPLES=500 .venv/bin/python -m pytest -q tests/keeper/test_keeper_stateful.py -k promises
 
 run that many random sequences per transport (fresh seeds, 40 steps each; every distinct
 failure is shrunk to a short sequence of steps, which hypothesis prints with the line to replay

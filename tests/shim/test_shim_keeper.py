@@ -1,6 +1,6 @@
 """The LD_PRELOAD shim against the real keeper (fdkeeper.keeper in a temp state dir).
 
-tests/test_shim.py checks the shim's every detail against a fake keeper; these check that
+tests/shim/test_shim.py checks the shim's every detail against a fake keeper; these check that
 the shim and the real keeper agree: a client connect handoff, a server accept handoff, fork
 while another thread holds the shim's lock, and dup2/close/close_range on a kept fd. The
 test program is tests/shim/shimprog.c, built with the shim as test_shim.py builds them.

@@ -4,7 +4,7 @@ A fake keeper answers every LEASE with one scripted reply: truncated, garbage, o
 too few or too many descriptors, descriptors that are not sockets. The preloaded test program
 (tests/shim/shimprog.c) must end normally every time: the shim refuses the reply (connect
 or listen fails with an errno and one line on stderr), never a signal. Run under
-AddressSanitizer + UBSan by tests/test_shim_sanitized.py.
+AddressSanitizer + UBSan by tests/shim/test_shim_sanitized.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shim's tests again with the shim built with AddressSanitizer and UBSan (issue 10, Shim).
 
-As cwrap's socket_wrapper does in its CI: tests/test_shim.py (without the real-sipp cases, which
-the plain run covers) and tests/test_shim_malformed.py run in a child pytest with
+As cwrap's socket_wrapper does in its CI: tests/shim/test_shim.py (without the real-sipp cases, which
+the plain run covers) and tests/shim/test_shim_malformed.py run in a child pytest with
 SHIM_TEST_SANITIZE=1 (helpers/shimbuild.py's flags, the ASan runtime preloaded first). UBSan is
 made fatal, so any report fails the program and so the test; the child's output is checked for
 a sanitizer report too.

@@ -32,10 +32,8 @@ USERS = 4
 # on it hangs the run: a limit of per-call runs with 3.7.7 that is not this test's subject), so one
 # call per user and run.
 CALLS = {"3.6.1-preload": (6, 2), "3.7.7-preload": (1, 3), "3.7.7-static-ptrace": (1, 3)}
-MAX_SOCKET = ("-max_socket", 4000)
-STOPS_BESIDE_HANDOFFS = (
-    24  # as tests/test_static_sipp.py: start-up and exit  # sipp -t tn refuses a -max_socket above the open-file limit
-)
+MAX_SOCKET = ("-max_socket", 4000)  # sipp -t tn refuses a -max_socket above the open-file limit
+STOPS_BESIDE_HANDOFFS = 24  # as tests/ptrace/test_static_sipp.py: start-up and exit
 STATIC_SIPP = testbed.sipp_build("sipp-static")
 DYNAMIC_SIPP = testbed.sipp_build("sipp-tls")
 

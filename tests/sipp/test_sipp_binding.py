@@ -1,7 +1,7 @@
 """Where each sipp release binds (fdkeeper/sipp/binding.py), and a PREPARE that opens nothing
 when the identity is known only once sipp binds (issue 16, item 7).
 
-The end-to-end proof with the real sipps is tests/test_sut_connections.py; here the rule and
+The end-to-end proof with the real sipps is tests/keeper/test_sut_connections.py; here the rule and
 the keeper's side of it, with plain TCP peers on loopback.
 """
 
