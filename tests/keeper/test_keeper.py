@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
@@ -23,11 +22,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.protocol import MAX_MESSAGE, parse_reply
 from fdkeeper.statedir import socket_path
 from fdkeeper.testbed import wait_until
-from tests.support.keeper import remote_of
-
-
-def keeper_process(client: KeeperClient) -> psutil.Process:
-    return psutil.Process(int(client.alive().fields["pid"]))
+from tests.support.keeper import keeper_process, remote_of
 
 
 def lease_in_child(client: KeeperClient, remote, payload: bytes = b"", hold: float = 0.0) -> int:
@@ -427,6 +422,7 @@ def test_two_hundred_leases_keep_fds_and_memory_flat(keeper, peer):
     keeper.prepare(role="client", transport="tcp", remote=remote, local="-")
     _sut_side, _ = peer.accept()  # keep it: a dropped socket would close
     process = keeper_process(keeper)
+    assert process is not None, "the keeper's process is gone"
 
     def run_leases(count: int) -> None:
         for _ in range(count):
