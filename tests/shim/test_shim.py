@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from fdkeeper.testbed import wait_until
+from fdkeeper.testbed import free_port, wait_until
 from tests.support.fake_keeper import FakeKeeper, fmt_addr
-from tests.support.shim import WRAPPER, Sut, free_port, parse, recv_until, run, shim_env
+from tests.support.shim import WRAPPER, Sut, parse, recv_until, run, shim_env
 
 SIPP = shutil.which("sipp")
 

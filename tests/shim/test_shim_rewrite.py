@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from fdkeeper.testbed import free_port
 from tests.support.fake_keeper import FakeKeeper
 from tests.support.paths import HELPERS, TESTS
-from tests.support.shim import EXTRA_CFLAGS, Sut, compile_program, free_port, parse, run, shim_env
+from tests.support.shim import EXTRA_CFLAGS, Sut, compile_program, parse, run, shim_env
 
 SHIM_SOURCES = HELPERS / "shim"
 REWRITE_TEST_SRC = TESTS / "shim" / "rewrite_test.c"

@@ -88,12 +88,6 @@ def parse(out: str) -> dict[str, str]:
     return kv
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
     sock.settimeout(timeout)
     buf = b""
