@@ -149,7 +149,13 @@ def converters() -> Iterator[Callable[..., RunningConverter]]:
     """Start converters with ``converters(workdir, sut_address, transport, sipp_port, *extra)``;
     each is stopped after the test and its log tail printed (shown when the test fails)."""
     started: list[RunningConverter] = []
-    yield lambda *args: started.append(RunningConverter(*args)) or started[-1]
+
+    def start(workdir: Path, sut_address: str, transport: str, sipp_port: int, *extra: str) -> RunningConverter:
+        converter = RunningConverter(workdir, sut_address, transport, sipp_port, *extra)
+        started.append(converter)
+        return converter
+
+    yield start
     for converter in started:
         converter.stop()
         print(f"--- converter log ---\n{converter.log.read_text()[-3000:]}")

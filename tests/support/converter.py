@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fdkeeper import testbed
 from fdkeeper.convert import control_request
+from fdkeeper.protocol import ReceivedJson
 
 USER = "alice"
 
@@ -48,13 +49,13 @@ class RunningConverter:
         assert self.process.poll() is None, self.log.read_text()
         self.listen = self.status()["listen"]
 
-    def _status(self) -> dict | None:
+    def _status(self) -> ReceivedJson | None:
         try:
             return self.status()
         except OSError:
             return None
 
-    def status(self) -> dict:
+    def status(self) -> ReceivedJson:
         return control_request(self.control, "STATUS")
 
     def stop(self) -> None:

@@ -12,7 +12,8 @@ from urllib.parse import unquote
 from tests.support.shim import Sut
 
 
-def fmt_addr(addr) -> str:
+def fmt_addr(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """A socket address as the protocol writes it: host:port, [v6]:port."""
     host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -36,7 +37,7 @@ class FakeKeeper:
         peer_addr: str | None = None,
         local_addr: str = "192.0.2.55:40312",
         fds_extra: str | None = None,
-    ):
+    ) -> None:
         self.path = str(path)
         self.sut = sut
         self.error = error  # "code text" -> ERR reply
@@ -64,7 +65,7 @@ class FakeKeeper:
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def open_server_conns(self, n: int):
+    def open_server_conns(self, n: int) -> None:
         """Kept connections for a server lease (keeper end + SuT end)."""
         for _ in range(n):
             c = socket.create_connection(("127.0.0.1", self.sut.port))
@@ -72,7 +73,7 @@ class FakeKeeper:
             self.server_addrs.append((fmt_addr(c.getpeername()), fmt_addr(c.getsockname())))
             self.sut_side.append(self.sut.accept())
 
-    def open_server_pairs(self, addrs: list[tuple[str, str]]):
+    def open_server_pairs(self, addrs: list[tuple[str, str]]) -> None:
         """TLS-style kept connections: socketpair ends with (peer, local) addresses."""
         for peer, local in addrs:
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -82,10 +83,12 @@ class FakeKeeper:
             self.server_addrs.append((peer, local))
             self.sut_side.append(b)
 
-    def _send_fds(self, conn, first_id: int, socks: list[socket.socket], addrs: list[tuple[str, str]]):
+    def _send_fds(
+        self, conn: socket.socket, first_id: int, socks: list[socket.socket], addrs: list[tuple[str, str]]
+    ) -> None:
         """FDS packets of at most 250 descriptors and 4096 bytes each."""
 
-        def message(start, end):
+        def message(start: int, end: int) -> str:
             msg = "FDS ids=" + ",".join(str(first_id + i) for i in range(start, end))
             if self.fds_extra is not None:
                 msg += self.fds_extra
@@ -105,7 +108,7 @@ class FakeKeeper:
             socket.send_fds(conn, [msg.encode()], [c.fileno() for c in socks[start:end]])
             start = end
 
-    def _serve(self):
+    def _serve(self) -> None:
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
@@ -119,7 +122,7 @@ class FakeKeeper:
                 except OSError:
                     pass
 
-    def _one(self, conn):
+    def _one(self, conn: socket.socket) -> None:
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         self.peer_pids.append(int.from_bytes(cred[:4], "little"))
         req = conn.recv(4097).decode()
@@ -159,7 +162,7 @@ class FakeKeeper:
         else:
             conn.send(b"ERR badrequest fdkeeper: unknown request")
 
-    def close(self):
+    def close(self) -> None:
         self._stop = True
         self.thread.join(2)
         self.sock.close()

@@ -76,7 +76,7 @@ class FakeSut:
                 sock.sendall(b"\r\n")
 
     def connection(self) -> socket.socket:
-        return wait_until(lambda: self.accepted and self.accepted[-1], what="the keeper's connection")
+        return wait_until(lambda: self.accepted[-1] if self.accepted else None, what="the keeper's connection")
 
     def close(self) -> None:
         try:

@@ -17,7 +17,8 @@ from tests.support.fake_sut import FakeSut
 
 def remote_of(listener: socket.socket) -> tuple[str, int]:
     """The (host, port) a keeper is asked to connect to for a listener standing in for the SuT."""
-    return listener.getsockname()[:2]
+    host, port = listener.getsockname()[:2]
+    return str(host), int(port)
 
 
 def tls_fields(pki: TestPki) -> dict[str, str]:
@@ -45,7 +46,7 @@ def read_to_the_end(leased: socket.socket) -> tuple[bytes, str]:
         try:
             chunk = leased.recv(65536)
         except OSError as error:
-            return data, errno.errorcode.get(error.errno, str(error))
+            return data, errno.errorcode.get(error.errno, str(error)) if error.errno is not None else str(error)
         if not chunk:
             return data, "eof"
         data += chunk

@@ -38,12 +38,12 @@ def build_shim_and_program(out: Path) -> dict[str, str]:
 class Sut:
     """A TCP listener on 127.0.0.1 standing in for the SIP server."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1024)
         self.sock.settimeout(10)
-        self.port = self.sock.getsockname()[1]
+        self.port: int = self.sock.getsockname()[1]
         self.addr = f"127.0.0.1:{self.port}"
         self.peers: list[socket.socket] = []
 
@@ -53,13 +53,22 @@ class Sut:
         self.peers.append(conn)
         return conn
 
-    def close(self):
+    def close(self) -> None:
         for p in self.peers:
             p.close()
         self.sock.close()
 
 
-def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extra):
+def shim_env(
+    build: dict[str, str],
+    keeper_path: str | Path | None,
+    role: str = "client",
+    remote: str | None = None,
+    debug: bool = False,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of a program run under the shim: preloaded, pointed at the keeper's socket
+    (none: the shim stays inert), with the run's role and SuT; any FDKEEPER_* of ours left out."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FDKEEPER_")}
     env["LD_PRELOAD"] = (PRELOAD_FIRST + " " + build["lib"]).strip()
     if keeper_path is not None:
@@ -74,11 +83,15 @@ def shim_env(build, keeper_path, role="client", remote=None, debug=False, **extr
     return env
 
 
-def run(build, args, env, timeout=20):
+def run(
+    build: dict[str, str], args: list[str], env: dict[str, str], timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    """Run shimprog (under SHIM_TEST_WRAPPER, if set) with ``args`` in ``env``; its output as text."""
     return subprocess.run([*WRAPPER, build["prog"], *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def parse(out: str) -> dict[str, str]:
+    """Every key=value word shimprog printed, the last one of each key winning."""
     kv = {}
     for line in out.splitlines():
         for tok in line.split():
@@ -88,7 +101,8 @@ def parse(out: str) -> dict[str, str]:
     return kv
 
 
-def recv_until(sock: socket.socket, needle: bytes, timeout=10) -> bytes:
+def recv_until(sock: socket.socket, needle: bytes, timeout: float = 10) -> bytes:
+    """Read until ``needle`` arrives or the peer ends; everything read."""
     sock.settimeout(timeout)
     buf = b""
     while needle not in buf:
