@@ -7,7 +7,7 @@
 #     sh docs/ci/register-answer.sh
 #
 # SUT: the SuT's address; USERS: sipp's -inf file for the register run; CALLER: any
-# command that calls the registered user through the SuT. tests/test_readiness.py runs
+# command that calls the registered user through the SuT. tests/core/test_readiness.py runs
 # this script with the embedded Kamailio.
 set -eu
 : "${SUT:?the SuT address, e.g. 127.0.0.1:5060}" "${USERS:?the users CSV}" "${CALLER:?the command that places the call}"

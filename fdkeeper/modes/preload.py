@@ -84,7 +84,7 @@ class PreloadMode(Mode):
             "FDKEEPER_REMOTE": format_address(request.remote) if request.remote else "",
             "FDKEEPER_TRANSPORT": request.transport,
         }
-        if request.local:  # a server run's identity; a client's is what sipp binds (helpers/client.c)
+        if request.local:  # a server run's identity; a client's is what sipp binds (helpers/shim/client.c)
             env["FDKEEPER_LOCAL"] = format_address(request.local)
             if not request.local_known:  # only the likely port: the listener's own is the identity
                 env["FDKEEPER_LOCAL_FROM_LISTENER"] = "1"

@@ -1,7 +1,7 @@
 """Where sipp binds its sockets, release by release: a run's identity as the SuT will see it.
 
 Read from sipp's src/socket.cpp (open_connections, SIPpSocket::connect) and checked against
-the binaries (tests/test_sut_connections.py):
+the binaries (tests/keeper/test_sut_connections.py):
 
 - The main socket (a TCP listener over -t t1/tn/l1/ln) binds -p; without -p the first port of
   5060-5119 it can bind (SO_REUSEADDR, so only a listener or a socket without it holds a

@@ -1,4 +1,4 @@
-/* Test program for the fdkeeper preload shim (tests/test_shim.py).
+/* Test program for the fdkeeper preload shim (tests/shim/test_shim.py).
  * It uses its sockets the way sipp 3.6.1 does and prints key=value lines.
  *
  *   shimprog client IP PORT [BINDIP]   sipp-like client connection, hello/reply

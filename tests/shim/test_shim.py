@@ -1,4 +1,4 @@
-"""Tests of the LD_PRELOAD shim (helpers/*.c) with a fake keeper.
+"""Tests of the LD_PRELOAD shim (helpers/shim/*.c) with a fake keeper.
 
 The shim is compiled exactly as the package build does, preloaded into small C
 programs (tests/shim/shimprog.c) that use their sockets the way sipp 3.6.1

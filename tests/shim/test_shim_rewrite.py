@@ -2,7 +2,7 @@
 
 sipp -t tn reads [local_port] from the socket it bound before connect(), which the shim replaced
 by a placeholder; the shim rewrites that "IP:PORT" in the header part of what the fd sends to the
-kept connection's (helpers/rewrite.c, same length only). Unit tests of the rewrite through
+kept connection's (helpers/shim/rewrite.c, same length only). Unit tests of the rewrite through
 tests/shim/rewrite_test.c (linked with rewrite.c alone), then the shim preloaded into
 tests/shim/shimprog.c with a fake keeper and a send buffer so small that every message goes
 out in pieces, sipp's way (the untaken tail sent again from its offset).
@@ -250,7 +250,7 @@ def test_without_per_call_nothing_is_rewritten(build):
 
 @pytest.mark.parametrize("extra", [f"X-Test: {PH}0 1{PH} a{PH} {PH}\r\n", "", f"X-Six: {PH}{PH};{PH}\r\n"])
 def test_ptrace_twin_rewrites_as_the_shim(rewrite_test, extra):
-    """fdkeeper/modes/ptrace/viarewrite.py (the ptrace mode's) and helpers/rewrite.c agree."""
+    """fdkeeper/modes/ptrace/viarewrite.py (the ptrace mode's) and helpers/shim/rewrite.c agree."""
     from fdkeeper.modes.ptrace.viarewrite import Rewrite, rewrite_for
 
     message = sip_message(PH, body=f"{PH}\r\n".encode(), extra=extra)

@@ -2,7 +2,7 @@
 
 sipp -t tn writes [local_port] (Via sent-by, Contact) from each call's own socket; through
 fdkeeper that socket is a placeholder and the call leaves on the user's kept connection, so
-fdkeeper sends the kept connection's port instead (helpers/rewrite.c; ptrace: the same rewrite in
+fdkeeper sends the kept connection's port instead (helpers/shim/rewrite.c; ptrace: the same rewrite in
 the traced sipp). Against a real Kamailio that aliases the Via port of every request to its
 connection (force_tcp_alias(), testbed option alias_every_request): users register in one run,
 make calls in two later runs and receive calls in a fourth; every Via the SuT sees from a user

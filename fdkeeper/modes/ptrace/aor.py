@@ -1,6 +1,6 @@
 """The From AoR of a SIP message: the key a per-call connection is leased by.
 
-Python twin of helpers/aor.c (shim_from_aor), so the ptrace mode and the shim lease the same
+Python twin of helpers/shim/aor.c (shim_from_aor), so the ptrace mode and the shim lease the same
 user's kept connection for the same message.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 def from_aor(message: bytes) -> str | None:
     """The URI of the From header (or f) of a SIP message, without parameters: its AoR.
 
-    Python twin of helpers/aor.c (shim_from_aor), so both modes lease by the same key.
+    Python twin of helpers/shim/aor.c (shim_from_aor), so both modes lease by the same key.
     """
     head = message.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     for line in head.split(b"\n")[1:]:

@@ -3,7 +3,7 @@
 The program runs under the seccomp filter of ``seccomp.percall_filter`` (installed before its
 exec) and the tracer stays attached for the whole run, but the program stops only at
 connect(), epoll_ctl(EPOLL_CTL_ADD) and sendto() without an address: everything else runs at
-full speed. What the shim does in helpers/percall.c,
+full speed. What the shim does in helpers/shim/percall.c,
 from outside:
 
 - connect() of a TCP socket to the SuT is skipped and returns 0 (the program's socket stays

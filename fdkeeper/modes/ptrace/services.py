@@ -30,7 +30,7 @@ from fdkeeper.modes.ptrace.transfer import Transfer
 
 SO_REUSEPORT = 15
 # Options not replayed onto the kept connection: they concern the program's own socket's life.
-# Python twin of the shim's list (helpers/replay.c).
+# Python twin of the shim's list (helpers/shim/replay.c).
 NOT_REPLAYED = {
     (socket.SOL_SOCKET, socket.SO_LINGER),
     (socket.SOL_SOCKET, socket.SO_REUSEADDR),
@@ -174,7 +174,7 @@ class Services:
 def replays_option(level: int, name: int, pair: bool) -> bool:
     """Whether an option the program set on its socket is set again on the kept connection: all
     but NOT_REPLAYED, and no TCP option on a socketpair end (``pair``: TLS, the keeper relays).
-    Python twin of helpers/replay.c (handoff_replays_option)."""
+    Python twin of helpers/shim/replay.c (handoff_replays_option)."""
     return (level, name) not in NOT_REPLAYED and not (pair and level == socket.IPPROTO_TCP)
 
 

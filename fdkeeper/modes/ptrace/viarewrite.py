@@ -1,6 +1,6 @@
 """The placeholder's address in what a per-call fd sends, for the ptrace mode.
 
-Python twin of helpers/rewrite.c (the shim's), so both modes show the SuT the same thing: sipp
+Python twin of helpers/shim/rewrite.c (the shim's), so both modes show the SuT the same thing: sipp
 -t tn writes [local_ip]:[local_port] (Via sent-by, Contact) from the socket it bound before
 connect(), the placeholder, not the user's kept connection that the call then leaves on. Where
 "IP:PORT" of the placeholder stands whole in the header part of a message (up to its first
