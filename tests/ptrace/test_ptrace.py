@@ -21,6 +21,7 @@ from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.ptrace import PtraceMode
 from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_DEL, EPOLL_CTL_MOD, Registrations, add_from_outside
+from tests.support.shim import compile_program
 
 pytestmark = pytest.mark.skipif(
     PtraceMode()._static_reason(Path(sys.executable).resolve()) is not None, reason="ptrace mode cannot run here"
@@ -113,9 +114,7 @@ def sipagent(tmp_path_factory) -> str:
     if not Path("/usr/lib/x86_64-linux-gnu/libc.a").exists():
         pytest.fail("glibc's static library is missing: apt-get install libc6-dev", pytrace=False)
     binary = tmp_path_factory.mktemp("sipagent") / "sipagent"
-    subprocess.run(
-        ["gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(binary), str(SOURCES / "sipagent.c")], check=True
-    )
+    compile_program(SOURCES / "sipagent.c", binary, ["-static"])  # the flags (and -Werror) of every test program
     return str(binary)
 
 
