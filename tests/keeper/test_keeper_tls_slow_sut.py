@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.modes.ptrace.injection import pidfd_getfd
+from fdkeeper.modes.ptrace.raw import pidfd_getfd
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed import wait_until
 from tests.support.keeper import lease, open_connection

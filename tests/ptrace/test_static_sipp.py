@@ -20,7 +20,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.modes import MODES, RunNeeds, choose_mode
 from fdkeeper.modes.ptrace import PtraceMode
-from fdkeeper.modes.ptrace.percall import from_aor
+from fdkeeper.modes.ptrace.aor import from_aor
 
 STATIC_SIPP = testbed.sipp_build("sipp-static")
 USERS = 12

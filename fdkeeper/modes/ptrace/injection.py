@@ -12,11 +12,8 @@ import errno
 import os
 
 from fdkeeper.modes.ptrace import raw as pt
-from fdkeeper.modes.ptrace.raw import SYS, pidfd_getfd, signed, unsigned
+from fdkeeper.modes.ptrace.raw import SYS, signed, unsigned
 from fdkeeper.modes.ptrace.tracer import Tracer
-
-# pidfd_getfd's home is raw.py; tests/keeper/test_keeper_tls_slow_sut.py imports it from here.
-__all__ = ["Injection", "pidfd_getfd"]
 
 SYSCALL_INSN = b"\x0f\x05"
 SCRATCH_SIZE = 8192

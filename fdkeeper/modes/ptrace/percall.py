@@ -51,8 +51,6 @@ from fdkeeper.modes.ptrace.seccomp import MSG_NOSIGNAL
 from fdkeeper.modes.ptrace.services import Services, is_tcp_socket
 from fdkeeper.modes.ptrace.tracer import SyscallStop
 
-__all__ = ["PerCallRole", "from_aor"]  # from_aor's home is aor.py; tests import it from here too
-
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
 MAX_IOV = 64
 
