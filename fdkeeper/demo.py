@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,22 +26,6 @@ from fdkeeper.sipp.runner import find_sipp
 
 USER = "alice"
 PLAIN_USER = "bob"
-
-
-def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> list[str]:
-    """Turn a sipp command line (sipp binary first) into the same run through `fdkeeper sipp`."""
-    return [
-        sys.executable,
-        "-m",
-        "fdkeeper",
-        "sipp",
-        "--dir",
-        os.fspath(directory),
-        "--sipp",
-        sipp_cmd[0],
-        *options,
-        *sipp_cmd[1:],
-    ]
 
 
 def start_through_fdkeeper(
@@ -60,7 +43,7 @@ def start_through_fdkeeper(
     through `fdkeeper sipp`."""
     log_dir.mkdir(parents=True, exist_ok=True)
     cmd = testbed.sipp_command(sipp, scenario, remote, log_dir=log_dir, name=name, **sipp_options)
-    return testbed.SippProcess(fdkeeper_command(cmd, directory, *options), log_dir, name)
+    return testbed.SippProcess(testbed.fdkeeper_command(cmd, directory, *options), log_dir, name)
 
 
 def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print) -> bool:

@@ -12,6 +12,7 @@ import csv
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,22 @@ def find_sipp(sipp: str | None = None) -> str:
         return os.fspath(runner.find_sipp(sipp))
     except FdkeeperError as error:
         raise RuntimeError(str(error)) from error
+
+
+def fdkeeper_command(sipp_cmd: list[str], directory: Path, *options: str) -> list[str]:
+    """Turn a sipp command line (sipp binary first) into the same run through `fdkeeper sipp`."""
+    return [
+        sys.executable,
+        "-m",
+        "fdkeeper",
+        "sipp",
+        "--dir",
+        os.fspath(directory),
+        "--sipp",
+        sipp_cmd[0],
+        *options,
+        *sipp_cmd[1:],
+    ]
 
 
 @dataclass

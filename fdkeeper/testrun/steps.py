@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fdkeeper.testbed import read_sipp_stats
+from fdkeeper.testbed import fdkeeper_command, read_sipp_stats
 from fdkeeper.testrun import variables
 from fdkeeper.testrun.model import Step
 from fdkeeper.testrun.results import FAILED, PASSED, StepResult, read_text
@@ -77,19 +77,7 @@ class StepRun:
             return args
         trace, files = trace_options(args, context.logs, self.step.name)
         self.files = {kind: context.here / path for kind, path in files.items()}  # sipp runs in `here`
-        return [
-            sys.executable,
-            "-m",
-            "fdkeeper",
-            "sipp",
-            "--dir",
-            os.fspath(context.keeper_dir),
-            "--sipp",
-            context.sipp,
-            *context.expand(self.step.options),
-            *trace,
-            *args,
-        ]
+        return fdkeeper_command([context.sipp, *trace, *args], context.keeper_dir, *context.expand(self.step.options))
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started_at

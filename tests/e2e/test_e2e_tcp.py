@@ -18,9 +18,9 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
-from fdkeeper.demo import fdkeeper_command, start_through_fdkeeper
+from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.testbed import wait_until
+from fdkeeper.testbed import fdkeeper_command, wait_until
 
 USER = "alice"
 

@@ -16,8 +16,8 @@ import pytest
 from fdkeeper import testbed
 from fdkeeper.address import format_address
 from fdkeeper.client import KeeperClient
-from fdkeeper.demo import fdkeeper_command
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed import fdkeeper_command
 
 USER = "alice"
 SIPP_377 = testbed.sipp_build("sipp-tls")

@@ -25,10 +25,10 @@ import pytest
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
-from fdkeeper.demo import fdkeeper_command
 from fdkeeper.modes import MODES
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.sipp.binding import SIPP_DEFAULT_PORTS
+from fdkeeper.testbed import fdkeeper_command
 
 DEBIAN_SIPP = Path("/usr/bin/sipp")
 # name: (binary, the mode --mode auto picks for it, whether its client connection binds the main socket's port)
