@@ -148,10 +148,11 @@ class ControlClient:
 
     def flush(self) -> None:
         """EPOLLOUT: send what the socket takes now."""
+        fds: list[int]
         while self._queue:
             head = self._queue[0]
             if isinstance(head, ReplyStream):
-                message, fds = head.peek(), list[int]()
+                message, fds = head.peek(), []
                 if message is None:  # that reply is complete
                     self._queue.popleft()
                     continue
