@@ -23,8 +23,9 @@ from fdkeeper.address import Address
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES, MODES
+from fdkeeper.protocol import select_connections
 from fdkeeper.readiness import ReadySignal, announcing_readiness
-from fdkeeper.report import format_converter, format_status, select_connections
+from fdkeeper.report import format_converter, format_status
 from fdkeeper.sipp.runner import RunOptions, run_sipp
 from fdkeeper.statedir import LOG_NAME, resolve_directory
 from fdkeeper.testrun.command import run_command

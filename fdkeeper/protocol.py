@@ -8,6 +8,7 @@ both the keeper and its Python clients use it, the C shim speaks the same format
 from __future__ import annotations
 
 import array
+import fnmatch
 import ipaddress
 import math
 import os
@@ -405,3 +406,25 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def select_connections(
+    connections: list[ReceivedJson],
+    *,
+    aor: str | None = None,
+    state: str | None = None,
+    remote: str | None = None,
+    transport: str | None = None,
+) -> list[ReceivedJson]:
+    """STATUS's filters: the connections matching every one given; ``aor`` is a shell-style pattern.
+
+    The keeper applies them (it counts without sending 10,000 rows), and the CLI where a keeper
+    sent all rows."""
+    return [
+        c
+        for c in connections
+        if (aor is None or fnmatch.fnmatchcase(c.get("aor") or "", aor))
+        and (state is None or c["state"] == state)
+        and (remote is None or c["remote"] == remote)
+        and (transport is None or c["transport"] == transport)
+    ]

@@ -6,29 +6,8 @@ holding a CR or LF must not split a row or forge one.
 
 from __future__ import annotations
 
-import fnmatch
-
 from fdkeeper.protocol import ReceivedJson
 from fdkeeper.textsafe import escape_controls
-
-
-def select_connections(
-    connections: list[ReceivedJson],
-    *,
-    aor: str | None = None,
-    state: str | None = None,
-    remote: str | None = None,
-    transport: str | None = None,
-) -> list[ReceivedJson]:
-    """The connections matching every filter given; ``aor`` is a shell-style pattern."""
-    return [
-        c
-        for c in connections
-        if (aor is None or fnmatch.fnmatchcase(c.get("aor") or "", aor))
-        and (state is None or c["state"] == state)
-        and (remote is None or c["remote"] == remote)
-        and (transport is None or c["transport"] == transport)
-    ]
 
 
 def format_status(status: ReceivedJson) -> str:

@@ -49,8 +49,8 @@ from fdkeeper.protocol import (
     format_message,
     parse_request,
     receive_packet,
+    select_connections,
 )
-from fdkeeper.report import select_connections
 from fdkeeper.statedir import ensure_private_directory, socket_path, trusted_uid
 from fdkeeper.tls import TlsOptions
 
@@ -348,7 +348,7 @@ STATUS_BATCH = 256  # connections serialised per step of a status stream
 
 
 def status_filters(request: Request) -> dict[str, str]:
-    """STATUS's filters as report.select_connections takes them (the CLI's --state, --aor ...)."""
+    """STATUS's filters as protocol.select_connections takes them (the CLI's --state, --aor ...)."""
     remote = request.address("remote")
     wanted: dict[str, str | None] = {
         "aor": request.text("aor"),

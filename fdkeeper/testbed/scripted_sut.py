@@ -21,7 +21,6 @@ exactly the one that was written.
 from __future__ import annotations
 
 import errno
-import fcntl
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -32,7 +31,6 @@ import signal
 import socket
 import ssl
 import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ from typing import Any, TypeVar, cast
 
 from fdkeeper.address import format_address
 from fdkeeper.sip.framing import SipFramer
+from fdkeeper.tcp import unsent_bytes
 from fdkeeper.testbed.net import wait_until
 
 _Value = TypeVar("_Value")
@@ -65,12 +64,6 @@ def sip_message(call_id: str, body_size: int = 0) -> bytes:
 def call_id_of(message: bytes) -> str:
     found = CALL_ID.search(message)
     return found.group(1).decode() if found else "?"
-
-
-def unsent_bytes(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue not yet acknowledged by the peer (SIOCOUTQ)."""
-    (queued,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
-    return int(queued)
 
 
 # --------------------------------------------------------------------------- the SuT
