@@ -38,6 +38,9 @@ ORDERINGS = ("after", "started", "ready")
 STEP_FIELDS = {"name", "sipp", "command", "options", "wait", "timeout", "expect", *ORDERINGS}
 TEST_FIELDS = {"name", "description", "sut", "transport", "xfail", "vars", "steps"}
 EXPECT_FIELDS = {"exit", "successful", "failed"}
+MAX_FILE_BYTES = 1024 * 1024  # a test file is a page of YAML; anything far larger is a mistake
+MAX_SECONDS = 86400.0  # a day: a wait or timeout beyond it is a typo, not a test
+MAX_NAME_BYTES = 200  # names become log file names (plus suffixes), which the file system caps at 255 bytes
 _STEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -98,7 +101,7 @@ class _Where:
 
     def __init__(self, path: Path, step: str | None = None) -> None:
         self.path = path
-        self.step = step
+        self.step = step if step is None or len(step) <= 60 else f"{step[:40]}..."  # the line stays readable
 
     def error(self, field_name: str | None, text: str) -> TestFileError:
         parts = [f"fdkeeper: {self.path}"]
@@ -119,7 +122,7 @@ def load_test(path: Path) -> TestSpec:
     _no_unknown(document, TEST_FIELDS, where)
     spec = TestSpec(
         path=path,
-        name=_text(document.get("name", path.stem), "name", where),
+        name=_name(document.get("name", path.stem), "name", where),
         steps=[],
         sut=_sut(document.get("sut"), where),
         transport=_choice(document.get("transport", "tcp"), ("tcp", "tls"), "transport", where),
@@ -144,10 +147,7 @@ def _read_yaml(path: Path, where: _Where) -> Any:
         raise where.error(
             None, "reading test files needs PyYAML, which is not installed (pip install pyyaml)"
         ) from None
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise where.error(None, f"cannot read it: {error.strerror}") from None
+    text = _read_text(path, where)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -155,10 +155,34 @@ def _read_yaml(path: Path, where: _Where) -> Any:
         line = f"line {mark.line + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise where.error(None, f"{line}not valid YAML: {problem}") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        raise where.error(None, "not valid as a test file: it nests lists or mappings too deeply") from None
+
+
+def _read_text(path: Path, where: _Where) -> str:
+    """The file as UTF-8 text, refused (one line) when it is too large or not UTF-8."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise where.error(None, f"cannot read it: {error.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise where.error(
+            None, f"larger than {MAX_FILE_BYTES // 1024} KiB: a test file is a page of YAML; is it the right file?"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise where.error(
+            None, f"line {line}: not UTF-8 (byte 0x{data[error.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _steps(raw: Any, where: _Where) -> list[Step]:
-    if not isinstance(raw, list) or not raw:
+    if isinstance(raw, list) and not raw:
+        raise where.error("steps", "no steps: a test needs at least one step")
+    if not isinstance(raw, list):
         raise where.error("steps", f"expected a list of steps, got {_kind(raw)}")
     steps: list[Step] = []
     for index, item in enumerate(raw, 1):
@@ -173,7 +197,7 @@ def _steps(raw: Any, where: _Where) -> list[Step]:
 
 def _step(item: dict[str, Any], where: _Where) -> Step:
     _no_unknown(item, STEP_FIELDS, where)
-    name = _text(item.get("name"), "name", where)
+    name = _name(item.get("name"), "name", where)
     if not _STEP_NAME.match(name):
         raise where.error("name", f"expected letters, digits, '.', '_' or '-' (it names log files), got {name!r}")
     kinds = [kind for kind in ("sipp", "command") if kind in item]
@@ -272,6 +296,18 @@ def _text(value: Any, field_name: str, where: _Where) -> str:
     return str(value)
 
 
+def _name(value: Any, field_name: str, where: _Where) -> str:
+    """A test's or step's name: text short enough to name its log files."""
+    name = _text(value, field_name, where)
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise where.error(
+            field_name,
+            f"{size} bytes long ({name[:20]!r}...); at most {MAX_NAME_BYTES}, as it names log files: shorten it",
+        )
+    return name
+
+
 def _optional_text(value: Any, field_name: str, where: _Where) -> str | None:
     return None if value is None else _text(value, field_name, where)
 
@@ -337,9 +373,11 @@ def _seconds(value: Any, field_name: str, where: _Where, allow_zero: bool = Fals
         seconds = float(number)
     except ValueError:
         raise where.error(field_name, f"expected seconds, got {_kind(value)}") from None
-    if isinstance(value, bool) or seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds:
+    in_range = 0 <= seconds <= MAX_SECONDS and (allow_zero or seconds > 0)  # NaN is in no range
+    if isinstance(value, bool) or not in_range:
+        lowest = "0 or more" if allow_zero else "above 0"
         raise where.error(
-            field_name, f"expected seconds{' (0 or more)' if allow_zero else ' above 0'}, got {_kind(value)}"
+            field_name, f"expected seconds ({lowest}) up to {MAX_SECONDS:.0f} (a day), got {_kind(value)}"
         )
     return seconds
 

@@ -85,7 +85,7 @@ def test_a_good_file_reads_into_steps(tmp_path):
 @pytest.mark.parametrize(
     "text, where",
     [
-        ("steps: []", "field 'steps': expected a list of steps"),
+        ("steps: []", "field 'steps': no steps: a test needs at least one step"),
         ("stepz: []", "field 'stepz': unknown field"),
         ("steps:\n  - {name: a, sipp: -v, after: b}", "step 'a': field 'after': no step named 'b'"),
         (
