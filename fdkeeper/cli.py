@@ -666,4 +666,20 @@ main.add_command(run_command)  # `fdkeeper run TEST...`: its exit status (0/1/2)
 def sipp_main() -> NoReturn:
     """`fdkeeper-sipp SIPP_PATH SIPP_ARGS...`: `fdkeeper sipp --sipp SIPP_PATH SIPP_ARGS...` as
     one word, for launchers that put a one-word prefix before sipp's path (pysipp's `prefix`)."""
-    main.main(args=["sipp", "--sipp", *sys.argv[1:]], prog_name="fdkeeper")
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "--version"):  # not a sipp path: say what this is
+        if args[:1] == ["--version"]:
+            click.echo(f"fdkeeper-sipp (fdkeeper) {__version__}")
+        else:
+            click.echo(SIPP_MAIN_USAGE, err=not args)
+        sys.exit(0 if args else 2)
+    main.main(args=["sipp", "--sipp", *args], prog_name="fdkeeper")
+
+
+SIPP_MAIN_USAGE = """Usage: fdkeeper-sipp SIPP_PATH [SIPP_ARGS...]
+
+`fdkeeper sipp --sipp SIPP_PATH SIPP_ARGS...` as one word, for launchers that put a one-word
+prefix before sipp's path (pysipp's `prefix`): sipp runs with its TCP/TLS connections kept
+by the keeper. fdkeeper's own options: `fdkeeper sipp --help`.
+
+  fdkeeper-sipp /usr/bin/sipp -sf scenarios/uac-register.xml -t t1 -m 1 127.0.0.1:5060"""
