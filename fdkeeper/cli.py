@@ -660,6 +660,19 @@ def demo_command(sipp_path: str | None, keep_files: bool) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="The checks as JSON, for scripts.")
+def doctor_command(as_json: bool) -> None:
+    """Say what this machine lacks for fdkeeper, and the one command that installs each.
+
+    Exit status 0 when all the basic path needs (sipp, the shim, Kamailio for the embedded
+    SuT, the open-file limit) is here, 1 otherwise.
+    """
+    from fdkeeper.doctor import doctor
+
+    sys.exit(doctor(as_json, say=click.echo))
+
+
 main.add_command(run_command)  # `fdkeeper run TEST...`: its exit status (0/1/2) is its own
 
 
