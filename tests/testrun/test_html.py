@@ -1,0 +1,220 @@
+"""`fdkeeper run --html`: sipp's message traces and the keeper's leases read into a ladder,
+the page escaped and bounded against hostile input, and one real run (sipp, the embedded
+Kamailio) whose page a real headless browser (Debian's chromium) loads and shows."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from fdkeeper.testrun import html
+from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
+from fdkeeper.testrun.results import FAILED, PASSED, StepResult, TestResult
+from tests.support.paths import REPO
+
+SEPARATOR = "-----------------------------------------------"
+
+
+def block(when: str, head: str, message: str) -> str:
+    """One block of a sipp -trace_msg file, as sipp 3.6 writes it."""
+    return f"{SEPARATOR} 2026-12-07 {when}\n{head}\n\n{message}\n\n"
+
+
+REGISTER = "REGISTER sip:fdkeeper.test SIP/2.0\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n"
+OK_REGISTER = "SIP/2.0 200 OK\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n"
+INVITE = "INVITE sip:alice@127.0.0.1 SIP/2.0\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n"
+
+REGISTER_TRACE = block("20:54:50.413904", "TCP message sent (353 bytes):", REGISTER) + block(
+    "20:54:50.416318", "TCP message received [399] bytes :", OK_REGISTER
+)
+ANSWER_TRACE = block("20:54:52.100000", "TCP message received [953] bytes :", INVITE)
+CALL_TRACE = block("20:54:52.050000", "UDP message sent (900 bytes):", INVITE)
+KEEPER_LOG = """\
+2026-12-07 20:54:50,300 fdkeeper[10] keeper 10 serving /tmp/x/control.sock
+2026-12-07 20:54:50,410 fdkeeper[10] opened 127.0.0.1:43860->127.0.0.1:5060/tcp
+2026-12-07 20:54:50,411 fdkeeper[10] leased 127.0.0.1:43860->127.0.0.1:5060/tcp to pid 20
+2026-12-07 20:54:50,600 fdkeeper[10] lease of pid 20 ended
+2026-12-07 20:54:51,900 fdkeeper[10] leased 127.0.0.1:43860->127.0.0.1:5060/tcp to pid 21
+2026-12-07 20:54:53,000 fdkeeper[10] lease of pid 21 ended
+"""
+
+
+def make_result(tmp_path: Path, traces: dict[str, str], name: str = "t", status: str = PASSED) -> TestResult:
+    """A TestResult whose steps' message traces (and the keeper's log) are files in tmp_path."""
+    (tmp_path / "keeper.log").write_text(KEEPER_LOG)
+    steps = []
+    for number, (step, trace) in enumerate(traces.items()):
+        path = tmp_path / f"step{number}.messages.log"  # a step's name may hold what no file name can
+        path.write_text(trace)
+        steps.append(StepResult(step, PASSED, exit=0, files={"messages": path}))
+    return TestResult(name, tmp_path / "t.yaml", status, tmp_path, steps=steps)
+
+
+# --------------------------------------------------------------------------
+# reading sipp's trace and the keeper's log
+# --------------------------------------------------------------------------
+
+
+def test_trace_blocks_become_messages_with_their_direction_size_and_label() -> None:
+    sent, received = parse_trace(REGISTER_TRACE, "register")
+    assert (sent.direction, sent.transport, sent.size, sent.label) == ("sent", "TCP", 353, "REGISTER")
+    assert (received.direction, received.size, received.label) == ("received", 399, "200 OK (REGISTER)")
+    assert sent.when is not None and sent.when.microsecond == 413904
+    assert "CSeq: 1 REGISTER" in sent.text and "\r" not in sent.text
+
+
+def test_a_truncated_trace_keeps_what_was_written() -> None:
+    whole = REGISTER_TRACE + block("20:54:51.000000", "TCP message sent (353 bytes):", REGISTER)
+    cut_in_body = whole[: whole.rindex("CSeq")]
+    assert [m.label for m in parse_trace(cut_in_body, "s")] == ["REGISTER", "200 OK (REGISTER)", "REGISTER"]
+    cut_in_head = whole[: whole.rindex("TCP message sent") + 7]
+    assert [m.label for m in parse_trace(cut_in_head, "s")] == ["REGISTER", "200 OK (REGISTER)"]
+    assert parse_trace(SEPARATOR[:20], "s") == []
+    assert parse_trace("garbage\n" + SEPARATOR + " not a date\nnor a head\n", "s") == []
+
+
+def test_leases_are_read_with_their_end_and_matched_to_the_step_they_cover() -> None:
+    first, second = parse_leases(KEEPER_LOG + "2026-12-07 junk line\n")
+    assert (first.pid, first.connections) == (20, "127.0.0.1:43860->127.0.0.1:5060/tcp")
+    assert first.end is not None and second.end is not None and first.end < second.start
+    assert lease_of(parse_trace(REGISTER_TRACE, "register"), [first, second]) is first
+    assert lease_of(parse_trace(ANSWER_TRACE, "answer"), [first, second]) is second
+    assert lease_of(parse_trace(CALL_TRACE, "call"), [first, second]) is None  # UDP: nothing kept
+    # two leases that cover the same messages: the page says it cannot tell, not a guess
+    twin = Lease(22, "127.0.0.1:1->127.0.0.1:5060/tcp", second.start, second.end)
+    assert lease_of(parse_trace(ANSWER_TRACE, "answer"), [second, twin]) is None
+
+
+def test_each_arrow_names_its_step_and_connection(tmp_path: Path) -> None:
+    result = make_result(tmp_path, {"register": REGISTER_TRACE, "answer": ANSWER_TRACE, "call": CALL_TRACE})
+    ladder = html.ladder_of(result)
+    assert ladder.steps == ["register", "answer", "call"]
+    assert [(m.step, m.label) for m in ladder.messages] == [
+        ("register", "REGISTER"),
+        ("register", "200 OK (REGISTER)"),
+        ("call", "INVITE"),
+        ("answer", "INVITE"),
+    ]
+    kept = "kept 127.0.0.1:43860->127.0.0.1:5060/tcp"
+    assert [m.connection for m in ladder.messages] == [kept, kept, "udp, not kept", kept]
+
+
+# --------------------------------------------------------------------------
+# hostile input: escaped, control characters removed, bounded
+# --------------------------------------------------------------------------
+
+
+def test_markup_from_the_sut_and_control_characters_in_names_are_escaped(tmp_path: Path) -> None:
+    hostile = "SIP/2.0 200 <script>alert(1)</script>\r\nX-Evil: <img src=x onerror=alert(2)>\x00\x1b[31m\r\n"
+    result = make_result(
+        tmp_path, {"reg\x00<b>ister\x1b": block("20:54:50.5", "TCP message received [9] bytes :", hostile)}
+    )
+    result.name = "na\x00me\x1b[2J<script>alert(3)</script>"
+    result.steps[0].status, result.steps[0].reasons = FAILED, ["exit 1 <i>bad</i>\x07"]
+    page = render_report([result])
+    assert page.count("<script") == 1  # the page's own
+    assert "<img" not in page and "<b>" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", page)
+    assert "name[2J&lt;script&gt;alert(3)" in page and "reg&lt;b&gt;ister" in page
+
+
+def test_huge_bodies_and_many_messages_are_cut_with_a_marker(tmp_path: Path) -> None:
+    huge = "MESSAGE sip:x SIP/2.0\r\n" + "A" * (html.MAX_BODY * 10)
+    small = block("20:54:50.6", "TCP message sent (9 bytes):", "OPTIONS sip:x SIP/2.0\r\n")
+    many = block("20:54:50.5", "TCP message sent (9 bytes):", huge) + small * (html.MAX_MESSAGES + 6)
+    page = render_report([make_result(tmp_path, {"flood": many})])
+    assert "7 more message(s) not shown" in page
+    assert f"{len(huge) - 1 - html.MAX_BODY} more characters not shown" in page  # less its CR
+    assert len(page) < html.MAX_MESSAGES * (html.MAX_BODY + 2000)
+
+
+def test_a_trace_longer_than_the_limit_is_read_in_part(tmp_path: Path) -> None:
+    path = tmp_path / "long.log"
+    path.write_bytes(b"x" * 100 + b"\xff\xfe")
+    assert read_limited(path, 50) == ("x" * 50, True)
+    assert read_limited(path, 200)[1] is False
+    assert read_limited(tmp_path / "absent.log") == ("", False)
+
+
+# --------------------------------------------------------------------------
+# a real run, its page loaded in headless chromium
+# --------------------------------------------------------------------------
+
+
+class Arrows(HTMLParser):
+    """The ladder's arrows as the browser shows them: (step, label, connection text) each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrows: list[dict[str, str]] = []
+        self.lanes: list[str] = []
+        self._field: str | None = None
+        self._attributes: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        classes = attributes.get("class", "").split()
+        if tag == "g" and "msg" in classes:
+            self.arrows.append({"step": attributes.get("data-step", ""), "label": "", "conn": ""})
+        elif tag == "text" and classes and classes[0] in ("label", "conn", "lanetitle"):
+            self._field = classes[0]
+
+    def handle_data(self, data: str) -> None:
+        if self._field == "lanetitle":
+            self.lanes.append(data)
+        elif self._field and self.arrows:
+            self.arrows[-1][self._field] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "text":
+            self._field = None
+
+
+def browser_dom(page: Path) -> str:
+    """The page's DOM after its script ran, as Debian's chromium renders it."""
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is missing: the HTML report is checked in a real browser (apt-get install chromium)"
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_page_of_a_real_run_shows_the_call_reaching_the_second_run(tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    example = REPO / "docs" / "examples" / "register-answer-tcp.yaml"
+    run = subprocess.run(
+        [sys.executable, "-m", "fdkeeper", "run", str(example), "--html", str(page), "--logs", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    dom = browser_dom(page)
+    assert 'data-script="ran"' in dom  # the page's script ran under its own Content-Security-Policy
+    shown = Arrows()
+    shown.feed(dom)
+    assert shown.lanes == ["register", "answer", "call", "SuT"]
+    by_step = {(arrow["step"], arrow["label"]): arrow["conn"] for arrow in shown.arrows}
+    register = by_step[("register", "REGISTER")]
+    kept = re.search(r"kept (127\.0\.0\.1:\d+->127\.0\.0\.1:\d+/tcp)", register)
+    assert kept, f"the REGISTER arrow names no kept connection: {register!r}"
+    assert ("register", "200 OK (REGISTER)") in by_step
+    assert ("call", "INVITE") in by_step and "udp, not kept" in by_step[("call", "INVITE")]
+    invite = by_step[("answer", "INVITE")]
+    assert invite == f"answer received · kept {kept.group(1)}", "the INVITE reached the answer run elsewhere"
+    assert ("answer", "200 OK (INVITE)") in by_step
+    assert "sipp statistics of answer" in dom
+    with pytest.raises(KeyError):  # the register run ended before the call: it received no INVITE
+        by_step[("register", "INVITE")]
