@@ -17,6 +17,7 @@ from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.runner import find_sipp
 from fdkeeper.testrun import logs
 from fdkeeper.testrun.console import Console
+from fdkeeper.testrun.html import write_report
 from fdkeeper.testrun.junit import write_junit
 from fdkeeper.testrun.model import TestFileError, TestSpec, load_test
 from fdkeeper.testrun.results import TestResult
@@ -66,6 +67,13 @@ def run_tests(
     help="Write a JUnit XML report: one test case per test.",
 )
 @click.option(
+    "--html",
+    "html_report",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="FILE",
+    help="Write one self-contained HTML page: per test its steps, sipp's statistics and a ladder of its SIP messages.",
+)
+@click.option(
     "--logs",
     "logs_base",
     type=click.Path(path_type=Path, file_okay=False),
@@ -82,6 +90,7 @@ def run_tests(
 def run_command(
     tests: tuple[Path, ...],
     junit: Path | None,
+    html_report: Path | None,
     logs_base: Path,
     sipp_path: str | None,
     keep_logs: bool,
@@ -121,6 +130,9 @@ def run_command(
         sys.exit(EXIT_BAD_INPUT)
     try:
         results = run_tests(specs, logs_base, sipp, keep_logs, junit, Console())
+        if html_report is not None:
+            write_report(html_report, results)
+            click.echo(f"HTML report: {html_report}")
     except KeyboardInterrupt:  # the running test's steps, keeper and SuT were stopped on the way out
         click.echo("fdkeeper run: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
