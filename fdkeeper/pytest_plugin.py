@@ -13,12 +13,16 @@ Fixtures:
   and TLS (``tls_address``, with ``tls_options`` for `fdkeeper sipp`), and ``call()`` to
   place calls to a registered user through it.
 
+    from fdkeeper.testbed import free_port
+
     def test_register_then_answer(sipp, kamailio_sut, tmp_path):
         users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
         assert sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", "t1", "-m", "1", kamailio_sut.address).ok
-        answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-p", "5070", "-m", "1", kamailio_sut.address)
+        answer = sipp.start("-sf", "uas-answer.xml", "-t", "t1", "-p", free_port(), "-m", "1", kamailio_sut.address)
         answer.wait_ready()
         assert kamailio_sut.call("alice").ok and answer.wait().successful == 1
+
+(a free port for the answering run, not a fixed one: tests under `pytest -n` run side by side.)
 """
 
 from __future__ import annotations
@@ -223,6 +227,10 @@ def fdkeeper_sipp_path() -> str:
 
 @pytest.fixture
 def fdkeeper_keeper(tmp_path: Path) -> Iterator[Keeper]:
+    """A keeper of this test's own (a state directory of its own, so `pytest -n` runs tests side
+    by side); it starts with the first sipp run and is stopped after the test. ``directory``,
+    ``status()``, ``connections()`` (the kept connections), ``log_text()``; a failing test's
+    report carries the keeper's log."""
     # A short directory of its own: the control socket's path must fit in 108 bytes,
     # which pytest's tmp_path does not promise.
     directory = Path(tempfile.mkdtemp(prefix="fdkp-"))
@@ -236,6 +244,11 @@ def fdkeeper_keeper(tmp_path: Path) -> Iterator[Keeper]:
 
 @pytest.fixture
 def sipp(fdkeeper_keeper: Keeper, fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[Sipp]:
+    """sipp through `fdkeeper sipp --dir <fdkeeper_keeper>`: ``sipp.run(*args, options=(), timeout=60)``
+    waits and returns the result (``ok``, ``exit``, ``successful``, ``failed``, ``out``/``err``/``files``,
+    ``tail()``); ``sipp.start(...)`` returns a handle with ``wait_ready()``, ``wait()``, ``stop()``.
+    A scenario name alone (``uac-register.xml``) is one of fdkeeper's; logs in ``tmp_path/sipp``;
+    runs still going are stopped after the test."""
     log_dir = tmp_path / "sipp"
     log_dir.mkdir(exist_ok=True)
     factory = Sipp(fdkeeper_keeper, fdkeeper_sipp_path, log_dir)
@@ -247,6 +260,10 @@ def sipp(fdkeeper_keeper: Keeper, fdkeeper_sipp_path: str, tmp_path: Path) -> It
 
 @pytest.fixture
 def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSut]:
+    """The embedded Kamailio for this test, on free ports: ``address`` (TCP), ``tls_address`` with
+    ``tls_options`` (fdkeeper sipp's options to trust its test certificate), ``domain``,
+    ``users_csv(path, users)`` for sipp's -inf, ``call(user, count)`` to call a registered user
+    through it. Stopped after the test."""
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
     try:
         with embedded_kamailio("tls", workdir, tmp_path) as (kamailio, pki):
