@@ -3,7 +3,10 @@
 Per test: its steps (status, exit, calls, time; a failed step in red with its cause), sipp's
 statistics per step, and a ladder diagram of the SIP messages of all its steps in time order.
 Each arrow goes between the step that sent or received the message and the SuT, labelled with
-the message (REGISTER, 200 OK (REGISTER)...), the step and the connection it travelled on.
+the message (REGISTER, 200 OK (REGISTER)...), the step and the connection it travelled on;
+between the arrows, the keeper's events (a connection opened, leased to a step, held again
+when the step ended, closed by the SuT), so a call that reaches a later run is seen to come
+over the connection an earlier run opened.
 
 Where the pieces come from, in the test's log folder:
 - the messages: each sipp step's `-trace_msg` file (steps.trace_options), blocks of
@@ -36,6 +39,7 @@ from fdkeeper.testbed import read_sipp_stats
 from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, StepResult, TestResult
 
 MAX_MESSAGES = 300  # arrows a test's ladder shows; the rest are counted
+MAX_NOTES = 100  # keeper events a test's ladder shows
 MAX_BODY = 4000  # characters of one message shown
 MAX_TRACE_BYTES = 4 * 1024 * 1024  # read of one -trace_msg file
 MAX_LABEL = 60  # characters of an arrow's first-line label
@@ -178,15 +182,21 @@ class Lease:
         return after_start and (self.end is None or (self.end - when).total_seconds() >= -SLACK)
 
 
+def keeper_events(text: str) -> list[tuple[datetime, str]]:
+    """(time, event) of each line of a keeper log."""
+    events = []
+    for line in _KEEPER_LINE.finditer(text):
+        when = parse_time(line.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        if when is not None:
+            events.append((when, line.group(2).strip()))
+    return events
+
+
 def parse_leases(text: str) -> list[Lease]:
     """The leases a keeper log records, each with its end when logged."""
     leases: list[Lease] = []
     open_by_pid: dict[int, list[Lease]] = {}
-    for line in _KEEPER_LINE.finditer(text):
-        when = parse_time(line.group(1), "%Y-%m-%d %H:%M:%S,%f")
-        event = line.group(2).strip()
-        if when is None:
-            continue
+    for when, event in keeper_events(text):
         if leased := _LEASED.match(event):
             lease = Lease(int(leased.group(2)), leased.group(1), when)
             leases.append(lease)
@@ -215,21 +225,56 @@ def connection_label(message: Message, lease: Lease | None) -> str:
     return f"kept {lease.connections}"
 
 
+@dataclass
+class KeeperNote:
+    """What the keeper did with the connections, between the arrows: opened one, leased it to
+    a step, took it back when the step ended (and held it until the next), saw it closed."""
+
+    when: datetime
+    text: str
+
+
+_CONNECTION_EVENT = re.compile(r"^\S+->\S+/\w+: ")
+
+
+def keeper_notes(text: str, holders: dict[int, str]) -> list[KeeperNote]:
+    """The keeper log's events about connections, naming each lease's step (``holders``:
+    pid -> step) where known."""
+    notes = []
+    for when, event in keeper_events(text):
+        if leased := _LEASED.match(event):
+            holder = holders.get(int(leased.group(2)), f"pid {leased.group(2)}")
+            notes.append(KeeperNote(when, f"keeper leases {leased.group(1)} to {holder}"))
+        elif ended := _LEASE_ENDED.match(event):
+            holder = holders.get(int(ended.group(1)), f"pid {ended.group(1)}")
+            notes.append(KeeperNote(when, f"{holder} ended: the keeper holds its connection(s)"))
+        elif event.startswith("opened ") or _CONNECTION_EVENT.match(event):
+            notes.append(KeeperNote(when, f"keeper: {event}"))
+    return notes
+
+
 # --- one test's messages ----------------------------------------------------------------------
 
 
 @dataclass
 class Ladder:
     steps: list[str]  # the lanes, in the test file's order
-    messages: list[Message]  # in time order, at most MAX_MESSAGES
+    rows: list[Message | KeeperNote]  # in time order, at most MAX_MESSAGES and MAX_NOTES
     left_out: int  # messages beyond MAX_MESSAGES
     notes: list[str]  # what could not be read in full
 
+    @property
+    def messages(self) -> list[Message]:
+        return [row for row in self.rows if isinstance(row, Message)]
+
 
 def ladder_of(result: TestResult) -> Ladder:
-    """Every step's messages in time order, each labelled with its connection."""
-    leases = parse_leases(read_limited(result.log_dir / "keeper.log")[0])
+    """Every step's messages and the keeper's events in time order, each message labelled
+    with its connection."""
+    keeper_log = read_limited(result.log_dir / "keeper.log")[0]
+    leases = parse_leases(keeper_log)
     messages: list[Message] = []
+    holders: dict[int, str] = {}
     notes = []
     for step in result.steps:
         text, longer = read_limited(step.files.get("messages"))
@@ -239,13 +284,27 @@ def ladder_of(result: TestResult) -> Ladder:
             )
         found = parse_trace(text, step.name)
         lease = lease_of(found, leases)
+        if lease is not None:
+            holders[lease.pid] = step.name
         for message in found:
             message.connection = connection_label(message, lease)
         messages += found
     order = {step.name: n for n, step in enumerate(result.steps)}
-    messages.sort(key=lambda m: (m.when or datetime.max, order[m.step]))
+    messages.sort(key=lambda row: _row_order(row, order))
+    shown = messages[:MAX_MESSAGES]
+    last = shown[-1].when if len(messages) > len(shown) else None  # the keeper's events up to there
+    events = [note for note in keeper_notes(keeper_log, holders) if last is None or note.when <= last]
+    rows: list[Message | KeeperNote] = [*shown, *events[:MAX_NOTES]]
+    rows.sort(key=lambda row: _row_order(row, order))
     lanes = [step.name for step in result.steps if any(m.step == step.name for m in messages)]
-    return Ladder(lanes, messages[:MAX_MESSAGES], max(0, len(messages) - MAX_MESSAGES), notes)
+    return Ladder(lanes, rows, len(messages) - len(shown), notes)
+
+
+def _row_order(row: Message | KeeperNote, steps: dict[str, int]) -> tuple[datetime, int]:
+    """Time order; at the same time, the keeper's note first (it leases before sipp sends)."""
+    if isinstance(row, KeeperNote):
+        return row.when, -1
+    return row.when or datetime.max, steps[row.step]
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -263,7 +322,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 tr.failed td{color:#c62828;background:#fdecea}.cause{white-space:pre-wrap}
 svg text{font:12px monospace}svg .msg{cursor:pointer}svg .msg:hover line{stroke-width:3}
 .lane{stroke:#888;stroke-dasharray:4 3}.lanetitle{font-weight:bold}.lanetitle.failed{fill:#c62828}
-.arrow{stroke:#1f4e9c;stroke-width:1.5}.arrow.failed{stroke:#c62828}.conn{fill:#555}
+.keeper .note{fill:#6a4c93;font-style:italic}.arrow{stroke:#1f4e9c;stroke-width:1.5}.arrow.failed{stroke:#c62828}.conn{fill:#555}
 pre{background:#f6f8fa;padding:.5em;white-space:pre-wrap;word-break:break-all}
 .note{color:#8a6d00}details.open-by-click{outline:2px solid #1f4e9c}
 """
@@ -317,7 +376,7 @@ def render_test(result: TestResult, number: int) -> str:
         parts.append(f'<p class="cause">{esc(result.message(), keep_lines=True)}</p>')
     parts.append(render_steps(result.steps))
     parts.append(render_ladder(ladder, result, number))
-    parts.append(render_bodies(ladder.messages, number))
+    parts.append(render_bodies(ladder.rows, number))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -369,22 +428,24 @@ def render_ladder(ladder: Ladder, result: TestResult, number: int) -> str:
     parts = [f'<p class="arrow-count">{len(ladder.messages)} message(s)</p>']
     parts += [f'<p class="note">{esc(note)}</p>' for note in ladder.notes]
     if ladder.left_out:
-        parts.append(f'<p class="note">{ladder.left_out} more message(s) not shown (at most {MAX_MESSAGES})</p>')
+        parts.append(f'<p class="note">{ladder.left_out} more message(s) not shown (at most {MAX_MESSAGES} a test)</p>')
     if not ladder.messages:
         return "\n".join([*parts, "<p>No SIP messages traced.</p>"])
     failed = {step.name for step in result.steps if step.status == FAILED}
     lanes = [*ladder.steps, "SuT"]
     x = {name: LEFT + LANE // 2 + n * LANE for n, name in enumerate(lanes)}
-    width, height = LEFT + LANE * len(lanes), TOP + ROW * (len(ladder.messages) + 1)
+    width, height = LEFT + LANE * len(lanes), TOP + ROW * (len(ladder.rows) + 1)
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">']
     for name in lanes:
         title_class = "lanetitle failed" if name in failed else "lanetitle"
         svg.append(f'<line class="lane" x1="{x[name]}" y1="{TOP - 10}" x2="{x[name]}" y2="{height}"/>')
         svg.append(f'<text class="{title_class}" x="{x[name]}" y="{TOP - 16}" text-anchor="middle">{esc(name)}</text>')
-    svg += [
-        render_arrow(message, TOP + ROW * (row + 1), x, f"m-{number}-{row}", message.step in failed)
-        for row, message in enumerate(ladder.messages)
-    ]
+    for row, item in enumerate(ladder.rows):
+        y = TOP + ROW * (row + 1)
+        if isinstance(item, KeeperNote):
+            svg.append(render_note(item, y, width))
+        else:
+            svg.append(render_arrow(item, y, x, f"m-{number}-{row}", item.step in failed))
     svg.append("</svg>")
     return "\n".join([*parts, "".join(svg)])
 
@@ -409,9 +470,19 @@ def render_arrow(message: Message, y: int, x: dict[str, int], body_id: str, fail
     )
 
 
-def render_bodies(messages: list[Message], number: int) -> str:
+def render_note(note: KeeperNote, y: int, width: int) -> str:
+    when = note.when.strftime("%H:%M:%S.%f")[:-3]
+    return (
+        f'<g class="keeper"><text x="4" y="{y}">{esc(when)}</text>'
+        f'<text class="note" x="{(LEFT + width) // 2}" y="{y}" text-anchor="middle">{esc(note.text)}</text></g>'
+    )
+
+
+def render_bodies(rows: list[Message | KeeperNote], number: int) -> str:
     parts = []
-    for row, message in enumerate(messages):
+    for row, message in enumerate(rows):
+        if not isinstance(message, Message):
+            continue
         cut = f"\n[... {message.cut} more characters not shown]" if message.cut else ""
         parts.append(
             f'<details id="m-{number}-{row}"><summary>{esc(message.step)} {esc(message.direction)} '

@@ -11,7 +11,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
 
 from fdkeeper.testrun import html
 from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
@@ -103,6 +102,19 @@ def test_each_arrow_names_its_step_and_connection(tmp_path: Path) -> None:
     ]
     kept = "kept 127.0.0.1:43860->127.0.0.1:5060/tcp"
     assert [m.connection for m in ladder.messages] == [kept, kept, "udp, not kept", kept]
+    # the keeper's events between the arrows: the connection held between the two runs
+    rows = [row.text if isinstance(row, html.KeeperNote) else f"{row.step} {row.label}" for row in ladder.rows]
+    assert rows == [
+        "keeper: opened 127.0.0.1:43860->127.0.0.1:5060/tcp",
+        "keeper leases 127.0.0.1:43860->127.0.0.1:5060/tcp to register",
+        "register REGISTER",
+        "register 200 OK (REGISTER)",
+        "register ended: the keeper holds its connection(s)",
+        "keeper leases 127.0.0.1:43860->127.0.0.1:5060/tcp to answer",
+        "call INVITE",
+        "answer INVITE",
+        "answer ended: the keeper holds its connection(s)",
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -148,33 +160,42 @@ def test_a_trace_longer_than_the_limit_is_read_in_part(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-class Arrows(HTMLParser):
-    """The ladder's arrows as the browser shows them: (step, label, connection text) each."""
+class ShownLadder(HTMLParser):
+    """The ladder as the browser shows it: its lane titles, and its rows in order, an arrow as
+    {"step", "label", "conn"} and a keeper event as {"note"}."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.arrows: list[dict[str, str]] = []
+        self.rows: list[dict[str, str]] = []
         self.lanes: list[str] = []
         self._field: str | None = None
-        self._attributes: dict[str, str] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         attributes = {key: value or "" for key, value in attrs}
         classes = attributes.get("class", "").split()
         if tag == "g" and "msg" in classes:
-            self.arrows.append({"step": attributes.get("data-step", ""), "label": "", "conn": ""})
-        elif tag == "text" and classes and classes[0] in ("label", "conn", "lanetitle"):
+            self.rows.append({"step": attributes.get("data-step", ""), "label": "", "conn": ""})
+        elif tag == "g" and "keeper" in classes:
+            self.rows.append({"note": ""})
+        elif tag == "text" and classes and classes[0] in ("label", "conn", "lanetitle", "note"):
             self._field = classes[0]
 
     def handle_data(self, data: str) -> None:
         if self._field == "lanetitle":
             self.lanes.append(data)
-        elif self._field and self.arrows:
-            self.arrows[-1][self._field] += data
+        elif self._field and self.rows:
+            self.rows[-1][self._field] += data
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "text":
             self._field = None
+
+    def position(self, **wanted: str) -> int:
+        """The first row that holds every ``wanted`` field (a prefix of its text)."""
+        for number, row in enumerate(self.rows):
+            if all(row.get(key, "\0").startswith(value) for key, value in wanted.items()):
+                return number
+        raise AssertionError(f"the page shows no row {wanted}: {self.rows}")
 
 
 def browser_dom(page: Path) -> str:
@@ -203,18 +224,25 @@ def test_the_page_of_a_real_run_shows_the_call_reaching_the_second_run(tmp_path:
     assert run.returncode == 0, run.stdout + run.stderr
     dom = browser_dom(page)
     assert 'data-script="ran"' in dom  # the page's script ran under its own Content-Security-Policy
-    shown = Arrows()
+    shown = ShownLadder()
     shown.feed(dom)
     assert shown.lanes == ["register", "answer", "call", "SuT"]
-    by_step = {(arrow["step"], arrow["label"]): arrow["conn"] for arrow in shown.arrows}
-    register = by_step[("register", "REGISTER")]
+    register = shown.rows[shown.position(step="register", label="REGISTER")]["conn"]
     kept = re.search(r"kept (127\.0\.0\.1:\d+->127\.0\.0\.1:\d+/tcp)", register)
     assert kept, f"the REGISTER arrow names no kept connection: {register!r}"
-    assert ("register", "200 OK (REGISTER)") in by_step
-    assert ("call", "INVITE") in by_step and "udp, not kept" in by_step[("call", "INVITE")]
-    invite = by_step[("answer", "INVITE")]
-    assert invite == f"answer received · kept {kept.group(1)}", "the INVITE reached the answer run elsewhere"
-    assert ("answer", "200 OK (INVITE)") in by_step
+    connection = kept.group(1)
+    # register over the kept connection, the keeper holding it once register ended, the
+    # answer run leasing it, and the call (plain UDP) reaching answer over it
+    order = [
+        shown.position(note=f"keeper leases {connection} to register"),
+        shown.position(step="register", label="REGISTER"),
+        shown.position(step="register", label="200 OK (REGISTER)", conn=f"register received · kept {connection}"),
+        shown.position(note="register ended: the keeper holds its connection(s)"),
+        shown.position(note=f"keeper leases {connection} to answer"),
+        shown.position(step="call", label="INVITE", conn="call sent · udp, not kept"),
+        shown.position(step="answer", label="INVITE", conn=f"answer received · kept {connection}"),
+        shown.position(step="answer", label="200 OK (INVITE)", conn=f"answer sent · kept {connection}"),
+    ]
+    assert order == sorted(order), shown.rows
+    assert not any(row.get("step") == "register" and row["label"] == "INVITE" for row in shown.rows)
     assert "sipp statistics of answer" in dom
-    with pytest.raises(KeyError):  # the register run ended before the call: it received no INVITE
-        by_step[("register", "INVITE")]
