@@ -11,7 +11,6 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-
 from fdkeeper.testrun import html
 from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
 from fdkeeper.testrun.results import FAILED, PASSED, StepResult, TestResult
