@@ -2,7 +2,8 @@
 
 Exit status: 0 when every test passed (an `xfail:` test that failed counts as expected),
 1 when one failed, 2 for bad input (a bad test file, no test selected, no sipp): then
-nothing runs and each bad file is one line.
+nothing runs and each bad file is one line. 143, 129 or 130 when SIGTERM, SIGHUP or SIGINT
+cancelled the run (fdkeeper.testrun.interrupt): everything it started was stopped first.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import click
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sipp.runner import find_sipp
-from fdkeeper.testrun import logs
+from fdkeeper.testrun import interrupt, logs
 from fdkeeper.testrun.console import Console
 from fdkeeper.testrun.html import write_report
 from fdkeeper.testrun.junit import write_junit
@@ -24,7 +25,6 @@ from fdkeeper.testrun.results import TestResult
 from fdkeeper.testrun.testcase import run_test
 
 EXIT_PASSED, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 
 
 def load_tests(paths: list[Path], selection: str | None) -> list[TestSpec]:
@@ -50,12 +50,23 @@ def run_tests(
     run_dir = logs.new_run_dir(logs_base, keep_all=keep_logs)
     console.say(f"fdkeeper run: {len(specs)} test(s); logs in {run_dir}")
     started, clock = time.time(), time.monotonic()
-    results = [run_test(spec, run_dir, sipp, console) for spec in specs]
+    results = [run_unless_cancelled(spec, run_dir, sipp, console) for spec in specs]
     console.summary(results)
     if junit is not None:
         write_junit(junit, results, started, time.monotonic() - clock)
         console.say(f"JUnit report: {junit}")
     return results
+
+
+def run_unless_cancelled(spec: TestSpec, run_dir: Path, sipp: str, console: Console) -> TestResult:
+    """Run one test; once the run is cancelled, the test is reported as not run, and the one
+    the cancel cut short as interrupted."""
+    if interrupt.requested():
+        return interrupt.not_run_test(spec, run_dir)
+    result = run_test(spec, run_dir, sipp, console)
+    if interrupt.requested():
+        interrupt.mark_interrupted(result)
+    return result
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,8 +130,10 @@ def run_command(
     A line per step while it runs, a summary at the end; each step's output and sipp's
     trace files in --logs DIR/<timestamp>/<test>/ (DIR/latest: the newest run). Exit
     status: 0 every test passed, 1 a test failed (the step is named), 2 a bad test file
-    (one line naming the file, the step and the field; nothing runs). The format:
-    docs/examples/README.md.
+    (one line naming the file, the step and the field; nothing runs), 143/129/130 cancelled
+    by SIGTERM/SIGHUP/SIGINT (the steps, keepers and SuT it started are stopped, its
+    temporary files removed, the JUnit written with the rest marked as not run). The
+    format: docs/examples/README.md.
     """
     try:
         specs = load_tests(list(tests), selection)
@@ -128,14 +141,14 @@ def run_command(
     except FdkeeperError as error:
         click.echo(str(error), err=True)
         sys.exit(EXIT_BAD_INPUT)
-    try:
+    with interrupt.cancellable():  # a signal now stops the run, which cleans up and reports
         results = run_tests(specs, logs_base, sipp, keep_logs, junit, Console())
         if html_report is not None:
             write_report(html_report, results)
             click.echo(f"HTML report: {html_report}")
-    except KeyboardInterrupt:  # the running test's steps, keeper and SuT were stopped on the way out
-        click.echo("fdkeeper run: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    if interrupt.requested():
+        click.echo(f"fdkeeper run: cancelled by {interrupt.signal_name()}; what it started was stopped", err=True)
+        sys.exit(interrupt.exit_status())
     sys.exit(EXIT_PASSED if all(result.ok for result in results) else EXIT_FAILED)
 
 

@@ -5,10 +5,12 @@ A step starts once every step it names in
 - `started:` has its process started,
 - `ready:` is ready to receive (fdkeeper.readiness: its sipp holds the keeper's lease
   and listens),
-and then `wait:` more seconds have passed. A step whose ordering can no longer be met
-(the step it waits for was skipped or ended before it was ready) is skipped, with the
-reason. A step that outlives its `timeout:` is killed and fails. The first failed step
-fails the test: the steps still running are stopped and the others skipped.
+and then `wait:` more seconds have passed (at most ``MAX_WAIT``, whatever the file says).
+A step whose ordering can no longer be met (the step it waits for was skipped or ended
+before it was ready) is skipped, with the reason. A step that outlives its `timeout:` is
+killed and fails. The first failed step fails the test: the steps still running are
+stopped and the others skipped. A cancelled run (fdkeeper.testrun.interrupt) does the
+same at the next poll, with the signal as the reason.
 Single-threaded: one loop polls the running processes every ``POLL`` seconds.
 """
 
@@ -17,12 +19,22 @@ from __future__ import annotations
 import time
 
 from fdkeeper import readiness
+from fdkeeper.testrun import interrupt
 from fdkeeper.testrun.console import Console
-from fdkeeper.testrun.model import Step, TestSpec
+from fdkeeper.testrun.model import MAX_SECONDS, Step, TestSpec
 from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, StepResult
-from fdkeeper.testrun.steps import StepContext, StepRun
+from fdkeeper.testrun.steps import STOP_GRACE, StepContext, StepRun, stop_groups
 
 POLL = 0.05
+MAX_WAIT = MAX_SECONDS  # the test file's checks refuse more; a Step built in code is held to it here
+
+
+def bounded_wait(seconds: float) -> float:
+    """A step's `wait:` as the scheduler keeps it: 0 for zero, negative or NaN, at most MAX_WAIT
+    (so no number, 1e10 or inf, makes a test wait for ever)."""
+    if not seconds > 0:
+        return 0.0
+    return min(seconds, MAX_WAIT)
 
 
 class Scheduler:
@@ -41,17 +53,23 @@ class Scheduler:
         """Run every step; return their results in the file's order."""
         try:
             while self.pending or self.running:
+                if interrupt.requested():
+                    self._stop_everything(
+                        interrupt.stopped_reason(), interrupt.not_run_reason(), interrupt.CANCEL_GRACE
+                    )
+                    break
                 self._watch_running()
                 self._start_what_can_start()
                 self.console.running(self.running)
                 time.sleep(POLL)
-        finally:
-            for run in self.running.values():  # only on an interruption: stop what still runs
-                run.stop()
+        finally:  # only on an exception: stop what still runs
+            stop_groups(list(self.running.values()), interrupt.CANCEL_GRACE)
         return [self.finished[step.name] for step in self.spec.steps]
 
     def _watch_running(self) -> None:
         for name, run in list(self.running.items()):
+            if name not in self.running:  # an earlier one failed, and the test stopped it
+                continue
             if (
                 name in self.awaited_ready
                 and name not in self.ready
@@ -67,6 +85,8 @@ class Scheduler:
     def _start_what_can_start(self) -> None:
         now = time.monotonic()
         for step in list(self.pending):
+            if step not in self.pending:  # a step that could not start failed the test: the rest is skipped
+                continue
             blocked, impossible = self._ordering(step)
             if impossible:
                 self.pending.remove(step)
@@ -74,7 +94,7 @@ class Scheduler:
                 continue
             if blocked:
                 continue
-            start_at = self.start_at.setdefault(step.name, now + step.wait)
+            start_at = self.start_at.setdefault(step.name, now + bounded_wait(step.wait))
             if now >= start_at:
                 self.pending.remove(step)
                 self._start(step)
@@ -98,15 +118,20 @@ class Scheduler:
         """A failed step fails the test: stop what still runs (a server run would wait
         for calls until its timeout) and skip what has not started."""
         reason = f"stopped: step '{failed}' failed"
-        for name, run in list(self.running.items()):
-            del self.running[name]
-            run.stop()
+        self._stop_everything(reason, reason, STOP_GRACE)
+
+    def _stop_everything(self, stopped_reason: str, not_run_reason: str, grace: float) -> None:
+        """Stop the running steps' process groups together (each skipped with
+        ``stopped_reason``, keeping its exit status and output) and skip every pending step."""
+        runs, self.running = self.running, {}
+        stop_groups(list(runs.values()), grace)
+        for name, run in runs.items():
             stopped = run.result()
-            stopped.status, stopped.reasons = SKIPPED, [reason]
+            stopped.status, stopped.reasons = SKIPPED, [stopped_reason]
             self.finished[name] = stopped
             self.console.step_finished(self.spec.name, stopped)
         for step in self.pending:
-            self.finished[step.name] = StepResult(step.name, SKIPPED, [reason])
+            self.finished[step.name] = StepResult(step.name, SKIPPED, [not_run_reason])
             self.console.step_finished(self.spec.name, self.finished[step.name])
         self.pending.clear()
 

@@ -4,7 +4,9 @@ A `sipp` step runs `fdkeeper sipp --dir <the test's keeper dir>` with sipp's tra
 added (each only when the step does not give it itself), so its statistics, screen,
 errors and messages land in the test's log folder next to `<step>.out` and `<step>.err`.
 A `command` step runs its command as it is. Both run in the test file's directory, in
-their own process group (a timeout kills the whole step, never the runner).
+a session and process group of their own: stopping a step (a timeout, a failed step, a
+cancelled run) signals that whole group, so `fdkeeper sipp`, its sipp and anything a
+command started end together, and a Ctrl-C meant for the runner never reaches them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from fdkeeper.testrun.model import Step
 from fdkeeper.testrun.results import FAILED, PASSED, StepResult, read_text
 
 STOP_GRACE = 5.0  # seconds between SIGTERM (sipp still writes its statistics) and SIGKILL
+REAP_TIMEOUT = 5.0  # seconds to wait for a SIGKILLed process to be reaped
+POLL = 0.05
 
 
 @dataclass
@@ -101,19 +105,28 @@ class StepRun:
             self.stop()
         return self.timed_out
 
-    def stop(self) -> None:
-        """SIGTERM the step's process group (sipp writes its final statistics), then SIGKILL."""
-        for signum, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5.0)):
-            if self.process.poll() is not None:
-                return
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                continue
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """End the step's whole process group (see stop_groups)."""
+        stop_groups([self], grace)
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to every process of the step's group (gone already: nothing to do)."""
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def group_alive(self) -> bool:
+        """Whether any process of the step's group is left (its leader reaped first, so a
+        zombie leader does not count)."""
+        self.process.poll()
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a member we may not signal: still there
+            return True
+        return True
 
     def result(self) -> StepResult:
         """The verdict of a finished step against what it expects."""
@@ -151,6 +164,24 @@ class StepRun:
             f"{got[label]} {label} calls, expected {count}" for label, count in checked.items() if got[label] != count
         ]
         return reasons
+
+
+def stop_groups(runs: Sequence[StepRun], grace: float) -> None:
+    """End the process groups of ``runs`` together: SIGTERM to each group (sipp writes its
+    final statistics), then, ``grace`` seconds later at most, SIGKILL to whatever is left of
+    each (a child its leader left behind too); every leader reaped. Bounded: at most
+    ``grace`` plus the reaping, however many runs."""
+    for run in runs:
+        run.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(run.group_alive() for run in runs) and time.monotonic() < deadline:
+        time.sleep(POLL)
+    for run in runs:
+        run.signal_group(signal.SIGKILL)
+        try:
+            run.process.wait(REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:  # not met: SIGKILL cannot be refused
+            pass
 
 
 def _status_text(status: int | None) -> str:
