@@ -11,7 +11,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-from fdkeeper.testrun import html
+from fdkeeper.testrun import html as report
 from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
 from fdkeeper.testrun.results import FAILED, PASSED, StepResult, TestResult
 from tests.support.paths import REPO
@@ -91,7 +91,7 @@ def test_leases_are_read_with_their_end_and_matched_to_the_step_they_cover() -> 
 
 def test_each_arrow_names_its_step_and_connection(tmp_path: Path) -> None:
     result = make_result(tmp_path, {"register": REGISTER_TRACE, "answer": ANSWER_TRACE, "call": CALL_TRACE})
-    ladder = html.ladder_of(result)
+    ladder = report.ladder_of(result)
     assert ladder.steps == ["register", "answer", "call"]
     assert [(m.step, m.label) for m in ladder.messages] == [
         ("register", "REGISTER"),
@@ -102,7 +102,7 @@ def test_each_arrow_names_its_step_and_connection(tmp_path: Path) -> None:
     kept = "kept 127.0.0.1:43860->127.0.0.1:5060/tcp"
     assert [m.connection for m in ladder.messages] == [kept, kept, "udp, not kept", kept]
     # the keeper's events between the arrows: the connection held between the two runs
-    rows = [row.text if isinstance(row, html.KeeperNote) else f"{row.step} {row.label}" for row in ladder.rows]
+    rows = [row.text if isinstance(row, report.KeeperNote) else f"{row.step} {row.label}" for row in ladder.rows]
     assert rows == [
         "keeper: opened 127.0.0.1:43860->127.0.0.1:5060/tcp",
         "keeper leases 127.0.0.1:43860->127.0.0.1:5060/tcp to register",
@@ -137,13 +137,13 @@ def test_markup_from_the_sut_and_control_characters_in_names_are_escaped(tmp_pat
 
 
 def test_huge_bodies_and_many_messages_are_cut_with_a_marker(tmp_path: Path) -> None:
-    huge = "MESSAGE sip:x SIP/2.0\r\n" + "A" * (html.MAX_BODY * 10)
+    huge = "MESSAGE sip:x SIP/2.0\r\n" + "A" * (report.MAX_BODY * 10)
     small = block("20:54:50.6", "TCP message sent (9 bytes):", "OPTIONS sip:x SIP/2.0\r\n")
-    many = block("20:54:50.5", "TCP message sent (9 bytes):", huge) + small * (html.MAX_MESSAGES + 6)
+    many = block("20:54:50.5", "TCP message sent (9 bytes):", huge) + small * (report.MAX_MESSAGES + 6)
     page = render_report([make_result(tmp_path, {"flood": many})])
     assert "7 more message(s) not shown" in page
-    assert f"{len(huge) - 1 - html.MAX_BODY} more characters not shown" in page  # less its CR
-    assert len(page) < html.MAX_MESSAGES * (html.MAX_BODY + 2000)
+    assert f"{len(huge) - 1 - report.MAX_BODY} more characters not shown" in page  # less its CR
+    assert len(page) < report.MAX_MESSAGES * (report.MAX_BODY + 2000)
 
 
 def test_a_trace_longer_than_the_limit_is_read_in_part(tmp_path: Path) -> None:
