@@ -1,6 +1,12 @@
 """What `fdkeeper run` prints: a line when a step starts, becomes ready and ends, and a
 summary at the end. On a terminal, one more line shows the running steps and their time,
-rewritten in place; in a CI log (not a terminal) only the event lines appear."""
+rewritten in place; in a CI log (not a terminal) only the event lines appear.
+
+Under a failed step, its reasons and then its cause (StepResult.cause: fdkeeper's own line,
+sipp's last errors and the message it did not expect), so the log folder is needed only for
+more. A step the runner stopped says "stopped". Names and causes are printed with their
+control characters escaped: a test name or a peer's message cannot rewrite the terminal.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,10 @@ from typing import TextIO
 
 from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, XPASSED, StepResult, TestResult
 from fdkeeper.testrun.steps import StepRun
+from fdkeeper.textsafe import escape_controls
 
 _MARKS = {PASSED: "ok", FAILED: "FAIL", SKIPPED: "skip"}
+STOPPED_MARK = "stopped"
 REFRESH = 0.5
 
 
@@ -27,7 +35,7 @@ class Console:
         print(line, file=self.stream, flush=True)
 
     def test_started(self, name: str, path: str) -> None:
-        self.say(f"{name} ({path})")
+        self.say(f"{escape_controls(name)} ({escape_controls(path)})")
 
     def step_started(self, test: str, step: str, pid: int) -> None:
         self.say(f"  {step}: started (pid {pid})")
@@ -36,13 +44,17 @@ class Console:
         self.say(f"  {step}: ready to receive")
 
     def step_finished(self, test: str, result: StepResult) -> None:
-        details = [f"exit {result.exit}"] if result.exit is not None else []
+        details = [f"exit {result.exit}"] if result.exit is not None and not result.stopped else []
         if result.counts():
             details.append(result.counts())
-        if result.status != SKIPPED:
+        if result.status != SKIPPED or result.stopped:
             details.append(f"{result.duration:.1f} s")
-        line = f"  {result.name}: {_MARKS[result.status]}" + (f" ({', '.join(details)})" if details else "")
-        self.say(line + "".join(f"\n    {reason}" for reason in result.reasons))
+        mark = STOPPED_MARK if result.stopped else _MARKS[result.status]
+        line = f"  {escape_controls(result.name)}: {mark}" + (f" ({', '.join(details)})" if details else "")
+        lines = [line, *(f"    {escape_controls(reason)}" for reason in result.reasons)]
+        for number, text in enumerate(result.cause.splitlines()):  # escaped already
+            lines.append(f"    {'cause:' if number == 0 else '':6} {text}")
+        self.say("\n".join(lines))
 
     def running(self, runs: dict[str, StepRun]) -> None:
         """On a terminal: one line of the running steps, how long each has run and, for
@@ -62,13 +74,16 @@ class Console:
             self._live_shown = False
 
     def test_finished(self, result: TestResult) -> None:
-        self.say(f"  => {result.name}: {result.status.upper()} ({result.duration:.1f} s; logs {result.log_dir})")
+        self.say(
+            f"  => {escape_controls(result.name)}: {result.status.upper()}"
+            f" ({result.duration:.1f} s; logs {escape_controls(str(result.log_dir))})"
+        )
 
     def summary(self, results: list[TestResult]) -> None:
         self.say("")
         for result in results:
-            why = f": {result.message()}" if result.status not in (PASSED, XPASSED) else ""
-            self.say(f"{result.status.upper():8} {result.name}{why}")
+            why = f": {escape_controls(result.message())}" if result.status not in (PASSED, XPASSED) else ""
+            self.say(f"{result.status.upper():8} {escape_controls(result.name)}{why}")
         counts: dict[str, int] = {}
         for result in results:
             counts[result.status] = counts.get(result.status, 0) + 1

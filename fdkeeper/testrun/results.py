@@ -1,13 +1,17 @@
 """What a run found: the verdict of each step (StepResult) and of each test (TestResult), and
-the statuses they take. Plain data read by the console, the JUnit report and the pytest plugin;
-it imports nothing of the runner, so everything that reports can import it."""
+the statuses they take. Plain data read by the console, the JUnit report, the HTML report and
+the pytest plugin; it imports nothing of the runner, so everything that reports can import it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-# A step's status: passed, failed, skipped (a step it needed failed, or could never start).
+from fdkeeper.testrun.cause import step_cause
+
+# A step's status: passed, failed, skipped (a step it needed failed, or could never start, or
+# the runner stopped it while it ran: see StepResult.stopped).
 PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 # A test's status besides passed and failed: error (could not run: e.g. the SuT did not start),
 # xfailed (failed, as its `xfail:` said it would), xpassed (passed despite `xfail:`).
@@ -39,6 +43,25 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return self.status == PASSED
+
+    @property
+    def stopped(self) -> bool:
+        """A step the runner ended while it ran (another step failed, or the run was cancelled):
+        it started (it has an exit status) but was not let finish, so its verdict is not its own."""
+        return self.status == SKIPPED and self.exit is not None
+
+    @cached_property
+    def cause(self) -> str:
+        """Why a failed step failed, in one to a few lines read from its logs ("" when they
+        say nothing more than the reasons, and for a step that did not fail). Read once, when
+        first asked: the console asks as the step ends, the reports later get the same text."""
+        if self.status != FAILED:
+            return ""
+        return step_cause(read_text(self.err), read_text(self.files.get("errors")))
+
+    def why(self) -> str:
+        """One line: the cause's first line, else the reasons (what the verdict checked)."""
+        return self.cause.split("\n", 1)[0] if self.cause else "; ".join(self.reasons)
 
     def tail(self, lines: int = 20) -> str:
         """The last lines of the step's stdout and stderr, for reports."""
@@ -79,7 +102,7 @@ class TestResult:
         """One line: why the test did not pass."""
         if self.error:
             return self.error
-        failing = [f"step '{s.name}': {'; '.join(s.reasons)}" for s in self.failed_steps()]
+        failing = [f"step '{s.name}': {s.why()}" for s in self.failed_steps()]
         failing = failing or [
             f"step '{s.name}' skipped: {'; '.join(s.reasons)}" for s in self.steps if s.status != PASSED
         ]
