@@ -3,7 +3,8 @@ examples and the CI recipes that run them (real sipp, real Kamailio).
 
 The JUnit report is validated three ways: against Jenkins' own junit-10.xsd (taken from
 pytest's source distribution at test time) with xmllint, against docs/ci/junit.xsd (which
-also holds Ant's one-outcome rule), and by `check_junit_schema`'s structural rules.
+also holds Ant's one-outcome rule), and by `check_junit_schema`'s structural rules
+(tests/support/junit.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from fdkeeper.testrun.junit import write_junit
 from fdkeeper.testrun.model import TestFileError, load_test
 from fdkeeper.testrun.results import ERROR, FAILED, PASSED, XFAILED, StepResult, TestResult
 from fdkeeper.testrun.steps import screen_counts, trace_options
+from tests.support.junit import cases_by_class, check_junit_schema, outcome_tags, xmllint_schema
 from tests.support.paths import REPO
 
 EXAMPLES = REPO / "docs" / "examples"
@@ -126,12 +127,27 @@ def test_bad_files_say_where_in_one_line(tmp_path, text, where):
     assert "\n" not in message
 
 
-def test_bad_input_exits_2_before_anything_runs(tmp_path):
+def test_a_bad_file_is_an_error_entry_of_its_own_and_the_others_run(tmp_path):
     good = write(tmp_path, "steps:\n  - {name: a, command: 'touch ran'}", "good.yaml")
     bad = write(tmp_path, GOOD.format(timeout="soon"), "bad.yaml")
-    result = CliRunner().invoke(run_command, [str(good), str(bad), "--logs", str(tmp_path / "logs")])
-    assert result.exit_code == 2
+    also_good = write(tmp_path, "steps:\n  - {name: b, command: 'touch ran-too'}", "also-good.yaml")
+    report = tmp_path / "r.xml"
+    args = [str(good), str(bad), str(also_good), "--logs", str(tmp_path / "logs"), "--junit", str(report)]
+    result = CliRunner().invoke(run_command, args)
+    assert result.exit_code == 2, result.output  # bad input, though the good files passed
     assert f"{bad}: step 'answer': field 'timeout'" in result.output
+    assert (tmp_path / "ran").exists() and (tmp_path / "ran-too").exists()
+    check_junit_schema(report)
+    cases = cases_by_class(report)
+    assert outcome_tags(cases["good"]["a"]) == [] and outcome_tags(cases["also-good"]["b"]) == []
+    error = cases["bad"]["bad"].find("error")
+    assert error is not None and f"{bad}: step 'answer': field 'timeout'" in error.get("message")
+
+
+def test_a_selection_that_matches_nothing_runs_nothing(tmp_path):
+    good = write(tmp_path, "steps:\n  - {name: a, command: 'touch ran'}", "good.yaml")
+    result = CliRunner().invoke(run_command, [str(good), "-k", "nothing", "--logs", str(tmp_path / "logs")])
+    assert result.exit_code == 2 and "no test matches -k 'nothing'" in result.output
     assert not (tmp_path / "ran").exists() and not (tmp_path / "logs").exists()
 
 
@@ -179,8 +195,9 @@ steps:
     assert result.exit_code == 1, result.output
     assert (tmp_path / "order").read_text() == "one\ntwo\n" and not (tmp_path / "never").exists()
     assert "second: FAIL" in result.output and "timed out after 1 s (killed)" in result.output
-    failure = ET.parse(tmp_path / "r.xml").find("testsuite/testcase/failure")
-    assert "step 'second'" in failure.get("message")
+    steps = cases_by_class(tmp_path / "r.xml")["t"]
+    assert steps["second"].find("failure").get("message") == "timed out after 1 s (killed)"
+    assert outcome_tags(steps["first"]) == [] and steps["never"].find("skipped").get("type") == "skipped"
     assert (tmp_path / "logs" / "latest" / "t" / "second.out").exists()
 
 
@@ -220,47 +237,6 @@ steps:
 # JUnit: the rules of the common schemas
 # --------------------------------------------------------------------------
 
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}$")  # Ant: xs:dateTime, no time zone
-_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
-
-
-JUNIT_XSD = CI_DIR / "junit.xsd"  # the format CI systems read, written down (see its comment)
-
-
-def check_junit_schema(path: Path) -> None:
-    """Fail unless the file meets both junit-10.xsd (Jenkins) and Ant's JUnit.xsd: validated
-    for real against docs/ci/junit.xsd when xmllint is here, and checked by structure."""
-    if shutil.which("xmllint"):
-        checked = subprocess.run(
-            ["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(path)], capture_output=True, text=True, timeout=30
-        )
-        assert checked.returncode == 0, checked.stderr
-    root = ET.parse(path).getroot()
-    assert root.tag == "testsuites"
-    for name in ("tests", "failures", "errors"):
-        assert root.get(name, "0").isdigit()
-    suites = list(root)
-    assert suites and all(s.tag == "testsuite" for s in suites)
-    for suite in suites:
-        for required in ("name", "timestamp", "hostname", "tests", "failures", "errors", "time", "id", "package"):
-            assert suite.get(required), f"testsuite lacks {required}"
-        assert _DATETIME.match(suite.get("timestamp")) and _DECIMAL.match(suite.get("time"))
-        assert all(suite.get(n).isdigit() for n in ("tests", "failures", "errors", "skipped", "id"))
-        tags = [child.tag for child in suite]
-        assert tags[0] == "properties" and tags[-2:] == ["system-out", "system-err"]
-        cases = [child for child in suite if child.tag == "testcase"]
-        assert tags[1:-2] == ["testcase"] * len(cases)
-        assert int(suite.get("tests")) == len(cases)
-        assert all(p.tag == "property" and p.get("name") is not None for p in suite.find("properties"))
-        outcomes = [[child.tag for child in case] for case in cases]
-        assert int(suite.get("failures")) == sum(o == ["failure"] for o in outcomes)
-        assert int(suite.get("errors")) == sum(o == ["error"] for o in outcomes)
-        for case, outcome in zip(cases, outcomes, strict=False):
-            assert case.get("name") and case.get("classname") and _DECIMAL.match(case.get("time"))
-            assert outcome in ([], ["failure"], ["error"], ["skipped"]), outcome  # Ant: one at most
-            for child in case:
-                assert child.get("type") and child.get("message") is not None and len(child) == 0
-
 
 def test_junit_report_meets_the_schemas_rules(tmp_path):
     out = tmp_path / "step.out"
@@ -284,11 +260,14 @@ def test_junit_report_meets_the_schemas_rules(tmp_path):
     report = tmp_path / "report.xml"
     write_junit(report, results, 1796062593.8, 5.5)
     check_junit_schema(report)
-    case = {c.get("name"): c for c in ET.parse(report).iter("testcase")}
-    assert case["good"].get("classname") == "docs.examples.good"
-    failure = case["bad"].find("failure")
-    assert failure.get("message") == "step 'call': 1 successful calls, expected 3"
-    assert "escape and a  nul" in failure.text and "step 'call'" in failure.text
+    cases = cases_by_class(report)
+    assert set(cases) == {"docs.examples.good", "bad", "broken", "known"}
+    assert outcome_tags(cases["docs.examples.good"]["a"]) == []
+    failure = cases["bad"]["call"].find("failure")
+    assert failure.get("message") == "1 successful calls, expected 3" and "1 successful calls" in failure.text
+    assert cases["bad"]["call"].find("system-out").text == "line\n\\x1b[2Jescape and a \\x00 nul\n"
+    assert cases["broken"]["broken"].find("error").get("message") == "could not run: no Kamailio"
+    assert cases["known"]["call"].find("skipped").get("type") == "xfail"
 
 
 @pytest.mark.skipif(not shutil.which("xmllint"), reason="xmllint (libxml2-utils) is not installed")
@@ -299,9 +278,7 @@ def test_the_junit_schema_refuses_what_ci_systems_refuse(tmp_path):
         'timestamp="2026-11-30T18:59:17" hostname="h"><testcase name="c" classname="c" time="1">'
         '<failure type="t"/><skipped/></testcase></testsuite></testsuites>'
     )  # two outcomes
-    checked = subprocess.run(
-        ["xmllint", "--noout", "--schema", str(JUNIT_XSD), str(bad)], capture_output=True, text=True
-    )
+    checked = xmllint_schema(bad)
     assert checked.returncode != 0 and "skipped" in checked.stderr
 
 
@@ -373,7 +350,7 @@ def test_the_report_validates_against_jenkins_junit_10_xsd(tmp_path):
         1796062593.8,
         5.5,
     )
-    checked = subprocess.run(["xmllint", "--noout", "--schema", str(xsd), str(report)], capture_output=True, text=True)
+    checked = xmllint_schema(report, xsd)
     assert checked.returncode == 0, checked.stderr
 
 
@@ -420,15 +397,21 @@ def test_shipped_examples_pass(tmp_path):
     result = fdkeeper_run(*tests, "--junit", str(report), "--logs", str(tmp_path / "logs"), cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
     check_junit_schema(report)
-    names = {case.get("name"): case for case in ET.parse(report).iter("testcase")}
-    assert {"register-answer-tcp", "register-answer-tls", "many-users-tn", "caller-callee-tcp"} <= set(names)
-    assert all(len(case) == 0 for name, case in names.items() if name != "caller-callee-tcp")
+    tests = {name.rsplit(".", 1)[-1]: steps for name, steps in cases_by_class(report).items()}
+    assert {"register-answer-tcp", "register-answer-tls", "many-users-tn", "caller-callee-tcp"} <= set(tests)
+    assert tests["register-answer-tcp"].keys() == {"register", "answer", "call"}
+    assert all(
+        outcome_tags(case) == []
+        for test, steps in tests.items()
+        if test != "caller-callee-tcp"
+        for case in steps.values()
+    )
     latest = tmp_path / "logs" / "latest"
     assert (latest / "register-answer-tcp" / "answer.stat.csv").exists()
     assert (latest / "register-answer-tcp" / "keeper.log").exists()
-    known = names["caller-callee-tcp"].find("skipped")
-    if known is not None:  # issue 11, item 1: the example says it is expected to fail
-        pytest.xfail("caller and callee both through fdkeeper: " + known.get("message"))
+    known = [case.find("skipped") for case in tests["caller-callee-tcp"].values() if case.find("skipped") is not None]
+    if known:  # issue 11, item 1: the example says it is expected to fail
+        pytest.xfail("caller and callee both through fdkeeper: " + known[0].get("message"))
 
 
 def test_no_example_sleeps():
@@ -449,6 +432,6 @@ def test_a_wrong_call_count_fails_naming_the_step(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED   wrong-count: step 'call': 1 successful calls, expected 3" in result.stdout
     check_junit_schema(report)
-    failure = ET.parse(report).find("testsuite/testcase/failure")
-    assert failure.get("message") == "step 'call': 1 successful calls, expected 3"
-    assert "Successful call" in failure.text  # the step's last lines
+    call = cases_by_class(report)["docs.examples.failing.wrong-count"]["call"]
+    assert call.find("failure").get("message") == "1 successful calls, expected 3"
+    assert "Successful call" in call.find("system-out").text  # the step's last lines
