@@ -33,7 +33,7 @@ from tests.support.paths import REPO
 
 EXAMPLES = REPO / "docs" / "examples"
 CI_DIR = REPO / "docs" / "ci"
-# What the CI recipes run, and what test_shipped_examples_pass runs (from the repo root).
+# The README's set-up command, and what test_shipped_examples_pass runs (from the repo root).
 INSTALL_COMMAND = "bash .ci/install"
 EXAMPLES_COMMAND = ".venv/bin/fdkeeper run docs/examples/*.yaml --junit report.xml"
 
@@ -359,27 +359,22 @@ def test_the_report_validates_against_jenkins_junit_10_xsd(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def ci_run_commands() -> dict[str, list[str]]:
-    """Every shell command the CI recipes run, by file."""
+def test_ci_recipes_use_the_action_and_the_template_from_a_users_repository():
+    """The recipes are for a user's own repository: the GitHub workflow uses fdkeeper's action
+    (action.yml) over a matrix of shards, the GitLab one extends the template with `parallel:`;
+    tests/install/test_action.py runs the action's and the template's commands themselves."""
     github = yaml.safe_load((CI_DIR / "github-actions.yml").read_text())
+    assert not [step for job in github["jobs"].values() for step in job["steps"] if "run" in step]
+    tests_job = github["jobs"]["sip-tests"]
+    [action] = [step for step in tests_job["steps"] if step.get("uses", "").startswith("OWNER/fdkeeper@")]
+    assert action["with"]["shard"] == "${{ matrix.shard }}/3" and tests_job["strategy"]["matrix"]["shard"] == [1, 2, 3]
+    reporters = [step for step in github["jobs"]["report"]["steps"] if "junit" in step.get("uses", "")]
+    assert reporters and reporters[0]["with"]["report_paths"] == "**/fdkeeper-report.xml"
+    assert github["jobs"]["report"]["permissions"]["checks"] == "write" and "checks" not in github["permissions"]
     gitlab = yaml.safe_load((CI_DIR / "gitlab-ci.yml").read_text())
-    github_runs = [step["run"] for job in github["jobs"].values() for step in job["steps"] if "run" in step]
-    gitlab_runs = [
-        line for job in gitlab.values() if isinstance(job, dict) and "script" in job for line in job["script"]
-    ]
-    return {"github": github_runs, "gitlab": gitlab_runs}
-
-
-def test_ci_recipes_run_the_commands_the_suite_runs():
-    for platform, commands in ci_run_commands().items():
-        assert commands == [INSTALL_COMMAND, EXAMPLES_COMMAND], platform
-    gitlab = yaml.safe_load((CI_DIR / "gitlab-ci.yml").read_text())
-    job = next(job for job in gitlab.values() if isinstance(job, dict) and "script" in job)
-    assert job["artifacts"]["reports"]["junit"] == "report.xml" and job["artifacts"]["when"] == "always"
-    github = yaml.safe_load((CI_DIR / "github-actions.yml").read_text())
-    steps = next(iter(github["jobs"].values()))["steps"]
-    reporters = [s for s in steps if "junit" in s.get("uses", "")]
-    assert reporters and reporters[0]["with"]["report_paths"] == "report.xml" and reporters[0]["if"] == "always()"
+    assert gitlab["include"][0]["remote"].endswith("/docs/ci/gitlab-template.yml")
+    job = gitlab["sip-tests"]
+    assert job["extends"] == ".fdkeeper" and job["parallel"] == 3 and "script" not in job
 
 
 def test_install_command_is_the_readmes():
@@ -387,8 +382,8 @@ def test_install_command_is_the_readmes():
 
 
 def test_shipped_examples_pass(tmp_path):
-    """EXAMPLES_COMMAND from the repo root, as the CI recipes run it (the suite's own
-    interpreter for .venv/bin/fdkeeper; the report and logs go to tmp_path)."""
+    """EXAMPLES_COMMAND from the repo root (the suite's own interpreter for .venv/bin/fdkeeper;
+    the report and logs go to tmp_path)."""
     program, *args = shlex.split(EXAMPLES_COMMAND)
     assert program == ".venv/bin/fdkeeper" and args[0] == "run"
     tests = sorted(glob.glob(args[1], root_dir=REPO))
