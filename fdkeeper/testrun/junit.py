@@ -13,7 +13,8 @@ each <testcase> with name, classname and time, at most one <failure>, <error> or
   the command and the log folder. A skipped or stopped step is <skipped>. The last lines of
   the step's stdout and stderr are its <system-out> and <system-err>.
 - A test that could not run (its SuT did not start, its file does not load) is one testcase
-  of its own, named after the test, with an <error>.
+  of its own, named after the test, with an <error>; a test not run (the run was cancelled
+  first) is its steps, each <skipped>.
 - An `xfail:` test's failed steps are <skipped type="xfail">.
 - A shard's report (`--shard K/N`) names it: the suite is "fdkeeper run (shard K/N)" and
   carries a property shard=K/N, so reports of a CI matrix merge without clashing.
@@ -90,7 +91,7 @@ def junit_tree(results: list[TestResult], started: float, duration: float, shard
 
 def _testcases(result: TestResult) -> list[ET.Element]:
     classname = _classname(result)
-    cases = [_test_case(result, classname)] if result.error or not result.steps else []
+    cases = [_test_case(result, classname)] if result.status == ERROR or not result.steps else []
     return cases + [_step_case(result, step, classname) for step in result.steps]
 
 
