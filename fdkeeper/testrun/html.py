@@ -63,8 +63,10 @@ STATS = (
 # C0 and C1 controls, DEL, the Unicode line separators; bodies keep tab and newline.
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _LINE_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_BLOCK_START = re.compile(r"^-{5,}[ \t]*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?)?[ \t]*$", re.MULTILINE)
-# sipp writes "TCP message sent (353 bytes):" and "TCP message received [399] bytes :".
+# sipp writes each message as "-----... 2026-12-07 20:54:50.413904", then "TCP message sent
+# (353 bytes):" or "TCP message received [399] bytes :", an empty line, the message's bytes;
+# a note of its own (an unexpected message) after a bare "-----..." line.
+_BLOCK_START = re.compile(rb"^-{5,}[ \t]*(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?)?[ \t]*\r?$", re.MULTILINE)
 _BLOCK_HEAD = re.compile(r"^[ \t]*(\w+) message (sent|received) (?:\((\d+) bytes\)|\[(\d+)\] bytes)[ \t]*:?[ \t]*$")
 _CSEQ = re.compile(r"^CSeq:[ \t]*\d+[ \t]+(\S+)", re.MULTILINE | re.IGNORECASE)
 _KEEPER_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ (.*)$", re.MULTILINE)
@@ -131,41 +133,70 @@ def parse_time(text: str | None, pattern: str = "%Y-%m-%d %H:%M:%S.%f") -> datet
         return None
 
 
-def parse_trace(text: str, step: str) -> list[Message]:
-    """The messages of one -trace_msg file; blocks that are not a message (or a block cut off
-    before its head) are left out, a message cut off keeps what was written."""
+def parse_trace(data: bytes, step: str) -> list[Message]:
+    """The messages of one -trace_msg file. A message is as long as its head says, so a
+    separator and head inside what the SuT sent stay part of that message rather than
+    forge one of their own; a block that is not a message (or cut off before its head) is
+    left out, a message cut off keeps what was written."""
     messages = []
-    starts = list(_BLOCK_START.finditer(text))
-    for number, start in enumerate(starts):
-        end = starts[number + 1].start() if number + 1 < len(starts) else len(text)
-        message = _parse_block(text[start.end() : end], step, parse_time(start.group(1)))
+    position = 0
+    while start := _BLOCK_START.search(data, position):
+        stamp = start.group(1)  # sipp's notes ("Unexpected UDP message received:") have none
+        message, position = _read_block(data, start.end(), step, parse_time(stamp.decode() if stamp else None))
         if message is not None:
             messages.append(message)
     return messages
 
 
-def _parse_block(block: str, step: str, when: datetime | None) -> Message | None:
-    lines = block.lstrip("\r\n").split("\n", 1)
-    head = _BLOCK_HEAD.match(lines[0].rstrip("\r"))
+def _read_block(data: bytes, at: int, step: str, when: datetime | None) -> tuple[Message | None, int]:
+    """The message whose head follows the separator ending at ``at``, and where to go on."""
+    head_start = _skip_line_breaks(data, at)
+    head_end = data.find(b"\n", head_start)
+    head_end = len(data) if head_end < 0 else head_end
+    head = _BLOCK_HEAD.match(data[head_start:head_end].decode("utf-8", "replace").rstrip("\r"))
     if head is None:
-        return None
-    body = (lines[1] if len(lines) > 1 else "").replace("\r\n", "\n").strip("\n")
-    body, cut = shorten(body, MAX_BODY)
-    return Message(step, when, head.group(2), head.group(1), int(head.group(3) or head.group(4)), body, cut)
+        return None, at
+    body_start = head_end + 1
+    if data[body_start : body_start + 2] == b"\r\n":
+        body_start += 2
+    elif data[body_start : body_start + 1] == b"\n":
+        body_start += 1
+    size = int(head.group(3) or head.group(4))
+    body_end = _body_end(data, body_start, size)
+    body = data[body_start:body_end].decode("utf-8", "replace").replace("\r\n", "\n").strip("\n")
+    text, cut = shorten(body, MAX_BODY)
+    return Message(step, when, head.group(2), head.group(1), size, text, cut), body_end
 
 
-def read_limited(path: Path | None, limit: int | None = None) -> tuple[str, bool]:
-    """A log file's text (up to ``limit`` bytes, MAX_TRACE_BYTES by default) and whether it
-    went on; ("", False) if absent."""
+def _body_end(data: bytes, body_start: int, size: int) -> int:
+    """Where a message of ``size`` bytes ends: there when a separator (or the end) follows,
+    else (sipp counted otherwise) at the next separator."""
+    declared = body_start + size
+    after = _skip_line_breaks(data, declared)
+    if declared <= len(data) and (after >= len(data) or _BLOCK_START.match(data, after)):
+        return declared
+    following = _BLOCK_START.search(data, body_start)
+    return following.start() if following else len(data)
+
+
+def _skip_line_breaks(data: bytes, at: int) -> int:
+    while at < len(data) and data[at : at + 1] in (b"\r", b"\n"):
+        at += 1
+    return at
+
+
+def read_limited(path: Path | None, limit: int | None = None) -> tuple[bytes, bool]:
+    """A log file's bytes (up to ``limit``, MAX_TRACE_BYTES by default) and whether it went
+    on; (b"", False) if absent."""
     limit = MAX_TRACE_BYTES if limit is None else limit
     if path is None:
-        return "", False
+        return b"", False
     try:
         with open(path, "rb") as handle:
             data = handle.read(limit + 1)
     except OSError:
-        return "", False
-    return data[:limit].decode("utf-8", errors="replace"), len(data) > limit
+        return b"", False
+    return data[:limit], len(data) > limit
 
 
 # --- the keeper's leases ----------------------------------------------------------------------
@@ -272,7 +303,7 @@ class Ladder:
 def ladder_of(result: TestResult) -> Ladder:
     """Every step's messages and the keeper's events in time order, each message labelled
     with its connection."""
-    keeper_log = read_limited(result.log_dir / "keeper.log")[0]
+    keeper_log = read_limited(result.log_dir / "keeper.log")[0].decode("utf-8", "replace")
     leases = parse_leases(keeper_log)
     messages: list[Message] = []
     holders: dict[int, str] = {}
@@ -324,6 +355,7 @@ tr.failed td{color:#c62828;background:#fdecea}.cause{white-space:pre-wrap}
 svg text{font:12px monospace}svg .msg{cursor:pointer}svg .msg:hover line{stroke-width:3}
 .lane{stroke:#888;stroke-dasharray:4 3}.lanetitle{font-weight:bold}.lanetitle.failed{fill:#c62828}
 .keeper .note{fill:#6a4c93;font-style:italic}.conn{fill:#555}
+svg .note,svg .label,svg .conn{paint-order:stroke;stroke:#fff;stroke-width:4px}
 .arrow{stroke:#1f4e9c;stroke-width:1.5}.arrow.failed{stroke:#c62828}
 pre{background:#f6f8fa;padding:.5em;white-space:pre-wrap;word-break:break-all}
 .note{color:#8a6d00}details.open-by-click{outline:2px solid #1f4e9c}

@@ -60,7 +60,7 @@ def make_result(tmp_path: Path, traces: dict[str, str], name: str = "t", status:
 
 
 def test_trace_blocks_become_messages_with_their_direction_size_and_label() -> None:
-    sent, received = parse_trace(REGISTER_TRACE, "register")
+    sent, received = parse_trace(REGISTER_TRACE.encode(), "register")
     assert (sent.direction, sent.transport, sent.size, sent.label) == ("sent", "TCP", 353, "REGISTER")
     assert (received.direction, received.size, received.label) == ("received", 399, "200 OK (REGISTER)")
     assert sent.when is not None and sent.when.microsecond == 413904
@@ -70,23 +70,39 @@ def test_trace_blocks_become_messages_with_their_direction_size_and_label() -> N
 def test_a_truncated_trace_keeps_what_was_written() -> None:
     whole = REGISTER_TRACE + block("20:54:51.000000", "TCP message sent (353 bytes):", REGISTER)
     cut_in_body = whole[: whole.rindex("CSeq")]
-    assert [m.label for m in parse_trace(cut_in_body, "s")] == ["REGISTER", "200 OK (REGISTER)", "REGISTER"]
+    assert [m.label for m in parse_trace(cut_in_body.encode(), "s")] == ["REGISTER", "200 OK (REGISTER)", "REGISTER"]
     cut_in_head = whole[: whole.rindex("TCP message sent") + 7]
-    assert [m.label for m in parse_trace(cut_in_head, "s")] == ["REGISTER", "200 OK (REGISTER)"]
-    assert parse_trace(SEPARATOR[:20], "s") == []
-    assert parse_trace("garbage\n" + SEPARATOR + " not a date\nnor a head\n", "s") == []
+    assert [m.label for m in parse_trace(cut_in_head.encode(), "s")] == ["REGISTER", "200 OK (REGISTER)"]
+    assert parse_trace(SEPARATOR[:20].encode(), "s") == []
+    assert parse_trace(b"garbage\n" + SEPARATOR.encode() + b" not a date\nnor a head\n", "s") == []
+
+
+def test_a_forged_block_inside_a_message_stays_in_that_message() -> None:
+    forged = block("20:54:50.9", "TCP message received [5] bytes :", "BYE x SIP/2.0")
+    body = OK_REGISTER + "\r\n" + forged
+    trace = block("20:54:50.5", f"TCP message received [{len(body.encode())}] bytes :", body)
+    (message,) = parse_trace((trace + REGISTER_TRACE).encode()[: len(trace)], "s")
+    assert message.label == "200 OK (REGISTER)" and "BYE x SIP/2.0" in message.text
+    assert [m.label for m in parse_trace((trace + REGISTER_TRACE).encode(), "s")] == [
+        "200 OK (REGISTER)",
+        "REGISTER",
+        "200 OK (REGISTER)",
+    ]
+    # a size sipp counted otherwise: the message ends at the next separator
+    wrong = block("20:54:50.5", "TCP message received [9999] bytes :", OK_REGISTER) + REGISTER_TRACE
+    assert [m.label for m in parse_trace(wrong.encode(), "s")] == ["200 OK (REGISTER)", "REGISTER", "200 OK (REGISTER)"]
 
 
 def test_leases_are_read_with_their_end_and_matched_to_the_step_they_cover() -> None:
     first, second = parse_leases(KEEPER_LOG + "2026-12-07 junk line\n")
     assert (first.pid, first.connections) == (20, "127.0.0.1:43860->127.0.0.1:5060/tcp")
     assert first.end is not None and second.end is not None and first.end < second.start
-    assert lease_of(parse_trace(REGISTER_TRACE, "register"), [first, second]) is first
-    assert lease_of(parse_trace(ANSWER_TRACE, "answer"), [first, second]) is second
-    assert lease_of(parse_trace(CALL_TRACE, "call"), [first, second]) is None  # UDP: nothing kept
+    assert lease_of(parse_trace(REGISTER_TRACE.encode(), "register"), [first, second]) is first
+    assert lease_of(parse_trace(ANSWER_TRACE.encode(), "answer"), [first, second]) is second
+    assert lease_of(parse_trace(CALL_TRACE.encode(), "call"), [first, second]) is None  # UDP: nothing kept
     # two leases that cover the same messages: the page says it cannot tell, not a guess
     twin = Lease(22, "127.0.0.1:1->127.0.0.1:5060/tcp", second.start, second.end)
-    assert lease_of(parse_trace(ANSWER_TRACE, "answer"), [second, twin]) is None
+    assert lease_of(parse_trace(ANSWER_TRACE.encode(), "answer"), [second, twin]) is None
 
 
 def test_each_arrow_names_its_step_and_connection(tmp_path: Path) -> None:
@@ -149,9 +165,9 @@ def test_huge_bodies_and_many_messages_are_cut_with_a_marker(tmp_path: Path) -> 
 def test_a_trace_longer_than_the_limit_is_read_in_part(tmp_path: Path) -> None:
     path = tmp_path / "long.log"
     path.write_bytes(b"x" * 100 + b"\xff\xfe")
-    assert read_limited(path, 50) == ("x" * 50, True)
+    assert read_limited(path, 50) == (b"x" * 50, True)
     assert read_limited(path, 200)[1] is False
-    assert read_limited(tmp_path / "absent.log") == ("", False)
+    assert read_limited(tmp_path / "absent.log") == (b"", False)
 
 
 # --------------------------------------------------------------------------
