@@ -19,8 +19,9 @@ also pinging every registered contact from a timer, as SBCs do.
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,9 @@ class Kamailio(KamailioInstance):
     force_tcp_alias(), as SBCs do, and is logged with its Via, see
     `request_vias()`; a connection holds a few such aliases, beyond them
     the request is dropped, logged as "alias failed", see `alias_failures()`).
+    `auth_users={user: password}` makes it a registrar that wants digest credentials
+    (configs/auth.cfg): REGISTER is challenged with 401, an INVITE from one of its
+    users with 407, and wrong credentials get a 403.
     `tls=KamailioTls(...)` adds a TLS listener on `tls_port` (a second free
     port unless given; `tls_address`) with its own tls.cfg in the work dir.
     TLS users are routed like TCP ones: REGISTER over TLS, calls and
@@ -181,6 +185,7 @@ class Kamailio(KamailioInstance):
         tls_port: int | None = None,
         shm_mb: int | None = None,
         alias_every_request: bool = False,
+        auth_users: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             workdir,
@@ -197,6 +202,9 @@ class Kamailio(KamailioInstance):
         self.alias_every_request = alias_every_request
         self.ul_timer = ul_timer
         self.handle_lost_tcp = handle_lost_tcp
+        self.auth_users = dict(auth_users) if auth_users is not None else None
+        if self.auth_users is not None:
+            check_auth_users(self.auth_users)
 
     def __repr__(self) -> str:
         return (
@@ -211,7 +219,7 @@ class Kamailio(KamailioInstance):
         return f"sip:{self.domain}"
 
     def config_text(self) -> str:
-        return configs.render(
+        text = configs.render(
             "sut.cfg",
             domain=self.domain,
             ul_timer=self.ul_timer,
@@ -219,8 +227,13 @@ class Kamailio(KamailioInstance):
             tag=LOG_TAG,
             control_route=control_route(),
             alias_every_request=_ALIAS_EVERY_REQUEST if self.alias_every_request else "",
+            auth_route="    route(AUTH);" if self.auth_users is not None else "",
             global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES),
         )
+        if self.auth_users is None:
+            return text
+        # Appended, as route blocks may come after the request_route that calls them.
+        return text + auth_config(self.auth_users)
 
     def request_vias(self) -> list[dict[str, str]]:
         """With `alias_every_request`: each request a TCP/TLS peer sent, in order, as
@@ -262,6 +275,28 @@ class Kamailio(KamailioInstance):
         except RuntimeError:
             return []  # not registered (or no live contact)
         return kamcmd.lookup_contacts(kamcmd.parse_kamcmd(text))
+
+
+# A user name or password goes into the config as a Kamailio string literal: keep to
+# characters that need no quoting there (and none that end a sipp CSV field).
+_AUTH_TEXT = re.compile(r"^[A-Za-z0-9_.+@!%*~^-]+$")
+
+
+def check_auth_users(users: Mapping[str, str]) -> None:
+    """Refuse users or passwords the SuT's config cannot hold, naming the bad one."""
+    if not users:
+        raise ValueError("auth needs at least one user with a password")
+    for user, password in users.items():
+        if not _AUTH_TEXT.match(user):
+            raise ValueError(f"user name {user!r}: use letters, digits and _.+@!%*~^- only")
+        if not _AUTH_TEXT.match(password):
+            raise ValueError(f"the password of {user!r}: use letters, digits and _.+@!%*~^- only, not empty")
+
+
+def auth_config(users: Mapping[str, str]) -> str:
+    """configs/auth.cfg with the users' passwords (see Kamailio's `auth_users`)."""
+    passwords = "\n".join(f'    $sht(fdk_passwd=>{user}) = "{password}";' for user, password in users.items())
+    return configs.render("auth.cfg", passwords=passwords, secret=secrets.token_hex(16), tag=LOG_TAG)
 
 
 # Kamailio's own text: rendered into sut.cfg after force_rport() when alias_every_request is set.

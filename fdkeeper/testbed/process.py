@@ -310,16 +310,7 @@ class KamailioProcess:
         """SIGTERM, then SIGKILL after `timeout`; safe to call twice."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # Kamailio's main process stops its children
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    _killpg(proc.pid)
-                    proc.wait(5)
-            # Children that outlived their parent (e.g. after a crash) are in
-            # the same process group: never leave them holding the port.
-            _killpg(proc.pid)
+            stop_process(proc, timeout)  # Kamailio's main process stops its children
         self._close_log()
         if self._short_dir is not None:
             shutil.rmtree(self._short_dir, ignore_errors=True)
@@ -335,6 +326,20 @@ class KamailioProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """End a process started in its own session: SIGTERM, SIGKILL to its process group after
+    `timeout` s; then SIGKILL to the group anyway, so no child that outlived its parent
+    (e.g. after a crash) is left holding a port."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid)
+            proc.wait(5)
+    _killpg(proc.pid)
 
 
 def _killpg(pgid: int) -> None:

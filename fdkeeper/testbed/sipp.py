@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -304,11 +304,42 @@ def read_sipp_stats(stat_file: Path) -> dict[str, str]:
     return dict(zip(rows[0], rows[-1], strict=False))
 
 
-def write_users_csv(path: Path, users: Iterable[str], domain: str = DEFAULT_DOMAIN) -> Path:
-    """A SEQUENTIAL -inf file: user;domain per line ([field0];[field1])."""
-    lines = ["SEQUENTIAL"] + [f"{user};{domain}" for user in users]
+def write_users_csv(
+    path: Path, users: Iterable[str], domain: str = DEFAULT_DOMAIN, passwords: Mapping[str, str] | None = None
+) -> Path:
+    """A SEQUENTIAL -inf file: user;domain per line ([field0];[field1]), and with
+    `passwords` user;domain;password ([field2], what the register scenarios answer a
+    401 challenge with)."""
+    lines = ["SEQUENTIAL"] + [
+        f"{user};{domain};{passwords[user]}" if passwords else f"{user};{domain}" for user in users
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def read_users_passwords(path: Path) -> dict[str, str]:
+    """{user: password} of a users CSV (user;domain;password lines, as write_users_csv
+    writes them). Raises ValueError naming the file and line of a user without one."""
+    users: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"cannot read the users file {path}: {error.strerror}") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#") or line.split(",")[0] in _CSV_ORDERS:
+            continue
+        fields = line.split(";")
+        if len(fields) < 3 or not fields[2]:
+            raise ValueError(f"{path} line {number}: expected user;domain;password, got {line!r}")
+        users[fields[0]] = fields[2]
+    if not users:
+        raise ValueError(f"{path}: no user;domain;password lines")
+    return users
+
+
+# The first line of a sipp -inf file says how its lines are taken.
+_CSV_ORDERS = ("SEQUENTIAL", "RANDOM", "USER")
 
 
 def place_calls(

@@ -1,7 +1,8 @@
 """The test file (YAML): what a test is, read and checked before anything runs.
 
     name: register-answer-tcp        # default: the file's name without .yaml
-    sut: embedded                    # or HOST:PORT; absent: no SuT variables
+    sut: embedded                    # or HOST:PORT, or {embedded: {auth, users}}, {kamailio: FILE},
+                                     # {command: ..., ready: tcp:PORT}: see sutspec; absent: no SuT
     transport: tcp                   # embedded SuT: tcp, or tls (adds a TLS listener)
     xfail: "why it fails today"      # optional: a failure is expected, not counted
     vars: {users: "${here}/users.csv"}
@@ -32,6 +33,15 @@ from typing import Any
 from fdkeeper.address import split_host_port
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.testrun import variables
+from fdkeeper.testrun.sutspec import (
+    DEFAULT_READY_TIMEOUT,
+    STARTED_SUT_VARIABLES,
+    AddressSut,
+    EmbeddedSut,
+    Readiness,
+    StartedSut,
+    SutSpec,
+)
 
 DEFAULT_TIMEOUT = 60.0
 ORDERINGS = ("after", "started", "ready")
@@ -79,7 +89,7 @@ class TestSpec:
     path: Path
     name: str
     steps: list[Step]
-    sut: str | None = None  # "embedded" or HOST:PORT
+    sut: SutSpec | None = None  # see sutspec: embedded, an address, or one the runner starts
     transport: str = "tcp"
     vars: dict[str, str] = field(default_factory=dict)
     xfail: str | None = None
@@ -91,7 +101,7 @@ class TestSpec:
         known = set(variables.BUILTIN) | set(self.vars)
         if self.sut:
             known |= set(variables.SUT_VARIABLES)
-        if self.sut == "embedded" and self.transport == "tls":
+        if isinstance(self.sut, EmbeddedSut) and self.transport == "tls":
             known |= set(variables.TLS_VARIABLES)
         return known
 
@@ -124,13 +134,13 @@ def load_test(path: Path) -> TestSpec:
         path=path,
         name=_name(document.get("name", path.stem), "name", where),
         steps=[],
-        sut=_sut(document.get("sut"), where),
+        sut=_sut(document.get("sut"), path.parent, where),
         transport=_choice(document.get("transport", "tcp"), ("tcp", "tls"), "transport", where),
         vars=_vars(document.get("vars") or {}, where),
         xfail=_optional_text(document.get("xfail"), "xfail", where),
         description=_optional_text(document.get("description"), "description", where) or "",
     )
-    if spec.transport == "tls" and spec.sut != "embedded":
+    if spec.transport == "tls" and not isinstance(spec.sut, EmbeddedSut):
         raise where.error(
             "transport",
             "only an embedded SuT ('sut: embedded') is started with TLS; for your own SuT pass --tls-* in the steps' options",
@@ -284,10 +294,10 @@ def _kind(value: Any) -> str:
     return {type(None): "nothing", dict: "a mapping", list: "a list", str: f"{value!r}"}.get(type(value), f"'{value}'")
 
 
-def _no_unknown(item: dict[str, Any], allowed: set[str], where: _Where) -> None:
+def _no_unknown(item: dict[str, Any], allowed: set[str], where: _Where, prefix: str = "") -> None:
     for key in item:
         if key not in allowed:
-            raise where.error(str(key), f"unknown field (known: {', '.join(sorted(allowed))})")
+            raise where.error(f"{prefix}{key}", f"unknown field (known: {', '.join(sorted(allowed))})")
 
 
 def _text(value: Any, field_name: str, where: _Where) -> str:
@@ -318,16 +328,112 @@ def _choice(value: Any, choices: tuple[str, ...], field_name: str, where: _Where
     return value
 
 
-def _sut(value: Any, where: _Where) -> str | None:
+# ------------------------------------------------------------------ sut (see sutspec)
+
+_SUT_FORMS = ("embedded", "kamailio", "command", "address")
+_SUT_FIELDS = {
+    "embedded": {"embedded"},
+    "address": {"address", "domain"},
+    "kamailio": {"kamailio", "address", "domain", "timeout"},
+    "command": {"command", "ready", "address", "domain", "timeout"},
+}
+_READY = re.compile(r"^\s*(tcp|log)\s*:\s*(.+?)\s*$", re.DOTALL)
+
+
+def _sut(value: Any, here: Path, where: _Where) -> SutSpec | None:
+    """The `sut:` field (None: no SuT); `here` is the test file's folder, which paths are relative to."""
     if value is None:
         return None
     if value == "embedded":
-        return "embedded"
-    text = _text(value, "sut", where)
+        return EmbeddedSut()
+    if not isinstance(value, dict):
+        return AddressSut(_address(value, "sut", where))
+    forms = [form for form in _SUT_FORMS if form in value]
+    if "address" in forms and len(forms) == 2:
+        forms.remove("address")  # a started SuT may name the address it listens on
+    if len(forms) != 1:
+        raise where.error("sut", f"expected one of {', '.join(_SUT_FORMS)} (or 'embedded', or HOST:PORT)")
+    form = forms[0]
+    _no_unknown(value, _SUT_FIELDS[form], where, prefix="sut.")
+    if form == "embedded":
+        return _embedded_sut(value["embedded"], here, where)
+    domain = _optional_text(value.get("domain"), "sut.domain", where)
+    if form == "address":
+        return AddressSut(_address(value["address"], "sut.address", where), domain)
+    address = _optional_text(value.get("address"), "sut.address", where)
+    timeout = _seconds(value.get("timeout", DEFAULT_READY_TIMEOUT), "sut.timeout", where)
+    if address is not None:
+        _sut_variables(address, "sut.address", where)
+    if form == "kamailio":
+        config = _sut_file(value["kamailio"], here, "sut.kamailio", where)
+        _sut_variables(_read_text(config, _Where(config)), "sut.kamailio", where)
+        return StartedSut("kamailio", here, config=config, address=address, domain=domain, timeout=timeout)
+    command = tuple(_tokens(value["command"], "sut.command", where))
+    for token in command:
+        _sut_variables(token, "sut.command", where)
+    ready = _readiness(value.get("ready"), where)
+    if address is None and ready.kind != "tcp":
+        raise where.error("sut.address", "a SuT ready by its log needs 'address: HOST:PORT' (what ${sut} is)")
+    return StartedSut("command", here, command=command, ready=ready, address=address, domain=domain, timeout=timeout)
+
+
+def _embedded_sut(value: Any, here: Path, where: _Where) -> EmbeddedSut:
+    if value is None:
+        return EmbeddedSut()
+    if not isinstance(value, dict):
+        raise where.error("sut.embedded", f"expected a mapping (auth, users), got {_kind(value)}")
+    _no_unknown(value, {"auth", "users"}, where, prefix="sut.embedded.")
+    auth = value.get("auth", False)
+    if not isinstance(auth, bool):
+        raise where.error("sut.embedded.auth", f"expected true or false, got {_kind(auth)}")
+    if auth != ("users" in value):
+        raise where.error(
+            "sut.embedded.users" if auth else "sut.embedded.auth",
+            "auth and users go together: 'auth: true' and 'users: FILE' (a CSV of user;domain;password lines)",
+        )
+    return (
+        EmbeddedSut(auth=True, users=_sut_file(value["users"], here, "sut.embedded.users", where))
+        if auth
+        else EmbeddedSut()
+    )
+
+
+def _readiness(value: Any, where: _Where) -> Readiness:
+    match = _READY.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise where.error("sut.ready", f"expected 'tcp:PORT', 'tcp:HOST:PORT' or 'log: REGEX', got {_kind(value)}")
+    kind, target = match.group(1), match.group(2)
+    _sut_variables(target, "sut.ready", where)
+    if kind == "log":
+        try:
+            re.compile(target)
+        except re.error as error:
+            raise where.error("sut.ready", f"not a regular expression: {error}") from None
+    elif not variables.references(target):
+        _address(target if ":" in target else f"127.0.0.1:{target}", "sut.ready", where)
+    return Readiness(kind, target)
+
+
+def _sut_variables(text: str, field_name: str, where: _Where) -> None:
+    try:
+        variables.check_known(text, STARTED_SUT_VARIABLES)
+    except variables.UnknownVariable as error:
+        raise where.error(field_name, f"{error}; a started SuT has {', '.join(STARTED_SUT_VARIABLES)}") from None
+
+
+def _sut_file(value: Any, here: Path, field_name: str, where: _Where) -> Path:
+    path = here / _text(value, field_name, where)
+    if not path.is_file():
+        raise where.error(field_name, f"no such file: {path} (paths are relative to the test file)")
+    return path
+
+
+def _address(value: Any, field_name: str, where: _Where) -> str:
+    text = _text(value, field_name, where)
     try:
         split_host_port(text)
     except ValueError:
-        raise where.error("sut", f"expected 'embedded' or HOST:PORT, got {text!r}") from None
+        raise where.error(field_name, f"expected 'embedded' or HOST:PORT, got {text!r}") from None
     return text
 
 

@@ -77,7 +77,7 @@ def test_a_bad_timeout_names_the_file_the_step_and_the_field(tmp_path):
 
 def test_a_good_file_reads_into_steps(tmp_path):
     spec = load_test(write(tmp_path, GOOD.format(timeout="30s")))
-    assert spec.name == "t" and spec.sut == "embedded"
+    assert spec.name == "t" and str(spec.sut) == "embedded"
     register, answer = spec.steps
     assert register.args == ["-sf", "x.xml", "-t", "t1", "${sut}"]
     assert answer.after == ("register",) and answer.timeout == 30.0 and answer.expect.exit == 0
