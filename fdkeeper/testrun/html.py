@@ -15,7 +15,8 @@ Where the pieces come from, in the test's log folder:
 - the connection: the test keeper's log (keeper.log), whose "leased <local>-><remote>/tcp to pid
   P" and "lease of pid P ended" lines say which kept connection was held when; a step's TCP/TLS
   messages are matched to the lease whose time covers them (the keeper logs the lease before
-  sipp can send and its end after sipp exited). UDP messages go to the SuT directly.
+  sipp can send and its end after sipp exited). UDP messages are drawn as "udp, not kept"
+  (under `--mode udp`, the converter's TCP connection behind sipp's UDP is not drawn).
 
 Everything from the SuT, sipp or the test file is HTML-escaped and stripped of control
 characters; the page is bounded (MAX_MESSAGES a test, MAX_BODY characters a message, each
