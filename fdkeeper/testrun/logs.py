@@ -20,20 +20,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import WRITABLE_BY_OTHERS, resolve_directory
+from fdkeeper.statedir import WRITABLE_BY_OTHERS, NotPrivate, open_private_file, resolve_directory
 
 KEEP_RUNS = 10
 LATEST = "latest"
 _RUN_NAME = re.compile(r"^\d{8}-\d{6}(-\d+)?$")
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 _ELSEWHERE = "pass --logs DIR (a folder of yours)"
 
 
-class LogsNotPrivate(FdkeeperError):
+class LogsNotPrivate(NotPrivate):
     """The logs folder is a link, not ours, or writable by others: writing there is refused."""
 
 
@@ -64,23 +63,11 @@ def folder_for_test(run_dir: Path, name: str) -> Path:
     return run_dir / candidate
 
 
-def create_log_file(path: Path) -> BinaryIO:
-    """open(path, "wb") for a file in a log folder, never through a link: the folder is opened
-    O_NOFOLLOW and checked, the file created 0600 relative to it with O_NOFOLLOW."""
-
-    def opener(_path: str, flags: int) -> int:
-        with _opened(path.parent) as folder_fd:
-            return os.open(path.name, _FILE_FLAGS, 0o600, dir_fd=folder_fd)
-
-    try:
-        return open(path, "wb", opener=opener)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise LogsNotPrivate(
-                f"fdkeeper: the log file {path} is a symbolic link, which fdkeeper does not follow; "
-                "someone may have planted it to make fdkeeper write elsewhere: remove it"
-            ) from None
-        raise FdkeeperError(f"fdkeeper: cannot create the log file {path}: {error.strerror}") from None
+def create_log_file(path: Path) -> IO[bytes]:
+    """open(path, "wb") for a file in a log folder, never through a link: as the keeper's own
+    files are (statedir.open_private_file: the folder opened O_NOFOLLOW and checked, the file
+    created 0600 relative to it with O_NOFOLLOW, refused unless a regular file of ours)."""
+    return open_private_file(path.parent, path.name, "wb")
 
 
 # ---------------------------------------------------------------- the checked folders
