@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from fdkeeper.testbed import fdkeeper_command, read_sipp_stats
 from fdkeeper.testrun import variables
 from fdkeeper.testrun.model import Step
@@ -117,16 +119,15 @@ class StepRun:
             pass
 
     def group_alive(self) -> bool:
-        """Whether any process of the step's group is left (its leader reaped first, so a
-        zombie leader does not count)."""
+        """Whether any process of the step's group still runs (its leader reaped first)."""
         self.process.poll()
         try:
             os.killpg(self.process.pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:  # a member we may not signal: still there
-            return True
-        return True
+        except PermissionError:  # a member we may not signal: look at the members
+            pass
+        return group_has_live_member(self.process.pid)
 
     def result(self) -> StepResult:
         """The verdict of a finished step against what it expects."""
@@ -164,6 +165,18 @@ class StepRun:
             f"{got[label]} {label} calls, expected {count}" for label, count in checked.items() if got[label] != count
         ]
         return reasons
+
+
+def group_has_live_member(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` runs. Zombies do not count: where pid 1 does not
+    reap (some containers), the members a stop killed stay as zombies, and stay in the group."""
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except ProcessLookupError:  # ended meanwhile
+            continue
+    return False
 
 
 def stop_groups(runs: Sequence[StepRun], grace: float) -> None:
