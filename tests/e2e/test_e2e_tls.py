@@ -307,7 +307,7 @@ def test_builtin_scenario_over_tls(sipp_path, kamailio_tls, keeper_dir, tmp_path
         str(log_dir / "uac.messages.log"),
         kamailio_tls.tls_address,
     ]
-    from fdkeeper.demo import fdkeeper_command
+    from fdkeeper.testbed import fdkeeper_command
 
     result = subprocess.run(
         fdkeeper_command(cmd, keeper_dir, *verified(pki)), capture_output=True, text=True, timeout=30
