@@ -646,7 +646,10 @@ def stop_command(directory: str | None) -> None:
 @click.option(
     "--keep-files", is_flag=True, help="Keep the demo's work directory (configs, logs) and print where it is."
 )
-def demo_command(sipp_path: str | None, keep_files: bool) -> None:
+@click.option(
+    "--auth", is_flag=True, help="The SuT wants digest credentials: REGISTER is challenged (401), the call too (407)."
+)
+def demo_command(sipp_path: str | None, keep_files: bool, auth: bool) -> None:
     """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
 
     Starts Kamailio on a free loopback port with its own configuration (the embedded
@@ -655,7 +658,7 @@ def demo_command(sipp_path: str | None, keep_files: bool) -> None:
     from fdkeeper.demo import run_demo
 
     started = time.monotonic()
-    ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo)
+    ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo, auth=auth)
     click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     sys.exit(0 if ok else 1)
 

@@ -7,6 +7,10 @@
 4. start a second sipp run that answers calls;
 5. a third party calls alice through Kamailio: the INVITE arrives over the kept connection
    and the second run answers it.
+
+With `auth` (`fdkeeper demo --auth`) the SuT wants digest credentials, as real registrars
+do: every REGISTER is challenged with 401 and the caller's INVITE with 407, and the
+shipped scenarios answer with the passwords of the users CSV (and the caller's -au/-ap).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from fdkeeper.sipp.runner import find_sipp
 
 USER = "alice"
 PLAIN_USER = "bob"
+# The SuT's accounts with --auth: the users and the third-party caller.
+AUTH_USERS = {USER: "alice-secret", PLAIN_USER: "bob-secret", testbed.CALLER: "caller-secret"}
 
 
 def start_through_fdkeeper(
@@ -46,12 +52,15 @@ def start_through_fdkeeper(
     return testbed.SippProcess(testbed.fdkeeper_command(cmd, directory, *options), log_dir, name)
 
 
-def run_demo(sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print) -> bool:
+def run_demo(
+    sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print, auth: bool = False
+) -> bool:
+    """The story step by step (`auth`: against a SuT that wants digest credentials); True when it worked."""
     sipp_path = os.fspath(find_sipp(sipp))
     workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-demo-"))
     keeper_dir = workdir / "keeper"
     logs = workdir / "logs"
-    kamailio = testbed.Kamailio(workdir / "kamailio")
+    kamailio = testbed.Kamailio(workdir / "kamailio", auth_users=AUTH_USERS if auth else None)
     try:
         return _demo_steps(sipp_path, kamailio, keeper_dir, logs, workdir, say)
     finally:
@@ -70,12 +79,15 @@ def _demo_steps(
     kamailio.start()
     say(f"  Kamailio listens on {kamailio.address} (UDP and TCP); it reaches a user only over")
     say("  the connection that user registered on, and never opens one towards a user")
+    if kamailio.auth_users is not None:
+        say(f"  it wants digest credentials: REGISTER gets a 401 challenge, a call from {testbed.CALLER} a 407;")
+        say("  the scenarios answer with the password of the users CSV (user;domain;password) and -au/-ap")
 
     say(f"step 2: for comparison, without fdkeeper: {PLAIN_USER} registers over TCP with plain sipp, which exits")
     _without_fdkeeper(sipp, kamailio, logs, workdir, say)
 
     say(f"step 3: register {USER} over TCP through fdkeeper in one sipp run (which then exits)")
-    users = testbed.write_users_csv(workdir / "users.csv", [USER], kamailio.domain)
+    users = testbed.write_users_csv(workdir / "users.csv", [USER], kamailio.domain, kamailio.auth_users)
     register = start_through_fdkeeper(
         sipp,
         "uac-register.xml",
@@ -128,7 +140,7 @@ def _without_fdkeeper(
     sipp: str, kamailio: testbed.Kamailio, logs: Path, workdir: Path, say: Callable[[str], None]
 ) -> None:
     """The problem: once the register run's exit closed its connection, calls to the user fail."""
-    users = testbed.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain)
+    users = testbed.write_users_csv(workdir / "plain-users.csv", [PLAIN_USER], kamailio.domain, kamailio.auth_users)
     testbed.run_sipp(
         sipp,
         "uac-register.xml",

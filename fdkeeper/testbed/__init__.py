@@ -26,6 +26,7 @@ from fdkeeper.testbed.net import DEFAULT_DOMAIN, free_port, wait_until
 from fdkeeper.testbed.pki import TestPki, make_test_pki
 from fdkeeper.testbed.sipmsg import options_request, read_sip_message
 from fdkeeper.testbed.sipp import (
+    CALLER,
     SCENARIOS_DIR,
     SIPP_EXIT_FAILED,
     SIPP_EXIT_OK,
@@ -45,6 +46,7 @@ from fdkeeper.testbed.sipp import (
 )
 
 __all__ = [
+    "CALLER",
     "CLOSE_CONNECTION_USER",
     "DEFAULT_DOMAIN",
     "LOG_TAG",

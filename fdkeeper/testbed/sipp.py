@@ -342,6 +342,18 @@ def read_users_passwords(path: Path) -> dict[str, str]:
 _CSV_ORDERS = ("SEQUENTIAL", "RANDOM", "USER")
 
 
+# The From user of the caller scenarios (uac-call.xml, uac-call-users.xml).
+CALLER = "caller"
+
+
+def caller_credentials(sut: Kamailio) -> list[str]:
+    """sipp's -au/-ap for the caller scenarios when the SuT wants credentials (its
+    `auth_users` has the caller), else nothing."""
+    if sut.auth_users is None or CALLER not in sut.auth_users:
+        return []
+    return ["-au", CALLER, "-ap", sut.auth_users[CALLER]]
+
+
 def place_calls(
     sut: Kamailio,
     user: str,
@@ -357,12 +369,13 @@ def place_calls(
 
     Runs a plain sipp over UDP (no fdkeeper on this side) with
     scenarios/uac-call.xml and waits for it. The result's `ok` is True when
-    every call was answered and hung up cleanly.
+    every call was answered and hung up cleanly. A SuT with auth gets the
+    caller's credentials (caller_credentials).
     `call_id` is passed as sipp's -cid_str (see uac-register-then-answer.xml:
     a client-mode callee only accepts a Call-ID it already knows).
     """
     log_dir = Path(log_dir) if log_dir else sut.workdir / "calls"
-    extra = ["-s", user, "-key", "domain", sut.domain]
+    extra = ["-s", user, "-key", "domain", sut.domain, *caller_credentials(sut)]
     if call_id is not None:
         extra += ["-cid_str", call_id]
     return run_sipp(
@@ -411,7 +424,7 @@ def start_calls(
         calls=len(users),
         rate=rate,
         timeout=timeout,
-        extra=["-inf", str(users_csv)],
+        extra=["-inf", str(users_csv), *caller_credentials(sut)],
     )
 
 

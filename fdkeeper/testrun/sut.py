@@ -25,8 +25,8 @@ from pathlib import Path
 
 from fdkeeper import testbed
 from fdkeeper.address import format_address, split_host_port
-from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import last_line
+from fdkeeper.testbed.net import tail
 from fdkeeper.testbed.process import find_program, stop_process
 from fdkeeper.testbed.sipmsg import udp_options
 from fdkeeper.testrun import variables
@@ -37,8 +37,19 @@ _LISTEN = re.compile(r"^\s*listen\s*=\s*(?:(udp|tcp|tls|sctp|ws|wss):)?(\[[^\]]+
 _PROBE_INTERVAL = 0.05
 
 
-class SutError(FdkeeperError):
-    """A started SuT that could not start or did not become ready; the first line says why."""
+class SutError(RuntimeError):
+    """A started SuT that could not start or did not become ready; its one line says why
+    (the test's result: "could not run: ...")."""
+
+
+class _PortTaken(SutError):
+    """The SuT exited as a port it was given was taken between the pick and its bind."""
+
+
+# A free port can be taken by someone else before the SuT binds it: then start it again on
+# new ones (strerror(EADDRINUSE) in its output says so), this many times in all.
+_ATTEMPTS = 3
+_ADDRESS_IN_USE = "Address already in use"
 
 
 @dataclass(frozen=True)
@@ -106,17 +117,30 @@ def started_sut(sut: StartedSut, sut_dir: Path, logs: Path) -> Iterator[str]:
     """Start the test's own SuT, wait until it is ready, yield its address (HOST:PORT),
     stop its whole process group at the end."""
     sut_dir.mkdir(parents=True, exist_ok=True)
-    fill = _filler(sut, sut_dir)
-    if sut.kind == "kamailio":
-        argv, probes, address = _kamailio_run(sut, sut_dir, fill)
-        log_path = logs / "kamailio.log"
-    else:
-        argv = [fill(token) for token in sut.command]
-        log_path = logs / "sut.log"
-        probes, address = _command_readiness(sut, log_path, fill)
-    with _running(argv, sut.here, log_path, str(sut)) as process:
-        _wait_ready(process, probes, sut, log_path)
+    for attempt in range(1, _ATTEMPTS + 1):
+        fill = _filler(sut, sut_dir)  # new free ports on each attempt
+        if sut.kind == "kamailio":
+            argv, probes, address = _kamailio_run(sut, sut_dir, fill)
+            log_path = logs / "kamailio.log"
+        else:
+            argv = [fill(token) for token in sut.command]
+            log_path = logs / "sut.log"
+            probes, address = _command_readiness(sut, log_path, fill)
+        process = _start(argv, sut.here, log_path, str(sut))
+        try:
+            _wait_ready(process, probes, sut, log_path)
+            break
+        except _PortTaken:
+            stop_process(process)
+            if attempt == _ATTEMPTS:
+                raise
+        except BaseException:
+            stop_process(process)
+            raise
+    try:
         yield fill(sut.address) if sut.address else address
+    finally:
+        stop_process(process)
 
 
 def _filler(sut: StartedSut, sut_dir: Path) -> Callable[[str], str]:
@@ -206,21 +230,16 @@ def _log_probe(log_path: Path, pattern: str) -> _Probe:
     return _Probe(f"no line of its output matched {pattern!r}", logged)
 
 
-@contextlib.contextmanager
-def _running(argv: list[str], cwd: Path, log_path: Path, what: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`argv` running in its own session, output to `log_path`; its process group is
-    stopped (SIGTERM, then SIGKILL) at the end, whatever happened."""
+def _start(argv: list[str], cwd: Path, log_path: Path, what: str) -> subprocess.Popen[bytes]:
+    """`argv` running in its own session (so its whole process group can be stopped),
+    its output appended to `log_path`."""
     with open(log_path, "ab") as log:
         try:
-            process = subprocess.Popen(
+            return subprocess.Popen(
                 argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         except OSError as error:
             raise SutError(f"cannot start the SuT ({what}): {argv[0]}: {error.strerror}") from None
-        try:
-            yield process
-        finally:
-            stop_process(process)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], probes: list[_Probe], sut: StartedSut, log_path: Path) -> None:
@@ -230,6 +249,11 @@ def _wait_ready(process: subprocess.Popen[bytes], probes: list[_Probe], sut: Sta
 
     def ready() -> bool:
         if process.poll() is not None:
+            if _ADDRESS_IN_USE in tail(log_path, 10):
+                raise _PortTaken(
+                    f"the SuT ({sut}) exited: {_ADDRESS_IN_USE} (on {_ATTEMPTS} tries with new free ports; "
+                    f"does it use a fixed one?); see {log_path.name}"
+                )
             raise SutError(
                 f"the SuT ({sut}) exited with status {process.returncode} before it was ready: "
                 f"{last_line(log_path)} (see {log_path.name})"
