@@ -341,7 +341,10 @@ class Keeper:
         borrowed = (
             ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
         )
-        return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed)
+        # A client run given a connection an earlier run leased: its TLS handshake (server name,
+        # key log) was made for that run, which the runner says when this run asked for others.
+        reused = ",".join(str(c.id) for c in connections if c.leases) if request.text("role") == "client" else ""
+        return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed, reused=reused or None)
 
 
 STATUS_BATCH = 256  # connections serialised per step of a status stream

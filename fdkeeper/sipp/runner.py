@@ -145,9 +145,26 @@ class SippRun(Run):
                 f"the kept connection to {format_address(request.remote)}/{request.transport} was closed; "
                 "opened a fresh one (--reconnect): registrations made over the old one must be redone"
             )
+        if fields.get("reused") and request.transport == "tls" and request.remote:
+            self._say_handshake_options_unused(fields["reused"], request.remote)
         if fields.get("closed") and fields.get("ids"):
             count = len(fields["closed"].split(","))
             notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
+
+    def _say_handshake_options_unused(self, reused: str, remote: Address) -> None:
+        """--tls-sni and --tls-keylog act on a TLS handshake; a reused connection had its own."""
+        given = [
+            f"{option} {value}"
+            for option, value in (("--tls-sni", self.options.tls.sni), ("--tls-keylog", self.options.tls.keylog))
+            if value
+        ]
+        if given:
+            ids = ", ".join(f"#{item}" for item in reused.split(","))
+            notice(
+                f"{' and '.join(given)} not used: this run reuses the kept TLS connection {ids} to "
+                f"{format_address(remote)}, whose handshake an earlier run made with its own options "
+                "(they apply to a new connection: 'fdkeeper stop' ends the kept ones)"
+            )
 
     @contextmanager
     def for_keeper(self, request: HandoffRequest) -> Iterator[HandoffRequest]:
