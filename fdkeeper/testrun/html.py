@@ -11,7 +11,8 @@ over the connection an earlier run opened.
 Where the pieces come from, in the test's log folder:
 - the messages: each sipp step's `-trace_msg` file (steps.trace_options), blocks of
   "----- <date> <time>" then "TCP message sent (N bytes):" or "... received [N] bytes :" and the
-  message; sipp writes no addresses there;
+  message; sipp writes no addresses there, and its time stamps are its event loop's clock,
+  so two steps' messages less than a millisecond or so apart may be drawn in either order;
 - the connection: the test keeper's log (keeper.log), whose "leased <local>-><remote>/tcp to pid
   P" and "lease of pid P ended" lines say which kept connection was held when; a step's TCP/TLS
   messages are matched to the lease whose time covers them (the keeper logs the lease before
@@ -419,11 +420,15 @@ def render_test(result: TestResult, number: int) -> str:
     return "\n".join(parts)
 
 
-def step_cause(step: StepResult) -> str:
-    """Why a step failed: its `cause` when the runner gives one, else its reasons."""
-    cause = getattr(step, "cause", None)  # StepResult.cause, where the runner records it
-    lines = [str(cause)] if cause else []
+def cause_text(step: StepResult) -> str:
+    """Why a step did not pass: its cause read from its logs (StepResult.cause), then the
+    reasons its verdict gave."""
+    lines = [step.cause] if step.cause else []
     return "\n".join(lines + [reason for reason in step.reasons if reason not in lines])
+
+
+def status_text(step: StepResult) -> str:
+    return "stopped" if step.stopped else step.status
 
 
 def render_steps(steps: list[StepResult]) -> str:
@@ -432,9 +437,9 @@ def render_steps(steps: list[StepResult]) -> str:
         exit_text = "" if step.exit is None else str(step.exit)
         time_text = "" if step.status == SKIPPED else f"{step.duration:.1f} s"
         rows.append(
-            f'<tr class="{esc(step.status)}"><td>{esc(step.name)}</td><td>{esc(step.status)}</td>'
+            f'<tr class="{esc(step.status)}"><td>{esc(step.name)}</td><td>{esc(status_text(step))}</td>'
             f"<td>{esc(exit_text)}</td><td>{esc(step.counts())}</td><td>{time_text}</td>"
-            f'<td class="cause">{esc(step_cause(step), keep_lines=True)}</td></tr>'
+            f'<td class="cause">{esc(cause_text(step), keep_lines=True)}</td></tr>'
         )
     rows.append("</table>")
     rows += [render_stats(step) for step in steps if step.files.get("stat")]

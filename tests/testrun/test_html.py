@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fdkeeper.testrun import html as report
 from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
-from fdkeeper.testrun.results import FAILED, PASSED, StepResult, TestResult
+from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, StepResult, TestResult
 from tests.support.paths import REPO
 
 SEPARATOR = "-----------------------------------------------"
@@ -150,6 +150,21 @@ def test_markup_from_the_sut_and_control_characters_in_names_are_escaped(tmp_pat
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x onerror=alert(2)&gt;" in page
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", page)
     assert "name[2J&lt;script&gt;alert(3)" in page and "reg&lt;b&gt;ister" in page
+
+
+def test_a_failed_step_is_red_with_its_cause_and_a_stopped_one_says_so(tmp_path: Path) -> None:
+    result = make_result(tmp_path, {"register": REGISTER_TRACE, "answer": ANSWER_TRACE}, status=FAILED)
+    failed, stopped = result.steps
+    failed.status, failed.exit, failed.reasons = FAILED, 2, ["exit status 2, expected 0"]
+    failed.err = tmp_path / "register.err"
+    failed.err.write_text("fdkeeper: the SuT at 127.0.0.1:5060/tcp refused the connection <ECONNREFUSED>\n")
+    stopped.status, stopped.exit = SKIPPED, -15
+    page = render_report([result])
+    row = re.search(r'<tr class="failed"><td>register</td><td>failed</td>.*?</tr>', page, re.DOTALL)
+    assert row, page
+    assert "refused the connection &lt;ECONNREFUSED&gt;\nexit status 2, expected 0" in row.group()
+    assert '<tr class="skipped"><td>answer</td><td>stopped</td>' in page
+    assert '<text class="lanetitle failed"' in page and 'class="arrow failed"' in page
 
 
 def test_huge_bodies_and_many_messages_are_cut_with_a_marker(tmp_path: Path) -> None:
