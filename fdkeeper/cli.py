@@ -663,6 +663,27 @@ def demo_command(sipp_path: str | None, keep_files: bool, auth: bool) -> None:
     sys.exit(0 if ok else 1)
 
 
+@main.command("sut")
+@click.option("--port", type=click.IntRange(1, 65535), metavar="PORT", help="UDP and TCP port (default: a free one).")
+@click.option("--tls-port", type=click.IntRange(1, 65535), metavar="PORT", help="TLS port (default: a free one).")
+@click.option(
+    "--pki",
+    "pki_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Write the test PKI (ca.crt for --tls-ca) here (default: a temporary folder, removed at the end).",
+)
+def sut_command(port: int | None, tls_port: int | None, pki_dir: Path | None) -> None:
+    """Run the embedded SuT (a local Kamailio, TCP and TLS) in the foreground, to try fdkeeper against.
+
+    Prints its addresses, domain, test CA and commands to paste; Ctrl-C (or SIGTERM) stops it.
+    """
+    from fdkeeper.sutcommand import serve
+
+    stopped_by = serve(port, tls_port, pki_dir, say=click.echo)
+    click.echo(f"fdkeeper sut: stopped ({stopped_by.name})")
+
+
 @main.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="The checks as JSON, for scripts.")
 def doctor_command(as_json: bool) -> None:

@@ -1,0 +1,127 @@
+"""`fdkeeper sut`: the embedded SuT in the foreground, and the README's "Using it" commands
+run as written from the repository root against it (ports swapped for free ones, so the test
+runs beside others). SIGTERM stops it cleanly: status 0, Kamailio gone, its port free again."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fdkeeper import testbed
+from tests.support.paths import REPO
+
+# The README's "Using it" block as proposed (the SuT in another terminal: `fdkeeper sut --port
+# 5060 --tls-port 5061`); ports 5060, 5061 and 5070 are replaced by free ones here.
+README_SUT = "fdkeeper sut --port 5060 --tls-port 5061"
+README_USING_IT = """\
+fdkeeper sipp -sf scenarios/uac-register.xml -inf scenarios/users.csv -t t1 -i 127.0.0.1 -m 1 127.0.0.1:5060
+fdkeeper sipp -sf scenarios/uas-answer.xml -t t1 -i 127.0.0.1 -p 5070 -m 1 127.0.0.1:5060 &
+sipp -sf scenarios/uac-call.xml -s alice -key domain fdkeeper.test -t u1 -m 1 -nostdin 127.0.0.1:5060
+wait
+fdkeeper status
+fdkeeper stop
+"""
+STARTED = "Ctrl-C stops it."
+
+
+@dataclass
+class RunningSut:
+    process: subprocess.Popen[str]
+    banner: str
+    ports: dict[int, int]  # the README's port -> the one used here
+
+    def localised(self, text: str) -> str:
+        return re.sub(r"\b(5060|5061|5070)\b", lambda m: str(self.ports[int(m.group(1))]), text)
+
+
+def other_free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(testbed.free_port())
+    return sorted(ports)
+
+
+@pytest.fixture
+def sut(tmp_path: Path) -> Iterator[RunningSut]:
+    ports = dict(zip((5060, 5061, 5070), other_free_ports(3), strict=True))
+    command = README_SUT.replace("5060", str(ports[5060])).replace("5061", str(ports[5061])).split()[1:]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fdkeeper", *command, "--pki", str(tmp_path / "pki")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        if STARTED in line:
+            break
+    else:
+        pytest.fail(f"fdkeeper sut did not start:\n{''.join(lines)}", pytrace=False)
+    try:
+        yield RunningSut(process, "".join(lines), ports)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_sut_prints_where_it_listens_and_pasteable_commands(sut: RunningSut, tmp_path: Path) -> None:
+    port, tls_port = sut.ports[5060], sut.ports[5061]
+    assert f"UDP and TCP  127.0.0.1:{port}" in sut.banner and f"TLS          127.0.0.1:{tls_port}" in sut.banner
+    assert "domain fdkeeper.test" in sut.banner and (tmp_path / "pki" / "ca.crt").exists()
+    assert f"--tls-ca {tmp_path / 'pki' / 'ca.crt'} --tls-sni sut.test" in sut.banner
+    assert "-inf scenarios/users.csv" in sut.banner  # from the repository root: its own paths
+
+
+def run_from_the_root(script: str, keeper_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Shell lines as a user pastes them at the repository root, this checkout's fdkeeper on PATH."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    result = subprocess.run(
+        ["bash", "-c", f"set -e\n{script}"],
+        cwd=REPO,
+        env={**os.environ, "FDKEEPER_DIR": str(keeper_dir), "PATH": path},
+        stdin=subprocess.PIPE,  # open and silent, like a terminal nobody types in: sipp polls it
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    return result
+
+
+def test_the_printed_tls_command_registers(sut: RunningSut, tmp_path: Path) -> None:
+    [command] = [line.strip() for line in sut.banner.splitlines() if " -t l1 " in line]
+    run_from_the_root(f"{command}\nfdkeeper stop", tmp_path / "keeper")
+
+
+def test_the_readmes_using_it_runs_as_written_and_sigterm_stops_the_sut(sut: RunningSut, tmp_path: Path) -> None:
+    result = run_from_the_root(sut.localised(README_USING_IT), tmp_path / "keeper")
+    # set -e: the caller's sipp exited 0, so the call was answered (by the answer run: nobody else could)
+    assert "idle" in result.stdout  # fdkeeper status: the kept connection, free again
+    assert "keeper for" in result.stdout and "stopped" in result.stdout
+
+    sut.process.send_signal(signal.SIGTERM)
+    assert sut.process.wait(30) == 0
+    assert sut.process.stdout is not None and "fdkeeper sut: stopped (SIGTERM)" in sut.process.stdout.read()
+    deadline = time.monotonic() + 10
+    while True:  # Kamailio gone: its port can be bound again
+        try:
+            with socket.create_server(("127.0.0.1", sut.ports[5060])):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "Kamailio still holds its port after fdkeeper sut stopped"
+            time.sleep(0.2)
