@@ -1,6 +1,8 @@
-"""Installing fdkeeper: `pip install .` (not editable) compiles the shim from helpers/ and the
-package finds it; the README's set-up command works from a clean copy of the checkout with
-nothing but the system's own Python, as on a stock Debian machine."""
+"""Installing fdkeeper without a checkout: the sdist carries the C sources, the scenarios and the
+Kamailio configurations; the wheel pip builds from it has the shim and the pump compiled, and
+installed into a fresh venv it runs a test file from a directory that is not the checkout. The
+README's set-up command works from a clean copy of the checkout with nothing but the system's own
+Python, as on a stock Debian machine."""
 
 from __future__ import annotations
 
@@ -8,33 +10,65 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
+import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from tests.support.checkout import STOCK_PATH, copy_of_what_would_be_committed
 from tests.support.paths import REPO
 
-# What a stock machine's login shell has, without pyenv, ~/.local/bin or /usr/local/bin.
-STOCK_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+def fresh_venv(where: Path) -> Path:
+    """A venv of the system's Python, without its site-packages: only what is installed into it counts."""
+    subprocess.run(["/usr/bin/python3", "-m", "venv", str(where)], check=True, timeout=120)
+    return where
 
 
-def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", str(REPO)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pip.returncode == 0, pip.stdout + pip.stderr
+def pip_install(venv: Path, *what: str) -> None:
+    """pip install into venv; dependencies from the index pip is configured with (here a local mirror)."""
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    installed = subprocess.run([*pip, *what], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+
+def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
+    """An sdist (what `pip download` or a package index hands out) holds everything setup.py
+    compiles from (helpers/: sources, headers, shimbuild.py), and the wheel pip builds from it
+    has the shim and the pump compiled, the scenarios and the Kamailio configurations."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    with tarfile.open(sdist) as archive:
+        packed = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    missing = [name for name in tracked if name.startswith(("helpers/", "scenarios/")) and name not in packed]
+    assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
+    assert "action.yml" in packed
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    libraries = [name for name in names if name.endswith(".so")]
+    assert any("_shim" in name for name in libraries) and any("_tlspump" in name for name in libraries), libraries
+    scenarios = sorted(Path(name).name for name in names if name.startswith("fdkeeper/scenarios/"))
+    shipped = sorted(path.name for path in (REPO / "scenarios").iterdir() if path.suffix in (".xml", ".csv"))
+    assert scenarios == shipped, "the wheel built from the sdist lacks scenarios (MANIFEST.in, fdkeeper/scenarios)"
+    assert "fdkeeper/testbed/configs/sut.cfg" in names
+
+
+def test_the_wheel_runs_a_test_file_from_a_fresh_venv_outside_the_checkout(wheel, tmp_path):
+    """What a user without a checkout does: pip install the wheel into a venv of their own, put
+    a test file in their repository, run `fdkeeper run` on it against the embedded SuT."""
+    venv = fresh_venv(tmp_path / "venv")
+    pip_install(venv, str(wheel))
+    work = tmp_path / "their-repository"
+    work.mkdir()
+    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
+        shutil.copy(REPO / "docs" / "examples" / name, work / name)
+    environment = {"HOME": str(tmp_path), "PATH": f"{venv / 'bin'}:{STOCK_PATH}"}
+
     # Run from elsewhere so the checkout is not on sys.path: only the installed copy counts.
     probe = (
-        "from fdkeeper.modes.preload import shim_path, PreloadMode; "
+        "from fdkeeper.modes.preload import shim_path; "
         "from fdkeeper import testbed; "
         "import os; print(shim_path()); print(os.path.exists(shim_path())); "
         "print((testbed.SCENARIOS_DIR / 'uac-register.xml').exists()); "
@@ -43,58 +77,28 @@ def test_pip_install_builds_the_shim_and_installs_the_command(tmp_path):
         # The TLS pump is built too (optional for setuptools: a silent miss would cost speed only).
         "from fdkeeper.keeper import tlspump; print(tlspump._library_path() is not None)"
     )
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=work, env=environment
+    )
     shim, exists, scenarios, config, pump = result.stdout.split()
     assert shim.startswith(str(venv)) and exists == "True" and scenarios == "True", result.stderr
     assert config == "True" and pump == "True", result.stderr
     nm = subprocess.run(["nm", "-D", "--defined-only", shim], capture_output=True, text=True)
     assert " T connect" in nm.stdout and " T epoll_wait" in nm.stdout
-    helped = subprocess.run([str(venv / "bin" / "fdkeeper"), "sipp", "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "--reconnect" in helped.stdout
 
-
-def test_sdist_carries_the_c_sources_and_builds_them(tmp_path):
-    """An sdist (what `pip download` or a package index hands out) holds everything setup.py
-    compiles from (helpers/: sources, headers, shimbuild.py) and builds the shim and the pump."""
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    copy = tmp_path / "src"
-    for name in tracked:  # a copy, so that building leaves no egg-info in the checkout
-        (copy / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, copy / name, follow_symlinks=False)
-    subprocess.run(
-        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
-        cwd=copy,
-        capture_output=True,
-        check=True,
-        timeout=120,
-    )
-    (sdist,) = (tmp_path / "dist").glob("fdkeeper-*.tar.gz")
-    with tarfile.open(sdist) as archive:
-        packed = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    missing = [name for name in tracked if name.startswith(("helpers/", "scenarios/")) and name not in packed]
-    assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
-    wheel = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--wheel-dir",
-            str(tmp_path / "wheels"),
-            str(sdist),
-        ],
+    ran = subprocess.run(
+        [str(venv / "bin" / "fdkeeper"), "run", "register-answer-tcp.yaml", "--junit", "report.xml"],
+        cwd=work,
+        env=environment,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=180,
     )
-    assert wheel.returncode == 0, wheel.stdout + wheel.stderr
-    (built,) = (tmp_path / "wheels").glob("fdkeeper-*.whl")
-    with zipfile.ZipFile(built) as archive:
-        libraries = [name for name in archive.namelist() if name.endswith(".so")]
-    assert any("_shim" in name for name in libraries) and any("_tlspump" in name for name in libraries), libraries
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    report = ET.parse(work / "report.xml").getroot()
+    assert [case.get("name") for case in report.iter("testcase")], ET.tostring(report, encoding="unicode")
+    assert not [outcome for outcome in report.iter() if outcome.tag in ("failure", "error", "skipped")]
+    assert (work / "fdkeeper-logs" / "latest" / "register-answer-tcp").is_dir()
 
 
 # --------------------------------------------------------------------------
@@ -119,24 +123,6 @@ def debian_packages_missing() -> list[str]:
         if "install ok installed" not in status.stdout:
             missing.append(package)
     return missing
-
-
-def copy_of_what_would_be_committed(destination: Path) -> None:
-    """The checkout's tracked and not-ignored files as they are in the working tree: what a
-    clone of the next commit holds, without waiting for that commit."""
-    listed = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if not os.path.lexists(source):  # deleted in the working tree, not yet in the index
-            continue
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def run_stock(command: str, cwd: Path, bin_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
