@@ -23,17 +23,26 @@ Fixtures:
         assert kamailio_sut.call("alice").ok and answer.wait().successful == 1
 
 (a free port for the answering run, not a fixed one: tests under `pytest -n` run side by side.)
+
+Interrupted (Ctrl-C, or SIGTERM/SIGHUP, which the fixtures turn into the same
+KeyboardInterrupt while they are alive), pytest tears the fixtures down: the sipp runs'
+process groups, the keeper and Kamailio are stopped and their temporary directories
+removed. A signal during that cleanup waits until it is done (see _InterruptGuard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pluggy
@@ -42,10 +51,12 @@ import pytest
 from fdkeeper import readiness, testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.process import FORWARDED_SIGNALS
 from fdkeeper.statedir import LOG_NAME
+from fdkeeper.testrun.interrupt import CANCEL_GRACE
 from fdkeeper.testrun.model import DEFAULT_TIMEOUT, Step
 from fdkeeper.testrun.results import StepResult
-from fdkeeper.testrun.steps import StepContext, StepRun
+from fdkeeper.testrun.steps import StepContext, StepRun, stop_groups
 from fdkeeper.testrun.sut import embedded_kamailio
 from fdkeeper.testrun.testcase import stop_keeper
 
@@ -153,8 +164,9 @@ class Sipp:
             free_port=lambda _label: testbed.free_port(),
             substitute=False,
         )
-        run = SippRun(StepRun(step, context), self.keeper)
-        self.runs.append(run)
+        with _GUARD.deferring():  # started and recorded together, so the fixture stops it
+            run = SippRun(StepRun(step, context), self.keeper)
+            self.runs.append(run)
         return run
 
     def run(
@@ -163,8 +175,8 @@ class Sipp:
         return self.start(*args, name=name, options=options, timeout=timeout).wait()
 
     def stop_all(self) -> None:
-        for run in self.runs:
-            run.stop()
+        """End the process groups of the runs still going, together (SIGTERM, SIGKILL 2 s later)."""
+        stop_groups([run._run for run in self.runs], CANCEL_GRACE)
 
 
 def _with_shipped_scenarios(args: list[str]) -> list[str]:
@@ -216,6 +228,88 @@ class EmbeddedSut:
         )
 
 
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class _InterruptGuard:
+    """While a fixture of this plugin is alive: SIGTERM and SIGHUP interrupt pytest as Ctrl-C
+    does (a KeyboardInterrupt, after which pytest tears the fixtures down; by default SIGTERM
+    would end pytest on the spot and leave sipp, the keeper and Kamailio running), and the
+    fixtures' cleanup is not cut short: once the first signal interrupted pytest the others
+    are ignored, and a signal that arrives while the fixtures clean up after a test waits
+    until the last of them is done (one that arrives while a sipp run is started waits until
+    the run is recorded for its stop). Signal handlers belong to the main thread: elsewhere
+    (a test running fixtures in a thread) nothing is changed."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.previous: dict[int, _Handler] = {}
+        self.cleaning = False  # a fixture cleans up: signals wait until the last one is done
+        self.starting = False  # a run is started: signals wait until it is recorded
+        self.deferred: int | None = None
+        self.interrupted = False
+
+    def hold(self) -> None:
+        if self.holders == 0 and threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED_SIGNALS}
+        self.holders += 1
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.interrupted:
+            return
+        if self.cleaning or self.starting:
+            self.deferred = self.deferred or signum
+            return
+        self.interrupted = True
+        raise KeyboardInterrupt(f"fdkeeper: {signal.Signals(signum).name}")
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Around starting a process and recording it: a signal waits for the end of the block."""
+        self.starting = True
+        try:
+            yield
+        finally:
+            self.starting = False
+            if self.deferred is not None and not (self.cleaning or self.interrupted):
+                signum, self.deferred, self.interrupted = self.deferred, None, True
+                raise KeyboardInterrupt(f"fdkeeper: {signal.Signals(signum).name}")
+
+    def clean_up(self, cleanup: Callable[[], None]) -> None:
+        """Run one fixture's cleanup with signals held; the last one out restores the handlers
+        and delivers a signal that waited (as the KeyboardInterrupt it would have been)."""
+        self.cleaning = True
+        try:
+            cleanup()
+        finally:
+            self.holders -= 1
+            if self.holders == 0:
+                deferred = self._release()
+                if deferred is not None:
+                    raise KeyboardInterrupt(f"fdkeeper: {signal.Signals(deferred).name}")
+
+    def _release(self) -> int | None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        deferred = None if self.interrupted else self.deferred
+        self.previous, self.cleaning, self.deferred, self.interrupted = {}, False, None, False
+        return deferred
+
+
+_GUARD = _InterruptGuard()
+
+
+@contextlib.contextmanager
+def _cleaned_up_even_when_interrupted(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Around a fixture's life: signals interrupt pytest (see _InterruptGuard), and
+    ``cleanup`` runs at its end whatever happened, uninterrupted."""
+    _GUARD.hold()
+    try:
+        yield
+    finally:
+        _GUARD.clean_up(cleanup)
+
+
 @pytest.fixture(scope="session")
 def fdkeeper_sipp_path() -> str:
     """The sipp binary ($FDKEEPER_SIPP or PATH)."""
@@ -235,11 +329,15 @@ def fdkeeper_keeper(tmp_path: Path) -> Iterator[Keeper]:
     # which pytest's tmp_path does not promise.
     directory = Path(tempfile.mkdtemp(prefix="fdkp-"))
     keeper = Keeper(directory / "keeper", tmp_path / "keeper.log")
-    try:
+
+    def stop_and_remove() -> None:
+        try:
+            keeper.stop()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    with _cleaned_up_even_when_interrupted(stop_and_remove):
         yield keeper
-    finally:
-        keeper.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -252,10 +350,8 @@ def sipp(fdkeeper_keeper: Keeper, fdkeeper_sipp_path: str, tmp_path: Path) -> It
     log_dir = tmp_path / "sipp"
     log_dir.mkdir(exist_ok=True)
     factory = Sipp(fdkeeper_keeper, fdkeeper_sipp_path, log_dir)
-    try:
+    with _cleaned_up_even_when_interrupted(factory.stop_all):
         yield factory
-    finally:
-        factory.stop_all()
 
 
 @pytest.fixture
@@ -265,13 +361,19 @@ def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSu
     ``users_csv(path, users)`` for sipp's -inf, ``call(user, count)`` to call a registered user
     through it. Stopped after the test."""
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
-    try:
-        with embedded_kamailio("tls", workdir, tmp_path) as (kamailio, pki):
-            if pki is None:  # not met: transport "tls" makes a PKI
-                raise RuntimeError("the embedded TLS SuT came without its test PKI")
-            yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    started = contextlib.ExitStack()
+
+    def stop_and_remove() -> None:
+        try:
+            started.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    with _cleaned_up_even_when_interrupted(stop_and_remove):
+        kamailio, pki = started.enter_context(embedded_kamailio("tls", workdir, tmp_path))
+        if pki is None:  # not met: transport "tls" makes a PKI
+            raise RuntimeError("the embedded TLS SuT came without its test PKI")
+        yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
 
 
 @pytest.hookimpl(hookwrapper=True)
