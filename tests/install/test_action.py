@@ -109,10 +109,11 @@ def test_the_actions_commands_install_fdkeeper_and_run_the_test_files(clean_copy
     assert [case.get("name") for case in report.iter("testcase")]
     assert not [outcome for outcome in report.iter() if outcome.tag in ("failure", "error")]
     assert (workspace / "out" / "logs" / "latest" / "register-answer-tcp").is_dir()
+    assert "register-answer-tcp" in (workspace / "fdkeeper-report.html").read_text()  # the html input's default
     # What the upload step keeps, under a name that differs per job and per shard.
     upload = next(step for step in action()["runs"]["steps"] if "upload-artifact" in step.get("uses", ""))
     kept = substitute(upload["with"]["path"], expressions(inputs, clean_copy)).split()
-    assert kept == ["out/report.xml", "out/logs"] and upload["if"].startswith("always()")
+    assert kept == ["out/report.xml", "fdkeeper-report.html", "out/logs"] and upload["if"].startswith("always()")
     assert outputs["artifact"] == "fdkeeper-logs-sip-tests" + ("-shard-1-of-1" if shard else "")
 
 
@@ -161,3 +162,4 @@ def test_the_gitlab_templates_script_runs(wheel, tmp_path):
     report = ET.parse(workspace / variables["FDKEEPER_JUNIT"]).getroot()
     assert [case.get("name") for case in report.iter("testcase")]
     assert (workspace / variables["FDKEEPER_LOGS"] / "latest" / "register-answer-tcp").is_dir()
+    assert (workspace / variables["FDKEEPER_HTML"]).is_file()
