@@ -4,9 +4,9 @@ the newest run. Older runs beyond ``KEEP_RUNS`` are removed unless the caller ke
 The logs base (default `./fdkeeper-logs`, which another user may have made first, e.g. under
 /tmp) is treated as the keeper's state directory is (fdkeeper.statedir): never followed when
 it is a link, refused unless it is ours and writable by nobody else; the run and test folders
-are created 0700 relative to their checked parent's descriptor, and files in them are created
-through ``create_log_file`` (relative to the folder's descriptor, O_NOFOLLOW), so a run as root
-never writes step output through another user's links.
+are created 0700 relative to their checked parent's descriptor, and step output is created
+through ``create_log_file`` (O_NOFOLLOW), so a run as root never writes it through another
+user's links.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import WRITABLE_BY_OTHERS, NotPrivate, open_private_file, resolve_directory
+from fdkeeper.statedir import WRITABLE_BY_OTHERS, NotPrivate, resolve_directory
 
 KEEP_RUNS = 10
 LATEST = "latest"
@@ -64,10 +64,21 @@ def folder_for_test(run_dir: Path, name: str) -> Path:
 
 
 def create_log_file(path: Path) -> IO[bytes]:
-    """open(path, "wb") for a file in a log folder, never through a link: as the keeper's own
-    files are (statedir.open_private_file: the folder opened O_NOFOLLOW and checked, the file
-    created 0600 relative to it with O_NOFOLLOW, refused unless a regular file of ours)."""
-    return open_private_file(path.parent, path.name, "wb")
+    """open(path, "wb") for a step's output, never through a link planted as the file (the
+    folders themselves were made 0700 and checked above; the pytest plugin's are its tmp_path's)."""
+    try:
+        return open(path, "wb", opener=_no_link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise LogsNotPrivate(
+                f"fdkeeper: the log file {path} is a symbolic link, which fdkeeper does not follow; "
+                "someone may have planted it to make fdkeeper write elsewhere: remove it"
+            ) from None
+        raise FdkeeperError(f"fdkeeper: cannot create the log file {path}: {error.strerror}") from None
+
+
+def _no_link(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 # ---------------------------------------------------------------- the checked folders

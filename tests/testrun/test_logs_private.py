@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper.statedir import NotPrivate
 from fdkeeper.testrun import logs
 
 
@@ -64,7 +63,7 @@ def test_a_log_file_planted_as_a_link_is_not_written_through(tmp_path: Path) -> 
     target = tmp_path / "target"
     target.write_text("untouched")
     (folder / "step.out").symlink_to(target)
-    with pytest.raises(NotPrivate, match=r"step\.out is a symbolic link"):
+    with pytest.raises(logs.LogsNotPrivate, match=r"step\.out is a symbolic link"):
         logs.create_log_file(folder / "step.out")
     assert target.read_text() == "untouched"
 
