@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from fdkeeper.testbed import fdkeeper_command, read_sipp_stats
-from fdkeeper.testrun import variables
+from fdkeeper.testrun import logs, variables
 from fdkeeper.testrun.model import Step
 from fdkeeper.testrun.results import FAILED, PASSED, StepResult, read_text
 
@@ -62,7 +62,7 @@ class StepRun:
         self.command = self._command(context)
         self.timed_out = False
         self.started_at = time.monotonic()
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+        with logs.create_log_file(self.out) as out, logs.create_log_file(self.err) as err:  # through no link
             self.process = subprocess.Popen(
                 self.command,
                 cwd=context.here,
