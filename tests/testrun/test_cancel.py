@@ -108,19 +108,26 @@ def short_tmpdir() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def read_until(process: subprocess.Popen[str], wanted: str, timeout: float) -> str:
-    """The run's stdout up to the line holding ``wanted`` (the run's console, line by line)."""
-    assert process.stdout is not None
-    seen: list[str] = []
+def wait_for(path: Path, process: subprocess.Popen[str], timeout: float, text: str = "") -> None:
+    """Until ``path`` exists and holds ``text``; fails if the process ends first or ``timeout``
+    seconds pass (the process is then stopped as a CI would, SIGTERM, so it cleans up)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if wanted in line:
-            return "".join(seen)
-    raise AssertionError(f"{wanted!r} not seen within {timeout:g} s:\n{''.join(seen)}")
+    while not (path.exists() and text in path.read_text()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
+            ended(process, CLEANED_WITHIN)
+            raise AssertionError(f"{path} without {text!r} after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def ended(process: subprocess.Popen[str], timeout: float) -> int:
+    """The process's exit status, once it ended (killed after ``timeout`` seconds: a failure)."""
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError(f"pid {process.pid} did not end within {timeout:g} s of the signal") from None
 
 
 def keeper_processes(directory: Path) -> list[psutil.Process]:
@@ -155,30 +162,36 @@ def test_a_cancelled_run_leaves_nothing_behind_and_reports_what_ran(tmp_path, sh
     users = REPO / "docs" / "examples" / "users-alice.csv"
     test = tmp_path / "cancel-me.yaml"
     test.write_text(WAITING_TEST.format(users=users))
-    junit = tmp_path / "report.xml"
-    run = subprocess.Popen(
-        [sys.executable, "-m", "fdkeeper", "run", str(test), "--logs", str(tmp_path / "logs"), "--junit", str(junit)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TMPDIR": str(short_tmpdir)},
-    )
-    try:
-        output = read_until(run, "waiter: started", STARTED_WITHIN)
-        [workdir] = list(short_tmpdir.glob("fdkr-*"))
-        tree = psutil.Process(run.pid).children(recursive=True)  # steps, sipp, Kamailio's processes
-        keepers = keeper_processes(workdir)
-        assert any("kamailio" in process.name() for process in tree), [p.name() for p in tree]
-        assert any(process.name() == "sipp" for process in tree) and keepers, output
+    junit, out, err = tmp_path / "report.xml", tmp_path / "run.out", tmp_path / "run.err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fdkeeper",
+                "run",
+                str(test),
+                "--logs",
+                str(tmp_path / "logs"),
+                "--junit",
+                str(junit),
+            ],
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "TMPDIR": str(short_tmpdir)},
+        )
+    wait_for(out, run, STARTED_WITHIN, "waiter: started")
+    [workdir] = list(short_tmpdir.glob("fdkr-*"))
+    tree = psutil.Process(run.pid).children(recursive=True)  # steps, sipp, Kamailio's processes
+    keepers = keeper_processes(workdir)
+    assert any("kamailio" in process.name() for process in tree), [process.name() for process in tree]
+    assert any(process.name() == "sipp" for process in tree) and keepers, out.read_text()
 
-        run.send_signal(signum)
-        out, err = run.communicate(timeout=CLEANED_WITHIN)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 128 + signum, f"{output}{out}\n{err}"
-    assert f"cancelled by {signal.Signals(signum).name}" in err
+    run.send_signal(signum)
+    status = ended(run, CLEANED_WITHIN)
+    assert status == 128 + signum, f"{out.read_text()}\n{err.read_text()}"
+    assert f"cancelled by {signal.Signals(signum).name}" in err.read_text()
     assert left_running([*tree, *keepers]) == []
     assert not list(short_tmpdir.iterdir()), "the run's temporary directory is left"
 
@@ -213,41 +226,32 @@ def test_answers_until_interrupted(sipp, kamailio_sut, fdkeeper_keeper, tmp_path
 INNER_PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fdkeeper.pytest_plugin"]
 
 
-def wait_for_file(path: Path, process: subprocess.Popen[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            out, err = process.communicate()
-            raise AssertionError(f"{path} not written within {timeout:g} s:\n{out}\n{err}")
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signal.Signals(signum).name)
 def test_an_interrupted_pytest_stops_the_fixtures_sipp_keeper_and_kamailio(tmp_path, short_tmpdir, signum):
     (tmp_path / "test_inner.py").write_text(INNER_TEST)
-    mark = tmp_path / "mark.json"
-    inner = subprocess.Popen(
-        [*INNER_PYTEST, "--basetemp", str(tmp_path / "inner"), "test_inner.py"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TMPDIR": str(short_tmpdir), "K4_MARK": str(mark), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
-    )
-    try:
-        wait_for_file(mark, inner, STARTED_WITHIN)
-        keeper_dir = Path(json.loads(mark.read_text())["keeper"])
-        tree = psutil.Process(inner.pid).children(recursive=True)  # fdkeeper sipp, sipp, Kamailio's processes
-        keepers = keeper_processes(keeper_dir)
-        assert any("kamailio" in process.name() for process in tree) and keepers
-        inner.send_signal(signum)
-        out, err = inner.communicate(timeout=CLEANED_WITHIN)
-    finally:
-        if inner.poll() is None:
-            inner.kill()
-            inner.communicate()
-    assert inner.returncode == pytest.ExitCode.INTERRUPTED, f"{out}\n{err}"
+    mark, out = tmp_path / "mark.json", tmp_path / "inner.out"
+    with open(out, "w") as output:
+        inner = subprocess.Popen(
+            [*INNER_PYTEST, "--basetemp", str(tmp_path / "inner"), "test_inner.py"],
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **os.environ,
+                "TMPDIR": str(short_tmpdir),
+                "K4_MARK": str(mark),
+                "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+            },
+        )
+    wait_for(mark, inner, STARTED_WITHIN)
+    keeper_dir = Path(json.loads(mark.read_text())["keeper"])
+    tree = psutil.Process(inner.pid).children(recursive=True)  # fdkeeper sipp, sipp, Kamailio's processes
+    keepers = keeper_processes(keeper_dir)
+    assert any("kamailio" in process.name() for process in tree) and keepers
+
+    inner.send_signal(signum)
+    assert ended(inner, CLEANED_WITHIN) == pytest.ExitCode.INTERRUPTED, out.read_text()
     assert left_running([*tree, *keepers]) == []
     assert not list(short_tmpdir.iterdir()), "a fixture's temporary directory is left"
 
