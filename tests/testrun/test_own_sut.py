@@ -88,24 +88,25 @@ def test_a_command_sut_ready_by_tcp(tmp_path):
     assert next((tmp_path / "logs").glob("*/command-sut/sut.log")).stat().st_size > 0
 
 
+def run_with_sut(tmp_path: Path, name: str, sut: str) -> tuple[int, str]:
+    """`fdkeeper run` of a test named `name` with the `sut:` block `sut` and one step that
+    does nothing: (exit status, console output)."""
+    test_file = tmp_path / f"{name}.yaml"
+    test_file.write_text(f"sut:\n{sut}steps:\n  - name: one\n    command: 'true'\n")
+    result = run(test_file, tmp_path / "logs")
+    return result.returncode, result.stdout + result.stderr
+
+
 def test_a_sut_that_never_becomes_ready_fails_within_its_timeout(tmp_path):
     marker = f"fdkeeper-test-{uuid.uuid4().hex}"
-    test_file = tmp_path / "never-ready.yaml"
-    test_file.write_text(
-        f"sut:\n  command: [python3, -c, 'import time; time.sleep(60)', '{marker}']\n"
-        "  ready: tcp:${sut_port}\n  timeout: 1\n"
-        "steps:\n  - name: one\n    command: 'true'\n"
-    )
     started = time.monotonic()
-    result = subprocess.run(
-        ["sh", "-c", f'exec "$0" -m fdkeeper run {test_file} --logs {tmp_path / "logs"}', sys.executable],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    status, output = run_with_sut(
+        tmp_path,
+        "never-ready",
+        f"  command: [python3, -c, 'import time; time.sleep(60)', '{marker}']\n  ready: tcp:${{sut_port}}\n"
+        "  timeout: 1\n",
     )
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert time.monotonic() - started < 10
+    assert status != 0 and time.monotonic() - started < 10
     assert re.search(r"was not ready within 1 s \(sut: timeout\): nothing accepted TCP on 127\.0\.0\.1:\d+", output), (
         output
     )
@@ -113,15 +114,22 @@ def test_a_sut_that_never_becomes_ready_fails_within_its_timeout(tmp_path):
 
 
 def test_a_sut_that_exits_says_why(tmp_path):
-    test_file = tmp_path / "exits.yaml"
-    test_file.write_text(
-        "sut:\n  command: [sh, -c, 'echo bad setting on line 3 >&2; exit 3']\n  ready: tcp:${sut_port}\n"
-        "steps:\n  - name: one\n    command: 'true'\n"
+    status, output = run_with_sut(
+        tmp_path, "exits", "  command: [sh, -c, 'echo bad setting on line 3 >&2; exit 3']\n  ready: tcp:${sut_port}\n"
     )
-    result = run(test_file, tmp_path / "logs")
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    assert status != 0
     assert "exited with status 3 before it was ready: bad setting on line 3" in output, output
+
+
+def test_a_sut_whose_port_was_taken_is_started_again_on_new_ports(tmp_path):
+    status, output = run_with_sut(
+        tmp_path,
+        "port-taken",
+        "  command: [sh, -c, 'echo port ${sut_port}: Address already in use; exit 1']\n  ready: tcp:${sut_port}\n",
+    )
+    assert status != 0 and "Address already in use (on 3 tries with new free ports" in output, output
+    ports = re.findall(r"port (\d+):", next((tmp_path / "logs").glob("*/port-taken/sut.log")).read_text())
+    assert len(set(ports)) == 3
 
 
 def test_a_sut_ready_by_a_line_of_its_output(tmp_path):
@@ -142,15 +150,3 @@ def test_a_sut_ready_by_a_line_of_its_output(tmp_path):
 @pytest.mark.parametrize("name", ["own-kamailio.yaml", "register-answer-auth.yaml"])
 def test_the_new_examples_are_listed_in_the_examples_readme(name):
     assert f"`{name}`" in (EXAMPLES / "README.md").read_text()
-
-
-def test_a_sut_whose_port_was_taken_is_started_again_on_new_ports(tmp_path):
-    test_file = tmp_path / "port-taken.yaml"
-    test_file.write_text(
-        "sut:\n  command: [sh, -c, 'echo port ${sut_port}: Address already in use; exit 1']\n"
-        "  ready: tcp:${sut_port}\nsteps:\n  - name: one\n    command: 'true'\n"
-    )
-    result = run(test_file, tmp_path / "logs")
-    assert "Address already in use (on 3 tries with new free ports" in result.stdout + result.stderr
-    ports = re.findall(r"port (\d+):", next((tmp_path / "logs").glob("*/port-taken/sut.log")).read_text())
-    assert len(set(ports)) == 3
