@@ -300,14 +300,22 @@ _GUARD = _InterruptGuard()
 
 
 @contextlib.contextmanager
-def _cleaned_up_even_when_interrupted(cleanup: Callable[[], None]) -> Iterator[None]:
-    """Around a fixture's life: signals interrupt pytest (see _InterruptGuard), and
-    ``cleanup`` runs at its end whatever happened, uninterrupted."""
+def _cleaned_up_even_when_interrupted(cleanup: Callable[[], None], directory: Path | None = None) -> Iterator[None]:
+    """Around a fixture's life: signals interrupt pytest (see _InterruptGuard), and at its end,
+    whatever happened and uninterrupted, ``cleanup`` runs and then ``directory`` is removed."""
     _GUARD.hold()
     try:
         yield
     finally:
-        _GUARD.clean_up(cleanup)
+        _GUARD.clean_up(lambda: _then_remove(cleanup, directory))
+
+
+def _then_remove(cleanup: Callable[[], None], directory: Path | None) -> None:
+    try:
+        cleanup()
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -329,14 +337,7 @@ def fdkeeper_keeper(tmp_path: Path) -> Iterator[Keeper]:
     # which pytest's tmp_path does not promise.
     directory = Path(tempfile.mkdtemp(prefix="fdkp-"))
     keeper = Keeper(directory / "keeper", tmp_path / "keeper.log")
-
-    def stop_and_remove() -> None:
-        try:
-            keeper.stop()
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
-    with _cleaned_up_even_when_interrupted(stop_and_remove):
+    with _cleaned_up_even_when_interrupted(keeper.stop, directory):
         yield keeper
 
 
@@ -361,15 +362,8 @@ def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSu
     ``users_csv(path, users)`` for sipp's -inf, ``call(user, count)`` to call a registered user
     through it. Stopped after the test."""
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
-    started = contextlib.ExitStack()
-
-    def stop_and_remove() -> None:
-        try:
-            started.close()
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    with _cleaned_up_even_when_interrupted(stop_and_remove):
+    started = contextlib.ExitStack()  # Kamailio, once started
+    with _cleaned_up_even_when_interrupted(started.close, workdir):
         kamailio, pki = started.enter_context(embedded_kamailio("tls", workdir, tmp_path))
         if pki is None:  # not met: transport "tls" makes a PKI
             raise RuntimeError("the embedded TLS SuT came without its test PKI")

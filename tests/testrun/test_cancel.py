@@ -33,6 +33,7 @@ from fdkeeper.pytest_plugin import _InterruptGuard
 from fdkeeper.testrun.command import run_command
 from fdkeeper.testrun.scheduler import MAX_WAIT, bounded_wait
 from tests.support.paths import REPO
+from tests.support.shell_pattern import REGISTER_ANSWER_SCRIPT, register_answer_env
 
 SIGNALS = [signal.SIGTERM, signal.SIGHUP, signal.SIGINT]
 STARTED_WITHIN = 60.0  # seconds for the run to reach the waiting steps (Kamailio and sipp start)
@@ -260,8 +261,6 @@ def test_an_interrupted_pytest_stops_the_fixtures_sipp_keeper_and_kamailio(tmp_p
 # docs/ci/register-answer.sh: a later command fails
 # --------------------------------------------------------------------------
 
-SCRIPT = REPO / "docs" / "ci" / "register-answer.sh"
-
 
 def listening_on(port: int) -> list[int | None]:
     return [
@@ -274,18 +273,11 @@ def listening_on(port: int) -> list[int | None]:
 def test_the_shell_pattern_stops_its_answer_run_when_a_later_command_fails(sipp_path, kamailio, keeper_dir, tmp_path):
     users = testbed.write_users_csv(tmp_path / "users.csv", ["alice"], kamailio.domain)
     port = testbed.free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "FDKEEPER_DIR": str(keeper_dir),
-        "FDKEEPER_SIPP": sipp_path,
-        "SUT": kamailio.address,
-        "USERS": str(users),
-        "CALLER": "false",  # the call fails: `set -e` ends the script while the answer run listens
-        "SCENARIOS": str(testbed.SCENARIOS_DIR),
-        "ANSWER_PORT": str(port),
-    }
-    done = subprocess.run(["sh", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    # the call fails: `set -e` ends the script while the answer run listens
+    env = register_answer_env(sipp_path, kamailio, keeper_dir, users, caller="false", answer_port=port)
+    done = subprocess.run(
+        ["sh", str(REGISTER_ANSWER_SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
     assert done.returncode == 1, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert (tmp_path / "answer.ready").exists(), done.stderr  # it was listening when `false` failed
     assert listening_on(port) == []
