@@ -2,12 +2,16 @@
 
 The verdict of a step says what was checked ("exit status 2, expected 0; no call statistics
 from sipp"); the cause says why, from the step's own logs, first found first served:
-- fdkeeper's own line: `fdkeeper sipp` ends on one line starting with "fdkeeper:" when it
-  cannot run sipp at all (the SuT refused the connection, no such scenario, a bad option);
-- sipp's last errors, from its -trace_err file: each entry's line without its time stamp,
-  and for "Aborting call on unexpected message" the first line of the message it received
-  (e.g. "SIP/2.0 404 Not Found"), where the entry goes on with the whole message;
-- else the last lines of the step's stderr (a command step; sipp's own fatal errors).
+- fdkeeper's own line: `fdkeeper sipp` ends on one line starting with "fdkeeper:", and exit
+  status 2, when it cannot run sipp at all (the SuT refused the connection, no such scenario,
+  a bad option); a "fdkeeper:" line of a run that went on is a warning, not the cause;
+- sipp's last errors, from its -trace_err file (else the same entries sipp copies to its
+  stderr): each entry's line without its time stamp, and for "Aborting call on unexpected
+  message" the first line of the message it received (e.g. "SIP/2.0 404 Not Found"), where
+  the entry goes on with the whole message;
+- else, when the step's exit status says it went wrong, the last lines of its stderr (a
+  command step's own message). A sipp run that ended well but counted the wrong calls
+  has no cause beyond its reasons.
 Every line has its control characters escaped (they come from a peer or a terminal) and is
 cut to a readable width.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from fdkeeper.errors import FdkeeperError
 from fdkeeper.textsafe import escape_controls
 
 MAX_LINES = 4
@@ -27,26 +32,34 @@ _SIPP_ENTRY = re.compile(r"^\d{4}-\d\d-\d\d\s+\d\d:\d\d:\d\d\.\d+\s+\d+\.\d+:\s?
 _UNEXPECTED = re.compile(r"received '(?P<first>[^\r\n']*)")
 
 
-def step_cause(stderr: str, sipp_errors: str) -> str:
-    """The cause of a failed step from its stderr and sipp's error file ("" when neither says)."""
-    lines = own_line(stderr) or sipp_error_lines(sipp_errors) or last_lines(stderr)
+def step_cause(stderr: str, sipp_errors: str, exit: int | None) -> str:
+    """The cause of a failed step from its stderr, sipp's error file and its exit status
+    ("" when they say nothing more than the verdict)."""
+    lines = (
+        own_line(stderr, exit)
+        or sipp_error_lines(sipp_errors)
+        or sipp_error_lines(stderr)
+        or (last_lines(stderr) if exit else [])
+    )
     return "\n".join(_short(escape_controls(line)) for line in lines[-MAX_LINES:])
 
 
-def own_line(stderr: str) -> list[str]:
-    """fdkeeper's line when it was the last word of the step (so a warning earlier, with sipp
-    failing after it, is not taken for the cause)."""
+def own_line(stderr: str, exit: int | None) -> list[str]:
+    """fdkeeper's line when fdkeeper ended the step with it (its own exit status, its line
+    the last word), so a warning of a run that went on is not taken for the cause."""
     lines = last_lines(stderr, 1)
-    return lines if lines and lines[0].startswith(OWN_PREFIX) else []
+    return lines if exit == FdkeeperError.exit_status and lines and lines[0].startswith(OWN_PREFIX) else []
 
 
 def sipp_error_lines(text: str) -> list[str]:
-    """sipp's last distinct errors: one line each, and the unexpected message's first line."""
-    entries: list[str] = []
-    for entry in _entries(text):
-        if entry not in entries[-MAX_LINES:]:
-            entries.append(entry)
-    return entries[-MAX_LINES:]
+    """sipp's last few distinct errors, the latest last (a thousand calls failing alike are one line)."""
+    latest: list[str] = []
+    for entry in reversed(_entries(text)):
+        if entry not in latest:
+            latest.append(entry)
+        if len(latest) == MAX_LINES:
+            break
+    return latest[::-1]
 
 
 def _entries(text: str) -> list[str]:

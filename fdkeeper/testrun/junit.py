@@ -32,7 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from fdkeeper.testrun.results import ERROR, FAILED, PASSED, SKIPPED, XFAILED, StepResult, TestResult, read_text
+from fdkeeper.testrun.results import ERROR, FAILED, PASSED, SKIPPED, XFAILED, StepResult, TestResult, last_lines
 from fdkeeper.textsafe import escape_controls
 
 SUITE_NAME = "fdkeeper run"
@@ -121,9 +121,9 @@ def _step_case(result: TestResult, step: StepResult, classname: str) -> ET.Eleme
         kind = "stopped" if step.stopped else "skipped"
         ET.SubElement(case, "skipped", {"message": xml_line("; ".join(step.reasons) or kind), "type": kind})
     for tag, path in (("system-out", step.out), ("system-err", step.err)):
-        text = read_text(path).rstrip()
+        text = last_lines(path, TAIL_LINES)
         if text:
-            ET.SubElement(case, tag).text = xml_text("\n".join(text.splitlines()[-TAIL_LINES:]) + "\n")
+            ET.SubElement(case, tag).text = xml_text(text + "\n")
     return case
 
 

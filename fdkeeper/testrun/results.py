@@ -18,12 +18,28 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 ERROR, XFAILED, XPASSED = "error", "xfailed", "xpassed"
 
 
-def read_text(path: Path | None) -> str:
-    """A step's log file as text; "" when there is none or it cannot be read (a report still prints)."""
+TAIL_BYTES = 64 * 1024  # what reports read of a log's end: many lines, never a whole long run's log
+
+
+def read_text(path: Path | None, last_bytes: int | None = None) -> str:
+    """A step's log file as text (only its last ``last_bytes`` when given); "" when there is
+    none or it cannot be read (a report still prints)."""
+    if not path:
+        return ""
     try:
-        return path.read_text(errors="replace") if path else ""
+        with open(path, "rb") as file:
+            if last_bytes is not None and file.seek(0, 2) > last_bytes:
+                file.seek(-last_bytes, 2)
+            else:
+                file.seek(0)
+            return file.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def last_lines(path: Path | None, lines: int) -> str:
+    """The last ``lines`` lines of a log file, without trailing blank space ("" when none)."""
+    return "\n".join(read_text(path, TAIL_BYTES).rstrip().splitlines()[-lines:])
 
 
 @dataclass
@@ -57,7 +73,8 @@ class StepResult:
         first asked: the console asks as the step ends, the reports later get the same text."""
         if self.status != FAILED:
             return ""
-        return step_cause(read_text(self.err), read_text(self.files.get("errors")))
+        stderr, sipp_errors = read_text(self.err, TAIL_BYTES), read_text(self.files.get("errors"), TAIL_BYTES)
+        return step_cause(stderr, sipp_errors, self.exit)
 
     def why(self) -> str:
         """One line: the cause's first line, else the reasons (what the verdict checked)."""
@@ -67,9 +84,9 @@ class StepResult:
         """The last lines of the step's stdout and stderr, for reports."""
         parts = []
         for label, path in (("stdout", self.out), ("stderr", self.err)):
-            text = read_text(path).rstrip()
+            text = last_lines(path, lines)
             if text:
-                parts.append(f"--- {label} ({path}) ---\n" + "\n".join(text.splitlines()[-lines:]))
+                parts.append(f"--- {label} ({path}) ---\n{text}")
         return "\n".join(parts) or "(no output)"
 
     def counts(self) -> str:

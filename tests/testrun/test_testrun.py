@@ -427,6 +427,6 @@ def test_a_wrong_call_count_fails_naming_the_step(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED   wrong-count: step 'call': 1 successful calls, expected 3" in result.stdout
     check_junit_schema(report)
-    call = cases_by_class(report)["docs.examples.failing.wrong-count"]["call"]
+    call = cases_by_class(report)["wrong-count"]["call"]  # an absolute path: the test's name alone
     assert call.find("failure").get("message") == "1 successful calls, expected 3"
     assert "Successful call" in call.find("system-out").text  # the step's last lines
