@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fdkeeper.testbed import free_port
 from fdkeeper.testrun.cause import MAX_WIDTH, step_cause
 from tests.support.junit import cases_by_class, check_junit_schema
@@ -68,40 +70,30 @@ steps:
     assert failure_message(report, "register").startswith(refused)
 
 
-def test_a_missing_scenario_is_the_cause(tmp_path):
+@pytest.mark.parametrize(
+    "transport, said",
+    [
+        # TCP: fdkeeper reads the scenario before sipp starts, and says so
+        ("t1", "fdkeeper: scenario file {path} not found; check -sf"),
+        # UDP: fdkeeper warns it keeps nothing and runs sipp as it is: sipp's error is the cause, not the warning
+        ("u1", "Unable to load or parse '{path}' xml scenario file"),
+    ],
+)
+def test_a_missing_scenario_is_the_cause_whoever_finds_it(tmp_path, transport, said):
     port = free_port()
     result, report = run_file(
         tmp_path,
         f"""
 steps:
-  - name: kept
-    sipp: -sf ${{here}}/missing.xml -t t1 -i 127.0.0.1 -m 1 127.0.0.1:{port}
+  - name: run
+    sipp: -sf ${{here}}/missing.xml -t {transport} -i 127.0.0.1 -m 1 127.0.0.1:{port}
     timeout: 30
 """,
     )
     assert result.returncode == 1, result.stdout + result.stderr
-    # TCP: fdkeeper reads the scenario before sipp starts, and says so
-    missing = f"fdkeeper: scenario file {tmp_path / 'missing.xml'} not found; check -sf"
-    assert cause_lines(result.stdout, "kept") == [missing], result.stdout
-    assert failure_message(report, "kept") == missing
-
-
-def test_sipps_own_error_is_the_cause_when_fdkeeper_only_passed_it_through(tmp_path):
-    port = free_port()
-    result, report = run_file(
-        tmp_path,
-        f"""
-steps:
-  - name: plain
-    sipp: -sf ${{here}}/missing.xml -t u1 -i 127.0.0.1 -m 1 127.0.0.1:{port}
-    timeout: 30
-""",
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    # UDP: fdkeeper warns it keeps nothing and runs sipp as it is; sipp's error is the cause, not the warning
-    unable = f"Unable to load or parse '{tmp_path / 'missing.xml'}' xml scenario file"
-    assert cause_lines(result.stdout, "plain") == [unable], result.stdout
-    assert failure_message(report, "plain") == unable
+    missing = said.format(path=tmp_path / "missing.xml")
+    assert cause_lines(result.stdout, "run") == [missing], result.stdout
+    assert failure_message(report, "run") == missing
 
 
 def test_a_404_is_the_cause_and_the_server_run_it_cut_short_says_stopped(tmp_path):
