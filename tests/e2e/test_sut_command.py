@@ -20,17 +20,17 @@ import pytest
 from fdkeeper import testbed
 from tests.support.paths import REPO
 
-# The README's "Using it" block as proposed (the SuT in another terminal: `fdkeeper sut --port
-# 5060 --tls-port 5061`); ports 5060, 5061 and 5070 are replaced by free ones here.
-README_SUT = "fdkeeper sut --port 5060 --tls-port 5061"
-README_USING_IT = """\
-fdkeeper sipp -sf scenarios/uac-register.xml -inf scenarios/users.csv -t t1 -i 127.0.0.1 -m 1 127.0.0.1:5060
-fdkeeper sipp -sf scenarios/uas-answer.xml -t t1 -i 127.0.0.1 -p 5070 -m 1 127.0.0.1:5060 &
-sipp -sf scenarios/uac-call.xml -s alice -key domain fdkeeper.test -t u1 -m 1 -nostdin 127.0.0.1:5060
-wait
-fdkeeper status
-fdkeeper stop
-"""
+
+def readme_using_it() -> tuple[str, str]:
+    """The README's "Using it" shell blocks: the SuT's command (run in another terminal) and the
+    commands pasted after it. Read from the README itself, so what it shows is what runs here."""
+    section = (REPO / "README.md").read_text().split("\n## Using it", 1)[1].split("\n## ", 1)[0]
+    sut_block, commands = re.findall(r"```sh\n(.*?)```", section, re.S)[:2]
+    return sut_block.strip(), commands
+
+
+# Ports 5060, 5061 and 5070 in them are replaced by free ones here.
+README_SUT, README_USING_IT = readme_using_it()
 STARTED = "Ctrl-C stops it."
 
 
@@ -74,9 +74,20 @@ def sut(tmp_path: Path) -> Iterator[RunningSut]:
     try:
         yield RunningSut(process, "".join(lines), ports)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """SIGTERM first: fdkeeper sut stops its Kamailio (in a session of its own, which a SIGKILL
+    of this group would leave running); SIGKILL only if it does not end in time."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_sut_prints_where_it_listens_and_pasteable_commands(sut: RunningSut, tmp_path: Path) -> None:
