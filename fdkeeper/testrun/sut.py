@@ -29,7 +29,7 @@ from fdkeeper.process import last_line
 from fdkeeper.testbed.net import tail
 from fdkeeper.testbed.process import find_program, stop_process
 from fdkeeper.testbed.sipmsg import udp_options
-from fdkeeper.testrun import variables
+from fdkeeper.testrun import interrupt, variables
 from fdkeeper.testrun.sutspec import AddressSut, EmbeddedSut, StartedSut, SutSpec
 
 # A listen line of a Kamailio configuration: listen=[PROTO:]HOST:PORT (an IPv6 HOST in []).
@@ -248,6 +248,8 @@ def _wait_ready(process: subprocess.Popen[bytes], probes: list[_Probe], sut: Sta
     pending = list(probes)
 
     def ready() -> bool:
+        if interrupt.requested():  # a cancelled run does not wait out the SuT's timeout
+            raise SutError(f"the SuT ({sut}) was not waited for: fdkeeper run got {interrupt.signal_name()}")
         if process.poll() is not None:
             if _ADDRESS_IN_USE in tail(log_path, 10):
                 raise _PortTaken(

@@ -86,6 +86,7 @@ def stop_keeper(keeper_dir: Path, kept_log: Path) -> None:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=30,
+            start_new_session=True,  # a second Ctrl-C at the terminal during cleanup must not cut it short
         )
         try:
             shutil.copyfile(keeper_dir / LOG_NAME, kept_log)
