@@ -25,6 +25,7 @@ import stat
 import struct
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -151,23 +152,39 @@ def check_private_directory(directory: Path) -> Path:
         raise FdkeeperError(
             f"fdkeeper: the state directory {directory} is not a directory; pass --dir a directory (or remove the file)"
         )
-    _check_directory(directory, info)
+    check_private(directory, info)
     _check_parents(directory)
     return directory
 
 
-def _check_directory(directory: Path, info: os.stat_result) -> None:
-    """Ours and writable by nobody else (readable is fine: the socket and files in it are 0600)."""
+@dataclass(frozen=True)
+class PrivateFolder:
+    """What a folder that must be ours alone is called, what another user could do with it, and
+    where to go instead: the words of check_private's refusals."""
+
+    what: str  # "the state directory"
+    owned_risk: str  # what another user who made it could do: "receive your connections"
+    planted: str  # what a writer could plant: "links or a fake keeper"
+    elsewhere: str  # the fix: "pass --dir ..."
+    error: type[NotPrivate] = NotPrivate
+
+
+STATE_DIRECTORY = PrivateFolder("the state directory", "receive your connections", "links or a fake keeper", _ELSEWHERE)
+
+
+def check_private(folder: Path, info: os.stat_result, kind: PrivateFolder = STATE_DIRECTORY) -> None:
+    """Ours and writable by nobody else (readable is fine: what is in it is 0600); ``info`` is
+    the folder's fstat through a descriptor opened without following links."""
     mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
     if info.st_uid != os.getuid():
-        raise NotPrivate(
-            f"fdkeeper: the state directory {directory} belongs to {_user(info.st_uid)}, {mode}, not to you: "
-            f"another user may have made it to receive your connections; have it removed (rm -r {directory}) or {_ELSEWHERE}"
+        raise kind.error(
+            f"fdkeeper: {kind.what} {folder} belongs to {_user(info.st_uid)}, {mode}, not to you: another user "
+            f"may have made it to {kind.owned_risk}; have it removed (rm -r {folder}) or {kind.elsewhere}"
         )
     if info.st_mode & WRITABLE_BY_OTHERS:
-        raise NotPrivate(
-            f"fdkeeper: the state directory {directory} is yours but writable by other users ({mode}), who could plant "
-            f"links or a fake keeper in it; check what is in it, then 'chmod 700 {directory}', or remove it"
+        raise kind.error(
+            f"fdkeeper: {kind.what} {folder} is yours but writable by other users ({mode}), who could plant "
+            f"{kind.planted} in it; check what is in it, then 'chmod 700 {folder}', or {kind.elsewhere}"
         )
 
 
@@ -257,7 +274,7 @@ def _open_directory(directory: Path) -> int:
             check_private_directory(directory)  # says what it is instead
         raise
     try:
-        _check_directory(directory, os.fstat(fd))
+        check_private(directory, os.fstat(fd))
     except BaseException:
         os.close(fd)
         raise

@@ -15,7 +15,6 @@ import errno
 import os
 import re
 import shutil
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import WRITABLE_BY_OTHERS, NotPrivate, resolve_directory
+from fdkeeper.statedir import NotPrivate, PrivateFolder, check_private, resolve_directory
 
 KEEP_RUNS = 10
 LATEST = "latest"
@@ -34,6 +33,9 @@ _ELSEWHERE = "pass --logs DIR (a folder of yours)"
 
 class LogsNotPrivate(NotPrivate):
     """The logs folder is a link, not ours, or writable by others: writing there is refused."""
+
+
+LOGS_FOLDER = PrivateFolder("the logs folder", "read or redirect your logs", "links", _ELSEWHERE, LogsNotPrivate)
 
 
 def new_run_dir(base: Path, keep_all: bool = False) -> Path:
@@ -102,7 +104,7 @@ def _opened(folder: Path) -> Iterator[int]:
     except OSError as error:
         raise _refusal(folder, error) from None
     try:
-        _check_owner(folder, os.fstat(fd))
+        check_private(folder, os.fstat(fd), LOGS_FOLDER)
         yield fd
     finally:
         os.close(fd)
@@ -119,20 +121,6 @@ def _refusal(folder: Path, error: OSError) -> FdkeeperError:
     if error.errno == errno.ENOTDIR:
         return FdkeeperError(f"fdkeeper: the logs folder {folder} is not a folder; remove it or {_ELSEWHERE}")
     return FdkeeperError(f"fdkeeper: cannot open the logs folder {folder}: {error.strerror}; {_ELSEWHERE}")
-
-
-def _check_owner(folder: Path, info: os.stat_result) -> None:
-    mode = f"mode {stat.S_IMODE(info.st_mode):04o}"
-    if info.st_uid != os.getuid():
-        raise LogsNotPrivate(
-            f"fdkeeper: the logs folder {folder} belongs to uid {info.st_uid}, {mode}, not to you: another user "
-            f"may have made it to read or redirect your logs; remove it or {_ELSEWHERE}"
-        )
-    if info.st_mode & WRITABLE_BY_OTHERS:
-        raise LogsNotPrivate(
-            f"fdkeeper: the logs folder {folder} is writable by other users ({mode}), who could plant links in it; "
-            f"check what is in it, then 'chmod 700 {folder}', or {_ELSEWHERE}"
-        )
 
 
 def _made(name: str, parent_fd: int, parent: Path) -> bool:
