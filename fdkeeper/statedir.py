@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -254,15 +254,31 @@ def open_private_file(directory: Path, name: str, mode: str, **kwargs: Any) -> I
             )
         return fd
 
+    return open_unlinked(path, mode, opener, **kwargs)
+
+
+def open_unlinked(
+    path: Path,
+    mode: str,
+    opener: Callable[[str, int], int] | None = None,
+    refusal: type[NotPrivate] = NotPrivate,
+    **kwargs: Any,
+) -> IO[Any]:
+    """open(path, mode) through ``opener`` (default: O_NOFOLLOW at the file, created 0600), or
+    one line saying a link was planted where the file should be: fdkeeper never writes through one."""
     try:
-        return open(path, mode, opener=opener, **kwargs)
+        return open(path, mode, opener=opener or _no_link, **kwargs)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise NotPrivate(
+            raise refusal(
                 f"fdkeeper: {path} is a symbolic link (to {_link_target(path)}), which fdkeeper does not follow; "
                 "someone may have planted it to make fdkeeper write elsewhere: remove it"
             ) from None
         raise FdkeeperError(f"fdkeeper: cannot open {path}: {error.strerror}") from None
+
+
+def _no_link(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _open_directory(directory: Path) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.statedir import NotPrivate, PrivateFolder, check_private, resolve_directory
+from fdkeeper.statedir import NotPrivate, PrivateFolder, check_private, open_unlinked, resolve_directory
 
 KEEP_RUNS = 10
 LATEST = "latest"
@@ -68,19 +68,8 @@ def folder_for_test(run_dir: Path, name: str) -> Path:
 def create_log_file(path: Path) -> IO[bytes]:
     """open(path, "wb") for a step's output, never through a link planted as the file (the
     folders themselves were made 0700 and checked above; the pytest plugin's are its tmp_path's)."""
-    try:
-        return open(path, "wb", opener=_no_link)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise LogsNotPrivate(
-                f"fdkeeper: the log file {path} is a symbolic link, which fdkeeper does not follow; "
-                "someone may have planted it to make fdkeeper write elsewhere: remove it"
-            ) from None
-        raise FdkeeperError(f"fdkeeper: cannot create the log file {path}: {error.strerror}") from None
-
-
-def _no_link(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    stream: IO[bytes] = open_unlinked(path, "wb", refusal=LogsNotPrivate)
+    return stream
 
 
 # ---------------------------------------------------------------- the checked folders
