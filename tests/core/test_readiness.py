@@ -16,7 +16,7 @@ from fdkeeper import readiness, testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
-from tests.support.paths import REPO
+from tests.support.shell_pattern import REGISTER_ANSWER_SCRIPT, register_answer_env
 
 
 def test_announce_ready_writes_the_file_whole_and_the_descriptor(tmp_path):
@@ -86,7 +86,7 @@ def test_an_answer_run_is_ready_once_it_holds_the_lease_and_listens(sipp_path, k
     assert answered.ok, answered.summary()
 
 
-SHELL_PATTERN = REPO / "docs" / "ci" / "register-answer.sh"
+SHELL_PATTERN = REGISTER_ANSWER_SCRIPT
 
 
 def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(
@@ -98,17 +98,7 @@ def test_the_documented_shell_pattern_registers_waits_for_readiness_and_answers(
         f"{sipp_path} -sf {testbed.SCENARIOS_DIR}/uac-call.xml -s alice -key domain {kamailio.domain} "
         f"-t u1 -i 127.0.0.1 -m 1 -timeout 15 -timeout_error -nostdin {kamailio.address}"
     )
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "FDKEEPER_DIR": str(keeper_dir),
-        "FDKEEPER_SIPP": sipp_path,
-        "SUT": kamailio.address,
-        "USERS": str(users),
-        "CALLER": caller,
-        "SCENARIOS": str(testbed.SCENARIOS_DIR),
-        "ANSWER_PORT": str(testbed.free_port()),
-    }
+    env = register_answer_env(sipp_path, kamailio, keeper_dir, users, caller, testbed.free_port())
     done = subprocess.run(["sh", str(SHELL_PATTERN)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert (tmp_path / "answer.ready").read_text().startswith("ready ")
