@@ -117,8 +117,7 @@ class Scheduler:
     def _abort(self, failed: str) -> None:
         """A failed step fails the test: stop what still runs (a server run would wait
         for calls until its timeout) and skip what has not started."""
-        reason = f"stopped: step '{failed}' failed"
-        self._stop_everything(reason, reason, STOP_GRACE)
+        self._stop_everything(f"stopped: step '{failed}' failed", f"not run: step '{failed}' failed", STOP_GRACE)
 
     def _stop_everything(self, stopped_reason: str, not_run_reason: str, grace: float) -> None:
         """Stop the running steps' process groups together (each skipped with
