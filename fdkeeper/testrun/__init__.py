@@ -14,7 +14,8 @@ Modules, one concern each:
 - logs: the log folder per run with `latest`;
 - console: the live lines and the summary;
 - junit: the JUnit XML report, a testcase per step;
-- html: the HTML report (--html): steps, sipp's statistics, a ladder of each test's SIP messages;
+- ladder: one test's SIP messages in time order with their kept connections and the keeper's events;
+- html: the HTML report (--html): steps, sipp's statistics, the ladder drawn;
 - shard: --shard K/N, the files of one shard;
 - command: the click command `run_command` (load_tests, run_tests).
 """

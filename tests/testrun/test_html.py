@@ -11,8 +11,9 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-from fdkeeper.testrun import html as report
-from fdkeeper.testrun.html import Lease, lease_of, parse_leases, parse_trace, read_limited, render_report
+from fdkeeper.testrun import ladder as report
+from fdkeeper.testrun.html import render_report
+from fdkeeper.testrun.ladder import Lease, lease_of, parse_leases, parse_trace, read_limited
 from fdkeeper.testrun.results import FAILED, PASSED, SKIPPED, StepResult, TestResult
 from tests.support.paths import REPO
 
