@@ -22,7 +22,7 @@ import pytest
 
 from fdkeeper.testbed import free_port, wait_until
 from tests.support.fake_keeper import FakeKeeper, fmt_addr
-from tests.support.shim import WRAPPER, Sut, parse, recv_until, run, shim_env
+from tests.support.shim import Sut, exchange_over_lease, parse, recv_until, run, shim_env, start_client
 
 SIPP = shutil.which("sipp")
 
@@ -67,22 +67,8 @@ def test_client_handoff(build, keeper, sut):
     """connect() to the SuT becomes the kept connection: data, peer, epoll,
     setsockopt replay; shutdown and SO_LINGER{1,0} do not end it."""
     env = shim_env(build, keeper.path, remote=sut.addr, debug=True)
-    p = subprocess.Popen(
-        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_until(lambda: keeper.sut_side, timeout=10), "the keeper got no lease"
-        peer = keeper.sut_side[0]
-        assert recv_until(peer, b"hello\n") == b"hello\n"
-        peer.sendall(b"pong\n")
-        out, err = p.communicate(timeout=10)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    p = start_client(build, env, "127.0.0.1", str(sut.port), "127.0.0.1")
+    out, err = exchange_over_lease(keeper, p)
     assert p.returncode == 0, out + err
     kv = parse(out)
     assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"]
@@ -104,7 +90,7 @@ def test_client_handoff(build, keeper, sut):
     assert kept.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     # SO_LINGER was not: a close by the program must not reset anything.
     assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER) == 0
-    still_open(kept, peer)
+    still_open(kept, keeper.sut_side[0])
     lines = [ln for ln in err.splitlines() if ln]
     assert all(ln.startswith("fdkeeper-shim: ") for ln in lines), err
     assert any("handed over the kept connection" in ln for ln in lines), err
@@ -113,17 +99,8 @@ def test_client_handoff(build, keeper, sut):
 
 def test_reconnect_flag_and_no_bind(build, keeper, sut):
     env = shim_env(build, keeper.path, remote=sut.addr, FDKEEPER_RECONNECT="1")
-    p = subprocess.Popen(
-        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_until(lambda: keeper.sut_side, timeout=10)
-    recv_until(keeper.sut_side[0], b"hello\n")
-    keeper.sut_side[0].sendall(b"x\n")
-    out, err = p.communicate(timeout=10)
+    p = start_client(build, env, "127.0.0.1", str(sut.port))
+    out, err = exchange_over_lease(keeper, p, reply=b"x\n")
     assert p.returncode == 0, out + err
     assert err == ""
     assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=- reconnect=1"]
@@ -230,13 +207,7 @@ def test_keeper_not_running(build, keeper_dir, sut):
 def test_inert_without_socket(build, keeper, sut):
     """FDKEEPER_SOCKET unset: the program's own connection, a real shutdown."""
     env = shim_env(build, None, FDKEEPER_ROLE="client", FDKEEPER_REMOTE=sut.addr, FDKEEPER_DEBUG="1")
-    p = subprocess.Popen(
-        [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    p = start_client(build, env, "127.0.0.1", str(sut.port))
     conn = sut.accept()
     program_end = "{}:{}".format(*conn.getpeername())
     assert recv_until(conn, b"hello\n") == b"hello\n"
@@ -262,22 +233,8 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
     k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, local_addr="127.0.0.1:40312")
     try:
         env = shim_env(build, k.path, remote=remote, debug=True, FDKEEPER_TRANSPORT="tls")
-        p = subprocess.Popen(
-            [*WRAPPER, build["prog"], "client", *remote.split(":"), "127.0.0.1"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert wait_until(lambda: k.sut_side, timeout=10), "the keeper got no lease"
-            peer = k.sut_side[0]
-            assert recv_until(peer, b"hello\n") == b"hello\n"
-            peer.sendall(b"pong\n")
-            out, err = p.communicate(timeout=10)
-        finally:
-            if p.poll() is None:
-                p.kill()
+        p = start_client(build, env, *remote.split(":"), "127.0.0.1")
+        out, err = exchange_over_lease(k, p)
         assert p.returncode == 0, out + err
         kv = parse(out)
         assert k.requests == [f"LEASE role=client transport=tls remote={remote} local=127.0.0.1:0"]
@@ -297,7 +254,7 @@ def test_client_tls_socketpair(build, keeper_dir, sut):
         assert kept.family == socket.AF_UNIX
         # SO_SNDBUF (a SOL_SOCKET option) was replayed onto the pair end.
         assert kept.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 65535
-        still_open(kept, peer)
+        still_open(kept, k.sut_side[0])
         assert "IPPROTO_TCP option" in err and "ignored" in err, err
         assert "socketpair" in err, err
     finally:
@@ -308,17 +265,8 @@ def test_client_tcp_with_fds_addresses(build, keeper_dir, sut):
     """A real TCP kept socket: peers=/locals= are parsed but the kernel answers."""
     k = FakeKeeper(keeper_dir / "control.sock", sut, fds_extra=" peers=192.0.2.1:5060 locals=[2001:db8::1]:4000")
     try:
-        p = subprocess.Popen(
-            [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port), "127.0.0.1"],
-            env=shim_env(build, k.path, remote=sut.addr),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert wait_until(lambda: k.sut_side, timeout=10)
-        recv_until(k.sut_side[0], b"hello\n")
-        k.sut_side[0].sendall(b"pong\n")
-        out, err = p.communicate(timeout=10)
+        p = start_client(build, shim_env(build, k.path, remote=sut.addr), "127.0.0.1", str(sut.port), "127.0.0.1")
+        out, err = exchange_over_lease(k, p)
         assert p.returncode == 0 and err == "", out + err
         kv = parse(out)
         assert kv["domain"] == "inet" and kv["nodelay"] == "0" and kv["got"] == "pong"
@@ -358,17 +306,8 @@ def test_fds_unknown_address_dash(build, keeper_dir, sut):
         keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, fds_extra=f" peers={remote} locals=-"
     )
     try:
-        p = subprocess.Popen(
-            [*WRAPPER, build["prog"], "client", *remote.split(":")],
-            env=shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert wait_until(lambda: k.sut_side, timeout=10)
-        recv_until(k.sut_side[0], b"hello\n")
-        k.sut_side[0].sendall(b"pong\n")
-        out, err = p.communicate(timeout=10)
+        p = start_client(build, shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT="tls"), *remote.split(":"))
+        out, err = exchange_over_lease(k, p)
         assert p.returncode == 0 and err == "", out + err
         kv = parse(out)
         assert kv["peer"] == remote
@@ -383,13 +322,7 @@ def test_bad_transport(build, keeper, sut, role):
     the program's own calls go ahead."""
     env = shim_env(build, keeper.path, role=role, remote=sut.addr, FDKEEPER_TRANSPORT="udp")
     if role == "client":
-        p = subprocess.Popen(
-            [*WRAPPER, build["prog"], "client", "127.0.0.1", str(sut.port)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        p = start_client(build, env, "127.0.0.1", str(sut.port))
         conn = sut.accept()  # the program's own connection
         assert recv_until(conn, b"hello\n") == b"hello\n"
         conn.sendall(b"pong\n")

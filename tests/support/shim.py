@@ -9,7 +9,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Protocol
 
+from fdkeeper.testbed import wait_until
 from tests.support.paths import HELPERS, TESTS
 
 sys.path.insert(0, str(HELPERS))  # helpers/shimbuild.py: the package build's compile flags
@@ -111,3 +113,35 @@ def recv_until(sock: socket.socket, needle: bytes, timeout: float = 10) -> bytes
             break
         buf += chunk
     return buf
+
+
+def start_client(build: dict[str, str], env: dict[str, str], *address: str) -> subprocess.Popen[str]:
+    """shimprog's client role under the shim: it connects to ``address`` (HOST PORT [BIND_IP]),
+    says hello, reads one line and prints what it saw as key=value lines."""
+    return subprocess.Popen(
+        [*WRAPPER, build["prog"], "client", *address],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+class LeasingKeeper(Protocol):
+    sut_side: list[socket.socket]  # the SuT's end of each connection the keeper leased
+
+
+def exchange_over_lease(
+    keeper: LeasingKeeper, program: subprocess.Popen[str], reply: bytes = b"pong\n"
+) -> tuple[str, str]:
+    """The client's hello read at the SuT's end of the leased connection and ``reply`` sent
+    back; the program's output once it ended (killed if it did not)."""
+    try:
+        assert wait_until(lambda: keeper.sut_side, timeout=10), "the keeper got no lease"
+        peer = keeper.sut_side[0]
+        assert recv_until(peer, b"hello\n") == b"hello\n"
+        peer.sendall(reply)
+        return program.communicate(timeout=10)
+    finally:
+        if program.poll() is None:
+            program.kill()
