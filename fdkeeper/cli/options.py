@@ -1,0 +1,162 @@
+"""Options several commands share: the state directory, the TLS options towards the SuT, the
+readiness of a server run, and the handoff (--mode, --transfer, --reconnect, --debug)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypedDict, TypeVar
+
+import click
+
+from fdkeeper.modes import MODE_NAMES, MODES
+from fdkeeper.tls import TlsOptions
+
+DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
+
+
+MODE_HELP = (
+    "How the connection gets into the program. auto: the first that can do this run here, in this order: "
+    + "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values())
+    + ". A mode that cannot do the run says so and names the one to use."
+)
+
+
+Command = TypeVar("Command", bound=Callable[..., Any])  # a command function, before or after click's decorators
+
+
+class TlsFlags(TypedDict):
+    """The values of tls_options, as click passes them to a command."""
+
+    tls_ca: str | None
+    tls_insecure: bool
+    tls_cert: str | None
+    tls_key: str | None
+    tls_sni: str | None
+    tls_min_version: str | None
+    tls_keylog: str | None
+
+
+def dir_option(command: Command) -> Command:
+    return click.option("--dir", "directory", metavar="DIR", envvar="FDKEEPER_DIR", help=DIR_HELP)(command)
+
+
+def _apply(command: Command, options: list[Callable[[Command], Command]]) -> Command:
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def tls_options(command: Command) -> Command:
+    """The TLS options shared by `fdkeeper sipp`, `exec`, `keeper` and `convert`."""
+    return _apply(
+        command,
+        [
+            click.option(
+                "--tls-ca",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: verify the SuT's certificate against these CAs (PEM; default: the system's trust store).",
+            ),
+            click.option(
+                "--tls-insecure", is_flag=True, help="-t l1: do not verify the SuT's certificate (says so on stderr)."
+            ),
+            click.option(
+                "--tls-cert",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: client certificate (PEM) for SuTs that require one.",
+            ),
+            click.option(
+                "--tls-key",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: the client certificate's private key (default: in --tls-cert).",
+            ),
+            click.option(
+                "--tls-sni",
+                metavar="NAME",
+                help="-t l1: server name to send and verify (default: the remote host if it is a name).",
+            ),
+            click.option(
+                "--tls-min-version",
+                type=click.Choice(["1.2", "1.3"]),
+                help="-t l1: lowest TLS version to accept (default 1.2).",
+            ),
+            click.option(
+                "--tls-keylog",
+                metavar="FILE",
+                type=click.Path(dir_okay=False),
+                help="-t l1: append the TLS secrets of the connections to the SuT to FILE (SSLKEYLOGFILE format, created 0600, never through a link) so Wireshark decrypts them; sipp's -trace_msg shows the plain SIP.",
+            ),
+        ],
+    )
+
+
+def make_tls_options(
+    tls_ca: str | None,
+    tls_insecure: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_sni: str | None,
+    tls_min_version: str | None,
+    tls_keylog: str | None,
+) -> TlsOptions:
+    keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
+    # Links resolved here, with the user's own view: the keeper follows none (statedir.open_named_file).
+    ca, cert, key = (os.path.realpath(path) if path else None for path in (tls_ca, tls_cert, tls_key))
+    return TlsOptions(
+        ca=ca, insecure=tls_insecure, cert=cert, key=key, sni=tls_sni, min_version=tls_min_version, keylog=keylog
+    )
+
+
+def ready_options(command: Command) -> Command:
+    """Readiness of a server run, for scripts (fdkeeper/readiness.py)."""
+    return _apply(
+        command,
+        [
+            click.option(
+                "--ready-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                metavar="PATH",
+                help="Write PATH (atomically; an old one is removed first) once this server run is ready to receive: the kept connections handed over and sipp's listening socket up.",
+            ),
+            click.option(
+                "--ready-fd",
+                type=click.IntRange(3),
+                metavar="N",
+                help="Write one line to descriptor N and close it once ready (e.g. 3>ready.pipe, a named pipe); closed without a line if the run never gets ready.",
+            ),
+            click.option(
+                "--ready-timeout",
+                type=click.FloatRange(0.1, 3600),
+                default=30.0,
+                show_default=True,
+                metavar="SECONDS",
+                help="Give up waiting for readiness after this long (one line on stderr; sipp runs on).",
+            ),
+        ],
+    )
+
+
+def handoff_options(command: Command) -> Command:
+    """How a run gets its connection: shared by `fdkeeper sipp` and `fdkeeper exec`."""
+    return _apply(
+        command,
+        [
+            click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=MODE_HELP),
+            click.option(
+                "--transfer",
+                type=click.Choice(["scm", "pidfd"]),
+                envvar="FDKEEPER_TRANSFER",
+                help="--mode ptrace: the descriptor reaches the program by SCM_RIGHTS (default) or by pidfd_getfd. Asking for one rules out the modes that cannot.",
+            ),
+            click.option(
+                "--reconnect",
+                is_flag=True,
+                help="Replace a connection the SuT closed by a fresh one (registrations must then be redone).",
+            ),
+            click.option("--debug", is_flag=True, help="Say on stderr what is handed over, and when."),
+        ],
+    )
