@@ -209,7 +209,11 @@ def _check_parents(directory: Path) -> None:
 
 
 def _check_socket_length(directory: Path) -> None:
-    path = socket_path(directory)
+    check_socket_path(socket_path(directory))
+
+
+def check_socket_path(path: Path) -> None:
+    """A unix socket's path fits in sun_path, or one line naming it and the fix."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise FdkeeperError(
             f"fdkeeper: the control socket path {path} is longer than {MAX_SOCKET_PATH} bytes; pass a shorter --dir"

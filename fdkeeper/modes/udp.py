@@ -37,10 +37,9 @@ from fdkeeper.modes.base import (
     UdpOptions,
 )
 from fdkeeper.process import start_detached
-from fdkeeper.statedir import check_private_directory, ensure_private_directory
+from fdkeeper.statedir import MAX_SOCKET_PATH, check_private_directory, check_socket_path, ensure_private_directory
 
 START_TIMEOUT = 15.0
-MAX_UNIX_PATH = 107  # bytes in sun_path, less its terminating NUL
 
 # A converter's JSON reply (STATUS, ATTACH...) or an object in one (a link), as convert/control.py writes it.
 JsonObject = dict[str, Any]
@@ -54,8 +53,9 @@ def converter_files(
     name = "convert-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{sut[0]}-{sut[1]}-{transport}")
     if identity is not None:
         name += "-from-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{identity[0]}-{identity[1]}")
-    if len(os.fsencode(directory / f"{name}.sock")) > MAX_UNIX_PATH:  # a deep directory: a short name, as stable
-        name = "convert-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    if len(os.fsencode(directory / f"{name}.sock")) > MAX_SOCKET_PATH:  # a deep directory: a short name, as stable
+        name = "convert-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    check_socket_path(directory / f"{name}.sock")  # deeper still: one line, not OSError's "path too long"
     return directory / f"{name}.sock", directory / f"{name}.log", directory / f"{name}.json"
 
 

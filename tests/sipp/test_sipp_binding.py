@@ -131,7 +131,8 @@ def test_prepare_open_at_lease_reports_a_closed_kept_connection(keeper, peer):
 
 
 def test_a_converter_per_identity_named_to_fit_a_unix_socket():
-    from fdkeeper.modes.udp import MAX_UNIX_PATH, converter_files
+    from fdkeeper.modes.udp import converter_files
+    from fdkeeper.statedir import MAX_SOCKET_PATH
 
     sut, directory = ("127.0.0.1", 5060), Path("/run/user/1000/fdkeeper")  # names only: nothing is created
     shared = converter_files(directory, sut, "tcp")[0]
@@ -142,8 +143,11 @@ def test_a_converter_per_identity_named_to_fit_a_unix_socket():
     )
     deep = directory / ("d" * 40)
     short = converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
-    assert len(bytes(short)) <= MAX_UNIX_PATH and short == converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
+    assert len(bytes(short)) <= MAX_SOCKET_PATH and short == converter_files(deep, sut, "tcp", ("127.0.0.1", 5063))[0]
     assert short != converter_files(deep, sut, "tcp", ("127.0.0.1", 5064))[0] and short.name.startswith("convert-")
+    deeper = directory / ("d" * 80)  # too deep for even the short name: one line naming the fix
+    with pytest.raises(FdkeeperError, match=r"longer than 107 bytes; pass a shorter --dir"):
+        converter_files(deeper, sut, "tcp")
 
 
 def test_without_i_the_wildcard_is_of_the_suts_family():
