@@ -24,6 +24,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import socket
 import ssl
 import sys
 from dataclasses import dataclass
@@ -177,8 +178,15 @@ class PumpedLink:
         self.finishing = False
 
     @classmethod
-    def create(cls, tls: ssl.SSLSocket) -> PumpedLink | None:
-        """A handle for ``tls``, or None (logged once) where the pump cannot take it."""
+    def create(cls, sock: socket.socket, websocket: bool = False) -> PumpedLink | None:
+        """A handle for ``sock``, or None (logged once) where the pump cannot take it.
+
+        Only TLS links without WebSocket are pumped for now: a plain socket or a WebSocket
+        link is relayed in Python (None).
+        """
+        if not isinstance(sock, ssl.SSLSocket) or websocket:
+            return None
+        tls = sock
         lib = _LIBRARY.load()
         if lib is None:
             _LIBRARY.say_unavailable(_LIBRARY.unavailable)
