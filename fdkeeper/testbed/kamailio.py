@@ -9,7 +9,11 @@ connection towards a user (`set_forward_no_connect`), so a lost connection makes
 fail loudly instead of being silently re-created.
 
 With `tls=KamailioTls(...)` (certificates from fdkeeper.testbed.pki) an instance also
-listens for TLS on a second port, routing TLS users exactly like TCP ones.
+listens for TLS on a second port, routing TLS users exactly like TCP ones. With
+`websocket=True` it listens for SIP over WebSocket (RFC 7118) on a port of its own, and
+with TLS for WSS on another (Kamailio's xhttp and websocket modules, Debian package
+`kamailio-websocket-modules`): a WebSocket user is reached only over the connection it
+registered on, as WebRTC gateways do.
 `close_connections()` makes Kamailio itself close TCP/TLS connections (TLS with
 close_notify). `KamailioConverter` is a second, stateless Kamailio that turns sipp's
 UDP into TCP or TLS towards the SuT (Debian's sipp has no TLS). `PingingKamailio` is the SuT
@@ -165,6 +169,14 @@ class Kamailio(KamailioInstance):
     port unless given; `tls_address`) with its own tls.cfg in the work dir.
     TLS users are routed like TCP ones: REGISTER over TLS, calls and
     in-dialog requests only over the registering TLS connection.
+    `websocket=True` adds a WS listener on `ws_port` (`ws_address`) and, with
+    `tls`, a WSS one on `wss_port` (`wss_address`), free ports unless given.
+    The HTTP Upgrade must ask for the subprotocol `sip` (else 400), on
+    `ws_path` when one is given (else 404; any path by default). WebSocket
+    users are routed like TCP ones: the REGISTER's source connection is what
+    lookup() sends to, a dialog's Contact carries its alias. Kamailio pings a
+    WebSocket connection idle for `ws_keepalive` s. `websocket_requests()`
+    lists what came over WS/WSS with its Via.
     Files in `workdir`: kamailio.cfg, tls.cfg, kamailio.log (appended across
     restarts), kamailio.pid, run/ (runtime dir and ctl socket).
     """
@@ -186,6 +198,11 @@ class Kamailio(KamailioInstance):
         shm_mb: int | None = None,
         alias_every_request: bool = False,
         auth_users: Mapping[str, str] | None = None,
+        websocket: bool = False,
+        ws_port: int | None = None,
+        wss_port: int | None = None,
+        ws_path: str | None = None,
+        ws_keepalive: int = 180,
     ) -> None:
         super().__init__(
             workdir,
@@ -197,7 +214,12 @@ class Kamailio(KamailioInstance):
             tls=tls,
             tls_port=tls_port,
             shm_mb=shm_mb,
+            websocket=websocket,
+            ws_port=ws_port,
+            wss_port=wss_port,
+            ws_keepalive=ws_keepalive,
         )
+        self.ws_path = _checked_ws_path(ws_path)
         self.domain = domain
         self.alias_every_request = alias_every_request
         self.ul_timer = ul_timer
@@ -228,12 +250,47 @@ class Kamailio(KamailioInstance):
             control_route=control_route(),
             alias_every_request=_ALIAS_EVERY_REQUEST if self.alias_every_request else "",
             auth_route="    route(AUTH);" if self.auth_users is not None else "",
+            websocket_request=_WEBSOCKET_REQUEST if self.websocket else "",
             global_section=self.global_config("fdkeeper-sut", early_modules=_TM_MODULES),
         )
-        if self.auth_users is None:
-            return text
         # Appended, as route blocks may come after the request_route that calls them.
-        return text + auth_config(self.auth_users)
+        if self.websocket:
+            text += self._websocket_routes()
+        if self.auth_users is not None:
+            text += auth_config(self.auth_users)
+        return text
+
+    def _websocket_routes(self) -> str:
+        """configs/ws-routes.cfg: the HTTP Upgrade accepted on the WS/WSS ports only."""
+        ports = [port for port in (self.ws_port, self.wss_port) if port is not None]
+        path_test = ""
+        if self.ws_path is not None:
+            path_test = (
+                f'    if ($hu != "{self.ws_path}") {{\n'
+                f'        xlog("L_NOTICE", "{LOG_TAG} WebSocket upgrade on path $hu, not {self.ws_path} - 404\\n");\n'
+                '        xhttp_reply("404", "Not Found", "text/plain", "no WebSocket here\\n");\n'
+                "        exit;\n"
+                "    }"
+            )
+        return configs.render(
+            "ws-routes.cfg",
+            port_test=" && ".join(f"$Rp != {port}" for port in ports),
+            path_test=path_test,
+            tag=LOG_TAG,
+        )
+
+    def websocket_requests(self) -> list[dict[str, str]]:
+        """With `websocket`: each request that came over WS or WSS, in order, as {method,
+        user (From), transport ("WS" or "WSS", as Kamailio received it), source "ip:port",
+        via (its top Via, e.g. "SIP/2.0/WSS 127.0.0.1:5070;branch=...")}."""
+        return [
+            {"method": m, "user": u, "transport": t, "source": src, "via": via}
+            for m, u, t, src, via in _WEBSOCKET_REQUEST_LINE.findall(self.log_text())
+        ]
+
+    def websocket_connections(self) -> list[KamRow]:
+        """The WS and WSS ones of tcp_connections()."""
+        return [c for c in self.tcp_connections() if str(c.get("type")).upper() in ("WS", "WSS")]
 
     def request_vias(self) -> list[dict[str, str]]:
         """With `alias_every_request`: each request a TCP/TLS peer sent, in order, as
@@ -311,6 +368,30 @@ _ALIAS_EVERY_REQUEST = f"""    # Every request over TCP/TLS aliases its Via port
         }}
     }}"""
 _REQUEST_VIA = re.compile(re.escape(LOG_TAG) + r" request (\S+) from (\S*) source (\S+) via SIP/2\.0/\w+ ([^;\s]+)")
+
+
+# Kamailio's own text: rendered into sut.cfg after force_rport() when websocket is set.
+_WEBSOCKET_REQUEST = f"""    # A WebSocket client (nat_uac_test 64: the request came over WS/WSS) is reached only
+    # over its connection: REGISTER saves its source as received (fix_nated_register in
+    # route[REGISTRAR]), and a dialog's Contact gets the connection's alias, which
+    # handle_ruri_alias() turns back into it.
+    if (nat_uac_test("64")) {{
+        xlog("L_INFO", "{LOG_TAG} websocket request $rm from $fU over $proto source $si:$sp via $hdr(Via)\\n");
+        if (!is_method("REGISTER") && is_present_hf("Contact")) {{
+            add_contact_alias();
+        }}
+    }}"""
+_WEBSOCKET_REQUEST_LINE = re.compile(
+    re.escape(LOG_TAG) + r" websocket request (\S+) from (\S*) over (\S+) source (\S+) via ([^\r\n]*)"
+)
+_WS_PATH = re.compile(r"^/[\x21-\x7e]{0,200}$")
+
+
+def _checked_ws_path(path: str | None) -> str | None:
+    """A path the config can hold in a string literal, or ValueError."""
+    if path is not None and (not _WS_PATH.match(path) or '"' in path or "\\" in path):
+        raise ValueError(f"ws_path {path!r}: a path such as /ws (printable, no quote or backslash)")
+    return path
 
 
 # The pings PingingKamailio sends (usrloc's debug line, then the request line) and the replies it

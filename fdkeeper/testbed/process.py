@@ -3,7 +3,7 @@
 Each instance runs Debian's kamailio (package `kamailio`) in the foreground with
 everything it writes (config, log, pid file, runtime dir, ctl socket) in its own work
 directory, so several run side by side, each on one free loopback port shared by UDP
-and TCP (plus a TLS port with `tls=`).
+and TCP (plus a TLS port with `tls=`, and WebSocket ports with `websocket=True`).
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ class KamailioProcess:
         tls: KamailioTls | None = None,
         tls_port: int | None = None,
         shm_mb: int | None = None,
+        websocket: bool = False,
+        ws_port: int | None = None,
+        wss_port: int | None = None,
+        ws_keepalive: int = 180,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         # Shared memory: small by default so instances run side by side; load benches
@@ -100,6 +104,16 @@ class KamailioProcess:
         if tls is not None:
             self.tls_port = tls_port if tls_port is not None else self._other_free_port()
         self._tls_port_is_ours = tls_port is None
+        # WebSocket: WS on a TCP port of its own, WSS (with TLS) on a TLS port of its own.
+        self.websocket = websocket
+        self.ws_port: int | None = None
+        self.wss_port: int | None = None
+        if websocket:
+            self.ws_port = ws_port if ws_port is not None else self._other_free_port()
+            if tls is not None:
+                self.wss_port = wss_port if wss_port is not None else self._other_free_port()
+        self._ws_ports_are_ours = ws_port is None and wss_port is None
+        self.ws_keepalive = ws_keepalive
         self._started_once = False
         self.children = children
         self.tcp_lifetime = tcp_lifetime
@@ -114,10 +128,11 @@ class KamailioProcess:
         self._log_file: BinaryIO | None = None
 
     def _other_free_port(self) -> int:
-        """A free port that is not self.port (the TLS listen port)."""
+        """A free port that is none of this instance's ports (the TLS and WebSocket listen ports)."""
+        taken = {self.port, getattr(self, "tls_port", None), getattr(self, "ws_port", None)}
         while True:
             port = free_port(self.host)
-            if port != self.port:
+            if port not in taken:
                 return port
 
     def __enter__(self: _Instance) -> _Instance:
@@ -132,7 +147,9 @@ class KamailioProcess:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         tls = f" tls:{self.tls_port}" if self.tls else ""
-        return f"<{type(self).__name__} {self.host}:{self.port}{tls} {state} in {self.workdir}>"
+        ws = f" ws:{self.ws_port}" if self.ws_port else ""
+        wss = f" wss:{self.wss_port}" if self.wss_port else ""
+        return f"<{type(self).__name__} {self.host}:{self.port}{tls}{ws}{wss} {state} in {self.workdir}>"
 
     @property
     def running(self) -> bool:
@@ -151,6 +168,16 @@ class KamailioProcess:
     def tls_address(self) -> str | None:
         """IP:TLSPORT, or None without TLS."""
         return None if self.tls_port is None else format_address((self.host, self.tls_port))
+
+    @property
+    def ws_address(self) -> str | None:
+        """IP:WSPORT (SIP over WebSocket), or None without `websocket`."""
+        return None if self.ws_port is None else format_address((self.host, self.ws_port))
+
+    @property
+    def wss_address(self) -> str | None:
+        """IP:WSSPORT (SIP over secure WebSocket), or None without `websocket` and `tls`."""
+        return None if self.wss_port is None else format_address((self.host, self.wss_port))
 
     # -- configuration -------------------------------------------------
 
@@ -176,6 +203,21 @@ class KamailioProcess:
             ctl_path=self.ctl_path,
             early_modules=early_modules,
             tls=tls,
+            websocket=self._websocket_listen_config(),
+        )
+
+    def _websocket_listen_config(self) -> str:
+        """The global-section lines of the WS (and WSS) listeners, or "" without `websocket`."""
+        if self.ws_port is None:
+            return ""
+        wss = "" if self.wss_port is None else f"listen=tls:{self._cfg_host}:{self.wss_port}"
+        return configs.render(
+            "ws-listen.cfg",
+            host=self._cfg_host,
+            ws_port=self.ws_port,
+            wss_listen=wss,
+            wss_note="" if self.wss_port is None else "; WSS on a TLS port of its own",
+            keepalive_timeout=self.ws_keepalive,
         )
 
     @property
@@ -240,9 +282,19 @@ class KamailioProcess:
             except RuntimeError as exc:
                 if attempt + 1 == attempts or "exited" not in str(exc):
                     raise
-                self.port = free_port(self.host)
-                if self.tls is not None and self._tls_port_is_ours:
-                    self.tls_port = self._other_free_port()
+                self._pick_new_ports()
+
+    def _pick_new_ports(self) -> None:
+        """Free ports again for what we picked ourselves (one was taken before Kamailio bound it)."""
+        self.port = free_port(self.host)
+        if self.tls is not None and self._tls_port_is_ours:
+            self.tls_port = None
+            self.tls_port = self._other_free_port()
+        if self.websocket and self._ws_ports_are_ours:
+            self.ws_port = self.wss_port = None
+            self.ws_port = self._other_free_port()
+            if self.tls is not None:
+                self.wss_port = self._other_free_port()
 
     def _start_once(self, timeout: float) -> None:
         if self.running:

@@ -7,6 +7,8 @@
 - ``converter.cfg``: a stateless UDP <-> TCP/TLS converter in front of the SuT;
 - ``control-route.cfg``: the test-control request both route blocks start with;
 - ``tls-profiles.cfg``: the tls module's own configuration file (tls.cfg).
+- ``ws-listen.cfg``: the WS (and WSS) listeners and modules, added to the global section;
+  ``ws-routes.cfg``: the SuT's HTTP Upgrade route (subprotocol sip, the WebSocket ports only).
 
 Placeholders are ``{{name}}``; Kamailio's own syntax (``$avp(...)``, ``{ }`` blocks)
 needs no escaping. `render` fails on a placeholder without a value.
