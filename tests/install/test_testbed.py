@@ -13,7 +13,11 @@ With the real sipp and no fdkeeper at all:
   without a (good) certificate; close_connections() closes TCP with a FIN
   and TLS with a close_notify first;
 - KamailioConverter turns sipp's UDP into TCP/TLS towards the SuT, and a
-  call reaches a UDP sipp registered through it over one TLS connection.
+  call reaches a UDP sipp registered through it over one TLS connection;
+- with WebSocket listeners a client registered over WS (or WSS) is reached over
+  that connection only (a second client's request comes through it, none once it
+  closed), and the Upgrade is refused without the subprotocol sip, off the
+  path, and on the SIP port.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import re
 import socket
 import ssl
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -32,6 +37,7 @@ from fdkeeper import testbed
 from fdkeeper.address import format_address
 from fdkeeper.testbed import kamcmd, process
 from fdkeeper.testbed.pki import CLIENT_COMMON_NAME, SERVER_DNS_NAME
+from tests.support.wsclient import WsClient, register_request, reply_to, status_of
 
 # --------------------------------------------------------------------------
 # helpers
@@ -549,3 +555,99 @@ def test_call_reaches_a_udp_sipp_registered_through_the_tls_converter(tmp_path, 
         assert [c["id"] for c in kamailio.tcp_connections()] == [conn["id"]]
         [handshake] = kamailio.tls_handshakes()
         assert handshake["client_cert"] is True
+
+
+# --------------------------------------------------------------------------
+# WebSocket: WS and WSS listeners (Kamailio's xhttp + websocket modules)
+# --------------------------------------------------------------------------
+
+WS_PATH = "/sip"
+
+
+@pytest.fixture(scope="module")
+def kamailio_ws(tmp_path_factory, pki):
+    """One SuT with WS and WSS listeners (Upgrade on WS_PATH only) for the WebSocket tests."""
+    instance = testbed.Kamailio(
+        tmp_path_factory.mktemp("ws") / "kamailio", tls=testbed.KamailioTls.server(pki), websocket=True, ws_path=WS_PATH
+    )
+    instance.start()
+    yield instance
+    instance.stop()
+    print(f"--- kamailio log tail ---\n{instance.log_tail(40)}")
+
+
+def ws_client(kamailio: testbed.Kamailio, pki=None, path: str = WS_PATH) -> WsClient:
+    """A WebSocket client of the SuT: WSS verified against the test CA when `pki` is given."""
+    if pki is None:
+        return WsClient.connect(kamailio.host, kamailio.ws_port, path=path)
+    return WsClient.connect(
+        kamailio.host, kamailio.wss_port, path=path, tls=tls_context(pki), server_hostname=SERVER_DNS_NAME
+    )
+
+
+def ws_register(client: WsClient, kamailio: testbed.Kamailio, user: str, transport: str = "WS") -> str:
+    client.send(register_request(user, kamailio.domain, client, transport=transport))
+    return status_of(client.receive())
+
+
+def test_websocket_user_is_reached_only_over_the_connection_it_registered_on(kamailio_ws):
+    alice = ws_client(kamailio_ws)
+    assert ws_register(alice, kamailio_ws, "ws-alice") == "SIP/2.0 200 OK"
+    [contact] = contacts_of(kamailio_ws, "ws-alice")
+    assert contact["source"] == {"host": "127.0.0.1", "port": alice.local_port, "transport": "ws"}
+    assert alice.local_port in [c["remote_port"] for c in kamailio_ws.websocket_connections() if c["type"] == "WS"]
+    [register] = [r for r in kamailio_ws.websocket_requests() if r["user"] == "ws-alice"]
+    assert register["transport"] == "ws" and register["via"].startswith("SIP/2.0/WS ")
+
+    # A second WebSocket client calls alice: the request comes over alice's connection.
+    with ws_client(kamailio_ws) as bob:
+        target = f"sip:ws-alice@{kamailio_ws.domain}"
+        bob.send(testbed.options_request(target, "SIP/2.0/WS bob.invalid"))
+        request = alice.receive()
+        assert status_of(request).startswith("OPTIONS sip:ws-alice@") and b"SIP/2.0/WS" in request
+        alice.send(reply_to(request))
+        assert status_of(bob.receive()) == "SIP/2.0 200 OK"
+
+        # Once alice's connection is gone, nobody reaches her: the SuT opens none.
+        alice.close()
+        testbed.wait_until(
+            lambda: not contacts_of(kamailio_ws, "ws-alice"), timeout=10, what="ws-alice's contact to be dropped"
+        )
+        bob.send(testbed.options_request(target, "SIP/2.0/WS bob.invalid"))
+        assert status_of(bob.receive()).startswith(("SIP/2.0 404", "SIP/2.0 480"))
+
+
+def test_wss_register_over_a_verified_connection(kamailio_ws, pki):
+    with ws_client(kamailio_ws, pki) as carol:
+        assert carol.handshake.protocol.lower() == "sip"
+        assert ws_register(carol, kamailio_ws, "wss-carol", transport="WSS") == "SIP/2.0 200 OK"
+        [contact] = contacts_of(kamailio_ws, "wss-carol")
+        # RFC 7118: the URI parameter is transport=ws for WS and WSS alike.
+        assert contact["source"] == {"host": "127.0.0.1", "port": carol.local_port, "transport": "ws"}
+        assert carol.local_port in [c["remote_port"] for c in kamailio_ws.websocket_connections() if c["type"] == "WSS"]
+        # A request to carol (an SBC-style ping over UDP) comes over her WSS connection.
+        with ThreadPoolExecutor(1) as pool:
+            ping = pool.submit(kamailio_ws.ping_user, "wss-carol", 5.0)
+            request = carol.receive()
+            assert status_of(request).startswith("OPTIONS sip:wss-carol@") and b"SIP/2.0/WSS" in request
+            carol.send(reply_to(request))
+            assert (ping.result() or b"").startswith(b"SIP/2.0 200")
+
+
+def raw_upgrade(port: int, path: str = WS_PATH, protocol: str = "sip") -> str:
+    """The status line of the SuT's answer to a hand-made Upgrade request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        return sock.recv(4096).split(b"\r\n", 1)[0].decode()
+
+
+def test_the_upgrade_is_refused_without_sip_off_the_path_and_on_the_sip_port(kamailio_ws):
+    assert raw_upgrade(kamailio_ws.ws_port).startswith("HTTP/1.1 101")
+    assert raw_upgrade(kamailio_ws.ws_port, protocol="chat").startswith("HTTP/1.1 400")
+    assert raw_upgrade(kamailio_ws.ws_port, path="/other").startswith("HTTP/1.1 404")
+    assert raw_upgrade(kamailio_ws.port).startswith("HTTP/1.1 403")  # the SIP port takes no WebSocket
