@@ -22,6 +22,7 @@ from urllib.parse import quote, unquote
 
 from fdkeeper.address import Address, format_address, parse_address
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.websocket import check_origin, check_path, parse_header_lines
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 4096
@@ -66,28 +67,31 @@ MAX_HOSTNAME = 253  # a DNS name (RFC 1035)
 MAX_PID = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux
 MAX_COUNT = 10_000_000
 MAX_SECONDS = 86400.0
+MAX_HEADERS = 4000  # ws_headers: the extra handshake headers, all in one message of at most 4096
 
 
 class Field:
     """One key of a verb: ``parse(value)`` returns the value checked and converted, or raises
     ValueError saying what the value must be."""
 
-    def __init__(self, parse: Callable[[str], FieldValue], max_length: int, what: str) -> None:
+    def __init__(self, parse: Callable[[str], FieldValue], max_length: int, what: str, *, lines: bool = False) -> None:
         self.parse = parse
         self.max_length = max_length
         self.what = what  # what a value must be, for the error line
+        self.lines = lines  # a value of several lines: LF between them is no control character here
 
     def __call__(self, value: str) -> FieldValue:
         return self.parse(value)
 
 
-def check_value(value: str, max_length: int) -> None:
-    """The checks every value gets, whatever its field: non-empty, bounded, no control characters."""
+def check_value(value: str, max_length: int, *, lines: bool = False) -> None:
+    """The checks every value gets, whatever its field: non-empty, bounded, no control characters
+    (a field of ``lines`` takes LF between its lines, never CR: no header of its own)."""
     if not value:
         raise ValueError("is empty")
     if len(value) > max_length:
         raise ValueError(f"is {len(value)} characters, over {max_length}")
-    control = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    control = next((c for c in value if unicodedata.category(c) == "Cc" and not (lines and c == "\n")), None)
     if control is not None:
         name = "NUL" if control == "\0" else f"U+{ord(control):04X}"
         raise ValueError(f"has a control character ({name})")
@@ -171,8 +175,21 @@ def _parse_server_name(value: str) -> str:
     return value
 
 
+def _checked_by(check: Callable[[str], object]) -> Callable[[str], str]:
+    """A text field checked by one of websocket.py's validators (the CLI checks with the same)."""
+
+    def parse(value: str) -> str:
+        check(value)
+        return value
+
+    return parse
+
+
 ROLE = _choice("client", "server")
-TRANSPORTS = ("tcp", "tls")
+# ws and wss: SIP over WebSocket (RFC 7118), over TCP and over TLS; the keeper terminates both.
+TRANSPORTS = ("tcp", "tls", "ws", "wss")
+OVER_TLS = frozenset({"tls", "wss"})  # the transports that take TLS options (TLS_KEYS)
+OVER_WEBSOCKET = frozenset({"ws", "wss"})  # the transports that take WebSocket options (WS_KEYS)
 TLS_VERSIONS = ("1.2", "1.3")
 TRANSPORT = _choice(*TRANSPORTS)
 TLS_VERSION = _choice(*TLS_VERSIONS)
@@ -195,6 +212,17 @@ TLS_KEYS = {
     "tls_crl": PATH,
     "tls_keylog": PATH,  # a TLS key log (fdkeeper/keylog.py)
 }
+# WebSocket options (fdkeeper/websocket.py WsOptions.as_fields) travel with them, for ws and wss.
+WS_KEYS = {
+    "ws_path": Field(_checked_by(check_path), MAX_PATH, "a path starting with / (printable ASCII, no space)"),
+    "ws_origin": Field(_checked_by(check_origin), MAX_TEXT, "an Origin (printable ASCII)"),
+    "ws_headers": Field(
+        _checked_by(parse_header_lines),
+        MAX_HEADERS,
+        "'Name: value' lines joined by LF (at most 16, none the handshake's own)",
+        lines=True,
+    ),
+}
 
 _LEASE_KEYS = {
     "role": ROLE,
@@ -207,6 +235,7 @@ _LEASE_KEYS = {
     "mode": _choice("preload", "ptrace"),  # how the descriptor reaches the program, for status
     "transfer": _choice("scm", "pidfd"),
     **TLS_KEYS,
+    **WS_KEYS,
 }
 # STATUS filters, applied by the keeper (fdkeeper status --state/--aor/--remote/--transport/--count).
 STATES = ("idle", "leased", "closed")
@@ -242,7 +271,7 @@ def parse_field(verb: str, key: str, raw: str) -> FieldValue:
     except UnicodeDecodeError:
         raise _bad_field(verb, key, spec, raw, "is not UTF-8 once percent-decoded") from None
     try:
-        check_value(value, spec.max_length)
+        check_value(value, spec.max_length, lines=spec.lines)
         return spec(value)
     except ValueError as error:
         raise _bad_field(verb, key, spec, raw, str(error)) from None

@@ -139,4 +139,49 @@ def test_a_value_that_parses_has_no_control_character(verb_key, value):
         assert error.code == "badrequest" and f"{key}=" in error.text
         return
     if isinstance(parsed, str):
-        assert parsed and all(ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F for c in parsed)
+        lines = parsed.split("\n") if VERBS[verb][key].lines else [parsed]  # ws_headers: LF between lines
+        assert parsed and all(ord(c) >= 0x20 and not 0x7F <= ord(c) <= 0x9F for line in lines for c in line)
+
+
+# ---------------------------------------------------------------- WebSocket fields (issue 19)
+
+from fdkeeper.protocol import OVER_TLS, OVER_WEBSOCKET, TRANSPORTS, WS_KEYS  # noqa: E402
+from fdkeeper.websocket import WsOptions  # noqa: E402
+
+
+def test_ws_and_wss_are_transports_of_every_verb_that_names_one():
+    assert {"ws", "wss"} <= set(TRANSPORTS) and {"tls", "wss"} == OVER_TLS and {"ws", "wss"} == OVER_WEBSOCKET
+    for verb in ("LEASE", "PREPARE"):
+        assert set(WS_KEYS) <= set(VERBS[verb]) and parse_request(f"{verb} role=client transport=wss".encode())
+    assert parse_request(b"STATUS transport=ws").text("transport") == "ws"
+
+
+def test_websocket_options_round_trip_through_a_request():
+    options = WsOptions(path="/sip?x=1", origin="https://phone.example", headers=(("X-Token", "a b%c"), ("X-B", "2")))
+    message = format_message("PREPARE", role="client", transport="wss", **options.as_fields())
+    request = parse_request(message)
+    parsed = WsOptions.from_fields(request.text("ws_path"), request.text("ws_origin"), request.text("ws_headers"))
+    assert parsed == options
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("ws_path", "sip"),  # not starting with /
+        ("ws_path", "/a%20b"),  # a space would end the request line early
+        ("ws_path", "/%C3%A9"),  # not ASCII
+        ("ws_origin", "https://a%0D%0AHost:%20evil"),  # header injection through the Origin
+        ("ws_headers", "X-A:%20b%0D%0AHost:%20evil"),  # CR: a header of its own
+        ("ws_headers", "X-A:%20b%0AHost:%20evil"),  # the handshake's own header, on a line of its own
+        ("ws_headers", "X-A:%20b%0A%0AGET%20/%20HTTP/1.1"),  # an empty line, then a request of its own
+        ("ws_headers", "Sec-WebSocket-Protocol:%20other"),
+        ("ws_headers", "no%20colon"),
+        ("ws_headers", "%0A".join(f"X-{n}:%20v" for n in range(17))),  # 17 headers: at most 16
+    ],
+)
+def test_a_bad_websocket_field_is_one_badrequest_naming_it(field, value):
+    with pytest.raises(ProtocolError) as refused:
+        parse_request(f"PREPARE role=client transport=ws {field}={value}".encode())
+    text = refused.value.text
+    assert refused.value.code == "badrequest" and f" {field}=" in text and f"; {field}= must be " in text
+    assert "\n" not in text and "\r" not in text
