@@ -160,12 +160,14 @@ class WsProtocolError(FdkeeperError):
     """The server broke RFC 6455: ``reason`` names the defect, ``code`` is the Close code to answer
     with (1002 protocol error, 1009 message too big), ``messages`` the whole messages decoded before."""
 
+    # The Close code, as the interface names it, where FdkeeperError has a word (the keeper's error
+    # replies map a code they do not know to "internal", so an int there is harmless).
+    code: int  # type: ignore[assignment]
+
     def __init__(self, reason: str, code: int = PROTOCOL_ERROR) -> None:
-        super().__init__(f"the WebSocket server broke the protocol ({code}): {reason}", "unframeable")
+        super().__init__(f"the WebSocket server broke the protocol ({code}): {reason}")
         self.reason = reason
-        # The Close code, as the interface names it; FdkeeperError's word code is "unframeable" above
-        # (the keeper's error replies map an unknown code to "internal", so an int there is harmless).
-        self.code = code  # type: ignore[assignment]
+        self.code = code
         self.messages: list[bytes] = []
 
 
@@ -177,6 +179,13 @@ class WsDecoder:
     (echoing the server's code), and everything after it is ignored. What is held is the unfinished
     message's data frames as received (``_held``, only for a fragmented message) and the trailing
     partial frame (``_tail``): ``discard()`` hands exactly those bytes over.
+
+    A frame is checked as soon as its bytes allow, in this order (wsframe.c keeps it): on its first
+    two bytes the mask bit, the RSV bits, the opcode, then a fragmented control frame, a continuation
+    with no message begun, a data frame inside a fragmented message; once its length is read, a
+    64-bit length with the top bit set, a control payload over 125, the message over ``max_message``
+    (1009), the held frame headers over HEADER_ROOM (1009); when whole, a Close payload of 1 byte.
+    After a WsProtocolError the connection is over: the decoder's state is not defined.
     """
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:

@@ -51,21 +51,21 @@ def check_path(value: str) -> str:
     """A request path: starts with "/", printable ASCII without spaces, at most 1024 characters."""
     if not value.startswith("/"):
         raise ValueError("a WebSocket path starts with /")
-    if len(value) > MAX_FIELD:
-        raise ValueError(f"a WebSocket path of {len(value)} characters (at most {MAX_FIELD})")
-    if not all("!" <= char <= "~" for char in value):
-        raise ValueError("a WebSocket path is printable ASCII without spaces")
-    return value
+    return _check_field(value, "a WebSocket path", "!", "printable ASCII without spaces")
 
 
 def check_origin(value: str) -> str:
     """An Origin: printable ASCII (no CR or LF), at most 1024 characters."""
     if not value:
         raise ValueError("an empty Origin")
+    return _check_field(value, "an Origin", " ", "printable ASCII")
+
+
+def _check_field(value: str, what: str, lowest: str, allowed: str) -> str:
     if len(value) > MAX_FIELD:
-        raise ValueError(f"an Origin of {len(value)} characters (at most {MAX_FIELD})")
-    if not all(" " <= char <= "~" for char in value):
-        raise ValueError("an Origin is printable ASCII")
+        raise ValueError(f"{what} of {len(value)} characters (at most {MAX_FIELD})")
+    if not all(lowest <= char <= "~" for char in value):
+        raise ValueError(f"{what} is {allowed}")
     return value
 
 

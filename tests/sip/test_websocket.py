@@ -148,6 +148,39 @@ def test_every_protocol_error_is_named_after_the_messages_before_it(stream, reas
     assert str(raised.value).startswith("fdkeeper: ") and "\n" not in str(raised.value)
 
 
+messages_strategy = st.lists(st.binary(min_size=1, max_size=300).filter(lambda m: not m.isspace()), max_size=6)
+
+
+@st.composite
+def fragmented_stream(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
+    """Messages, each cut into fragments at drawn offsets, pings and pongs between the frames."""
+    messages = draw(messages_strategy)
+    stream = b""
+    for message in messages:
+        cuts = draw(st.lists(st.integers(0, len(message)), max_size=4))
+        frames = server_message(message, cuts, draw(st.sampled_from([OP_TEXT, OP_BINARY])))
+        stream += frames
+        if draw(st.booleans()):
+            stream += server_frame(draw(st.sampled_from([OP_PING, OP_PONG])), draw(st.binary(max_size=125)))
+    return messages, stream
+
+
+@settings(max_examples=200, deadline=None)
+@given(fragmented_stream(), st.sampled_from(PROTOCOL_ERRORS), st.lists(st.integers(0, 4000), max_size=8))
+def test_an_error_is_the_same_wherever_the_stream_is_cut(case, defect, cuts):
+    messages, stream = case
+    bad, reason, code = defect
+    delivered: list[bytes] = []
+    decoder = WsDecoder()
+    whole = stream + bad
+    bounds = [0, *sorted(cut for cut in cuts if cut <= len(whole)), len(whole)]
+    with pytest.raises(WsProtocolError) as raised:
+        for start, stop in itertools.pairwise(bounds):
+            delivered += decoder.feed(whole[start:stop])
+    assert raised.value.reason.startswith(reason) and raised.value.code == code
+    assert delivered + raised.value.messages == messages
+
+
 def test_an_oversized_message_is_refused_by_its_header_before_its_payload():
     decoder = WsDecoder()
     decoder.feed(server_frame(OP_TEXT, bytes(40000), fin=False))
@@ -185,23 +218,6 @@ def test_a_large_message_trickling_in_is_not_copied_again_each_read():
         assert decoder.feed(stream[at : min(at + 7, len(stream) - 1)]) == []
     assert decoder.pending == len(stream) - 1
     assert decoder.feed(stream[-1:]) == [bytes(60000) + b"x"]
-
-
-messages_strategy = st.lists(st.binary(min_size=1, max_size=300).filter(lambda m: not m.isspace()), max_size=6)
-
-
-@st.composite
-def fragmented_stream(draw: st.DrawFn) -> tuple[list[bytes], bytes]:
-    """Messages, each cut into fragments at drawn offsets, pings and pongs between the frames."""
-    messages = draw(messages_strategy)
-    stream = b""
-    for message in messages:
-        cuts = draw(st.lists(st.integers(0, len(message)), max_size=4))
-        frames = server_message(message, cuts, draw(st.sampled_from([OP_TEXT, OP_BINARY])))
-        stream += frames
-        if draw(st.booleans()):
-            stream += server_frame(draw(st.sampled_from([OP_PING, OP_PONG])), draw(st.binary(max_size=125)))
-    return messages, stream
 
 
 @settings(max_examples=300, deadline=None)
