@@ -61,6 +61,8 @@ def format_status(status: ReceivedJson) -> str:
         lines.append(_row(row, widths))
         if connection.get("tls"):
             lines.append(f"{'':{widths[0]}}  {escape_controls(_tls_line(connection['tls']))}")
+        if connection.get("websocket"):
+            lines.append(f"{'':{widths[0]}}  {escape_controls(_websocket_line(connection['websocket']))}")
     return "\n".join(lines)
 
 
@@ -87,6 +89,15 @@ def _tls_line(tls: ReceivedJson) -> str:
     verified = "verified" if tls["verified"] else "NOT verified (--tls-insecure)"
     sni = tls["sni"] or "none"
     return f"{tls['version']} {tls['cipher']}, peer {tls['peer_subject'] or '?'} ({verified}), SNI {sni}"
+
+
+def _websocket_line(websocket: ReceivedJson) -> str:
+    """Path, subprotocol, the server's status line and headers of a WebSocket (ws, wss) connection."""
+    headers = "; ".join(f"{name}: {value}" for name, value in websocket.get("server_headers") or [])
+    line = f"WebSocket {websocket['path']}, protocol {websocket['protocol']}, {websocket['status']}"
+    line += f", server headers: {headers}" if headers else ""
+    line += f", pings answered {websocket.get('pings_answered', 0)}"
+    return line + (f", closed: {websocket['close']}" if websocket.get("close") else "")
 
 
 def _duration(seconds: float) -> str:
