@@ -83,7 +83,7 @@ def _parse_header_line(line: str) -> tuple[str, str]:
     name, colon, value = line.partition(":")
     name, value = name.strip(), value.strip()
     if not colon or not _TOKEN.match(name):
-        raise ValueError(f"a WebSocket header is 'Name: value', not {escape_controls(line[:MAX_SHOWN])!r}")
+        raise ValueError(f"a WebSocket header is 'Name: value', not '{escape_controls(line[:MAX_SHOWN])}'")
     if any((char < " " and char != "\t") or char == "\x7f" for char in value):
         raise ValueError(f"the WebSocket header {name}'s value holds a control character")
     if name.lower() in _OWN_REQUEST_HEADERS:
@@ -191,7 +191,7 @@ def _parse_answer(head: str, where: str) -> tuple[str, list[tuple[str, str]]]:
     status = lines[0].strip()
     parts = status.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (len(parts[1]) == 3 and parts[1].isdigit()):
-        raise WsHandshakeError(where, f"answered with something other than HTTP: {_shown(status)!r}; check the port")
+        raise WsHandshakeError(where, f"answered with something other than HTTP: '{_shown(status)}'; check the port")
     if parts[1] != "101":
         raise WsHandshakeError(where, f"refused the upgrade: {_shown(status)}; check --ws-path and --ws-origin")
     headers: list[tuple[str, str]] = []
@@ -202,7 +202,7 @@ def _parse_answer(head: str, where: str) -> tuple[str, list[tuple[str, str]]]:
             continue
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.match(name):
-            raise WsHandshakeError(where, f"sent a malformed header line in its answer: {_shown(line)!r}")
+            raise WsHandshakeError(where, f"sent a malformed header line in its answer: '{_shown(line)}'")
         headers.append((name, value.strip()))
     return status, headers
 
