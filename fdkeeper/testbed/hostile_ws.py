@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import collections
-import hashlib
 import queue
 import socket
 import ssl
@@ -36,9 +35,8 @@ from fdkeeper.sip.framing import MAX_MESSAGE
 from fdkeeper.testbed.net import wait_until
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.testbed.scripted_sut import sip_message
+from fdkeeper.websocket import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, accept_for, apply_mask
 
-OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
 MAX_REQUEST = 16 * 1024  # the keeper's handshake request, before its blank line
 TICK = 0.01  # a connection thread's longest wait for the keeper's bytes
 BEFORE = ("before-1-0", "before-2-300")  # whole messages every frame script sends ahead of its defect
@@ -48,11 +46,6 @@ FLOOD_STALL = 1.0  # the flood stops once the keeper took nothing of it for this
 PING = bytes(range(125))  # a ping's payload: the longest a control frame may carry
 
 
-def server_accept(key: str) -> str:
-    """Sec-WebSocket-Accept for a client's key (RFC 6455 4.2.2): the server's side of the rule."""
-    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
-
-
 def server_frame(
     opcode: int,
     payload: bytes = b"",
@@ -60,22 +53,20 @@ def server_frame(
     fin: bool = True,
     rsv: int = 0,
     mask: bytes | None = None,
-    announce: int | None = None,
+    length: int | None = None,
 ) -> bytes:
     """One frame as a server writes it (unmasked), or as a hostile one does: ``rsv`` bits set,
-    ``mask``ed, or a header that ``announce``s another length than the payload that follows."""
-    length = len(payload) if announce is None else announce
+    ``mask``ed, or a header that announces another ``length`` than the payload that follows."""
+    size = len(payload) if length is None else length
     first = (0x80 if fin else 0) | (rsv & 7) << 4 | opcode
     mask_bit = 0x80 if mask is not None else 0
-    if length < 126:
-        header = struct.pack("!BB", first, mask_bit | length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
+    if size < 126:
+        header = struct.pack("!BB", first, mask_bit | size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
     else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if mask is None:
-        return header + payload
-    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    return header + payload if mask is None else header + mask + apply_mask(payload, mask)
 
 
 def fragments(message: bytes, count: int, opcode: int = OP_TEXT) -> list[bytes]:
@@ -138,7 +129,7 @@ class KeeperFrames:
             return None
         if masked:
             key = bytes(self.buffer[offset : offset + 4])
-            payload = bytes(byte ^ key[index % 4] for index, byte in enumerate(self.buffer[offset + 4 : end]))
+            payload = apply_mask(bytes(self.buffer[offset + 4 : end]), key)
         else:
             self.defects.append("an unmasked frame from the keeper")
             payload = bytes(self.buffer[offset:end])
@@ -185,7 +176,7 @@ class Script:
 def upgrade(key: str, *, protocol: str | None = "sip", accept: str | None = None, extra: str = "") -> bytes:
     """The server's 101 answer; ``protocol``/``accept`` replaced (or left out with None) by hostile scripts."""
     lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade"]
-    lines.append(f"Sec-WebSocket-Accept: {server_accept(key) if accept is None else accept}")
+    lines.append(f"Sec-WebSocket-Accept: {accept_for(key) if accept is None else accept}")
     if protocol is not None:
         lines.append(f"Sec-WebSocket-Protocol: {protocol}")
     lines.append("Server: fdkeeper-hostile-ws")
@@ -264,7 +255,7 @@ SCRIPTS: dict[str, Script] = {
         lambda key: upgrade(key) + server_frame(OP_TEXT, message_for("early-1-0")),
         note="a message in the same write as the 101: delivered",
     ),
-    "bad_accept": Script(lambda key: upgrade(key, accept=server_accept(key + "x")), note="refused"),
+    "bad_accept": Script(lambda key: upgrade(key, accept=accept_for(key + "x")), note="refused"),
     "wrong_subprotocol": Script(lambda key: upgrade(key, protocol="chat"), note="refused"),
     "no_subprotocol": Script(lambda key: upgrade(key, protocol=None), note="refused"),
     "refused_403": Script(refusal, note="refused, naming 403 Forbidden"),
@@ -272,7 +263,7 @@ SCRIPTS: dict[str, Script] = {
         upgrade, _then(lambda: server_frame(OP_TEXT, message_for("masked-0"), mask=b"abcd")), note="close 1002"
     ),
     "oversized_header": Script(
-        upgrade, _then(lambda: server_frame(OP_TEXT, announce=1 << 40)), note="close 1009 at the header"
+        upgrade, _then(lambda: server_frame(OP_TEXT, length=1 << 40)), note="close 1009 at the header"
     ),
     "too_big_in_fragments": Script(upgrade, _then(_too_big_in_fragments), note="close 1009"),
     "reserved_bits": Script(
