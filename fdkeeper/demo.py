@@ -11,6 +11,12 @@
 With `auth` (`fdkeeper demo --auth`) the SuT wants digest credentials, as real registrars
 do: every REGISTER is challenged with 401 and the caller's INVITE with 407, and the
 shipped scenarios answer with the passwords of the users CSV (and the caller's -au/-ap).
+
+With `websocket` (`fdkeeper demo --ws`) the story is a WebRTC client's, over secure WebSocket
+(WSS): no sipp speaks WebSocket, so there is no "without fdkeeper" step; alice registers over
+WSS through `fdkeeper sipp --ws -t l1` (the keeper makes the TLS and the HTTP Upgrade and
+keeps the connection), a call to her arrives while no sipp runs (it waits in the kept
+connection, the only way the SuT can reach her), and the next run answers it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.report import format_status
 from fdkeeper.sipp.runner import find_sipp
+from fdkeeper.testbed.sipp import start_calls
 
 USER = "alice"
 PLAIN_USER = "bob"
@@ -53,15 +60,28 @@ def start_through_fdkeeper(
 
 
 def run_demo(
-    sipp: str | None = None, keep_files: bool = False, say: Callable[[str], None] = print, auth: bool = False
+    sipp: str | None = None,
+    keep_files: bool = False,
+    say: Callable[[str], None] = print,
+    auth: bool = False,
+    websocket: bool = False,
 ) -> bool:
-    """The story step by step (`auth`: against a SuT that wants digest credentials); True when it worked."""
+    """The story step by step (`auth`: against a SuT that wants digest credentials; `websocket`:
+    over WSS); True when it worked."""
     sipp_path = os.fspath(find_sipp(sipp))
     workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-demo-"))
     keeper_dir = workdir / "keeper"
     logs = workdir / "logs"
-    kamailio = testbed.Kamailio(workdir / "kamailio", auth_users=AUTH_USERS if auth else None)
+    pki = testbed.make_test_pki(workdir / "pki") if websocket else None
+    kamailio = testbed.Kamailio(
+        workdir / "kamailio",
+        auth_users=AUTH_USERS if auth else None,
+        tls=testbed.KamailioTls.server(pki) if pki is not None else None,
+        websocket=websocket,
+    )
     try:
+        if pki is not None:
+            return _websocket_steps(sipp_path, kamailio, pki, keeper_dir, logs, workdir, say)
         return _demo_steps(sipp_path, kamailio, keeper_dir, logs, workdir, say)
     finally:
         KeeperClient(keeper_dir).stop()
@@ -156,3 +176,94 @@ def _without_fdkeeper(
     final = re.search(r"SIP/2\.0 ([3-6]\d\d [^\r\n']*)", call.text("errors"))
     outcome = "answered (unexpected)" if call.ok else f"failed: {final.group(1) if final else 'no answer'}"
     say(f"  registered, then sipp exited and closed its connection; a call to {PLAIN_USER}: {outcome}")
+
+
+def _websocket_steps(
+    sipp: str,
+    kamailio: testbed.Kamailio,
+    pki: testbed.TestPki,
+    keeper_dir: Path,
+    logs: Path,
+    workdir: Path,
+    say: Callable[[str], None],
+) -> bool:
+    """The story over WSS: register, a call in the gap between runs, the next run answers it."""
+    say("step 1: start the SuT, a WebRTC gateway")
+    kamailio.start()
+    wss = kamailio.wss_address
+    if wss is None:  # not met: the demo's SuT is made with TLS and WebSocket
+        raise RuntimeError(f"{kamailio} has no WSS listener")
+    say(f"  Kamailio takes SIP over secure WebSocket at wss://{wss}/ (subprotocol sip); a WebSocket")
+    say("  user's Contact is an .invalid host, so it is reached over the connection it registered on, or not at all")
+    say("  (no sipp speaks WebSocket: fdkeeper makes the TLS and the HTTP Upgrade, and keeps the connection)")
+    options = ("--ws", "--tls-ca", os.fspath(pki.ca_cert), "--tls-sni", pki.server_name)
+
+    say(f"step 2: register {USER} over WSS through fdkeeper sipp --ws -t l1, in one sipp run (which then exits)")
+    users = testbed.write_users_csv(workdir / "users.csv", [USER], kamailio.domain, kamailio.auth_users)
+    port = testbed.free_port()
+    register = _wss_run(
+        sipp, "uac-register.xml", wss, keeper_dir, logs, "register", options, ["-inf", os.fspath(users)], port
+    ).wait(30)
+    if not register.ok:
+        say(f"  FAILED: the register run did not succeed\n{register.summary()}")
+        return False
+    say(f"  registered; sipp exited with status {register.returncode}; the keeper still holds the WebSocket:")
+    for line in format_status(KeeperClient(keeper_dir).status()).splitlines():
+        say(f"    {line}")
+
+    say(f"step 3: while no sipp runs, a third party calls sip:{USER}@{kamailio.domain} (sipp over UDP)")
+    call = start_calls(
+        kamailio, [USER], log_dir=logs, name="call-in-gap", sipp=sipp, local_port=testbed.free_port(), timeout=30
+    )
+    try:
+        testbed.wait_until(lambda: _queued(keeper_dir) > 0, timeout=10, what="the INVITE to reach the kept WebSocket")
+    except TimeoutError:
+        say(f"  FAILED: the call did not reach the kept WebSocket\n{call.terminate().summary()}")
+        return False
+    say(f"  the INVITE waits in the kept connection ({_queued(keeper_dir)} bytes)")
+
+    say("step 4: the next sipp run (server mode, fdkeeper sipp --ws -t l1) takes the connection and answers it")
+    answer = _wss_run(sipp, "uas-answer.xml", wss, keeper_dir, logs, "answer", options, [], port)
+    answered, called = answer.wait(30), call.wait(30)
+    connections = kamailio.websocket_connections()
+    say(f"  caller: {called.successful} call(s) completed, {called.failed} failed")
+    say(f"  answering run: {answered.successful} call(s) answered, exit status {answered.returncode}")
+    say(f"  WSS connections at the SuT: {len(connections)} (the one the register run opened)")
+    ok = called.ok and answered.ok and [c["type"] for c in connections] == ["WSS"]
+    if not ok:
+        say(called.summary())
+        say(answered.summary())
+    return ok
+
+
+def _wss_run(
+    sipp: str,
+    scenario: str,
+    wss: str,
+    keeper_dir: Path,
+    logs: Path,
+    name: str,
+    options: tuple[str, ...],
+    extra: list[str],
+    local_port: int,
+) -> testbed.SippProcess:
+    """One sipp run over WSS through fdkeeper (register and answer alike on one -p: one identity)."""
+    return start_through_fdkeeper(
+        sipp,
+        scenario,
+        wss,
+        directory=keeper_dir,
+        log_dir=logs,
+        name=name,
+        options=options,
+        transport="l1",
+        local_port=local_port,
+        calls=1,
+        timeout=30,
+        extra=extra,
+    )
+
+
+def _queued(keeper_dir: Path) -> int:
+    """Bytes waiting in the kept connections (a request that arrived while no run held them)."""
+    return sum(int(str(c.get("queued_bytes") or 0)) for c in KeeperClient(keeper_dir).status()["connections"])

@@ -1,6 +1,7 @@
 """`fdkeeper sut`: the embedded SuT (fdkeeper.testbed's Kamailio) in the foreground, to try
 fdkeeper against: UDP and TCP on one port, TLS on another with a throw-away test PKI written
-to a folder it names, on given or free loopback ports. It prints the addresses, the domain
+to a folder it names, SIP over WebSocket (WS) and secure WebSocket (WSS) on two more, on given
+or free loopback ports. It prints the addresses, the domain
 and commands ready to paste, then runs until Ctrl-C, SIGTERM or SIGHUP, and stops Kamailio.
 """
 
@@ -26,7 +27,13 @@ USERS_CSV = "users.csv"  # shipped next to the scenarios: alice, bob, carol in f
 
 
 def serve(
-    port: int | None, tls_port: int | None, pki_dir: Path | None, say: Callable[[str], None] = print
+    port: int | None,
+    tls_port: int | None,
+    pki_dir: Path | None,
+    say: Callable[[str], None] = print,
+    *,
+    ws_port: int | None = None,
+    wss_port: int | None = None,
 ) -> signal.Signals:
     """Run the SuT until a stop signal; return the signal. FdkeeperError when it cannot start
     or dies on its own."""
@@ -34,7 +41,13 @@ def serve(
     try:
         pki = testbed.make_test_pki(pki_dir or workdir / "pki")
         kamailio = testbed.Kamailio(
-            workdir / "kamailio", port=port, tls=testbed.KamailioTls.server(pki), tls_port=tls_port
+            workdir / "kamailio",
+            port=port,
+            tls=testbed.KamailioTls.server(pki),
+            tls_port=tls_port,
+            websocket=True,
+            ws_port=ws_port,
+            wss_port=wss_port,
         )
         with _stop_signals() as stopped:
             _start(kamailio)
@@ -50,12 +63,15 @@ def serve(
 def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki) -> str:
     """What runs where, and commands to paste (from the current directory)."""
     scenarios = _shown(testbed.SCENARIOS_DIR)
-    sut, tls_sut = kamailio.address, kamailio.tls_address
+    sut, tls_sut, ws_sut, wss_sut = kamailio.address, kamailio.tls_address, kamailio.ws_address, kamailio.wss_address
     tls = f"--tls-ca {_shown(pki.ca_cert)} --tls-sni {pki.server_name}"
+    register = f"-sf {scenarios}/uac-register.xml -inf {scenarios}/{USERS_CSV}"
     lines = [
         f"fdkeeper sut: Kamailio for domain {kamailio.domain} (users alice, bob, carol: {scenarios}/{USERS_CSV})",
         f"  UDP and TCP  {sut}",
         f"  TLS          {tls_sut}  (test CA {_shown(pki.ca_cert)}, certificate for {pki.server_name})",
+        f"  WS           ws://{ws_sut}/  (SIP over WebSocket, subprotocol sip)",
+        f"  WSS          wss://{wss_sut}/  (the same over TLS, same certificate)",
         f"  log          {kamailio.log_path}",
         "",
         "Try it (in another terminal):",
@@ -64,8 +80,10 @@ def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki) -> str:
         f"  sipp -sf {scenarios}/uac-call.xml -s alice -key domain {kamailio.domain} -t u1 -m 1 -nostdin {sut}",
         "  wait; fdkeeper status; fdkeeper stop",
         "Over TLS:",
-        f"  fdkeeper sipp {tls} -sf {scenarios}/uac-register.xml -inf {scenarios}/{USERS_CSV} -t l1 -i 127.0.0.1 "
-        f"-m 1 {tls_sut}",
+        f"  fdkeeper sipp {tls} {register} -t l1 -i 127.0.0.1 -m 1 {tls_sut}",
+        "Over WebSocket (WS: -t t1, WSS: -t l1; -t tn/ln: one WebSocket per user):",
+        f"  fdkeeper sipp --ws {register} -t t1 -i 127.0.0.1 -m 1 {ws_sut}",
+        f"  fdkeeper sipp --ws {tls} {register} -t l1 -i 127.0.0.1 -m 1 {wss_sut}",
         "",
         "Ctrl-C stops it.",
     ]
@@ -84,7 +102,7 @@ def _start(kamailio: testbed.Kamailio) -> None:
     except RuntimeError as error:
         first = str(error).splitlines()[0]
         raise FdkeeperError(
-            f"fdkeeper sut: Kamailio did not start: {first}; try other ports (--port, --tls-port)"
+            f"fdkeeper sut: Kamailio did not start: {first}; try other ports (--port, --tls-port, --ws-port, --wss-port)"
         ) from None
 
 

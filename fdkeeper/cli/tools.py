@@ -22,16 +22,18 @@ from fdkeeper.cli.group import main
 @click.option(
     "--auth", is_flag=True, help="The SuT wants digest credentials: REGISTER is challenged (401), the call too (407)."
 )
-def demo_command(sipp_path: str | None, keep_files: bool, auth: bool) -> None:
+@click.option("--ws", "websocket", is_flag=True, help="Tell it over secure WebSocket (WSS), as a WebRTC client would.")
+def demo_command(sipp_path: str | None, keep_files: bool, auth: bool, websocket: bool) -> None:
     """Register over TCP in one sipp run, answer a call in a second run, against a local Kamailio.
 
     Starts Kamailio on a free loopback port with its own configuration (the embedded
-    default SuT), its own keeper, and prints every step and the result.
+    default SuT), its own keeper, and prints every step and the result. With --ws the
+    story is a WebRTC client's over secure WebSocket: the call comes between the runs.
     """
     from fdkeeper.demo import run_demo
 
     started = time.monotonic()
-    ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo, auth=auth)
+    ok = run_demo(sipp=sipp_path, keep_files=keep_files, say=click.echo, auth=auth, websocket=websocket)
     click.echo(f"demo {'PASSED' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     sys.exit(0 if ok else 1)
 
@@ -39,6 +41,10 @@ def demo_command(sipp_path: str | None, keep_files: bool, auth: bool) -> None:
 @main.command("sut")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="PORT", help="UDP and TCP port (default: a free one).")
 @click.option("--tls-port", type=click.IntRange(1, 65535), metavar="PORT", help="TLS port (default: a free one).")
+@click.option("--ws-port", type=click.IntRange(1, 65535), metavar="PORT", help="WebSocket port (default: a free one).")
+@click.option(
+    "--wss-port", type=click.IntRange(1, 65535), metavar="PORT", help="Secure WebSocket port (default: free)."
+)
 @click.option(
     "--pki",
     "pki_dir",
@@ -46,14 +52,16 @@ def demo_command(sipp_path: str | None, keep_files: bool, auth: bool) -> None:
     metavar="DIR",
     help="Write the test PKI (ca.crt for --tls-ca) here (default: a temporary folder, removed at the end).",
 )
-def sut_command(port: int | None, tls_port: int | None, pki_dir: Path | None) -> None:
-    """Run the embedded SuT (a local Kamailio, TCP and TLS) in the foreground, to try fdkeeper against.
+def sut_command(
+    port: int | None, tls_port: int | None, ws_port: int | None, wss_port: int | None, pki_dir: Path | None
+) -> None:
+    """Run the embedded SuT (a local Kamailio: TCP, TLS, WS, WSS) in the foreground, to try fdkeeper against.
 
     Prints its addresses, domain, test CA and commands to paste; Ctrl-C (or SIGTERM) stops it.
     """
     from fdkeeper.sutcommand import serve
 
-    stopped_by = serve(port, tls_port, pki_dir, say=click.echo)
+    stopped_by = serve(port, tls_port, pki_dir, say=click.echo, ws_port=ws_port, wss_port=wss_port)
     click.echo(f"fdkeeper sut: stopped ({stopped_by.name})")
 
 
