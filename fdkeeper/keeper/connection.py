@@ -50,8 +50,8 @@ ConnectionKey = tuple[Address, str, str | None, Address | None]
 class KeptConnection:
     """A connection to the SuT the keeper holds.
 
-    ``sock`` is the descriptor runs are leased: the TCP socket itself, or for TLS the sipp
-    end of the socketpair its link relays to and from the TLS connection. ``io`` is what differs
+    ``sock`` is the descriptor runs are leased: the TCP socket itself, or for TLS and WebSocket
+    the sipp end of the socketpair its link relays to and from the SuT's connection. ``io`` is what differs
     per transport (keeper/transports.py).
     """
 
@@ -119,8 +119,9 @@ class KeptConnection:
         except BlockingIOError:
             return False
 
-    def mark_closed(self, reason: str) -> None:
-        self.io.close()
+    def mark_closed(self, reason: str, going_away: bool = False) -> None:
+        """Close it for ``reason`` (``going_away``: the keeper stops, which a WebSocket Close says)."""
+        self.io.close(going_away)
         if self.sock is not None:
             self.sock.close()
         self.sock = None

@@ -5,8 +5,10 @@ kept TCP connection, by SCM_RIGHTS, to its successor over the control socket (ve
 from the same uid only), then exits; the successor takes the lock and keeps them under the same
 ids. Same sockets, same source ports: the SuT sees nothing, registrations over them stay valid.
 
-What cannot move: a TLS connection's state lives in the old process's OpenSSL, so each is named
-in the log as lost and closed cleanly (close_notify). A replacement is refused while any run
+What cannot move: a TLS connection's state lives in the old process's OpenSSL, and a WebSocket
+connection's in its link (the socketpair runs are leased, with what they have not read yet, the
+decoder's partial frame, the handshake), so each is named in the log as lost and closed cleanly
+(a Close 1001 going away, close_notify). A replacement is refused while any run
 holds a lease (its holder's pidfd and the lease would have to move too; the runs end soon).
 """
 
@@ -55,7 +57,7 @@ Batches = Callable[[list[KeptConnection], Callable[[KeptConnection], int]], list
 
 
 def hand_over(sock: socket.socket, connections: list[KeptConnection], batches: Batches) -> list[KeptConnection]:
-    """Send every idle TCP connection to the successor on ``sock``; return the TLS ones left behind."""
+    """Send every idle TCP connection to the successor on ``sock``; return the TLS and WebSocket ones left behind."""
     movable = [c for c in connections if c.state == IDLE and c.io.movable]
     lost = [c for c in connections if c.state == IDLE and not c.io.movable]
     sock.setblocking(True)
@@ -73,7 +75,9 @@ def hand_over(sock: socket.socket, connections: list[KeptConnection], batches: B
         send_packet(sock, packet, [c.fileno() for c in batch])
     log.info("handed %d kept connection(s) over to the successor", len(movable))
     for connection in lost:
-        log.warning("%s cannot be handed over (TLS state stays in this process): closed", connection.label())
+        log.warning(
+            "%s cannot be handed over (TLS or WebSocket state stays in this process): closed", connection.label()
+        )
     return lost
 
 
@@ -147,8 +151,8 @@ def take_over(client: KeeperClient) -> list[KeptConnection]:
     if lost_count:
         more = f" and {lost_count - len(lost)} more" if lost_count > len(lost) else ""
         log.warning(
-            "lost %d TLS connection(s) that cannot move between processes (closed cleanly by the previous "
-            "keeper; runs over them open new ones and must register again): %s%s",
+            "lost %d TLS connection(s) (WebSocket ones included) that cannot move between processes (closed "
+            "cleanly by the previous keeper; runs over them open new ones and must register again): %s%s",
             lost_count,
             ", ".join(lost),
             more,

@@ -1,8 +1,8 @@
 """Whether kept connections are still alive: the SuT's FIN/RST, RFC 5626 keep-alive pings and pongs.
 
 What each transport watches and how it keeps a connection alive is its own (transports.py:
-plain TCP watches only for the SuT's FIN or RST and the pong at the head of the queue; TLS
-links relay, and take pongs out of the stream). Here: what is common to all of them (closing
+plain TCP watches only for the SuT's FIN or RST and the pong at the head of the queue; TLS and
+WebSocket links relay, and take pongs out of the stream). Here: what is common to all of them (closing
 a connection, keeping one the SuT ended until what it sent is read, keep-alive rounds, a lease
 waiting for a pong) and the one wake-up of the TLS pump.
 
@@ -50,10 +50,11 @@ class ConnectionHealth:
         """Start watching a freshly opened connection (as its transport says: transports.py)."""
         connection.io.watch(self, connection)
 
-    def close_connection(self, connection: KeptConnection, reason: str) -> None:
+    def close_connection(self, connection: KeptConnection, reason: str, going_away: bool = False) -> None:
+        """Close it for ``reason``; ``going_away``: because the keeper stops (pool.close)."""
         log.info("%s: %s", connection.label(), reason)
         connection.io.unwatch(self.reactor)
-        connection.mark_closed(reason)
+        connection.mark_closed(reason, going_away)
         self._gave_up.pop(connection.id, None)
         self.stop_settling(connection)  # a lease waiting for its pong learns it closed
 

@@ -1,11 +1,15 @@
-"""One TLS connection to the SuT held by the keeper, and the socketpair runs are leased instead.
+"""One connection to the SuT the keeper terminates (TLS, WebSocket), and the socketpair runs are leased instead.
 
 A TLS session cannot move between processes (its keys and sequence numbers live in the
-memory of the process that made it), so the keeper holds it and hands each sipp run one
-end of a unix stream socketpair instead. ``TlsLink`` pumps between that pair and the TLS
+memory of the process that made it), and sipp speaks no WebSocket, so the keeper holds the
+connection and hands each sipp run one end of a unix stream socketpair carrying plain SIP
+instead. ``TlsLink`` (named when TLS was the only one) pumps between that pair and the SuT's
 connection and forwards only whole SIP messages (fdkeeper/sip/framing.py) in both directions:
 the SuT never receives half a message from a run that died mid-write, a new run never starts
-reading in the middle of one, and keep-alive CRLFs never reach sipp.
+reading in the middle of one, and keep-alives never reach sipp. What lies under it is its
+``wire`` (keeper/wire.py: a TLS session, or plain TCP for WebSocket over TCP) and how SIP is
+framed on that wire its ``codec`` (keeper/codec.py: SIP on the stream, or one WebSocket
+message per SIP message); everything else here is the same for all of them.
 
 While a run holds the link, a C pump (tlspump.py) moves the messages instead, with the same
 framing and bounds, and hands the link back with its exact state when the run ends or the
@@ -28,22 +32,25 @@ Half-close behaves as over TCP: after the SuT's FIN or close_notify (``sut_ended
 a bad record is a failure, read by the run as ECONNRESET) the pair is shut for writing only,
 so the run reads what came before, then end of file, and what it writes still goes out until
 a write fails or its lease ends (transports.py ``still_sending``). The FIN is peeked at the
-socket, never read through OpenSSL (``_next_in_socket``).
+socket, never read through OpenSSL (wire.py). The SuT's WebSocket Close ends it the same way
+for the run, but nothing more is sent after the Close reply (RFC 6455 5.5.1): what the run
+writes then is dropped. Data the codec cannot read ends the link as a failure does, after the
+whole messages before it (over WebSocket a Close 1002 or 1009 goes first); when the keeper
+closes a link it says goodbye as the protocol wants (a Close frame, 1001 when the keeper
+stops, then close_notify over TLS, then the FIN).
 """
 
 from __future__ import annotations
 
-import _socket
 import collections
-import errno
 import logging
 import select
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fdkeeper.keeper.codec import Codec, SipStream, Unframeable
 from fdkeeper.keeper.connection import new_descriptors
 from fdkeeper.keeper.tlspump import (
     END_CLOSE_NOTIFY,
@@ -54,10 +61,11 @@ from fdkeeper.keeper.tlspump import (
     LiveCounter,
     PumpedLink,
 )
-from fdkeeper.sip.framing import PING, FramingError, SipFramer
+from fdkeeper.keeper.wire import Wire, WireEnded, WireFailed, reset_underneath, socket_error
+from fdkeeper.sip.framing import FramingError, SipFramer
 from fdkeeper.sip.options import options_reply
 from fdkeeper.tcp import queued_bytes
-from fdkeeper.tls import READ_CHUNK, TlsOptions, describe
+from fdkeeper.tls import READ_CHUNK
 
 log = logging.getLogger("fdkeeper.tls")
 
@@ -92,10 +100,10 @@ class PumpHandover:
     relay: str  # who relays while a run holds it, for status: "python", or "pump" once it took it
 
     # The link's state and relay, which the hand-over reads and calls back into: TlsLink's.
-    tls: ssl.SSLSocket
+    wire: Wire
     sipp_end: socket.socket
     keeper_end: socket.socket
-    from_sut: SipFramer
+    codec: Codec  # decodes what the SuT sends (and encodes what goes to it)
     from_sipp: SipFramer
     to_sut: bytearray
     to_sipp: bytearray
@@ -114,7 +122,7 @@ class PumpHandover:
         def _ended(self, reason: str) -> None: ...
         def _ended_cleanly(self, reason: str) -> None: ...
         def _flush_to_sut(self) -> None: ...
-        def _read_tls(self) -> None: ...
+        def _read_sut(self) -> None: ...
         def _queue_to_sipp(self, messages: list[bytes]) -> None: ...
         def _read_pair_data(self, data: bytes) -> None: ...
 
@@ -130,12 +138,12 @@ class PumpHandover:
             return False  # only at a clean point: no SSL write in progress changes hands
         if not self._pump_tried:
             self._pump_tried = True
-            self.pump = PumpedLink.create(self.tls)
+            self.pump = PumpedLink.create(self.wire.sock, websocket=self.codec.websocket)
             self.relay = "pump" if self.pump else "python"
         if self.pump is None:
             return False
-        partials = (self.from_sut.discard(), self.from_sipp.discard())
-        fds = (self.tls.fileno(), self.keeper_end.fileno(), self.sipp_end.fileno())
+        partials = (self.codec.discard(), self.from_sipp.discard())
+        fds = (self.wire.sock.fileno(), self.keeper_end.fileno(), self.sipp_end.fileno())
         if not self.pump.attach(fds, bytes(self.to_sut), bytes(self.to_sipp), partials, list(self.unread_lengths)):
             self._restore_partials(*partials)
             return False
@@ -157,7 +165,7 @@ class PumpHandover:
         self.messages_to_sut += back.messages_to_sut
         self.messages_to_sipp += back.messages_to_sipp
         self.dropped_bytes += back.dropped_bytes
-        self.from_sut.keepalives += back.keepalives
+        self.codec.keepalives += back.keepalives
         if back.keepalives:
             self.ping_sent_at = None
         if back.last_activity is not None:
@@ -181,11 +189,11 @@ class PumpHandover:
         if failure and not self.reset:
             self._fail(failure)
         self._flush_to_sut()
-        self._read_tls()  # what the SuT sent meanwhile waited in the socket
+        self._read_sut()  # what the SuT sent meanwhile waited in the socket
         return True
 
     def _restore_partials(self, from_sut: bytes, from_sipp: bytes) -> None:
-        self._queue_to_sipp(self.from_sut.feed(from_sut))  # partial messages: nothing comes out
+        self._queue_to_sipp(self.codec.feed(from_sut))  # partial messages: nothing comes out
         self._read_pair_data(from_sipp)
 
     def _apply_pump_end(self, back: Handback) -> None:
@@ -207,27 +215,27 @@ class PumpHandover:
 
 
 class TlsLink(PumpHandover):
-    """One TLS connection to the SuT and the socketpair whose ``sipp_end`` runs are leased.
+    """One connection to the SuT (its ``wire`` and ``codec``) and the socketpair whose ``sipp_end`` runs are leased.
 
-    The keeper's event loop calls ``on_tls_event``/``on_pair_event`` and asks ``wants()``
-    which events to watch. Towards sipp, the lengths of the messages written into the pair
-    are remembered until read, so that when a run ends the unread remainder of a message
-    it had started can be dropped and the next run starts on a message boundary.
+    The keeper's event loop calls ``on_sut_event``/``on_pair_event`` and asks ``wants_sut()``
+    and ``wants_pair()`` which events to watch. Towards sipp, the lengths of the messages
+    written into the pair are remembered until read, so that when a run ends the unread
+    remainder of a message it had started can be dropped and the next run starts on a message
+    boundary.
     """
 
-    def __init__(self, tls: ssl.SSLSocket, options: TlsOptions, early: bytes = b"") -> None:
-        self.tls = tls
-        self.options = options
+    def __init__(self, wire: Wire, early: bytes = b"", codec: Codec | None = None) -> None:
+        self.wire = wire
+        self.codec = codec or SipStream()
         self.pump: PumpedLink | None = None  # made at the first lease; None: Python relays
         self._pump_tried = False
         self.write_pending = False
         self.ssl_with_pump = False
         self.sipp_end, self.keeper_end = new_descriptors(
-            "open the socketpair a TLS connection is leased through",
+            "open the socketpair a TLS or WebSocket connection is leased through",
             lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM),
         )
         self.keeper_end.setblocking(False)
-        self.from_sut = SipFramer()
         self.from_sipp = SipFramer()
         self.to_sut = bytearray()
         self.to_sipp = bytearray()
@@ -236,14 +244,15 @@ class TlsLink(PumpHandover):
         # counted from the previous run's end): they are read as fast as the SuT reads, and at
         # each run's end in the stream that run's unfinished message is dropped.
         self.ended_runs: collections.deque[int] = collections.deque()
-        self.info = describe(tls, options)
         self.relay = "python"
         self.closed_reason = ""  # the link is over: nothing more goes either way
-        # The SuT ended its side cleanly (FIN, close_notify): as a half-closed TCP socket, the
-        # run reads what came before, then end of file, and what it writes still goes out.
+        # The SuT ended its side cleanly (FIN, close_notify, a WebSocket Close): as a half-closed
+        # TCP socket, the run reads what came before, then end of file, and what it writes still
+        # goes out (but after a WebSocket Close: still_sending).
         self.sut_ended = ""
         self.eof_towards_sipp = False
         self.reset = False  # the SuT's side failed (RST, bad record) rather than closed
+        self.said_goodbye = False  # the codec's last word (a WebSocket Close) is in to_sut
         self.answer_options = False  # --answer-options: set by the keeper's ConnectionHealth
         self.is_held: Callable[[], bool] = lambda: False  # whether a run holds the link now
         self.options_answered = 0
@@ -252,13 +261,13 @@ class TlsLink(PumpHandover):
         self.dropped_bytes = 0
         self.ping_sent_at: float | None = None
         self.last_activity = time.monotonic()
-        self.watched_tls = self.watched_pair = 0  # what the keeper's epoll watches now
+        self.watched_sut = self.watched_pair = 0  # what the keeper's epoll watches now
         if early:
-            self._queue_to_sipp(self.from_sut.feed(early))
+            self._take_from_sut(early)
 
     # -- the event loop's view
 
-    def wants_tls(self) -> int:
+    def wants_sut(self) -> int:
         if self.pumped:  # once, when the SuT's side ends (the pump raises it for a TLS-only end)
             return select.EPOLLRDHUP | select.EPOLLONESHOT
         if self.ssl_with_pump:  # nothing until the pump lets go (it says so on its eventfd)
@@ -279,7 +288,7 @@ class TlsLink(PumpHandover):
         events = select.EPOLLIN if len(self.to_sut) < BUFFER_LIMIT else 0
         return events | (select.EPOLLOUT if self.to_sipp else 0)
 
-    def on_tls_event(self, mask: int) -> None:
+    def on_sut_event(self, mask: int) -> None:
         if self.ssl_with_pump:
             return
         if self.pumped:  # the SuT's side ended while pumped: Python takes it from here
@@ -292,9 +301,10 @@ class TlsLink(PumpHandover):
             self._flush_to_sut()
         if self.sut_ended:
             if mask & (select.EPOLLHUP | select.EPOLLERR) and not self.closed_reason:
-                self._fail(f"the SuT's TLS connection failed after it ended: {self._socket_error()}")
+                error = socket_error(self.wire.sock)
+                self._fail(f"the SuT's {self.wire.kind} connection failed after it ended: {error}")
         elif mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-            self._read_tls()
+            self._read_sut()
 
     def on_pair_event(self, mask: int) -> None:
         if self.pumped or self._pump_if_held():
@@ -306,54 +316,47 @@ class TlsLink(PumpHandover):
 
     # -- SuT -> sipp
 
-    def _read_tls(self) -> None:
+    def _read_sut(self) -> None:
         while not self.closed_reason and not self.sut_ended and not self.ssl_with_pump:
-            if not self.tls.pending():  # OpenSSL would read the socket: see what is there first
-                ahead = _next_in_socket(self.tls)
-                if ahead == _NOTHING:
-                    return
-                if ahead == _FIN:
-                    self._ended("the SuT closed it: FIN without TLS close_notify")
-                    return
             try:
-                data = self.tls.recv(READ_CHUNK)
-            except ssl.SSLWantReadError:
+                data = self.wire.read()
+            except WireEnded as end:
+                self._ended(str(end))
                 return
-            except ssl.SSLWantWriteError:
+            except WireFailed as failure:
+                self._fail(str(failure))
                 return
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                self._ended("the SuT closed it: FIN without TLS close_notify")
-                return
-            except ssl.SSLError as error:
-                if error.reason == "UNEXPECTED_EOF_WHILE_READING":  # Debian's 3.11 says it so
-                    self._ended("the SuT closed it: FIN without TLS close_notify")
-                else:
-                    self._fail(f"the SuT's TLS connection failed: {error.reason or error}")
-                return
-            except OSError as error:
-                self._fail(f"the SuT's TLS connection failed: {error.strerror or error}")
-                return
-            if not data:
-                self._ended("the SuT closed it: TLS close_notify")
+            if data is None:
                 return
             self.last_activity = time.monotonic()
-            try:
-                messages = self.from_sut.feed(data)
-            except FramingError as error:
-                self._queue_to_sipp(error.messages)  # whole messages before the bad part still count
-                self.closed_reason = f"the SuT sent unframeable data: {error}"
-                return
-            if self.from_sut.keepalives:
-                self.ping_sent_at = None  # a pong: the flow is alive
-            if self.answer_options and not self.is_held():
-                messages = self._answer_options(messages)
-            self._queue_to_sipp(messages)
+            self.ping_sent_at = None  # anything from the SuT (a pong among it) shows the flow alive
+            self._take_from_sut(data)
             if len(self.to_sipp) >= BUFFER_LIMIT:
                 return
 
+    def _take_from_sut(self, data: bytes) -> None:
+        """What the SuT sent: its whole messages towards sipp, the protocol's own answers back to it."""
+        try:
+            messages = self.codec.feed(data)
+        except Unframeable as error:
+            self._queue_to_sipp(error.messages)  # whole messages before the bad part still count
+            self.closed_reason = str(error)
+            self.to_sut += error.farewell  # sent as the link closes (close_wire)
+            self.said_goodbye = bool(error.farewell)
+            return
+        replies = self.codec.take_replies()  # pongs, the reply to the SuT's Close: at once
+        if replies:
+            self.to_sut += replies
+            self._flush_to_sut()
+        if self.answer_options and not self.is_held():
+            messages = self._answer_options(messages)
+        self._queue_to_sipp(messages)
+        if self.codec.closed:
+            self._ended_cleanly(f"the SuT closed the WebSocket: {self.codec.closed}")
+
     def _ended(self, reason: str) -> None:
-        """An end of stream; OpenSSL reports an RST underneath as one too."""
-        if _reset_underneath(self.tls):
+        """An end of stream; OpenSSL (and the pump) report an RST underneath as one too."""
+        if reset_underneath(self.wire.sock):
             self._fail("the SuT reset it: ECONNRESET")
         else:
             self._ended_cleanly(reason)
@@ -361,10 +364,6 @@ class TlsLink(PumpHandover):
     def _ended_cleanly(self, reason: str) -> None:
         self.sut_ended = reason
         self.end_towards_sipp_when_delivered()
-
-    def _socket_error(self) -> str:
-        error = self.tls.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        return errno.errorcode.get(error, str(error)) if error else "hang-up"
 
     def _answer_options(self, messages: list[bytes]) -> list[bytes]:
         """--answer-options while no run holds the link: reply to the SuT's OPTIONS pings."""
@@ -374,7 +373,7 @@ class TlsLink(PumpHandover):
             if reply is None:
                 kept.append(message)
             else:
-                self.to_sut += reply
+                self.to_sut += self.codec.encode(reply)
                 self.options_answered += 1
         if len(kept) < len(messages):
             self._flush_to_sut()
@@ -431,20 +430,26 @@ class TlsLink(PumpHandover):
                     self._drop_unfinished_message()
 
     def _flush_to_sut(self) -> None:
+        if not self.closed_reason:
+            failure = self._write_to_sut()
+            if failure:
+                self._fail(failure)
+
+    def _write_to_sut(self) -> str:
+        """Send what is queued for the SuT as far as the wire takes it; the failure, if one."""
         # A retry after WANT_* is never shorter than the write it retries: to_sut only grows
         # at its end until a write completes, and each write takes as much of it as it can.
-        while self.to_sut and not self.closed_reason and not self.ssl_with_pump:
+        while self.to_sut and not self.ssl_with_pump:
             try:
-                sent = self.tls.send(self.to_sut[:READ_CHUNK])
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                self.write_pending = True
-                return
-            except (ssl.SSLError, OSError) as error:
+                sent = self.wire.write(self.to_sut[:READ_CHUNK])
+            except WireFailed as failure:
                 self.write_pending = False
-                self._fail(f"the SuT's TLS connection failed: {getattr(error, 'reason', None) or error}")
-                return
-            self.write_pending = False
+                return str(failure)
+            self.write_pending = sent is None
+            if sent is None:
+                return ""
             del self.to_sut[:sent]
+        return ""
 
     # -- between runs
 
@@ -482,8 +487,11 @@ class TlsLink(PumpHandover):
             self.dropped_bytes += dropped
             log.warning("dropped %d bytes from sipp that are not SIP: %s", dropped, error)
             messages = error.messages  # the whole ones before the bad part still go out
+        if self.codec.closed:  # nothing goes after the Close reply (RFC 6455 5.5.1)
+            self.dropped_bytes += sum(map(len, messages))
+            return
         for message in messages:
-            self.to_sut += message
+            self.to_sut += self.codec.encode(message)
         self.messages_to_sut += len(messages)
         self._flush_to_sut()
 
@@ -505,7 +513,7 @@ class TlsLink(PumpHandover):
             log.warning("dropped the unread %d bytes of a message the ended run had started to read", rest)
 
     def send_ping(self) -> None:
-        self.to_sut += PING
+        self.to_sut += self.codec.ping()
         self.ping_sent_at = time.monotonic()
         self._flush_to_sut()
 
@@ -514,27 +522,23 @@ class TlsLink(PumpHandover):
 
     def still_sending(self) -> bool:
         """Whether the SuT ended cleanly and the session still takes what runs write."""
-        return bool(self.sut_ended) and not self.closed_reason
+        return bool(self.sut_ended) and not self.closed_reason and not self.codec.closed
 
     # -- the SuT's side ended: what it sent still reaches a run
 
-    def close_tls(self) -> None:
-        self._free_pump()  # before the SSL object goes
-        self._send_close_notify()
-        try:
-            self.tls.close()
-        except OSError:
-            pass
-
-    def _send_close_notify(self) -> None:
-        """End the keeper's sending side as a TLS peer does: close_notify, then the FIN (best
-        effort and never blocking: the socket is non-blocking, the SuT's answer is not awaited)."""
-        if self.reset or self.tls.fileno() < 0 or self.tls.gettimeout() != 0.0:
+    def close_wire(self, going_away: bool = False) -> None:
+        """Say goodbye to the SuT as its protocol wants (a WebSocket Close, 1001 if ``going_away``:
+        the keeper stops; TLS close_notify; the FIN), best effort and never blocking, and close."""
+        if self.wire.sock.fileno() < 0:
             return
-        try:
-            self.tls.unwrap()
-        except (ssl.SSLError, OSError, ValueError):
-            pass  # sent, and the SuT's close_notify not there yet (SSLWantReadError); or it could not go
+        interrupted = self.ssl_with_pump  # the pump's write was cut short: the stream is not whole
+        self._free_pump()  # before the SSL object goes
+        if not self.reset and not interrupted:
+            if not self.said_goodbye:
+                self.to_sut += self.codec.goodbye(going_away)
+                self.said_goodbye = True
+            self._write_to_sut()  # whatever it cannot take now is dropped with the link
+        self.wire.close(self.reset)
 
     def end_towards_sipp(self) -> None:
         """Everything complete is in the pair now: end it after those messages, as the SuT ended.
@@ -562,46 +566,9 @@ class TlsLink(PumpHandover):
                 return
             self.dropped_bytes += len(data)
 
-    def close(self) -> None:
-        self._free_pump()
-        self._send_close_notify()
-        for sock in (self.tls, self.keeper_end):
-            try:
-                sock.close()
-            except OSError:
-                pass
-
-
-_NOTHING, _FIN, _SOMETHING = range(3)
-
-
-def _next_in_socket(tls: ssl.SSLSocket) -> int:
-    """What the TLS socket holds next: nothing yet, the SuT's FIN, or bytes (or an error).
-
-    A FIN is never read through OpenSSL: it takes the end of a stream without close_notify
-    for a truncation attack and refuses to write after it, where a half-closed TCP socket
-    still sends (the run's answers to what the SuT sent before are to go out). Peeking here
-    replaces the read that would have ended in SSLWantReadError.
-    """
-    try:
-        return _SOMETHING if _socket.socket.recv(tls, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else _FIN
-    except BlockingIOError:
-        return _NOTHING
-    except OSError:  # a reset: OpenSSL reads it as it comes
-        return _SOMETHING
-
-
-_TCP_CLOSE = 7  # tcpi_state after an RST; a FIN received leaves CLOSE_WAIT
-
-
-def _reset_underneath(tls: ssl.SSLSocket) -> bool:
-    """Whether the TCP connection under an ended TLS stream was reset rather than closed.
-
-    OpenSSL reports both as an EOF, and its read may have consumed the socket error: an RST
-    while established leaves ECONNRESET (or, consumed, no error and the TCP state CLOSE);
-    an RST after the SuT's FIN leaves EPIPE, a FIN alone CLOSE_WAIT: both a close.
-    """
-    error = tls.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if error:
-        return error == errno.ECONNRESET
-    return tls.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE
+    def close(self, going_away: bool = False) -> None:
+        self.close_wire(going_away)
+        try:
+            self.keeper_end.close()
+        except OSError:
+            pass

@@ -2,10 +2,11 @@
 
 Every KeptConnection has an ``io``: a ``TcpTransport`` (the kernel socket is what runs are
 leased; between runs the keeper only watches it for the SuT's FIN or RST, keep-alive pongs and
---answer-options' OPTIONS) or a ``TlsTransport`` (the keeper terminates TLS and runs are leased
-one end of a socketpair the link relays: keeper/tlslink.py). Health, leases, handover, status
-and diagnostics ask the ``io`` (watch, unwatch, keep-alive, end of lease, movable, stats), never
-which transport it is; the next transport (WebSocket) is one more class here.
+--answer-options' OPTIONS) or a ``RelayedTransport`` (tls, ws, wss: the keeper terminates TLS
+and WebSocket and runs are leased one end of a socketpair the link relays: keeper/tlslink.py,
+over the wire and codec transport_for chooses). Health, leases, handover, status and
+diagnostics ask the ``io`` (watch, unwatch, keep-alive, end of lease, movable, stats), never
+which transport it is.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
+from fdkeeper.keeper.codec import Codec, SipStream, WebSocketStream
 from fdkeeper.keeper.health import PONG_TIMEOUT
 from fdkeeper.keeper.tlslink import TlsLink
-from fdkeeper.tls import TlsInfo, TlsOptions
+from fdkeeper.keeper.wire import TcpWire, TlsWire, Wire
+from fdkeeper.tls import TlsInfo, TlsOptions, describe
+from fdkeeper.websocket import WsHandshake
 
 if TYPE_CHECKING:
     from fdkeeper.keeper.connection import KeptConnection
@@ -34,13 +38,29 @@ _PEER_GONE = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 FLUSH_GRACE = 2.0
 
 
-class TlsStats(TlsInfo):
-    """A TLS link's part of `fdkeeper status`: the session (tls.describe) and what went through."""
+class LinkStats(TypedDict):
+    """What went through a relayed link, and who relays it while a run holds it (python, pump)."""
 
     relay: str
     messages_to_sut: int
     messages_to_sipp: int
     dropped_bytes: int
+
+
+class TlsStats(TlsInfo, LinkStats):
+    """A TLS link's part of `fdkeeper status`: the session (tls.describe) and what went through."""
+
+
+class WsStats(LinkStats):
+    """A WebSocket link's part of `fdkeeper status`: the handshake, pings answered, the SuT's
+    Close ("" while open), and what went through (as under "tls" for wss)."""
+
+    path: str
+    protocol: str
+    status: str
+    server_headers: list[list[str]]
+    pings_answered: int
+    close: str
 
 
 class TransportStats(TypedDict):
@@ -49,6 +69,7 @@ class TransportStats(TypedDict):
     options_answered: int
     pongs: int
     tls: TlsStats | None
+    websocket: WsStats | None
 
 
 class Transport(Protocol):
@@ -81,16 +102,26 @@ class Transport(Protocol):
     def buffered(self) -> tuple[int, int]:
         """Bytes the keeper holds towards the SuT and towards runs (diagnostics)."""
 
-    def close(self) -> None:
-        """Close what it holds besides the leased socket."""
+    def close(self, going_away: bool = False) -> None:
+        """Close what it holds besides the leased socket (``going_away``: the keeper stops)."""
 
 
-def transport_for(opened: socket.socket, options: TlsOptions | None, early: bytes) -> Transport:
-    """The transport of a connection the keeper just opened (TLS: handshake done, ``early`` read)."""
-    if options is None:
+def transport_for(
+    opened: socket.socket, tls: TlsOptions | None, early: bytes, websocket: WsHandshake | None = None
+) -> Transport:
+    """The transport of a connection the keeper just opened: tcp, tls (handshake done), ws or wss
+    (the WebSocket handshake done too); ``early``: what the SuT sent after the handshakes."""
+    if tls is None and websocket is None:
         return TcpTransport()
-    assert isinstance(opened, ssl.SSLSocket), "a TLS connection opened without its TLS socket"
-    return TlsTransport(TlsLink(opened, options, early))
+    wire: Wire
+    if tls is not None:
+        assert isinstance(opened, ssl.SSLSocket), "a TLS connection opened without its TLS socket"
+        wire = TlsWire(opened)
+    else:
+        wire = TcpWire(opened)
+    codec: Codec = WebSocketStream() if websocket is not None else SipStream()
+    info = describe(opened, tls) if isinstance(opened, ssl.SSLSocket) and tls is not None else None
+    return RelayedTransport(TlsLink(wire, early, codec), info, websocket)
 
 
 class TcpTransport:
@@ -165,7 +196,12 @@ class TcpTransport:
         return False  # a half-closed TCP socket is the run's own: it needs no keeper to send
 
     def stats(self, connection: KeptConnection) -> TransportStats:
-        return {"options_answered": connection.options_answered, "pongs": connection.pongs, "tls": None}
+        return {
+            "options_answered": connection.options_answered,
+            "pongs": connection.pongs,
+            "tls": None,
+            "websocket": None,
+        }
 
     def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
         return True  # no TLS session, no pump: never waits for it
@@ -173,18 +209,25 @@ class TcpTransport:
     def buffered(self) -> tuple[int, int]:
         return 0, 0
 
-    def close(self) -> None:
+    def close(self, going_away: bool = False) -> None:
         pass
 
 
-class TlsTransport:
-    """TLS: the keeper holds the session (it cannot move between processes) and runs are
-    leased one end of a socketpair its TlsLink relays, whole SIP messages only."""
+class RelayedTransport:
+    """TLS, WebSocket over TCP or TLS: the keeper holds the connection (a TLS session cannot move
+    between processes, sipp speaks no WebSocket) and runs are leased one end of a socketpair its
+    TlsLink relays, whole SIP messages only. ``info``: the TLS session (tls, wss); ``websocket``:
+    the handshake (ws, wss)."""
 
+    # --replace moves kernel sockets only: a TLS session cannot follow, and a WebSocket link's
+    # state (the socketpair with what runs have not read, the decoder's partial frame) would have
+    # to, with its handshake; both stay with the old keeper, which closes them (handover.py).
     movable = False
 
-    def __init__(self, link: TlsLink) -> None:
+    def __init__(self, link: TlsLink, info: TlsInfo | None = None, websocket: WsHandshake | None = None) -> None:
         self.link = link
+        self.info = info
+        self.websocket = websocket
 
     def leased_socket(self, opened: socket.socket) -> socket.socket:
         return self.link.sipp_end
@@ -193,23 +236,25 @@ class TlsTransport:
         link = self.link
         link.answer_options = health.answer_options
         link.is_held = lambda: connection.holder_pid is not None
-        link.watched_tls, link.watched_pair = link.wants_tls(), link.wants_pair()
+        link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
 
-        def on_tls(mask: int) -> None:
-            link.on_tls_event(mask)
+        def on_sut(mask: int) -> None:
+            link.on_sut_event(mask)
             self.after_event(health, connection)
 
         def on_pair(mask: int) -> None:
             link.on_pair_event(mask)
             self.after_event(health, connection)
 
-        health.reactor.watch(link.tls.fileno(), link.watched_tls, on_tls, on_fault=health.fault_ends(connection))
+        health.reactor.watch(link.wire.sock.fileno(), link.watched_sut, on_sut, on_fault=health.fault_ends(connection))
         health.reactor.watch(
             link.keeper_end.fileno(), link.watched_pair, on_pair, on_fault=health.fault_ends(connection)
         )
+        if link.closed_reason or link.sut_ended:  # ended by what came with the handshake
+            self.after_event(health, connection)
 
     def unwatch(self, reactor: Reactor) -> None:
-        for sock in (self.link.tls, self.link.keeper_end):
+        for sock in (self.link.wire.sock, self.link.keeper_end):
             if sock.fileno() >= 0:
                 reactor.unwatch(sock.fileno())
 
@@ -226,10 +271,10 @@ class TlsTransport:
             if connection.sock is None:  # nothing left to deliver either way: closed
                 return
         # epoll_ctl only when the wanted events changed: two system calls saved per message.
-        tls_events, pair_events = link.wants_tls(), link.wants_pair()
-        if tls_events != link.watched_tls:
-            health.reactor.rewatch(link.tls.fileno(), tls_events)
-            link.watched_tls = tls_events
+        sut_events, pair_events = link.wants_sut(), link.wants_pair()
+        if sut_events != link.watched_sut:
+            health.reactor.rewatch(link.wire.sock.fileno(), sut_events)
+            link.watched_sut = sut_events
         if pair_events != link.watched_pair:
             health.reactor.rewatch(link.keeper_end.fileno(), pair_events)
             link.watched_pair = pair_events
@@ -247,9 +292,9 @@ class TlsTransport:
         link = self.link
         if connection.sock is None or link.keeper_end.fileno() < 0:  # closed, or handled already
             return
-        if link.tls.fileno() >= 0:
-            health.reactor.unwatch(link.tls.fileno())
-            link.close_tls()
+        if link.wire.sock.fileno() >= 0:
+            health.reactor.unwatch(link.wire.sock.fileno())
+            link.close_wire()
         if link.to_sipp:  # more than the pair takes now: go on on EPOLLOUT
             if link.watched_pair != select.EPOLLOUT:
                 health.reactor.rewatch(link.keeper_end.fileno(), select.EPOLLOUT)
@@ -285,20 +330,32 @@ class TlsTransport:
 
     def stats(self, connection: KeptConnection) -> TransportStats:
         link = self.link
+        relayed: LinkStats = {
+            "relay": link.relay,
+            "messages_to_sut": link.messages_to_sut,
+            "messages_to_sipp": link.messages_to_sipp,
+            "dropped_bytes": link.dropped_bytes,
+        }
+        handshake = self.websocket
         return {
             "options_answered": link.options_answered,
-            "pongs": link.from_sut.keepalives,
-            "tls": {
-                **link.info,
-                "relay": link.relay,
-                "messages_to_sut": link.messages_to_sut,
-                "messages_to_sipp": link.messages_to_sipp,
-                "dropped_bytes": link.dropped_bytes,
-            },
+            "pongs": link.codec.keepalives,
+            "tls": {**self.info, **relayed} if self.info is not None else None,
+            "websocket": {
+                "path": handshake.path,
+                "protocol": handshake.protocol,
+                "status": handshake.status,
+                "server_headers": [[name, value] for name, value in handshake.server_headers],
+                "pings_answered": link.codec.pings_answered,
+                "close": link.codec.closed,
+                **relayed,
+            }
+            if handshake is not None
+            else None,
         }
 
     def buffered(self) -> tuple[int, int]:
         return len(self.link.to_sut), len(self.link.to_sipp)
 
-    def close(self) -> None:
-        self.link.close()
+    def close(self, going_away: bool = False) -> None:
+        self.link.close(going_away)
