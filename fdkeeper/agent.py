@@ -3,7 +3,9 @@
 The agent's connect() to the SuT address (client role) is handed the kept connection, or,
 in the server role, the kept connections are handed to it as accepted ones on its first
 TCP listening socket: by the preload shim or by ptrace, as for `fdkeeper sipp`. The agent's
-arguments mean nothing to fdkeeper, so modes that rewrite sipp's (udp) cannot run it.
+arguments mean nothing to fdkeeper, so modes that rewrite sipp's (udp) cannot run it. With --ws
+the keeper speaks SIP over WebSocket to the SuT (over TCP, or TLS for wss) and the agent plain
+SIP to its end, as over TLS; what the agent writes in its Via is its own.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from pathlib import Path
 
 from fdkeeper.address import Address, resolve, split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.handoff import Plan, Run, run_handed_over
-from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, RunNeeds
+from fdkeeper.handoff import Plan, Run, opening_fields, run_handed_over
+from fdkeeper.modes import WEBSOCKET_OVER, HandoffRequest, ModeOptions, PtraceOptions, RunNeeds
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
+from fdkeeper.websocket import WsOptions
 
 
 @dataclass
 class ExecOptions:
     sut: str | None = None  # IP:PORT, [IPv6]:PORT or HOST:PORT (resolved here); required for the client role
-    transport: str = "tcp"
+    transport: str = "tcp"  # tcp or tls; with ``websocket``, what the WebSocket runs over
     role: str = "client"
     mode: str = "auto"
     transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
@@ -32,11 +35,17 @@ class ExecOptions:
     reconnect: bool = False
     debug: bool = False
     tls: TlsOptions | None = None  # client role over TLS: how the keeper verifies the SuT
+    websocket: WsOptions | None = None  # --ws: SIP over WebSocket (ws over tcp, wss over tls)
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def keeper_transport(self) -> str:
+        """What the keeper speaks to the SuT: tcp, tls, or with --ws ws or wss."""
+        return WEBSOCKET_OVER[self.transport] if self.websocket is not None else self.transport
 
     def needs(self) -> RunNeeds:
         """What this run asks of a handoff mode: one connection, any program."""
-        return RunNeeds(role=self.role, tls=self.transport == "tls", sipp=False, transfer=self.transfer)
+        return RunNeeds(role=self.role, transport=self.keeper_transport, sipp=False, transfer=self.transfer)
 
 
 def run_exec(command: list[str], options: ExecOptions) -> int:
@@ -73,20 +82,19 @@ class ExecRun(Run):
             role=options.role,
             control_socket=socket_path(directory),
             remote=remote,
-            transport=options.transport,
+            transport=options.keeper_transport,
             reconnect=options.reconnect,
             debug=options.debug,
         )
         client = options.role == "client"
-        tls = options.tls if options.tls and options.transport == "tls" and client else None
         prepare = dict(
             role=options.role,
-            transport=options.transport,
+            transport=request.transport,
             remote=remote,
             local="-" if client else None,
             open_at_lease=True if client else None,
             reconnect=options.reconnect or None,
-            **(tls.as_fields() if tls else {}),
+            **opening_fields(options.role, request.transport, options.tls, options.websocket),
         )
         return Plan(request, ModeOptions(ptrace=PtraceOptions(transfer=options.transfer or "scm")), prepare)
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes import Handoff, HandoffRequest, ModeOptions, RunNeeds, choose_mode
+from fdkeeper.protocol import OVER_TLS, OVER_WEBSOCKET
+from fdkeeper.tls import TlsOptions
+from fdkeeper.websocket import WsOptions
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,20 @@ def run_handed_over(run: Run) -> int:
     run.prepared(reply.fields, plan.request)
     with run.for_keeper(plan.request) as request:
         return _run(mode.prepare(request, plan.options), run.extra_env)
+
+
+def opening_fields(role: str, transport: str, tls: TlsOptions | None, websocket: WsOptions | None) -> dict[str, object]:
+    """PREPARE's fields for how the keeper opens a connection to the SuT: the TLS options (tls,
+    wss) and the WebSocket handshake's (ws, wss; the keeper remembers them for later leases).
+    Only a client run opens one: a server run sends none."""
+    fields: dict[str, object] = {}
+    if role != "client":
+        return fields
+    if tls is not None and transport in OVER_TLS:
+        fields.update(tls.as_fields())
+    if transport in OVER_WEBSOCKET:
+        fields.update((websocket or WsOptions()).as_fields())
+    return fields
 
 
 def notice(text: str) -> None:

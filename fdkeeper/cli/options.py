@@ -1,5 +1,6 @@
-"""Options several commands share: the state directory, the TLS options towards the SuT, the
-readiness of a server run, and the handoff (--mode, --transfer, --reconnect, --debug)."""
+"""Options several commands share: the state directory, the TLS options towards the SuT, SIP over
+WebSocket (--ws and its handshake), the readiness of a server run, and the handoff (--mode,
+--transfer, --reconnect, --debug)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from typing import Any, TypedDict, TypeVar
 
 import click
 
+from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import MODE_NAMES, MODES
 from fdkeeper.tls import TlsOptions
+from fdkeeper.websocket import WsOptions, check_origin, check_path, parse_header_lines
 
 DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
 
@@ -109,6 +112,82 @@ def make_tls_options(
     return TlsOptions(
         ca=ca, insecure=tls_insecure, cert=cert, key=key, sni=tls_sni, min_version=tls_min_version, keylog=keylog
     )
+
+
+def ws_options(command: Command) -> Command:
+    """SIP over WebSocket (RFC 7118), shared by `fdkeeper sipp` and `exec`: --ws and the handshake's
+    path, Origin and extra headers; make_ws_options checks them."""
+    return _apply(
+        command,
+        [
+            click.option(
+                "--ws",
+                is_flag=True,
+                help="Speak SIP over WebSocket to the SuT: WS over -t t1/tn, WSS over -t l1/ln (exec: --transport "
+                "tcp/tls). The keeper makes the HTTP Upgrade (Sec-WebSocket-Protocol: sip) and frames each "
+                "message; the program speaks plain SIP to it, and sipp's scenario says WS/WSS in [transport].",
+            ),
+            click.option(
+                "--ws-path",
+                metavar="PATH",
+                help="--ws: the path of the Upgrade request (default /), e.g. /ws.",
+            ),
+            click.option(
+                "--ws-origin",
+                metavar="ORIGIN",
+                help="--ws: the Origin header to send, for a server that checks it, e.g. https://app.example.",
+            ),
+            click.option(
+                "--ws-header",
+                "ws_headers",
+                metavar="'NAME: VALUE'",
+                multiple=True,
+                help="--ws: one more header of the Upgrade request (repeatable, at most 16), e.g. "
+                "'Authorization: Bearer TOKEN'.",
+            ),
+        ],
+    )
+
+
+def make_ws_options(
+    ws: bool, ws_path: str | None, ws_origin: str | None, ws_headers: tuple[str, ...]
+) -> WsOptions | None:
+    """The handshake's options, checked (one line naming the option and what is wrong); None
+    without --ws, where giving any of them is a mistake."""
+    if not ws:
+        given = [
+            name
+            for name, value in (("--ws-path", ws_path), ("--ws-origin", ws_origin), ("--ws-header", ws_headers))
+            if value
+        ]
+        if given:
+            raise FdkeeperError(
+                f"fdkeeper: {given[0]} is a WebSocket option: add --ws (SIP over WebSocket) or leave it out"
+            )
+        return None
+    for header in ws_headers:  # one by one, so the line names the bad one
+        if "\n" in header or "\r" in header:
+            raise FdkeeperError(f"fdkeeper: --ws-header {header[:200]!r}: one header per --ws-header")
+        _checked("--ws-header", header, parse_header_lines)
+    return WsOptions(
+        path=_checked("--ws-path", ws_path, check_path) if ws_path is not None else "/",
+        origin=_checked("--ws-origin", ws_origin, check_origin) if ws_origin is not None else None,
+        headers=_checked(
+            "--ws-header", "\n".join(ws_headers), parse_header_lines, quoted=False
+        ),  # their count and size
+    )
+
+
+Checked = TypeVar("Checked")
+
+
+def _checked(option: str, value: str, check: Callable[[str], Checked], quoted: bool = True) -> Checked:
+    """check(value), its ValueError one line that names the option (and the value, ``quoted``)."""
+    try:
+        return check(value)
+    except ValueError as error:
+        shown = f" {value[:200]!r}" if quoted else ""
+        raise FdkeeperError(f"fdkeeper: {option}{shown}: {error}") from None
 
 
 def ready_options(command: Command) -> Command:

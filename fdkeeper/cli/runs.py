@@ -16,8 +16,10 @@ from fdkeeper.cli.options import (
     dir_option,
     handoff_options,
     make_tls_options,
+    make_ws_options,
     ready_options,
     tls_options,
+    ws_options,
 )
 from fdkeeper.readiness import ReadySignal, announcing_readiness
 from fdkeeper.sipp.runner import RunOptions, run_sipp
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     help="When this run starts the keeper: it answers the SuT's OPTIONS pings while no run holds the connection.",
 )
 @ready_options
+@ws_options
 @tls_options
 @click.argument("sipp_args", nargs=-1, type=click.UNPROCESSED)
 def sipp_command(
@@ -74,6 +77,10 @@ def sipp_command(
     ready_file: Path | None,
     ready_fd: int | None,
     ready_timeout: float,
+    ws: bool,
+    ws_path: str | None,
+    ws_origin: str | None,
+    ws_headers: tuple[str, ...],
     sipp_args: tuple[str, ...],
     **tls: Unpack[TlsFlags],
 ) -> None:
@@ -90,10 +97,18 @@ def sipp_command(
     speaks plain SIP to the keeper; the scenario's [transport] says TLS, so the SuT sees
     what a TLS-enabled sipp would send, on one TLS session for the whole test.
 
+    With --ws the keeper speaks SIP over WebSocket (RFC 7118) to a WebRTC gateway: WSS with
+    -t l1, WS with -t t1, one WebSocket connection per user with -t tn/ln. sipp still speaks
+    plain SIP to the keeper; the scenario's [transport] says WS or WSS, so the SuT sees
+    Via: SIP/2.0/WSS and transport=WSS, and reaches the user over the connection it
+    registered on, kept across runs like any other.
+
     \b
       fdkeeper sipp -sf uac-register.xml -inf users.csv -t t1 -m 1 127.0.0.1:5060
       fdkeeper sipp --mode ptrace -sf uas-answer.xml -t t1 -p 5070 -m 5
       fdkeeper sipp --tls-ca ca.pem -sf uac-register.xml -t l1 -m 1 sut.example:5061
+      fdkeeper sipp --ws -t l1 -sf reg.xml 127.0.0.1:8443
+      fdkeeper sipp --ws --ws-path /ws --ws-origin https://app.example -t t1 -sf reg.xml 127.0.0.1:8080
 
     A script that places calls once a server run is ready waits for --ready-file, not
     for a sleep (docs/ci/README.md):
@@ -114,6 +129,7 @@ def sipp_command(
         transfer=transfer,
         tls=make_tls_options(**tls),
         answer_options=answer_options,
+        websocket=make_ws_options(ws, ws_path, ws_origin, ws_headers),
     )
     ready = ReadySignal(ready_file, ready_fd, ready_timeout) if ready_file or ready_fd is not None else None
     with announcing_readiness(ready, resolve_directory(directory)):
@@ -133,7 +149,7 @@ def sipp_command(
     type=click.Choice(["tcp", "tls"]),
     default="tcp",
     show_default=True,
-    help="How the keeper speaks to the SuT; the agent always speaks plain TCP to its end.",
+    help="How the keeper speaks to the SuT (with --ws: WebSocket over it); the agent always speaks plain TCP to its end.",
 )
 @click.option(
     "--role",
@@ -143,6 +159,7 @@ def sipp_command(
     help="client: hand over in connect(); server: hand the kept connections over as accepted ones on the first TCP listening socket.",
 )
 @handoff_options
+@ws_options
 @tls_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(
@@ -154,6 +171,10 @@ def exec_command(
     transfer: str | None,
     reconnect: bool,
     debug: bool,
+    ws: bool,
+    ws_path: str | None,
+    ws_origin: str | None,
+    ws_headers: tuple[str, ...],
     command: tuple[str, ...],
     **tls: Unpack[TlsFlags],
 ) -> None:
@@ -162,6 +183,7 @@ def exec_command(
     \b
       fdkeeper exec --sut 127.0.0.1:5060 -- ./my-sip-client --register alice
       fdkeeper exec --sut 127.0.0.1:5060 --role server --mode ptrace -- ./static-agent
+      fdkeeper exec --sut 127.0.0.1:8443 --transport tls --ws --ws-path /ws -- ./my-sip-client
 
     The exit status is COMMAND's. A statically linked agent needs --mode ptrace (--mode
     auto picks it); --mode udp rewrites sipp's own arguments, so it runs sipp only.
@@ -178,6 +200,7 @@ def exec_command(
         reconnect=reconnect,
         debug=debug,
         tls=make_tls_options(**tls),
+        websocket=make_ws_options(ws, ws_path, ws_origin, ws_headers),
     )
     sys.exit(run_exec(list(command), options))
 
@@ -199,6 +222,8 @@ SIPP_MAIN_USAGE = """Usage: fdkeeper-sipp SIPP_PATH [SIPP_ARGS...]
 
 `fdkeeper sipp --sipp SIPP_PATH SIPP_ARGS...` as one word, for launchers that put a one-word
 prefix before sipp's path (pysipp's `prefix`): sipp runs with its TCP/TLS connections kept
-by the keeper. fdkeeper's own options: `fdkeeper sipp --help`.
+by the keeper. fdkeeper's own options go right after SIPP_PATH, before sipp's: see
+`fdkeeper sipp --help`.
 
-  fdkeeper-sipp /usr/bin/sipp -sf scenarios/uac-register.xml -t t1 -m 1 127.0.0.1:5060"""
+  fdkeeper-sipp /usr/bin/sipp -sf scenarios/uac-register.xml -t t1 -m 1 127.0.0.1:5060
+  fdkeeper-sipp /usr/bin/sipp --ws -t l1 -sf reg.xml -m 1 127.0.0.1:8443"""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import (
+    WEBSOCKET_OVER,
     Capabilities,
     ConverterArguments,
     Handoff,
@@ -64,6 +65,7 @@ def _checked(mode: Mode, program: Path, needs: RunNeeds) -> Mode:
 __all__ = [
     "MODES",
     "MODE_NAMES",
+    "WEBSOCKET_OVER",
     "Capabilities",
     "ConverterArguments",
     "Handoff",

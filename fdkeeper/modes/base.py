@@ -20,9 +20,12 @@ from pathlib import Path
 
 from fdkeeper.address import Address
 from fdkeeper.process import spawn
+from fdkeeper.protocol import OVER_TLS, OVER_WEBSOCKET
 from fdkeeper.tls import TlsOptions
 
 TRANSFERS = ("scm", "pidfd")
+# --ws: SIP over WebSocket over the transport the run names (sipp's -t, exec's --transport).
+WEBSOCKET_OVER = {"tcp": "ws", "tls": "wss"}
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,18 @@ class RunNeeds:
 
     role: str  # client (connect() gets the kept connection) or server (accept() does)
     per_call_option: str | None = None  # "-t tn" / "-t ln": one kept connection per call
-    tls: bool = False
+    transport: str = "tcp"  # what the SuT is spoken to with (HandoffRequest.transport)
     sipp: bool = True  # False: any program (`fdkeeper exec`), whose arguments mean nothing to us
     transfer: str | None = None  # asked for explicitly (--transfer); None: the mode's own way
+
+    @property
+    def tls(self) -> bool:
+        return self.transport in OVER_TLS
+
+    @property
+    def websocket(self) -> bool:
+        """ws/wss: the keeper speaks WebSocket and leases a socketpair end, as for tls."""
+        return self.transport in OVER_WEBSOCKET
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,7 @@ class Capabilities:
     roles: frozenset[str] = frozenset({"client", "server"})
     per_call_roles: frozenset[str] = frozenset()  # roles in which -t tn/ln per-call sockets work
     tls: bool = True
+    websocket: bool = True  # False: the mode's own connection cannot speak WebSocket (the converter)
     any_agent: bool = True  # False: sipp only (the mode rewrites sipp's own arguments)
     transfers: tuple[str, ...] = ("scm",)  # how descriptors reach the program; () none at all
     uses_keeper: bool = True  # False: the mode keeps its connection itself (a converter)
@@ -55,6 +68,8 @@ class Capabilities:
             return f"hand over per-call sockets ({needs.per_call_option}) in the {needs.role} role"
         if needs.tls and not self.tls:
             return "keep TLS connections"
+        if needs.websocket and not self.websocket:
+            return "keep WebSocket connections (--ws)"
         if not needs.sipp and not self.any_agent:
             return "run a program other than sipp (it rewrites sipp's own arguments)"
         if needs.transfer and needs.transfer not in self.transfers:
@@ -100,7 +115,7 @@ class HandoffRequest:
     role: str
     control_socket: Path  # the keeper's; its directory is the state directory
     remote: Address | None  # the SuT address the program connects to (numeric)
-    transport: str = "tcp"  # what the SuT is spoken to with: tcp or tls
+    transport: str = "tcp"  # what the SuT is spoken to with: tcp, tls, ws or wss (protocol.TRANSPORTS)
     per_call: bool = False  # -t tn/ln client: one kept connection per user, leased at first send
     reconnect: bool = False
     debug: bool = False

@@ -197,8 +197,9 @@ class UdpMode(Mode):
     name = "udp"
     summary = "sipp on -t u1 through a UDP<->TCP/TLS converter fdkeeper starts and keeps (any sipp build)"
     suits = "any sipp build"
-    # One converter connection for all users; sipp's arguments are rewritten, so sipp only.
-    capabilities = Capabilities(any_agent=False, transfers=(), uses_keeper=False)
+    # One converter connection for all users; sipp's arguments are rewritten, so sipp only; the
+    # converter speaks TCP or TLS to the SuT, not WebSocket.
+    capabilities = Capabilities(websocket=False, any_agent=False, transfers=(), uses_keeper=False)
 
     def unsupported_reason(self, sipp: Path) -> str | None:
         return None  # UDP needs nothing of sipp's build

@@ -1,9 +1,10 @@
-"""What a sipp run hands the modes, read from its arguments: its RunNeeds, its HandoffRequest,
-and sipp's arguments for a run through the converter (--mode udp).
+"""What a sipp run hands the modes, read from its arguments: the transport the keeper speaks
+to the SuT (-t, and --ws for SIP over WebSocket), its RunNeeds, its HandoffRequest, and sipp's
+arguments for a run through the converter (--mode udp).
 
 Modes know no program's options (modes/base.py). Every rewrite of sipp's arguments is made in
-sipp/: here the one towards the converter, in scenario.py the one for a TLS run over the keeper
-(tls_arguments). Both read the invocation as the sipp being run reads it (args.py, with its
+sipp/: here the one towards the converter, in scenario.py the one for a TLS, WS or WSS run over
+the keeper (tls_arguments). Both read the invocation as the sipp being run reads it (args.py, with its
 release's option table) and hand the modes the result as plain data.
 """
 
@@ -12,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fdkeeper.address import Address
-from fdkeeper.modes import ConverterArguments, HandoffRequest, RunNeeds
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import WEBSOCKET_OVER, ConverterArguments, HandoffRequest, RunNeeds
 from fdkeeper.sipp.args import SippInvocation
 from fdkeeper.sipp.binding import Binding
 
@@ -20,12 +22,28 @@ UDP_TRANSPORT = "u1"
 UDP_LOCAL_IP = "127.0.0.1"  # where sipp sends from without -i: the converter listens on loopback
 
 
-def sipp_needs(invocation: SippInvocation, transfer: str | None = None) -> RunNeeds:
-    """What a sipp run asks of a handoff mode."""
+def keeper_transport(invocation: SippInvocation, websocket: bool = False) -> str:
+    """What the keeper speaks to the SuT: -t's transport (tcp, tls...), or with --ws
+    (``websocket``) WebSocket over it: ws over -t t1/tn, wss over -t l1/ln; over anything else
+    --ws is one line."""
+    if not websocket:
+        return invocation.transport
+    if invocation.transport not in WEBSOCKET_OVER:
+        given = (
+            f"-t {invocation.transport_option}" if invocation.transport_index is not None else "sipp's default -t u1"
+        )
+        raise FdkeeperError(
+            f"fdkeeper: --ws runs over TCP or TLS, not {given}: give sipp -t t1 or -t tn (WS), -t l1 or -t ln (WSS)"
+        )
+    return WEBSOCKET_OVER[invocation.transport]
+
+
+def sipp_needs(invocation: SippInvocation, transfer: str | None = None, transport: str | None = None) -> RunNeeds:
+    """What a sipp run asks of a handoff mode (``transport``: keeper_transport's, default -t's)."""
     return RunNeeds(
         role=invocation.role,
         per_call_option=f"-t {invocation.transport_option}" if invocation.per_call_sockets else None,
-        tls=invocation.transport == "tls",
+        transport=transport or invocation.transport,
         sipp=True,
         transfer=transfer,
     )
@@ -36,7 +54,7 @@ def sipp_request(
     invocation: SippInvocation,
     control_socket: Path,
     remote: Address | None,
-    transport: str = "tcp",
+    transport: str | None = None,
     *,
     reconnect: bool = False,
     debug: bool = False,
@@ -44,14 +62,16 @@ def sipp_request(
 ) -> HandoffRequest:
     """The request for sipp run with its arguments as given (less the -tls_* the keeper uses):
     `fdkeeper sipp` (runner.py), library users, tests and benches. ``binding``: where the run
-    binds (SippInvocation.binding), the identity the keeper keeps its connection under."""
+    binds (SippInvocation.binding), the identity the keeper keeps its connection under.
+    ``transport``: what the keeper speaks to the SuT (keeper_transport's: ws or wss with --ws),
+    by default -t's."""
     return HandoffRequest(
         program=sipp,
         args=list(invocation.args),
         role=invocation.role,
         control_socket=control_socket,
         remote=remote,
-        transport=transport,
+        transport=transport or invocation.transport,
         per_call=invocation.per_call_client,
         reconnect=reconnect,
         debug=debug,

@@ -20,16 +20,18 @@ from pathlib import Path
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.handoff import KeeperSettings, Plan, Run, notice, run_handed_over
+from fdkeeper.handoff import KeeperSettings, Plan, Run, notice, opening_fields, run_handed_over
 from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, UdpOptions
 from fdkeeper.process import spawn
+from fdkeeper.protocol import OVER_TLS
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
-from fdkeeper.sipp.request import sipp_needs, sipp_request
-from fdkeeper.sipp.scenario import tls_arguments
+from fdkeeper.sipp.request import keeper_transport, sipp_needs, sipp_request
+from fdkeeper.sipp.scenario import WRITTEN_TRANSPORT, tls_arguments
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
 from fdkeeper.sipp.versions import sipp_version
 from fdkeeper.statedir import resolve_directory, socket_path
 from fdkeeper.tls import TlsOptions
+from fdkeeper.websocket import WsOptions
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RunOptions:
     transfer: str | None = None  # --mode ptrace: scm (its default) or pidfd
     tls: TlsOptions = TlsOptions()
     answer_options: bool = False  # a keeper this run starts answers the SuT's OPTIONS between runs
+    websocket: WsOptions | None = None  # --ws: SIP over WebSocket (ws over -t t1/tn, wss over -t l1/ln)
 
 
 def find_sipp(option: str | None) -> Path:
@@ -67,7 +70,8 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
     invocation = read_arguments(sipp, args, directory)
     if invocation.info_only:
         return spawn([os.fspath(sipp), *args], {})
-    if invocation.transport == "udp":
+    transport = keeper_transport(invocation, options.websocket is not None)  # --ws over UDP: one line
+    if transport == "udp":
         notice("UDP transport: there is no connection to keep; running sipp as it is")
         return spawn([os.fspath(sipp), *args], {})
     _refuse_unsupported_transport(invocation)
@@ -77,7 +81,7 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             f"fdkeeper: the client scenario {_scenario_label(invocation)} sends first, so it needs the SuT's "
             "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
         )
-    return run_handed_over(SippRun(sipp, invocation, remote, directory, options))
+    return run_handed_over(SippRun(sipp, invocation, remote, directory, options, transport))
 
 
 class SippRun(Run):
@@ -91,26 +95,33 @@ class SippRun(Run):
     """
 
     def __init__(
-        self, sipp: Path, invocation: SippInvocation, remote: Address | None, directory: Path, options: RunOptions
+        self,
+        sipp: Path,
+        invocation: SippInvocation,
+        remote: Address | None,
+        directory: Path,
+        options: RunOptions,
+        transport: str,
     ) -> None:
         super().__init__(
             mode=options.mode,
             program=sipp,
-            needs=sipp_needs(invocation, options.transfer),
+            needs=sipp_needs(invocation, options.transfer, transport),
             keeper=KeeperSettings(options.keepalive, options.connect_timeout, options.answer_options),
         )
         self.invocation, self.remote, self.directory, self.options = invocation, remote, directory, options
+        self.transport = transport  # what the keeper speaks to the SuT (request.keeper_transport)
 
     def plan(self) -> Plan:
         invocation, options = self.invocation, self.options
-        tls = keeper_tls_options(options.tls, invocation) if invocation.transport == "tls" else None
+        tls = keeper_tls_options(options.tls, invocation) if self.transport in OVER_TLS else None
         binding = invocation.binding(self.remote)
         request = sipp_request(
             self.program,
             invocation,
             socket_path(self.directory),
             self.remote,
-            invocation.transport,
+            self.transport,
             reconnect=options.reconnect,
             debug=options.debug,
             binding=binding,
@@ -129,7 +140,7 @@ class SippRun(Run):
             wait=options.wait or None,
             per_call=request.per_call or None,
             users=invocation.user_count() if request.per_call else None,
-            **(tls.as_fields() if tls and request.role == "client" else {}),
+            **opening_fields(request.role, request.transport, tls, options.websocket),
         )
         return Plan(request, mode_options, prepare)
 
@@ -145,35 +156,44 @@ class SippRun(Run):
                 f"the kept connection to {format_address(request.remote)}/{request.transport} was closed; "
                 "opened a fresh one (--reconnect): registrations made over the old one must be redone"
             )
-        if fields.get("reused") and request.transport == "tls" and request.remote:
-            self._say_handshake_options_unused(fields["reused"], request.remote)
+        if fields.get("reused") and request.transport in WRITTEN_TRANSPORT and request.remote:
+            self._say_handshake_options_unused(fields["reused"], request.remote, request.transport)
         if fields.get("closed") and fields.get("ids"):
             count = len(fields["closed"].split(","))
             notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
 
-    def _say_handshake_options_unused(self, reused: str, remote: Address) -> None:
-        """--tls-sni and --tls-keylog act on a TLS handshake; a reused connection had its own."""
-        given = [
-            f"{option} {value}"
-            for option, value in (("--tls-sni", self.options.tls.sni), ("--tls-keylog", self.options.tls.keylog))
-            if value
-        ]
+    def _say_handshake_options_unused(self, reused: str, remote: Address, transport: str) -> None:
+        """--tls-sni and --tls-keylog act on a TLS handshake, --ws-path, --ws-origin and --ws-header
+        on a WebSocket one; a reused connection had its own."""
+        given = [f"{option} {value}" for option, value in self._handshake_options(transport) if value]
         if given:
             ids = ", ".join(f"#{item}" for item in reused.split(","))
             notice(
-                f"{' and '.join(given)} not used: this run reuses the kept TLS connection {ids} to "
-                f"{format_address(remote)}, whose handshake an earlier run made with its own options "
+                f"{' and '.join(given)} not used: this run reuses the kept {WRITTEN_TRANSPORT[transport]} connection "
+                f"{ids} to {format_address(remote)}, whose handshake an earlier run made with its own options "
                 "(they apply to a new connection: 'fdkeeper stop' ends the kept ones)"
             )
 
+    def _handshake_options(self, transport: str) -> list[tuple[str, object]]:
+        """The options this run gave for its transport's handshakes (None or empty where not given)."""
+        tls, websocket = self.options.tls, self.options.websocket
+        options: list[tuple[str, object]] = []
+        if transport in OVER_TLS:
+            options += [("--tls-sni", tls.sni), ("--tls-keylog", tls.keylog)]
+        if websocket is not None:
+            headers = ", ".join(f"'{name}: {value}'" for name, value in websocket.headers)
+            options += [("--ws-path", None if websocket.path == "/" else websocket.path)]
+            options += [("--ws-origin", websocket.origin), ("--ws-header", headers)]
+        return options
+
     @contextmanager
     def for_keeper(self, request: HandoffRequest) -> Iterator[HandoffRequest]:
-        """Over TLS sipp speaks TCP to the keeper and the scenario says TLS: copies of the
-        scenarios for the run, removed after it."""
-        if self.invocation.transport != "tls":
+        """Over TLS, WS or WSS sipp speaks TCP to the keeper and the scenario says TLS, WS or
+        WSS: copies of the scenarios for the run, removed after it."""
+        if self.transport not in WRITTEN_TRANSPORT:
             yield request
             return
-        args, scenario_copies = tls_arguments(self.invocation, request.program, request.directory)
+        args, scenario_copies = tls_arguments(self.invocation, request.program, request.directory, self.transport)
         try:
             yield dataclasses.replace(request, args=args)
         finally:

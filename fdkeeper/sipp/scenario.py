@@ -1,9 +1,10 @@
 """Reading sipp scenarios: whether one starts by sending or receiving, the embedded ones
-(`sipp -sd NAME`), and the copy a TLS run uses.
+(`sipp -sd NAME`), and the copy a run over the keeper's relay (TLS, WS, WSS) uses.
 
-TLS copies are named STEM.pidPID.RANDOM.tls.xml in the state directory, PID being the
-`fdkeeper sipp` process that deletes it when sipp ends. A run killed before that leaves its
-copy: the next TLS run sweeps the copies whose process is gone, `fdkeeper stop` removes all.
+Copies are named STEM.pidPID.RANDOM.TRANSPORT.xml (tls, ws or wss) in the state directory, PID
+being the `fdkeeper sipp` process that deletes it when sipp ends. A run killed before that
+leaves its copy: the next such run sweeps the copies whose process is gone, `fdkeeper stop`
+removes all.
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ def builtin_scenario(sipp: Path, name: str) -> str:
     return dumped.stdout[dumped.stdout.index("<?xml") if "<?xml" in dumped.stdout else 0 :]
 
 
-TLS_COPY_SUFFIX = ".tls.xml"
-_COPY_PID = re.compile(r"\.pid(\d+)\.[^.]*\.tls\.xml$")
+# What the scenario copy writes for [transport], by the keeper's transport to the SuT.
+WRITTEN_TRANSPORT = {"tls": "TLS", "ws": "WS", "wss": "WSS"}
+_COPY_PID = re.compile(r"\.pid(\d+)\.[^.]*\.(?:tls|ws|wss)\.xml$")
 
 
 def remove_tls_copies(directory: Path, only_dead: bool = False) -> int:
-    """Remove the TLS scenario copies in ``directory`` (``only_dead``: those whose run's process
-    is gone); how many went. Only regular files named as ours are touched, never through a link."""
+    """Remove the scenario copies of TLS, WS and WSS runs in ``directory`` (``only_dead``: those
+    whose run's process is gone); how many went. Only regular files named as ours are touched,
+    never through a link."""
     removed = 0
     try:
         names = os.listdir(directory)
@@ -74,14 +77,18 @@ def remove_tls_copies(directory: Path, only_dead: bool = False) -> int:
     return removed
 
 
-def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tuple[list[str], list[Path]]:
-    """sipp arguments for a TLS run with a sipp that only speaks TCP to the keeper.
+def tls_arguments(
+    invocation: SippInvocation, sipp: Path, directory: Path, transport: str = "tls"
+) -> tuple[list[str], list[Path]]:
+    """sipp arguments for a run whose keeper speaks ``transport`` (tls, ws or wss) to the SuT,
+    with a sipp that only speaks TCP to the keeper.
 
     -t l1 becomes -t t1 (ln: tn), and the scenario (and a mixed-mode -rxsf one) is copied with
-    [transport] written out as TLS, so every Via and transport= parameter the scenario builds
-    from [transport] says TLS, as a TLS-enabled sipp would have sent. Returns the arguments and
-    the copies (to delete).
+    [transport] written out as TLS, WS or WSS, so every Via and transport= parameter the scenario
+    builds from [transport] says it, as a TLS-enabled or WebSocket-capable client would have sent.
+    Returns the arguments and the copies (to delete).
     """
+    written = WRITTEN_TRANSPORT[transport]
     args = list(invocation.args)
     if invocation.transport_index is not None:
         args[invocation.transport_index + 1] = "t" + invocation.transport_option[1]  # l1 -> t1, ln -> tn
@@ -89,14 +96,14 @@ def tls_arguments(invocation: SippInvocation, sipp: Path, directory: Path) -> tu
     copies = []
     if invocation.rx_scenario_index is not None:  # before -sf is inserted in front: indexes hold
         rx_file = Path(args[invocation.rx_scenario_index + 1])
-        copies.append(_tls_copy(_scenario_text(rx_file, "-rxsf"), rx_file.stem, directory))
+        copies.append(_copy(_scenario_text(rx_file, "-rxsf"), rx_file.stem, directory, written))
         args[invocation.rx_scenario_index : invocation.rx_scenario_index + 2] = ["-rxsf", str(copies[-1])]
     if invocation.scenario_file is not None:
         text, stem = _scenario_text(invocation.scenario_file, "-sf"), invocation.scenario_file.stem
     else:
         text = builtin_scenario(sipp, invocation.scenario_name or "uac")
         stem = invocation.scenario_name or "uac"
-    copies.append(_tls_copy(text, stem, directory))
+    copies.append(_copy(text, stem, directory, written))
     if invocation.scenario_index is None:
         args[:0] = ["-sf", str(copies[-1])]
     else:
@@ -111,10 +118,10 @@ def _scenario_text(path: Path, option: str) -> str:
         raise FdkeeperError(f"fdkeeper: cannot read scenario file {path}: {error.strerror}; check {option}") from None
 
 
-def _tls_copy(text: str, stem: str, directory: Path) -> Path:
+def _copy(text: str, stem: str, directory: Path, written: str) -> Path:
     copy_fd, copy_name = tempfile.mkstemp(
-        prefix=f"{stem}.pid{os.getpid()}.", suffix=TLS_COPY_SUFFIX, dir=directory
+        prefix=f"{stem}.pid{os.getpid()}.", suffix=f".{written.lower()}.xml", dir=directory
     )  # O_EXCL|O_NOFOLLOW, 0600
     with open(copy_fd, "w", encoding="iso-8859-1") as out:  # through that descriptor: the name is never reopened
-        out.write(text.replace("[transport]", "TLS"))
+        out.write(text.replace("[transport]", written))
     return Path(copy_name)

@@ -16,6 +16,18 @@
 static struct shim_config config;
 static pthread_once_t config_once = PTHREAD_ONCE_INIT;
 
+const char *const shim_transport_names[SHIM_TRANSPORT_BAD] = {"tcp", "tls", "ws", "wss"};
+
+static enum shim_transport transport_named(const char *name)
+{
+    int t;
+
+    for (t = SHIM_TRANSPORT_TCP; t < SHIM_TRANSPORT_BAD; t++)
+        if (strcmp(name, shim_transport_names[t]) == 0)
+            return (enum shim_transport)t;
+    return SHIM_TRANSPORT_BAD;
+}
+
 static void config_read(void)
 {
     const char *s;
@@ -47,14 +59,9 @@ static void config_read(void)
 
     /* A bad value is only reported at the first handoff (lease.c). */
     s = getenv("FDKEEPER_TRANSPORT");
-    if (!s || !*s || strcmp(s, "tcp") == 0) {
-        config.transport = SHIM_TRANSPORT_TCP;
-    } else if (strcmp(s, "tls") == 0) {
-        config.transport = SHIM_TRANSPORT_TLS;
-    } else {
-        config.transport = SHIM_TRANSPORT_BAD;
+    config.transport = transport_named(s && *s ? s : "tcp");
+    if (config.transport == SHIM_TRANSPORT_BAD)
         snprintf(config.transport_str, sizeof config.transport_str, "%s", s);
-    }
 
     s = getenv("FDKEEPER_REMOTE");
     if (s && *s) {

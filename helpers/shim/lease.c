@@ -71,12 +71,10 @@ const char *lease_transport(const char *what)
     static int reported;
     const struct shim_config *cfg = shim_config();
 
-    if (cfg->transport == SHIM_TRANSPORT_TCP)
-        return "tcp";
-    if (cfg->transport == SHIM_TRANSPORT_TLS)
-        return "tls";
+    if (cfg->transport != SHIM_TRANSPORT_BAD)
+        return shim_transport_names[cfg->transport];
     if (!__atomic_exchange_n(&reported, 1, __ATOMIC_RELAXED))
-        shim_say("fdkeeper: FDKEEPER_TRANSPORT '%s' is neither 'tcp' nor 'tls'; %s goes ahead "
+        shim_say("fdkeeper: FDKEEPER_TRANSPORT '%s' is none of 'tcp', 'tls', 'ws', 'wss'; %s goes ahead "
                  "without the keeper (no kept connection is handed over)",
                  cfg->transport_str, what);
     else

@@ -18,8 +18,17 @@
 
 enum shim_role { SHIM_ROLE_NONE = 0, SHIM_ROLE_CLIENT, SHIM_ROLE_SERVER };
 /* FDKEEPER_TRANSPORT: unset/empty means tcp; anything unknown is BAD (the
- * shim then stays out of every handoff and says so once). */
-enum shim_transport { SHIM_TRANSPORT_TCP = 0, SHIM_TRANSPORT_TLS, SHIM_TRANSPORT_BAD };
+ * shim then stays out of every handoff and says so once). tls, ws and wss are
+ * the keeper's to speak: the program gets a socketpair end carrying plain SIP. */
+enum shim_transport {
+    SHIM_TRANSPORT_TCP = 0,
+    SHIM_TRANSPORT_TLS,
+    SHIM_TRANSPORT_WS,
+    SHIM_TRANSPORT_WSS,
+    SHIM_TRANSPORT_BAD
+};
+/* The transport= value of each (docs/protocol.md), indexed by enum shim_transport. */
+SHIM_HIDDEN extern const char *const shim_transport_names[SHIM_TRANSPORT_BAD];
 
 /* The environment, read once. */
 struct shim_config {

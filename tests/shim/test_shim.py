@@ -336,7 +336,7 @@ def test_bad_transport(build, keeper, sut, role):
         what = r"listen\(fd \d+\)"
     assert keeper.requests == []
     assert re.fullmatch(
-        "fdkeeper: FDKEEPER_TRANSPORT 'udp' is neither 'tcp' nor 'tls'; "
+        "fdkeeper: FDKEEPER_TRANSPORT 'udp' is none of 'tcp', 'tls', 'ws', 'wss'; "
         f"{what} goes ahead without the keeper "
         r"\(no kept connection is handed over\)\n",
         err,
@@ -397,6 +397,29 @@ def test_server_identity_is_the_listeners_port_where_only_the_likely_one_was_kno
     assert local.startswith("127.0.0.1:")
     port = int(local.rsplit(":", 1)[1])
     assert (port != 5060 and port > 0) if from_listener else port == 5060, request
+
+
+@pytest.mark.parametrize("transport", ["ws", "wss"])
+def test_websocket_transports_lease_a_socketpair(build, keeper_dir, sut, transport):
+    """transport=ws/wss (the keeper speaks WebSocket, over TLS for wss): the lease says so, and
+    the program gets a socketpair end carrying plain SIP, as for tls, in both roles."""
+    remote = f"127.0.0.1:{free_port()}"  # nothing listens there: the keeper's relay stands in
+    k = FakeKeeper(keeper_dir / "control.sock", sut, pairs=True, peer_addr=remote, local_addr="127.0.0.1:40312")
+    try:
+        env = shim_env(build, k.path, remote=remote, FDKEEPER_TRANSPORT=transport)
+        out, err = exchange_over_lease(k, start_client(build, env, *remote.split(":"), "127.0.0.1"))
+        kv = parse(out)
+        assert kv["domain"] == "unix" and kv["peer"] == remote and kv["got"] == "pong", out + err
+        k.open_server_pairs(tls_server_addrs(2))
+        env = shim_env(build, k.path, role="server", FDKEEPER_TRANSPORT=transport)
+        served = run(build, ["server", "2"], env, timeout=30)
+        assert parse(served.stdout)["accepted"] == "2", served.stdout + served.stderr
+        assert k.requests == [
+            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0",
+            f"LEASE role=server transport={transport}",
+        ]
+    finally:
+        k.close()
 
 
 def tls_server_addrs(n: int) -> list[tuple[str, str]]:
