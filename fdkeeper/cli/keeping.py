@@ -20,7 +20,7 @@ from fdkeeper.cli.options import (
 )
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.protocol import select_connections
+from fdkeeper.protocol import TRANSPORTS, select_connections
 from fdkeeper.report import format_converter, format_status
 from fdkeeper.statedir import LOG_NAME, resolve_directory
 from fdkeeper.textsafe import escape_controls
@@ -199,7 +199,11 @@ def convert_command(
 @click.option("--aor", metavar="PATTERN", help="Only connections of these users, e.g. 'sip:user1*@example.com'.")
 @click.option("--state", type=click.Choice(["idle", "leased", "closed"]), help="Only connections in this state.")
 @click.option("--remote", metavar="IP:PORT", help="Only connections to this SuT address.")
-@click.option("--transport", type=click.Choice(["tcp", "tls"]), help="Only connections of this transport.")
+@click.option(
+    "--transport",
+    type=click.Choice(TRANSPORTS),
+    help="Only connections of this transport (ws, wss: SIP over WebSocket).",
+)
 @click.option("--count", is_flag=True, help="Print only how many connections match.")
 def status_command(
     directory: str | None,
