@@ -37,8 +37,8 @@ SANITIZE_CFLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-
 PROGRAM_CFLAGS = ["-O2", "-Wall", "-Wextra", *WERROR, "-pthread"]
 # The keeper's TLS pump (fdkeeper/keeper/tlspump.py loads it with ctypes): not part of the shim,
 # so it lives in its own directory beside shim/; linked to the libssl of _ssl.
-TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c"]
-TLSPUMP_HEADERS = ["tlspump/sipframe.h"]
+TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c", "tlspump/wsframe.c"]
+TLSPUMP_HEADERS = ["tlspump/sipframe.h", "tlspump/wsframe.h"]
 TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file name: no libssl-dev needed
 # The C test programs, checked with the rest (each compiled on its own, as the tests do).
 TEST_PROGRAMS = ["tests/shim/shimprog.c", "tests/ptrace/sipagent.c", "bench/lease_latency.c"]

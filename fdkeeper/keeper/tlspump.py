@@ -1,11 +1,17 @@
-"""The C side of a TLS link while a run holds it: helpers/tlspump/tlspump.c, loaded with ctypes.
+"""The C side of a TLS or WebSocket link while a run holds it: helpers/tlspump/tlspump.c, loaded with ctypes.
 
 Python's relay (tlslink.py) costs the keeper about 50 us of CPU per SIP message; while a run
-holds a link, one C thread with its own epoll moves whole messages between the TLS session
-and the run's socketpair instead, with the same framing and bounds. The pump works on the
-SSL object of the keeper's ``ssl.SSLSocket``: CPython keeps that pointer right after the
+holds a link, one C thread with its own epoll moves whole messages between the SuT's wire
+and the run's socketpair instead, with the same framing and bounds. A TLS wire (tls, wss) is
+the SSL object of the keeper's ``ssl.SSLSocket``: CPython keeps that pointer right after the
 object header and the socket weakref of ``_ssl._SSLSocket`` (3.8 to 3.13), and it is used only
-once the C side has checked it (its descriptor is the socket's, its handshake is done).
+once the C side has checked it (its descriptor is the socket's, its handshake is done). A
+plain wire (ws) is the TCP socket's descriptor, checked to be a connected TCP socket. With
+``websocket`` the pump speaks WebSocket to the SuT (helpers/tlspump/wsframe.c, the twin of
+fdkeeper/websocket.py): whole messages to the run, pongs for pings, each SIP message from the
+run as one masked frame; the SuT's Close ends the link as END_WS_CLOSE (``end_reason`` is
+WsDecoder.closed), a protocol error as END_UNFRAMEABLE (``end_reason`` is the WsProtocolError's
+text without "fdkeeper: "), the close frame queued and given to the wire first either way.
 Anything unexpected (no library, another Python, a failed check) leaves the link to the
 Python relay, logged once; FDKEEPER_TLS_PUMP=0 chooses the Python relay on purpose.
 
@@ -33,7 +39,7 @@ from pathlib import Path
 log = logging.getLogger("fdkeeper.tls")
 
 # How the SuT's side ended while pumped (tlspump.c enum end_kind).
-END_NONE, END_CLOSE_NOTIFY, END_EOF, END_FAILED, END_UNFRAMEABLE = range(5)
+END_NONE, END_CLOSE_NOTIFY, END_EOF, END_FAILED, END_UNFRAMEABLE, END_WS_CLOSE = range(6)
 _SSL_POINTER_OFFSET = 3 * ctypes.sizeof(ctypes.c_void_p)  # PyObject_HEAD (2 words), Socket
 _LAYOUT_KNOWN = (3, 8) <= sys.version_info[:2] <= (3, 13) and ctypes.sizeof(ctypes.c_void_p) == 8
 _TO_SUT, _TO_SIPP, _FROM_SUT, _FROM_SIPP = range(4)
@@ -50,7 +56,8 @@ class PumpState(ctypes.Structure):
         ("unframeable_from_sipp", ctypes.c_uint64),
         ("last_activity_ns", ctypes.c_int64),
         ("end_kind", ctypes.c_int32),
-        ("end_reason", ctypes.c_char * 160),
+        ("end_reason", ctypes.c_char * 640),
+        ("pings", ctypes.c_uint64),
     ]
 
 
@@ -72,6 +79,7 @@ class Handback:
     end_kind: int
     end_reason: str
     finishing: bool  # the pump keeps the SSL object until its pending write is done (take_rest)
+    pings: int = 0  # WebSocket pings the pump answered
 
 
 class _Library:
@@ -87,8 +95,6 @@ class _Library:
             return self.lib
         if os.environ.get("FDKEEPER_TLS_PUMP", "1") == "0":
             self.unavailable = "FDKEEPER_TLS_PUMP=0"
-        elif not _LAYOUT_KNOWN:
-            self.unavailable = f"Python {sys.version_info[0]}.{sys.version_info[1]}: SSLSocket layout not known"
         else:
             path = _library_path()
             if path is None:
@@ -101,7 +107,7 @@ class _Library:
     def say_unavailable(self, why: str) -> None:
         if not self._warned:
             self._warned = True
-            log.warning("TLS links are relayed in Python (more CPU per message): %s", why)
+            log.warning("TLS and WebSocket links are relayed in Python (more CPU per message): %s", why)
 
 
 _LIBRARY = _Library()
@@ -119,8 +125,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tlspump_validate.argtypes, lib.tlspump_validate.restype = [pointer, ctypes.c_int], ctypes.c_int
     lib.tlspump_new.argtypes, lib.tlspump_new.restype = [], pointer
     fd = ctypes.c_int
-    # the pump's link, the SSL*, three descriptors, four (bytes, length) states, the unread lengths
-    lib.tlspump_attach.argtypes = [pointer, pointer, fd, fd, fd, buffer, size, buffer, size, buffer, size]
+    # the pump's link, the SSL* (None: plain), websocket, three descriptors, four (bytes, length) states,
+    # the unread lengths
+    lib.tlspump_attach.argtypes = [pointer, pointer, ctypes.c_int, fd, fd, fd, buffer, size, buffer, size]
+    lib.tlspump_attach.argtypes += [buffer, size]
     lib.tlspump_attach.argtypes += [buffer, size, ctypes.POINTER(ctypes.c_uint32), size]
     lib.tlspump_attach.restype = ctypes.c_int
     lib.tlspump_release.argtypes, lib.tlspump_release.restype = [pointer], ctypes.c_int
@@ -134,6 +142,23 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tlspump_free.argtypes, lib.tlspump_free.restype = [pointer], None
     lib.tlspump_stop.argtypes, lib.tlspump_stop.restype = [], None
     return lib
+
+
+def _wire_address(lib: ctypes.CDLL, sock: socket.socket) -> int | None:
+    """The SSL* of a TLS socket, None for a plain TCP one, 0 where the pump cannot take it (said once)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and lib.tlspump_validate(None, sock.fileno()):
+            return None
+        _LIBRARY.say_unavailable("the socket is not a connected TCP socket")
+        return 0
+    if not _LAYOUT_KNOWN:
+        _LIBRARY.say_unavailable(f"Python {sys.version_info[0]}.{sys.version_info[1]}: SSLSocket layout not known")
+        return 0
+    address = ssl_pointer(sock)
+    if not address or not lib.tlspump_validate(address, sock.fileno()):
+        _LIBRARY.say_unavailable("the SSL object of Python's ssl module did not check out")
+        return 0
+    return address
 
 
 def ssl_pointer(tls: ssl.SSLSocket) -> int | None:
@@ -168,35 +193,29 @@ class LiveCounter:
 
 
 class PumpedLink:
-    """One TLS link's handle in the pump: attach with Python's state, detach to get it back."""
+    """One link's handle in the pump: attach with Python's state, detach to get it back."""
 
-    def __init__(self, lib: ctypes.CDLL, handle: int, ssl_address: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, handle: int, ssl_address: int | None, websocket: bool) -> None:
         self._lib = lib
         self._handle = handle
-        self._ssl = ssl_address
+        self._ssl = ssl_address  # None: a plain TCP wire
+        self.websocket = websocket
         self.attached = False
         self.finishing = False
 
     @classmethod
     def create(cls, sock: socket.socket, websocket: bool = False) -> PumpedLink | None:
-        """A handle for ``sock``, or None (logged once) where the pump cannot take it.
-
-        Only TLS links without WebSocket are pumped for now: a plain socket or a WebSocket
-        link is relayed in Python (None).
-        """
-        if not isinstance(sock, ssl.SSLSocket) or websocket:
-            return None
-        tls = sock
+        """A handle for ``sock`` (an ``ssl.SSLSocket``, or a plain connected TCP socket), speaking
+        WebSocket to the SuT when ``websocket``; None (logged once) where the pump cannot take it."""
         lib = _LIBRARY.load()
         if lib is None:
             _LIBRARY.say_unavailable(_LIBRARY.unavailable)
             return None
-        address = ssl_pointer(tls)
-        if not address or not lib.tlspump_validate(address, tls.fileno()):
-            _LIBRARY.say_unavailable("the SSL object of Python's ssl module did not check out")
+        address = _wire_address(lib, sock)
+        if address == 0:
             return None
         handle = lib.tlspump_new()
-        return cls(lib, handle, address) if handle else None
+        return cls(lib, handle, address, websocket) if handle else None
 
     def attach(
         self,
@@ -206,11 +225,14 @@ class PumpedLink:
         partials: tuple[bytes, bytes],
         unread_lengths: list[int],
     ) -> bool:
-        """Hand the link (TLS fd, keeper's pair end, sipp's pair end) and Python's state over."""
+        """Hand the link (the wire's fd, keeper's pair end, sipp's pair end) and Python's state over.
+
+        For a WebSocket link, ``to_sut`` is frames ready to send and ``partials[0]`` the raw bytes of
+        WsDecoder.discard() (the pump re-derives the decoder's state from them)."""
         lengths = (ctypes.c_uint32 * len(unread_lengths))(*unread_lengths)
         from_sut, from_sipp = partials
         result = self._lib.tlspump_attach(
-            self._handle, self._ssl, *fds,
+            self._handle, self._ssl, self.websocket, *fds,
             to_sut, len(to_sut), to_sipp, len(to_sipp), from_sut, len(from_sut), from_sipp, len(from_sipp),
             lengths, len(unread_lengths),
         )  # fmt: skip
@@ -244,6 +266,7 @@ class PumpedLink:
             end_kind=state.end_kind,
             end_reason=state.end_reason.decode(errors="replace"),
             finishing=finishing,
+            pings=state.pings,
         )
 
     def finished(self) -> bool:

@@ -2,6 +2,11 @@
  * messages between the keeper's TLS connection (the SSL* of Python's ssl.SSLSocket) and the
  * unix socketpair end the run was leased, so the keeper's Python loop is off the data path.
  *
+ * A link's wire is an SSL* (tls, wss) or a plain TCP descriptor (ws: SSL NULL, the pump reads
+ * and writes the socket itself); its codec towards the SuT is the SIP stream (tls) or WebSocket
+ * (ws, wss: wsframe.c decodes what the SuT sends into whole messages, answers its pings, and
+ * sends each SIP message from sipp as one masked frame).
+ *
  * Loaded with ctypes by fdkeeper/keeper/tlspump.py; never imported as a Python module and
  * never calls into Python. One thread and one epoll serve every attached link. A link is
  * attached with the state Python's relay had (buffers, partial messages, the lengths of
@@ -21,8 +26,10 @@
  */
 #define _GNU_SOURCE
 #include "sipframe.h"
+#include "wsframe.h"
 
 #include <errno.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -74,22 +81,25 @@ const char *ERR_reason_error_string(unsigned long error);
 #define MAX_EVENTS 64
 
 /* How the SuT's side ended, for Python to report as its relay would (tlslink.py). */
-enum end_kind { END_NONE = 0, END_CLOSE_NOTIFY = 1, END_EOF = 2, END_FAILED = 3, END_UNFRAMEABLE = 4 };
+enum end_kind { END_NONE = 0, END_CLOSE_NOTIFY = 1, END_EOF = 2, END_FAILED = 3, END_UNFRAMEABLE = 4, END_WS_CLOSE = 5 };
 
 /* Counters and the end, read by Python through ctypes (tlspump.py PumpState mirrors it). */
 struct pump_state {
     uint64_t messages_to_sut, messages_to_sipp, keepalives, dropped_bytes, unframeable_from_sipp;
     int64_t last_activity_ns; /* CLOCK_MONOTONIC, as Python's time.monotonic() */
     int32_t end_kind;
-    char end_reason[160];
+    char end_reason[WS_CLOSED_SIZE]; /* room for a WebSocket close's escaped reason */
+    uint64_t pings; /* WebSocket pings answered */
 };
 
 struct link {
     struct pump_state state; /* first: Python reads it at the link's address */
-    SSL *ssl;
-    int tls_fd, pair_fd, sipp_fd;
+    SSL *ssl;     /* NULL: a plain TCP wire */
+    int websocket; /* the codec towards the SuT: WebSocket frames, else the SIP stream */
+    struct ws_decoder ws;
+    int wire_fd, pair_fd, sipp_fd;
     int attached;
-    uint32_t watched_tls, watched_pair;
+    uint32_t watched_wire, watched_pair;
     long read_ahead; /* Python's setting, restored at detach */
     int write_pending; /* an SSL_write to retry with at least this length */
     int write_wants_read;
@@ -173,10 +183,10 @@ static void end_link(struct link *link, int kind, const char *reason) {
     link->state.end_kind = kind;
     snprintf(link->state.end_reason, sizeof(link->state.end_reason), "%s", reason);
     /* Level-triggered HUP/ERR would wake the pump until Python takes the link back. */
-    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->wire_fd, NULL);
     /* Wake the keeper's loop: it watches the TLS socket for EPOLLRDHUP, which a local
      * shutdown of the read side raises too. Nothing more is read from the SuT anyway. */
-    shutdown(link->tls_fd, SHUT_RD);
+    shutdown(link->wire_fd, SHUT_RD);
 }
 
 static void read_failed(struct link *link, int ssl_error, int saved_errno) {
@@ -205,68 +215,143 @@ static void read_failed(struct link *link, int ssl_error, int saved_errno) {
  * after it, where a half-closed TCP socket still sends (the run's answers go out). */
 static int at_fin(struct link *link) {
     char byte;
-    return !SSL_has_pending(link->ssl) && recv(link->tls_fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+    return !SSL_has_pending(link->ssl) && recv(link->wire_fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+/* The plain wire's end or failure: a FIN is a clean end, anything else as tcp.py reports it. */
+static void plain_failed(struct link *link, int saved_errno) {
+    if (saved_errno == 0) {
+        end_link(link, END_EOF, "the SuT closed it: FIN");
+    } else if (saved_errno == ECONNRESET) {
+        end_link(link, END_FAILED, "the SuT reset it: ECONNRESET");
+    } else {
+        char reason[128];
+        snprintf(reason, sizeof(reason), "the SuT's connection failed: %s", strerror(saved_errno));
+        end_link(link, END_FAILED, reason);
+    }
+}
+
+/* One read from the wire into from_sut: the bytes read, or 0 (nothing now, or the end: then
+ * end_link has said how). */
+static int read_wire_once(struct link *link) {
+    char *into = link->from_sut.data + link->from_sut.length;
+    if (!link->ssl) {
+        ssize_t got = recv(link->wire_fd, into, READ_CHUNK, MSG_DONTWAIT);
+        if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            plain_failed(link, got == 0 ? 0 : errno);
+        return got > 0 ? (int)got : 0;
+    }
+    ERR_clear_error();
+    errno = 0;
+    int got = SSL_read(link->ssl, into, READ_CHUNK);
+    if (got <= 0) {
+        int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, got);
+        link->read_wants_write = ssl_error == SSL_ERROR_WANT_WRITE;
+        if (ssl_error != SSL_ERROR_WANT_READ && ssl_error != SSL_ERROR_WANT_WRITE)
+            read_failed(link, ssl_error, saved_errno);
+        else
+            ERR_clear_error();
+        return 0;
+    }
+    return got;
+}
+
+static void flush_to_sut(struct link *link);
+
+/* The SuT's WebSocket frames: whole messages to sipp, pongs and the close reply to the SuT
+ * (pongs only while to_sut is under its bound: RFC 6455 lets a pong answer the latest ping
+ * alone, and a ping flood from a SuT that does not read must not grow the keeper). A Close or
+ * a protocol error ends the link once its close frame has been given to the wire. */
+static void decode_websocket(struct link *link) {
+    char error[128];
+    int code = ws_decode(&link->ws, &link->from_sut, deliver_to_sipp, link, error, sizeof(error));
+    link->state.keepalives = link->ws.keepalives;
+    link->state.pings = link->ws.pings;
+    size_t queued = link->to_sut.length;
+    if (link->ws.replies.length && (queued < BUFFER_LIMIT || link->ws.closed[0]))
+        buffer_append(&link->to_sut, link->ws.replies.data, link->ws.replies.length);
+    link->ws.replies.length = 0;
+    if (code)
+        ws_encode_close(&link->to_sut, code, NULL);
+    if (link->to_sut.length > queued)
+        flush_to_sut(link);
+    if (code)
+        end_link(link, END_UNFRAMEABLE, error); /* websocket.py: whole messages went first */
+    else if (link->ws.closed[0])
+        end_link(link, END_WS_CLOSE, link->ws.closed);
+}
+
+static void decode_sip(struct link *link) {
+    char error[96];
+    if (sip_frame(&link->from_sut, &link->state.keepalives, deliver_to_sipp, link, error, sizeof(error))) {
+        char reason[160];
+        snprintf(reason, sizeof(reason), "the SuT sent unframeable data: %s", error);
+        end_link(link, END_UNFRAMEABLE, reason); /* framing.py: the rest stays, whole ones went */
+    }
 }
 
 /* Read what the SuT sent while sipp keeps up (bounded) or, at release, what OpenSSL still
  * holds; peer_closed: the socket has seen the SuT's FIN (EPOLLRDHUP), or may have. */
-static void read_tls_records(struct link *link, int bounded, int peer_closed) {
-    char error[96];
+static void read_wire_records(struct link *link, int bounded, int peer_closed) {
     while (!link->state.end_kind && (link->to_sipp.length < BUFFER_LIMIT || !bounded)) {
-        if (peer_closed && at_fin(link)) {
+        if (link->ssl && peer_closed && at_fin(link)) {
             end_link(link, END_EOF, "the SuT closed it: FIN without TLS close_notify");
             break;
         }
         if (buffer_reserve(&link->from_sut, READ_CHUNK))
             return;
-        ERR_clear_error();
-        errno = 0;
-        int got = SSL_read(link->ssl, link->from_sut.data + link->from_sut.length, READ_CHUNK);
-        if (got <= 0) {
-            int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, got);
-            link->read_wants_write = ssl_error == SSL_ERROR_WANT_WRITE;
-            if (ssl_error != SSL_ERROR_WANT_READ && ssl_error != SSL_ERROR_WANT_WRITE)
-                read_failed(link, ssl_error, saved_errno);
-            else
-                ERR_clear_error();
+        int got = read_wire_once(link);
+        if (got <= 0)
             break;
-        }
         link->from_sut.length += (size_t)got;
         link->state.last_activity_ns = now_ns();
-        if (sip_frame(&link->from_sut, &link->state.keepalives, deliver_to_sipp, link, error, sizeof(error))) {
-            char reason[160];
-            snprintf(reason, sizeof(reason), "the SuT sent unframeable data: %s", error);
-            end_link(link, END_UNFRAMEABLE, reason); /* framing.py: the rest stays, whole ones went */
-        }
+        if (link->websocket)
+            decode_websocket(link);
+        else
+            decode_sip(link);
         flush_to_sipp(link); /* before the bound is checked: stop only when the pair is full */
-        if (!SSL_has_pending(link->ssl))
+        if (link->ssl ? !SSL_has_pending(link->ssl) : got < READ_CHUNK)
             break; /* the socket's readiness says when there is more: no read just for EAGAIN */
     }
     flush_to_sipp(link);
 }
 
-static void read_tls(struct link *link, uint32_t mask) { read_tls_records(link, 1, (mask & EPOLLRDHUP) != 0); }
+static void read_wire(struct link *link, uint32_t mask) { read_wire_records(link, 1, (mask & EPOLLRDHUP) != 0); }
+
+/* One write of to_sut's front: the bytes sent, or 0 (the wire is full, or it failed). A plain
+ * wire has no write to finish: a partial one leaves the rest in to_sut, whoever sends it. */
+static int write_wire_once(struct link *link, size_t length) {
+    if (!link->ssl) {
+        ssize_t sent = send(link->wire_fd, link->to_sut.data, length, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            plain_failed(link, errno);
+        return sent > 0 ? (int)sent : 0;
+    }
+    if ((int)length < link->write_pending)
+        length = (size_t)link->write_pending; /* OpenSSL: a retried write is never shorter */
+    ERR_clear_error();
+    errno = 0;
+    int sent = SSL_write(link->ssl, link->to_sut.data, (int)length);
+    if (sent <= 0) {
+        int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, sent);
+        if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
+            link->write_pending = (int)length;
+            link->write_wants_read = ssl_error == SSL_ERROR_WANT_READ;
+            ERR_clear_error();
+            return 0;
+        }
+        read_failed(link, ssl_error == SSL_ERROR_ZERO_RETURN ? SSL_ERROR_SSL : ssl_error, saved_errno);
+        return 0;
+    }
+    link->write_pending = 0;
+    return sent;
+}
 
 static void flush_to_sut(struct link *link) {
     while (link->to_sut.length && !link->state.end_kind) {
-        size_t length = link->to_sut.length < READ_CHUNK ? link->to_sut.length : READ_CHUNK;
-        if ((int)length < link->write_pending)
-            length = (size_t)link->write_pending; /* OpenSSL: a retried write is never shorter */
-        ERR_clear_error();
-        errno = 0;
-        int sent = SSL_write(link->ssl, link->to_sut.data, (int)length);
-        if (sent <= 0) {
-            int saved_errno = errno, ssl_error = SSL_get_error(link->ssl, sent);
-            if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
-                link->write_pending = (int)length;
-                link->write_wants_read = ssl_error == SSL_ERROR_WANT_READ;
-                ERR_clear_error();
-                return;
-            }
-            read_failed(link, ssl_error == SSL_ERROR_ZERO_RETURN ? SSL_ERROR_SSL : ssl_error, saved_errno);
+        int sent = write_wire_once(link, link->to_sut.length < READ_CHUNK ? link->to_sut.length : READ_CHUNK);
+        if (sent <= 0)
             return;
-        }
-        link->write_pending = 0;
         buffer_consume(&link->to_sut, (size_t)sent);
     }
 }
@@ -275,7 +360,9 @@ static void flush_to_sut(struct link *link) {
 
 static void deliver_to_sut(void *context, const char *message, size_t length) {
     struct link *link = context;
-    if (buffer_append(&link->to_sut, message, length) == 0)
+    int failed = link->websocket ? ws_encode_message(&link->to_sut, message, length)
+                                 : buffer_append(&link->to_sut, message, length);
+    if (!failed)
         link->state.messages_to_sut++;
 }
 
@@ -306,13 +393,13 @@ static void read_pair(struct link *link) {
 
 /* ------------------------------------------------------------------ the pump thread */
 
-static uint32_t wants_tls(struct link *link) {
+static uint32_t wants_wire(struct link *link) {
     if (link->state.end_kind)
         return 0;
     uint32_t events = 0;
     if (link->to_sipp.length < BUFFER_LIMIT)
         events |= EPOLLIN | EPOLLRDHUP; /* no RDHUP while not reading: it would fire on and on */
-    if (link->to_sut.length || link->read_wants_write)
+    if (link->to_sut.length || (link->ssl && link->read_wants_write))
         events |= EPOLLOUT;
     return events;
 }
@@ -324,11 +411,11 @@ static uint32_t wants_pair(struct link *link) {
 
 /* epoll data: the link's address with the low bit telling the pair's event from the TLS one. */
 static void rewatch(struct link *link) {
-    uint32_t tls = wants_tls(link), pair = wants_pair(link);
-    if (tls != link->watched_tls && !link->state.end_kind) { /* ended: no longer watched */
+    uint32_t tls = wants_wire(link), pair = wants_pair(link);
+    if (tls != link->watched_wire && !link->state.end_kind) { /* ended: no longer watched */
         struct epoll_event event = {.events = tls, .data.u64 = (uintptr_t)link};
-        epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->tls_fd, &event);
-        link->watched_tls = tls;
+        epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->wire_fd, &event);
+        link->watched_wire = tls;
     }
     if (pair != link->watched_pair) {
         struct epoll_event event = {.events = pair, .data.u64 = (uintptr_t)link | 1};
@@ -351,18 +438,18 @@ static void on_event(struct link *link, int pair_side, uint32_t mask) {
             size_t before = link->to_sipp.length;
             flush_to_sipp(link);
             if (before >= BUFFER_LIMIT && link->to_sipp.length < BUFFER_LIMIT)
-                read_tls(link, EPOLLRDHUP); /* OpenSSL may hold decrypted bytes the socket no longer shows */
+                read_wire(link, EPOLLRDHUP); /* OpenSSL may hold decrypted bytes the socket no longer shows */
         }
         if (mask & EPOLLIN)
             read_pair(link);
     } else {
         if (mask & EPOLLOUT) {
             flush_to_sut(link);
-            if (link->read_wants_write)
-                read_tls(link, EPOLLRDHUP);
+            if (link->ssl && link->read_wants_write)
+                read_wire(link, EPOLLRDHUP);
         }
         if (mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
-            read_tls(link, mask);
+            read_wire(link, mask);
     }
     rewatch(link);
 }
@@ -388,7 +475,7 @@ static void finish_write(struct link *link) {
         if (ssl_error == SSL_ERROR_WANT_WRITE || ssl_error == SSL_ERROR_WANT_READ) {
             uint32_t events = ssl_error == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
             struct epoll_event event = {.events = events, .data.u64 = (uintptr_t)link};
-            epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->tls_fd, &event);
+            epoll_ctl(pump_epoll, EPOLL_CTL_MOD, link->wire_fd, &event);
             ERR_clear_error();
             return;
         }
@@ -398,7 +485,7 @@ static void finish_write(struct link *link) {
                  what ? what : "TLS error");
         ERR_clear_error();
     }
-    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+    epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->wire_fd, NULL);
     link->write_pending = 0;
     link->finishing = 0;
     link->finished = 1;
@@ -413,6 +500,7 @@ static void free_dead_links(void) {
         buffer_free(&link->to_sipp);
         buffer_free(&link->from_sut);
         buffer_free(&link->from_sipp);
+        ws_free(&link->ws);
         free(link->lengths);
         free(link);
     }
@@ -466,9 +554,26 @@ static int start_pump(void) {
 
 /* ------------------------------------------------------------------ the API (tlspump.py) */
 
-/* Whether ssl is a live client TLS session on fd: guards the pointer read from the SSLSocket. */
+/* Whether fd is a connected TCP socket: a plain wire (the pump reads and writes it itself). */
+static int connected_tcp(int fd) {
+    int type = 0, domain = 0;
+    socklen_t size = sizeof(type);
+    struct sockaddr_storage peer;
+    socklen_t peer_size = sizeof(peer);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) || type != SOCK_STREAM)
+        return 0;
+    size = sizeof(domain);
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &size) || (domain != AF_INET && domain != AF_INET6))
+        return 0;
+    return getpeername(fd, (struct sockaddr *)&peer, &peer_size) == 0;
+}
+
+/* Whether ssl is a live client TLS session on fd (guards the pointer read from the SSLSocket),
+ * or, ssl NULL, whether fd is a connected TCP socket. */
 EXPORT int tlspump_validate(SSL *ssl, int fd) {
-    if (!ssl || SSL_get_fd(ssl) != fd || !SSL_is_init_finished(ssl))
+    if (!ssl)
+        return connected_tcp(fd);
+    if (SSL_get_fd(ssl) != fd || !SSL_is_init_finished(ssl))
         return 0;
     int version = SSL_version(ssl);
     return version >= TLS1_VERSION && version <= TLS1_3_VERSION;
@@ -481,8 +586,10 @@ static int set_buffer(struct buffer *buffer, const char *data, size_t length) {
     return buffer_append(buffer, data, length);
 }
 
-/* Take the link over with Python's relay state; 0 on success, -1 (link untouched) otherwise. */
-EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, int sipp_fd,
+/* Take the link over with Python's relay state; 0 on success, -1 (link untouched) otherwise.
+ * ssl NULL: wire_fd is a plain TCP socket; websocket: the SuT speaks WebSocket frames, and
+ * from_sut is then WsDecoder.discard()'s raw bytes (the decoder re-derives its state from them). */
+EXPORT int tlspump_attach(struct link *link, SSL *ssl, int websocket, int wire_fd, int pair_fd, int sipp_fd,
                           const char *to_sut, size_t to_sut_length, const char *to_sipp, size_t to_sipp_length,
                           const char *from_sut, size_t from_sut_length, const char *from_sipp,
                           size_t from_sipp_length, const uint32_t *lengths, size_t lengths_count) {
@@ -492,12 +599,9 @@ EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, 
         goto out; /* Python attaches only once it has taken everything back */
     memset(&link->state, 0, sizeof(link->state));
     link->ssl = ssl;
-    SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL); /* CPython sets it too: to_sut may grow */
-    /* Read-ahead: one read() per burst of records instead of two per record; what it buffers
-     * is drained into to_sipp at detach, as Python's relay watches only the socket. */
-    link->read_ahead = SSL_ctrl(ssl, SSL_CTRL_GET_READ_AHEAD, 0, NULL);
-    SSL_ctrl(ssl, SSL_CTRL_SET_READ_AHEAD, 1, NULL);
-    link->tls_fd = tls_fd;
+    link->websocket = websocket;
+    ws_reset(&link->ws);
+    link->wire_fd = wire_fd;
     link->pair_fd = pair_fd;
     link->sipp_fd = sipp_fd;
     link->write_pending = link->write_wants_read = link->read_wants_write = 0; /* Python had no write pending */
@@ -508,21 +612,29 @@ EXPORT int tlspump_attach(struct link *link, SSL *ssl, int tls_fd, int pair_fd, 
         goto out;
     for (size_t i = 0; i < lengths_count; i++)
         remember_length(link, lengths[i]);
-    link->watched_tls = wants_tls(link);
+    link->watched_wire = wants_wire(link);
     link->watched_pair = wants_pair(link);
-    struct epoll_event tls = {.events = link->watched_tls, .data.u64 = (uintptr_t)link};
+    struct epoll_event tls = {.events = link->watched_wire, .data.u64 = (uintptr_t)link};
     struct epoll_event pair = {.events = link->watched_pair, .data.u64 = (uintptr_t)link | 1};
-    if (epoll_ctl(pump_epoll, EPOLL_CTL_ADD, tls_fd, &tls))
+    if (epoll_ctl(pump_epoll, EPOLL_CTL_ADD, wire_fd, &tls))
         goto out;
     if (epoll_ctl(pump_epoll, EPOLL_CTL_ADD, pair_fd, &pair)) {
-        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, tls_fd, NULL);
+        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, wire_fd, NULL);
         goto out;
     }
     link->attached = 1;
     result = 0;
-    /* SSL may already hold decrypted bytes no socket event will announce: read them now. */
-    if (SSL_has_pending(link->ssl))
-        on_event(link, 0, EPOLLIN);
+    if (ssl) {
+        /* CPython sets it too: to_sut may grow */
+        SSL_ctrl(ssl, SSL_CTRL_MODE, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER, NULL);
+        /* Read-ahead: one read() per burst of records instead of two per record; what it
+         * buffers is drained into to_sipp at detach, as Python's relay watches only the socket. */
+        link->read_ahead = SSL_ctrl(ssl, SSL_CTRL_GET_READ_AHEAD, 0, NULL);
+        SSL_ctrl(ssl, SSL_CTRL_SET_READ_AHEAD, 1, NULL);
+        /* SSL may already hold decrypted bytes no socket event will announce: read them now. */
+        if (SSL_has_pending(link->ssl))
+            on_event(link, 0, EPOLLIN);
+    }
 out:
     pthread_mutex_unlock(&pump_lock);
     return result;
@@ -536,17 +648,21 @@ EXPORT int tlspump_release(struct link *link) {
     pthread_mutex_lock(&pump_lock);
     if (link->attached) {
         if (!link->state.end_kind)
-            epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+            epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->wire_fd, NULL);
         epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->pair_fd, NULL);
         link->attached = 0;
-        read_tls_records(link, 0, 1); /* records read ahead: beyond the bound by one buffer at most */
-        SSL_ctrl(link->ssl, SSL_CTRL_SET_READ_AHEAD, link->read_ahead, NULL);
-        int dead = link->state.end_kind == END_FAILED || link->state.end_kind == END_UNFRAMEABLE;
+        if (link->ssl) {
+            read_wire_records(link, 0, 1); /* records read ahead: beyond the bound by one buffer at most */
+            SSL_ctrl(link->ssl, SSL_CTRL_SET_READ_AHEAD, link->read_ahead, NULL);
+        }
+        /* A WebSocket's close frame is still to go after its protocol error: finished too. */
+        int dead = link->state.end_kind == END_FAILED ||
+                   (link->state.end_kind == END_UNFRAMEABLE && !link->websocket);
         if (link->write_pending && !dead) {
             uint32_t events = link->write_wants_read ? EPOLLIN : EPOLLOUT;
             struct epoll_event event = {.events = events, .data.u64 = (uintptr_t)link};
             link->finish_failure[0] = 0;
-            link->finishing = epoll_ctl(pump_epoll, EPOLL_CTL_ADD, link->tls_fd, &event) == 0;
+            link->finishing = epoll_ctl(pump_epoll, EPOLL_CTL_ADD, link->wire_fd, &event) == 0;
             if (!link->finishing)
                 snprintf(link->finish_failure, sizeof(link->finish_failure),
                          "the keeper could not finish its TLS write: %s", strerror(errno));
@@ -588,7 +704,7 @@ EXPORT int tlspump_wakeup_fd(void) {
 
 static void stop_finishing(struct link *link) {
     if (link->finishing)
-        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->tls_fd, NULL);
+        epoll_ctl(pump_epoll, EPOLL_CTL_DEL, link->wire_fd, NULL);
     link->finishing = link->finished = 0;
 }
 
