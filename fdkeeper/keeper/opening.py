@@ -1,9 +1,10 @@
 """Opening connections to the SuT without ever blocking the keeper's loop.
 
-A connect, a TLS handshake and the short wait after it (tls.past_our_finished) are steps of an
-``Opening`` driven by the shared Reactor: a non-blocking connect finished on EPOLLOUT, a
-handshake stepped on SSLWantRead/SSLWantWrite, each bounded by a timer. The control request
-that needs the connection stays pending meanwhile (``Pending``), other clients are served, and
+A connect, a TLS handshake and the short wait after it (tls.past_our_finished), and for ws/wss
+the WebSocket upgrade (fdkeeper/websocket.py: the request sent, the answer read and checked) are
+steps of an ``Opening`` driven by the shared Reactor: a non-blocking connect finished on
+EPOLLOUT, a handshake stepped on SSLWantRead/SSLWantWrite, each bounded by a timer. The control
+request that needs the connection stays pending meanwhile (``Pending``), other clients are served, and
 the request is answered when the open completes or fails. The same ``Pending`` lets a lease
 wait for a keep-alive pong (health.py) without blocking either.
 """
@@ -17,7 +18,7 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
@@ -27,12 +28,34 @@ from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.framing import PING
 from fdkeeper.tcp import connect_error, new_tcp_socket
 from fdkeeper.tls import ALERT_GRACE, READ_CHUNK, TlsOptions, handshake_error, past_our_finished, wrap_client
+from fdkeeper.websocket import (
+    MAX_HANDSHAKE_ANSWER,
+    WsHandshake,
+    WsHandshakeError,
+    WsOptions,
+    handshake_request,
+    new_key,
+    read_handshake_answer,
+)
 
 log = logging.getLogger("fdkeeper.keeper")
 
 Resume = Callable[[FdkeeperError | None], None]  # None: ready, ask again; else the failure
-# Keeps the connected (TLS) socket and the bytes already read from it; what it returns is not used.
-Opened = Callable[[socket.socket, bytes], object]
+# Keeps the connected (TLS) socket, the bytes already read from it (for ws/wss: after the upgrade's
+# answer) and the WebSocket handshake (None for tcp/tls); what it returns is not used.
+Opened = Callable[[socket.socket, bytes, WsHandshake | None], object]
+
+
+class Done(Protocol):
+    """How an Opening ends: a socket (its early bytes, its WebSocket handshake) or an error, never both."""
+
+    def __call__(
+        self,
+        sock: socket.socket | None,
+        early: bytes,
+        error: FdkeeperError | None,
+        websocket: WsHandshake | None = None,
+    ) -> None: ...
 
 
 class Pending(FdkeeperError):
@@ -81,32 +104,46 @@ class Opener:
         self.timeout = timeout
         self.in_progress: dict[ConnectionKey, Pending] = {}
 
-    def open(self, key: ConnectionKey, local: Address | None, options: TlsOptions | None, opened: Opened) -> NoReturn:
-        """Start opening ``key``'s connection (or join its open); always raises Pending."""
+    def open(
+        self,
+        key: ConnectionKey,
+        local: Address | None,
+        options: TlsOptions | None,
+        opened: Opened,
+        websocket: WsOptions | None = None,
+    ) -> NoReturn:
+        """Start opening ``key``'s connection (or join its open); always raises Pending.
+        ``options``: TLS (tls, wss); ``websocket``: the upgrade's options (ws, wss)."""
         pending = self.in_progress.get(key)
         if pending is None:
             remote = key[0]
             pending = Pending(f"opening the connection to {format_address(remote)}")
             self.in_progress[key] = pending
 
-            def done(sock: socket.socket | None, early: bytes, error: FdkeeperError | None) -> None:
+            def done(
+                sock: socket.socket | None,
+                early: bytes,
+                error: FdkeeperError | None,
+                websocket: WsHandshake | None = None,
+            ) -> None:
                 self.in_progress.pop(key, None)  # twice when keeping it faulted (Opening._on_fault)
                 if sock is not None:  # done gives a socket or an error, never both
                     try:
-                        opened(sock, early)
+                        opened(sock, early, websocket)
                     except FdkeeperError as failure:  # out of descriptors for its socketpair, say
                         sock.close()
                         error = failure
                 pending.settle(error)
 
-            Opening(self.reactor, remote, local, options, self.timeout, done).start()
+            Opening(self.reactor, remote, local, options, self.timeout, done, websocket).start()
             if pending.failure is not None:  # failed at once (a bad -i/-p): no need to wait
                 raise pending.failure
         raise pending
 
 
 class Opening:
-    """One connect (and TLS handshake) in progress; ``done(sock, early, error)`` ends it."""
+    """One connect (and TLS handshake, and WebSocket upgrade) in progress; ``done(sock, early,
+    error, websocket)`` ends it."""
 
     def __init__(
         self,
@@ -115,15 +152,18 @@ class Opening:
         local: Address | None,
         options: TlsOptions | None,
         timeout: float,
-        done: Callable[[socket.socket | None, bytes, FdkeeperError | None], None],
+        done: Done,
+        websocket: WsOptions | None = None,
     ) -> None:
         self.reactor, self.remote, self.local, self.options = reactor, remote, local, options
         self.timeout = timeout
         self.done = done
+        self.websocket = websocket
         self.sock: socket.socket | None = None
         self.step: Callable[[int], None] = self._connected
         self.timer: Timer | None = None
         self.received = b""
+        self.upgrade = _Upgrade()  # the WebSocket upgrade's state (ws, wss)
 
     def start(self) -> None:
         try:
@@ -149,6 +189,9 @@ class Opening:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
+            return
+        if self.options is None and self.websocket is not None:
+            self._start_upgrade()
             return
         if self.options is None:
             sock.setblocking(True)  # as a fresh socket: sipp sets the flags it wants
@@ -179,6 +222,11 @@ class Opening:
             return
         except (ssl.SSLError, OSError) as error:
             self._fail(handshake_error(self.remote, error, options))
+            return
+        if self.websocket is not None:
+            # No SIP ping here: it would be the start of the HTTP request. A late alert (our
+            # certificate refused) surfaces when the upgrade's answer is read instead.
+            self._start_upgrade()
             return
         # A TLS 1.3 server rejects our certificate after its Finished: ping and wait briefly for
         # the pong (or an alert) so that the rejection surfaces now (see tls._catch_late_alert).
@@ -213,6 +261,94 @@ class Opening:
                 self._finish()
                 return
 
+    # ---------------------------------------------------------------- the WebSocket upgrade
+
+    def _start_upgrade(self) -> None:
+        """Send the HTTP Upgrade (RFC 6455 4.1), then read the answer: a timer of its own."""
+        assert self.websocket is not None, "a WebSocket upgrade on a tcp/tls open"
+        self.upgrade.key = new_key()
+        self.upgrade.unsent = handshake_request(self._host_header(), self.websocket, self.upgrade.key)
+        self.step = self._send_upgrade
+        self._deadline(self.timeout, self._upgrade_timed_out)
+        self._send_upgrade(0)
+
+    def _host_header(self) -> str:
+        """Host: the TLS server name when one is sent, else the address; with the port."""
+        if self.options is not None and self.options.sni:
+            return f"{self.options.sni}:{self.remote[1]}"
+        return format_address(self.remote)
+
+    def _send_upgrade(self, _mask: int) -> None:
+        sock, upgrade = self._socket(), self.upgrade
+        while upgrade.unsent:
+            try:
+                sent = sock.send(upgrade.unsent)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self.reactor.rewatch(sock.fileno(), select.EPOLLOUT)
+                return
+            except ssl.SSLWantReadError:
+                self.reactor.rewatch(sock.fileno(), select.EPOLLIN)
+                return
+            except (ssl.SSLError, OSError) as error:
+                self._fail(self._upgrade_error(error))
+                return
+            upgrade.unsent = upgrade.unsent[sent:]
+        self.step = self._read_answer
+        self.reactor.rewatch(sock.fileno(), select.EPOLLIN)
+
+    def _read_answer(self, _mask: int) -> None:
+        """Read the server's answer until its blank line: at most MAX_HANDSHAKE_ANSWER bytes of
+        it are held before read_handshake_answer refuses, plus one read's worth."""
+        sock, upgrade = self._socket(), self.upgrade
+        assert self.websocket is not None, "a WebSocket upgrade on a tcp/tls open"
+        while True:
+            try:
+                data = sock.recv(MAX_HANDSHAKE_ANSWER)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return  # SSLWantWrite: a renegotiation, rare; the next readiness goes on
+            except (ssl.SSLError, OSError) as error:
+                self._fail(self._upgrade_error(error))
+                return
+            if not data:
+                self._fail(self._upgrade_error(EOFError()))
+                return
+            upgrade.answer += data
+            try:
+                answered = read_handshake_answer(upgrade.answer, upgrade.key, self.websocket, self._where())
+            except WsHandshakeError as error:
+                self._fail(error)
+                return
+            if answered is not None:
+                handshake, early = answered
+                self.received = early + _pending_tls(sock)
+                self._finish(handshake)
+                return
+
+    def _where(self) -> str:
+        return f"{format_address(self.remote)}/{'wss' if self.options is not None else 'ws'}"
+
+    def _upgrade_error(self, error: Exception) -> FdkeeperError:
+        """The upgrade failed on the wire: a TLS alert (over wss, our certificate refused after
+        the handshake, say) is the TLS handshake's error; an end is the WebSocket server's."""
+        if self.options is not None and isinstance(error, ssl.SSLError) and not _closed(error):
+            return handshake_error(self.remote, error, self.options)
+        certificate = self.options is not None and not self.options.cert
+        return FdkeeperError(
+            f"fdkeeper: the SuT at {self._where()} closed the connection during the WebSocket handshake"
+            f" ({_reason(error)}); check that it serves WebSocket there and --ws-path"
+            + ("; if it wants a client certificate, pass --tls-cert and --tls-key" if certificate else ""),
+            "refused",
+        )
+
+    def _upgrade_timed_out(self) -> None:
+        self._fail(
+            FdkeeperError(
+                f"fdkeeper: the WebSocket handshake with the SuT at {self._where()} got no answer within "
+                f"{self.timeout:g} s; check that it serves WebSocket there (or raise --connect-timeout)",
+                "timeout",
+            )
+        )
+
     # ---------------------------------------------------------------- endings
 
     def _connect_timed_out(self) -> None:
@@ -243,10 +379,10 @@ class Opening:
         if self.sock is not None:
             self.reactor.unwatch(self.sock.fileno())
 
-    def _finish(self) -> None:
+    def _finish(self, websocket: WsHandshake | None = None) -> None:
         self._stop_watching()
         sock, self.sock = self.sock, None  # the pool's from here: a fault keeping it does not close it
-        self.done(sock, self.received, None)
+        self.done(sock, self.received, None, websocket)
 
     def _fail(self, error: FdkeeperError) -> None:
         self._stop_watching()
@@ -265,6 +401,44 @@ class Opening:
                 "internal",
             )
         )
+
+
+class _Upgrade:
+    """The WebSocket upgrade of an Opening: its key, what of the request is still to send, the
+    answer read so far."""
+
+    def __init__(self) -> None:
+        self.key = ""
+        self.unsent = b""
+        self.answer = b""
+
+
+def _pending_tls(sock: socket.socket) -> bytes:
+    """What OpenSSL already decrypted past the answer: the socket is not readable for it, so the
+    link, woken by readiness, would not read it before the SuT sends more."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return b""
+    data = b""
+    while sock.pending():
+        try:
+            data += sock.recv(sock.pending())
+        except (ssl.SSLError, OSError):
+            break  # the link meets the same error on its first read
+    return data
+
+
+def _closed(error: ssl.SSLError) -> bool:
+    """An SSLError that only says the SuT ended the connection (no alert to report)."""
+    return (
+        isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or error.reason == "UNEXPECTED_EOF_WHILE_READING"
+    )
+
+
+def _reason(error: Exception) -> str:
+    """How the SuT ended it: a FIN (TLS: with or without close_notify), or the errno (ECONNRESET)."""
+    if isinstance(error, ssl.SSLError) or not isinstance(error, OSError) or error.errno is None:
+        return "FIN"  # SSLError's errno is OpenSSL's; only EOF-like ones come here
+    return errno.errorcode.get(error.errno, str(error.errno))
 
 
 def _strerror(code: int) -> str:

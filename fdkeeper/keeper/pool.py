@@ -4,8 +4,9 @@ A client run asks for its connection by (SuT, transport, user, identity: keeper/
 server run takes the connections of its identity to its SuT over its transport (where it has
 none, the idle ones no live run holds, and its runner says so); a per-user run only checks that
 its users will fit.
-Opening connects (and for TLS handshakes) from the keeper's event loop (keeper/opening.py):
-the request that needs a new connection stays pending until it is kept.
+Opening connects (and for TLS handshakes, for ws/wss upgrades to WebSocket) from the keeper's
+event loop (keeper/opening.py): the request that needs a new connection stays pending until it
+is kept.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from fdkeeper.keeper.identity import identity_of
 from fdkeeper.keeper.leases import Leases
 from fdkeeper.keeper.opening import Opener
 from fdkeeper.keeper.transports import transport_for
-from fdkeeper.protocol import ProtocolError, Request
+from fdkeeper.protocol import OVER_TLS, OVER_WEBSOCKET, WS_KEYS, ProtocolError, Request
+from fdkeeper.textsafe import escape_controls
 from fdkeeper.tls import TlsOptions
+from fdkeeper.websocket import WsHandshake, WsOptions
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -47,15 +50,17 @@ class ConnectionPool:
         self.tls_defaults = tls_defaults
         # The current connection for each (SuT, transport, AoR, identity): O(1) per lease with 10,000 users.
         self.by_key: dict[ConnectionKey, KeptConnection] = {}
-        # TLS options a PREPARE gave for a SuT, for the per-user connections leases open later.
+        # TLS and WebSocket options a PREPARE gave for a SuT, for the connections leases open
+        # later (per user, or once sipp binds): the shim's LEASE carries only transport=.
         self.tls_profiles: dict[Address, TlsOptions] = {}
+        self.ws_profiles: dict[Address, WsOptions] = {}
         self._next_id = 1
         self.opener = Opener(health.reactor, connect_timeout)
 
     def select(self, request: Request, pid: int | None) -> list[KeptConnection]:
         """The connections ``request`` asks for, opened if need be; FdkeeperError if not to be had."""
         if request.flag("per_call"):
-            self._remember_tls_profile(request)
+            self._remember_profiles(request)
             self._check_room(request)
             return []
         if request.text("role") == "client" and request.flag("open_at_lease"):
@@ -85,10 +90,21 @@ class ConnectionPool:
 
     # ---------------------------------------------------------------- choosing
 
-    def _remember_tls_profile(self, request: Request) -> None:
-        remote = request.address("remote")
-        if request.text("transport") == "tls" and remote:
+    def _remember_profiles(self, request: Request) -> None:
+        remote, transport = request.address("remote"), request.text("transport")
+        if remote is None:
+            return
+        if transport in OVER_TLS:
             self.tls_profiles[remote] = TlsOptions.from_request(request, self.tls_defaults)
+        if transport in OVER_WEBSOCKET:
+            self.ws_profiles[remote] = self._ws_options(request, remote)
+
+    def _ws_options(self, request: Request, remote: Address) -> WsOptions:
+        """The request's WebSocket options; one with none (the shim's LEASE) takes those the last
+        PREPARE for that SuT gave, else the defaults (path /)."""
+        if not any(key in request.fields for key in WS_KEYS):
+            return self.ws_profiles.get(remote, WsOptions())
+        return WsOptions.from_fields(request.text("ws_path"), request.text("ws_origin"), request.text("ws_headers"))
 
     def _client_connection(self, request: Request, pid: int | None) -> KeptConnection:
         remote: Address | None = request.address("remote")
@@ -113,7 +129,7 @@ class ConnectionPool:
         nothing, or the SuT would see a connection plain sipp never opens. Its TLS options are
         kept for the lease that opens the connection; the kept connection of the identity the
         run will most likely bind (``local=``), if there is one, is checked as its lease would be."""
-        self._remember_tls_profile(request)
+        self._remember_profiles(request)
         remote = request.address("remote")
         if remote is None:
             raise ProtocolError("badrequest", "fdkeeper: a client PREPARE needs remote=")
@@ -162,7 +178,8 @@ class ConnectionPool:
     def _check_room(self, request: Request) -> None:
         """A per-user run: say now, not at user 5,000, when the users would not fit."""
         users = request.number("users") or 0
-        per_connection = 3 if request.text("transport") == "tls" else 1  # TLS: socket + socketpair
+        # tls, ws, wss: the SuT's socket and the socketpair runs are leased one end of
+        per_connection = 1 if request.text("transport") == "tcp" else 3
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         in_use = len(os.listdir("/proc/self/fd"))
         room = (soft - in_use - 64) // per_connection
@@ -184,17 +201,26 @@ class ConnectionPool:
         told why it failed)."""
         transport, local = request.required_text("transport"), request.address("local")
         options = None
-        if transport == "tls":
+        if transport in OVER_TLS:
             options = TlsOptions.from_request(request, self.tls_profiles.get(remote, self.tls_defaults))
+        websocket = self._ws_options(request, remote) if transport in OVER_WEBSOCKET else None
         key = (remote, transport, request.text("aor"), local)
-        self.opener.open(
-            key, local, options, lambda sock, early: self._keep_opened(request, remote, options, sock, early)
-        )
+
+        def keep(sock: socket.socket, early: bytes, handshake: WsHandshake | None) -> KeptConnection:
+            return self._keep_opened(request, remote, options, sock, early, handshake)
+
+        self.opener.open(key, local, options, keep, websocket)
 
     def _keep_opened(
-        self, request: Request, remote: Address, options: TlsOptions | None, sock: socket.socket, early: bytes
+        self,
+        request: Request,
+        remote: Address,
+        options: TlsOptions | None,
+        sock: socket.socket,
+        early: bytes,
+        handshake: WsHandshake | None,
     ) -> KeptConnection:
-        io = transport_for(sock, options, early)
+        io = transport_for(sock, options, early, websocket=handshake)
         local_ip, local_port = sock.getsockname()[:2]
         connection = KeptConnection(
             id=self._next_id,
@@ -215,7 +241,8 @@ class ConnectionPool:
         self.by_key[connection.key] = connection
         self.health.watch(connection)
         tls = io.stats(connection)["tls"]
-        log.info("opened %s%s", connection.label(), f" ({tls['version']})" if tls else "")
+        upgraded = escape_controls(f" (WebSocket {handshake.path}, {handshake.status})") if handshake else ""
+        log.info("opened %s%s%s", connection.label(), f" ({tls['version']})" if tls else "", upgraded)
         return connection
 
 

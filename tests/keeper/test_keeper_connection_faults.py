@@ -46,7 +46,7 @@ def test_a_fault_keeping_an_opened_connection_fails_that_open_only(reactor, list
     key = (listener.getsockname()[:2], "tcp", None, None)
     outcome: list[FdkeeperError | None] = []
 
-    def keep(sock: socket.socket, _early: bytes) -> None:
+    def keep(sock: socket.socket, _early: bytes, _websocket: object) -> None:
         raise RuntimeError("a bug keeping it")
 
     with pytest.raises(Pending) as pending:
@@ -59,7 +59,7 @@ def test_a_fault_keeping_an_opened_connection_fails_that_open_only(reactor, list
     assert "a bug keeping it" in caplog.text  # the traceback is logged once, by the Reactor
     assert reactor.internal_errors == 1 and key not in opener.in_progress
     with pytest.raises(Pending):  # asked again: a fresh open, not a stuck one
-        opener.open(key, None, None, lambda sock, early: None)
+        opener.open(key, None, None, lambda sock, early, websocket: None)
 
 
 def watched_connection(reactor, listener) -> tuple[ConnectionHealth, KeptConnection, socket.socket]:
