@@ -195,7 +195,8 @@ def kept_lines(bench: Bench) -> list[str]:
         tls, websocket = connection.get("tls") or {}, connection.get("websocket") or {}
         line = (
             f"kept: {connection.get('transport')} {connection.get('local')}->{connection.get('remote')} "
-            f"{connection.get('state')}, {connection.get('leases')} leases, relay={tls.get('relay', '?')}"
+            f"{connection.get('state')}, {connection.get('leases')} leases, "
+            f"relay={websocket.get('relay') or tls.get('relay', '?')}"
         )
         if websocket:
             line += f", path {websocket.get('path')}, protocol {websocket.get('protocol')}"
