@@ -159,3 +159,15 @@ def test_exec_ws_transport_and_help():
     helped = CliRunner().invoke(main, ["sipp", "--help"])
     assert "fdkeeper sipp --ws -t l1 -sf reg.xml 127.0.0.1:8443" in helped.output
     assert "--ws-header" in CliRunner().invoke(main, ["exec", "--help"]).output
+
+
+@pytest.mark.skipif(SIPP is None, reason="needs sipp (its -v reads the option table)")
+def test_fdkeeper_sipp_takes_ws_after_the_sipp_path(monkeypatch, capsys, tmp_path):
+    from fdkeeper.cli import sipp_main
+
+    args = [str(SIPP), "--dir", str(tmp_path / "state"), "--ws", "-sf", str(REGISTER), "-t", "u1", "127.0.0.1:9"]
+    monkeypatch.setattr("sys.argv", ["fdkeeper-sipp", *args])
+    with pytest.raises(SystemExit) as exit_:
+        sipp_main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("fdkeeper: --ws runs over TCP or TLS, not -t u1")
