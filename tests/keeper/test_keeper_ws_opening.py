@@ -77,17 +77,23 @@ def silent(_sock: socket.socket, _request: bytes) -> None:
 
 
 class FakeWsServer:
-    """A loopback WebSocket server (TLS with ``pki``): reads each connection's upgrade request
-    into ``requests`` and hands it to ``behave``; keeps the sockets open until closed."""
+    """A loopback WebSocket server (TLS 1.3 with ``pki``; ``client_certificates``: it wants one
+    the test CA signed): reads each connection's upgrade request into ``requests`` and hands it
+    to ``behave``; keeps the sockets open until closed, a failed TLS handshake's too (so the
+    keeper reads the alert, not a reset)."""
 
-    def __init__(self, behave: Behaviour, pki: TestPki | None = None) -> None:
+    def __init__(self, behave: Behaviour, pki: TestPki | None = None, client_certificates: bool = False) -> None:
         self.behave = behave
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.context: ssl.SSLContext | None = None
         if pki is not None:
             self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.minimum_version = ssl.TLSVersion.TLSv1_3  # a refused certificate: an alert after the handshake
             self.context.load_cert_chain(pki.server_cert, pki.server_key)
+            if client_certificates:
+                self.context.verify_mode = ssl.CERT_REQUIRED
+                self.context.load_verify_locations(pki.ca_cert)
         self.requests: list[bytes] = []
         self.sockets: list[socket.socket] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -97,18 +103,21 @@ class FakeWsServer:
         while True:
             try:
                 sock, _ = self.listener.accept()
-                if self.context is not None:
-                    sock = self.context.wrap_socket(sock, server_side=True)
             except OSError:
                 return
-            self.sockets.append(sock)
             sock.settimeout(5)
-            request = b""
-            while b"\r\n\r\n" not in request:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                request += chunk
+            try:
+                if self.context is not None:
+                    sock = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                    self.sockets.append(sock)
+                    sock.do_handshake()
+                else:
+                    self.sockets.append(sock)
+                request = b""
+                while b"\r\n\r\n" not in request and (chunk := sock.recv(4096)):
+                    request += chunk
+            except OSError:
+                continue
             self.requests.append(request)
             self.behave(sock, request)
 
@@ -129,8 +138,8 @@ def reactor() -> Iterator[Reactor]:
 def serve() -> Iterator[Callable[..., FakeWsServer]]:
     servers: list[FakeWsServer] = []
 
-    def start(behave: Behaviour, pki: TestPki | None = None) -> FakeWsServer:
-        servers.append(FakeWsServer(behave, pki))
+    def start(behave: Behaviour, pki: TestPki | None = None, client_certificates: bool = False) -> FakeWsServer:
+        servers.append(FakeWsServer(behave, pki, client_certificates))
         return servers[-1]
 
     yield start
@@ -245,6 +254,14 @@ def test_a_server_that_resets_during_the_upgrade_over_tls_is_named(reactor, serv
     assert "closed the connection during the WebSocket handshake" in str(error) and "/wss" in str(error)
 
 
+def test_a_client_certificate_refused_after_the_tls_handshake_is_read_with_the_answer(reactor, serve, pki):
+    server = serve(silent, pki, client_certificates=True)
+    stranger = TlsOptions(ca=str(pki.ca_cert), cert=str(pki.other_ca_client_cert), key=str(pki.other_ca_client_key))
+    error, kept = open_ws(reactor, server, tls=stranger)
+    assert kept == [] and error is not None and error.code == "refused"
+    assert "TLS handshake" in str(error) and "unknown ca" in str(error), str(error)  # the alert, not a bare close
+
+
 def test_a_server_that_never_answers_times_out_naming_the_option(reactor, serve):
     server = serve(silent)
     error, _ = open_ws(reactor, server, timeout=0.3)
@@ -292,7 +309,8 @@ def test_a_message_sent_with_the_answer_reaches_the_run_and_status_shows_the_han
     with socket.socket(fileno=fd) as leased:
         leased.settimeout(5)
         assert leased.recv(65536) == sip("early-1")
-    [shown] = [c for c in keeper.status()["connections"] if c["id"] == connection_id]
+    [shown] = [c for c in keeper.status(transport="ws")["connections"] if c["id"] == connection_id]
+    assert all(c["transport"] == "wss" for c in keeper.status(transport="wss")["connections"])
     assert shown["transport"] == "ws" and shown["tls"] is None
     websocket = shown["websocket"]
     assert (websocket["path"], websocket["protocol"]) == ("/early", "sip")
