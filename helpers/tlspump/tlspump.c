@@ -226,7 +226,7 @@ static void plain_failed(struct link *link, int saved_errno) {
         end_link(link, END_FAILED, "the SuT reset it: ECONNRESET");
     } else {
         char reason[128];
-        snprintf(reason, sizeof(reason), "the SuT's connection failed: %s", strerror(saved_errno));
+        snprintf(reason, sizeof(reason), "the SuT's TCP connection failed: %s", strerror(saved_errno));
         end_link(link, END_FAILED, reason);
     }
 }

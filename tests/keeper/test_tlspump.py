@@ -1,9 +1,14 @@
-"""The keeper's C TLS pump (helpers/tlspump/tlspump.c) while a run holds a TLS link.
+"""The keeper's C pump (helpers/tlspump/tlspump.c) while a run holds a TLS or WebSocket link.
 
-Each test first lets the run send one message, so that the pump holds the link (the status
+Each TLS test first lets the run send one message, so that the pump holds the link (the status
 says "relay": "pump"), then drives the byte-exact case through it: framing (split messages,
 CRLF pongs, compact Content-Length, oversize), the SuT ending mid-run with whole messages
 delivered first, a run dying mid-write, back-pressure both ways, and the Python fallback.
+
+The WebSocket and plain-TCP tests drive a PumpedLink directly (a SuT socket, a socketpair,
+attach, release), over a TCP and a TLS wire: messages both ways, pings answered while pumped,
+the SuT's Close and a protocol error handed back with their close frames sent, a hand-over
+in the middle of a fragmented message restored exactly.
 """
 
 from __future__ import annotations
@@ -16,14 +21,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper import tlspump
 from fdkeeper.testbed import wait_until
+from fdkeeper.testbed.pki import TestPki
+from fdkeeper.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, WsDecoder
 from tests.support.fake_sut import FakeSut, end_connection, sip
 from tests.support.keeper import keeper_rss, lease, open_connection, read_to_the_end
+from tests.support.wsserver import client_frames, server_frame, server_message
 
 pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 
@@ -201,3 +212,163 @@ def test_an_ssl_object_that_does_not_check_out_is_left_to_python(sut, pki, monke
     finally:
         first.close()
         second.close()
+
+
+# -- WebSocket and plain TCP links, driven directly
+
+
+@dataclass
+class Pumped:
+    """A link in the pump: the keeper's wire, the SuT's end of it, the run's pair end."""
+
+    link: tlspump.PumpedLink
+    wire: socket.socket
+    sut: socket.socket
+    run: socket.socket
+    keeper_end: socket.socket
+    sut_bytes: bytes = b""
+
+    def attach(self, from_sut: bytes = b"") -> None:
+        fds = (self.wire.fileno(), self.keeper_end.fileno(), self.run.fileno())
+        assert self.link.attach(fds, b"", b"", (from_sut, b""), [])
+
+    def frames_to_sut(self, count: int) -> list[tuple[int, bytes]]:
+        """The next ``count`` frames the keeper sent the SuT, unmasked."""
+        frames: list[tuple[int, bytes]] = []
+        while len(frames) < count:
+            chunk = self.sut.recv(65536)
+            assert chunk, f"end of stream after {len(frames)} of {count} frames"
+            found, self.sut_bytes = client_frames(self.sut_bytes + chunk)
+            frames += found
+        assert len(frames) == count, frames
+        return frames
+
+    def ended(self, kind: int) -> tlspump.Handback:
+        wait_until(lambda: self.link.live_state().end_kind == kind, what=f"end kind {kind}")
+        return self.link.release()
+
+
+def connected_pair(pki: TestPki, wire: str) -> tuple[socket.socket, socket.socket]:
+    """The keeper's non-blocking client socket to a loopback SuT (TLS or plain TCP), and the SuT's end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+    if wire == "tls":
+        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_context.load_cert_chain(pki.server_cert, pki.server_key)
+        client_context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        client_context.check_hostname = False
+        accepted: list[ssl.SSLSocket] = []
+        handshake = threading.Thread(
+            target=lambda: accepted.append(server_context.wrap_socket(server, server_side=True))
+        )
+        handshake.start()
+        client = client_context.wrap_socket(client)
+        handshake.join(5)
+        server = accepted[0]
+    client.setblocking(False)
+    server.settimeout(3)
+    return client, server
+
+
+@pytest.fixture(params=["tcp", "tls"])
+def ws_link(request: pytest.FixtureRequest, pki: TestPki) -> Iterator[Pumped]:
+    with pumped_link(pki, request.param, websocket=True) as pumped:
+        yield pumped
+
+
+@contextmanager
+def pumped_link(pki: TestPki, wire: str, websocket: bool) -> Iterator[Pumped]:
+    client, server = connected_pair(pki, wire)
+    run, keeper_end = socket.socketpair()
+    keeper_end.setblocking(False)
+    run.settimeout(3)
+    link = tlspump.PumpedLink.create(client, websocket=websocket)
+    assert link is not None
+    pumped = Pumped(link, client, server, run, keeper_end)
+    pumped.attach()
+    try:
+        yield pumped
+    finally:
+        link.release()
+        link.free()
+        for sock in (client, server, run, keeper_end):
+            sock.close()
+
+
+def test_ws_messages_go_both_ways_and_pings_are_answered_while_pumped(ws_link):
+    first, second = sip("ws-one", b"v=0"), sip("ws-two", "é".encode())
+    ws_link.sut.sendall(server_message(first, cuts=[7, 30]) + server_frame(OP_PING, b"hb") + server_message(second))
+    assert read_exactly(ws_link.run, len(first + second)) == first + second
+    assert ws_link.frames_to_sut(1) == [(OP_PONG, b"hb")]
+    ws_link.sut.sendall(server_frame(OP_PONG, b"") + server_message(b" \r\n"))  # keep-alives, not messages
+    ws_link.run.sendall(sip("up-1") + sip("up-2", b"x" * 70))
+    assert ws_link.frames_to_sut(2) == [(OP_TEXT, sip("up-1")), (OP_TEXT, sip("up-2", b"x" * 70))]
+    back = ws_link.link.release()
+    assert (back.messages_to_sipp, back.messages_to_sut, back.pings, back.keepalives) == (2, 2, 1, 2)
+    assert back.end_kind == tlspump.END_NONE and not back.from_sut and not back.to_sipp
+
+
+def test_ws_close_while_pumped_is_answered_and_handed_back(ws_link):
+    ws_link.sut.sendall(server_message(sip("last")) + server_frame(OP_CLOSE, b"\x03\xe9bye\n"))
+    assert read_exactly(ws_link.run, len(sip("last"))) == sip("last")
+    assert ws_link.frames_to_sut(1) == [(OP_CLOSE, b"\x03\xe9")]  # its code echoed
+    back = ws_link.ended(tlspump.END_WS_CLOSE)
+    assert back.end_reason == "1001 (going away): bye\\n"  # WsDecoder.closed, escaped
+
+
+@pytest.mark.parametrize(
+    "defect, code, reason",
+    [
+        (server_frame(OP_TEXT, b"x", mask=b"abcd"), 1002, "a masked frame from the server"),
+        (server_frame(OP_TEXT, b"", length=70000), 1009, "a message of 70000 bytes (at most 65536)"),
+    ],
+)
+def test_a_ws_protocol_error_sends_its_close_and_ends_the_link(ws_link, defect, code, reason):
+    ws_link.sut.sendall(server_message(sip("whole")) + defect)
+    assert read_exactly(ws_link.run, len(sip("whole"))) == sip("whole")
+    assert ws_link.frames_to_sut(1) == [(OP_CLOSE, code.to_bytes(2, "big"))]
+    back = ws_link.ended(tlspump.END_UNFRAMEABLE)
+    assert back.end_reason == f"the WebSocket server broke the protocol ({code}): {reason}"
+
+
+def test_a_hand_over_mid_fragment_restores_the_message_exactly(ws_link):
+    message = sip("fragmented", b"y" * 300)
+    first = server_frame(OP_TEXT, message[:100], fin=False) + server_frame(OP_CONTINUATION, message[100:200], fin=False)
+    ws_link.sut.sendall(first + server_frame(OP_PING, b"between"))
+    assert ws_link.frames_to_sut(1) == [(OP_PONG, b"between")]  # the pump has read it all
+    back = ws_link.link.release()
+    python = WsDecoder()
+    assert python.feed(first + server_frame(OP_PING, b"between")) == []
+    assert back.from_sut == python.discard() == first  # the ping handled: not in the held bytes
+    ws_link.attach(back.from_sut)
+    ws_link.sut.sendall(server_frame(OP_CONTINUATION, message[200:]))
+    assert read_exactly(ws_link.run, len(message)) == message
+    assert nothing_to_read(ws_link.run, 0.1)
+
+
+@pytest.mark.parametrize(
+    "how, kind, reason",
+    [("fin", tlspump.END_EOF, "the SuT closed it: FIN"), ("rst", tlspump.END_FAILED, "the SuT reset it: ECONNRESET")],
+)
+def test_a_plain_tcp_sip_link_is_pumped(pki, how, kind, reason):
+    with pumped_link(pki, "tcp", websocket=False) as pumped:
+        pumped.run.sendall(sip("to-sut"))
+        assert read_exactly(pumped.sut, len(sip("to-sut"))) == sip("to-sut")
+        pumped.sut.sendall(sip("to-run") + b"\r\n" + sip("half")[:20])
+        assert read_exactly(pumped.run, len(sip("to-run"))) == sip("to-run")
+        end_connection(pumped.sut, how)
+        back = pumped.ended(kind)
+        assert (back.end_reason, back.from_sut, back.keepalives) == (reason, sip("half")[:20], 1)
+
+
+def test_only_a_connected_tcp_socket_is_a_plain_wire(monkeypatch):
+    monkeypatch.setattr(tlspump._LIBRARY, "_warned", True)  # said once: not in this test's log
+    first, second = socket.socketpair()
+    unconnected = socket.socket()
+    try:
+        assert tlspump.PumpedLink.create(first, websocket=True) is None
+        assert tlspump.PumpedLink.create(unconnected) is None
+    finally:
+        for sock in (first, second, unconnected):
+            sock.close()
