@@ -99,9 +99,9 @@ def sipp_command(
 
     With --ws the keeper speaks SIP over WebSocket (RFC 7118) to a WebRTC gateway: WSS with
     -t l1, WS with -t t1, one WebSocket connection per user with -t tn/ln. sipp still speaks
-    plain SIP to the keeper; the scenario's [transport] says WS or WSS, so the SuT sees
-    Via: SIP/2.0/WSS and transport=WSS, and reaches the user over the connection it
-    registered on, kept across runs like any other.
+    plain SIP to the keeper; the scenario's [transport] says WS or WSS (ws in a URI's
+    transport=, as RFC 7118 has it), so the SuT sees Via: SIP/2.0/WSS and transport=ws,
+    and reaches the user over the connection it registered on, kept across runs like any other.
 
     \b
       fdkeeper sipp -sf uac-register.xml -inf users.csv -t t1 -m 1 127.0.0.1:5060

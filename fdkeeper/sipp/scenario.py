@@ -51,8 +51,12 @@ def builtin_scenario(sipp: Path, name: str) -> str:
     return dumped.stdout[dumped.stdout.index("<?xml") if "<?xml" in dumped.stdout else 0 :]
 
 
-# What the scenario copy writes for [transport], by the keeper's transport to the SuT.
+# What the scenario copy writes for [transport], by the keeper's transport to the SuT: in a Via
+# and anywhere else, and in a URI's transport= parameter, which RFC 7118 (5.2) makes ws over WS
+# and WSS alike (a TLS-enabled sipp writes TLS there).
 WRITTEN_TRANSPORT = {"tls": "TLS", "ws": "WS", "wss": "WSS"}
+URI_TRANSPORT = {"tls": "TLS", "ws": "ws", "wss": "ws"}
+_URI_PARAMETER = re.compile(r"(transport=)\[transport\]", re.IGNORECASE)
 _COPY_PID = re.compile(r"\.pid(\d+)\.[^.]*\.(?:tls|ws|wss)\.xml$")
 
 
@@ -84,11 +88,10 @@ def tls_arguments(
     with a sipp that only speaks TCP to the keeper.
 
     -t l1 becomes -t t1 (ln: tn), and the scenario (and a mixed-mode -rxsf one) is copied with
-    [transport] written out as TLS, WS or WSS, so every Via and transport= parameter the scenario
-    builds from [transport] says it, as a TLS-enabled or WebSocket-capable client would have sent.
-    Returns the arguments and the copies (to delete).
+    [transport] written out as TLS, WS or WSS (ws in a URI's transport= parameter), so every Via
+    and URI the scenario builds from [transport] says it, as a TLS-enabled or WebSocket-capable
+    client would have sent. Returns the arguments and the copies (to delete).
     """
-    written = WRITTEN_TRANSPORT[transport]
     args = list(invocation.args)
     if invocation.transport_index is not None:
         args[invocation.transport_index + 1] = "t" + invocation.transport_option[1]  # l1 -> t1, ln -> tn
@@ -96,14 +99,14 @@ def tls_arguments(
     copies = []
     if invocation.rx_scenario_index is not None:  # before -sf is inserted in front: indexes hold
         rx_file = Path(args[invocation.rx_scenario_index + 1])
-        copies.append(_copy(_scenario_text(rx_file, "-rxsf"), rx_file.stem, directory, written))
+        copies.append(_copy(_scenario_text(rx_file, "-rxsf"), rx_file.stem, directory, transport))
         args[invocation.rx_scenario_index : invocation.rx_scenario_index + 2] = ["-rxsf", str(copies[-1])]
     if invocation.scenario_file is not None:
         text, stem = _scenario_text(invocation.scenario_file, "-sf"), invocation.scenario_file.stem
     else:
         text = builtin_scenario(sipp, invocation.scenario_name or "uac")
         stem = invocation.scenario_name or "uac"
-    copies.append(_copy(text, stem, directory, written))
+    copies.append(_copy(text, stem, directory, transport))
     if invocation.scenario_index is None:
         args[:0] = ["-sf", str(copies[-1])]
     else:
@@ -118,10 +121,11 @@ def _scenario_text(path: Path, option: str) -> str:
         raise FdkeeperError(f"fdkeeper: cannot read scenario file {path}: {error.strerror}; check {option}") from None
 
 
-def _copy(text: str, stem: str, directory: Path, written: str) -> Path:
+def _copy(text: str, stem: str, directory: Path, transport: str) -> Path:
     copy_fd, copy_name = tempfile.mkstemp(
-        prefix=f"{stem}.pid{os.getpid()}.", suffix=f".{written.lower()}.xml", dir=directory
+        prefix=f"{stem}.pid{os.getpid()}.", suffix=f".{transport}.xml", dir=directory
     )  # O_EXCL|O_NOFOLLOW, 0600
+    text = _URI_PARAMETER.sub(lambda found: found.group(1) + URI_TRANSPORT[transport], text)
     with open(copy_fd, "w", encoding="iso-8859-1") as out:  # through that descriptor: the name is never reopened
-        out.write(text.replace("[transport]", written))
+        out.write(text.replace("[transport]", WRITTEN_TRANSPORT[transport]))
     return Path(copy_name)
