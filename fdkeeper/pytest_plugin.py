@@ -9,9 +9,11 @@ Fixtures:
   ``failed`` calls from sipp's statistics, ``out``/``err``/``files`` log paths, ``ok``,
   ``tail()``); ``sipp.start(*args)`` returns a handle with ``pid``, ``wait_ready()``,
   ``wait()`` and ``stop()``. sipp's trace files land in the test's ``tmp_path/sipp``.
-- ``kamailio_sut``: the embedded Kamailio (fdkeeper.testbed), listening on TCP (``address``)
-  and TLS (``tls_address``, with ``tls_options`` for `fdkeeper sipp`), and ``call()`` to
-  place calls to a registered user through it.
+- ``kamailio_sut``: the embedded Kamailio (fdkeeper.testbed), listening on TCP (``address``),
+  TLS (``tls_address``, with ``tls_options`` for `fdkeeper sipp`), WebSocket (``ws_address``)
+  and secure WebSocket (``wss_address``); ``target(transport)`` says how `fdkeeper sipp`
+  reaches it over "tcp", "tls", "ws" or "wss" (address, -t, options); ``call()`` places
+  calls to a registered user through it.
 
     from fdkeeper.testbed import free_port
 
@@ -59,6 +61,7 @@ from fdkeeper.testrun.results import StepResult
 from fdkeeper.testrun.steps import StepContext, StepRun, stop_groups
 from fdkeeper.testrun.sut import embedded_kamailio
 from fdkeeper.testrun.testcase import stop_keeper
+from fdkeeper.testrun.transport import ONE_CONNECTION, TRANSPORTS, WEBSOCKET_FLAG, has_tls, has_websocket
 
 POLL = 0.05
 READY_TIMEOUT = 15.0
@@ -189,6 +192,17 @@ def _with_shipped_scenarios(args: list[str]) -> list[str]:
     return args
 
 
+@dataclass(frozen=True)
+class SutTarget:
+    """How `fdkeeper sipp` reaches the SuT over one transport: ``address`` (sipp's remote host),
+    ``sipp_transport`` (its -t for one connection, t1 or l1; tn/ln give one per user) and
+    ``options`` (fdkeeper sipp's own: --ws, --tls-ca, --tls-sni)."""
+
+    address: str
+    sipp_transport: str
+    options: tuple[str, ...]
+
+
 @dataclass
 class EmbeddedSut:
     """The ``kamailio_sut`` fixture's value."""
@@ -204,10 +218,28 @@ class EmbeddedSut:
 
     @property
     def tls_address(self) -> str:
-        address = self.kamailio.tls_address
-        if address is None:  # not met: the fixture's SuT is made with TLS
-            raise RuntimeError(f"{self.kamailio} has no TLS listener")
-        return address
+        return _listening(self.kamailio.tls_address, self.kamailio, "TLS")
+
+    @property
+    def ws_address(self) -> str:
+        return _listening(self.kamailio.ws_address, self.kamailio, "WebSocket")
+
+    @property
+    def wss_address(self) -> str:
+        return _listening(self.kamailio.wss_address, self.kamailio, "secure WebSocket")
+
+    def target(self, transport: str) -> SutTarget:
+        """How `fdkeeper sipp` reaches this SuT over "tcp", "tls", "ws" (SIP over WebSocket) or
+        "wss" (over secure WebSocket): ``sipp.run(..., "-t", t.sipp_transport, t.address,
+        options=t.options)``."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r}: one of {', '.join(TRANSPORTS)}")
+        addresses = {"tcp": self.address, "tls": self.kamailio.tls_address}
+        addresses.update(ws=self.kamailio.ws_address, wss=self.kamailio.wss_address)
+        options: tuple[str, ...] = (WEBSOCKET_FLAG,) if has_websocket(transport) else ()
+        options += self.tls_options if has_tls(transport) else ()
+        address = _listening(addresses[transport], self.kamailio, transport.upper())
+        return SutTarget(address, ONE_CONNECTION[transport], options)
 
     @property
     def domain(self) -> str:
@@ -226,6 +258,12 @@ class EmbeddedSut:
         return testbed.place_calls(
             self.kamailio, user, count, sipp=self.sipp_path, timeout=timeout, log_dir=self.log_dir
         )
+
+
+def _listening(address: str | None, kamailio: testbed.Kamailio, kind: str) -> str:
+    if address is None:  # not met: the fixture's SuT is made with every listener
+        raise RuntimeError(f"{kamailio} has no {kind} listener")
+    return address
 
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
@@ -358,14 +396,15 @@ def sipp(fdkeeper_keeper: Keeper, fdkeeper_sipp_path: str, tmp_path: Path) -> It
 @pytest.fixture
 def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSut]:
     """The embedded Kamailio for this test, on free ports: ``address`` (TCP), ``tls_address`` with
-    ``tls_options`` (fdkeeper sipp's options to trust its test certificate), ``domain``,
+    ``tls_options`` (fdkeeper sipp's options to trust its test certificate), ``ws_address`` and
+    ``wss_address`` (SIP over WebSocket), ``target(transport)``, ``domain``,
     ``users_csv(path, users)`` for sipp's -inf, ``call(user, count)`` to call a registered user
     through it. Stopped after the test."""
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
     started = contextlib.ExitStack()  # Kamailio, once started
     with _cleaned_up_even_when_interrupted(started.close, workdir):
-        kamailio, pki = started.enter_context(embedded_kamailio("tls", workdir, tmp_path))
-        if pki is None:  # not met: transport "tls" makes a PKI
+        kamailio, pki = started.enter_context(embedded_kamailio("wss", workdir, tmp_path))
+        if pki is None:  # not met: transport "wss" makes a PKI
             raise RuntimeError("the embedded TLS SuT came without its test PKI")
         yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
 

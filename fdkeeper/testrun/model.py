@@ -3,7 +3,7 @@
     name: register-answer-tcp        # default: the file's name without .yaml
     sut: embedded                    # or HOST:PORT, or {embedded: {auth, users}}, {kamailio: FILE},
                                      # {command: ..., ready: tcp:PORT}: see sutspec; absent: no SuT
-    transport: tcp                   # embedded SuT: tcp, or tls (adds a TLS listener)
+    transport: tcp                   # embedded SuT: tcp, tls, ws or wss (see testrun.transport)
     xfail: "why it fails today"      # optional: a failure is expected, not counted
     vars: {users: "${here}/users.csv"}
     steps:
@@ -32,7 +32,7 @@ from typing import Any
 
 from fdkeeper.address import split_host_port
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.testrun import variables
+from fdkeeper.testrun import transport, variables
 from fdkeeper.testrun.sutspec import (
     DEFAULT_READY_TIMEOUT,
     STARTED_SUT_VARIABLES,
@@ -101,8 +101,8 @@ class TestSpec:
         known = set(variables.BUILTIN) | set(self.vars)
         if self.sut:
             known |= set(variables.SUT_VARIABLES)
-        if isinstance(self.sut, EmbeddedSut) and self.transport == "tls":
-            known |= set(variables.TLS_VARIABLES)
+        if isinstance(self.sut, EmbeddedSut):
+            known |= set(transport.VARIABLES[self.transport])
         return known
 
 
@@ -135,17 +135,19 @@ def load_test(path: Path) -> TestSpec:
         name=_name(document.get("name", path.stem), "name", where),
         steps=[],
         sut=_sut(document.get("sut"), path.parent, where),
-        transport=_choice(document.get("transport", "tcp"), ("tcp", "tls"), "transport", where),
+        transport=_choice(document.get("transport", "tcp"), transport.TRANSPORTS, "transport", where),
         vars=_vars(document.get("vars") or {}, where),
         xfail=_optional_text(document.get("xfail"), "xfail", where),
         description=_optional_text(document.get("description"), "description", where) or "",
     )
-    if spec.transport == "tls" and not isinstance(spec.sut, EmbeddedSut):
+    if spec.transport != "tcp" and not isinstance(spec.sut, EmbeddedSut):
         raise where.error(
             "transport",
-            "only an embedded SuT ('sut: embedded') is started with TLS; for your own SuT pass --tls-* in the steps' options",
+            f"only an embedded SuT ('sut: embedded') is started with {spec.transport.upper()}; for your own SuT "
+            "pass --tls-* (and --ws) in the steps' options",
         )
     spec.steps = _steps(document.get("steps"), where)
+    _websocket_steps(spec, where)
     _check_variables(spec, where)
     return spec
 
@@ -227,6 +229,16 @@ def _step(item: dict[str, Any], where: _Where) -> Step:
         **{ordering: _names(item.get(ordering), ordering, where) for ordering in ORDERINGS},
     )
     return step
+
+
+def _websocket_steps(spec: TestSpec, where: _Where) -> None:
+    """A WebSocket test's stream sipp steps run `fdkeeper sipp --ws` (testrun.transport)."""
+    for step in spec.steps:
+        if step.kind == "sipp":
+            try:
+                step.options = transport.step_options(spec.transport, step.args, step.options)
+            except ValueError as error:
+                raise _Where(where.path, step.name).error("sipp", str(error)) from None
 
 
 def _check_orderings(steps: list[Step], where: _Where) -> None:
@@ -444,7 +456,7 @@ def _vars(value: Any, where: _Where) -> dict[str, str]:
     for name, text in value.items():
         if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
             raise where.error("vars", f"expected names of letters, digits and '_', got {name!r}")
-        if name in variables.BUILTIN or name in variables.SUT_VARIABLES + variables.TLS_VARIABLES:
+        if name in variables.BUILTIN or name in variables.SUT_VARIABLES + transport.VARIABLES["wss"]:
             raise where.error(f"vars.{name}", "this name is set by fdkeeper run; choose another")
         result[name] = _text(text, f"vars.{name}", where)
     return result

@@ -2,7 +2,8 @@
 
 Three kinds (fdkeeper.testrun.sutspec says what a test file writes):
 - embedded: fdkeeper.testbed's Kamailio on free loopback ports, with a TLS listener and a
-  throw-away PKI (fdkeeper.testbed.make_test_pki) for `transport: tls`, and digest auth
+  throw-away PKI (fdkeeper.testbed.make_test_pki) for `transport: tls`, a WebSocket one for
+  `ws`, both and a secure WebSocket one for `wss` (testrun.transport), and digest auth
   for the users of a CSV with `auth: true`; its log is copied into the test's log folder;
 - started: Kamailio with the test's own configuration, or any command, in its own process
   group, ready once its TCP listeners accept (or `ready` says so), within `timeout`
@@ -31,6 +32,7 @@ from fdkeeper.testbed.process import find_program, stop_process
 from fdkeeper.testbed.sipmsg import udp_options
 from fdkeeper.testrun import interrupt, variables
 from fdkeeper.testrun.sutspec import AddressSut, EmbeddedSut, StartedSut, SutSpec
+from fdkeeper.testrun.transport import has_tls, has_websocket
 
 # A listen line of a Kamailio configuration: listen=[PROTO:]HOST:PORT (an IPv6 HOST in []).
 _LISTEN = re.compile(r"^\s*listen\s*=\s*(?:(udp|tcp|tls|sctp|ws|wss):)?(\[[^\]]+\]|[^\s:\[]+):(\d+)", re.MULTILINE)
@@ -63,7 +65,8 @@ class _Probe:
 @contextlib.contextmanager
 def sut_variables(sut: SutSpec | None, transport: str, workdir: Path, logs: Path) -> Iterator[dict[str, str]]:
     """Yield the SuT's variables (sut, sut_host, sut_port, domain; sut_tls, tls_ca, tls_sni
-    with TLS), starting and finally stopping a SuT the test has started for it."""
+    with TLS; sut_ws, sut_wss with WebSocket), starting and finally stopping a SuT the test
+    has started for it."""
     if sut is None:
         yield {}
     elif isinstance(sut, AddressSut):
@@ -88,6 +91,9 @@ def _embedded_values(sut: EmbeddedSut, transport: str, workdir: Path, logs: Path
         values = _address_values(kamailio.address, kamailio.domain)
         if pki is not None and kamailio.tls_address is not None:  # with a TestPki, the SuT listens for TLS
             values.update(sut_tls=kamailio.tls_address, tls_ca=str(pki.ca_cert), tls_sni=pki.server_name)
+        for name, address in (("sut_ws", kamailio.ws_address), ("sut_wss", kamailio.wss_address)):
+            if address is not None:
+                values[name] = address
         yield values
 
 
@@ -95,11 +101,13 @@ def _embedded_values(sut: EmbeddedSut, transport: str, workdir: Path, logs: Path
 def embedded_kamailio(
     transport: str, workdir: Path, logs: Path, *, auth_users: dict[str, str] | None = None
 ) -> Iterator[tuple[testbed.Kamailio, testbed.TestPki | None]]:
-    """A started Kamailio (TLS too with transport 'tls'; digest auth for `auth_users`,
-    {user: password}) and its PKI; stopped at the end."""
-    pki = testbed.make_test_pki(workdir / "pki") if transport == "tls" else None
+    """A started Kamailio (TLS and WebSocket listeners as `transport` asks, see testrun.transport;
+    digest auth for `auth_users`, {user: password}) and its PKI; stopped at the end."""
+    pki = testbed.make_test_pki(workdir / "pki") if has_tls(transport) else None
     tls = testbed.KamailioTls.server(pki) if pki is not None else None
-    kamailio = testbed.Kamailio(workdir / "kamailio", tls=tls, auth_users=auth_users)
+    kamailio = testbed.Kamailio(
+        workdir / "kamailio", tls=tls, auth_users=auth_users, websocket=has_websocket(transport)
+    )
     try:
         kamailio.start()
         yield kamailio, pki

@@ -24,8 +24,11 @@ BUILTIN = {
 
 # Set when the test has `sut:` (an embedded SuT or HOST:PORT).
 SUT_VARIABLES = ("sut", "sut_host", "sut_port", "domain")
-# Set by an embedded SuT with `transport: tls`.
+# Set by an embedded SuT with `transport: tls` or `wss`.
 TLS_VARIABLES = ("sut_tls", "tls_ca", "tls_sni")
+# Set by an embedded SuT with `transport: ws` or `wss` (WS), and `wss` (WSS): see testrun.transport.
+WS_VARIABLES = ("sut_ws",)
+WSS_VARIABLES = ("sut_wss",)
 
 _REFERENCE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z0-9_.-]+))?\})")
 FREE_PORT = "free_port"
