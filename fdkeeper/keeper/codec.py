@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from fdkeeper.sip.framing import PING, FramingError, SipFramer
-from fdkeeper.websocket import WsDecoder, WsProtocolError, close_frame, encode_message, ping_frame
+from fdkeeper.websocket import OP_CLOSE, WsDecoder, WsProtocolError, close_frame, encode_message, ping_frame
 
 GOING_AWAY, NORMAL_CLOSURE = 1001, 1000  # RFC 6455 7.4.1: the keeper stops / the keeper is done with it
 
@@ -51,8 +51,9 @@ class Codec(Protocol):
     def discard(self) -> bytes:
         """Remove and return those bytes (the pump's hand-over state); feeding them back restores them."""
 
-    def take_replies(self) -> bytes:
-        """What the protocol answers by itself (pongs, the Close reply), to send the SuT now."""
+    def take_replies(self, room: int) -> bytes:
+        """What the protocol answers by itself (pongs, the Close reply), to send the SuT now; at
+        most about ``room`` bytes of it that may be left unsent (pongs beyond are dropped)."""
 
     @property
     def closed(self) -> str:
@@ -66,6 +67,9 @@ class Codec(Protocol):
 
     def goodbye(self, going_away: bool) -> bytes:
         """What the keeper sends before it closes the link (``going_away``: the keeper stops)."""
+
+    def take_close(self, reason: str) -> None:
+        """The SuT's Close the pump read and answered (``reason``: its ``closed`` text)."""
 
 
 class SipStream:
@@ -99,7 +103,7 @@ class SipStream:
     def discard(self) -> bytes:
         return self._framer.discard()
 
-    def take_replies(self) -> bytes:
+    def take_replies(self, room: int) -> bytes:
         return b""
 
     def encode(self, message: bytes) -> bytes:
@@ -110,6 +114,9 @@ class SipStream:
 
     def goodbye(self, going_away: bool) -> bytes:
         return b""  # TLS's close_notify is the wire's
+
+    def take_close(self, reason: str) -> None:
+        raise AssertionError(f"a WebSocket Close on a SIP stream: {reason}")
 
 
 class WebSocketStream:
@@ -149,10 +156,16 @@ class WebSocketStream:
     def discard(self) -> bytes:
         return self._decoder.discard()
 
-    def take_replies(self) -> bytes:
+    def take_replies(self, room: int) -> bytes:
+        """The pongs and the Close reply; a SuT that pings faster than it reads gets no more than
+        ``room`` bytes of pongs, else only the last one while there is room at all (RFC 6455 5.5.3
+        lets an endpoint answer only the latest ping), and the Close reply whatever the room."""
         replies = bytes(self._decoder.replies)
         self._decoder.replies.clear()
-        return replies
+        if len(replies) <= room:
+            return replies
+        last_pong, close = _last_frames(replies)
+        return (last_pong if room > 0 else b"") + close
 
     def encode(self, message: bytes) -> bytes:
         return encode_message(message)
@@ -164,3 +177,22 @@ class WebSocketStream:
         if self.closed:
             return b""  # the SuT closed first: the decoder's reply was the keeper's Close
         return close_frame(GOING_AWAY if going_away else NORMAL_CLOSURE)
+
+    def take_close(self, reason: str) -> None:
+        self._decoder.closed = reason  # everything fed after it is ignored, as after its own
+
+
+_MASKED_HEADER = 6  # a client's control frame: 2 bytes, then the 4-byte mask (payload under 126 bytes)
+
+
+def _last_frames(replies: bytes) -> tuple[bytes, bytes]:
+    """The last pong and the Close reply among ``replies`` (control frames the decoder encoded)."""
+    at, last_pong, close = 0, b"", b""
+    while at < len(replies):
+        end = at + _MASKED_HEADER + (replies[at + 1] & 0x7F)
+        if replies[at] & 0x0F == OP_CLOSE:
+            close = replies[at:end]
+        else:
+            last_pong = replies[at:end]
+        at = end
+    return last_pong, close

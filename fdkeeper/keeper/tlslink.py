@@ -57,6 +57,7 @@ from fdkeeper.keeper.tlspump import (
     END_EOF,
     END_FAILED,
     END_UNFRAMEABLE,
+    END_WS_CLOSE,
     Handback,
     LiveCounter,
     PumpedLink,
@@ -92,6 +93,7 @@ class PumpHandover:
     messages_to_sut = LiveCounter()
     messages_to_sipp = LiveCounter()
     dropped_bytes = LiveCounter()
+    pings = LiveCounter()  # WebSocket pings the pump answered (Python's own: the codec's pings_answered)
 
     pump: PumpedLink | None
     _pump_tried: bool
@@ -112,6 +114,7 @@ class PumpHandover:
     closed_reason: str
     sut_ended: str
     reset: bool
+    said_goodbye: bool
     is_held: Callable[[], bool]
     ping_sent_at: float | None
     last_activity: float
@@ -121,6 +124,7 @@ class PumpHandover:
         def _fail(self, reason: str) -> None: ...
         def _ended(self, reason: str) -> None: ...
         def _ended_cleanly(self, reason: str) -> None: ...
+        def _closed_by_sut(self) -> None: ...
         def _flush_to_sut(self) -> None: ...
         def _read_sut(self) -> None: ...
         def _queue_to_sipp(self, messages: list[bytes]) -> None: ...
@@ -165,6 +169,7 @@ class PumpHandover:
         self.messages_to_sut += back.messages_to_sut
         self.messages_to_sipp += back.messages_to_sipp
         self.dropped_bytes += back.dropped_bytes
+        self.pings += back.pings
         self.codec.keepalives += back.keepalives
         if back.keepalives:
             self.ping_sent_at = None
@@ -205,6 +210,10 @@ class PumpHandover:
             self._ended_cleanly(back.end_reason)
         elif back.end_kind == END_UNFRAMEABLE:
             self.closed_reason = back.end_reason
+            self.said_goodbye = True  # over WebSocket the pump's Close (1002, 1009) is sent or in to_sut
+        elif back.end_kind == END_WS_CLOSE:  # its Close reply is sent or in to_sut too
+            self.codec.take_close(back.end_reason)
+            self._closed_by_sut()
 
     def _free_pump(self) -> None:
         if self.pump is not None:
@@ -259,6 +268,7 @@ class TlsLink(PumpHandover):
         self.messages_to_sut = 0
         self.messages_to_sipp = 0
         self.dropped_bytes = 0
+        self.pings = 0
         self.ping_sent_at: float | None = None
         self.last_activity = time.monotonic()
         self.watched_sut = self.watched_pair = 0  # what the keeper's epoll watches now
@@ -344,7 +354,7 @@ class TlsLink(PumpHandover):
             self.to_sut += error.farewell  # sent as the link closes (close_wire)
             self.said_goodbye = bool(error.farewell)
             return
-        replies = self.codec.take_replies()  # pongs, the reply to the SuT's Close: at once
+        replies = self.codec.take_replies(BUFFER_LIMIT - len(self.to_sut))  # pongs, the Close reply: at once
         if replies:
             self.to_sut += replies
             self._flush_to_sut()
@@ -352,7 +362,7 @@ class TlsLink(PumpHandover):
             messages = self._answer_options(messages)
         self._queue_to_sipp(messages)
         if self.codec.closed:
-            self._ended_cleanly(f"the SuT closed the WebSocket: {self.codec.closed}")
+            self._closed_by_sut()
 
     def _ended(self, reason: str) -> None:
         """An end of stream; OpenSSL (and the pump) report an RST underneath as one too."""
@@ -364,6 +374,10 @@ class TlsLink(PumpHandover):
     def _ended_cleanly(self, reason: str) -> None:
         self.sut_ended = reason
         self.end_towards_sipp_when_delivered()
+
+    def _closed_by_sut(self) -> None:
+        """The SuT's WebSocket Close (its reply is queued): a clean end, and nothing more goes to it."""
+        self._ended_cleanly(f"the SuT closed the WebSocket: {self.codec.closed}")
 
     def _answer_options(self, messages: list[bytes]) -> list[bytes]:
         """--answer-options while no run holds the link: reply to the SuT's OPTIONS pings."""

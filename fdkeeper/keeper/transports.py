@@ -346,7 +346,7 @@ class RelayedTransport:
                 "protocol": handshake.protocol,
                 "status": handshake.status,
                 "server_headers": [[name, value] for name, value in handshake.server_headers],
-                "pings_answered": link.codec.pings_answered,
+                "pings_answered": link.codec.pings_answered + link.pings,
                 "close": link.codec.closed,
                 **relayed,
             }
