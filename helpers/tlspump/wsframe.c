@@ -184,6 +184,8 @@ static void append_safe_text(char *out, size_t out_size, const unsigned char *te
 
 /* ------------------------------------------------------------------ decoding */
 
+#define WS_SCRATCH_KEPT 8192
+
 struct frame {
     int fin, opcode;
     size_t header, length;
@@ -342,6 +344,8 @@ static void finish_fragmented(struct ws_decoder *decoder, const struct buffer *r
         buffer_append(&decoder->message, raw->data + at + frame.header, frame.length);
     }
     finish_message(decoder, decoder->message.data, decoder->message.length, deliver, context);
+    if (decoder->message.capacity > WS_SCRATCH_KEPT)
+        buffer_free(&decoder->message); /* an idle link keeps no 64 KiB for a rare big message */
 }
 
 int ws_decode(struct ws_decoder *decoder, struct buffer *raw, sip_deliver deliver, void *context, char *error,
