@@ -114,9 +114,14 @@ def run_from_the_root(script: str, keeper_dir: Path) -> subprocess.CompletedProc
     return result
 
 
-def test_the_printed_tls_command_registers(sut: RunningSut, tmp_path: Path) -> None:
-    [command] = [line.strip() for line in sut.banner.splitlines() if " -t l1 " in line and "--ws" not in line]
-    run_from_the_root(f"{command}\nfdkeeper stop", tmp_path / "keeper")
+def test_the_printed_tls_and_websocket_commands_register(sut: RunningSut, tmp_path: Path) -> None:
+    """The banner's register commands over TLS, WS and WSS, as printed (one kept connection each)."""
+    commands = [
+        line.strip() for line in sut.banner.splitlines() if "uac-register.xml" in line and " -t t1 " not in line
+    ]
+    commands += [line.strip() for line in sut.banner.splitlines() if "--ws " in line and " -t t1 " in line]
+    assert len(commands) == 3, sut.banner  # TLS, WSS, WS
+    run_from_the_root("\n".join([*commands, "fdkeeper stop"]), tmp_path / "keeper")
 
 
 def test_the_readmes_using_it_runs_as_written_and_sigterm_stops_the_sut(sut: RunningSut, tmp_path: Path) -> None:
