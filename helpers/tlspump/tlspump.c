@@ -263,7 +263,7 @@ static void flush_to_sut(struct link *link);
  * alone, and a ping flood from a SuT that does not read must not grow the keeper). A Close or
  * a protocol error ends the link once its close frame has been given to the wire. */
 static void decode_websocket(struct link *link) {
-    char error[128];
+    char error[192];
     int code = ws_decode(&link->ws, &link->from_sut, deliver_to_sipp, link, error, sizeof(error));
     link->state.keepalives = link->ws.keepalives;
     link->state.pings = link->ws.pings;
