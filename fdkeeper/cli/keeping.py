@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     "--keepalive",
     type=click.FloatRange(1, 86400),
     metavar="SECONDS",
-    help="Send RFC 5626 CRLF pings on idle connections this often (off by default).",
+    help="Send RFC 5626 CRLF pings (WebSocket pings on ws/wss connections) on idle connections this often (off by default).",
 )
 @click.option(
     "--connect-timeout",

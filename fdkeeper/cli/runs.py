@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     "--keepalive",
     type=click.FloatRange(1, 86400),
     metavar="SECONDS",
-    help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings on idle connections this often.",
+    help="When this run starts the keeper (or converter): send RFC 5626 CRLF pings (WebSocket pings over --ws) on idle connections this often.",
 )
 @click.option(
     "--connect-timeout",
