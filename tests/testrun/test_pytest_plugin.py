@@ -18,20 +18,18 @@ REGISTER_ANSWER = """
 import pytest
 from fdkeeper.testbed import free_port
 
-@pytest.mark.parametrize("transport", ["t1", "l1"])
+@pytest.mark.parametrize("transport", ["tcp", "tls", "ws", "wss"])
 def test_register_then_answer(sipp, kamailio_sut, fdkeeper_keeper, tmp_path, transport):
-    tls = transport == "l1"
-    sut = kamailio_sut.tls_address if tls else kamailio_sut.address
-    options = kamailio_sut.tls_options if tls else ()
+    target = kamailio_sut.target(transport)  # address, -t, fdkeeper sipp's options (--ws, --tls-*)
     users = kamailio_sut.users_csv(tmp_path / "users.csv", ["alice"])
-    register = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", transport, "-i", "127.0.0.1", "-m", "1", sut,
-                        options=options, timeout=30)
+    register = sipp.run("-sf", "uac-register.xml", "-inf", users, "-t", target.sipp_transport, "-i", "127.0.0.1",
+                        "-m", "1", target.address, options=target.options, timeout=30)
     assert register.ok and register.successful == 1, register.tail()
     [connection] = fdkeeper_keeper.connections()
-    assert connection["state"] == "idle" and connection["transport"] == ("tls" if tls else "tcp")
+    assert connection["state"] == "idle" and connection["transport"] == transport
 
-    answer = sipp.start("-sf", "uas-answer.xml", "-t", transport, "-i", "127.0.0.1", "-p", str(free_port()), "-m", "2", sut,
-                        name="answer")
+    answer = sipp.start("-sf", "uas-answer.xml", "-t", target.sipp_transport, "-i", "127.0.0.1", "-p", str(free_port()),
+                        "-m", "2", target.address, options=target.options, name="answer")
     answer.wait_ready()
     call = kamailio_sut.call("alice", 2)
     answered = answer.wait(30)
@@ -77,7 +75,7 @@ def plugin_options() -> list[str]:
 def test_register_answer_and_many_users_with_the_fixtures(pytester):
     pytester.makepyfile(test_user=REGISTER_ANSWER)
     result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", timeout=300)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
 
 
 def test_a_failing_test_reports_the_keepers_log(pytester):
@@ -95,7 +93,7 @@ def test_a_failing_test_reports_the_keepers_log(pytester):
 def test_fixtures_run_side_by_side_with_xdist(pytester):
     pytester.makepyfile(test_user=REGISTER_ANSWER)
     result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", "-n", "2", timeout=300)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=5)
 
 
 def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
