@@ -236,7 +236,7 @@ def test_a_failed_upgrade_is_one_line_naming_the_server(reactor, serve, behave, 
     error, kept = open_ws(reactor, server)
     assert kept == [] and error is not None
     text = str(error)
-    assert error.code == code and "\n" not in text and "\r" not in text
+    assert error.code == code and text.startswith("fdkeeper: ") and "\n" not in text and "\r" not in text
     assert f"127.0.0.1:{server.address[1]}" in text
     for word in words:
         assert word in text
