@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import psutil
 import pytest
 
 from fdkeeper.client import KeeperClient, ensure_keeper
@@ -372,3 +373,15 @@ def test_only_a_connected_tcp_socket_is_a_plain_wire(monkeypatch):
     finally:
         for sock in (first, second, unconnected):
             sock.close()
+
+
+def test_a_ping_flood_from_a_sut_that_does_not_read_leaves_the_pongs_bounded(ws_link):
+    pings = 100_000  # 13 MB of pongs: far more than the socket buffers and BUFFER_LIMIT hold
+    flood = server_frame(OP_PING, b"p" * 125) * pings
+    before = psutil.Process().memory_info().rss
+    sender = threading.Thread(target=ws_link.sut.sendall, args=(flood,))
+    sender.start()
+    wait_until(lambda: ws_link.link.live_state().pings == pings, timeout=30, what="every ping read")
+    assert psutil.Process().memory_info().rss - before < 4 * 1024 * 1024, "the unread pongs grew the keeper"
+    sender.join(5)
+    assert ws_link.link.release().end_kind == tlspump.END_NONE
