@@ -72,7 +72,28 @@ class Codec(Protocol):
         """The SuT's Close the pump read and answered (``reason``: its ``closed`` text)."""
 
 
-class SipStream:
+class _Decoded:
+    """What both codecs read through their decoder: a SipFramer or its twin WsDecoder."""
+
+    _decoder: SipFramer | WsDecoder
+
+    @property
+    def keepalives(self) -> int:
+        return self._decoder.keepalives
+
+    @keepalives.setter
+    def keepalives(self, value: int) -> None:
+        self._decoder.keepalives = value
+
+    @property
+    def pending(self) -> int:
+        return self._decoder.pending
+
+    def discard(self) -> bytes:
+        return self._decoder.discard()
+
+
+class SipStream(_Decoded):
     """SIP straight on the stream (TLS): SipFramer in, messages as they are out, CRLFCRLF pings."""
 
     websocket = False
@@ -80,28 +101,13 @@ class SipStream:
     pings_answered = 0
 
     def __init__(self) -> None:
-        self._framer = SipFramer()
-
-    @property
-    def keepalives(self) -> int:
-        return self._framer.keepalives
-
-    @keepalives.setter
-    def keepalives(self, value: int) -> None:
-        self._framer.keepalives = value
-
-    @property
-    def pending(self) -> int:
-        return self._framer.pending
+        self._decoder = SipFramer()
 
     def feed(self, data: bytes) -> list[bytes]:
         try:
-            return self._framer.feed(data)
+            return self._decoder.feed(data)
         except FramingError as error:
             raise Unframeable(f"the SuT sent unframeable data: {error}", error.messages) from None
-
-    def discard(self) -> bytes:
-        return self._framer.discard()
 
     def take_replies(self, room: int) -> bytes:
         return b""
@@ -119,29 +125,18 @@ class SipStream:
         raise AssertionError(f"a WebSocket Close on a SIP stream: {reason}")
 
 
-class WebSocketStream:
+class WebSocketStream(_Decoded):
     """SIP over WebSocket (RFC 7118): one masked frame per message, WsDecoder in, WebSocket pings."""
 
     websocket = True
+    _decoder: WsDecoder
 
     def __init__(self) -> None:
         self._decoder = WsDecoder()
 
     @property
-    def keepalives(self) -> int:
-        return self._decoder.keepalives
-
-    @keepalives.setter
-    def keepalives(self, value: int) -> None:
-        self._decoder.keepalives = value
-
-    @property
     def pings_answered(self) -> int:
         return self._decoder.pings
-
-    @property
-    def pending(self) -> int:
-        return self._decoder.pending
 
     @property
     def closed(self) -> str:
@@ -152,9 +147,6 @@ class WebSocketStream:
             return self._decoder.feed(data)
         except WsProtocolError as error:
             raise Unframeable(str(error), error.messages, close_frame(error.code)) from None
-
-    def discard(self) -> bytes:
-        return self._decoder.discard()
 
     def take_replies(self, room: int) -> bytes:
         """The pongs and the Close reply; a SuT that pings faster than it reads gets no more than

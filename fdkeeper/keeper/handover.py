@@ -4,16 +4,19 @@ As HAProxy hands its listeners to the new process on reload, the old keeper send
 kept TCP connection, by SCM_RIGHTS, to its successor over the control socket (verb HANDOVER,
 from the same uid only), then exits; the successor takes the lock and keeps them under the same
 ids. Same sockets, same source ports: the SuT sees nothing, registrations over them stay valid.
+A WebSocket over TCP (ws) moves too while its link holds nothing (transports.py ``movable``:
+no byte buffered either way, no partial frame, no message waiting for a run), with its
+handshake (``websockets=``, for status); the successor relays it over a new socketpair.
 
-What cannot move: a TLS connection's state lives in the old process's OpenSSL, and a WebSocket
-connection's in its link (the socketpair runs are leased, with what they have not read yet, the
-decoder's partial frame, the handshake), so each is named in the log as lost and closed cleanly
-(a Close 1001 going away, close_notify). A replacement is refused while any run
+What cannot move: a TLS connection's state (tls, wss) lives in the old process's OpenSSL, and a
+ws link that holds something would lose it, so each is named in the log as lost and closed
+cleanly (a Close 1001 going away, close_notify). A replacement is refused while any run
 holds a lease (its holder's pidfd and the lease would have to move too; the runs end soon).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -25,7 +28,9 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.connection import IDLE, LEASED, KeptConnection
 from fdkeeper.keeper.pool import ConnectionPool
+from fdkeeper.keeper.transports import transport_for
 from fdkeeper.protocol import MAX_MESSAGE, format_message, send_packet
+from fdkeeper.websocket import WsHandshake
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -57,9 +62,9 @@ Batches = Callable[[list[KeptConnection], Callable[[KeptConnection], int]], list
 
 
 def hand_over(sock: socket.socket, connections: list[KeptConnection], batches: Batches) -> list[KeptConnection]:
-    """Send every idle TCP connection to the successor on ``sock``; return the TLS and WebSocket ones left behind."""
-    movable = [c for c in connections if c.state == IDLE and c.io.movable]
-    lost = [c for c in connections if c.state == IDLE and not c.io.movable]
+    """Send every idle connection that can move to the successor on ``sock``; return those left behind."""
+    movable = [c for c in connections if c.state == IDLE and c.io.movable and _extra_cost(c) < _MAX_COST]
+    lost = [c for c in connections if c.state == IDLE and c not in movable]
     sock.setblocking(True)
     sock.settimeout(SEND_TIMEOUT)
     send_packet(sock, format_message("OK", count=len(movable), lost_count=len(lost), lost=_labels_that_fit(lost)))
@@ -71,12 +76,17 @@ def hand_over(sock: socket.socket, connections: list[KeptConnection], batches: B
             locals=",".join(format_address(c.local) for c in batch),
             aors=",".join(quote(c.aor or "-", safe="") for c in batch),
             opened=",".join(str(int(c.opened_at)) for c in batch),
+            transports=",".join(c.transport for c in batch),
+            websockets=",".join(_handshake_field(c) for c in batch),
         )
-        send_packet(sock, packet, [c.fileno() for c in batch])
+        send_packet(sock, packet, [c.io.handed_socket(c).fileno() for c in batch])
+        for connection in batch:
+            connection.io.let_go()
     log.info("handed %d kept connection(s) over to the successor", len(movable))
     for connection in lost:
         log.warning(
-            "%s cannot be handed over (TLS or WebSocket state stays in this process): closed", connection.label()
+            "%s cannot be handed over (TLS state, or what its WebSocket link holds, stays in this process): closed",
+            connection.label(),
         )
     return lost
 
@@ -95,7 +105,28 @@ def _labels_that_fit(lost: list[KeptConnection]) -> str | None:
 
 
 def _extra_cost(connection: KeptConnection) -> int:
-    return len(quote(connection.aor or "-", safe="")) * 3 + 12  # aor (quoted twice) and opened=
+    """aor and the handshake (each quoted twice), opened= and the transport."""
+    return (len(quote(connection.aor or "-", safe="")) + len(_handshake_field(connection))) * 3 + 18
+
+
+# A connection whose fields would not fit one HANDED packet (huge server headers) stays behind.
+_MAX_COST = MAX_MESSAGE - 400
+
+
+def _handshake_field(connection: KeptConnection) -> str:
+    """A ws connection's handshake as the successor shows it in status (JSON, quoted), else "-"."""
+    websocket = connection.io.stats(connection)["websocket"]
+    if websocket is None:
+        return "-"
+    shown = [websocket["path"], websocket["protocol"], websocket["status"], websocket["server_headers"]]
+    return quote(json.dumps(shown, separators=(",", ":")), safe="")
+
+
+def _handshake_of(field: str) -> WsHandshake | None:
+    if field == "-":
+        return None
+    path, protocol, status, headers = json.loads(unquote(field))
+    return WsHandshake(str(path), str(protocol), str(status), tuple((str(n), str(v)) for n, v in headers))
 
 
 # ---------------------------------------------------------------- the successor's side
@@ -106,18 +137,24 @@ def adopt(fields: dict[str, str], fds: list[int]) -> list[KeptConnection]:
     ids = [int(i) for i in fields["ids"].split(",")]
     peers, locals_ = fields["peers"].split(","), fields["locals"].split(",")
     aors, opened = fields["aors"].split(","), fields["opened"].split(",")
+    # A keeper from before WebSocket sends neither: all tcp.
+    transports = fields.get("transports", ",".join(["tcp"] * len(fds))).split(",")
+    websockets = fields.get("websockets", ",".join(["-"] * len(fds))).split(",")
     adopted = []
     for index, fd in enumerate(fds):
         aor = unquote(aors[index])
+        sock = socket.socket(fileno=fd)
+        io = transport_for(sock, None, b"", websocket=_handshake_of(websockets[index]))
         adopted.append(
             KeptConnection(
                 id=ids[index],
-                sock=socket.socket(fileno=fd),
-                transport="tcp",
+                sock=io.leased_socket(sock),
+                transport=transports[index],
                 remote=parse_address(peers[index]),
                 local=parse_address(locals_[index]),
                 opened_at=float(opened[index]),
                 aor=None if aor == "-" else aor,
+                io=io,
             )
         )
     return adopted

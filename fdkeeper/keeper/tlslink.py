@@ -262,6 +262,7 @@ class TlsLink(PumpHandover):
         self.eof_towards_sipp = False
         self.reset = False  # the SuT's side failed (RST, bad record) rather than closed
         self.said_goodbye = False  # the codec's last word (a WebSocket Close) is in to_sut
+        self.moved = False  # handed to a successor keeper (--replace): this one does nothing more with it
         self.answer_options = False  # --answer-options: set by the keeper's ConnectionHealth
         self.is_held: Callable[[], bool] = lambda: False  # whether a run holds the link now
         self.options_answered = 0
@@ -299,7 +300,7 @@ class TlsLink(PumpHandover):
         return events | (select.EPOLLOUT if self.to_sipp else 0)
 
     def on_sut_event(self, mask: int) -> None:
-        if self.ssl_with_pump:
+        if self.ssl_with_pump or self.moved:
             return
         if self.pumped:  # the SuT's side ended while pumped: Python takes it from here
             self._take_back()
@@ -317,7 +318,7 @@ class TlsLink(PumpHandover):
             self._read_sut()
 
     def on_pair_event(self, mask: int) -> None:
-        if self.pumped or self._pump_if_held():
+        if self.moved or self.pumped or self._pump_if_held():
             return  # the pump owns the pair (and sees this readiness itself)
         if mask & select.EPOLLOUT:
             self._flush_to_sipp()
@@ -527,12 +528,29 @@ class TlsLink(PumpHandover):
             log.warning("dropped the unread %d bytes of a message the ended run had started to read", rest)
 
     def send_ping(self) -> None:
+        if self.moved:
+            return
         self.to_sut += self.codec.ping()
         self.ping_sent_at = time.monotonic()
         self._flush_to_sut()
 
     def idle(self) -> bool:
         return not self.to_sut and not self.to_sipp and not self.from_sipp.pending and not self.ssl_with_pump
+
+    def holds_nothing(self) -> bool:
+        """Whether everything of the link is in the SuT's socket: nothing buffered either way, no
+        partial message, no message waiting in the pair for a run, no pump, not ended."""
+        return (
+            self.idle()
+            and not self.pumped
+            and not self.codec.pending
+            and not self.ended_runs
+            and not self.write_pending
+            and not self.closed_reason
+            and not self.sut_ended
+            and not queued_bytes(self.sipp_end)
+            and not queued_bytes(self.keeper_end)
+        )
 
     def still_sending(self) -> bool:
         """Whether the SuT ended cleanly and the session still takes what runs write."""
@@ -547,7 +565,7 @@ class TlsLink(PumpHandover):
             return
         interrupted = self.ssl_with_pump  # the pump's write was cut short: the stream is not whole
         self._free_pump()  # before the SSL object goes
-        if not self.reset and not interrupted:
+        if not self.reset and not interrupted and not self.moved:
             if not self.said_goodbye:
                 self.to_sut += self.codec.goodbye(going_away)
                 self.said_goodbye = True

@@ -73,7 +73,15 @@ class TransportStats(TypedDict):
 
 
 class Transport(Protocol):
-    movable: bool  # --replace can hand it to a new keeper: all its state is the kernel's
+    @property
+    def movable(self) -> bool:
+        """Whether --replace can hand it to a new keeper now: all its state is the kernel's."""
+
+    def handed_socket(self, connection: KeptConnection) -> socket.socket:
+        """The socket a successor keeper takes (--replace, when ``movable``)."""
+
+    def let_go(self) -> None:
+        """Handed over: this keeper leaves the connection alone (closing its copy says nothing to the SuT)."""
 
     def leased_socket(self, opened: socket.socket) -> socket.socket:
         """The descriptor runs are leased, given the connection the keeper opened."""
@@ -133,6 +141,12 @@ class TcpTransport:
 
     def __init__(self) -> None:
         self._fd = -1
+
+    def handed_socket(self, connection: KeptConnection) -> socket.socket:
+        return connection.live_socket()
+
+    def let_go(self) -> None:
+        pass  # the keeper only watches it: its copy closes silently
 
     def leased_socket(self, opened: socket.socket) -> socket.socket:
         return opened
@@ -219,15 +233,23 @@ class RelayedTransport:
     TlsLink relays, whole SIP messages only. ``info``: the TLS session (tls, wss); ``websocket``:
     the handshake (ws, wss)."""
 
-    # --replace moves kernel sockets only: a TLS session cannot follow, and a WebSocket link's
-    # state (the socketpair with what runs have not read, the decoder's partial frame) would have
-    # to, with its handshake; both stay with the old keeper, which closes them (handover.py).
-    movable = False
-
     def __init__(self, link: TlsLink, info: TlsInfo | None = None, websocket: WsHandshake | None = None) -> None:
         self.link = link
         self.info = info
         self.websocket = websocket
+
+    @property
+    def movable(self) -> bool:
+        """--replace moves kernel sockets only: a TLS session cannot follow (its state is this
+        process's OpenSSL's), a WebSocket over TCP can while the link holds nothing (handover.py
+        carries its handshake)."""
+        return self.info is None and self.link.holds_nothing()
+
+    def handed_socket(self, connection: KeptConnection) -> socket.socket:
+        return self.link.wire.sock
+
+    def let_go(self) -> None:
+        self.link.moved = True
 
     def leased_socket(self, opened: socket.socket) -> socket.socket:
         return self.link.sipp_end

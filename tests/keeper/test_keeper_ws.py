@@ -3,8 +3,9 @@
 Each test holds one link as the keeper does (transports.transport_for after a real WebSocket
 handshake on loopback, watched by ConnectionHealth on a Reactor this test turns) and plays
 the server's end byte by byte with tests/support/wsserver.py, and the run's end on the leased
-socketpair. The keeper process, its requests and hostile servers are in
-test_keeper_ws_opening.py and test_keeper_ws_hostile.py; real sipp and Kamailio in tests/e2e.
+socketpair; the last one replaces a real keeper (--replace) holding a ws connection. The
+keeper's requests and hostile servers are in test_keeper_ws_opening.py and
+test_keeper_ws_hostile.py; real sipp and Kamailio in tests/e2e.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import errno
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from fdkeeper.client import KeeperClient
 from fdkeeper.keeper.connection import KeptConnection
 from fdkeeper.keeper.health import PONG_TIMEOUT, ConnectionHealth
 from fdkeeper.keeper.transports import RelayedTransport, transport_for
 from fdkeeper.loop import Reactor
+from fdkeeper.testbed import wait_until
+from fdkeeper.testbed.hostile_ws import HostileWsServer
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.tls import TlsOptions
 from fdkeeper.websocket import (
@@ -292,3 +298,32 @@ def test_frames_that_came_with_the_handshake_answer_are_read():
         early.spin(lambda: early.frames_of(OP_PONG) == [b"e"], "the pong of the early ping")
     finally:
         early.close()
+
+
+def test_replace_moves_an_idle_ws_connection_with_its_handshake(keeper: KeeperClient):
+    server = HostileWsServer("good")
+    fields = {"role": "client", "transport": "ws", "remote": server.address, "local": "-", "ws_path": "/moved"}
+    try:
+        keeper.prepare(**fields)
+        [before] = keeper.status()["connections"]
+        old_pid = keeper.status()["keeper"]["pid"]
+        with open(keeper.directory / "replace.log", "ab") as log:
+            command = [sys.executable, "-m", "fdkeeper", "keeper", "--dir", str(keeper.directory), "--replace"]
+            subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
+        wait_until(lambda: (keeper.alive() or None) and keeper.status()["keeper"]["pid"] != old_pid, timeout=15)
+        [after] = keeper.status()["connections"]
+        assert (after["id"], after["local"], after["transport"], after["state"]) == (
+            before["id"], before["local"], "ws", "idle",
+        )  # fmt: skip
+        assert after["websocket"]["path"] == "/moved" and after["websocket"]["status"] == before["websocket"]["status"]
+        connection = server.newest()
+        [(_, fd)] = keeper.lease(**fields)
+        with socket.socket(fileno=fd) as run:
+            run.sendall(sip("after-replace"))
+            wait_until(lambda: connection.frames.messages, timeout=5, what="the message over the moved connection")
+        assert connection.frames.messages == [sip("after-replace")] and connection.frames.close_code is None
+        assert len(server.connections) == 1 and not connection.ended
+    finally:
+        server.close()
