@@ -3,49 +3,21 @@ with `--mode auto`, against one real Kamailio (TCP and TLS) shared by the module
 
 Sipps: Debian's 3.6.1 (no TLS of its own), 3.7.7 built with TLS (dynamic), 3.7.7 static (as
 sipp's own release binary: LD_PRELOAD cannot reach it). Transports: t1, l1 (one user, one kept
-connection) and tn, ln (five users, one kept connection each). Each cell tells the whole story:
-a register run; a call arriving in the gap between runs (it waits in the kept connection); the
-answer run; a call arriving during it. Calls come from the SuT side (a plain UDP sipp through
-Kamailio, which reaches a user only over the connection the user registered on), one call per
-user per run for -t tn/ln (sipp 3.7.7 in -t tn server mode was seen to hang when one user was
-called twice in a run).
-The answer run's scenario counts what it answered; the keeper's status names the mode that
-held each connection (preload for a dynamic sipp, ptrace for a static one).
+connection) and tn, ln (five users, one kept connection each). Each cell tells the whole story
+of tests/support/matrix.py: a register run; a call arriving in the gap between runs (it waits in
+the kept connection); the answer run; a call arriving during it. The keeper's status names the
+mode that held each connection (preload for a dynamic sipp, ptrace for a static one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 
 from fdkeeper import testbed
-from fdkeeper.client import KeeperClient
-from fdkeeper.demo import start_through_fdkeeper
-from fdkeeper.modes import MODES
-from fdkeeper.testbed import wait_until
-from fdkeeper.testbed.sipp import start_calls
+from tests.support.matrix import SIPPS, Cell, tell_the_story
 
-DEBIAN_SIPP = Path("/usr/bin/sipp")
-# name: (binary, the mode --mode auto must pick for it)
-SIPPS = {
-    "3.6.1-debian": (DEBIAN_SIPP, "preload"),
-    "3.7.7-tls": (testbed.sipp_build("sipp-tls"), "preload"),
-    "3.7.7-static": (testbed.sipp_build("sipp-static"), "ptrace"),
-}
 USERS = {"t1": 1, "l1": 1, "tn": 5, "ln": 5}
 TLS_TRANSPORTS = ("l1", "ln")
-# sipp -t tn/ln refuses to start while its -max_socket (50000) exceeds the open-file limit.
-PER_CALL_OPTIONS = ["-max_socket", "100"]
-
-
-def cannot_run(name: str) -> str | None:
-    """Why this machine cannot run the cells of sipp `name`, or None."""
-    binary, mode = SIPPS[name]
-    if not binary.is_file():
-        return f"no sipp at {binary}"
-    return MODES[mode].unsupported_reason(binary)
 
 
 @pytest.fixture(scope="module")
@@ -60,59 +32,6 @@ def sut(tmp_path_factory, test_pki):
     print(f"--- kamailio log tail ({kamailio.log_path}) ---\n{kamailio.log_tail(60)}")
 
 
-@dataclass
-class Cell:
-    """One sipp over one transport through one keeper, with the users of this cell."""
-
-    sipp: Path
-    mode: str  # the mode --mode auto must pick for it
-    transport: str
-    users: list[str]
-    remote: str
-    options: tuple[str, ...]
-    keeper_dir: Path
-    log_dir: Path
-    port: int  # the callee's -p, register and answer run alike: one identity
-
-    @property
-    def per_call(self) -> bool:
-        return self.transport in ("tn", "ln")
-
-    @property
-    def kept_transport(self) -> str:
-        return "tls" if self.transport in TLS_TRANSPORTS else "tcp"
-
-    def start(self, name: str, scenario: str, calls: int, timeout: int, extra=()) -> testbed.SippProcess:
-        extra = [*extra, *(PER_CALL_OPTIONS if self.per_call else ())]
-        return start_through_fdkeeper(
-            str(self.sipp),
-            scenario,
-            self.remote,
-            directory=self.keeper_dir,
-            log_dir=self.log_dir,
-            name=name,
-            options=self.options,
-            transport=self.transport,
-            local_port=self.port,
-            calls=calls,
-            rate=100,
-            timeout=timeout,
-            extra=extra,
-        )
-
-    def connections(self) -> list[dict]:
-        return KeeperClient(self.keeper_dir).status()["connections"]
-
-    def connection_of(self, user: str) -> dict:
-        """The kept connection a call to `user` arrives on (-t t1/l1: the only one)."""
-        connections = self.connections()
-        if not self.per_call:
-            [connection] = connections
-            return connection
-        [connection] = [c for c in connections if (c["aor"] or "").startswith(f"sip:{user}@")]
-        return connection
-
-
 @pytest.fixture(params=list(USERS))
 def transport(request) -> str:
     return request.param
@@ -120,65 +39,18 @@ def transport(request) -> str:
 
 @pytest.fixture(params=list(SIPPS))
 def cell(request, transport, sut, test_pki, keeper_dir, tmp_path) -> Cell:
-    reason = cannot_run(request.param)
-    if reason:
-        pytest.skip(reason)
     tls = transport in TLS_TRANSPORTS
-    return Cell(
-        sipp=SIPPS[request.param][0],
-        mode=SIPPS[request.param][1],
-        transport=transport,
-        users=[f"{request.param}-{transport}-u{index}" for index in range(1, USERS[transport] + 1)],
+    return Cell.of_sipp(
+        request.param,
+        transport,
+        "tls" if tls else "tcp",
+        USERS[transport],
         remote=sut.tls_address if tls else sut.address,
         options=("--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name) if tls else (),
         keeper_dir=keeper_dir,
         log_dir=tmp_path / "logs",
-        port=testbed.free_port(),
     )
-
-
-def calls_from_the_sut(sut, cell: Cell, users: list[str], name: str) -> testbed.SippProcess:
-    return start_calls(
-        sut, users, log_dir=cell.log_dir, name=name, sipp=str(DEBIAN_SIPP), local_port=testbed.free_port(), timeout=15
-    )
-
-
-def answered(process: testbed.SippProcess, count: int, timeout: float = 30) -> testbed.SippResult:
-    result = process.wait(timeout)
-    assert result.ok and result.successful == count, result.summary()
-    return result
 
 
 def test_register_a_call_in_the_gap_answer_a_call_during(cell, sut, tmp_path):
-    users_csv = testbed.write_users_csv(tmp_path / "users.csv", cell.users, sut.domain)
-    answered(
-        cell.start("register", "uac-register.xml", calls=len(cell.users), timeout=10, extra=["-inf", str(users_csv)]),
-        len(cell.users),
-    )
-    assert len(cell.connections()) == len(cell.users)
-
-    # The gap: no run holds the connection; the INVITE waits in it for the answer run.
-    gap = calls_from_the_sut(sut, cell, cell.users[:1], "call-in-gap")
-    wait_until(
-        lambda: cell.connection_of(cell.users[0])["queued_bytes"] > 0,
-        timeout=10,
-        what="the INVITE in the gap to reach the kept connection",
-    )
-
-    # One call per user per run: -t tn/ln calls the other users during the run, -t t1/l1 the one user again.
-    during_users = cell.users[1:] if cell.per_call else cell.users
-    answer = cell.start("answer", "uas-answer.xml", calls=1 + len(during_users), timeout=20)
-    wait_until(
-        lambda: all(c["state"] == "leased" for c in cell.connections()),
-        timeout=10,
-        what="the answer run to hold the kept connections",
-    )
-    during = calls_from_the_sut(sut, cell, during_users, "calls-during")
-
-    answered(gap, 1)
-    answered(during, len(during_users))
-    answered(answer, 1 + len(during_users))  # its scenario answered the call in the gap too
-    assert {c["mode"] for c in cell.connections()} == {cell.mode}  # what --mode auto picked
-    # The keeper does the TLS, also for the sipp that could do its own.
-    assert {c["transport"] for c in cell.connections()} == {cell.kept_transport}
-    assert len(cell.connections()) == len(cell.users)  # none lost, none added
+    tell_the_story(cell, sut, tmp_path)  # its checks: mode, transport, none lost or added
