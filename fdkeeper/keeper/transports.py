@@ -102,7 +102,7 @@ class Transport(Protocol):
         """After the SuT ended it: whether it still carries what a run writes (keep it open)."""
 
     def stats(self, connection: KeptConnection) -> TransportStats:
-        """Its part of `fdkeeper status`: keep-alive pongs, OPTIONS answered, TLS details."""
+        """Its part of `fdkeeper status`: keep-alive pongs, OPTIONS answered, TLS and WebSocket details."""
 
     def take_ssl_back(self, health: ConnectionHealth, connection: KeptConnection) -> bool:
         """The TLS pump's wake-up fired: whether this connection waits for the pump no more."""
@@ -243,7 +243,7 @@ class RelayedTransport:
         """--replace moves kernel sockets only: a TLS session cannot follow (its state is this
         process's OpenSSL's), a WebSocket over TCP can while the link holds nothing (handover.py
         carries its handshake)."""
-        return self.info is None and self.link.holds_nothing()
+        return self.link.wire.kind == "TCP" and self.link.holds_nothing()
 
     def handed_socket(self, connection: KeptConnection) -> socket.socket:
         return self.link.wire.sock

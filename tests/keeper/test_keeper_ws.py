@@ -300,6 +300,18 @@ def test_frames_that_came_with_the_handshake_answer_are_read():
         early.close()
 
 
+def test_a_ws_link_moves_only_while_it_holds_nothing(link):
+    assert link.io.movable == (link.connection.transport == "ws")  # a TLS session never moves
+    link.send(server_message(sip("waiting"))[:-3])
+    link.spin(lambda: link.io.link.codec.pending > 0, "the partial frame held")
+    assert not link.io.movable
+    link.send(server_message(sip("waiting"))[-3:])
+    link.spin(lambda: link.connection.queued_bytes() > 0, "the message waiting for a run")
+    assert not link.io.movable
+    assert link.run_reads(len(sip("waiting"))) == sip("waiting")
+    assert link.io.movable == (link.connection.transport == "ws")
+
+
 def test_replace_moves_an_idle_ws_connection_with_its_handshake(keeper: KeeperClient):
     server = HostileWsServer("good")
     fields = {"role": "client", "transport": "ws", "remote": server.address, "local": "-", "ws_path": "/moved"}
