@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
+
+# Run as a script (python3 bench/ws_memory.py): bench/ is sys.path[0], cpslib is beside us.
+from cpslib import run_bench
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
@@ -75,12 +76,14 @@ def rss(process: psutil.Process) -> int:
     return int(process.memory_info().rss)
 
 
-def measure(keeper: KeeperClient, sut: testbed.Kamailio, pki: TestPki, users: int, batch: int) -> dict[str, list[int]]:
-    """Each batch's RSS growth, per transport, the batches alternating."""
+def measure(
+    keeper: KeeperClient, sut: testbed.Kamailio, pki: TestPki, users: int, batch: int
+) -> dict[str, list[tuple[int, int]]]:
+    """Each batch's RSS growth and size, per transport, the batches alternating."""
     process = psutil.Process(keeper.status()["keeper"]["pid"])
     for transport in TRANSPORTS:  # warm-up: imports, the allocator's first arenas, the SSL context
         open_batch(keeper, sut, pki, transport, 0, 10)
-    growth: dict[str, list[int]] = {transport: [] for transport in TRANSPORTS}
+    growth: dict[str, list[tuple[int, int]]] = {transport: [] for transport in TRANSPORTS}
     opened = dict.fromkeys(TRANSPORTS, 10)
     for round_number in range(-(-(users - 10) // batch)):
         order = TRANSPORTS if round_number % 2 == 0 else TRANSPORTS[::-1]
@@ -88,7 +91,7 @@ def measure(keeper: KeeperClient, sut: testbed.Kamailio, pki: TestPki, users: in
             count = min(batch, users - opened[transport])
             before = rss(process)
             open_batch(keeper, sut, pki, transport, opened[transport], count)
-            growth[transport].append(rss(process) - before)
+            growth[transport].append((rss(process) - before, count))
             opened[transport] += count
     return growth
 
@@ -102,12 +105,15 @@ def check_kept(keeper: KeeperClient, users: int) -> str:
     return ", ".join(counts)
 
 
-def report(growth: dict[str, list[int]], users: int, batch: int, kept: str) -> None:
-    per_kb = {transport: sum(values) / (users - 10) / 1024 for transport, values in growth.items()}
+def report(growth: dict[str, list[tuple[int, int]]], users: int, batch: int, kept: str) -> None:
+    per_kb = {
+        transport: sum(grown for grown, _ in batches) / sum(count for _, count in batches) / 1024
+        for transport, batches in growth.items()
+    }
     difference = per_kb["wss"] - per_kb["tls"]
     print(f"idle kept connections: {users} TLS and {users} WSS, batches of {batch} alternating ({kept})")
     for transport in TRANSPORTS:
-        batches = sorted(value / batch / 1024 for value in growth[transport])
+        batches = sorted(grown / count / 1024 for grown, count in growth[transport] if count)
         print(
             f"  memory per idle {transport.upper()} connection: {per_kb[transport]:6.1f} kB "
             f"(per batch: median {batches[len(batches) // 2]:.1f}, min {batches[0]:.1f}, max {batches[-1]:.1f} kB)"
@@ -120,44 +126,49 @@ def report(growth: dict[str, list[int]], users: int, batch: int, kept: str) -> N
     print(f"  nproc {len(os.sched_getaffinity(0))}; python {sys.version.split()[0]}")
 
 
+class MemoryBench:
+    """The SuT and the keeper of one run; close() stops both (cpslib.run_bench calls it on any exit)."""
+
+    def __init__(self, workdir: Path, users: int) -> None:
+        raise_open_file_limit(users)  # before Kamailio and the keeper inherit it
+        self.pki = make_test_pki(workdir / "pki")
+        self.sut = testbed.Kamailio(
+            workdir / "kamailio",
+            shm_mb=1024,
+            tls=testbed.KamailioTls.server(self.pki),
+            websocket=True,
+            tcp_max_connections=len(TRANSPORTS) * users + 1000,
+        )
+        self.keeper_dir = workdir / "keeper"
+        self.keeper: KeeperClient | None = None
+
+    def close(self) -> None:
+        try:
+            if self.keeper is not None:
+                self.keeper.stop()
+        finally:
+            self.sut.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=1000, help="idle connections of each transport (default 1000)")
     parser.add_argument("--batch", type=int, default=100, help="connections per batch (default 100)")
     parser.add_argument("--keep-files", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--sipp", help=argparse.SUPPRESS)  # cpslib.run_bench looks for one; none runs here
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-wsmem-"))
-    keeper: KeeperClient | None = None
-    sut: testbed.Kamailio | None = None
-    try:
-        raise_open_file_limit(args.users)
-        pki = make_test_pki(workdir / "pki")
-        sut = testbed.Kamailio(
-            workdir / "kamailio",
-            shm_mb=1024,
-            tls=testbed.KamailioTls.server(pki),
-            websocket=True,
-            tcp_max_connections=len(TRANSPORTS) * args.users + 1000,
-        )
-        sut.start()
-        keeper = ensure_keeper(workdir / "keeper")
-        began = time.monotonic()
-        growth = measure(keeper, sut, pki, args.users, args.batch)
-        report(growth, args.users, args.batch, check_kept(keeper, args.users))
+
+    def body(bench: MemoryBench, began: float) -> None:
+        bench.sut.start()
+        bench.keeper = ensure_keeper(bench.keeper_dir)
+        try:
+            growth = measure(bench.keeper, bench.sut, bench.pki, args.users, args.batch)
+        except FdkeeperError as error:
+            raise RuntimeError(str(error)) from error
+        report(growth, args.users, args.batch, check_kept(bench.keeper, args.users))
         print(f"  bench time {time.monotonic() - began:.0f} s")
-        return 0
-    except (RuntimeError, FdkeeperError) as error:
-        print(f"ws_memory: {error}", file=sys.stderr)
-        return 1
-    finally:
-        if keeper is not None:
-            keeper.stop()
-        if sut is not None:
-            sut.stop()
-        if args.keep_files:
-            print(f"files kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+
+    return run_bench("ws_memory", args, lambda workdir, _sipp: MemoryBench(workdir, args.users), body)
 
 
 if __name__ == "__main__":
