@@ -33,6 +33,7 @@ from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.report import format_status
 from fdkeeper.sipp.runner import find_sipp
+from fdkeeper.testbed.process import missing_websocket_module
 from fdkeeper.testbed.sipp import start_calls
 
 USER = "alice"
@@ -69,6 +70,10 @@ def run_demo(
     """The story step by step (`auth`: against a SuT that wants digest credentials; `websocket`:
     over WSS); True when it worked."""
     sipp_path = os.fspath(find_sipp(sipp))
+    no_websocket = missing_websocket_module() if websocket else None
+    if no_websocket is not None:
+        say(f"fdkeeper demo --ws: {no_websocket}")
+        return False
     workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-demo-"))
     keeper_dir = workdir / "keeper"
     logs = workdir / "logs"

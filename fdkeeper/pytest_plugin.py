@@ -55,6 +55,7 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.process import FORWARDED_SIGNALS
 from fdkeeper.statedir import LOG_NAME
+from fdkeeper.testbed.process import missing_websocket_module
 from fdkeeper.testrun.interrupt import CANCEL_GRACE
 from fdkeeper.testrun.model import DEFAULT_TIMEOUT, Step
 from fdkeeper.testrun.results import StepResult
@@ -222,11 +223,11 @@ class EmbeddedSut:
 
     @property
     def ws_address(self) -> str:
-        return _listening(self.kamailio.ws_address, self.kamailio, "WebSocket")
+        return _listening(self.kamailio.ws_address, self.kamailio, "WS")
 
     @property
     def wss_address(self) -> str:
-        return _listening(self.kamailio.wss_address, self.kamailio, "secure WebSocket")
+        return _listening(self.kamailio.wss_address, self.kamailio, "WSS")
 
     def target(self, transport: str) -> SutTarget:
         """How `fdkeeper sipp` reaches this SuT over "tcp", "tls", "ws" (SIP over WebSocket) or
@@ -261,8 +262,9 @@ class EmbeddedSut:
 
 
 def _listening(address: str | None, kamailio: testbed.Kamailio, kind: str) -> str:
-    if address is None:  # not met: the fixture's SuT is made with every listener
-        raise RuntimeError(f"{kamailio} has no {kind} listener")
+    if address is None:  # the fixture's SuT has every listener this machine's Kamailio can give
+        why = missing_websocket_module() if kind in ("WS", "WSS") else None
+        raise RuntimeError(f"{kamailio} has no {kind} listener{f': {why}' if why else ''}")
     return address
 
 
@@ -403,8 +405,9 @@ def kamailio_sut(fdkeeper_sipp_path: str, tmp_path: Path) -> Iterator[EmbeddedSu
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # Kamailio's ctl socket path must be short too
     started = contextlib.ExitStack()  # Kamailio, once started
     with _cleaned_up_even_when_interrupted(started.close, workdir):
-        kamailio, pki = started.enter_context(embedded_kamailio("wss", workdir, tmp_path))
-        if pki is None:  # not met: transport "wss" makes a PKI
+        transport = "wss" if missing_websocket_module() is None else "tls"  # WebSocket where Kamailio can
+        kamailio, pki = started.enter_context(embedded_kamailio(transport, workdir, tmp_path))
+        if pki is None:  # not met: transports "tls" and "wss" make a PKI
             raise RuntimeError("the embedded TLS SuT came without its test PKI")
         yield EmbeddedSut(kamailio, pki, fdkeeper_sipp_path, tmp_path / "sipp")
 

@@ -19,6 +19,7 @@ from types import FrameType
 
 from fdkeeper import testbed
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed.process import missing_websocket_module
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 POLL = 0.5  # seconds between checks that Kamailio still runs
@@ -40,19 +41,20 @@ def serve(
     workdir = Path(tempfile.mkdtemp(prefix="fdks-"))  # short: Kamailio's control socket path
     try:
         pki = testbed.make_test_pki(pki_dir or workdir / "pki")
+        no_websocket = missing_websocket_module()
         kamailio = testbed.Kamailio(
             workdir / "kamailio",
             port=port,
             tls=testbed.KamailioTls.server(pki),
             tls_port=tls_port,
-            websocket=True,
+            websocket=no_websocket is None,
             ws_port=ws_port,
             wss_port=wss_port,
         )
         with _stop_signals() as stopped:
             _start(kamailio)
             try:
-                say(describe(kamailio, pki))
+                say(describe(kamailio, pki, no_websocket))
                 return _wait(kamailio, stopped)
             finally:
                 kamailio.stop()
@@ -60,8 +62,9 @@ def serve(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki) -> str:
-    """What runs where, and commands to paste (from the current directory)."""
+def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki, no_websocket: str | None = None) -> str:
+    """What runs where, and commands to paste (from the current directory); `no_websocket`: why
+    there are no WebSocket listeners."""
     scenarios = _shown(testbed.SCENARIOS_DIR)
     sut, tls_sut, ws_sut, wss_sut = kamailio.address, kamailio.tls_address, kamailio.ws_address, kamailio.wss_address
     tls = f"--tls-ca {_shown(pki.ca_cert)} --tls-sni {pki.server_name}"
@@ -70,8 +73,7 @@ def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki) -> str:
         f"fdkeeper sut: Kamailio for domain {kamailio.domain} (users alice, bob, carol: {scenarios}/{USERS_CSV})",
         f"  UDP and TCP  {sut}",
         f"  TLS          {tls_sut}  (test CA {_shown(pki.ca_cert)}, certificate for {pki.server_name})",
-        f"  WS           ws://{ws_sut}/  (SIP over WebSocket, subprotocol sip)",
-        f"  WSS          wss://{wss_sut}/  (the same over TLS, same certificate)",
+        *_websocket_lines(ws_sut, wss_sut, no_websocket),
         f"  log          {kamailio.log_path}",
         "",
         "Try it (in another terminal):",
@@ -81,13 +83,28 @@ def describe(kamailio: testbed.Kamailio, pki: testbed.TestPki) -> str:
         "  wait; fdkeeper status; fdkeeper stop",
         "Over TLS:",
         f"  fdkeeper sipp {tls} {register} -t l1 -i 127.0.0.1 -m 1 {tls_sut}",
-        "Over WebSocket (WS: -t t1, WSS: -t l1; -t tn/ln: one WebSocket per user):",
-        f"  fdkeeper sipp --ws {register} -t t1 -i 127.0.0.1 -m 1 {ws_sut}",
-        f"  fdkeeper sipp --ws {tls} {register} -t l1 -i 127.0.0.1 -m 1 {wss_sut}",
+        *(
+            []
+            if no_websocket
+            else [
+                "Over WebSocket (WS: -t t1, WSS: -t l1; -t tn/ln: one WebSocket per user):",
+                f"  fdkeeper sipp --ws {register} -t t1 -i 127.0.0.1 -m 1 {ws_sut}",
+                f"  fdkeeper sipp --ws {tls} {register} -t l1 -i 127.0.0.1 -m 1 {wss_sut}",
+            ]
+        ),
         "",
         "Ctrl-C stops it.",
     ]
     return "\n".join(lines)
+
+
+def _websocket_lines(ws_sut: str | None, wss_sut: str | None, no_websocket: str | None) -> list[str]:
+    if no_websocket:
+        return [f"  WS, WSS      none: {no_websocket}"]
+    return [
+        f"  WS           ws://{ws_sut}/  (SIP over WebSocket, subprotocol sip)",
+        f"  WSS          wss://{wss_sut}/  (the same over TLS, same certificate)",
+    ]
 
 
 def _shown(path: Path) -> str:

@@ -66,6 +66,21 @@ def module_path() -> str:
     raise RuntimeError("kamailio modules not found; install the Debian package 'kamailio'")
 
 
+WEBSOCKET_PACKAGE = "kamailio-websocket-modules"
+
+
+def missing_websocket_module() -> str | None:
+    """Why this machine's Kamailio cannot take SIP over WebSocket (one line naming the Debian
+    package), or None when its websocket module is installed."""
+    modules = module_path()
+    if os.path.isfile(modules + "websocket.so"):
+        return None
+    return (
+        f"Kamailio's websocket module is not in {modules}; "
+        f"install the Debian package '{WEBSOCKET_PACKAGE}' (apt-get install {WEBSOCKET_PACKAGE})"
+    )
+
+
 class KamailioProcess:
     """The lifecycle of one Kamailio: config written, process started and stopped.
     Subclasses write the config (`config_text`).
@@ -299,6 +314,9 @@ class KamailioProcess:
     def _start_once(self, timeout: float) -> None:
         if self.running:
             return
+        missing = missing_websocket_module() if self.websocket else None
+        if missing is not None:
+            raise RuntimeError(f"cannot listen for WebSocket: {missing}")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(exist_ok=True)
         self.cfg_path.write_text(self.config_text())

@@ -252,6 +252,13 @@ def test_missing_kamailio_names_the_package(tmp_path, monkeypatch):
         testbed.Kamailio(tmp_path / "k").start()
 
 
+def test_missing_websocket_module_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(process, "module_path", lambda: f"{tmp_path}/")
+    with pytest.raises(RuntimeError, match="Debian package 'kamailio-websocket-modules'"):
+        testbed.Kamailio(tmp_path / "k", websocket=True).start()
+    assert not (tmp_path / "k" / "kamailio.pid").exists()  # refused before Kamailio ran
+
+
 def test_parse_kamcmd_keeps_repeated_members():
     text = """{
 \tDomains: {
