@@ -20,7 +20,8 @@ import sys
 import pytest
 
 from fdkeeper import testbed
-from tests.support.matrix import SIPPS, Cell, tell_the_story
+from fdkeeper.testbed import wait_until
+from tests.support.matrix import SIPPS, Cell, answered, calls_from_the_sut, tell_the_story
 
 # name: (sipp's -t, the keeper's transport, users)
 TRANSPORTS = {"ws-t1": ("t1", "ws", 1), "wss-l1": ("l1", "wss", 1), "wss-ln": ("ln", "wss", 3)}
@@ -80,3 +81,32 @@ def test_the_demo_over_wss():
     assert result.returncode == 0 and "demo PASSED" in result.stdout, result.stdout + result.stderr
     assert "the INVITE waits in the kept connection" in result.stdout
     assert "WebSocket /, protocol sip" in result.stdout  # fdkeeper status shows the handshake
+
+
+def test_the_gateways_pings_are_answered_while_no_run_holds_the_websocket(tmp_path, test_pki, keeper_dir):
+    """Kamailio pings an idle WebSocket (websocket keepalive, here every second) and closes one
+    that does not answer: the keeper answers for the absent sipp, and the user stays reachable."""
+    with testbed.Kamailio(
+        tmp_path / "kamailio", tls=testbed.KamailioTls.server(test_pki), websocket=True, ws_keepalive=1
+    ) as sut:
+        cell = Cell.of_sipp(
+            "3.6.1-debian",
+            "l1",
+            "wss",
+            1,
+            remote=sut.wss_address,
+            options=("--ws", "--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name),
+            keeper_dir=keeper_dir,
+            log_dir=tmp_path / "logs",
+        )
+        users_csv = testbed.write_users_csv(tmp_path / "users.csv", cell.users, sut.domain)
+        answered(cell.start("register", "uac-register.xml", calls=1, timeout=10, extra=["-inf", str(users_csv)]), 1)
+        wait_until(
+            lambda: cell.connection_of(cell.users[0])["websocket"]["pings_answered"] >= 2,
+            timeout=15,
+            what="the keeper to answer two of Kamailio's pings",
+        )
+        answer = cell.start("answer", "uas-answer.xml", calls=1, timeout=20)
+        answered(calls_from_the_sut(sut, cell, cell.users, "call"), 1)
+        answered(answer, 1)
+        assert [c["type"] for c in sut.websocket_connections()] == ["WSS"]  # the same one all along
