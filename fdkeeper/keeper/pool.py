@@ -84,9 +84,10 @@ class ConnectionPool:
         return [c for c in connections if not of_identity(c, request.address("local"))]
 
     def close(self, reason: str) -> None:
+        """The keeper stops: every connection it holds ends (a WebSocket one with Close 1001, going away)."""
         for connection in self.connections.values():
             if connection.sock is not None:
-                self.health.close_connection(connection, reason)
+                self.health.close_connection(connection, reason, going_away=True)
 
     # ---------------------------------------------------------------- choosing
 
