@@ -20,6 +20,7 @@ import sys
 import pytest
 
 from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
 from fdkeeper.testbed import wait_until
 from tests.support.matrix import SIPPS, Cell, answered, calls_from_the_sut, tell_the_story
 
@@ -110,3 +111,23 @@ def test_the_gateways_pings_are_answered_while_no_run_holds_the_websocket(tmp_pa
         answered(calls_from_the_sut(sut, cell, cell.users, "call"), 1)
         answered(answer, 1)
         assert [c["type"] for c in sut.websocket_connections()] == ["WSS"]  # the same one all along
+
+
+def test_a_websocket_caller_reaches_a_websocket_callee(sut, test_pki, keeper_dir, tmp_path):
+    """Both ends WebRTC-like through one keeper: a caller over WS (-t t1) calls a user registered over
+    WSS; INVITE, ACK and BYE come in over the caller's WebSocket and go out over the callee's."""
+    where = {"keeper_dir": keeper_dir, "log_dir": tmp_path / "logs"}
+    tls = ("--tls-ca", str(test_pki.ca_cert), "--tls-sni", test_pki.server_name)
+    callee = Cell.of_sipp("3.6.1-debian", "l1", "callee", 1, remote=sut.wss_address, options=("--ws", *tls), **where)
+    caller = Cell.of_sipp("3.6.1-debian", "t1", "caller", 1, remote=sut.ws_address, options=("--ws",), **where)
+    users_csv = testbed.write_users_csv(tmp_path / "users.csv", callee.users, sut.domain)
+    answered(callee.start("register", "uac-register.xml", calls=1, timeout=10, extra=["-inf", str(users_csv)]), 1)
+    answer = callee.start("answer", "uas-answer.xml", calls=1, timeout=20)
+    wait_until(lambda: callee.connections()[0]["state"] == "leased", timeout=10, what="the answer run to hold it")
+    call = ["-s", callee.users[0], "-key", "domain", sut.domain]
+    answered(caller.start("call", "uac-call.xml", calls=1, timeout=15, extra=call), 1)
+    answered(answer, 1)
+    assert {c["transport"] for c in KeeperClient(keeper_dir).status()["connections"]} == {"ws", "wss"}
+    [caller_ws] = [c for c in KeeperClient(keeper_dir).status()["connections"] if c["transport"] == "ws"]
+    from_caller = [r["method"] for r in sut.websocket_requests() if r["source"] == caller_ws["local"]]
+    assert from_caller == ["INVITE", "ACK", "BYE"]
