@@ -217,15 +217,9 @@ def _websocket_steps(
         say(f"    {line}")
 
     say(f"step 3: while no sipp runs, a third party calls sip:{USER}@{kamailio.domain} (sipp over UDP)")
-    call = start_calls(
-        kamailio, [USER], log_dir=logs, name="call-in-gap", sipp=sipp, local_port=testbed.free_port(), timeout=30
-    )
-    try:
-        testbed.wait_until(lambda: _queued(keeper_dir) > 0, timeout=10, what="the INVITE to reach the kept WebSocket")
-    except TimeoutError:
-        say(f"  FAILED: the call did not reach the kept WebSocket\n{call.terminate().summary()}")
+    call = _call_in_the_gap(sipp, kamailio, keeper_dir, logs, say)
+    if call is None:
         return False
-    say(f"  the INVITE waits in the kept connection ({_queued(keeper_dir)} bytes)")
 
     say("step 4: the next sipp run (server mode, fdkeeper sipp --ws -t l1) takes the connection and answers it")
     answer = _wss_run(sipp, "uas-answer.xml", wss, keeper_dir, logs, "answer", options, [], port)
@@ -239,6 +233,22 @@ def _websocket_steps(
         say(called.summary())
         say(answered.summary())
     return ok
+
+
+def _call_in_the_gap(
+    sipp: str, kamailio: testbed.Kamailio, keeper_dir: Path, logs: Path, say: Callable[[str], None]
+) -> testbed.SippProcess | None:
+    """The third party's call, once its INVITE waits in the kept connection (None: it never came)."""
+    call = start_calls(
+        kamailio, [USER], log_dir=logs, name="call-in-gap", sipp=sipp, local_port=testbed.free_port(), timeout=30
+    )
+    try:
+        testbed.wait_until(lambda: _queued(keeper_dir) > 0, timeout=10, what="the INVITE to reach the kept WebSocket")
+    except TimeoutError:
+        say(f"  FAILED: the call did not reach the kept WebSocket\n{call.terminate().summary()}")
+        return None
+    say(f"  the INVITE waits in the kept connection ({_queued(keeper_dir)} bytes)")
+    return call
 
 
 def _wss_run(
