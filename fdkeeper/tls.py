@@ -251,8 +251,9 @@ def past_our_finished(received: bytes) -> bool:
     return received.lstrip(b"\r\n") == b"" or HEADER_END in received
 
 
-def handshake_error(remote: Address, error: Exception, options: TlsOptions) -> FdkeeperError:
-    return FdkeeperError(_handshake_text(remote, error, options), "refused")
+def handshake_error(remote: Address, error: Exception, options: TlsOptions, transport: str = "tls") -> FdkeeperError:
+    """The one line for a failed handshake with the SuT at ``remote`` over ``transport`` (tls, wss)."""
+    return FdkeeperError(_handshake_text(remote, error, options, transport), "refused")
 
 
 def _catch_late_alert(tls: ssl.SSLSocket) -> bytes:
@@ -284,8 +285,8 @@ def _catch_late_alert(tls: ssl.SSLSocket) -> bytes:
     return received
 
 
-def _handshake_text(remote: Address, error: Exception, options: TlsOptions) -> str:
-    target = f"{format_address(remote)}/tls"
+def _handshake_text(remote: Address, error: Exception, options: TlsOptions, transport: str) -> str:
+    target = f"{format_address(remote)}/{transport}"
     if isinstance(error, ssl.SSLCertVerificationError):
         reason = (error.verify_message or str(error)).rstrip(".")
         return (

@@ -221,7 +221,7 @@ class Opening:
             self.reactor.rewatch(tls.fileno(), select.EPOLLOUT)
             return
         except (ssl.SSLError, OSError) as error:
-            self._fail(handshake_error(self.remote, error, options))
+            self._fail(handshake_error(self.remote, error, options, self._transport()))
             return
         if self.websocket is not None:
             # No SIP ping here: it would be the start of the HTTP request. A late alert (our
@@ -233,7 +233,7 @@ class Opening:
         try:
             tls.send(PING)
         except (ssl.SSLError, OSError) as error:
-            self._fail(handshake_error(self.remote, error, options))
+            self._fail(handshake_error(self.remote, error, options, self._transport()))
             return
         self.step = self._after_handshake
         self.reactor.rewatch(tls.fileno(), select.EPOLLIN)
@@ -247,7 +247,7 @@ class Opening:
             except ssl.SSLWantReadError:
                 return  # a session ticket, say: nothing for us yet
             except (ssl.SSLError, OSError) as error:
-                self._fail(handshake_error(self.remote, error, options))
+                self._fail(handshake_error(self.remote, error, options, self._transport()))
                 return
             if not data:
                 self._fail(
@@ -324,14 +324,20 @@ class Opening:
                 self._finish(handshake)
                 return
 
+    def _transport(self) -> str:
+        """What the SuT is spoken to with, as errors name it: tls or wss (a TLS step), ws."""
+        if self.websocket is None:
+            return "tls"
+        return "wss" if self.options is not None else "ws"
+
     def _where(self) -> str:
-        return f"{format_address(self.remote)}/{'wss' if self.options is not None else 'ws'}"
+        return f"{format_address(self.remote)}/{self._transport()}"
 
     def _upgrade_error(self, error: Exception) -> FdkeeperError:
         """The upgrade failed on the wire: a TLS alert (over wss, our certificate refused after
         the handshake, say) is the TLS handshake's error; an end is the WebSocket server's."""
         if self.options is not None and isinstance(error, ssl.SSLError) and not _closed(error):
-            return handshake_error(self.remote, error, self.options)
+            return handshake_error(self.remote, error, self.options, self._transport())
         certificate = self.options is not None and not self.options.cert
         return FdkeeperError(
             f"fdkeeper: the SuT at {self._where()} closed the connection during the WebSocket handshake"
@@ -355,7 +361,7 @@ class Opening:
         self._fail(connect_error(self.remote, self.local, self.timeout, TimeoutError()))
 
     def _handshake_timed_out(self) -> None:
-        self._fail(handshake_error(self.remote, TimeoutError(), self._tls()[1]))
+        self._fail(handshake_error(self.remote, TimeoutError(), self._tls()[1], self._transport()))
 
     def _socket(self) -> socket.socket:
         """The socket being connected; only steps run, and they run only while there is one."""

@@ -260,6 +260,7 @@ def test_a_client_certificate_refused_after_the_tls_handshake_is_read_with_the_a
     error, kept = open_ws(reactor, server, tls=stranger)
     assert kept == [] and error is not None and error.code == "refused"
     assert "TLS handshake" in str(error) and "unknown ca" in str(error), str(error)  # the alert, not a bare close
+    assert "/wss failed" in str(error), str(error)  # named as what the run asked for, not /tls
 
 
 def test_a_server_that_never_answers_times_out_naming_the_option(reactor, serve):
