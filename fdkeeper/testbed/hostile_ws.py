@@ -11,7 +11,8 @@ socket (OpenSSL must not see one SSL object from two threads). After a correct h
 connection waits for the keeper's first whole message (a run's request) and then plays its
 script: what it writes goes through an outbox of separate writes, so a message can be cut at
 every byte; what the keeper sends is decoded by ``KeeperFrames``, which also records how the
-keeper broke the client rules if it ever does (unmasked frames, reserved bits).
+keeper broke the client rules if it ever does (unmasked frames, reserved bits). The frames and
+answers themselves are written and read by fdkeeper/testbed/wsframes.py, shared with the tests.
 
 Messages the server sends carry their identity in the Call-ID (``sip_message`` of
 scripted_sut), so a test checks that exactly the whole ones came through.
@@ -24,7 +25,6 @@ import collections
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +35,8 @@ from fdkeeper.sip.framing import MAX_MESSAGE
 from fdkeeper.testbed.net import wait_until
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.testbed.scripted_sut import sip_message
-from fdkeeper.websocket import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, accept_for, apply_mask
+from fdkeeper.testbed.wsframes import KeeperFrames, close_payload, fragments, server_frame, upgrade_answer
+from fdkeeper.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, accept_for
 
 MAX_REQUEST = 16 * 1024  # the keeper's handshake request, before its blank line
 TICK = 0.01  # a connection thread's longest wait for the keeper's bytes
@@ -44,120 +45,7 @@ FLOOD_BYTES = 16 * 1024 * 1024  # the ping flood's most bytes of pings
 FLOOD_SECONDS = 4.0  # and its longest time
 FLOOD_STALL = 1.0  # the flood stops once the keeper took nothing of it for this long
 PING = bytes(range(125))  # a ping's payload: the longest a control frame may carry
-
-
-def server_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = None,
-    length: int | None = None,
-) -> bytes:
-    """One frame as a server writes it (unmasked), or as a hostile one does: ``rsv`` bits set,
-    ``mask``ed, or a header that announces another ``length`` than the payload that follows."""
-    size = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | (rsv & 7) << 4 | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if size < 126:
-        header = struct.pack("!BB", first, mask_bit | size)
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", first, mask_bit | 126, size)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, size)
-    return header + payload if mask is None else header + mask + apply_mask(payload, mask)
-
-
-def fragments(message: bytes, count: int, opcode: int = OP_TEXT) -> list[bytes]:
-    """``message`` as ``count`` frames (the first with ``opcode``, then continuations), each unmasked."""
-    size = -(-len(message) // count)
-    parts = [message[start : start + size] for start in range(0, len(message), size)] or [b""]
-    return [
-        server_frame(OP_CONTINUATION if index else opcode, part, fin=index == len(parts) - 1)
-        for index, part in enumerate(parts)
-    ]
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    return struct.pack("!H", code) + reason.encode()
-
-
-# --------------------------------------------------------------------------- the keeper's frames
-
-
-@dataclass
-class KeeperFrames:
-    """What the keeper sends after the handshake, decoded as a server must (RFC 6455 5.1-5.5):
-    whole messages, pings and pongs, its Close; ``defects`` lists each client rule it broke."""
-
-    buffer: bytearray = field(default_factory=bytearray)
-    messages: list[bytes] = field(default_factory=list)
-    message_kinds: list[int] = field(default_factory=list)  # OP_TEXT or OP_BINARY per message
-    pings: list[bytes] = field(default_factory=list)
-    pongs: list[bytes] = field(default_factory=list)
-    close_code: int | None = None  # the keeper's Close: its status code (1005: none given)
-    close_reason: str = ""
-    defects: list[str] = field(default_factory=list)
-    _parts: list[bytes] = field(default_factory=list)
-    _opcode: int | None = None
-
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
-        while self.close_code is None:
-            frame = self._next_frame()
-            if frame is None:
-                return
-            self._take(*frame)
-
-    def _next_frame(self) -> tuple[bool, int, bytes] | None:
-        if len(self.buffer) < 2:
-            return None
-        first, second = self.buffer[0], self.buffer[1]
-        length, offset = second & 0x7F, 2
-        if length == 126:
-            if len(self.buffer) < 4:
-                return None
-            length, offset = struct.unpack_from("!H", self.buffer, 2)[0], 4
-        elif length == 127:
-            if len(self.buffer) < 10:
-                return None
-            length, offset = struct.unpack_from("!Q", self.buffer, 2)[0], 10
-        masked = bool(second & 0x80)
-        end = offset + (4 if masked else 0) + length
-        if len(self.buffer) < end:
-            return None
-        if masked:
-            key = bytes(self.buffer[offset : offset + 4])
-            payload = apply_mask(bytes(self.buffer[offset + 4 : end]), key)
-        else:
-            self.defects.append("an unmasked frame from the keeper")
-            payload = bytes(self.buffer[offset:end])
-        if first & 0x70:
-            self.defects.append("reserved bits set by the keeper")
-        del self.buffer[:end]
-        return bool(first & 0x80), first & 0x0F, payload
-
-    def _take(self, fin: bool, opcode: int, payload: bytes) -> None:
-        if opcode == OP_PING:
-            self.pings.append(payload)
-        elif opcode == OP_PONG:
-            self.pongs.append(payload)
-        elif opcode == OP_CLOSE:
-            self.close_code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-            self.close_reason = payload[2:].decode(errors="replace")
-        elif opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
-            if (opcode == OP_CONTINUATION) != (self._opcode is not None):
-                self.defects.append(f"opcode {opcode} out of place in a fragmented message")
-            if self._opcode is None:
-                self._opcode = opcode
-            self._parts.append(payload)
-            if fin:
-                self.messages.append(b"".join(self._parts))
-                self.message_kinds.append(self._opcode)
-                self._parts, self._opcode = [], None
-        else:
-            self.defects.append(f"unknown opcode {opcode} from the keeper")
+SERVER_HEADER = "Server: fdkeeper-hostile-ws\r\n"
 
 
 # --------------------------------------------------------------------------- scripts
@@ -173,20 +61,15 @@ class Script:
     note: str = ""  # what the keeper is expected to do
 
 
-def upgrade(key: str, *, protocol: str | None = "sip", accept: str | None = None, extra: str = "") -> bytes:
+def upgrade(key: str, *, protocol: str | None = "sip", accept: str | None = None) -> bytes:
     """The server's 101 answer; ``protocol``/``accept`` replaced (or left out with None) by hostile scripts."""
-    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade"]
-    lines.append(f"Sec-WebSocket-Accept: {accept_for(key) if accept is None else accept}")
-    if protocol is not None:
-        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
-    lines.append("Server: fdkeeper-hostile-ws")
-    return ("\r\n".join(lines) + "\r\n\r\n" + extra).encode()
+    return upgrade_answer(key, protocol=protocol, accept=accept, extra=SERVER_HEADER)
 
 
 def refusal(key: str) -> bytes:
     body = "origin not allowed here"
     return (
-        f"HTTP/1.1 403 Forbidden\r\nServer: fdkeeper-hostile-ws\r\nContent-Type: text/plain\r\n"
+        f"HTTP/1.1 403 Forbidden\r\n{SERVER_HEADER}Content-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
     ).encode()
 

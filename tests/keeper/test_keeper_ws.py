@@ -2,7 +2,7 @@
 
 Each test holds one link as the keeper does (transports.transport_for after a real WebSocket
 handshake on loopback, watched by ConnectionHealth on a Reactor this test turns) and plays
-the server's end byte by byte with tests/support/wsserver.py, and the run's end on the leased
+the server's end byte by byte with fdkeeper/testbed/wsframes.py, and the run's end on the leased
 socketpair; the last one replaces a real keeper (--replace) holding a ws connection. The
 keeper's requests and hostile servers are in test_keeper_ws_opening.py and
 test_keeper_ws_hostile.py; real sipp and Kamailio in tests/e2e.
@@ -31,6 +31,7 @@ from fdkeeper.loop import Reactor
 from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.hostile_ws import HostileWsServer
 from fdkeeper.testbed.pki import TestPki
+from fdkeeper.testbed.wsframes import client_frames, handshake_answer, server_frame, server_message
 from fdkeeper.tls import TlsOptions
 from fdkeeper.websocket import (
     OP_CLOSE,
@@ -43,7 +44,6 @@ from fdkeeper.websocket import (
     read_handshake_answer,
 )
 from tests.support.fake_sut import sip
-from tests.support.wsserver import client_frames, handshake_answer, server_frame, server_message
 
 WAIT = 3.0
 

@@ -26,17 +26,11 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.testbed import wait_until
-from fdkeeper.testbed.hostile_ws import (
-    BEFORE,
-    OP_TEXT,
-    HostileConnection,
-    HostileWsServer,
-    fragments,
-    message_for,
-    server_frame,
-)
+from fdkeeper.testbed.hostile_ws import BEFORE, HostileConnection, HostileWsServer, message_for
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.testbed.scripted_sut import call_id_of, sip_message
+from fdkeeper.testbed.wsframes import fragments, server_frame
+from fdkeeper.websocket import OP_TEXT
 
 WS_PATH = "/sip-ws"
 ORIGIN = "https://webrtc.fdkeeper.test"

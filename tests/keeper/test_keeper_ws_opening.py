@@ -27,10 +27,10 @@ from fdkeeper.keeper.opening import Opener, Pending
 from fdkeeper.loop import Reactor
 from fdkeeper.report import format_status
 from fdkeeper.testbed.pki import TestPki
+from fdkeeper.testbed.wsframes import handshake_answer, server_message
 from fdkeeper.tls import TlsOptions
 from fdkeeper.websocket import MAX_HANDSHAKE_ANSWER, WsHandshake, WsOptions
 from tests.support.fake_sut import sip
-from tests.support.wsserver import handshake_answer, server_message
 
 EARLY = b"\x81\x05hello"  # an unmasked text frame the server sends right after its answer
 OTHER_KEY = b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"  # RFC 6455's sample: not the keeper's

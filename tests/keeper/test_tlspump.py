@@ -32,10 +32,10 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.keeper import tlspump
 from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.pki import TestPki
+from fdkeeper.testbed.wsframes import client_frames, server_frame, server_message
 from fdkeeper.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, WsDecoder
 from tests.support.fake_sut import FakeSut, end_connection, sip
 from tests.support.keeper import keeper_rss, lease, open_connection, read_to_the_end
-from tests.support.wsserver import client_frames, server_frame, server_message
 
 pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fdkeeper.sip.framing import MAX_MESSAGE
+from fdkeeper.testbed.wsframes import client_frames, handshake_answer, server_frame, server_message
 from fdkeeper.websocket import (
     HEADER_ROOM,
     MAX_HANDSHAKE_ANSWER,
@@ -35,7 +36,6 @@ from fdkeeper.websocket import (
     pong_frame,
     read_handshake_answer,
 )
-from tests.support.wsserver import client_frames, handshake_answer, server_frame, server_message
 
 INVITE = b"INVITE sip:bob@example.invalid SIP/2.0\r\nCall-ID: a\r\nContent-Length: 0\r\n\r\n"
 WHERE = "127.0.0.1:8080"
