@@ -9,9 +9,9 @@ after it, as it does after a FIN (a half-close), and the thread alone touches Op
 
 ``ScriptedRun`` is a run: a process of its own (the keeper grants a lease to a process and
 ends it when that process exits) that leases the kept connection over the control protocol,
-then writes whole SIP messages, reads what the SuT sent, exits or is SIGKILLed, on command
-over a pipe. Runs are forked by a forkserver: a few milliseconds each, and no fork of the
-test process with the SuT's thread running.
+then writes whole SIP messages (or the first bytes of one), reads what the SuT sent, exits or
+is SIGKILLed, on command over a pipe. Runs are forked by a forkserver: a few milliseconds
+each, and no fork of the test process with the SuT's thread running.
 
 Messages carry their identity in the Call-ID (``run-N`` towards the SuT, ``sut-N`` from it);
 ``sip_message`` makes the bytes from that identity alone, so both ends can check a message is
@@ -442,11 +442,16 @@ def _run_main(
             os._exit(0)
 
 
-def _write(sock: socket.socket, call_ids: list[str], body_size: int, stall: float) -> tuple[WriteOutcome, bytes]:
-    """Write each message whole; stop at the first send() that takes nothing for ``stall`` s."""
+def _write(
+    sock: socket.socket, call_ids: list[str], body_size: int, stall: float, part: int | None = None
+) -> tuple[WriteOutcome, bytes]:
+    """Write each message whole; stop at the first send() that takes nothing for ``stall`` s. With
+    ``part``, only the first ``part`` bytes of the last one (a run about to die mid-message)."""
     sock.settimeout(stall)
     for index, call_id in enumerate(call_ids):
         message = memoryview(sip_message(call_id, body_size))
+        if part is not None and index == len(call_ids) - 1:
+            message = message[:part]
         taken = 0
         while taken < len(message):
             try:
@@ -455,6 +460,8 @@ def _write(sock: socket.socket, call_ids: list[str], body_size: int, stall: floa
                 return WriteOutcome(index, taken, None), bytes(message[taken:])
             except OSError as error:
                 return WriteOutcome(index, taken, _errno_name(error)), b""
+    if part is not None:
+        return WriteOutcome(len(call_ids) - 1, part, None), b""
     return WriteOutcome(len(call_ids), 0, None), b""
 
 
@@ -561,8 +568,8 @@ class ScriptedRun:
             raise RuntimeError(f"run {self.pid} answered {answer!r}, not a {kind.__name__}")
         return answer
 
-    def write(self, call_ids: list[str], body_size: int, stall: float) -> WriteOutcome:
-        self.commands.send(("write", call_ids, body_size, stall))
+    def write(self, call_ids: list[str], body_size: int, stall: float, part: int | None = None) -> WriteOutcome:
+        self.commands.send(("write", call_ids, body_size, stall, part))
         return self._outcome(WriteOutcome, self.timeout + stall * 2)
 
     def read(self, expected: int, wait: float) -> ReadOutcome:

@@ -62,6 +62,8 @@ from hypothesis.stateful import (
 )
 
 from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.keeper.health import PONG_TIMEOUT
+from fdkeeper.sip.framing import MAX_MESSAGE
 from fdkeeper.testbed import TestPki
 from fdkeeper.testbed.scripted_sut import (
     FULL_SPEED,
@@ -73,6 +75,9 @@ from fdkeeper.testbed.scripted_sut import (
     call_id_of,
     sip_message,
 )
+from fdkeeper.testbed.wsframes import close_payload, message_frames, server_frame
+from fdkeeper.websocket import OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT
+from tests.support.ws_scripted_sut import WsScriptedSut
 
 
 class KeeperBrokePromise(AssertionError):
@@ -103,6 +108,11 @@ STEPS = int(os.environ.get("FDKEEPER_STATEFUL_STEPS", "40" if LONG_EXAMPLES else
 SLOW = 80_000  # bytes a second: a SuT that reads, slowly
 TCP_WRITE_BUDGET = 1_000_000  # bytes over plain TCP per sequence: far below what loopback buffers take
 DRAIN_WAIT = 20.0  # the end: how long every required message has to reach the SuT at full speed
+# The keeper's peak RSS may grow this much over a sequence: its buffers are bounded (BUFFER_LIMIT
+# each way per link, one partial message each way), whatever the SuT and the runs do.
+RSS_GROWTH = 48 * 1024 * 1024
+# The SuT's own ends beyond FIN and close_notify: after them what runs write may be cut short.
+CUT_SHORT = ("rst", "ws_close", "protocol_error")
 
 
 def suite_settings() -> settings:
@@ -153,6 +163,15 @@ class Link:
     delivered: int = 0  # how many of them runs have read
     end_reported: bool = False  # a run read the SuT's end, or a send() met its reset
     refused_closed: bool = False  # a lease was answered `ERR closed`
+    # WebSocket (ws, wss) only:
+    begun: PartialRequest | None = None  # a message the SuT has sent part of
+    pings: list[bytes] = field(default_factory=list)  # the SuT's pings, by payload
+    close_code: int | None = None  # the Close the keeper is to send: the SuT's echoed, 1002, 1009
+    close_required: bool = False  # it must arrive: the SuT read at full speed, nothing else was on the way
+
+    @property
+    def undelivered_bytes(self) -> int:
+        return sum(int(call_id.rpartition("-")[2]) + 120 for call_id in self.undelivered)
 
     @property
     def undelivered(self) -> list[str]:
@@ -161,6 +180,16 @@ class Link:
     @property
     def sut_ended(self) -> str:
         return self.sut.sut_ended
+
+
+@dataclass
+class PartialRequest:
+    """A request the SuT has begun: its frames as one stream, and how far it sent it."""
+
+    call_id: str
+    stream: bytes
+    frame_ends: list[int]  # offsets in ``stream`` where a frame ends
+    sent: int
 
 
 @dataclass
@@ -179,6 +208,15 @@ class KeeperMachine(RuleBasedStateMachine):
     transport = "tcp"
     pki: TestPki | None = None
 
+    @property
+    def relayed(self) -> bool:
+        """The keeper terminates the connection (tls, ws, wss): runs hold a socketpair, whole messages only."""
+        return self.transport != "tcp"
+
+    @property
+    def secure(self) -> bool:
+        return self.transport in ("tls", "wss")
+
     def __init__(self) -> None:
         super().__init__()
         self.base = Path(tempfile.mkdtemp(prefix="fdkeeper-stateful-"))
@@ -190,22 +228,27 @@ class KeeperMachine(RuleBasedStateMachine):
         self.runs: list[RunModel] = []
         self.sequence = 0
         self.tcp_written = 0
+        self.rss_start = 0
 
     # ---------------------------------------------------------------- set-up
 
     @initialize(narrow=st.booleans())
     def start(self, narrow: bool) -> None:
         """A keeper of our own and a SuT; ``narrow``: the SuT's small window (see ScriptedSut)."""
-        tls = self.transport == "tls"
+        self.set_up(narrow, keepalive=None)
+
+    def set_up(self, narrow: bool, keepalive: float | None) -> None:
+        kind = WsScriptedSut if self.transport in ("ws", "wss") else ScriptedSut
         self.sut = (
-            ScriptedSut(self.pki.server_cert, self.pki.server_key, narrow=narrow) if tls else ScriptedSut(narrow=narrow)
+            kind(self.pki.server_cert, self.pki.server_key, narrow=narrow) if self.secure else kind(narrow=narrow)
         )
-        self.keeper = ensure_keeper(self.base / "state")
+        self.keeper = ensure_keeper(self.base / "state", keepalive=keepalive)
         self.keeper_pid = int(self.keeper.alive().fields["pid"])
         self.open_link(reconnect=False)
+        self.rss_start = self.keeper_peak_rss()
 
     def open_link(self, reconnect: bool) -> None:
-        extra = {"tls_ca": str(self.pki.ca_cert)} if self.transport == "tls" else {}
+        extra = {"tls_ca": str(self.pki.ca_cert)} if self.secure else {}
         self.keeper.prepare(
             role="client",
             transport=self.transport,
@@ -269,24 +312,38 @@ class KeeperMachine(RuleBasedStateMachine):
 
     @rule(count=st.integers(1, 40), body_size=st.sampled_from([0, 300, 2000, 12000]))
     def run_writes(self, count: int, body_size: int) -> None:
-        """The run writes ``count`` messages; over TLS it stops at one that stalls (back-pressure)."""
+        """The run writes ``count`` messages; relayed, it stops at one that stalls (back-pressure)."""
         if not self.has_run() or self.run.told or self.run.unfinished:
             return
-        run, link = self.run, self.run.link
         if self.transport == "tcp":
             count = min(count, (TCP_WRITE_BUDGET - self.tcp_written) // len(sip_message("r0", body_size)))
             if count <= 0:
                 return
-        call_ids = [self.next_id("r") for _ in range(count)]
-        stall = 0.3 if self.transport == "tls" else 10.0
+        self.write([self.next_id("r") for _ in range(count)], body_size, None)
+
+    # Over TCP half a message stays in the kernel's stream, as without fdkeeper.
+    @precondition(lambda self: self.relayed)
+    @rule(count=st.integers(0, 3), body_size=st.sampled_from([0, 300, 2000, 12000]), cut=st.integers(1, 1 << 14))
+    def run_writes_part(self, count: int, body_size: int, cut: int) -> None:
+        """The run writes ``count`` whole messages and the first bytes of one more: what it does
+        next (exit, SIGKILL) leaves that one unfinished, and the SuT never sees any of it."""
+        if not self.has_run() or self.run.told or self.run.unfinished:
+            return
+        call_ids = [self.next_id("r") for _ in range(count + 1)]
+        self.write(call_ids, body_size, 1 + cut % (len(sip_message(call_ids[-1], body_size)) - 1))
+
+    def write(self, call_ids: list[str], body_size: int, part: int | None) -> None:
+        """The run writes ``call_ids`` (the last one's first ``part`` bytes only, unless None); the model follows."""
+        run, link = self.run, self.run.link
+        stall = 0.3 if self.relayed else 10.0
         half_closed_before = link.sut_ended in ("fin", "close_notify")
-        outcome = run.handle.write(call_ids, body_size, stall)
-        for _index, call_id in enumerate(call_ids[: outcome.whole]):
+        outcome = run.handle.write(call_ids, body_size, stall, part)
+        for call_id in call_ids[: outcome.whole]:
             link.written.append(Written(call_id, body_size, run, whole=True))
         if outcome.partial:
             link.written.append(Written(call_ids[outcome.whole], body_size, run, whole=False))
             run.unfinished = True
-            self.check(self.transport == "tls", "a TCP write stalled part-way: the test's budget is too large")
+            self.check(self.relayed, "a TCP write stalled part-way: the test's budget is too large")
         self.tcp_written += sum(len(sip_message(c, body_size)) for c in call_ids[: outcome.whole])
         if outcome.error:
             run.told = outcome.error
@@ -296,11 +353,11 @@ class KeeperMachine(RuleBasedStateMachine):
                 self.known(
                     HalfCloseReplyRefused(
                         f"after the SuT's {link.sut_ended} (it still reads), the run's send() failed with "
-                        f"{outcome.error} ({outcome.whole} of {count} messages went out)"
+                        f"{outcome.error} ({outcome.whole} of {len(call_ids)} messages went out)"
                     )
                 )
             self.check(
-                link.sut_ended == "rst",
+                link.sut_ended in CUT_SHORT,
                 f"the run's send() failed with {outcome.error}, the SuT never ended the connection",
             )
 
@@ -314,9 +371,8 @@ class KeeperMachine(RuleBasedStateMachine):
         outcome = self.run.handle.read(expected, 2.0 if expected else 0.1)
         self.check_read(link, outcome)
 
-    @precondition(
-        lambda self: self.transport == "tls"
-    )  # TCP is the kernel's stream: a next run starts mid-message, as without fdkeeper
+    # TCP is the kernel's stream: a next run starts mid-message, as without fdkeeper.
+    @precondition(lambda self: self.relayed)
     @rule(size=st.sampled_from([1, 100, 1000]))
     def run_reads_part(self, size: int) -> None:
         """The run reads ``size`` bytes at most, maybe stopping inside a request; the next run
@@ -341,7 +397,13 @@ class KeeperMachine(RuleBasedStateMachine):
         self.check(not outcome.partial, f"the run was left {outcome.partial} bytes into a request")
         if outcome.end is None:
             return
-        ending = {"fin": "eof", "close_notify": "eof", "rst": "ECONNRESET"}.get(link.sut_ended)
+        ending = {
+            "fin": "eof",
+            "close_notify": "eof",
+            "rst": "ECONNRESET",
+            "ws_close": "eof",
+            "protocol_error": "eof",
+        }.get(link.sut_ended)
         if link.end_reported:  # a reset is reported once (to a read or a send); reads after it see end of file
             ending = "eof"
         self.check(ending is not None, f"the run read the connection's end ({outcome.end}); the SuT never ended it")
@@ -398,7 +460,7 @@ class KeeperMachine(RuleBasedStateMachine):
         """The SuT ends its side: FIN or close_notify (it goes on reading), or RST."""
         if self.link.sut_ended:
             return
-        if how == "close_notify" and self.transport != "tls":
+        if how == "close_notify" and not self.secure:
             how = "fin"
         {"fin": self.sut.fin, "rst": self.sut.reset, "close_notify": self.sut.close_notify}[how](self.link.sut)
 
@@ -417,10 +479,25 @@ class KeeperMachine(RuleBasedStateMachine):
         for link in self.links:
             self.check(not link.sut.garbage, f"the SuT received {link.sut.garbage}")
             self.check(
-                not link.sut.keeper_ended or bool(link.sut_ended),
+                not link.sut.keeper_ended or self.keeper_may_end(link),
                 f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did",
             )
             self.check_arrivals(link, final=False)
+        growth = self.keeper_peak_rss() - self.rss_start
+        self.check(
+            growth <= RSS_GROWTH, f"the keeper's peak RSS grew by {growth >> 20} MB (at most {RSS_GROWTH >> 20})"
+        )
+
+    def keeper_may_end(self, link: Link) -> bool:
+        """Whether the keeper may have ended ``link`` on its own: only on the SuT's word."""
+        return bool(link.sut_ended)
+
+    def keeper_peak_rss(self) -> int:
+        """The keeper's peak resident set (VmHWM), in bytes."""
+        for line in Path(f"/proc/{self.keeper_pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def check_arrivals(self, link: Link, final: bool) -> None:
         """What reached the SuT is exactly what runs wrote whole, in order; at the end, all of it
@@ -437,7 +514,7 @@ class KeeperMachine(RuleBasedStateMachine):
             self.check(message == sip_message(call_id, written.body_size), f"the SuT received {call_id} altered")
             self.check(order[call_id] > position, f"the SuT received {call_id} out of order")
             position = order[call_id]
-        if not final or link.sut_ended == "rst":
+        if not final or link.sut_ended in CUT_SHORT:
             return
         arrived = {call_id_of(message) for message in received}
         lost = [w.call_id for w in link.written if w.whole and not w.run.told and w.call_id not in arrived]
@@ -470,7 +547,7 @@ class KeeperMachine(RuleBasedStateMachine):
                 time.sleep(0.05)
             self.check_arrivals(link, final=True)
             self.check(
-                not link.sut.keeper_ended or bool(link.sut_ended),
+                not link.sut.keeper_ended or self.keeper_may_end(link),
                 f"the keeper ended {link.sut.peer} ({link.sut.keeper_ended}); the SuT never did",
             )
         status = self.keeper.status()
@@ -503,7 +580,7 @@ class KeeperMachine(RuleBasedStateMachine):
         self.check(not self.link.undelivered, f"requests {self.link.undelivered} never reached a run")
 
     def all_arrived(self, link: Link) -> bool:
-        if link.sut_ended == "rst" or not link.sut.reading:
+        if link.sut_ended in CUT_SHORT or not link.sut.reading:
             return True
         wanted = sum(1 for w in link.written if w.whole and not w.run.told)
         return len(link.sut.received) >= wanted
@@ -523,7 +600,7 @@ class KeeperMachine(RuleBasedStateMachine):
         if condition:
             return
         log = self.keeper_log()
-        if self.transport == "tls" and "bad length" in log:
+        if self.secure and "bad length" in log:
             self.known(PumpHandoverLost(f"{what}\n--- keeper log ---\n{log}"))
         raise KeeperBrokePromise(f"{what}\n--- keeper log ---\n{log}")
 
@@ -543,6 +620,224 @@ class KeeperMachine(RuleBasedStateMachine):
         return "\n".join(line for line in lines[-40:] if "DEBUG" not in line)
 
 
+# --------------------------------------------------------------------------- WebSocket
+
+CUTS = st.lists(st.integers(0, 1 << 16), max_size=3)  # fragment boundaries, each taken modulo the message
+PING_WAIT = 3.0  # how long a pong may take while the SuT reads at full speed and the keeper is not held back
+BACKLOG = 100_000  # bytes of requests no run read yet under which the keeper still reads the SuT at once
+
+
+def protocol_error(defect: str, message_begun: bool) -> tuple[bytes, int]:
+    """Bytes that break RFC 6455 in the named way, and the Close code the keeper is to answer with."""
+    message = sip_message("bad-0")
+    if defect == "masked":
+        return server_frame(OP_TEXT, message, mask=b"\x01\x02\x03\x04"), 1002
+    if defect == "reserved bits":
+        return server_frame(OP_TEXT, message, rsv=4), 1002
+    if defect == "unknown opcode":
+        return server_frame(3, message), 1002
+    if defect == "long control":
+        return server_frame(OP_PING, bytes(126)), 1002
+    if defect == "fragmented control":
+        return server_frame(OP_PING, b"p", fin=False), 1002
+    if defect == "out of order":  # a new message inside a fragmented one, or a continuation of none
+        return server_frame(OP_TEXT if message_begun else OP_CONTINUATION, message), 1002
+    if defect == "one-byte close":
+        return server_frame(OP_CLOSE, b"\x03"), 1002
+    assert defect == "too big", defect
+    return server_frame(OP_TEXT, b"", length=MAX_MESSAGE + 1), 1009
+
+
+PROTOCOL_ERRORS = [
+    "masked",
+    "reserved bits",
+    "unknown opcode",
+    "long control",
+    "fragmented control",
+    "out of order",
+    "one-byte close",
+    "too big",
+]
+
+
+class WsKeeperMachine(KeeperMachine):
+    """The machine over WebSocket (ws, wss): the SuT (tests/support/ws_scripted_sut.py) also sends
+    messages in fragments cut anywhere, leaves one begun while runs come and go (the C pump's
+    hand-over holds its raw frames), pings, closes with a Close frame or breaks the protocol; the
+    keeper may keep the link alive with its own pings. Besides the base promises, after every step:
+
+    - what the keeper sends is masked, one final frame per SIP message, nothing after its Close;
+    - every pong answers a ping of the SuT's, in order, once; while the SuT reads at full speed
+      and the keeper is not holding back (a run reads), the SuT's ping is answered at once;
+    - a Close the keeper sends is the right one: the SuT's code echoed after its Close, 1002 after
+      a protocol error (1009 for a message too big), 1000 when it closes after the SuT's FIN;
+      none while the SuT never ended the link (but a keep-alive pong overdue); and at the end it
+      has arrived wherever nothing stood in its way;
+    - a request the SuT had begun and never finished reaches no run.
+    """
+
+    sut: WsScriptedSut
+
+    @initialize(narrow=st.booleans(), keepalive=st.booleans())
+    def start(self, narrow: bool, keepalive: bool) -> None:
+        """A keeper (pinging links idle for 1 s, or not) and a WebSocket SuT."""
+        self.set_up(narrow, keepalive=1.0 if keepalive else None)
+
+    # ---------------------------------------------------------------- the SuT
+
+    @rule(count=st.integers(1, 4), body_size=st.sampled_from([0, 500, 3000, 30000]), cuts=CUTS)
+    def sut_sends(self, count: int, body_size: int, cuts: list[int]) -> None:
+        """The SuT sends requests, each in fragments cut at ``cuts`` (one frame when none)."""
+        if self.link.sut_ended:
+            return
+        self.sut_finishes()
+        for _ in range(count):
+            call_id, stream, _ends = self.request(body_size, cuts)
+            self.sut.send_raw(self.link.sut, stream)
+            self.link.requests.append(call_id)
+
+    @rule(body_size=st.sampled_from([0, 500, 3000, 30000]), cuts=CUTS, at=st.integers(1, 1 << 16))
+    def sut_begins(self, body_size: int, cuts: list[int], at: int) -> None:
+        """The SuT sends a request's first ``at`` bytes (cut anywhere: in a header, a payload, between fragments)."""
+        if self.link.sut_ended or self.link.begun is not None:
+            return
+        call_id, stream, ends = self.request(body_size, cuts)
+        sent = 1 + at % (len(stream) - 1)
+        self.sut.send_raw(self.link.sut, stream[:sent])
+        self.link.begun = PartialRequest(call_id, stream, ends, sent)
+
+    @rule()
+    def sut_finishes(self) -> None:
+        """The SuT sends the rest of the request it had begun."""
+        begun = self.link.begun
+        if begun is None or self.link.sut_ended:
+            return
+        self.sut.send_raw(self.link.sut, begun.stream[begun.sent :])
+        self.link.requests.append(begun.call_id)
+        self.link.begun = None
+
+    def request(self, body_size: int, cuts: list[int]) -> tuple[str, bytes, list[int]]:
+        call_id = f"{self.next_id('s')}-{body_size}"
+        message = sip_message(call_id, body_size)
+        frames = message_frames(message, [cut % (len(message) + 1) for cut in cuts])
+        ends = [sum(map(len, frames[: index + 1])) for index in range(len(frames))]
+        return call_id, b"".join(frames), ends
+
+    def at_frame_boundary(self) -> bool:
+        """Finish the frame the SuT is in the middle of (a control frame may come only between
+        frames); whether a message is still begun after it."""
+        begun = self.link.begun
+        if begun is None:
+            return False
+        end = next(end for end in begun.frame_ends if end >= begun.sent)
+        if end == len(begun.stream):
+            self.sut_finishes()
+            return False
+        self.sut.send_raw(self.link.sut, begun.stream[begun.sent : end])
+        begun.sent = end
+        return True
+
+    @rule()
+    def sut_pings(self) -> None:
+        """The SuT pings (between fragments too); the keeper answers at once when nothing holds it back."""
+        link = self.link
+        if link.sut_ended:
+            return
+        self.at_frame_boundary()
+        payload = self.next_id("ping").encode()
+        self.sut.send_raw(link.sut, server_frame(OP_PING, payload))
+        link.pings.append(payload)
+        if link.sut.rate is not FULL_SPEED or link.undelivered_bytes > BACKLOG:
+            return  # the pong waits behind what the SuT does not read, or the keeper does not read the ping yet
+        side = self.sut.side(link.sut)
+        deadline = time.monotonic() + PING_WAIT
+        while payload not in side.pongs and time.monotonic() < deadline and link.sut.reading:
+            time.sleep(0.01)
+        self.check(
+            payload in side.pongs, f"the keeper did not answer the SuT's ping {payload!r} within {PING_WAIT:g} s"
+        )
+
+    @rule(code=st.sampled_from([1000, 1001, 4000]))
+    def sut_closes(self, code: int) -> None:
+        """The SuT's Close (between fragments too); it goes on reading, as RFC 6455 wants."""
+        link = self.link
+        if link.sut_ended:
+            return
+        self.at_frame_boundary()
+        link.close_code, link.close_required = code, self.nothing_in_the_way(link)
+        self.sut.end_with(link.sut, server_frame(OP_CLOSE, close_payload(code, "bye")), "ws_close")
+        link.begun = None
+
+    @rule(defect=st.sampled_from(PROTOCOL_ERRORS))
+    def sut_breaks_the_protocol(self, defect: str) -> None:
+        """A frame RFC 6455 forbids, at a frame boundary: the keeper is to answer with a Close and close."""
+        link = self.link
+        if link.sut_ended:
+            return
+        data, code = protocol_error(defect, self.at_frame_boundary())
+        link.close_code, link.close_required = code, self.nothing_in_the_way(link)
+        self.sut.end_with(link.sut, data, "protocol_error")
+        link.begun = None
+
+    @rule(how=st.sampled_from(["fin", "rst", "close_notify"]))
+    def sut_ends(self, how: str) -> None:
+        """The SuT ends its side at the TCP (or TLS) level, maybe in the middle of a message: that one is lost."""
+        super().sut_ends(how)
+        self.link.begun = None
+
+    def nothing_in_the_way(self, link: Link) -> bool:
+        """Whether the keeper's Close must reach the SuT: it reads at full speed and every message runs
+        wrote whole is there already (the keeper's closing write is best effort, never blocking)."""
+        return link.sut.rate is FULL_SPEED and self.all_arrived(link)
+
+    # ---------------------------------------------------------------- after every step
+
+    @invariant()
+    def websocket_rules_kept(self) -> None:
+        if self.keeper is None:
+            return
+        for link in self.links:
+            side = self.sut.side(link.sut)
+            indexes = [link.pings.index(pong) if pong in link.pings else -1 for pong in side.pongs]
+            self.check(
+                -1 not in indexes and indexes == sorted(set(indexes)),
+                f"the keeper's pongs {side.pongs} do not answer the SuT's pings {link.pings} once each, in order",
+            )
+            if side.close_code is not None:
+                self.check(
+                    side.close_code == self.right_close(link),
+                    f"the keeper sent Close {side.close_code}, not {self.right_close(link)} (the SuT's end: "
+                    f"{link.sut_ended or 'none'})",
+                )
+
+    def right_close(self, link: Link) -> int | None:
+        if link.close_code is not None:
+            return link.close_code
+        if link.sut_ended in ("fin", "close_notify") or self.pong_overdue():
+            return 1000
+        return None
+
+    def keeper_may_end(self, link: Link) -> bool:
+        return bool(link.sut_ended) or self.pong_overdue()
+
+    def pong_overdue(self) -> bool:
+        """The keeper closed a link whose keep-alive pong is overdue (a SuT that does not read): its right."""
+        return f"no keep-alive pong within {PONG_TIMEOUT:g} s" in self.keeper_log()
+
+    def final_checks(self) -> None:
+        super().final_checks()
+        for link in self.links:
+            side = self.sut.side(link.sut)
+            if link.close_required:
+                deadline = time.monotonic() + DRAIN_WAIT
+                while side.close_code is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self.check(
+                    side.close_code == link.close_code,
+                    f"the keeper's Close {link.close_code} never reached the SuT (it got {side.close_code})",
+                )
+
+
 # --------------------------------------------------------------------------- the tests
 
 VARIANTS = [
@@ -550,15 +845,25 @@ VARIANTS = [
     pytest.param("tls", "1", id="tls-pump"),
     pytest.param("tls", "0", id="tls-python-relay"),
 ]
+WS_VARIANTS = [
+    pytest.param("ws", "1", id="ws-pump"),
+    pytest.param("wss", "1", id="wss-pump"),
+    pytest.param("ws", "0", id="ws-python-relay"),
+    pytest.param("wss", "0", id="wss-python-relay"),
+]
 
 
-@pytest.mark.parametrize("transport, pump", VARIANTS)
+def machine_for(transport: str, pki: TestPki) -> type[KeeperMachine]:
+    kind = WsKeeperMachine if transport in ("ws", "wss") else KeeperMachine
+    return type(f"{kind.__name__}_{transport}", (kind,), {"transport": transport, "pki": pki})
+
+
+@pytest.mark.parametrize("transport, pump", VARIANTS + WS_VARIANTS)
 def test_the_keeper_keeps_its_promises(
     transport: str, pump: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)  # the keepers the machine starts inherit it
-    machine = type(f"KeeperMachine_{transport}_{pump}", (KeeperMachine,), {"transport": transport, "pki": test_pki})
-    run_state_machine_as_test(machine, settings=suite_settings())
+    run_state_machine_as_test(machine_for(transport, test_pki), settings=suite_settings())
 
 
 # --------------------------------------------------------------------------- known seams, every run
