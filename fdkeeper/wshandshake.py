@@ -193,7 +193,10 @@ def _parse_answer(head: str, where: str) -> tuple[str, list[tuple[str, str]]]:
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not (len(parts[1]) == 3 and parts[1].isdigit()):
         raise WsHandshakeError(where, f"answered with something other than HTTP: '{_shown(status)}'; check the port")
     if parts[1] != "101":
-        raise WsHandshakeError(where, f"refused the upgrade: {_shown(status)}; check --ws-path and --ws-origin")
+        raise WsHandshakeError(
+            where,
+            f"refused the upgrade: {_shown(status)}; check that it is a WebSocket port, --ws-path and --ws-origin",
+        )
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         if line[:1] in (" ", "\t") and headers:  # obsolete line folding (RFC 7230 §3.2.4): one value

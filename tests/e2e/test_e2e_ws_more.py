@@ -256,5 +256,5 @@ def test_a_refused_upgrade_is_one_line_and_exit_2(sut, keeper_dir, tmp_path, whe
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("fdkeeper: ") and f"refused the upgrade: {status}" in line, line
-    assert "check --ws-path" in line, line
+    assert "WebSocket port, --ws-path" in line, line
     assert KeeperClient(keeper_dir).status()["connections"] == []

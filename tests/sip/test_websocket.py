@@ -359,7 +359,10 @@ def test_a_good_answer_split_anywhere_with_early_frames(request_and_key):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"status": "403 Forbidden"}, "refused the upgrade: HTTP/1.1 403 Forbidden; check --ws-path and --ws-origin"),
+        (
+            {"status": "403 Forbidden"},
+            "refused the upgrade: HTTP/1.1 403 Forbidden; check that it is a WebSocket port, --ws-path and --ws-origin",
+        ),
         ({"protocol": None}, "answered without Sec-WebSocket-Protocol: sip (it does not speak SIP over WebSocket)"),
         ({"protocol": "chat"}, "answered with Sec-WebSocket-Protocol: chat, not sip (it does not speak SIP"),
         ({"extra": "Sec-WebSocket-Extensions: permessage-deflate\r\n"}, "Sec-WebSocket-Extensions: permessage-deflate"),
