@@ -4,9 +4,10 @@ against a scripted SuT while runs lease, write, read, exit and get SIGKILLed.
 The SuT (fdkeeper/testbed/scripted_sut.py) reads at full speed, slowly or not at all, sends
 requests, and ends its side with a FIN, an RST or (TLS) a close_notify, going on reading after a
 FIN or close_notify as a half-closed peer does. Runs are processes of their own that lease the
-kept connection over the control protocol. Over TCP, TLS with the C pump, and TLS with the
-Python relay alone (FDKEEPER_TLS_PUMP=0 in the keeper's environment), after every step and at
-the end:
+kept connection over the control protocol, write whole messages or (relayed: tls, ws, wss) the
+first bytes of one before they die. Over TCP, TLS, WS and WSS, each relayed one with the C pump
+and with the Python relay alone (FDKEEPER_TLS_PUMP=0 in the keeper's environment), after every
+step and at the end:
 
 - every whole message a run wrote reaches the SuT, exactly and in order, unless that run was
   told (a send() failed: EPIPE, ECONNRESET) or the SuT reset the connection itself; "whole"
@@ -18,15 +19,22 @@ the end:
   a lease is refused as closed only when the SuT ended the connection and nothing it sent is
   left for a run;
 - the keeper closes a connection only on the SuT's word (nothing here sets a limit it could
-  reach: no keep-alive, whole messages under 64 KiB);
-- the keeper is alive at the end, the same process, and its loop caught no internal error.
+  reach: whole messages under 64 KiB; over WebSocket the keep-alive's pong overdue is the SuT's
+  word too);
+- the keeper is alive at the end, the same process, and its loop caught no internal error, and
+  its peak RSS grew by no more than RSS_GROWTH (its buffers are bounded whatever both sides do).
+
+Over WebSocket (``WsKeeperMachine``) the SuT also fragments requests, leaves one begun across
+runs (the pump's hand-over holds its raw frames), pings, sends a Close or breaks RFC 6455, and
+the keeper may ping idle links itself; its promises there are listed in that class.
 
 A run killed while it writes over plain TCP would leave half a message in the kernel's stream,
 the same as sipp connected directly; fdkeeper promises whole messages over TLS only, so TCP
 runs here are killed between writes, and TCP writes stay within what the kernel's buffers
 take (a TCP write never stalls part-way).
 
-The suite runs a fixed seed, 8 sequences of 14 steps per transport (5-10 s each), and
+The suite runs a fixed seed, 8 sequences of 14 steps per transport (tcp, tls) and 4 per ws/wss
+variant (4-10 s each), and
 replays the known seams as fixed step sequences (a reply after the SuT's half-close, back-to-back
 runs over a slow SuT, a reset under a run). Longer runs:
 
@@ -104,6 +112,7 @@ class ResetReadAsEof(KeeperBrokePromise):
 LONG_EXAMPLES = int(os.environ.get("FDKEEPER_STATEFUL_EXAMPLES", "0"))
 IGNORE_KNOWN = os.environ.get("FDKEEPER_STATEFUL_IGNORE_KNOWN") == "1"
 SUITE_EXAMPLES = 8
+WS_SUITE_EXAMPLES = 4  # per ws/wss variant: four variants within the file's time
 STEPS = int(os.environ.get("FDKEEPER_STATEFUL_STEPS", "40" if LONG_EXAMPLES else "14"))
 SLOW = 80_000  # bytes a second: a SuT that reads, slowly
 TCP_WRITE_BUDGET = 1_000_000  # bytes over plain TCP per sequence: far below what loopback buffers take
@@ -115,7 +124,7 @@ RSS_GROWTH = 48 * 1024 * 1024
 CUT_SHORT = ("rst", "ws_close", "protocol_error")
 
 
-def suite_settings() -> settings:
+def suite_settings(examples: int = SUITE_EXAMPLES) -> settings:
     if LONG_EXAMPLES:
         return settings(
             max_examples=LONG_EXAMPLES,
@@ -129,7 +138,7 @@ def suite_settings() -> settings:
     # A fixed seed, few sequences, no shrinking (a failure's sequence is printed as it was found):
     # a few seconds per transport.
     return settings(
-        max_examples=SUITE_EXAMPLES,
+        max_examples=examples,
         stateful_step_count=STEPS,
         deadline=None,
         database=None,
@@ -747,7 +756,7 @@ class WsKeeperMachine(KeeperMachine):
         payload = self.next_id("ping").encode()
         self.sut.send_raw(link.sut, server_frame(OP_PING, payload))
         link.pings.append(payload)
-        if link.sut.rate is not FULL_SPEED or link.undelivered_bytes > BACKLOG:
+        if link.sut.rate is not FULL_SPEED or link.undelivered_bytes > BACKLOG or link.sut.keeper_ended:
             return  # the pong waits behind what the SuT does not read, or the keeper does not read the ping yet
         side = self.sut.side(link.sut)
         deadline = time.monotonic() + PING_WAIT
@@ -863,7 +872,8 @@ def test_the_keeper_keeps_its_promises(
     transport: str, pump: str, test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)  # the keepers the machine starts inherit it
-    run_state_machine_as_test(machine_for(transport, test_pki), settings=suite_settings())
+    examples = WS_SUITE_EXAMPLES if transport in ("ws", "wss") else SUITE_EXAMPLES
+    run_state_machine_as_test(machine_for(transport, test_pki), settings=suite_settings(examples))
 
 
 # --------------------------------------------------------------------------- known seams, every run
