@@ -17,16 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from fdkeeper.websocket import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    accept_for,
-    apply_mask,
-)
+from fdkeeper.websocket import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT, accept_for, apply_mask
 
 _KEY = re.compile(rb"^sec-websocket-key:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
 
