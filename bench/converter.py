@@ -42,16 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from cpslib import (
-    CALL_PAUSE_S,
-    KEEP_FRACTION,
-    RECV_TIMEOUT_MS,
-    SHM_MB,
-    command_version,
-    cpu_model,
-    elapsed_seconds,
-    write_uas_scenario,
-)
+from cpslib import RECV_TIMEOUT_MS, SHM_MB, command_version, cpu_model, elapsed_seconds, write_uas_scenario
+from cpsruns import CALL_PAUSE_S, KEEP_FRACTION
 
 from fdkeeper import testbed
 from fdkeeper.convert import control_request

@@ -44,14 +44,11 @@ Issue 16's figure: --users 1000 --steps 300 --duration 10 --alias (3,000 calls, 
 Usage:  python3 bench/cps_many_users.py               (about 2-3 minutes, + up to 1 after a run)
         python3 bench/cps_many_users.py --quick       (about 1-1.5 minutes)
         python3 bench/cps_many_users.py --users 2000 --steps 200,400 --duration 3
-Exit status: 0 when the bench ran (goal met or missed: the output says which), 1 when the
-set-up did not work, 130 on Ctrl-C. Everything started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import re
 import resource
@@ -66,31 +63,19 @@ import psutil
 from cpslib import (
     CALLEE,
     SHM_MB,
-    BenchBase,
-    Run,
-    ascents,
+    KeeperCpuBench,
+    bench_parser,
     caller_options,
-    climb,
-    command_version,
-    common_arguments,
-    cpu_model,
-    cpu_seconds,
+    cps_main,
     elapsed_seconds,
-    format_run,
-    paired_ratios,
-    print_best_rates,
+    kept_connections,
+    print_ab_result,
     print_footer,
-    process_tree,
-    register_callee,
-    resolve_defaults,
-    run_bench,
-    table_header,
-    write_uas_scenario,
 )
+from cpsruns import Run
 
 from fdkeeper import testbed
 from fdkeeper.client import KeeperClient, ensure_keeper
-from fdkeeper.errors import FdkeeperError
 
 GOAL = 0.95
 CONFIGS = ("a", "b")
@@ -128,10 +113,11 @@ def write_caller_scenario(directory: Path) -> Path:
     text = (testbed.SCENARIOS_DIR / "uac-call.xml").read_text()
     text, froms = re.subn(r"From: <sip:caller@\[domain\]>", "From: <sip:[field0]@[field1]>", text)
     text, contacts = re.subn(r"Contact: <sip:caller@\[local_ip\]", "Contact: <sip:[field0]@[local_ip]", text)
-    if (froms, contacts) != (3, 3):
+    # Every From and Contact (those of the 407's second INVITE too) is user k's, none is left as caller.
+    if not (froms and contacts) or re.search(r"(From|Contact): <sip:caller@", text):
         raise RuntimeError(
-            "scenarios/uac-call.xml changed: cannot find its three From and Contact headers "
-            f"to make the caller user k (found {froms} and {contacts})"
+            "scenarios/uac-call.xml changed: cannot make every From and Contact header the caller user k "
+            f"(made {froms} and {contacts}, some left as sip:caller@)"
         )
     text = text.replace('<scenario name="fdkeeper uac call">', '<scenario name="fdkeeper uac call from users">')
     path = directory / "uac-call-from-users.xml"
@@ -147,6 +133,13 @@ def write_caller_scenario(directory: Path) -> Path:
 def open_files_wanted(users: int) -> int:
     """Kamailio holds the users' connections and (a)'s per-call ones; the keeper the users'."""
     return users + TCP_HEADROOM + 1024
+
+
+def users_connections(users: int) -> int:
+    """Kamailio's tcp_max_connections for ``users`` kept connections and room for per-call ones,
+    within the open-file limit (raise_open_file_limit first)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return min(users + TCP_HEADROOM, soft - 1024)
 
 
 def raise_open_file_limit(users: int) -> tuple[int, int]:
@@ -223,33 +216,34 @@ def mib(n: float) -> str:
 
 
 @dataclass
-class Bench(BenchBase):
+class Bench(KeeperCpuBench):
     """(a) plain sipp -t tn straight to Kamailio, (b) the same through `fdkeeper sipp`, the
-    calls coming from the `users` registered (through fdkeeper) before."""
+    calls coming from the `users` registered (through fdkeeper) before. CPU around every run
+    as a share of a core: sipp's is the whole reaped run, the `fdkeeper sipp` wrapper included."""
 
     CONFIGS = CONFIGS
     LABELS = LABELS
     PROG = "cps_many_users"
+    WIDTH = WIDTH
+    COLUMNS = f"{'keeper %core':>12} {'SuT %core':>9} {'sipp %core':>10} {'new conns':>9} {'alias fails':>11}  "
 
     users: int = USERS
     register_rate: float = REGISTER_RATE
     alias: bool = False  # Kamailio aliases every request's Via port to its connection
     facts: dict = field(default_factory=dict)  # what the set-up measured, for the report
     keeper_pid: int | None = None
-    sut_tree: list[psutil.Process] = field(default_factory=list)
     pending_calls: int = 0  # calls of the run about to start
     port_waits: list[float] = field(default_factory=list)
 
-    def make_sut(self) -> testbed.Kamailio:
+    @classmethod
+    def from_args(cls, workdir: Path, sipp: str, args: argparse.Namespace) -> Bench:
+        options = {"users": args.users, "register_rate": args.register_rate, "alias": args.alias}
+        return cls(workdir, sipp, args.duration, args.retries, **options)
+
+    def sut_options(self) -> dict:
         # Before Kamailio exists: its open_files_limit comes from this process's limit.
         self.facts["open_files"] = raise_open_file_limit(self.users)
-        soft = self.facts["open_files"][0]
-        return testbed.Kamailio(
-            self.workdir / "kamailio",
-            shm_mb=SHM_MB,
-            tcp_max_connections=min(self.users + TCP_HEADROOM, soft - 1024),
-            alias_every_request=self.alias,
-        )
+        return {"tcp_max_connections": users_connections(self.users), "alias_every_request": self.alias}
 
     # -- set-up -------------------------------------------------------------
 
@@ -260,7 +254,6 @@ class Bench(BenchBase):
         )
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
-        self.sut_tree = process_tree(self.kamailio.pid)
         limit = process_open_files_limit(self.kamailio.pid)
         self.facts["sut_open_files"] = limit
         if limit is not None and limit < self.users + 1024:
@@ -273,11 +266,7 @@ class Bench(BenchBase):
         )
         # The callee first: cpslib's check of its registration dumps the whole location table,
         # which kamcmd cannot return with 10,000 users in it.
-        port = testbed.free_port()
-        register_callee(self, port)
-        self.uas = self.start_plain(
-            write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
-        )
+        self.start_callee()
         self.register_users()
         self.warm_up()
 
@@ -285,6 +274,7 @@ class Bench(BenchBase):
         """One `fdkeeper sipp -t tn` run registers every user over a connection of its own."""
         keeper = ensure_keeper(self.keeper_dir)
         self.keeper_pid = int(keeper.status()["keeper"]["pid"])
+        self.watch_processes()
         self.facts["keeper_open_files"] = process_open_files_limit(self.keeper_pid)
         time.sleep(0.2)
         rss_before = rss_bytes(self.keeper_pid)
@@ -319,6 +309,7 @@ class Bench(BenchBase):
         result = self.wait(process, self.users / 50 + 60)
         wall = time.monotonic() - began
         cpu = {key: value - cpu_before[key] for key, value in self.cpu_now().items()}
+        cpu["sipp"] = cpu.pop("children")  # the registration run, its wrapper included
         if not result.ok or result.successful != self.users:
             raise RuntimeError(f"registering {self.users} users failed:\n{result.summary()}")
         elapsed = elapsed_seconds(result.stats)
@@ -403,15 +394,8 @@ class Bench(BenchBase):
 
     # -- around every run ------------------------------------------------------
 
-    def cpu_now(self) -> dict[str, float]:
-        """CPU-seconds so far: the keeper, Kamailio (all processes), our reaped children (sipp
-        runs with their `fdkeeper sipp` wrappers)."""
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return {
-            "keeper": cpu_seconds(process_tree(self.keeper_pid)[:1]),
-            "sut": cpu_seconds(self.sut_tree),
-            "sipp": usage.ru_utime + usage.ru_stime,
-        }
+    def through_keeper(self, config: str) -> bool:
+        return False  # sipp's CPU here is the whole reaped run, the wrapper's start-up included
 
     def begin_run(self, config: str) -> dict:
         self.wait_for_ports(config)
@@ -433,23 +417,20 @@ class Bench(BenchBase):
             self.port_waits.append(waited)
 
     def end_run(self, config: str, token: dict, run: Run) -> dict:
-        spent = {key: value - token[key] for key, value in self.cpu_now().items()}
         return {
-            **spent,
+            **super().end_run(config, token, run),
             "new_conns": diff(self.sut_accepted(), token["accepted"]),
             "time_wait": time_wait_sockets(),
             "alias_fails": diff(self.alias_failures(), token["alias_fails"]),
         }
 
-    def format_run(self, run: Run) -> str:
-        return format_run(run, self.LABELS[run.config], WIDTH, run_columns(run))
+    def run_columns(self, run: Run) -> str:
+        return run_columns(run)
 
 
 # --------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------
-
-EXTRA_HEADER = f"{'keeper %core':>12} {'SuT %core':>9} {'sipp %core':>10} {'new conns':>9} {'alias fails':>11}  "
 
 
 def cpu_text(cpu: dict[str, float]) -> str:
@@ -472,10 +453,9 @@ def run_columns(run: Run) -> str:
 
 
 def kept_summary(bench: Bench) -> str:
-    try:
-        connections = KeeperClient(bench.keeper_dir).status()["connections"]
-    except (FdkeeperError, OSError, KeyError) as exc:
-        return f"keeper status unavailable ({exc})"
+    connections = kept_connections(bench)
+    if isinstance(connections, str):
+        return connections
     states: dict[str, int] = {}
     for c in connections:
         states[c["state"]] = states.get(c["state"], 0) + 1
@@ -496,18 +476,7 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
         f"result ({bench.users} users registered, runs of {bench.duration:g} s, caller uac-call.xml from "
         f"user k over -t tn, callee {CALLEE} over UDP):"
     )
-    ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 17)
-    print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
-    print(f"  {'goal met' if ratio is not None and ratio >= GOAL else 'goal missed'} (goal: ratio >= {GOAL})")
-    if best["a"] and best["b"] and best["a"].rate != best["b"].rate:
-        low, gap = min(best["a"].rate, best["b"].rate), abs(best["a"].rate - best["b"].rate)
-        print(f"  the highest rates differ by {gap:g} calls/s ({gap / low:.1%}): the ratio moves in whole rate steps")
-    pairs = sorted(paired_ratios(bench.runs))
-    if pairs:
-        print(
-            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
-        )
+    print_ab_result(bench, best, GOAL)
     print(
         f"  registration of {bench.users} users (one `fdkeeper sipp -t tn` run, -r {bench.register_rate:g}): "
         f"{facts['register_wall']:.1f} s wall, {facts['register_elapsed']:.1f} s sipp elapsed "
@@ -535,17 +504,7 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
             f"{bench.users} of them held by the users' connections); waits for free ports before a run: "
             f"{len(bench.port_waits)} ({sum(bench.port_waits):.0f} s)"
         )
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
-    kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
-    print_footer(
-        bench,
-        [
-            f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
-            f"sipp: {sipp}; kamailio: {kamailio}; open-file limit of the bench {facts['open_files'][0]}",
-        ],
-        seconds,
-    )
+    print_footer(bench, seconds, f"open-file limit of the bench {facts['open_files'][0]}")
 
 
 def shm_used(bench: Bench) -> str:
@@ -563,21 +522,9 @@ def shm_used(bench: Bench) -> str:
 # --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common_arguments(
-        parser,
-        quick="about 1-1.5 minutes: 2 s runs, coarse steps of 500, fine steps of 100",
-        duration=4.0,
-        quick_duration=2.0,
-        step=250.0,
-        quick_step=500.0,
-    )
-    for action in parser._actions:  # this bench's --fine default is step/5, not cpslib's step/10
-        if action.dest == "fine":
-            action.help = "fine rate step, calls/s (default step/5, i.e. 50; --quick 100)"
+def command_line() -> argparse.ArgumentParser:
+    # Fine steps of step/5 (50 calls/s, --quick 100): fewer fine steps, the run stays short.
+    parser = bench_parser(__doc__, duration=4.0, step=250.0, quick_time="about 1-1.5 minutes", fine_divisor=5)
     parser.add_argument("--users", type=int, default=USERS, help=f"registered users, callers (default {USERS})")
     parser.add_argument(
         "--register-rate",
@@ -590,44 +537,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="Kamailio aliases every request's Via port to its connection (force_tcp_alias)",
     )
-    args = parser.parse_args(argv)
-    fine_given = args.fine is not None
-    args = resolve_defaults(args)
-    if not fine_given:
-        args.fine = args.step / 5  # 50 calls/s (--quick 100): fewer fine steps, the run stays short
-    return args
+    return parser
+
+
+def banner(bench: Bench) -> list[str]:
+    return [
+        "keeper %core: the keeper's CPU over sipp's elapsed time; SuT %core: Kamailio's (all its "
+        "processes); new conns: TCP connections Kamailio accepted during the run",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def body(bench: Bench, began: float) -> None:
-        bench.setup()
-        print(f"callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok")
-        print(
-            "keeper %core: the keeper's CPU over sipp's elapsed time; SuT %core: Kamailio's (all its "
-            "processes); new conns: TCP connections Kamailio accepted during the run"
-        )
-        print(table_header(WIDTH, EXTRA_HEADER), flush=True)
-        steps = [float(r) for r in args.steps.split(",") if r.strip()] if args.steps else None
-        print(f"-- steps {args.steps}" if steps else f"-- coarse steps of {args.step:g} calls/s", flush=True)
-        best = climb(bench, ascents(bench, args.step, args.fine, args.max_rate, steps))
-        report(bench, best, time.monotonic() - began)
-
-    return run_bench(
-        "cps_many_users",
-        args,
-        lambda workdir, sipp: Bench(
-            workdir,
-            sipp,
-            args.duration,
-            args.retries,
-            users=args.users,
-            register_rate=args.register_rate,
-            alias=args.alias,
-        ),
-        body,
-    )
+    return cps_main(Bench, command_line(), argv, banner, report)
 
 
 if __name__ == "__main__":

@@ -22,41 +22,18 @@ is a failed call, or a rate not kept: fewer than 95 % of the calls/s an ideal ru
 Usage:  python3 bench/cps_tcp.py            (about 4 minutes)
         python3 bench/cps_tcp.py --quick    (about 1 minute)
         python3 bench/cps_tcp.py --steps 500,1000,1500 --duration 3
-Exit status: 0 when the bench ran (goal met or missed: the output says which), 1 when the
-set-up did not work, 130 on Ctrl-C. Everything started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from dataclasses import dataclass
 
 # Run as a script (python3 bench/cps_tcp.py): bench/ is sys.path[0], cpslib is beside us.
-from cpslib import (
-    CALLEE,
-    SHM_MB,
-    BenchBase,
-    Run,
-    ascents,
-    caller_options,
-    climb,
-    command_version,
-    common_arguments,
-    cpu_model,
-    paired_ratios,
-    print_best_rates,
-    print_footer,
-    resolve_defaults,
-    run_bench,
-    table_header,
-)
+from cpslib import BenchBase, bench_parser, cps_main, kept_connections, print_ab_result, print_footer
+from cpsruns import Run
 
 from fdkeeper import testbed
-from fdkeeper.client import KeeperClient
-from fdkeeper.errors import FdkeeperError
 
 GOAL = 0.98
 CONFIGS = ("a", "b")
@@ -75,35 +52,17 @@ class Bench(BenchBase):
         start = self.start_plain if config == "a" else self.start_kept
         return start("uac-call.xml", name, **options)
 
-    def caller_options(self, config: str, rate: float, duration: float) -> dict:
-        return caller_options(self, rate, duration)
-
 
 # --------------------------------------------------------------------------
 # output
 # --------------------------------------------------------------------------
 
-TABLE_HEADER = table_header()
-
-
-def machine_facts(bench: Bench) -> list[str]:
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    sipp = command_version([bench.sipp, "-v"], r"SIPp v\S+")
-    kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
-    workers = bench.kamailio.children
-    return [
-        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
-        f"sipp: {sipp}",
-        f"kamailio: {kamailio} ({workers} UDP + {workers} TCP workers, {SHM_MB} MB shm)",
-    ]
-
 
 def kept_connection_line(bench: Bench) -> str:
     """Which connection (b) used: one kept connection, leased once per fdkeeper run."""
-    try:
-        connections = KeeperClient(bench.keeper_dir).status()["connections"]
-    except (FdkeeperError, OSError, KeyError) as exc:
-        return f"kept connection: keeper status unavailable ({exc})"
+    connections = kept_connections(bench)
+    if isinstance(connections, str):
+        return f"kept connection: {connections}"
     b_runs = 1 + sum(1 for r in bench.runs if r.config == "b")  # + the warm-up
     parts = [f"{c.get('local')}->{c.get('remote')} {c.get('state')}, {c.get('leases')} leases" for c in connections]
     return f"kept connection(s): {'; '.join(parts) or 'none'} ({b_runs} fdkeeper runs)"
@@ -112,22 +71,9 @@ def kept_connection_line(bench: Bench) -> str:
 def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
     print()
     print(f"result (runs of {bench.duration:g} s, scenario uac-call.xml over TCP, callee over UDP):")
-    ratio = print_best_rates(best, {config: LABELS[config] for config in CONFIGS}, 17)
-    verdict = "goal met" if ratio is not None and ratio >= GOAL else "goal missed"
-    print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
-    print(f"  {verdict} (goal: ratio >= {GOAL})")
-    if best["a"] and best["b"] and best["a"].rate != best["b"].rate:
-        low, gap = min(best["a"].rate, best["b"].rate), abs(best["a"].rate - best["b"].rate)
-        print(f"  the highest rates differ by {gap:g} calls/s ({gap / low:.1%}): the ratio moves in whole rate steps")
-    pairs = paired_ratios(bench.runs)
-    if pairs:
-        pairs.sort()
-        print(
-            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
-        )
+    print_ab_result(bench, best, GOAL)
     print(f"  {kept_connection_line(bench)}")
-    print_footer(bench, machine_facts(bench), seconds)
+    print_footer(bench, seconds)
 
 
 # --------------------------------------------------------------------------
@@ -135,34 +81,12 @@ def report(bench: Bench, best: dict[str, Run | None], seconds: float) -> None:
 # --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common_arguments(
-        parser,
-        quick="about 1 minute: 2 s runs, coarse steps of 1000, fine steps of 200",
-        duration=5.0,
-        quick_duration=2.0,
-        step=500.0,
-        quick_step=1000.0,
-    )
-    return resolve_defaults(parser.parse_args(argv))
+def banner(bench: Bench) -> list[str]:
+    return [f"Kamailio on {bench.kamailio.address}"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def body(bench: Bench, began: float) -> None:
-        bench.setup()
-        print(f"Kamailio on {bench.kamailio.address}; callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok")
-        print(TABLE_HEADER, flush=True)
-        steps = [float(r) for r in args.steps.split(",") if r.strip()] if args.steps else None
-        print(f"-- steps {args.steps}" if steps else f"-- coarse steps of {args.step:g} calls/s", flush=True)
-        best = climb(bench, ascents(bench, args.step, args.fine, args.max_rate, steps))
-        report(bench, best, time.monotonic() - began)
-
-    return run_bench("cps_tcp", args, lambda workdir, sipp: Bench(workdir, sipp, args.duration, args.retries), body)
+    return cps_main(Bench, bench_parser(__doc__, duration=5.0, step=500.0), argv, banner, report)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""Shared machinery of the calls-per-second benches (bench/cps_tcp.py, bench/cps_tls.py).
+"""Shared machinery of the calls-per-second benches (cps_tcp, cps_tls, cps_ws, cps_many_users,
+tls_anchor, static_sipp).
 
 What is here: the callee (a sipp UAS over UDP registered at the SuT), one caller run and its
-verdict (`Run`), the rate search (`Ascent`, `climb`: every configuration climbs its own rate
-ladder, the configurations interleaved step by step, the first one rotating), the table
-lines, and the process bookkeeping that stops everything on any exit (`BenchBase`).
-A bench subclasses BenchBase: it names its configurations and says how each one's caller is
-started (`start_caller`); it may measure around every run (`begin_run`/`end_run`).
+verdict (`Run`), the rate search (`Ascent`, `climb`, `rate_search`: every configuration climbs its
+own rate ladder, the configurations interleaved step by step, the first one rotating), CPU around
+every run (`KeeperCpuBench`: the keeper's, the SuT's, sipp's without the `fdkeeper sipp` wrapper's),
+the table lines and the figures every report shares (ratios, paired ratios, machine facts, the
+keeper's connections), the command line (`bench_parser`, `parse_bench_args`), and the process
+bookkeeping that stops everything on any exit (`BenchBase`, `run_bench`, `cps_main`).
+A bench subclasses BenchBase (or KeeperCpuBench): it names its configurations and says how each
+one's caller is started (`start_caller`); it may measure around every run (`begin_run`/`end_run`)
+and add table columns (`COLUMNS`, `run_columns`). What is left in a bench is what it alone does.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import itertools
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -23,20 +29,18 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import psutil
+from cpsruns import Run, paired, print_best_rates
 
 from fdkeeper import testbed
+from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed.pki import make_test_pki
 
 CALLEE = "bob"
-# uac-call.xml holds every call 200 ms between ACK and BYE: a run of N calls at rate R cannot
-# end before N/R + 0.2 s, which is what "ideal" calls/s below is measured against.
-CALL_PAUSE_S = 0.2
-# A run "keeps the rate" when it reaches this share of the ideal calls/s; below it sipp (or
-# the SuT) is queueing calls, the call rate is no longer what was asked for.
-KEEP_FRACTION = 0.95
 # Kamailio keeps every finished transaction 5 s (tm wait timer). testbed.Kamailio's 64 MB of shared
 # memory runs out at about 300 calls/s ("out of mem" in tm, then 480s and lost replies), so the
 # SuT would be the limit, equally for both configurations, and the comparison would say little.
@@ -47,6 +51,8 @@ SETTLE_S = 0.5
 # A call that waits this long for a message fails on its own (sipp -recv_timeout) instead of
 # holding the run until the global -timeout.
 RECV_TIMEOUT_MS = 5000
+# How often the `fdkeeper sipp` wrapper's own CPU is sampled while its sipp runs.
+SAMPLE_S = 0.1
 
 
 # --------------------------------------------------------------------------
@@ -112,50 +118,6 @@ def register_callee(bench: BenchBase, port: int) -> None:
 # --------------------------------------------------------------------------
 # one sipp run
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One caller run: its counts and times (from sipp's -trace_stat file) and verdict."""
-
-    config: str
-    rate: float
-    calls: int
-    successful: int
-    failed: int
-    elapsed: float  # sipp's own StartTime -> last CurrentTime, seconds
-    wall: float  # our wall clock, including `fdkeeper sipp`'s start-up
-    returncode: int | None
-    retry: bool = False
-    measured: dict = field(default_factory=dict)  # whatever the bench's end_run() measured
-
-    @property
-    def achieved(self) -> float:
-        """The figure: successful calls per second of the run."""
-        return self.successful / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def ideal(self) -> float:
-        """Calls/s of a run that creates every call on time and answers at once."""
-        return self.calls / (self.calls / self.rate + CALL_PAUSE_S)
-
-    @property
-    def all_answered(self) -> bool:
-        return self.returncode == 0 and self.failed == 0 and self.successful == self.calls
-
-    @property
-    def passed(self) -> bool:
-        return self.all_answered and self.achieved >= KEEP_FRACTION * self.ideal
-
-    @property
-    def verdict(self) -> str:
-        if self.failed:
-            return f"FAILED ({self.failed} failed calls)"
-        if not self.all_answered:
-            return f"FAILED (exit {self.returncode}, {self.successful}/{self.calls} calls)"
-        if not self.passed:
-            return f"rate not kept (< {KEEP_FRACTION:.0%} of ideal)"
-        return "ok"
 
 
 def elapsed_seconds(stats: dict[str, str]) -> float:
@@ -254,6 +216,8 @@ class BenchBase:
     CONFIGS: ClassVar[tuple[str, ...]] = ()  # configuration keys, in the order of the first step
     LABELS: ClassVar[dict[str, str]] = {}  # key -> name in the tables
     PROG = "cps"  # prefix of our messages on stderr
+    WIDTH: ClassVar[int] = 20  # the tables' configuration column
+    COLUMNS: ClassVar[str] = ""  # the header of the bench's own columns (run_columns), before the verdict
 
     workdir: Path
     sipp: str
@@ -264,13 +228,32 @@ class BenchBase:
     live: list[testbed.SippProcess] = field(default_factory=list)  # stopped by close()
     uas: testbed.SippProcess | None = None
 
+    @classmethod
+    def from_args(cls, workdir: Path, sipp: str, args: argparse.Namespace) -> BenchBase:
+        """The bench of this command line (bench_parser's options; a bench with options of its own adds them)."""
+        return cls(workdir, sipp, args.duration, args.retries)
+
     def __post_init__(self) -> None:
         self.logs = self.workdir / "logs"
         self.keeper_dir = self.workdir / "keeper"
         self.kamailio = self.make_sut()
 
     def make_sut(self) -> testbed.Kamailio:
-        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB)
+        return testbed.Kamailio(self.workdir / "kamailio", shm_mb=SHM_MB, **self.sut_options())
+
+    def sut_options(self) -> dict[str, Any]:
+        """testbed.Kamailio options of this bench's SuT (beyond SHM_MB)."""
+        return {}
+
+    def tls_sut(self) -> dict[str, Any]:
+        """sut_options for a SuT with TLS: a test PKI (self.pki) and its server certificate."""
+        self.pki = make_test_pki(self.workdir / "pki")
+        return {"tls": testbed.KamailioTls.server(self.pki)}
+
+    @property
+    def tls_options(self) -> tuple[str, ...]:
+        """`fdkeeper sipp` options that trust the test PKI's SuT."""
+        return ("--tls-ca", str(self.pki.ca_cert), "--tls-sni", self.pki.server_name)
 
     # -- what a bench says ------------------------------------------------
 
@@ -291,8 +274,15 @@ class BenchBase:
         """Called right after a caller ended (before the settle pause): run.measured."""
         return {}
 
+    def run_columns(self, run: Run) -> str:
+        """The bench's own columns of a run's table line (under COLUMNS)."""
+        return ""
+
     def format_run(self, run: Run) -> str:
-        return format_run(run, self.LABELS[run.config])
+        return format_run(run, self.LABELS[run.config], self.WIDTH, self.run_columns(run))
+
+    def table_header(self) -> str:
+        return table_header(self.WIDTH, self.COLUMNS)
 
     # -- processes --------------------------------------------------------
 
@@ -337,12 +327,16 @@ class BenchBase:
 
     def setup(self) -> None:
         self.kamailio.start()
+        self.start_callee()
+        self.warm_up()
+
+    def start_callee(self) -> None:
+        """The callee: registered over UDP from its own port, then a sipp UAS on that port."""
         port = testbed.free_port()
         register_callee(self, port)
         self.uas = self.start_plain(
             write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
         )
-        self.warm_up()
 
     def warm_up(self) -> None:
         """A short run of each configuration: proves the set-up works, and the first run through
@@ -409,6 +403,80 @@ class BenchBase:
             if run.passed:
                 break
         return run
+
+
+@dataclass
+class KeeperCpuBench(BenchBase):
+    """A bench that measures CPU around every run: the keeper's and the SuT's (psutil user+system,
+    plus whatever ``watched()`` adds), and sipp's: the reaped run minus the `fdkeeper sipp`
+    wrapper's own, sampled while its sipp runs. run.measured gets each as CPU-seconds, and
+    "wrapper". A bench with a set-up of its own calls watch_processes() once the keeper runs."""
+
+    keeper: list[psutil.Process] = field(default_factory=list)
+    sut_tree: list[psutil.Process] = field(default_factory=list)
+    wrapper_cpu: float = 0.0
+
+    def through_keeper(self, config: str) -> bool:
+        """Whether a run of ``config`` is a `fdkeeper sipp` wrapper around sipp."""
+        return True
+
+    def setup(self) -> None:
+        super().setup()
+        self.watch_processes()
+
+    def watch_processes(self) -> None:
+        """The processes whose CPU is measured (the keeper runs once the warm-up is done)."""
+        self.sut_tree = process_tree(self.kamailio.pid)
+        self.keeper = keeper_processes(self)
+
+    def watched(self) -> dict[str, list[psutil.Process]]:
+        return {"keeper": self.keeper, "sut": self.sut_tree}
+
+    def cpu_now(self) -> dict[str, float]:
+        return {**{name: cpu_seconds(tree) for name, tree in self.watched().items()}, "children": children_cpu()}
+
+    def begin_run(self, config: str) -> dict[str, float]:
+        return self.cpu_now()
+
+    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
+        deadline = time.monotonic() + timeout
+        self.wrapper_cpu = sample_wrapper_cpu(process, deadline) if self.through_keeper(config) else 0.0
+        return self.wait(process, max(0.1, deadline - time.monotonic()))
+
+    def end_run(self, config: str, token: dict, run: Run) -> dict:
+        spent = {key: value - token[key] for key, value in self.cpu_now().items()}
+        spent["sipp"] = max(0.0, spent.pop("children") - self.wrapper_cpu)
+        spent["wrapper"] = self.wrapper_cpu
+        return spent
+
+
+def children_cpu() -> float:
+    """CPU of our reaped children (and theirs): a sipp run, with its `fdkeeper sipp` wrapper."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def sample_wrapper_cpu(process: testbed.SippProcess, deadline: float) -> float:
+    """Until the run ends, sample the `fdkeeper sipp` wrapper's own CPU (its sipp's is not in it),
+    so that sipp's CPU is what the reaped run cost minus the wrapper's part."""
+    wrapper, spent = [psutil.Process(process.pid)], 0.0
+    while process.running() and time.monotonic() < deadline:
+        spent = cpu_seconds(wrapper) or spent
+        time.sleep(SAMPLE_S)
+    return spent
+
+
+def keeper_processes(bench: BenchBase) -> list[psutil.Process]:
+    """The bench's keeper (for its CPU), from its status."""
+    return process_tree(KeeperClient(bench.keeper_dir).status()["keeper"]["pid"])[:1]
+
+
+def kept_connections(bench: BenchBase) -> list[dict] | str:
+    """The keeper's connections as its status lists them, or why they could not be read."""
+    try:
+        return KeeperClient(bench.keeper_dir).status()["connections"]
+    except (FdkeeperError, OSError, KeyError) as exc:
+        return f"keeper status unavailable ({exc})"
 
 
 # --------------------------------------------------------------------------
@@ -480,36 +548,56 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def print_footer(bench: BenchBase, facts: list[str], seconds: float) -> None:
-    """The closing lines every calls/s bench prints: the callee's counts, machine facts, time."""
+def print_footer(bench: BenchBase, seconds: float, *more: str) -> None:
+    """The closing lines every calls/s bench prints: the callee's counts, the machine facts
+    (machine_lines) and the bench's own ``more``, the bench's time."""
     if bench.uas is not None and bench.uas.running():
         print(f"  callee (UAS) so far: {uas_counts(bench)}")
-    for fact in facts:
+    for fact in machine_lines(bench, *more):
         print(f"  {fact}")
     print(f"  bench time {seconds:.0f} s")
 
 
-def print_best_rates(best: dict[str, Run | None], labels: dict[str, str], width: int) -> float | None:
-    """One line per configuration with its highest passing rate; the achieved ratio b/a."""
-    for config, label in labels.items():
-        run = best[config]
-        figure = (
-            f"highest rate with no failed call {run.rate:g} calls/s, achieved {run.achieved:.1f} calls/s"
-            if run
-            else "no rate passed"
-        )
-        print(f"  ({config}) {label:<{width}} {figure}")
-    return best["b"].achieved / best["a"].achieved if best["a"] and best["b"] else None
+def print_top_rates(
+    bench: BenchBase, best: dict[str, Run | None], header: str, columns: Callable[[str, Run], str]
+) -> None:
+    """The result's title and table: each configuration's top rate and calls/s there, then the
+    bench's own ``columns(config, run)`` (headed ``header``)."""
+    print()
+    print(f"result (runs of {bench.duration:g} s, caller scenarios/uac-call.xml, callee {CALLEE} over UDP):")
+    print(f"  {'configuration':<{bench.WIDTH}} {'top rate':>8} {'calls/s':>8} {header}")
+    for config in bench.CONFIGS:
+        run, label = best[config], f"({config}) {bench.LABELS[config]}"
+        if run is None:
+            print(f"  {label:<{bench.WIDTH}} no rate passed")
+        else:
+            print(f"  {label:<{bench.WIDTH}} {run.rate:>8g} {run.achieved:>8.1f} {columns(config, run)}")
 
 
-def paired_ratios(runs: list[Run], configs: tuple[str, str] = ("a", "b")) -> list[float]:
-    """b/a achieved calls/s at every rate where the last run of both passed: a noise gauge."""
-    first, second = configs
-    last: dict[tuple[float, str], Run] = {(r.rate, r.config): r for r in runs}
+def print_ab_result(bench: BenchBase, best: dict[str, Run | None], goal: float, width: int = 17) -> None:
+    """The result of an (a)-versus-(b) bench: each one's top rate, b/a against ``goal`` (at least),
+    how far apart the top rates are, and b/a at every rate both passed."""
+    ratio = print_best_rates(best, {config: bench.LABELS[config] for config in bench.CONFIGS}, width)
+    print(f"  ratio b/a (achieved calls/s): {ratio:.3f}" if ratio is not None else "  ratio b/a: n/a")
+    print(f"  {'goal met' if ratio is not None and ratio >= goal else 'goal missed'} (goal: ratio >= {goal})")
+    a, b = best["a"], best["b"]
+    if a and b and a.rate != b.rate:
+        low, gap = min(a.rate, b.rate), abs(a.rate - b.rate)
+        print(f"  the highest rates differ by {gap:g} calls/s ({gap / low:.1%}): the ratio moves in whole rate steps")
+    print(f"  b/a {paired(bench.runs, 'b', 'a')}")
+
+
+def machine_lines(bench: BenchBase, *more: str) -> list[str]:
+    """The facts every report ends with: cores, load, sipp's and Kamailio's versions, the SuT; then ``more``."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    sipp = command_version([bench.sipp, "-v"], r"SIPp v[^ ,]+")
+    kamailio = command_version([bench.kamailio.command()[0], "-v"], r"kamailio \S+ \S+")
+    workers = bench.kamailio.children  # TLS and WebSocket connections are served by the TCP workers
     return [
-        last[(rate, second)].achieved / last[(rate, first)].achieved
-        for rate in sorted({r.rate for r in runs})
-        if all((rate, c) in last and last[(rate, c)].passed for c in configs)
+        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {load}",
+        f"sipp: {sipp}; kamailio: {kamailio}; python {sys.version.split()[0]}",
+        f"SuT: {workers} UDP + {workers} TCP workers, {bench.kamailio.shm_mb} MB shm",
+        *more,
     ]
 
 
@@ -554,21 +642,52 @@ def ascents(
     return [Ascent(config, ladder(config), None if steps else fine, bench.LABELS[config]) for config in bench.CONFIGS]
 
 
+def parse_steps(text: str | None) -> list[float] | None:
+    """--steps: comma-separated rates (None: the coarse/fine search)."""
+    return [float(rate) for rate in text.split(",") if rate.strip()] if text else None
+
+
+def rate_search(
+    bench: BenchBase, args: argparse.Namespace, ladders: list[Ascent] | None = None
+) -> dict[str, Run | None]:
+    """Climb every configuration's ladder (cpslib's coarse/fine search, --steps, or ``ladders``),
+    said on a line first; each one's run at its highest passing rate."""
+    steps = parse_steps(args.steps)
+    print(f"-- steps {args.steps}" if steps else f"-- coarse steps of {args.step:g} calls/s", flush=True)
+    return climb(bench, ladders or ascents(bench, args.step, args.fine, args.max_rate, steps))
+
+
 # --------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------
 
 
-def common_arguments(
-    parser: argparse.ArgumentParser,
+EXIT_STATUS = (
+    "Exit status: 0 when the bench ran (goals met or missed: the output says which), 1 when the set-up "
+    "did not work, 130 on Ctrl-C. Everything started is stopped, also on Ctrl-C."
+)
+
+
+def bench_parser(
+    doc: str,
     *,
-    quick: str,
     duration: float,
-    quick_duration: float,
     step: float,
-    quick_step: float,
+    quick_duration: float = 2.0,
+    quick_step: float | None = None,
+    quick_time: str = "about 1 minute",
     max_rate: float = 10000,
-) -> None:
+    fine_divisor: int = 10,
+) -> argparse.ArgumentParser:
+    """The command line every calls/s bench shares (its description the first paragraph of ``doc``):
+    runs of ``duration`` s, coarse steps of ``step``, fine steps of step/fine_divisor; --quick takes
+    ``quick_duration``, ``quick_step`` (default 2 x step) and quick_step/5 ("``quick_time``" in --help)."""
+    quick_step = quick_step or 2 * step
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0], epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    quick = f"{quick_duration:g} s runs, coarse steps of {quick_step:g}, fine steps of {quick_step / 5:g}"
+    quick = f"{quick_time}: {quick}" if quick_time else quick
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument(
         "--duration", type=float, help=f"seconds of calls per run (default {duration:g}; --quick {quick_duration:g})"
@@ -580,20 +699,24 @@ def common_arguments(
     parser.add_argument(
         "--fine",
         type=float,
-        help=f"fine rate step, calls/s (default step/10, i.e. {step / 10:g}; --quick {quick_step / 5:g})",
+        help=f"fine rate step, calls/s (default step/{fine_divisor}, i.e. {step / fine_divisor:g}; "
+        f"--quick {quick_step / 5:g})",
     )
     parser.add_argument("--max-rate", type=float, default=max_rate, help=f"never go above this (default {max_rate:g})")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a failed run before it counts (default 1)")
     parser.add_argument("--sipp", help="sipp binary (default: $FDKEEPER_SIPP or sipp on PATH)")
     parser.add_argument("--keep-files", action="store_true", help="keep the temp dir (logs, stat files)")
-    parser.set_defaults(_defaults=(duration, quick_duration, step, quick_step))
+    parser.set_defaults(_defaults=(duration, quick_duration, step, quick_step, fine_divisor))
+    return parser
 
 
-def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    duration, quick_duration, step, quick_step = args._defaults
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, then fill the defaults that depend on --quick."""
+    args = parser.parse_args(argv)
+    duration, quick_duration, step, quick_step, fine_divisor = args._defaults
     args.duration = args.duration or (quick_duration if args.quick else duration)
     args.step = args.step or (quick_step if args.quick else step)
-    args.fine = args.fine or (args.step / 5 if args.quick else args.step / 10)
+    args.fine = args.fine or (args.step / 5 if args.quick else args.step / fine_divisor)
     return args
 
 
@@ -639,3 +762,25 @@ def run_bench(
             print(f"files kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def cps_main(
+    bench: type[BenchBase],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    banner: Callable[[Any], list[str]],
+    report: Callable[[Any, dict[str, Run | None], float], None],
+) -> int:
+    """A calls/s bench from start to end: its command line, set-up, a word on it (``banner``: the SuT,
+    what its columns mean), the table of the rate search's runs, ``report(bench, best, seconds)``; everything stopped on any exit."""
+    args = parse_bench_args(parser, argv)
+
+    def body(made: BenchBase, began: float) -> None:
+        made.setup()
+        print(f"callee {CALLEE} (sipp UAS over UDP) registered; warm-up ok")
+        for line in banner(made):
+            print(line)
+        print(made.table_header(), flush=True)
+        report(made, rate_search(made, args), time.monotonic() - began)
+
+    return run_bench(bench.PROG, args, lambda workdir, sipp: bench.from_args(workdir, sipp, args), body)

@@ -38,8 +38,6 @@ Rates stop at users / duration: no user calls twice in one run (see parse_args).
 
 Usage:  python3 bench/static_sipp.py                  (1,000 users; a few minutes)
         python3 bench/static_sipp.py --users 200 --steps 100,200,300 --duration 3
-Exit status: 0 when the bench ran (goals met or missed: the output says which), 1 when the
-set-up did not work. Everything started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -57,22 +55,16 @@ from pathlib import Path
 
 # Run as a script: bench/ is sys.path[0], cpslib and cps_many_users are beside us.
 from cps_many_users import Bench as ManyUsersBench
-from cps_many_users import run_columns
 from cpslib import (
-    Run,
-    ascents,
+    bench_parser,
     byte_compile_package,
-    climb,
     command_version,
-    common_arguments,
-    format_run,
-    paired_ratios,
-    print_best_rates,
+    parse_bench_args,
     print_footer,
-    resolve_defaults,
+    rate_search,
     run_bench,
-    table_header,
 )
+from cpsruns import Run, paired, print_best_rates
 
 from fdkeeper import testbed
 from fdkeeper.demo import start_through_fdkeeper
@@ -81,9 +73,7 @@ STATIC_SIPP = Path(os.environ.get("FDKEEPER_STATIC_SIPP") or testbed.sipp_build(
 CPS_GOAL, STARTUP_GOAL_MS = 0.9, 20.0
 CONFIGS = ("a", "b")
 LABELS = {"a": "Debian sipp, preload", "b": "static sipp, ptrace"}
-WIDTH = 22
 USERS = 1000
-EXTRA_HEADER = f"{'keeper %core':>12} {'SuT %core':>9} {'sipp %core':>10} {'new conns':>9}  "
 
 
 @dataclass
@@ -113,9 +103,6 @@ class Bench(ManyUsersBench):
             options=("--mode", mode),
             **options,
         )
-
-    def format_run(self, run: Run) -> str:
-        return format_run(run, self.LABELS[run.config], WIDTH, run_columns(run))
 
 
 # kind -> (which sipp, mode or None for sipp straight to the SuT)
@@ -284,40 +271,21 @@ def report(bench: Bench, best: dict[str, Run | None], started: Timings, seconds:
         if ratio is not None
         else "  ratio b/a: n/a"
     )
-    pairs = sorted(paired_ratios(bench.runs))
-    if pairs:
-        print(
-            f"  b/a at the {len(pairs)} rates both passed: median {pairs[len(pairs) // 2]:.3f}, "
-            f"min {pairs[0]:.3f}, max {pairs[-1]:.3f}"
-        )
+    print(f"  b/a {paired(bench.runs, 'b', 'a')}")
     if started:
         report_startup(started)
     static = command_version([bench.static_sipp, "-v"], r"SIPp v\S+")
-    debian = command_version([bench.sipp, "-v"], r"SIPp v\S+")
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print_footer(
-        bench,
-        [
-            f"(a) {debian} ({bench.sipp}); (b) {static} ({bench.static_sipp})",
-            f"nproc {len(os.sched_getaffinity(0))}; load average now {load}",
-        ],
-        seconds,
-    )
+    print_footer(bench, seconds, f"(a) sipp {bench.sipp}; (b) {static} ({bench.static_sipp})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common_arguments(
-        parser, quick="2 s runs, coarse steps of 200", duration=4.0, quick_duration=2.0, step=100.0, quick_step=200.0
-    )
+    parser = bench_parser(__doc__, duration=4.0, step=100.0, quick_time="")
     parser.add_argument("--users", type=int, default=USERS, help=f"registered users, callers (default {USERS})")
     parser.add_argument("--register-rate", type=float, default=500.0, help="REGISTERs per second (default 500)")
     parser.add_argument("--startup-runs", type=int, default=30, help="start-up rounds (default 30; 0: none)")
     parser.add_argument("--startup-only", action="store_true", help="only the start-up rounds (with --users 20: quick)")
     parser.add_argument("--static-sipp", default=str(STATIC_SIPP), help=f"the static sipp (default {STATIC_SIPP})")
-    args = resolve_defaults(parser.parse_args(argv))
+    args = parse_bench_args(parser, argv)
     # No user calls twice in one run: sipp 3.7.7 -t tn keeps a finished call's socket open a
     # while, so a user's second call would put its one connection on two of sipp's fds, and
     # sipp then blocks reading the one whose data the other took (either mode; see the README).
@@ -337,9 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.startup_only:
             report_startup(started)
             return
-        print(table_header(WIDTH, EXTRA_HEADER), flush=True)
-        steps = [float(r) for r in args.steps.split(",") if r.strip()] if args.steps else None
-        best = climb(bench, ascents(bench, args.step, args.fine, args.max_rate, steps))
+        print(bench.table_header(), flush=True)
+        best = rate_search(bench, args)
         report(bench, best, started, time.monotonic() - began)
 
     return run_bench(

@@ -28,8 +28,6 @@ other work on the machine slows every configuration, but not alike.
 Usage:  python3 bench/tls_anchor.py             (about 7 minutes)
         python3 bench/tls_anchor.py --quick     (about 5 minutes)
         FDKEEPER_TLS_PUMP=0 python3 bench/tls_anchor.py --quick   (the keeper's Python relay)
-Exit status: 0 when the bench ran (goals met or missed: the output says which), 1 when the
-set-up did not work, 130 on Ctrl-C. Everything started is stopped, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -39,39 +37,32 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 # Run as a script (python3 bench/tls_anchor.py): bench/ is sys.path[0], the other benches are beside us.
-from cps_many_users import raise_open_file_limit, user_names, write_caller_scenario
-from cps_tls import children_cpu, sample_wrapper_cpu
+from cps_many_users import raise_open_file_limit, user_names, users_connections, write_caller_scenario
 from cpslib import (
     CALLEE,
-    SHM_MB,
     Ascent,
-    BenchBase,
-    Run,
+    KeeperCpuBench,
     ascents,
+    bench_parser,
     caller_options,
     climb,
     command_version,
-    common_arguments,
-    cpu_model,
     cpu_seconds,
-    format_run,
+    parse_bench_args,
+    parse_steps,
     print_footer,
-    register_callee,
-    resolve_defaults,
     run_bench,
-    table_header,
     write_uas_scenario,
 )
+from cpsruns import Run
 
 from fdkeeper import testbed
-from fdkeeper.client import KeeperClient
-from fdkeeper.testbed.pki import make_test_pki
 
 CONFIGS = ("n1", "k1", "nn", "kn")
 LABELS = {"n1": "sipp 3.7.7 TLS -t l1", "k1": "fdkeeper -t l1", "nn": "sipp 3.7.7 TLS -t ln", "kn": "fdkeeper -t ln"}
@@ -89,29 +80,22 @@ REGISTER_RATE = 200
 # and the -t ln rate search climbs these steps instead of cpslib's coarse/fine ladder.
 CPU_RATE_LN = 10
 LN_STEPS = "10,25,50,100,200,400,600,800,1000,1200"
-CPU_HEADER = f"{'sipp t/3k':>9} {'keeper t/3k':>11} {'sum t/3k':>8}  "
 
 
 @dataclass
-class Bench(BenchBase):
+class Bench(KeeperCpuBench):
     CONFIGS = CONFIGS
     LABELS = LABELS
     PROG = "tls_anchor"
+    WIDTH = WIDTH
+    COLUMNS = f"{'sipp t/3k':>9} {'keeper t/3k':>11} {'sum t/3k':>8}  "
 
     users: int = USERS
     native: str = ""
-    keeper: list[psutil.Process] = field(default_factory=list)
-    wrapper_cpu: float = 0.0
 
-    def make_sut(self) -> testbed.Kamailio:
-        soft, _ = raise_open_file_limit(self.users)  # before Kamailio and the keeper inherit it
-        self.pki = make_test_pki(self.workdir / "pki")
-        return testbed.Kamailio(
-            self.workdir / "kamailio",
-            shm_mb=SHM_MB,
-            tls=testbed.KamailioTls.server(self.pki),
-            tcp_max_connections=min(self.users + 20000, soft - 1024),
-        )
+    def sut_options(self) -> dict:
+        raise_open_file_limit(self.users)  # before Kamailio and the keeper inherit it
+        return {**self.tls_sut(), "tcp_max_connections": users_connections(self.users)}
 
     def setup(self) -> None:
         self.users_csv = testbed.write_users_csv(
@@ -119,15 +103,11 @@ class Bench(BenchBase):
         )
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
-        port = testbed.free_port()
-        register_callee(self, port)
-        self.uas = self.start_plain(
-            write_uas_scenario(self.workdir), "uas", transport="u1", local_port=port, calls=None, trace_messages=False
-        )
+        self.start_callee()
         if any(config.endswith("n") for config in self.CONFIGS):
             self.register_users()
         self.warm_up()
-        self.keeper = [psutil.Process(KeeperClient(self.keeper_dir).status()["keeper"]["pid"])]
+        self.watch_processes()
 
     def register_users(self) -> None:
         """One `fdkeeper sipp -t ln` run: the keeper opens and keeps one TLS connection per user."""
@@ -151,10 +131,6 @@ class Bench(BenchBase):
             f"registered {self.users} users over -t ln through fdkeeper in {time.monotonic() - began:.1f} s", flush=True
         )
 
-    @property
-    def tls_options(self) -> tuple[str, ...]:
-        return ("--tls-ca", str(self.pki.ca_cert), "--tls-sni", self.pki.server_name)
-
     # -- the callers ---------------------------------------------------------
 
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
@@ -175,22 +151,24 @@ class Bench(BenchBase):
 
     # -- CPU around every run ------------------------------------------------
 
-    def begin_run(self, config: str) -> dict:
-        return {"keeper": cpu_seconds(self.keeper), "children": children_cpu()}
-
-    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
-        deadline = time.monotonic() + timeout
-        self.wrapper_cpu = sample_wrapper_cpu(process, deadline) if config.startswith("k") else 0.0
-        return self.wait(process, max(0.1, deadline - time.monotonic()))
+    def through_keeper(self, config: str) -> bool:
+        return config.startswith("k")
 
     def end_run(self, config: str, token: dict, run: Run) -> dict:
-        keeper = cpu_seconds(self.keeper) - token["keeper"]
-        sipp = max(0.0, children_cpu() - token["children"] - self.wrapper_cpu)
+        spent = super().end_run(config, token, run)
         # The keeper serves only the fdkeeper configurations: idle during (n) runs (a few pings).
-        return {"sipp": sipp, "keeper": keeper if config.startswith("k") else 0.0, "wrapper": self.wrapper_cpu}
+        return {**spent, "keeper": spent["keeper"] if self.through_keeper(config) else 0.0}
 
-    def format_run(self, run: Run) -> str:
-        return format_run(run, self.LABELS[run.config], WIDTH, cpu_columns(run))
+    def run_columns(self, run: Run) -> str:
+        values = [ticks_per(run, "sipp"), ticks_per(run, "keeper")]
+        total = None if None in values else sum(values)
+        return (
+            " ".join(
+                f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
+                for v, w in zip([*values, total], (9, 11, 8), strict=False)
+            )
+            + "  "
+        )
 
 
 # --------------------------------------------------------------------------
@@ -202,18 +180,6 @@ def ticks_per(run: Run, key: str) -> float | None:
     if run.successful == 0 or key not in run.measured:
         return None
     return run.measured[key] * TICKS * PER_CALLS / run.successful
-
-
-def cpu_columns(run: Run) -> str:
-    values = [ticks_per(run, "sipp"), ticks_per(run, "keeper")]
-    total = None if None in values else sum(values)
-    return (
-        " ".join(
-            f"{v:>{w}.0f}" if v is not None else f"{'-':>{w}}"
-            for v, w in zip([*values, total], (9, 11, 8), strict=False)
-        )
-        + "  "
-    )
 
 
 class MachineLoad:
@@ -299,15 +265,11 @@ def rate_report(best: dict[str, Run | None], runs: list[Run]) -> list[str]:
 
 
 def machine_facts(bench: Bench, load: MachineLoad) -> list[str]:
-    average = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    """What this bench adds to cpslib's machine facts."""
     relay = os.environ.get("FDKEEPER_TLS_PUMP", "1") != "0"
     return [
-        f"nproc {len(os.sched_getaffinity(0))} ({cpu_model()}); load average now {average}; all cores "
-        f"{load.busy_share():.0%} busy over the bench (every process on the machine)",
-        f"sipp: {command_version([bench.sipp, '-v'], r'SIPp v[^ ,]+')} (k), "
-        f"{command_version([bench.native, '-v'], r'SIPp v[^ ,]+')} (n); "
-        f"kamailio: {command_version([bench.kamailio.command()[0], '-v'], r'kamailio [^ ]+')}; "
-        f"python {sys.version.split()[0]}",
+        f"all cores {load.busy_share():.0%} busy over the bench (every process on the machine)",
+        f"sipp 3.7.7 (n): {command_version([bench.native, '-v'], r'SIPp v[^ ,]+')}",
         f"keeper TLS relay: {'the C pump' if relay else 'Python (FDKEEPER_TLS_PUMP=0)'}; {bench.users} users for -t ln",
     ]
 
@@ -318,17 +280,8 @@ def machine_facts(bench: Bench, load: MachineLoad) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    common_arguments(
-        parser,
-        quick="about 5 minutes: 3 s runs, coarse steps of 400, fine steps of 80",
-        duration=5.0,
-        quick_duration=3.0,
-        step=200.0,
-        quick_step=400.0,
-        max_rate=3000,
+    parser = bench_parser(
+        __doc__, duration=5.0, step=200.0, quick_duration=3.0, quick_time="about 5 minutes", max_rate=3000
     )
     parser.add_argument("--users", type=int, default=USERS, help=f"callers for -t ln (default {USERS})")
     parser.add_argument("--cpu-rate", type=float, default=300, help="calls/s of the fixed-rate -t l1 runs (300)")
@@ -349,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--cpu-rounds", type=int, default=2, help="fixed-rate runs of each configuration (2)")
     parser.add_argument("--native-sipp", help="the TLS sipp 3.7.7 (default: testbed.sipp_build('sipp-tls'))")
-    return resolve_defaults(parser.parse_args(argv))
+    return parse_bench_args(parser, argv)
 
 
 @dataclass
@@ -433,8 +386,7 @@ def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
 
 def search_ladders(bench: Bench, args: argparse.Namespace) -> list[Ascent]:
     """cpslib's coarse/fine climb for -t l1 (or --steps); the --ln-steps rates for -t ln."""
-    steps = [float(x) for x in args.steps.split(",")] if args.steps else None
-    climbs = ascents(bench, args.step, args.fine, args.max_rate, steps)
+    climbs = ascents(bench, args.step, args.fine, args.max_rate, parse_steps(args.steps))
     ln_rates = sorted(float(x) for x in args.ln_steps.split(","))
     return [Ascent(a.config, list(ln_rates), None, a.label) if a.config.endswith("n") else a for a in climbs]
 
@@ -454,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.setup()
         print(f"SuT Kamailio TLS on {bench.kamailio.tls_address}; callee {CALLEE} (sipp UAS over UDP); warm-up ok")
         print("t/3k = CPU clock ticks per 3,000 calls (sipp: the run minus the `fdkeeper sipp` wrapper)")
-        print(table_header(WIDTH, CPU_HEADER), flush=True)
+        print(bench.table_header(), flush=True)
         print(
             f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
             f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds"
@@ -468,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         floor_lines = idle_floor_report(floor, rounds, args.cpu_rate_ln) if floor else []
         for line in [*rate_report(best, bench.runs + rounds), *cpu_report(rounds), *floor_lines]:
             print(f"  {line}")
-        print_footer(bench, machine_facts(bench, load), time.monotonic() - began)
+        print_footer(bench, time.monotonic() - began, *machine_facts(bench, load))
 
     return run_bench("tls_anchor", args, make_bench, body)
 
