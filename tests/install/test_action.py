@@ -25,6 +25,17 @@ ACTION = REPO / "action.yml"
 GITLAB_TEMPLATE = REPO / "docs" / "ci" / "gitlab-template.yml"
 EXPRESSION = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
 
+# What `fdkeeper doctor` asks for on the basic path: the action and the GitLab template install it.
+DOCTORS_PACKAGES = (
+    "sip-tester",
+    "kamailio",
+    "kamailio-tls-modules",
+    "kamailio-websocket-modules",
+    "gcc",
+    "libc6-dev",
+    "python3-venv",
+)
+
 
 def action() -> dict:
     return yaml.safe_load(ACTION.read_text())
@@ -121,15 +132,7 @@ def test_the_apt_step_installs_what_the_doctor_asks_for():
     """The packages the action installs are those `fdkeeper doctor` names for the basic path."""
     apt = next(step for step in action()["runs"]["steps"] if "install-packages" in step.get("if", ""))
     packages = set(apt["run"].split("--no-install-recommends", 1)[1].split())
-    assert {
-        "sip-tester",
-        "kamailio",
-        "kamailio-tls-modules",
-        "kamailio-websocket-modules",
-        "gcc",
-        "libc6-dev",
-        "python3-venv",
-    } <= packages
+    assert set(DOCTORS_PACKAGES) <= packages
 
 
 def test_the_gitlab_template_runs_the_same_commands():
@@ -137,15 +140,7 @@ def test_the_gitlab_template_runs_the_same_commands():
     template = yaml.safe_load(GITLAB_TEMPLATE.read_text())
     job = template[".fdkeeper"]
     script = "\n".join(job["before_script"] + job["script"])
-    for package in (
-        "sip-tester",
-        "kamailio",
-        "kamailio-tls-modules",
-        "kamailio-websocket-modules",
-        "gcc",
-        "libc6-dev",
-        "python3-venv",
-    ):
+    for package in DOCTORS_PACKAGES:
         assert package in script, package
     assert "fdkeeper run" in script or '"${command[@]}"' in script
     assert "--junit" in script and "CI_NODE_INDEX" in script  # parallel: N gives the shard
