@@ -653,8 +653,8 @@ def protocol_error(defect: str, message_begun: bool) -> tuple[bytes, int]:
         return server_frame(OP_TEXT if message_begun else OP_CONTINUATION, message), 1002
     if defect == "one-byte close":
         return server_frame(OP_CLOSE, b"\x03"), 1002
-    assert defect == "too big", defect
-    return server_frame(OP_TEXT, b"", length=MAX_MESSAGE + 1), 1009
+    assert defect == "too big", defect  # announced by the header, refused before any payload
+    return server_frame(OP_CONTINUATION if message_begun else OP_TEXT, b"", length=MAX_MESSAGE + 1), 1009
 
 
 PROTOCOL_ERRORS = [
@@ -712,7 +712,7 @@ class WsKeeperMachine(KeeperMachine):
             return
         call_id, stream, ends = self.request(body_size, cuts)
         sent = 1 + at % (len(stream) - 1)
-        self.sut.send_raw(self.link.sut, stream[:sent])
+        self.sut.send_raw(self.link.sut, stream[:sent], mid_frame=sent not in ends)
         self.link.begun = PartialRequest(call_id, stream, ends, sent)
 
     @rule()
@@ -917,12 +917,19 @@ RESET_UNDER_A_RUN = [  # found by this test: the run holding the connection is t
 def replay(machine_class: type[KeeperMachine], narrow: bool, steps: list[tuple[str, dict]]) -> None:
     """Run the machine through ``steps``, checking its invariants after each, then its end."""
     machine = machine_class()
+    invariants = [machine.keeper_alive_and_links_ended_only_by_the_sut]
     try:
-        machine.start(narrow=narrow)
-        machine.keeper_alive_and_links_ended_only_by_the_sut()
+        if isinstance(machine, WsKeeperMachine):
+            machine.start(narrow=narrow, keepalive=False)
+            invariants.append(machine.websocket_rules_kept)
+        else:
+            machine.start(narrow=narrow)
+        for check in invariants:
+            check()
         for name, arguments in steps:
             getattr(machine, name)(**arguments)
-            machine.keeper_alive_and_links_ended_only_by_the_sut()
+            for check in invariants:
+                check()
     finally:
         machine.teardown()
 
@@ -964,3 +971,51 @@ def test_a_run_holding_the_connection_reads_the_suts_reset(
     monkeypatch.setenv("FDKEEPER_TLS_PUMP", pump)
     machine = type("KeeperMachineSeam", (KeeperMachine,), {"transport": transport, "pki": test_pki})
     replay(machine, narrow=False, steps=RESET_UNDER_A_RUN)
+
+
+HANDOVER_MID_FRAGMENT = [  # the SuT's request begun when the pump takes the link, a ping between its fragments
+    ("sut_begins", {"body_size": 3000, "cuts": [100, 2000], "at": 1500}),
+    ("next_run", {}),
+    ("sut_pings", {}),
+    ("run_writes", {"count": 3, "body_size": 300}),
+    ("run_is_killed", {}),
+    ("sut_finishes", {}),
+    ("next_run", {}),
+    ("run_reads", {}),
+    ("run_exits", {}),
+]
+
+CLOSE_UNDER_A_RUN = [  # the SuT's Close while a run holds the link: its requests read, then end of file
+    ("sut_sends", {"count": 2, "body_size": 500, "cuts": [7]}),
+    ("next_run", {}),
+    ("sut_closes", {"code": 4000}),
+    ("run_reads", {}),
+    ("run_writes", {"count": 1, "body_size": 300}),
+    ("run_exits", {}),
+]
+
+PROTOCOL_ERROR_UNDER_A_RUN = [  # a run mid-message, the SuT breaks the protocol: Close 1009, the request before read
+    ("sut_sends", {"count": 1, "body_size": 500, "cuts": []}),
+    ("next_run", {}),
+    ("run_writes_part", {"count": 1, "body_size": 2000, "cut": 700}),
+    ("sut_begins", {"body_size": 3000, "cuts": [1000], "at": 40}),
+    ("sut_breaks_the_protocol", {"defect": "too big"}),
+    ("run_reads", {}),
+    ("run_is_killed", {}),
+]
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        pytest.param(HANDOVER_MID_FRAGMENT, id="handover-mid-fragment"),
+        pytest.param(CLOSE_UNDER_A_RUN, id="close-under-a-run"),
+        pytest.param(PROTOCOL_ERROR_UNDER_A_RUN, id="protocol-error-under-a-run"),
+    ],
+)
+@pytest.mark.parametrize("transport", ["ws", "wss"])
+def test_websocket_seams(
+    transport: str, steps: list[tuple[str, dict]], test_pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FDKEEPER_TLS_PUMP", "1")
+    replay(machine_for(transport, test_pki), narrow=False, steps=steps)

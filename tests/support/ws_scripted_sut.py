@@ -28,6 +28,8 @@ class WsSide:
     buffer: bytearray = field(default_factory=bytearray)  # a frame not whole yet
     pongs: list[bytes] = field(default_factory=list)  # the keeper's answers to the SuT's pings
     keeper_pings: int = 0  # the keeper's keep-alive pings (each answered)
+    mid_frame: bool = False  # the test left a frame unfinished: no pong may go out before its rest
+    held_pongs: bytearray = field(default_factory=bytearray)  # pongs waiting for that
     close_code: int | None = None  # the keeper's Close (1005: no code)
 
 
@@ -44,8 +46,18 @@ class WsScriptedSut(ScriptedSut):
     def send(self, connection: SutConnection, message: bytes) -> None:
         self.send_raw(connection, server_frame(OP_TEXT, message))
 
-    def send_raw(self, connection: SutConnection, data: bytes) -> None:
-        self.call(lambda: self._write(connection, data))
+    def send_raw(self, connection: SutConnection, data: bytes, mid_frame: bool = False) -> None:
+        """Send ``data``; ``mid_frame``: it ends inside a frame (the SuT's own pongs wait for the rest)."""
+
+        def action() -> None:
+            side = self.side(connection)
+            self._write(connection, data)
+            side.mid_frame = mid_frame
+            if not mid_frame and side.held_pongs:
+                self._write(connection, bytes(side.held_pongs))
+                side.held_pongs.clear()
+
+        self.call(action)
 
     def end_with(self, connection: SutConnection, data: bytes, how: str) -> None:
         """Send ``data`` (a Close, a protocol error), then nothing more; go on reading."""
@@ -83,7 +95,11 @@ class WsScriptedSut(ScriptedSut):
                 connection.received.append(frame.payload)
             elif frame.opcode == OP_PING:
                 side.keeper_pings += 1
-                self._write(connection, server_frame(OP_PONG, frame.payload))
+                pong = server_frame(OP_PONG, frame.payload)
+                if side.mid_frame:
+                    side.held_pongs += pong
+                else:
+                    self._write(connection, pong)
             elif frame.opcode == OP_PONG:
                 side.pongs.append(frame.payload)
             elif frame.opcode == OP_CLOSE:
