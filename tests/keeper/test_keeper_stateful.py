@@ -834,13 +834,21 @@ class WsKeeperMachine(KeeperMachine):
         return f"no keep-alive pong within {PONG_TIMEOUT:g} s" in self.keeper_log()
 
     def final_checks(self) -> None:
+        """Besides the base's: after the SuT's Close or a protocol error (every request read by now),
+        the keeper has closed the connection, its own Close first wherever nothing stood in its way."""
         super().final_checks()
         for link in self.links:
+            if link.close_code is None:
+                continue
             side = self.sut.side(link.sut)
+            deadline = time.monotonic() + DRAIN_WAIT
+            while link.sut.reading and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.check(
+                bool(link.sut.keeper_ended),
+                f"after the SuT's {link.sut_ended} the keeper never closed {link.sut.peer}",
+            )
             if link.close_required:
-                deadline = time.monotonic() + DRAIN_WAIT
-                while side.close_code is None and time.monotonic() < deadline:
-                    time.sleep(0.05)
                 self.check(
                     side.close_code == link.close_code,
                     f"the keeper's Close {link.close_code} never reached the SuT (it got {side.close_code})",
