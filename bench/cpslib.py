@@ -302,10 +302,13 @@ class BenchBase:
             )
         )
 
-    def start_kept(self, scenario: str | Path, name: str, remote: str | None = None, **options) -> testbed.SippProcess:
+    def start_kept(
+        self, scenario: str | Path, name: str, remote: str | None = None, sipp: str | None = None, **options
+    ) -> testbed.SippProcess:
+        """sipp (the bench's, or ``sipp``) through `fdkeeper sipp`; stopped by close()."""
         return self._track(
             start_through_fdkeeper(
-                self.sipp,
+                sipp or self.sipp,
                 scenario,
                 remote or self.kamailio.address,
                 directory=self.keeper_dir,

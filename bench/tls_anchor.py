@@ -11,22 +11,28 @@ alternating step by step so that the machine's load hits all alike:
     (nn) sipp 3.7.7 -t ln with USERS callers (-inf, user k places call k): a TLS connection
          and handshake per call, sipp's own way;
     (kn) Debian's sipp -t ln through `fdkeeper sipp`: each call on user k's kept TLS connection
-         (the users register through fdkeeper first).
+         (the users register through fdkeeper first);
+    (kv) the same sipp 3.7.7 binary as (nn), -t ln through `fdkeeper sipp`: (nn) and (kv) differ
+         only in who does TLS (issue 20's fair anchor: sipp's own poll loop, its 1 ms wake-ups
+         that Debian's 3.6.1 pays at another rate, is in both sides).
 
   1. calls/s: the highest rate with no failed call that kept the rate (cpslib's search), and
      the calls/s achieved there; goal (k1)/(n1) >= 1.0 and (kn)/(nn) >= 1.0.
   2. CPU per call at a fixed rate (--cpu-rate calls/s for --cpu-duration s, --cpu-rounds
      times, alternating): sipp's (the reaped run minus the `fdkeeper sipp` wrapper's own) plus
      the keeper's (psutil user+system), in clock ticks per 3,000 calls and ms per call; goal:
-     (k) sipp + keeper <= (n) sipp. The wrapper's start-up and Kamailio's are shown apart.
+     (k) sipp + keeper <= (n) sipp, for (k1)/(n1), (kn)/(nn) and (kv)/(nn) at the same rate
+     (for -t ln, --cpu-rate-ln: what sipp 3.7.7's own -t ln keeps). The wrapper's start-up and
+     Kamailio's are shown apart.
   3. The idle floor: each sipp (a UAS nobody calls) and the keeper holding the users' links,
      watched for --idle-seconds, and how much of (kn)'s CPU at the -t ln rate that floor is over
      the run's length (sipp polls every 1 ms; sipp 3.7.7's own -t ln sleeps in its connect).
 The machine's load average and how busy its cores were (all processes, /proc/stat) are printed:
 other work on the machine slows every configuration, but not alike.
 
-Usage:  python3 bench/tls_anchor.py             (about 7 minutes)
-        python3 bench/tls_anchor.py --quick     (about 5 minutes)
+Usage:  python3 bench/tls_anchor.py             (about 9 minutes)
+        python3 bench/tls_anchor.py --quick     (about 6 minutes)
+        python3 bench/tls_anchor.py --only nn,kv --cpu-rounds 5 --ln-steps 10   (the fair -t ln anchor)
         FDKEEPER_TLS_PUMP=0 python3 bench/tls_anchor.py --quick   (the keeper's Python relay)
 """
 
@@ -64,9 +70,17 @@ from cpsruns import Run
 
 from fdkeeper import testbed
 
-CONFIGS = ("n1", "k1", "nn", "kn")
-LABELS = {"n1": "sipp 3.7.7 TLS -t l1", "k1": "fdkeeper -t l1", "nn": "sipp 3.7.7 TLS -t ln", "kn": "fdkeeper -t ln"}
-PAIRS = (("k1", "n1"), ("kn", "nn"))
+CONFIGS = ("n1", "k1", "nn", "kn", "kv")
+LABELS = {
+    "n1": "sipp 3.7.7 TLS -t l1",
+    "k1": "fdkeeper -t l1",
+    "nn": "sipp 3.7.7 TLS -t ln",
+    "kn": "fdkeeper -t ln",
+    "kv": "fdkeeper 3.7.7 -t ln",
+}
+PAIRS = (("k1", "n1"), ("kn", "nn"), ("kv", "nn"))
+TRANSPORTS = {"n1": "l1", "k1": "l1", "nn": "ln", "kn": "ln", "kv": "ln"}
+NATIVE_SIPP = ("n1", "nn", "kv")  # the configurations whose sipp is sipp 3.7.7 (else Debian's)
 GOAL_RATE = 1.0
 GOAL_CPU = 1.0
 USERS = 1000
@@ -93,6 +107,11 @@ class Bench(KeeperCpuBench):
     users: int = USERS
     native: str = ""
 
+    @staticmethod
+    def per_call(config: str) -> bool:
+        """-t ln: a connection per call, from the users' CSV."""
+        return TRANSPORTS[config] == "ln"
+
     def sut_options(self) -> dict:
         raise_open_file_limit(self.users)  # before Kamailio and the keeper inherit it
         return {**self.tls_sut(), "tcp_max_connections": users_connections(self.users)}
@@ -104,7 +123,7 @@ class Bench(KeeperCpuBench):
         self.caller_scenario = write_caller_scenario(self.workdir)
         self.kamailio.start()
         self.start_callee()
-        if any(config.endswith("n") for config in self.CONFIGS):
+        if any(self.per_call(config) for config in self.CONFIGS):
             self.register_users()
         self.warm_up()
         self.watch_processes()
@@ -134,20 +153,21 @@ class Bench(KeeperCpuBench):
     # -- the callers ---------------------------------------------------------
 
     def caller_options(self, config: str, rate: float, duration: float) -> dict:
-        options = caller_options(self, rate, duration, transport="l" + config[1])
-        if config.endswith("n"):
+        options = caller_options(self, rate, duration, transport=TRANSPORTS[config])
+        if self.per_call(config):
             options["extra"] += ["-inf", str(self.users_csv), "-max_socket", str(4 * max(100, round(rate)) + 1000)]
         if config.startswith("n"):  # sipp's own TLS wants a certificate of its own to offer
             options["extra"] += ["-tls_cert", str(self.pki.client_cert), "-tls_key", str(self.pki.client_key)]
         return options
 
     def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
-        scenario = self.caller_scenario if config.endswith("n") else "uac-call.xml"
+        scenario = self.caller_scenario if self.per_call(config) else "uac-call.xml"
+        sipp = self.native if config in NATIVE_SIPP else self.sipp
         if config.startswith("k"):
             return self.start_kept(
-                scenario, name, remote=self.kamailio.tls_address, options=self.tls_options, **options
+                scenario, name, remote=self.kamailio.tls_address, sipp=sipp, options=self.tls_options, **options
             )
-        return self.start_plain(scenario, name, remote=self.kamailio.tls_address, sipp=self.native, **options)
+        return self.start_plain(scenario, name, remote=self.kamailio.tls_address, sipp=sipp, **options)
 
     # -- CPU around every run ------------------------------------------------
 
@@ -348,19 +368,23 @@ def measure_idle_floor(bench: Bench, seconds: float) -> IdleFloor:
 
 
 def idle_floor_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[str]:
-    """How much of (kn)'s CPU at the -t ln rate is the cost of running for the run's length."""
-    runs = [r for r in rounds if r.config == "kn" and r.rate == rate and r.all_answered]
-    if not runs:
-        return []
-    sipp = statistics.median(floor.ticks_per_calls(r, "debian_sipp") for r in runs)
-    keeper = statistics.median(floor.ticks_per_calls(r, "keeper") for r in runs)
-    return [
+    """How much of (kn)'s and (kv)'s CPU at the -t ln rate is the cost of running for the run's length."""
+    lines = [
         f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
-        f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links "
-        f"{floor.keeper * TICKS:.2f} ticks/s; over (kn)'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper "
-        f"{keeper:.0f} = {sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
-        f"((nn)'s sipp sleeps inside its blocking TLS connect instead)"
+        f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links {floor.keeper * TICKS:.2f} ticks/s"
     ]
+    for config, sipp_floor in (("kn", "debian_sipp"), ("kv", "native_sipp")):
+        runs = [r for r in rounds if r.config == config and r.rate == rate and r.all_answered]
+        if not runs:
+            continue
+        sipp = statistics.median(floor.ticks_per_calls(r, sipp_floor) for r in runs)
+        keeper = statistics.median(floor.ticks_per_calls(r, "keeper") for r in runs)
+        lines.append(
+            f"  over ({config})'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper {keeper:.0f} = "
+            f"{sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
+            "((nn)'s sipp sleeps inside its blocking TLS connect instead)"
+        )
+    return lines if len(lines) > 1 else []
 
 
 def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
@@ -372,7 +396,7 @@ def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
             # part (leasing every user's connection) is spread over as many calls.
             rates = (
                 [args.cpu_rate_ln, args.cpu_rate]
-                if config == "kn"
+                if config in ("kn", "kv")
                 else [args.cpu_rate_ln]
                 if config == "nn"
                 else [args.cpu_rate]
@@ -388,7 +412,7 @@ def search_ladders(bench: Bench, args: argparse.Namespace) -> list[Ascent]:
     """cpslib's coarse/fine climb for -t l1 (or --steps); the --ln-steps rates for -t ln."""
     climbs = ascents(bench, args.step, args.fine, args.max_rate, parse_steps(args.steps))
     ln_rates = sorted(float(x) for x in args.ln_steps.split(","))
-    return [Ascent(a.config, list(ln_rates), None, a.label) if a.config.endswith("n") else a for a in climbs]
+    return [Ascent(a.config, list(ln_rates), None, a.label) if Bench.per_call(a.config) else a for a in climbs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds"
         )
         rounds = fixed_rate_rounds(bench, args)
-        floor = measure_idle_floor(bench, args.idle_seconds) if "kn" in bench.CONFIGS else None
+        floor = measure_idle_floor(bench, args.idle_seconds) if {"kn", "kv"} & set(bench.CONFIGS) else None
         print("-- rate search")
         best = climb(bench, search_ladders(bench, args))
         print()
