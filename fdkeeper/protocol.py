@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import array
 import fnmatch
+import functools
 import ipaddress
 import math
 import os
 import re
 import socket
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -84,6 +84,12 @@ class Field:
         return self.parse(value)
 
 
+# Unicode's control characters (category Cc) are exactly these: one regex search per value,
+# not a category lookup per character (a LEASE per call: the keeper's hot path).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LF = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
 def check_value(value: str, max_length: int, *, lines: bool = False) -> None:
     """The checks every value gets, whatever its field: non-empty, bounded, no control characters
     (a field of ``lines`` takes LF between its lines, never CR: no header of its own)."""
@@ -91,8 +97,9 @@ def check_value(value: str, max_length: int, *, lines: bool = False) -> None:
         raise ValueError("is empty")
     if len(value) > max_length:
         raise ValueError(f"is {len(value)} characters, over {max_length}")
-    control = next((c for c in value if unicodedata.category(c) == "Cc" and not (lines and c == "\n")), None)
-    if control is not None:
+    found = (_CONTROL_BUT_LF if lines else _CONTROL).search(value)
+    if found is not None:
+        control = found.group()
         name = "NUL" if control == "\0" else f"U+{ord(control):04X}"
         raise ValueError(f"has a control character ({name})")
 
@@ -131,7 +138,10 @@ def _parse_seconds(value: str) -> float:
     return seconds
 
 
+@functools.lru_cache(maxsize=1024)
 def _parse_address(value: str) -> Address:
+    # Cached (an Address is an immutable tuple; a ValueError is not cached): a per-call run's
+    # every LEASE names the same remote= and local=, and ipaddress parses in some 40 calls.
     if not value.isascii() or any(c.isspace() for c in value):
         raise ValueError("is not a numeric address")
     return parse_address(value)
@@ -266,10 +276,12 @@ REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 def parse_field(verb: str, key: str, raw: str) -> FieldValue:
     """One ``key=raw`` of ``verb``, percent-decoded and checked; ProtocolError naming the field."""
     spec = VERBS[verb][key]
-    try:
-        value = unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise _bad_field(verb, key, spec, raw, "is not UTF-8 once percent-decoded") from None
+    value = raw
+    if "%" in raw:
+        try:
+            value = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise _bad_field(verb, key, spec, raw, "is not UTF-8 once percent-decoded") from None
     try:
         check_value(value, spec.max_length, lines=spec.lines)
         return spec(value)
@@ -363,6 +375,10 @@ def parse_request(data: bytes) -> Request:
     return Request(verb, fields)
 
 
+# What quote(safe="/:[],.-_~@+") leaves as it is: one match instead of quoting (ids, counts, addresses).
+_UNQUOTED = re.compile(r"[A-Za-z0-9/:\[\],._~@+-]*")
+
+
 def format_message(verb: str, **fields: object) -> bytes:
     """Build ``VERB key=value ...``; None values are left out, bools become 0/1."""
     tokens = [verb]
@@ -373,7 +389,9 @@ def format_message(verb: str, **fields: object) -> bytes:
             value = int(value)
         elif isinstance(value, tuple):
             value = format_address(value)
-        text = quote(str(value), safe="/:[],.-_~@+")  # paths may hold spaces or %
+        text = str(value)
+        if not _UNQUOTED.fullmatch(text):
+            text = quote(text, safe="/:[],.-_~@+")  # paths may hold spaces or %
         if not text:
             raise ValueError(f"field {key} has no value")
         tokens.append(f"{key}={text}")
@@ -420,10 +438,13 @@ def send_packet(sock: socket.socket, message: bytes, fds: list[int] | tuple[int,
         sock.send(message)
 
 
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # a plain int: no enum operators per packet
+
+
 def receive_packet(sock: socket.socket, max_fds: int = MAX_FDS_PER_PACKET) -> tuple[bytes, list[int]]:
     """Receive one packet and the descriptors it carries; b"" means the peer closed."""
     data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, max_fds)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & _TRUNCATED:
         for fd in fds:
             _close_quietly(fd)
         raise ProtocolError("toolarge", f"fdkeeper: control message over {MAX_MESSAGE} bytes or descriptors")

@@ -217,18 +217,19 @@ class ControlClients:
         )
 
     def _accept(self, _mask: int) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
+        # One client a wake-up: level-triggered epoll wakes the loop again while more wait, and
+        # a lease a call costs no accept that fails with EAGAIN (a syscall and an exception).
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        except OSError as error:
+            if not out_of_descriptors(error):
+                log.warning("accept on the control socket failed: %s", error.strerror)
                 return
-            except OSError as error:
-                if not out_of_descriptors(error):
-                    log.warning("accept on the control socket failed: %s", error.strerror)
-                    return
-                self._refuse_out_of_descriptors(error)
-                return
-            self._admit(sock)
+            self._refuse_out_of_descriptors(error)
+            return
+        self._admit(sock)
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
