@@ -8,6 +8,7 @@ read from memory (read_tls_file); OpenSSL never opens a path a user named.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import socket
@@ -88,7 +89,55 @@ class TlsOptions:
 
 
 def client_context(options: TlsOptions) -> ssl.SSLContext:
-    """The SSL context for ``options``; every file it names is read without blocking (read_tls_file)."""
+    """The SSL context for ``options``, shared by every connection opened with the same options
+    while the files they name hold the same bytes (each is read again, without blocking:
+    read_tls_file). A context costs about 40 kB of OpenSSL memory (more with a CA bundle) and a
+    millisecond to make, and every TLS socket keeps its own alive: one per connection was most of
+    an idle TLS connection's memory. A key log is never shared (its file is opened per context)."""
+    files = _TlsFiles.read(options)
+    if options.keylog:
+        return _new_context(options, files)
+    key = (options, files.digest())
+    context = _SHARED_CONTEXTS.pop(key, None) or _new_context(options, files)
+    _SHARED_CONTEXTS[key] = context  # the most recently used last
+    while len(_SHARED_CONTEXTS) > MAX_SHARED_CONTEXTS:
+        del _SHARED_CONTEXTS[next(iter(_SHARED_CONTEXTS))]  # its connections keep it alive
+    return context
+
+
+# Contexts kept for reuse, by options and the digest of their files' bytes, least recently used
+# first; distinct --tls-* combinations in one keeper are few (one per SuT and client identity).
+MAX_SHARED_CONTEXTS = 32
+_SHARED_CONTEXTS: dict[tuple[TlsOptions, bytes], ssl.SSLContext] = {}
+
+
+@dataclass(frozen=True)
+class _TlsFiles:
+    """The bytes of the files ``options`` name that the context loads (none is read when unused)."""
+
+    ca: bytes | None = None
+    crl: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def read(cls, options: TlsOptions) -> _TlsFiles:
+        verifying = not options.insecure
+        return cls(
+            ca=read_tls_file(options.ca, CA_OPTION) if verifying and options.ca else None,
+            crl=read_tls_file(options.crl, CRL_OPTION) if verifying and options.crl else None,
+            cert=read_tls_file(options.cert, CERT_OPTION) if options.cert else None,
+            key=read_tls_file(options.key, KEY_OPTION) if options.cert and options.key else None,
+        )
+
+    def digest(self) -> bytes:
+        hashed = hashlib.sha256()
+        for data in (self.ca, self.crl, self.cert, self.key):
+            hashed.update(b"-" if data is None else hashlib.sha256(data).digest())
+        return hashed.digest()
+
+
+def _new_context(options: TlsOptions, files: _TlsFiles) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # Some Python builds (Debian's 3.11) set OP_IGNORE_UNEXPECTED_EOF by default, which makes a
     # SuT that closes without close_notify look like a clean close: we want to tell them apart.
@@ -99,15 +148,15 @@ def client_context(options: TlsOptions) -> ssl.SSLContext:
     if options.insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-    elif options.ca:
-        _load_verify_file(context, options.ca, CA_OPTION)
+    elif options.ca and files.ca is not None:
+        _load_verify_data(context, files.ca, options.ca, CA_OPTION)
     else:
         context.load_default_certs()
-    if options.crl and not options.insecure:
-        _load_verify_file(context, options.crl, CRL_OPTION)
+    if options.crl and files.crl is not None:
+        _load_verify_data(context, files.crl, options.crl, CRL_OPTION)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-    if options.cert:
-        _load_cert_chain(context, options.cert, options.key)
+    if options.cert and files.cert is not None:
+        _load_cert_chain(context, files.cert, files.key, options.cert, options.key)
     if options.keylog:
         set_keylog(context, options.keylog)
     return context
@@ -166,10 +215,9 @@ def _in_memory(data: bytes, name: str) -> Iterator[str]:
         os.close(fd)
 
 
-def _load_verify_file(context: ssl.SSLContext, path: str, option: str) -> None:
-    """CAs (or a CRL) from ``path``, as load_verify_locations(cafile=path) would take them:
+def _load_verify_data(context: ssl.SSLContext, data: bytes, path: str, option: str) -> None:
+    """CAs (or a CRL) read from ``path``, as load_verify_locations(cafile=path) would take them:
     PEM certificates and CRLs, text around them ignored."""
-    data = read_tls_file(path, option)
     with _in_memory(data, "verify") as memory:
         try:
             context.load_verify_locations(memory)
@@ -177,10 +225,10 @@ def _load_verify_file(context: ssl.SSLContext, path: str, option: str) -> None:
             raise _cannot_load(option, path, error) from None
 
 
-def _load_cert_chain(context: ssl.SSLContext, cert: str, key: str | None) -> None:
-    """The client certificate (and its key, or the key in the same file)."""
-    cert_data = read_tls_file(cert, CERT_OPTION)
-    key_data = read_tls_file(key, KEY_OPTION) if key else None
+def _load_cert_chain(
+    context: ssl.SSLContext, cert_data: bytes, key_data: bytes | None, cert: str, key: str | None
+) -> None:
+    """The client certificate (and its key, or the key in the same file), read from ``cert`` and ``key``."""
     option = f"{CERT_OPTION} and {KEY_OPTION}" if key else CERT_OPTION
     named = f"{cert} and {key}" if key else cert
     with ExitStack() as files:
