@@ -133,6 +133,8 @@ class PumpHandover:
             log.warning("dropped %d bytes from sipp that are not SIP", back.dropped_bytes)
         self._restore_partials(b"" if back.end_kind == END_UNFRAMEABLE else back.from_sut, back.from_sipp)
         self._apply_pump_end(back)
+        if not self.ssl_with_pump:
+            self.wire.shed_buffers()  # the pump's last read found nothing: its read buffer is still there
 
     def take_ssl_back(self) -> bool:
         """Once the pump's last write is done: the SSL object and the unsent bytes are Python's
@@ -149,6 +151,7 @@ class PumpHandover:
             self._fail(failure)
         self._flush_to_sut()
         self._read_sut()  # what the SuT sent meanwhile waited in the socket
+        self.wire.shed_buffers()
         return True
 
     def _restore_partials(self, from_sut: bytes, from_sipp: bytes) -> None:

@@ -122,6 +122,7 @@ class TlsLink(PumpHandover):
         self.watched_sut = self.watched_pair = 0  # what the keeper's epoll watches now
         if early:
             self._take_from_sut(early)
+        wire.shed_buffers()  # the handshake's reads leave OpenSSL's read buffer behind
 
     # -- the event loop's view
 

@@ -20,6 +20,7 @@ import socket
 import ssl
 from typing import Protocol
 
+from fdkeeper.keeper.tlspump import free_buffers
 from fdkeeper.tls import READ_CHUNK
 
 
@@ -47,6 +48,9 @@ class Wire(Protocol):
     def close(self, reset: bool) -> None:
         """End the keeper's side (close_notify over TLS, unless ``reset``; then the FIN) and close."""
 
+    def shed_buffers(self) -> None:
+        """Nothing is read or written now: free what the wire holds for that (OpenSSL's buffers)."""
+
 
 class TlsWire:
     """A TLS session the keeper made (opening.py), non-blocking."""
@@ -67,6 +71,7 @@ class TlsWire:
         try:
             data = tls.recv(READ_CHUNK)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            self.shed_buffers()  # OpenSSL keeps its read buffer after a read that found nothing
             return None
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
             raise WireEnded("the SuT closed it: FIN without TLS close_notify") from None
@@ -95,6 +100,9 @@ class TlsWire:
             self.tls.close()
         except OSError:
             pass
+
+    def shed_buffers(self) -> None:
+        free_buffers(self.tls)
 
     def _send_close_notify(self) -> None:
         """Best effort and never blocking: the socket is non-blocking, the SuT's answer is not awaited."""
@@ -141,6 +149,9 @@ class TcpWire:
             self.sock.close()
         except OSError:
             pass
+
+    def shed_buffers(self) -> None:
+        pass  # the kernel's socket buffers are all there is
 
 
 def socket_error(sock: socket.socket) -> str:

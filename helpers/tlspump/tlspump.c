@@ -56,6 +56,7 @@ int SSL_is_init_finished(const SSL *ssl);
 int SSL_version(const SSL *ssl);
 int SSL_has_pending(const SSL *ssl);
 long SSL_ctrl(SSL *ssl, int command, long larg, void *parg);
+int SSL_free_buffers(SSL *ssl);
 unsigned long ERR_peek_error(void);
 void ERR_clear_error(void);
 const char *ERR_reason_error_string(unsigned long error);
@@ -578,6 +579,12 @@ EXPORT int tlspump_validate(SSL *ssl, int fd) {
     int version = SSL_version(ssl);
     return version >= TLS1_VERSION && version <= TLS1_3_VERSION;
 }
+
+/* Free an idle session's read and write buffers: OpenSSL keeps its 17 kB read buffer after a read
+ * that found nothing (SSL_MODE_RELEASE_BUFFERS frees it only after a record), most of an idle
+ * kept TLS connection's memory. 1 if freed; 0 if bytes are in them (they stay) or the pointer did
+ * not check out. Only for a session no pump thread holds: Python's, between runs. */
+EXPORT int tlspump_free_buffers(SSL *ssl, int fd) { return ssl && tlspump_validate(ssl, fd) && SSL_free_buffers(ssl); }
 
 EXPORT struct link *tlspump_new(void) { return calloc(1, sizeof(struct link)); }
 
