@@ -48,17 +48,20 @@ class Leases:
         self.on_release = on_release  # a lease ended: connections may have become free
         self.holders: dict[int, Holder] = {}
 
-    def grant(self, connection: KeptConnection, pid: int) -> None:
+    def grant(self, connection: KeptConnection, pid: int) -> bool:
+        """Lease ``connection`` to ``pid``; whether that is new (False: ``pid`` holds it already,
+        as a per-call run's second call to the same user does)."""
         if connection.ping_sent_at is not None:
             self.health.settle_pong(connection)
             if connection.state == CLOSED:
                 raise connection.closed_error()
         if connection.holder_pid == pid:
-            return
+            return False
         holder = self.holders.get(pid) or self._new_holder(pid)
         holder.connection_ids.add(connection.id)
         connection.holder_pid = pid
         connection.leases += 1
+        return True
 
     def refuse_if_held_by_other(self, connection: KeptConnection, pid: int | None) -> None:
         """Raise busy if another live process holds ``connection``; a dead holder is released."""

@@ -289,10 +289,11 @@ class Keeper:
     def _lease(self, client: ControlClient, pid: int, request: Request) -> None:
         pid = lease_holder(pid, request.number("for_pid"))
         connections = self.pool.select(request, pid)
+        mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
+        new = 0
         for connection in connections:
-            self.leases.grant(connection, pid)
-            connection.lease_mode = request.text("mode") or "preload"
-            connection.lease_transfer = request.text("transfer") or "scm"
+            new += self.leases.grant(connection, pid)
+            connection.lease_mode, connection.lease_transfer = mode, transfer
         client.send(format_message("OK", count=len(connections)))
         for batch in _fds_batches(connections):
             packet = format_message(
@@ -302,10 +303,15 @@ class Keeper:
                 locals=",".join(format_address(c.local) for c in batch),
             )
             client.send(packet, [c.fileno() for c in batch])
+        # A per-user connection its holder had already (a per-call run's next call to that user)
+        # is no news: the log says when it changes hands, not once a call.
+        level = logging.DEBUG if connections and not new and all(c.aor for c in connections) else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         if len(connections) <= 3:
-            log.info("leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
+            log.log(level, "leased %s to pid %d", ", ".join(c.label() for c in connections), pid)
         else:
-            log.info("leased %d connections to pid %d", len(connections), pid)
+            log.log(level, "leased %d connections to pid %d", len(connections), pid)
 
     def _handover(self, client: ControlClient, pid: int, _request: Request) -> None:
         """A successor (keeper --replace) takes every idle TCP connection; this keeper then exits."""
