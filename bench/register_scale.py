@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Registering many users over `-t tn`: plain sipp straight to the SuT against the same run through fdkeeper.
+
+Issue 20's figure: with N users (default 19,000, what fits under a 20,000 open-file limit), (a)
+plain sipp registers every user over a new connection of its own (sipp's -t tn) and closes it;
+(b) the same command line through `fdkeeper sipp`: the keeper opens one connection per user and
+keeps all N. Goal: (b)'s registrations/s (successful REGISTERs / sipp's elapsed time) at least
+(a)'s. Then, with the N connections kept:
+  * `fdkeeper status --count` (the CLI, its Python start-up included): goal under 1 s;
+  * the N connections handed to one server-mode sipp (preload shim), from sipp's start to every
+    descriptor in its table (bench/keeper_scale.py's handoff_seconds): goal under 0.2 s.
+
+Set-up (loopback, a temp dir, removed at the end):
+  * the soft open-file limit of this process raised to its hard limit (inherited by Kamailio, the
+    keeper and sipp: N connections on both ends need N descriptors in each);
+  * one Kamailio registrar (fdkeeper.testbed.Kamailio): tcp_max_connections N + 600 (capped at
+    the open-file limit less 400), open_files_limit tcp_max_connections + 1024 (capped at the
+    hard limit), 1 GB of shared memory;
+  * scenarios/uac-register.xml over an -inf CSV of N users (SEQUENTIAL), -r RATE -l LIMIT
+    -max_socket 4*LIMIT, -recv_timeout 10000; (a) first, then, once the sockets (a) left in
+    TIME_WAIT are gone (they hold local ports of the range the keeper's N take), (b).
+
+--keeper-profile FILE runs the keeper under cProfile (its figures are then not the keeper's
+own speed); the profile is written when the keeper stops.
+
+    python3 bench/register_scale.py [--users 19000] [--rate 2000] [--limit 1000] [--handoffs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script (python3 bench/register_scale.py): bench/ is sys.path[0].
+from cps_many_users import time_wait_sockets, user_names
+from cpslib import SHM_MB, elapsed_seconds
+from keeper_scale import handoff_seconds
+
+from fdkeeper import testbed
+from fdkeeper.client import KeeperClient, ensure_keeper
+from fdkeeper.demo import start_through_fdkeeper
+
+USERS, RATE, LIMIT = 19000, 2000.0, 1000
+GOAL_STATUS_S, GOAL_HANDOFF_S = 1.0, 0.2
+SUT_HEADROOM = 600  # Kamailio's connections beyond the users' (the callee, kamcmd, a run's overlap)
+SUT_OWN_FILES = 400  # Kamailio's own descriptors (processes' pipes, sockets, logs) under its limit
+TIME_WAIT_LEFT = 2000  # at most this many sockets in TIME_WAIT when a registration starts
+
+
+def raise_soft_limit() -> tuple[int, int]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def register(start, args: argparse.Namespace, csv: Path, kamailio: testbed.Kamailio, name: str) -> dict:
+    """One registration run of every user; its exit status, successes and registrations/s."""
+    wait_for_time_wait()
+    began = time.monotonic()
+    process = start(
+        "uac-register.xml",
+        kamailio.address,
+        name=name,
+        transport="tn",
+        calls=args.users,
+        rate=args.rate,
+        local_ip=kamailio.host,
+        timeout=args.users / 50 + 30,
+        trace_messages=False,
+        extra=["-inf", str(csv), "-l", str(args.limit), "-max_socket", str(4 * args.limit), "-recv_timeout", "10000"],
+    )
+    result = process.wait(args.users / 50 + 60)
+    wall = time.monotonic() - began
+    elapsed = elapsed_seconds(result.stats) if result.stats else wall
+    rate = result.successful / elapsed if elapsed else 0.0
+    print(
+        f"  {name}: exit {result.returncode}, {result.successful} of {args.users} registered in {elapsed:.1f} s "
+        f"sipp elapsed ({wall:.1f} s wall): {rate:.0f} registrations/s",
+        flush=True,
+    )
+    return {"exit": result.returncode, "ok": result.successful, "elapsed": elapsed, "wall": wall, "rate": rate}
+
+
+def wait_for_time_wait() -> None:
+    began = time.monotonic()
+    while time_wait_sockets() > TIME_WAIT_LEFT and time.monotonic() - began < 65:
+        time.sleep(1)
+
+
+def status_count_seconds(directory: Path) -> tuple[float, str]:
+    """`fdkeeper status --count` as a user types it: the CLI's start-up included."""
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "fdkeeper", "status", "--count", "--dir", os.fspath(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return time.monotonic() - began, (done.stdout.strip() or done.stderr.strip())
+
+
+def start_keeper(directory: Path, profile: str | None, logs: Path) -> subprocess.Popen | None:
+    """The keeper, under cProfile when asked (else `fdkeeper sipp` starts it as users do)."""
+    if not profile:
+        ensure_keeper(directory)
+        return None
+    log = open(logs / "keeper.log", "wb")  # noqa: SIM115 - the keeper's lifetime
+    keeper = subprocess.Popen(
+        [sys.executable, "-m", "cProfile", "-o", profile, "-m", "fdkeeper", "keeper", "--dir", os.fspath(directory)],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    client = KeeperClient(directory)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            client.alive()
+            return keeper
+        except Exception:  # not listening yet
+            time.sleep(0.1)
+    raise RuntimeError("the profiled keeper did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=USERS, help=f"users to register (default {USERS})")
+    parser.add_argument("--rate", type=float, default=RATE, help=f"REGISTERs per second, -r (default {RATE:g})")
+    parser.add_argument("--limit", type=int, default=LIMIT, help=f"open REGISTER calls, -l (default {LIMIT})")
+    parser.add_argument("--handoffs", type=int, default=3, help="server-mode hand-overs to time (default 3)")
+    parser.add_argument("--sipp", default="sipp", help="the sipp binary (default: sipp on PATH)")
+    parser.add_argument("--only", choices=("a", "b"), help="run one configuration only")
+    parser.add_argument("--keeper-profile", metavar="FILE", help="run the keeper under cProfile, writing FILE")
+    args = parser.parse_args()
+    soft, hard = raise_soft_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="fdkeeper-register-"))
+    logs, keeper_dir = workdir / "logs", workdir / "keeper"
+    logs.mkdir()
+    tcp_max = min(args.users + SUT_HEADROOM, soft - SUT_OWN_FILES)
+    kamailio = testbed.Kamailio(workdir / "kamailio", shm_mb=SHM_MB, tcp_max_connections=tcp_max)
+    keeper = None
+    results: dict[str, dict] = {}
+    try:
+        kamailio.start()
+        csv = testbed.write_users_csv(workdir / "users.csv", user_names(args.users), kamailio.domain)
+        print(
+            f"register_scale: {args.users} users over -t tn, -r {args.rate:g} -l {args.limit}; open files "
+            f"{soft} (hard {hard}); Kamailio tcp_max_connections {tcp_max}, {SHM_MB} MB shm; "
+            f"{os.cpu_count()} CPUs, sipp {shutil.which(args.sipp)}",
+            flush=True,
+        )
+        if args.only != "b":
+
+            def plain(scenario: str, remote: str, **options: object) -> testbed.SippProcess:
+                return testbed.start_sipp(args.sipp, scenario, remote, log_dir=logs, **options)
+
+            results["a"] = register(plain, args, csv, kamailio, "a-plain")
+        if args.only != "a":
+            keeper = start_keeper(keeper_dir, args.keeper_profile, logs)
+
+            def kept(scenario: str, remote: str, **options: object) -> testbed.SippProcess:
+                return start_through_fdkeeper(
+                    args.sipp, scenario, remote, directory=keeper_dir, log_dir=logs, **options
+                )
+
+            results["b"] = register(kept, args, csv, kamailio, "b-fdkeeper")
+            time.sleep(0.5)
+            measure_kept(args, keeper_dir, kamailio, workdir)
+        report(results)
+    finally:
+        if keeper_dir.exists():
+            try:
+                KeeperClient(keeper_dir).stop()
+            except Exception:  # none running
+                pass
+        if keeper is not None:
+            keeper.wait(30)
+        kamailio.stop()
+        if os.environ.get("KEEP_BENCH_DIR"):
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def measure_kept(args: argparse.Namespace, keeper_dir: Path, kamailio: testbed.Kamailio, workdir: Path) -> None:
+    seconds, said = status_count_seconds(keeper_dir)
+    verdict = "goal met" if seconds < GOAL_STATUS_S else "goal missed"
+    print(f"  fdkeeper status --count: {said} in {seconds:.2f} s (goal under {GOAL_STATUS_S:g} s): {verdict}")
+    kept = int(said) if said.isdigit() else args.users
+    _host, port = kamailio.address.rsplit(":", 1)
+    keeper = KeeperClient(keeper_dir)
+    handoffs = [handoff_seconds(keeper, int(port), kept, workdir) for _ in range(args.handoffs)]
+    median = statistics.median(handoffs) if handoffs else 0.0
+    verdict = "goal met" if median < GOAL_HANDOFF_S else "goal missed"
+    print(
+        f"  {kept} connections into one server-mode sipp, from its start: median {median * 1000:.0f} ms (runs "
+        f"{', '.join(f'{s * 1000:.0f}' for s in handoffs)} ms; goal under {GOAL_HANDOFF_S * 1000:.0f} ms): {verdict}",
+        flush=True,
+    )
+
+
+def report(results: dict[str, dict]) -> None:
+    if "a" in results and "b" in results and results["a"]["rate"]:
+        ratio = results["b"]["rate"] / results["a"]["rate"]
+        verdict = "goal met" if ratio >= 1.0 else "goal missed"
+        print(
+            f"registrations/s: plain sipp {results['a']['rate']:.0f}, through fdkeeper {results['b']['rate']:.0f}: "
+            f"b/a {ratio:.2f} (goal at least 1.0): {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
