@@ -1,10 +1,13 @@
-/* Control-socket client: one SOCK_SEQPACKET connection per request. */
+/* Control-socket client: one SOCK_SEQPACKET connection a process, kept open
+ * between requests (see "The kept control connection" below). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -320,21 +323,136 @@ static int read_fds(int s, char *buf, struct ctl_result *res, int want)
     return parse_addrs(buf, res, before);
 }
 
-void ctl_lease(const char *path, const char *request, struct ctl_result *res)
+/* The kept control connection. A per-call run leases once a call: a fresh
+ * connection each time cost the program a socket, two setsockopt, a connect and
+ * a close, and the keeper an accept, the peer's credentials, two epoll changes,
+ * a wake-up for the hang-up and a close. So the connection stays open for the
+ * next request, with these rules:
+ * - it is this process's own: the keeper knows a requester by the credentials
+ *   of its connect(), so a forked child forgets its copy (atfork) and opens its
+ *   own; one request at a time (the mutex, taken across fork);
+ * - before each reuse, its number must still be that socket (dev, inode: the
+ *   program may have closed it and reused the number) and must have nothing to
+ *   read (a MSG_PEEK that would block): anything else (the keeper dropped it as
+ *   idle, or a reply's leftovers) and a fresh one is opened;
+ * - it is kept only after a whole reply (OK with its descriptors, or ERR);
+ * - a reused one the keeper closed before answering (its idle drop racing the
+ *   request: the send fails, or the first read is EOF or a reset) is replaced
+ *   and the request sent once more on a fresh one. */
+static pthread_mutex_t kept_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t kept_once = PTHREAD_ONCE_INIT;
+static int kept_fd = -1;
+static dev_t kept_dev;
+static ino_t kept_ino;
+static char kept_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+
+static int is_kept_socket(void)
+{
+    struct stat st;
+
+    return kept_fd >= 0 && fstat(kept_fd, &st) == 0 && st.st_dev == kept_dev &&
+           st.st_ino == kept_ino;
+}
+
+/* Close the kept connection if its number is still it; forget it either way. */
+static void forget_kept(void)
+{
+    if (is_kept_socket())
+        close_keeping_errno(kept_fd);
+    kept_fd = -1;
+}
+
+static void atfork_prepare(void) { pthread_mutex_lock(&kept_mutex); }
+static void atfork_parent(void) { pthread_mutex_unlock(&kept_mutex); }
+static void atfork_child(void)
+{
+    forget_kept(); /* the parent's connection: the child's requests go on its own */
+    pthread_mutex_init(&kept_mutex, NULL);
+}
+static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+/* The kept connection to the keeper at path if it is still usable, else -1. */
+static int reusable_connection(const char *path)
+{
+    char c;
+
+    if (kept_fd < 0)
+        return -1;
+    if (strcmp(path, kept_path) != 0 || !is_kept_socket()) {
+        forget_kept();
+        return -1;
+    }
+    if (recv(kept_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
+        (errno == EAGAIN || errno == EWOULDBLOCK))
+        return kept_fd;
+    forget_kept(); /* EOF (dropped as idle), leftovers, or an error */
+    return -1;
+}
+
+static void keep_connection(int s, const char *path)
+{
+    struct stat st;
+
+    if (strlen(path) >= sizeof kept_path || fstat(s, &st) != 0) {
+        close_keeping_errno(s);
+        return;
+    }
+    kept_fd = s;
+    kept_dev = st.st_dev;
+    kept_ino = st.st_ino;
+    strcpy(kept_path, path);
+}
+
+/* The request on s and its whole reply into res (res->status says how it went). */
+static void exchange(int s, const char *request, struct ctl_result *res)
 {
     char buf[MAX_PACKET + 2];
-    int s, want = 0;
+    int want = 0;
 
     memset(res, 0, sizeof *res);
-    if ((s = open_control(path, res)) < 0)
-        return;
     if (send_request(s, request, res) == 0 && read_count(s, buf, res, &want) == 0)
         while (res->nfds < want && read_fds(s, buf, res, want) == 0)
             ;
     /* Every step that failed set res->status; CTL_OK (0, from the memset) otherwise. */
     if (res->status != CTL_OK)
         ctl_result_free(res, 1);
-    close_keeping_errno(s);
+}
+
+/* A reused connection the keeper closed before any answer: worth one more try. */
+static int closed_before_answer(const struct ctl_result *res)
+{
+    if (res->status == CTL_UNREACHABLE)
+        return res->sys_errno == EPIPE || res->sys_errno == ECONNRESET;
+    return res->status == CTL_PROTO && strstr(res->text, "without an answer") != NULL;
+}
+
+void ctl_lease(const char *path, const char *request, struct ctl_result *res)
+{
+    int s;
+
+    pthread_once(&kept_once, register_atfork);
+    pthread_mutex_lock(&kept_mutex);
+    s = reusable_connection(path);
+    if (s >= 0) {
+        exchange(s, request, res);
+        if (!closed_before_answer(res))
+            goto done;
+        forget_kept();
+    }
+    memset(res, 0, sizeof *res);
+    if ((s = open_control(path, res)) < 0)
+        goto unlock;
+    exchange(s, request, res);
+    if (res->status == CTL_OK || res->status == CTL_ERR)
+        keep_connection(s, path);
+    else
+        close_keeping_errno(s);
+    goto unlock;
+done:
+    if (res->status != CTL_OK && res->status != CTL_ERR)
+        forget_kept();
+unlock:
+    pthread_mutex_unlock(&kept_mutex);
 }
 
 void ctl_result_free(struct ctl_result *res, int close_them)

@@ -23,7 +23,8 @@ struct ctl_result {
     struct shim_inaddr *peers, *locals;
 };
 
-/* Send one request on a fresh control connection and collect the reply
+/* Send one request on this process's control connection (opened at its first
+ * request, kept open for the next: control.c) and collect the reply
  * `OK count=N` + FDS packets carrying N descriptors (or ERR), with the
  * packets' peers=/locals= addresses when present. */
 SHIM_HIDDEN void ctl_lease(const char *path, const char *request, struct ctl_result *res);

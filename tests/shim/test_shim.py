@@ -776,7 +776,9 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
             assert kv[f"c{c}_connect"] == "0" and kv[f"c{c}_err"] == "0"
             # The placeholder: nothing to read, no hangup, one more fd (its other end).
             assert kv[f"c{c}_poll"] == "0,0" and kv[f"c{c}_quiet"] == "0"
-            assert int(kv[f"c{c}_fds"]) == base + 2
+            # From the second call on, the shim's control connection too (kept open after the
+            # first lease for the next: helpers/shim/control.c).
+            assert int(kv[f"c{c}_fds"]) == base + 2 + (c > 0)
             assert kv[f"c{c}_peer"] == remote
             assert kv[f"c{c}_nodelay"] == "0"
             assert kv[f"c{c}_send"] == "1", (how, r.stdout, r.stderr)
@@ -784,8 +786,8 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
             assert kv[f"c{c}_events"] == "1" and kv[f"c{c}_data"] == str(100 + c)
             assert kv[f"c{c}_got"] == f"{conn}:call-{c}"
             assert kv[f"c{c}_domain"] == ("inet" if transport == "tcp" else "unix")
-        # Every placeholder end and every kept fd is closed again.
-        assert kv["fds_end"] == kv["fds_base"]
+        # Every placeholder end and every kept fd is closed again; the control connection stays.
+        assert int(kv["fds_end"]) == base + 1
         assert [(i, cid) for i, _, cid in responder.log] == [
             (k.leased[c], f"call-{c}") for c in range(len(PERCALL_CALLS))
         ]
@@ -845,7 +847,7 @@ def test_per_call_keeper_error(build, keeper_dir, sut):
         assert k.requests == [
             f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 aor=sip:alice@fdkeeper.test"
         ]
-        assert kv["fds_end"] == kv["fds_base"]
+        assert int(kv["fds_end"]) == int(kv["fds_base"]) + 1  # the control connection, kept after ERR too
     finally:
         k.close()
 
@@ -874,8 +876,61 @@ def test_per_call_unset_is_t1(build, keeper, sut):
     assert keeper.requests == [f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0"] * 2
     base = int(kv["fds_base"])
     for c in (0, 1):
-        assert int(kv[f"c{c}_fds"]) == base + 1  # no placeholder
+        assert int(kv[f"c{c}_fds"]) == base + 2  # no placeholder: the kept fd and the control connection
         assert kv[f"c{c}_got"] == f"{c}:call-{c}" and kv[f"c{c}_domain"] == "inet"
+    assert r.stderr == ""
+
+
+class ReusingKeeper(FakeKeeper):
+    """Answers every request a control connection sends, as the keeper does (FakeKeeper closes
+    it after one), and closes it itself after ``close_after`` requests (the keeper's idle drop)."""
+
+    def __init__(self, *args, close_after: int = 1000, **kwargs) -> None:
+        self.close_after = close_after
+        self.accepted = 0
+        super().__init__(*args, **kwargs)
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            conn.settimeout(5)
+            with conn:
+                for _ in range(self.close_after):
+                    try:
+                        if not conn.recv(1, socket.MSG_PEEK):
+                            break
+                        self._one(conn)
+                    except OSError:
+                        break
+
+
+@pytest.mark.parametrize("close_after,accepted", [(1000, 1), (1, 3)])
+def test_control_connection_kept_between_leases(build, keeper_dir, sut, close_after, accepted):
+    """One control connection carries a process's leases; one the keeper closed meanwhile is
+    replaced at the next lease, which still gets its answer."""
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, close_after=close_after)
+    responder = SutResponder(k)
+    try:
+        calls = [f"send|From: <sip:u{c}@fdkeeper.test>" for c in range(3)]
+        r = run(
+            build,
+            ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", *calls],
+            shim_env(build, k.path, remote=sut.addr),
+        )
+    finally:
+        responder.stop()
+        k.close()
+    assert r.returncode == 0, r.stdout + r.stderr
+    kv = parse(r.stdout)
+    assert [kv[f"c{c}_got"] for c in range(3)] == [f"{c}:call-{c}" for c in range(3)]
+    assert len(k.requests) == 3 and len(set(k.peer_pids)) == 1
+    assert k.accepted == accepted
     assert r.stderr == ""
 
 
