@@ -77,7 +77,7 @@ from cpslib import (
     rate_search,
     run_bench,
 )
-from cpsruns import Run, last_runs, paired, print_best_rates
+from cpsruns import Run, last_runs, ms_column, paired, print_best_rates
 
 from fdkeeper import testbed
 from fdkeeper.demo import start_through_fdkeeper
@@ -102,6 +102,8 @@ class Bench(ManyUsersBench):
     CONFIGS = CONFIGS
     LABELS = LABELS
     PROG = "static_sipp"
+    WIDTH = 23
+    COLUMNS = ManyUsersBench.COLUMNS + f"{'fdkeeper ms/call':>16} {'sipp ms/call':>12}  "
 
     static_sipp: str = str(STATIC_SIPP)
     anchor: str = DEFAULT_ANCHOR
@@ -116,6 +118,14 @@ class Bench(ManyUsersBench):
 
     def start_caller(self, config: str, name: str, options: dict) -> testbed.SippProcess:
         return self._track(self.through_fdkeeper(config, self.caller_scenario, name, **options))
+
+    def through_keeper(self, config: str) -> bool:
+        # The `fdkeeper sipp` process's CPU apart from sipp's: under ptrace it is the tracer
+        # (plus the start-up both modes pay), where the ptrace path's cost per call goes.
+        return True
+
+    def run_columns(self, run: Run) -> str:
+        return super().run_columns(run) + f"{ms_column(run, 'wrapper', 16)} {ms_column(run, 'sipp', 12)}  "
 
     def through_fdkeeper(self, config: str, scenario: str | Path, name: str, **options) -> testbed.SippProcess:
         sipp, mode = (self.anchor_sipp, "preload") if config == "a" else (self.static_sipp, "ptrace")
