@@ -264,7 +264,7 @@ class Keeper:
         wanted = status_filters(request)
         keeper = json.dumps({"keeper": self._keeper_status()})[:-1]  # '{"keeper": {...}' still open
         if request.flag("count"):
-            count = sum(len(select_connections(batch, **wanted)) for batch in _as_dicts(connections))
+            count = len(select_connections(_filter_rows(connections), **wanted)) if wanted else len(connections)
             client.send_stream(_json_packets([keeper, f', "count": {count}}}']))
             return
         matching = (json.dumps(c) for batch in _as_dicts(connections) for c in select_connections(batch, **wanted))
@@ -371,6 +371,15 @@ def status_filters(request: Request) -> dict[str, str]:
 def _as_dicts(connections: list[KeptConnection]) -> Iterator[list[JsonObject]]:
     for start in range(0, len(connections), STATUS_BATCH):
         yield [c.as_dict() for c in connections[start : start + STATUS_BATCH]]
+
+
+def _filter_rows(connections: list[KeptConnection]) -> list[JsonObject]:
+    """Only what STATUS's filters read of each connection: a count of 19,000 in milliseconds
+    (as_dict asks the kernel for every connection's queue)."""
+    return [
+        {"aor": c.aor, "state": c.state, "remote": format_address(c.remote), "transport": c.transport}
+        for c in connections
+    ]
 
 
 def _joined(items: Iterable[str]) -> Iterator[str]:
