@@ -188,6 +188,21 @@ class WsDecoder:
     After a WsProtocolError the connection is over: the decoder's state is not defined.
     """
 
+    # Slots, not a __dict__: one decoder per kept WebSocket connection.
+    __slots__ = (
+        "_held",
+        "_need",
+        "_opened",
+        "_payload",
+        "_spans",
+        "_tail",
+        "closed",
+        "keepalives",
+        "max_message",
+        "pings",
+        "replies",
+    )
+
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.max_message = max_message
         self.keepalives = 0

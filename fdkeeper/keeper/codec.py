@@ -75,6 +75,7 @@ class Codec(Protocol):
 class _Decoded:
     """What both codecs read through their decoder: a SipFramer or its twin WsDecoder."""
 
+    __slots__ = ("_decoder",)  # not a __dict__: one codec per kept TLS or WebSocket link
     _decoder: SipFramer | WsDecoder
 
     @property
@@ -96,6 +97,7 @@ class _Decoded:
 class SipStream(_Decoded):
     """SIP straight on the stream (TLS): SipFramer in, messages as they are out, CRLFCRLF pings."""
 
+    __slots__ = ()
     websocket = False
     closed = ""
     pings_answered = 0
@@ -128,6 +130,7 @@ class SipStream(_Decoded):
 class WebSocketStream(_Decoded):
     """SIP over WebSocket (RFC 7118): one masked frame per message, WsDecoder in, WebSocket pings."""
 
+    __slots__ = ()
     websocket = True
     _decoder: WsDecoder
 

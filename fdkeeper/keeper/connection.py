@@ -9,6 +9,7 @@ SuT's FIN or RST.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,13 @@ class KeptConnection:
     ending: str = ""  # the SuT ended it, but requests it sent before wait for a run to read them
     options_answered: int = 0  # --answer-options: the SuT's OPTIONS the keeper answered (TCP)
 
+    def __post_init__(self) -> None:
+        # The same few strings in every connection (the transport, the SuT's and the keeper's
+        # address) held once, not once per connection: 100-odd bytes of an idle one.
+        self.transport = sys.intern(self.transport)
+        self.remote = _interned(self.remote)
+        self.local = _interned(self.local)
+
     @property
     def key(self) -> ConnectionKey:
         """The key the pool finds this connection by (ConnectionKey)."""
@@ -89,6 +97,10 @@ class KeptConnection:
         if self.sock is None:
             return CLOSED
         return LEASED if self.holder_pid is not None else IDLE
+
+    def is_held(self) -> bool:
+        """Whether a run holds it now (a lease)."""
+        return self.holder_pid is not None
 
     def label(self) -> str:
         user = f" ({self.aor})" if self.aor else ""
@@ -196,6 +208,12 @@ class KeptConnection:
             "ending": self.ending or None,
             **self.io.stats(self),  # options_answered, pongs, tls
         }
+
+
+def _interned(address: Address) -> Address:
+    """``address`` with its host the interned string (the same tuple if it already was)."""
+    host = sys.intern(address[0])
+    return address if host is address[0] else (host, address[1])
 
 
 def _plain_tcp() -> Transport:

@@ -9,7 +9,6 @@ comes back here and the link goes on from it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import socket
 from collections.abc import Callable
@@ -43,6 +42,14 @@ class PumpHandover:
     TlsLink's relay methods do the rest.
     """
 
+    # Slots, not a __dict__ (about 1.2 kB less per idle link): the hand-over's own state, the
+    # counters' stored values (LiveCounter) and the link's state it sets; TlsLink's hold the rest.
+    __slots__ = (
+        "_dropped_bytes", "_messages_to_sipp", "_messages_to_sut", "_pings", "_pump_tried",
+        "closed_reason", "last_activity", "ping_sent_at", "pump", "relay", "said_goodbye", "ssl_with_pump",
+        "write_pending",
+    )  # fmt: skip
+
     # Counted by Python while it relays and by the pump while a run holds the link.
     messages_to_sut = LiveCounter()
     messages_to_sipp = LiveCounter()
@@ -63,8 +70,8 @@ class PumpHandover:
     from_sipp: SipFramer
     to_sut: bytearray
     to_sipp: bytearray
-    unread_lengths: collections.deque[int]
-    ended_runs: collections.deque[int]
+    unread_lengths: list[int]
+    ended_runs: list[int]
     closed_reason: str
     sut_ended: str
     reset: bool
@@ -119,7 +126,7 @@ class PumpHandover:
         self.ssl_with_pump = back.finishing
         self.to_sut[:0] = back.to_sut
         self.to_sipp[:0] = back.to_sipp
-        self.unread_lengths.extendleft(reversed(back.unread_lengths))
+        self.unread_lengths[:0] = back.unread_lengths
         self.messages_to_sut += back.messages_to_sut
         self.messages_to_sipp += back.messages_to_sipp
         self.dropped_bytes += back.dropped_bytes

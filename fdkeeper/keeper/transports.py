@@ -132,11 +132,29 @@ def transport_for(
     return RelayedTransport(TlsLink(wire, early, codec), info, websocket)
 
 
-class TcpTransport:
+class _Watched:
+    """What a transport's event handlers on the Reactor need: its connection and the keeper's
+    health. Kept here, and the handlers bound methods, rather than closures per connection: an
+    idle kept connection's Python objects are most of its memory (bench/keeper_scale.py)."""
+
+    __slots__ = ("_connection", "_health")
+    _health: ConnectionHealth
+    _connection: KeptConnection
+
+    def _watched_by(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        self._health, self._connection = health, connection
+
+    def _fault(self, error: Exception) -> None:
+        """A handler of this connection raised (the Reactor logged it): health ends the connection."""
+        self._health.fault_ends(self._connection)(error)
+
+
+class TcpTransport(_Watched):
     """Plain TCP: runs are leased the kernel socket itself. The keeper never reads SIP bytes
     from it; between runs it watches only for the SuT's FIN or RST, and EPOLLIN only to take
     pongs and (--answer-options) OPTIONS off the head of the queue."""
 
+    __slots__ = ("_fd",)
     movable = True
 
     def __init__(self) -> None:
@@ -152,19 +170,16 @@ class TcpTransport:
         return opened
 
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        self._watched_by(health, connection)
         self._fd = connection.fileno()
-        health.reactor.watch(
-            self._fd,
-            health.idle_events,
-            lambda mask: self._on_event(health, connection, mask),
-            on_fault=health.fault_ends(connection),
-        )
+        health.reactor.watch(self._fd, health.idle_events, self._on_event, on_fault=self._fault)
 
     def unwatch(self, reactor: Reactor) -> None:
         if self._fd >= 0:
             reactor.unwatch(self._fd)
 
-    def _on_event(self, health: ConnectionHealth, connection: KeptConnection, mask: int) -> None:
+    def _on_event(self, mask: int) -> None:
+        health, connection = self._health, self._connection
         if connection.sock is None:
             return
         if mask & _PEER_GONE:
@@ -227,11 +242,13 @@ class TcpTransport:
         pass
 
 
-class RelayedTransport:
+class RelayedTransport(_Watched):
     """TLS, WebSocket over TCP or TLS: the keeper holds the connection (a TLS session cannot move
     between processes, sipp speaks no WebSocket) and runs are leased one end of a socketpair its
     TlsLink relays, whole SIP messages only. ``info``: the TLS session (tls, wss); ``websocket``:
     the handshake (ws, wss)."""
+
+    __slots__ = ("info", "link", "websocket")
 
     def __init__(self, link: TlsLink, info: TlsInfo | None = None, websocket: WsHandshake | None = None) -> None:
         self.link = link
@@ -255,25 +272,24 @@ class RelayedTransport:
         return self.link.sipp_end
 
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
+        self._watched_by(health, connection)
         link = self.link
         link.answer_options = health.answer_options
-        link.is_held = lambda: connection.holder_pid is not None
+        link.is_held = connection.is_held
         link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
-
-        def on_sut(mask: int) -> None:
-            link.on_sut_event(mask)
-            self.after_event(health, connection)
-
-        def on_pair(mask: int) -> None:
-            link.on_pair_event(mask)
-            self.after_event(health, connection)
-
-        health.reactor.watch(link.wire.sock.fileno(), link.watched_sut, on_sut, on_fault=health.fault_ends(connection))
-        health.reactor.watch(
-            link.keeper_end.fileno(), link.watched_pair, on_pair, on_fault=health.fault_ends(connection)
-        )
+        fault = self._fault
+        health.reactor.watch(link.wire.sock.fileno(), link.watched_sut, self._on_sut, on_fault=fault)
+        health.reactor.watch(link.keeper_end.fileno(), link.watched_pair, self._on_pair, on_fault=fault)
         if link.closed_reason or link.sut_ended:  # ended by what came with the handshake
             self.after_event(health, connection)
+
+    def _on_sut(self, mask: int) -> None:
+        self.link.on_sut_event(mask)
+        self.after_event(self._health, self._connection)
+
+    def _on_pair(self, mask: int) -> None:
+        self.link.on_pair_event(mask)
+        self.after_event(self._health, self._connection)
 
     def unwatch(self, reactor: Reactor) -> None:
         for sock in (self.link.wire.sock, self.link.keeper_end):

@@ -55,6 +55,7 @@ class Wire(Protocol):
 class TlsWire:
     """A TLS session the keeper made (opening.py), non-blocking."""
 
+    __slots__ = ("sock", "tls")
     kind = "TLS"
 
     def __init__(self, tls: ssl.SSLSocket) -> None:
@@ -117,6 +118,7 @@ class TlsWire:
 class TcpWire:
     """A plain TCP socket the keeper opened (opening.py), non-blocking."""
 
+    __slots__ = ("sock",)
     kind = "TCP"
 
     def __init__(self, sock: socket.socket) -> None:

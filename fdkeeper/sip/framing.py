@@ -37,6 +37,8 @@ class FramingError(ValueError):
 class SipFramer:
     """Feed bytes in, get whole messages out; keep-alives are counted, never returned."""
 
+    __slots__ = ("_buffer", "keepalives", "max_message")  # not a __dict__: two framers per kept TLS link
+
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         self.max_message = max_message
         self._buffer = bytearray()
