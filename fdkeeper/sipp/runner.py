@@ -25,6 +25,7 @@ from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, UdpOption
 from fdkeeper.process import spawn
 from fdkeeper.protocol import OVER_TLS
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
+from fdkeeper.sipp.limits import check_handed_connections, check_sipp_sockets, raise_open_file_limit
 from fdkeeper.sipp.request import keeper_transport, sipp_needs, sipp_request
 from fdkeeper.sipp.scenario import WRITTEN_TRANSPORT, tls_arguments
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
@@ -81,7 +82,12 @@ def run_sipp(args: list[str], options: RunOptions) -> int:
             f"fdkeeper: the client scenario {_scenario_label(invocation)} sends first, so it needs the SuT's "
             "address: add it as sipp's remote host argument, e.g. 127.0.0.1:5060"
         )
-    return run_handed_over(SippRun(sipp, invocation, remote, directory, options, transport))
+    run = SippRun(sipp, invocation, remote, directory, options, transport)
+    if options.mode != "udp":  # through the converter sipp runs -t u1: no socket per call
+        said = check_sipp_sockets(invocation, *run.open_files)
+        if said:
+            notice(said)
+    return run_handed_over(run)
 
 
 class SippRun(Run):
@@ -111,6 +117,8 @@ class SippRun(Run):
         )
         self.invocation, self.remote, self.directory, self.options = invocation, remote, directory, options
         self.transport = transport  # what the keeper speaks to the SuT (request.keeper_transport)
+        # sipp's (soft, hard) open-file limits: the soft one raised to the hard one, inherited by sipp.
+        self.open_files = raise_open_file_limit()
 
     def plan(self) -> Plan:
         invocation, options = self.invocation, self.options
@@ -145,6 +153,8 @@ class SippRun(Run):
         return Plan(request, mode_options, prepare)
 
     def prepared(self, fields: dict[str, str], request: HandoffRequest) -> None:
+        if request.role == "server" and fields.get("ids"):
+            check_handed_connections(len(fields["ids"].split(",")), *self.open_files)
         if fields.get("borrowed"):
             named = ", ".join(f"#{item.replace('@', ' from ', 1)}" for item in fields["borrowed"].split(","))
             notice(

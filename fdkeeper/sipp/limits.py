@@ -1,0 +1,84 @@
+"""sipp's own descriptor limits on a -t tn/ln run, said before sipp starts (issue 20).
+
+sipp (3.6 and 3.7) opens one socket per call with -t tn/ln, at most -max_socket of them
+(default 50,000); past that it sends new calls over the sockets of calls still open. At
+start-up, unless -skip_rlimit, it stops when -max_socket exceeds its soft open-file limit; it
+never raises that limit itself. So the run raises the soft limit to the hard one (sipp inherits
+it, as the keeper raises its own) and says here, in one line, what would still stop sipp or
+mix users: the keeper's own limit is the keeper's to say (keeper/pool.py).
+"""
+
+from __future__ import annotations
+
+import resource
+
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.sipp.args import SippInvocation
+
+SIPP_MAX_SOCKET = 50000  # sipp's DEFAULT_MAX_MULTI_SOCKET: -max_socket when not given
+SIPP_OWN_FILES = 64  # sipp's descriptors besides call sockets: stdio, logs, its main socket, the shim's
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """The soft RLIMIT_NOFILE raised to the hard one (sipp, started next, inherits it); (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft, hard  # a hard limit the kernel's nr_open caps: sipp runs with the soft one
+    return hard, hard
+
+
+def check_sipp_sockets(invocation: SippInvocation, soft: int, hard: int) -> str | None:
+    """For a -t tn/ln run: FdkeeperError ("limit") where sipp would stop or run out of
+    descriptors under the open-file limit ``soft``; a notice where past -max_socket calls of
+    different users would share one user's socket; else None."""
+    if not invocation.per_call_sockets:
+        return None
+    given = _number(invocation, "max_socket")
+    max_socket = given if given is not None else SIPP_MAX_SOCKET
+    what = f"-max_socket {max_socket}" + ("" if given is not None else " (sipp's default)")
+    room = max(soft - SIPP_OWN_FILES, 1)
+    fix = f"pass -max_socket {room} or less, or raise the open-file limit (ulimit -n; hard limit {hard})"
+    if max_socket > soft and "skip_rlimit" not in invocation.options:
+        raise FdkeeperError(
+            f"fdkeeper: sipp -t {invocation.transport_option} would stop at start-up: {what} is above its "
+            f"open-file limit {soft}; {fix}",
+            "limit",
+        )
+    open_calls = _number(invocation, "l")
+    users = invocation.user_count() if invocation.per_call_client else None
+    known = [(n, f"-l {n}" if n == open_calls else f"{n} users") for n in (open_calls, users) if n is not None]
+    if known:
+        calls, bound = min(known)
+        if min(calls, max_socket) > room:
+            raise FdkeeperError(
+                f"fdkeeper: sipp may hold {min(calls, max_socket)} call sockets at once ({bound}, {what}) but its "
+                f"open-file limit {soft} leaves room for {room}; {fix}",
+                "limit",
+            )
+    if invocation.per_call_client and open_calls is not None and max_socket < open_calls:
+        return (
+            f"{what} is below -l {open_calls}: past {max_socket} open calls sipp sends new calls over the sockets "
+            "of calls still open, that is over other users' kept connections; pass -max_socket "
+            f"{open_calls} or more"
+        )
+    return None
+
+
+def _number(invocation: SippInvocation, option: str) -> int | None:
+    values = invocation.options.get(option)
+    return int(values[-1]) if values and values[-1].isdigit() else None
+
+
+def check_handed_connections(count: int, soft: int, hard: int) -> None:
+    """A server run is handed ``count`` kept connections, each a descriptor in sipp: FdkeeperError
+    ("limit") when they would not fit under its open-file limit ``soft``."""
+    room = max(soft - SIPP_OWN_FILES, 0)
+    if count > room:
+        raise FdkeeperError(
+            f"fdkeeper: this server run would be handed {count} kept connections, but sipp's open-file limit "
+            f"{soft} leaves room for {room}; raise the limit (ulimit -n; hard limit {hard}) before the run",
+            "limit",
+        )
