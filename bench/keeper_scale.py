@@ -8,8 +8,14 @@ memory is read before and after each batch. Then Debian's sipp, in server mode w
 preload shim, is handed all N TCP connections at its listen(): the time from starting sipp
 to every descriptor being in sipp's table is measured.
 
-Goals: issue 4, under 10 kB per idle TCP connection, under 100 kB per TLS connection, all
-10,000 descriptors installed in under 100 ms; issue 3, under 100 kB per idle TLS connection.
+Goals: issue 20, at most 1 kB per idle TCP connection and 20 kB per idle TLS connection
+(issue 4's were under 10 kB and 100 kB); issue 4, all 10,000 descriptors installed in under
+100 ms. Limits: the bench raises its open-file limit to the hard limit, which the keeper and
+the peer inherit (3 descriptors per TLS connection in the keeper: the TCP socket and the
+socketpair); no Kamailio here (bench/ws_memory.py starts one, with tcp_max_connections and
+1 GB of shared memory for its users). The kernel's side is not in the keeper's RSS: an idle
+connection queues nothing, so its socket buffers (SO_SNDBUF/SO_RCVBUF: 16 kB/128 kB for TCP
+by default here, 208 kB each for the unix socketpair) cost only their socket structures.
 
     python3 bench/keeper_scale.py [--tcp 10000] [--tls 1000] [--handoffs 3]
 """
@@ -39,7 +45,7 @@ from fdkeeper.sipp.request import sipp_request
 from fdkeeper.testbed import SCENARIOS_DIR, free_port
 from fdkeeper.testbed.pki import make_test_pki
 
-GOAL_TCP_KB, GOAL_TLS_KB, GOAL_HANDOFF_MS = 10, 100, 100
+GOAL_TCP_KB, GOAL_TLS_KB, GOAL_HANDOFF_MS = 1, 20, 100
 
 
 def raise_fd_limit() -> None:
@@ -117,7 +123,7 @@ def handoff_seconds(keeper: KeeperClient, tcp_port: int, expected: int, workdir:
         handoff.argv,
         env={**os.environ, **handoff.env},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(workdir / "handoff.stderr.log").open("ab"),  # why sipp stopped, if it did
         stdin=subprocess.DEVNULL,
         cwd=workdir,
     )
@@ -125,7 +131,8 @@ def handoff_seconds(keeper: KeeperClient, tcp_port: int, expected: int, workdir:
         fd_dir = f"/proc/{sipp.pid}/fd"
         while len(os.listdir(fd_dir)) < expected:
             if sipp.poll() is not None:
-                raise RuntimeError(f"sipp exited with {sipp.returncode} before taking the connections")
+                said = (workdir / "handoff.stderr.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"sipp exited with {sipp.returncode} before taking the connections: {said}")
             if time.monotonic() - started > 30:
                 raise RuntimeError("sipp did not receive the connections within 30 s")
         return time.monotonic() - started
@@ -227,7 +234,8 @@ def report(options, base, after_tcp, after_tls, tcp_time, tls_time, handoffs, st
         goals.append(("handoff of all descriptors", handoff_ms, GOAL_HANDOFF_MS, "ms"))
     for name, value, goal, unit in goals:
         print(
-            f"{name}: {value:.1f} {unit} (goal: under {goal} {unit}): {'goal met' if value < goal else 'goal missed'}"
+            f"{name}: {value:.1f} {unit} (goal: at most {goal} {unit}): "
+            + ("goal met" if value <= goal else f"goal missed by {value - goal:.1f} {unit}")
         )
 
 

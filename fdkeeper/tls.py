@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -388,11 +389,13 @@ class TlsInfo(TypedDict):
 
 def describe(tls: ssl.SSLSocket, options: TlsOptions) -> TlsInfo:
     """What `fdkeeper status` shows of a TLS connection."""
+    version = tls.version()
+    # Interned: the same few strings in every kept connection's status, held once.
     return {
-        "version": tls.version(),
-        "cipher": (tls.cipher() or ("",))[0],
-        "peer_subject": _peer_subject(tls),
-        "sni": options.sni,
+        "version": sys.intern(version) if version else None,
+        "cipher": sys.intern((tls.cipher() or ("",))[0]),
+        "peer_subject": sys.intern(_peer_subject(tls)),
+        "sni": sys.intern(options.sni) if options.sni else None,
         "verified": not options.insecure,
     }
 

@@ -172,13 +172,14 @@ class TcpTransport(_Watched):
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         self._watched_by(health, connection)
         self._fd = connection.fileno()
-        health.reactor.watch(self._fd, health.idle_events, self._on_event, on_fault=self._fault)
+        health.reactor.watch(self._fd, health.idle_events, self, on_fault=self._fault)
 
     def unwatch(self, reactor: Reactor) -> None:
         if self._fd >= 0:
             reactor.unwatch(self._fd)
 
-    def _on_event(self, mask: int) -> None:
+    def __call__(self, mask: int) -> None:
+        """The Reactor's handler of its socket's events (itself: no bound method per connection)."""
         health, connection = self._health, self._connection
         if connection.sock is None:
             return
