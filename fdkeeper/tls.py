@@ -92,9 +92,10 @@ class TlsOptions:
 def client_context(options: TlsOptions) -> ssl.SSLContext:
     """The SSL context for ``options``, shared by every connection opened with the same options
     while the files they name hold the same bytes (each is read again, without blocking:
-    read_tls_file). A context costs about 40 kB of OpenSSL memory (more with a CA bundle) and a
-    millisecond to make, and every TLS socket keeps its own alive: one per connection was most of
-    an idle TLS connection's memory. A key log is never shared (its file is opened per context)."""
+    read_tls_file). A context costs OpenSSL 14 kB and 0.3 ms to make, 19 kB and 0.8 ms with a CA
+    file, 850 kB and 35 ms with the system's trust store, and every TLS socket keeps its own alive:
+    one per connection was most of an idle TLS connection's memory. A key log is never shared (its
+    file is opened per context)."""
     files = _TlsFiles.read(options)
     if options.keylog:
         return _new_context(options, files)
