@@ -138,10 +138,7 @@ def _parse_seconds(value: str) -> float:
     return seconds
 
 
-@functools.lru_cache(maxsize=1024)
 def _parse_address(value: str) -> Address:
-    # Cached (an Address is an immutable tuple; a ValueError is not cached): a per-call run's
-    # every LEASE names the same remote= and local=, and ipaddress parses in some 40 calls.
     if not value.isascii() or any(c.isspace() for c in value):
         raise ValueError("is not a numeric address")
     return parse_address(value)
@@ -275,6 +272,23 @@ REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 
 def parse_field(verb: str, key: str, raw: str) -> FieldValue:
     """One ``key=raw`` of ``verb``, percent-decoded and checked; ProtocolError naming the field."""
+    if len(raw) <= MAX_CACHED_VALUE:
+        return _parse_short_field(verb, key, raw)
+    return _parse_field(verb, key, raw)
+
+
+# A per-call run's LEASEs repeat the same role=, transport=, remote=, local= and, call after
+# call, the same users' aor=: a short value is parsed once (the parsed values are immutable; a
+# refused one, which raises, is not kept). Bounded: at most 4096 values of at most 256 characters.
+MAX_CACHED_VALUE = 256
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_short_field(verb: str, key: str, raw: str) -> FieldValue:
+    return _parse_field(verb, key, raw)
+
+
+def _parse_field(verb: str, key: str, raw: str) -> FieldValue:
     spec = VERBS[verb][key]
     value = raw
     if "%" in raw:
@@ -340,8 +354,8 @@ class Request:
     def _of(self, key: str, kind: type[T], what: str) -> T | None:
         """``key``'s value, None if absent; TypeError if VERBS does not give it that kind."""
         value = self.fields.get(key)
-        if value is None:
-            return None
+        if value is None or type(value) is kind:  # the usual case, in one test (a dozen a LEASE)
+            return value
         # A flag is an int to isinstance, and never a whole number.
         if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
             return value

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fdkeeper.address import format_address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.connection import CLOSED, KeptConnection
 from fdkeeper.keeper.control import ControlClient
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.loop import Reactor
-from fdkeeper.protocol import Request, format_failure
+from fdkeeper.protocol import Request, format_failure, format_message
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -32,6 +33,23 @@ class Holder:
     pid: int
     pidfd: int
     connection_ids: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Repeat:
+    """A client LEASE answered in full once, for answering the same request again without
+    parsing it or asking the pool (a per-call run leases its users' connections once a call)."""
+
+    connection: KeptConnection
+    fds_packet: bytes  # the FDS packet the full path sent: the connection's id and addresses
+    mode: str
+    transfer: str
+
+
+# The repeats kept: a few per connection at most (a hostile client varying its requests only
+# empties the table, which the next full answers fill again).
+REPEATS_PER_CONNECTION = 2
+LEASE_OK_ONE = b"OK count=1"
 
 
 class Leases:
@@ -47,6 +65,57 @@ class Leases:
         self.health = health
         self.on_release = on_release  # a lease ended: connections may have become free
         self.holders: dict[int, Holder] = {}
+        self.repeats: dict[bytes, Repeat] = {}  # request packet -> what answered it (answer_repeat)
+        self.last_granted: KeptConnection | None = None  # by the request being answered
+
+    def answer_repeat(self, client: ControlClient, data: bytes) -> bool:
+        """Answer ``data`` as before, if it is a client LEASE answered in full already, its
+        connection still open, no ping out, and held by ``client`` or idle with ``client``'s
+        process holding leases already: exactly what the full path would do (grant, OK, FDS),
+        without parsing or the pool. False: not such a request, the full path answers it."""
+        self.last_granted = None
+        repeat = self.repeats.get(data)
+        if repeat is None:
+            return False
+        connection, pid = repeat.connection, client.pid
+        holder = connection.holder_pid
+        if (
+            connection.sock is None
+            or connection.ping_sent_at is not None
+            or self.connections.get(connection.id) is not connection
+            or (holder != pid and (holder is not None or pid not in self.holders))
+        ):
+            del self.repeats[data]
+            return False
+        new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
+        connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
+        client.send(LEASE_OK_ONE)
+        client.send(repeat.fds_packet, (connection.fileno(),))
+        level = logging.INFO if new else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(level, "leased %s to pid %d", connection.label(), pid)
+        return True
+
+    def remember_repeat(self, data: bytes, request: Request) -> None:
+        """After the full path answered ``request`` (packet ``data``): a client LEASE that granted
+        one per-user connection is kept for answer_repeat."""
+        connection, self.last_granted = self.last_granted, None
+        if (
+            connection is None
+            or connection.aor is None
+            or connection.sock is None
+            or request.verb != "LEASE"
+            or request.text("role") != "client"
+            or request.number("for_pid") is not None
+        ):
+            return
+        if len(self.repeats) >= REPEATS_PER_CONNECTION * len(self.connections):
+            self.repeats.clear()
+        fds_packet = format_message(
+            "FDS", ids=connection.id, peers=format_address(connection.remote), locals=format_address(connection.local)
+        )
+        mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
+        self.repeats[data] = Repeat(connection, fds_packet, mode, transfer)
 
     def grant(self, connection: KeptConnection, pid: int) -> bool:
         """Lease ``connection`` to ``pid``; whether that is new (False: ``pid`` holds it already,
@@ -56,11 +125,13 @@ class Leases:
             if connection.state == CLOSED:
                 raise connection.closed_error()
         if connection.holder_pid == pid:
+            self.last_granted = connection
             return False
         holder = self.holders.get(pid) or self._new_holder(pid)
         holder.connection_ids.add(connection.id)
         connection.holder_pid = pid
         connection.leases += 1
+        self.last_granted = connection
         return True
 
     def refuse_if_held_by_other(self, connection: KeptConnection, pid: int | None) -> None:

@@ -194,6 +194,8 @@ class Keeper:
                 client.send(format_error("denied", f"fdkeeper: uid {uid} may not use this keeper"))
                 self.clients.drop(client)
                 return
+            if self.leases.answer_repeat(client, data):  # a per-call run's LEASE again (I20c)
+                return
             request = parse_request(data)
         except BlockingIOError:
             return  # woken for a hang-up with a packet still to come, or spuriously
@@ -205,6 +207,7 @@ class Keeper:
             self.clients.drop(client)
             return
         self._dispatch(client, request)
+        self.leases.remember_repeat(data, request)
 
     def _dispatch(self, client: ControlClient, request: Request) -> None:
         pid = client.pid

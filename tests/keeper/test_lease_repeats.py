@@ -1,0 +1,60 @@
+"""A per-call run's repeated LEASE (keeper/leases.py answer_repeat): answered as the full path
+answers it, and never where the full path would answer otherwise (closed, held by another run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fdkeeper.client import KeeperClient
+from fdkeeper.errors import FdkeeperError
+from fdkeeper.testbed import wait_until
+from tests.support.keeper import remote_of
+
+
+def per_user(remote: str, user: str) -> dict[str, object]:
+    return {"role": "client", "transport": "tcp", "remote": remote, "local": "-", "aor": f"sip:{user}@fdkeeper.test"}
+
+
+def lease_answer(client: KeeperClient, fields: dict[str, object]) -> tuple[list[int], list[str], list[str]]:
+    """One LEASE's ids, peers and locals (its descriptors closed)."""
+    leased = client.lease_connections(**fields)
+    for fd in leased.fds:
+        os.close(fd)
+    return leased.ids, leased.peers, leased.locals
+
+
+def test_a_repeated_lease_gets_the_same_answer_and_a_closed_connection_its_error(keeper, peer):
+    remote = remote_of(peer)
+    alice = per_user(remote, "alice")
+    # The first opens (answered once open), the second is answered in full, the rest as repeats.
+    answers = [lease_answer(keeper, alice) for _ in range(4)]
+    sut_side, _ = peer.accept()
+    assert answers == [answers[0]] * 4 and answers[0][0] == [1]
+    [row] = keeper.status()["connections"]
+    assert (row["state"], row["holder_pid"], row["leases"], row["mode"]) == ("leased", os.getpid(), 1, "preload")
+    sut_side.close()
+    wait_until(lambda: keeper.status()["connections"][0]["state"] == "closed")
+    with pytest.raises(FdkeeperError, match="was closed") as closed:
+        lease_answer(keeper, alice)
+    assert closed.value.code == "closed"
+
+
+def test_a_repeat_of_a_connection_another_run_holds_is_busy(keeper, peer):
+    remote = remote_of(peer)
+    lease_answer(keeper, per_user(remote, "alice"))  # this process holds leases
+    bob = per_user(remote, "bob")
+    for _ in range(2):
+        lease_answer(keeper, bob)  # answered in full, then kept as a repeat
+    pid = os.fork()
+    if pid == 0:  # another run asking for bob (never returns into pytest)
+        status = 1
+        try:
+            with pytest.raises(FdkeeperError, match="leased by pid") as busy:
+                lease_answer(keeper, bob)  # held by the parent: busy, as the full path says
+            status = 0 if busy.value.code == "busy" else 1
+        except BaseException as error:
+            os.write(2, f"child: {error}\n".encode())
+        os._exit(status)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
