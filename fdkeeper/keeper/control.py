@@ -73,15 +73,21 @@ def descriptors_held(error: OSError) -> str:
     return f"it holds {held} descriptors, its RLIMIT_NOFILE is {limit}"
 
 
+# A packet of a stream that carries descriptors, made when it is sent: the descriptors are then
+# the connections' own, never copies queued (19,000 copies beside the 19,000 originals would not
+# fit under the keeper's open-file limit); None when one of them has closed since.
+DescriptorPacket = Callable[[], "tuple[bytes, list[int]] | None"]
+
+
 class ReplyStream:
     """A reply made as the client reads it: the next packet is produced only once the socket
     took the one before (so a reply's size costs the keeper a packet or a batch of memory)."""
 
-    def __init__(self, packets: Iterator[bytes]) -> None:
+    def __init__(self, packets: Iterator[bytes | DescriptorPacket]) -> None:
         self._packets = packets
-        self._next: bytes | None = None
+        self._next: bytes | DescriptorPacket | None = None
 
-    def peek(self) -> bytes | None:
+    def peek(self) -> bytes | DescriptorPacket | None:
         """The packet to send next; None once the reply is complete."""
         if self._next is None:
             self._next = next(self._packets, None)
@@ -133,7 +139,7 @@ class ControlClient:
         self._queued_bytes += len(message)
         self.reactor.rewatch(self.fileno(), select.EPOLLIN | select.EPOLLOUT)
 
-    def send_stream(self, packets: Iterator[bytes]) -> None:
+    def send_stream(self, packets: Iterator[bytes | DescriptorPacket]) -> None:
         """Send a reply of any size, produced packet by packet while the client reads it.
 
         Bounded by progress, not by size: the client is dropped only if it stops reading
@@ -152,10 +158,15 @@ class ControlClient:
         while self._queue:
             head = self._queue[0]
             if isinstance(head, ReplyStream):
-                message, fds = head.peek(), []
-                if message is None:  # that reply is complete
+                packet = head.peek()
+                if packet is None:  # that reply is complete
                     self._queue.popleft()
                     continue
+                made = (packet, []) if isinstance(packet, bytes) else packet()
+                if made is None:  # a descriptor the reply promised has closed: it cannot be completed
+                    self.overflowed = True
+                    return
+                message, fds = made
             else:
                 message, fds = head
             try:
