@@ -241,6 +241,9 @@ _LEASE_KEYS = {
     "for_pid": _whole_number(1, MAX_PID),  # ptrace mode: the lease is the traced program's, asked for by its tracer
     "mode": _choice("preload", "ptrace"),  # how the descriptor reaches the program, for status
     "transfer": _choice("scm", "pidfd"),
+    # The client reads an OK that carries a one-connection answer itself (ids=, peers=, locals=
+    # and the descriptor): the shim's per-call LEASE, answered once a call.
+    "inline": FLAG,
     **TLS_KEYS,
     **WS_KEYS,
 }

@@ -44,6 +44,7 @@ class Repeat:
     fds_packet: bytes  # the FDS packet the full path sent: the connection's id and addresses
     mode: str
     transfer: str
+    inline: bool  # the request's inline=1: one packet, "OK count=1 ids=..." with the descriptor
 
 
 # The repeats kept: a few per connection at most (a hostile client varying its requests only
@@ -89,8 +90,11 @@ class Leases:
             return False
         new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
         connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
-        client.send(LEASE_OK_ONE)
-        client.send(repeat.fds_packet, (connection.fileno(),))
+        if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
+            client.send(LEASE_OK_ONE + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
+        else:
+            client.send(LEASE_OK_ONE)
+            client.send(repeat.fds_packet, (connection.fileno(),))
         level = logging.INFO if new else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, "leased %s to pid %d", connection.label(), pid)
@@ -115,7 +119,7 @@ class Leases:
             "FDS", ids=connection.id, peers=format_address(connection.remote), locals=format_address(connection.local)
         )
         mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
-        self.repeats[data] = Repeat(connection, fds_packet, mode, transfer)
+        self.repeats[data] = Repeat(connection, fds_packet, mode, transfer, request.flag("inline"))
 
     def grant(self, connection: KeptConnection, pid: int) -> bool:
         """Lease ``connection`` to ``pid``; whether that is new (False: ``pid`` holds it already,

@@ -272,45 +272,20 @@ static int next_packet(int s, char *buf, struct ctl_result *res, int *truncated,
     return 0;
 }
 
-/* The first packet: OK count=N (N in *want) or ERR (res says so). 0 or -1. */
-static int read_count(int s, char *buf, struct ctl_result *res, int *want)
+/* A packet with ids=... (FDS, or OK answered inline) that carried the
+ * descriptors res->fds[before..nfds): one per id, at most want in all, and
+ * their addresses. 0 or -1 (res says why). */
+static int take_fds(const char *buf, struct ctl_result *res, int before, int want, int truncated)
 {
-    char v[16];
-    int truncated;
+    int ids = 1;
+    const char *v = strstr(buf, " ids=");
 
-    if (next_packet(s, buf, res, &truncated, "without an answer") != 0)
-        return -1;
-    if (res->nfds) { /* descriptors on the OK packet: not in the protocol */
-        proto_error(res, "%s", "the keeper sent descriptors with its first reply");
-        return -1;
-    }
-    if (parse_err(buf, res))
-        return -1;
-    if (strncmp(buf, "OK ", 3) != 0 || token(buf, "count", v, sizeof v) != 0 ||
-        (*want = parse_count(v, 1 << 20)) < 0) {
-        proto_error(res, "unexpected reply '%.200s'", buf);
-        return -1;
-    }
-    return 0;
-}
-
-/* One FDS ids=... packet: its descriptors and addresses appended to res, at
- * most want in all. 0 or -1 (res says why). */
-static int read_fds(int s, char *buf, struct ctl_result *res, int want)
-{
-    int before = res->nfds, ids = 1, truncated;
-    const char *v;
-
-    if (next_packet(s, buf, res, &truncated, "in the middle of a reply") != 0)
-        return -1;
     if (truncated) {
         proto_error(res, "%s", "descriptors were lost in transit (too many in one packet, "
                                "or the file descriptor limit was reached)");
         return -1;
     }
-    if (parse_err(buf, res))
-        return -1;
-    if (strncmp(buf, "FDS ", 4) != 0 || !(v = strstr(buf, " ids=")) || !v[5]) {
+    if (!v || !v[5]) {
         proto_error(res, "unexpected packet '%.200s'", buf);
         return -1;
     }
@@ -321,6 +296,52 @@ static int read_fds(int s, char *buf, struct ctl_result *res, int want)
         return -1;
     }
     return parse_addrs(buf, res, before);
+}
+
+/* The first packet: OK count=N (N in *want) or ERR (res says so); with a
+ * per-call lease's inline=1, OK count=N ids=... with the descriptors (then
+ * res holds them all). 0 or -1. */
+static int read_count(int s, char *buf, struct ctl_result *res, int *want)
+{
+    char v[16];
+    int truncated;
+
+    if (next_packet(s, buf, res, &truncated, "without an answer") != 0)
+        return -1;
+    if (res->nfds && !strstr(buf, " ids=")) { /* descriptors without ids=: not in the protocol */
+        proto_error(res, "%s", "the keeper sent descriptors with its first reply");
+        return -1;
+    }
+    if (parse_err(buf, res))
+        return -1;
+    if (strncmp(buf, "OK ", 3) != 0 || token(buf, "count", v, sizeof v) != 0 ||
+        (*want = parse_count(v, 1 << 20)) < 0) {
+        proto_error(res, "unexpected reply '%.200s'", buf);
+        return -1;
+    }
+    if (res->nfds && (take_fds(buf, res, 0, *want, truncated) != 0 || res->nfds != *want)) {
+        if (res->status == CTL_OK)
+            proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);
+        return -1;
+    }
+    return 0;
+}
+
+/* One FDS ids=... packet: its descriptors and addresses appended to res, at
+ * most want in all. 0 or -1 (res says why). */
+static int read_fds(int s, char *buf, struct ctl_result *res, int want)
+{
+    int before = res->nfds, truncated;
+
+    if (next_packet(s, buf, res, &truncated, "in the middle of a reply") != 0)
+        return -1;
+    if (!truncated && parse_err(buf, res))
+        return -1;
+    if (!truncated && strncmp(buf, "FDS ", 4) != 0) {
+        proto_error(res, "unexpected packet '%.200s'", buf);
+        return -1;
+    }
+    return take_fds(buf, res, before, want, truncated);
 }
 
 /* The kept control connection. A per-call run leases once a call: a fresh

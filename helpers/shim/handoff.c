@@ -129,8 +129,8 @@ static int lease_one(const struct fde *snap, const char *transport, const char *
     else
         strcpy(bound, "-");
     snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s%s%s", transport,
-             cfg->remote_str, bound, cfg->reconnect ? " reconnect=1" : "", aor ? " aor=" : "",
-             aor ? aor : "");
+             cfg->remote_str, bound, cfg->reconnect ? " reconnect=1" : "",
+             aor ? " inline=1 aor=" : "", aor ? aor : ""); /* per call: an OK that may carry it */
     if (lease_request(req, &res, what) != 0)
         return -1;
     if (res.nfds != 1) {

@@ -4,11 +4,13 @@ answers it, and never where the full path would answer otherwise (closed, held b
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.protocol import format_message, receive_packet
 from fdkeeper.testbed import wait_until
 from tests.support.keeper import remote_of
 
@@ -58,3 +60,23 @@ def test_a_repeat_of_a_connection_another_run_holds_is_busy(keeper, peer):
             os.write(2, f"child: {error}\n".encode())
         os._exit(status)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_a_repeat_asked_inline_is_one_packet(keeper, peer):
+    """inline=1 (the shim's per-call LEASE): the repeat's OK carries the FDS part and the descriptor."""
+    request = format_message("LEASE", inline=True, **per_user(remote_of(peer), "carol"))
+    replies, in_one = [], []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(str(keeper.path))
+        for _ in range(3):  # opened, answered in full, then a repeat
+            sock.send(request)
+            data, fds = receive_packet(sock)
+            in_one.append(bool(fds))
+            if not fds:
+                data, fds = receive_packet(sock)
+            replies.append(data.split(b" ", 2)[-1] if data.startswith(b"OK") else data.split(b" ", 1)[1])
+            for fd in fds:
+                os.close(fd)
+    assert replies[0].startswith(b"ids=1 peers=") and replies == [replies[0]] * 3
+    assert in_one == [False, False, True]

@@ -763,7 +763,7 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
         assert r.returncode == 0, r.stdout + r.stderr
         kv = parse(r.stdout)
         assert k.requests == [
-            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 aor={aor}"
+            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 inline=1 aor={aor}"
             for _, _, aor in PERCALL_CALLS
         ]
         assert k.peer_pids == [k.peer_pids[0]] * len(PERCALL_CALLS)
@@ -845,7 +845,7 @@ def test_per_call_keeper_error(build, keeper_dir, sut):
         assert kv["c0_send"] == "-1" and kv["c0_send_errno"] == "EBUSY"
         assert r.stderr == text + "\n"
         assert k.requests == [
-            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 aor=sip:alice@fdkeeper.test"
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 inline=1 aor=sip:alice@fdkeeper.test"
         ]
         assert int(kv["fds_end"]) == int(kv["fds_base"]) + 1  # the control connection, kept after ERR too
     finally:
@@ -910,18 +910,52 @@ class ReusingKeeper(FakeKeeper):
                         break
 
 
-@pytest.mark.parametrize("close_after,accepted", [(1000, 1), (1, 3)])
-def test_control_connection_kept_between_leases(build, keeper_dir, sut, close_after, accepted):
+class InlineAnswers:
+    """A control connection whose "OK count=1" goes out with the FDS packet after it, as one
+    packet (the keeper's answer to a LEASE with inline=1 it answered before)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.held = conn, b""
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+    def send(self, data: bytes) -> int:
+        if data.startswith(b"OK count="):
+            self.held = data
+            return len(data)
+        return self.conn.send(data)
+
+    def sendmsg(self, buffers, ancdata) -> int:
+        message = b"".join(buffers)
+        if self.held:
+            message, self.held = self.held + message.removeprefix(b"FDS"), b""
+        return self.conn.sendmsg([message], ancdata)
+
+
+class InlineKeeper(ReusingKeeper):
+    """Answers every LEASE with inline=1 in one packet."""
+
+    def _one(self, conn: socket.socket) -> None:
+        inline = "inline=1" in conn.recv(4097, socket.MSG_PEEK).decode().split()
+        super()._one(InlineAnswers(conn) if inline else conn)
+
+
+@pytest.mark.parametrize(
+    "kind,close_after,accepted", [(ReusingKeeper, 1000, 1), (ReusingKeeper, 1, 3), (InlineKeeper, 1000, 1)]
+)
+def test_control_connection_kept_between_leases(build, keeper_dir, sut, kind, close_after, accepted):
     """One control connection carries a process's leases; one the keeper closed meanwhile is
-    replaced at the next lease, which still gets its answer."""
-    k = ReusingKeeper(keeper_dir / "control.sock", sut, close_after=close_after)
+    replaced at the next lease, which still gets its answer; an answer inline (the OK packet
+    with the descriptor) is taken as the two packets are."""
+    k = kind(keeper_dir / "control.sock", sut, close_after=close_after)
     responder = SutResponder(k)
     try:
         calls = [f"send|From: <sip:u{c}@fdkeeper.test>" for c in range(3)]
         r = run(
             build,
             ["percall", "127.0.0.1", str(sut.port), "127.0.0.1", *calls],
-            shim_env(build, k.path, remote=sut.addr),
+            shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1"),
         )
     finally:
         responder.stop()
@@ -930,6 +964,7 @@ def test_control_connection_kept_between_leases(build, keeper_dir, sut, close_af
     kv = parse(r.stdout)
     assert [kv[f"c{c}_got"] for c in range(3)] == [f"{c}:call-{c}" for c in range(3)]
     assert len(k.requests) == 3 and len(set(k.peer_pids)) == 1
+    assert all(" inline=1 aor=" in request for request in k.requests)
     assert k.accepted == accepted
     assert r.stderr == ""
 
@@ -1027,7 +1062,7 @@ def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
     try:
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
         assert k.requests == [
-            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 aor=sip:{user}@fdkeeper.test"
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 inline=1 aor=sip:{user}@fdkeeper.test"
             for user in ("alice", "bob", "alice")
         ]
         assert k.leased == [0, 1, 0]
