@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import resource
 
+from fdkeeper.address import format_address
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import HandoffRequest
 from fdkeeper.sipp.args import SippInvocation
 
 SIPP_MAX_SOCKET = 50000  # sipp's DEFAULT_MAX_MULTI_SOCKET: -max_socket when not given
@@ -82,3 +84,16 @@ def check_handed_connections(count: int, soft: int, hard: int) -> None:
             f"{soft} leaves room for {room}; raise the limit (ulimit -n; hard limit {hard}) before the run",
             "limit",
         )
+
+
+def sut_limit_notice(closed_after: int | None, closed_before: int, request: HandoffRequest) -> str | None:
+    """After a per-user run: the line naming the SuT's connection limit when the SuT closed some
+    of the run's kept connections (a SuT at its limit accepts and at once closes or resets)."""
+    if closed_after is None or closed_after <= closed_before or request.remote is None:
+        return None
+    return (
+        f"the SuT at {format_address(request.remote)}/{request.transport} closed {closed_after - closed_before} "
+        "kept connection(s) during this run ('fdkeeper status --state closed' lists them): a SuT that ends "
+        "new connections mid-run has most likely reached its connection limit (Kamailio: tcp_max_connections, "
+        "open_files_limit); raise it, then run again with --reconnect"
+    )

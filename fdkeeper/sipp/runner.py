@@ -19,13 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fdkeeper.address import Address, format_address
+from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.handoff import KeeperSettings, Plan, Run, notice, opening_fields, run_handed_over
 from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, UdpOptions
 from fdkeeper.process import spawn
 from fdkeeper.protocol import OVER_TLS
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
-from fdkeeper.sipp.limits import check_handed_connections, check_sipp_sockets, raise_open_file_limit
+from fdkeeper.sipp.limits import (
+    check_handed_connections,
+    check_sipp_sockets,
+    raise_open_file_limit,
+    sut_limit_notice,
+)
 from fdkeeper.sipp.request import keeper_transport, sipp_needs, sipp_request
 from fdkeeper.sipp.scenario import WRITTEN_TRANSPORT, tls_arguments
 from fdkeeper.sipp.tlsoptions import keeper_tls_options
@@ -198,6 +204,32 @@ class SippRun(Run):
 
     @contextmanager
     def for_keeper(self, request: HandoffRequest) -> Iterator[HandoffRequest]:
+        """The run, and after it a per-user run says when the SuT closed some of its connections."""
+        closed_before = self._closed_by_the_sut(request)
+        try:
+            with self._scenario_copies(request) as for_run:
+                yield for_run
+        finally:
+            if closed_before is not None:
+                said = sut_limit_notice(self._closed_by_the_sut(request), closed_before, request)
+                if said:
+                    notice(said)
+
+    def _closed_by_the_sut(self, request: HandoffRequest) -> int | None:
+        """How many kept connections of a per-user run's SuT and transport are closed (None: not asked)."""
+        if not (request.per_call and request.remote):
+            return None
+        try:
+            status = KeeperClient(self.directory).status(
+                state="closed", remote=request.remote, transport=request.transport, count=True
+            )
+        except (FdkeeperError, OSError):
+            return None
+        count = status.get("count")
+        return count if isinstance(count, int) else None
+
+    @contextmanager
+    def _scenario_copies(self, request: HandoffRequest) -> Iterator[HandoffRequest]:
         """Over TLS, WS or WSS sipp speaks TCP to the keeper and the scenario says TLS, WS or
         WSS: copies of the scenarios for the run, removed after it."""
         if self.transport not in WRITTEN_TRANSPORT:

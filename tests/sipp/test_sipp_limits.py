@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes import HandoffRequest
 from fdkeeper.sipp.args import parse_sipp_args
-from fdkeeper.sipp.limits import SIPP_OWN_FILES, check_handed_connections, check_sipp_sockets
+from fdkeeper.sipp.limits import SIPP_OWN_FILES, check_handed_connections, check_sipp_sockets, sut_limit_notice
 
 REMOTE = "127.0.0.1:5060"
 
@@ -74,3 +75,11 @@ def test_fdkeeper_sipp_says_it_in_one_line_before_anything_starts(tmp_path: Path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "above its open-file limit 1024" in lines[0], result.stderr
     assert not (tmp_path / "state" / "keeper.lock").exists()  # no keeper started for a run that cannot start
+
+
+def test_connections_the_sut_closed_during_a_per_user_run_name_its_connection_limit():
+    request = HandoffRequest(Path("sipp"), [], "client", Path("c"), ("127.0.0.1", 5060), per_call=True)
+    said = sut_limit_notice(7, 2, request)
+    assert said is not None and said.startswith("the SuT at 127.0.0.1:5060/tcp closed 5 kept connection(s)"), said
+    assert "connection limit (Kamailio: tcp_max_connections" in said and "--reconnect" in said, said
+    assert sut_limit_notice(2, 2, request) is None and sut_limit_notice(None, 2, request) is None
