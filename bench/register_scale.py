@@ -8,7 +8,10 @@ keeps all N. Goal: (b)'s registrations/s (successful REGISTERs / sipp's elapsed 
 (a)'s. Then, with the N connections kept:
   * `fdkeeper status --count` (the CLI, its Python start-up included): goal under 1 s;
   * the N connections handed to one server-mode sipp (preload shim), from sipp's start to every
-    descriptor in its table (bench/keeper_scale.py's handoff_seconds): goal under 0.2 s.
+    descriptor in its table (bench/keeper_scale.py's handoff_seconds): goal under 0.2 s;
+  * a call to any of them answered by a later run: one server run through fdkeeper (-t tn, handed
+    every kept connection) answers calls to 20 random users, placed by plain sipp over UDP
+    through Kamailio (scenarios/uac-call-users.xml).
 
 Set-up (loopback, a temp dir, removed at the end):
   * the soft open-file limit of this process raised to its hard limit (inherited by Kamailio, the
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import resource
 import shutil
 import statistics
@@ -50,6 +54,8 @@ from fdkeeper.demo import start_through_fdkeeper
 
 USERS, RATE, LIMIT = 19000, 2000.0, 1000
 GOAL_STATUS_S, GOAL_HANDOFF_S = 1.0, 0.2
+CALL_SAMPLE = 20  # users called once the registration is kept
+CALLER = Path(__file__).resolve().parent.parent / "scenarios" / "uac-call-users.xml"  # To: [field0]@[field1]
 SUT_HEADROOM = 600  # Kamailio's connections beyond the users' (the callee, kamcmd, a run's overlap)
 SUT_OWN_FILES = 400  # Kamailio's own descriptors (processes' pipes, sockets, logs) under its limit
 TIME_WAIT_LEFT = 2000  # at most this many sockets in TIME_WAIT when a registration starts
@@ -205,6 +211,55 @@ def measure_kept(args: argparse.Namespace, keeper_dir: Path, kamailio: testbed.K
     print(
         f"  {kept} connections into one server-mode sipp, from its start: median {median * 1000:.0f} ms (runs "
         f"{', '.join(f'{s * 1000:.0f}' for s in handoffs)} ms; goal under {GOAL_HANDOFF_S * 1000:.0f} ms): {verdict}",
+        flush=True,
+    )
+    call_a_sample(args, keeper_dir, kamailio, workdir, kept)
+
+
+def call_a_sample(args: argparse.Namespace, keeper_dir: Path, kamailio: testbed.Kamailio, workdir: Path, kept: int):
+    """A later run answers any of them: a server run through fdkeeper, handed every kept
+    connection, answers calls to a random sample of the users, placed by plain sipp over UDP
+    through Kamailio (which reaches each user over that user's kept connection)."""
+    names = random.Random(20).sample(user_names(args.users), min(CALL_SAMPLE, args.users))
+    csv = testbed.write_users_csv(workdir / "sample.csv", names, kamailio.domain)
+    logs = workdir / "logs"
+    answer = start_through_fdkeeper(
+        args.sipp,
+        "uas-answer.xml",
+        kamailio.address,
+        directory=keeper_dir,
+        log_dir=logs,
+        name="answer",
+        transport="tn",
+        local_ip=kamailio.host,
+        local_port=testbed.free_port(),
+        calls=len(names),
+        timeout=90,
+        extra=["-max_socket", str(kept + 500)],
+    )
+    keeper = KeeperClient(keeper_dir)
+    deadline = time.monotonic() + 30
+    while keeper.status(state="leased", count=True)["count"] < kept and time.monotonic() < deadline:
+        time.sleep(0.1)
+    calls = testbed.run_sipp(
+        args.sipp,
+        CALLER,
+        kamailio.address,
+        log_dir=logs,
+        name="calls",
+        wait=90,
+        transport="u1",
+        local_ip=kamailio.host,
+        calls=len(names),
+        rate=10,
+        timeout=60,
+        extra=["-inf", str(csv)],
+    )
+    answered = answer.wait(90)
+    verdict = "ok" if calls.ok and answered.ok and answered.successful == len(names) else "FAILED"
+    print(
+        f"  calls to {len(names)} random users answered by one later server run: {answered.successful} "
+        f"answered, caller {calls.successful} successful, {calls.failed} failed: {verdict}",
         flush=True,
     )
 
