@@ -20,7 +20,8 @@ Set-up (loopback, a temp dir, removed at the end):
     the open-file limit less 400), open_files_limit tcp_max_connections + 1024 (capped at the
     hard limit), 1 GB of shared memory;
   * scenarios/uac-register.xml over an -inf CSV of N users (SEQUENTIAL), -r RATE -l LIMIT
-    -max_socket 4*LIMIT, -recv_timeout 10000; (a) first, then, once the sockets (a) left in
+    -max_socket 4*LIMIT, -recv_timeout 10000 ((a)'s users named usrA..., the same length, so that
+    their stale contacts do not fork the sample calls); (a) first, then, once the sockets (a) left in
     TIME_WAIT are gone (they hold local ports of the range the keeper's N take), (b).
 
 --keeper-profile FILE runs the keeper under cProfile (its figures are then not the keeper's
@@ -158,6 +159,10 @@ def main() -> int:
     try:
         kamailio.start()
         csv = testbed.write_users_csv(workdir / "users.csv", user_names(args.users), kamailio.domain)
+        # (a)'s users are others of the same length: their contacts (ports of connections sipp
+        # closed) would otherwise stay registered beside (b)'s and fork the sample calls to them.
+        plain_names = [name.replace("user", "usrA", 1) for name in user_names(args.users)]
+        plain_csv = testbed.write_users_csv(workdir / "plain-users.csv", plain_names, kamailio.domain)
         print(
             f"register_scale: {args.users} users over -t tn, -r {args.rate:g} -l {args.limit}; open files "
             f"{soft} (hard {hard}); Kamailio tcp_max_connections {tcp_max}, {SHM_MB} MB shm; "
@@ -169,7 +174,7 @@ def main() -> int:
             def plain(scenario: str, remote: str, **options: object) -> testbed.SippProcess:
                 return testbed.start_sipp(args.sipp, scenario, remote, log_dir=logs, **options)
 
-            results["a"] = register(plain, args, csv, kamailio, "a-plain")
+            results["a"] = register(plain, args, plain_csv, kamailio, "a-plain")
         if args.only != "a":
             keeper = start_keeper(keeper_dir, args.keeper_profile, logs)
 

@@ -334,21 +334,35 @@ class Keeper:
         return self._prepared_reply(request, self.pool.select(request, None))
 
     def _prepared_reply(self, request: Request, connections: list[KeptConnection]) -> bytes:
-        ids = ",".join(str(c.id) for c in connections) or None
+        """OK with the ids of what the run is handed and what it is told of; each list names at most
+        LISTED ids and its count= field says how many there are (a server run handed 19,000 would not
+        fit in one message)."""
         # Only a server run is handed "all of them" and so told which were left out (and a
         # scan per client PREPARE would make opening 10,000 users quadratic).
         closed_matching = self.pool.closed_matching(request) if request.text("role") == "server" else []
-        closed = ",".join(str(c.id) for c in closed_matching) or None
         # A connection no run has used yet that replaced a closed one: the runner says so.
-        replaced = ",".join(str(c.replaces) for c in connections if c.replaces and not c.leases) or None
+        replaced = [str(c.replaces) for c in connections if c.replaces and not c.leases]
         # A server run handed connections of another identity (keeper/identity.py): the runner says so.
-        borrowed = (
-            ",".join(f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)) or None
-        )
+        borrowed = [f"{c.id}@{format_address(c.local)}" for c in self.pool.borrowed(request, connections)]
         # A client run given a connection an earlier run leased: its TLS handshake (server name,
         # key log) was made for that run, which the runner says when this run asked for others.
-        reused = ",".join(str(c.id) for c in connections if c.leases) if request.text("role") == "client" else ""
-        return format_message("OK", ids=ids, closed=closed, replaced=replaced, borrowed=borrowed, reused=reused or None)
+        reused = [str(c.id) for c in connections if c.leases] if request.text("role") == "client" else []
+        return format_message(
+            "OK",
+            **_listed("ids", [str(c.id) for c in connections]),
+            **_listed("closed", [str(c.id) for c in closed_matching]),
+            **_listed("replaced", replaced),
+            **_listed("borrowed", borrowed),
+            **_listed("reused", reused),
+        )
+
+
+LISTED = 20  # ids a PREPARE reply's list names; its count says how many there are
+
+
+def _listed(name: str, items: list[str]) -> dict[str, str | int | None]:
+    """``name``=the first LISTED items, and past that ``name_count``= how many there are."""
+    return {name: ",".join(items[:LISTED]) or None, f"{name}_count": len(items) if len(items) > LISTED else None}
 
 
 STATUS_BATCH = 256  # connections serialised per step of a status stream

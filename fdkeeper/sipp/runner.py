@@ -160,9 +160,11 @@ class SippRun(Run):
 
     def prepared(self, fields: dict[str, str], request: HandoffRequest) -> None:
         if request.role == "server" and fields.get("ids"):
-            check_handed_connections(len(fields["ids"].split(",")), *self.open_files)
+            check_handed_connections(listed_count(fields, "ids"), *self.open_files)
         if fields.get("borrowed"):
             named = ", ".join(f"#{item.replace('@', ' from ', 1)}" for item in fields["borrowed"].split(","))
+            more = listed_count(fields, "borrowed") - len(fields["borrowed"].split(","))
+            named += f" and {more} more" if more > 0 else ""
             notice(
                 f"no kept connection has this run's -i/-p; answering on the idle one(s) no run holds: {named} "
                 "(give the register run the same -i/-p to make them this run's)"
@@ -175,7 +177,7 @@ class SippRun(Run):
         if fields.get("reused") and request.transport in WRITTEN_TRANSPORT and request.remote:
             self._say_handshake_options_unused(fields["reused"], request.remote, request.transport)
         if fields.get("closed") and fields.get("ids"):
-            count = len(fields["closed"].split(","))
+            count = listed_count(fields, "closed")
             notice(f"{count} kept connection(s) were closed by the SuT and are left out (fdkeeper status lists them)")
 
     def _say_handshake_options_unused(self, reused: str, remote: Address, transport: str) -> None:
@@ -241,6 +243,14 @@ class SippRun(Run):
         finally:
             for copy in scenario_copies:
                 copy.unlink(missing_ok=True)
+
+
+def listed_count(fields: dict[str, str], name: str) -> int:
+    """How many ids a PREPARE reply's list ``name`` stands for: its ``name_count``, else its length
+    (the keeper names at most 20 and counts the rest)."""
+    if f"{name}_count" in fields:
+        return int(fields[f"{name}_count"])
+    return len(fields[name].split(",")) if fields.get(name) else 0
 
 
 def read_arguments(sipp: Path, args: list[str], directory: Path) -> SippInvocation:
