@@ -890,24 +890,17 @@ class ReusingKeeper(FakeKeeper):
         self.accepted = 0
         super().__init__(*args, **kwargs)
 
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(5)
-            with conn:
-                for _ in range(self.close_after):
-                    try:
-                        if not conn.recv(1, socket.MSG_PEEK):
-                            break
-                        self._one(conn)
-                    except OSError:
+    def _serve_connection(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        conn.settimeout(5)
+        with conn:
+            for _ in range(self.close_after):
+                try:
+                    if not conn.recv(1, socket.MSG_PEEK):
                         break
+                    self._one(conn)
+                except OSError:
+                    break
 
 
 class InlineAnswers:

@@ -116,11 +116,15 @@ class FakeKeeper:
                 continue
             except OSError:
                 return
-            with conn:
-                try:
-                    self._one(conn)
-                except OSError:
-                    pass
+            self._serve_connection(conn)
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        """One accepted control connection: its first request answered, then closed."""
+        with conn:
+            try:
+                self._one(conn)
+            except OSError:
+                pass
 
     def _one(self, conn: socket.socket) -> None:
         cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
