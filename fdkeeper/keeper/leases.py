@@ -90,11 +90,14 @@ class Leases:
             return False
         new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
         connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
-        if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
-            client.send(LEASE_OK_ONE + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
-        else:
-            client.send(LEASE_OK_ONE)
-            client.send(repeat.fds_packet, (connection.fileno(),))
+        try:
+            if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
+                client.send(LEASE_OK_ONE + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
+            else:
+                client.send(LEASE_OK_ONE)
+                client.send(repeat.fds_packet, (connection.fileno(),))
+        except FdkeeperError as error:  # no descriptor left to queue it: told as the full path tells it
+            client.send(format_failure(error))
         level = logging.INFO if new else logging.DEBUG
         if log.isEnabledFor(level):
             log.log(level, "leased %s to pid %d", connection.label(), pid)
