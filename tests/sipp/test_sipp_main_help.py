@@ -3,6 +3,9 @@ than looking for a sipp binary called '--help'."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from fdkeeper import __version__, cli
@@ -42,3 +45,15 @@ def test_a_missing_sipp_path_is_still_named(
 ) -> None:
     assert run_sipp_main(monkeypatch, "/nonexistent/sipp", "-v") != 0
     assert "/nonexistent/sipp" in capsys.readouterr().err
+
+
+def test_the_commands_start_without_the_test_tooling() -> None:
+    """`fdkeeper sipp`, `status` and the others import neither the test runner nor the testbed
+    (and so not cryptography): `fdkeeper run` is imported only when named (cli/group.py)."""
+    probe = (
+        "import sys, fdkeeper.cli\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('fdkeeper.testrun', 'fdkeeper.testbed', 'cryptography')))\n"
+        "print(heavy)\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
