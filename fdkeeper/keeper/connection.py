@@ -11,14 +11,14 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.keeper.control import limit_error
-from fdkeeper.protocol import JsonObject
+from fdkeeper.protocol import JsonObject, format_message
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 from fdkeeper.tcp import queued_bytes
 
@@ -220,3 +220,14 @@ def _plain_tcp() -> Transport:
     from fdkeeper.keeper.transports import TcpTransport  # transports.py builds on this module
 
     return TcpTransport()
+
+
+def fds_message(batch: Sequence[KeptConnection]) -> bytes:
+    """The FDS packet's text for ``batch``: their ids, SuT addresses and local addresses, in the
+    order of the descriptors it carries (a lease's packets, and the repeat lease's remembered one)."""
+    return format_message(
+        "FDS",
+        ids=",".join(str(c.id) for c in batch),
+        peers=",".join(format_address(c.remote) for c in batch),
+        locals=",".join(format_address(c.local) for c in batch),
+    )

@@ -15,13 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fdkeeper.address import format_address
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import CLOSED, KeptConnection
+from fdkeeper.keeper.connection import CLOSED, KeptConnection, fds_message
 from fdkeeper.keeper.control import ControlClient
 from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.loop import Reactor
-from fdkeeper.protocol import Request, format_failure, format_message
+from fdkeeper.protocol import Request, format_failure
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -118,9 +117,7 @@ class Leases:
             return
         if len(self.repeats) >= REPEATS_PER_CONNECTION * len(self.connections):
             self.repeats.clear()
-        fds_packet = format_message(
-            "FDS", ids=connection.id, peers=format_address(connection.remote), locals=format_address(connection.local)
-        )
+        fds_packet = fds_message([connection])
         mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
         self.repeats[data] = Repeat(connection, fds_packet, mode, transfer, request.flag("inline"))
 

@@ -28,7 +28,7 @@ from fdkeeper.address import format_address
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.keeper import diagnostics
-from fdkeeper.keeper.connection import KeptConnection
+from fdkeeper.keeper.connection import KeptConnection, fds_message
 from fdkeeper.keeper.control import ControlClient, ControlClients, limit_error
 from fdkeeper.keeper.handover import adopt_into, hand_over, refuse_unless_handover_possible, take_over
 from fdkeeper.keeper.health import ConnectionHealth
@@ -398,13 +398,7 @@ def _fds_packet(batch: list[KeptConnection]) -> tuple[bytes, list[int]] | None:
     """A lease's FDS packet for ``batch``, made as it is sent; None if one of them has closed since."""
     if any(c.sock is None for c in batch):
         return None
-    packet = format_message(
-        "FDS",
-        ids=",".join(str(c.id) for c in batch),
-        peers=",".join(format_address(c.remote) for c in batch),
-        locals=",".join(format_address(c.local) for c in batch),
-    )
-    return packet, [c.fileno() for c in batch]
+    return fds_message(batch), [c.fileno() for c in batch]
 
 
 def _joined(items: Iterable[str]) -> Iterator[str]:
