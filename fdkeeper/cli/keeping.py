@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 @click.option(
     "--replace",
     is_flag=True,
-    help="Take the kept TCP connections over from the running keeper, which then exits (TLS ones cannot move: listed as lost). Refused while runs hold leases.",
+    help="Take the kept TCP connections (and WS ones holding nothing) over from the running keeper, which then exits (TLS and WSS ones cannot move: listed as lost). Refused while runs hold leases.",
 )
 @click.option(
     "--answer-options",
