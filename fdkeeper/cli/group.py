@@ -21,9 +21,14 @@ PASS_THROUGH: dict[str, Any] = {
 
 
 # Commands whose modules are heavy, imported only when named (or listed by --help): the test
-# runner brings the testbed and cryptography, about 80 ms that `fdkeeper sipp` and `fdkeeper
-# status` would otherwise pay on every start.
-LAZY_COMMANDS = {"run": ("fdkeeper.testrun.command", "run_command")}
+# runner brings the testbed and cryptography (about 80 ms), the runs bring sipp's argument
+# parser, the modes, TLS and psutil (about 30 ms), which `fdkeeper status --count` in a
+# script's loop would otherwise pay on every start (test_cli_imports.py).
+LAZY_COMMANDS = {
+    "run": ("fdkeeper.testrun.command", "run_command"),
+    "sipp": ("fdkeeper.cli.runs", "sipp_command"),
+    "exec": ("fdkeeper.cli.runs", "exec_command"),
+}
 
 
 class Commands(click.Group):

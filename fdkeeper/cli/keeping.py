@@ -223,9 +223,7 @@ def status_command(
     """
     remote = _remote_filter(remote) if remote is not None else None  # before asking: a typo is not "no match"
     path = resolve_directory(directory)
-    from fdkeeper.modes.udp import converter_statuses
-
-    converters = [] if count or as_json else converter_statuses(path)  # --mode udp's, if any
+    converters = [] if count or as_json else _converter_statuses(path)  # --mode udp's, if any
     filters = {"aor": aor, "state": state, "remote": remote, "transport": transport}
     try:
         # The keeper filters and counts: 10,000 connections need not cross the socket for a number.
@@ -244,6 +242,13 @@ def status_command(
         click.echo(json.dumps(status, indent=2))
     else:
         click.echo("\n".join([format_status(status), *_internal_errors(status), *map(format_converter, converters)]))
+
+
+def _converter_statuses(path: Path) -> list[dict[str, Any]]:
+    """The --mode udp converters' statuses; the modes imported only for the table (not for --count)."""
+    from fdkeeper.modes.udp import converter_statuses
+
+    return converter_statuses(path)
 
 
 def _internal_errors(status: dict[str, Any]) -> list[str]:

@@ -7,23 +7,29 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import click
 
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.modes import MODE_NAMES, MODES
-from fdkeeper.tls import TlsOptions
-from fdkeeper.websocket import WsOptions, check_origin, check_path, parse_header_lines
+
+# The modes, TLS and WebSocket modules are imported where used: `fdkeeper status` and `stop`
+# share dir_option but need none of them (about 25 ms of every start; test_cli_imports.py).
+if TYPE_CHECKING:
+    from fdkeeper.tls import TlsOptions
+    from fdkeeper.websocket import WsOptions
 
 DIR_HELP = "State directory of the keeper, refused if another user owns or can write to it (default: $FDKEEPER_DIR, else $XDG_RUNTIME_DIR/fdkeeper or /run/user/UID/fdkeeper when ours, else /run/fdkeeper for root, else /tmp/fdkeeper-UID)."
 
 
-MODE_HELP = (
-    "How the connection gets into the program. auto: the first that can do this run here, in this order: "
-    + "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values())
-    + ". A mode that cannot do the run says so and names the one to use."
-)
+def mode_help() -> str:
+    from fdkeeper.modes import MODES
+
+    return (
+        "How the connection gets into the program. auto: the first that can do this run here, in this order: "
+        + "; ".join(f"{mode.name}: {mode.summary}" for mode in MODES.values())
+        + ". A mode that cannot do the run says so and names the one to use."
+    )
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])  # a command function, before or after click's decorators
@@ -106,6 +112,8 @@ def make_tls_options(
     tls_min_version: str | None,
     tls_keylog: str | None,
 ) -> TlsOptions:
+    from fdkeeper.tls import TlsOptions
+
     keylog = os.path.abspath(tls_keylog) if tls_keylog else None  # the keeper's working directory is not ours
     # Links resolved here, with the user's own view: the keeper follows none (statedir.open_named_file).
     ca, cert, key = (os.path.realpath(path) if path else None for path in (tls_ca, tls_cert, tls_key))
@@ -154,6 +162,8 @@ def make_ws_options(
 ) -> WsOptions | None:
     """The handshake's options, checked (one line naming the option and what is wrong); None
     without --ws, where giving any of them is a mistake."""
+    from fdkeeper.websocket import WsOptions, check_origin, check_path, parse_header_lines
+
     if not ws:
         given = [
             name
@@ -221,10 +231,12 @@ def ready_options(command: Command) -> Command:
 
 def handoff_options(command: Command) -> Command:
     """How a run gets its connection: shared by `fdkeeper sipp` and `fdkeeper exec`."""
+    from fdkeeper.modes import MODE_NAMES
+
     return _apply(
         command,
         [
-            click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=MODE_HELP),
+            click.option("--mode", type=click.Choice(MODE_NAMES), default="auto", show_default=True, help=mode_help()),
             click.option(
                 "--transfer",
                 type=click.Choice(["scm", "pidfd"]),
