@@ -84,9 +84,14 @@ def new_tcp_socket(remote: Address, local: Address | None) -> socket.socket:
     return sock
 
 
-def connect_error(remote: Address, local: Address | None, timeout: float, error: OSError) -> FdkeeperError:
-    """The one line for a connect (or bind) to the SuT that failed with ``error``: what, and what to check."""
+def connect_error(
+    remote: Address, local: Address | None, timeout: float, error: OSError, reached: bool = False
+) -> FdkeeperError:
+    """The one line for a connect (or bind) to the SuT that failed with ``error``: what, and what to check.
+    ``reached``: this SuT accepted earlier connections of ours (it was up, so a refusal is news)."""
     target = f"{format_address(remote)}/tcp"
+    if reached and error.errno == errno.ECONNREFUSED:
+        return refused_after_reached(target)
     if isinstance(error, TimeoutError) or error.errno == errno.ETIMEDOUT:
         return FdkeeperError(
             f"fdkeeper: the SuT at {target} did not answer within {timeout:g} s; "
@@ -105,3 +110,26 @@ def connect_error(remote: Address, local: Address | None, timeout: float, error:
             "refused",
         )
     return FdkeeperError(f"fdkeeper: cannot connect to the SuT at {target}: {error.strerror or error}", "refused")
+
+
+def refused_after_reached(target: str) -> FdkeeperError:
+    """A SuT that accepted our earlier connections refuses a new one: it stopped listening, or a
+    limit in front of it rejects (a SuT at its own connection limit accepts and closes instead)."""
+    return FdkeeperError(
+        f"fdkeeper: the SuT at {target} refused the connection after accepting earlier ones: it stopped listening "
+        "there (restarted or ended?) or a connection limit in front of it rejects new ones (a firewall's "
+        "connlimit); check that it still runs, then run again with --reconnect",
+        "refused",
+    )
+
+
+def closed_at_once_error(target: str) -> FdkeeperError:
+    """A SuT that accepted our earlier connections closes a new one before a byte of it (or during
+    its TLS handshake): how a SuT at its connection limit answers (Kamailio's handle_new_connect
+    accepts and closes past tcp_max_connections, its tls module past tls_max_connections)."""
+    return FdkeeperError(
+        f"fdkeeper: the SuT at {target} closed the new connection at once, having accepted earlier ones: it has "
+        "most likely reached its connection limit (Kamailio: tcp_max_connections, tls_max_connections, "
+        "open_files_limit); raise it, then run again with --reconnect",
+        "refused",
+    )
