@@ -134,8 +134,9 @@ def transport_for(
 
 class _Watched:
     """What a transport's event handlers on the Reactor need: its connection and the keeper's
-    health. Kept here, and the handlers bound methods, rather than closures per connection: an
-    idle kept connection's Python objects are most of its memory (bench/keeper_scale.py)."""
+    health. Kept here, and the transport itself the Reactor's Watcher of its socket (loop.py),
+    rather than a closure, a bound method or a tuple per connection: an idle kept connection's
+    Python objects are most of its memory (bench/keeper_scale.py)."""
 
     __slots__ = ("_connection", "_health")
     _health: ConnectionHealth
@@ -144,7 +145,7 @@ class _Watched:
     def _watched_by(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         self._health, self._connection = health, connection
 
-    def _fault(self, error: Exception) -> None:
+    def on_fault(self, error: Exception) -> None:
         """A handler of this connection raised (the Reactor logged it): health ends the connection."""
         self._health.fault_ends(self._connection)(error)
 
@@ -172,14 +173,14 @@ class TcpTransport(_Watched):
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         self._watched_by(health, connection)
         self._fd = connection.fileno()
-        health.reactor.watch(self._fd, health.idle_events, self, on_fault=self._fault)
+        health.reactor.watch_by(self._fd, health.idle_events, self)
 
     def unwatch(self, reactor: Reactor) -> None:
         if self._fd >= 0:
             reactor.unwatch(self._fd)
 
-    def __call__(self, mask: int) -> None:
-        """The Reactor's handler of its socket's events (itself: no bound method per connection)."""
+    def on_event(self, mask: int) -> None:
+        """Its socket's events (the Reactor's Watcher of it is the transport itself)."""
         health, connection = self._health, self._connection
         if connection.sock is None:
             return
@@ -276,19 +277,24 @@ class RelayedTransport(_Watched):
         self._watched_by(health, connection)
         link = self.link
         link.answer_options = health.answer_options
-        link.is_held = connection.is_held
+        link.is_held = self  # __call__: no bound method per link
         link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
-        fault = self._fault
-        health.reactor.watch(link.wire.sock.fileno(), link.watched_sut, self._on_sut, on_fault=fault)
-        health.reactor.watch(link.keeper_end.fileno(), link.watched_pair, self._on_pair, on_fault=fault)
+        health.reactor.watch_by(link.wire.sock.fileno(), link.watched_sut, self)
+        health.reactor.watch_by(link.keeper_end.fileno(), link.watched_pair, _PairWatcher(self))
         if link.closed_reason or link.sut_ended:  # ended by what came with the handshake
             self.after_event(health, connection)
 
-    def _on_sut(self, mask: int) -> None:
+    def __call__(self) -> bool:
+        """Whether a run holds its connection now (the link's ``is_held``)."""
+        return self._connection.holder_pid is not None
+
+    def on_event(self, mask: int) -> None:
+        """The SuT's socket's events (the Reactor's Watcher of it is the transport itself)."""
         self.link.on_sut_event(mask)
         self.after_event(self._health, self._connection)
 
-    def _on_pair(self, mask: int) -> None:
+    def on_pair_event(self, mask: int) -> None:
+        """The keeper's end of the socketpair's events (through its _PairWatcher)."""
         self.link.on_pair_event(mask)
         self.after_event(self._health, self._connection)
 
@@ -398,3 +404,19 @@ class RelayedTransport(_Watched):
 
     def close(self, going_away: bool = False) -> None:
         self.link.close(going_away)
+
+
+class _PairWatcher:
+    """The Reactor's Watcher of a relayed link's socketpair end: its transport's pair events and
+    faults (the transport itself watches the SuT's socket)."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: RelayedTransport) -> None:
+        self._transport = transport
+
+    def on_event(self, mask: int) -> None:
+        self._transport.on_pair_event(mask)
+
+    def on_fault(self, error: Exception) -> None:
+        self._transport.on_fault(error)

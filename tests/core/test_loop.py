@@ -235,6 +235,33 @@ def test_an_owner_may_keep_watching_after_a_fault(reactor, pipes):
     assert reactor.watching(read_end) and reactor.internal_errors == 1
 
 
+class Owner:
+    """A Watcher (loop.py) that is its own handler: events and faults go to its methods."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail, self.masks, self.faults = fail, [], []
+
+    def on_event(self, mask: int) -> None:
+        self.masks.append(mask)
+        if self.fail:
+            raise RuntimeError("a defect in an owner's handler")
+
+    def on_fault(self, error: Exception) -> None:
+        self.faults.append(error)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_object_watching_a_descriptor_gets_its_events_and_its_faults(reactor, pipes, fail):
+    (read_end, write_end), _ = pipes
+    owner = Owner(fail)
+    reactor.watch_by(read_end, select.EPOLLIN, owner)
+    os.write(write_end, b"x")
+    run_until(reactor, lambda: owner.masks)
+    assert owner.masks[0] & select.EPOLLIN and reactor._handlers[read_end] is owner  # nothing else kept
+    assert [str(error) for error in owner.faults] == (["a defect in an owner's handler"] if fail else [])
+    assert reactor.internal_errors == int(fail) and reactor.watching(read_end)  # its on_fault decided
+
+
 def test_a_raising_on_fault_is_counted_too_and_the_descriptor_unwatched(reactor, pipes):
     (read_end, write_end), _ = pipes
     reactor.watch(read_end, select.EPOLLIN, boom, on_fault=boom)
