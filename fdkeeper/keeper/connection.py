@@ -47,13 +47,14 @@ def new_descriptors(what: str, make: Callable[[], T]) -> T:
 ConnectionKey = tuple[Address, str, str | None, Address | None]
 
 
-@dataclass
-class KeptConnection:
-    """A connection to the SuT the keeper holds.
+@dataclass(slots=True)
+class _KeptFields:
+    """What the keeper tracks of a kept connection (KeptConnection, below, is one).
 
     ``sock`` is the descriptor runs are leased: the TCP socket itself, or for TLS and WebSocket
     the sipp end of the socketpair its link relays to and from the SuT's connection. ``io`` is what differs
-    per transport (keeper/transports.py).
+    per transport (keeper/transports.py). Slots, not a __dict__, and the SuT's address one tuple
+    for all its connections: an idle connection's Python objects are most of what it costs.
     """
 
     id: int
@@ -84,8 +85,19 @@ class KeptConnection:
         # The same few strings in every connection (the transport, the SuT's and the keeper's
         # address) held once, not once per connection: 100-odd bytes of an idle one.
         self.transport = sys.intern(self.transport)
-        self.remote = _interned(self.remote)
+        self.remote = shared_address(self.remote)
         self.local = _interned(self.local)
+
+
+class KeptConnection(_KeptFields):
+    """A connection to the SuT the keeper holds: its fields (_KeptFields) and what is done with it.
+
+    A ``__dict__`` slot too, which stays empty (no dict is made) unless something sets what is
+    not a field, as a test replacing one connection's method does (tests/keeper/
+    test_keeper_connection_faults.py); it costs 16 bytes a connection.
+    """
+
+    __slots__ = ("__dict__",)
 
     @property
     def key(self) -> ConnectionKey:
@@ -208,6 +220,23 @@ class KeptConnection:
             "ending": self.ending or None,
             **self.io.stats(self),  # options_answered, pongs, tls
         }
+
+
+# The SuTs' addresses, each one tuple however many connections go to it (bounded: a keeper
+# talks to few SuTs; past the bound, new ones are simply not shared).
+_SHARED_ADDRESSES: dict[Address, Address] = {}
+MAX_SHARED_ADDRESSES = 1024
+
+
+def shared_address(address: Address) -> Address:
+    """The one tuple kept for ``address`` (a SuT's), its host an interned string."""
+    shared = _SHARED_ADDRESSES.get(address)
+    if shared is not None:
+        return shared
+    shared = _interned(address)
+    if len(_SHARED_ADDRESSES) < MAX_SHARED_ADDRESSES:
+        _SHARED_ADDRESSES[shared] = shared
+    return shared
 
 
 def _interned(address: Address) -> Address:
