@@ -23,7 +23,7 @@ from fdkeeper.keeper.health import ConnectionHealth
 from fdkeeper.keeper.identity import identity_of
 from fdkeeper.keeper.leases import Leases
 from fdkeeper.keeper.opening import Opener
-from fdkeeper.keeper.transports import transport_for
+from fdkeeper.keeper.transports import RelayedTransport, transport_for
 from fdkeeper.protocol import OVER_TLS, OVER_WEBSOCKET, WS_KEYS, ProtocolError, Request
 from fdkeeper.textsafe import escape_controls
 from fdkeeper.tls import TlsOptions
@@ -165,6 +165,7 @@ class ConnectionPool:
         own = [c for c in alive if of_identity(c, request.address("local"))] or self._unheld(alive, pid)
         for connection in own or alive:  # none to be had: busy, naming a holder (--wait waits)
             self.leases.refuse_if_held_by_other(connection, pid)
+        self._check_room_to_hand(own, transport or "")
         return own
 
     def _unheld(self, connections: list[KeptConnection], pid: int | None) -> list[KeptConnection]:
@@ -179,24 +180,61 @@ class ConnectionPool:
             unheld.append(connection)
         return unheld
 
+    def _in_use(self) -> int:
+        """The descriptors the keeper holds for its connections and leases, counted from what it
+        holds (listing /proc/self/fd took 60 ms at 19,000, on the loop)."""
+        live = (c for c in self.connections.values() if c.sock is not None)
+        return sum(map(descriptors_held, live)) + len(self.leases.holders)
+
     def _check_room(self, request: Request) -> None:
-        """A per-user run: say now, not at user 5,000, when the users would not fit. Counted from
-        what the keeper holds (listing /proc/self/fd took 60 ms at 19,000, on the loop)."""
+        """A per-user run: say now, not at user 5,000, when the users would not fit. Every user of
+        the run holds descriptors in the keeper until the run exits (a tls, ws or wss one its
+        socketpair too), each one already kept the pair only (it holds its socket already)."""
         users = request.number("users") or 0
         transport = request.required_text("transport")
-        per_connection = descriptors_per_connection(transport)
+        leased = descriptors_per_connection(transport)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        live = [c for c in self.connections.values() if c.sock is not None]
-        in_use = sum(descriptors_per_connection(c.transport) for c in live) + len(self.leases.holders)
-        room = (soft - in_use - RESERVED_DESCRIPTORS) // per_connection
-        new_users = users - sum(1 for c in live if c.aor)
-        if new_users > room:
-            each = f", {per_connection} descriptors each" if per_connection > 1 else ""
+        kept = sum(1 for c in self.connections.values() if c.sock is not None and c.aor and c.transport == transport)
+        new_users = max(users - kept, 0)
+        need = new_users * leased + min(users, kept) * (leased - IDLE_DESCRIPTORS)
+        in_use = self._in_use()
+        room = soft - in_use - RESERVED_DESCRIPTORS
+        if need > room:
+            fits = room // leased
+            split = (
+                f"; a run over {transport} holds {leased} descriptors a user until it exits ({IDLE_DESCRIPTORS} once "
+                f"idle): register at most {max(fits, 0)} users a run (CSV ranges)"
+                if leased > IDLE_DESCRIPTORS
+                else ""
+            )
             raise FdkeeperError(
-                f"fdkeeper: the keeper can hold {max(room, 0)} more {transport} connections{each} (open-file limit "
-                f"{soft}, hard limit {hard}, about {in_use + RESERVED_DESCRIPTORS} in use) but this run may need "
-                f"{new_users}; raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, "
-                "then 'fdkeeper stop' and run again",
+                f"fdkeeper: the keeper can hold {max(fits, 0)} more {transport} connections (open-file limit {soft}, "
+                f"hard limit {hard}, about {in_use + RESERVED_DESCRIPTORS} in use) but this run may need {users}"
+                f"{split}; or raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, then "
+                "'fdkeeper stop' and run again",
+                "limit",
+            )
+
+    def _check_room_to_hand(self, connections: list[KeptConnection], transport: str) -> None:
+        """A run about to be handed ``connections``: each tls, ws or wss one without its socketpair
+        needs one (2 descriptors in the keeper) while the run holds it. Said before the run starts
+        when they do not fit under the keeper's open-file limit."""
+        need = sum(
+            PAIR_DESCRIPTORS for c in connections if descriptors_held(c) == IDLE_DESCRIPTORS and c.transport != "tcp"
+        )
+        if not need:
+            return
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = self._in_use()
+        room = soft - in_use - RESERVED_DESCRIPTORS
+        if need > room:
+            raise FdkeeperError(
+                f"fdkeeper: this run would be handed {len(connections)} kept {transport} connections; each is relayed "
+                f"through a socketpair ({PAIR_DESCRIPTORS} descriptors in the keeper) while the run holds it, "
+                f"{need} more than the {in_use + RESERVED_DESCRIPTORS} in use, but the keeper's open-file limit "
+                f"{soft} (hard limit {hard}) leaves room for {max(room, 0)}: at most {max(room, 0) // PAIR_DESCRIPTORS} "
+                "such connections; keep fewer users in this keeper (one keeper per CSV range of users), or raise "
+                "the limit before the keeper starts",
                 "limit",
             )
 
@@ -247,6 +285,8 @@ class ConnectionPool:
         self.connections[connection.id] = connection
         self.by_key[connection.key] = connection
         self.health.watch(connection)
+        if isinstance(io, RelayedTransport):  # its socketpair is made per lease, dropped when idle
+            io.link.pair_watch = self.health.pair_watcher(connection)
         tls = io.stats(connection)["tls"]
         upgraded = escape_controls(f" (WebSocket {handshake.path}, {handshake.status})") if handshake else ""
         log.info("opened %s%s%s", connection.label(), f" ({tls['version']})" if tls else "", upgraded)
@@ -261,7 +301,18 @@ def of_identity(connection: KeptConnection, local: Address | None) -> bool:
     return connection.aor is not None or connection.identity == identity_of(local, connection.remote)
 
 
+IDLE_DESCRIPTORS = 1  # a kept connection no run holds: the SuT's socket
+PAIR_DESCRIPTORS = 2  # a tls, ws or wss one's socketpair, while a run holds it (keeper/tlslink.py)
+
+
 def descriptors_per_connection(transport: str) -> int:
-    """A tcp connection is its socket; tls, ws and wss are the SuT's socket and the socketpair
-    whose other end runs are leased (the keeper keeps both ends)."""
-    return 1 if transport == "tcp" else 3
+    """The keeper's descriptors for one connection while a run holds it: a tcp connection is its
+    socket; tls, ws and wss are the SuT's socket and the socketpair whose other end the run is
+    handed (the keeper keeps both ends while it holds it, and drops the pair once it is idle)."""
+    return IDLE_DESCRIPTORS if transport == "tcp" else IDLE_DESCRIPTORS + PAIR_DESCRIPTORS
+
+
+def descriptors_held(connection: KeptConnection) -> int:
+    """What ``connection`` holds in the keeper now: its socket, and a relayed one's pair if it has one."""
+    io = connection.io
+    return IDLE_DESCRIPTORS + (io.link.pair_descriptors() if isinstance(io, RelayedTransport) else 0)

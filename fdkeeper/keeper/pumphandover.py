@@ -101,6 +101,8 @@ class PumpHandover:
             return False  # an ended run's bytes still come first: Python finishes them
         if self.write_pending or self.ssl_with_pump:
             return False  # only at a clean point: no SSL write in progress changes hands
+        if self.keeper_end.fileno() < 0:
+            return False  # no pair yet: the lease has not handed it (tlslink.py handed_fileno)
         if not self._pump_tried:
             self._pump_tried = True
             self.pump = PumpedLink.create(self.wire.sock, websocket=self.codec.websocket)

@@ -39,6 +39,22 @@ writes then is dropped. Data the codec cannot read ends the link as a failure do
 whole messages before it (over WebSocket a Close 1002 or 1009 goes first); when the keeper
 closes a link it says goodbye as the protocol wants (a Close frame, 1001 when the keeper
 stops, then close_notify over TLS, then the FIN).
+
+The socketpair exists only while something needs it (issue 20: an idle TLS user costs the keeper
+one descriptor, not three): a run's lease makes it (``sipp_end``, the connection's ``sock``, makes
+it when the lease hands it: ``handed_fileno``), and once the lease has ended and nothing is left
+in it the link drops it (``_drop_pair_if_idle``): the whole messages the SuT sent that no run read
+are taken back out of sipp's end into ``to_sipp``, ahead of what came after them, and wait there
+for the next lease; between runs the link relays without it (pings, --answer-options, queued
+requests). While a run holds the link the keeper keeps its own copy of sipp's end: it is what
+tells how far the run read (``_forget_consumed``: the unread rest of a message a run began is
+dropped at its end), what keeps the messages a run did not read when it exits or closes (the
+kernel frees an AF_UNIX receive queue with its last descriptor), what a repeat lease of the same
+user hands again, and what a reset is signalled through (``end_towards_sipp``). The SuT's end
+(FIN, reset, close_notify, a WebSocket Close) makes the pair if there is none: what it sent before
+waits in it for a run, and the run reads the end after it. The event loop learns of a new or
+dropped pair through ``pair_watch`` (keeper/health.py PairWatcher); a link without one (a
+connection a predecessor keeper handed over) keeps its pair for life, as before.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from fdkeeper.keeper.codec import Codec, SipStream, Unframeable
 from fdkeeper.keeper.connection import new_descriptors
@@ -73,6 +90,64 @@ def _never_held() -> bool:
     return False
 
 
+class PairWatch(Protocol):
+    """How the keeper's event loop follows a link's socketpair as it is made and dropped."""
+
+    def made(self) -> None:
+        """A new pair: watch the link's descriptors again (its ``keeper_end`` is a new one)."""
+
+    def dropping(self, fd: int) -> None:
+        """The pair's ``keeper_end`` (``fd``) is about to close: stop watching it."""
+
+
+def _closed_socket() -> socket.socket:
+    """A socket object with no descriptor: ``keeper_end`` while a link has no pair (fileno() is -1)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.close()
+    return sock
+
+
+_NO_PAIR = _closed_socket()
+
+
+_EMPTY: list[socket.socket] = []  # both ends, made at first need: the peer open, reads say "nothing yet"
+
+
+def _empty_fileno() -> int:
+    """One keeper-wide socket nothing is ever written to: what ``sipp_end`` answers a question
+    about its queue (FIONREAD) with while its link has no pair and no run holds it (nothing waits
+    there for a run: what the SuT sent between runs is in ``to_sipp``)."""
+    if not _EMPTY:
+        _EMPTY.extend(
+            new_descriptors(
+                "open the keeper's empty socket", lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            )
+        )
+    return _EMPTY[0].fileno()
+
+
+class SippEnd(socket.socket):
+    """A relayed connection's ``sock``: the name of the end of its link's socketpair runs are
+    handed, whichever pair that is now. ``fileno()`` is that end's descriptor, made when a run
+    holds the link and it has no pair (a lease is sending it); while no run holds it and there
+    is no pair, a keeper-wide empty socket's (its queue: nothing for a run). It has no descriptor
+    of its own: only fileno() and close() are meant for it (the kernel calls of a plain TCP
+    connection's socket are never made on a relayed one)."""
+
+    __slots__ = ("_link",)
+
+    def __init__(self, link: TlsLink) -> None:  # no socket.socket.__init__: no descriptor of its own
+        self._link = link
+        self._io_refs = 0
+        self._closed = True
+
+    def fileno(self) -> int:
+        return self._link.handed_fileno()
+
+    def close(self) -> None:
+        self._link.close_sipp_copy()
+
+
 class TlsLink(PumpHandover):
     """One connection to the SuT (its ``wire`` and ``codec``) and the socketpair whose ``sipp_end`` runs are leased.
 
@@ -85,9 +160,9 @@ class TlsLink(PumpHandover):
 
     # Slots, not a __dict__: about 1.2 kB less per idle link (PumpHandover holds its part).
     __slots__ = (
-        "answer_options", "codec", "ended_runs", "eof_towards_sipp", "from_sipp", "is_held", "keeper_end",
-        "moved", "options_answered", "reset", "sipp_end", "sut_ended", "to_sipp", "to_sut", "unread_lengths",
-        "watched_pair", "watched_sut", "wire",
+        "_sipp_copy", "answer_options", "codec", "ended_runs", "eof_towards_sipp", "from_sipp", "is_held",
+        "keeper_end", "moved", "options_answered", "pair_watch", "reset", "sipp_end", "sut_ended", "to_sipp",
+        "to_sut", "unread_lengths", "watched_pair", "watched_sut", "wire",
     )  # fmt: skip
 
     def __init__(self, wire: Wire, early: bytes = b"", codec: Codec | None = None) -> None:
@@ -97,11 +172,12 @@ class TlsLink(PumpHandover):
         self._pump_tried = False
         self.write_pending = False
         self.ssl_with_pump = False
-        self.sipp_end, self.keeper_end = new_descriptors(
-            "open the socketpair a TLS or WebSocket connection is leased through",
-            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM),
-        )
-        self.keeper_end.setblocking(False)
+        self.sipp_end = SippEnd(self)  # the connection's sock: whichever pair is the link's now
+        self._sipp_copy: socket.socket | None = None  # the keeper's copy of the pair's sipp end
+        self.keeper_end = _NO_PAIR
+        # Told when the pair is made or dropped (the loop watches keeper_end); None: the pair is kept
+        # for the link's life.
+        self.pair_watch: PairWatch | None = None
         self.from_sipp = SipFramer()
         self.to_sut = bytearray()
         self.to_sipp = bytearray()
@@ -132,6 +208,7 @@ class TlsLink(PumpHandover):
         self.ping_sent_at: float | None = None
         self.last_activity = time.monotonic()
         self.watched_sut = self.watched_pair = 0  # what the keeper's epoll watches now
+        self._make_pair()  # the first one: the event loop watches it with the SuT's connection
         if early:
             self._take_from_sut(early)
         wire.shed_buffers()  # the handshake's reads leave OpenSSL's read buffer behind
@@ -153,6 +230,8 @@ class TlsLink(PumpHandover):
         return events
 
     def wants_pair(self) -> int:
+        if self.keeper_end is _NO_PAIR:
+            return self.watched_pair  # nothing to watch: the loop is asked for no change
         if self.pumped:
             return select.EPOLLONESHOT  # the pump reads and writes it
         # Back-pressure towards the run: while the SuT does not read, neither do we.
@@ -180,10 +259,13 @@ class TlsLink(PumpHandover):
     def on_pair_event(self, mask: int) -> None:
         if self.moved or self.pumped or self._pump_if_held():
             return  # the pump owns the pair (and sees this readiness itself)
+        if self.keeper_end is _NO_PAIR:
+            return  # dropped while this event waited
         if mask & select.EPOLLOUT:
             self._flush_to_sipp()
         if mask & select.EPOLLIN:
             self._read_pair()
+        self._drop_pair_if_idle()
 
     # -- SuT -> sipp
 
@@ -214,6 +296,7 @@ class TlsLink(PumpHandover):
             self.closed_reason = str(error)
             self.to_sut += error.farewell  # sent as the link closes (close_wire)
             self.said_goodbye = bool(error.farewell)
+            self._pair_for_the_end()
             return
         replies = self.codec.take_replies(BUFFER_LIMIT - len(self.to_sut))  # pongs, the Close reply: at once
         if replies:
@@ -234,6 +317,7 @@ class TlsLink(PumpHandover):
 
     def _ended_cleanly(self, reason: str) -> None:
         self.sut_ended = reason
+        self._pair_for_the_end()
         self.end_towards_sipp_when_delivered()
 
     def _closed_by_sut(self) -> None:
@@ -258,6 +342,13 @@ class TlsLink(PumpHandover):
         """A reset or a bad record: the run is to read ECONNRESET, not a clean end."""
         self.closed_reason = reason
         self.reset = True
+        self._pair_for_the_end()
+
+    def _pair_for_the_end(self) -> None:
+        """The SuT's side is over: what it sent before waits in the pair for a run, which reads
+        the end after it (and the keeper's loop ends the connection through the pair: transports.py)."""
+        if self.keeper_end is _NO_PAIR and not self.moved and self.pair_watch is not None:
+            self._make_pair()
 
     def _queue_to_sipp(self, messages: list[bytes]) -> None:
         if not messages:
@@ -270,6 +361,8 @@ class TlsLink(PumpHandover):
         self._flush_to_sipp()
 
     def _flush_to_sipp(self) -> None:
+        if self.keeper_end is _NO_PAIR:
+            return  # between runs: to_sipp keeps it for the next lease's pair
         if self.to_sipp:
             try:
                 sent = self.keeper_end.send(self.to_sipp, socket.MSG_DONTWAIT)
@@ -289,7 +382,7 @@ class TlsLink(PumpHandover):
 
     def _read_pair(self) -> None:
         room = BUFFER_LIMIT - len(self.to_sut)
-        if room <= 0:
+        if room <= 0 or self.keeper_end is _NO_PAIR:
             return
         try:
             data = self.keeper_end.recv(min(room, READ_CHUNK, self.ended_runs[0] if self.ended_runs else READ_CHUNK))
@@ -347,6 +440,7 @@ class TlsLink(PumpHandover):
         else:
             self._drop_unfinished_message()
         self._realign_sipp_side()
+        self._drop_pair_if_idle()
 
     def _drop_unfinished_message(self) -> None:
         partial = self.from_sipp.discard()
@@ -373,19 +467,19 @@ class TlsLink(PumpHandover):
     def _forget_consumed(self) -> int:
         """Forget messages sipp has read whole; return how far it read into the next one."""
         in_pair = sum(self.unread_lengths) - len(self.to_sipp)
-        consumed = in_pair - queued_bytes(self.sipp_end)
+        consumed = in_pair - (queued_bytes(self._sipp_copy) if self._sipp_copy is not None else 0)
         while self.unread_lengths and self.unread_lengths[0] <= consumed:
             consumed -= self.unread_lengths.pop(0)
         return consumed
 
     def _realign_sipp_side(self) -> None:
         """Drop the unread rest of a message the ended run had started to read."""
-        if self.sipp_end.fileno() < 0:
-            return  # the connection closed before its lease ended (the SuT's Close, say): no run reads it again
+        if self._sipp_copy is None:
+            return  # no pair, or the connection closed before its lease ended (the SuT's Close, say)
         consumed = self._forget_consumed()
         if consumed > 0 and self.unread_lengths:
             rest = self.unread_lengths.pop(0) - consumed
-            self.sipp_end.recv(rest, socket.MSG_DONTWAIT)
+            self._sipp_copy.recv(rest, socket.MSG_DONTWAIT)
             self.dropped_bytes += rest
             log.warning("dropped the unread %d bytes of a message the ended run had started to read", rest)
 
@@ -410,8 +504,8 @@ class TlsLink(PumpHandover):
             and not self.write_pending
             and not self.closed_reason
             and not self.sut_ended
-            and not queued_bytes(self.sipp_end)
-            and not queued_bytes(self.keeper_end)
+            and not (self._sipp_copy is not None and queued_bytes(self._sipp_copy))
+            and not (self.keeper_end is not _NO_PAIR and queued_bytes(self.keeper_end))
         )
 
     def still_sending(self) -> bool:
@@ -441,12 +535,12 @@ class TlsLink(PumpHandover):
         ECONNRESET: Linux reports it to an AF_UNIX stream peer whose other end is closed with
         unread data in its receive queue, after the data already queued towards that peer.
         """
-        if self.reset:
+        if self.reset and self._sipp_copy is not None:
             try:
-                self.sipp_end.send(b"\0", socket.MSG_DONTWAIT)  # unread at close: the peer reads ECONNRESET
+                self._sipp_copy.send(b"\0", socket.MSG_DONTWAIT)  # unread at close: the peer reads ECONNRESET
             except BlockingIOError:
                 pass  # full: unread data is there already
-        else:
+        elif not self.reset:
             self._discard_from_sipp()  # unread data at close would read as a reset
         self.keeper_end.close()
 
@@ -466,3 +560,86 @@ class TlsLink(PumpHandover):
             self.keeper_end.close()
         except OSError:
             pass
+        self.close_sipp_copy()
+
+    # -- the socketpair: made for a run, dropped when idle
+
+    def handed_fileno(self) -> int:
+        """``sipp_end.fileno()``: the descriptor of the pair's sipp end, the pair made now if a run
+        holds the link and it has none (a lease is handing it); else a keeper-wide empty socket's
+        (asked about its queue: nothing waits there for a run), or -1 once the link is closed."""
+        if self._sipp_copy is not None:
+            return self._sipp_copy.fileno()
+        if self.wire.sock.fileno() < 0 or self.moved:
+            return -1
+        if self.is_held():
+            self._make_pair()
+            assert self._sipp_copy is not None
+            return self._sipp_copy.fileno()
+        return _empty_fileno()
+
+    def pair_descriptors(self) -> int:
+        """The keeper's descriptors for the pair: 2 while it has one, else 0 (pool.py counts them)."""
+        return 0 if self.keeper_end is _NO_PAIR else 2
+
+    def close_sipp_copy(self) -> None:
+        if self._sipp_copy is not None:
+            self._sipp_copy.close()
+            self._sipp_copy = None
+
+    def _make_pair(self) -> None:
+        self._sipp_copy, self.keeper_end = new_descriptors(
+            "open the socketpair a TLS or WebSocket connection is leased through",
+            lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM),
+        )
+        self.keeper_end.setblocking(False)
+        self.eof_towards_sipp = False
+        self._flush_to_sipp()  # what the SuT sent between runs: first in the new pair
+        if self.pair_watch is not None:  # last: watching it may end the link already (the SuT's end)
+            self.pair_watch.made()
+
+    def _drop_pair_if_idle(self) -> None:
+        """Close the pair once no run holds the link and nothing of an ended run is in it: the
+        whole messages no run read go back to the head of ``to_sipp`` (a lease's pair is made
+        anew), so an idle link holds the SuT's connection only."""
+        if (
+            self.pair_watch is None
+            or self.keeper_end is _NO_PAIR
+            or self._sipp_copy is None
+            or self.is_held()
+            or self.pumped
+            or self.ended_runs
+            or self.from_sipp.pending
+            or self.closed_reason
+            or self.sut_ended
+            or self.moved
+            or queued_bytes(self.keeper_end)
+        ):
+            return
+        unread = self._take_back_unread()
+        if unread is None:
+            return
+        self.to_sipp[:0] = unread
+        self.pair_watch.dropping(self.keeper_end.fileno())
+        self.keeper_end.close()
+        self.keeper_end = _NO_PAIR
+        self.close_sipp_copy()
+
+    def _take_back_unread(self) -> bytes | None:
+        """What waits unread in sipp's end (whole messages: the ended run's begun one was dropped
+        at its end), taken out; None if it could not all be (the pair stays)."""
+        assert self._sipp_copy is not None
+        waiting = queued_bytes(self._sipp_copy)
+        taken = bytearray()
+        while len(taken) < waiting:
+            try:
+                data = self._sipp_copy.recv(waiting - len(taken), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                data = b""
+            if not data:
+                break
+            taken += data
+        if len(taken) < waiting:  # cannot happen on a socketpair: put nothing back, keep the pair
+            self.to_sipp[:0] = taken
+            return None
+        return bytes(taken)

@@ -1,6 +1,8 @@
 """A per-user run (-t tn/ln) is told before it starts when its users would not fit under the
-keeper's open-file limit, counting each transport's descriptors (tcp 1, tls/ws/wss 3). The keeper's
-soft limit is lowered with prlimit: no scale needed (issue 20)."""
+keeper's open-file limit, counting each transport's descriptors while the run holds it (tcp 1,
+tls/ws/wss 3: the socketpair too, dropped once idle), and a server run when the socketpairs of the
+relayed connections it would be handed would not fit. The keeper's soft limit is lowered with
+prlimit: no scale needed (issue 20)."""
 
 from __future__ import annotations
 
@@ -37,12 +39,15 @@ def test_users_past_the_keepers_open_file_limit_are_refused_before_the_run_namin
     assert f"this run may need {room + 1}" in said and "ulimit -n" in said, said
 
 
-def test_ws_users_count_three_descriptors_each(small_keeper, peer):
+def test_ws_users_count_three_descriptors_each_while_the_run_holds_them(small_keeper, peer):
     room = (SOFT - RESERVED_DESCRIPTORS) // 3
     per_user_prepare(small_keeper, peer.getsockname(), "ws", room)
     with pytest.raises(FdkeeperError) as refused:
         per_user_prepare(small_keeper, peer.getsockname(), "ws", room + 1)
-    assert f"can hold {room} more ws connections, 3 descriptors each" in str(refused.value), refused.value
+    said = str(refused.value)
+    assert f"can hold {room} more ws connections" in said, said
+    assert "holds 3 descriptors a user until it exits (1 once idle)" in said, said
+    assert f"register at most {room} users a run" in said, said
 
 
 def test_users_already_kept_need_no_more_room(small_keeper, peer):
