@@ -128,8 +128,25 @@ def transport_for(
     else:
         wire = TcpWire(opened)
     codec: Codec = WebSocketStream() if websocket is not None else SipStream()
-    info = describe(opened, tls) if isinstance(opened, ssl.SSLSocket) and tls is not None else None
+    info = _shared(describe(opened, tls)) if isinstance(opened, ssl.SSLSocket) and tls is not None else None
     return RelayedTransport(TlsLink(wire, early, codec), info, websocket)
+
+
+# The TLS sessions' descriptions (tls.describe): links to one SuT with one configuration share
+# one (about 200 bytes each otherwise); read only, copied into `fdkeeper status`. Bounded: past
+# it, new ones are simply not shared.
+_SHARED_INFO: dict[tuple[object, ...], TlsInfo] = {}
+MAX_SHARED_INFO = 256
+
+
+def _shared(info: TlsInfo) -> TlsInfo:
+    key = tuple(info.values())
+    shared = _SHARED_INFO.get(key)
+    if shared is not None:
+        return shared
+    if len(_SHARED_INFO) < MAX_SHARED_INFO:
+        _SHARED_INFO[key] = info
+    return info
 
 
 class _Watched:
