@@ -244,6 +244,10 @@ _LEASE_KEYS = {
     # The client reads an OK that carries a one-connection answer itself (ids=, peers=, locals=
     # and the descriptor): the shim's per-call LEASE, answered once a call.
     "inline": FLAG,
+    # The client may keep a copy of a per-user connection it is granted and hand it again for
+    # the same request without asking (the shim's lease cache); the OK then says keep=1 when
+    # it may (always for tcp; tls, ws, wss while the keeper has descriptors for the pairs).
+    "cache": FLAG,
     **TLS_KEYS,
     **WS_KEYS,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import select
 import time
 from collections.abc import Callable
@@ -44,12 +45,21 @@ class Repeat:
     mode: str
     transfer: str
     inline: bool  # the request's inline=1: one packet, "OK count=1 ids=..." with the descriptor
+    cache: bool  # the request's cache=1: the client may keep a copy (keep=1 when Leases.may_keep)
 
 
 # The repeats kept: a few per connection at most (a hostile client varying its requests only
 # empties the table, which the next full answers fill again).
 REPEATS_PER_CONNECTION = 2
 LEASE_OK_ONE = b"OK count=1"
+LEASE_OK_ONE_KEEP = b"OK count=1 keep=1"
+# A run's kept copy of a relayed (tls, ws, wss) connection keeps its socketpair open in the keeper
+# (two descriptors): copies are allowed while these fit under the open-file limit beside every
+# kept connection's own descriptor and this much room for everything else (the pairs of calls
+# in progress, pidfds, control clients, connections being opened).
+PAIR_DESCRIPTORS = 2
+LOGGED_PER_HOLDER = 20  # per-user grants a holder gets logged at info level (Leases.log_grant)
+KEEP_HEADROOM = 2048
 
 
 class Leases:
@@ -67,6 +77,25 @@ class Leases:
         self.holders: dict[int, Holder] = {}
         self.repeats: dict[bytes, Repeat] = {}  # request packet -> what answered it (answer_repeat)
         self.last_granted: KeptConnection | None = None  # by the request being answered
+        # Relayed connections whose holder may keep a copy (keep=1), until that holder's lease ends.
+        self.relayed_copies: set[int] = set()
+        self.open_file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def may_keep(self, connection: KeptConnection) -> bool:
+        """Whether a client that asked cache=1 may keep a copy of ``connection`` for its next
+        calls (keep=1): a TCP socket costs the keeper nothing more; a relayed one keeps its
+        pair open, so only while PAIR_DESCRIPTORS a copy still fit (counted until the lease ends)."""
+        if connection.transport == "tcp" or connection.id in self.relayed_copies:
+            return True
+        room = self.open_file_limit - len(self.connections) - KEEP_HEADROOM
+        if PAIR_DESCRIPTORS * (len(self.relayed_copies) + 1) > room:
+            return False
+        self.relayed_copies.add(connection.id)
+        return True
+
+    def ok_line(self, connection: KeptConnection, cache: bool) -> bytes:
+        """The OK of a one-connection client lease: with keep=1 when it asked cache=1 and may keep it."""
+        return LEASE_OK_ONE_KEEP if cache and self.may_keep(connection) else LEASE_OK_ONE
 
     def answer_repeat(self, client: ControlClient, data: bytes) -> bool:
         """Answer ``data`` as before, if it is a client LEASE answered in full already, its
@@ -89,18 +118,29 @@ class Leases:
             return False
         new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
         connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
+        ok = self.ok_line(connection, repeat.cache)
         try:
             if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
-                client.send(LEASE_OK_ONE + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
+                client.send(ok + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
             else:
-                client.send(LEASE_OK_ONE)
+                client.send(ok)
                 client.send(repeat.fds_packet, (connection.fileno(),))
         except FdkeeperError as error:  # no descriptor left to queue it: told as the full path tells it
             client.send(format_failure(error))
-        level = logging.INFO if new else logging.DEBUG
+        self.log_grant(connection, pid, new)
+        return True
+
+    def log_grant(self, connection: KeptConnection, pid: int, new: bool) -> None:
+        """The log line of a per-user grant: at info level when it changes hands, for the first
+        LOGGED_PER_HOLDER of a holder (a per-call run leases one a user, thousands a run: a line
+        each would cost more than the lease); the rest at debug level, and the end of the lease
+        says how many there were."""
+        held = len(self.holders[pid].connection_ids) if new and pid in self.holders else 0
+        level = logging.INFO if 0 < held <= LOGGED_PER_HOLDER else logging.DEBUG
+        if held == LOGGED_PER_HOLDER + 1:
+            log.info("pid %d holds over %d connections: the next are logged at debug level", pid, LOGGED_PER_HOLDER)
         if log.isEnabledFor(level):
             log.log(level, "leased %s to pid %d", connection.label(), pid)
-        return True
 
     def remember_repeat(self, data: bytes, request: Request) -> None:
         """After the full path answered ``request`` (packet ``data``): a client LEASE that granted
@@ -119,7 +159,9 @@ class Leases:
             self.repeats.clear()
         fds_packet = fds_message([connection])
         mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
-        self.repeats[data] = Repeat(connection, fds_packet, mode, transfer, request.flag("inline"))
+        self.repeats[data] = Repeat(
+            connection, fds_packet, mode, transfer, request.flag("inline"), request.flag("cache")
+        )
 
     def grant(self, connection: KeptConnection, pid: int) -> bool:
         """Lease ``connection`` to ``pid``; whether that is new (False: ``pid`` holds it already,
@@ -161,10 +203,13 @@ class Leases:
         now = time.monotonic()
         for connection_id in holder.connection_ids:
             connection = self.connections.get(connection_id)
+            self.relayed_copies.discard(connection_id)  # the holder's copies are gone with it
             if connection is not None and connection.holder_pid == pid:
                 connection.holder_pid = None
                 connection.last_activity = now
                 self.health.end_of_lease(connection)
+        if len(holder.connection_ids) > LOGGED_PER_HOLDER:
+            log.info("pid %d held %d connections", pid, len(holder.connection_ids))
         log.info("lease of pid %d ended", pid)
         self.on_release()
 
@@ -200,6 +245,7 @@ class Leases:
                 del self.holders[holder.pid]
             self._close_pidfd(holder)
             for connection_id in holder.connection_ids:
+                self.relayed_copies.discard(connection_id)
                 connection = self.connections.get(connection_id)
                 if (
                     connection is not None

@@ -207,15 +207,18 @@ class Keeper:
             log.debug("control client pid %d went away: %s", pid, error)  # per abusive client: not for the log file
             self.clients.drop(client)
             return
-        self._dispatch(client, request)
-        self.leases.remember_repeat(data, request)
+        self._dispatch(client, request, data)
 
-    def _dispatch(self, client: ControlClient, request: Request) -> None:
+    def _dispatch(self, client: ControlClient, request: Request, data: bytes) -> None:
+        """Answer ``request`` (packet ``data``); a per-user client LEASE answered is remembered
+        for answer_repeat, whether answered at once or once its connection opened."""
         pid = client.pid
+        self.leases.last_granted = None
         try:
             self._verbs[request.verb](client, pid, request)
+            self.leases.remember_repeat(data, request)
         except Pending as pending:  # an open or a pong in progress: answered once it settles
-            self._answer_later(client, request, pending)
+            self._answer_later(client, request, data, pending)
         except FdkeeperError as error:
             client.send(format_failure(error))
         except ProtocolError as error:  # a handler found the request incomplete for its role
@@ -231,7 +234,7 @@ class Keeper:
         # this client's on_fault (ControlClients.fault: one ERR internal line, then the client
         # is dropped). Every path into _dispatch runs as a loop callback the client owns.
 
-    def _answer_later(self, client: ControlClient, request: Request, pending: Pending) -> None:
+    def _answer_later(self, client: ControlClient, request: Request, data: bytes, pending: Pending) -> None:
         """Ask the request again when ``pending`` settles; the client waits, and is not idle."""
         client.waiting = True
 
@@ -240,7 +243,9 @@ class Keeper:
             # Run as this client's own callback, not inside the open or pong that settled: a
             # fault in it is then this client's (one ERR internal, the client dropped), never
             # the opening connection's.
-            self.reactor.call_later(0, lambda: self._resume(client, request), on_fault=self.clients.on_fault_of(client))
+            self.reactor.call_later(
+                0, lambda: self._resume(client, request, data), on_fault=self.clients.on_fault_of(client)
+            )
 
         def fail(error: FdkeeperError) -> None:
             client.waiting = False
@@ -248,9 +253,9 @@ class Keeper:
 
         pending.then(resume_request(client, retry, fail))
 
-    def _resume(self, client: ControlClient, request: Request) -> None:
+    def _resume(self, client: ControlClient, request: Request, data: bytes) -> None:
         if client.fileno() >= 0:  # not dropped since: its descriptor number is still its own
-            self._dispatch(client, request)
+            self._dispatch(client, request, data)
 
     # ---------------------------------------------------------------- verbs
 
@@ -298,11 +303,16 @@ class Keeper:
         for connection in connections:
             new += self.leases.grant(connection, pid)
             connection.lease_mode, connection.lease_transfer = mode, transfer
-        client.send(format_message("OK", count=len(connections)))
+        if len(connections) == 1 and connections[0].aor and request.text("role") == "client":
+            client.send(self.leases.ok_line(connections[0], request.flag("cache")))
+        else:
+            client.send(format_message("OK", count=len(connections)))
         # Made as the client reads them: 19,000 descriptors are not copied to be queued.
         client.send_stream(functools.partial(_fds_packet, batch) for batch in _fds_batches(connections))
-        # A per-user connection its holder had already (a per-call run's next call to that user)
-        # is no news: the log says when it changes hands, not once a call.
+        if len(connections) == 1 and connections[0].aor:  # a per-call run's: at most a few lines a run
+            self.leases.log_grant(connections[0], pid, bool(new))
+            return
+        # A shared connection its holder had already is no news: the log says when it changes hands.
         level = logging.DEBUG if connections and not new and all(c.aor for c in connections) else logging.INFO
         if not log.isEnabledFor(level):
             return

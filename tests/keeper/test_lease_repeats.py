@@ -10,6 +10,10 @@ import pytest
 
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.keeper.connection import KeptConnection
+from fdkeeper.keeper.health import ConnectionHealth
+from fdkeeper.keeper.leases import KEEP_HEADROOM, PAIR_DESCRIPTORS, Leases
+from fdkeeper.loop import Reactor
 from fdkeeper.protocol import format_message, receive_packet
 from fdkeeper.testbed import wait_until
 from tests.support.keeper import remote_of
@@ -30,7 +34,7 @@ def lease_answer(client: KeeperClient, fields: dict[str, object]) -> tuple[list[
 def test_a_repeated_lease_gets_the_same_answer_and_a_closed_connection_its_error(keeper, peer):
     remote = remote_of(peer)
     alice = per_user(remote, "alice")
-    # The first opens (answered once open), the second is answered in full, the rest as repeats.
+    # The first opens (answered in full once open, and remembered), the rest as repeats.
     answers = [lease_answer(keeper, alice) for _ in range(4)]
     sut_side, _ = peer.accept()
     assert answers == [answers[0]] * 4 and answers[0][0] == [1]
@@ -69,7 +73,7 @@ def test_a_repeat_asked_inline_is_one_packet(keeper, peer):
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
         sock.settimeout(5)
         sock.connect(str(keeper.path))
-        for _ in range(3):  # opened, answered in full, then a repeat
+        for _ in range(3):  # opened and answered in full once open (remembered), then repeats
             sock.send(request)
             data, fds = receive_packet(sock)
             in_one.append(bool(fds))
@@ -79,4 +83,49 @@ def test_a_repeat_asked_inline_is_one_packet(keeper, peer):
             for fd in fds:
                 os.close(fd)
     assert replies[0].startswith(b"ids=1 peers=") and replies == [replies[0]] * 3
-    assert in_one == [False, False, True]
+    assert in_one == [False, True, True]
+
+
+def ok_lines(keeper: KeeperClient, request: bytes, times: int) -> list[bytes]:
+    """The OK line of each of ``times`` answers to ``request`` on one control connection."""
+    oks = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(str(keeper.path))
+        for _ in range(times):
+            sock.send(request)
+            data, fds = receive_packet(sock)
+            oks.append(data.split(b" ids=")[0])
+            if not fds:
+                _, fds = receive_packet(sock)
+            for fd in fds:
+                os.close(fd)
+    return oks
+
+
+def test_a_tcp_lease_asked_cache_may_be_kept(keeper, peer):
+    """cache=1 (the shim's lease cache): a per-user TCP connection's OK says keep=1, in full and
+    as a repeat; without cache=1 it never does (the ptrace mode's and older shims' requests)."""
+    fields = per_user(remote_of(peer), "erin")
+    cached = format_message("LEASE", inline=True, cache=True, **fields)
+    assert ok_lines(keeper, cached, 3) == [b"OK count=1 keep=1"] * 3
+    plain = format_message("LEASE", inline=True, **fields)
+    assert ok_lines(keeper, plain, 2) == [b"OK count=1"] * 2
+
+
+def test_relayed_copies_are_kept_while_their_pairs_fit():
+    """A relayed connection's kept copy holds its pair open in the keeper: keep=1 only while two
+    descriptors a copy fit beside every connection and the headroom; the holder's end frees them."""
+    reactor = Reactor()
+    leases = Leases(reactor, {}, ConnectionHealth(reactor, None), on_release=lambda: None)
+    tls = [KeptConnection(i, None, "tls", ("192.0.2.1", 5061), ("192.0.2.2", 40000 + i)) for i in range(1, 6)]
+    leases.connections.update({c.id: c for c in tls})
+    leases.open_file_limit = len(tls) + KEEP_HEADROOM + 2 * PAIR_DESCRIPTORS  # room for two copies
+    assert [leases.may_keep(c) for c in tls] == [True, True, False, False, False]
+    assert leases.may_keep(tls[0])  # one kept already stays kept
+    assert leases.may_keep(KeptConnection(9, None, "tcp", ("192.0.2.1", 5060), ("192.0.2.2", 40009)))
+    for connection in tls[:2]:
+        leases.grant(connection, os.getpid())
+    leases.release(os.getpid())
+    assert leases.relayed_copies == set() and leases.may_keep(tls[2])
+    reactor.close()
