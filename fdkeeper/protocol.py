@@ -245,8 +245,8 @@ _LEASE_KEYS = {
     # and the descriptor): the shim's per-call LEASE, answered once a call.
     "inline": FLAG,
     # The client may keep a copy of a per-user connection it is granted and hand it again for
-    # the same request without asking (the shim's lease cache); the OK then says keep=1 when
-    # it may (always for tcp; tls, ws, wss while the keeper has descriptors for the pairs).
+    # the same request without asking, while its lease lasts (the shim's lease cache): the OK
+    # of such a lease then says keep=1.
     "cache": FLAG,
     **TLS_KEYS,
     **WS_KEYS,

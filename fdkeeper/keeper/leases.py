@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import select
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ class Repeat:
     mode: str
     transfer: str
     inline: bool  # the request's inline=1: one packet, "OK count=1 ids=..." with the descriptor
-    cache: bool  # the request's cache=1: the client may keep a copy (keep=1 when Leases.may_keep)
+    cache: bool  # the request's cache=1: the client may keep a copy (keep=1)
 
 
 # The repeats kept: a few per connection at most (a hostile client varying its requests only
@@ -77,25 +76,14 @@ class Leases:
         self.holders: dict[int, Holder] = {}
         self.repeats: dict[bytes, Repeat] = {}  # request packet -> what answered it (answer_repeat)
         self.last_granted: KeptConnection | None = None  # by the request being answered
-        # Relayed connections whose holder may keep a copy (keep=1), until that holder's lease ends.
-        self.relayed_copies: set[int] = set()
-        self.open_file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
-    def may_keep(self, connection: KeptConnection) -> bool:
-        """Whether a client that asked cache=1 may keep a copy of ``connection`` for its next
-        calls (keep=1): a TCP socket costs the keeper nothing more; a relayed one keeps its
-        pair open, so only while PAIR_DESCRIPTORS a copy still fit (counted until the lease ends)."""
-        if connection.transport == "tcp" or connection.id in self.relayed_copies:
-            return True
-        room = self.open_file_limit - len(self.connections) - KEEP_HEADROOM
-        if PAIR_DESCRIPTORS * (len(self.relayed_copies) + 1) > room:
-            return False
-        self.relayed_copies.add(connection.id)
-        return True
-
-    def ok_line(self, connection: KeptConnection, cache: bool) -> bytes:
-        """The OK of a one-connection client lease: with keep=1 when it asked cache=1 and may keep it."""
-        return LEASE_OK_ONE_KEEP if cache and self.may_keep(connection) else LEASE_OK_ONE
+    @staticmethod
+    def ok_line(cache: bool) -> bytes:
+        """The OK of a one-connection per-user client lease; keep=1 when it asked cache=1: its
+        process may keep a copy and hand it again (the shim's lease cache). That costs the keeper
+        nothing: the copy lives no longer than the lease, for which the keeper holds the
+        connection (and a relayed one's socketpair: tlslink.py) anyway."""
+        return LEASE_OK_ONE_KEEP if cache else LEASE_OK_ONE
 
     def answer_repeat(self, client: ControlClient, data: bytes) -> bool:
         """Answer ``data`` as before, if it is a client LEASE answered in full already, its
@@ -118,7 +106,7 @@ class Leases:
             return False
         new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
         connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
-        ok = self.ok_line(connection, repeat.cache)
+        ok = self.ok_line(repeat.cache)
         try:
             if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
                 client.send(ok + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
@@ -203,7 +191,6 @@ class Leases:
         now = time.monotonic()
         for connection_id in holder.connection_ids:
             connection = self.connections.get(connection_id)
-            self.relayed_copies.discard(connection_id)  # the holder's copies are gone with it
             if connection is not None and connection.holder_pid == pid:
                 connection.holder_pid = None
                 connection.last_activity = now
@@ -245,7 +232,6 @@ class Leases:
                 del self.holders[holder.pid]
             self._close_pidfd(holder)
             for connection_id in holder.connection_ids:
-                self.relayed_copies.discard(connection_id)
                 connection = self.connections.get(connection_id)
                 if (
                     connection is not None

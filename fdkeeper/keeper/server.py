@@ -304,7 +304,7 @@ class Keeper:
             new += self.leases.grant(connection, pid)
             connection.lease_mode, connection.lease_transfer = mode, transfer
         if len(connections) == 1 and connections[0].aor and request.text("role") == "client":
-            client.send(self.leases.ok_line(connections[0], request.flag("cache")))
+            client.send(self.leases.ok_line(request.flag("cache")))
         else:
             client.send(format_message("OK", count=len(connections)))
         # Made as the client reads them: 19,000 descriptors are not copied to be queued.

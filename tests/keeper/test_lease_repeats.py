@@ -10,10 +10,6 @@ import pytest
 
 from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
-from fdkeeper.keeper.connection import KeptConnection
-from fdkeeper.keeper.health import ConnectionHealth
-from fdkeeper.keeper.leases import KEEP_HEADROOM, PAIR_DESCRIPTORS, Leases
-from fdkeeper.loop import Reactor
 from fdkeeper.protocol import format_message, receive_packet
 from fdkeeper.testbed import wait_until
 from tests.support.keeper import remote_of
@@ -111,21 +107,3 @@ def test_a_tcp_lease_asked_cache_may_be_kept(keeper, peer):
     assert ok_lines(keeper, cached, 3) == [b"OK count=1 keep=1"] * 3
     plain = format_message("LEASE", inline=True, **fields)
     assert ok_lines(keeper, plain, 2) == [b"OK count=1"] * 2
-
-
-def test_relayed_copies_are_kept_while_their_pairs_fit():
-    """A relayed connection's kept copy holds its pair open in the keeper: keep=1 only while two
-    descriptors a copy fit beside every connection and the headroom; the holder's end frees them."""
-    reactor = Reactor()
-    leases = Leases(reactor, {}, ConnectionHealth(reactor, None), on_release=lambda: None)
-    tls = [KeptConnection(i, None, "tls", ("192.0.2.1", 5061), ("192.0.2.2", 40000 + i)) for i in range(1, 6)]
-    leases.connections.update({c.id: c for c in tls})
-    leases.open_file_limit = len(tls) + KEEP_HEADROOM + 2 * PAIR_DESCRIPTORS  # room for two copies
-    assert [leases.may_keep(c) for c in tls] == [True, True, False, False, False]
-    assert leases.may_keep(tls[0])  # one kept already stays kept
-    assert leases.may_keep(KeptConnection(9, None, "tcp", ("192.0.2.1", 5060), ("192.0.2.2", 40009)))
-    for connection in tls[:2]:
-        leases.grant(connection, os.getpid())
-    leases.release(os.getpid())
-    assert leases.relayed_copies == set() and leases.may_keep(tls[2])
-    reactor.close()
