@@ -6,6 +6,7 @@ import contextlib
 import os
 import select
 import time
+import weakref
 
 import pytest
 
@@ -167,6 +168,18 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap(reactor):
         reactor.call_later(60, lambda: None).cancel()
     assert reactor.pending_timers() <= 200
     assert reactor.pending_timers() >= 1 and not survivor.cancelled
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback_at_once(reactor):
+    class Opening:
+        def timed_out(self) -> None:
+            raise AssertionError("a cancelled timer ran")
+
+    opening = Opening()
+    gone = weakref.ref(opening)
+    reactor.call_later(60, opening.timed_out, on_fault=lambda _error: None).cancel()
+    del opening
+    assert gone() is None and reactor.pending_timers() == 1  # still in the heap, holding nothing
 
 
 def test_a_timer_cancelled_after_it_ran_is_not_counted_again(reactor):

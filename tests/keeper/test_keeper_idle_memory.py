@@ -2,27 +2,36 @@
 
 The figures themselves are bench/keeper_scale.py's; here the levers that make them: an idle TLS
 session's OpenSSL buffers freed (tlspump.free_buffers, which the link calls after a read that
-found nothing), the session still carrying data both ways afterwards, and the per-connection
-objects without a __dict__ (slots).
+found nothing), the session still carrying data both ways afterwards, the per-connection
+objects without a __dict__ (slots), and a bound on the Python bytes an idle TCP user's
+connection costs, opened through the pool as a PREPARE opens it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import socket
 import ssl
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 
 from fdkeeper.keeper import tlspump
 from fdkeeper.keeper.connection import KeptConnection
+from fdkeeper.keeper.health import ConnectionHealth
+from fdkeeper.keeper.leases import Leases
+from fdkeeper.keeper.opening import Pending
+from fdkeeper.keeper.pool import ConnectionPool
 from fdkeeper.keeper.transports import RelayedTransport, TcpTransport, transport_for
 from fdkeeper.keeper.wire import TlsWire
+from fdkeeper.loop import Reactor
+from fdkeeper.protocol import parse_request
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.tls import TlsOptions, client_context
 
-pytestmark = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
+needs_pump = pytest.mark.skipif(tlspump._library_path() is None, reason="fdkeeper/_tlspump*.so is not built")
 
 
 def tls_pair(pki: TestPki) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
@@ -83,6 +92,7 @@ def receive(sock: ssl.SSLSocket, length: int) -> bytes:
     raise AssertionError(f"{len(data)} of {length} bytes")
 
 
+@needs_pump
 def test_an_idle_sessions_read_buffer_is_freed_and_the_session_goes_on(pki):
     if tlspump._LIBRARY.load() is None:
         pytest.skip(f"no pump: {tlspump._LIBRARY.unavailable}")
@@ -103,6 +113,7 @@ def test_an_idle_sessions_read_buffer_is_freed_and_the_session_goes_on(pki):
         server.close()
 
 
+@needs_pump
 def test_the_wire_frees_them_after_a_read_that_found_nothing(sessions, monkeypatch):
     client, server = sessions
     shed: list[TlsWire] = []
@@ -121,6 +132,7 @@ def test_the_free_is_refused_only_where_openssl_could_free_a_buffer_in_use():
     assert not tlspump._free_buffers_safe((1, 1, 1, 23, 0))
 
 
+@needs_pump
 def test_the_objects_of_a_kept_link_have_no_dict(sessions):
     client, _server = sessions
     io = transport_for(client, TlsOptions(insecure=True), b"")
@@ -139,3 +151,66 @@ def test_every_connection_holds_the_same_transport_and_host_strings():
 
     first, second = kept(1), kept(2)
     assert first.transport is second.transport and first.remote[0] is second.local[0]
+
+
+# Python bytes an idle TCP user's connection costs the keeper: measured 772 (the connection, its
+# socket object and transport, the Reactor's and the pool's entries, its AoR and local address);
+# RSS is about 1.4x the heap (bench/keeper_scale.py). Headroom for a changed field or two.
+IDLE_TCP_BYTES = 900
+USERS = 256
+
+
+def test_an_idle_tcp_users_connection_costs_the_keeper_under_a_bound():
+    reactor = Reactor()
+    health = ConnectionHealth(reactor, keepalive=None)
+    connections: dict[int, KeptConnection] = {}
+    leases = Leases(reactor, connections, health, on_release=lambda: None)
+    pool = ConnectionPool(connections, health, leases, connect_timeout=5.0, tls_defaults=TlsOptions())
+    listener = socket.create_server(("127.0.0.1", 0), backlog=USERS)
+    port = listener.getsockname()[1]
+    # Parsed before counting: the parser's bounded cache is not the connections' cost.
+    requests = [
+        parse_request(f"PREPARE role=client transport=tcp remote=127.0.0.1:{port} local=- aor=sip:u{n}@t.test".encode())
+        for n in range(USERS + 1)
+    ]
+    peers: list[socket.socket] = []
+
+    def open_all(batch: list) -> None:
+        for request in batch:
+            with pytest.raises(Pending):
+                pool.select(request, None)
+        expected = len(connections) + len(batch)
+        for _ in range(2000):
+            if len(connections) == expected:
+                break
+            reactor.run_once(max_wait=0.01)
+            while len(peers) < expected:
+                peers.append(listener.accept()[0])
+        assert len(connections) == expected, "the pool did not keep every connection"
+
+    try:
+        open_all(requests[:1])  # the first: the keeper's own one-off structures
+        gc.collect()
+        tracemalloc.start()
+        before = _keeper_bytes()
+        for first in range(1, USERS + 1, 16):  # a few opening at a time, as a run opens them
+            open_all(requests[first : first + 16])
+        gc.collect()
+        each = (_keeper_bytes() - before) / USERS
+        tracemalloc.stop()
+        assert each <= IDLE_TCP_BYTES, (
+            f"an idle TCP connection costs the keeper {each:.0f} Python bytes (bound {IDLE_TCP_BYTES})"
+        )
+    finally:
+        tracemalloc.stop()
+        pool.close("test over")
+        for peer in peers:
+            peer.close()
+        listener.close()
+        reactor.close()
+
+
+def _keeper_bytes() -> int:
+    """Bytes traced now that fdkeeper's code allocated (not the test's: the SuT's accepted ends)."""
+    keeper = tracemalloc.Filter(True, "*/fdkeeper/*", all_frames=True)
+    return sum(stat.size for stat in tracemalloc.take_snapshot().filter_traces([keeper]).statistics("filename"))
