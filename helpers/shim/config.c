@@ -28,6 +28,19 @@ static enum shim_transport transport_named(const char *name)
     return SHIM_TRANSPORT_BAD;
 }
 
+/* FDKEEPER_LEASE_CACHE: a whole number (0 turns the cache off); -1 when unset
+ * or not one (the default bound applies). */
+static long lease_cache_bound(const char *s)
+{
+    char *end;
+    long v;
+
+    if (!s || *s < '0' || *s > '9')
+        return -1;
+    v = strtol(s, &end, 10);
+    return *end ? -1 : v;
+}
+
 static void config_read(void)
 {
     const char *s;
@@ -36,6 +49,7 @@ static void config_read(void)
     config.debug = (s = getenv("FDKEEPER_DEBUG")) && strcmp(s, "1") == 0;
     config.reconnect = (s = getenv("FDKEEPER_RECONNECT")) && strcmp(s, "1") == 0;
     config.per_call = (s = getenv("FDKEEPER_PER_CALL")) && strcmp(s, "1") == 0;
+    config.lease_cache = lease_cache_bound(getenv("FDKEEPER_LEASE_CACHE"));
 
     s = getenv("FDKEEPER_SOCKET");
     if (!s || !*s)

@@ -319,6 +319,7 @@ static int read_count(int s, char *buf, struct ctl_result *res, int *want)
         proto_error(res, "unexpected reply '%.200s'", buf);
         return -1;
     }
+    res->keep = token(buf, "keep", v, sizeof v) == 0 && strcmp(v, "1") == 0;
     if (res->nfds && (take_fds(buf, res, 0, *want, truncated) != 0 || res->nfds != *want)) {
         if (res->status == CTL_OK)
             proto_error(res, "packet '%.200s' did not carry one descriptor per id", buf);

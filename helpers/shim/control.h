@@ -21,6 +21,7 @@ struct ctl_result {
     int nfds;
     /* malloc'ed, one per descriptor: FDS peers=/locals= (len 0 where not sent) */
     struct shim_inaddr *peers, *locals;
+    int keep; /* the OK said keep=1: the process may keep a copy for the same request (leasecache.h) */
 };
 
 /* Send one request on this process's control connection (opened at its first

@@ -12,6 +12,7 @@
 
 #include "handoff.h"
 #include "kept.h"
+#include "leasecache.h"
 #include "lease.h"
 #include "real.h"
 #include "replay.h"
@@ -41,33 +42,37 @@ static void replay_options(int fd, const struct fde *snap, int pair)
     }
 }
 
-int handoff_dup_onto(int src, int fd)
+int handoff_dup_keeping(int src, int fd)
 {
     int pfl = REAL(fcntl)(fd, F_GETFL);
     int sfl = REAL(fcntl)(src, F_GETFL);
-    int err;
 
     if (pfl >= 0 && sfl >= 0 && ((pfl ^ sfl) & O_NONBLOCK))
         REAL(fcntl)(src, F_SETFL, (sfl & ~O_NONBLOCK) | (pfl & O_NONBLOCK));
-    if (REAL(dup3)(src, fd, O_CLOEXEC) >= 0) {
-        REAL(close)(src);
-        return 0;
-    }
-    err = errno;
-    REAL(close)(src);
-    errno = err;
-    return -1;
+    return REAL(dup3)(src, fd, O_CLOEXEC) >= 0 ? 0 : -1;
 }
 
-/* The kept connection replaces fd; 0 or -1 (said, errno set). */
-static int put_on_fd(int kept, int fd)
+int handoff_dup_onto(int src, int fd)
+{
+    int r = handoff_dup_keeping(src, fd), err = errno;
+
+    REAL(close)(src);
+    errno = err;
+    return r;
+}
+
+/* The kept connection replaces fd (kept is closed, unless keep_source: then
+ * only when that fails); 0 or -1 (said, errno set). */
+static int put_on_fd(int kept, int fd, int keep_source)
 {
     char ebuf[128];
     int err;
 
-    if (handoff_dup_onto(kept, fd) == 0)
+    if ((keep_source ? handoff_dup_keeping(kept, fd) : handoff_dup_onto(kept, fd)) == 0)
         return 0;
     err = errno;
+    if (keep_source)
+        REAL(close)(kept);
     shim_say("fdkeeper: cannot put the kept connection on fd %d: %s", fd,
              strerror_r(err, ebuf, sizeof ebuf));
     errno = err;
@@ -115,22 +120,30 @@ static void say_handed_over(int fd, const char *what, const char *aor, int pair)
                pair ? " (a socketpair end the keeper relays)" : "");
 }
 
-/* Ask the keeper for the client connection; its descriptor and addresses. 0
- * or -1 (said, errno set). */
-static int lease_one(const struct fde *snap, const char *transport, const char *what,
-                     const char *aor, int *kept, struct shim_inaddr *peer, struct shim_inaddr *local)
+/* The client LEASE for snap's socket into req (per call: for aor, answered
+ * inline, and a copy may be kept when the cache is on). */
+static void lease_text(const struct fde *snap, const char *transport, const char *aor, char *req,
+                       size_t n)
 {
     const struct shim_config *cfg = shim_config();
-    char bound[64], req[4096];
-    struct ctl_result res;
+    char bound[64];
 
     if (snap->has_bind)
         shim_format_addr((const struct sockaddr *)&snap->bind_addr, bound, sizeof bound);
     else
         strcpy(bound, "-");
-    snprintf(req, sizeof req, "LEASE role=client transport=%s remote=%s local=%s%s%s%s", transport,
+    snprintf(req, n, "LEASE role=client transport=%s remote=%s local=%s%s%s%s%s", transport,
              cfg->remote_str, bound, cfg->reconnect ? " reconnect=1" : "",
-             aor ? " inline=1 aor=" : "", aor ? aor : ""); /* per call: an OK that may carry it */
+             aor && lc_enabled() ? " cache=1" : "", aor ? " inline=1 aor=" : "", aor ? aor : "");
+}
+
+/* Ask the keeper for the client connection; its descriptor and addresses, and
+ * whether a copy may be kept. 0 or -1 (said, errno set). */
+static int lease_one(const char *req, const char *what, int *kept, struct lc_answer *answer,
+                     int *keep)
+{
+    struct ctl_result res;
+
     if (lease_request(req, &res, what) != 0)
         return -1;
     if (res.nfds != 1) {
@@ -139,27 +152,49 @@ static int lease_one(const struct fde *snap, const char *transport, const char *
         return lease_bad_reply(&res, why, what);
     }
     *kept = res.fds[0];
-    *peer = res.peers[0];
-    *local = res.locals[0];
+    answer->peer = res.peers[0];
+    answer->local = res.locals[0];
+    *keep = res.keep;
     ctl_result_free(&res, 0);
+    return 0;
+}
+
+/* The kept connection for the request on fd: this process's own copy when the
+ * lease cache has one (per call, no round trip), else the keeper's answer
+ * (kept in the cache when it says keep=1). 0 or -1 (said, errno set). */
+static int connection_onto(int fd, const char *req, int per_call, const char *what,
+                           struct lc_answer *answer)
+{
+    int kept = -1, keep = 0;
+
+    if (per_call && lc_take_onto(req, fd, answer) == 0) {
+        shim_debug("%s: the lease cache's copy, no request to the keeper", what);
+        return 0;
+    }
+    if (lease_one(req, what, &kept, answer, &keep) != 0)
+        return -1;
+    answer->pair = lease_is_pair(kept);
+    if (!(per_call && keep && lc_enabled()))
+        return put_on_fd(kept, fd, 0);
+    if (put_on_fd(kept, fd, 1) != 0)
+        return -1;
+    lc_put(req, kept, answer);
     return 0;
 }
 
 int handoff_lease(int fd, const struct fde *snap, const char *transport, const char *what,
                   int saved_errno, const char *aor)
 {
-    struct shim_inaddr kpeer, klocal;
-    int kept, pair;
+    struct lc_answer answer;
+    char req[4096];
 
-    if (lease_one(snap, transport, what, aor, &kept, &kpeer, &klocal) != 0)
-        return -1;
-    pair = lease_is_pair(kept);
-    if (put_on_fd(kept, fd) != 0)
+    lease_text(snap, transport, aor, req, sizeof req);
+    if (connection_onto(fd, req, aor != NULL, what, &answer) != 0)
         return -1;
     handoff_restore_epoll(fd, snap);
-    replay_options(fd, snap, pair);
-    mark_kept(fd, snap, &kpeer, &klocal, pair);
-    say_handed_over(fd, what, aor, pair);
+    replay_options(fd, snap, answer.pair);
+    mark_kept(fd, snap, &answer.peer, &answer.local, answer.pair);
+    say_handed_over(fd, what, aor, answer.pair);
     errno = saved_errno;
     return 0;
 }

@@ -9,6 +9,7 @@
 
 #include "fdtable.h"
 #include "kept.h"
+#include "leasecache.h"
 #include "real.h"
 
 #ifndef CLOSE_RANGE_CLOEXEC
@@ -160,8 +161,11 @@ int kept_shutdown(int fd, int how)
  * the keeper. A PENDING fd's placeholder peer closes with its last copy. */
 int kept_close(int fd)
 {
-    if (SHIM_ACTIVE() && (fdt_forget(fd) & FDE_KEPT))
+    if (!SHIM_ACTIVE())
+        return REAL(close)(fd);
+    if (fdt_forget(fd) & FDE_KEPT)
         shim_debug("close(fd %d): kept connection released to the keeper", fd);
+    lc_lost_fd(fd); /* a number of the lease cache's the program closes is the program's */
     return REAL(close)(fd);
 }
 
@@ -175,16 +179,20 @@ int kept_close_range(unsigned first, unsigned last, int flags)
         errno = ENOSYS;
         return -1;
     }
-    if (SHIM_ACTIVE() && first <= last && !(flags & CLOSE_RANGE_CLOEXEC) &&
-        (fdt_forget_range(first, last) & FDE_KEPT))
-        shim_debug("close_range(%u, %u): kept connections released to the keeper", first, last);
+    if (SHIM_ACTIVE() && first <= last && !(flags & CLOSE_RANGE_CLOEXEC)) {
+        if (fdt_forget_range(first, last) & FDE_KEPT)
+            shim_debug("close_range(%u, %u): kept connections released to the keeper", first, last);
+        lc_lost_range(first, last);
+    }
     return real(first, last, flags);
 }
 
 int kept_dup_result(int old, int r)
 {
-    if (r >= 0 && r != old && SHIM_ACTIVE())
+    if (r >= 0 && r != old && SHIM_ACTIVE()) {
+        lc_lost_fd(r); /* dup2/dup3 onto a number of the lease cache's closed our copy */
         fdt_note_dup(old, r);
+    }
     return r;
 }
 

@@ -46,6 +46,8 @@ struct shim_config {
     char transport_str[64];         /* the value as given (cut), for the BAD message */
     int reconnect;
     int per_call;                   /* FDKEEPER_PER_CALL=1 (client): lease at the first send */
+    long lease_cache;               /* FDKEEPER_LEASE_CACHE: copies kept at most (leasecache.h);
+                                     * -1 when unset or not a number */
     int debug;
 };
 

@@ -18,7 +18,11 @@
  *                                      and then sent a SIP message with header line
  *                                      FROM ("-": none) through HOW (send, sendto,
  *                                      write, writev, sendmsg; dup: send on a dup);
- *                                      the reply is read via epoll, then closed
+ *                                      the reply is read via epoll, then closed;
+ *                                      HOW may start with fork+ (a forked child makes
+ *                                      the call, the parent waits for it), closerange+
+ *                                      (close_range of every fd above the epoll fd first)
+ *                                      or wait+ (a line read from stdin first)
  *   shimprog percallvia IP PORT BINDIP FROM SNDBUF FILLERS CALLS
  *                                      sipp -t tn writing [local_ip]:[local_port] (Via,
  *                                      Contact, FILLERS more headers, the body): CALLS
@@ -500,6 +504,17 @@ static ssize_t send_how(const char *how, int s, const char *msg, size_t len)
     return send(s, msg, len, MSG_DONTWAIT);
 }
 
+/* Whether how starts with prefix; if so, the prefix is cut off. */
+static int percall_prefix(char *how, const char *prefix)
+{
+    size_t n = strlen(prefix);
+
+    if (strncmp(how, prefix, n) != 0)
+        return 0;
+    memmove(how, how + n, strlen(how + n) + 1);
+    return 1;
+}
+
 static int cmd_percall(int argc, char **argv)
 {
     int ep = epoll_create1(EPOLL_CLOEXEC);
@@ -508,7 +523,7 @@ static int cmd_percall(int argc, char **argv)
     for (int i = 5; i < argc; i++) {
         int c = i - 5, err, s, n, ml;
         const char *bar = strchr(argv[i], '|'), *from;
-        char how[16], msg[1024], buf[512], fromline[600];
+        char how[32], msg[1024], buf[512], fromline[600];
         struct epoll_event ev;
         struct pollfd pfd;
         struct sockaddr_storage ss;
@@ -516,11 +531,32 @@ static int cmd_percall(int argc, char **argv)
         uint64_t data = 0;
         ssize_t r;
 
+        int child = 0;
+
         if (!bar || bar - argv[i] >= (int)sizeof how)
             return 1;
         memcpy(how, argv[i], (size_t)(bar - argv[i]));
         how[bar - argv[i]] = 0;
         from = bar + 1;
+        if (percall_prefix(how, "wait+")) {
+            char line[16];
+            if (!fgets(line, sizeof line, stdin))
+                die("stdin");
+        }
+        if (percall_prefix(how, "closerange+") && close_range((unsigned)ep + 1, ~0U, 0) != 0)
+            die("close_range");
+        if (percall_prefix(how, "fork+")) {
+            pid_t pid = fork();
+            if (pid < 0)
+                die("fork");
+            if (pid > 0) {
+                int st;
+                if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st))
+                    die("child");
+                continue;
+            }
+            child = 1;
+        }
         s = sipp_connect(ep, 100 + (uint64_t)c, argv[2], argv[3], argv[4], &err);
         printf("c%d_connect=%d c%d_err=%s\n", c, s >= 0 ? 0 : -1, c, ename(err));
         if (s < 0)
@@ -586,6 +622,10 @@ static int cmd_percall(int argc, char **argv)
         epoll_ctl(ep, EPOLL_CTL_DEL, s, NULL);
         shutdown(s, SHUT_RDWR);
         close(s);
+        if (child) {
+            fflush(stdout);
+            _exit(0);
+        }
     }
     printf("fds_end=%d\n", count_fds());
     return 0;

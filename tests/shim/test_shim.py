@@ -763,7 +763,7 @@ def test_per_call_leases_at_first_send(build, keeper_dir, sut, transport):
         assert r.returncode == 0, r.stdout + r.stderr
         kv = parse(r.stdout)
         assert k.requests == [
-            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 inline=1 aor={aor}"
+            f"LEASE role=client transport={transport} remote={remote} local=127.0.0.1:0 cache=1 inline=1 aor={aor}"
             for _, _, aor in PERCALL_CALLS
         ]
         assert k.peer_pids == [k.peer_pids[0]] * len(PERCALL_CALLS)
@@ -845,7 +845,7 @@ def test_per_call_keeper_error(build, keeper_dir, sut):
         assert kv["c0_send"] == "-1" and kv["c0_send_errno"] == "EBUSY"
         assert r.stderr == text + "\n"
         assert k.requests == [
-            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 inline=1 aor=sip:alice@fdkeeper.test"
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 cache=1 inline=1 aor=sip:alice@fdkeeper.test"
         ]
         assert int(kv["fds_end"]) == int(kv["fds_base"]) + 1  # the control connection, kept after ERR too
     finally:
@@ -1055,7 +1055,7 @@ def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
     try:
         assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
         assert k.requests == [
-            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 inline=1 aor=sip:{user}@fdkeeper.test"
+            f"LEASE role=client transport=tcp remote={sut.addr} local=127.0.0.1:0 cache=1 inline=1 aor=sip:{user}@fdkeeper.test"
             for user in ("alice", "bob", "alice")
         ]
         assert k.leased == [0, 1, 0]
@@ -1075,3 +1075,127 @@ def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
             still_open(k.kept[i], k.sut_side[i], tag=b"p%d" % i)
     finally:
         k.close()
+
+
+class KeepAnswers:
+    """A control connection whose one-connection OK says keep=1 (the keeper's answer to a
+    per-user LEASE asked with cache=1: the process may keep a copy)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+    def send(self, data: bytes) -> int:
+        return self.conn.send(b"OK count=1 keep=1" if data == b"OK count=1" else data)
+
+
+class KeepingKeeper(ReusingKeeper):
+    """Answers a LEASE asked with cache=1 with keep=1, as the keeper does."""
+
+    def _one(self, conn: socket.socket) -> None:
+        cache = "cache=1" in conn.recv(4097, socket.MSG_PEEK).decode().split()
+        super()._one(KeepAnswers(conn) if cache else conn)
+
+
+def percall_arg(prefix: str, user: str) -> str:
+    """shimprog percall's argument for a call of ``user`` sent with send, after ``prefix`` (fork ...)."""
+    return f"{prefix + '+' if prefix else ''}send|From: <sip:{user}@fdkeeper.test>"
+
+
+def lease_cache_run(build, k, remote, calls, transport="tcp", **extra):
+    """shimprog percall of ``calls`` ("[PREFIX+]+user": a call of that user sent with send) against
+    the keeping fake keeper; its key=value output and stderr."""
+    responder = SutResponder(k)
+    try:
+        args = [percall_arg(*call.rpartition("+")[::2]) for call in calls]
+        env = shim_env(build, k.path, remote=remote, FDKEEPER_PER_CALL="1", FDKEEPER_TRANSPORT=transport, **extra)
+        r = run(build, ["percall", "127.0.0.1", str(k.sut.port), "127.0.0.1", *args], env)
+    finally:
+        responder.stop()
+    assert r.returncode == 0, r.stdout + r.stderr
+    return parse(r.stdout), r.stderr
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_lease_cache_repeats_without_the_keeper(build, keeper_dir, sut, transport):
+    """keep=1: a user's next call takes the process's own copy of its connection (no request);
+    the copies stay open after the program's close, one per user, and work as the keeper's."""
+    pairs = {"pairs": True, "peer_addr": sut.addr, "local_addr": "127.0.0.1:40999"} if transport == "tls" else {}
+    k = KeepingKeeper(keeper_dir / "control.sock", sut, **pairs)
+    try:
+        kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "+alice", "+alice", "+bob"], transport)
+        assert len(k.requests) == 2 and all(" cache=1 inline=1 aor=" in r for r in k.requests), k.requests
+        assert [kv[f"c{c}_got"] for c in range(5)] == [f"{i}:call-{c}" for c, i in enumerate([0, 1, 0, 0, 1])]
+        assert [kv[f"c{c}_domain"] for c in range(5)] == ["inet" if transport == "tcp" else "unix"] * 5
+        assert [kv[f"c{c}_peer"] for c in range(5)] == [sut.addr] * 5
+        # The control connection and the two copies.
+        assert int(kv["fds_end"]) == int(kv["fds_base"]) + 3
+        assert err == ""
+        for i in range(2):
+            still_open(k.kept[i], k.sut_side[i], tag=b"k%d" % i)
+    finally:
+        k.close()
+
+
+@pytest.mark.parametrize("bound,requests,copies", [("1", 3, 1), ("0", 3, 0)])
+def test_lease_cache_bound(build, keeper_dir, sut, bound, requests, copies):
+    """FDKEEPER_LEASE_CACHE: copies kept at most (the least recently used closed first); 0: none,
+    and no cache=1 asked."""
+    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    try:
+        kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "+alice"], FDKEEPER_LEASE_CACHE=bound)
+        assert len(k.requests) == requests and all(("cache=1" in r) == (bound != "0") for r in k.requests)
+        assert [kv[f"c{c}_got"] for c in range(3)] == ["0:call-0", "1:call-1", "0:call-2"]
+        assert int(kv["fds_end"]) == int(kv["fds_base"]) + 1 + copies
+        assert err == ""
+    finally:
+        k.close()
+
+
+def test_lease_cache_fork_close_range(build, keeper_dir, sut):
+    """A forked child holds no lease: it closes its copies of its parent's and asks the keeper
+    itself (the parent's copy serves the parent's next call); close_range over the copies'
+    numbers makes them the program's, and the next call asks the keeper again."""
+    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    try:
+        calls = ["+alice", "fork+alice", "+alice", "closerange+alice", "+alice"]
+        kv, err = lease_cache_run(build, k, sut.addr, calls)
+        assert [kv[f"c{c}_got"] for c in range(5)] == [f"0:call-{c}" for c in range(5)]
+        parent, child = k.peer_pids[0], k.peer_pids[1]
+        assert len(k.requests) == 3 and k.peer_pids == [parent, child, parent]
+        # In the child at its call: only the placeholder's two ends (no control connection, no copy).
+        assert int(kv["c1_fds"]) == int(kv["c0_fds"])
+        assert int(kv["fds_end"]) == int(kv["fds_base"]) + 2
+        assert err == ""
+    finally:
+        k.close()
+
+
+def test_lease_cache_copy_the_sut_ended_is_asked_again(build, keeper_dir, sut):
+    """A copy whose peer hung up (the SuT's FIN) is not handed again: the keeper is asked."""
+    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    responder = SutResponder(k)
+    args = ["send|From: <sip:alice@fdkeeper.test>", "wait+send|From: <sip:alice@fdkeeper.test>"]
+    env = shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1")
+    p = subprocess.Popen(
+        [build["prog"], "percall", "127.0.0.1", str(sut.port), "127.0.0.1", *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: responder.log or p.poll() is not None, timeout=15)
+        k.sut_side[0].shutdown(socket.SHUT_RDWR)  # the SuT ends alice's connection: FIN
+        del k.by_aor["sip:alice@fdkeeper.test"]  # the keeper opens her a new one
+        out, err = p.communicate("go\n", timeout=20)
+    finally:
+        responder.stop()
+        k.close()
+    assert p.returncode == 0, out + err
+    kv = parse(out)
+    assert (kv["c0_got"], kv["c1_got"]) == ("0:call-0", "1:call-1")
+    assert len(k.requests) == 2 and err == ""
