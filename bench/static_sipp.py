@@ -8,10 +8,13 @@
     Debian's sipp 3.6.1 (--sipp), the anchor before issue 20 (a different sipp: 3.6.1's and
     3.7.7's own costs per call differ, which moved the verdict between 0.78 and 1.0);
 (b) sipp 3.7.7's static build through `fdkeeper sipp --mode ptrace` (what `--mode auto`
-    picks for it): sipp runs under a seccomp filter that stops only connect() and
-    epoll_ctl(ADD); fdkeeper skips that connect, follows the one thread to its first send,
-    leases user k's connection by the From AoR, puts it in place of the socket and lets the
-    send run again (four ptrace stops per call: epoll_ctl, connect, sipp's fcntl, the send).
+    picks for it): sipp runs under a seccomp filter that stops only epoll_ctl(ADD), connect()
+    and plain send()s; fdkeeper skips that connect, leases user k's connection by the From AoR
+    at the first send, puts it in place of the socket and lets the send run again, and the
+    call's later messages (ACK, BYE) get the kept connection's address from a stub in sipp
+    (fdkeeper/modes/ptrace/sendstub.py): three ptrace stops per call (epoll_ctl, connect, the
+    first send), six before issue 20's second stop (sipp's fcntl, and the ACK's and BYE's
+    rewrite), and one lease over the tracer's one control connection.
 
 With 1,000 users and 2 s runs the rates stop at 500 calls/s (see below), where both keep up;
 `--duration 1 --steps 600,800,1000 --startup-runs 0` shows where each one's ceiling lies, and

@@ -16,12 +16,20 @@ from outside:
   the send, now on the kept connection: no stop after the send's own. The thread runs on
   untraced until its next connect(). (The first handoff of a process injects the calls one
   by one and maps that code.)
+- once a process's first send was a plain send() (sendto without an address or
+  MSG_NOSIGNAL: sipp -t tn's), its threads no longer step after a faked connect(): the
+  filter stops that send anyway, and the handoff is made there (no stop at sipp's fcntl, none
+  at the send's exit). A pending socket closed unsent is told from a new one by its inode.
 - sipp wrote the placeholder's port ([local_port], read after its bind()) into Via and
   Contact; the kept connection's address replaces it in sipp's own buffer, at the first send
-  and at each later sendto() stop on the fd (rewrites.py), same length only, before the
-  kernel takes a byte: a tail sipp resends is its copy of rewritten bytes. The first send
-  reruns with MSG_NOSIGNAL (sipp ignores SIGPIPE), which the filter lets by: stops per call
-  are 4, plus one per later message of the call.
+  (rewrites.py), same length only, before the kernel takes a byte: a tail sipp resends is its
+  copy of rewritten bytes. The first send reruns with MSG_NOSIGNAL (sipp ignores SIGPIPE),
+  which the filter lets by. Later sends on the fd are rewritten by the program itself: the
+  send wrapper its first send went through is patched into a stub mapped at the process's
+  first handoff (sendstub.py), which also adds MSG_NOSIGNAL, so the filter lets them by.
+  Stops per call for sipp -t tn: 3 (epoll_ctl, connect, the first send), whatever the number
+  of messages. Where the stub cannot be placed, each later sendto() without an address stops
+  and is rewritten by the tracer, as before.
 
 The epoll registrations to re-add are the ones the program made: the filter also stops at
 epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
@@ -48,6 +56,7 @@ from fdkeeper.modes.ptrace.injection import Injection
 from fdkeeper.modes.ptrace.raw import LOW, SYS, unsigned
 from fdkeeper.modes.ptrace.rewrites import MAX_LOOK, ViaRewrites
 from fdkeeper.modes.ptrace.seccomp import MSG_NOSIGNAL
+from fdkeeper.modes.ptrace.sendstub import SendStubs
 from fdkeeper.modes.ptrace.services import Services, is_tcp_socket
 from fdkeeper.modes.ptrace.tracer import SyscallStop
 
@@ -68,6 +77,13 @@ class PerCallRole:
         self.code = HandoffCode(services.tracer)  # the handoff as code in the program, after its first
         self.handoffs = 0
         self.rewrites = ViaRewrites(services)
+        self.stubs = SendStubs(services.tracer)  # the rewrite of later sends, in the program
+        self.rewritten_by_stub: dict[int, int] = {}  # tgid -> messages its stub rewrote (read at exits)
+        services.tracer.on_exit = self._on_thread_exit
+        # Processes whose first sends were plain send()s (sendto without an address or
+        # MSG_NOSIGNAL), which the filter stops at anyway: their threads need not step from
+        # connect() to the send (no stop at sipp's fcntl, none at the send's exit).
+        self.sends_seen_by_filter: set[int] = set()
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -75,7 +91,7 @@ class PerCallRole:
                 self._on_connect(stop)
             elif stop.nr == SYS["epoll_ctl"]:
                 self._on_epoll_add(stop)
-            elif stop.nr == SYS["sendto"]:
+            elif stop.nr == SYS["sendto"] and not self._first_send_seen_by_filter(stop):
                 self.rewrites.on_send(stop)
             return
         fds = self.waiting.get(stop.tid)
@@ -88,12 +104,20 @@ class PerCallRole:
 
     def on_exec(self, pid: int) -> None:
         self.code.forget(pid)
+        self.stubs.forget(pid)
         self.registrations.forget_process(pid)
 
+    def _on_thread_exit(self, tid: int) -> None:
+        """A thread about to exit: what its process's stub rewrote, while its memory is there."""
+        tgid = self.services.tgid(tid)
+        if tgid in self.stubs.processes:
+            self.rewritten_by_stub[tgid] = max(self.rewritten_by_stub.get(tgid, 0), self.stubs.rewritten(tid, tgid))
+
     def close(self) -> None:
+        rewritten = self.rewrites.rewritten + sum(self.rewritten_by_stub.values())
         self.services.say(
             f"{self.services.tracer.stops} ptrace stops for {self.handoffs} per-call handoff(s); "
-            f"{self.rewrites.rewritten} message(s) given the kept connection's address"
+            f"{rewritten} message(s) given the kept connection's address"
         )
         self.code.close()
 
@@ -114,6 +138,19 @@ class PerCallRole:
         elif stop.nr == SYS["close"]:
             self._forget(stop.tid, fd)
         return False
+
+    def _first_send_seen_by_filter(self, stop: SyscallStop) -> bool:
+        """At a seccomp stop of a plain send(): the first send on a pending socket that no
+        thread steps for is handed over here; True when it was (or failed as the call's own)."""
+        fd, tgid = stop.args[0] & LOW, self.services.tgid(stop.tid)
+        ino = self.pending.get((tgid, fd))
+        if ino is None or fd in self.waiting.get(stop.tid, ()):
+            return False
+        if self.services.socket_inode(tgid, fd) != ino:
+            self.pending.pop((tgid, fd), None)  # closed unsent; the number names another socket now
+            return False
+        self._first_send(stop, fd)
+        return True
 
     def _fcntl(self, stop: SyscallStop, fd: int) -> None:
         """sipp's F_SETFL between connect() and the first send, done on our copy of the socket
@@ -160,19 +197,21 @@ class PerCallRole:
         if not services.connects_to_sut(stop):
             return
         fd, tgid = stop.args[0] & LOW, services.tgid(stop.tid)
-        if (tgid, fd) in self.pending:
-            self._skip(stop.tid, -errno.EISCONN)  # "connected" already, as far as the program knows
-            return
-        self.rewrites.forget((tgid, fd))  # a new socket on that number
         with services.copy(tgid, fd) as program_socket:
             if not is_tcp_socket(program_socket):
                 return  # e.g. sipp's UDP probe for its own address
-            self.pending[(tgid, fd)] = os.fstat(program_socket.fileno()).st_ino
-        self.waiting.setdefault(stop.tid, set()).add(fd)
-        services.tracer.stepping.add(stop.tid)
-        # Emulating: its next calls stop at their entry only (sipp's are fcntl(F_SETFL), done
-        # here, and the send), not at entry and exit.
-        services.tracer.emulating.add(stop.tid)
+            ino = os.fstat(program_socket.fileno()).st_ino
+        if self.pending.get((tgid, fd)) == ino:
+            self._skip(stop.tid, -errno.EISCONN)  # "connected" already, as far as the program knows
+            return
+        self.rewrites.forget((tgid, fd))  # a new socket on that number
+        self.pending[(tgid, fd)] = ino
+        if tgid not in self.sends_seen_by_filter:
+            self.waiting.setdefault(stop.tid, set()).add(fd)
+            services.tracer.stepping.add(stop.tid)
+            # Emulating: its next calls stop at their entry only (sipp's are fcntl(F_SETFL), done
+            # here, and the send), not at entry and exit.
+            services.tracer.emulating.add(stop.tid)
         self._skip(stop.tid, 0)
         services.say(f"connect(fd {fd}): per-call connection, leased at its first send")
 
@@ -215,10 +254,13 @@ class PerCallRole:
         kept = services.client_lease(injection, tgid, local="-", aor=aor)  # the user is the identity
         if kept is None:
             return
+        if stop.nr == SYS["sendto"] and not stop.args[4] and not stop.args[3] & MSG_NOSIGNAL:
+            self.sends_seen_by_filter.add(tgid)  # its next first sends stop without stepping
         by_code = tid not in services.tracer.stepping  # the code's own calls must not stop, nor be emulated
         no_stop = self.rewrites.first(stop, tgid, fd, kept.fds[0], kept.locals[0] if kept.locals else "")
         if no_stop:  # the rerun send is not seen again: the filter lets MSG_NOSIGNAL sends by
             injection.saved.r10 |= MSG_NOSIGNAL
+        kept_inode = os.fstat(kept.fds[0]).st_ino
         try:
             epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code)
         except OSError as error:
@@ -227,11 +269,27 @@ class PerCallRole:
             return
         self.handoffs += 1
         services.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]} ({epoll})")
+        if stop.nr == SYS["sendto"]:
+            self._later_sends_by_stub(injection, tgid, fd, kept_inode)
         if not injection.left:
             # The send again, on the kept connection: at the resume that follows (untraced, as
             # the thread no longer steps), from the stop our last injected call left it in.
             injection.finish_rerun(stop_at_entry=False)
             services.tracer.run_again(tid)
+
+    def _later_sends_by_stub(self, injection: Injection, tgid: int, fd: int, kept_inode: int) -> None:
+        """The fd's later sends rewritten by the program itself (sendstub.py), with no stop:
+        the stub mapped at the process's first handoff (the one made call by call), the send
+        wrapper just used patched to reach it, and the fd's rewrite noted in its table."""
+        if not injection.left:
+            try:
+                self.stubs.place(injection, tgid, nosignal=self.rewrites.sigpipe_ignored(tgid))
+            except OSError as error:
+                self.services.say(f"no send stub in process {tgid} ({error}): a stop per later message")
+                return
+        rewrite = self.rewrites.rewrites.get((tgid, fd))
+        if rewrite is not None and self.stubs.patch(injection.tid, tgid, injection.syscall_ip):
+            self.stubs.note(injection.tid, tgid, fd, kept_inode, rewrite.old, rewrite.new)
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""

@@ -62,7 +62,7 @@ class ViaRewrites:
         if stop.nr != SYS["sendto"] or stop.args[4]:
             return False  # only sendto() without an address is seen again (the filter)
         self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite)
-        return self._ignores_sigpipe(tgid)
+        return self.sigpipe_ignored(tgid)
 
     def on_send(self, stop: SyscallStop) -> None:
         """At a seccomp stop of sendto() without an address: a kept per-call fd's message names
@@ -86,7 +86,8 @@ class ViaRewrites:
             return  # a bad pointer: the send fails with EFAULT by itself
         self.rewritten += bool(offsets)
 
-    def _ignores_sigpipe(self, tgid: int) -> bool:
+    def sigpipe_ignored(self, tgid: int) -> bool:
+        """Whether the program ignores SIGPIPE (so MSG_NOSIGNAL changes nothing for it)."""
         if tgid not in self.ignores_sigpipe:
             ignored = status_field("SigIgn", tgid)
             self.ignores_sigpipe[tgid] = bool(ignored and int(ignored, 16) & SIGPIPE_BIT)

@@ -86,10 +86,12 @@ def percall_filter() -> bytes:
     SO_LINGER and TCP-level options succeed without effect on every descriptor, because in
     such a run every TCP socket of sipp's either is or becomes a kept connection (or a
     socketpair end the keeper relays). sendto() without an address (sipp's send(), which
-    glibc makes a sendto) stops too, so that the tracer puts the kept connection's address where
-    the program wrote its placeholder's (viarewrite.py); one with MSG_NOSIGNAL does not: that is
-    how the tracer reruns a first send it has dealt with already, in a program that ignores
-    SIGPIPE anyway. Everything else runs at full speed, untraced.
+    glibc makes a sendto) stops too: the first one on a per-call socket is where its handoff is
+    made (once the process is known to send that way), and the tracer puts the kept
+    connection's address where the program wrote its placeholder's (viarewrite.py); one with
+    MSG_NOSIGNAL does not: that is how the tracer reruns a first send it has dealt with
+    already, and how the send stub (sendstub.py) sends a kept fd's later messages it rewrote,
+    in a program that ignores SIGPIPE anyway. Everything else runs at full speed, untraced.
     """
     program: list[Instruction] = [
         (_LD_ABS_W, 0, 0, 4),

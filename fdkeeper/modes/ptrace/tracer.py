@@ -110,6 +110,9 @@ class Tracer:
         self.root_status: int | None = None  # raw wait status once the root exited
         self.stops = 0  # every ptrace stop and exit seen: what the traced program waited on us for
         self.on_exec: Callable[[int], None] | None = None  # told the pid of a process that exec'd
+        # Told the tid of a thread about to exit, its memory still there (continuous runs only:
+        # PTRACE_O_TRACEEXIT, one stop per thread, at its end).
+        self.on_exit: Callable[[int], None] | None = None
         self._mem: dict[int, int] = {}
 
     # ------------------------------------------------------------ start and stop
@@ -136,7 +139,7 @@ class Tracer:
             os._exit(127)
         os.close(ready_r)
         try:
-            pt.ptrace(PTRACE_SEIZE, pid, 0, OPTIONS)
+            pt.ptrace(PTRACE_SEIZE, pid, 0, OPTIONS | (pt.PTRACE_O_TRACEEXIT if fprog is not None else 0))
         except pt.PtraceError as error:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -232,6 +235,8 @@ class Tracer:
                     self._forget_memory()  # a new address space: /proc/PID/mem must be reopened
                     if self.on_exec is not None:
                         self.on_exec(tid)
+                elif event == pt.PTRACE_EVENT_EXIT and self.on_exit is not None:
+                    self.on_exit(tid)
                 self.resume(tid)
             else:  # a signal for the program: deliver it
                 self.resume(tid, sig)

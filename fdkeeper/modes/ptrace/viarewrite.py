@@ -13,29 +13,44 @@ again later is its copy of already rewritten bytes.
 from __future__ import annotations
 
 import ipaddress
-import re
+import string
 
 from fdkeeper.address import Address, format_address
 
 MAX_HEADERS = 64 * 1024  # bytes of a message looked at (sipp's largest message)
+# What may not stand right before the address (it would be part of a longer token) or right
+# after it (a longer port): as the shim's rewrite.c.
+TOKEN_BYTES = frozenset((string.ascii_letters + string.digits + ".:_-").encode())
+DIGIT_BYTES = frozenset(string.digits.encode())
 
 
 class Rewrite:
     """One fd's pair: the placeholder's "IP:PORT" and the kept connection's, same length."""
 
-    __slots__ = ("_token", "new", "old")
+    __slots__ = ("new", "old")
 
     def __init__(self, old: bytes, new: bytes) -> None:
         if len(old) != len(new) or not old:
             raise ValueError("the two addresses differ in length")
         self.old, self.new = old, new
-        self._token = re.compile(rb"(?<![0-9A-Za-z.:_-])" + re.escape(old) + rb"(?![0-9])")
 
     def offsets(self, message: bytes) -> list[int]:
-        """Where the placeholder's address stands whole in the header part of ``message``."""
+        """Where the placeholder's address stands whole in the header part of ``message``.
+
+        bytes.find, not a regular expression: a pattern per call (each placeholder's port is
+        another) cost the tracer about 0.4 ms to compile, with sipp held at its send."""
         blank = message.find(b"\r\n\r\n", 0, MAX_HEADERS)
         end = blank + 4 if blank >= 0 else min(len(message), MAX_HEADERS)
-        return [match.start() for match in self._token.finditer(message, 0, end)]
+        old, found = self.old, []
+        at = message.find(old, 0, end)
+        while at >= 0:
+            after = at + len(old)
+            if (at == 0 or message[at - 1] not in TOKEN_BYTES) and (after >= end or message[after] not in DIGIT_BYTES):
+                found.append(at)
+                at = message.find(old, after, end)
+            else:
+                at = message.find(old, at + 1, end)
+        return found
 
     def apply(self, message: bytes) -> bytes:
         """``message`` as the SuT is to get it."""

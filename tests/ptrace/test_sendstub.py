@@ -1,0 +1,151 @@
+"""The send stub (fdkeeper/modes/ptrace/sendstub.py) run in this process: same rewrite as the tracer's.
+
+The compiled function and a patched send wrapper are mapped here, executable, and called
+through ctypes: what a traced sipp runs at each later send of a kept per-call connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import shutil
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fdkeeper.modes.ptrace import sendstub
+from fdkeeper.modes.ptrace.sendstub import ENTRY, HEADER, SEND_SITE, STUB_FUNCTION, trampoline
+from fdkeeper.modes.ptrace.viarewrite import Rewrite
+
+MSG_NOSIGNAL = 0x4000
+OLD, NEW = b"127.0.0.1:40001", b"127.0.0.1:51234"
+FDS = 1024
+MESSAGES = [
+    b"INVITE sip:bob@x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:40001;branch=z9\r\n"
+    b"Contact: <sip:alice@127.0.0.1:40001;transport=tcp>\r\nContent-Length: 20\r\n\r\nc=IN IP4 127.0.0.1:40001",
+    b"ACK sip:bob@x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:400012;x\r\nX: 9127.0.0.1:40001\r\n\r\n",  # not whole
+    b"BYE sip:bob@x SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:40001\r\n",  # no blank line: all looked at
+    b"127.0.0.1:40001",
+    b"",
+]
+
+
+class Stub:
+    """STUB_FUNCTION, a table and a send wrapper patched to the trampoline, in executable memory."""
+
+    def __init__(self) -> None:
+        self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
+        code_at = address_of(self.code)
+        self.table_at = address_of(self.table)
+        # The wrapper (page 0), sendto(): mov r10, rcx; mov eax, 44; syscall; ret -- its `mov` patched.
+        wrapper = bytes.fromhex("4989ca") + SEND_SITE + b"\xc3"
+        function_at, trampoline_at, site = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + 512, code_at + 3
+        self.code[0 : len(wrapper)] = wrapper
+        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(STUB_FUNCTION)] = STUB_FUNCTION
+        self.code[mmap.PAGESIZE + 512 : mmap.PAGESIZE + 512 + sendstub.TRAMPOLINE_SIZE] = trampoline(
+            trampoline_at, function_at, self.table_at, site
+        )
+        self.code[3:8] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (site + 5))
+        args = (ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long)
+        self.flags_for = ctypes.CFUNCTYPE(ctypes.c_long, *args)(function_at)
+        self.sendto = ctypes.CFUNCTYPE(ctypes.c_long, *args[1:], ctypes.c_void_p, ctypes.c_int)(code_at)
+
+    def header(self, nosignal: bool) -> None:
+        self.table[0 : HEADER.size] = HEADER.pack(int(nosignal), FDS, 0)
+
+    def note(self, fd: int, inode: int) -> None:
+        at = HEADER.size + fd * ENTRY.size
+        self.table[at : at + ENTRY.size] = ENTRY.pack(inode, len(OLD), OLD, NEW)
+
+    def rewritten(self) -> int:
+        return int(HEADER.unpack(self.table[0 : HEADER.size])[2])
+
+
+def address_of(area: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(area))
+
+
+@pytest.fixture
+def stub():
+    made = Stub()
+    made.header(nosignal=True)
+    yield made
+    del made.flags_for, made.sendto
+
+
+@pytest.fixture
+def pair():
+    ends = socket.socketpair()
+    yield ends
+    for end in ends:
+        end.close()
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+def test_the_stub_rewrites_as_the_tracer_does(stub, pair, message):
+    stub.note(pair[0].fileno(), os.fstat(pair[0].fileno()).st_ino)
+    buf = ctypes.create_string_buffer(message, len(message))
+    flags = stub.flags_for(stub.table_at, pair[0].fileno(), buf, len(message), 0x40)
+    assert buf.raw == Rewrite(OLD, NEW).apply(message)
+    assert flags == 0x40 | MSG_NOSIGNAL  # a kept fd's send: no seccomp stop
+    assert stub.rewritten() == int(buf.raw != message)
+
+
+def test_another_socket_on_the_number_or_no_entry_is_left_alone(stub, pair):
+    message = MESSAGES[0]
+    buf = ctypes.create_string_buffer(message, len(message))
+    stub.note(pair[0].fileno(), os.fstat(pair[1].fileno()).st_ino)  # the number now names another socket
+    assert stub.flags_for(stub.table_at, pair[0].fileno(), buf, len(message), 0) == 0  # the filter stops it
+    assert stub.flags_for(stub.table_at, pair[1].fileno(), buf, len(message), 0) == 0  # no entry
+    assert stub.flags_for(stub.table_at, FDS + 5, buf, len(message), 0) == 0  # beyond the table
+    assert buf.raw == message and stub.rewritten() == 0
+
+
+def test_without_sigpipe_ignored_the_flags_stay(stub, pair):
+    stub.header(nosignal=False)
+    stub.note(pair[0].fileno(), os.fstat(pair[0].fileno()).st_ino)
+    buf = ctypes.create_string_buffer(MESSAGES[0], len(MESSAGES[0]))
+    assert stub.flags_for(stub.table_at, pair[0].fileno(), buf, len(MESSAGES[0]), 0) == 0
+    assert buf.raw == Rewrite(OLD, NEW).apply(MESSAGES[0])
+
+
+def test_a_patched_send_wrapper_sends_the_rewritten_message(stub, pair):
+    stub.note(pair[0].fileno(), os.fstat(pair[0].fileno()).st_ino)
+    message = MESSAGES[0]
+    buf = ctypes.create_string_buffer(message, len(message))
+    assert stub.sendto(pair[0].fileno(), buf, len(message), 0, None, 0) == len(message)
+    assert pair[1].recv(4096) == Rewrite(OLD, NEW).apply(message)
+    plain = ctypes.create_string_buffer(message, len(message))
+    assert stub.sendto(pair[1].fileno(), plain, len(message), 0, None, 0) == len(message)  # not a kept fd
+    assert pair[0].recv(4096) == message
+
+
+def test_a_send_with_an_address_goes_straight_through(stub):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as to,
+    ):
+        to.bind(("127.0.0.1", 0))
+        stub.note(sender.fileno(), os.fstat(sender.fileno()).st_ino)
+        address = struct.pack(
+            "<HH4s8x", socket.AF_INET, socket.htons(to.getsockname()[1]), socket.inet_aton("127.0.0.1")
+        )
+        message = MESSAGES[0]
+        buf = ctypes.create_string_buffer(message, len(message))
+        assert stub.sendto(sender.fileno(), buf, len(message), 0, address, len(address)) == len(message)
+        assert to.recv(4096) == message and stub.rewritten() == 0
+
+
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("objcopy")), reason="no gcc/objcopy")
+def test_the_stub_is_sendstub_c_compiled(tmp_path):
+    source = Path(sendstub.__file__).with_suffix(".c")
+    subprocess.run(["gcc", *sendstub.BUILD_FLAGS, "-c", str(source), "-o", str(tmp_path / "s.o")], check=True)
+    subprocess.run(
+        ["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "s.o"), str(tmp_path / "s.bin")], check=True
+    )
+    assert (tmp_path / "s.bin").read_bytes() == STUB_FUNCTION
