@@ -55,7 +55,7 @@ def test_ptrace_leases_with_the_runs_transport(monkeypatch, tmp_path, transport)
     leases: list[dict[str, object]] = []
 
     class RecordingKeeper:
-        """KeeperClient's lease_connections, recording the fields of each lease."""
+        """RunClient's lease_connections, recording the fields of each lease."""
 
         def __init__(self, directory: Path) -> None:
             self.directory = directory
@@ -64,7 +64,7 @@ def test_ptrace_leases_with_the_runs_transport(monkeypatch, tmp_path, transport)
             leases.append(fields)
             return "leased"
 
-    monkeypatch.setattr(services, "KeeperClient", RecordingKeeper)
+    monkeypatch.setattr(services, "RunClient", RecordingKeeper)
     traced = Services(tracer=None, request=request(transport, tmp_path), transfer="scm")  # type: ignore[arg-type]
     assert traced.lease(4242, role="client", remote=("127.0.0.1", 8443)) == "leased"
     [fields] = leases

@@ -17,7 +17,7 @@ import stat
 import struct
 import sys
 
-from fdkeeper.client import KeeperClient, Leased
+from fdkeeper.client import Leased
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes.base import HandoffRequest
 from fdkeeper.modes.ptrace import procfs
@@ -25,6 +25,7 @@ from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_ADD, EPOLL_CTL_MOD
 from fdkeeper.modes.ptrace.injection import Injection
 from fdkeeper.modes.ptrace.permission import status_field
 from fdkeeper.modes.ptrace.raw import LOW, pidfd_getfd
+from fdkeeper.modes.ptrace.runclient import RunClient
 from fdkeeper.modes.ptrace.tracer import SyscallStop, Tracer
 from fdkeeper.modes.ptrace.transfer import Transfer
 
@@ -48,6 +49,7 @@ class Services:
         self.remote = procfs.normal(request.remote) if request.remote else None
         self._tgids: dict[int, int] = {}
         self._pidfds: dict[int, int] = {}
+        self.keeper = RunClient(request.directory)  # one control connection for every lease
 
     # ------------------------------------------------------------ saying
 
@@ -65,7 +67,7 @@ class Services:
 
     def lease(self, tgid: int, **fields: object) -> Leased:
         """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid)."""
-        keeper = KeeperClient(self.request.directory)
+        keeper = self.keeper
         base = {k: v for k, v in fields.items() if v is not None}
         base["transport"] = self.request.transport
         try:
@@ -169,6 +171,7 @@ class Services:
             os.close(pidfd)
         self._pidfds.clear()
         self.transfer.close()
+        self.keeper.close()
 
 
 def replays_option(level: int, name: int, pair: bool) -> bool:
