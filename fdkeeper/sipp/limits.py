@@ -5,7 +5,12 @@ sipp (3.6 and 3.7) opens one socket per call with -t tn/ln, at most -max_socket 
 start-up, unless -skip_rlimit, it stops when -max_socket exceeds its soft open-file limit; it
 never raises that limit itself. So the run raises the soft limit to the hard one (sipp inherits
 it, as the keeper raises its own) and says here, in one line, what would still stop sipp or
-mix users: the keeper's own limit is the keeper's to say (keeper/pool.py).
+mix users: the keeper's own limit is the keeper's to say (keeper/pool.py), from what each kept
+connection costs it: a tcp user 1 descriptor; a tls, ws or wss user 1 while idle (the SuT's
+socket) and 3 while a run holds it (the socketpair the run is handed, both ends), so a per-user
+run of N relayed users needs 3N in the keeper until it exits, and a server run handed N kept
+ones 2N more while it runs (10,000 TLS users kept: 10,000; handed to one server run: 30,000,
+past a 20,000 limit). Both are said, with the limit and the fix, before sipp starts.
 """
 
 from __future__ import annotations

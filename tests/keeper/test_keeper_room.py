@@ -12,6 +12,8 @@ import pytest
 
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.pool import RESERVED_DESCRIPTORS
+from fdkeeper.testbed import wait_until
+from fdkeeper.testbed.scripted_sut import ScriptedRun, ScriptedSut
 from tests.support.keeper import keeper_process
 
 SOFT = 200  # the keeper's soft limit in these tests: room for (200 - 64) tcp users
@@ -59,3 +61,24 @@ def test_users_already_kept_need_no_more_room(small_keeper, peer):
     per_user_prepare(small_keeper, remote, "tcp", room)
     with pytest.raises(FdkeeperError, match=f"can hold {room - 2} more tcp"):
         per_user_prepare(small_keeper, remote, "tcp", room + 1)
+
+
+def test_a_server_run_whose_tls_users_socketpairs_would_not_fit_is_refused_before_it_starts(keeper, pki):
+    """An idle kept TLS user holds its TLS socket only; a run handed it needs its socketpair too
+    (2 descriptors in the keeper) while it holds it: refused, naming the limit, when they do not fit."""
+    sut = ScriptedSut(pki.server_cert, pki.server_key)
+    try:
+        keeper.prepare(role="client", transport="tls", remote=sut.address, local="-", tls_ca=str(pki.ca_cert))
+        ScriptedRun(keeper.directory, "tls", sut.address).exit()  # its lease ended: the pair is dropped
+        wait_until(lambda: keeper.status(state="idle", count=True)["count"] == 1)
+        process = keeper_process(keeper)
+        soft = RESERVED_DESCRIPTORS + 2  # the TLS socket and one more: no room for a pair
+        subprocess.run(["prlimit", f"--pid={process.pid}", f"--nofile={soft}:"], check=True)
+        with pytest.raises(FdkeeperError) as refused:
+            keeper.prepare(role="server", transport="tls", remote=sut.address, local="-")
+        said = str(refused.value)
+        assert refused.value.code == "limit", said
+        assert "handed 1 kept tls connections" in said and "socketpair (2 descriptors in the keeper)" in said, said
+        assert f"open-file limit {soft}" in said, said
+    finally:
+        sut.close()
