@@ -14,6 +14,10 @@ Each watched descriptor is one object in the Reactor (a Watcher): the owner itse
 ``on_event`` and ``on_fault`` methods (``watch_by``: an idle kept connection's transport), else
 a small pair of the callables ``watch`` was given. No tuple and no bound method is kept per
 descriptor: with 10,000 idle connections they were about 120 bytes each (bench/keeper_scale.py).
+The watchers are a list indexed by descriptor number, not a dict: descriptors are small numbers
+the kernel hands out lowest first, so the list is as long as the highest one watched (8 bytes a
+number, bounded by the open-file limit), where a dict of 10,000 descriptors watched and
+unwatched over and over (each connection's open, each control client) took about 70 bytes each.
 """
 
 from __future__ import annotations
@@ -97,7 +101,8 @@ class _Callbacks:
 class Reactor:
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._handlers: dict[int, Watcher] = {}
+        self._handlers: list[Watcher | None] = []  # by descriptor number (module docstring)
+        self._watched = 0
         self._timers: list[tuple[float, int, Timer]] = []
         self._cancelled_in_heap = 0
         self._sequence = itertools.count()
@@ -118,8 +123,13 @@ class Reactor:
         """Call ``watcher.on_event(mask)`` whenever ``fd`` has one of ``events``, and its
         ``on_fault(error)`` if that raised (as ``watch``): the object itself is all the Reactor
         keeps for ``fd``."""
-        self._epoll.register(fd, events)
-        self._handlers[fd] = watcher
+        self._epoll.register(fd, events)  # raises for a descriptor watched already, as for a closed one
+        handlers = self._handlers
+        if fd >= len(handlers):
+            handlers.extend([None] * (fd + 1 - len(handlers)))
+        if handlers[fd] is None:  # else its owner closed it unwatched and the number came back
+            self._watched += 1
+        handlers[fd] = watcher
 
     def rewatch(self, fd: int, events: int) -> None:
         """Change the events of a watched descriptor."""
@@ -127,14 +137,20 @@ class Reactor:
 
     def unwatch(self, fd: int) -> None:
         """Stop watching ``fd`` (a no-op if it was not watched). Call before closing it."""
-        if self._handlers.pop(fd, None) is not None:
+        if self.watching(fd):
+            self._handlers[fd] = None
+            self._watched -= 1
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):  # already closed by its owner: epoll forgot it itself
                 pass
 
     def watching(self, fd: int) -> bool:
-        return fd in self._handlers
+        return 0 <= fd < len(self._handlers) and self._handlers[fd] is not None
+
+    def watched_count(self) -> int:
+        """How many descriptors are watched now."""
+        return self._watched
 
     # ------------------------------------------------------------ timers
 
@@ -185,7 +201,7 @@ class Reactor:
         except InterruptedError:
             events = []
         for fd, mask in events:
-            watcher = self._handlers.get(fd)
+            watcher = self._handlers[fd]  # every descriptor epoll reports was watched: it is in range
             if watcher is not None:  # an earlier handler in this batch may have unwatched it
                 self._run_handler(fd, mask, watcher)
         self._run_due_timers()
@@ -202,6 +218,7 @@ class Reactor:
 
     def close(self) -> None:
         self._handlers.clear()
+        self._watched = 0
         self._timers.clear()
         self._cancelled_in_heap = 0
         self._epoll.close()
@@ -231,7 +248,7 @@ class Reactor:
             # would fault again on the next poll, so the loop stops watching it. An owner whose
             # on_fault returned decided itself (ended it, or kept it: a datagram socket).
             ended_by_owner = self._fault(f"handler of descriptor {fd}", error, watcher.on_fault)
-            if not ended_by_owner and self._handlers.get(fd) is watcher:
+            if not ended_by_owner and self._handlers[fd] is watcher:
                 self.unwatch(fd)
 
     def _run_timer(self, timer: Timer) -> None:

@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from fdkeeper.address import Address, format_address
@@ -61,7 +61,7 @@ class _KeptFields:
     sock: socket.socket | None
     transport: str
     remote: Address
-    local: Address
+    local: InitVar[Address]  # kept as local_host and local_port (KeptConnection.local)
     opened_at: float = field(default_factory=time.time)
     holder_pid: int | None = None
     closed_at: float | None = None
@@ -80,13 +80,16 @@ class _KeptFields:
     lease_transfer: str | None = None  # and how the descriptor travelled: scm or pidfd
     ending: str = ""  # the SuT ended it, but requests it sent before wait for a run to read them
     options_answered: int = 0  # --answer-options: the SuT's OPTIONS the keeper answered (TCP)
+    # The keeper's own address of it, in parts: no tuple per connection (64 bytes).
+    local_host: str = field(init=False)
+    local_port: int = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, local: Address) -> None:
         # The same few strings in every connection (the transport, the SuT's and the keeper's
         # address) held once, not once per connection: 100-odd bytes of an idle one.
         self.transport = sys.intern(self.transport)
         self.remote = shared_address(self.remote)
-        self.local = _interned(self.local)
+        self.local_host, self.local_port = sys.intern(local[0]), local[1]
 
 
 class KeptConnection(_KeptFields):
@@ -98,6 +101,11 @@ class KeptConnection(_KeptFields):
     """
 
     __slots__ = ("__dict__",)
+
+    @property
+    def local(self) -> Address:
+        """The keeper's own address of it (the SuT sees it as the peer's)."""
+        return self.local_host, self.local_port
 
     @property
     def key(self) -> ConnectionKey:

@@ -172,11 +172,8 @@ class TcpTransport(_Watched):
     from it; between runs it watches only for the SuT's FIN or RST, and EPOLLIN only to take
     pongs and (--answer-options) OPTIONS off the head of the queue."""
 
-    __slots__ = ("_fd",)
+    __slots__ = ()
     movable = True
-
-    def __init__(self) -> None:
-        self._fd = -1
 
     def handed_socket(self, connection: KeptConnection) -> socket.socket:
         return connection.live_socket()
@@ -189,12 +186,14 @@ class TcpTransport(_Watched):
 
     def watch(self, health: ConnectionHealth, connection: KeptConnection) -> None:
         self._watched_by(health, connection)
-        self._fd = connection.fileno()
-        health.reactor.watch_by(self._fd, health.idle_events, self)
+        health.reactor.watch_by(connection.fileno(), health.idle_events, self)
 
     def unwatch(self, reactor: Reactor) -> None:
-        if self._fd >= 0:
-            reactor.unwatch(self._fd)
+        # Its socket's descriptor while it is open (it is unwatched before it closes); none kept
+        # here: 16 bytes an idle connection.
+        sock = self._connection.sock if hasattr(self, "_connection") else None  # None: never watched
+        if sock is not None and sock.fileno() >= 0:
+            reactor.unwatch(sock.fileno())
 
     def on_event(self, mask: int) -> None:
         """Its socket's events (the Reactor's Watcher of it is the transport itself)."""

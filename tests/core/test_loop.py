@@ -135,7 +135,26 @@ def test_unwatch_of_an_unknown_or_closed_descriptor_is_harmless(reactor):
     os.close(read_end)  # closed before unwatch: epoll already forgot it
     reactor.unwatch(read_end)
     reactor.unwatch(12345)
-    assert not reactor.watching(read_end)
+    reactor.unwatch(-1)  # a closed socket's fileno()
+    assert not reactor.watching(read_end) and not reactor.watching(-1) and reactor.watched_count() == 0
+    os.close(write_end)
+
+
+def test_a_descriptor_number_closed_unwatched_can_be_watched_again(reactor):
+    first: list[int] = []
+    second: list[int] = []
+    read_end, write_end = os.pipe()
+    reactor.watch(read_end, select.EPOLLIN, first.append)
+    os.close(read_end)  # its owner forgot to unwatch: epoll forgot it itself
+    os.close(write_end)
+    again, write_end = os.pipe()
+    assert again == read_end  # the kernel hands the lowest free number out again
+    reactor.watch(again, select.EPOLLIN, second.append)
+    os.write(write_end, b"x")
+    run_until(reactor, lambda: second)
+    assert not first and reactor.watched_count() == 1
+    reactor.unwatch(again)
+    os.close(again)
     os.close(write_end)
 
 
@@ -271,6 +290,7 @@ def test_an_object_watching_a_descriptor_gets_its_events_and_its_faults(reactor,
     os.write(write_end, b"x")
     run_until(reactor, lambda: owner.masks)
     assert owner.masks[0] & select.EPOLLIN and reactor._handlers[read_end] is owner  # nothing else kept
+    assert reactor.watched_count() == 1
     assert [str(error) for error in owner.faults] == (["a defect in an owner's handler"] if fail else [])
     assert reactor.internal_errors == int(fail) and reactor.watching(read_end)  # its on_fault decided
 
