@@ -3,16 +3,14 @@ pytester in a pytest of their own, with the plugin's fixtures, real sipp and Kam
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 
 import pytest
 
 from tests.support.paths import REPO, TESTS
+from tests.support.plugin import plugin_options
 
 pytest_plugins = ["pytester"]
-
-PLUGIN = "fdkeeper.pytest_plugin"
 
 REGISTER_ANSWER = """
 import pytest
@@ -66,15 +64,18 @@ def test_passes_with_a_keeper(fdkeeper_keeper):
 """
 
 
-def plugin_options() -> list[str]:
-    """-p for the plugin unless its entry point already loads it (installed package)."""
-    installed = any(ep.value == PLUGIN for ep in importlib.metadata.entry_points(group="pytest11"))
-    return [] if installed else ["-p", PLUGIN]
+def side_by_side() -> list[str]:
+    """-n 2 when pytest-xdist is installed (each worker its own keeper, state directory and
+    Kamailio), else nothing: the same tests, one after another."""
+    return ["-n", "2"] if importlib.util.find_spec("xdist") is not None else []
 
 
-def test_register_answer_and_many_users_with_the_fixtures(pytester):
+def test_register_answer_and_many_users_with_the_fixtures_side_by_side(pytester):
+    """Every REGISTER_ANSWER test passes through the fixtures, two at a time under xdist: one
+    run proves both (a worker still runs several tests one after another on its session's
+    fixtures, as a serial run does)."""
     pytester.makepyfile(test_user=REGISTER_ANSWER)
-    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", timeout=300)
+    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", *side_by_side(), timeout=300)
     result.assert_outcomes(passed=5)
 
 
@@ -87,13 +88,6 @@ def test_a_failing_test_reports_the_keepers_log(pytester):
     assert len(section) == 2, output
     assert "leased" in section[1] or "PREPARE" in section[1] or "opened" in section[1], output
     assert output.count("fdkeeper keeper log") == 1  # the passing test has none
-
-
-@pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="pytest-xdist is not installed")
-def test_fixtures_run_side_by_side_with_xdist(pytester):
-    pytester.makepyfile(test_user=REGISTER_ANSWER)
-    result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", "-n", "2", timeout=300)
-    result.assert_outcomes(passed=5)
 
 
 def test_the_suites_own_plugin_tests_pass_side_by_side_with_xdist():
