@@ -38,12 +38,16 @@ INSTALL_COMMAND = "bash .ci/install"
 EXAMPLES_COMMAND = ".venv/bin/fdkeeper run docs/examples/*.yaml --junit report.xml"
 
 
-def fdkeeper_run(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def fdkeeper_run_command(*args: str) -> list[str]:
     """`fdkeeper run ARGS` with the interpreter running the suite."""
     from fdkeeper import cli
 
     entry = ["-m", "fdkeeper", "run"] if "run" in cli.main.commands else ["-m", "fdkeeper.testrun.command"]
-    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, *entry, *args]
+
+
+def fdkeeper_run(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(fdkeeper_run_command(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def write(tmp_path: Path, text: str, name: str = "t.yaml") -> Path:
@@ -354,18 +358,45 @@ def test_install_command_is_the_readmes():
     assert f"{INSTALL_COMMAND} && .venv/bin/fdkeeper demo" in (REPO / "README.md").read_text()
 
 
+# The shipped examples run as shares of a CI matrix do (--shard K/N), side by side: each
+# example has a keeper and an embedded Kamailio of its own, and most of a run's time is
+# sipp's and Kamailio's waiting, so two shares take about half the time of one run.
+# tests/testrun/test_shard.py proves that the shares hold every file exactly once.
+EXAMPLE_SHARDS = 2
+
+
 def test_shipped_examples_pass(tmp_path):
     """EXAMPLES_COMMAND from the repo root (the suite's own interpreter for .venv/bin/fdkeeper;
-    the report and logs go to tmp_path)."""
+    the reports and logs go to tmp_path), in EXAMPLE_SHARDS shares run side by side."""
     program, *args = shlex.split(EXAMPLES_COMMAND)
     assert program == ".venv/bin/fdkeeper" and args[0] == "run"
     tests = sorted(glob.glob(args[1], root_dir=REPO))
     assert len(tests) >= 4
-    report = tmp_path / "report.xml"
-    result = fdkeeper_run(*tests, "--junit", str(report), "--logs", str(tmp_path / "logs"), cwd=REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    check_junit_schema(report)
-    tests = {name.rsplit(".", 1)[-1]: steps for name, steps in cases_by_class(report).items()}
+    shards = [tmp_path / f"shard-{index}" for index in range(1, EXAMPLE_SHARDS + 1)]
+    runs = [
+        subprocess.Popen(
+            fdkeeper_run_command(
+                *tests,
+                "--shard",
+                f"{index}/{EXAMPLE_SHARDS}",
+                "--junit",
+                str(shard / "report.xml"),
+                "--logs",
+                str(shard / "logs"),
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index, shard in enumerate(shards, 1)
+    ]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0] * EXAMPLE_SHARDS, "\n".join(outputs)
+    tests = {}
+    for shard in shards:
+        check_junit_schema(shard / "report.xml")
+        tests.update({name.rsplit(".", 1)[-1]: steps for name, steps in cases_by_class(shard / "report.xml").items()})
     assert {"register-answer-tcp", "register-answer-tls", "many-users-tn", "caller-callee-tcp"} <= set(tests)
     assert tests["register-answer-tcp"].keys() == {"register", "answer", "call"}
     assert all(
@@ -374,7 +405,9 @@ def test_shipped_examples_pass(tmp_path):
         if test != "caller-callee-tcp"
         for case in steps.values()
     )
-    latest = tmp_path / "logs" / "latest"
+    [latest] = [
+        shard / "logs" / "latest" for shard in shards if (shard / "logs" / "latest" / "register-answer-tcp").is_dir()
+    ]
     assert (latest / "register-answer-tcp" / "answer.stat.csv").exists()
     assert (latest / "register-answer-tcp" / "keeper.log").exists()
     known = [case.find("skipped") for case in tests["caller-callee-tcp"].values() if case.find("skipped") is not None]
