@@ -147,30 +147,13 @@ def test_the_gitlab_template_runs_the_same_commands():
     assert job["artifacts"]["when"] == "always" and job["artifacts"]["reports"]["junit"] == "$FDKEEPER_JUNIT"
 
 
-def test_the_gitlab_templates_script_runs(wheel, tmp_path):
+def test_the_gitlab_templates_script_runs(gitlab_template_run):
     """The template's before_script (less apt) and script, under GitLab's variables, in a user's
     repository: fdkeeper installed from the wheel (the action's test builds from source), the test
-    file run, the report written."""
-    template = yaml.safe_load(GITLAB_TEMPLATE.read_text())
-    job = template[".fdkeeper"]
-    workspace = tmp_path / "their-repository"
-    (workspace / "sip-tests").mkdir(parents=True)
-    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
-        shutil.copy(REPO / "docs" / "examples" / name, workspace / "sip-tests" / name)
-    variables = {name: str(value) for name, value in {**template.get("variables", {}), **job["variables"]}.items()}
-    variables.update({"FDKEEPER_TESTS": "sip-tests/*.yaml", "FDKEEPER_SOURCE": str(wheel)})
-    variables.update({"FDKEEPER_VENV": str(tmp_path / "venv"), "FDKEEPER_INSTALL_PACKAGES": "false"})
-    lines = [*job["before_script"], *job["script"]]
-    done = subprocess.run(
-        ["bash", "-eo", "pipefail", "-c", "\n".join(lines)],
-        cwd=workspace,
-        env={"HOME": os.environ.get("HOME", "/root"), "PATH": STOCK_PATH, **variables},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = ET.parse(workspace / variables["FDKEEPER_JUNIT"]).getroot()
+    file run, the report written (the run is tests/install/conftest.py's gitlab_template_run)."""
+    run = gitlab_template_run
+    assert run.done.returncode == 0, run.done.stdout + run.done.stderr
+    report = ET.parse(run.workspace / run.variables["FDKEEPER_JUNIT"]).getroot()
     assert [case.get("name") for case in report.iter("testcase")]
-    assert (workspace / variables["FDKEEPER_LOGS"] / "latest" / "register-answer-tcp").is_dir()
-    assert (workspace / variables["FDKEEPER_HTML"]).is_file()
+    assert (run.workspace / run.variables["FDKEEPER_LOGS"] / "latest" / "register-answer-tcp").is_dir()
+    assert (run.workspace / run.variables["FDKEEPER_HTML"]).is_file()

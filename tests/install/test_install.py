@@ -22,19 +22,6 @@ from tests.support.checkout import STOCK_PATH, copy_of_what_would_be_committed
 from tests.support.paths import REPO
 
 
-def fresh_venv(where: Path) -> Path:
-    """A venv of the system's Python, without its site-packages: only what is installed into it counts."""
-    subprocess.run(["/usr/bin/python3", "-m", "venv", str(where)], check=True, timeout=120)
-    return where
-
-
-def pip_install(venv: Path, *what: str) -> None:
-    """pip install into venv; dependencies from the index pip is configured with (here a local mirror)."""
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    installed = subprocess.run([*pip, *what], capture_output=True, text=True, timeout=300)
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-
-
 def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
     """An sdist (what `pip download` or a package index hands out) holds everything setup.py
     compiles from (helpers/: sources, headers, shimbuild.py), and the wheel pip builds from it
@@ -55,16 +42,16 @@ def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
     assert "fdkeeper/testbed/configs/sut.cfg" in names
 
 
-def test_the_wheel_runs_a_test_file_from_a_fresh_venv_outside_the_checkout(wheel, tmp_path):
+def test_the_wheel_runs_a_test_file_from_a_fresh_venv_outside_the_checkout(gitlab_template_run):
     """What a user without a checkout does: pip install the wheel into a venv of their own, put
-    a test file in their repository, run `fdkeeper run` on it against the embedded SuT."""
-    venv = fresh_venv(tmp_path / "venv")
-    pip_install(venv, str(wheel))
-    work = tmp_path / "their-repository"
-    work.mkdir()
-    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
-        shutil.copy(REPO / "docs" / "examples" / name, work / name)
-    environment = {"HOME": str(tmp_path), "PATH": f"{venv / 'bin'}:{STOCK_PATH}"}
+    a test file in their repository, run `fdkeeper run` on it against the embedded SuT. The
+    GitLab template's job does exactly that (a venv of the system's Python, the wheel, the run
+    from the user's repository on a stock PATH; tests/install/conftest.py's gitlab_template_run,
+    whose run test_action.py checks): here, that the venv's fdkeeper is whole and its own."""
+    venv, work = gitlab_template_run.venv, gitlab_template_run.workspace
+    assert gitlab_template_run.done.returncode == 0, gitlab_template_run.done.stdout + gitlab_template_run.done.stderr
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    environment = {"HOME": str(work), "PATH": f"{venv / 'bin'}:{STOCK_PATH}"}
 
     # Run from elsewhere so the checkout is not on sys.path: only the installed copy counts.
     probe = (
@@ -86,19 +73,9 @@ def test_the_wheel_runs_a_test_file_from_a_fresh_venv_outside_the_checkout(wheel
     nm = subprocess.run(["nm", "-D", "--defined-only", shim], capture_output=True, text=True)
     assert " T connect" in nm.stdout and " T epoll_wait" in nm.stdout
 
-    ran = subprocess.run(
-        [str(venv / "bin" / "fdkeeper"), "run", "register-answer-tcp.yaml", "--junit", "report.xml"],
-        cwd=work,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert ran.returncode == 0, ran.stdout + ran.stderr
-    report = ET.parse(work / "report.xml").getroot()
+    report = ET.parse(work / gitlab_template_run.variables["FDKEEPER_JUNIT"]).getroot()
     assert [case.get("name") for case in report.iter("testcase")], ET.tostring(report, encoding="unicode")
     assert not [outcome for outcome in report.iter() if outcome.tag in ("failure", "error", "skipped")]
-    assert (work / "fdkeeper-logs" / "latest" / "register-answer-tcp").is_dir()
 
 
 # --------------------------------------------------------------------------
