@@ -69,3 +69,7 @@ def test_ptrace_leases_with_the_runs_transport(monkeypatch, tmp_path, transport)
     assert traced.lease(4242, role="client", remote=("127.0.0.1", 8443)) == "leased"
     [fields] = leases
     assert fields["transport"] == transport and fields["for_pid"] == 4242 and fields["mode"] == "ptrace"
+    # A per-user lease of a per-call run is fdkeeper's own: the same request run after run, which
+    # the keeper answers by its repeat path.
+    assert traced.lease(4242, for_program=False, role="client", aor="sip:alice@x") == "leased"
+    assert "for_pid" not in leases[1] and leases[1]["aor"] == "sip:alice@x" and leases[1]["mode"] == "ptrace"

@@ -65,26 +65,35 @@ class Services:
 
     # ------------------------------------------------------------ leasing
 
-    def lease(self, tgid: int, **fields: object) -> Leased:
-        """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid)."""
+    def lease(self, tgid: int, for_program: bool = True, **fields: object) -> Leased:
+        """LEASE for the traced process (for_pid=, checked by the keeper against TracerPid), or
+        (``for_program`` False) held by this fdkeeper process, which lives exactly as long as
+        the traced program (it waits for it), so the lease ends with it all the same."""
         keeper = self.keeper
         base = {k: v for k, v in fields.items() if v is not None}
         base["transport"] = self.request.transport
+        if not for_program:
+            return keeper.lease_connections(**base, mode="ptrace", transfer=self.transfer.how)
         try:
             return keeper.lease_connections(**base, for_pid=tgid, mode="ptrace", transfer=self.transfer.how)
         except FdkeeperError as error:
             if error.code != "badrequest" or "for_pid" not in str(error):
                 raise
-        # A keeper without for_pid: the lease is this fdkeeper process's, which lives exactly
-        # as long as the traced program (it waits for it), so it ends with it all the same.
         self.say("the keeper does not know for_pid=; the lease is held by fdkeeper itself")
         return keeper.lease_connections(**base)
 
-    def client_lease(self, injection: Injection, tgid: int, **fields: object) -> Leased | None:
+    def client_lease(
+        self, injection: Injection, tgid: int, for_program: bool = True, **fields: object
+    ) -> Leased | None:
         """A client lease for the held call; on refusal one line on stderr, and the call fails."""
         try:
             return self.lease(
-                tgid, role="client", remote=self.request.remote, reconnect=self.request.reconnect or None, **fields
+                tgid,
+                for_program,
+                role="client",
+                remote=self.request.remote,
+                reconnect=self.request.reconnect or None,
+                **fields,
             )
         except FdkeeperError as error:
             self.tell(str(error))
