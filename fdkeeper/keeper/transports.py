@@ -296,9 +296,21 @@ class RelayedTransport(_Watched):
         link.is_held = self  # __call__: no bound method per link
         link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
         health.reactor.watch_by(link.wire.sock.fileno(), link.watched_sut, self)
-        health.reactor.watch_by(link.keeper_end.fileno(), link.watched_pair, _PairWatcher(self))
+        if link.keeper_end.fileno() >= 0:  # the socketpair exists only while a run needs it (tlslink.py)
+            health.reactor.watch_by(link.keeper_end.fileno(), link.watched_pair, _PairWatcher(self))
         if link.closed_reason or link.sut_ended:  # ended by what came with the handshake
             self.after_event(health, connection)
+
+    # The link's PairWatch (tlslink.py), where it is given one: its socketpair made and dropped as
+    # runs need it, followed on the loop with no object of its own per link.
+    def made(self) -> None:
+        """A new pair: watch the link's descriptors again (its ``keeper_end`` is a new one)."""
+        self.unwatch(self._health.reactor)
+        self.watch(self._health, self._connection)
+
+    def dropping(self, fd: int) -> None:
+        """The pair's ``keeper_end`` (``fd``) is about to close: stop watching it."""
+        self._health.reactor.unwatch(fd)
 
     def __call__(self) -> bool:
         """Whether a run holds its connection now (the link's ``is_held``)."""
