@@ -22,11 +22,24 @@ alternating step by step so that the machine's load hits all alike:
      times, alternating): sipp's (the reaped run minus the `fdkeeper sipp` wrapper's own) plus
      the keeper's (psutil user+system), in clock ticks per 3,000 calls and ms per call; goal:
      (k) sipp + keeper <= (n) sipp, for (k1)/(n1), (kn)/(nn) and (kv)/(nn) at the same rate
-     (for -t ln, --cpu-rate-ln: what sipp 3.7.7's own -t ln keeps). The wrapper's start-up and
-     Kamailio's are shown apart.
+     (for -t ln, --cpu-rate-ln: rates sipp 3.7.7's own -t ln keeps). The wrapper's start-up and
+     Kamailio's are shown apart, and each configuration's CPU per second of run beside it.
   3. The idle floor: each sipp (a UAS nobody calls) and the keeper holding the users' links,
      watched for --idle-seconds, and how much of (kn)'s CPU at the -t ln rate that floor is over
      the run's length (sipp polls every 1 ms; sipp 3.7.7's own -t ln sleeps in its connect).
+
+Why sipp 3.7.7's own -t ln keeps at most about 5 calls/s, whatever the SuT or the key (the test
+PKI is ECDSA P-256; the handshake is about 2 ms): SIPpSocket::connect (src/socket.cpp) calls
+SSL_connect on its non-blocking socket, which answers WANT_READ right after the ClientHello,
+and sipp, single-threaded, then sleeps SIPP_SSL_RETRY_TIMEOUT (200 ms, include/socket.hpp)
+before trying again: one 200 ms sleep per call (its errors log says "SSL_connect failed ...
+Retrying"; seen with strace -T as clock_nanosleep 0.200 s between the ClientHello and the
+server's reply). So (nn)'s CPU per second of run is about its 1 ms poll loop's floor at every
+rate it keeps (each call buys 200 ms in which the loop does not run), and no rate has calls
+dominate it; (kv)'s sipp, on kept links, never sleeps and polls through those 200 ms. The bench
+counts (nn)'s sleeps in its errors log and shows, beside the measured ratio (the verdict), what
+those seconds of polling come to at the idle floor: side by side, never subtracted.
+--cpu-rate-ln 0.2,4 adds a near-idle rate: the floors of (nn) and of (kv)'s sipp under the shim.
 The machine's load average and how busy its cores were (all processes, /proc/stat) are printed:
 other work on the machine slows every configuration, but not alike.
 
@@ -88,12 +101,14 @@ WIDTH = 26
 TICKS = os.sysconf("SC_CLK_TCK")
 PER_CALLS = 3000  # CPU is shown in clock ticks per this many calls
 REGISTER_RATE = 200
-# sipp 3.7.7's own -t ln retries a TLS connect that would block after a sleep ("SSL_connect
-# failed ... SSL_ERROR_WANT_READ. Retrying"): here it answers every call at 10 calls/s but
-# cannot keep even that rate, so its fixed-rate CPU runs go at this rate (both -t ln alike),
-# and the -t ln rate search climbs these steps instead of cpslib's coarse/fine ladder.
-CPU_RATE_LN = 10
+# sipp 3.7.7's own -t ln sleeps 200 ms in every TLS connect (the docstring): at most about 5
+# calls/s, so its fixed-rate CPU runs go at 4 calls/s, the highest round rate it keeps (both
+# -t ln alike; 10 calls/s asked, it achieved 4.9-5.3), and the -t ln rate search climbs these
+# steps instead of cpslib's coarse/fine ladder.
+CPU_RATE_LN = "4"
 LN_STEPS = "10,25,50,100,200,400,600,800,1000,1200"
+SSL_RETRY_SLEEP_S = 0.2  # sipp 3.7.7's SIPP_SSL_RETRY_TIMEOUT (include/socket.hpp), microseconds / 1e6
+SSL_RETRY_LINE = "SSL_connect failed"  # its errors-log line for each such sleep
 
 
 @dataclass
@@ -230,6 +245,7 @@ def cpu_report(rounds: list[Run]) -> list[str]:
             continue
         sipp = statistics.median(ticks_per(r, "sipp") for r in runs)
         keeper = statistics.median(ticks_per(r, "keeper") for r in runs)
+        per_second = statistics.median(1000 * (r.measured["sipp"] + r.measured["keeper"]) / r.wall for r in runs)
         medians[(config, rate)] = sipp + keeper
         kept = config.startswith("k")
         extra = f" + keeper {keeper:.0f} = {sipp + keeper:.0f}" if kept else ""
@@ -238,7 +254,7 @@ def cpu_report(rounds: list[Run]) -> list[str]:
         lines.append(
             f"({config}) {LABELS[config]:<{WIDTH - 5}} at {rate:g} calls/s: sipp {sipp:.0f}{extra} ticks "
             f"per {PER_CALLS} calls ({(sipp + keeper) / TICKS * 1000 / PER_CALLS:.3f} ms/call, "
-            f"{len(runs)} runs){wrapper_text}"
+            f"{per_second:.1f} ms CPU per s of run, {len(runs)} runs){wrapper_text}"
         )
     for (config, rate), total in medians.items():
         for kept, native in PAIRS:
@@ -307,9 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-rate", type=float, default=300, help="calls/s of the fixed-rate -t l1 runs (300)")
     parser.add_argument(
         "--cpu-rate-ln",
-        type=float,
-        default=CPU_RATE_LN,
-        help=f"calls/s of the fixed-rate -t ln runs ({CPU_RATE_LN:g}: what sipp's own -t ln keeps)",
+        type=parse_rates,
+        default=parse_rates(CPU_RATE_LN),
+        help=f"calls/s of the fixed-rate -t ln runs, comma-separated ({CPU_RATE_LN}: what sipp's own -t ln keeps)",
     )
     parser.add_argument("--ln-steps", default=LN_STEPS, help=f"the -t ln rates to climb ({LN_STEPS})")
     parser.add_argument("--only", help=f"comma-separated configurations to run (default all: {','.join(CONFIGS)})")
@@ -323,6 +339,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-rounds", type=int, default=2, help="fixed-rate runs of each configuration (2)")
     parser.add_argument("--native-sipp", help="the TLS sipp 3.7.7 (default: testbed.sipp_build('sipp-tls'))")
     return parse_bench_args(parser, argv)
+
+
+def parse_rates(text: str) -> list[float]:
+    """'0.2,4' -> [0.2, 4.0]: the fixed-rate -t ln rates."""
+    try:
+        rates = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of calls/s: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"calls/s must be above 0: {text!r}")
+    return rates
+
+
+def connect_sleeps(result: testbed.SippResult) -> int:
+    """How many times sipp 3.7.7 slept SSL_RETRY_SLEEP_S in a TLS connect during this run (its errors log)."""
+    try:
+        text = result.file("errors").read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in text.splitlines() if SSL_RETRY_LINE in line)
 
 
 @dataclass
@@ -387,6 +423,33 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[
     return lines if len(lines) > 1 else []
 
 
+def median_total(rounds: list[Run], config: str, rate: float) -> float | None:
+    """Median sipp + keeper ticks per PER_CALLS calls of ``config``'s answered runs at ``rate``."""
+    runs = [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
+    if not runs:
+        return None
+    return statistics.median(sum(ticks_per(r, key) or 0.0 for key in ("sipp", "keeper")) for r in runs)
+
+
+def connect_sleep_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[str]:
+    """(nn)'s sleeps in SSL_connect beside (kv)'s polling through the same seconds: sipp 3.7.7's
+    own -t ln sleeps 200 ms a call, where its 1 ms poll loop would cost the idle floor; (kv)'s
+    sipp polls on. Shown beside the measured ratio (the verdict), never subtracted from it."""
+    native = [r for r in rounds if (r.config, r.rate) == ("nn", rate) and r.all_answered]
+    measured, kept = median_total(rounds, "nn", rate), median_total(rounds, "kv", rate)
+    if not native or measured is None or kept is None:
+        return []
+    slept = statistics.median(r.measured["connect_sleeps"] * SSL_RETRY_SLEEP_S / r.successful for r in native)
+    polled = floor.native_sipp * slept * TICKS * PER_CALLS  # ticks per PER_CALLS calls
+    return [
+        f"(nn) at {rate:g} calls/s slept {slept * 1000:.0f} ms per call in SSL_connect's retry "
+        f"({SSL_RETRY_SLEEP_S * 1000:.0f} ms each, its errors log): its poll loop stood still there, (kv)'s ran; at "
+        f"sipp 3.7.7's idle floor that is {polled:.0f} ticks per {PER_CALLS} calls",
+        f"  (kv)/(nn) at {rate:g} calls/s as measured {kept / measured:.2f}; beside it, (nn) charged those "
+        f"seconds at the floor: {kept / (measured + polled):.2f} (information, not the verdict)",
+    ]
+
+
 def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
     runs, configs = [], bench.CONFIGS
     for number in range(args.cpu_rounds):
@@ -395,14 +458,17 @@ def fixed_rate_rounds(bench: Bench, args: argparse.Namespace) -> list[Run]:
             # fdkeeper's -t ln also at the -t l1 rate: its cost per call once the run's fixed
             # part (leasing every user's connection) is spread over as many calls.
             rates = (
-                [args.cpu_rate_ln, args.cpu_rate]
+                [*args.cpu_rate_ln, args.cpu_rate]
                 if config in ("kn", "kv")
-                else [args.cpu_rate_ln]
+                else list(args.cpu_rate_ln)
                 if config == "nn"
                 else [args.cpu_rate]
             )
             for rate in unrepeated(config, rates, args.cpu_duration, bench.users):
-                run, _ = bench.call(config, rate, name=f"cpu-{config}-{rate:g}-{number}", duration=args.cpu_duration)
+                run, result = bench.call(
+                    config, rate, name=f"cpu-{config}-{rate:g}-{number}", duration=args.cpu_duration
+                )
+                run.measured["connect_sleeps"] = connect_sleeps(result) if config in NATIVE_SIPP else 0
                 runs.append(run)
                 print(bench.format_run(run), flush=True)
     return runs
@@ -445,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         print("t/3k = CPU clock ticks per 3,000 calls (sipp: the run minus the `fdkeeper sipp` wrapper)")
         print(bench.table_header(), flush=True)
         print(
-            f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {args.cpu_rate_ln:g} calls/s (-t ln) for "
+            f"-- fixed rate: {args.cpu_rate:g} calls/s (-t l1), {','.join(f'{r:g}' for r in args.cpu_rate_ln)} "
+            "calls/s (-t ln) for "
             f"{args.cpu_duration:g} s, {args.cpu_rounds} rounds"
         )
         rounds = fixed_rate_rounds(bench, args)
@@ -454,7 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         best = climb(bench, search_ladders(bench, args))
         print()
         print(f"result (runs of {bench.duration:g} s; uac-call.xml to {CALLEE} through Kamailio's TLS port):")
-        floor_lines = idle_floor_report(floor, rounds, args.cpu_rate_ln) if floor else []
+        floor_lines = (
+            [
+                *(line for rate in args.cpu_rate_ln for line in idle_floor_report(floor, rounds, rate)),
+                *(line for rate in args.cpu_rate_ln for line in connect_sleep_report(floor, rounds, rate)),
+            ]
+            if floor
+            else []
+        )
         for line in [*rate_report(best, bench.runs + rounds), *cpu_report(rounds), *floor_lines]:
             print(f"  {line}")
         print_footer(bench, time.monotonic() - began, *machine_facts(bench, load))
