@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.loop import Reactor
 from fdkeeper.protocol import MAX_MESSAGE, JsonObject, format_error, format_failure, send_packet
-from fdkeeper.statedir import peer_credentials
+from fdkeeper.statedir import peer_credentials, trusted_uid
 
 log = logging.getLogger("fdkeeper.keeper")
 
@@ -104,6 +104,7 @@ class ControlClient:
         self.sock = sock
         self.pid = pid
         self.uid = uid
+        self.trusted = trusted_uid(uid)  # its credentials are its connect()'s: asked once, not per request
         self.reactor = reactor
         self.last_progress = time.monotonic()
         self.waiting = False  # a PREPARE wait= is parked: silence is expected

@@ -40,11 +40,12 @@ class Repeat:
     parsing it or asking the pool (a per-call run leases its users' connections once a call)."""
 
     connection: KeptConnection
-    fds_packet: bytes  # the FDS packet the full path sent: the connection's id and addresses
+    # The OK packet; with the request's inline=1 it carries the FDS part too ("OK count=1 ids=..."
+    # with the descriptor: one packet, one wake-up of the client), else fds_packet follows it.
+    ok: bytes
+    fds_packet: bytes | None  # the FDS packet the full path sent: the connection's id and addresses
     mode: str
     transfer: str
-    inline: bool  # the request's inline=1: one packet, "OK count=1 ids=..." with the descriptor
-    cache: bool  # the request's cache=1: the client may keep a copy (keep=1)
 
 
 # The repeats kept: a few per connection at most (a hostile client varying its requests only
@@ -106,12 +107,11 @@ class Leases:
             return False
         new = self.grant(connection, pid)  # no pong to settle, no pidfd to open: cannot raise
         connection.lease_mode, connection.lease_transfer = repeat.mode, repeat.transfer
-        ok = self.ok_line(repeat.cache)
         try:
-            if repeat.inline:  # one packet, one wake-up of the client: the OK carries the FDS part
-                client.send(ok + repeat.fds_packet.removeprefix(b"FDS"), (connection.fileno(),))
+            if repeat.fds_packet is None:  # inline
+                client.send(repeat.ok, (connection.fileno(),))
             else:
-                client.send(ok)
+                client.send(repeat.ok)
                 client.send(repeat.fds_packet, (connection.fileno(),))
         except FdkeeperError as error:  # no descriptor left to queue it: told as the full path tells it
             client.send(format_failure(error))
@@ -147,9 +147,11 @@ class Leases:
             self.repeats.clear()
         fds_packet = fds_message([connection])
         mode, transfer = request.text("mode") or "preload", request.text("transfer") or "scm"
-        self.repeats[data] = Repeat(
-            connection, fds_packet, mode, transfer, request.flag("inline"), request.flag("cache")
-        )
+        ok = self.ok_line(request.flag("cache"))
+        if request.flag("inline"):
+            self.repeats[data] = Repeat(connection, ok + fds_packet.removeprefix(b"FDS"), None, mode, transfer)
+        else:
+            self.repeats[data] = Repeat(connection, ok, fds_packet, mode, transfer)
 
     def grant(self, connection: KeptConnection, pid: int) -> bool:
         """Lease ``connection`` to ``pid``; whether that is new (False: ``pid`` holds it already,

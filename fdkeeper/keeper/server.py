@@ -52,7 +52,7 @@ from fdkeeper.protocol import (
     receive_packet,
     select_connections,
 )
-from fdkeeper.statedir import ensure_private_directory, socket_path, trusted_uid
+from fdkeeper.statedir import ensure_private_directory, socket_path
 from fdkeeper.tls import TlsOptions
 
 log = logging.getLogger("fdkeeper.keeper")
@@ -189,7 +189,7 @@ class Keeper:
                 self.clients.drop(client)
                 return
             client.last_progress = time.monotonic()
-            if not trusted_uid(uid):
+            if not client.trusted:
                 # Read the request first so the peer gets this answer rather than a reset.
                 log.warning("refused control client pid %d of uid %d", pid, uid)
                 client.send(format_error("denied", f"fdkeeper: uid {uid} may not use this keeper"))
