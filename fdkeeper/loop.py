@@ -200,9 +200,11 @@ class Reactor:
             events = self._epoll.poll(timeout)
         except InterruptedError:
             events = []
+        handlers = self._handlers
         for fd, mask in events:
-            watcher = self._handlers[fd]  # every descriptor epoll reports was watched: it is in range
-            if watcher is not None:  # an earlier handler in this batch may have unwatched it
+            # An earlier handler in this batch may have unwatched it (or closed the Reactor).
+            watcher = handlers[fd] if fd < len(handlers) else None
+            if watcher is not None:
                 self._run_handler(fd, mask, watcher)
         self._run_due_timers()
 
@@ -248,7 +250,7 @@ class Reactor:
             # would fault again on the next poll, so the loop stops watching it. An owner whose
             # on_fault returned decided itself (ended it, or kept it: a datagram socket).
             ended_by_owner = self._fault(f"handler of descriptor {fd}", error, watcher.on_fault)
-            if not ended_by_owner and self._handlers[fd] is watcher:
+            if not ended_by_owner and fd < len(self._handlers) and self._handlers[fd] is watcher:
                 self.unwatch(fd)
 
     def _run_timer(self, timer: Timer) -> None:
