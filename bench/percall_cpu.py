@@ -18,8 +18,13 @@ registration run, (a) and (b) back to back at each step, the first one alternati
 columns differ: CPU in milliseconds per call (user+system, psutil, around each run) of the
 keeper, of sipp and of the SuT, and the ratio keeper / sipp.
 
+--transport ln: the same over TLS (`-t ln`; Kamailio's TLS port, the test PKI): users registered
+and called through fdkeeper over `-t ln` (b); (a) stays plain sipp `-t tn` (a TCP reference: the
+distribution's sipp speaks no TLS), and Kamailio's location sample is not checked.
+
 Usage:  python3 bench/percall_cpu.py                            (about 1 minute)
         python3 bench/percall_cpu.py --users 1000 --steps 10 --duration 30   (10 calls/s)
+        python3 bench/percall_cpu.py --transport ln             (-t ln)
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Run as a script (python3 bench/percall_cpu.py): bench/ is sys.path[0], cpslib is beside us.
 import cps_many_users
 from cpslib import cps_main
 from cpsruns import Run
+
+from fdkeeper import testbed
 
 GOAL = 0.1  # keeper CPU per call at most this share of sipp's own
 USERS = 1000
@@ -57,6 +65,30 @@ class Bench(cps_many_users.Bench):
         keeper, sipp, sut = (per_call_ms(m[key], run) for key in ("keeper", "sipp", "sut"))
         ratio = f"{keeper / sipp:.3f}" if sipp > 0 and run.config == "b" else "-"
         return f"{keeper:>14.3f} {sipp:>12.3f} {sut:>11.3f} {ratio:>11}  "
+
+    @classmethod
+    def from_args(cls, workdir: Path, sipp: str, args: argparse.Namespace) -> cps_many_users.Bench:
+        if args.transport == "ln" and cls is Bench:
+            return LnBench.from_args(workdir, sipp, args)
+        return super().from_args(workdir, sipp, args)
+
+
+@dataclass
+class LnBench(Bench):
+    """--transport ln: the runs through fdkeeper (registration, warm-up, (b)) over `-t ln` to
+    Kamailio's TLS port; the keeper terminates TLS and each user's calls go over its kept link."""
+
+    def sut_options(self) -> dict:
+        return {**super().sut_options(), **self.tls_sut()}
+
+    def start_kept(  # type: ignore[override]
+        self, scenario: str | Path, name: str, remote: str | None = None, sipp: str | None = None, **options: Any
+    ) -> testbed.SippProcess:
+        options.update(transport="ln", options=self.tls_options)
+        return super().start_kept(scenario, name, self.kamailio.tls_address, sipp, **options)
+
+    def check_location_sample(self, kept: dict[str, dict]) -> None:
+        pass  # cps_many_users checks a sample's transport is tcp; over ln it is tls
 
 
 def per_call_ms(cpu_seconds: float, run: Run) -> float:
@@ -86,6 +118,7 @@ def command_line() -> argparse.ArgumentParser:
     parser = cps_many_users.command_line()
     parser.description = __doc__
     parser.set_defaults(users=USERS, steps=str(int(RATE)), duration=DURATION)
+    parser.add_argument("--transport", choices=("tn", "ln"), default="tn", help="per call over TCP (tn) or TLS (ln)")
     return parser
 
 
