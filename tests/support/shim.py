@@ -26,12 +26,18 @@ WRAPPER = os.environ.get("SHIM_TEST_WRAPPER", "").split()
 SANITIZE = os.environ.get("SHIM_TEST_SANITIZE", "") == "1"
 EXTRA_CFLAGS = [*os.environ.get("SHIM_TEST_CFLAGS", "").split(), *(SANITIZE_CFLAGS if SANITIZE else [])]
 PRELOAD_FIRST = asan_runtime() if SANITIZE else os.environ.get("SHIM_TEST_PRELOAD_FIRST", "")
+# SHIM_TEST_BUILT=DIR: the shim and shimprog that build_shim_and_program already built in DIR
+# (with the flags this run would use): the workers of a pytest -n N share one build.
+BUILT = os.environ.get("SHIM_TEST_BUILT", "")
 
 
-def build_shim_and_program(out: Path) -> dict[str, str]:
-    """The shim exactly as the package build compiles it (plus EXTRA_CFLAGS), and shimprog."""
+def build_shim_and_program(out: Path, cflags: list[str] | None = None) -> dict[str, str]:
+    """The shim exactly as the package build compiles it (plus `cflags`, by default
+    EXTRA_CFLAGS), and shimprog; those in SHIM_TEST_BUILT instead when it is set."""
+    if BUILT:
+        return {"lib": str(Path(BUILT) / "libfdkeeper_shim.so"), "prog": str(Path(BUILT) / "shimprog")}
     lib, prog = out / "libfdkeeper_shim.so", out / "shimprog"
-    warnings = compile_shim(lib, EXTRA_CFLAGS)
+    warnings = compile_shim(lib, EXTRA_CFLAGS if cflags is None else cflags)
     assert warnings == "", "the shim must compile without warnings:\n" + warnings
     compile_program(SHIMPROG_SRC, prog)
     return {"lib": str(lib), "prog": str(prog)}
