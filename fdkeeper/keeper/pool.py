@@ -287,6 +287,7 @@ class ConnectionPool:
         self.health.watch(connection)
         if isinstance(io, RelayedTransport):  # its socketpair is made per lease, dropped when idle
             io.link.pair_watch = self.health.pair_watcher(connection)
+            io.link.drop_pair_if_idle()  # the lease that opened it makes its own (an idle one holds 1)
         tls = io.stats(connection)["tls"]
         upgraded = escape_controls(f" (WebSocket {handshake.path}, {handshake.status})") if handshake else ""
         log.info("opened %s%s%s", connection.label(), f" ({tls['version']})" if tls else "", upgraded)

@@ -43,7 +43,7 @@ stops, then close_notify over TLS, then the FIN).
 The socketpair exists only while something needs it (issue 20: an idle TLS user costs the keeper
 one descriptor, not three): a run's lease makes it (``sipp_end``, the connection's ``sock``, makes
 it when the lease hands it: ``handed_fileno``), and once the lease has ended and nothing is left
-in it the link drops it (``_drop_pair_if_idle``): the whole messages the SuT sent that no run read
+in it the link drops it (``drop_pair_if_idle``): the whole messages the SuT sent that no run read
 are taken back out of sipp's end into ``to_sipp``, ahead of what came after them, and wait there
 for the next lease; between runs the link relays without it (pings, --answer-options, queued
 requests). While a run holds the link the keeper keeps its own copy of sipp's end: it is what
@@ -60,6 +60,7 @@ connection a predecessor keeper handed over) keeps its pair for life, as before.
 from __future__ import annotations
 
 import logging
+import resource
 import select
 import socket
 import time
@@ -84,6 +85,9 @@ log = logging.getLogger("fdkeeper.tls")
 # record) whatever the SuT or the run does; the rest waits in the kernel's socket buffers and
 # then in the writer, whose writes block (or get EAGAIN).
 BUFFER_LIMIT = 256 * 1024
+# A pair made only for status to see what waits for the next run is not made within this many
+# descriptors of the open-file limit: they are the runs' (a lease's pair) and the keeper's own.
+STATUS_PAIR_RESERVE = 1024
 
 
 def _never_held() -> bool:
@@ -265,7 +269,7 @@ class TlsLink(PumpHandover):
             self._flush_to_sipp()
         if mask & select.EPOLLIN:
             self._read_pair()
-        self._drop_pair_if_idle()
+        self.drop_pair_if_idle()
 
     # -- SuT -> sipp
 
@@ -440,7 +444,7 @@ class TlsLink(PumpHandover):
         else:
             self._drop_unfinished_message()
         self._realign_sipp_side()
-        self._drop_pair_if_idle()
+        self.drop_pair_if_idle()
 
     def _drop_unfinished_message(self) -> None:
         partial = self.from_sipp.discard()
@@ -565,18 +569,19 @@ class TlsLink(PumpHandover):
     # -- the socketpair: made for a run, dropped when idle
 
     def handed_fileno(self) -> int:
-        """``sipp_end.fileno()``: the descriptor of the pair's sipp end, the pair made now if a run
-        holds the link and it has none (a lease is handing it); else a keeper-wide empty socket's
-        (asked about its queue: nothing waits there for a run), or -1 once the link is closed."""
+        """``sipp_end.fileno()``: the descriptor of the pair's sipp end, the pair made now if it has
+        none and a run holds the link (a lease is handing it) or what the SuT sent waits for the
+        next run (the connection's queue is asked: `fdkeeper status`; made only while descriptors
+        are plentiful); else a keeper-wide empty socket's (nothing waits for a run), or -1 once
+        the link is closed."""
+        if self._sipp_copy is None and not self.moved and self.wire.sock.fileno() >= 0:
+            if self.is_held():
+                self._make_pair()
+            elif self.to_sipp:
+                self._make_pair(spare=True)
         if self._sipp_copy is not None:
             return self._sipp_copy.fileno()
-        if self.wire.sock.fileno() < 0 or self.moved:
-            return -1
-        if self.is_held():
-            self._make_pair()
-            assert self._sipp_copy is not None
-            return self._sipp_copy.fileno()
-        return _empty_fileno()
+        return -1 if self.wire.sock.fileno() < 0 or self.moved else _empty_fileno()
 
     def pair_descriptors(self) -> int:
         """The keeper's descriptors for the pair: 2 while it has one, else 0 (pool.py counts them)."""
@@ -587,18 +592,25 @@ class TlsLink(PumpHandover):
             self._sipp_copy.close()
             self._sipp_copy = None
 
-    def _make_pair(self) -> None:
-        self._sipp_copy, self.keeper_end = new_descriptors(
+    def _make_pair(self, spare: bool = False) -> None:
+        """A new socketpair, what waits in ``to_sipp`` first in it. ``spare``: not needed by a run
+        (status asks): none is made past the last STATUS_PAIR_RESERVE descriptors."""
+        pair = new_descriptors(
             "open the socketpair a TLS or WebSocket connection is leased through",
             lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM),
         )
+        if spare and pair[1].fileno() > resource.getrlimit(resource.RLIMIT_NOFILE)[0] - STATUS_PAIR_RESERVE:
+            for end in pair:
+                end.close()
+            return
+        self._sipp_copy, self.keeper_end = pair
         self.keeper_end.setblocking(False)
         self.eof_towards_sipp = False
         self._flush_to_sipp()  # what the SuT sent between runs: first in the new pair
         if self.pair_watch is not None:  # last: watching it may end the link already (the SuT's end)
             self.pair_watch.made()
 
-    def _drop_pair_if_idle(self) -> None:
+    def drop_pair_if_idle(self) -> None:
         """Close the pair once no run holds the link and nothing of an ended run is in it: the
         whole messages no run read go back to the head of ``to_sipp`` (a lease's pair is made
         anew), so an idle link holds the SuT's connection only."""

@@ -3,7 +3,8 @@ one descriptor in the keeper (the TLS session's socket), a lease makes the pair,
 run's lease has ended the link drops it; nothing either side sent is lost across that boundary.
 
 Counted from the keeper's own /proc/<pid>/fd, against a scripted TLS SuT; runs are processes
-of their own (ScriptedRun) whose exit ends their lease.
+of their own (ScriptedRun) whose exit ends their lease. Each test runs with the C pump and with
+the Python relay alone (FDKEEPER_TLS_PUMP=0 in the keeper's environment).
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from fdkeeper.client import KeeperClient
+from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.testbed import wait_until
 from fdkeeper.testbed.scripted_sut import ScriptedRun, ScriptedSut, SutConnection, sip_message
 from tests.support.keeper import keeper_process
+
+
+@pytest.fixture(params=["pump", "python-relay"])
+def keeper(request, tmp_path, monkeypatch) -> Iterator[KeeperClient]:
+    """A keeper of this module's own: with the TLS pump, or with the Python relay alone."""
+    if request.param == "python-relay":
+        monkeypatch.setenv("FDKEEPER_TLS_PUMP", "0")  # the keeper started next inherits it
+    client = ensure_keeper(tmp_path / "state")
+    yield client
+    client.stop()
 
 
 @pytest.fixture
@@ -106,10 +117,14 @@ def test_a_run_that_read_half_a_message_leaves_the_next_on_a_boundary_across_the
 
 
 def test_a_repeat_lease_in_one_process_after_its_close_gets_a_working_pair(keeper, sut, pki):
-    connection = kept(keeper, sut, pki)
+    """As a per-call run's next call to a user: the same LEASE again (the keeper's repeat path)."""
+    keeper.prepare(
+        role="client", transport="tls", remote=sut.address, local="-", per_call=True, users=1, tls_ca=str(pki.ca_cert)
+    )
     client = KeeperClient(Path(keeper.directory))
-    lease = {"role": "client", "transport": "tls", "remote": sut.address, "local": "-"}
+    lease = {"role": "client", "transport": "tls", "remote": sut.address, "local": "-", "aor": "sip:u1@sut.test"}
     [(_, fd)] = client.lease(**lease)
+    connection = sut.newest(lambda _connection: True)
     os.write(fd, sip_message("call-1"))
     os.close(fd)  # the call ended: the run closed its copy
     [(_, again)] = client.lease(**lease)
