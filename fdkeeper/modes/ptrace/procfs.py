@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import ipaddress
 import os
 import socket
@@ -53,6 +54,7 @@ def parse_sockaddr(raw: bytes) -> Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # the SuT's address, at every connect() of a per-call run
 def normal(address: Address) -> Address:
     """One spelling per address (::1 and 0:0::1 compare equal)."""
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 
-from fdkeeper.address import parse_address
+from fdkeeper.address import split_host_port
 from fdkeeper.modes.ptrace.permission import status_field
 from fdkeeper.modes.ptrace.raw import LOW, SYS
 from fdkeeper.modes.ptrace.services import Services
@@ -46,7 +46,8 @@ class ViaRewrites:
         try:
             with self.services.copy(tgid, fd) as program_socket:
                 placeholder = program_socket.getsockname()
-            kept = parse_address(kept_local) if kept_local not in ("", "-") else None
+            # As the keeper wrote it (normalised): split, not parsed again.
+            kept = split_host_port(kept_local) if kept_local not in ("", "-") else None
             if kept is None:
                 with socket.socket(fileno=os.dup(kept_fd)) as kept_socket:
                     kept = kept_socket.getsockname()[:2]

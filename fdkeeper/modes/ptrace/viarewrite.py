@@ -12,6 +12,7 @@ again later is its copy of already rewritten bytes.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import string
 
@@ -78,6 +79,7 @@ def rewrite_for(placeholder: Address, kept: Address) -> Rewrite | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)  # the placeholder's IP: the same at every call
 def _is_wildcard(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip).is_unspecified
