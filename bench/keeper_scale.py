@@ -11,11 +11,15 @@ to every descriptor being in sipp's table is measured.
 Goals: issue 20, at most 1 kB per idle TCP connection and 20 kB per idle TLS connection
 (issue 4's were under 10 kB and 100 kB); issue 4, all 10,000 descriptors installed in under
 100 ms. Limits: the bench raises its open-file limit to the hard limit, which the keeper and
-the peer inherit (3 descriptors per TLS connection in the keeper: the TCP socket and the
-socketpair); no Kamailio here (bench/ws_memory.py starts one, with tcp_max_connections and
+the peer inherit (one descriptor per idle connection in the keeper, TLS too: a link makes its
+socketpair for a lease only); no Kamailio here (bench/ws_memory.py starts one, with tcp_max_connections and
 1 GB of shared memory for its users). The kernel's side is not in the keeper's RSS: an idle
 connection queues nothing, so its socket buffers (SO_SNDBUF/SO_RCVBUF: 16 kB/128 kB for TCP
 by default here, 208 kB each for the unix socketpair) cost only their socket structures.
+What a batch's figure holds (bench/README.md): each connection's Python objects (for TCP about
+650 bytes, bounded by tests/keeper/test_keeper_idle_memory.py), for TLS OpenSSL's state of the
+session (about 20 kB of malloc with OpenSSL 3.0), the keeper's bounded caches while they fill,
+and what the batch's passing allocations leave free in the allocator.
 
     python3 bench/keeper_scale.py [--tcp 10000] [--tls 1000] [--handoffs 3]
 """
@@ -231,9 +235,13 @@ def report(options, base, after_tcp, after_tls, tcp_time, tls_time, handoffs, st
     print(
         f"keeper at scale: {options.tcp} TCP + {options.tls} TLS idle connections, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}"
     )
-    print(f"  memory per idle TCP connection: {tcp_kb:6.1f} kB (opened {(options.tcp - 10) / tcp_time:,.0f}/s)")
     print(
-        f"  memory per idle TLS connection: {tls_kb:6.1f} kB (opened {(options.tls - 10) / tls_time:,.0f}/s, handshakes included)"
+        f"  memory per idle TCP connection: {tcp_kb:6.1f} kB ({tcp_kb * 1024:,.0f} B; "
+        f"opened {(options.tcp - 10) / tcp_time:,.0f}/s)"
+    )
+    print(
+        f"  memory per idle TLS connection: {tls_kb:6.1f} kB ({tls_kb * 1024:,.0f} B; "
+        f"opened {(options.tls - 10) / tls_time:,.0f}/s, handshakes included)"
     )
     print(f"  keeper RSS with all of them: {after_tls / 2**20:.0f} MiB")
     goals = [("TCP memory", tcp_kb, GOAL_TCP_KB, "kB"), ("TLS memory", tls_kb, GOAL_TLS_KB, "kB")]
