@@ -26,7 +26,12 @@ static int is_tcp_socket(int domain, int type, int protocol)
 int kept_socket(int domain, int type, int protocol)
 {
     int fd = REAL(socket)(domain, type, protocol);
-    int saved = errno;
+    int saved;
+
+    /* The lease cache's copies take descriptors the program's own sockets come before. */
+    if (fd < 0 && errno == EMFILE && SHIM_ACTIVE() && lc_shrink() > 0)
+        fd = REAL(socket)(domain, type, protocol);
+    saved = errno;
 
     if (fd < 0 || !SHIM_ACTIVE())
         return fd;

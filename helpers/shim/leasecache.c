@@ -247,6 +247,21 @@ void lc_put(const char *request, int kept, const struct lc_answer *answer)
     errno = saved;
 }
 
+int lc_shrink(void)
+{
+    int closed = 0, saved = errno;
+
+    if (!lc_count())
+        return 0;
+    pthread_mutex_lock(&lc_mutex);
+    for (int n = (lc_kept + 1) / 2; n > 0 && oldest; n--, closed++)
+        drop(oldest, 1);
+    pthread_mutex_unlock(&lc_mutex);
+    shim_debug("out of descriptors: closed %d of the lease cache's copies", closed);
+    errno = saved;
+    return closed;
+}
+
 void lc_lost_range(unsigned first, unsigned last)
 {
     int saved = errno;

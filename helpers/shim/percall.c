@@ -11,6 +11,7 @@
 #include "handoff.h"
 #include "kept.h"
 #include "lease.h"
+#include "leasecache.h"
 #include "percall.h"
 #include "real.h"
 #include "rewrite.h"
@@ -48,7 +49,9 @@ static int put_placeholder(int fd, const char *what, int *other)
     char ebuf[128];
     int sp[2], err;
 
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0 &&
+        (errno != EMFILE || lc_shrink() == 0 ||
+         socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0)) {
         err = errno;
         shim_say("fdkeeper: %s: cannot make the placeholder of a per-call connection: %s", what,
                  strerror_r(err, ebuf, sizeof ebuf));

@@ -22,7 +22,8 @@
  *                                      HOW may start with fork+ (a forked child makes
  *                                      the call, the parent waits for it), closerange+
  *                                      (close_range of every fd above the epoll fd first)
- *                                      or wait+ (a line read from stdin first)
+ *                                      wait+ (a line read from stdin first) or hog+ (every
+ *                                      free descriptor taken but two, kept to the end)
  *   shimprog percallvia IP PORT BINDIP FROM SNDBUF FILLERS CALLS
  *                                      sipp -t tn writing [local_ip]:[local_port] (Via,
  *                                      Contact, FILLERS more headers, the body): CALLS
@@ -542,6 +543,13 @@ static int cmd_percall(int argc, char **argv)
             char line[16];
             if (!fgets(line, sizeof line, stdin))
                 die("stdin");
+        }
+        if (percall_prefix(how, "hog+")) {
+            int last = -1, before = -1;
+            for (int d; (d = dup(0)) >= 0;)
+                before = last, last = d;
+            close(last);
+            close(before);
         }
         if (percall_prefix(how, "closerange+") && close_range((unsigned)ep + 1, ~0U, 0) != 0)
             die("close_range");

@@ -1173,6 +1173,20 @@ def test_lease_cache_fork_close_range(build, keeper_dir, sut):
         k.close()
 
 
+def test_lease_cache_gives_way_when_the_program_runs_out_of_descriptors(build, keeper_dir, sut):
+    """A socket() or placeholder that finds no descriptor free (EMFILE) closes the older half of
+    the copies and is made again: the copies never cost the program a call."""
+    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    try:
+        kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "hog+alice"], FDKEEPER_DEBUG="1")
+        assert [kv[f"c{c}_got"] for c in range(3)] == ["0:call-0", "1:call-1", "0:call-2"]
+        assert len(k.requests) == 3  # alice's copy, the oldest, made room
+        assert "out of descriptors: closed 1 of the lease cache's copies" in err
+        assert all(line.startswith("fdkeeper-shim: ") for line in err.splitlines()), err
+    finally:
+        k.close()
+
+
 def test_lease_cache_copy_the_sut_ended_is_asked_again(build, keeper_dir, sut):
     """A copy whose peer hung up (the SuT's FIN) is not handed again: the keeper is asked."""
     k = KeepingKeeper(keeper_dir / "control.sock", sut)
