@@ -106,6 +106,7 @@ class PerCallRole:
     def on_exec(self, pid: int) -> None:
         self.code.forget(pid)
         self.stubs.forget(pid)
+        self.sends_seen_by_filter.discard(pid)  # another program: how it sends is to be seen again
         self.registrations.forget_process(pid)
 
     def _on_thread_exit(self, tid: int) -> None:
