@@ -230,9 +230,9 @@ class ConnectionPool:
         if need > room:
             raise FdkeeperError(
                 f"fdkeeper: this run would be handed {len(connections)} kept {transport} connections; each is relayed "
-                f"through a socketpair ({PAIR_DESCRIPTORS} descriptors in the keeper) while the run holds it, "
-                f"{need} more than the {in_use + RESERVED_DESCRIPTORS} in use, but the keeper's open-file limit "
-                f"{soft} (hard limit {hard}) leaves room for {max(room, 0)}: at most {max(room, 0) // PAIR_DESCRIPTORS} "
+                f"through a socketpair ({PAIR_DESCRIPTORS} descriptors in the keeper) while the run holds it: {need} "
+                f"descriptors beside the {in_use + RESERVED_DESCRIPTORS} in use, but the keeper's open-file limit "
+                f"{soft} (hard limit {hard}) leaves room for {max(room, 0)}, that is {max(room, 0) // PAIR_DESCRIPTORS} "
                 "such connections; keep fewer users in this keeper (one keeper per CSV range of users), or raise "
                 "the limit before the keeper starts",
                 "limit",

@@ -151,6 +151,9 @@ class SippEnd(socket.socket):
     def close(self) -> None:
         self._link.close_sipp_copy()
 
+    def __repr__(self) -> str:  # socket's would ask fileno(), which may make the pair
+        return f"<SippEnd of {object.__repr__(self._link)}>"
+
 
 class TlsLink(PumpHandover):
     """One connection to the SuT (its ``wire`` and ``codec``) and the socketpair whose ``sipp_end`` runs are leased.
@@ -234,7 +237,7 @@ class TlsLink(PumpHandover):
         return events
 
     def wants_pair(self) -> int:
-        if self.keeper_end is _NO_PAIR:
+        if self.keeper_end.fileno() < 0:
             return self.watched_pair  # nothing to watch: the loop is asked for no change
         if self.pumped:
             return select.EPOLLONESHOT  # the pump reads and writes it
@@ -263,7 +266,7 @@ class TlsLink(PumpHandover):
     def on_pair_event(self, mask: int) -> None:
         if self.moved or self.pumped or self._pump_if_held():
             return  # the pump owns the pair (and sees this readiness itself)
-        if self.keeper_end is _NO_PAIR:
+        if self.keeper_end.fileno() < 0:
             return  # dropped while this event waited
         if mask & select.EPOLLOUT:
             self._flush_to_sipp()
@@ -365,7 +368,7 @@ class TlsLink(PumpHandover):
         self._flush_to_sipp()
 
     def _flush_to_sipp(self) -> None:
-        if self.keeper_end is _NO_PAIR:
+        if self.keeper_end.fileno() < 0:
             return  # between runs: to_sipp keeps it for the next lease's pair
         if self.to_sipp:
             try:
@@ -386,7 +389,7 @@ class TlsLink(PumpHandover):
 
     def _read_pair(self) -> None:
         room = BUFFER_LIMIT - len(self.to_sut)
-        if room <= 0 or self.keeper_end is _NO_PAIR:
+        if room <= 0 or self.keeper_end.fileno() < 0:
             return
         try:
             data = self.keeper_end.recv(min(room, READ_CHUNK, self.ended_runs[0] if self.ended_runs else READ_CHUNK))
@@ -509,7 +512,7 @@ class TlsLink(PumpHandover):
             and not self.closed_reason
             and not self.sut_ended
             and not (self._sipp_copy is not None and queued_bytes(self._sipp_copy))
-            and not (self.keeper_end is not _NO_PAIR and queued_bytes(self.keeper_end))
+            and not (self.keeper_end.fileno() >= 0 and queued_bytes(self.keeper_end))
         )
 
     def still_sending(self) -> bool:
@@ -584,8 +587,8 @@ class TlsLink(PumpHandover):
         return -1 if self.wire.sock.fileno() < 0 or self.moved else _empty_fileno()
 
     def pair_descriptors(self) -> int:
-        """The keeper's descriptors for the pair: 2 while it has one, else 0 (pool.py counts them)."""
-        return 0 if self.keeper_end is _NO_PAIR else 2
+        """The keeper's descriptors for the pair (its two ends, while they are open; pool.py counts them)."""
+        return (self.keeper_end.fileno() >= 0) + (self._sipp_copy is not None)
 
     def close_sipp_copy(self) -> None:
         if self._sipp_copy is not None:
@@ -616,7 +619,7 @@ class TlsLink(PumpHandover):
         anew), so an idle link holds the SuT's connection only."""
         if (
             self.pair_watch is None
-            or self.keeper_end is _NO_PAIR
+            or self.keeper_end.fileno() < 0
             or self._sipp_copy is None
             or self.is_held()
             or self.pumped
@@ -628,30 +631,22 @@ class TlsLink(PumpHandover):
             or queued_bytes(self.keeper_end)
         ):
             return
-        unread = self._take_back_unread()
-        if unread is None:
-            return
-        self.to_sipp[:0] = unread
+        self.to_sipp[:0] = self._take_back_unread()
         self.pair_watch.dropping(self.keeper_end.fileno())
         self.keeper_end.close()
         self.keeper_end = _NO_PAIR
         self.close_sipp_copy()
 
-    def _take_back_unread(self) -> bytes | None:
-        """What waits unread in sipp's end (whole messages: the ended run's begun one was dropped
-        at its end), taken out; None if it could not all be (the pair stays)."""
+    def _take_back_unread(self) -> bytes:
+        """What waits unread in sipp's end, taken out: whole messages (the ended run's begun one was
+        dropped at its end), and all of it (no run holds the link: nobody else reads there)."""
         assert self._sipp_copy is not None
-        waiting = queued_bytes(self._sipp_copy)
         taken = bytearray()
-        while len(taken) < waiting:
+        while True:
             try:
-                data = self._sipp_copy.recv(waiting - len(taken), socket.MSG_DONTWAIT)
+                data = self._sipp_copy.recv(READ_CHUNK, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                data = b""
+                return bytes(taken)
             if not data:
-                break
+                return bytes(taken)
             taken += data
-        if len(taken) < waiting:  # cannot happen on a socketpair: put nothing back, keep the pair
-            self.to_sipp[:0] = taken
-            return None
-        return bytes(taken)
