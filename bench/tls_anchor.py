@@ -19,8 +19,12 @@ alternating step by step so that the machine's load hits all alike:
   1. calls/s: the highest rate with no failed call that kept the rate (cpslib's search), and
      the calls/s achieved there; goal (k1)/(n1) >= 1.0 and (kn)/(nn) >= 1.0.
   2. CPU per call at a fixed rate (--cpu-rate calls/s for --cpu-duration s, --cpu-rounds
-     times, alternating): sipp's (the reaped run minus the `fdkeeper sipp` wrapper's own) plus
-     the keeper's (psutil user+system), in clock ticks per 3,000 calls and ms per call; goal:
+     times, alternating): sipp's own (its process's run time in /proc/PID/task/*/schedstat, in
+     nanoseconds, sampled every 20 ms until it exits, start-up included: the same way whether
+     it runs alone or under `fdkeeper sipp`) plus the keeper's (the same counters, its threads),
+     in clock ticks per 3,000 calls and ms per call; the wrapper is the reaped run minus sipp's
+     (earlier: the reaped run minus the wrapper's 0.1 s samples, which left the wrapper's exit
+     work, tens of ms a run, in sipp's figure of the fdkeeper configurations only); goal:
      (k) sipp + keeper <= (n) sipp, for (k1)/(n1), (kn)/(nn) and (kv)/(nn) at the same rate
      (for -t ln, --cpu-rate-ln: rates sipp 3.7.7's own -t ln keeps). The wrapper's start-up and
      Kamailio's are shown apart, and each configuration's CPU per second of run beside it.
@@ -72,7 +76,6 @@ from cpslib import (
     caller_options,
     climb,
     command_version,
-    cpu_seconds,
     parse_bench_args,
     parse_steps,
     print_footer,
@@ -109,6 +112,7 @@ CPU_RATE_LN = "4"
 LN_STEPS = "10,25,50,100,200,400,600,800,1000,1200"
 SSL_RETRY_SLEEP_S = 0.2  # sipp 3.7.7's SIPP_SSL_RETRY_TIMEOUT (include/socket.hpp), microseconds / 1e6
 SSL_RETRY_LINE = "SSL_connect failed"  # its errors-log line for each such sleep
+SIPP_SAMPLE_S = 0.02  # how often sipp's own CPU is sampled while it runs
 
 
 @dataclass
@@ -189,10 +193,27 @@ class Bench(KeeperCpuBench):
     def through_keeper(self, config: str) -> bool:
         return config.startswith("k")
 
+    def cpu_now(self) -> dict[str, float]:
+        """As cpslib's, the keeper's to the nanosecond (its schedstat; a call is about a millisecond)."""
+        return {**super().cpu_now(), "keeper": sum(run_seconds(process.pid) or 0.0 for process in self.keeper)}
+
+    def wait_caller(self, config: str, process: testbed.SippProcess, timeout: float) -> testbed.SippResult:
+        deadline = time.monotonic() + timeout
+        binary = self.native if config in NATIVE_SIPP else self.sipp
+        self.sipp_cpu = sample_sipp_cpu(process, binary, deadline)
+        return self.wait(process, max(0.1, deadline - time.monotonic()))
+
     def end_run(self, config: str, token: dict, run: Run) -> dict:
-        spent = super().end_run(config, token, run)
-        # The keeper serves only the fdkeeper configurations: idle during (n) runs (a few pings).
-        return {**spent, "keeper": spent["keeper"] if self.through_keeper(config) else 0.0}
+        spent = {key: value - token[key] for key, value in self.cpu_now().items()}
+        reaped = spent.pop("children")  # sipp and, for (k), its `fdkeeper sipp` wrapper
+        kept = self.through_keeper(config)
+        return {
+            **spent,
+            "sipp": self.sipp_cpu,
+            "wrapper": max(0.0, reaped - self.sipp_cpu) if kept else 0.0,
+            # The keeper serves only the fdkeeper configurations: idle during (n) runs (a few pings).
+            "keeper": spent["keeper"] if kept else 0.0,
+        }
 
     def run_columns(self, run: Run) -> str:
         values = [ticks_per(run, "sipp"), ticks_per(run, "keeper")]
@@ -204,6 +225,52 @@ class Bench(KeeperCpuBench):
             )
             + "  "
         )
+
+
+def run_seconds(pid: int) -> float | None:
+    """CPU time of process ``pid``'s threads so far, in seconds to the nanosecond (the first field
+    of /proc/PID/task/TID/schedstat); None once it is gone."""
+    total, found = 0, False
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9 if found else None
+
+
+def sipp_process(process: testbed.SippProcess, binary: str) -> int | None:
+    """The pid of the run's sipp: the started process itself, or under `fdkeeper sipp` its child."""
+    wanted = os.path.realpath(binary)
+    try:
+        root = psutil.Process(process.pid)
+        for candidate in [root, *root.children(recursive=True)]:
+            if candidate.exe() == wanted:
+                return candidate.pid
+    except psutil.Error:
+        pass
+    return None
+
+
+def sample_sipp_cpu(process: testbed.SippProcess, binary: str, deadline: float) -> float:
+    """sipp's own CPU over its life, start-up included: its run time sampled every SIPP_SAMPLE_S
+    until it exits (what it spends after the last sample, at most that long, is missed alike
+    with and without fdkeeper)."""
+    pid, spent = None, 0.0
+    while process.running() and time.monotonic() < deadline:
+        pid = pid or sipp_process(process, binary)
+        if pid is not None:
+            now = run_seconds(pid)
+            if now is None:  # exited (the wrapper reaped it)
+                break
+            spent = now
+        time.sleep(SIPP_SAMPLE_S)
+    return spent
 
 
 # --------------------------------------------------------------------------
@@ -243,8 +310,7 @@ def cpu_report(rounds: list[Run]) -> list[str]:
         if not runs:
             lines.append(f"({config}) {LABELS[config]} at {rate:g} calls/s: no fixed-rate run answered every call")
             continue
-        sipp = statistics.median(ticks_per(r, "sipp") for r in runs)
-        keeper = statistics.median(ticks_per(r, "keeper") for r in runs)
+        sipp, keeper = (statistics.median(ticks_per(r, key) or 0.0 for r in runs) for key in ("sipp", "keeper"))
         per_second = statistics.median(1000 * (r.measured["sipp"] + r.measured["keeper"]) / r.wall for r in runs)
         medians[(config, rate)] = sipp + keeper
         kept = config.startswith("k")
@@ -389,10 +455,10 @@ def idle_cpu_per_second(bench: Bench, sipp: str, seconds: float) -> tuple[float,
     )
     try:
         time.sleep(0.5)  # past sipp's start-up
-        watched = [psutil.Process(process.pid)]
-        began, keeper_began = cpu_seconds(watched), cpu_seconds(bench.keeper)
+        began, keeper_began = run_seconds(process.pid) or 0.0, bench.cpu_now()["keeper"]
         time.sleep(seconds)
-        return (cpu_seconds(watched) - began) / seconds, (cpu_seconds(bench.keeper) - keeper_began) / seconds
+        sipp_spent = (run_seconds(process.pid) or began) - began
+        return sipp_spent / seconds, (bench.cpu_now()["keeper"] - keeper_began) / seconds
     finally:
         process.terminate()
 
@@ -403,13 +469,17 @@ def measure_idle_floor(bench: Bench, seconds: float) -> IdleFloor:
     return IdleFloor(debian, native, (keeper + keeper_again) / 2, bench.users)
 
 
-def idle_floor_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[str]:
-    """How much of (kn)'s and (kv)'s CPU at the -t ln rate is the cost of running for the run's length."""
+def idle_floor_report(floor: IdleFloor, rounds: list[Run], rates: list[float]) -> list[str]:
+    """How much of (kn)'s and (kv)'s CPU at each -t ln rate is the cost of running for the run's length."""
     lines = [
         f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
         f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links {floor.keeper * TICKS:.2f} ticks/s"
     ]
-    for config, sipp_floor in (("kn", "debian_sipp"), ("kv", "native_sipp")):
+    for config, sipp_floor, rate in (
+        (config, sipp_floor, rate)
+        for rate in rates
+        for config, sipp_floor in (("kn", "debian_sipp"), ("kv", "native_sipp"))
+    ):
         runs = [r for r in rounds if r.config == config and r.rate == rate and r.all_answered]
         if not runs:
             continue
@@ -428,7 +498,7 @@ def median_total(rounds: list[Run], config: str, rate: float) -> float | None:
     runs = [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
     if not runs:
         return None
-    return statistics.median(sum(ticks_per(r, key) or 0.0 for key in ("sipp", "keeper")) for r in runs)
+    return sum(statistics.median(ticks_per(r, key) or 0.0 for r in runs) for key in ("sipp", "keeper"))
 
 
 def connect_sleep_report(floor: IdleFloor, rounds: list[Run], rate: float) -> list[str]:
@@ -523,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"result (runs of {bench.duration:g} s; uac-call.xml to {CALLEE} through Kamailio's TLS port):")
         floor_lines = (
             [
-                *(line for rate in args.cpu_rate_ln for line in idle_floor_report(floor, rounds, rate)),
+                *idle_floor_report(floor, rounds, args.cpu_rate_ln),
                 *(line for rate in args.cpu_rate_ln for line in connect_sleep_report(floor, rounds, rate)),
             ]
             if floor
