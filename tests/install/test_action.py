@@ -7,23 +7,11 @@ same with the same commands."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import yaml
-from click.testing import CliRunner
 
-from fdkeeper.cli import main
-from tests.support.checkout import STOCK_PATH
-from tests.support.paths import REPO
-
-ACTION = REPO / "action.yml"
-GITLAB_TEMPLATE = REPO / "docs" / "ci" / "gitlab-template.yml"
-EXPRESSION = re.compile(r"\$\{\{\s*([^}]*?)\s*\}\}")
+from tests.support.recipes import GITLAB_TEMPLATE, action, expressions, substitute
 
 # What `fdkeeper doctor` asks for on the basic path: the action and the GitLab template install it.
 DOCTORS_PACKAGES = (
@@ -37,83 +25,10 @@ DOCTORS_PACKAGES = (
 )
 
 
-def action() -> dict:
-    return yaml.safe_load(ACTION.read_text())
-
-
-def substitute(text: str, values: dict[str, str]) -> str:
-    """GitHub's `${{ ... }}` expressions, each of which must be one this test knows."""
-
-    def value(match: re.Match[str]) -> str:
-        assert match.group(1) in values, f"action.yml uses ${{{{ {match.group(1)} }}}}, unknown to this test"
-        return values[match.group(1)]
-
-    return EXPRESSION.sub(value, text)
-
-
-def expressions(inputs: dict[str, str], action_path: Path) -> dict[str, str]:
-    """The values of the expressions action.yml uses: its inputs (defaults, then those given)."""
-    declared = action()["inputs"]
-    unknown = set(inputs) - set(declared)
-    assert not unknown, f"not inputs of action.yml: {unknown}"
-    values = {f"inputs.{name}": str(spec.get("default", "")) for name, spec in declared.items()}
-    values.update({f"inputs.{name}": given for name, given in inputs.items()})
-    values.update({"github.action_path": str(action_path), "github.job": "sip-tests"})
-    return values
-
-
-def run_action(inputs: dict[str, str], action_path: Path, workspace: Path, runner_temp: Path) -> dict[str, str]:
-    """Run the action's shell steps in order, as GitHub would; return the outputs they set."""
-    values = expressions(inputs, action_path)
-    github_path = runner_temp / "github_path"
-    github_path.touch()
-    outputs: dict[str, str] = {}
-    for step in action()["runs"]["steps"]:
-        if "uses" in step or "install-packages" in step.get("if", ""):
-            continue  # GitHub's upload action; apt (the suite's machine has the packages)
-        assert step["shell"] == "bash", step["name"]
-        output_file = runner_temp / "github_output"
-        output_file.write_text("")
-        added = [line for line in github_path.read_text().splitlines() if line]
-        environment = {
-            "HOME": os.environ.get("HOME", "/root"),
-            "PATH": ":".join([*reversed(added), STOCK_PATH]),
-            "RUNNER_TEMP": str(runner_temp),
-            "GITHUB_PATH": str(github_path),
-            "GITHUB_OUTPUT": str(output_file),
-            "GITHUB_ACTION_PATH": str(action_path),
-            **{name: substitute(str(text), values) for name, text in step.get("env", {}).items()},
-        }
-        done = subprocess.run(
-            ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", substitute(step["run"], values)],
-            cwd=workspace,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, f"step {step['name']!r}:\n{done.stdout}{done.stderr}"
-        outputs.update(line.split("=", 1) for line in output_file.read_text().splitlines() if "=" in line)
-    return outputs
-
-
-def shard_given() -> str:
-    """ "1/1" when `fdkeeper run` has --shard (the whole suite in its one shard), else no shard."""
-    return "1/1" if "--shard" in CliRunner().invoke(main, ["run", "--help"]).output else ""
-
-
-def test_the_actions_commands_install_fdkeeper_and_run_the_test_files(clean_copy, tmp_path):
-    workspace = tmp_path / "their-repository"
-    (workspace / "sip tests").mkdir(parents=True)  # a space: the inputs are not split inside a glob's match
-    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
-        shutil.copy(REPO / "docs" / "examples" / name, workspace / "sip tests" / name)
-    runner_temp = tmp_path / "runner-temp"
-    runner_temp.mkdir()
-    shard = shard_given()
-    inputs = {"tests": "sip*/*.yaml", "junit": "out/report.xml", "logs": "out/logs", "shard": shard}
-
-    outputs = run_action(inputs, clean_copy, workspace, runner_temp)
-
+def test_the_actions_commands_install_fdkeeper_and_run_the_test_files(action_run):
+    """The action's steps from a copy of the checkout (tests/install/conftest.py's from_source,
+    beside the README's set-up): fdkeeper built from source into its venv, the test file run."""
+    workspace, runner_temp, inputs = action_run.workspace, action_run.runner_temp, action_run.inputs
     installed = runner_temp / "fdkeeper-venv" / "bin"
     assert (installed / "fdkeeper").exists() and str(installed) in (runner_temp / "github_path").read_text()
     report = ET.parse(workspace / "out" / "report.xml").getroot()
@@ -123,9 +38,10 @@ def test_the_actions_commands_install_fdkeeper_and_run_the_test_files(clean_copy
     assert "register-answer-tcp" in (workspace / "fdkeeper-report.html").read_text()  # the html input's default
     # What the upload step keeps, under a name that differs per job and per shard.
     upload = next(step for step in action()["runs"]["steps"] if "upload-artifact" in step.get("uses", ""))
-    kept = substitute(upload["with"]["path"], expressions(inputs, clean_copy)).split()
+    kept = substitute(upload["with"]["path"], expressions(inputs, action_run.action_path)).split()
     assert kept == ["out/report.xml", "fdkeeper-report.html", "out/logs"] and upload["if"].startswith("always()")
-    assert outputs["artifact"] == "fdkeeper-logs-sip-tests" + ("-shard-1-of-1" if shard else "")
+    shard = inputs["shard"]
+    assert action_run.outputs["artifact"] == "fdkeeper-logs-sip-tests" + ("-shard-1-of-1" if shard else "")
 
 
 def test_the_apt_step_installs_what_the_doctor_asks_for():

@@ -6,9 +6,6 @@ Python, as on a stock Debian machine."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
 import subprocess
 import tarfile
 import time
@@ -18,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.checkout import STOCK_PATH, copy_of_what_would_be_committed
+from tests.support.checkout import STOCK_PATH
 from tests.support.paths import REPO
+from tests.support.recipes import readme_commands, readme_setup_skipped, run_stock
 
 
 def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
@@ -83,34 +81,6 @@ def test_the_wheel_runs_a_test_file_from_a_fresh_venv_outside_the_checkout(gitla
 # --------------------------------------------------------------------------
 
 
-def readme_commands() -> list[str]:
-    """The shell blocks of the README's Quick start: the set-up and the test command."""
-    readme = (REPO / "README.md").read_text()
-    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", quick_start, re.S)]
-
-
-def debian_packages_missing() -> list[str]:
-    """The Debian packages .ci/install would install (its own list) that are not installed."""
-    listed = re.search(r"packages=\(([^)]*)\)", (REPO / ".ci" / "install").read_text())
-    assert listed, ".ci/install no longer lists its packages as packages=(...)"
-    missing = []
-    for package in listed.group(1).split():
-        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
-        if "install ok installed" not in status.stdout:
-            missing.append(package)
-    return missing
-
-
-def run_stock(command: str, cwd: Path, bin_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """`command` under `env -i HOME=... PATH=<stock>`, linking `fdkeeper` into bin_dir so the
-    real machine's /usr/local/bin and ~/.local/bin are left alone."""
-    environment = {"HOME": os.environ.get("HOME", "/root"), "PATH": STOCK_PATH, "FDKEEPER_BIN_DIR": str(bin_dir)}
-    return subprocess.run(
-        ["bash", "-c", command], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def test_readme_commands_are_the_install_and_the_suite():
     setup, suite = readme_commands()
     assert setup.startswith("bash .ci/install && ") and setup.endswith(" demo"), setup
@@ -119,21 +89,10 @@ def test_readme_commands_are_the_install_and_the_suite():
     assert suite in (REPO / ".ci" / "run").read_text(), ".ci/run must run the README's test command"
 
 
-@pytest.mark.skipif(
-    shutil.which("git") is None or not (REPO / ".git").exists(),
-    reason="needs git and a git checkout to copy",
-)
-@pytest.mark.skipif(
-    os.geteuid() != 0 and bool(debian_packages_missing()),
-    reason="Debian packages missing and not root: .ci/install would ask sudo for a password",
-)
-def test_readme_setup_command_works_from_a_clean_copy_with_the_system_python(tmp_path):
-    checkout = tmp_path / "fdkeeper"
-    bin_dir = tmp_path / "bin"
-    copy_of_what_would_be_committed(checkout)
-    setup, _suite = readme_commands()
-
-    installed = run_stock(setup, checkout, bin_dir, timeout=240)
+@pytest.mark.skipif(readme_setup_skipped() is not None, reason=str(readme_setup_skipped()))
+def test_readme_setup_command_works_from_a_clean_copy_with_the_system_python(readme_setup):
+    """The set-up command ran beside the action's install (tests/install/conftest.py's from_source)."""
+    checkout, bin_dir, installed = readme_setup.checkout, readme_setup.bin_dir, readme_setup.done
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "demo PASSED" in installed.stdout, installed.stdout + installed.stderr
     venv_config = (checkout / ".venv" / "pyvenv.cfg").read_text()
@@ -147,5 +106,5 @@ def test_readme_setup_command_works_from_a_clean_copy_with_the_system_python(tmp
     assert again.stderr.count("\n") == 1 and "fdkeeper install:" in again.stderr, again.stderr
     assert "not on PATH" in again.stderr, again.stderr  # bin_dir is not on the stock PATH
 
-    linked = run_stock(f"{bin_dir}/fdkeeper --version", tmp_path, bin_dir, timeout=30)
+    linked = run_stock(f"{bin_dir}/fdkeeper --version", checkout.parent, bin_dir, timeout=30)
     assert linked.returncode == 0 and "version" in linked.stdout, linked.stdout + linked.stderr
