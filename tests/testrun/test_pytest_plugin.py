@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 
 from tests.support.paths import REPO, TESTS
-from tests.support.plugin import plugin_options
+from tests.support.plugin import documented_example, plugin_options
 
 pytest_plugins = ["pytester"]
 
@@ -71,12 +71,17 @@ def side_by_side() -> list[str]:
 
 
 def test_register_answer_and_many_users_with_the_fixtures_side_by_side(pytester):
-    """Every REGISTER_ANSWER test passes through the fixtures, two at a time under xdist: one
-    run proves both (a worker still runs several tests one after another on its session's
-    fixtures, as a serial run does)."""
-    pytester.makepyfile(test_user=REGISTER_ANSWER)
+    """Every REGISTER_ANSWER test and the plugin's documented example (twice, as two users' files)
+    pass through the fixtures, two at a time under xdist: one run proves both (a worker still runs
+    several tests one after another on its session's fixtures, as a serial run does)."""
+    example = documented_example()
+    pytester.makepyfile(
+        test_user=REGISTER_ANSWER,
+        test_one=example,
+        test_two=example.replace("def test_register_then_answer", "def test_register_then_answer_2"),
+    )
     result = pytester.runpytest_subprocess(*plugin_options(), "-p", "no:cacheprovider", *side_by_side(), timeout=300)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)
 
 
 def test_a_failing_test_reports_the_keepers_log(pytester):
