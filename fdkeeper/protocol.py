@@ -15,6 +15,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -280,7 +281,7 @@ REQUIRED = {"LEASE": ("role", "transport"), "PREPARE": ("role", "transport")}
 def parse_field(verb: str, key: str, raw: str) -> FieldValue:
     """One ``key=raw`` of ``verb``, percent-decoded and checked; ProtocolError naming the field."""
     if len(raw) <= MAX_CACHED_VALUE:
-        return _parse_short_field(verb, key, raw)
+        return _parse_short_field(sys.intern(verb), sys.intern(key), raw)  # the cache holds one copy of each
     return _parse_field(verb, key, raw)
 
 

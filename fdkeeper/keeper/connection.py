@@ -93,14 +93,9 @@ class _KeptFields:
 
 
 class KeptConnection(_KeptFields):
-    """A connection to the SuT the keeper holds: its fields (_KeptFields) and what is done with it.
+    """A connection to the SuT the keeper holds: its fields (_KeptFields) and what is done with it."""
 
-    A ``__dict__`` slot too, which stays empty (no dict is made) unless something sets what is
-    not a field, as a test replacing one connection's method does (tests/keeper/
-    test_keeper_connection_faults.py); it costs 16 bytes a connection.
-    """
-
-    __slots__ = ("__dict__",)
+    __slots__ = ()
 
     @property
     def local(self) -> Address:

@@ -165,7 +165,7 @@ def adopt_into(pool: ConnectionPool, inherited: list[KeptConnection]) -> None:
     for connection in inherited:
         pool.connections[connection.id] = connection
         pool.by_key[connection.key] = connection
-        pool.health.watch(connection)
+        pool.watch_kept(connection)
     if inherited:
         # New connections are numbered after the inherited ones (the pool's numbering).
         pool._next_id = max(pool._next_id, max(pool.connections) + 1)

@@ -30,26 +30,6 @@ PONG_SETTLE = 2.0  # how long a lease waits for an outstanding pong before handi
 DELIVERY_CHECK = 0.25  # how often a connection the SuT ended is checked for its last requests read
 
 
-class PairWatcher:
-    """A TLS or WebSocket link's socketpair followed on the loop as the link makes and drops it
-    (keeper/tlslink.py PairWatch): a new pair is watched with the rest of the connection, through
-    its transport as when it was opened; a dropped one is unwatched before it closes."""
-
-    __slots__ = ("_connection", "_health")
-
-    def __init__(self, health: ConnectionHealth, connection: KeptConnection) -> None:
-        self._health = health
-        self._connection = connection
-
-    def made(self) -> None:
-        io = self._connection.io
-        io.unwatch(self._health.reactor)
-        io.watch(self._health, self._connection)
-
-    def dropping(self, fd: int) -> None:
-        self._health.reactor.unwatch(fd)
-
-
 class ConnectionHealth:
     def __init__(self, reactor: Reactor, keepalive: float | None, answer_options: bool = False) -> None:
         self.reactor = reactor
@@ -69,10 +49,6 @@ class ConnectionHealth:
     def watch(self, connection: KeptConnection) -> None:
         """Start watching a freshly opened connection (as its transport says: transports.py)."""
         connection.io.watch(self, connection)
-
-    def pair_watcher(self, connection: KeptConnection) -> PairWatcher:
-        """What a relayed connection's link tells when it makes or drops its socketpair."""
-        return PairWatcher(self, connection)
 
     def close_connection(self, connection: KeptConnection, reason: str, going_away: bool = False) -> None:
         """Close it for ``reason``; ``going_away``: because the keeper stops (pool.close)."""

@@ -186,6 +186,16 @@ class ConnectionPool:
         live = (c for c in self.connections.values() if c.sock is not None)
         return sum(map(descriptors_held, live)) + len(self.leases.holders)
 
+    def watch_kept(self, connection: KeptConnection) -> None:
+        """Watch a connection the pool now keeps (opened here, or adopted from a previous keeper).
+        A relayed one's socketpair is made per lease and dropped when idle: its transport follows
+        the pair (made, dropping), and the pair the opening made goes at once (an idle link holds 1)."""
+        self.health.watch(connection)
+        io = connection.io
+        if isinstance(io, RelayedTransport):
+            io.link.pair_watch = io
+            io.link.drop_pair_if_idle()
+
     def _check_room(self, request: Request) -> None:
         """A per-user run: say now, not at user 5,000, when the users would not fit. Every user of
         the run holds descriptors in the keeper until the run exits (a tls, ws or wss one its
@@ -284,10 +294,7 @@ class ConnectionPool:
             self.connections.pop(replaced.id, None)
         self.connections[connection.id] = connection
         self.by_key[connection.key] = connection
-        self.health.watch(connection)
-        if isinstance(io, RelayedTransport):  # its socketpair is made per lease, dropped when idle
-            io.link.pair_watch = self.health.pair_watcher(connection)
-            io.link.drop_pair_if_idle()  # the lease that opened it makes its own (an idle one holds 1)
+        self.watch_kept(connection)
         tls = io.stats(connection)["tls"]
         upgraded = escape_controls(f" (WebSocket {handshake.path}, {handshake.status})") if handshake else ""
         log.info("opened %s%s%s", connection.label(), f" ({tls['version']})" if tls else "", upgraded)

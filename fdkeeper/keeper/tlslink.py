@@ -53,8 +53,8 @@ kernel frees an AF_UNIX receive queue with its last descriptor), what a repeat l
 user hands again, and what a reset is signalled through (``end_towards_sipp``). The SuT's end
 (FIN, reset, close_notify, a WebSocket Close) makes the pair if there is none: what it sent before
 waits in it for a run, and the run reads the end after it. The event loop learns of a new or
-dropped pair through ``pair_watch`` (keeper/health.py PairWatcher); a link without one (a
-connection a predecessor keeper handed over) keeps its pair for life, as before.
+dropped pair through ``pair_watch`` (its RelayedTransport, keeper/transports.py, set by the pool
+for every link it keeps, opened or handed over by a predecessor keeper).
 """
 
 from __future__ import annotations

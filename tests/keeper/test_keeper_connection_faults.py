@@ -74,13 +74,13 @@ def watched_connection(reactor, listener) -> tuple[ConnectionHealth, KeptConnect
     return health, connection, peer
 
 
-def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reactor, listener):
+def test_a_fault_in_a_connections_handler_closes_it_with_the_reason_named(reactor, listener, monkeypatch):
     _health, connection, peer = watched_connection(reactor, listener)
 
-    def broken() -> bool:
+    def broken(_connection: KeptConnection) -> bool:
         raise RuntimeError("a bug")
 
-    connection.holds_whole_message = broken  # what a FIN makes the TCP transport ask
+    monkeypatch.setattr(KeptConnection, "holds_whole_message", broken)  # what a FIN makes the TCP transport ask
     peer.shutdown(socket.SHUT_WR)
     run_until(reactor, lambda: connection.sock is None)
     assert connection.closed_reason == "internal error in the keeper (RuntimeError); see its log"
