@@ -488,7 +488,7 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rates: list[float]) -
         lines.append(
             f"  over ({config})'s runs at {rate:g} calls/s: sipp {sipp:.0f} + keeper {keeper:.0f} = "
             f"{sipp + keeper:.0f} of its ticks per {PER_CALLS} calls are the floor "
-            "((nn)'s sipp sleeps inside its blocking TLS connect instead)"
+            "((nn)'s sipp sleeps 200 ms a call in SSL_connect's retry instead)"
         )
     return lines if len(lines) > 1 else []
 
