@@ -1,4 +1,5 @@
-"""Builds the LD_PRELOAD shim (helpers/shim/) and the keeper's TLS pump (helpers/tlspump/) from source as part of `pip install .`.
+"""Builds the LD_PRELOAD shim (helpers/shim/), the keeper's TLS pump (helpers/tlspump/) and the
+ptrace mode's send stub (helpers/ptrace/) from source as part of `pip install .`.
 
 The shim is compiled as the extension module fdkeeper._shim only so that setuptools builds
 and installs it with the package; it is never imported, only preloaded into sipp. Its sources
@@ -13,7 +14,16 @@ from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "helpers"))
-from shimbuild import CFLAGS, LIBRARIES, TLSPUMP_HEADERS, TLSPUMP_LIBRARIES, sources, tlspump_sources  # noqa: E402 - found through the path above
+from shimbuild import (  # noqa: E402 - found through the path above
+    CFLAGS,
+    LIBRARIES,
+    SENDSTUB_CFLAGS,
+    TLSPUMP_HEADERS,
+    TLSPUMP_LIBRARIES,
+    sendstub_source,
+    sources,
+    tlspump_sources,
+)
 
 shim = Extension(
     "fdkeeper._shim",
@@ -33,4 +43,14 @@ tlspump = Extension(
     optional=True,
 )
 
-setup(ext_modules=[shim, tlspump])
+# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py reads its one function's bytes
+# and maps them into a traced program). Optional: without it each later message of a per-call
+# connection costs the traced program one more stop.
+sendstub = Extension(
+    "fdkeeper._sendstub",
+    sources=[sendstub_source(relative_to=ROOT)],
+    extra_compile_args=SENDSTUB_CFLAGS,
+    optional=True,
+)
+
+setup(ext_modules=[shim, tlspump, sendstub])

@@ -40,6 +40,24 @@ PROGRAM_CFLAGS = ["-O2", "-Wall", "-Wextra", *WERROR, "-pthread"]
 TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c", "tlspump/wsframe.c"]
 TLSPUMP_HEADERS = ["tlspump/sipframe.h", "tlspump/wsframe.h"]
 TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file name: no libssl-dev needed
+# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py copies its one function into a
+# traced program): freestanding and position-independent, no stack protector or CET notes (the
+# copy runs from a bare page), no jump tables (no data beside the code).
+SENDSTUB_SOURCE = "ptrace/sendstub.c"
+SENDSTUB_FUNCTION = "fdk_send_flags"
+SENDSTUB_CFLAGS = [
+    "-O2",
+    "-Wall",
+    "-Wextra",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-fPIC",
+    "-mgeneral-regs-only",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fcf-protection=none",
+    "-fno-jump-tables",
+]
 # The C test programs, checked with the rest (each compiled on its own, as the tests do).
 TEST_PROGRAMS = ["tests/shim/shimprog.c", "tests/ptrace/sipagent.c", "bench/lease_latency.c"]
 # Compiled with a helpers file next to it (tests/shim/rewrite_test.c links rewrite.c alone).
@@ -82,6 +100,15 @@ def compile_tlspump(output: Path, extra_cflags: Sequence[str] = ()) -> str:
     return _gcc(
         ["-shared", "-fPIC", *CFLAGS, *WERROR, *extra_cflags, "-o", str(output), *tlspump_sources(), *libraries]
     )
+
+
+def sendstub_source(relative_to: Path | None = None) -> str:
+    return _named([HELPERS / SENDSTUB_SOURCE], relative_to)[0]
+
+
+def compile_sendstub(output: Path, extra_cflags: Sequence[str] = ()) -> str:
+    """The send stub as pip builds it: a shared object (fdkeeper/_sendstub*.so) holding the function."""
+    return _gcc(["-shared", "-nostdlib", *SENDSTUB_CFLAGS, *extra_cflags, "-o", str(output), sendstub_source()])
 
 
 def compile_twin(output: Path, names: Sequence[str]) -> str:
@@ -130,6 +157,7 @@ def check() -> list[str]:
         compiles: dict[str, Callable[[], str]] = {
             "the shim": lambda: compile_shim(out / "shim.so"),
             "the TLS pump": lambda: compile_tlspump(out / "tlspump.so"),
+            "the send stub": lambda: compile_sendstub(out / "sendstub.so", WERROR),
         }
         for program in TEST_PROGRAMS:
             compiles[program] = _program_compile(program, out)

@@ -1,12 +1,14 @@
 """The send stub (fdkeeper/modes/ptrace/sendstub.py) run in this process: same rewrite as the tracer's.
 
-The compiled function and a patched send wrapper are mapped here, executable, and called
-through ctypes: what a traced sipp runs at each later send of a kept per-call connection.
+The function pip built (fdkeeper/_sendstub*.so, read as the ptrace mode reads it) and a patched
+send wrapper are mapped here, executable, and called through ctypes: what a traced sipp runs at
+each later send of a kept per-call connection.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import mmap
 import os
 import shutil
@@ -18,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from fdkeeper.modes.ptrace import sendstub
-from fdkeeper.modes.ptrace.sendstub import ENTRY, HEADER, SEND_SITE, STUB_FUNCTION, trampoline
+from fdkeeper.modes.ptrace.sendstub import ENTRY, HEADER, SEND_SITE, elf_function, stub_function, trampoline
 from fdkeeper.modes.ptrace.viarewrite import Rewrite
+from tests.support.shim import SENDSTUB_CFLAGS, SENDSTUB_FUNCTION, WERROR, sendstub_source
 
 MSG_NOSIGNAL = 0x4000
 OLD, NEW = b"127.0.0.1:40001", b"127.0.0.1:51234"
@@ -35,7 +38,7 @@ MESSAGES = [
 
 
 class Stub:
-    """STUB_FUNCTION, a table and a send wrapper patched to the trampoline, in executable memory."""
+    """The built stub function, a table and a send wrapper patched to the trampoline, in executable memory."""
 
     def __init__(self) -> None:
         self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
@@ -44,10 +47,13 @@ class Stub:
         self.table_at = address_of(self.table)
         # The wrapper (page 0), sendto(): mov r10, rcx; mov eax, 44; syscall; ret -- its `mov` patched.
         wrapper = bytes.fromhex("4989ca") + SEND_SITE + b"\xc3"
-        function_at, trampoline_at, site = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + 512, code_at + 3
+        function = stub_function()
+        assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
+        first = mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
+        function_at, trampoline_at, site = code_at + mmap.PAGESIZE, code_at + first, code_at + 3
         self.code[0 : len(wrapper)] = wrapper
-        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(STUB_FUNCTION)] = STUB_FUNCTION
-        self.code[mmap.PAGESIZE + 512 : mmap.PAGESIZE + 512 + sendstub.TRAMPOLINE_SIZE] = trampoline(
+        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
+        self.code[first : first + sendstub.TRAMPOLINE_SIZE] = trampoline(
             trampoline_at, function_at, self.table_at, site
         )
         self.code[3:8] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (site + 5))
@@ -141,11 +147,22 @@ def test_a_send_with_an_address_goes_straight_through(stub):
         assert to.recv(4096) == message and stub.rewritten() == 0
 
 
-@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("objcopy")), reason="no gcc/objcopy")
-def test_the_stub_is_sendstub_c_compiled(tmp_path):
-    source = Path(sendstub.__file__).with_suffix(".c")
-    subprocess.run(["gcc", *sendstub.BUILD_FLAGS, "-c", str(source), "-o", str(tmp_path / "s.o")], check=True)
-    subprocess.run(
-        ["objcopy", "-O", "binary", "-j", ".text", str(tmp_path / "s.o"), str(tmp_path / "s.bin")], check=True
-    )
-    assert (tmp_path / "s.bin").read_bytes() == STUB_FUNCTION
+@pytest.mark.skipif(not (shutil.which("gcc") and shutil.which("readelf")), reason="no gcc/readelf")
+def test_the_stub_function_is_whole_in_itself(tmp_path):
+    """Its bytes are copied alone into the traced program: no call, no data, no relocation."""
+    out = tmp_path / "sendstub.o"
+    subprocess.run(["gcc", *SENDSTUB_CFLAGS, *WERROR, "-c", sendstub_source(), "-o", str(out)], check=True)
+    relocations = subprocess.run(["readelf", "-r", str(out)], capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert "There are no relocations in this file." in relocations
+    assert [line.split()[1:] for line in symbols if line] == [["T", SENDSTUB_FUNCTION]]
+
+
+def test_the_function_is_read_from_the_built_library_by_its_symbol():
+    spec = importlib.util.find_spec(sendstub.STUB_MODULE)
+    assert spec is not None and spec.origin, "fdkeeper/_sendstub*.so not built: bash .ci/install"
+    library = Path(spec.origin).read_bytes()
+    assert stub_function() == elf_function(library, b"fdk_send_flags")
+    assert elf_function(library, b"fdk_no_such_function") is None
+    with pytest.raises(ValueError):
+        elf_function(Path(sendstub.__file__).read_bytes(), b"fdk_send_flags")

@@ -16,6 +16,10 @@ from tests.support.paths import HELPERS, TESTS
 
 sys.path.insert(0, str(HELPERS))  # helpers/shimbuild.py: the package build's compile flags
 from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim
+from shimbuild import SENDSTUB_CFLAGS as SENDSTUB_CFLAGS  # re-exported: the ptrace stub's test builds it too
+from shimbuild import SENDSTUB_FUNCTION as SENDSTUB_FUNCTION
+from shimbuild import WERROR as WERROR
+from shimbuild import sendstub_source as sendstub_source
 
 SHIMPROG_SRC = TESTS / "shim" / "shimprog.c"
 # e.g. SHIM_TEST_WRAPPER="valgrind -q --error-exitcode=99" runs the C test programs under it.

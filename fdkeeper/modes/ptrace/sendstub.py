@@ -3,7 +3,7 @@
 A kept per-call connection's messages after the first (sipp's ACK, BYE...) must name the kept
 connection's IP:PORT, not the placeholder's (viarewrite.py). The tracer did that at a seccomp
 stop of each send: one ptrace stop per message. Instead, at the first handoff of a process a
-page of code is mapped into it (sendstub.c's fdk_send_flags, compiled: STUB_FUNCTION) with a
+page of code is mapped into it (sendstub.c's fdk_send_flags: ``stub_function``) with a
 table beside it, one entry per fd (the kept connection's inode, the placeholder's and the kept
 connection's addresses), and the send wrapper the program's first send went through is
 patched: its `mov eax, 44` (sendto's number), right before the `syscall`, becomes a jump into
@@ -19,45 +19,23 @@ stop per message, as before. The `syscall` instruction itself is never changed, 
 may still send a thread back onto it (the first send's rerun) and code jumping to it directly
 is unaffected.
 
-STUB_FUNCTION is rebuilt with (gcc on x86_64; the test checks the bytes when gcc is there):
-  gcc -O2 -ffreestanding -fno-builtin -nostdlib -fPIC -mgeneral-regs-only -fno-stack-protector \
-      -fno-asynchronous-unwind-tables -fcf-protection=none -fno-jump-tables -c sendstub.c -o s.o
-  objcopy -O binary -j .text s.o s.bin
+The function comes from helpers/ptrace/sendstub.c, which `pip install` builds into the
+extension fdkeeper._sendstub (setup.py; flags in helpers/shimbuild.py): its bytes are read from
+that file's symbol table (``stub_function``). Where it was not built, every later message keeps
+its stop, as before.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import struct
+from pathlib import Path
 
 from fdkeeper.modes.ptrace.injection import Injection
 from fdkeeper.modes.ptrace.tracer import Tracer
 
-BUILD_FLAGS = (  # how STUB_FUNCTION was compiled (the test rebuilds it)
-    "-O2",
-    "-ffreestanding",
-    "-fno-builtin",
-    "-nostdlib",
-    "-fPIC",
-    "-mgeneral-regs-only",
-    "-fno-stack-protector",
-    "-fno-asynchronous-unwind-tables",
-    "-fcf-protection=none",
-    "-fno-jump-tables",
-)
-STUB_FUNCTION = bytes.fromhex(
-    "4885f60f88570100004155415455534889fb4889f74883ec18483b73080f8325010000488d2cf500000000488d443500"
-    "48c1e0044801d848837818004c8b48200f8402010000498d41ff4883f83f0f87f40000004989d2488d7424884889cab8"
-    "050000000f054885c00f887d010000488b4c2490488d443d0048c1e00448394c03180f85c000000041bb000001004c39"
-    "da4c0f46da4883fa03763dba04000000eb0f660f1f4400004883c2014939d3722741807c12fc0d75ef41807c12fd0a75"
-    "e741807c12fe0d75df41807c12ff0a75d74989d30f1f40004d39cb0f82030100004801fd31c04531ed48c1e504488d74"
-    "2b28488d3c2b4c89cd0f1f800000000031d2498d0c02eb110f1f8400000000004883c2014939d1744f440fb624164438"
-    "241174ec4883c001498d2c014939eb73cf4c016b1048833b00740d4c89c080cc40eb080f1f4400004c89c04883c4185b"
-    "5d415c415dc3662e0f1f8400000000004c89c0c30f1f40004885c07433450fb66402ff4489e283e2df83ea4180fa1976"
-    "a34183ec2d4180fc32771548ba04c0fffffffffbff4c0fa3e273890f1f4400004c39dd733b410fb6142a448d62d031d2"
-    "4180fc090f866affffff660f1f4400000fb64417688804114883c2014939d175ef4889e841bd01000000e949ffffff90"
-    "31d2ebdc4531ede945ffffff48c7c1ffffffffe97cfeffff"
-)
 # The trampoline of one patched site (88 bytes), entered in place of `mov eax, 44` with the
 # send's arguments in rdi, rsi, rdx, r10, r8 (its address: none for a plain send()), r9:
 #     test r8, r8; jnz plain                      (a send with an address: not a connection's)
@@ -79,10 +57,53 @@ HEADER = struct.Struct("<QQQ")  # nosignal, entries, messages rewritten (sendstu
 ENTRY = struct.Struct("<QQ64s64s")  # the kept connection's inode, length, placeholder, kept (sendstub.c)
 MAX_FDS = 1 << 17  # table entries (fds above are left to the stop per message): ~19 MB reserved, not used
 PAGE = 4096
-FIRST_TRAMPOLINE = 512
+FIRST_TRAMPOLINE = 1024  # the function first (at most this long), then the trampolines
 PROT_READ_WRITE, PROT_READ_EXEC = 3, 5
 MAP_PRIVATE_ANONYMOUS, MAP_32BIT, MAP_NORESERVE = 0x22, 0x40, 0x4000
 REACH = 1 << 31
+
+
+STUB_MODULE = "fdkeeper._sendstub"  # built by pip install (setup.py)
+STUB_SYMBOL = b"fdk_send_flags"
+_ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
+_SECTION = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr: name type flags addr offset size link info align entsize
+_SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym: name info other shndx value size
+_ELF64_LE_X86_64 = (b"\x7fELF\x02\x01", 62)
+_SHT_DYNSYM = 11
+
+
+@functools.cache
+def stub_function() -> bytes | None:
+    """fdk_send_flags's bytes, read from the built fdkeeper._sendstub; None where it was not built
+    or holds no such function that fits before the trampolines in the code page."""
+    spec = importlib.util.find_spec(STUB_MODULE)
+    if spec is None or not spec.origin:
+        return None
+    try:
+        code = elf_function(Path(spec.origin).read_bytes(), STUB_SYMBOL)
+    except (OSError, ValueError, IndexError, struct.error):
+        return None
+    return code if code and len(code) <= FIRST_TRAMPOLINE else None
+
+
+def elf_function(image: bytes, name: bytes) -> bytes | None:
+    """The bytes of the function ``name`` in an x86-64 ELF shared object, found in its dynamic
+    symbol table (None: not there). ValueError or struct.error for a file that is not one."""
+    header = _ELF_HEADER.unpack_from(image)
+    if (header[0][:6], header[2]) != _ELF64_LE_X86_64:
+        raise ValueError("not an x86-64 ELF file")
+    section_at, section_size, count = header[6], header[11], header[12]
+    sections = [_SECTION.unpack_from(image, section_at + i * section_size) for i in range(count)]
+    for table in (section for section in sections if section[1] == _SHT_DYNSYM):
+        strings_at = sections[table[6]][4]
+        for at in range(table[4], table[4] + table[5], _SYMBOL.size):
+            name_at, _info, _other, index, value, size = _SYMBOL.unpack_from(image, at)
+            start = strings_at + name_at
+            if image[start : image.index(b"\0", start)] == name and 0 < index < len(sections):
+                code = sections[index]
+                offset = code[4] + value - code[3]  # the section's place in the file, plus the symbol's in it
+                return image[offset : offset + size]
+    return None
 
 
 class ProcessStub:
@@ -105,7 +126,8 @@ class SendStubs:
 
     def place(self, injection: Injection, tgid: int, nosignal: bool) -> None:
         """Map the code and its table into the held program (near its send), unless there."""
-        if tgid in self.processes and self._there(injection.tid, self.processes[tgid]):
+        code = stub_function()
+        if code is None or (tgid in self.processes and self._there(injection.tid, self.processes[tgid], code)):
             return
         self.processes.pop(tgid, None)
         near = injection.syscall_ip
@@ -114,7 +136,7 @@ class SendStubs:
         code_at = injection.check("mmap", hint, PAGE, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS | flags, -1, 0)
         size = HEADER.size + MAX_FDS * ENTRY.size
         table_at = injection.check("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        self.tracer.write(injection.tid, code_at, STUB_FUNCTION)  # /proc/PID/mem may write there
+        self.tracer.write(injection.tid, code_at, code)  # /proc/PID/mem may write there
         self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0))
         self.processes[tgid] = ProcessStub(code_at, table_at)
 
@@ -161,9 +183,9 @@ class SendStubs:
         """The process exec'd or ended: its stub is gone."""
         self.processes.pop(tgid, None)
 
-    def _there(self, tid: int, process: ProcessStub) -> bool:
+    def _there(self, tid: int, process: ProcessStub, code: bytes) -> bool:
         try:
-            return self.tracer.read(tid, process.code_at, len(STUB_FUNCTION)) == STUB_FUNCTION
+            return self.tracer.read(tid, process.code_at, len(code)) == code
         except OSError:
             return False
 

@@ -1,7 +1,10 @@
 /* sendstub.c: the Via rewrite of a per-call fd's later sends, run by the traced program itself.
 
-Compiled into sendstub.py's STUB_FUNCTION (that module says how it is reached and how to
-rebuild it); no libc, no data of its own, no relocations.
+Built by `pip install` (setup.py, flags in helpers/shimbuild.py SENDSTUB_CFLAGS) into
+fdkeeper/_sendstub*.so, from which fdkeeper/modes/ptrace/sendstub.py reads this one function's
+bytes and maps them into a traced program (that module says how it is reached): so the function
+is whole in itself: no libc, no data of its own, no call (every helper always inlined), no
+relocation.
 
 fdk_send_flags(table, fd, buf, len, flags) is called at a plain send() (sendto without an
 address) of the program: where fd is a kept per-call connection that fdkeeper noted in the
@@ -12,6 +15,8 @@ the flags the send is to run with: MSG_NOSIGNAL added for such an fd when the pr
 SIGPIPE, so that the seccomp filter lets the send by without a ptrace stop.
 */
 
+/* Every helper inlined: the function's bytes are copied alone, so it may call nothing. */
+#define INLINE static inline __attribute__((always_inline))
 #define MAX_LOOK 65536UL
 #define ADDRESS 64
 #define MSG_NOSIGNAL 0x4000L
@@ -31,7 +36,7 @@ struct table {
     struct entry entry[];   /* by fd */
 };
 
-static inline long fstat_ino(long fd)
+INLINE long fstat_ino(long fd)
 {
     unsigned long st[18];   /* struct stat: st_ino at 8 */
     long ret;
@@ -39,13 +44,13 @@ static inline long fstat_ino(long fd)
     return ret < 0 ? -1 : (long)st[1];
 }
 
-static inline int token_char(char c)
+INLINE int token_char(char c)
 {
     return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '.' || c == ':' ||
            c == '_' || c == '-';
 }
 
-static inline int at(const char *buf, unsigned long i, const char *what, unsigned long len)
+INLINE int at(const char *buf, unsigned long i, const char *what, unsigned long len)
 {
     for (unsigned long k = 0; k < len; k++)
         if (buf[i + k] != what[k])
@@ -54,7 +59,7 @@ static inline int at(const char *buf, unsigned long i, const char *what, unsigne
 }
 
 /* Where the header part ends: past its first blank line, else the whole of what is looked at. */
-static inline unsigned long header_end(const char *buf, unsigned long size)
+INLINE unsigned long header_end(const char *buf, unsigned long size)
 {
     for (unsigned long i = 0; i + 4 <= size; i++)
         if (buf[i] == '\r' && buf[i + 1] == '\n' && buf[i + 2] == '\r' && buf[i + 3] == '\n')
