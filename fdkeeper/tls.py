@@ -344,7 +344,7 @@ def _handshake_text(remote: Address, error: Exception, options: TlsOptions, tran
             "check --tls-ca and --tls-sni (or --tls-insecure to skip verification)"
             + (_SIPP_DOES_NOT_VERIFY if not options.ca else "")
         )
-    if _closed_during_handshake(error) and not options.cert:
+    if closed_during_handshake(error) and not options.cert:
         # A TLS 1.3 server that wants a client certificate checks it after its own Finished and
         # may close without an alert we get to read (it depends on timing and the Python build).
         return (
@@ -364,7 +364,7 @@ def _handshake_text(remote: Address, error: Exception, options: TlsOptions, tran
     return f"fdkeeper: TLS handshake with the SuT at {target} failed: {error}"
 
 
-def _closed_during_handshake(error: Exception) -> bool:
+def closed_during_handshake(error: Exception) -> bool:
     """EOF or reset from the SuT before the handshake (and our late-alert check) completed."""
     if isinstance(error, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
         return True

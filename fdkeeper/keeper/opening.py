@@ -26,8 +26,16 @@ from fdkeeper.keeper.connection import ConnectionKey, new_descriptors
 from fdkeeper.keeper.control import ControlClient
 from fdkeeper.loop import Reactor, Timer
 from fdkeeper.sip.framing import PING
-from fdkeeper.tcp import connect_error, new_tcp_socket
-from fdkeeper.tls import ALERT_GRACE, READ_CHUNK, TlsOptions, handshake_error, past_our_finished, wrap_client
+from fdkeeper.tcp import closed_at_once_error, connect_error, new_tcp_socket
+from fdkeeper.tls import (
+    ALERT_GRACE,
+    READ_CHUNK,
+    TlsOptions,
+    closed_during_handshake,
+    handshake_error,
+    past_our_finished,
+    wrap_client,
+)
 from fdkeeper.websocket import (
     MAX_HANDSHAKE_ANSWER,
     WsHandshake,
@@ -40,6 +48,7 @@ from fdkeeper.websocket import (
 
 log = logging.getLogger("fdkeeper.keeper")
 
+MAX_REACHED = 4096  # SuT addresses remembered as reached (Opener.reached)
 Resume = Callable[[FdkeeperError | None], None]  # None: ready, ask again; else the failure
 # Keeps the connected (TLS) socket, the bytes already read from it (for ws/wss: after the upgrade's
 # answer) and the WebSocket handshake (None for tcp/tls); what it returns is not used.
@@ -103,6 +112,9 @@ class Opener:
         self.reactor = reactor
         self.timeout = timeout
         self.in_progress: dict[ConnectionKey, Pending] = {}
+        # SuT addresses this keeper has connected to: a failure there later is news (a limit
+        # reached, a SuT gone), said so. Bounded: past it, failures read as first ones.
+        self.reached: set[Address] = set()
 
     def open(
         self,
@@ -127,6 +139,8 @@ class Opener:
                 websocket: WsHandshake | None = None,
             ) -> None:
                 self.in_progress.pop(key, None)  # twice when keeping it faulted (Opening._on_fault)
+                if sock is not None and len(self.reached) < MAX_REACHED:
+                    self.reached.add(remote)
                 if sock is not None:  # done gives a socket or an error, never both
                     try:
                         opened(sock, early, websocket)
@@ -135,7 +149,9 @@ class Opener:
                         error = failure
                 pending.settle(error)
 
-            Opening(self.reactor, remote, local, options, self.timeout, done, websocket).start()
+            opening = Opening(self.reactor, remote, local, options, self.timeout, done, websocket)
+            opening.reached = remote in self.reached
+            opening.start()
             if pending.failure is not None:  # failed at once (a bad -i/-p): no need to wait
                 raise pending.failure
         raise pending
@@ -164,6 +180,7 @@ class Opening:
         self.timer: Timer | None = None
         self.received = b""
         self.upgrade = _Upgrade()  # the WebSocket upgrade's state (ws, wss)
+        self.reached = False  # the keeper connected to this SuT before (Opener.reached)
 
     def start(self) -> None:
         try:
@@ -177,7 +194,9 @@ class Opening:
         sock.setblocking(False)
         code = sock.connect_ex(self.remote)
         if code not in (0, errno.EINPROGRESS):
-            self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
+            self._fail(
+                connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code)), self.reached)
+            )
             return
         self.reactor.watch(sock.fileno(), select.EPOLLOUT, lambda mask: self.step(mask), on_fault=self._on_fault)
         self._deadline(self.timeout, self._connect_timed_out)
@@ -188,7 +207,9 @@ class Opening:
         sock = self._socket()
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self._fail(connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code))))
+            self._fail(
+                connect_error(self.remote, self.local, self.timeout, OSError(code, _strerror(code)), self.reached)
+            )
             return
         if self.options is None and self.websocket is not None:
             self._start_upgrade()
@@ -221,7 +242,10 @@ class Opening:
             self.reactor.rewatch(tls.fileno(), select.EPOLLOUT)
             return
         except (ssl.SSLError, OSError) as error:
-            self._fail(handshake_error(self.remote, error, options, self._transport()))
+            if self.reached and closed_during_handshake(error):  # how a SuT at its connection limit answers
+                self._fail(closed_at_once_error(f"{format_address(self.remote)}/{self._transport()}"))
+            else:
+                self._fail(handshake_error(self.remote, error, options, self._transport()))
             return
         if self.websocket is not None:
             # No SIP ping here: it would be the start of the HTTP request. A late alert (our

@@ -19,7 +19,7 @@ from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.keeper.control import MAX_CLIENTS
 from fdkeeper.statedir import DIED_NAME, RECORD_NAME
-from fdkeeper.testbed import wait_until
+from fdkeeper.testbed import free_port, wait_until
 from tests.support.keeper import keeper_process, limit_with_free_slots
 
 
@@ -476,3 +476,18 @@ def test_a_defect_answering_one_waiting_prepare_costs_that_client_not_the_waiter
     assert faulted == [clients[1]] and reactor.internal_errors == 1
     assert waiters.waiting == []
     reactor.close()
+
+
+def test_a_refusal_from_a_sut_the_keeper_reached_before_says_it_is_news(keeper):
+    """The first refusal asks whether the SuT runs; one after the keeper connected there names a
+    SuT gone or a limit in front of it (tcp.connect_error reached=, from the Opener's memory)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    remote = listener.getsockname()
+    keeper.prepare(role="client", transport="tcp", remote=remote, local="-", aor="sip:first@example.com")
+    listener.close()  # the SuT stops listening
+    with pytest.raises(FdkeeperError) as refused:
+        keeper.prepare(role="client", transport="tcp", remote=remote, local="-", aor="sip:second@example.com")
+    assert refused.value.code == "refused" and "after accepting earlier ones" in str(refused.value)
+    with pytest.raises(FdkeeperError) as first:
+        keeper.prepare(role="client", transport="tcp", remote=("127.0.0.1", free_port()), local="-")
+    assert "is it running and listening on TCP there?" in str(first.value)
