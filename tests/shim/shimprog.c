@@ -11,7 +11,8 @@
  *                                      uses the shim and must not hang (alarm: 10 s)
  *   shimprog closerange IP PORT OTHERPORT
  *                                      dup2/close/close_range on the kept fd and copies
- *   shimprog server N [v]              sipp-like listener, accepts N via epoll
+ *   shimprog server N [v]              sipp-like listener, accepts N via epoll (gives up
+ *                                      after $SHIMPROG_IDLE_MS ms without one; 2000)
  *                                      (v: one line per accepted connection)
  *   shimprog percall IP PORT BINDIP HOW|FROM ...
  *                                      sipp -t tn: one socket per call, connected
@@ -404,6 +405,8 @@ static int cmd_server(int argc, char **argv)
 {
     int want = atoi(argv[2]), got = 0, addr_ok = 0, blocking = 0, cloexec = 0, one = 1;
     int verbose = argc > 3 && !strcmp(argv[3], "v");
+    const char *idle = getenv("SHIMPROG_IDLE_MS");
+    int idle_ms = idle ? atoi(idle) : 2000;
     int ep = epoll_create1(0), l = socket(AF_INET, SOCK_STREAM, 0);
     int *fds = calloc((size_t)want + 1, sizeof(int));
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 5 };
@@ -424,7 +427,7 @@ static int cmd_server(int argc, char **argv)
     if (epoll_ctl(ep, EPOLL_CTL_MOD, l, &ev) != 0)
         die("epoll mod");
     while (got < want) {
-        int n = epoll_wait(ep, evs, 16, 2000);
+        int n = epoll_wait(ep, evs, 16, idle_ms);
         if (n <= 0)
             break;
         for (int i = 0; i < n; i++) {

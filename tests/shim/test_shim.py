@@ -316,11 +316,16 @@ def test_fds_unknown_address_dash(build, keeper_dir, sut):
         k.close()
 
 
+# shimprog server's wait for a connection where the keeper hands over none: the lease is answered
+# before listen() returns, so a kept connection would be waiting at the first epoll_wait already.
+NONE_TO_ACCEPT = {"SHIMPROG_IDLE_MS": "200"}
+
+
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_bad_transport(build, keeper, sut, role):
     """An unknown FDKEEPER_TRANSPORT: one line at the first handoff, no lease,
     the program's own calls go ahead."""
-    env = shim_env(build, keeper.path, role=role, remote=sut.addr, FDKEEPER_TRANSPORT="udp")
+    env = shim_env(build, keeper.path, role=role, remote=sut.addr, FDKEEPER_TRANSPORT="udp", **NONE_TO_ACCEPT)
     if role == "client":
         p = start_client(build, env, "127.0.0.1", str(sut.port))
         conn = sut.accept()  # the program's own connection
@@ -375,7 +380,7 @@ def test_server_handoff_300(build, keeper, sut, addrs):
 
 
 def test_server_without_remote_and_empty(build, keeper, sut):
-    env = shim_env(build, keeper.path, role="server")
+    env = shim_env(build, keeper.path, role="server", **NONE_TO_ACCEPT)
     r = run(build, ["server", "1"], env, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     assert keeper.requests == ["LEASE role=server transport=tcp"]
@@ -389,7 +394,7 @@ def test_server_identity_is_the_listeners_port_where_only_the_likely_one_was_kno
     extra = {"FDKEEPER_LOCAL": "127.0.0.1:5060"}
     if from_listener:
         extra["FDKEEPER_LOCAL_FROM_LISTENER"] = "1"
-    env = shim_env(build, keeper.path, role="server", **extra)
+    env = shim_env(build, keeper.path, role="server", **extra, **NONE_TO_ACCEPT)
     r = run(build, ["server", "1"], env, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     [request] = keeper.requests

@@ -175,6 +175,11 @@ class SlowSut:
 
     def stop(self):
         self._stop = True
+        for sock in list(self.keeper.sut_side):  # wakes the thread's recv (a close would not)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.thread.join(5)
 
 
