@@ -23,7 +23,7 @@ from tests.support.recipes import readme_commands, readme_setup_skipped, run_sto
 def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
     """An sdist (what `pip download` or a package index hands out) holds everything setup.py
     compiles from (helpers/: sources, headers, shimbuild.py), and the wheel pip builds from it
-    has the shim and the pump compiled, the scenarios and the Kamailio configurations."""
+    has the shim, the pump and the ptrace send stub compiled, the scenarios and the Kamailio configurations."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     with tarfile.open(sdist) as archive:
         packed = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -33,7 +33,7 @@ def test_sdist_carries_the_c_sources_scenarios_and_configs(sdist, wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     libraries = [name for name in names if name.endswith(".so")]
-    assert any("_shim" in name for name in libraries) and any("_tlspump" in name for name in libraries), libraries
+    assert all(any(part in name for name in libraries) for part in ("_shim", "_tlspump", "_sendstub")), libraries
     scenarios = sorted(Path(name).name for name in names if name.startswith("fdkeeper/scenarios/"))
     shipped = sorted(path.name for path in (REPO / "scenarios").iterdir() if path.suffix in (".xml", ".csv"))
     assert scenarios == shipped, "the wheel built from the sdist lacks scenarios (MANIFEST.in, fdkeeper/scenarios)"
