@@ -13,6 +13,15 @@ header part (up to the first blank line, 64 KiB at most) is replaced by the kept
 same length, in the program's own buffer (as viarewrite.py does from the tracer); it returns
 the flags the send is to run with: MSG_NOSIGNAL added for such an fd when the program ignores
 SIGPIPE, so that the seccomp filter lets the send by without a ptrace stop.
+
+fdk_connect(table, fd, addr, len) is called at the program's connect() (its wrapper patched
+too): a TCP socket's connect to the SuT (addr the very bytes the program connected it with at
+the connect the tracer saw, noted in the table), in the process the table is for (not a forked
+child, which shares the page but not fdkeeper's notes of it), is not made: it returns 0 and
+notes the socket's inode as pending for fd, where the tracer finds it at the fd's first send
+(a stop the filter makes anyway) and hands the user's kept connection over there; -EISCONN for
+a socket pending or kept already, as the kernel would say. Anything else returns
+FDK_NOT_HANDLED: the trampoline makes the program's own syscall, which the filter stops as before.
 */
 
 /* Every helper inlined: the function's bytes are copied alone, so it may call nothing. */
@@ -21,18 +30,31 @@ SIGPIPE, so that the seccomp filter lets the send by without a ptrace stop.
 #define ADDRESS 64
 #define MSG_NOSIGNAL 0x4000L
 #define SYS_FSTAT 5
+#define SYS_GETSOCKOPT 55
+#define SYS_GETPID 39
+#define SOL_SOCKET 1
+#define SO_TYPE 3
+#define SO_DOMAIN 39
+#define SOCK_STREAM 1
+#define EISCONN 106
+#define SUT_ADDRESS 32
+#define FDK_NOT_HANDLED 1L
 
 struct entry {
     unsigned long ino;      /* the kept connection's inode (0: no entry) */
     unsigned long len;      /* length of old and new */
     char old[ADDRESS];      /* the placeholder's IP:PORT */
     char new[ADDRESS];      /* the kept connection's, same length */
+    unsigned long pending;  /* inode of the program's socket whose connect() was not made (0: none) */
 };
 
 struct table {
     unsigned long nosignal; /* the program ignores SIGPIPE: MSG_NOSIGNAL changes nothing for it */
     unsigned long fds;      /* entries below */
     unsigned long rewritten; /* messages rewritten here, read by fdkeeper when the process ends */
+    unsigned long tgid;     /* the process the table is for (0: connect() is never answered here) */
+    unsigned long sut_len;  /* length of sut (0: as tgid 0) */
+    unsigned char sut[SUT_ADDRESS]; /* the sockaddr the program connected its per-call sockets with */
     struct entry entry[];   /* by fd */
 };
 
@@ -42,6 +64,30 @@ INLINE long fstat_ino(long fd)
     long ret;
     __asm__ volatile("syscall" : "=a"(ret) : "0"(SYS_FSTAT), "D"(fd), "S"(st) : "rcx", "r11", "memory");
     return ret < 0 ? -1 : (long)st[1];
+}
+
+INLINE long syscall0(long nr)
+{
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "0"(nr) : "rcx", "r11", "memory");
+    return ret;
+}
+
+/* getsockopt(fd, SOL_SOCKET, name) of an int option; -1 when it fails. */
+INLINE long socket_option(long fd, long name)
+{
+    int value = -1;
+    unsigned int size = sizeof value;
+    long ret;
+    register long optval __asm__("r10") = (long)&value; /* 4th argument */
+    register long optlen __asm__("r8") = (long)&size;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "0"(SYS_GETSOCKOPT), "D"(fd), "S"(SOL_SOCKET), "d"(name), "r"(optval), "r"(optlen)
+                     : "rcx", "r11", "memory");
+    /* cppcheck does not see the syscall write value: not the same expression in both branches */
+    // cppcheck-suppress duplicateExpressionTernary
+    return ret < 0 ? -1 : value;
 }
 
 INLINE int token_char(char c)
@@ -88,4 +134,25 @@ long fdk_send_flags(struct table *table, long fd, char *buf, unsigned long size,
     }
     table->rewritten += rewritten;
     return table->nosignal ? flags | MSG_NOSIGNAL : flags;
+}
+
+long fdk_connect(struct table *table, long fd, const unsigned char *addr, unsigned long len)
+{
+    unsigned long sut_len = table->sut_len;
+    if (fd < 0 || (unsigned long)fd >= table->fds || !sut_len || sut_len > SUT_ADDRESS || len != sut_len || !addr)
+        return FDK_NOT_HANDLED;
+    for (unsigned long k = 0; k < len; k++)
+        if (addr[k] != table->sut[k])
+            return FDK_NOT_HANDLED;
+    /* A forked child shares this page, not fdkeeper's notes: its connect is the tracer's. */
+    if ((unsigned long)syscall0(SYS_GETPID) != table->tgid)
+        return FDK_NOT_HANDLED;
+    long ino = fstat_ino(fd);
+    if (ino <= 0 || socket_option(fd, SO_TYPE) != SOCK_STREAM || socket_option(fd, SO_DOMAIN) != (addr[0] | addr[1] << 8))
+        return FDK_NOT_HANDLED;
+    struct entry *entry = &table->entry[fd];
+    if (entry->pending == (unsigned long)ino || entry->ino == (unsigned long)ino)
+        return -EISCONN;
+    entry->pending = (unsigned long)ino;
+    return 0;
 }

@@ -8,6 +8,7 @@ each later send of a kept per-call connection.
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.util
 import mmap
 import os
@@ -20,7 +21,20 @@ from pathlib import Path
 import pytest
 
 from fdkeeper.modes.ptrace import sendstub
-from fdkeeper.modes.ptrace.sendstub import ENTRY, HEADER, SEND_SITE, elf_function, stub_function, trampoline
+from fdkeeper.modes.ptrace.sendstub import (
+    CONNECT_SITE,
+    CONNECT_SYMBOL,
+    COUNTERS,
+    ENTRY,
+    HEADER,
+    PENDING_AT,
+    SEND_SITE,
+    connect_function,
+    connect_trampoline,
+    elf_function,
+    stub_function,
+    trampoline,
+)
 from fdkeeper.modes.ptrace.viarewrite import Rewrite
 from tests.support.shim import SENDSTUB_CFLAGS, SENDSTUB_FUNCTION, WERROR, sendstub_source
 
@@ -62,14 +76,14 @@ class Stub:
         self.sendto = ctypes.CFUNCTYPE(ctypes.c_long, *args[1:], ctypes.c_void_p, ctypes.c_int)(code_at)
 
     def header(self, nosignal: bool) -> None:
-        self.table[0 : HEADER.size] = HEADER.pack(int(nosignal), FDS, 0)
+        self.table[0 : HEADER.size] = HEADER.pack(int(nosignal), FDS, 0, 0, 0, b"")
 
     def note(self, fd: int, inode: int) -> None:
         at = HEADER.size + fd * ENTRY.size
-        self.table[at : at + ENTRY.size] = ENTRY.pack(inode, len(OLD), OLD, NEW)
+        self.table[at : at + ENTRY.size] = ENTRY.pack(inode, len(OLD), OLD, NEW, 0)
 
     def rewritten(self) -> int:
-        return int(HEADER.unpack(self.table[0 : HEADER.size])[2])
+        return int(COUNTERS.unpack(self.table[0 : COUNTERS.size])[2])
 
 
 def address_of(area: mmap.mmap) -> int:
@@ -155,7 +169,8 @@ def test_the_stub_function_is_whole_in_itself(tmp_path):
     relocations = subprocess.run(["readelf", "-r", str(out)], capture_output=True, text=True, check=True).stdout
     symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True, check=True).stdout.split("\n")
     assert "There are no relocations in this file." in relocations
-    assert [line.split()[1:] for line in symbols if line] == [["T", SENDSTUB_FUNCTION]]
+    found = sorted(line.split()[1:] for line in symbols if line)
+    assert found == [["T", CONNECT_SYMBOL.decode()], ["T", SENDSTUB_FUNCTION]]
 
 
 def test_the_function_is_read_from_the_built_library_by_its_symbol():
@@ -166,3 +181,68 @@ def test_the_function_is_read_from_the_built_library_by_its_symbol():
     assert elf_function(library, b"fdk_no_such_function") is None
     with pytest.raises(ValueError):
         elf_function(Path(sendstub.__file__).read_bytes(), b"fdk_send_flags")
+
+
+class ConnectStub:
+    """fdk_connect and a connect wrapper (mov eax, 42; syscall; ret) patched to its trampoline,
+    with a table naming this process and ``sut``'s sockaddr: what a traced sipp runs at connect()."""
+
+    def __init__(self, sut: bytes, tgid: int) -> None:
+        self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
+        code_at, table_at = address_of(self.code), address_of(self.table)
+        function = connect_function()
+        assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
+        self.code[0 : len(CONNECT_SITE) + 1] = CONNECT_SITE + b"\xc3"
+        function_at, trampoline_at = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
+        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
+        code = connect_trampoline(trampoline_at, function_at, table_at, code_at)
+        self.code[trampoline_at - code_at : trampoline_at - code_at + len(code)] = code
+        self.code[0:5] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (code_at + 5))
+        self.table[0 : HEADER.size] = HEADER.pack(1, FDS, 0, tgid, len(sut), sut)
+        self.connect = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_ulong)(code_at)
+
+    def pending(self, fd: int) -> int:
+        at = HEADER.size + fd * ENTRY.size + PENDING_AT
+        return int(struct.unpack("<Q", self.table[at : at + 8])[0])
+
+
+def sockaddr_in(address: tuple[str, int]) -> bytes:
+    return struct.pack("<H", socket.AF_INET) + struct.pack(">H", address[1]) + socket.inet_aton(address[0]) + bytes(8)
+
+
+@pytest.fixture
+def sut():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+def test_a_tcp_connect_to_the_sut_is_answered_and_noted_pending(sut):
+    address = sockaddr_in(sut.getsockname())
+    stub = ConnectStub(address, os.getpid())
+    with socket.socket() as program_socket:
+        fd = program_socket.fileno()
+        assert stub.connect(fd, address, len(address)) == 0
+        assert stub.pending(fd) == os.fstat(fd).st_ino
+        with pytest.raises(OSError):
+            program_socket.getpeername()  # not connected: the kept connection takes its place
+        assert stub.connect(fd, address, len(address)) == -errno.EISCONN
+    del stub.connect
+
+
+def test_any_other_connect_is_the_programs_own(sut):
+    """Another address, a UDP socket, another process (a forked child): the real syscall."""
+    address = sockaddr_in(sut.getsockname())
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        elsewhere = sockaddr_in(closed.getsockname())  # bound, not listening: refused
+    stub = ConnectStub(address, os.getpid())
+    child = ConnectStub(address, os.getpid() + 1)
+    with socket.socket() as other, socket.socket(type=socket.SOCK_DGRAM) as udp, socket.socket() as forked:
+        assert stub.connect(other.fileno(), elsewhere, len(elsewhere)) == -errno.ECONNREFUSED
+        assert stub.connect(udp.fileno(), address, len(address)) == 0
+        assert udp.getpeername() == sut.getsockname()
+        assert child.connect(forked.fileno(), address, len(address)) == 0
+        assert forked.getpeername() == sut.getsockname()  # really connected
+        assert stub.pending(other.fileno()) == stub.pending(udp.fileno()) == child.pending(forked.fileno()) == 0
+    del stub.connect, child.connect

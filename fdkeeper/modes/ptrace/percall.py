@@ -27,9 +27,13 @@ from outside:
   which the filter lets by. Later sends on the fd are rewritten by the program itself: the
   send wrapper its first send went through is patched into a stub mapped at the process's
   first handoff (sendstub.py), which also adds MSG_NOSIGNAL, so the filter lets them by.
-  Stops per call for sipp -t tn: 3 (epoll_ctl, connect, the first send), whatever the number
-  of messages. Where the stub cannot be placed, each later sendto() without an address stops
-  and is rewritten by the tracer, as before.
+  Where the stub cannot be placed, each later sendto() without an address stops and is
+  rewritten by the tracer, as before.
+- in such a process the connect() wrapper of the connect seen before its first handoff is
+  patched too (sendstub.py): the stub answers a TCP socket's connect to the SuT with 0 by
+  itself and notes the socket as pending in its table, where the first send's stop finds it
+  (``SendStubs.pending``). Stops per call for sipp -t tn: 2 (epoll_ctl, the first send),
+  whatever the number of messages; 3 where the connect wrapper cannot be patched.
 
 The epoll registrations to re-add are the ones the program made: the filter also stops at
 epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
@@ -56,12 +60,13 @@ from fdkeeper.modes.ptrace.injection import Injection
 from fdkeeper.modes.ptrace.raw import LOW, SYS, unsigned
 from fdkeeper.modes.ptrace.rewrites import MAX_LOOK, ViaRewrites
 from fdkeeper.modes.ptrace.seccomp import MSG_NOSIGNAL
-from fdkeeper.modes.ptrace.sendstub import SendStubs
+from fdkeeper.modes.ptrace.sendstub import MAX_SUT_ADDRESS, SendStubs
 from fdkeeper.modes.ptrace.services import Services, is_tcp_socket
 from fdkeeper.modes.ptrace.tracer import SyscallStop
 
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
 MAX_IOV = 64
+SYSCALL_SIZE = 2  # the `syscall` instruction: a seccomp stop's rip is past it
 
 
 class PerCallRole:
@@ -85,6 +90,9 @@ class PerCallRole:
         # connect() to the send (no stop at sipp's fcntl, none at the send's exit).
         self.sends_seen_by_filter: set[int] = set()
         self.lease_owner = 0  # the process whose per-user leases fdkeeper holds itself (see _first_send)
+        # tgid -> (the `syscall` of its connect() to the SuT, the sockaddr's bytes), until its
+        # connect wrapper is patched (_later_sends_by_stub)
+        self.connect_sites: dict[int, tuple[int, bytes]] = {}
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -107,6 +115,7 @@ class PerCallRole:
         self.code.forget(pid)
         self.stubs.forget(pid)
         self.sends_seen_by_filter.discard(pid)  # another program: how it sends is to be seen again
+        self.connect_sites.pop(pid, None)
         self.registrations.forget_process(pid)
 
     def _on_thread_exit(self, tid: int) -> None:
@@ -145,9 +154,10 @@ class PerCallRole:
         """At a seccomp stop of a plain send(): the first send on a pending socket that no
         thread steps for is handed over here; True when it was (or failed as the call's own)."""
         fd, tgid = stop.args[0] & LOW, self.services.tgid(stop.tid)
-        ino = self.pending.get((tgid, fd))
-        if ino is None or fd in self.waiting.get(stop.tid, ()):
+        ino = self.pending.get((tgid, fd)) or self.stubs.pending(stop.tid, tgid, fd)  # or connected by the stub
+        if not ino or fd in self.waiting.get(stop.tid, ()):
             return False
+        self.pending[(tgid, fd)] = ino
         if self.services.socket_inode(tgid, fd) != ino:
             self.pending.pop((tgid, fd), None)  # closed unsent; the number names another socket now
             return False
@@ -214,15 +224,28 @@ class PerCallRole:
             # Emulating: its next calls stop at their entry only (sipp's are fcntl(F_SETFL), done
             # here, and the send), not at entry and exit.
             services.tracer.emulating.add(stop.tid)
-        self._skip(stop.tid, 0)
+        syscall_ip = self._skip(stop.tid, 0)
+        if tgid not in self.stubs.processes or not self.stubs.processes[tgid].connect_site:
+            self._note_connect_site(stop, tgid, syscall_ip)
         services.say(f"connect(fd {fd}): per-call connection, leased at its first send")
 
+    def _note_connect_site(self, stop: SyscallStop, tgid: int, syscall_ip: int) -> None:
+        """Where the process's connect() to the SuT is made, and with which bytes: its wrapper
+        is patched at the next handoff (_later_sends_by_stub)."""
+        try:
+            sut = self.services.tracer.read(stop.tid, stop.args[1], min(stop.args[2], MAX_SUT_ADDRESS + 1))
+        except OSError:
+            return
+        self.connect_sites[tgid] = (syscall_ip, sut)
+
     @staticmethod
-    def _skip(tid: int, result: int) -> None:
-        """At a seccomp stop: the call does not run and returns ``result``."""
+    def _skip(tid: int, result: int) -> int:
+        """At a seccomp stop: the call does not run and returns ``result``; the address of the
+        call's `syscall` instruction."""
         regs = pt.ptrace_getregs(tid)
         regs.orig_rax, regs.rax = unsigned(-1), unsigned(result)
         pt.ptrace_setregs(tid, regs)
+        return int(regs.rip) - SYSCALL_SIZE
 
     def _forget(self, tid: int, fd: int) -> int | None:
         fds = self.waiting.get(tid, set())
@@ -299,6 +322,11 @@ class PerCallRole:
         rewrite = self.rewrites.rewrites.get((tgid, fd))
         if rewrite is not None and self.stubs.patch(injection.tid, tgid, injection.syscall_ip):
             self.stubs.note(injection.tid, tgid, fd, kept_inode, rewrite.old, rewrite.new)
+        site = self.connect_sites.get(tgid)
+        if site is not None and tgid in self.sends_seen_by_filter:
+            del self.connect_sites[tgid]  # one try: where it cannot be patched, connect() keeps its stop
+            if self.stubs.patch_connect(injection.tid, tgid, *site):
+                self.services.say(f"process {tgid}: its connect() to the SuT answered by the stub, no stop")
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""

@@ -23,6 +23,15 @@ The function comes from helpers/ptrace/sendstub.c, which `pip install` builds in
 extension fdkeeper._sendstub (setup.py; flags in helpers/shimbuild.py): its bytes are read from
 that file's symbol table (``stub_function``). Where it was not built, every later message keeps
 its stop, as before.
+
+The program's connect() wrapper (`mov eax, 42; syscall`, the site of the connect the tracer saw
+before the process's first handoff) is patched the same way, once the process is known to
+make its first sends by plain send() (which the filter stops anyway): its trampoline calls
+sendstub.c's fdk_connect, which answers a TCP socket's connect to the SuT with 0, without the
+syscall (so without a stop), and notes the socket's inode as pending in the fd's table entry,
+where the tracer finds it at the fd's first send (``pending``). Any other connect (another
+address, not TCP, a forked child: see sendstub.c) runs the program's own syscall, which the
+filter stops as before. One stop fewer per call (sipp -t tn: 2, epoll_ctl and the first send).
 """
 
 from __future__ import annotations
@@ -51,13 +60,35 @@ TRAMPOLINE_MIDDLE = bytes.fromhex(
 )
 TRAMPOLINE_SIZE = len(TRAMPOLINE_HEAD) + 8 + 5 + len(TRAMPOLINE_MIDDLE) + 5
 SEND_SITE = bytes.fromhex("b82c0000000f05")  # mov eax, 44 (sendto); syscall
+# The trampoline of a patched connect() site, entered in place of `mov eax, 42` with the
+# connect's arguments in rdi (fd), rsi (address), rdx (its length):
+#     lea rsp, [rsp-128]; push rbx; mov rbx, rsp; and rsp, -16     (past the red zone, aligned)
+#     push rdi; push rsi; push rdx; push r8; push r9; push r10; push r11; push r11 (pad: aligned)
+#     mov rcx, rdx; mov rdx, rsi; mov rsi, rdi; movabs rdi, TABLE; call CONNECT_FUNCTION
+#     pop r11; pop r11; pop r10; pop r9; pop r8; pop rdx; pop rsi; pop rdi; mov rsp, rbx; pop rbx
+#     lea rsp, [rsp+128]
+#     cmp rax, 1; je plain                        (1: not answered by the stub)
+#     jmp SITE+7                                  (past the program's `syscall`, rax its result)
+#     plain: mov eax, 42; jmp SITE+5              (the program's own `syscall`)
+CONNECT_HEAD = bytes.fromhex("488d642480534889e34883e4f0575652415041514152415341534889d14889f24889fe48bf")
+CONNECT_MIDDLE = bytes.fromhex("415b415b415a415941585a5e5f4889dc5b488da424800000004883f8017405")
+CONNECT_PLAIN = bytes.fromhex("b82a000000")  # mov eax, 42
+CONNECT_TRAMPOLINE_SIZE = len(CONNECT_HEAD) + 8 + 5 + len(CONNECT_MIDDLE) + 5 + len(CONNECT_PLAIN) + 5
+CONNECT_SITE = bytes.fromhex("b82a0000000f05")  # mov eax, 42 (connect); syscall
+MAX_SUT_ADDRESS = 32  # bytes of the SuT's sockaddr the table holds (sendstub.c SUT_ADDRESS)
 JUMP = 0xE9  # jmp rel32
 CALL = 0xE8  # call rel32
-HEADER = struct.Struct("<QQQ")  # nosignal, entries, messages rewritten (sendstub.c)
-ENTRY = struct.Struct("<QQ64s64s")  # the kept connection's inode, length, placeholder, kept (sendstub.c)
+# nosignal, entries, messages rewritten, the process (tgid), the SuT's sockaddr's length and bytes (sendstub.c)
+HEADER = struct.Struct("<QQQQQ32s")
+COUNTERS = struct.Struct("<QQQ")  # the header's first three
+# The kept connection's inode, length, placeholder, kept, the pending socket's inode (sendstub.c)
+ENTRY = struct.Struct("<QQ64s64sQ")
+PENDING_AT = ENTRY.size - 8
 MAX_FDS = 1 << 17  # table entries (fds above are left to the stop per message): ~19 MB reserved, not used
 PAGE = 4096
-FIRST_TRAMPOLINE = 1024  # the function first (at most this long), then the trampolines
+FUNCTION_ROOM = 1024  # each function at most this long: the send's at 0, the connect's after it
+CONNECT_FUNCTION_AT = FUNCTION_ROOM
+FIRST_TRAMPOLINE = 2 * FUNCTION_ROOM  # the functions first, then the trampolines
 PROT_READ_WRITE, PROT_READ_EXEC = 3, 5
 MAP_PRIVATE_ANONYMOUS, MAP_32BIT, MAP_NORESERVE = 0x22, 0x40, 0x4000
 REACH = 1 << 31
@@ -65,6 +96,7 @@ REACH = 1 << 31
 
 STUB_MODULE = "fdkeeper._sendstub"  # built by pip install (setup.py)
 STUB_SYMBOL = b"fdk_send_flags"
+CONNECT_SYMBOL = b"fdk_connect"
 _ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
 _SECTION = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr: name type flags addr offset size link info align entsize
 _SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym: name info other shndx value size
@@ -72,18 +104,29 @@ _ELF64_LE_X86_64 = (b"\x7fELF\x02\x01", 62)
 _SHT_DYNSYM = 11
 
 
-@functools.cache
 def stub_function() -> bytes | None:
     """fdk_send_flags's bytes, read from the built fdkeeper._sendstub; None where it was not built
-    or holds no such function that fits before the trampolines in the code page."""
+    or holds no such function that fits its room in the code page."""
+    return library_function(STUB_SYMBOL)
+
+
+def connect_function() -> bytes | None:
+    """fdk_connect's bytes, as stub_function's."""
+    return library_function(CONNECT_SYMBOL)
+
+
+@functools.cache
+def library_function(symbol: bytes) -> bytes | None:
+    """The bytes of ``symbol`` in the built fdkeeper._sendstub (None: not built, not there, or
+    longer than FUNCTION_ROOM)."""
     spec = importlib.util.find_spec(STUB_MODULE)
     if spec is None or not spec.origin:
         return None
     try:
-        code = elf_function(Path(spec.origin).read_bytes(), STUB_SYMBOL)
+        code = elf_function(Path(spec.origin).read_bytes(), symbol)
     except (OSError, ValueError, IndexError, struct.error):
         return None
-    return code if code and len(code) <= FIRST_TRAMPOLINE else None
+    return code if code and len(code) <= FUNCTION_ROOM else None
 
 
 def elf_function(image: bytes, name: bytes) -> bytes | None:
@@ -109,12 +152,14 @@ def elf_function(image: bytes, name: bytes) -> bytes | None:
 class ProcessStub:
     """The stub's code page and table in one process, and the sites patched to reach it."""
 
-    __slots__ = ("code_at", "sites", "table_at")
+    __slots__ = ("code_at", "connect_site", "next_trampoline", "sites", "table_at")
 
     def __init__(self, code_at: int, table_at: int) -> None:
         self.code_at = code_at
         self.table_at = table_at
         self.sites: list[int] = []  # addresses of the patched `mov eax, 44`
+        self.connect_site = 0  # address of the patched `mov eax, 42` (0: none)
+        self.next_trampoline = code_at + FIRST_TRAMPOLINE
 
 
 class SendStubs:
@@ -137,7 +182,10 @@ class SendStubs:
         size = HEADER.size + MAX_FDS * ENTRY.size
         table_at = injection.check("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_NORESERVE, -1, 0)
         self.tracer.write(injection.tid, code_at, code)  # /proc/PID/mem may write there
-        self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0))
+        connect = connect_function()
+        if connect is not None:
+            self.tracer.write(injection.tid, code_at + CONNECT_FUNCTION_AT, connect)
+        self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0, 0, 0, b""))
         self.processes[tgid] = ProcessStub(code_at, table_at)
 
     def patch(self, tid: int, tgid: int, syscall_ip: int) -> bool:
@@ -148,17 +196,65 @@ class SendStubs:
             return False
         if site in process.sites:
             return True
-        at = process.code_at + FIRST_TRAMPOLINE + TRAMPOLINE_SIZE * len(process.sites)
-        if at + TRAMPOLINE_SIZE > process.code_at + PAGE or abs(at - site) >= REACH - PAGE:
+        at = process.next_trampoline
+        if not self._patch_site(
+            tid, tgid, process, site, SEND_SITE, trampoline(at, process.code_at, process.table_at, site)
+        ):
+            return False
+        process.sites.append(site)
+        return True
+
+    def patch_connect(self, tid: int, tgid: int, syscall_ip: int, sut: bytes) -> bool:
+        """Send the connect wrapper whose `syscall` is at ``syscall_ip`` through fdk_connect, which
+        answers the connects of TCP sockets to ``sut`` (the sockaddr's bytes as the program passed
+        them) by itself; True when it is (now or already)."""
+        process, site = self.processes.get(tgid), syscall_ip - 5
+        if process is None or connect_function() is None or not 0 < len(sut) <= MAX_SUT_ADDRESS:
+            return False
+        if process.connect_site:
+            return process.connect_site == site
+        at, function_at = process.next_trampoline, process.code_at + CONNECT_FUNCTION_AT
+        try:  # the table first: the function answers nothing until it names the process and the SuT
+            self.tracer.write(tid, process.table_at + COUNTERS.size, struct.pack("<QQ32s", tgid, len(sut), sut))
+        except OSError:
+            return False
+        if not self._patch_site(
+            tid, tgid, process, site, CONNECT_SITE, connect_trampoline(at, function_at, process.table_at, site)
+        ):
+            return False
+        process.connect_site = site
+        return True
+
+    def pending(self, tid: int, tgid: int, fd: int) -> int:
+        """The inode of the socket whose connect() fdk_connect answered on ``fd`` and which has not
+        sent yet (0: none); read and cleared, so that it is handed over once."""
+        process = self.processes.get(tgid)
+        if process is None or not process.connect_site or not 0 <= fd < MAX_FDS:
+            return 0
+        at = process.table_at + HEADER.size + fd * ENTRY.size + PENDING_AT
+        try:
+            (inode,) = struct.unpack("<Q", self.tracer.read(tid, at, 8))
+            if inode:
+                self.tracer.write(tid, at, bytes(8))
+        except (OSError, struct.error):
+            return 0
+        return int(inode)
+
+    def _patch_site(self, tid: int, tgid: int, process: ProcessStub, site: int, shape: bytes, code: bytes) -> bool:
+        """The trampoline ``code`` placed at the process's next free room and the `mov` at ``site``
+        (the wrapper's bytes ``shape``) made a jump to it: only where it is certain to be safe
+        (see the module's docstring)."""
+        at = process.next_trampoline
+        if at + len(code) > process.code_at + PAGE or abs(at - site) >= REACH - PAGE:
             return False
         try:
-            if self.tracer.read(tid, site, len(SEND_SITE)) != SEND_SITE or not _one_thread(tgid):
+            if self.tracer.read(tid, site, len(shape)) != shape or not _one_thread(tgid):
                 return False
-            self.tracer.write(tid, at, trampoline(at, process.code_at, process.table_at, site))
+            self.tracer.write(tid, at, code)
             self.tracer.write(tid, site, struct.pack("<Bi", JUMP, at - (site + 5)))
         except OSError:
             return False
-        process.sites.append(site)
+        process.next_trampoline = at + len(code)
         return True
 
     def note(self, tid: int, tgid: int, fd: int, inode: int, old: bytes, new: bytes) -> None:
@@ -166,7 +262,7 @@ class SendStubs:
         process = self.processes.get(tgid)
         if process is None or not process.sites or not 0 <= fd < MAX_FDS or len(old) > 64:
             return
-        entry = ENTRY.pack(inode, len(old), old, new)
+        entry = ENTRY.pack(inode, len(old), old, new, 0)  # no pending socket: the kept connection is there
         self.tracer.write(tid, process.table_at + HEADER.size + fd * ENTRY.size, entry)
 
     def rewritten(self, tid: int, tgid: int) -> int:
@@ -175,7 +271,7 @@ class SendStubs:
         if process is None:
             return 0
         try:
-            return int(HEADER.unpack(self.tracer.read(tid, process.table_at, HEADER.size))[2])
+            return int(COUNTERS.unpack(self.tracer.read(tid, process.table_at, COUNTERS.size))[2])
         except (OSError, struct.error):
             return 0
 
@@ -196,6 +292,18 @@ def trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
     code += struct.pack("<Q", table_at)
     code += struct.pack("<Bi", CALL, function_at - (at + len(code) + 5))
     code += TRAMPOLINE_MIDDLE
+    code += struct.pack("<Bi", JUMP, site + 5 - (at + len(code) + 5))
+    return bytes(code)
+
+
+def connect_trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
+    """The trampoline of the connect() site ``site``, placed at ``at`` (see CONNECT_HEAD)."""
+    code = bytearray(CONNECT_HEAD)
+    code += struct.pack("<Q", table_at)
+    code += struct.pack("<Bi", CALL, function_at - (at + len(code) + 5))
+    code += CONNECT_MIDDLE
+    code += struct.pack("<Bi", JUMP, site + 7 - (at + len(code) + 5))
+    code += CONNECT_PLAIN
     code += struct.pack("<Bi", JUMP, site + 5 - (at + len(code) + 5))
     return bytes(code)
 
