@@ -22,6 +22,15 @@ notes the socket's inode as pending for fd, where the tracer finds it at the fd'
 (a stop the filter makes anyway) and hands the user's kept connection over there; -EISCONN for
 a socket pending or kept already, as the kernel would say. Anything else returns
 FDK_NOT_HANDLED: the trampoline makes the program's own syscall, which the filter stops as before.
+
+fdk_epoll_ctl(table, epfd, op, fd, event) is called at the program's epoll_ctl() (its wrapper
+patched too), in the process the table is for: it notes the registration of fd (its inode, the
+epoll fd, events and data; added to a second epoll set, or changed otherwise than by a MOD in
+the one noted, the tracer reads them all from /proc), follows MOD and DEL of it, and returns 1: the trampoline then makes the
+call with FDK_COOKIE in its 5th argument register, which the kernel ignores and the seccomp
+filter lets by without a stop. The tracer reads the noted registration at the fd's first send,
+to make it again on the kept connection. In another process (a forked child) it returns 0: the
+call is made as the program made it, and the filter stops its ADD as before.
 */
 
 /* Every helper inlined: the function's bytes are copied alone, so it may call nothing. */
@@ -39,6 +48,9 @@ FDK_NOT_HANDLED: the trampoline makes the program's own syscall, which the filte
 #define EISCONN 106
 #define SUT_ADDRESS 32
 #define FDK_NOT_HANDLED 1L
+#define EPOLL_CTL_ADD 1
+#define EPOLL_CTL_DEL 2
+#define EPOLL_CTL_MOD 3
 
 struct entry {
     unsigned long ino;      /* the kept connection's inode (0: no entry) */
@@ -46,7 +58,17 @@ struct entry {
     char old[ADDRESS];      /* the placeholder's IP:PORT */
     char new[ADDRESS];      /* the kept connection's, same length */
     unsigned long pending;  /* inode of the program's socket whose connect() was not made (0: none) */
+    unsigned long added;    /* inode of the socket whose epoll registration follows (0: none) */
+    long epfd;              /* the epoll fd it was added to */
+    unsigned long events;   /* struct epoll_event's events */
+    unsigned long data;     /* and data */
+    unsigned long many;     /* added to more than one epoll set: read them from /proc */
 };
+
+struct epoll_event_packed {
+    unsigned int events;
+    unsigned long data;
+} __attribute__((packed));
 
 struct table {
     unsigned long nosignal; /* the program ignores SIGPIPE: MSG_NOSIGNAL changes nothing for it */
@@ -155,4 +177,31 @@ long fdk_connect(struct table *table, long fd, const unsigned char *addr, unsign
         return -EISCONN;
     entry->pending = (unsigned long)ino;
     return 0;
+}
+
+long fdk_epoll_ctl(struct table *table, long epfd, long op, long fd, const struct epoll_event_packed *event)
+{
+    if (fd < 0 || (unsigned long)fd >= table->fds || !table->tgid)
+        return 0;
+    if ((unsigned long)syscall0(SYS_GETPID) != table->tgid)
+        return 0; /* a forked child's: the tracer's, by its stop */
+    long ino = fstat_ino(fd);
+    if (ino <= 0)
+        return 1; /* not an open fd: the call fails by itself */
+    struct entry *entry = &table->entry[fd];
+    int ours = entry->added == (unsigned long)ino;
+    if (op == EPOLL_CTL_ADD && event && ours && entry->epfd != epfd)
+        entry->many = 1; /* in a second epoll set: the tracer reads them all from /proc */
+    else if (op == EPOLL_CTL_ADD && event) { /* a new socket on fd, or the noted set again */
+        entry->added = (unsigned long)ino;
+        entry->epfd = epfd;
+        entry->events = event->events;
+        entry->data = event->data;
+        entry->many = ours ? entry->many : 0;
+    } else if (op == EPOLL_CTL_MOD && event && ours && entry->epfd == epfd) {
+        entry->events = event->events;
+        entry->data = event->data;
+    } else if (ours && (op != EPOLL_CTL_MOD || entry->epfd != epfd))
+        entry->added = 0; /* DEL, or what is not followed here: the tracer reads /proc */
+    return 1;
 }

@@ -12,6 +12,7 @@ import errno
 import importlib.util
 import mmap
 import os
+import select
 import shutil
 import socket
 import struct
@@ -26,12 +27,16 @@ from fdkeeper.modes.ptrace.sendstub import (
     CONNECT_SYMBOL,
     COUNTERS,
     ENTRY,
+    EPOLL_SITE,
+    EPOLL_SYMBOL,
     HEADER,
     PENDING_AT,
+    REGISTRATION,
     SEND_SITE,
     connect_function,
     connect_trampoline,
     elf_function,
+    epoll_trampoline,
     stub_function,
     trampoline,
 )
@@ -80,7 +85,7 @@ class Stub:
 
     def note(self, fd: int, inode: int) -> None:
         at = HEADER.size + fd * ENTRY.size
-        self.table[at : at + ENTRY.size] = ENTRY.pack(inode, len(OLD), OLD, NEW, 0)
+        self.table[at : at + ENTRY.size] = ENTRY.pack(inode, len(OLD), OLD, NEW, 0, 0, 0, 0, 0, 0)
 
     def rewritten(self) -> int:
         return int(COUNTERS.unpack(self.table[0 : COUNTERS.size])[2])
@@ -170,7 +175,7 @@ def test_the_stub_function_is_whole_in_itself(tmp_path):
     symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True, check=True).stdout.split("\n")
     assert "There are no relocations in this file." in relocations
     found = sorted(line.split()[1:] for line in symbols if line)
-    assert found == [["T", CONNECT_SYMBOL.decode()], ["T", SENDSTUB_FUNCTION]]
+    assert found == [["T", CONNECT_SYMBOL.decode()], ["T", EPOLL_SYMBOL.decode()], ["T", SENDSTUB_FUNCTION]]
 
 
 def test_the_function_is_read_from_the_built_library_by_its_symbol():
@@ -246,3 +251,60 @@ def test_any_other_connect_is_the_programs_own(sut):
         assert forked.getpeername() == sut.getsockname()  # really connected
         assert stub.pending(other.fileno()) == stub.pending(udp.fileno()) == child.pending(forked.fileno()) == 0
     del stub.connect, child.connect
+
+
+class EpollStub:
+    """fdk_epoll_ctl and an epoll_ctl wrapper (mov r10, rcx; mov eax, 233; syscall; ret) patched to
+    its trampoline, with a table naming process ``tgid``: what a traced sipp runs at epoll_ctl()."""
+
+    def __init__(self, tgid: int) -> None:
+        self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
+        code_at, table_at = address_of(self.code), address_of(self.table)
+        function = sendstub.library_function(EPOLL_SYMBOL)
+        assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
+        wrapper = bytes.fromhex("4989ca") + EPOLL_SITE + b"\xc3"
+        self.code[0 : len(wrapper)] = wrapper
+        function_at, trampoline_at = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
+        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
+        code = epoll_trampoline(trampoline_at, function_at, table_at, code_at + 3)
+        self.code[trampoline_at - code_at : trampoline_at - code_at + len(code)] = code
+        self.code[3:8] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (code_at + 8))
+        self.table[0 : HEADER.size] = HEADER.pack(1, FDS, 0, tgid, 0, b"")
+        args = (ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_char_p)
+        self.epoll_ctl = ctypes.CFUNCTYPE(ctypes.c_long, *args)(code_at)
+
+    def noted(self, fd: int) -> tuple[int, ...]:
+        at = HEADER.size + fd * ENTRY.size + PENDING_AT + 8
+        return REGISTRATION.unpack(self.table[at : at + REGISTRATION.size])
+
+
+def event(events: int, data: int) -> bytes:
+    return struct.pack("<IQ", events, data)
+
+
+def test_epoll_ctl_is_made_and_its_registration_noted(pair):
+    stub = EpollStub(os.getpid())
+    with select.epoll() as epoll:
+        fd, ino = pair[0].fileno(), os.fstat(pair[0].fileno()).st_ino
+        assert stub.epoll_ctl(epoll.fileno(), 1, fd, event(select.EPOLLIN, 77)) == 0  # ADD
+        pair[1].send(b"x")
+        assert epoll.poll(1) == [(77, select.EPOLLIN)]  # made, with the program's data
+        assert stub.noted(fd) == (ino, epoll.fileno(), select.EPOLLIN, 77, 0)
+        assert stub.epoll_ctl(epoll.fileno(), 3, fd, event(select.EPOLLOUT, 78)) == 0  # MOD
+        assert stub.noted(fd) == (ino, epoll.fileno(), select.EPOLLOUT, 78, 0)
+        with select.epoll() as other:
+            assert stub.epoll_ctl(other.fileno(), 1, fd, event(select.EPOLLIN, 79)) == 0
+            assert stub.noted(fd)[4] == 1  # in two sets: the tracer reads /proc
+        assert stub.epoll_ctl(epoll.fileno(), 2, fd, None) == 0  # DEL
+        assert stub.noted(fd)[0] == 0
+        assert stub.epoll_ctl(epoll.fileno(), 2, fd, None) == -errno.ENOENT  # the kernel's own answer
+    del stub.epoll_ctl
+
+
+def test_another_process_epoll_ctl_is_not_noted(pair):
+    stub = EpollStub(os.getpid() + 1)  # a forked child's view of its parent's table
+    with select.epoll() as epoll:
+        assert stub.epoll_ctl(epoll.fileno(), 1, pair[0].fileno(), event(select.EPOLLIN, 1)) == 0
+        assert stub.noted(pair[0].fileno())[0] == 0
+    del stub.epoll_ctl

@@ -93,6 +93,7 @@ class PerCallRole:
         # tgid -> (the `syscall` of its connect() to the SuT, the sockaddr's bytes), until its
         # connect wrapper is patched (_later_sends_by_stub)
         self.connect_sites: dict[int, tuple[int, bytes]] = {}
+        self.epoll_sites: dict[int, int] = {}  # tgid -> the `syscall` of its epoll_ctl(ADD), until patched
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -116,6 +117,7 @@ class PerCallRole:
         self.stubs.forget(pid)
         self.sends_seen_by_filter.discard(pid)  # another program: how it sends is to be seen again
         self.connect_sites.pop(pid, None)
+        self.epoll_sites.pop(pid, None)
         self.registrations.forget_process(pid)
 
     def _on_thread_exit(self, tid: int) -> None:
@@ -154,13 +156,15 @@ class PerCallRole:
         """At a seccomp stop of a plain send(): the first send on a pending socket that no
         thread steps for is handed over here; True when it was (or failed as the call's own)."""
         fd, tgid = stop.args[0] & LOW, self.services.tgid(stop.tid)
-        ino = self.pending.get((tgid, fd)) or self.stubs.pending(stop.tid, tgid, fd)  # or connected by the stub
-        if not ino or fd in self.waiting.get(stop.tid, ()):
+        ino = self.pending.get((tgid, fd))
+        by_stub = self.stubs.pending(stop.tid, tgid, fd)  # connected by the send stub's fdk_connect
+        if not (ino or by_stub) or fd in self.waiting.get(stop.tid, ()):
             return False
-        self.pending[(tgid, fd)] = ino
-        if self.services.socket_inode(tgid, fd) != ino:
+        current = self.services.socket_inode(tgid, fd)
+        if current is None or current not in (ino, by_stub):
             self.pending.pop((tgid, fd), None)  # closed unsent; the number names another socket now
             return False
+        self.pending[(tgid, fd)] = current
         self._first_send(stop, fd)
         return True
 
@@ -189,6 +193,10 @@ class PerCallRole:
         except OSError:
             return  # a bad pointer: the call fails with EFAULT by itself
         self.registrations.added((tgid, fd), ino, epfd, events, data)
+        if tgid not in self.epoll_sites and not (
+            tgid in self.stubs.processes and self.stubs.processes[tgid].epoll_site
+        ):
+            self.epoll_sites[tgid] = int(pt.ptrace_getregs(stop.tid).rip) - SYSCALL_SIZE  # patched at a handoff
 
     def _on_epoll_change(self, stop: SyscallStop) -> None:
         """At a stepping thread's entry to EPOLL_CTL_MOD/DEL of one of its pending sockets."""
@@ -327,6 +335,11 @@ class PerCallRole:
             del self.connect_sites[tgid]  # one try: where it cannot be patched, connect() keeps its stop
             if self.stubs.patch_connect(injection.tid, tgid, *site):
                 self.services.say(f"process {tgid}: its connect() to the SuT answered by the stub, no stop")
+        epoll_site = self.epoll_sites.get(tgid)
+        if epoll_site is not None and tgid in self.sends_seen_by_filter:
+            del self.epoll_sites[tgid]  # one try, as connect()'s
+            if self.stubs.patch_epoll(injection.tid, tgid, epoll_site):
+                self.services.say(f"process {tgid}: its epoll_ctl() registrations noted by the stub, no stop")
 
     def _message(self, stop: SyscallStop) -> bytes:
         """The first bytes the program sends (the buffer, or its iovecs flattened)."""
@@ -351,7 +364,9 @@ class PerCallRole:
             if ino is not None and os.fstat(program_socket.fileno()).st_ino != ino:
                 raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
             procfs.match_nonblocking(kept_socket, program_socket)
-            registrations, found = self._registrations(tgid, fd, os.fstat(program_socket.fileno()).st_ino)
+            registrations, found = self._registrations(
+                injection.tid, tgid, fd, os.fstat(program_socket.fileno()).st_ino
+            )
             pidfd = services.transfer.pidfd_in_program(tgid)
             # By code (HANDOFF_CODE), the registrations first: made from outside on the kept
             # connection under the number ``fd``, they are the ones the program's fd will have
@@ -372,12 +387,15 @@ class PerCallRole:
             services.restore_epoll(injection, fd, registrations, injection.stack_area())
             return f"call by call; {len(registrations)} epoll registration(s) {found}, re-added by injection"
 
-    def _registrations(self, tgid: int, fd: int, ino: int) -> tuple[list[tuple[int, int, int]], str]:
+    def _registrations(self, tid: int, tgid: int, fd: int, ino: int) -> tuple[list[tuple[int, int, int]], str]:
         """sipp adds a call socket to its epoll set before connect(): that registration, and
         where it was found (as noted at epoll_ctl, else from /proc)."""
         known = self.registrations.of((tgid, fd), ino)
         if known is not None:
             return known, "noted at epoll_ctl"
+        known = self.stubs.registration(tid, tgid, fd, ino)
+        if known is not None:
+            return known, "noted at epoll_ctl"  # by the stub, in the program
         if tgid in self.epolls:
             found = procfs.epoll_registrations(tgid, fd, ino, self.epolls[tgid])
             if found:

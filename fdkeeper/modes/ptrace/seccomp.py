@@ -22,6 +22,7 @@ SOL_SOCKET, SO_LINGER, IPPROTO_TCP = 1, 13, 6
 EPOLL_CTL_ADD = 1
 _LD_ABS_W, _JEQ_K, _JSET_K, _RET_K = 0x20, 0x15, 0x45, 0x06
 MSG_NOSIGNAL = 0x4000
+EPOLL_COOKIE = 0x314B4446  # "FDK1": an epoll_ctl() made by the send stub (sendstub.py), noted there
 FDS_PER_FILTER = 200  # BPF conditional jumps reach 255 instructions ahead
 
 
@@ -91,7 +92,9 @@ def percall_filter() -> bytes:
     connection's address where the program wrote its placeholder's (viarewrite.py); one with
     MSG_NOSIGNAL does not: that is how the tracer reruns a first send it has dealt with
     already, and how the send stub (sendstub.py) sends a kept fd's later messages it rewrote,
-    in a program that ignores SIGPIPE anyway. Everything else runs at full speed, untraced.
+    in a program that ignores SIGPIPE anyway; nor does an epoll_ctl() with EPOLL_COOKIE in its
+    5th argument (which the kernel ignores): the send stub's fdk_epoll_ctl noted that
+    registration already. Everything else runs at full speed, untraced.
     """
     program: list[Instruction] = [
         (_LD_ABS_W, 0, 0, 4),
@@ -109,7 +112,12 @@ def percall_filter() -> bytes:
         (_JEQ_K, "neutral", "allow", SO_LINGER),
     ]
     labels = {"epoll_ctl": len(program)}
-    program += [(_LD_ABS_W, 0, 0, 24), (_JEQ_K, "trace", "allow", EPOLL_CTL_ADD)]  # op: low word of args[1]
+    program += [
+        (_LD_ABS_W, 0, 0, 24),
+        (_JEQ_K, 0, "allow", EPOLL_CTL_ADD),  # op: low word of args[1]
+        (_LD_ABS_W, 0, 0, 48),
+        (_JEQ_K, "allow", "trace", EPOLL_COOKIE),  # args[4]: noted by the stub
+    ]
     labels["sendto"] = len(program)
     program += [
         (_LD_ABS_W, 0, 0, 48),

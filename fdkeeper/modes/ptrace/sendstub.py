@@ -31,7 +31,14 @@ sendstub.c's fdk_connect, which answers a TCP socket's connect to the SuT with 0
 syscall (so without a stop), and notes the socket's inode as pending in the fd's table entry,
 where the tracer finds it at the fd's first send (``pending``). Any other connect (another
 address, not TCP, a forked child: see sendstub.c) runs the program's own syscall, which the
-filter stops as before. One stop fewer per call (sipp -t tn: 2, epoll_ctl and the first send).
+filter stops as before. One stop fewer per call.
+
+The epoll_ctl() wrapper (`mov eax, 233; syscall`, the site of the EPOLL_CTL_ADD the tracer saw)
+is patched with it: its trampoline calls fdk_epoll_ctl, which notes each registration of an fd
+in the fd's table entry (read by ``registration`` at the fd's first send, to be made again on
+the kept connection) and then makes the call with EPOLL_COOKIE in its 5th argument register
+(ignored by the kernel), which the seccomp filter lets by. Stops per call for sipp -t tn: 1,
+the first send.
 """
 
 from __future__ import annotations
@@ -75,20 +82,38 @@ CONNECT_MIDDLE = bytes.fromhex("415b415b415a415941585a5e5f4889dc5b488da424800000
 CONNECT_PLAIN = bytes.fromhex("b82a000000")  # mov eax, 42
 CONNECT_TRAMPOLINE_SIZE = len(CONNECT_HEAD) + 8 + 5 + len(CONNECT_MIDDLE) + 5 + len(CONNECT_PLAIN) + 5
 CONNECT_SITE = bytes.fromhex("b82a0000000f05")  # mov eax, 42 (connect); syscall
+# The trampoline of a patched epoll_ctl() site, entered in place of `mov eax, 233` with the
+# call's arguments in rdi (epfd), rsi (op), rdx (fd), r10 (event):
+#     lea rsp, [rsp-128]; push rbx; mov rbx, rsp; and rsp, -16     (past the red zone, aligned)
+#     push rdi; push rsi; push rdx; push r8; push r9; push r10; push r11; push rcx
+#     mov r8, r10; mov rcx, rdx; mov rdx, rsi; mov rsi, rdi; movabs rdi, TABLE; call EPOLL_FUNCTION
+#     pop rcx; pop r11; pop r10; pop r9; pop r8; pop rdx; pop rsi; pop rdi; mov rsp, rbx; pop rbx
+#     lea rsp, [rsp+128]
+#     test rax, rax; jz plain                     (0: not noted, a forked child's: the filter stops it)
+#     mov r8d, EPOLL_COOKIE                       (5th argument: the filter lets the call by)
+#     plain: mov eax, 233; jmp SITE+5             (the program's own `syscall`)
+EPOLL_COOKIE = 0x314B4446  # "FDK1" (seccomp.percall_filter)
+EPOLL_HEAD = bytes.fromhex("488d642480534889e34883e4f05756524150415141524153514d89d04889d14889f24889fe48bf")
+EPOLL_MIDDLE = bytes.fromhex("59415b415a415941585a5e5f4889dc5b488da424800000004885c0740641b8")
+EPOLL_PLAIN = bytes.fromhex("b8e9000000")  # mov eax, 233
+EPOLL_SITE = bytes.fromhex("b8e90000000f05")  # mov eax, 233 (epoll_ctl); syscall
 MAX_SUT_ADDRESS = 32  # bytes of the SuT's sockaddr the table holds (sendstub.c SUT_ADDRESS)
 JUMP = 0xE9  # jmp rel32
 CALL = 0xE8  # call rel32
 # nosignal, entries, messages rewritten, the process (tgid), the SuT's sockaddr's length and bytes (sendstub.c)
 HEADER = struct.Struct("<QQQQQ32s")
 COUNTERS = struct.Struct("<QQQ")  # the header's first three
-# The kept connection's inode, length, placeholder, kept, the pending socket's inode (sendstub.c)
-ENTRY = struct.Struct("<QQ64s64sQ")
-PENDING_AT = ENTRY.size - 8
+# The kept connection's inode, length, placeholder, kept, the pending socket's inode, and the
+# epoll registration noted: the socket's inode, epfd, events, data, in more than one set (sendstub.c)
+ENTRY = struct.Struct("<QQ64s64sQQqQQQ")
+PENDING_AT = struct.calcsize("<QQ64s64s")
+REGISTRATION = struct.Struct("<QqQQQ")  # from ``added`` on
 MAX_FDS = 1 << 17  # table entries (fds above are left to the stop per message): ~19 MB reserved, not used
 PAGE = 4096
-FUNCTION_ROOM = 1024  # each function at most this long: the send's at 0, the connect's after it
+FUNCTION_ROOM = 768  # each function at most this long: the send's at 0, the connect's, epoll_ctl's
 CONNECT_FUNCTION_AT = FUNCTION_ROOM
-FIRST_TRAMPOLINE = 2 * FUNCTION_ROOM  # the functions first, then the trampolines
+EPOLL_FUNCTION_AT = 2 * FUNCTION_ROOM
+FIRST_TRAMPOLINE = 3 * FUNCTION_ROOM  # the functions first, then the trampolines
 PROT_READ_WRITE, PROT_READ_EXEC = 3, 5
 MAP_PRIVATE_ANONYMOUS, MAP_32BIT, MAP_NORESERVE = 0x22, 0x40, 0x4000
 REACH = 1 << 31
@@ -97,6 +122,7 @@ REACH = 1 << 31
 STUB_MODULE = "fdkeeper._sendstub"  # built by pip install (setup.py)
 STUB_SYMBOL = b"fdk_send_flags"
 CONNECT_SYMBOL = b"fdk_connect"
+EPOLL_SYMBOL = b"fdk_epoll_ctl"
 _ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
 _SECTION = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr: name type flags addr offset size link info align entsize
 _SYMBOL = struct.Struct("<IBBHQQ")  # Elf64_Sym: name info other shndx value size
@@ -152,13 +178,14 @@ def elf_function(image: bytes, name: bytes) -> bytes | None:
 class ProcessStub:
     """The stub's code page and table in one process, and the sites patched to reach it."""
 
-    __slots__ = ("code_at", "connect_site", "next_trampoline", "sites", "table_at")
+    __slots__ = ("code_at", "connect_site", "epoll_site", "next_trampoline", "sites", "table_at")
 
     def __init__(self, code_at: int, table_at: int) -> None:
         self.code_at = code_at
         self.table_at = table_at
         self.sites: list[int] = []  # addresses of the patched `mov eax, 44`
         self.connect_site = 0  # address of the patched `mov eax, 42` (0: none)
+        self.epoll_site = 0  # address of the patched `mov eax, 233` (0: none)
         self.next_trampoline = code_at + FIRST_TRAMPOLINE
 
 
@@ -182,10 +209,11 @@ class SendStubs:
         size = HEADER.size + MAX_FDS * ENTRY.size
         table_at = injection.check("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_NORESERVE, -1, 0)
         self.tracer.write(injection.tid, code_at, code)  # /proc/PID/mem may write there
-        connect = connect_function()
-        if connect is not None:
-            self.tracer.write(injection.tid, code_at + CONNECT_FUNCTION_AT, connect)
-        self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0, 0, 0, b""))
+        for symbol, at in ((CONNECT_SYMBOL, CONNECT_FUNCTION_AT), (EPOLL_SYMBOL, EPOLL_FUNCTION_AT)):
+            function = library_function(symbol)
+            if function is not None:
+                self.tracer.write(injection.tid, code_at + at, function)
+        self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0, tgid, 0, b""))
         self.processes[tgid] = ProcessStub(code_at, table_at)
 
     def patch(self, tid: int, tgid: int, syscall_ip: int) -> bool:
@@ -214,8 +242,8 @@ class SendStubs:
         if process.connect_site:
             return process.connect_site == site
         at, function_at = process.next_trampoline, process.code_at + CONNECT_FUNCTION_AT
-        try:  # the table first: the function answers nothing until it names the process and the SuT
-            self.tracer.write(tid, process.table_at + COUNTERS.size, struct.pack("<QQ32s", tgid, len(sut), sut))
+        try:  # the table first: the function answers nothing until it names the SuT
+            self.tracer.write(tid, process.table_at + COUNTERS.size + 8, struct.pack("<Q32s", len(sut), sut))
         except OSError:
             return False
         if not self._patch_site(
@@ -224,6 +252,35 @@ class SendStubs:
             return False
         process.connect_site = site
         return True
+
+    def patch_epoll(self, tid: int, tgid: int, syscall_ip: int) -> bool:
+        """Send the epoll_ctl() wrapper whose `syscall` is at ``syscall_ip`` through fdk_epoll_ctl
+        (see the module's docstring); True when it is (now or already)."""
+        process, site = self.processes.get(tgid), syscall_ip - 5
+        if process is None or library_function(EPOLL_SYMBOL) is None:
+            return False
+        if process.epoll_site:
+            return process.epoll_site == site
+        at, function_at = process.next_trampoline, process.code_at + EPOLL_FUNCTION_AT
+        if not self._patch_site(
+            tid, tgid, process, site, EPOLL_SITE, epoll_trampoline(at, function_at, process.table_at, site)
+        ):
+            return False
+        process.epoll_site = site
+        return True
+
+    def registration(self, tid: int, tgid: int, fd: int, inode: int) -> list[tuple[int, int, int]] | None:
+        """The epoll registration fdk_epoll_ctl noted for the socket ``inode`` on ``fd``, as
+        epoll.Registrations gives them; None when it noted none (or more than one set)."""
+        process = self.processes.get(tgid)
+        if process is None or not process.epoll_site or not 0 <= fd < MAX_FDS:
+            return None
+        at = process.table_at + HEADER.size + fd * ENTRY.size + PENDING_AT + 8
+        try:
+            added, epfd, events, data, many = REGISTRATION.unpack(self.tracer.read(tid, at, REGISTRATION.size))
+        except (OSError, struct.error):
+            return None
+        return [(epfd, events, data)] if added == inode and not many else None
 
     def pending(self, tid: int, tgid: int, fd: int) -> int:
         """The inode of the socket whose connect() fdk_connect answered on ``fd`` and which has not
@@ -262,7 +319,7 @@ class SendStubs:
         process = self.processes.get(tgid)
         if process is None or not process.sites or not 0 <= fd < MAX_FDS or len(old) > 64:
             return
-        entry = ENTRY.pack(inode, len(old), old, new, 0)  # no pending socket: the kept connection is there
+        entry = ENTRY.pack(inode, len(old), old, new, 0, 0, 0, 0, 0, 0)  # the kept connection there, nothing else
         self.tracer.write(tid, process.table_at + HEADER.size + fd * ENTRY.size, entry)
 
     def rewritten(self, tid: int, tgid: int) -> int:
@@ -287,24 +344,28 @@ class SendStubs:
 
 
 def trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
-    """The trampoline of the site ``site``, placed at ``at`` (see TRAMPOLINE_HEAD)."""
-    code = bytearray(TRAMPOLINE_HEAD)
-    code += struct.pack("<Q", table_at)
-    code += struct.pack("<Bi", CALL, function_at - (at + len(code) + 5))
-    code += TRAMPOLINE_MIDDLE
-    code += struct.pack("<Bi", JUMP, site + 5 - (at + len(code) + 5))
-    return bytes(code)
+    """The trampoline of the send site ``site``, placed at ``at`` (see TRAMPOLINE_HEAD)."""
+    return _code(at, table_at, function_at, TRAMPOLINE_HEAD, TRAMPOLINE_MIDDLE, site + 5)
+
+
+def epoll_trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
+    """The trampoline of the epoll_ctl() site ``site``, placed at ``at`` (see EPOLL_HEAD)."""
+    middle = EPOLL_MIDDLE + struct.pack("<I", EPOLL_COOKIE) + EPOLL_PLAIN
+    return _code(at, table_at, function_at, EPOLL_HEAD, middle, site + 5)
 
 
 def connect_trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
     """The trampoline of the connect() site ``site``, placed at ``at`` (see CONNECT_HEAD)."""
-    code = bytearray(CONNECT_HEAD)
-    code += struct.pack("<Q", table_at)
+    return _code(at, table_at, function_at, CONNECT_HEAD, CONNECT_MIDDLE, site + 7, CONNECT_PLAIN, site + 5)
+
+
+def _code(at: int, table_at: int, function_at: int, head: bytes, *rest: bytes | int) -> bytes:
+    """A trampoline placed at ``at``: ``head`` (ending in movabs rdi's opcode), the table's
+    address, a call of the function, then ``rest``: bytes as they are, an int a jmp rel32 there."""
+    code = bytearray(head) + struct.pack("<Q", table_at)
     code += struct.pack("<Bi", CALL, function_at - (at + len(code) + 5))
-    code += CONNECT_MIDDLE
-    code += struct.pack("<Bi", JUMP, site + 7 - (at + len(code) + 5))
-    code += CONNECT_PLAIN
-    code += struct.pack("<Bi", JUMP, site + 5 - (at + len(code) + 5))
+    for part in rest:
+        code += part if isinstance(part, bytes) else struct.pack("<Bi", JUMP, part - (at + len(code) + 5))
     return bytes(code)
 
 
