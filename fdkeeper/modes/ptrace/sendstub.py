@@ -90,11 +90,14 @@ CONNECT_SITE = bytes.fromhex("b82a0000000f05")  # mov eax, 42 (connect); syscall
 #     pop rcx; pop r11; pop r10; pop r9; pop r8; pop rdx; pop rsi; pop rdi; mov rsp, rbx; pop rbx
 #     lea rsp, [rsp+128]
 #     test rax, rax; jz plain                     (0: not noted, a forked child's: the filter stops it)
+#     lea rsp, [rsp-128]; push r8                 (r8 as the program had it, as a syscall keeps it)
 #     mov r8d, EPOLL_COOKIE                       (5th argument: the filter lets the call by)
+#     mov eax, 233; syscall; pop r8; lea rsp, [rsp+128]; jmp SITE+7      (past the program's `syscall`)
 #     plain: mov eax, 233; jmp SITE+5             (the program's own `syscall`)
 EPOLL_COOKIE = 0x314B4446  # "FDK1" (seccomp.percall_filter)
 EPOLL_HEAD = bytes.fromhex("488d642480534889e34883e4f05756524150415141524153514d89d04889d14889f24889fe48bf")
-EPOLL_MIDDLE = bytes.fromhex("59415b415a415941585a5e5f4889dc5b488da424800000004885c0740641b8")
+EPOLL_MIDDLE = bytes.fromhex("59415b415a415941585a5e5f4889dc5b488da424800000004885c07423488d642480415041b8")
+EPOLL_CALL = bytes.fromhex("b8e90000000f054158488da42480000000")  # after the cookie: the call, r8 back
 EPOLL_PLAIN = bytes.fromhex("b8e9000000")  # mov eax, 233
 EPOLL_SITE = bytes.fromhex("b8e90000000f05")  # mov eax, 233 (epoll_ctl); syscall
 MAX_SUT_ADDRESS = 32  # bytes of the SuT's sockaddr the table holds (sendstub.c SUT_ADDRESS)
@@ -350,8 +353,8 @@ def trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
 
 def epoll_trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
     """The trampoline of the epoll_ctl() site ``site``, placed at ``at`` (see EPOLL_HEAD)."""
-    middle = EPOLL_MIDDLE + struct.pack("<I", EPOLL_COOKIE) + EPOLL_PLAIN
-    return _code(at, table_at, function_at, EPOLL_HEAD, middle, site + 5)
+    middle = EPOLL_MIDDLE + struct.pack("<I", EPOLL_COOKIE) + EPOLL_CALL
+    return _code(at, table_at, function_at, EPOLL_HEAD, middle, site + 7, EPOLL_PLAIN, site + 5)
 
 
 def connect_trampoline(at: int, function_at: int, table_at: int, site: int) -> bytes:
