@@ -9,13 +9,14 @@
     3.7.7's own costs per call differ, which moved the verdict between 0.78 and 1.0);
 (b) sipp 3.7.7's static build through `fdkeeper sipp --mode ptrace` (what `--mode auto`
     picks for it): sipp runs under a seccomp filter that stops only epoll_ctl(ADD), connect()
-    and plain send()s; fdkeeper skips that connect, leases user k's connection by the From AoR
-    at the first send, puts it in place of the socket and lets the send run again, and the
-    call's later messages (ACK, BYE) get the kept connection's address from a stub in sipp
-    (fdkeeper/modes/ptrace/sendstub.py), which also answers the call's connect() to the SuT
-    once sipp's first call was handed over: two ptrace stops per call (epoll_ctl, the first
-    send), three before the connect stub, six before issue 20's second stop (sipp's fcntl, and
-    the ACK's and BYE's rewrite), and one lease over the tracer's one control connection.
+    and plain send()s (the stubs' own calls aside); fdkeeper skips that connect, leases user
+    k's connection by the From AoR at the first send, puts it in place of the socket and lets
+    the send run again, and the call's later messages (ACK, BYE) get the kept connection's
+    address from a stub in sipp (fdkeeper/modes/ptrace/sendstub.py), which also, once sipp's
+    first call was handed over, answers the call's connect() to the SuT and notes its
+    epoll_ctl() registration inside sipp: one ptrace stop per call (the first send), three
+    before those two stubs, six before issue 20's second stop (sipp's fcntl, and the ACK's and
+    BYE's rewrite), and one lease over the tracer's one control connection.
 
 With 1,000 users and 2 s runs the rates stop at 500 calls/s (see below), where both keep up;
 `--duration 1 --steps 600,800,1000 --startup-runs 0` shows where each one's ceiling lies, and
