@@ -310,3 +310,17 @@ def test_a_traced_run_does_not_import_python_ptrace():
     code = "import sys, fdkeeper.modes.ptrace.session; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ptrace'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_an_error_in_a_role_handler_ends_the_run_with_its_traceback_not_a_hang(sipagent, kamailio, keeper_dir):
+    """The task held in its stop when a handler fails is detached, not waited for (it would never
+    stop again), so the error reaches the user."""
+    command = [sipagent, "register", kamailio.host, str(kamailio.port), USER, kamailio.domain]
+    code = (
+        "import sys\nfrom fdkeeper.agent import ExecOptions, run_exec\nfrom fdkeeper.modes.ptrace import client\n"
+        "def broken(self, stop):\n    raise RuntimeError('a bug in a handler')\n"
+        "client.ClientRole.on_entry = broken\n"
+        f"sys.exit(run_exec({command!r}, ExecOptions(sut={kamailio.address!r}, mode='ptrace', directory={str(keeper_dir)!r})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "RuntimeError: a bug in a handler" in done.stderr, done.stderr

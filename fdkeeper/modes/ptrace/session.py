@@ -91,11 +91,13 @@ class Session:
     def run(self) -> int:
         """Follow the program until the role is done (then detach) or it ends; its wait status."""
         tracer, role = self.tracer, self.role
+        held: int | None = None  # the task in a ptrace-stop now: detach_all must not wait for it
         try:
             while not role.done:
                 stop = tracer.next_stop()
                 if stop is None:
                     break
+                held = stop.tid
                 try:
                     # Handlers leave the thread in a syscall stop (an injection's too).
                     if stop.entry:
@@ -107,13 +109,15 @@ class Session:
                 except TraceeGone:
                     continue
                 if role.done:
+                    held = None
                     tracer.detach_all(current=stop.tid)
                     self.services.say("detached; the program runs untraced from here")
                     break
                 tracer.resume(stop.tid)
+                held = None
         finally:
-            if tracer.tasks:
-                tracer.detach_all()
+            if tracer.tasks:  # a handler's error too: the held task is detached, not waited for
+                tracer.detach_all(current=held)
             role.close()
             self.services.close()
         return self._status()
