@@ -45,10 +45,12 @@ with a thousand users.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import socket
+import stat
 import struct
 
 from fdkeeper.modes.ptrace import procfs
@@ -160,12 +162,20 @@ class PerCallRole:
         by_stub = self.stubs.pending(stop.tid, tgid, fd)  # connected by the send stub's fdk_connect
         if not (ino or by_stub) or fd in self.waiting.get(stop.tid, ()):
             return False
-        current = self.services.socket_inode(tgid, fd)
-        if current is None or current not in (ino, by_stub):
-            self.pending.pop((tgid, fd), None)  # closed unsent; the number names another socket now
+        try:
+            program_socket = self.services.copy(tgid, fd)
+        except OSError:
+            self.pending.pop((tgid, fd), None)  # closed unsent
             return False
-        self.pending[(tgid, fd)] = current
-        self._first_send(stop, fd)
+        # One copy of the program's socket for the whole stop (checked here, then the handoff's
+        # flags, epoll registrations and Via rewrite): pidfd_getfd is a syscall and a descriptor.
+        with program_socket:
+            info = os.fstat(program_socket.fileno())
+            if not stat.S_ISSOCK(info.st_mode) or info.st_ino not in (ino, by_stub):
+                self.pending.pop((tgid, fd), None)  # closed unsent; the number names another socket now
+                return False
+            self.pending[(tgid, fd)] = info.st_ino
+            self._first_send(stop, fd, program_socket)
         return True
 
     def _fcntl(self, stop: SyscallStop, fd: int) -> None:
@@ -235,7 +245,8 @@ class PerCallRole:
         syscall_ip = self._skip(stop.tid, 0)
         if tgid not in self.stubs.processes or not self.stubs.processes[tgid].connect_site:
             self._note_connect_site(stop, tgid, syscall_ip)
-        services.say(f"connect(fd {fd}): per-call connection, leased at its first send")
+        if services.request.debug:
+            services.say(f"connect(fd {fd}): per-call connection, leased at its first send")
 
     def _note_connect_site(self, stop: SyscallStop, tgid: int, syscall_ip: int) -> None:
         """Where the process's connect() to the SuT is made, and with which bytes: its wrapper
@@ -266,7 +277,9 @@ class PerCallRole:
 
     # ------------------------------------------------------------ the first send
 
-    def _first_send(self, stop: SyscallStop, fd: int) -> None:
+    def _first_send(self, stop: SyscallStop, fd: int, program_socket: socket.socket | None = None) -> None:
+        """The handoff at the first send on a pending ``fd`` (``program_socket``: our copy of it,
+        when the caller holds one already)."""
         services, tid = self.services, stop.tid
         tgid = services.tgid(tid)
         message = self._message(stop)
@@ -297,18 +310,20 @@ class PerCallRole:
         if stop.nr == SYS["sendto"] and not stop.args[4] and not stop.args[3] & MSG_NOSIGNAL:
             self.sends_seen_by_filter.add(tgid)  # its next first sends stop without stepping
         by_code = tid not in services.tracer.stepping  # the code's own calls must not stop, nor be emulated
-        no_stop = self.rewrites.first(stop, tgid, fd, kept.fds[0], kept.locals[0] if kept.locals else "")
+        kept_local = kept.locals[0] if kept.locals else ""
+        no_stop = self.rewrites.first(stop, tgid, fd, kept.fds[0], kept_local, program_socket, message)
         if no_stop:  # the rerun send is not seen again: the filter lets MSG_NOSIGNAL sends by
             injection.saved.r10 |= MSG_NOSIGNAL
         kept_inode = os.fstat(kept.fds[0]).st_ino
         try:
-            epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code)
+            epoll = self._hand_over(injection, tgid, fd, ino, kept.fds[0], by_code, program_socket)
         except OSError as error:
             services.tell(f"fdkeeper: cannot hand {aor}'s kept connection to process {tgid}: {error}")
             injection.finish(-(error.errno or errno.EIO))
             return
         self.handoffs += 1
-        services.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]} ({epoll})")
+        if services.request.debug:  # not even the line's formatting per call otherwise
+            services.say(f"send(fd {fd}): handed over {aor}'s kept connection {kept.ids[0]} ({epoll})")
         if stop.nr == SYS["sendto"]:
             self._later_sends_by_stub(injection, tgid, fd, kept_inode)
         if not injection.left:
@@ -357,16 +372,26 @@ class PerCallRole:
             data += read(tid, base, min(length, MAX_LOOK - len(data))) if length else b""
         return data
 
-    def _hand_over(self, injection: Injection, tgid: int, fd: int, ino: int | None, kept_fd: int, by_code: bool) -> str:
-        """Put the kept connection on ``fd``; how, and how its epoll registrations were restored."""
+    def _hand_over(
+        self,
+        injection: Injection,
+        tgid: int,
+        fd: int,
+        ino: int | None,
+        kept_fd: int,
+        by_code: bool,
+        held: socket.socket | None = None,
+    ) -> str:
+        """Put the kept connection on ``fd`` (``held``: our copy of the program's socket, if
+        the caller has one); how, and how its epoll registrations were restored."""
         services = self.services
-        with socket.socket(fileno=kept_fd) as kept_socket, services.copy(tgid, fd) as program_socket:
-            if ino is not None and os.fstat(program_socket.fileno()).st_ino != ino:
+        copy = services.copy(tgid, fd) if held is None else contextlib.nullcontext(held)
+        with socket.socket(fileno=kept_fd) as kept_socket, copy as program_socket:
+            program_inode = os.fstat(program_socket.fileno()).st_ino
+            if ino is not None and program_inode != ino:
                 raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
             procfs.match_nonblocking(kept_socket, program_socket)
-            registrations, found = self._registrations(
-                injection.tid, tgid, fd, os.fstat(program_socket.fileno()).st_ino
-            )
+            registrations, found = self._registrations(injection.tid, tgid, fd, program_inode)
             pidfd = services.transfer.pidfd_in_program(tgid)
             # By code (HANDOFF_CODE), the registrations first: made from outside on the kept
             # connection under the number ``fd``, they are the ones the program's fd will have

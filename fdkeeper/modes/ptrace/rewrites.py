@@ -37,14 +37,28 @@ class ViaRewrites:
         """(tgid, fd) is a new socket: no rewrite of the old one's applies."""
         self.rewrites.pop(key, None)
 
-    def first(self, stop: SyscallStop, tgid: int, fd: int, kept_fd: int, kept_local: str) -> bool:
+    def first(
+        self,
+        stop: SyscallStop,
+        tgid: int,
+        fd: int,
+        kept_fd: int,
+        kept_local: str,
+        program_socket: socket.socket | None = None,
+        message: bytes | None = None,
+    ) -> bool:
         """At the first send, with the user's connection leased: note what fd's sends are to
         name (the placeholder's address is the program's socket's, still on fd) and rewrite
-        this first message; True when the send may rerun with MSG_NOSIGNAL, unseen."""
+        this first message; True when the send may rerun with MSG_NOSIGNAL, unseen.
+        ``program_socket``: our copy of fd, if the caller holds one; ``message``: the send's
+        first bytes, if the caller read them (no copy, no read made twice)."""
         key = (tgid, fd)
         self.rewrites.pop(key, None)
         try:
-            with self.services.copy(tgid, fd) as program_socket:
+            if program_socket is None:
+                with self.services.copy(tgid, fd) as program_socket:
+                    placeholder = program_socket.getsockname()
+            else:
                 placeholder = program_socket.getsockname()
             # As the keeper wrote it (normalised): split, not parsed again.
             kept = split_host_port(kept_local) if kept_local not in ("", "-") else None
@@ -62,7 +76,7 @@ class ViaRewrites:
         self.rewrites[key] = rewrite
         if stop.nr != SYS["sendto"] or stop.args[4]:
             return False  # only sendto() without an address is seen again (the filter)
-        self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite)
+        self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite, message)
         return self.sigpipe_ignored(tgid)
 
     def on_send(self, stop: SyscallStop) -> None:
@@ -72,14 +86,16 @@ class ViaRewrites:
         if rewrite is not None:
             self._rewrite_buffer(stop.tid, stop.args[1], stop.args[2], rewrite)
 
-    def _rewrite_buffer(self, tid: int, buf: int, size: int, rewrite: Rewrite) -> None:
+    def _rewrite_buffer(self, tid: int, buf: int, size: int, rewrite: Rewrite, message: bytes | None = None) -> None:
         """The placeholder's address replaced in the program's own buffer, before the kernel
-        takes any of it (a tail the program sends again is then its copy of rewritten bytes)."""
+        takes any of it (a tail the program sends again is then its copy of rewritten bytes);
+        ``message``: its first min(size, MAX_LOOK) bytes, if read already."""
         if not buf or not size:
             return
         tracer = self.services.tracer
         try:
-            message = tracer.read(tid, buf, min(size, MAX_LOOK))
+            if message is None:
+                message = tracer.read(tid, buf, min(size, MAX_LOOK))
             offsets = rewrite.offsets(message)
             for at in offsets:
                 tracer.write(tid, buf + at, rewrite.new)
