@@ -113,10 +113,6 @@ class KeptConnection(_KeptFields):
             return CLOSED
         return LEASED if self.holder_pid is not None else IDLE
 
-    def is_held(self) -> bool:
-        """Whether a run holds it now (a lease)."""
-        return self.holder_pid is not None
-
     def label(self) -> str:
         user = f" ({self.aor})" if self.aor else ""
         return f"{format_address(self.local)}->{format_address(self.remote)}/{self.transport}{user}"

@@ -53,13 +53,7 @@ class Repeat:
 REPEATS_PER_CONNECTION = 2
 LEASE_OK_ONE = b"OK count=1"
 LEASE_OK_ONE_KEEP = b"OK count=1 keep=1"
-# A run's kept copy of a relayed (tls, ws, wss) connection keeps its socketpair open in the keeper
-# (two descriptors): copies are allowed while these fit under the open-file limit beside every
-# kept connection's own descriptor and this much room for everything else (the pairs of calls
-# in progress, pidfds, control clients, connections being opened).
-PAIR_DESCRIPTORS = 2
 LOGGED_PER_HOLDER = 20  # per-user grants a holder gets logged at info level (Leases.log_grant)
-KEEP_HEADROOM = 2048
 
 
 class Leases:
