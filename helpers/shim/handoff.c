@@ -61,18 +61,17 @@ int handoff_dup_onto(int src, int fd)
     return r;
 }
 
-/* The kept connection replaces fd (kept is closed, unless keep_source: then
- * only when that fails); 0 or -1 (said, errno set). */
-static int put_on_fd(int kept, int fd, int keep_source)
+/* The kept connection replaces fd; kept stays open for the caller to close or
+ * cache, and is closed only when that fails. 0 or -1 (said, errno set). */
+static int put_on_fd(int kept, int fd)
 {
     char ebuf[128];
     int err;
 
-    if ((keep_source ? handoff_dup_keeping(kept, fd) : handoff_dup_onto(kept, fd)) == 0)
+    if (handoff_dup_keeping(kept, fd) == 0)
         return 0;
     err = errno;
-    if (keep_source)
-        REAL(close)(kept);
+    REAL(close)(kept);
     shim_say("fdkeeper: cannot put the kept connection on fd %d: %s", fd,
              strerror_r(err, ebuf, sizeof ebuf));
     errno = err;
@@ -174,11 +173,12 @@ static int connection_onto(int fd, const char *req, int per_call, const char *wh
     if (lease_one(req, what, &kept, answer, &keep) != 0)
         return -1;
     answer->pair = lease_is_pair(kept);
-    if (!(per_call && keep && lc_enabled()))
-        return put_on_fd(kept, fd, 0);
-    if (put_on_fd(kept, fd, 1) != 0)
+    if (put_on_fd(kept, fd) != 0)
         return -1;
-    lc_put(req, kept, answer);
+    if (per_call && keep && lc_enabled())
+        lc_put(req, kept, answer);
+    else
+        REAL(close)(kept);
     return 0;
 }
 
