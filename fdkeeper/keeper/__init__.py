@@ -1,3 +1,3 @@
 """The keeper: the long-lived process that opens, holds and lends the connections to the SuT."""
 
-from fdkeeper.keeper.server import Keeper, raise_open_file_limit  # noqa: F401
+from fdkeeper.keeper.server import Keeper  # noqa: F401

@@ -15,7 +15,6 @@ import itertools
 import json
 import logging
 import os
-import resource
 import select
 import signal
 import socket
@@ -37,6 +36,7 @@ from fdkeeper.keeper.opening import Pending, resume_request
 from fdkeeper.keeper.pool import ConnectionPool
 from fdkeeper.keeper.record import KeeperRecord, take_lock
 from fdkeeper.loop import Reactor
+from fdkeeper.openfiles import raise_open_file_limit
 from fdkeeper.protocol import (
     JSON_CHUNK,
     MAX_FDS_PER_PACKET,
@@ -449,11 +449,3 @@ def _fds_batches(
         batches[-1].append(connection)
         size += cost
     return batches
-
-
-def raise_open_file_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit: every kept connection is a descriptor."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard

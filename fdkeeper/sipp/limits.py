@@ -15,8 +15,6 @@ past a 20,000 limit). Both are said, with the limit and the fix, before sipp sta
 
 from __future__ import annotations
 
-import resource
-
 from fdkeeper.address import format_address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest
@@ -24,17 +22,6 @@ from fdkeeper.sipp.args import SippInvocation
 
 SIPP_MAX_SOCKET = 50000  # sipp's DEFAULT_MAX_MULTI_SOCKET: -max_socket when not given
 SIPP_OWN_FILES = 64  # sipp's descriptors besides call sockets: stdio, logs, its main socket, the shim's
-
-
-def raise_open_file_limit() -> tuple[int, int]:
-    """The soft RLIMIT_NOFILE raised to the hard one (sipp, started next, inherits it); (soft, hard)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft, hard  # a hard limit the kernel's nr_open caps: sipp runs with the soft one
-    return hard, hard
 
 
 def check_sipp_sockets(invocation: SippInvocation, soft: int, hard: int) -> str | None:

@@ -23,13 +23,13 @@ from fdkeeper.client import KeeperClient
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.handoff import KeeperSettings, Plan, Run, notice, opening_fields, run_handed_over
 from fdkeeper.modes import HandoffRequest, ModeOptions, PtraceOptions, UdpOptions
+from fdkeeper.openfiles import raise_open_file_limit
 from fdkeeper.process import spawn
 from fdkeeper.protocol import OVER_TLS
 from fdkeeper.sipp.args import SippInvocation, parse_sipp_args
 from fdkeeper.sipp.limits import (
     check_handed_connections,
     check_sipp_sockets,
-    raise_open_file_limit,
     sut_limit_notice,
 )
 from fdkeeper.sipp.request import keeper_transport, sipp_needs, sipp_request
