@@ -93,9 +93,10 @@ class PerCallRole:
         self.sends_seen_by_filter: set[int] = set()
         self.lease_owner = 0  # the process whose per-user leases fdkeeper holds itself (see _first_send)
         # tgid -> (the `syscall` of its connect() to the SuT, the sockaddr's bytes), until its
-        # connect wrapper is patched (_later_sends_by_stub)
-        self.connect_sites: dict[int, tuple[int, bytes]] = {}
-        self.epoll_sites: dict[int, int] = {}  # tgid -> the `syscall` of its epoll_ctl(ADD), until patched
+        # connect wrapper's one try at a patch (_later_sends_by_stub); None after it, till exec
+        self.connect_sites: dict[int, tuple[int, bytes] | None] = {}
+        # tgid -> the `syscall` of its epoll_ctl(ADD), until its one try; 0 after it, till exec
+        self.epoll_sites: dict[int, int] = {}
 
     def on_entry(self, stop: SyscallStop) -> None:
         if stop.seccomp:
@@ -203,9 +204,7 @@ class PerCallRole:
         except OSError:
             return  # a bad pointer: the call fails with EFAULT by itself
         self.registrations.added((tgid, fd), ino, epfd, events, data)
-        if tgid not in self.epoll_sites and not (
-            tgid in self.stubs.processes and self.stubs.processes[tgid].epoll_site
-        ):
+        if tgid not in self.epoll_sites:
             self.epoll_sites[tgid] = int(pt.ptrace_getregs(stop.tid).rip) - SYSCALL_SIZE  # patched at a handoff
 
     def _on_epoll_change(self, stop: SyscallStop) -> None:
@@ -243,7 +242,7 @@ class PerCallRole:
             # here, and the send), not at entry and exit.
             services.tracer.emulating.add(stop.tid)
         syscall_ip = self._skip(stop.tid, 0)
-        if tgid not in self.stubs.processes or not self.stubs.processes[tgid].connect_site:
+        if self.connect_sites.get(tgid, ()) is not None:  # not tried yet
             self._note_connect_site(stop, tgid, syscall_ip)
         if services.request.debug:
             services.say(f"connect(fd {fd}): per-call connection, leased at its first send")
@@ -347,12 +346,12 @@ class PerCallRole:
             self.stubs.note(injection.tid, tgid, fd, kept_inode, rewrite.old, rewrite.new)
         site = self.connect_sites.get(tgid)
         if site is not None and tgid in self.sends_seen_by_filter:
-            del self.connect_sites[tgid]  # one try: where it cannot be patched, connect() keeps its stop
+            self.connect_sites[tgid] = None  # one try: where it cannot be patched, connect() keeps its stop
             if self.stubs.patch_connect(injection.tid, tgid, *site):
                 self.services.say(f"process {tgid}: its connect() to the SuT answered by the stub, no stop")
         epoll_site = self.epoll_sites.get(tgid)
-        if epoll_site is not None and tgid in self.sends_seen_by_filter:
-            del self.epoll_sites[tgid]  # one try, as connect()'s
+        if epoll_site and tgid in self.sends_seen_by_filter:
+            self.epoll_sites[tgid] = 0  # one try, as connect()'s
             if self.stubs.patch_epoll(injection.tid, tgid, epoll_site):
                 self.services.say(f"process {tgid}: its epoll_ctl() registrations noted by the stub, no stop")
 
