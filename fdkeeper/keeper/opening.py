@@ -139,9 +139,9 @@ class Opener:
                 websocket: WsHandshake | None = None,
             ) -> None:
                 self.in_progress.pop(key, None)  # twice when keeping it faulted (Opening._on_fault)
-                if sock is not None and len(self.reached) < MAX_REACHED:
-                    self.reached.add(remote)
                 if sock is not None:  # done gives a socket or an error, never both
+                    if len(self.reached) < MAX_REACHED:
+                        self.reached.add(remote)
                     try:
                         opened(sock, early, websocket)
                     except FdkeeperError as failure:  # out of descriptors for its socketpair, say
@@ -149,9 +149,7 @@ class Opener:
                         error = failure
                 pending.settle(error)
 
-            opening = Opening(self.reactor, remote, local, options, self.timeout, done, websocket)
-            opening.reached = remote in self.reached
-            opening.start()
+            Opening(self.reactor, remote, local, options, self.timeout, done, websocket, remote in self.reached).start()
             if pending.failure is not None:  # failed at once (a bad -i/-p): no need to wait
                 raise pending.failure
         raise pending
@@ -170,6 +168,7 @@ class Opening:
         timeout: float,
         done: Done,
         websocket: WsOptions | None = None,
+        reached: bool = False,
     ) -> None:
         self.reactor, self.remote, self.local, self.options = reactor, remote, local, options
         self.timeout = timeout
@@ -180,7 +179,7 @@ class Opening:
         self.timer: Timer | None = None
         self.received = b""
         self.upgrade = _Upgrade()  # the WebSocket upgrade's state (ws, wss)
-        self.reached = False  # the keeper connected to this SuT before (Opener.reached)
+        self.reached = reached  # the keeper connected to this SuT before (Opener.reached)
 
     def start(self) -> None:
         try:
