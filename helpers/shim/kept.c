@@ -29,7 +29,7 @@ int kept_socket(int domain, int type, int protocol)
     int saved;
 
     /* The lease cache's copies take descriptors the program's own sockets come before. */
-    if (fd < 0 && errno == EMFILE && SHIM_ACTIVE() && lc_shrink() > 0)
+    if (fd < 0 && SHIM_ACTIVE() && lc_gave_way())
         fd = REAL(socket)(domain, type, protocol);
     saved = errno;
 

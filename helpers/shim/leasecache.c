@@ -247,11 +247,11 @@ void lc_put(const char *request, int kept, const struct lc_answer *answer)
     errno = saved;
 }
 
-int lc_shrink(void)
+int lc_gave_way(void)
 {
     int closed = 0, saved = errno;
 
-    if (!lc_count())
+    if (saved != EMFILE || !lc_count())
         return 0;
     pthread_mutex_lock(&lc_mutex);
     for (int n = (lc_kept + 1) / 2; n > 0 && oldest; n--, closed++)

@@ -34,10 +34,10 @@ SHIM_HIDDEN void lc_put(const char *request, int kept, const struct lc_answer *a
  * the program's now). Cheap when nothing is kept. Keeps errno. */
 SHIM_HIDDEN void lc_lost_fd(int fd);
 SHIM_HIDDEN void lc_lost_range(unsigned first, unsigned last);
-/* The program ran out of descriptors (EMFILE): close the older half of the
- * copies (at least one) so that its call can be made again; how many were
- * closed (0: none kept, retrying is no use). Keeps errno. */
-SHIM_HIDDEN int lc_shrink(void);
+/* After a call that failed: whether to make it once more, because it failed
+ * for want of descriptors (EMFILE) and the cache closed the older half of its
+ * copies (at least one) to give them back. Keeps errno. */
+SHIM_HIDDEN int lc_gave_way(void);
 /* How many copies are kept (tests, debug lines). */
 SHIM_HIDDEN int lc_count(void);
 

@@ -50,8 +50,7 @@ static int put_placeholder(int fd, const char *what, int *other)
     int sp[2], err;
 
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0 &&
-        (errno != EMFILE || lc_shrink() == 0 ||
-         socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0)) {
+        (!lc_gave_way() || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) != 0)) {
         err = errno;
         shim_say("fdkeeper: %s: cannot make the placeholder of a per-call connection: %s", what,
                  strerror_r(err, ebuf, sizeof ebuf));
