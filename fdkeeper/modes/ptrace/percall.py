@@ -386,9 +386,12 @@ class PerCallRole:
         services = self.services
         copy = services.copy(tgid, fd) if held is None else contextlib.nullcontext(held)
         with socket.socket(fileno=kept_fd) as kept_socket, copy as program_socket:
-            program_inode = os.fstat(program_socket.fileno()).st_ino
-            if ino is not None and program_inode != ino:
-                raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
+            if held is not None and ino is not None:
+                program_inode = ino  # the caller checked its copy against ino in this stop already
+            else:
+                program_inode = os.fstat(program_socket.fileno()).st_ino
+                if ino is not None and program_inode != ino:
+                    raise OSError(errno.EBADF, f"fd {fd} is no longer the socket the program connected")
             procfs.match_nonblocking(kept_socket, program_socket)
             registrations, found = self._registrations(injection.tid, tgid, fd, program_inode)
             pidfd = services.transfer.pidfd_in_program(tgid)
