@@ -2,7 +2,7 @@
 
 Used by `fdkeeper demo`, the test suite and the benches. Modules, one concern each:
 
-- net: free_port, wait_until (the one wait helper), DEFAULT_DOMAIN;
+- net: free_port, bind_fresh_port, wait_until (the one wait helper), DEFAULT_DOMAIN;
 - configs: the Kamailio configurations (template files) and their rendering;
 - process: a Kamailio process we own (files, start, stop, find_program);
 - kamailio: the SuT `Kamailio` and the `KamailioConverter`, with their queries;
@@ -22,7 +22,7 @@ from fdkeeper.testbed.kamailio import (
 )
 from fdkeeper.testbed.kamcmd import parse_kamcmd, parse_sip_target
 from fdkeeper.testbed.kamtls import KamailioTls
-from fdkeeper.testbed.net import DEFAULT_DOMAIN, free_port, wait_until
+from fdkeeper.testbed.net import DEFAULT_DOMAIN, bind_fresh_port, free_port, wait_until
 from fdkeeper.testbed.pki import TestPki, make_test_pki
 from fdkeeper.testbed.sipmsg import options_request, read_sip_message
 from fdkeeper.testbed.sipp import (
@@ -61,6 +61,7 @@ __all__ = [
     "SippProcess",
     "SippResult",
     "TestPki",
+    "bind_fresh_port",
     "fdkeeper_command",
     "find_sipp",
     "free_port",

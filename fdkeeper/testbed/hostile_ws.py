@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from fdkeeper.address import format_address
 from fdkeeper.sip.framing import MAX_MESSAGE
-from fdkeeper.testbed.net import wait_until
+from fdkeeper.testbed.net import bind_fresh_port, wait_until
 from fdkeeper.testbed.pki import TestPki
 from fdkeeper.testbed.scripted_sut import sip_message
 from fdkeeper.testbed.wsframes import KeeperFrames, close_payload, fragments, server_frame, upgrade_answer
@@ -296,7 +296,7 @@ class HostileWsServer:
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
             self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-        self.listener.bind(("127.0.0.1", 0))
+        bind_fresh_port(self.listener)
         self.listener.listen()
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.connections: list[HostileConnection] = []

@@ -1,4 +1,4 @@
-"""The loopback test network: free ports, the SIP domain, and the one wait helper.
+"""The loopback test network: free ports (never one an earlier test server had), the SIP domain, and the one wait helper.
 
 `wait_until` is what tests, benches and the testbed itself use to wait for a state
 (a registration, a connection closed, a keeper lease) instead of sleeping a fixed time.
@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -20,6 +22,41 @@ T = TypeVar("T")
 DEFAULT_DOMAIN = "fdkeeper.test"
 
 
+# Every port this process's test SuTs were given. A module's keeper outlives the servers its
+# tests start and lists a closed connection under its SuT's address; a later server on the
+# same port would find that connection as its own. So no two servers of a run share a port.
+_ports_given: set[tuple[str, int]] = set()
+
+
+def bind_fresh_port(sock: socket.socket, host: str = "127.0.0.1") -> int:
+    """Bind ``sock`` to a port of ``host`` that no earlier test SuT of this process had; return it.
+
+    The port is drawn from the kernel's own range for ephemeral ports, as bind() to port 0
+    would; one that is taken is skipped (a failed bind leaves the socket as it was)."""
+    low, high = _ephemeral_range()
+    for _ in range(200):
+        port = random.randint(low, high)
+        if (host, port) in _ports_given:
+            continue
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            continue
+        _ports_given.add((host, port))
+        return port
+    raise RuntimeError(f"no free port on {host} that an earlier test server of this run did not have")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a port that is free for both TCP and UDP on `host`.
 
@@ -32,11 +69,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         with socket.socket(family, socket.SOCK_STREAM) as tcp:
             tcp.bind((host, 0))
             port: int = tcp.getsockname()[1]
+            if (host, port) in _ports_given:
+                continue
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as udp:
                     udp.bind((host, port))
             except OSError:
                 continue
+            _ports_given.add((host, port))
             return port
     raise RuntimeError(f"no port free for both TCP and UDP on {host}")
 

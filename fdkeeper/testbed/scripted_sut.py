@@ -41,7 +41,7 @@ from typing import Any, TypeVar, cast
 from fdkeeper.address import format_address
 from fdkeeper.sip.framing import SipFramer
 from fdkeeper.tcp import unsent_bytes
-from fdkeeper.testbed.net import wait_until
+from fdkeeper.testbed.net import bind_fresh_port, wait_until
 
 _Value = TypeVar("_Value")
 _Outcome = TypeVar("_Outcome", "WriteOutcome", "ReadOutcome")
@@ -113,7 +113,7 @@ class ScriptedSut:
         if narrow:  # inherited by accepted sockets; set before listen() to shape the handshake's window
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
             self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-        self.listener.bind(("127.0.0.1", 0))
+        bind_fresh_port(self.listener)
         self.listener.listen()
         self.listener.setblocking(False)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]

@@ -23,9 +23,11 @@ With the real sipp and no fdkeeper at all:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import socket
 import ssl
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -257,6 +259,26 @@ def test_missing_websocket_module_names_the_package(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Debian package 'kamailio-websocket-modules'"):
         testbed.Kamailio(tmp_path / "k", websocket=True).start()
     assert not (tmp_path / "k" / "kamailio.pid").exists()  # refused before Kamailio ran
+
+
+def test_no_two_test_servers_of_a_run_share_a_port(monkeypatch):
+    """A module's keeper lists a closed connection under its SuT's address: a later test server on
+    that port would take it for its own. Even a kernel that offers only used ports is turned down."""
+    servers = [socket.socket() for _ in range(40)]
+    try:
+        ports = [testbed.bind_fresh_port(server) for server in servers[:20]] + [testbed.free_port()]
+        for server in servers[:20]:
+            server.close()  # free again in the kernel, yet not to be handed out again
+        offers = itertools.cycle(ports)
+        monkeypatch.setattr(testbed.net, "random", types.SimpleNamespace(randint=lambda low, high: next(offers)))
+        with pytest.raises(RuntimeError, match="earlier test server"):
+            testbed.bind_fresh_port(servers[20])
+        monkeypatch.undo()
+        later = [testbed.bind_fresh_port(server) for server in servers[21:]]
+        assert len(set(ports + later)) == len(ports + later)
+    finally:
+        for server in servers:
+            server.close()
 
 
 def test_parse_kamcmd_keeps_repeated_members():

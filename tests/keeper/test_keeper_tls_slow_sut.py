@@ -22,7 +22,7 @@ import pytest
 from fdkeeper.client import KeeperClient, ensure_keeper
 from fdkeeper.modes.ptrace.raw import pidfd_getfd
 from fdkeeper.sip.framing import SipFramer
-from fdkeeper.testbed import wait_until
+from fdkeeper.testbed import bind_fresh_port, wait_until
 from tests.support.keeper import lease, open_connection
 
 READ_RATE = 80_000  # bytes a second the SuT reads
@@ -48,7 +48,7 @@ class SlowSut:
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-        self.listener.bind(("127.0.0.1", 0))
+        bind_fresh_port(self.listener)
         self.listener.listen()
         self.address = self.listener.getsockname()[:2]
         self.call_ids: list[str] = []

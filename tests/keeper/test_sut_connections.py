@@ -69,7 +69,7 @@ class Registrar:
 
     def __post_init__(self) -> None:
         self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
+        testbed.bind_fresh_port(self._listener)
         self._listener.listen(8)
         self.address = "{}:{}".format(*self._listener.getsockname())
         self._lock = threading.Lock()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from fdkeeper.testbed import wait_until
+from fdkeeper.testbed import bind_fresh_port, wait_until
 from tests.support.paths import HELPERS, TESTS
 
 sys.path.insert(0, str(HELPERS))  # helpers/shimbuild.py: the package build's compile flags
@@ -52,7 +52,7 @@ class Sut:
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        bind_fresh_port(self.sock)
         self.sock.listen(1024)
         self.sock.settimeout(10)
         self.port: int = self.sock.getsockname()[1]
