@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError
@@ -34,6 +34,15 @@ log = logging.getLogger("fdkeeper.keeper")
 # The keeper's own descriptors besides its connections: the loop, the control socket and its
 # clients, the log, the pump's wake-up, a connection being opened.
 RESERVED_DESCRIPTORS = 64
+
+
+class DescriptorRoom(NamedTuple):
+    """The keeper's open-file limits, what it holds (with its reserve) and the room left."""
+
+    soft: int
+    hard: int
+    in_use: int
+    free: int
 
 
 class ConnectionPool:
@@ -180,6 +189,12 @@ class ConnectionPool:
             unheld.append(connection)
         return unheld
 
+    def _room(self) -> DescriptorRoom:
+        """How many more descriptors the keeper may open under its open-file limit."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        in_use = self._in_use() + RESERVED_DESCRIPTORS
+        return DescriptorRoom(soft, hard, in_use, max(soft - in_use, 0))
+
     def _in_use(self) -> int:
         """The descriptors the keeper holds for its connections and leases, counted from what it
         holds (listing /proc/self/fd took 60 ms at 19,000, on the loop)."""
@@ -203,23 +218,21 @@ class ConnectionPool:
         users = request.number("users") or 0
         transport = request.required_text("transport")
         leased = descriptors_per_connection(transport)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         kept = sum(1 for c in self.connections.values() if c.sock is not None and c.aor and c.transport == transport)
         new_users = max(users - kept, 0)
         need = new_users * leased + min(users, kept) * (leased - IDLE_DESCRIPTORS)
-        in_use = self._in_use()
-        room = soft - in_use - RESERVED_DESCRIPTORS
-        if need > room:
-            fits = room // leased
+        room = self._room()
+        if need > room.free:
+            fits = room.free // leased
             split = (
                 f"; a run over {transport} holds {leased} descriptors a user until it exits ({IDLE_DESCRIPTORS} once "
-                f"idle): register at most {max(fits, 0)} users a run (CSV ranges)"
+                f"idle): register at most {fits} users a run (CSV ranges)"
                 if leased > IDLE_DESCRIPTORS
                 else ""
             )
             raise FdkeeperError(
-                f"fdkeeper: the keeper can hold {max(fits, 0)} more {transport} connections (open-file limit {soft}, "
-                f"hard limit {hard}, about {in_use + RESERVED_DESCRIPTORS} in use) but this run may need {users}"
+                f"fdkeeper: the keeper can hold {fits} more {transport} connections (open-file limit {room.soft}, "
+                f"hard limit {room.hard}, about {room.in_use} in use) but this run may need {users}"
                 f"{split}; or raise the limit (e.g. 'ulimit -n' or LimitNOFILE=) before the keeper starts, then "
                 "'fdkeeper stop' and run again",
                 "limit",
@@ -234,15 +247,13 @@ class ConnectionPool:
         )
         if not need:
             return
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        in_use = self._in_use()
-        room = soft - in_use - RESERVED_DESCRIPTORS
-        if need > room:
+        room = self._room()
+        if need > room.free:
             raise FdkeeperError(
                 f"fdkeeper: this run would be handed {len(connections)} kept {transport} connections; each is relayed "
                 f"through a socketpair ({PAIR_DESCRIPTORS} descriptors in the keeper) while the run holds it: {need} "
-                f"descriptors beside the {in_use + RESERVED_DESCRIPTORS} in use, but the keeper's open-file limit "
-                f"{soft} (hard limit {hard}) leaves room for {max(room, 0)}, that is {max(room, 0) // PAIR_DESCRIPTORS} "
+                f"descriptors beside the {room.in_use} in use, but the keeper's open-file limit "
+                f"{room.soft} (hard limit {room.hard}) leaves room for {room.free}, that is {room.free // PAIR_DESCRIPTORS} "
                 "such connections; keep fewer users in this keeper (one keeper per CSV range of users), or raise "
                 "the limit before the keeper starts",
                 "limit",
