@@ -123,13 +123,20 @@ def refused_after_reached(target: str) -> FdkeeperError:
     )
 
 
+# How fdkeeper names a SuT at its connection limit, wherever it sees one (a new connection
+# closed at once; kept connections ended mid-run).
+SUT_AT_ITS_LIMIT = (
+    "has most likely reached its connection limit (Kamailio: tcp_max_connections, tls_max_connections, "
+    "open_files_limit); raise it, then run again with --reconnect"
+)
+
+
 def closed_at_once_error(target: str) -> FdkeeperError:
     """A SuT that accepted our earlier connections closes a new one before a byte of it (or during
     its TLS handshake): how a SuT at its connection limit answers (Kamailio's handle_new_connect
     accepts and closes past tcp_max_connections, its tls module past tls_max_connections)."""
     return FdkeeperError(
-        f"fdkeeper: the SuT at {target} closed the new connection at once, having accepted earlier ones: it has "
-        "most likely reached its connection limit (Kamailio: tcp_max_connections, tls_max_connections, "
-        "open_files_limit); raise it, then run again with --reconnect",
+        f"fdkeeper: the SuT at {target} closed the new connection at once, having accepted earlier ones: it "
+        + SUT_AT_ITS_LIMIT,
         "refused",
     )

@@ -19,6 +19,7 @@ from fdkeeper.address import format_address
 from fdkeeper.errors import FdkeeperError
 from fdkeeper.modes import HandoffRequest
 from fdkeeper.sipp.args import SippInvocation
+from fdkeeper.tcp import SUT_AT_ITS_LIMIT
 
 SIPP_MAX_SOCKET = 50000  # sipp's DEFAULT_MAX_MULTI_SOCKET: -max_socket when not given
 SIPP_OWN_FILES = 64  # sipp's descriptors besides call sockets: stdio, logs, its main socket, the shim's
@@ -86,6 +87,5 @@ def sut_limit_notice(closed_after: int | None, closed_before: int, request: Hand
     return (
         f"the SuT at {format_address(request.remote)}/{request.transport} closed {closed_after - closed_before} "
         "kept connection(s) during this run ('fdkeeper status --state closed' lists them): a SuT that ends "
-        "new connections mid-run has most likely reached its connection limit (Kamailio: tcp_max_connections, "
-        "open_files_limit); raise it, then run again with --reconnect"
+        "new connections mid-run " + SUT_AT_ITS_LIMIT
     )
