@@ -131,12 +131,13 @@ SUT_AT_ITS_LIMIT = (
 )
 
 
-def closed_at_once_error(target: str) -> FdkeeperError:
+def closed_at_once_error(target: str, otherwise: str = "") -> FdkeeperError:
     """A SuT that accepted our earlier connections closes a new one before a byte of it (or during
     its TLS handshake): how a SuT at its connection limit answers (Kamailio's handle_new_connect
     accepts and closes past tcp_max_connections, its tls module past tls_max_connections)."""
     return FdkeeperError(
         f"fdkeeper: the SuT at {target} closed the new connection at once, having accepted earlier ones: it "
-        + SUT_AT_ITS_LIMIT,
+        + SUT_AT_ITS_LIMIT
+        + (f"; {otherwise}" if otherwise else ""),
         "refused",
     )

@@ -36,6 +36,7 @@ READ_CHUNK = 256 * 1024
 CA_OPTION = "--tls-ca (-tls_ca)"
 CRL_OPTION = "-tls_crl"
 CERT_OPTION = "--tls-cert (-tls_cert)"
+CLIENT_CERT_HINT = "pass --tls-cert and --tls-key (or sipp's -tls_cert and -tls_key)"
 KEY_OPTION = "--tls-key (-tls_key)"
 # A whole trust store is a few hundred kB (Debian's: 0.2 MB); a file much larger is no TLS file.
 MAX_TLS_FILE = 4 * 1024 * 1024
@@ -349,12 +350,12 @@ def _handshake_text(remote: Address, error: Exception, options: TlsOptions, tran
         # may close without an alert we get to read (it depends on timing and the Python build).
         return (
             f"fdkeeper: TLS handshake with the SuT at {target} failed: the SuT closed the connection during the "
-            "handshake; if it wants a client certificate, pass --tls-cert and --tls-key (or sipp's -tls_cert and -tls_key)"
+            f"handshake; if it wants a client certificate, {CLIENT_CERT_HINT}"
         )
     if isinstance(error, ssl.SSLError):
         reason = error.reason or str(error)
         hint = (
-            "; the SuT wants a client certificate: pass --tls-cert and --tls-key (or sipp's -tls_cert and -tls_key)"
+            f"; the SuT wants a client certificate: {CLIENT_CERT_HINT}"
             if "CERTIFICATE_REQUIRED" in str(reason).upper() or "HANDSHAKE_FAILURE" in str(reason).upper()
             else ""
         )

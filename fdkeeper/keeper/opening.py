@@ -29,6 +29,7 @@ from fdkeeper.sip.framing import PING
 from fdkeeper.tcp import closed_at_once_error, connect_error, new_tcp_socket
 from fdkeeper.tls import (
     ALERT_GRACE,
+    CLIENT_CERT_HINT,
     READ_CHUNK,
     TlsOptions,
     closed_during_handshake,
@@ -242,7 +243,9 @@ class Opening:
             return
         except (ssl.SSLError, OSError) as error:
             if self.reached and closed_during_handshake(error):  # how a SuT at its connection limit answers
-                self._fail(closed_at_once_error(f"{format_address(self.remote)}/{self._transport()}"))
+                # A run without the client certificate an earlier run had gets the same close.
+                otherwise = "" if options.cert else f"if it wants a client certificate, {CLIENT_CERT_HINT}"
+                self._fail(closed_at_once_error(f"{format_address(self.remote)}/{self._transport()}", otherwise))
             else:
                 self._fail(handshake_error(self.remote, error, options, self._transport()))
             return

@@ -252,3 +252,60 @@ def test_keepalive_over_tls(tmp_path, peer, pki):
         assert client.status()["connections"][0]["queued_bytes"] == 0
     finally:
         client.stop()
+
+
+class TlsSutAtItsLimit:
+    """A TLS SuT that takes one connection, then is at its limit: it accepts every later one and
+    closes it at once, in the handshake (Kamailio past tls_max_connections does so)."""
+
+    def __init__(self, pki) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self.kept: list[ssl.SSLSocket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.kept:
+                raw.close()
+                continue
+            try:
+                self.kept.append(self.context.wrap_socket(raw, server_side=True))
+            except (ssl.SSLError, OSError):
+                raw.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self.listener.close()
+        self._thread.join(5)
+        for connection in self.kept:
+            connection.close()
+
+
+@pytest.mark.parametrize("with_cert", [False, True])
+def test_a_tls_sut_at_its_limit_is_named_so_and_a_run_without_a_certificate_hears_of_that_cause_too(
+    keeper, pki, with_cert
+):
+    """Once the keeper reached the SuT, a new connection closed in its handshake is named as the
+    SuT's connection limit. A SuT that wants a client certificate the run lacks closes alike, so a
+    run without one is told that cause as well; a run with one is not."""
+    sut = TlsSutAtItsLimit(pki)
+    cert = {"tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)} if with_cert else {}
+    fields = {"role": "client", "transport": "tls", "remote": sut.address, "local": "-", "tls_sni": pki.server_name}
+    try:
+        keeper.prepare(aor="sip:first@example.com", tls_ca=str(pki.ca_cert), **fields, **cert)
+        with pytest.raises(FdkeeperError) as closed:
+            keeper.prepare(aor="sip:second@example.com", tls_ca=str(pki.ca_cert), **fields, **cert)
+    finally:
+        sut.close()
+    text = str(closed.value)
+    assert "closed the new connection at once" in text and "tls_max_connections" in text, text
+    assert ("--tls-cert and --tls-key" in text) is not with_cert, text
+    assert "\n" not in text and closed.value.code == "refused", text
