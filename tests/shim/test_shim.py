@@ -21,7 +21,7 @@ import time
 import pytest
 
 from fdkeeper.testbed import free_port, wait_until
-from tests.support.fake_keeper import FakeKeeper, fmt_addr
+from tests.support.fake_keeper import FakeKeeper, ReusingKeeper, fmt_addr
 from tests.support.shim import Sut, exchange_over_lease, parse, recv_until, run, shim_env, start_client
 
 SIPP = shutil.which("sipp")
@@ -886,67 +886,16 @@ def test_per_call_unset_is_t1(build, keeper, sut):
     assert r.stderr == ""
 
 
-class ReusingKeeper(FakeKeeper):
-    """Answers every request a control connection sends, as the keeper does (FakeKeeper closes
-    it after one), and closes it itself after ``close_after`` requests (the keeper's idle drop)."""
-
-    def __init__(self, *args, close_after: int = 1000, **kwargs) -> None:
-        self.close_after = close_after
-        self.accepted = 0
-        super().__init__(*args, **kwargs)
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        self.accepted += 1
-        conn.settimeout(5)
-        with conn:
-            for _ in range(self.close_after):
-                try:
-                    if not conn.recv(1, socket.MSG_PEEK):
-                        break
-                    self._one(conn)
-                except OSError:
-                    break
-
-
-class InlineAnswers:
-    """A control connection whose "OK count=1" goes out with the FDS packet after it, as one
-    packet (the keeper's answer to a LEASE with inline=1 it answered before)."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn, self.held = conn, b""
-
-    def __getattr__(self, name: str):
-        return getattr(self.conn, name)
-
-    def send(self, data: bytes) -> int:
-        if data.startswith(b"OK count="):
-            self.held = data
-            return len(data)
-        return self.conn.send(data)
-
-    def sendmsg(self, buffers, ancdata) -> int:
-        message = b"".join(buffers)
-        if self.held:
-            message, self.held = self.held + message.removeprefix(b"FDS"), b""
-        return self.conn.sendmsg([message], ancdata)
-
-
-class InlineKeeper(ReusingKeeper):
-    """Answers every LEASE with inline=1 in one packet."""
-
-    def _one(self, conn: socket.socket) -> None:
-        inline = "inline=1" in conn.recv(4097, socket.MSG_PEEK).decode().split()
-        super()._one(InlineAnswers(conn) if inline else conn)
-
-
 @pytest.mark.parametrize(
-    "kind,close_after,accepted", [(ReusingKeeper, 1000, 1), (ReusingKeeper, 1, 3), (InlineKeeper, 1000, 1)]
+    "inline,close_after,accepted",
+    [(False, 1000, 1), (False, 1, 3), (True, 1000, 1)],
+    ids=["kept", "closed-after-each", "inline"],
 )
-def test_control_connection_kept_between_leases(build, keeper_dir, sut, kind, close_after, accepted):
+def test_control_connection_kept_between_leases(build, keeper_dir, sut, inline, close_after, accepted):
     """One control connection carries a process's leases; one the keeper closed meanwhile is
     replaced at the next lease, which still gets its answer; an answer inline (the OK packet
     with the descriptor) is taken as the two packets are."""
-    k = kind(keeper_dir / "control.sock", sut, close_after=close_after)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, close_after=close_after, inline=inline)
     responder = SutResponder(k)
     try:
         calls = [f"send|From: <sip:u{c}@fdkeeper.test>" for c in range(3)]
@@ -963,6 +912,8 @@ def test_control_connection_kept_between_leases(build, keeper_dir, sut, kind, cl
     assert [kv[f"c{c}_got"] for c in range(3)] == [f"{c}:call-{c}" for c in range(3)]
     assert len(k.requests) == 3 and len(set(k.peer_pids)) == 1
     assert all(" inline=1 aor=" in request for request in k.requests)
+    # Each descriptor went with the OK (inline) or in an FDS packet of its own.
+    assert [packet.split(" ids=")[0] for packet in k.packets] == ["OK count=1" if inline else "FDS"] * 3
     assert k.accepted == accepted
     assert r.stderr == ""
 
@@ -1082,28 +1033,6 @@ def test_real_sipp_per_call(build, keeper_dir, sut, tmp_path):
         k.close()
 
 
-class KeepAnswers:
-    """A control connection whose one-connection OK says keep=1 (the keeper's answer to a
-    per-user LEASE asked with cache=1: the process may keep a copy)."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-
-    def __getattr__(self, name: str):
-        return getattr(self.conn, name)
-
-    def send(self, data: bytes) -> int:
-        return self.conn.send(b"OK count=1 keep=1" if data == b"OK count=1" else data)
-
-
-class KeepingKeeper(ReusingKeeper):
-    """Answers a LEASE asked with cache=1 with keep=1, as the keeper does."""
-
-    def _one(self, conn: socket.socket) -> None:
-        cache = "cache=1" in conn.recv(4097, socket.MSG_PEEK).decode().split()
-        super()._one(KeepAnswers(conn) if cache else conn)
-
-
 def percall_arg(prefix: str, user: str) -> str:
     """shimprog percall's argument for a call of ``user`` sent with send, after ``prefix`` (fork ...)."""
     return f"{prefix + '+' if prefix else ''}send|From: <sip:{user}@fdkeeper.test>"
@@ -1111,7 +1040,7 @@ def percall_arg(prefix: str, user: str) -> str:
 
 def lease_cache_run(build, k, remote, calls, transport="tcp", **extra):
     """shimprog percall of ``calls`` ("[PREFIX+]+user": a call of that user sent with send) against
-    the keeping fake keeper; its key=value output and stderr."""
+    a fake keeper that answers keep=1; its key=value output and stderr."""
     responder = SutResponder(k)
     try:
         args = [percall_arg(*call.rpartition("+")[::2]) for call in calls]
@@ -1128,7 +1057,7 @@ def test_lease_cache_repeats_without_the_keeper(build, keeper_dir, sut, transpor
     """keep=1: a user's next call takes the process's own copy of its connection (no request);
     the copies stay open after the program's close, one per user, and work as the keeper's."""
     pairs = {"pairs": True, "peer_addr": sut.addr, "local_addr": "127.0.0.1:40999"} if transport == "tls" else {}
-    k = KeepingKeeper(keeper_dir / "control.sock", sut, **pairs)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, keep=True, **pairs)
     try:
         kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "+alice", "+alice", "+bob"], transport)
         assert len(k.requests) == 2 and all(" cache=1 inline=1 aor=" in r for r in k.requests), k.requests
@@ -1148,7 +1077,7 @@ def test_lease_cache_repeats_without_the_keeper(build, keeper_dir, sut, transpor
 def test_lease_cache_bound(build, keeper_dir, sut, bound, requests, copies):
     """FDKEEPER_LEASE_CACHE: copies kept at most (the least recently used closed first); 0: none,
     and no cache=1 asked."""
-    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, keep=True)
     try:
         kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "+alice"], FDKEEPER_LEASE_CACHE=bound)
         assert len(k.requests) == requests and all(("cache=1" in r) == (bound != "0") for r in k.requests)
@@ -1163,7 +1092,7 @@ def test_lease_cache_fork_close_range(build, keeper_dir, sut):
     """A forked child holds no lease: it closes its copies of its parent's and asks the keeper
     itself (the parent's copy serves the parent's next call); close_range over the copies'
     numbers makes them the program's, and the next call asks the keeper again."""
-    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, keep=True)
     try:
         calls = ["+alice", "fork+alice", "+alice", "closerange+alice", "+alice"]
         kv, err = lease_cache_run(build, k, sut.addr, calls)
@@ -1181,7 +1110,7 @@ def test_lease_cache_fork_close_range(build, keeper_dir, sut):
 def test_lease_cache_gives_way_when_the_program_runs_out_of_descriptors(build, keeper_dir, sut):
     """A socket() or placeholder that finds no descriptor free (EMFILE) closes the older half of
     the copies and is made again: the copies never cost the program a call."""
-    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, keep=True)
     try:
         kv, err = lease_cache_run(build, k, sut.addr, ["+alice", "+bob", "hog+alice"], FDKEEPER_DEBUG="1")
         assert [kv[f"c{c}_got"] for c in range(3)] == ["0:call-0", "1:call-1", "0:call-2"]
@@ -1194,7 +1123,7 @@ def test_lease_cache_gives_way_when_the_program_runs_out_of_descriptors(build, k
 
 def test_lease_cache_copy_the_sut_ended_is_asked_again(build, keeper_dir, sut):
     """A copy whose peer hung up (the SuT's FIN) is not handed again: the keeper is asked."""
-    k = KeepingKeeper(keeper_dir / "control.sock", sut)
+    k = ReusingKeeper(keeper_dir / "control.sock", sut, keep=True)
     responder = SutResponder(k)
     args = ["send|From: <sip:alice@fdkeeper.test>", "wait+send|From: <sip:alice@fdkeeper.test>"]
     env = shim_env(build, k.path, remote=sut.addr, FDKEEPER_PER_CALL="1")

@@ -13,11 +13,11 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
+from tests.support.fake_keeper import ControlServer
 from tests.support.shim import WRAPPER, parse, shim_env
 
 Packet = tuple[bytes, int]  # the bytes, and how many descriptors go with them (pipe ends)
@@ -46,33 +46,18 @@ CASES: dict[str, list[Packet]] = {
 }
 
 
-class ScriptedKeeper:
+class ScriptedKeeper(ControlServer):
     """Answers each connection on a SOCK_SEQPACKET socket with ``script``, then closes it."""
 
     def __init__(self, path: Path, script: list[Packet]) -> None:
-        self.script = script
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.bind(os.fspath(path))
-        self.sock.listen(8)
-        self.sock.settimeout(0.2)
-        self.path, self.running, self.requests = path, True, 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.script, self.requests = script, 0
+        super().__init__(path)
 
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                try:
-                    conn.recv(8192)
-                    self.requests += 1
-                    for data, count in self.script:
-                        self._send(conn, data, count)
-                except OSError:
-                    pass
+    def _one(self, conn: socket.socket) -> None:
+        conn.recv(8192)
+        self.requests += 1
+        for data, count in self.script:
+            self._send(conn, data, count)
 
     @staticmethod
     def _send(conn: socket.socket, data: bytes, count: int) -> None:
@@ -82,11 +67,6 @@ class ScriptedKeeper:
         finally:
             for end in ends:
                 os.close(end)
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join(2)
-        self.sock.close()
 
 
 @pytest.mark.parametrize("name", list(CASES))
