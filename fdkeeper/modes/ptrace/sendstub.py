@@ -47,6 +47,7 @@ import functools
 import importlib.util
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from fdkeeper.modes.ptrace.injection import Injection
@@ -106,6 +107,7 @@ CALL = 0xE8  # call rel32
 # nosignal, entries, messages rewritten, the process (tgid), the SuT's sockaddr's length and bytes (sendstub.c)
 HEADER = struct.Struct("<QQQQQ32s")
 COUNTERS = struct.Struct("<QQQ")  # the header's first three
+SUT_AT = COUNTERS.size + 8  # the header's SuT sockaddr's length, then its bytes
 # The kept connection's inode, length, placeholder, kept, the pending socket's inode, and the
 # epoll registration noted: the socket's inode, epfd, events, data, in more than one set (sendstub.c)
 ENTRY = struct.Struct("<QQ64s64sQQqQQQ")
@@ -181,14 +183,13 @@ def elf_function(image: bytes, name: bytes) -> bytes | None:
 class ProcessStub:
     """The stub's code page and table in one process, and the sites patched to reach it."""
 
-    __slots__ = ("code_at", "connect_site", "epoll_site", "next_trampoline", "sites", "table_at")
+    __slots__ = ("code_at", "next_trampoline", "sites", "table_at")
 
     def __init__(self, code_at: int, table_at: int) -> None:
         self.code_at = code_at
         self.table_at = table_at
-        self.sites: list[int] = []  # addresses of the patched `mov eax, 44`
-        self.connect_site = 0  # address of the patched `mov eax, 42` (0: none)
-        self.epoll_site = 0  # address of the patched `mov eax, 233` (0: none)
+        # Each kind of wrapper's patched sites (the address of their `mov eax, N`).
+        self.sites: dict[Wrapper, list[int]] = {wrapper: [] for wrapper in WRAPPERS}
         self.next_trampoline = code_at + FIRST_TRAMPOLINE
 
 
@@ -211,72 +212,37 @@ class SendStubs:
         code_at = injection.check("mmap", hint, PAGE, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS | flags, -1, 0)
         size = HEADER.size + MAX_FDS * ENTRY.size
         table_at = injection.check("mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        self.tracer.write(injection.tid, code_at, code)  # /proc/PID/mem may write there
-        for symbol, at in ((CONNECT_SYMBOL, CONNECT_FUNCTION_AT), (EPOLL_SYMBOL, EPOLL_FUNCTION_AT)):
-            function = library_function(symbol)
-            if function is not None:
-                self.tracer.write(injection.tid, code_at + at, function)
+        for wrapper in WRAPPERS:  # each function in its room (the send's among them: code)
+            function = library_function(wrapper.symbol)
+            if function is not None:  # /proc/PID/mem may write there, into a read-exec page
+                self.tracer.write(injection.tid, code_at + wrapper.function_at, function)
         self.tracer.write(injection.tid, table_at, HEADER.pack(int(nosignal), MAX_FDS, 0, tgid, 0, b""))
         self.processes[tgid] = ProcessStub(code_at, table_at)
 
     def patch(self, tid: int, tgid: int, syscall_ip: int) -> bool:
         """Send the send wrapper whose `syscall` is at ``syscall_ip`` through the stub; True
         when it is (now or already), False when it cannot be (see the module's docstring)."""
-        process, site = self.processes.get(tgid), syscall_ip - 5
-        if process is None:
-            return False
-        if site in process.sites:
-            return True
-        at = process.next_trampoline
-        if not self._patch_site(
-            tid, tgid, process, site, SEND_SITE, trampoline(at, process.code_at, process.table_at, site)
-        ):
-            return False
-        process.sites.append(site)
-        return True
+        return self._patch(SEND, tid, tgid, syscall_ip)
 
     def patch_connect(self, tid: int, tgid: int, syscall_ip: int, sut: bytes) -> bool:
         """Send the connect wrapper whose `syscall` is at ``syscall_ip`` through fdk_connect, which
         answers the connects of TCP sockets to ``sut`` (the sockaddr's bytes as the program passed
         them) by itself; True when it is (now or already)."""
-        process, site = self.processes.get(tgid), syscall_ip - 5
-        if process is None or connect_function() is None or not 0 < len(sut) <= MAX_SUT_ADDRESS:
+        if not 0 < len(sut) <= MAX_SUT_ADDRESS:
             return False
-        if process.connect_site:
-            return process.connect_site == site
-        at, function_at = process.next_trampoline, process.code_at + CONNECT_FUNCTION_AT
-        try:  # the table first: the function answers nothing until it names the SuT
-            self.tracer.write(tid, process.table_at + COUNTERS.size + 8, struct.pack("<Q32s", len(sut), sut))
-        except OSError:
-            return False
-        if not self._patch_site(
-            tid, tgid, process, site, CONNECT_SITE, connect_trampoline(at, function_at, process.table_at, site)
-        ):
-            return False
-        process.connect_site = site
-        return True
+        # The SuT in the table before the jump: the function answers nothing until it names one.
+        return self._patch(CONNECT, tid, tgid, syscall_ip, (SUT_AT, struct.pack("<Q32s", len(sut), sut)))
 
     def patch_epoll(self, tid: int, tgid: int, syscall_ip: int) -> bool:
         """Send the epoll_ctl() wrapper whose `syscall` is at ``syscall_ip`` through fdk_epoll_ctl
         (see the module's docstring); True when it is (now or already)."""
-        process, site = self.processes.get(tgid), syscall_ip - 5
-        if process is None or library_function(EPOLL_SYMBOL) is None:
-            return False
-        if process.epoll_site:
-            return process.epoll_site == site
-        at, function_at = process.next_trampoline, process.code_at + EPOLL_FUNCTION_AT
-        if not self._patch_site(
-            tid, tgid, process, site, EPOLL_SITE, epoll_trampoline(at, function_at, process.table_at, site)
-        ):
-            return False
-        process.epoll_site = site
-        return True
+        return self._patch(EPOLL, tid, tgid, syscall_ip)
 
     def registration(self, tid: int, tgid: int, fd: int, inode: int) -> list[tuple[int, int, int]] | None:
         """The epoll registration fdk_epoll_ctl noted for the socket ``inode`` on ``fd``, as
         epoll.Registrations gives them; None when it noted none (or more than one set)."""
         process = self.processes.get(tgid)
-        if process is None or not process.epoll_site or not 0 <= fd < MAX_FDS:
+        if process is None or not process.sites[EPOLL] or not 0 <= fd < MAX_FDS:
             return None
         at = process.table_at + HEADER.size + fd * ENTRY.size + PENDING_AT + 8
         try:
@@ -289,7 +255,7 @@ class SendStubs:
         """The inode of the socket whose connect() fdk_connect answered on ``fd`` and which has not
         sent yet (0: none); read and cleared, so that it is handed over once."""
         process = self.processes.get(tgid)
-        if process is None or not process.connect_site or not 0 <= fd < MAX_FDS:
+        if process is None or not process.sites[CONNECT] or not 0 <= fd < MAX_FDS:
             return 0
         at = process.table_at + HEADER.size + fd * ENTRY.size + PENDING_AT
         try:
@@ -300,16 +266,38 @@ class SendStubs:
             return 0
         return int(inode)
 
-    def _patch_site(self, tid: int, tgid: int, process: ProcessStub, site: int, shape: bytes, code: bytes) -> bool:
-        """The trampoline ``code`` placed at the process's next free room and the `mov` at ``site``
-        (the wrapper's bytes ``shape``) made a jump to it: only where it is certain to be safe
-        (see the module's docstring)."""
+    def _patch(
+        self, wrapper: Wrapper, tid: int, tgid: int, syscall_ip: int, table_first: tuple[int, bytes] = (0, b"")
+    ) -> bool:
+        """Send the ``wrapper`` whose `syscall` is at ``syscall_ip`` through its stub function, and
+        record its site; True when it is (now or already). ``table_first``: bytes written at that
+        offset of the table before the site is patched (what the function must know first)."""
+        process, site = self.processes.get(tgid), syscall_ip - 5
+        if process is None or library_function(wrapper.symbol) is None:
+            return False
+        sites = process.sites[wrapper]
+        if site in sites or (sites and wrapper.one_site):
+            return site in sites
+        if not self._patch_site(tid, tgid, process, wrapper, site, table_first):
+            return False
+        sites.append(site)
+        return True
+
+    def _patch_site(
+        self, tid: int, tgid: int, process: ProcessStub, wrapper: Wrapper, site: int, table_first: tuple[int, bytes]
+    ) -> bool:
+        """The wrapper's trampoline placed at the process's next free room and the `mov` at
+        ``site`` made a jump to it: only where it is certain to be safe (see the module's docstring)."""
         at = process.next_trampoline
+        code = wrapper.trampoline(at, process.code_at + wrapper.function_at, process.table_at, site)
         if at + len(code) > process.code_at + PAGE or abs(at - site) >= REACH - PAGE:
             return False
+        offset, first = table_first
         try:
-            if self.tracer.read(tid, site, len(shape)) != shape or not _one_thread(tgid):
+            if self.tracer.read(tid, site, len(wrapper.shape)) != wrapper.shape or not _one_thread(tgid):
                 return False
+            if first:
+                self.tracer.write(tid, process.table_at + offset, first)
             self.tracer.write(tid, at, code)
             self.tracer.write(tid, site, struct.pack("<Bi", JUMP, at - (site + 5)))
         except OSError:
@@ -320,7 +308,7 @@ class SendStubs:
     def note(self, tid: int, tgid: int, fd: int, inode: int, old: bytes, new: bytes) -> None:
         """fd is now the kept connection of inode ``inode``: its sends get ``new`` for ``old``."""
         process = self.processes.get(tgid)
-        if process is None or not process.sites or not 0 <= fd < MAX_FDS or len(old) > 64:
+        if process is None or not process.sites[SEND] or not 0 <= fd < MAX_FDS or len(old) > 64:
             return
         entry = ENTRY.pack(inode, len(old), old, new, 0, 0, 0, 0, 0, 0)  # the kept connection there, nothing else
         self.tracer.write(tid, process.table_at + HEADER.size + fd * ENTRY.size, entry)
@@ -370,6 +358,35 @@ def _code(at: int, table_at: int, function_at: int, head: bytes, *rest: bytes | 
     for part in rest:
         code += part if isinstance(part, bytes) else struct.pack("<Bi", JUMP, part - (at + len(code) + 5))
     return bytes(code)
+
+
+class Wrapper:
+    """A kind of the program's syscall wrapper that is patched to reach the stub: the bytes at its
+    site, the stub function its trampoline calls, and whether a process has one such site only."""
+
+    __slots__ = ("function_at", "one_site", "shape", "symbol", "trampoline")
+
+    def __init__(
+        self,
+        shape: bytes,
+        symbol: bytes,
+        function_at: int,
+        trampoline: Callable[[int, int, int, int], bytes],
+        one_site: bool,
+    ) -> None:
+        self.shape = shape  # `mov eax, N; syscall`: only exactly these bytes are patched
+        self.symbol = symbol  # the stub function its trampoline calls (sendstub.c)
+        self.function_at = function_at  # that function's room in the code page
+        self.trampoline = trampoline  # (at, function_at, table_at, site) -> the trampoline's bytes
+        # connect() and epoll_ctl(): the one site seen before the first handoff; send: each
+        # wrapper a first send went through.
+        self.one_site = one_site
+
+
+SEND = Wrapper(SEND_SITE, STUB_SYMBOL, 0, trampoline, one_site=False)
+CONNECT = Wrapper(CONNECT_SITE, CONNECT_SYMBOL, CONNECT_FUNCTION_AT, connect_trampoline, one_site=True)
+EPOLL = Wrapper(EPOLL_SITE, EPOLL_SYMBOL, EPOLL_FUNCTION_AT, epoll_trampoline, one_site=True)
+WRAPPERS = (SEND, CONNECT, EPOLL)
 
 
 def _one_thread(tgid: int) -> bool:
