@@ -73,7 +73,7 @@ struct epoll_event_packed {
 struct table {
     unsigned long nosignal; /* the program ignores SIGPIPE: MSG_NOSIGNAL changes nothing for it */
     unsigned long fds;      /* entries below */
-    unsigned long rewritten; /* messages rewritten here, read by fdkeeper when the process ends */
+    unsigned long rewritten; /* messages rewritten here, read by fdkeeper at a thread's exit and an exec */
     unsigned long tgid;     /* the process the table is for (0: connect() is never answered here) */
     unsigned long sut_len;  /* length of sut (0: as tgid 0) */
     unsigned char sut[SUT_ADDRESS]; /* the sockaddr the program connected its per-call sockets with */

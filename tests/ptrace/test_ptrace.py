@@ -19,8 +19,12 @@ from fdkeeper import testbed
 from fdkeeper.client import KeeperClient
 from fdkeeper.demo import start_through_fdkeeper
 from fdkeeper.errors import FdkeeperError
+from fdkeeper.modes.base import HandoffRequest
 from fdkeeper.modes.ptrace import PtraceMode
 from fdkeeper.modes.ptrace.epoll import EPOLL_CTL_DEL, EPOLL_CTL_MOD, Registrations, add_from_outside
+from fdkeeper.modes.ptrace.seccomp import percall_filter
+from fdkeeper.modes.ptrace.session import Session
+from fdkeeper.modes.ptrace.tracer import Tracer
 from tests.support.shim import compile_program
 
 pytestmark = pytest.mark.skipif(
@@ -324,3 +328,25 @@ def test_an_error_in_a_role_handler_ends_the_run_with_its_traceback_not_a_hang(s
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "RuntimeError: a bug in a handler" in done.stderr, done.stderr
+
+
+# ------------------------------------------------------------------ per-call runs: an exec
+
+
+def test_a_per_call_run_counts_the_stub_at_each_exec_before_the_program_goes(tmp_path):
+    """The send stub's count of rewritten messages lives in the program's memory, which an exec
+    replaces: the per-call filter stops execve(), and the role counts there, while the program
+    that execs is still the one in the process; the exec's own event comes after."""
+    request = HandoffRequest(
+        program=Path("/bin/sh"), args=[], role="client", control_socket=tmp_path / "control", remote=None, per_call=True
+    )
+    tracer = Tracer.start(["/bin/sh", "-c", "exec /bin/true"], {}, percall_filter())
+    session = Session(tracer, request, "scm")
+    role, seen = session.role, []
+    role.stubs.count = lambda tid, tgid: seen.append(os.readlink(f"/proc/{tid}/exe"))
+    on_exec = role.on_exec
+    role.on_exec = lambda pid: (seen.append("exec"), on_exec(pid))
+    assert os.waitstatus_to_exitcode(session.run()) == 0
+    # The forked fdkeeper (Python) becomes sh, which becomes true; and true's own end (a thread's exit).
+    sh, true = str(Path("/bin/sh").resolve()), str(Path("/bin/true").resolve())
+    assert seen == [str(Path(sys.executable).resolve()), "exec", sh, "exec", true]

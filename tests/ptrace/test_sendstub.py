@@ -33,6 +33,8 @@ from fdkeeper.modes.ptrace.sendstub import (
     PENDING_AT,
     REGISTRATION,
     SEND_SITE,
+    ProcessStub,
+    SendStubs,
     connect_function,
     connect_trampoline,
     elf_function,
@@ -40,6 +42,7 @@ from fdkeeper.modes.ptrace.sendstub import (
     stub_function,
     trampoline,
 )
+from fdkeeper.modes.ptrace.tracer import Tracer
 from fdkeeper.modes.ptrace.viarewrite import Rewrite
 from tests.support.shim import SENDSTUB_CFLAGS, SENDSTUB_FUNCTION, WERROR, sendstub_source
 
@@ -308,3 +311,31 @@ def test_another_process_epoll_ctl_is_not_noted(pair):
         assert stub.epoll_ctl(epoll.fileno(), 1, pair[0].fileno(), event(select.EPOLLIN, 1)) == 0
         assert stub.noted(pair[0].fileno())[0] == 0
     del stub.epoll_ctl
+
+
+def test_what_a_stub_rewrote_before_an_exec_stays_counted():
+    """An exec takes the stub's page, and its count, with the program: the count read at the exec's
+    entry is kept and added to the next program's stub's, which counts from 0 again. An exec that
+    fails leaves the program, and its stub counting on: counted once."""
+    tracer, pid = Tracer(os.getpid()), os.getpid()  # this process's memory, read as a traced one's
+    stubs = SendStubs(tracer)
+
+    def stub_of_a_program(rewritten: int) -> mmap.mmap:
+        table = mmap.mmap(-1, HEADER.size)
+        table[0 : HEADER.size] = HEADER.pack(1, FDS, rewritten, pid, 0, b"")
+        stubs.processes[pid] = ProcessStub(0, address_of(table))
+        return table
+
+    try:
+        before = stub_of_a_program(rewritten=3)
+        stubs.count(pid, pid)  # an execve() that fails
+        before[0 : HEADER.size] = HEADER.pack(1, FDS, 4, pid, 0, b"")
+        stubs.count(pid, pid)  # at the execve() that succeeds
+        stubs.forget(pid)  # its event
+        after = stub_of_a_program(rewritten=1)
+        stubs.count(pid, pid)  # a thread's exit
+        after[0 : HEADER.size] = HEADER.pack(1, FDS, 2, pid, 0, b"")
+        stubs.count(pid, pid)  # the last one's
+        assert stubs.rewritten() == 4 + 2
+    finally:
+        tracer._forget_memory()  # its /proc/PID/mem

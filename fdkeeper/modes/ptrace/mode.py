@@ -63,8 +63,8 @@ class PtraceMode(Mode):
     summary = "ptrace injection from outside sipp (static or setuid-free sipp, any agent)"
     suits = "static programs"
     # -t t1/l1 client: one handoff at the first connect(), then detached; -t tn/ln client:
-    # attached under a seccomp filter that stops only connect(), epoll_ctl(ADD) and sendto() without
-    # an address, a handoff per user.
+    # attached under a seccomp filter that stops only connect(), epoll_ctl(ADD), sendto() without
+    # an address and exec, a handoff per user.
     capabilities = Capabilities(per_call_roles=frozenset({"client", "server"}), transfers=TRANSFERS)
 
     def unsupported_reason(self, program: Path) -> str | None:

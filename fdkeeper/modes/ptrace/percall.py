@@ -2,8 +2,9 @@
 
 The program runs under the seccomp filter of ``seccomp.percall_filter`` (installed before its
 exec) and the tracer stays attached for the whole run, but the program stops only at
-connect(), epoll_ctl(EPOLL_CTL_ADD) and sendto() without an address: everything else runs at
-full speed. What the shim does in helpers/shim/percall.c,
+connect(), epoll_ctl(EPOLL_CTL_ADD) and sendto() without an address (and at an exec, where the
+send stub's count of rewritten messages is read before the exec takes it): everything else
+runs at full speed. What the shim does in helpers/shim/percall.c,
 from outside:
 
 - connect() of a TCP socket to the SuT is skipped and returns 0 (the program's socket stays
@@ -67,6 +68,7 @@ from fdkeeper.modes.ptrace.services import Services, is_tcp_socket
 from fdkeeper.modes.ptrace.tracer import SyscallStop
 
 SENDS = (SYS["sendto"], SYS["write"], SYS["sendmsg"], SYS["writev"])
+EXECS = (SYS["execve"], SYS["execveat"])
 MAX_IOV = 64
 SYSCALL_SIZE = 2  # the `syscall` instruction: a seccomp stop's rip is past it
 
@@ -85,7 +87,6 @@ class PerCallRole:
         self.handoffs = 0
         self.rewrites = ViaRewrites(services)
         self.stubs = SendStubs(services.tracer)  # the rewrite of later sends, in the program
-        self.rewritten_by_stub: dict[int, int] = {}  # tgid -> messages its stub rewrote (read at exits)
         services.tracer.on_exit = self._on_thread_exit
         # Processes whose first sends were plain send()s (sendto without an address or
         # MSG_NOSIGNAL), which the filter stops at anyway: their threads need not step from
@@ -106,6 +107,8 @@ class PerCallRole:
                 self._on_epoll_add(stop)
             elif stop.nr == SYS["sendto"] and not self._first_send_seen_by_filter(stop):
                 self.rewrites.on_send(stop)
+            elif stop.nr in EXECS:  # the last moment the stub's count is there to read
+                self.stubs.count(stop.tid, self.services.tgid(stop.tid))
             return
         fds = self.waiting.get(stop.tid)
         done = self._on_stepping_entry(stop, fds) if fds else False
@@ -125,12 +128,10 @@ class PerCallRole:
 
     def _on_thread_exit(self, tid: int) -> None:
         """A thread about to exit: what its process's stub rewrote, while its memory is there."""
-        tgid = self.services.tgid(tid)
-        if tgid in self.stubs.processes:
-            self.rewritten_by_stub[tgid] = max(self.rewritten_by_stub.get(tgid, 0), self.stubs.rewritten(tid, tgid))
+        self.stubs.count(tid, self.services.tgid(tid))
 
     def close(self) -> None:
-        rewritten = self.rewrites.rewritten + sum(self.rewritten_by_stub.values())
+        rewritten = self.rewrites.rewritten + self.stubs.rewritten()
         self.services.say(
             f"{self.services.tracer.stops} ptrace stops for {self.handoffs} per-call handoff(s); "
             f"{rewritten} message(s) given the kept connection's address"

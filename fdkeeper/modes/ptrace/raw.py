@@ -58,6 +58,7 @@ SYS = {
     "shutdown": 48,
     "listen": 50,
     "setsockopt": 54,
+    "execve": 59,
     "fcntl": 72,
     "prctl": 157,
     "epoll_wait": 232,
@@ -66,6 +67,7 @@ SYS = {
     "accept4": 288,
     "dup3": 292,
     "seccomp": 317,
+    "execveat": 322,
     "pidfd_open": 434,
     "pidfd_getfd": 438,
 }

@@ -94,7 +94,9 @@ def percall_filter() -> bytes:
     already, and how the send stub (sendstub.py) sends a kept fd's later messages it rewrote,
     in a program that ignores SIGPIPE anyway; nor does an epoll_ctl() with EPOLL_COOKIE in its
     5th argument (which the kernel ignores): the send stub's fdk_epoll_ctl noted that
-    registration already. Everything else runs at full speed, untraced.
+    registration already. execve() and execveat() stop too, rarely: the exec is about to take
+    the send stub's page with the program, and its count of rewritten messages is read there.
+    Everything else runs at full speed, untraced.
     """
     program: list[Instruction] = [
         (_LD_ABS_W, 0, 0, 4),
@@ -104,6 +106,8 @@ def percall_filter() -> bytes:
         (_JEQ_K, "neutral", 0, SYS["shutdown"]),
         (_JEQ_K, "sendto", 0, SYS["sendto"]),
         (_JEQ_K, "epoll_ctl", 0, SYS["epoll_ctl"]),
+        (_JEQ_K, "trace", 0, SYS["execve"]),
+        (_JEQ_K, "trace", 0, SYS["execveat"]),
         (_JEQ_K, 0, "allow", SYS["setsockopt"]),
         (_LD_ABS_W, 0, 0, 24),
         (_JEQ_K, "neutral", 0, IPPROTO_TCP),

@@ -199,13 +199,15 @@ class SendStubs:
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
         self.processes: dict[int, ProcessStub] = {}
+        self.counted: dict[int, int] = {}  # tgid -> messages its program's stub rewrote, as last read
+        self.counted_before_exec = 0  # those of stubs an exec took away with their program
 
     def place(self, injection: Injection, tgid: int, nosignal: bool) -> None:
         """Map the code and its table into the held program (near its send), unless there."""
         code = stub_function()
         if code is None or (tgid in self.processes and self._there(injection.tid, self.processes[tgid], code)):
             return
-        self.processes.pop(tgid, None)
+        self.forget(tgid)  # an earlier program's, if any
         near = injection.syscall_ip
         # A static binary sits low: MAP_32BIT keeps the code within a rel32 jump of it.
         hint, flags = (0, MAP_32BIT) if near < REACH else (max(near - (REACH >> 1), PAGE) & ~(PAGE - 1), 0)
@@ -313,19 +315,26 @@ class SendStubs:
         entry = ENTRY.pack(inode, len(old), old, new, 0, 0, 0, 0, 0, 0)  # the kept connection there, nothing else
         self.tracer.write(tid, process.table_at + HEADER.size + fd * ENTRY.size, entry)
 
-    def rewritten(self, tid: int, tgid: int) -> int:
-        """Messages the process's stub has rewritten so far (0 without a stub)."""
-        process = self.processes.get(tgid)
-        if process is None:
-            return 0
+    def count(self, tid: int, tgid: int) -> None:
+        """Read what the process's stub has rewritten so far, while its memory is there: at a
+        thread's exit, and at an exec's entry (the exec takes the stub's page with the program)."""
+        if tgid not in self.processes:
+            return
         try:
-            return int(COUNTERS.unpack(self.tracer.read(tid, process.table_at, COUNTERS.size))[2])
+            rewritten = COUNTERS.unpack(self.tracer.read(tid, self.processes[tgid].table_at, COUNTERS.size))[2]
         except (OSError, struct.error):
-            return 0
+            return
+        # The counter only grows while its program lives: the largest read is the latest.
+        self.counted[tgid] = max(self.counted.get(tgid, 0), int(rewritten))
+
+    def rewritten(self) -> int:
+        """Messages the stubs rewrote, as last counted: those of programs an exec replaced too."""
+        return self.counted_before_exec + sum(self.counted.values())
 
     def forget(self, tgid: int) -> None:
-        """The process exec'd or ended: its stub is gone."""
+        """The process exec'd: its stub is gone, what it rewrote (counted at the exec's entry) stays."""
         self.processes.pop(tgid, None)
+        self.counted_before_exec += self.counted.pop(tgid, 0)
 
     def _there(self, tid: int, process: ProcessStub, code: bytes) -> bool:
         try:
