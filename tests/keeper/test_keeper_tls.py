@@ -49,13 +49,17 @@ class TlsPeer:
             except OSError:
                 return
             self.accepts += 1
-            try:
-                connection = self.context.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError):
-                raw.close()
-                continue
-            self.connection = connection
-            self._read_until_closed(connection)
+            self._take(raw)
+
+    def _take(self, raw: socket.socket) -> None:
+        """Serve one accepted connection (the next is accepted once it ends)."""
+        try:
+            connection = self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()
+            return
+        self.connection = connection
+        self._read_until_closed(connection)
 
     def _read_until_closed(self, connection: ssl.SSLSocket) -> None:
         while True:
@@ -254,39 +258,23 @@ def test_keepalive_over_tls(tmp_path, peer, pki):
         client.stop()
 
 
-class TlsSutAtItsLimit:
+class TlsSutAtItsLimit(TlsPeer):
     """A TLS SuT that takes one connection, then is at its limit: it accepts every later one and
     closes it at once, in the handshake (Kamailio past tls_max_connections does so)."""
 
-    def __init__(self, pki) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(pki.server_cert, pki.server_key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()[:2]
-        self.kept: list[ssl.SSLSocket] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.kept:
-                raw.close()
-                continue
-            try:
-                self.kept.append(self.context.wrap_socket(raw, server_side=True))
-            except (ssl.SSLError, OSError):
-                raw.close()
+    def _take(self, raw: socket.socket) -> None:
+        if self.connection is not None:
+            raw.close()
+            return
+        try:
+            self.connection = self.context.wrap_socket(raw, server_side=True)  # kept, left unread
+        except (ssl.SSLError, OSError):
+            raw.close()
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self.listener.close()
-        self._thread.join(5)
-        for connection in self.kept:
-            connection.close()
+        super().close()
+        if self.connection is not None:
+            self.connection.close()
 
 
 @pytest.mark.parametrize("with_cert", [False, True])
