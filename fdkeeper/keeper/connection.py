@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fdkeeper.address import Address, format_address
 from fdkeeper.errors import FdkeeperError, out_of_descriptors
 from fdkeeper.keeper.control import limit_error
+from fdkeeper.keeper.sharing import SharedValues
 from fdkeeper.protocol import JsonObject, format_message
 from fdkeeper.sip.framing import PING, PONG, FramingError, SipFramer
 from fdkeeper.tcp import queued_bytes
@@ -223,19 +224,13 @@ class KeptConnection(_KeptFields):
 
 # The SuTs' addresses, each one tuple however many connections go to it (bounded: a keeper
 # talks to few SuTs; past the bound, new ones are simply not shared).
-_SHARED_ADDRESSES: dict[Address, Address] = {}
 MAX_SHARED_ADDRESSES = 1024
+_SHARED_ADDRESSES: SharedValues[Address, Address] = SharedValues(MAX_SHARED_ADDRESSES)
 
 
 def shared_address(address: Address) -> Address:
     """The one tuple kept for ``address`` (a SuT's), its host an interned string."""
-    shared = _SHARED_ADDRESSES.get(address)
-    if shared is not None:
-        return shared
-    shared = _interned(address)
-    if len(_SHARED_ADDRESSES) < MAX_SHARED_ADDRESSES:
-        _SHARED_ADDRESSES[shared] = shared
-    return shared
+    return _SHARED_ADDRESSES.one(address, lambda: _interned(address))
 
 
 def _interned(address: Address) -> Address:

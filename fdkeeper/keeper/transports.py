@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from fdkeeper.keeper.codec import Codec, SipStream, WebSocketStream
 from fdkeeper.keeper.health import PONG_TIMEOUT
+from fdkeeper.keeper.sharing import SharedValues
 from fdkeeper.keeper.tlslink import TlsLink
 from fdkeeper.keeper.wire import TcpWire, TlsWire, Wire
 from fdkeeper.tls import TlsInfo, TlsOptions, describe
@@ -135,18 +136,12 @@ def transport_for(
 # The TLS sessions' descriptions (tls.describe): links to one SuT with one configuration share
 # one (about 200 bytes each otherwise); read only, copied into `fdkeeper status`. Bounded: past
 # it, new ones are simply not shared.
-_SHARED_INFO: dict[tuple[object, ...], TlsInfo] = {}
 MAX_SHARED_INFO = 256
+_SHARED_INFO: SharedValues[tuple[object, ...], TlsInfo] = SharedValues(MAX_SHARED_INFO)
 
 
 def _shared(info: TlsInfo) -> TlsInfo:
-    key = tuple(info.values())
-    shared = _SHARED_INFO.get(key)
-    if shared is not None:
-        return shared
-    if len(_SHARED_INFO) < MAX_SHARED_INFO:
-        _SHARED_INFO[key] = info
-    return info
+    return _SHARED_INFO.one(tuple(info.values()), lambda: info)
 
 
 class _Watched:
@@ -297,16 +292,24 @@ class RelayedTransport(_Watched):
         link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
         health.reactor.watch_by(link.wire.sock.fileno(), link.watched_sut, self)
         if link.keeper_end.fileno() >= 0:  # the socketpair exists only while a run needs it (tlslink.py)
-            health.reactor.watch_by(link.keeper_end.fileno(), link.watched_pair, _PairWatcher(self))
+            self._watch_pair(health.reactor)
         if link.closed_reason or link.sut_ended:  # ended by what came with the handshake
             self.after_event(health, connection)
+
+    def _watch_pair(self, reactor: Reactor) -> None:
+        link = self.link
+        link.watched_pair = link.wants_pair()
+        reactor.watch_by(link.keeper_end.fileno(), link.watched_pair, _PairWatcher(self))
 
     # The link's PairWatch (tlslink.py), where it is given one: its socketpair made and dropped as
     # runs need it, followed on the loop with no object of its own per link.
     def made(self) -> None:
-        """A new pair: watch the link's descriptors again (its ``keeper_end`` is a new one)."""
-        self.unwatch(self._health.reactor)
-        self.watch(self._health, self._connection)
+        """A new pair: watch its ``keeper_end``, the one new descriptor (the previous one was
+        unwatched at ``dropping``). The SuT's socket stays watched as it is, its events changed
+        only if what the link wants of it did (after_event): the new pair may have taken the
+        ``to_sipp`` that held its reads back. One epoll_ctl a lease, not three."""
+        self._watch_pair(self._health.reactor)
+        self.after_event(self._health, self._connection)  # an end the pair was made for (tlslink.py) goes on
 
     def dropping(self, fd: int) -> None:
         """The pair's ``keeper_end`` (``fd``) is about to close: stop watching it."""
