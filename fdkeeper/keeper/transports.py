@@ -289,7 +289,7 @@ class RelayedTransport(_Watched):
         link = self.link
         link.answer_options = health.answer_options
         link.is_held = self  # __call__: no bound method per link
-        link.watched_sut, link.watched_pair = link.wants_sut(), link.wants_pair()
+        link.watched_sut = link.wants_sut()
         health.reactor.watch_by(link.wire.sock.fileno(), link.watched_sut, self)
         if link.keeper_end.fileno() >= 0:  # the socketpair exists only while a run needs it (tlslink.py)
             self._watch_pair(health.reactor)
@@ -307,7 +307,10 @@ class RelayedTransport(_Watched):
         """A new pair: watch its ``keeper_end``, the one new descriptor (the previous one was
         unwatched at ``dropping``). The SuT's socket stays watched as it is, its events changed
         only if what the link wants of it did (after_event): the new pair may have taken the
-        ``to_sipp`` that held its reads back. One epoll_ctl a lease, not three."""
+        ``to_sipp`` that held its reads back. One epoll_ctl where unwatching and watching both
+        again took three. No one-shot re-arm is lost: the SuT's mask is one-shot only while the
+        pump holds the link (it has its pair then) or finishes a write (taking the SSL object
+        back changes the mask, which re-arms it)."""
         self._watch_pair(self._health.reactor)
         self.after_event(self._health, self._connection)  # an end the pair was made for (tlslink.py) goes on
 
