@@ -98,7 +98,7 @@ class PairWatch(Protocol):
     """How the keeper's event loop follows a link's socketpair as it is made and dropped."""
 
     def made(self) -> None:
-        """A new pair: watch the link's descriptors again (its ``keeper_end`` is a new one)."""
+        """A new pair: watch its ``keeper_end`` (the one new descriptor; the SuT's socket stays watched as it is)."""
 
     def dropping(self, fd: int) -> None:
         """The pair's ``keeper_end`` (``fd``) is about to close: stop watching it."""
