@@ -239,12 +239,10 @@ class ConnectionPool:
             )
 
     def _check_room_to_hand(self, connections: list[KeptConnection], transport: str) -> None:
-        """A run about to be handed ``connections``: each tls, ws or wss one without its socketpair
-        needs one (2 descriptors in the keeper) while the run holds it. Said before the run starts
-        when they do not fit under the keeper's open-file limit."""
-        need = sum(
-            PAIR_DESCRIPTORS for c in connections if descriptors_held(c) == IDLE_DESCRIPTORS and c.transport != "tcp"
-        )
+        """A run about to be handed ``connections``: each needs what a held one holds, beyond what it
+        holds now (a tls, ws or wss one without its socketpair: the pair, 2 descriptors in the
+        keeper). Said before the run starts when they do not fit under the keeper's open-file limit."""
+        need = sum(descriptors_per_connection(c.transport) - descriptors_held(c) for c in connections)
         if not need:
             return
         room = self._room()
