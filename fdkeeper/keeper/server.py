@@ -303,13 +303,14 @@ class Keeper:
         for connection in connections:
             new += self.leases.grant(connection, pid)
             connection.lease_mode, connection.lease_transfer = mode, transfer
-        if len(connections) == 1 and connections[0].aor and request.text("role") == "client":
+        one_user = len(connections) == 1 and bool(connections[0].aor)  # a per-user lease
+        if one_user and request.text("role") == "client":
             client.send(self.leases.ok_line(request.flag("cache")))
         else:
             client.send(format_message("OK", count=len(connections)))
         # Made as the client reads them: 19,000 descriptors are not copied to be queued.
         client.send_stream(functools.partial(_fds_packet, batch) for batch in _fds_batches(connections))
-        if len(connections) == 1 and connections[0].aor:  # a per-call run's: at most a few lines a run
+        if one_user:  # a per-call run's: at most a few lines a run
             self.leases.log_grant(connections[0], pid, bool(new))
             return
         # A shared connection its holder had already is no news: the log says when it changes hands.
