@@ -301,12 +301,17 @@ class MachineLoad:
         return (busy - self.began[0]) / max(1, total - self.began[1])
 
 
+def answered_runs(rounds: list[Run], config: str, rate: float) -> list[Run]:
+    """``config``'s fixed-rate runs at ``rate`` that answered every call: those a figure is a median of."""
+    return [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
+
+
 def cpu_report(rounds: list[Run]) -> list[str]:
     """Median ticks per 3,000 calls of each configuration's fixed-rate runs, rate by rate; the goal
     compares the configurations of a pair at the same rate."""
     lines, medians = [], {}
     for config, rate in sorted({(r.config, r.rate) for r in rounds}, key=lambda key: (CONFIGS.index(key[0]), key[1])):
-        runs = [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
+        runs = answered_runs(rounds, config, rate)
         if not runs:
             lines.append(f"({config}) {LABELS[config]} at {rate:g} calls/s: no fixed-rate run answered every call")
             continue
@@ -480,7 +485,7 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rates: list[float]) -
         for rate in rates
         for config, sipp_floor in (("kn", "debian_sipp"), ("kv", "native_sipp"))
     ):
-        runs = [r for r in rounds if r.config == config and r.rate == rate and r.all_answered]
+        runs = answered_runs(rounds, config, rate)
         if not runs:
             continue
         sipp = statistics.median(floor.ticks_per_calls(r, sipp_floor) for r in runs)
@@ -493,11 +498,8 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rates: list[float]) -
     return lines if len(lines) > 1 else []
 
 
-def median_total(rounds: list[Run], config: str, rate: float) -> float | None:
-    """Median sipp + keeper ticks per PER_CALLS calls of ``config``'s answered runs at ``rate``."""
-    runs = [r for r in rounds if (r.config, r.rate) == (config, rate) and r.all_answered]
-    if not runs:
-        return None
+def median_total(runs: list[Run]) -> float:
+    """Median sipp + keeper ticks per PER_CALLS calls of ``runs`` (answered_runs())."""
     return sum(statistics.median(ticks_per(r, key) or 0.0 for r in runs) for key in ("sipp", "keeper"))
 
 
@@ -505,10 +507,10 @@ def connect_sleep_report(floor: IdleFloor, rounds: list[Run], rate: float) -> li
     """(nn)'s sleeps in SSL_connect beside (kv)'s polling through the same seconds: sipp 3.7.7's
     own -t ln sleeps 200 ms a call, where its 1 ms poll loop would cost the idle floor; (kv)'s
     sipp polls on. Shown beside the measured ratio (the verdict), never subtracted from it."""
-    native = [r for r in rounds if (r.config, r.rate) == ("nn", rate) and r.all_answered]
-    measured, kept = median_total(rounds, "nn", rate), median_total(rounds, "kv", rate)
-    if not native or measured is None or kept is None:
+    native, kept_runs = answered_runs(rounds, "nn", rate), answered_runs(rounds, "kv", rate)
+    if not native or not kept_runs:
         return []
+    measured, kept = median_total(native), median_total(kept_runs)
     slept = statistics.median(r.measured["connect_sleeps"] * SSL_RETRY_SLEEP_S / r.successful for r in native)
     polled = floor.native_sipp * slept * TICKS * PER_CALLS  # ticks per PER_CALLS calls
     return [
