@@ -51,6 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fdkeeper.modes.ptrace.injection import Injection
+from fdkeeper.modes.ptrace.seccomp import EPOLL_COOKIE
 from fdkeeper.modes.ptrace.tracer import Tracer
 
 # The trampoline of one patched site (88 bytes), entered in place of `mov eax, 44` with the
@@ -95,7 +96,6 @@ CONNECT_SITE = bytes.fromhex("b82a0000000f05")  # mov eax, 42 (connect); syscall
 #     mov r8d, EPOLL_COOKIE                       (5th argument: the filter lets the call by)
 #     mov eax, 233; syscall; pop r8; lea rsp, [rsp+128]; jmp SITE+7      (past the program's `syscall`)
 #     plain: mov eax, 233; jmp SITE+5             (the program's own `syscall`)
-EPOLL_COOKIE = 0x314B4446  # "FDK1" (seccomp.percall_filter)
 EPOLL_HEAD = bytes.fromhex("488d642480534889e34883e4f05756524150415141524153514d89d04889d14889f24889fe48bf")
 EPOLL_MIDDLE = bytes.fromhex("59415b415a415941585a5e5f4889dc5b488da424800000004885c07423488d642480415041b8")
 EPOLL_CALL = bytes.fromhex("b8e90000000f054158488da42480000000")  # after the cookie: the call, r8 back
