@@ -56,6 +56,7 @@ Usage:  python3 bench/tls_anchor.py             (about 9 minutes)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -480,11 +481,7 @@ def idle_floor_report(floor: IdleFloor, rounds: list[Run], rates: list[float]) -
         f"idle floors (nothing to do, {TICKS} ticks/s): Debian sipp {floor.debian_sipp * TICKS:.2f}, sipp 3.7.7 "
         f"{floor.native_sipp * TICKS:.2f}, the keeper holding {floor.links} links {floor.keeper * TICKS:.2f} ticks/s"
     ]
-    for config, sipp_floor, rate in (
-        (config, sipp_floor, rate)
-        for rate in rates
-        for config, sipp_floor in (("kn", "debian_sipp"), ("kv", "native_sipp"))
-    ):
+    for rate, (config, sipp_floor) in itertools.product(rates, (("kn", "debian_sipp"), ("kv", "native_sipp"))):
         runs = answered_runs(rounds, config, rate)
         if not runs:
             continue
