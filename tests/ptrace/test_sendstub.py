@@ -35,7 +35,6 @@ from fdkeeper.modes.ptrace.sendstub import (
     SEND_SITE,
     ProcessStub,
     SendStubs,
-    connect_function,
     connect_trampoline,
     elf_function,
     epoll_trampoline,
@@ -199,7 +198,7 @@ class ConnectStub:
         self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
         code_at, table_at = address_of(self.code), address_of(self.table)
-        function = connect_function()
+        function = sendstub.library_function(CONNECT_SYMBOL)
         assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
         self.code[0 : len(CONNECT_SITE) + 1] = CONNECT_SITE + b"\xc3"
         function_at, trampoline_at = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE

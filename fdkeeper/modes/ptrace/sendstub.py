@@ -141,11 +141,6 @@ def stub_function() -> bytes | None:
     return library_function(STUB_SYMBOL)
 
 
-def connect_function() -> bytes | None:
-    """fdk_connect's bytes, as stub_function's."""
-    return library_function(CONNECT_SYMBOL)
-
-
 @functools.cache
 def library_function(symbol: bytes) -> bytes | None:
     """The bytes of ``symbol`` in the built fdkeeper._sendstub (None: not built, not there, or
