@@ -23,23 +23,17 @@ import pytest
 
 from fdkeeper.modes.ptrace import sendstub
 from fdkeeper.modes.ptrace.sendstub import (
-    CONNECT_SITE,
     CONNECT_SYMBOL,
     COUNTERS,
     ENTRY,
-    EPOLL_SITE,
     EPOLL_SYMBOL,
     HEADER,
     PENDING_AT,
     REGISTRATION,
-    SEND_SITE,
     ProcessStub,
     SendStubs,
-    connect_trampoline,
     elf_function,
-    epoll_trampoline,
     stub_function,
-    trampoline,
 )
 from fdkeeper.modes.ptrace.tracer import Tracer
 from fdkeeper.modes.ptrace.viarewrite import Rewrite
@@ -58,32 +52,42 @@ MESSAGES = [
 ]
 
 
-class Stub:
-    """The built stub function, a table and a send wrapper patched to the trampoline, in executable memory."""
+MOV_R10_RCX = bytes.fromhex("4989ca")  # a wrapper's 4th argument into the syscall's register
 
-    def __init__(self) -> None:
+
+class Patched:
+    """A syscall wrapper (page 0: ``prefix``, the ``wrapper`` kind's `mov eax, N; syscall`, ret), its
+    `mov` patched to the kind's trampoline, which calls the built stub function (page 1), and a
+    table, in executable memory: what a traced sipp runs at that call."""
+
+    def __init__(self, wrapper: sendstub.Wrapper, prefix: bytes = b"") -> None:
         self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
         self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
-        code_at = address_of(self.code)
-        self.table_at = address_of(self.table)
-        # The wrapper (page 0), sendto(): mov r10, rcx; mov eax, 44; syscall; ret -- its `mov` patched.
-        wrapper = bytes.fromhex("4989ca") + SEND_SITE + b"\xc3"
-        function = stub_function()
+        self.code_at, self.table_at = address_of(self.code), address_of(self.table)
+        function = sendstub.library_function(wrapper.symbol)
         assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
-        first = mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
-        function_at, trampoline_at, site = code_at + mmap.PAGESIZE, code_at + first, code_at + 3
-        self.code[0 : len(wrapper)] = wrapper
+        self.code[0 : len(prefix) + len(wrapper.shape) + 1] = prefix + wrapper.shape + b"\xc3"
+        self.function_at, site = self.code_at + mmap.PAGESIZE, self.code_at + len(prefix)
+        trampoline_at = self.function_at + sendstub.FIRST_TRAMPOLINE
         self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
-        self.code[first : first + sendstub.TRAMPOLINE_SIZE] = trampoline(
-            trampoline_at, function_at, self.table_at, site
-        )
-        self.code[3:8] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (site + 5))
-        args = (ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long)
-        self.flags_for = ctypes.CFUNCTYPE(ctypes.c_long, *args)(function_at)
-        self.sendto = ctypes.CFUNCTYPE(ctypes.c_long, *args[1:], ctypes.c_void_p, ctypes.c_int)(code_at)
+        self.trampoline = wrapper.trampoline(trampoline_at, self.function_at, self.table_at, site)
+        at = trampoline_at - self.code_at
+        self.code[at : at + len(self.trampoline)] = self.trampoline
+        self.code[len(prefix) : len(prefix) + 5] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (site + 5))
 
-    def header(self, nosignal: bool) -> None:
-        self.table[0 : HEADER.size] = HEADER.pack(int(nosignal), FDS, 0, 0, 0, b"")
+    def header(self, nosignal: bool = True, tgid: int = 0, sut: bytes = b"") -> None:
+        self.table[0 : HEADER.size] = HEADER.pack(int(nosignal), FDS, 0, tgid, len(sut), sut)
+
+
+class Stub(Patched):
+    """The send stub and a sendto() wrapper (mov r10, rcx; mov eax, 44; syscall; ret) patched to it."""
+
+    def __init__(self) -> None:
+        super().__init__(sendstub.SEND, MOV_R10_RCX)
+        assert len(self.trampoline) == sendstub.TRAMPOLINE_SIZE
+        args = (ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_long)
+        self.flags_for = ctypes.CFUNCTYPE(ctypes.c_long, *args)(self.function_at)
+        self.sendto = ctypes.CFUNCTYPE(ctypes.c_long, *args[1:], ctypes.c_void_p, ctypes.c_int)(self.code_at)
 
     def note(self, fd: int, inode: int) -> None:
         at = HEADER.size + fd * ENTRY.size
@@ -190,24 +194,14 @@ def test_the_function_is_read_from_the_built_library_by_its_symbol():
         elf_function(Path(sendstub.__file__).read_bytes(), b"fdk_send_flags")
 
 
-class ConnectStub:
+class ConnectStub(Patched):
     """fdk_connect and a connect wrapper (mov eax, 42; syscall; ret) patched to its trampoline,
-    with a table naming this process and ``sut``'s sockaddr: what a traced sipp runs at connect()."""
+    with a table naming process ``tgid`` and ``sut``'s sockaddr: what a traced sipp runs at connect()."""
 
     def __init__(self, sut: bytes, tgid: int) -> None:
-        self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
-        code_at, table_at = address_of(self.code), address_of(self.table)
-        function = sendstub.library_function(CONNECT_SYMBOL)
-        assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
-        self.code[0 : len(CONNECT_SITE) + 1] = CONNECT_SITE + b"\xc3"
-        function_at, trampoline_at = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
-        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
-        code = connect_trampoline(trampoline_at, function_at, table_at, code_at)
-        self.code[trampoline_at - code_at : trampoline_at - code_at + len(code)] = code
-        self.code[0:5] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (code_at + 5))
-        self.table[0 : HEADER.size] = HEADER.pack(1, FDS, 0, tgid, len(sut), sut)
-        self.connect = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_ulong)(code_at)
+        super().__init__(sendstub.CONNECT)
+        self.header(tgid=tgid, sut=sut)
+        self.connect = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_char_p, ctypes.c_ulong)(self.code_at)
 
     def pending(self, fd: int) -> int:
         at = HEADER.size + fd * ENTRY.size + PENDING_AT
@@ -255,26 +249,15 @@ def test_any_other_connect_is_the_programs_own(sut):
     del stub.connect, child.connect
 
 
-class EpollStub:
+class EpollStub(Patched):
     """fdk_epoll_ctl and an epoll_ctl wrapper (mov r10, rcx; mov eax, 233; syscall; ret) patched to
     its trampoline, with a table naming process ``tgid``: what a traced sipp runs at epoll_ctl()."""
 
     def __init__(self, tgid: int) -> None:
-        self.code = mmap.mmap(-1, 2 * mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        self.table = mmap.mmap(-1, HEADER.size + FDS * ENTRY.size)
-        code_at, table_at = address_of(self.code), address_of(self.table)
-        function = sendstub.library_function(EPOLL_SYMBOL)
-        assert function is not None, "fdkeeper/_sendstub*.so not built: bash .ci/install"
-        wrapper = bytes.fromhex("4989ca") + EPOLL_SITE + b"\xc3"
-        self.code[0 : len(wrapper)] = wrapper
-        function_at, trampoline_at = code_at + mmap.PAGESIZE, code_at + mmap.PAGESIZE + sendstub.FIRST_TRAMPOLINE
-        self.code[mmap.PAGESIZE : mmap.PAGESIZE + len(function)] = function
-        code = epoll_trampoline(trampoline_at, function_at, table_at, code_at + 3)
-        self.code[trampoline_at - code_at : trampoline_at - code_at + len(code)] = code
-        self.code[3:8] = struct.pack("<Bi", sendstub.JUMP, trampoline_at - (code_at + 8))
-        self.table[0 : HEADER.size] = HEADER.pack(1, FDS, 0, tgid, 0, b"")
+        super().__init__(sendstub.EPOLL, MOV_R10_RCX)
+        self.header(tgid=tgid)
         args = (ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_char_p)
-        self.epoll_ctl = ctypes.CFUNCTYPE(ctypes.c_long, *args)(code_at)
+        self.epoll_ctl = ctypes.CFUNCTYPE(ctypes.c_long, *args)(self.code_at)
 
     def noted(self, fd: int) -> tuple[int, ...]:
         at = HEADER.size + fd * ENTRY.size + PENDING_AT + 8
