@@ -82,7 +82,6 @@ SEND_SITE = bytes.fromhex("b82c0000000f05")  # mov eax, 44 (sendto); syscall
 CONNECT_HEAD = bytes.fromhex("488d642480534889e34883e4f0575652415041514152415341534889d14889f24889fe48bf")
 CONNECT_MIDDLE = bytes.fromhex("415b415b415a415941585a5e5f4889dc5b488da424800000004883f8017405")
 CONNECT_PLAIN = bytes.fromhex("b82a000000")  # mov eax, 42
-CONNECT_TRAMPOLINE_SIZE = len(CONNECT_HEAD) + 8 + 5 + len(CONNECT_MIDDLE) + 5 + len(CONNECT_PLAIN) + 5
 CONNECT_SITE = bytes.fromhex("b82a0000000f05")  # mov eax, 42 (connect); syscall
 # The trampoline of a patched epoll_ctl() site, entered in place of `mov eax, 233` with the
 # call's arguments in rdi (epfd), rsi (op), rdx (fd), r10 (event):
