@@ -33,8 +33,11 @@ from outside:
 - in such a process the connect() wrapper of the connect seen before its first handoff is
   patched too (sendstub.py): the stub answers a TCP socket's connect to the SuT with 0 by
   itself and notes the socket as pending in its table, where the first send's stop finds it
-  (``SendStubs.pending``). Stops per call for sipp -t tn: 2 (epoll_ctl, the first send),
-  whatever the number of messages; 3 where the connect wrapper cannot be patched.
+  (``SendStubs.pending``). So is the epoll_ctl() wrapper of its EPOLL_CTL_ADD: the stub
+  notes the registration in its table (``SendStubs.registration``) and makes the call so that
+  the filter lets it by. Stops per call for sipp -t tn: 1 (the first send), whatever the
+  number of messages; one more for each of connect() and epoll_ctl() whose wrapper cannot
+  be patched.
 
 The epoll registrations to re-add are the ones the program made: the filter also stops at
 epoll_ctl(EPOLL_CTL_ADD) (sipp adds a call socket right before its connect), and while a
