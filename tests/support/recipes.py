@@ -5,6 +5,7 @@ which runs the slow ones side by side once per session."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -45,8 +46,10 @@ def debian_packages_missing() -> list[str]:
     return missing
 
 
+@functools.cache
 def readme_setup_skipped() -> str | None:
-    """Why the README's set-up command cannot run here, or None."""
+    """Why the README's set-up command cannot run here, or None (asked once a session: the skip
+    mark's condition and reason and tests/install/conftest.py's from_source all ask)."""
     if shutil.which("git") is None or not (REPO / ".git").exists():
         return "needs git and a git checkout to copy"
     if os.geteuid() != 0 and debian_packages_missing():
