@@ -43,9 +43,9 @@ tlspump = Extension(
     optional=True,
 )
 
-# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py reads its one function's bytes
-# and maps them into a traced program). Optional: without it each later message of a per-call
-# connection costs the traced program one more stop.
+# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py reads its functions' bytes and
+# maps them into a traced program). Optional: without it each later message of a per-call
+# connection, and each call's connect() and epoll_ctl(), costs the traced program one more stop.
 sendstub = Extension(
     "fdkeeper._sendstub",
     sources=[sendstub_source(relative_to=ROOT)],

@@ -40,8 +40,8 @@ PROGRAM_CFLAGS = ["-O2", "-Wall", "-Wextra", *WERROR, "-pthread"]
 TLSPUMP_SOURCES = ["tlspump/tlspump.c", "tlspump/sipframe.c", "tlspump/wsframe.c"]
 TLSPUMP_HEADERS = ["tlspump/sipframe.h", "tlspump/wsframe.h"]
 TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file name: no libssl-dev needed
-# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py copies its one function into a
-# traced program): freestanding and position-independent, no stack protector or CET notes (the
+# The ptrace mode's send stub (fdkeeper/modes/ptrace/sendstub.py copies each of its functions into
+# a traced program): freestanding and position-independent, no stack protector or CET notes (the
 # copy runs from a bare page), no jump tables (no data beside the code).
 SENDSTUB_SOURCE = "ptrace/sendstub.c"
 SENDSTUB_FUNCTION = "fdk_send_flags"
