@@ -83,9 +83,7 @@ static void identity_of(int fd, dev_t *dev, ino_t *ino)
     errno = saved;
 }
 
-/* Is fd still that socket? (fds can be closed behind our back, e.g. by
- * fclose() on an fdopen()ed socket, and their numbers reused.) */
-static int same_socket(int fd, dev_t dev, ino_t ino)
+int fdt_same_socket(int fd, dev_t dev, ino_t ino)
 {
     struct stat st;
     int saved = errno;
@@ -129,7 +127,7 @@ void fdt_clear_pending(struct fde *e, int **close_fds, int *nclose)
     __atomic_sub_fetch(&pending_sends, 1, __ATOMIC_RELAXED);
     if (ph && --ph->refs == 0) {
         /* Only if the number still is our socket (not closed behind our back and reused). */
-        if (same_socket(ph->peer_fd, ph->dev, ph->ino))
+        if (fdt_same_socket(ph->peer_fd, ph->dev, ph->ino))
             list_append(close_fds, nclose, ph->peer_fd);
         free(ph);
     }
@@ -412,7 +410,7 @@ int fdt_lookup(int fd, unsigned want, struct fde *snap)
         found = 1;
     }
     fdt_unlock();
-    if (found && !same_socket(fd, snap->dev, snap->ino)) {
+    if (found && !fdt_same_socket(fd, snap->dev, snap->ino)) {
         fdt_forget(fd);
         found = 0;
     }
@@ -436,7 +434,7 @@ int fdt_rewrite_take(int fd, struct rw_pair *p, struct rw_tail *t)
         found = 1;
     }
     fdt_unlock();
-    if (found && !same_socket(fd, dev, ino)) { /* closed behind our back: not ours now */
+    if (found && !fdt_same_socket(fd, dev, ino)) { /* closed behind our back: not ours now */
         rw_tail_free(t);
         fdt_forget(fd);
         found = 0;

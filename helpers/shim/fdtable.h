@@ -132,6 +132,10 @@ SHIM_HIDDEN void fdt_close_list(int *fds, int n);
 
 /* Record fd's current socket identity (dev, inode) in e. */
 SHIM_HIDDEN void fde_set_identity(int fd, struct fde *e);
+/* Is fd still the socket of that identity? (fds can be closed behind our back,
+ * e.g. by fclose() on an fdopen()ed socket, and their numbers reused.) Keeps
+ * errno; no lock needed. */
+SHIM_HIDDEN int fdt_same_socket(int fd, dev_t dev, ino_t ino);
 
 /* These take the lock themselves. */
 

@@ -77,13 +77,6 @@ int lc_count(void)
     return __atomic_load_n(&lc_kept, __ATOMIC_RELAXED);
 }
 
-static int same_socket(const struct lc_entry *e)
-{
-    struct stat st;
-
-    return fstat(e->fd, &st) == 0 && st.st_dev == e->dev && st.st_ino == e->ino;
-}
-
 static struct lc_entry *find(const char *request, uint32_t h)
 {
     for (struct lc_entry *e = buckets[h & (lc_nbuckets - 1)]; e; e = e->chain)
@@ -127,7 +120,7 @@ static void drop(struct lc_entry *e, int close_it)
     unlink_lru(e);
     if (e->fd < by_fd_len && by_fd[e->fd] == e)
         by_fd[e->fd] = NULL;
-    if (close_it && same_socket(e))
+    if (close_it && fdt_same_socket(e->fd, e->dev, e->ino))
         REAL(close)(e->fd);
     __atomic_store_n(&lc_kept, lc_kept - 1, __ATOMIC_RELAXED);
     free(e);
@@ -154,7 +147,7 @@ int lc_take_onto(const char *request, int fd, struct lc_answer *out)
     pthread_mutex_lock(&lc_mutex);
     if (!buckets || !(e = find(request, h)))
         goto out;
-    if (!same_socket(e)) { /* its number was closed behind our back */
+    if (!fdt_same_socket(e->fd, e->dev, e->ino)) { /* its number was closed behind our back */
         drop(e, 0);
         goto out;
     }
