@@ -67,6 +67,15 @@ def build_wheel(sdist: Path, wheels: Path) -> Path:
     return archive
 
 
+def their_repository(root: Path, tests: str) -> Path:
+    """A user's repository under root: register-answer-tcp.yaml and its users' CSV in its folder ``tests``."""
+    workspace = root / "their-repository"
+    (workspace / tests).mkdir(parents=True)
+    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
+        shutil.copy(REPO / "docs" / "examples" / name, workspace / tests / name)
+    return workspace
+
+
 @dataclass(frozen=True)
 class TemplateRun:
     """The GitLab template's before_script (less apt) and script, run once in a user's repository."""
@@ -83,10 +92,7 @@ def run_gitlab_template(wheel: Path, root: Path) -> TemplateRun:
     from a directory that is not the checkout, on a stock PATH."""
     template = yaml.safe_load(GITLAB_TEMPLATE.read_text())
     job = template[".fdkeeper"]
-    workspace, venv = root / "their-repository", root / "venv"
-    (workspace / "sip-tests").mkdir(parents=True)
-    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
-        shutil.copy(REPO / "docs" / "examples" / name, workspace / "sip-tests" / name)
+    workspace, venv = their_repository(root, "sip-tests"), root / "venv"
     variables = {name: str(value) for name, value in {**template.get("variables", {}), **job["variables"]}.items()}
     variables.update({"FDKEEPER_TESTS": "sip-tests/*.yaml", "FDKEEPER_SOURCE": str(wheel)})
     variables.update({"FDKEEPER_VENV": str(venv), "FDKEEPER_INSTALL_PACKAGES": "false"})
@@ -132,11 +138,9 @@ def run_the_action(action_path: Path, root: Path, shard: str) -> ActionRun:
     """register-answer-tcp.yaml in a user's repository, run by the action's steps from
     `action_path`, a copy of the clean copy (pip builds in the tree it installs from, as the sdist
     does in the clean copy meanwhile)."""
-    workspace, runner_temp = root / "their-repository", root / "runner-temp"
-    (workspace / "sip tests").mkdir(parents=True)  # a space: the inputs are not split inside a glob's match
+    workspace = their_repository(root, "sip tests")  # a space: the inputs are not split inside a glob's match
+    runner_temp = root / "runner-temp"
     runner_temp.mkdir()
-    for name in ("register-answer-tcp.yaml", "users-alice.csv"):
-        shutil.copy(REPO / "docs" / "examples" / name, workspace / "sip tests" / name)
     inputs = {"tests": "sip*/*.yaml", "junit": "out/report.xml", "logs": "out/logs", "shard": shard}
     return ActionRun(
         action_path, workspace, runner_temp, inputs, run_action(inputs, action_path, workspace, runner_temp)
