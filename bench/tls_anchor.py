@@ -80,6 +80,7 @@ from cpslib import (
     parse_bench_args,
     parse_steps,
     print_footer,
+    process_tree,
     run_bench,
     write_uas_scenario,
 )
@@ -249,13 +250,9 @@ def sipp_process(process: testbed.SippProcess, binary: str) -> int | None:
     """The pid of the run's sipp: the started process itself, or under `fdkeeper sipp` its child."""
     wanted = os.path.realpath(binary)
     try:
-        root = psutil.Process(process.pid)
-        for candidate in [root, *root.children(recursive=True)]:
-            if candidate.exe() == wanted:
-                return candidate.pid
+        return next((candidate.pid for candidate in process_tree(process.pid) if candidate.exe() == wanted), None)
     except psutil.Error:
-        pass
-    return None
+        return None
 
 
 def sample_sipp_cpu(process: testbed.SippProcess, binary: str, deadline: float) -> float:
