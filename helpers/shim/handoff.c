@@ -175,7 +175,7 @@ static int connection_onto(int fd, const char *req, int per_call, const char *wh
     answer->pair = lease_is_pair(kept);
     if (put_on_fd(kept, fd) != 0)
         return -1;
-    if (per_call && keep && lc_enabled())
+    if (per_call && keep) /* lc_put closes it when the cache is off */
         lc_put(req, kept, answer);
     else
         REAL(close)(kept);
