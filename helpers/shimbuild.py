@@ -44,7 +44,6 @@ TLSPUMP_LIBRARIES = [":libssl.so.3", ":libcrypto.so.3", "pthread"]  # by file na
 # a traced program): freestanding and position-independent, no stack protector or CET notes (the
 # copy runs from a bare page), no jump tables (no data beside the code).
 SENDSTUB_SOURCE = "ptrace/sendstub.c"
-SENDSTUB_FUNCTION = "fdk_send_flags"
 SENDSTUB_CFLAGS = [
     "-O2",
     "-Wall",

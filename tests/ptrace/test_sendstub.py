@@ -30,6 +30,7 @@ from fdkeeper.modes.ptrace.sendstub import (
     HEADER,
     PENDING_AT,
     REGISTRATION,
+    STUB_SYMBOL,
     ProcessStub,
     SendStubs,
     elf_function,
@@ -37,7 +38,7 @@ from fdkeeper.modes.ptrace.sendstub import (
 )
 from fdkeeper.modes.ptrace.tracer import Tracer
 from fdkeeper.modes.ptrace.viarewrite import Rewrite
-from tests.support.shim import SENDSTUB_CFLAGS, SENDSTUB_FUNCTION, WERROR, sendstub_source
+from tests.support.shim import SENDSTUB_CFLAGS, WERROR, sendstub_source
 
 MSG_NOSIGNAL = 0x4000
 OLD, NEW = b"127.0.0.1:40001", b"127.0.0.1:51234"
@@ -181,7 +182,7 @@ def test_the_stub_function_is_whole_in_itself(tmp_path):
     symbols = subprocess.run(["nm", str(out)], capture_output=True, text=True, check=True).stdout.split("\n")
     assert "There are no relocations in this file." in relocations
     found = sorted(line.split()[1:] for line in symbols if line)
-    assert found == [["T", CONNECT_SYMBOL.decode()], ["T", EPOLL_SYMBOL.decode()], ["T", SENDSTUB_FUNCTION]]
+    assert found == [["T", CONNECT_SYMBOL.decode()], ["T", EPOLL_SYMBOL.decode()], ["T", STUB_SYMBOL.decode()]]
 
 
 def test_the_function_is_read_from_the_built_library_by_its_symbol():

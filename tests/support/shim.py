@@ -17,7 +17,6 @@ from tests.support.paths import HELPERS, TESTS
 sys.path.insert(0, str(HELPERS))  # helpers/shimbuild.py: the package build's compile flags
 from shimbuild import SANITIZE_CFLAGS, asan_runtime, compile_program, compile_shim
 from shimbuild import SENDSTUB_CFLAGS as SENDSTUB_CFLAGS  # re-exported: the ptrace stub's test builds it too
-from shimbuild import SENDSTUB_FUNCTION as SENDSTUB_FUNCTION
 from shimbuild import WERROR as WERROR
 from shimbuild import sendstub_source as sendstub_source
 
