@@ -1,10 +1,10 @@
 /* sendstub.c: the Via rewrite of a per-call fd's later sends, run by the traced program itself.
 
 Built by `pip install` (setup.py, flags in helpers/shimbuild.py SENDSTUB_CFLAGS) into
-fdkeeper/_sendstub*.so, from which fdkeeper/modes/ptrace/sendstub.py reads this one function's
-bytes and maps them into a traced program (that module says how it is reached): so the function
-is whole in itself: no libc, no data of its own, no call (every helper always inlined), no
-relocation.
+fdkeeper/_sendstub*.so, from which fdkeeper/modes/ptrace/sendstub.py reads its three functions'
+bytes and maps them into a traced program (that module says how each is reached): so each
+function is whole in itself: no libc, no data of its own, no call (every helper always inlined),
+no relocation.
 
 fdk_send_flags(table, fd, buf, len, flags) is called at a plain send() (sendto without an
 address) of the program: where fd is a kept per-call connection that fdkeeper noted in the
